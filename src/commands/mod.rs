@@ -1,0 +1,44 @@
+//! Aggregates and their commands. Aggregates are plain data with pure
+//! `handle`/`apply` (cqrs-es `Aggregate`): they do no I/O and read no clock;
+//! anything time-dependent arrives inside the command.
+
+pub mod approval;
+pub mod job;
+
+use serde::Serialize;
+
+/// The error codes a command reply can carry (docs/EVENTS.md, "Replies").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// The request is malformed or a field is out of range; fix the request.
+    Validation,
+    /// The addressed aggregate does not exist.
+    NotFound,
+    /// A concurrent writer won, or a command id was reused for another command.
+    Conflict,
+    /// A business rule said no (for example a transition out of a final state).
+    Rejected,
+    /// The event log could not be reached; retry later with the same command id.
+    Unavailable,
+    /// Something inside flowledger failed; see its log.
+    Internal,
+}
+
+impl ErrorCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::Validation => "validation",
+            ErrorCode::NotFound => "not_found",
+            ErrorCode::Conflict => "conflict",
+            ErrorCode::Rejected => "rejected",
+            ErrorCode::Unavailable => "unavailable",
+            ErrorCode::Internal => "internal",
+        }
+    }
+}
+
+/// A domain error knows which reply code it maps to.
+pub trait DomainError: std::error::Error {
+    fn code(&self) -> ErrorCode;
+}

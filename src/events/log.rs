@@ -1,0 +1,282 @@
+//! The JetStream side of the event log: stream definitions, `init`, append
+//! with optimistic concurrency, and reads by sequence or subject.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{
+    self,
+    context::PublishErrorKind,
+    message::PublishMessage,
+    message::StreamMessage,
+    stream::{DirectGetErrorKind, StorageType},
+};
+use bytes::Bytes;
+
+/// Where the log lives and how the stream is configured.
+#[derive(Debug, Clone)]
+pub struct LogConfig {
+    /// The domain-event stream (subjects `flow.ev.>`).
+    pub stream: String,
+    /// The stream that holds signed checkpoints (subject `flow.checkpoint`).
+    pub checkpoint_stream: String,
+    pub replicas: usize,
+    /// JetStream's de-duplication window on `Nats-Msg-Id`.
+    pub duplicate_window: Duration,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            stream: "FLOW_EVENTS".into(),
+            checkpoint_stream: "FLOW_CHECKPOINTS".into(),
+            replicas: 1,
+            duplicate_window: Duration::from_secs(120),
+        }
+    }
+}
+
+pub const EVENT_SUBJECT_PREFIX: &str = "flow.ev";
+pub const CHECKPOINT_SUBJECT: &str = "flow.checkpoint";
+
+pub fn subject_for(aggregate_type: &str, aggregate_id: &str) -> String {
+    format!("{EVENT_SUBJECT_PREFIX}.{aggregate_type}.{aggregate_id}")
+}
+
+/// An aggregate id is one NATS subject token: 1-128 of `A-Z a-z 0-9 _ -`.
+pub fn valid_aggregate_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 128
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LogError {
+    #[error("stream {0} does not exist: run `flowledger init` first")]
+    NoStream(String),
+    #[error("event log unavailable: {0}")]
+    Unavailable(String),
+    #[error("stream {stream} exists with settings flowledger cannot change in place: {what}")]
+    Incompatible { stream: String, what: String },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AppendError {
+    #[error("another writer appended to {subject} first")]
+    WrongLastSequence { subject: String },
+    #[error("commit of {size} bytes is larger than the server accepts")]
+    TooLarge { size: usize },
+    #[error("append to the event log failed: {0}")]
+    Unavailable(String),
+}
+
+/// Handle on the event stream.
+#[derive(Clone)]
+pub struct EventLog {
+    js: jetstream::Context,
+    stream: jetstream::stream::Stream,
+    config: LogConfig,
+}
+
+fn stream_config(config: &LogConfig) -> jetstream::stream::Config {
+    jetstream::stream::Config {
+        name: config.stream.clone(),
+        description: Some("flowledger domain events (immutable, hash-chained)".into()),
+        subjects: vec![format!("{EVENT_SUBJECT_PREFIX}.>")],
+        storage: StorageType::File,
+        num_replicas: config.replicas,
+        duplicate_window: config.duplicate_window,
+        deny_delete: true,
+        deny_purge: true,
+        allow_direct: true,
+        ..Default::default()
+    }
+}
+
+fn checkpoint_stream_config(config: &LogConfig) -> jetstream::stream::Config {
+    jetstream::stream::Config {
+        name: config.checkpoint_stream.clone(),
+        description: Some("flowledger signed checkpoints over the event stream".into()),
+        subjects: vec![CHECKPOINT_SUBJECT.into()],
+        storage: StorageType::File,
+        num_replicas: config.replicas,
+        duplicate_window: config.duplicate_window,
+        deny_delete: true,
+        deny_purge: true,
+        allow_direct: true,
+        ..Default::default()
+    }
+}
+
+/// What `init` did to each stream.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct InitReport {
+    pub stream: String,
+    pub action: &'static str,
+}
+
+/// Creates or updates both streams; running it again changes nothing.
+pub async fn init(
+    client: &async_nats::Client,
+    config: &LogConfig,
+) -> Result<Vec<InitReport>, LogError> {
+    let js = jetstream::new(client.clone());
+    let mut reports = Vec::new();
+    for wanted in [stream_config(config), checkpoint_stream_config(config)] {
+        let name = wanted.name.clone();
+        let action = match js.get_stream(&name).await {
+            Ok(mut s) => {
+                let info = s
+                    .info()
+                    .await
+                    .map_err(|e| LogError::Unavailable(e.to_string()))?;
+                let have = &info.config;
+                if have.storage != wanted.storage {
+                    return Err(LogError::Incompatible {
+                        stream: name,
+                        what: "storage type differs (file is required)".into(),
+                    });
+                }
+                let same = have.subjects == wanted.subjects
+                    && have.num_replicas == wanted.num_replicas
+                    && have.duplicate_window == wanted.duplicate_window
+                    && have.deny_delete
+                    && have.deny_purge
+                    && have.allow_direct;
+                if same {
+                    "unchanged"
+                } else {
+                    js.update_stream(&wanted)
+                        .await
+                        .map_err(|e| LogError::Unavailable(format!("update {name}: {e}")))?;
+                    "updated"
+                }
+            }
+            Err(_) => {
+                js.create_stream(wanted)
+                    .await
+                    .map_err(|e| LogError::Unavailable(format!("create {name}: {e}")))?;
+                "created"
+            }
+        };
+        reports.push(InitReport {
+            stream: name,
+            action,
+        });
+    }
+    Ok(reports)
+}
+
+impl EventLog {
+    pub async fn open(client: async_nats::Client, config: LogConfig) -> Result<Self, LogError> {
+        let js = jetstream::new(client);
+        let stream = js
+            .get_stream(&config.stream)
+            .await
+            .map_err(|_| LogError::NoStream(config.stream.clone()))?;
+        Ok(EventLog { js, stream, config })
+    }
+
+    pub fn config(&self) -> &LogConfig {
+        &self.config
+    }
+
+    pub fn jetstream(&self) -> &jetstream::Context {
+        &self.js
+    }
+
+    pub fn stream(&self) -> &jetstream::stream::Stream {
+        &self.stream
+    }
+
+    /// Appends one commit. `expected` is the stream sequence of the last
+    /// message on `subject` this writer saw (0: none).
+    pub async fn append(
+        &self,
+        subject: String,
+        body: Vec<u8>,
+        message_id: &str,
+        expected: u64,
+        extra_headers: &[(&'static str, String)],
+    ) -> Result<jetstream::publish::PublishAck, AppendError> {
+        let size = body.len();
+        let mut msg = PublishMessage::build()
+            .payload(Bytes::from(body))
+            .message_id(message_id)
+            .expected_last_subject_sequence(expected);
+        for (k, v) in extra_headers {
+            msg = msg.header(*k, v.as_str());
+        }
+        let ack = self
+            .js
+            .send_publish(subject.clone(), msg)
+            .await
+            .map_err(|e| classify_publish(e, &subject, size))?;
+        ack.await.map_err(|e| classify_publish(e, &subject, size))
+    }
+
+    /// The message at `seq`, or `None` past the end.
+    pub async fn get(&self, seq: u64) -> Result<Option<StreamMessage>, LogError> {
+        match self.stream.direct_get(seq).await {
+            Ok(m) => Ok(Some(m)),
+            Err(e) if matches!(e.kind(), DirectGetErrorKind::NotFound) => Ok(None),
+            Err(e) => Err(LogError::Unavailable(format!("read seq {seq}: {e}"))),
+        }
+    }
+
+    /// The first message on `subject` at or after `from`.
+    pub async fn next_for_subject(
+        &self,
+        subject: &str,
+        from: u64,
+    ) -> Result<Option<StreamMessage>, LogError> {
+        match self
+            .stream
+            .direct_get_next_for_subject(subject, Some(from))
+            .await
+        {
+            Ok(m) => Ok(Some(m)),
+            Err(e) if matches!(e.kind(), DirectGetErrorKind::NotFound) => Ok(None),
+            Err(e) => Err(LogError::Unavailable(format!("read {subject}: {e}"))),
+        }
+    }
+
+    /// The stream's last sequence right now (0 when empty).
+    pub async fn last_seq(&self) -> Result<u64, LogError> {
+        let info = self
+            .stream
+            .get_info()
+            .await
+            .map_err(|e| LogError::Unavailable(e.to_string()))?;
+        Ok(info.state.last_sequence)
+    }
+}
+
+fn classify_publish(
+    e: async_nats::jetstream::context::PublishError,
+    subject: &str,
+    size: usize,
+) -> AppendError {
+    match e.kind() {
+        PublishErrorKind::WrongLastSequence => AppendError::WrongLastSequence {
+            subject: subject.to_string(),
+        },
+        PublishErrorKind::MaxPayloadExceeded => AppendError::TooLarge { size },
+        _ => AppendError::Unavailable(e.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn aggregate_ids_are_single_subject_tokens() {
+        assert!(valid_aggregate_id("0193a0b2-7f00-7abc-8def-0123456789ab"));
+        assert!(valid_aggregate_id("job_1"));
+        for bad in ["", "a.b", "a*", "a>", "a b", &"x".repeat(129)] {
+            assert!(!valid_aggregate_id(bad), "{bad:?}");
+        }
+    }
+}

@@ -1,0 +1,636 @@
+//! The event store: cqrs-es aggregates on the JetStream log.
+//!
+//! [`AggregateStore`] implements cqrs-es's `EventStore`, so a
+//! `CqrsFramework` can run on it, and adds [`AggregateStore::execute`], the
+//! executor the intake uses: it answers with a [`Receipt`] (event ids, stream
+//! sequence) and handles idempotency and conflicts (docs/adr/0002).
+//!
+//! * One command = one JetStream message (all its events, atomically).
+//! * Concurrency: `Nats-Expected-Last-Subject-Sequence` = the sequence of the
+//!   aggregate's last message we know (0 for a new aggregate).
+//! * Idempotency: `Nats-Msg-Id` = command id inside the broker's window; the
+//!   log itself beyond it (every commit names its command id, and loading an
+//!   aggregate indexes them).
+//! * Cache: the loaded state of each aggregate is kept between commands; a
+//!   stale cache is caught by the concurrency check and reloaded.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use async_nats::jetstream::message::StreamMessage;
+use chrono::Utc;
+use cqrs_es::event_sink::EventSink;
+use cqrs_es::persist::{EventUpcaster, SerializedEvent};
+use cqrs_es::{Aggregate, AggregateContext, AggregateError, DomainEvent, EventEnvelope};
+use serde::Serialize;
+use uuid::Uuid;
+
+use crate::events::chain::{self, Hash};
+use crate::events::envelope::{self, CommandMeta, EventRecord};
+use crate::events::log::{subject_for, AppendError, EventLog, LogError};
+use crate::events::upcasters;
+
+/// What a successful (or repeated) command answers.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Receipt {
+    pub aggregate_type: String,
+    pub aggregate_id: String,
+    pub command_id: String,
+    /// Stream sequence of the commit message.
+    pub stream_seq: u64,
+    /// Aggregate version after the commit.
+    pub aggregate_version: u64,
+    pub events: Vec<ReceiptEvent>,
+    /// True when this command id had already been committed: nothing new was appended.
+    pub duplicate: bool,
+    #[serde(skip)]
+    pub command_hash: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ReceiptEvent {
+    pub event_id: Uuid,
+    pub event_type: String,
+    pub aggregate_version: u64,
+    pub hash: String,
+}
+
+impl Receipt {
+    fn of(seq: u64, records: &[EventRecord], hashes: &[Hash], command_hash: &str) -> Self {
+        let first = &records[0];
+        Receipt {
+            aggregate_type: first.aggregate_type.clone(),
+            aggregate_id: first.aggregate_id.clone(),
+            command_id: first.command_id.clone(),
+            stream_seq: seq,
+            aggregate_version: records[records.len() - 1].aggregate_version,
+            events: records
+                .iter()
+                .zip(hashes)
+                .map(|(r, h)| ReceiptEvent {
+                    event_id: r.event_id,
+                    event_type: r.event_type.clone(),
+                    aggregate_version: r.aggregate_version,
+                    hash: chain::to_hex(h),
+                })
+                .collect(),
+            duplicate: false,
+            command_hash: command_hash.to_string(),
+        }
+    }
+}
+
+/// The state of one aggregate as of its last known commit.
+#[derive(Debug, Clone)]
+pub struct Loaded<A> {
+    pub aggregate_id: String,
+    pub state: A,
+    pub version: u64,
+    /// Stream sequence of the aggregate's last message (0: none).
+    pub subject_seq: u64,
+    pub head: Hash,
+    /// Every command id committed on this aggregate, with its receipt.
+    pub commits: HashMap<String, Receipt>,
+}
+
+impl<A: Default> Loaded<A> {
+    fn empty(aggregate_id: &str) -> Self {
+        Loaded {
+            aggregate_id: aggregate_id.to_string(),
+            state: A::default(),
+            version: 0,
+            subject_seq: 0,
+            head: chain::GENESIS,
+            commits: HashMap::new(),
+        }
+    }
+}
+
+impl<A: Aggregate> AggregateContext<A> for Loaded<A> {
+    fn aggregate(&mut self) -> &mut A {
+        &mut self.state
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error(transparent)]
+    Log(#[from] LogError),
+    #[error("event log is inconsistent at stream sequence {seq}: {reason}; run `flowledger audit verify`")]
+    Corrupt { seq: u64, reason: String },
+    #[error("cannot encode event: {0}")]
+    Encode(#[from] serde_json::Error),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ExecuteError<E: std::error::Error> {
+    #[error("{0}")]
+    Rejected(E),
+    #[error("aggregate {aggregate_id} kept changing under {attempts} attempts; retry the command")]
+    Conflict {
+        aggregate_id: String,
+        attempts: usize,
+    },
+    #[error(
+        "command id {command_id} was already used for a different command; use a new command id"
+    )]
+    CommandIdReused { command_id: String },
+    #[error("commit too large: {0}")]
+    TooLarge(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl<E: std::error::Error> From<LogError> for ExecuteError<E> {
+    fn from(e: LogError) -> Self {
+        ExecuteError::Store(StoreError::Log(e))
+    }
+}
+
+type Slot<A> = Arc<tokio::sync::Mutex<Option<Loaded<A>>>>;
+
+/// cqrs-es aggregates of one type on the JetStream log.
+pub struct AggregateStore<A: Aggregate> {
+    log: EventLog,
+    services: A::Services,
+    upcasters: Vec<Box<dyn EventUpcaster>>,
+    slots: Mutex<HashMap<String, Slot<A>>>,
+    max_cached: usize,
+    max_attempts: usize,
+}
+
+enum Appended {
+    New(Receipt),
+    /// The broker recognised the command id (inside its duplicate window).
+    Duplicate(Receipt),
+}
+
+impl<A> AggregateStore<A>
+where
+    A: Aggregate + Clone,
+    A::Command: Clone,
+{
+    pub fn new(log: EventLog, services: A::Services) -> Self {
+        AggregateStore {
+            log,
+            services,
+            upcasters: upcasters::all(),
+            slots: Mutex::new(HashMap::new()),
+            max_cached: 100_000,
+            max_attempts: 5,
+        }
+    }
+
+    pub fn log(&self) -> &EventLog {
+        &self.log
+    }
+
+    pub fn subject(&self, aggregate_id: &str) -> String {
+        subject_for(A::TYPE, aggregate_id)
+    }
+
+    fn slot(&self, aggregate_id: &str) -> Slot<A> {
+        // A poisoned lock means a panic while holding it; the map itself is
+        // still a valid cache, so keep using it.
+        let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        if slots.len() >= self.max_cached && !slots.contains_key(aggregate_id) {
+            slots.retain(|_, s| Arc::strong_count(s) > 1);
+        }
+        slots.entry(aggregate_id.to_string()).or_default().clone()
+    }
+
+    /// Drops every cached aggregate (for tests and benchmarks).
+    pub fn clear_cache(&self) {
+        self.slots.lock().unwrap_or_else(|p| p.into_inner()).clear();
+    }
+
+    /// Reads an aggregate from the log, checking its hash chain.
+    pub async fn load(&self, aggregate_id: &str) -> Result<Loaded<A>, StoreError> {
+        let subject = self.subject(aggregate_id);
+        let mut loaded = Loaded::empty(aggregate_id);
+        let mut from = 1;
+        while let Some(msg) = self.log.next_for_subject(&subject, from).await? {
+            from = msg.sequence + 1;
+            self.apply_message(&mut loaded, &msg, |_| {})?;
+        }
+        Ok(loaded)
+    }
+
+    /// Reads an aggregate's events as cqrs-es envelopes (upcast, in order).
+    pub async fn load_envelopes(
+        &self,
+        aggregate_id: &str,
+    ) -> Result<Vec<EventEnvelope<A>>, StoreError> {
+        let subject = self.subject(aggregate_id);
+        let mut loaded = Loaded::empty(aggregate_id);
+        let mut out = Vec::new();
+        let mut from = 1;
+        while let Some(msg) = self.log.next_for_subject(&subject, from).await? {
+            from = msg.sequence + 1;
+            self.apply_message(&mut loaded, &msg, |e| out.push(e))?;
+        }
+        Ok(out)
+    }
+
+    fn apply_message(
+        &self,
+        loaded: &mut Loaded<A>,
+        msg: &StreamMessage,
+        mut on_event: impl FnMut(EventEnvelope<A>),
+    ) -> Result<(), StoreError> {
+        let seq = msg.sequence;
+        let corrupt = |reason: String| StoreError::Corrupt { seq, reason };
+        let lines = envelope::decode_commit(&msg.payload).map_err(|e| corrupt(e.to_string()))?;
+        let mut records = Vec::with_capacity(lines.len());
+        let mut hashes = Vec::with_capacity(lines.len());
+        for (line, record) in lines {
+            if record.prev_hash != chain::to_hex(&loaded.head) {
+                return Err(corrupt(format!(
+                    "event version {} does not chain to the previous event",
+                    record.aggregate_version
+                )));
+            }
+            if record.aggregate_version != loaded.version + 1 {
+                return Err(corrupt(format!(
+                    "expected aggregate version {}, found {}",
+                    loaded.version + 1,
+                    record.aggregate_version
+                )));
+            }
+            loaded.head = chain::event_hash(&loaded.head, line);
+            loaded.version = record.aggregate_version;
+            let serialized = upcasters::upcast(
+                SerializedEvent::new(
+                    record.aggregate_id.clone(),
+                    record.aggregate_version as usize,
+                    record.aggregate_type.clone(),
+                    record.event_type.clone(),
+                    record.schema_version.clone(),
+                    record.data.clone(),
+                    serde_json::Value::Null,
+                ),
+                &self.upcasters,
+            );
+            let event: A::Event = envelope::join_event(&serialized.event_type, serialized.payload)
+                .map_err(|e| corrupt(format!("event {}: {e}", record.event_type)))?;
+            on_event(EventEnvelope {
+                aggregate_id: loaded.aggregate_id.clone(),
+                sequence: loaded.version as usize,
+                payload: event.clone(),
+                metadata: metadata_of(&record, seq),
+            });
+            loaded.state.apply(event);
+            hashes.push(loaded.head);
+            records.push(record);
+        }
+        if records.is_empty() {
+            return Err(corrupt("commit holds no event".into()));
+        }
+        let command_hash = msg
+            .headers
+            .get(envelope::HDR_COMMAND_HASH)
+            .map(|v| v.as_str().to_string())
+            .unwrap_or_default();
+        let receipt = Receipt::of(seq, &records, &hashes, &command_hash);
+        loaded.commits.insert(receipt.command_id.clone(), receipt);
+        loaded.subject_seq = seq;
+        Ok(())
+    }
+
+    fn build_records(
+        &self,
+        loaded: &Loaded<A>,
+        events: &[A::Event],
+        meta: &CommandMeta,
+    ) -> Result<Vec<EventRecord>, StoreError> {
+        let now = envelope::format_time(Utc::now());
+        events
+            .iter()
+            .enumerate()
+            .map(|(i, e)| {
+                let (event_type, data) = envelope::split_event(e)?;
+                Ok(EventRecord {
+                    event_id: Uuid::now_v7(),
+                    aggregate_type: A::TYPE.to_string(),
+                    aggregate_id: loaded.aggregate_id.clone(),
+                    aggregate_version: loaded.version + 1 + i as u64,
+                    event_type,
+                    schema_version: e.event_version(),
+                    occurred_at: now.clone(),
+                    actor: meta.actor.clone(),
+                    command_id: meta.command_id.clone(),
+                    correlation_id: meta.correlation_id.clone(),
+                    causation_id: meta.causation_id.clone(),
+                    prev_hash: String::new(),
+                    data,
+                })
+            })
+            .collect()
+    }
+
+    /// Appends `events` after `loaded`; on success `loaded` is advanced.
+    async fn append(
+        &self,
+        loaded: &mut Loaded<A>,
+        events: &[A::Event],
+        meta: &CommandMeta,
+    ) -> Result<Appended, ExecuteError<A::Error>> {
+        let records = self.build_records(loaded, events, meta)?;
+        let commit = envelope::encode_commit(records, loaded.head).map_err(StoreError::from)?;
+        let head = *commit.head().expect("a commit with events has a head");
+        let subject = self.subject(&loaded.aggregate_id);
+        let headers = [
+            (envelope::HDR_CHAIN_HEAD, chain::to_hex(&head)),
+            (envelope::HDR_COMMAND_HASH, meta.command_hash.clone()),
+            (envelope::HDR_FORMAT, envelope::FORMAT_VERSION.to_string()),
+        ];
+        let ack = self
+            .log
+            .append(
+                subject.clone(),
+                commit.body,
+                &meta.command_id,
+                loaded.subject_seq,
+                &headers,
+            )
+            .await;
+        match ack {
+            Ok(ack) if ack.duplicate => {
+                let msg = self
+                    .log
+                    .get(ack.sequence)
+                    .await?
+                    .ok_or_else(|| StoreError::Corrupt {
+                        seq: ack.sequence,
+                        reason: "the broker reported a duplicate at a sequence it cannot read"
+                            .into(),
+                    })?;
+                if msg.subject.as_str() != subject {
+                    return Err(ExecuteError::CommandIdReused {
+                        command_id: meta.command_id.clone(),
+                    });
+                }
+                // Read the original commit through a fresh load so the
+                // receipt is exactly the stored one.
+                let fresh = self.load(&loaded.aggregate_id).await?;
+                let receipt = fresh
+                    .commits
+                    .get(&meta.command_id)
+                    .cloned()
+                    .ok_or_else(|| StoreError::Corrupt {
+                        seq: ack.sequence,
+                        reason: format!("commit does not carry command id {}", meta.command_id),
+                    })?;
+                *loaded = fresh;
+                Ok(Appended::Duplicate(receipt))
+            }
+            Ok(ack) => {
+                let receipt = Receipt::of(
+                    ack.sequence,
+                    &commit.records,
+                    &commit.hashes,
+                    &meta.command_hash,
+                );
+                for e in events {
+                    loaded.state.apply(e.clone());
+                }
+                loaded.version += events.len() as u64;
+                loaded.subject_seq = ack.sequence;
+                loaded.head = head;
+                loaded
+                    .commits
+                    .insert(meta.command_id.clone(), receipt.clone());
+                Ok(Appended::New(receipt))
+            }
+            Err(AppendError::WrongLastSequence { .. }) => Err(ExecuteError::Conflict {
+                aggregate_id: loaded.aggregate_id.clone(),
+                attempts: 1,
+            }),
+            Err(AppendError::TooLarge { size }) => Err(ExecuteError::TooLarge(format!(
+                "{size} bytes; send smaller inputs"
+            ))),
+            Err(AppendError::Unavailable(m)) => Err(LogError::Unavailable(m).into()),
+        }
+    }
+
+    /// Runs one command: decide on the current state, append, answer.
+    ///
+    /// A command id that was already committed on this aggregate answers the
+    /// original receipt with `duplicate: true` and appends nothing.
+    pub async fn execute(
+        &self,
+        aggregate_id: &str,
+        command: A::Command,
+        meta: &CommandMeta,
+    ) -> Result<Receipt, ExecuteError<A::Error>> {
+        let slot = self.slot(aggregate_id);
+        let mut guard = slot.lock().await;
+        // No cached state: assume the aggregate is new. The concurrency check
+        // (expected sequence 0) proves that assumption or sends us to reload;
+        // a rejection on the assumed-empty state is re-decided after a load.
+        let mut speculative = guard.is_none();
+        let mut loaded = guard.take().unwrap_or_else(|| Loaded::empty(aggregate_id));
+        for _ in 0..self.max_attempts {
+            if let Some(previous) = loaded.commits.get(&meta.command_id) {
+                if previous.command_hash != meta.command_hash {
+                    *guard = Some(loaded);
+                    return Err(ExecuteError::CommandIdReused {
+                        command_id: meta.command_id.clone(),
+                    });
+                }
+                let receipt = Receipt {
+                    duplicate: true,
+                    ..previous.clone()
+                };
+                *guard = Some(loaded);
+                return Ok(receipt);
+            }
+            let mut scratch = loaded.state.clone();
+            let sink = EventSink::default();
+            let decided = scratch.handle(command.clone(), &self.services, &sink).await;
+            let events = sink.collect().await;
+            match decided {
+                Err(_) if speculative => {
+                    loaded = self.load(aggregate_id).await?;
+                    speculative = false;
+                    continue;
+                }
+                Err(e) => {
+                    *guard = Some(loaded);
+                    return Err(ExecuteError::Rejected(e));
+                }
+                Ok(()) if events.is_empty() => {
+                    *guard = Some(loaded);
+                    return Err(ExecuteError::Store(StoreError::Corrupt {
+                        seq: 0,
+                        reason: "a command produced no event".into(),
+                    }));
+                }
+                Ok(()) => {}
+            }
+            match self.append(&mut loaded, &events, meta).await {
+                Ok(Appended::New(receipt)) => {
+                    *guard = Some(loaded);
+                    return Ok(receipt);
+                }
+                Ok(Appended::Duplicate(receipt)) => {
+                    if receipt.command_hash != meta.command_hash {
+                        *guard = Some(loaded);
+                        return Err(ExecuteError::CommandIdReused {
+                            command_id: meta.command_id.clone(),
+                        });
+                    }
+                    *guard = Some(loaded);
+                    return Ok(Receipt {
+                        duplicate: true,
+                        ..receipt
+                    });
+                }
+                Err(ExecuteError::Conflict { .. }) => {
+                    loaded = self.load(aggregate_id).await?;
+                    speculative = false;
+                }
+                // Unknown outcome (timeout, connection): leave the cache
+                // empty so the next command reloads.
+                Err(e) => return Err(e),
+            }
+        }
+        Err(ExecuteError::Conflict {
+            aggregate_id: aggregate_id.to_string(),
+            attempts: self.max_attempts,
+        })
+    }
+}
+
+fn metadata_of(record: &EventRecord, seq: u64) -> HashMap<String, String> {
+    HashMap::from([
+        ("event_id".to_string(), record.event_id.to_string()),
+        ("command_id".to_string(), record.command_id.clone()),
+        ("client_id".to_string(), record.actor.client_id.clone()),
+        ("correlation_id".to_string(), record.correlation_id.clone()),
+        ("causation_id".to_string(), record.causation_id.clone()),
+        ("occurred_at".to_string(), record.occurred_at.clone()),
+        ("stream_seq".to_string(), seq.to_string()),
+    ])
+}
+
+fn to_aggregate_error<E: std::error::Error>(e: ExecuteError<E>) -> AggregateError<E> {
+    match e {
+        ExecuteError::Rejected(e) => AggregateError::UserError(e),
+        ExecuteError::Conflict { .. } | ExecuteError::CommandIdReused { .. } => {
+            AggregateError::AggregateConflict
+        }
+        ExecuteError::TooLarge(m) => AggregateError::UnexpectedError(m.into()),
+        ExecuteError::Store(StoreError::Log(e)) => {
+            AggregateError::DatabaseConnectionError(Box::new(e))
+        }
+        ExecuteError::Store(e) => AggregateError::UnexpectedError(Box::new(e)),
+    }
+}
+
+/// cqrs-es integration: `CqrsFramework::new(store, queries, services)` works
+/// on this store. Metadata keys `command_id`, `client_id`, `user_id`,
+/// `correlation_id` are read from the framework's metadata map.
+impl<A> cqrs_es::EventStore<A> for AggregateStore<A>
+where
+    A: Aggregate + Clone,
+    A::Command: Clone,
+{
+    type AC = Loaded<A>;
+
+    async fn load_events(
+        &self,
+        aggregate_id: &str,
+    ) -> Result<Vec<EventEnvelope<A>>, AggregateError<A::Error>> {
+        self.load_envelopes(aggregate_id)
+            .await
+            .map_err(|e| to_aggregate_error(ExecuteError::Store(e)))
+    }
+
+    async fn load_aggregate(
+        &self,
+        aggregate_id: &str,
+    ) -> Result<Self::AC, AggregateError<A::Error>> {
+        let slot = self.slot(aggregate_id);
+        let cached = slot.lock().await.clone();
+        match cached {
+            Some(l) => Ok(l),
+            None => self
+                .load(aggregate_id)
+                .await
+                .map_err(|e| to_aggregate_error(ExecuteError::Store(e))),
+        }
+    }
+
+    async fn commit(
+        &self,
+        events: Vec<A::Event>,
+        mut context: Self::AC,
+        metadata: HashMap<String, String>,
+    ) -> Result<Vec<EventEnvelope<A>>, AggregateError<A::Error>> {
+        if events.is_empty() {
+            return Ok(Vec::new());
+        }
+        // cqrs-es has already applied `events` to `context.state` through the
+        // EventSink; rewind to the state as of the last commit before appending.
+        let base = match self.slot(&context.aggregate_id).lock().await.clone() {
+            Some(l) if l.subject_seq == context.subject_seq => l,
+            _ => self
+                .load(&context.aggregate_id)
+                .await
+                .map_err(|e| to_aggregate_error(ExecuteError::Store(e)))?,
+        };
+        if base.subject_seq != context.subject_seq {
+            return Err(AggregateError::AggregateConflict);
+        }
+        context = base;
+        let get = |k: &str| metadata.get(k).cloned().unwrap_or_default();
+        let command_id = metadata
+            .get("command_id")
+            .cloned()
+            .unwrap_or_else(|| Uuid::now_v7().to_string());
+        let meta = CommandMeta {
+            command_id: command_id.clone(),
+            actor: envelope::Actor {
+                client_id: get("client_id"),
+                user_id: metadata.get("user_id").cloned(),
+            },
+            correlation_id: metadata
+                .get("correlation_id")
+                .cloned()
+                .unwrap_or_else(|| command_id.clone()),
+            causation_id: command_id,
+            command_hash: get("command_hash"),
+        };
+        let before = context.version;
+        let receipt = match self
+            .append(&mut context, &events, &meta)
+            .await
+            .map_err(to_aggregate_error)?
+        {
+            Appended::New(r) | Appended::Duplicate(r) => r,
+        };
+        let slot = self.slot(&context.aggregate_id);
+        *slot.lock().await = Some(context);
+        Ok(events
+            .into_iter()
+            .enumerate()
+            .map(|(i, payload)| EventEnvelope {
+                aggregate_id: receipt.aggregate_id.clone(),
+                sequence: (before + 1 + i as u64) as usize,
+                payload,
+                metadata: HashMap::from([
+                    ("stream_seq".to_string(), receipt.stream_seq.to_string()),
+                    (
+                        "event_id".to_string(),
+                        receipt
+                            .events
+                            .get(i)
+                            .map(|e| e.event_id.to_string())
+                            .unwrap_or_default(),
+                    ),
+                ]),
+            })
+            .collect())
+    }
+}

@@ -1,0 +1,11 @@
+//! flowledger: an event-sourced command backbone for workflow automation on
+//! NATS JetStream. See docs/ARCHITECTURE.md for the map.
+
+pub mod api;
+pub mod audit;
+pub mod cli;
+pub mod commands;
+pub mod events;
+pub mod handlers;
+pub mod projections;
+pub mod registry;

@@ -1,0 +1,7 @@
+//! Integration tests against a real nats-server started per test on a free
+//! loopback port (binary from FLOWLEDGER_NATS_SERVER, else `nats-server`).
+//! `scripts/test.sh` runs them on nats-server 2.9.10 and 2.15.
+
+mod audit;
+mod event_store;
+mod helpers;
