@@ -1,5 +1,10 @@
 use std::process::ExitCode;
 
+// The service allocates many small objects per command across threads;
+// mimalloc costs less CPU there than glibc's malloc (docs/BENCHMARKS.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> ExitCode {
     flowledger::cli::main().await

@@ -283,7 +283,7 @@ impl Intake {
     }
 
     /// Handles one request addressed to `subject`; never panics on input.
-    pub async fn handle(&self, subject: &str, body: &[u8]) -> Result<Receipt, ReplyError> {
+    pub async fn handle(&self, subject: &str, body: &[u8]) -> Result<Arc<Receipt>, ReplyError> {
         let rest = subject
             .strip_prefix(COMMAND_SUBJECT_PREFIX)
             .and_then(|s| s.strip_prefix('.'))

@@ -263,6 +263,22 @@ mod tests {
         assert!(!cp.mac_valid(&other));
     }
 
+    // The worked example of docs/EVENTS.md, "Checkpoints".
+    #[test]
+    fn checkpoint_mac_vector() {
+        let cp = Checkpoint {
+            format: CHECKPOINT_FORMAT.into(),
+            stream: "FLOW_EVENTS".into(),
+            seq: 1,
+            digest: "53a64cc31147e5bffc69bc712e9842224acd158dea32383f29c8dd3fb1d24455".into(),
+            created_at: "2026-11-23T12:00:00.000000Z".into(),
+            key_id: "k1".into(),
+            mac: "675c28821565a02d04b10493581533f2caeb98db714e0bf96c3b5fb92a0d4fee".into(),
+        };
+        let key = CheckpointKey::from_hex("k1", &"ab".repeat(32)).unwrap();
+        assert!(cp.mac_valid(&key));
+    }
+
     #[test]
     fn key_debug_hides_the_secret() {
         let dbg = format!("{:?}", key());

@@ -1,6 +1,7 @@
 //! The `Job` aggregate: submit, start, record a step result, complete, fail,
 //! cancel (seed 002). Final states are `completed`, `failed`, `cancelled`.
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use cqrs_es::event_sink::EventSink;
@@ -62,7 +63,7 @@ pub struct Job {
     pub priority: u8,
     pub timeout_seconds: u32,
     /// `(step, attempt)` pairs already recorded.
-    pub recorded: Vec<(String, u32)>,
+    pub recorded: BTreeSet<(String, u32)>,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -335,7 +336,9 @@ impl Aggregate for Job {
                 self.timeout_seconds = e.timeout_seconds;
             }
             JobEvent::JobStarted(_) => self.status = JobStatus::Running,
-            JobEvent::StepResultRecorded(e) => self.recorded.push((e.step, e.attempt)),
+            JobEvent::StepResultRecorded(e) => {
+                self.recorded.insert((e.step, e.attempt));
+            }
             JobEvent::JobCompleted(_) => self.status = JobStatus::Completed,
             JobEvent::JobFailed(_) => self.status = JobStatus::Failed,
             JobEvent::JobCancelled(_) => self.status = JobStatus::Cancelled,

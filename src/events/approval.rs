@@ -6,7 +6,7 @@ use cqrs_es::DomainEvent;
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "type", content = "data")]
+#[serde(tag = "event_type", content = "data")]
 pub enum ApprovalEvent {
     ApprovalRequested(ApprovalRequested),
     ApprovalGranted(ApprovalDecided),

@@ -62,10 +62,47 @@ pub fn format_time(t: DateTime<Utc>) -> String {
     t.to_rfc3339_opts(SecondsFormat::Micros, true)
 }
 
-/// A commit ready to publish: the message body and the new chain head.
+/// An event as written: the envelope around a borrowed domain event. The
+/// event enum is adjacently tagged (`event_type`, `data`) and flattened in
+/// last, so `data` is serialized straight from the event, with no
+/// intermediate `serde_json::Value`.
+#[derive(Debug, Serialize)]
+pub struct OutgoingRecord<'a, E: Serialize> {
+    pub event_id: Uuid,
+    pub aggregate_type: &'a str,
+    pub aggregate_id: &'a str,
+    pub aggregate_version: u64,
+    pub schema_version: String,
+    pub occurred_at: &'a str,
+    pub actor: &'a Actor,
+    pub command_id: &'a str,
+    pub correlation_id: &'a str,
+    pub causation_id: &'a str,
+    pub prev_hash: String,
+    #[serde(flatten)]
+    pub event: &'a E,
+}
+
+/// Something encodable as one line of a commit.
+pub trait Chained: Serialize {
+    fn set_prev_hash(&mut self, prev_hash: String);
+}
+
+impl Chained for EventRecord {
+    fn set_prev_hash(&mut self, prev_hash: String) {
+        self.prev_hash = prev_hash;
+    }
+}
+
+impl<E: Serialize> Chained for OutgoingRecord<'_, E> {
+    fn set_prev_hash(&mut self, prev_hash: String) {
+        self.prev_hash = prev_hash;
+    }
+}
+
+/// A commit ready to publish: the message body and each event's hash.
 pub struct EncodedCommit {
     pub body: Vec<u8>,
-    pub records: Vec<EventRecord>,
     pub hashes: Vec<Hash>,
 }
 
@@ -75,27 +112,23 @@ impl EncodedCommit {
     }
 }
 
-/// Encodes records into a commit body, chaining each from `prev`.
-/// `records[i].prev_hash` is filled in here.
-pub fn encode_commit(
-    mut records: Vec<EventRecord>,
+/// Encodes records into a commit body, chaining each from `prev`;
+/// each record's `prev_hash` is filled in here.
+pub fn encode_commit<R: Chained>(
+    records: &mut [R],
     mut prev: Hash,
 ) -> Result<EncodedCommit, serde_json::Error> {
-    let mut body = Vec::with_capacity(512 * records.len());
+    let mut body = Vec::with_capacity(768 * records.len());
     let mut hashes = Vec::with_capacity(records.len());
-    for r in &mut records {
-        r.prev_hash = chain::to_hex(&prev);
-        let line = serde_json::to_vec(r)?;
-        prev = chain::event_hash(&prev, &line);
+    for r in records.iter_mut() {
+        r.set_prev_hash(chain::to_hex(&prev));
+        let start = body.len();
+        serde_json::to_writer(&mut body, r)?;
+        prev = chain::event_hash(&prev, &body[start..]);
         hashes.push(prev);
-        body.extend_from_slice(&line);
         body.push(b'\n');
     }
-    Ok(EncodedCommit {
-        body,
-        records,
-        hashes,
-    })
+    Ok(EncodedCommit { body, hashes })
 }
 
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -130,27 +163,13 @@ pub fn decode_commit(body: &[u8]) -> Result<Vec<(&[u8], EventRecord)>, CommitFor
         .collect()
 }
 
-/// The `data` of a `#[serde(tag = "type", content = "data")]` event enum.
-pub fn split_event<E: Serialize>(event: &E) -> Result<(String, Value), serde_json::Error> {
-    let v = serde_json::to_value(event)?;
-    let Value::Object(mut m) = v else {
-        return Err(serde::ser::Error::custom(
-            "event did not serialize to an object",
-        ));
-    };
-    let t = match m.remove("type") {
-        Some(Value::String(s)) => s,
-        _ => return Err(serde::ser::Error::custom("event has no type tag")),
-    };
-    Ok((t, m.remove("data").unwrap_or(Value::Null)))
-}
-
-/// The inverse of [`split_event`].
+/// Rebuilds an event of a `#[serde(tag = "event_type", content = "data")]`
+/// enum from the envelope's `event_type` and `data`.
 pub fn join_event<E: serde::de::DeserializeOwned>(
     event_type: &str,
     data: Value,
 ) -> Result<E, serde_json::Error> {
-    serde_json::from_value(serde_json::json!({ "type": event_type, "data": data }))
+    serde_json::from_value(serde_json::json!({ "event_type": event_type, "data": data }))
 }
 
 #[cfg(test)]
@@ -180,12 +199,46 @@ mod tests {
 
     #[test]
     fn commit_round_trips_and_chains() {
-        let c = encode_commit(vec![record(1), record(2)], chain::GENESIS).unwrap();
+        let mut records = vec![record(1), record(2)];
+        let c = encode_commit(&mut records, chain::GENESIS).unwrap();
         let decoded = decode_commit(&c.body).unwrap();
         assert_eq!(decoded.len(), 2);
         assert_eq!(decoded[0].1.prev_hash, chain::to_hex(&chain::GENESIS));
         assert_eq!(decoded[1].1.prev_hash, chain::to_hex(&c.hashes[0]));
         assert_eq!(chain::event_hash(&c.hashes[0], decoded[1].0), c.hashes[1]);
+    }
+
+    #[test]
+    fn outgoing_records_read_back_as_envelopes() {
+        use crate::events::job::{JobCancelled, JobEvent};
+        let event = JobEvent::JobCancelled(JobCancelled { reason: "r".into() });
+        let actor = Actor {
+            client_id: "c".into(),
+            user_id: None,
+        };
+        let mut out = [OutgoingRecord {
+            event_id: Uuid::nil(),
+            aggregate_type: "job",
+            aggregate_id: "j1",
+            aggregate_version: 1,
+            schema_version: "1.0".into(),
+            occurred_at: "2026-11-23T12:00:00.000000Z",
+            actor: &actor,
+            command_id: "cmd",
+            correlation_id: "cmd",
+            causation_id: "cmd",
+            prev_hash: String::new(),
+            event: &event,
+        }];
+        let c = encode_commit(&mut out, chain::GENESIS).unwrap();
+        let (line, r) = decode_commit(&c.body).unwrap().remove(0);
+        assert_eq!(r.event_type, "JobCancelled");
+        assert_eq!(r.data, serde_json::json!({"reason": "r"}));
+        assert_eq!(chain::event_hash(&chain::GENESIS, line), c.hashes[0]);
+        assert_eq!(
+            join_event::<JobEvent>(&r.event_type, r.data).unwrap(),
+            event
+        );
     }
 
     #[test]

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "type", content = "data")]
+#[serde(tag = "event_type", content = "data")]
 pub enum JobEvent {
     JobSubmitted(JobSubmitted),
     JobStarted(JobStarted),

@@ -26,7 +26,7 @@ use serde::Serialize;
 use uuid::Uuid;
 
 use crate::events::chain::{self, Hash};
-use crate::events::envelope::{self, CommandMeta, EventRecord};
+use crate::events::envelope::{self, CommandMeta, EventRecord, OutgoingRecord};
 use crate::events::log::{subject_for, AppendError, EventLog, LogError};
 use crate::events::upcasters;
 
@@ -56,24 +56,21 @@ pub struct ReceiptEvent {
 }
 
 impl Receipt {
-    fn of(seq: u64, records: &[EventRecord], hashes: &[Hash], command_hash: &str) -> Self {
-        let first = &records[0];
+    fn new(
+        aggregate_type: &str,
+        aggregate_id: &str,
+        command_id: &str,
+        stream_seq: u64,
+        events: Vec<ReceiptEvent>,
+        command_hash: &str,
+    ) -> Self {
         Receipt {
-            aggregate_type: first.aggregate_type.clone(),
-            aggregate_id: first.aggregate_id.clone(),
-            command_id: first.command_id.clone(),
-            stream_seq: seq,
-            aggregate_version: records[records.len() - 1].aggregate_version,
-            events: records
-                .iter()
-                .zip(hashes)
-                .map(|(r, h)| ReceiptEvent {
-                    event_id: r.event_id,
-                    event_type: r.event_type.clone(),
-                    aggregate_version: r.aggregate_version,
-                    hash: chain::to_hex(h),
-                })
-                .collect(),
+            aggregate_type: aggregate_type.to_string(),
+            aggregate_id: aggregate_id.to_string(),
+            command_id: command_id.to_string(),
+            stream_seq,
+            aggregate_version: events.last().map_or(0, |e| e.aggregate_version),
+            events,
             duplicate: false,
             command_hash: command_hash.to_string(),
         }
@@ -90,7 +87,7 @@ pub struct Loaded<A> {
     pub subject_seq: u64,
     pub head: Hash,
     /// Every command id committed on this aggregate, with its receipt.
-    pub commits: HashMap<String, Receipt>,
+    pub commits: HashMap<String, Arc<Receipt>>,
 }
 
 impl<A: Default> Loaded<A> {
@@ -160,9 +157,9 @@ pub struct AggregateStore<A: Aggregate> {
 }
 
 enum Appended {
-    New(Receipt),
+    New(Arc<Receipt>),
     /// The broker recognised the command id (inside its duplicate window).
-    Duplicate(Receipt),
+    Duplicate(Arc<Receipt>),
 }
 
 impl<A> AggregateStore<A>
@@ -241,8 +238,8 @@ where
         let seq = msg.sequence;
         let corrupt = |reason: String| StoreError::Corrupt { seq, reason };
         let lines = envelope::decode_commit(&msg.payload).map_err(|e| corrupt(e.to_string()))?;
-        let mut records = Vec::with_capacity(lines.len());
-        let mut hashes = Vec::with_capacity(lines.len());
+        let mut receipt_events = Vec::with_capacity(lines.len());
+        let mut command_id = None;
         for (line, record) in lines {
             if record.prev_hash != chain::to_hex(&loaded.head) {
                 return Err(corrupt(format!(
@@ -280,64 +277,77 @@ where
                 metadata: metadata_of(&record, seq),
             });
             loaded.state.apply(event);
-            hashes.push(loaded.head);
-            records.push(record);
+            receipt_events.push(ReceiptEvent {
+                event_id: record.event_id,
+                event_type: record.event_type,
+                aggregate_version: record.aggregate_version,
+                hash: chain::to_hex(&loaded.head),
+            });
+            command_id.get_or_insert(record.command_id);
         }
-        if records.is_empty() {
+        let Some(command_id) = command_id else {
             return Err(corrupt("commit holds no event".into()));
-        }
+        };
         let command_hash = msg
             .headers
             .get(envelope::HDR_COMMAND_HASH)
-            .map(|v| v.as_str().to_string())
+            .map(|v| v.as_str())
             .unwrap_or_default();
-        let receipt = Receipt::of(seq, &records, &hashes, &command_hash);
-        loaded.commits.insert(receipt.command_id.clone(), receipt);
+        let receipt = Receipt::new(
+            A::TYPE,
+            &loaded.aggregate_id,
+            &command_id,
+            seq,
+            receipt_events,
+            command_hash,
+        );
+        loaded.commits.insert(command_id, Arc::new(receipt));
         loaded.subject_seq = seq;
         Ok(())
     }
 
-    fn build_records(
-        &self,
-        loaded: &Loaded<A>,
-        events: &[A::Event],
-        meta: &CommandMeta,
-    ) -> Result<Vec<EventRecord>, StoreError> {
-        let now = envelope::format_time(Utc::now());
-        events
-            .iter()
-            .enumerate()
-            .map(|(i, e)| {
-                let (event_type, data) = envelope::split_event(e)?;
-                Ok(EventRecord {
-                    event_id: Uuid::now_v7(),
-                    aggregate_type: A::TYPE.to_string(),
-                    aggregate_id: loaded.aggregate_id.clone(),
-                    aggregate_version: loaded.version + 1 + i as u64,
-                    event_type,
-                    schema_version: e.event_version(),
-                    occurred_at: now.clone(),
-                    actor: meta.actor.clone(),
-                    command_id: meta.command_id.clone(),
-                    correlation_id: meta.correlation_id.clone(),
-                    causation_id: meta.causation_id.clone(),
-                    prev_hash: String::new(),
-                    data,
-                })
-            })
-            .collect()
-    }
-
-    /// Appends `events` after `loaded`; on success `loaded` is advanced.
+    /// Appends `events` after `loaded`. `loaded.state` already has the
+    /// events applied (by the `EventSink`); on success the rest of `loaded`
+    /// is advanced, on failure the caller discards `loaded`.
     async fn append(
         &self,
         loaded: &mut Loaded<A>,
         events: &[A::Event],
         meta: &CommandMeta,
     ) -> Result<Appended, ExecuteError<A::Error>> {
-        let records = self.build_records(loaded, events, meta)?;
-        let commit = envelope::encode_commit(records, loaded.head).map_err(StoreError::from)?;
+        let now = envelope::format_time(Utc::now());
+        let mut records: Vec<OutgoingRecord<'_, A::Event>> = events
+            .iter()
+            .enumerate()
+            .map(|(i, event)| OutgoingRecord {
+                event_id: Uuid::now_v7(),
+                aggregate_type: A::TYPE,
+                aggregate_id: &loaded.aggregate_id,
+                aggregate_version: loaded.version + 1 + i as u64,
+                schema_version: event.event_version(),
+                occurred_at: &now,
+                actor: &meta.actor,
+                command_id: &meta.command_id,
+                correlation_id: &meta.correlation_id,
+                causation_id: &meta.causation_id,
+                prev_hash: String::new(),
+                event,
+            })
+            .collect();
+        let commit =
+            envelope::encode_commit(&mut records, loaded.head).map_err(StoreError::from)?;
         let head = *commit.head().expect("a commit with events has a head");
+        let receipt_events: Vec<ReceiptEvent> = records
+            .iter()
+            .zip(&commit.hashes)
+            .map(|(r, h)| ReceiptEvent {
+                event_id: r.event_id,
+                event_type: r.event.event_type(),
+                aggregate_version: r.aggregate_version,
+                hash: chain::to_hex(h),
+            })
+            .collect();
+        drop(records);
         let subject = self.subject(&loaded.aggregate_id);
         let headers = [
             (envelope::HDR_CHAIN_HEAD, chain::to_hex(&head)),
@@ -385,15 +395,14 @@ where
                 Ok(Appended::Duplicate(receipt))
             }
             Ok(ack) => {
-                let receipt = Receipt::of(
+                let receipt = Arc::new(Receipt::new(
+                    A::TYPE,
+                    &loaded.aggregate_id,
+                    &meta.command_id,
                     ack.sequence,
-                    &commit.records,
-                    &commit.hashes,
+                    receipt_events,
                     &meta.command_hash,
-                );
-                for e in events {
-                    loaded.state.apply(e.clone());
-                }
+                ));
                 loaded.version += events.len() as u64;
                 loaded.subject_seq = ack.sequence;
                 loaded.head = head;
@@ -422,7 +431,7 @@ where
         aggregate_id: &str,
         command: A::Command,
         meta: &CommandMeta,
-    ) -> Result<Receipt, ExecuteError<A::Error>> {
+    ) -> Result<Arc<Receipt>, ExecuteError<A::Error>> {
         let slot = self.slot(aggregate_id);
         let mut guard = slot.lock().await;
         // No cached state: assume the aggregate is new. The concurrency check
@@ -438,16 +447,21 @@ where
                         command_id: meta.command_id.clone(),
                     });
                 }
-                let receipt = Receipt {
+                let receipt = Arc::new(Receipt {
                     duplicate: true,
-                    ..previous.clone()
-                };
+                    ..Receipt::clone(previous)
+                });
                 *guard = Some(loaded);
                 return Ok(receipt);
             }
-            let mut scratch = loaded.state.clone();
+            // The aggregate decides on the cached state itself (no copy):
+            // events are applied to it through the sink, and whenever the
+            // commit does not succeed that state is discarded.
             let sink = EventSink::default();
-            let decided = scratch.handle(command.clone(), &self.services, &sink).await;
+            let decided = loaded
+                .state
+                .handle(command.clone(), &self.services, &sink)
+                .await;
             let events = sink.collect().await;
             match decided {
                 Err(_) if speculative => {
@@ -456,7 +470,11 @@ where
                     continue;
                 }
                 Err(e) => {
-                    *guard = Some(loaded);
+                    // A refusal normally writes nothing; if it wrote part of
+                    // its events the state is no longer the stored one.
+                    if events.is_empty() {
+                        *guard = Some(loaded);
+                    }
                     return Err(ExecuteError::Rejected(e));
                 }
                 Ok(()) if events.is_empty() => {
@@ -481,10 +499,10 @@ where
                         });
                     }
                     *guard = Some(loaded);
-                    return Ok(Receipt {
+                    return Ok(Arc::new(Receipt {
                         duplicate: true,
-                        ..receipt
-                    });
+                        ..Receipt::clone(&receipt)
+                    }));
                 }
                 Err(ExecuteError::Conflict { .. }) => {
                     loaded = self.load(aggregate_id).await?;
@@ -571,19 +589,8 @@ where
         if events.is_empty() {
             return Ok(Vec::new());
         }
-        // cqrs-es has already applied `events` to `context.state` through the
-        // EventSink; rewind to the state as of the last commit before appending.
-        let base = match self.slot(&context.aggregate_id).lock().await.clone() {
-            Some(l) if l.subject_seq == context.subject_seq => l,
-            _ => self
-                .load(&context.aggregate_id)
-                .await
-                .map_err(|e| to_aggregate_error(ExecuteError::Store(e)))?,
-        };
-        if base.subject_seq != context.subject_seq {
-            return Err(AggregateError::AggregateConflict);
-        }
-        context = base;
+        // cqrs-es has already applied `events` to `context.state` through
+        // its EventSink, which is what `append` expects.
         let get = |k: &str| metadata.get(k).cloned().unwrap_or_default();
         let command_id = metadata
             .get("command_id")

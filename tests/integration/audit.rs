@@ -317,3 +317,49 @@ async fn the_cli_exits_1_and_names_the_sequence() {
     assert_eq!(usage.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&usage.stderr).contains("--aggregate"));
 }
+
+#[tokio::test]
+async fn an_independent_python_verifier_agrees() {
+    // tools/verify_export.py implements docs/EVENTS.md with Python's
+    // standard library only: the spec is enough to verify an export.
+    let app = spawn_app().await;
+    history(&app).await;
+    let (_d, out) = export_to(&app, &Filter::default()).await;
+    let run = || {
+        std::process::Command::new("python3")
+            .arg(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/tools/verify_export.py"
+            ))
+            .arg(&out)
+            .args(["--key-hex", &"5a".repeat(32), "--key-id", "test-key"])
+            .output()
+            .expect("python3 runs")
+    };
+    let good = run();
+    assert_eq!(
+        good.status.code(),
+        Some(0),
+        "{}{}",
+        String::from_utf8_lossy(&good.stdout),
+        String::from_utf8_lossy(&good.stderr)
+    );
+    let v: Value = serde_json::from_slice(&good.stdout).unwrap();
+    let rust = verify::verify_export(&out, Some(key()), None).unwrap();
+    assert_eq!(v["digest"], json!(rust.digest));
+    assert_eq!(v["signed_up_to"], json!(18));
+    let path = out.join(export::MESSAGES_FILE);
+    let mut ls = lines(&path);
+    let i = line_for_seq(&ls, 14);
+    let altered = ls[i].replace("test", "tset");
+    assert_ne!(altered, ls[i], "the test alters something");
+    ls[i] = altered;
+    write_lines(&path, &ls);
+    let bad = run();
+    assert_eq!(bad.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&bad.stdout).starts_with("broken at 14"),
+        "{}",
+        String::from_utf8_lossy(&bad.stdout)
+    );
+}

@@ -177,6 +177,6 @@ pub fn code(reply: &Value) -> &str {
     reply["error"]["code"].as_str().unwrap_or("<ok>")
 }
 
-pub fn ok(r: Result<Receipt, ReplyError>) -> Receipt {
+pub fn ok(r: Result<Arc<Receipt>, ReplyError>) -> Arc<Receipt> {
     r.unwrap_or_else(|e| panic!("command refused: {:?}: {}", e.code, e.message))
 }

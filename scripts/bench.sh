@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# The event-log benchmark on local defaults: starts a throw-away nats-server
+# (Debian 2.9.10 by default; NATS=current for the pip build) and PostgreSQL,
+# runs flowledger-bench (release build), prints the figures, stops both.
+# Extra arguments go to flowledger-bench (see --help).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+eval "$(scripts/install-deps.sh)"
+cargo build --release --quiet --bin flowledger-bench
+WORK=$(mktemp -d -t flowledger-bench.XXXXXX)
+cleanup() { scripts/nats.sh stop "$WORK"; scripts/pg.sh stop "$WORK"; rm -rf "$WORK"; }
+trap cleanup EXIT
+case "${NATS:-debian}" in
+  debian) NATS_BIN=$NATS_SERVER_DEBIAN ;;
+  current) NATS_BIN=$NATS_SERVER_CURRENT ;;
+  *) echo "NATS must be debian or current" >&2; exit 2 ;;
+esac
+export FLOWLEDGER_NATS_URL DATABASE_URL
+FLOWLEDGER_NATS_URL=$(scripts/nats.sh start "$WORK" "$NATS_BIN")
+DATABASE_URL=$(PG_BIN=$PG_BIN scripts/pg.sh start "$WORK")
+target/release/flowledger-bench "$@"
