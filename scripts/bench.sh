@@ -2,6 +2,8 @@
 # The event-log benchmark on local defaults: starts a throw-away nats-server
 # (Debian 2.9.10 by default; NATS=current for the pip build) and PostgreSQL,
 # runs flowledger-bench (release build), prints the figures, stops both.
+# SYNC=always runs nats-server with `sync_interval: always` (strict
+# durability: fsync before every ack; needs NATS=current, 2.10 or later).
 # Extra arguments go to flowledger-bench (see --help).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,6 +17,13 @@ case "${NATS:-debian}" in
   current) NATS_BIN=$NATS_SERVER_CURRENT ;;
   *) echo "NATS must be debian or current" >&2; exit 2 ;;
 esac
+if [ "${SYNC:-default}" = always ]; then
+  printf 'jetstream {\n  sync_interval: always\n}\n' >"$WORK/strict.conf"
+  export NATS_EXTRA_ARGS="-c $WORK/strict.conf"
+  echo "nats-server durability: sync_interval always (fsync before every ack)"
+else
+  echo "nats-server durability: default sync_interval (2 minutes)"
+fi
 export FLOWLEDGER_NATS_URL DATABASE_URL
 FLOWLEDGER_NATS_URL=$(scripts/nats.sh start "$WORK" "$NATS_BIN")
 DATABASE_URL=$(PG_BIN=$PG_BIN scripts/pg.sh start "$WORK")
