@@ -64,8 +64,11 @@ pub struct Global {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
-    /// Create or update the JetStream streams (idempotent).
+    /// Create or update the JetStream streams, and with --database-url the
+    /// read-model schema (idempotent).
     Init {
+        #[command(flatten)]
+        db: DbArgs,
         /// Stream replicas: 1 for development, 3 for production clusters.
         #[arg(long, env = "FLOWLEDGER_REPLICAS", default_value_t = 1)]
         replicas: usize,
@@ -73,8 +76,17 @@ pub enum Command {
         #[arg(long, env = "FLOWLEDGER_DUPLICATE_WINDOW_SECS", default_value_t = 120)]
         duplicate_window_secs: u64,
     },
-    /// Run the command service (NATS intake, periodic checkpoints).
+    /// Run the service: NATS command intake, periodic checkpoints, and with
+    /// --database-url the projections and the HTTP read API.
     Serve(ServeArgs),
+    /// Apply the read-model database migrations (idempotent).
+    Migrate {
+        #[command(flatten)]
+        db: DbArgs,
+    },
+    /// Read-model projections: status, resume, rebuild.
+    #[command(subcommand)]
+    Projections(ProjectionsCommand),
     /// Submit a job over NATS and print the reply.
     Submit {
         #[arg(long)]
@@ -104,8 +116,65 @@ pub enum Command {
     Audit(AuditCommand),
 }
 
+#[derive(Args, Debug, Clone, Default)]
+pub struct DbArgs {
+    /// PostgreSQL for the read models, e.g. postgres://user:pass@127.0.0.1:5432/flowledger
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
+}
+
+impl DbArgs {
+    fn require(&self) -> anyhow::Result<&str> {
+        self.database_url.as_deref().ok_or_else(|| {
+            anyhow::anyhow!("a PostgreSQL URL is needed: pass --database-url or set DATABASE_URL")
+                .context(UsageError)
+        })
+    }
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ProjectionsCommand {
+    /// Each projection's version, checkpoint, lag and state.
+    Status {
+        #[command(flatten)]
+        db: DbArgs,
+    },
+    /// Continue a projection stopped on an event it could not apply.
+    Resume {
+        /// executions, audit or approvals
+        name: String,
+        /// Skip the event at this stream sequence (recorded as an event).
+        #[arg(long, requires_all = ["reason", "by"])]
+        skip: Option<u64>,
+        /// Why the event is skipped (with --skip).
+        #[arg(long)]
+        reason: Option<String>,
+        /// Who decides the skip (with --skip).
+        #[arg(long)]
+        by: Option<String>,
+        #[command(flatten)]
+        db: DbArgs,
+    },
+    /// Build a new version of a read model beside the old one from stream
+    /// sequence 1, catch up, and switch readers atomically.
+    Rebuild {
+        name: String,
+        #[command(flatten)]
+        db: DbArgs,
+    },
+}
+
 #[derive(Args, Debug)]
 pub struct ServeArgs {
+    #[command(flatten)]
+    pub db: DbArgs,
+    /// Listen address of the HTTP read API (with --database-url).
+    #[arg(
+        long = "http",
+        env = "FLOWLEDGER_HTTP_ADDR",
+        default_value = "127.0.0.1:8080"
+    )]
+    pub http: std::net::SocketAddr,
     /// Workflow registry file.
     #[arg(long, env = "FLOWLEDGER_REGISTRY", default_value = DEFAULT_REGISTRY_PATH)]
     pub registry: PathBuf,
@@ -223,8 +292,9 @@ pub async fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("FLOWLEDGER_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,async_nats=warn")),
+            tracing_subscriber::EnvFilter::try_from_env("FLOWLEDGER_LOG").unwrap_or_else(|_| {
+                tracing_subscriber::EnvFilter::new("info,async_nats=warn,sqlx=warn")
+            }),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -315,7 +385,17 @@ async fn request(
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let g = &cli.global;
     match cli.command {
+        Command::Migrate { db } => {
+            let pool = crate::projections::db::connect(db.require()?, 2)
+                .await
+                .context(Unreachable)?;
+            crate::projections::db::migrate(&pool).await?;
+            println!("read-model schema: up to date");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Projections(p) => projections(g, p).await,
         Command::Init {
+            db,
             replicas,
             duplicate_window_secs,
         } => {
@@ -332,6 +412,13 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             .await?;
             for r in &reports {
                 println!("stream {}: {}", r.stream, r.action);
+            }
+            if let Some(url) = &db.database_url {
+                let pool = crate::projections::db::connect(url, 2)
+                    .await
+                    .context(Unreachable)?;
+                crate::projections::db::migrate(&pool).await?;
+                println!("read-model schema: up to date");
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -416,12 +503,149 @@ async fn serve(g: &Global, args: ServeArgs) -> anyhow::Result<ExitCode> {
             "no checkpoint key (FLOWLEDGER_CHECKPOINT_KEY): no signed checkpoints are written"
         );
     }
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut tasks = Vec::new();
+    if let Some(url) = &args.db.database_url {
+        let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
+            .install_recorder()
+            .context("cannot install the metrics recorder")?;
+        let pool = crate::projections::db::connect(url, 16)
+            .await
+            .context(Unreachable)?;
+        crate::projections::db::migrate(&pool).await?;
+        for model in crate::projections::ReadModel::ALL {
+            tasks.push(tokio::spawn(crate::projections::runner::run(
+                pool.clone(),
+                log.clone(),
+                model,
+                stop_rx.clone(),
+            )));
+        }
+        let state = crate::api::http::AppState {
+            pool,
+            nats: client.clone(),
+            log: log.clone(),
+            metrics,
+        };
+        let listener = tokio::net::TcpListener::bind(args.http)
+            .await
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "cannot listen on {}: {e} (choose another --http address)",
+                    args.http
+                )
+                .context(UsageError)
+            })?;
+        tracing::info!("HTTP read API on http://{}", listener.local_addr()?);
+        let mut stop = stop_rx.clone();
+        tasks.push(tokio::spawn(async move {
+            let app = crate::api::http::app(state);
+            let _ = axum::serve(listener, app)
+                .with_graceful_shutdown(async move {
+                    let _ = stop.changed().await;
+                })
+                .await;
+        }));
+    } else {
+        tracing::warn!("no --database-url: projections and the HTTP read API are off");
+    }
     let serve = intake.serve(client);
     tokio::select! {
         r = serve => { r.context("command intake stopped")?; }
-        _ = tokio::signal::ctrl_c() => { tracing::info!("shutting down"); }
+        _ = shutdown_signal() => { tracing::info!("shutting down"); }
+    }
+    let _ = stop_tx.send(true);
+    for t in tasks {
+        let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
     }
     Ok(ExitCode::SUCCESS)
+}
+
+async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term => {}
+    }
+}
+
+async fn projections(g: &Global, p: ProjectionsCommand) -> anyhow::Result<ExitCode> {
+    use crate::projections::{db as pdb, ReadModel};
+    let model_of = |name: &str| {
+        ReadModel::from_name(name).ok_or_else(|| {
+            anyhow::Error::new(pdb::DbError::UnknownProjection(name.to_string()))
+                .context(UsageError)
+        })
+    };
+    match p {
+        ProjectionsCommand::Status { db } => {
+            let pool = pdb::connect(db.require()?, 2).await.context(Unreachable)?;
+            let rows = pdb::checkpoints(&pool).await?;
+            let last = match open_log(g).await {
+                Ok((_c, log)) => log.last_seq().await.ok(),
+                Err(_) => None,
+            };
+            println!(
+                "{:<12} {:>7} {:>7} {:>12} {:>10}  state",
+                "projection", "version", "active", "checkpoint", "lag"
+            );
+            let mut any_stopped = false;
+            for r in rows {
+                let lag = last.map_or("?".to_string(), |l| {
+                    (l as i64 - r.last_seq).max(0).to_string()
+                });
+                let state = match (&r.state[..], r.error_seq) {
+                    ("stopped", Some(seq)) => {
+                        any_stopped = true;
+                        format!(
+                            "stopped at sequence {seq}: {}",
+                            r.error.clone().unwrap_or_default()
+                        )
+                    }
+                    (s, _) => s.to_string(),
+                };
+                println!(
+                    "{:<12} {:>7} {:>7} {:>12} {:>10}  {state}",
+                    r.name, r.version, r.active, r.last_seq, lag
+                );
+            }
+            Ok(if any_stopped {
+                ExitCode::from(1)
+            } else {
+                ExitCode::SUCCESS
+            })
+        }
+        ProjectionsCommand::Resume {
+            name,
+            skip,
+            reason,
+            by,
+            db,
+        } => {
+            let model = model_of(&name)?;
+            let pool = pdb::connect(db.require()?, 2).await.context(Unreachable)?;
+            let (_c, log) = open_log(g).await?;
+            let skip = skip.map(|s| (s, reason.unwrap_or_default(), by.unwrap_or_default()));
+            let msg = crate::projections::resume(&pool, &log, model, skip).await?;
+            println!("{msg}");
+            Ok(ExitCode::SUCCESS)
+        }
+        ProjectionsCommand::Rebuild { name, db } => {
+            let model = model_of(&name)?;
+            let pool = pdb::connect(db.require()?, 4).await.context(Unreachable)?;
+            let (_c, log) = open_log(g).await?;
+            let report = crate::projections::rebuild::rebuild(&pool, &log, model).await?;
+            print_json(&serde_json::to_value(&report)?);
+            Ok(ExitCode::SUCCESS)
+        }
+    }
 }
 
 async fn audit(g: &Global, a: AuditCommand) -> anyhow::Result<ExitCode> {

@@ -1,4 +1,5 @@
 //! Entry points other services use: command intake over NATS request/reply.
-//! (The HTTP API arrives with the read models, issue 3.)
+//! The HTTP read API over the projections.
 
+pub mod http;
 pub mod intake;

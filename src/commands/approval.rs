@@ -133,6 +133,7 @@ impl Approval {
             return Err(ApprovalError::Expired(expires_at));
         }
         Ok(ApprovalDecided {
+            job_id: self.job_id.clone(),
             decided_by: d.decided_by,
             reason: d.reason,
             decided_at: at,
@@ -188,6 +189,7 @@ impl Approval {
                     return Err(ApprovalError::NotYetDue(expires_at));
                 }
                 Ok(vec![ApprovalEvent::ApprovalExpired(ApprovalExpired {
+                    job_id: self.job_id.clone(),
                     expired_at: at,
                 })])
             }
@@ -274,6 +276,7 @@ mod tests {
 
     fn granted(at: DateTime<Utc>) -> ApprovalEvent {
         ApprovalEvent::ApprovalGranted(ApprovalDecided {
+            job_id: "job-1".into(),
             decided_by: "alice".into(),
             reason: "checked the invoice".into(),
             decided_at: at,
@@ -319,6 +322,7 @@ mod tests {
                 at: t(6),
             })
             .then_expect_events(vec![ApprovalEvent::ApprovalRejected(ApprovalDecided {
+                job_id: "job-1".into(),
                 decided_by: "bob".into(),
                 reason: "checked the invoice".into(),
                 decided_at: t(6),
@@ -348,7 +352,10 @@ mod tests {
         framework()
             .given(vec![
                 requested(),
-                ApprovalEvent::ApprovalExpired(ApprovalExpired { expired_at: t(30) }),
+                ApprovalEvent::ApprovalExpired(ApprovalExpired {
+                    job_id: "job-1".into(),
+                    expired_at: t(30),
+                }),
             ])
             .when(ApprovalCommand::Approve {
                 decision: decide("alice"),
@@ -374,6 +381,7 @@ mod tests {
             .given(vec![requested()])
             .when(ApprovalCommand::Expire { at: t(31) })
             .then_expect_events(vec![ApprovalEvent::ApprovalExpired(ApprovalExpired {
+                job_id: "job-1".into(),
                 expired_at: t(31),
             })]);
     }

@@ -4,6 +4,7 @@
 
 pub mod approval;
 pub mod job;
+pub mod projection;
 
 use serde::Serialize;
 

@@ -26,6 +26,8 @@ pub struct ApprovalRequested {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ApprovalDecided {
+    /// The job the approval is for (so readers need no lookup).
+    pub job_id: String,
     pub decided_by: String,
     pub reason: String,
     pub decided_at: DateTime<Utc>,
@@ -33,6 +35,7 @@ pub struct ApprovalDecided {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ApprovalExpired {
+    pub job_id: String,
     pub expired_at: DateTime<Utc>,
 }
 

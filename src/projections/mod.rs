@@ -1,2 +1,204 @@
-//! PostgreSQL read models built from the log (issue 3). Nothing here yet:
-//! the event log (src/events) is the only source of truth so far.
+//! PostgreSQL read models built from the log.
+//!
+//! Each read model ([`ReadModel`]) is a projection with a schema version.
+//! Its tables are `<table>_v<N>`; readers use the view `<table>`, which
+//! points at the active version. A rebuild builds version N+1 beside N and
+//! switches the views in one transaction (docs/PROJECTIONS.md).
+//!
+//! **Architecture invariant:** projections never publish commands and never
+//! append to the log (except the audit record of an operator's `--skip`,
+//! written by the CLI, not by a projection).
+
+pub mod apply;
+pub mod db;
+pub mod rebuild;
+pub mod runner;
+
+use chrono::{DateTime, Utc};
+
+use crate::events::envelope::EventRecord;
+
+/// The read models flowledger maintains.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ReadModel {
+    /// `workflows_executions`: one row per job (seed 000).
+    Executions,
+    /// `audit_trail`: one row per event (seed 002, "Audit / Trace").
+    Audit,
+    /// `approvals`: one row per approval (seed 003).
+    Approvals,
+}
+
+impl ReadModel {
+    pub const ALL: [ReadModel; 3] = [
+        ReadModel::Executions,
+        ReadModel::Audit,
+        ReadModel::Approvals,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            ReadModel::Executions => "executions",
+            ReadModel::Audit => "audit",
+            ReadModel::Approvals => "approvals",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|m| m.name() == name)
+    }
+
+    pub fn known_names() -> String {
+        Self::ALL.map(|m| m.name()).join(", ")
+    }
+
+    /// The tables readers see (each a view over `<table>_v<N>`).
+    pub fn tables(self) -> &'static [&'static str] {
+        match self {
+            ReadModel::Executions => &["workflows_executions"],
+            ReadModel::Audit => &["audit_trail", "audit_jobs"],
+            ReadModel::Approvals => &["approvals"],
+        }
+    }
+}
+
+/// One stream message as a projection sees it.
+#[derive(Debug, Clone)]
+pub struct Msg {
+    pub seq: u64,
+    pub subject: String,
+    pub time: DateTime<Utc>,
+    /// `(hash hex, record)` per event, in commit order.
+    pub events: Vec<(String, EventRecord)>,
+}
+
+/// Why a projection could not apply an event.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    /// The event itself cannot be applied: stop here until fixed or skipped.
+    #[error("cannot apply stream sequence {seq}: {reason}")]
+    Poison { seq: u64, reason: String },
+    /// PostgreSQL is unreachable or timed out: retry.
+    #[error("read-model database unavailable: {0}")]
+    Unavailable(String),
+}
+
+impl ApplyError {
+    /// Classifies a database error: data and constraint errors are caused by
+    /// the event (poison), I/O and pool errors are transient.
+    pub fn from_sqlx(seq: u64, e: sqlx::Error) -> Self {
+        match e {
+            sqlx::Error::Database(d) => ApplyError::Poison {
+                seq,
+                reason: d.to_string(),
+            },
+            sqlx::Error::ColumnDecode { .. } | sqlx::Error::Decode(_) | sqlx::Error::Encode(_) => {
+                ApplyError::Poison {
+                    seq,
+                    reason: e.to_string(),
+                }
+            }
+            other => ApplyError::Unavailable(other.to_string()),
+        }
+    }
+}
+
+/// Resumes a stopped projection; with `skip`, records the skip as an event
+/// first (so the log says who skipped what and why), then lets the
+/// projection pass that sequence.
+pub async fn resume(
+    pool: &sqlx::PgPool,
+    log: &crate::events::log::EventLog,
+    model: ReadModel,
+    skip: Option<(u64, String, String)>,
+) -> Result<String, ResumeError> {
+    let rows = db::checkpoints(pool).await?;
+    let row = rows
+        .iter()
+        .filter(|r| r.name == model.name())
+        .max_by_key(|r| (r.state == "stopped", r.active, r.version))
+        .ok_or_else(|| db::DbError::NotInitialised {
+            name: model.name().into(),
+        })?;
+    if row.state != "stopped" {
+        return Ok(format!(
+            "projection {} v{} is {}; nothing to resume",
+            row.name, row.version, row.state
+        ));
+    }
+    let stopped_at = row.error_seq.unwrap_or(0) as u64;
+    if let Some((seq, reason, by)) = skip {
+        if seq != stopped_at {
+            return Err(ResumeError::WrongSeq {
+                name: row.name.clone(),
+                stopped_at,
+                asked: seq,
+            });
+        }
+        let store = crate::events::store::AggregateStore::<
+            crate::commands::projection::ProjectionOps,
+        >::new(log.clone(), ());
+        let command_id = format!("skip-{}-{seq}", model.name());
+        let meta = crate::events::envelope::CommandMeta {
+            command_id: command_id.clone(),
+            actor: crate::events::envelope::Actor {
+                client_id: "operator".into(),
+                user_id: Some(by.clone()),
+            },
+            correlation_id: command_id.clone(),
+            causation_id: command_id,
+            command_hash: String::new(),
+        };
+        store
+            .execute(
+                model.name(),
+                crate::commands::projection::ProjectionCommand::SkipEvent {
+                    version: row.version,
+                    seq,
+                    reason: reason.clone(),
+                    skipped_by: by.clone(),
+                },
+                &meta,
+            )
+            .await
+            .map_err(|e| ResumeError::Record(e.to_string()))?;
+        sqlx::query(
+            "INSERT INTO projection_skips (name, seq, reason, skipped_by) VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
+        )
+        .bind(model.name())
+        .bind(seq as i64)
+        .bind(&reason)
+        .bind(&by)
+        .execute(pool)
+        .await
+        .map_err(db::DbError::from)?;
+    }
+    sqlx::query(
+        "UPDATE projection_checkpoints SET state = CASE WHEN active THEN 'running' ELSE 'building' END,
+            error = NULL, error_seq = NULL, updated_at = now()
+         WHERE name = $1 AND version = $2",
+    )
+    .bind(model.name())
+    .bind(row.version)
+    .execute(pool)
+    .await
+    .map_err(db::DbError::from)?;
+    Ok(format!(
+        "projection {} v{} resumes at stream sequence {stopped_at}",
+        row.name, row.version
+    ))
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ResumeError {
+    #[error(transparent)]
+    Db(#[from] db::DbError),
+    #[error("projection {name} is stopped at stream sequence {stopped_at}, not {asked}: --skip takes the sequence it is stopped at (see `flowledger projections status`)")]
+    WrongSeq {
+        name: String,
+        stopped_at: u64,
+        asked: u64,
+    },
+    #[error("could not record the skip in the event log: {0}")]
+    Record(String),
+}

@@ -180,3 +180,276 @@ pub fn code(reply: &Value) -> &str {
 pub fn ok(r: Result<Arc<Receipt>, ReplyError>) -> Arc<Receipt> {
     r.unwrap_or_else(|e| panic!("command refused: {:?}: {}", e.code, e.message))
 }
+
+/// One PostgreSQL server per test process (started on first use, in a
+/// temporary directory, killed when the process exits) and a fresh database
+/// per test.
+pub struct PgServer {
+    pub port: u16,
+}
+
+static PG: std::sync::OnceLock<PgServer> = std::sync::OnceLock::new();
+
+fn pg_bin(name: &str) -> String {
+    let dir = std::env::var("PG_BIN").unwrap_or_else(|_| "/usr/lib/postgresql/15/bin".into());
+    format!("{dir}/{name}")
+}
+
+fn postgres_ids() -> Option<(u32, u32)> {
+    // SAFETY: getuid has no preconditions.
+    if unsafe { libc::getuid() } != 0 {
+        return None;
+    }
+    let name = std::ffi::CString::new("postgres").expect("no NUL in a literal");
+    // SAFETY: getpwnam returns null or a pointer to a static passwd record,
+    // read immediately on this thread.
+    let pw = unsafe { libc::getpwnam(name.as_ptr()) };
+    assert!(
+        !pw.is_null(),
+        "running as root needs a `postgres` user (apt-get install postgresql)"
+    );
+    // SAFETY: checked non-null above.
+    Some(unsafe { ((*pw).pw_uid, (*pw).pw_gid) })
+}
+
+fn start_pg() -> PgServer {
+    use std::os::unix::process::CommandExt;
+    let dir = tempfile::Builder::new()
+        .prefix("flowledger-test-pg")
+        .tempdir()
+        .expect("a temporary directory")
+        .keep();
+    let ids = postgres_ids();
+    if let Some((uid, gid)) = ids {
+        std::os::unix::fs::chown(&dir, Some(uid), Some(gid))
+            .expect("chown the PostgreSQL directory");
+    }
+    let data = dir.join("data");
+    let mut initdb = Command::new(pg_bin("initdb"));
+    initdb
+        .arg("-D")
+        .arg(&data)
+        .args(["-U", "postgres", "-A", "trust", "--no-sync"]);
+    if let Some((uid, gid)) = ids {
+        initdb.uid(uid).gid(gid);
+    }
+    let out = initdb
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run initdb: {e} (run scripts/install-deps.sh)"));
+    assert!(
+        out.status.success(),
+        "initdb failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for _ in 0..5 {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("a free port");
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (data, sock) = (data.clone(), dir.clone());
+        // The server dies with this process: PDEATHSIG fires when the thread
+        // that spawned it ends, so that thread never ends.
+        std::thread::spawn(move || {
+            let mut cmd = Command::new(pg_bin("postgres"));
+            cmd.arg("-D")
+                .arg(&data)
+                .arg("-p")
+                .arg(port.to_string())
+                .arg("-k")
+                .arg(&sock)
+                .args([
+                    "-c",
+                    "listen_addresses=127.0.0.1",
+                    "-c",
+                    "fsync=off",
+                    "-c",
+                    "synchronous_commit=off",
+                    "-c",
+                    "full_page_writes=off",
+                    "-c",
+                    "max_connections=300",
+                ])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null());
+            if let Some((uid, gid)) = ids {
+                cmd.uid(uid).gid(gid);
+            }
+            // SAFETY: prctl is async-signal-safe; runs between fork and exec.
+            unsafe {
+                cmd.pre_exec(|| {
+                    libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                    Ok(())
+                });
+            }
+            let child = cmd.spawn();
+            let _ = tx.send(child.map(|mut c| {
+                let id = c.id();
+                std::thread::spawn(move || {
+                    let _ = c.wait();
+                });
+                id
+            }));
+            loop {
+                std::thread::park();
+            }
+        });
+        rx.recv()
+            .expect("the spawning thread answers")
+            .expect("cannot run postgres");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            let ok = Command::new(pg_bin("pg_isready"))
+                .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", "postgres"])
+                .stdout(Stdio::null())
+                .status()
+                .map(|s| s.success())
+                .unwrap_or(false);
+            if ok {
+                return PgServer { port };
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    panic!("postgres did not start");
+}
+
+/// A fresh, empty database on the shared test server.
+pub async fn fresh_database() -> String {
+    let pg = PG.get_or_init(start_pg);
+    let admin = format!("postgres://postgres@127.0.0.1:{}/postgres", pg.port);
+    let name = format!("t_{}", uuid::Uuid::new_v4().simple());
+    let pool = sqlx::PgPool::connect(&admin)
+        .await
+        .expect("connect to the test PostgreSQL");
+    sqlx::query(&format!("CREATE DATABASE {name}"))
+        .execute(&pool)
+        .await
+        .expect("create a test database");
+    pool.close().await;
+    format!("postgres://postgres@127.0.0.1:{}/{name}", pg.port)
+}
+
+static METRICS: std::sync::OnceLock<metrics_exporter_prometheus::PrometheusHandle> =
+    std::sync::OnceLock::new();
+
+fn metrics_handle() -> metrics_exporter_prometheus::PrometheusHandle {
+    METRICS
+        .get_or_init(|| {
+            metrics_exporter_prometheus::PrometheusBuilder::new()
+                .install_recorder()
+                .expect("one metrics recorder per test process")
+        })
+        .clone()
+}
+
+/// The read side of a test: a fresh database, optionally the projection
+/// runners, and the HTTP API on a free port.
+pub struct ReadSide {
+    pub pool: sqlx::PgPool,
+    pub url: String,
+    pub http: String,
+    stop: tokio::sync::watch::Sender<bool>,
+}
+
+impl Drop for ReadSide {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+    }
+}
+
+pub async fn spawn_read_side(app: &TestApp, runners: bool) -> ReadSide {
+    let url = fresh_database().await;
+    let pool = flowledger::projections::db::connect(&url, 20)
+        .await
+        .expect("connect");
+    flowledger::projections::db::migrate(&pool)
+        .await
+        .expect("migrate");
+    let (stop, stop_rx) = tokio::sync::watch::channel(false);
+    if runners {
+        for model in flowledger::projections::ReadModel::ALL {
+            tokio::spawn(flowledger::projections::runner::run(
+                pool.clone(),
+                app.log.clone(),
+                model,
+                stop_rx.clone(),
+            ));
+        }
+    }
+    let state = flowledger::api::http::AppState {
+        pool: pool.clone(),
+        nats: app.client.clone(),
+        log: app.log.clone(),
+        metrics: metrics_handle(),
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let http = format!("http://{}", listener.local_addr().expect("addr"));
+    let mut stop_http = stop_rx.clone();
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, flowledger::api::http::app(state))
+            .with_graceful_shutdown(async move {
+                let _ = stop_http.changed().await;
+            })
+            .await;
+    });
+    ReadSide {
+        pool,
+        url,
+        http,
+        stop,
+    }
+}
+
+impl ReadSide {
+    pub async fn get(&self, path: &str) -> (u16, Value) {
+        let r = reqwest::get(format!("{}{path}", self.http))
+            .await
+            .expect("HTTP request");
+        let status = r.status().as_u16();
+        let text = r.text().await.expect("body");
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
+    }
+
+    /// Waits until every active projection has applied the whole stream
+    /// (or one stopped); returns the checkpoint rows.
+    pub async fn caught_up(
+        &self,
+        log: &EventLog,
+    ) -> Vec<flowledger::projections::db::CheckpointRow> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let last = log.last_seq().await.expect("stream info") as i64;
+            let rows = flowledger::projections::db::checkpoints(&self.pool)
+                .await
+                .expect("checkpoints");
+            let active: Vec<_> = rows.into_iter().filter(|r| r.active).collect();
+            if active
+                .iter()
+                .all(|r| r.last_seq >= last || r.state == "stopped")
+            {
+                return active;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "projections did not catch up to {last}: {active:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The rows of a read model, in a stable order, as JSON.
+    pub async fn snapshot(&self, table: &str, order: &str) -> Vec<Value> {
+        sqlx::query_scalar(&format!(
+            "SELECT to_jsonb(t) FROM {table} t ORDER BY {order}"
+        ))
+        .fetch_all(&self.pool)
+        .await
+        .expect("snapshot")
+    }
+}

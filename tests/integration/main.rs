@@ -5,3 +5,4 @@
 mod audit;
 mod event_store;
 mod helpers;
+mod projections;

@@ -1,0 +1,153 @@
+//! Operator actions on projections, recorded in the log like any command:
+//! skipping an event a projection cannot apply is itself an audited event.
+
+use cqrs_es::event_sink::EventSink;
+use cqrs_es::{Aggregate, DomainEvent};
+use serde::{Deserialize, Serialize};
+
+use crate::commands::{DomainError, ErrorCode};
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ProjectionOps {
+    pub skipped: Vec<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum ProjectionCommand {
+    SkipEvent {
+        version: i32,
+        seq: u64,
+        reason: String,
+        skipped_by: String,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "event_type", content = "data")]
+pub enum ProjectionEvent {
+    ProjectionEventSkipped(ProjectionEventSkipped),
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProjectionEventSkipped {
+    pub version: i32,
+    pub seq: u64,
+    pub reason: String,
+    pub skipped_by: String,
+}
+
+impl DomainEvent for ProjectionEvent {
+    fn event_type(&self) -> String {
+        "ProjectionEventSkipped".to_string()
+    }
+    fn event_version(&self) -> String {
+        "1.0".to_string()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ProjectionOpsError {
+    #[error("a skip needs a reason (--reason) and who decided it (--by)")]
+    MissingReason,
+    #[error("stream sequence {0} was already skipped")]
+    AlreadySkipped(u64),
+}
+
+impl DomainError for ProjectionOpsError {
+    fn code(&self) -> ErrorCode {
+        match self {
+            ProjectionOpsError::MissingReason => ErrorCode::Validation,
+            ProjectionOpsError::AlreadySkipped(_) => ErrorCode::Rejected,
+        }
+    }
+}
+
+impl Aggregate for ProjectionOps {
+    const TYPE: &'static str = "projection";
+    type Command = ProjectionCommand;
+    type Event = ProjectionEvent;
+    type Error = ProjectionOpsError;
+    type Services = ();
+
+    async fn handle(
+        &mut self,
+        command: Self::Command,
+        _services: &Self::Services,
+        sink: &EventSink<Self>,
+    ) -> Result<(), Self::Error> {
+        let ProjectionCommand::SkipEvent {
+            version,
+            seq,
+            reason,
+            skipped_by,
+        } = command;
+        if reason.trim().is_empty() || skipped_by.trim().is_empty() {
+            return Err(ProjectionOpsError::MissingReason);
+        }
+        if self.skipped.contains(&seq) {
+            return Err(ProjectionOpsError::AlreadySkipped(seq));
+        }
+        let event = ProjectionEvent::ProjectionEventSkipped(ProjectionEventSkipped {
+            version,
+            seq,
+            reason,
+            skipped_by,
+        });
+        sink.write(event, self).await;
+        Ok(())
+    }
+
+    fn apply(&mut self, event: Self::Event) {
+        let ProjectionEvent::ProjectionEventSkipped(e) = event;
+        self.skipped.push(e.seq);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cqrs_es::test::TestFramework;
+
+    fn skip(seq: u64, reason: &str) -> ProjectionCommand {
+        ProjectionCommand::SkipEvent {
+            version: 1,
+            seq,
+            reason: reason.into(),
+            skipped_by: "ops".into(),
+        }
+    }
+
+    #[test]
+    fn a_skip_is_recorded_with_its_reason() {
+        TestFramework::<ProjectionOps>::with(())
+            .given_no_previous_events()
+            .when(skip(7, "bad input data"))
+            .then_expect_events(vec![ProjectionEvent::ProjectionEventSkipped(
+                ProjectionEventSkipped {
+                    version: 1,
+                    seq: 7,
+                    reason: "bad input data".into(),
+                    skipped_by: "ops".into(),
+                },
+            )]);
+    }
+
+    #[test]
+    fn a_skip_needs_a_reason_and_happens_once() {
+        TestFramework::<ProjectionOps>::with(())
+            .given_no_previous_events()
+            .when(skip(7, " "))
+            .then_expect_error(ProjectionOpsError::MissingReason);
+        TestFramework::<ProjectionOps>::with(())
+            .given(vec![ProjectionEvent::ProjectionEventSkipped(
+                ProjectionEventSkipped {
+                    version: 1,
+                    seq: 7,
+                    reason: "r".into(),
+                    skipped_by: "ops".into(),
+                },
+            )])
+            .when(skip(7, "again"))
+            .then_expect_error(ProjectionOpsError::AlreadySkipped(7));
+    }
+}

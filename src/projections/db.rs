@@ -1,0 +1,260 @@
+//! Connecting, migrating, and the versioned read-model schema.
+
+use std::time::Duration;
+
+use sqlx::postgres::{PgPool, PgPoolOptions};
+use sqlx::Row;
+
+use crate::projections::ReadModel;
+
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error("cannot connect to PostgreSQL at {url}: {source} (start PostgreSQL, or set --database-url / DATABASE_URL)")]
+    Connect { url: String, source: sqlx::Error },
+    #[error("database migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("read-model database error: {0}")]
+    Sql(#[from] sqlx::Error),
+    #[error("unknown projection {0:?}: known are {known}", known = ReadModel::known_names())]
+    UnknownProjection(String),
+    #[error("projection {name} has no active version: run `flowledger init` with --database-url")]
+    NotInitialised { name: String },
+}
+
+/// Hides the password of a database URL for messages.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => {
+            let creds = &url[s + 3..at];
+            match creds.split_once(':') {
+                Some((user, _)) => format!("{}{}:***{}", &url[..s + 3], user, &url[at..]),
+                None => url.to_string(),
+            }
+        }
+        _ => url.to_string(),
+    }
+}
+
+pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool, DbError> {
+    PgPoolOptions::new()
+        .max_connections(max_connections)
+        .acquire_timeout(Duration::from_secs(10))
+        .connect(url)
+        .await
+        .map_err(|source| DbError::Connect {
+            url: redact_url(url),
+            source,
+        })
+}
+
+/// Applies the migrations and makes sure every read model has an active
+/// version with its tables and views. Idempotent.
+pub async fn migrate(pool: &PgPool) -> Result<(), DbError> {
+    MIGRATOR.run(pool).await?;
+    for model in ReadModel::ALL {
+        let active = active_version(pool, model).await?;
+        if active.is_none() {
+            let mut tx = pool.begin().await?;
+            // Two processes may initialise at once: serialise on the model.
+            sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))")
+                .bind(format!("flowledger-init-{}", model.name()))
+                .execute(&mut *tx)
+                .await?;
+            let again: Option<i32> = sqlx::query_scalar(
+                "SELECT version FROM projection_checkpoints WHERE name = $1 AND active",
+            )
+            .bind(model.name())
+            .fetch_optional(&mut *tx)
+            .await?;
+            if again.is_none() {
+                for stmt in ddl(model, 1) {
+                    sqlx::query(&stmt).execute(&mut *tx).await?;
+                }
+                sqlx::query(
+                    "INSERT INTO projection_checkpoints (name, version, active) VALUES ($1, 1, TRUE)",
+                )
+                .bind(model.name())
+                .execute(&mut *tx)
+                .await?;
+                for stmt in switch_views(model, 1) {
+                    sqlx::query(&stmt).execute(&mut *tx).await?;
+                }
+            }
+            tx.commit().await?;
+        }
+    }
+    Ok(())
+}
+
+pub async fn active_version(pool: &PgPool, model: ReadModel) -> Result<Option<i32>, DbError> {
+    Ok(
+        sqlx::query_scalar("SELECT version FROM projection_checkpoints WHERE name = $1 AND active")
+            .bind(model.name())
+            .fetch_optional(pool)
+            .await?,
+    )
+}
+
+/// `CREATE` statements for version `v` of a read model (idempotent).
+///
+/// To add a column: add it here guarded by `v >= N` for a new version N,
+/// make `apply` write it when `v >= N`, deploy, run
+/// `flowledger projections rebuild NAME` (docs/PROJECTIONS.md).
+pub fn ddl(model: ReadModel, v: i32) -> Vec<String> {
+    match model {
+        ReadModel::Executions => vec![
+            format!(
+                "CREATE TABLE IF NOT EXISTS workflows_executions_v{v} (
+                    id            BIGINT PRIMARY KEY,      -- stream sequence of the JobSubmitted commit
+                    workflow_id   VARCHAR(255) NOT NULL,   -- the workflow_key
+                    execution_id  VARCHAR(255) NOT NULL UNIQUE, -- the job id
+                    status        VARCHAR(50)  NOT NULL,   -- pending|running|completed|failed|cancelled
+                    input_data    JSONB,
+                    output_data   JSONB,
+                    error_code    TEXT,
+                    error_message TEXT,
+                    client_id     TEXT NOT NULL,
+                    priority      SMALLINT NOT NULL,
+                    started_at    TIMESTAMPTZ,
+                    completed_at  TIMESTAMPTZ,
+                    duration_ms   INT,
+                    created_at    TIMESTAMPTZ NOT NULL,
+                    updated_at    TIMESTAMPTZ NOT NULL,
+                    last_seq      BIGINT NOT NULL           -- stream sequence of the last event applied
+                )"
+            ),
+            format!("CREATE INDEX IF NOT EXISTS workflows_executions_v{v}_workflow ON workflows_executions_v{v} (workflow_id, created_at DESC)"),
+            format!("CREATE INDEX IF NOT EXISTS workflows_executions_v{v}_status ON workflows_executions_v{v} (status, created_at DESC)"),
+            format!("CREATE INDEX IF NOT EXISTS workflows_executions_v{v}_created ON workflows_executions_v{v} (created_at DESC, id DESC)"),
+        ],
+        ReadModel::Audit => vec![
+            format!(
+                "CREATE TABLE IF NOT EXISTS audit_trail_v{v} (
+                    stream_seq     BIGINT NOT NULL,
+                    event_index    SMALLINT NOT NULL,
+                    event_id       UUID NOT NULL,
+                    occurred_at    TIMESTAMPTZ NOT NULL,
+                    client_id      TEXT NOT NULL,
+                    user_id        TEXT,
+                    aggregate_type TEXT NOT NULL,
+                    aggregate_id   TEXT NOT NULL,
+                    job_id         TEXT,
+                    workflow_key   TEXT,
+                    action         TEXT NOT NULL,           -- the event type
+                    step           TEXT,                    -- step / node name
+                    status         TEXT,
+                    error_code     TEXT,
+                    error_message  TEXT,
+                    duration_ms    BIGINT,
+                    event_hash     CHAR(64) NOT NULL,
+                    PRIMARY KEY (stream_seq, event_index)
+                )"
+            ),
+            format!("CREATE INDEX IF NOT EXISTS audit_trail_v{v}_job ON audit_trail_v{v} (job_id, stream_seq)"),
+            format!("CREATE INDEX IF NOT EXISTS audit_trail_v{v}_client ON audit_trail_v{v} (client_id, stream_seq)"),
+            format!("CREATE INDEX IF NOT EXISTS audit_trail_v{v}_action ON audit_trail_v{v} (action, stream_seq)"),
+            format!("CREATE INDEX IF NOT EXISTS audit_trail_v{v}_time ON audit_trail_v{v} (occurred_at)"),
+            format!(
+                "CREATE TABLE IF NOT EXISTS audit_jobs_v{v} (
+                    job_id       TEXT PRIMARY KEY,
+                    workflow_key TEXT NOT NULL,
+                    user_id      TEXT
+                )"
+            ),
+        ],
+        ReadModel::Approvals => vec![format!(
+            "CREATE TABLE IF NOT EXISTS approvals_v{v} (
+                approval_id     TEXT PRIMARY KEY,
+                job_id          TEXT NOT NULL,
+                workflow_key    TEXT NOT NULL,
+                status          TEXT NOT NULL,          -- pending|approved|rejected|expired
+                requested_by    TEXT NOT NULL,
+                request_reason  TEXT,
+                expires_at      TIMESTAMPTZ NOT NULL,
+                decided_by      TEXT,
+                decision_reason TEXT,
+                decided_at      TIMESTAMPTZ,
+                created_at      TIMESTAMPTZ NOT NULL,
+                updated_at      TIMESTAMPTZ NOT NULL,
+                last_seq        BIGINT NOT NULL
+            )"
+        ), format!("CREATE INDEX IF NOT EXISTS approvals_v{v}_status ON approvals_v{v} (status, created_at DESC)")],
+    }
+}
+
+/// Statements that point every view of `model` at version `v`. Run inside
+/// one transaction, readers switch atomically. `CREATE OR REPLACE` keeps
+/// the view itself, so a query waiting on it proceeds on the new version
+/// instead of failing; it requires the new version's columns to start with
+/// the old ones (columns are only added at the end: docs/PROJECTIONS.md).
+pub fn switch_views(model: ReadModel, v: i32) -> Vec<String> {
+    model
+        .tables()
+        .iter()
+        .map(|t| format!("CREATE OR REPLACE VIEW {t} AS SELECT * FROM {t}_v{v}"))
+        .collect()
+}
+
+pub fn drop_tables(model: ReadModel, v: i32) -> Vec<String> {
+    model
+        .tables()
+        .iter()
+        .map(|t| format!("DROP TABLE IF EXISTS {t}_v{v}"))
+        .collect()
+}
+
+/// One projection's row in `projection_checkpoints`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct CheckpointRow {
+    pub name: String,
+    pub version: i32,
+    pub last_seq: i64,
+    pub state: String,
+    pub active: bool,
+    pub error_seq: Option<i64>,
+    pub error: Option<String>,
+}
+
+pub async fn checkpoints(pool: &PgPool) -> Result<Vec<CheckpointRow>, DbError> {
+    let rows = sqlx::query(
+        "SELECT name, version, last_seq, state, active, error_seq, error FROM projection_checkpoints ORDER BY name, version",
+    )
+    .fetch_all(pool)
+    .await?;
+    rows.into_iter()
+        .map(|r| {
+            Ok(CheckpointRow {
+                name: r.try_get("name")?,
+                version: r.try_get("version")?,
+                last_seq: r.try_get("last_seq")?,
+                state: r.try_get("state")?,
+                active: r.try_get("active")?,
+                error_seq: r.try_get("error_seq")?,
+                error: r.try_get("error")?,
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_are_hidden() {
+        assert_eq!(
+            redact_url("postgres://u:secret@h:5432/db"),
+            "postgres://u:***@h:5432/db"
+        );
+        assert_eq!(redact_url("postgres://u@h/db"), "postgres://u@h/db");
+    }
+
+    #[test]
+    fn views_switch_every_table() {
+        let s = switch_views(ReadModel::Audit, 2).join(";");
+        assert!(s.contains("CREATE OR REPLACE VIEW audit_trail AS SELECT * FROM audit_trail_v2"));
+        assert!(s.contains("CREATE OR REPLACE VIEW audit_jobs AS SELECT * FROM audit_jobs_v2"));
+    }
+}

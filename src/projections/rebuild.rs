@@ -1,0 +1,279 @@
+//! Zero-downtime rebuild: build version N+1 beside N from stream sequence 1,
+//! catch up to live, switch the reader views in one transaction, drop N.
+//! The old version keeps serving (and keeps being updated by `serve`) until
+//! the switch; after it, `serve` continues the new version from its
+//! checkpoint.
+
+use std::io::IsTerminal;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::consumer::{pull, DeliverPolicy};
+use sqlx::PgPool;
+
+use crate::events::log::{EventLog, EVENT_SUBJECT_PREFIX};
+use crate::projections::db::{self, DbError};
+use crate::projections::runner::{decode, next_batch, Projector, REBUILD_BATCH};
+use crate::projections::{ApplyError, ReadModel};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RebuildError {
+    #[error(transparent)]
+    Db(#[from] DbError),
+    #[error("rebuild of {name} v{version} stopped at stream sequence {seq}: {reason}; fix the cause and run the rebuild again (it resumes), or skip with `flowledger projections resume {name} --skip {seq}`")]
+    Poison {
+        name: String,
+        version: i32,
+        seq: u64,
+        reason: String,
+    },
+    #[error("rebuild of {name} interrupted: {0}; run it again to resume", name = .1)]
+    Unavailable(String, String),
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RebuildReport {
+    pub name: String,
+    pub old_version: i32,
+    pub new_version: i32,
+    pub last_seq: u64,
+    pub seconds: f64,
+}
+
+/// Reports progress: a bar with ETA on a terminal, a line every few seconds
+/// otherwise.
+pub struct Progress {
+    bar: Option<indicatif::ProgressBar>,
+    started: Instant,
+    last_line: Instant,
+    label: String,
+}
+
+impl Progress {
+    pub fn new(label: String) -> Self {
+        let bar = std::io::stderr().is_terminal().then(|| {
+            let b = indicatif::ProgressBar::new(0);
+            b.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{msg} [{bar:40}] {pos}/{len} seq  {per_sec}  ETA {eta}",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+                .progress_chars("=> "),
+            );
+            b.set_message(label.clone());
+            b
+        });
+        Progress {
+            bar,
+            started: Instant::now(),
+            last_line: Instant::now(),
+            label,
+        }
+    }
+
+    pub fn update(&mut self, done: u64, target: u64, from: u64) {
+        if let Some(b) = &self.bar {
+            b.set_length(target);
+            b.set_position(done);
+            return;
+        }
+        if self.last_line.elapsed() < Duration::from_secs(5) && done < target {
+            return;
+        }
+        self.last_line = Instant::now();
+        let secs = self.started.elapsed().as_secs_f64().max(0.001);
+        let rate = done.saturating_sub(from) as f64 / secs;
+        let eta = if rate > 0.0 {
+            format!("{:.0}s", target.saturating_sub(done) as f64 / rate)
+        } else {
+            "?".into()
+        };
+        eprintln!(
+            "flowledger: {}: {done}/{target} ({:.0}%), {rate:.0} seq/s, ETA {eta}",
+            self.label,
+            100.0 * done as f64 / target.max(1) as f64
+        );
+    }
+
+    pub fn finish(&self) {
+        if let Some(b) = &self.bar {
+            b.finish();
+        }
+    }
+}
+
+/// Applies everything from the checkpoint up to `target` at full speed
+/// through an ordered (ephemeral) consumer.
+pub async fn catch_up(
+    p: &Projector,
+    target: u64,
+    progress: &mut Progress,
+) -> Result<u64, ApplyError> {
+    let mut cp = p
+        .checkpoint()
+        .await
+        .map_err(|e| ApplyError::Unavailable(e.to_string()))?;
+    let from = cp;
+    if cp >= target {
+        return Ok(cp);
+    }
+    let unavailable = |e: &dyn std::fmt::Display| ApplyError::Unavailable(e.to_string());
+    let consumer = p
+        .log
+        .stream()
+        .create_consumer(pull::OrderedConfig {
+            filter_subject: format!("{EVENT_SUBJECT_PREFIX}.>"),
+            deliver_policy: DeliverPolicy::ByStartSequence {
+                start_sequence: cp + 1,
+            },
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| unavailable(&e))?;
+    let mut messages = consumer.messages().await.map_err(|e| unavailable(&e))?;
+    while cp < target {
+        let batch = next_batch(&mut messages, REBUILD_BATCH, Duration::from_secs(10))
+            .await
+            .map_err(ApplyError::Unavailable)?;
+        if batch.is_empty() {
+            return Err(ApplyError::Unavailable(format!(
+                "no message after stream sequence {cp} within 10 s"
+            )));
+        }
+        let items: Vec<_> = batch
+            .iter()
+            .map(decode)
+            .filter(|m| !matches!(m, Ok(m) if m.seq > target))
+            .collect();
+        cp = cp.max(p.apply_all(items).await?);
+        if let Some(last) = batch
+            .last()
+            .and_then(|m| m.info().ok().map(|i| i.stream_sequence))
+        {
+            cp = cp.max(last.min(target));
+        }
+        progress.update(cp, target, from);
+    }
+    Ok(cp)
+}
+
+/// Rebuilds `model` into a new version and switches readers to it.
+pub async fn rebuild(
+    pool: &PgPool,
+    log: &EventLog,
+    model: ReadModel,
+) -> Result<RebuildReport, RebuildError> {
+    let started = Instant::now();
+    let name = model.name().to_string();
+    let old = db::active_version(pool, model)
+        .await?
+        .ok_or_else(|| DbError::NotInitialised { name: name.clone() })?;
+    // Resume an interrupted rebuild (an inactive version above the active
+    // one), or start the next version.
+    let pending: Option<i32> = sqlx::query_scalar(
+        "SELECT max(version) FROM projection_checkpoints WHERE name = $1 AND NOT active AND version > $2",
+    )
+    .bind(&name)
+    .bind(old)
+    .fetch_one(pool)
+    .await
+    .map_err(DbError::from)?;
+    let new = pending.unwrap_or(old + 1);
+    for stmt in db::ddl(model, new) {
+        sqlx::query(&stmt)
+            .execute(pool)
+            .await
+            .map_err(DbError::from)?;
+    }
+    sqlx::query(
+        "INSERT INTO projection_checkpoints (name, version, state, active) VALUES ($1, $2, 'building', FALSE)
+         ON CONFLICT (name, version) DO UPDATE SET state = 'building', error = NULL, error_seq = NULL",
+    )
+    .bind(&name)
+    .bind(new)
+    .execute(pool)
+    .await
+    .map_err(DbError::from)?;
+    let p = Projector {
+        pool: pool.clone(),
+        log: log.clone(),
+        model,
+        version: new,
+    };
+    let mut progress = Progress::new(format!("rebuild {name} v{new}"));
+    let fail = |e: ApplyError| match e {
+        ApplyError::Poison { seq, reason } => RebuildError::Poison {
+            name: name.clone(),
+            version: new,
+            seq,
+            reason,
+        },
+        ApplyError::Unavailable(m) => RebuildError::Unavailable(m, name.clone()),
+    };
+    // Catch up until the remaining distance is small, then switch.
+    let mut last;
+    loop {
+        let target = log
+            .last_seq()
+            .await
+            .map_err(|e| RebuildError::Unavailable(e.to_string(), name.clone()))?;
+        last = catch_up(&p, target, &mut progress).await.map_err(fail)?;
+        let now = log
+            .last_seq()
+            .await
+            .map_err(|e| RebuildError::Unavailable(e.to_string(), name.clone()))?;
+        if now.saturating_sub(last) <= REBUILD_BATCH as u64 {
+            break;
+        }
+    }
+    progress.finish();
+    let mut tx = pool.begin().await.map_err(DbError::from)?;
+    sqlx::query("SELECT 1 FROM projection_checkpoints WHERE name = $1 FOR UPDATE")
+        .bind(&name)
+        .execute(&mut *tx)
+        .await
+        .map_err(DbError::from)?;
+    for stmt in db::switch_views(model, new) {
+        sqlx::query(&stmt)
+            .execute(&mut *tx)
+            .await
+            .map_err(DbError::from)?;
+    }
+    sqlx::query(
+        "UPDATE projection_checkpoints SET active = (version = $2),
+            state = CASE WHEN version = $2 THEN 'running' ELSE state END, updated_at = now()
+         WHERE name = $1",
+    )
+    .bind(&name)
+    .bind(new)
+    .execute(&mut *tx)
+    .await
+    .map_err(DbError::from)?;
+    tx.commit().await.map_err(DbError::from)?;
+    // The old version is no longer read; drop it (waits for readers still
+    // inside a query on it).
+    let mut tx = pool.begin().await.map_err(DbError::from)?;
+    for stmt in db::drop_tables(model, old) {
+        sqlx::query(&stmt)
+            .execute(&mut *tx)
+            .await
+            .map_err(DbError::from)?;
+    }
+    sqlx::query("DELETE FROM projection_checkpoints WHERE name = $1 AND version = $2")
+        .bind(&name)
+        .bind(old)
+        .execute(&mut *tx)
+        .await
+        .map_err(DbError::from)?;
+    tx.commit().await.map_err(DbError::from)?;
+    let _ = log
+        .stream()
+        .delete_consumer(&format!("flowledger-proj-{name}-v{old}"))
+        .await;
+    Ok(RebuildReport {
+        name,
+        old_version: old,
+        new_version: new,
+        last_seq: last,
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}

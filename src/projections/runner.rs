@@ -1,0 +1,424 @@
+//! Running a projection: a named durable JetStream pull consumer feeding
+//! batches into PostgreSQL; each batch and the checkpoint commit in one
+//! transaction, so a crash or a redelivery has no effect on the result.
+
+use std::time::Duration;
+
+use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy};
+use async_nats::jetstream::{self, AckKind};
+use futures::{FutureExt, Stream, StreamExt};
+use sqlx::PgPool;
+use tokio::sync::watch;
+
+use crate::audit::read::{events_of, RawMessage};
+use crate::events::chain;
+use crate::events::log::{EventLog, EVENT_SUBJECT_PREFIX};
+use crate::projections::db::{self, DbError};
+use crate::projections::{apply, ApplyError, Msg, ReadModel};
+
+pub const LIVE_BATCH: usize = 500;
+pub const REBUILD_BATCH: usize = 5000;
+
+/// One projection version, bound to its database and log.
+#[derive(Clone)]
+pub struct Projector {
+    pub pool: PgPool,
+    pub log: EventLog,
+    pub model: ReadModel,
+    pub version: i32,
+}
+
+/// Turns a JetStream message into what projections read; a message that is
+/// not a valid commit is a poison at its sequence.
+pub fn decode(m: &jetstream::Message) -> Result<Msg, ApplyError> {
+    let info = m
+        .info()
+        .map_err(|e| ApplyError::Unavailable(format!("message info: {e}")))?;
+    let (seq, time) = (info.stream_sequence, info.published);
+    let raw = RawMessage {
+        seq,
+        subject: m.subject.to_string(),
+        time,
+        headers: Default::default(),
+        body: String::from_utf8(m.payload.to_vec()).map_err(|_| ApplyError::Poison {
+            seq,
+            reason: "body is not UTF-8".into(),
+        })?,
+    };
+    let events = events_of(&raw)
+        .map_err(|reason| ApplyError::Poison { seq, reason })?
+        .into_iter()
+        .map(|(r, h)| (chain::to_hex(&h), r))
+        .collect();
+    Ok(Msg {
+        seq,
+        subject: raw.subject,
+        time,
+        events,
+    })
+}
+
+/// Waits for at least one message (up to `idle`), then takes whatever else
+/// is already there, up to `max`.
+pub async fn next_batch<S, E>(
+    messages: &mut S,
+    max: usize,
+    idle: Duration,
+) -> Result<Vec<jetstream::Message>, String>
+where
+    S: Stream<Item = Result<jetstream::Message, E>> + Unpin,
+    E: std::fmt::Display,
+{
+    let mut batch = Vec::new();
+    match tokio::time::timeout(idle, messages.next()).await {
+        Err(_) | Ok(None) => return Ok(batch),
+        Ok(Some(m)) => batch.push(m.map_err(|e| e.to_string())?),
+    }
+    while batch.len() < max {
+        match messages.next().now_or_never() {
+            Some(Some(m)) => batch.push(m.map_err(|e| e.to_string())?),
+            _ => break,
+        }
+    }
+    Ok(batch)
+}
+
+impl Projector {
+    pub fn consumer_name(&self) -> String {
+        format!("flowledger-proj-{}-v{}", self.model.name(), self.version)
+    }
+
+    fn label(&self) -> String {
+        self.model.name().to_string()
+    }
+
+    pub async fn checkpoint(&self) -> Result<u64, DbError> {
+        let v: i64 = sqlx::query_scalar(
+            "SELECT last_seq FROM projection_checkpoints WHERE name = $1 AND version = $2",
+        )
+        .bind(self.model.name())
+        .bind(self.version)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(v as u64)
+    }
+
+    pub async fn state(&self) -> Result<(String, bool), DbError> {
+        let row: (String, bool) = sqlx::query_as(
+            "SELECT state, active FROM projection_checkpoints WHERE name = $1 AND version = $2",
+        )
+        .bind(self.model.name())
+        .bind(self.version)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(row)
+    }
+
+    /// Applies messages after the checkpoint, in one transaction with the
+    /// new checkpoint. Messages at or before the checkpoint are ignored.
+    pub async fn apply_batch(&self, batch: &[Msg]) -> Result<u64, ApplyError> {
+        let unavailable = |e: sqlx::Error| ApplyError::Unavailable(e.to_string());
+        let mut tx = self.pool.begin().await.map_err(unavailable)?;
+        let last: i64 = sqlx::query_scalar(
+            "SELECT last_seq FROM projection_checkpoints WHERE name = $1 AND version = $2 FOR UPDATE",
+        )
+        .bind(self.model.name())
+        .bind(self.version)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(unavailable)?;
+        let fresh: Vec<Msg> = batch
+            .iter()
+            .filter(|m| m.seq as i64 > last)
+            .cloned()
+            .collect();
+        let Some(end) = fresh.last().map(|m| m.seq) else {
+            return Ok(last as u64);
+        };
+        apply::apply(self.model, &mut tx, self.version, &fresh).await?;
+        sqlx::query(
+            "UPDATE projection_checkpoints SET last_seq = $3, updated_at = now() WHERE name = $1 AND version = $2",
+        )
+        .bind(self.model.name())
+        .bind(self.version)
+        .bind(end as i64)
+        .execute(&mut *tx)
+        .await
+        .map_err(unavailable)?;
+        tx.commit().await.map_err(unavailable)?;
+        metrics::counter!("flowledger_projection_events_applied_total", "projection" => self.label())
+            .increment(fresh.iter().map(|m| m.events.len() as u64).sum());
+        metrics::gauge!("flowledger_projection_checkpoint", "projection" => self.label())
+            .set(end as f64);
+        Ok(end)
+    }
+
+    async fn skipped(&self, seq: u64) -> Result<bool, ApplyError> {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM projection_skips WHERE name = $1 AND seq = $2",
+        )
+        .bind(self.model.name())
+        .bind(seq as i64)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(|e| ApplyError::Unavailable(e.to_string()))?;
+        Ok(n > 0)
+    }
+
+    /// Moves the checkpoint past `seq` without applying it (an operator's
+    /// recorded skip).
+    async fn pass(&self, seq: u64) -> Result<(), ApplyError> {
+        sqlx::query(
+            "UPDATE projection_checkpoints SET last_seq = GREATEST(last_seq, $3), updated_at = now() WHERE name = $1 AND version = $2",
+        )
+        .bind(self.model.name())
+        .bind(self.version)
+        .bind(seq as i64)
+        .execute(&self.pool)
+        .await
+        .map_err(|e| ApplyError::Unavailable(e.to_string()))?;
+        Ok(())
+    }
+
+    /// Applies decoded messages; a failing batch is retried message by
+    /// message to find the exact poison, everything before it is kept.
+    /// Returns the new checkpoint or the poison (sequence, reason).
+    pub async fn apply_all(&self, items: Vec<Result<Msg, ApplyError>>) -> Result<u64, ApplyError> {
+        let mut checkpoint = 0;
+        let mut run: Vec<Msg> = Vec::new();
+        let mut items = items.into_iter().peekable();
+        loop {
+            let next = items.next();
+            let flush = !matches!(next, Some(Ok(_)));
+            match next {
+                Some(Ok(m)) => run.push(m),
+                Some(Err(e)) => {
+                    checkpoint = checkpoint.max(self.apply_run(std::mem::take(&mut run)).await?);
+                    match e {
+                        ApplyError::Poison { seq, .. } if self.skipped(seq).await? => {
+                            self.pass(seq).await?
+                        }
+                        e => return Err(e),
+                    }
+                    continue;
+                }
+                None => {}
+            }
+            if flush {
+                checkpoint = checkpoint.max(self.apply_run(std::mem::take(&mut run)).await?);
+                return Ok(checkpoint);
+            }
+            if run.len() >= REBUILD_BATCH && items.peek().is_some() {
+                checkpoint = checkpoint.max(self.apply_run(std::mem::take(&mut run)).await?);
+            }
+        }
+    }
+
+    async fn apply_run(&self, run: Vec<Msg>) -> Result<u64, ApplyError> {
+        if run.is_empty() {
+            return Ok(0);
+        }
+        match self.apply_batch(&run).await {
+            Err(ApplyError::Poison { .. }) if run.len() > 1 => {
+                let mut cp = 0;
+                for m in run {
+                    match self.apply_batch(std::slice::from_ref(&m)).await {
+                        Ok(c) => cp = c,
+                        Err(ApplyError::Poison { seq, .. }) if self.skipped(seq).await? => {
+                            self.pass(seq).await?
+                        }
+                        Err(ApplyError::Poison { reason, .. }) => {
+                            return Err(ApplyError::Poison { seq: m.seq, reason })
+                        }
+                        Err(e) => return Err(e),
+                    }
+                }
+                Ok(cp)
+            }
+            Err(ApplyError::Poison { reason, .. }) if run.len() == 1 => {
+                let seq = run[0].seq;
+                if self.skipped(seq).await? {
+                    self.pass(seq).await?;
+                    return Ok(seq);
+                }
+                Err(ApplyError::Poison { seq, reason })
+            }
+            other => other,
+        }
+    }
+
+    async fn mark_stopped(&self, seq: u64, reason: &str) -> Result<(), DbError> {
+        sqlx::query(
+            "UPDATE projection_checkpoints SET state = 'stopped', error_seq = $3, error = $4, updated_at = now()
+             WHERE name = $1 AND version = $2",
+        )
+        .bind(self.model.name())
+        .bind(self.version)
+        .bind(seq as i64)
+        .bind(reason)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// (Re)creates the durable consumer at the checkpoint: the checkpoint
+    /// in PostgreSQL, not the consumer's ack floor, is the truth.
+    async fn consumer(&self, from: u64) -> Result<pull::Stream, String> {
+        let stream = self.log.stream();
+        let name = self.consumer_name();
+        let _ = stream.delete_consumer(&name).await;
+        let consumer = stream
+            .create_consumer(pull::Config {
+                durable_name: Some(name.clone()),
+                description: Some(format!(
+                    "flowledger projection {} v{}",
+                    self.model.name(),
+                    self.version
+                )),
+                filter_subject: format!("{EVENT_SUBJECT_PREFIX}.>"),
+                deliver_policy: DeliverPolicy::ByStartSequence {
+                    start_sequence: from,
+                },
+                ack_policy: AckPolicy::All,
+                max_ack_pending: 100_000,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| format!("create consumer {name}: {e}"))?;
+        consumer
+            .stream()
+            .max_messages_per_batch(LIVE_BATCH)
+            .heartbeat(Duration::from_secs(5))
+            .expires(Duration::from_secs(30))
+            .messages()
+            .await
+            .map_err(|e| format!("consume {name}: {e}"))
+    }
+
+    /// Consumes live until `shutdown`, this version stops being active, or
+    /// the projection stops on a poison event.
+    async fn consume(&self, shutdown: &mut watch::Receiver<bool>) -> Result<Exit, String> {
+        let from = self.checkpoint().await.map_err(|e| e.to_string())? + 1;
+        let mut messages = self.consumer(from).await?;
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => return Ok(Exit::Shutdown),
+                _ = tick.tick() => {
+                    let (state, active) = self.state().await.map_err(|e| e.to_string())?;
+                    if !active { return Ok(Exit::Inactive); }
+                    if state != "running" { return Ok(Exit::Stopped); }
+                    self.report_lag().await;
+                }
+                batch = next_batch(&mut messages, LIVE_BATCH, Duration::from_millis(200)) => {
+                    let batch = batch?;
+                    let Some(last) = batch.last() else { continue };
+                    let pending = last.info().map(|i| i.pending).unwrap_or(0);
+                    let items = batch.iter().map(decode).collect();
+                    match self.apply_all(items).await {
+                        Ok(_) => {
+                            let _ = last.ack_with(AckKind::Ack).await;
+                            metrics::gauge!("flowledger_projection_lag", "projection" => self.label()).set(pending as f64);
+                        }
+                        Err(ApplyError::Poison { seq, reason }) => {
+                            tracing::error!(projection = self.model.name(), version = self.version, seq, %reason,
+                                "projection stopped: cannot apply this event; fix the cause, then `flowledger projections resume {}` (or --skip {seq})", self.model.name());
+                            self.mark_stopped(seq, &reason).await.map_err(|e| e.to_string())?;
+                            return Ok(Exit::Stopped);
+                        }
+                        Err(ApplyError::Unavailable(e)) => return Err(e),
+                    }
+                }
+            }
+        }
+    }
+
+    async fn report_lag(&self) {
+        if let (Ok(last), Ok(cp)) = (self.log.last_seq().await, self.checkpoint().await) {
+            metrics::gauge!("flowledger_projection_lag", "projection" => self.label())
+                .set(last.saturating_sub(cp) as f64);
+            metrics::gauge!("flowledger_projection_checkpoint", "projection" => self.label())
+                .set(cp as f64);
+        }
+    }
+}
+
+enum Exit {
+    Shutdown,
+    Inactive,
+    Stopped,
+}
+
+/// Runs the active version of `model` for as long as the process lives:
+/// follows version switches (rebuilds), waits while stopped, retries when
+/// PostgreSQL or NATS are unavailable. One process runs a projection at a
+/// time (a PostgreSQL advisory lock); others wait as hot standbys.
+pub async fn run(
+    pool: PgPool,
+    log: EventLog,
+    model: ReadModel,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let label = model.name().to_string();
+    let mut lock_conn = None;
+    loop {
+        if *shutdown.borrow() {
+            return;
+        }
+        let step = async {
+            if lock_conn.is_none() {
+                let mut conn = pool.acquire().await.map_err(|e| e.to_string())?;
+                let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtext($1))")
+                    .bind(format!("flowledger-projection-{}", model.name()))
+                    .fetch_one(&mut *conn)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                if !got {
+                    return Ok::<_, String>(Some(Duration::from_secs(2)));
+                }
+                lock_conn = Some(conn.detach());
+            }
+            let version = db::active_version(&pool, model)
+                .await
+                .map_err(|e| e.to_string())?
+                .ok_or_else(|| {
+                    format!(
+                        "projection {} has no active version; run `flowledger migrate`",
+                        model.name()
+                    )
+                })?;
+            let p = Projector {
+                pool: pool.clone(),
+                log: log.clone(),
+                model,
+                version,
+            };
+            for stmt in db::ddl(model, version) {
+                sqlx::query(&stmt)
+                    .execute(&pool)
+                    .await
+                    .map_err(|e| e.to_string())?;
+            }
+            let (state, _) = p.state().await.map_err(|e| e.to_string())?;
+            metrics::gauge!("flowledger_projection_stopped", "projection" => label.clone())
+                .set(if state == "stopped" { 1.0 } else { 0.0 });
+            if state == "stopped" {
+                p.report_lag().await;
+                return Ok(Some(Duration::from_secs(1)));
+            }
+            tracing::info!(projection = model.name(), version, "projection running");
+            match p.consume(&mut shutdown).await? {
+                Exit::Shutdown => Ok(None),
+                Exit::Inactive | Exit::Stopped => Ok(Some(Duration::ZERO)),
+            }
+        };
+        match step.await {
+            Ok(None) => return,
+            Ok(Some(wait)) => tokio::time::sleep(wait).await,
+            Err(e) => {
+                tracing::warn!(projection = model.name(), error = %e, "projection paused; retrying in 2 s");
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            }
+        }
+    }
+}
