@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# The event-log benchmark on local defaults: starts a throw-away nats-server
+# Benchmarks on local defaults: `scripts/bench.sh event-log [...]` or
+# `scripts/bench.sh projections [...]`. Starts a throw-away nats-server
 # (Debian 2.9.10 by default; NATS=current for the pip build) and PostgreSQL,
 # runs flowledger-bench (release build), prints the figures, stops both.
 # SYNC=always runs nats-server with `sync_interval: always` (strict
 # durability: fsync before every ack; needs NATS=current, 2.10 or later).
-# Extra arguments go to flowledger-bench (see --help).
+# Extra arguments go to flowledger-bench (see its --help).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 eval "$(scripts/install-deps.sh)"

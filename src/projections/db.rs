@@ -97,7 +97,9 @@ pub async fn active_version(pool: &PgPool, model: ReadModel) -> Result<Option<i3
     )
 }
 
-/// `CREATE` statements for version `v` of a read model (idempotent).
+/// `CREATE` statements for version `v` of a read model (idempotent):
+/// tables first, then secondary indexes ([`is_index`]); a rebuild creates the
+/// indexes after its bulk load.
 ///
 /// To add a column: add it here guarded by `v >= N` for a new version N,
 /// make `apply` write it when `v >= N`, deploy, run
@@ -125,8 +127,8 @@ pub fn ddl(model: ReadModel, v: i32) -> Vec<String> {
                     last_seq      BIGINT NOT NULL           -- stream sequence of the last event applied
                 )"
             ),
-            format!("CREATE INDEX IF NOT EXISTS workflows_executions_v{v}_workflow ON workflows_executions_v{v} (workflow_id, created_at DESC)"),
-            format!("CREATE INDEX IF NOT EXISTS workflows_executions_v{v}_status ON workflows_executions_v{v} (status, created_at DESC)"),
+            format!("CREATE INDEX IF NOT EXISTS workflows_executions_v{v}_workflow ON workflows_executions_v{v} (workflow_id, created_at DESC, id DESC)"),
+            format!("CREATE INDEX IF NOT EXISTS workflows_executions_v{v}_status ON workflows_executions_v{v} (status, created_at DESC, id DESC)"),
             format!("CREATE INDEX IF NOT EXISTS workflows_executions_v{v}_created ON workflows_executions_v{v} (created_at DESC, id DESC)"),
         ],
         ReadModel::Audit => vec![
@@ -182,6 +184,21 @@ pub fn ddl(model: ReadModel, v: i32) -> Vec<String> {
             )"
         ), format!("CREATE INDEX IF NOT EXISTS approvals_v{v}_status ON approvals_v{v} (status, created_at DESC)")],
     }
+}
+
+/// True for a statement that creates a secondary index.
+pub fn is_index(stmt: &str) -> bool {
+    stmt.trim_start().starts_with("CREATE INDEX")
+}
+
+/// `ANALYZE` of version `v`'s tables, so the planner has statistics the
+/// moment readers switch to it.
+pub fn analyze(model: ReadModel, v: i32) -> Vec<String> {
+    model
+        .tables()
+        .iter()
+        .map(|t| format!("ANALYZE {t}_v{v}"))
+        .collect()
 }
 
 /// Statements that point every view of `model` at version `v`. Run inside

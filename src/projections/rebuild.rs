@@ -102,7 +102,9 @@ impl Progress {
 }
 
 /// Applies everything from the checkpoint up to `target` at full speed
-/// through an ordered (ephemeral) consumer.
+/// through an ordered (ephemeral) consumer. Reading and decoding run in
+/// their own task, so the next batch is ready while PostgreSQL applies the
+/// current one.
 pub async fn catch_up(
     p: &Projector,
     target: u64,
@@ -130,30 +132,53 @@ pub async fn catch_up(
         .await
         .map_err(|e| unavailable(&e))?;
     let mut messages = consumer.messages().await.map_err(|e| unavailable(&e))?;
-    while cp < target {
-        let batch = next_batch(&mut messages, REBUILD_BATCH, Duration::from_secs(10))
-            .await
-            .map_err(ApplyError::Unavailable)?;
-        if batch.is_empty() {
-            return Err(ApplyError::Unavailable(format!(
-                "no message after stream sequence {cp} within 10 s"
-            )));
+    type Decoded = Vec<Result<crate::projections::Msg, ApplyError>>;
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<(Decoded, u64), ApplyError>>(4);
+    let reader = tokio::spawn(async move {
+        loop {
+            let batch =
+                match next_batch(&mut messages, REBUILD_BATCH, Duration::from_secs(10)).await {
+                    Ok(b) if b.is_empty() => {
+                        Err(ApplyError::Unavailable("no message within 10 s".into()))
+                    }
+                    Ok(b) => Ok(b),
+                    Err(e) => Err(ApplyError::Unavailable(e)),
+                };
+            let item = batch.map(|batch| {
+                let last = batch
+                    .last()
+                    .and_then(|m| m.info().ok().map(|i| i.stream_sequence))
+                    .unwrap_or(0);
+                let items: Decoded = batch
+                    .iter()
+                    .map(decode)
+                    .filter(|m| !matches!(m, Ok(m) if m.seq > target))
+                    .collect();
+                (items, last)
+            });
+            let done = match &item {
+                Ok((_, last)) => *last >= target,
+                Err(_) => true,
+            };
+            if tx.send(item).await.is_err() || done {
+                return;
+            }
         }
-        let items: Vec<_> = batch
-            .iter()
-            .map(decode)
-            .filter(|m| !matches!(m, Ok(m) if m.seq > target))
-            .collect();
-        cp = cp.max(p.apply_all(items).await?);
-        if let Some(last) = batch
-            .last()
-            .and_then(|m| m.info().ok().map(|i| i.stream_sequence))
-        {
-            cp = cp.max(last.min(target));
+    });
+    let result = async {
+        while cp < target {
+            let (items, last) = rx
+                .recv()
+                .await
+                .ok_or_else(|| ApplyError::Unavailable("the stream reader stopped".into()))??;
+            cp = cp.max(p.apply_all(items).await?).max(last.min(target));
+            progress.update(cp, target, from);
         }
-        progress.update(cp, target, from);
+        Ok(cp)
     }
-    Ok(cp)
+    .await;
+    reader.abort();
+    result
 }
 
 /// Rebuilds `model` into a new version and switches readers to it.
@@ -209,7 +234,24 @@ pub async fn rebuild(
         },
         ApplyError::Unavailable(m) => RebuildError::Unavailable(m, name.clone()),
     };
-    // Catch up until the remaining distance is small, then switch.
+    // Bulk load up to the end of the stream as it is now; then indexes and
+    // statistics; then catch up until the remaining distance is small, and
+    // switch.
+    let target = log
+        .last_seq()
+        .await
+        .map_err(|e| RebuildError::Unavailable(e.to_string(), name.clone()))?;
+    catch_up(&p, target, &mut progress).await.map_err(fail)?;
+    for stmt in db::ddl(model, new)
+        .iter()
+        .filter(|s| db::is_index(s))
+        .chain(&db::analyze(model, new))
+    {
+        sqlx::query(stmt)
+            .execute(pool)
+            .await
+            .map_err(DbError::from)?;
+    }
     let mut last;
     loop {
         let target = log

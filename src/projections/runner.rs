@@ -127,11 +127,20 @@ impl Projector {
         .fetch_one(&mut *tx)
         .await
         .map_err(unavailable)?;
-        let fresh: Vec<Msg> = batch
-            .iter()
-            .filter(|m| m.seq as i64 > last)
-            .cloned()
-            .collect();
+        // Redelivered messages (at or below the checkpoint) are dropped; the
+        // common case borrows the batch as it is.
+        let fresh: std::borrow::Cow<'_, [Msg]> =
+            if batch.first().is_none_or(|m| m.seq as i64 > last) {
+                std::borrow::Cow::Borrowed(batch)
+            } else {
+                std::borrow::Cow::Owned(
+                    batch
+                        .iter()
+                        .filter(|m| m.seq as i64 > last)
+                        .cloned()
+                        .collect(),
+                )
+            };
         let Some(end) = fresh.last().map(|m| m.seq) else {
             return Ok(last as u64);
         };

@@ -30,7 +30,17 @@ use sqlx::postgres::PgPoolOptions;
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[derive(Parser, Debug)]
-#[command(about = "flowledger event-log benchmark: raw JetStream vs flowledger vs postgres-es")]
+#[command(about = "flowledger benchmarks (figures in docs/BENCHMARKS.md)")]
+enum Bench {
+    /// Appends: raw JetStream vs flowledger vs postgres-es.
+    EventLog(Args),
+    /// Projections: rebuild vs COPY, live lag, query latency.
+    Projections(projections_bench::Args),
+}
+
+mod projections_bench;
+
+#[derive(clap::Args, Debug)]
 struct Args {
     #[arg(long, env = "FLOWLEDGER_NATS_URL")]
     nats_url: String,
@@ -418,7 +428,13 @@ fn ms(d: Duration) -> f64 {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
+    match Bench::parse() {
+        Bench::EventLog(args) => event_log(args).await,
+        Bench::Projections(args) => projections_bench::run(args).await,
+    }
+}
+
+async fn event_log(args: Args) -> anyhow::Result<()> {
     let client = async_nats::connect(&args.nats_url)
         .await
         .with_context(|| format!("connect to {}", args.nats_url))?;
