@@ -382,15 +382,20 @@ async fn request(
     })
 }
 
+async fn migrate(url: &str) -> anyhow::Result<()> {
+    let pool = crate::projections::db::connect(url, 2)
+        .await
+        .context(Unreachable)?;
+    crate::projections::db::migrate(&pool).await?;
+    println!("read-model schema: up to date");
+    Ok(())
+}
+
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let g = &cli.global;
     match cli.command {
         Command::Migrate { db } => {
-            let pool = crate::projections::db::connect(db.require()?, 2)
-                .await
-                .context(Unreachable)?;
-            crate::projections::db::migrate(&pool).await?;
-            println!("read-model schema: up to date");
+            migrate(db.require()?).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Projections(p) => projections(g, p).await,
@@ -414,11 +419,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 println!("stream {}: {}", r.stream, r.action);
             }
             if let Some(url) = &db.database_url {
-                let pool = crate::projections::db::connect(url, 2)
-                    .await
-                    .context(Unreachable)?;
-                crate::projections::db::migrate(&pool).await?;
-                println!("read-model schema: up to date");
+                migrate(url).await?;
             }
             Ok(ExitCode::SUCCESS)
         }

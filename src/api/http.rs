@@ -160,6 +160,24 @@ fn cursor_of(t: DateTime<Utc>, key: &str) -> String {
     format!("{}_{key}", t.timestamp_micros())
 }
 
+/// `{items, next_cursor}` from rows holding a `row` JSON column; a next
+/// cursor (built from the last row) only when the page is full.
+fn page(
+    rows: &[sqlx::postgres::PgRow],
+    limit: i64,
+    cursor: impl Fn(&sqlx::postgres::PgRow) -> Result<String, sqlx::Error>,
+) -> Result<Json<Value>, ApiError> {
+    let next = match rows.last() {
+        Some(r) if rows.len() as i64 == limit => Some(cursor(r)?),
+        _ => None,
+    };
+    let items = rows
+        .iter()
+        .map(|r| r.try_get::<Value, _>("row"))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Json(json!({"items": items, "next_cursor": next})))
+}
+
 fn valid_id(param: &str, id: &str) -> Result<(), ApiError> {
     if crate::events::log::valid_aggregate_id(id) {
         Ok(())
@@ -259,22 +277,12 @@ async fn executions_list(
     q.push(" ORDER BY created_at DESC, id DESC LIMIT ")
         .push_bind(limit);
     let rows = q.build().fetch_all(&s.pool).await?;
-    let next = (rows.len() as i64 == limit)
-        .then(|| {
-            rows.last().map(|r| {
-                Ok::<_, sqlx::Error>(cursor_of(
-                    r.try_get("created_at")?,
-                    &r.try_get::<i64, _>("id")?.to_string(),
-                ))
-            })
-        })
-        .flatten()
-        .transpose()?;
-    let items = rows
-        .iter()
-        .map(|r| r.try_get::<Value, _>("row"))
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok(Json(json!({"items": items, "next_cursor": next})))
+    page(&rows, limit, |r| {
+        Ok(cursor_of(
+            r.try_get("created_at")?,
+            &r.try_get::<i64, _>("id")?.to_string(),
+        ))
+    })
 }
 
 #[utoipa::path(get, path = "/v1/audit",
@@ -349,19 +357,13 @@ async fn audit_list(
     q.push(" ORDER BY stream_seq, event_index LIMIT ")
         .push_bind(limit);
     let rows = q.build().fetch_all(&s.pool).await?;
-    let next = match rows.last() {
-        Some(r) if rows.len() as i64 == limit => Some(format!(
+    page(&rows, limit, |r| {
+        Ok(format!(
             "{}_{}",
             r.try_get::<i64, _>("stream_seq")?,
             r.try_get::<i16, _>("event_index")?
-        )),
-        _ => None,
-    };
-    let items = rows
-        .iter()
-        .map(|r| r.try_get::<Value, _>("row"))
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok(Json(json!({"items": items, "next_cursor": next})))
+        ))
+    })
 }
 
 #[utoipa::path(get, path = "/v1/approvals",
@@ -393,18 +395,12 @@ async fn approvals_list(
     q.push(" ORDER BY created_at DESC, approval_id DESC LIMIT ")
         .push_bind(limit);
     let rows = q.build().fetch_all(&s.pool).await?;
-    let next = match rows.last() {
-        Some(r) if rows.len() as i64 == limit => Some(cursor_of(
+    page(&rows, limit, |r| {
+        Ok(cursor_of(
             r.try_get("created_at")?,
             &r.try_get::<String, _>("approval_id")?,
-        )),
-        _ => None,
-    };
-    let items = rows
-        .iter()
-        .map(|r| r.try_get::<Value, _>("row"))
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok(Json(json!({"items": items, "next_cursor": next})))
+        ))
+    })
 }
 
 #[utoipa::path(get, path = "/healthz",

@@ -52,6 +52,12 @@ impl ReadModel {
         Self::ALL.map(|m| m.name()).join(", ")
     }
 
+    /// Whether the read model stores event hashes (decoding skips the
+    /// SHA-256 otherwise).
+    pub fn needs_hashes(self) -> bool {
+        self == ReadModel::Audit
+    }
+
     /// The tables readers see (each a view over `<table>_v<N>`).
     pub fn tables(self) -> &'static [&'static str] {
         match self {
@@ -68,7 +74,8 @@ pub struct Msg {
     pub seq: u64,
     pub subject: String,
     pub time: DateTime<Utc>,
-    /// `(hash hex, record)` per event, in commit order.
+    /// `(hash hex, record)` per event, in commit order; the hash is empty
+    /// for read models that do not store it.
     pub events: Vec<(String, EventRecord)>,
 }
 

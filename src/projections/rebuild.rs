@@ -132,18 +132,25 @@ pub async fn catch_up(
         .await
         .map_err(|e| unavailable(&e))?;
     let mut messages = consumer.messages().await.map_err(|e| unavailable(&e))?;
+    let model = p.model;
     type Decoded = Vec<Result<crate::projections::Msg, ApplyError>>;
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<(Decoded, u64), ApplyError>>(4);
     let reader = tokio::spawn(async move {
         loop {
-            let batch =
-                match next_batch(&mut messages, REBUILD_BATCH, Duration::from_secs(10)).await {
-                    Ok(b) if b.is_empty() => {
-                        Err(ApplyError::Unavailable("no message within 10 s".into()))
-                    }
-                    Ok(b) => Ok(b),
-                    Err(e) => Err(ApplyError::Unavailable(e)),
-                };
+            let batch = match next_batch(
+                &mut messages,
+                REBUILD_BATCH,
+                Duration::from_secs(10),
+                Duration::from_millis(200),
+            )
+            .await
+            {
+                Ok(b) if b.is_empty() => {
+                    Err(ApplyError::Unavailable("no message within 10 s".into()))
+                }
+                Ok(b) => Ok(b),
+                Err(e) => Err(ApplyError::Unavailable(e)),
+            };
             let item = batch.map(|batch| {
                 let last = batch
                     .last()
@@ -151,7 +158,7 @@ pub async fn catch_up(
                     .unwrap_or(0);
                 let items: Decoded = batch
                     .iter()
-                    .map(decode)
+                    .map(|m| decode(m, model))
                     .filter(|m| !matches!(m, Ok(m) if m.seq > target))
                     .collect();
                 (items, last)

@@ -10,8 +10,8 @@ use futures::{FutureExt, Stream, StreamExt};
 use sqlx::PgPool;
 use tokio::sync::watch;
 
-use crate::audit::read::{events_of, RawMessage};
 use crate::events::chain;
+use crate::events::envelope::decode_commit;
 use crate::events::log::{EventLog, EVENT_SUBJECT_PREFIX};
 use crate::projections::db::{self, DbError};
 use crate::projections::{apply, ApplyError, Msg, ReadModel};
@@ -29,41 +29,46 @@ pub struct Projector {
 }
 
 /// Turns a JetStream message into what projections read; a message that is
-/// not a valid commit is a poison at its sequence.
-pub fn decode(m: &jetstream::Message) -> Result<Msg, ApplyError> {
+/// not a valid commit is a poison at its sequence. Event hashes are computed
+/// only for read models that store them.
+pub fn decode(m: &jetstream::Message, model: ReadModel) -> Result<Msg, ApplyError> {
     let info = m
         .info()
         .map_err(|e| ApplyError::Unavailable(format!("message info: {e}")))?;
     let (seq, time) = (info.stream_sequence, info.published);
-    let raw = RawMessage {
-        seq,
-        subject: m.subject.to_string(),
-        time,
-        headers: Default::default(),
-        body: String::from_utf8(m.payload.to_vec()).map_err(|_| ApplyError::Poison {
-            seq,
-            reason: "body is not UTF-8".into(),
-        })?,
-    };
-    let events = events_of(&raw)
-        .map_err(|reason| ApplyError::Poison { seq, reason })?
+    let poison = |reason: String| ApplyError::Poison { seq, reason };
+    let lines = decode_commit(&m.payload).map_err(|e| poison(e.to_string()))?;
+    let events = lines
         .into_iter()
-        .map(|(r, h)| (chain::to_hex(&h), r))
-        .collect();
+        .map(|(line, r)| {
+            let hash = if model.needs_hashes() {
+                let prev = chain::from_hex(&r.prev_hash).ok_or_else(|| {
+                    poison(format!("prev_hash {:?} is not 64 hex digits", r.prev_hash))
+                })?;
+                chain::to_hex(&chain::event_hash(&prev, line))
+            } else {
+                String::new()
+            };
+            Ok((hash, r))
+        })
+        .collect::<Result<_, ApplyError>>()?;
     Ok(Msg {
         seq,
-        subject: raw.subject,
+        subject: m.subject.to_string(),
         time,
         events,
     })
 }
 
-/// Waits for at least one message (up to `idle`), then takes whatever else
-/// is already there, up to `max`.
+/// Waits for at least one message (up to `idle`), then keeps taking
+/// messages up to `max`: for at most `fill` more (0: only what has already
+/// arrived). Live consumption uses 0 for low lag; a rebuild fills large
+/// batches, since each batch is one transaction.
 pub async fn next_batch<S, E>(
     messages: &mut S,
     max: usize,
     idle: Duration,
+    fill: Duration,
 ) -> Result<Vec<jetstream::Message>, String>
 where
     S: Stream<Item = Result<jetstream::Message, E>> + Unpin,
@@ -74,8 +79,16 @@ where
         Err(_) | Ok(None) => return Ok(batch),
         Ok(Some(m)) => batch.push(m.map_err(|e| e.to_string())?),
     }
+    let deadline = tokio::time::Instant::now() + fill;
     while batch.len() < max {
-        match messages.next().now_or_never() {
+        let next = if fill.is_zero() {
+            messages.next().now_or_never()
+        } else {
+            tokio::time::timeout_at(deadline, messages.next())
+                .await
+                .ok()
+        };
+        match next {
             Some(Some(m)) => batch.push(m.map_err(|e| e.to_string())?),
             _ => break,
         }
@@ -319,11 +332,11 @@ impl Projector {
                     if state != "running" { return Ok(Exit::Stopped); }
                     self.report_lag().await;
                 }
-                batch = next_batch(&mut messages, LIVE_BATCH, Duration::from_millis(200)) => {
+                batch = next_batch(&mut messages, LIVE_BATCH, Duration::from_millis(200), Duration::ZERO) => {
                     let batch = batch?;
                     let Some(last) = batch.last() else { continue };
                     let pending = last.info().map(|i| i.pending).unwrap_or(0);
-                    let items = batch.iter().map(decode).collect();
+                    let items = batch.iter().map(|m| decode(m, self.model)).collect();
                     match self.apply_all(items).await {
                         Ok(_) => {
                             let _ = last.ack_with(AckKind::Ack).await;

@@ -171,6 +171,26 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[i]
 }
 
+/// Runs `f(0)..f(tasks-1)` concurrently, one tokio task each, and measures
+/// the whole: `ops` operations in the elapsed time.
+async fn measure<F, Fut>(tasks: usize, ops: usize, f: F) -> anyhow::Result<Rate>
+where
+    F: Fn(usize) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
+{
+    let cpu0 = cpu_time();
+    let start = Instant::now();
+    let handles: Vec<_> = (0..tasks).map(|t| tokio::spawn(f(t))).collect();
+    for h in handles {
+        h.await??;
+    }
+    Ok(Rate {
+        ops,
+        elapsed: start.elapsed(),
+        cpu: cpu_time() - cpu0,
+    })
+}
+
 async fn raw_round(
     js: &jetstream::Context,
     tag: &str,
@@ -180,18 +200,14 @@ async fn raw_round(
     one_subject: bool,
     headers: Headers,
 ) -> anyhow::Result<Rate> {
-    let cpu0 = cpu_time();
-    let start = Instant::now();
-    let mut tasks = Vec::with_capacity(writers);
-    for w in 0..writers {
-        let js = js.clone();
-        let payload = payload.clone();
+    measure(writers, writers * per_writer, |w| {
+        let (js, payload) = (js.clone(), payload.clone());
         let subject = if one_subject {
             format!("bench.raw.{tag}.hot")
         } else {
             format!("bench.raw.{tag}.{w}")
         };
-        tasks.push(tokio::spawn(async move {
+        async move {
             let mut last = 0u64;
             for i in 0..per_writer {
                 if headers == Headers::None {
@@ -214,17 +230,10 @@ async fn raw_round(
                 }
                 last = js.send_publish(subject.clone(), msg).await?.await?.sequence;
             }
-            anyhow::Ok(())
-        }));
-    }
-    for t in tasks {
-        t.await??;
-    }
-    Ok(Rate {
-        ops: writers * per_writer,
-        elapsed: start.elapsed(),
-        cpu: cpu_time() - cpu0,
+            Ok(())
+        }
     })
+    .await
 }
 
 async fn flowledger_round(
@@ -233,30 +242,19 @@ async fn flowledger_round(
     aggregates: usize,
     per_aggregate: usize,
 ) -> anyhow::Result<Rate> {
-    let cpu0 = cpu_time();
-    let start = Instant::now();
-    let mut tasks = Vec::with_capacity(aggregates);
-    for a in 0..aggregates {
-        let store = store.clone();
-        let id = format!("{tag}-{a}");
-        tasks.push(tokio::spawn(async move {
+    measure(aggregates, aggregates * per_aggregate, |a| {
+        let (store, id) = (store.clone(), format!("{tag}-{a}"));
+        async move {
             for i in 0..per_aggregate {
                 store
                     .execute(&id, script(i), &meta(format!("{id}-{i}")))
                     .await
                     .map_err(|e| anyhow::anyhow!("{id} command {i}: {e}"))?;
             }
-            anyhow::Ok(())
-        }));
-    }
-    for t in tasks {
-        t.await??;
-    }
-    Ok(Rate {
-        ops: aggregates * per_aggregate,
-        elapsed: start.elapsed(),
-        cpu: cpu_time() - cpu0,
+            Ok(())
+        }
     })
+    .await
 }
 
 async fn postgres_round(
@@ -265,29 +263,18 @@ async fn postgres_round(
     aggregates: usize,
     per_aggregate: usize,
 ) -> anyhow::Result<Rate> {
-    let cpu0 = cpu_time();
-    let start = Instant::now();
-    let mut tasks = Vec::with_capacity(aggregates);
-    for a in 0..aggregates {
-        let cqrs = cqrs.clone();
-        let id = format!("{tag}-{a}");
-        tasks.push(tokio::spawn(async move {
+    measure(aggregates, aggregates * per_aggregate, |a| {
+        let (cqrs, id) = (cqrs.clone(), format!("{tag}-{a}"));
+        async move {
             for i in 0..per_aggregate {
                 cqrs.execute(&id, script(i))
                     .await
                     .map_err(|e| anyhow::anyhow!("{id} command {i}: {e}"))?;
             }
-            anyhow::Ok(())
-        }));
-    }
-    for t in tasks {
-        t.await??;
-    }
-    Ok(Rate {
-        ops: aggregates * per_aggregate,
-        elapsed: start.elapsed(),
-        cpu: cpu_time() - cpu0,
+            Ok(())
+        }
     })
+    .await
 }
 
 /// Many writers, one aggregate: flowledger serialises them in-process.
@@ -303,13 +290,9 @@ async fn flowledger_hot(
     store
         .execute(id, JobCommand::Start, &meta(format!("{id}-st")))
         .await?;
-    let cpu0 = cpu_time();
-    let start = Instant::now();
-    let mut tasks = Vec::new();
-    for w in 0..writers {
-        let store = store.clone();
-        let id = id.to_string();
-        tasks.push(tokio::spawn(async move {
+    measure(writers, writers * per_writer, |w| {
+        let (store, id) = (store.clone(), id.to_string());
+        async move {
             for i in 0..per_writer {
                 let attempt = (w * per_writer + i) as u32 + 1;
                 store
@@ -317,17 +300,10 @@ async fn flowledger_hot(
                     .await
                     .map_err(|e| anyhow::anyhow!("hot {attempt}: {e}"))?;
             }
-            anyhow::Ok(())
-        }));
-    }
-    for t in tasks {
-        t.await??;
-    }
-    Ok(Rate {
-        ops: writers * per_writer,
-        elapsed: start.elapsed(),
-        cpu: cpu_time() - cpu0,
+            Ok(())
+        }
     })
+    .await
 }
 
 /// Many writers, one aggregate on postgres-es: optimistic-lock conflicts are
