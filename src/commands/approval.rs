@@ -37,6 +37,7 @@ impl ApprovalStatus {
 pub struct Approval {
     pub status: ApprovalStatus,
     pub job_id: String,
+    pub workflow_key: String,
     pub expires_at: Option<DateTime<Utc>>,
 }
 
@@ -134,6 +135,7 @@ impl Approval {
         }
         Ok(ApprovalDecided {
             job_id: self.job_id.clone(),
+            workflow_key: self.workflow_key.clone(),
             decided_by: d.decided_by,
             reason: d.reason,
             decided_at: at,
@@ -190,6 +192,7 @@ impl Approval {
                 }
                 Ok(vec![ApprovalEvent::ApprovalExpired(ApprovalExpired {
                     job_id: self.job_id.clone(),
+                    workflow_key: self.workflow_key.clone(),
                     expired_at: at,
                 })])
             }
@@ -221,6 +224,7 @@ impl Aggregate for Approval {
             ApprovalEvent::ApprovalRequested(e) => {
                 self.status = ApprovalStatus::Pending;
                 self.job_id = e.job_id;
+                self.workflow_key = e.workflow_key;
                 self.expires_at = Some(e.expires_at);
             }
             ApprovalEvent::ApprovalGranted(_) => self.status = ApprovalStatus::Approved,
@@ -277,6 +281,7 @@ mod tests {
     fn granted(at: DateTime<Utc>) -> ApprovalEvent {
         ApprovalEvent::ApprovalGranted(ApprovalDecided {
             job_id: "job-1".into(),
+            workflow_key: "payment.release".into(),
             decided_by: "alice".into(),
             reason: "checked the invoice".into(),
             decided_at: at,
@@ -323,6 +328,7 @@ mod tests {
             })
             .then_expect_events(vec![ApprovalEvent::ApprovalRejected(ApprovalDecided {
                 job_id: "job-1".into(),
+                workflow_key: "payment.release".into(),
                 decided_by: "bob".into(),
                 reason: "checked the invoice".into(),
                 decided_at: t(6),
@@ -354,6 +360,7 @@ mod tests {
                 requested(),
                 ApprovalEvent::ApprovalExpired(ApprovalExpired {
                     job_id: "job-1".into(),
+                    workflow_key: "payment.release".into(),
                     expired_at: t(30),
                 }),
             ])
@@ -382,6 +389,7 @@ mod tests {
             .when(ApprovalCommand::Expire { at: t(31) })
             .then_expect_events(vec![ApprovalEvent::ApprovalExpired(ApprovalExpired {
                 job_id: "job-1".into(),
+                workflow_key: "payment.release".into(),
                 expired_at: t(31),
             })]);
     }

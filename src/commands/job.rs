@@ -213,6 +213,7 @@ impl Job {
             });
         }
         Ok(JobEvent::StepResultRecorded(StepResultRecorded {
+            workflow_key: self.workflow_key.clone(),
             step: r.step,
             attempt: r.attempt,
             status: r.status,
@@ -267,7 +268,9 @@ impl Job {
             }
             JobCommand::Start => {
                 self.require("start", &[Pending])?;
-                Ok(vec![JobEvent::JobStarted(JobStarted {})])
+                Ok(vec![JobEvent::JobStarted(JobStarted {
+                    workflow_key: self.workflow_key.clone(),
+                })])
             }
             JobCommand::RecordStepResult(r) => {
                 self.require("record a step result for", &[Running])?;
@@ -282,7 +285,10 @@ impl Job {
                     scratch.apply(e.clone());
                     events.push(e);
                 }
-                events.push(JobEvent::JobCompleted(JobCompleted { outputs: c.outputs }));
+                events.push(JobEvent::JobCompleted(JobCompleted {
+                    workflow_key: self.workflow_key.clone(),
+                    outputs: c.outputs,
+                }));
                 Ok(events)
             }
             JobCommand::Fail(c) => {
@@ -293,6 +299,7 @@ impl Job {
                     });
                 }
                 Ok(vec![JobEvent::JobFailed(JobFailed {
+                    workflow_key: self.workflow_key.clone(),
                     error_code: c.error_code,
                     error_message: c.error_message,
                 })])
@@ -300,6 +307,7 @@ impl Job {
             JobCommand::Cancel(c) => {
                 self.require("cancel", &[Pending, Running])?;
                 Ok(vec![JobEvent::JobCancelled(JobCancelled {
+                    workflow_key: self.workflow_key.clone(),
                     reason: c.reason,
                 })])
             }
@@ -401,6 +409,7 @@ mod tests {
 
     fn step_event(name: &str, attempt: u32) -> JobEvent {
         JobEvent::StepResultRecorded(StepResultRecorded {
+            workflow_key: "invoice.extract".into(),
             step: name.into(),
             attempt,
             status: StepStatus::Succeeded,
@@ -499,7 +508,9 @@ mod tests {
         framework()
             .given(vec![submitted()])
             .when(JobCommand::Start)
-            .then_expect_events(vec![JobEvent::JobStarted(JobStarted {})]);
+            .then_expect_events(vec![JobEvent::JobStarted(JobStarted {
+                workflow_key: "invoice.extract".into(),
+            })]);
     }
 
     #[test]
@@ -524,13 +535,20 @@ mod tests {
     #[test]
     fn step_result_is_recorded_once() {
         framework()
-            .given(vec![submitted(), JobEvent::JobStarted(JobStarted {})])
+            .given(vec![
+                submitted(),
+                JobEvent::JobStarted(JobStarted {
+                    workflow_key: "invoice.extract".into(),
+                }),
+            ])
             .when(JobCommand::RecordStepResult(step("ocr", 1)))
             .then_expect_events(vec![step_event("ocr", 1)]);
         framework()
             .given(vec![
                 submitted(),
-                JobEvent::JobStarted(JobStarted {}),
+                JobEvent::JobStarted(JobStarted {
+                    workflow_key: "invoice.extract".into(),
+                }),
                 step_event("ocr", 1),
             ])
             .when(JobCommand::RecordStepResult(step("ocr", 1)))
@@ -543,7 +561,12 @@ mod tests {
     #[test]
     fn complete_commits_pending_step_results_with_it() {
         framework()
-            .given(vec![submitted(), JobEvent::JobStarted(JobStarted {})])
+            .given(vec![
+                submitted(),
+                JobEvent::JobStarted(JobStarted {
+                    workflow_key: "invoice.extract".into(),
+                }),
+            ])
             .when(JobCommand::Complete(CompleteJob {
                 outputs: json!({"total": 10}),
                 step_results: vec![step("ocr", 1), step("llm", 1)],
@@ -552,6 +575,7 @@ mod tests {
                 step_event("ocr", 1),
                 step_event("llm", 1),
                 JobEvent::JobCompleted(JobCompleted {
+                    workflow_key: "invoice.extract".into(),
                     outputs: json!({"total": 10}),
                 }),
             ]);
@@ -560,7 +584,12 @@ mod tests {
     #[test]
     fn complete_with_a_duplicate_step_writes_nothing() {
         framework()
-            .given(vec![submitted(), JobEvent::JobStarted(JobStarted {})])
+            .given(vec![
+                submitted(),
+                JobEvent::JobStarted(JobStarted {
+                    workflow_key: "invoice.extract".into(),
+                }),
+            ])
             .when(JobCommand::Complete(CompleteJob {
                 outputs: json!({}),
                 step_results: vec![step("ocr", 1), step("ocr", 1)],
@@ -574,12 +603,18 @@ mod tests {
     #[test]
     fn fail_a_running_job() {
         framework()
-            .given(vec![submitted(), JobEvent::JobStarted(JobStarted {})])
+            .given(vec![
+                submitted(),
+                JobEvent::JobStarted(JobStarted {
+                    workflow_key: "invoice.extract".into(),
+                }),
+            ])
             .when(JobCommand::Fail(FailJob {
                 error_code: "SOLVER_TIMEOUT".into(),
                 error_message: "ocr timed out".into(),
             }))
             .then_expect_events(vec![JobEvent::JobFailed(JobFailed {
+                workflow_key: "invoice.extract".into(),
                 error_code: "SOLVER_TIMEOUT".into(),
                 error_message: "ocr timed out".into(),
             })]);
@@ -593,6 +628,7 @@ mod tests {
                 reason: "user asked".into(),
             }))
             .then_expect_events(vec![JobEvent::JobCancelled(JobCancelled {
+                workflow_key: "invoice.extract".into(),
                 reason: "user asked".into(),
             })]);
     }
@@ -601,25 +637,34 @@ mod tests {
     fn no_transition_out_of_a_final_state() {
         let finals = [
             (
-                JobEvent::JobCompleted(JobCompleted { outputs: json!({}) }),
+                JobEvent::JobCompleted(JobCompleted {
+                    workflow_key: "invoice.extract".into(),
+                    outputs: json!({}),
+                }),
                 "completed",
             ),
             (
                 JobEvent::JobFailed(JobFailed {
+                    workflow_key: "invoice.extract".into(),
                     error_code: "X".into(),
                     error_message: "x".into(),
                 }),
                 "failed",
             ),
             (
-                JobEvent::JobCancelled(JobCancelled { reason: "r".into() }),
+                JobEvent::JobCancelled(JobCancelled {
+                    workflow_key: "invoice.extract".into(),
+                    reason: "r".into(),
+                }),
                 "cancelled",
             ),
         ];
         for (final_event, status) in finals {
             let history = vec![
                 submitted(),
-                JobEvent::JobStarted(JobStarted {}),
+                JobEvent::JobStarted(JobStarted {
+                    workflow_key: "invoice.extract".into(),
+                }),
                 final_event,
             ];
             for (command, verb) in [

@@ -26,8 +26,10 @@ pub struct ApprovalRequested {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ApprovalDecided {
-    /// The job the approval is for (so readers need no lookup).
+    /// The job the approval is for and its workflow (so readers need no lookup).
     pub job_id: String,
+    #[serde(default)]
+    pub workflow_key: String,
     pub decided_by: String,
     pub reason: String,
     pub decided_at: DateTime<Utc>,
@@ -36,6 +38,8 @@ pub struct ApprovalDecided {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ApprovalExpired {
     pub job_id: String,
+    #[serde(default)]
+    pub workflow_key: String,
     pub expired_at: DateTime<Utc>,
 }
 

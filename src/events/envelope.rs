@@ -211,7 +211,10 @@ mod tests {
     #[test]
     fn outgoing_records_read_back_as_envelopes() {
         use crate::events::job::{JobCancelled, JobEvent};
-        let event = JobEvent::JobCancelled(JobCancelled { reason: "r".into() });
+        let event = JobEvent::JobCancelled(JobCancelled {
+            workflow_key: "k".into(),
+            reason: "r".into(),
+        });
         let actor = Actor {
             client_id: "c".into(),
             user_id: None,
@@ -233,7 +236,10 @@ mod tests {
         let c = encode_commit(&mut out, chain::GENESIS).unwrap();
         let (line, r) = decode_commit(&c.body).unwrap().remove(0);
         assert_eq!(r.event_type, "JobCancelled");
-        assert_eq!(r.data, serde_json::json!({"reason": "r"}));
+        assert_eq!(
+            r.data,
+            serde_json::json!({"workflow_key": "k", "reason": "r"})
+        );
         assert_eq!(chain::event_hash(&chain::GENESIS, line), c.hashes[0]);
         assert_eq!(
             join_event::<JobEvent>(&r.event_type, r.data).unwrap(),

@@ -30,8 +30,13 @@ pub struct JobSubmitted {
     pub metadata: Value,
 }
 
+/// Every job event after submission repeats the job's `workflow_key`, so a
+/// reader (the audit trail) needs no lookup.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
-pub struct JobStarted {}
+pub struct JobStarted {
+    #[serde(default)]
+    pub workflow_key: String,
+}
 
 /// How one attempt of one step ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -44,6 +49,8 @@ pub enum StepStatus {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StepResultRecorded {
+    #[serde(default)]
+    pub workflow_key: String,
     pub step: String,
     pub attempt: u32,
     pub status: StepStatus,
@@ -58,17 +65,23 @@ pub struct StepResultRecorded {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct JobCompleted {
+    #[serde(default)]
+    pub workflow_key: String,
     pub outputs: Value,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct JobFailed {
+    #[serde(default)]
+    pub workflow_key: String,
     pub error_code: String,
     pub error_message: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct JobCancelled {
+    #[serde(default)]
+    pub workflow_key: String,
     pub reason: String,
 }
 

@@ -4,7 +4,7 @@
 //! (times are `occurred_at`, ids are stream sequences), so a rebuild from the
 //! log produces the same rows.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
 use serde_json::Value;
@@ -258,57 +258,8 @@ fn status_after(event_type: &str, data: &Value) -> Option<String> {
 }
 
 async fn audit(tx: &mut Tx<'_>, v: i32, batch: &[Msg]) -> Result<(), Failure> {
-    // workflow_key (and the submitter's metadata.user_id) of every job
-    // touched, from this batch or from earlier ones
-    let mut jobs: HashMap<String, (String, Option<String>)> = HashMap::new();
-    let mut new_jobs = (vec![], vec![], vec![]);
-    let mut wanted: HashSet<String> = HashSet::new();
-    for m in batch {
-        for (_, r) in &m.events {
-            let job_id = match r.aggregate_type.as_str() {
-                "job" => r.aggregate_id.clone(),
-                "approval" => match str_field(&r.data, "job_id") {
-                    Some(j) => j,
-                    None => continue,
-                },
-                _ => continue,
-            };
-            if r.event_type == "JobSubmitted" {
-                let key = required(m.seq, &r.data, "workflow_key", "JobSubmitted")?;
-                let user = r
-                    .data
-                    .get("metadata")
-                    .and_then(|md| str_field(md, "user_id"));
-                new_jobs.0.push(job_id.clone());
-                new_jobs.1.push(key.clone());
-                new_jobs.2.push(user.clone());
-                jobs.insert(job_id, (key, user));
-            } else if !jobs.contains_key(&job_id) {
-                wanted.insert(job_id);
-            }
-        }
-    }
-    if !wanted.is_empty() {
-        let ids: Vec<String> = wanted.into_iter().collect();
-        let rows: Vec<(String, String, Option<String>)> = sqlx::query_as(&format!(
-            "SELECT job_id, workflow_key, user_id FROM audit_jobs_v{v} WHERE job_id = ANY($1)"
-        ))
-        .bind(&ids)
-        .fetch_all(&mut **tx)
-        .await?;
-        for (j, k, u) in rows {
-            jobs.entry(j).or_insert((k, u));
-        }
-    }
-    if !new_jobs.0.is_empty() {
-        sqlx::query(&format!(
-            "INSERT INTO audit_jobs_v{v} (job_id, workflow_key, user_id)
-             SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[]) ON CONFLICT (job_id) DO NOTHING"
-        ))
-        .bind(&new_jobs.0).bind(&new_jobs.1).bind(&new_jobs.2)
-        .execute(&mut **tx)
-        .await?;
-    }
+    // Every job and approval event names its job and workflow key, so each
+    // row comes from its own event alone.
     let mut a = AuditRows::default();
     for m in batch {
         for (i, (hash, r)) in m.events.iter().enumerate() {
@@ -316,16 +267,19 @@ async fn audit(tx: &mut Tx<'_>, v: i32, batch: &[Msg]) -> Result<(), Failure> {
                 "job" => Some(r.aggregate_id.clone()),
                 _ => str_field(&r.data, "job_id"),
             };
-            let (workflow_key, job_user) = match job_id.as_ref().and_then(|j| jobs.get(j)) {
-                Some((k, u)) => (Some(k.clone()), u.clone()),
-                None => (str_field(&r.data, "workflow_key"), None),
-            };
+            let workflow_key = str_field(&r.data, "workflow_key").filter(|k| !k.is_empty());
+            // who: the acting user, or for a submission the user the
+            // submitting service names in metadata.user_id (seed 002)
+            let submitter = r
+                .data
+                .get("metadata")
+                .and_then(|md| str_field(md, "user_id"));
             a.stream_seq.push(m.seq as i64);
             a.event_index.push(i as i16);
             a.event_id.push(r.event_id);
             a.occurred_at.push(time_of(m.seq, r)?);
             a.client_id.push(r.actor.client_id.clone());
-            a.user_id.push(r.actor.user_id.clone().or(job_user));
+            a.user_id.push(r.actor.user_id.clone().or(submitter));
             a.aggregate_type.push(r.aggregate_type.clone());
             a.aggregate_id.push(r.aggregate_id.clone());
             a.job_id.push(job_id);

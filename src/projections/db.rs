@@ -158,13 +158,6 @@ pub fn ddl(model: ReadModel, v: i32) -> Vec<String> {
             format!("CREATE INDEX IF NOT EXISTS audit_trail_v{v}_client ON audit_trail_v{v} (client_id, stream_seq)"),
             format!("CREATE INDEX IF NOT EXISTS audit_trail_v{v}_action ON audit_trail_v{v} (action, stream_seq)"),
             format!("CREATE INDEX IF NOT EXISTS audit_trail_v{v}_time ON audit_trail_v{v} (occurred_at)"),
-            format!(
-                "CREATE TABLE IF NOT EXISTS audit_jobs_v{v} (
-                    job_id       TEXT PRIMARY KEY,
-                    workflow_key TEXT NOT NULL,
-                    user_id      TEXT
-                )"
-            ),
         ],
         ReadModel::Approvals => vec![format!(
             "CREATE TABLE IF NOT EXISTS approvals_v{v} (
@@ -272,6 +265,5 @@ mod tests {
     fn views_switch_every_table() {
         let s = switch_views(ReadModel::Audit, 2).join(";");
         assert!(s.contains("CREATE OR REPLACE VIEW audit_trail AS SELECT * FROM audit_trail_v2"));
-        assert!(s.contains("CREATE OR REPLACE VIEW audit_jobs AS SELECT * FROM audit_jobs_v2"));
     }
 }

@@ -62,7 +62,7 @@ impl ReadModel {
     pub fn tables(self) -> &'static [&'static str] {
         match self {
             ReadModel::Executions => &["workflows_executions"],
-            ReadModel::Audit => &["audit_trail", "audit_jobs"],
+            ReadModel::Audit => &["audit_trail"],
             ReadModel::Approvals => &["approvals"],
         }
     }

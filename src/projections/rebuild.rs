@@ -188,6 +188,26 @@ pub async fn catch_up(
     result
 }
 
+/// [`catch_up`], restarted from the checkpoint (with a fresh consumer) when
+/// the stream or the database is briefly unavailable; a poison is final.
+async fn catch_up_retrying(
+    p: &Projector,
+    target: u64,
+    progress: &mut Progress,
+) -> Result<u64, ApplyError> {
+    let mut attempt = 0;
+    loop {
+        match catch_up(p, target, progress).await {
+            Err(ApplyError::Unavailable(e)) if attempt < 5 => {
+                attempt += 1;
+                tracing::warn!(projection = p.model.name(), error = %e, attempt, "rebuild reader interrupted; resuming from the checkpoint");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            other => return other,
+        }
+    }
+}
+
 /// Rebuilds `model` into a new version and switches readers to it.
 pub async fn rebuild(
     pool: &PgPool,
@@ -248,7 +268,9 @@ pub async fn rebuild(
         .last_seq()
         .await
         .map_err(|e| RebuildError::Unavailable(e.to_string(), name.clone()))?;
-    catch_up(&p, target, &mut progress).await.map_err(fail)?;
+    catch_up_retrying(&p, target, &mut progress)
+        .await
+        .map_err(fail)?;
     for stmt in db::ddl(model, new)
         .iter()
         .filter(|s| db::is_index(s))
@@ -265,7 +287,9 @@ pub async fn rebuild(
             .last_seq()
             .await
             .map_err(|e| RebuildError::Unavailable(e.to_string(), name.clone()))?;
-        last = catch_up(&p, target, &mut progress).await.map_err(fail)?;
+        last = catch_up_retrying(&p, target, &mut progress)
+            .await
+            .map_err(fail)?;
         let now = log
             .last_seq()
             .await
