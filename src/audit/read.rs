@@ -91,14 +91,6 @@ impl Filter {
         }
     }
 
-    /// True when the filter can select only part of a range of messages.
-    pub fn selects_subset(&self) -> bool {
-        self.aggregate_type.is_some()
-            || self.event_type.is_some()
-            || self.since.is_some()
-            || self.until.is_some()
-    }
-
     pub fn message_matches(&self, m: &RawMessage) -> bool {
         let subject_ok = match (&self.aggregate_type, &self.aggregate_id) {
             (Some(t), Some(id)) => m.subject == format!("{EVENT_SUBJECT_PREFIX}.{t}.{id}"),

@@ -7,7 +7,7 @@ use std::time::Duration;
 use cqrs_es::{AggregateError, CqrsFramework, EventStore};
 use flowledger::audit::read::{self, Filter};
 use flowledger::commands::job::{Job, JobCommand, JobStatus};
-use flowledger::events::envelope::{self, CommandMeta, EventRecord};
+use flowledger::events::envelope::{self, EventRecord};
 use flowledger::events::log::{AppendError, LogConfig};
 use flowledger::events::store::AggregateStore;
 use serde_json::{json, Value};
@@ -423,5 +423,4 @@ async fn approvals_are_decided_once() {
     let (_, rec) = envelope::decode_commit(&msg.payload).unwrap().remove(0);
     assert_eq!(rec.actor.user_id.as_deref(), Some("alice"));
     assert_eq!(rec.event_type, "ApprovalGranted");
-    let _ = CommandMeta::default();
 }
