@@ -178,6 +178,10 @@ pub struct ServeArgs {
     /// Workflow registry file.
     #[arg(long, env = "FLOWLEDGER_REGISTRY", default_value = DEFAULT_REGISTRY_PATH)]
     pub registry: PathBuf,
+    /// Service configuration (TOML; docs/CONFIGURATION.md). Without it:
+    /// defaults, and no client can use the HTTP bridge's write endpoints.
+    #[arg(long, env = "FLOWLEDGER_CONFIG")]
+    pub config: Option<PathBuf>,
     /// Largest `timeout_seconds` a job may ask for.
     #[arg(long, env = "FLOWLEDGER_MAX_TIMEOUT_SECONDS", default_value_t = 3600)]
     pub max_timeout_seconds: u32,
@@ -475,13 +479,18 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 }
 
 async fn serve(g: &Global, args: ServeArgs) -> anyhow::Result<ExitCode> {
-    let registry = Registry::load(&args.registry).context(UsageError)?;
+    let registry = Arc::new(Registry::load(&args.registry).context(UsageError)?);
+    let config = match &args.config {
+        Some(path) => crate::config::Config::load(path).context(UsageError)?,
+        None => crate::config::Config::default(),
+    };
+    let handler_config = config.handler_config().context(UsageError)?;
     let key = args.key.key()?;
     let (client, log) = open_log(g).await?;
     let intake = Arc::new(Intake::new(
         log.clone(),
         JobServices {
-            registry: Arc::new(registry),
+            registry: registry.clone(),
             max_timeout_seconds: args.max_timeout_seconds,
         },
     ));
@@ -519,6 +528,20 @@ async fn serve(g: &Global, args: ServeArgs) -> anyhow::Result<ExitCode> {
                 pool.clone(),
                 log.clone(),
                 model,
+                stop_rx.clone(),
+            )));
+        }
+        if config.handler.enabled {
+            if handler_config.callback_key.is_none() {
+                tracing::warn!(
+                    "no callback signing key ({}): job callbacks are recorded as failed, never sent unsigned",
+                    config.callbacks.signing_key_env
+                );
+            }
+            let ctx = crate::handlers::Ctx::new(intake.clone(), registry.clone(), handler_config);
+            tasks.push(tokio::spawn(crate::handlers::manager::run(
+                ctx,
+                pool.clone(),
                 stop_rx.clone(),
             )));
         }

@@ -5,6 +5,7 @@ pub mod api;
 pub mod audit;
 pub mod cli;
 pub mod commands;
+pub mod config;
 pub mod events;
 pub mod handlers;
 pub mod projections;

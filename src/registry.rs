@@ -1,38 +1,132 @@
 //! The workflow registry: which `workflow_key`s exist and what they run.
 //!
-//! Issue 2 only needs the set of keys (a job for an unknown key is refused);
-//! the step definitions are read by the job execution handler (issue 4).
+//! A workflow is a set of steps called in parallel (solver services over
+//! HTTP and/or n8n webhooks), an optional approval gate with an auto-approval
+//! rule, and a policy saying how many steps must succeed. The file is
+//! checked whole at start; every error names the key and the field.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
-use serde_json::Value;
+use serde::{Deserialize, Serialize};
 
 /// Default location, relative to the working directory.
 pub const DEFAULT_REGISTRY_PATH: &str = "workflows/registry.json";
 
-#[derive(Debug, Clone, Deserialize)]
+pub const DEFAULT_STEP_TIMEOUT_MS: u64 = 30_000;
+pub const DEFAULT_MAX_ATTEMPTS: u32 = 3;
+pub const DEFAULT_APPROVAL_TIMEOUT_SECONDS: u64 = 24 * 3600;
+const MAX_STEP_TIMEOUT_MS: u64 = 3_600_000;
+const MAX_ATTEMPTS: u32 = 20;
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Registry {
     pub version: u32,
     pub workflows: BTreeMap<String, WorkflowDefinition>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
 pub struct WorkflowDefinition {
     #[serde(default)]
     pub description: String,
-    /// Step definitions, interpreted by the execution handler.
-    #[serde(default)]
-    pub steps: Vec<Value>,
+    /// Called in parallel when the job runs.
+    pub steps: Vec<StepDefinition>,
     #[serde(default)]
     pub requires_approval: bool,
+    /// How long an approval stays open before it expires and fails the job.
+    #[serde(default = "default_approval_timeout")]
+    pub approval_timeout_seconds: u64,
+    /// Approve without a human when the job's confidence is high enough.
+    #[serde(default)]
+    pub auto_approval: Option<AutoApproval>,
+    /// How many steps must succeed for the job to complete.
+    #[serde(default)]
+    pub success: SuccessPolicy,
+}
+
+fn default_approval_timeout() -> u64 {
+    DEFAULT_APPROVAL_TIMEOUT_SECONDS
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StepKind {
+    /// A solver service: POST the job, the answer is the result.
+    Solver,
+    /// An n8n webhook: answers the result, or 202 and calls back later.
+    N8n,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct StepDefinition {
+    pub name: String,
+    pub kind: StepKind,
+    pub url: String,
+    /// Per attempt.
+    #[serde(default = "default_step_timeout")]
+    pub timeout_ms: u64,
+    /// Attempts in all, the first included.
+    #[serde(default = "default_attempts")]
+    pub max_attempts: u32,
+    /// First retry delay; overrides the handler's default.
+    #[serde(default)]
+    pub backoff_ms: Option<u64>,
+}
+
+fn default_step_timeout() -> u64 {
+    DEFAULT_STEP_TIMEOUT_MS
+}
+fn default_attempts() -> u32 {
+    DEFAULT_MAX_ATTEMPTS
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AutoApproval {
+    /// Auto-approve when `metadata.confidence` (0-100) is at least this.
+    pub min_confidence: f64,
+    /// At most this many auto-approvals per workflow per UTC day.
+    pub daily_limit: u32,
+}
+
+/// How partial results count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum SuccessPolicy {
+    /// Every step must succeed.
+    #[default]
+    All,
+    /// One success is enough.
+    Any,
+    /// At least N steps must succeed.
+    AtLeast(u32),
+}
+
+impl SuccessPolicy {
+    /// How many of `steps` steps must succeed.
+    pub fn needed(self, steps: usize) -> usize {
+        match self {
+            SuccessPolicy::All => steps,
+            SuccessPolicy::Any => 1.min(steps),
+            SuccessPolicy::AtLeast(n) => n as usize,
+        }
+    }
+
+    pub fn describe(self) -> String {
+        match self {
+            SuccessPolicy::All => "all steps must succeed".into(),
+            SuccessPolicy::Any => "at least one step must succeed".into(),
+            SuccessPolicy::AtLeast(n) => format!("at least {n} steps must succeed"),
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
-    #[error("cannot read workflow registry {path}: {source} (pass another file with --registry)")]
+    #[error("cannot read workflow registry {path}: {source} (pass another file with --registry or FLOWLEDGER_REGISTRY)")]
     Read {
         path: PathBuf,
         source: std::io::Error,
@@ -49,6 +143,13 @@ pub enum RegistryError {
     Version { path: PathBuf, version: u32 },
     #[error("workflow registry {path}: workflow key {key:?} is not valid: keys are 1-128 characters of a-z, 0-9, '.', '_' and '-'")]
     BadKey { path: PathBuf, key: String },
+    #[error("workflow registry {path}: workflows.{key}.{field}: {message}")]
+    BadField {
+        path: PathBuf,
+        key: String,
+        field: String,
+        message: String,
+    },
 }
 
 impl Registry {
@@ -74,16 +175,26 @@ impl Registry {
                 version: registry.version,
             });
         }
-        if let Some(key) = registry.workflows.keys().find(|k| !valid_key(k)) {
-            return Err(RegistryError::BadKey {
-                path: path.to_owned(),
-                key: key.clone(),
-            });
+        for (key, wf) in &registry.workflows {
+            if !valid_key(key) {
+                return Err(RegistryError::BadKey {
+                    path: path.to_owned(),
+                    key: key.clone(),
+                });
+            }
+            wf.check()
+                .map_err(|(field, message)| RegistryError::BadField {
+                    path: path.to_owned(),
+                    key: key.clone(),
+                    field,
+                    message,
+                })?;
         }
         Ok(registry)
     }
 
-    /// A registry holding the given keys with no steps (for tests and tools).
+    /// A registry holding the given keys, each with one solver step that
+    /// nothing listens on (for tests and tools that never run jobs).
     pub fn with_keys<'a>(keys: impl IntoIterator<Item = &'a str>) -> Self {
         Registry {
             version: 1,
@@ -94,8 +205,18 @@ impl Registry {
                         k.to_string(),
                         WorkflowDefinition {
                             description: String::new(),
-                            steps: Vec::new(),
+                            steps: vec![StepDefinition {
+                                name: "main".into(),
+                                kind: StepKind::Solver,
+                                url: "http://127.0.0.1:9/solve".into(),
+                                timeout_ms: DEFAULT_STEP_TIMEOUT_MS,
+                                max_attempts: DEFAULT_MAX_ATTEMPTS,
+                                backoff_ms: None,
+                            }],
                             requires_approval: false,
+                            approval_timeout_seconds: DEFAULT_APPROVAL_TIMEOUT_SECONDS,
+                            auto_approval: None,
+                            success: SuccessPolicy::All,
                         },
                     )
                 })
@@ -107,12 +228,103 @@ impl Registry {
         self.workflows.contains_key(key)
     }
 
+    pub fn get(&self, key: &str) -> Option<&WorkflowDefinition> {
+        self.workflows.get(key)
+    }
+
     pub fn keys(&self) -> Vec<&str> {
         self.workflows.keys().map(String::as_str).collect()
     }
 }
 
-fn valid_key(key: &str) -> bool {
+impl WorkflowDefinition {
+    /// The first problem found, as (field path, message).
+    fn check(&self) -> Result<(), (String, String)> {
+        if self.steps.is_empty() {
+            return Err(("steps".into(), "a workflow needs at least one step".into()));
+        }
+        let mut names = BTreeSet::new();
+        for (i, s) in self.steps.iter().enumerate() {
+            let at = |f: &str| format!("steps[{i}].{f}");
+            if !valid_key(&s.name) || s.name.contains('.') {
+                return Err((
+                    at("name"),
+                    format!(
+                        "{:?} is not valid: 1-128 characters of a-z, 0-9, '_' and '-'",
+                        s.name
+                    ),
+                ));
+            }
+            if !names.insert(s.name.as_str()) {
+                return Err((at("name"), format!("{:?} is used by two steps", s.name)));
+            }
+            check_url(&s.url).map_err(|m| (at("url"), m))?;
+            if s.timeout_ms == 0 || s.timeout_ms > MAX_STEP_TIMEOUT_MS {
+                return Err((
+                    at("timeout_ms"),
+                    format!("must be 1 to {MAX_STEP_TIMEOUT_MS}, got {}", s.timeout_ms),
+                ));
+            }
+            if s.max_attempts == 0 || s.max_attempts > MAX_ATTEMPTS {
+                return Err((
+                    at("max_attempts"),
+                    format!("must be 1 to {MAX_ATTEMPTS}, got {}", s.max_attempts),
+                ));
+            }
+        }
+        if let SuccessPolicy::AtLeast(n) = self.success {
+            if n == 0 || n as usize > self.steps.len() {
+                return Err((
+                    "success.at_least".into(),
+                    format!(
+                        "must be 1 to the number of steps ({}), got {n}",
+                        self.steps.len()
+                    ),
+                ));
+            }
+        }
+        if let Some(a) = &self.auto_approval {
+            if !self.requires_approval {
+                return Err((
+                    "auto_approval".into(),
+                    "set only on a workflow with requires_approval: true".into(),
+                ));
+            }
+            if !(0.0..=100.0).contains(&a.min_confidence) {
+                return Err((
+                    "auto_approval.min_confidence".into(),
+                    format!("must be 0 to 100, got {}", a.min_confidence),
+                ));
+            }
+        }
+        if self.approval_timeout_seconds == 0 {
+            return Err((
+                "approval_timeout_seconds".into(),
+                "must be at least 1".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn check_url(url: &str) -> Result<(), String> {
+    let rest = url
+        .strip_prefix("http://")
+        .or_else(|| url.strip_prefix("https://"))
+        .ok_or_else(|| format!("{url:?} is not an http:// or https:// URL"))?;
+    let host = rest.split(['/', '?', '#']).next().unwrap_or("");
+    if host.is_empty() || host.contains(char::is_whitespace) {
+        return Err(format!("{url:?} has no host"));
+    }
+    if host.contains('@') {
+        return Err(format!(
+            "{url:?} carries credentials; put secrets in the configuration, not the registry"
+        ));
+    }
+    Ok(())
+}
+
+pub fn valid_key(key: &str) -> bool {
     !key.is_empty()
         && key.len() <= 128
         && key
@@ -124,31 +336,79 @@ fn valid_key(key: &str) -> bool {
 mod tests {
     use super::*;
 
+    fn parse(text: &str) -> Result<Registry, String> {
+        Registry::parse(Path::new("r.json"), text).map_err(|e| e.to_string())
+    }
+
     #[test]
     fn shipped_registry_parses() {
         let r = Registry::load(Path::new(DEFAULT_REGISTRY_PATH)).expect("shipped registry");
         assert!(r.contains("invoice.extract"));
+        assert!(r
+            .get("payment.release")
+            .is_some_and(|w| w.requires_approval));
     }
 
     #[test]
     fn invalid_registry_names_the_field() {
-        let err = Registry::parse(
-            Path::new("r.json"),
-            r#"{"version":1,"workflows":{"a":{"requires_approval":"yes"}}}"#,
-        )
-        .unwrap_err()
-        .to_string();
+        let err =
+            parse(r#"{"version":1,"workflows":{"a":{"steps":[],"requires_approval":"yes"}}}"#)
+                .unwrap_err();
         assert!(err.contains("workflows.a.requires_approval"), "{err}");
     }
 
     #[test]
     fn bad_key_is_refused() {
-        let err = Registry::parse(
-            Path::new("r.json"),
-            r#"{"version":1,"workflows":{"A B":{}}}"#,
-        )
-        .unwrap_err()
-        .to_string();
+        let err = parse(r#"{"version":1,"workflows":{"A B":{"steps":[]}}}"#).unwrap_err();
         assert!(err.contains("\"A B\""), "{err}");
+    }
+
+    #[test]
+    fn step_errors_name_key_and_field() {
+        let step = |extra: &str| {
+            format!(
+                r#"{{"version":1,"workflows":{{"w":{{"steps":[{{"name":"s","kind":"solver","url":"http://h/x"{extra}}}]}}}}}}"#
+            )
+        };
+        assert!(parse(&step("")).is_ok());
+        let e = parse(&step(r#","timeout_ms":0"#)).unwrap_err();
+        assert!(e.contains("workflows.w.steps[0].timeout_ms"), "{e}");
+        let e = parse(&step(r#","max_attempts":0"#)).unwrap_err();
+        assert!(e.contains("steps[0].max_attempts"), "{e}");
+        let e = parse(&step(r#","kind":"ftp""#)).unwrap_err();
+        assert!(e.contains("kind"), "{e}");
+        let e = parse(r#"{"version":1,"workflows":{"w":{"steps":[{"name":"s","kind":"solver","url":"ftp://h"}]}}}"#).unwrap_err();
+        assert!(e.contains("steps[0].url") && e.contains("http://"), "{e}");
+        let e = parse(r#"{"version":1,"workflows":{"w":{"steps":[]}}}"#).unwrap_err();
+        assert!(e.contains("workflows.w.steps: a workflow needs"), "{e}");
+        let two = r#"{"name":"s","kind":"solver","url":"http://h/x"}"#;
+        let e = parse(&format!(
+            r#"{{"version":1,"workflows":{{"w":{{"steps":[{two},{two}]}}}}}}"#
+        ))
+        .unwrap_err();
+        assert!(
+            e.contains("steps[1].name") && e.contains("two steps"),
+            "{e}"
+        );
+        let e = parse(&format!(
+            r#"{{"version":1,"workflows":{{"w":{{"steps":[{two}],"success":{{"at_least":2}}}}}}}}"#
+        ))
+        .unwrap_err();
+        assert!(e.contains("success.at_least"), "{e}");
+        let e = parse(&format!(
+            r#"{{"version":1,"workflows":{{"w":{{"steps":[{two}],"auto_approval":{{"min_confidence":90,"daily_limit":5}}}}}}}}"#
+        ))
+        .unwrap_err();
+        assert!(
+            e.contains("workflows.w.auto_approval") && e.contains("requires_approval"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn policies_count() {
+        assert_eq!(SuccessPolicy::All.needed(3), 3);
+        assert_eq!(SuccessPolicy::Any.needed(3), 1);
+        assert_eq!(SuccessPolicy::AtLeast(2).needed(3), 2);
     }
 }

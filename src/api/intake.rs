@@ -13,8 +13,10 @@ use uuid::Uuid;
 
 use crate::commands::approval::{Approval, ApprovalCommand, Decide, RequestApproval};
 use crate::commands::job::{
-    CancelJob, CompleteJob, FailJob, Job, JobCommand, JobServices, RecordStepResult, SubmitJob,
+    CancelJob, CompleteJob, FailJob, Job, JobCommand, JobError, JobServices, RecordCallback,
+    RecordStepResult, StartAttempt, StartJob, SubmitJob,
 };
+use crate::commands::workflow::{Callback, Workflow};
 use crate::commands::{DomainError, ErrorCode};
 use crate::events::chain;
 use crate::events::envelope::{Actor, CommandMeta};
@@ -166,8 +168,15 @@ fn parse(
         }
         ("job", "start") => {
             let (id, v) = rest("job_id", true)?;
-            from_fields::<NoFields>(v)?;
-            Parsed::Job(id, JobCommand::Start)
+            Parsed::Job(id, JobCommand::Start(from_fields::<StartJob>(v)?))
+        }
+        ("job", "start_attempt") => {
+            let (id, v) = rest("job_id", true)?;
+            Parsed::Job(id, JobCommand::StartAttempt(from_fields::<StartAttempt>(v)?))
+        }
+        ("job", "record_callback") => {
+            let (id, v) = rest("job_id", true)?;
+            Parsed::Job(id, JobCommand::RecordCallback(from_fields::<RecordCallback>(v)?))
         }
         ("job", "record_step_result") => {
             let (id, v) = rest("job_id", true)?;
@@ -206,7 +215,7 @@ fn parse(
             return Err(ReplyError::validation(
                 None,
                 format!(
-                    "unknown command {aggregate_type}.{command}: known are job.{{submit,start,record_step_result,complete,fail,cancel}} and approval.{{request,approve,reject,expire}}"
+                    "unknown command {aggregate_type}.{command}: known are job.{{submit,start,start_attempt,record_step_result,complete,fail,cancel,record_callback}} and approval.{{request,approve,reject,expire}}"
                 ),
             ))
         }
@@ -250,7 +259,7 @@ impl From<ActorIn> for Actor {
     }
 }
 
-fn execute_error<E: DomainError>(e: ExecuteError<E>) -> ReplyError {
+pub fn execute_error<E: DomainError>(e: ExecuteError<E>) -> ReplyError {
     let code = match &e {
         ExecuteError::Rejected(d) => d.code(),
         ExecuteError::Conflict { .. } | ExecuteError::CommandIdReused { .. } => ErrorCode::Conflict,
@@ -268,18 +277,57 @@ fn execute_error<E: DomainError>(e: ExecuteError<E>) -> ReplyError {
     }
 }
 
-/// The command side: one store per aggregate type.
+/// The command side: one store per aggregate type, shared by the NATS
+/// intake, the HTTP bridge and the handlers (one cache per aggregate).
 pub struct Intake {
     pub jobs: AggregateStore<Job>,
     pub approvals: AggregateStore<Approval>,
+    pub workflows: AggregateStore<Workflow>,
+    pub callbacks: AggregateStore<Callback>,
 }
 
 impl Intake {
     pub fn new(log: EventLog, job_services: JobServices) -> Self {
         Intake {
             jobs: AggregateStore::new(log.clone(), job_services),
-            approvals: AggregateStore::new(log, ()),
+            approvals: AggregateStore::new(log.clone(), ()),
+            workflows: AggregateStore::new(log.clone(), ()),
+            callbacks: AggregateStore::new(log, ()),
         }
+    }
+
+    pub fn log(&self) -> &EventLog {
+        self.jobs.log()
+    }
+
+    /// Submits a job unless its workflow is disabled (the kill-switch).
+    pub async fn submit(
+        &self,
+        job_id: &str,
+        submit: SubmitJob,
+        meta: &CommandMeta,
+    ) -> Result<Arc<Receipt>, ReplyError> {
+        let wf = self
+            .workflows
+            .load(&crate::commands::workflow::aggregate_id(
+                &submit.workflow_key,
+            ))
+            .await
+            .map_err(|e| execute_error::<JobError>(ExecuteError::Store(e)))?;
+        if wf.state.disabled {
+            return Err(ReplyError {
+                code: ErrorCode::Rejected,
+                message: format!(
+                    "workflow {:?} is disabled (kill-switch); new jobs are refused until an operator enables it",
+                    submit.workflow_key
+                ),
+                field: Some("workflow_key".into()),
+            });
+        }
+        self.jobs
+            .execute(job_id, JobCommand::Submit(submit), meta)
+            .await
+            .map_err(execute_error)
     }
 
     /// Handles one request addressed to `subject`; never panics on input.
@@ -299,6 +347,7 @@ impl Intake {
         };
         let (parsed, meta) = parse(aggregate_type, command, body)?;
         match parsed {
+            Parsed::Job(id, JobCommand::Submit(c)) => self.submit(&id, c, &meta).await,
             Parsed::Job(id, c) => self
                 .jobs
                 .execute(&id, c, &meta)

@@ -1,7 +1,7 @@
 //! The `Job` aggregate: submit, start, record a step result, complete, fail,
 //! cancel (seed 002). Final states are `completed`, `failed`, `cancelled`.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use cqrs_es::event_sink::EventSink;
@@ -64,6 +64,13 @@ pub struct Job {
     pub timeout_seconds: u32,
     /// `(step, attempt)` pairs already recorded.
     pub recorded: BTreeSet<(String, u32)>,
+    /// Attempts started per step.
+    pub started: BTreeMap<String, u32>,
+    /// Steps with a successful attempt: never called again.
+    pub succeeded: BTreeSet<String>,
+    pub has_callback_url: bool,
+    /// `CallbackDelivered` or `CallbackFailed` is recorded.
+    pub callback_recorded: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -80,6 +87,41 @@ pub struct SubmitJob {
     pub metadata: Value,
 }
 
+/// Start a pending job, sending the first attempt of the given steps.
+#[derive(Debug, Clone, PartialEq, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct StartJob {
+    #[serde(default)]
+    pub attempts: Vec<NewAttempt>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewAttempt {
+    pub step: String,
+    pub idempotency_key: String,
+}
+
+/// Send attempt `attempt` (the next one) of a step.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StartAttempt {
+    pub step: String,
+    pub attempt: u32,
+    pub idempotency_key: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RecordCallback {
+    pub target: String,
+    pub attempts: u32,
+    /// Set when the receiver accepted the callback.
+    pub status_code: Option<u16>,
+    /// Set when every attempt failed.
+    pub error_message: Option<String>,
+}
+
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RecordStepResult {
@@ -91,6 +133,9 @@ pub struct RecordStepResult {
     pub error_code: Option<String>,
     pub error_message: Option<String>,
     pub duration_ms: u64,
+    /// A failed attempt to be retried after this many milliseconds.
+    #[serde(default)]
+    pub retry_in_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -109,6 +154,9 @@ pub struct CompleteJob {
 pub struct FailJob {
     pub error_code: String,
     pub error_message: String,
+    /// Step results not yet recorded, committed with the failure.
+    #[serde(default)]
+    pub step_results: Vec<RecordStepResult>,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -121,22 +169,26 @@ pub struct CancelJob {
 #[derive(Debug, Clone, PartialEq)]
 pub enum JobCommand {
     Submit(SubmitJob),
-    Start,
+    Start(StartJob),
+    StartAttempt(StartAttempt),
     RecordStepResult(RecordStepResult),
     Complete(CompleteJob),
     Fail(FailJob),
     Cancel(CancelJob),
+    RecordCallback(RecordCallback),
 }
 
 impl JobCommand {
     pub fn name(&self) -> &'static str {
         match self {
             JobCommand::Submit(_) => "submit",
-            JobCommand::Start => "start",
+            JobCommand::Start(_) => "start",
+            JobCommand::StartAttempt(_) => "start_attempt",
             JobCommand::RecordStepResult(_) => "record_step_result",
             JobCommand::Complete(_) => "complete",
             JobCommand::Fail(_) => "fail",
             JobCommand::Cancel(_) => "cancel",
+            JobCommand::RecordCallback(_) => "record_callback",
         }
     }
 }
@@ -164,6 +216,20 @@ pub enum JobError {
     },
     #[error("step {step:?} attempt {attempt} is already recorded")]
     DuplicateStepResult { step: String, attempt: u32 },
+    #[error("step {step:?} already succeeded; it is not called again")]
+    StepAlreadySucceeded { step: String },
+    #[error("step {step:?}: the next attempt is {expected}, not {got}")]
+    AttemptOutOfOrder {
+        step: String,
+        expected: u32,
+        got: u32,
+    },
+    #[error("the job has no callback_url")]
+    NoCallback,
+    #[error("the callback outcome is already recorded")]
+    CallbackAlreadyRecorded,
+    #[error("a callback outcome needs exactly one of status_code and error_message")]
+    CallbackOutcome,
 }
 
 impl DomainError for JobError {
@@ -176,9 +242,13 @@ impl DomainError for JobError {
             | JobError::UnknownWorkflow { .. }
             | JobError::EmptyClientId
             | JobError::EmptyField { .. } => ErrorCode::Validation,
-            JobError::InvalidTransition { .. } | JobError::DuplicateStepResult { .. } => {
-                ErrorCode::Rejected
-            }
+            JobError::CallbackOutcome => ErrorCode::Validation,
+            JobError::InvalidTransition { .. }
+            | JobError::DuplicateStepResult { .. }
+            | JobError::StepAlreadySucceeded { .. }
+            | JobError::AttemptOutOfOrder { .. }
+            | JobError::NoCallback
+            | JobError::CallbackAlreadyRecorded => ErrorCode::Rejected,
         }
     }
 }
@@ -198,7 +268,51 @@ impl Job {
         }
     }
 
-    fn step_event(&self, r: RecordStepResult) -> Result<JobEvent, JobError> {
+    fn attempt_event(&self, step: String, attempt: u32, key: String) -> Result<JobEvent, JobError> {
+        if step.is_empty() {
+            return Err(JobError::EmptyField { field: "step" });
+        }
+        if key.is_empty() {
+            return Err(JobError::EmptyField {
+                field: "idempotency_key",
+            });
+        }
+        if self.succeeded.contains(&step) {
+            return Err(JobError::StepAlreadySucceeded { step });
+        }
+        let expected = self.started.get(&step).copied().unwrap_or(0) + 1;
+        if attempt != expected {
+            return Err(JobError::AttemptOutOfOrder {
+                step,
+                expected,
+                got: attempt,
+            });
+        }
+        Ok(JobEvent::StepAttemptStarted(StepAttemptStarted {
+            workflow_key: self.workflow_key.clone(),
+            step,
+            attempt,
+            idempotency_key: key,
+        }))
+    }
+
+    /// The events of a batch of step results, decided one after another.
+    fn step_events(
+        &self,
+        results: Vec<RecordStepResult>,
+    ) -> Result<(Job, Vec<JobEvent>), JobError> {
+        let mut scratch = self.clone();
+        let mut events = Vec::with_capacity(results.len());
+        for r in results {
+            for e in scratch.step_event(r)? {
+                scratch.apply(e.clone());
+                events.push(e);
+            }
+        }
+        Ok((scratch, events))
+    }
+
+    fn step_event(&self, r: RecordStepResult) -> Result<Vec<JobEvent>, JobError> {
         if r.step.is_empty() {
             return Err(JobError::EmptyField { field: "step" });
         }
@@ -212,7 +326,21 @@ impl Job {
                 attempt: r.attempt,
             });
         }
-        Ok(JobEvent::StepResultRecorded(StepResultRecorded {
+        if self.succeeded.contains(&r.step) {
+            return Err(JobError::StepAlreadySucceeded { step: r.step });
+        }
+        let retry = match (r.retry_in_ms, r.status) {
+            (Some(delay_ms), StepStatus::Failed | StepStatus::TimedOut) => {
+                Some(JobEvent::StepRetryScheduled(StepRetryScheduled {
+                    workflow_key: self.workflow_key.clone(),
+                    step: r.step.clone(),
+                    attempt: r.attempt + 1,
+                    delay_ms,
+                }))
+            }
+            _ => None,
+        };
+        let mut events = vec![JobEvent::StepResultRecorded(StepResultRecorded {
             workflow_key: self.workflow_key.clone(),
             step: r.step,
             attempt: r.attempt,
@@ -221,7 +349,9 @@ impl Job {
             error_code: r.error_code,
             error_message: r.error_message,
             duration_ms: r.duration_ms,
-        }))
+        })];
+        events.extend(retry);
+        Ok(events)
     }
 
     /// Pure decision: the events a command produces, or why it is refused.
@@ -266,25 +396,65 @@ impl Job {
                     metadata: c.metadata,
                 })])
             }
-            JobCommand::Start => {
+            JobCommand::Start(c) => {
                 self.require("start", &[Pending])?;
-                Ok(vec![JobEvent::JobStarted(JobStarted {
-                    workflow_key: self.workflow_key.clone(),
-                })])
-            }
-            JobCommand::RecordStepResult(r) => {
-                self.require("record a step result for", &[Running])?;
-                Ok(vec![self.step_event(r)?])
-            }
-            JobCommand::Complete(c) => {
-                self.require("complete", &[Running])?;
                 let mut scratch = self.clone();
-                let mut events = Vec::with_capacity(c.step_results.len() + 1);
-                for r in c.step_results {
-                    let e = scratch.step_event(r)?;
+                let mut events = vec![JobEvent::JobStarted(JobStarted {
+                    workflow_key: self.workflow_key.clone(),
+                })];
+                for a in c.attempts {
+                    let e = scratch.attempt_event(a.step, 1, a.idempotency_key)?;
                     scratch.apply(e.clone());
                     events.push(e);
                 }
+                Ok(events)
+            }
+            JobCommand::StartAttempt(a) => {
+                self.require("start an attempt for", &[Running])?;
+                Ok(vec![self.attempt_event(
+                    a.step,
+                    a.attempt,
+                    a.idempotency_key,
+                )?])
+            }
+            JobCommand::RecordStepResult(r) => {
+                self.require("record a step result for", &[Running])?;
+                self.step_event(r)
+            }
+            JobCommand::RecordCallback(c) => {
+                if !self.status.is_final() {
+                    self.require("record the callback of", &[])?;
+                }
+                if !self.has_callback_url {
+                    return Err(JobError::NoCallback);
+                }
+                if self.callback_recorded {
+                    return Err(JobError::CallbackAlreadyRecorded);
+                }
+                let event = match (c.status_code, c.error_message) {
+                    (Some(status_code), Option::None) => {
+                        JobEvent::CallbackDelivered(CallbackDelivered {
+                            workflow_key: self.workflow_key.clone(),
+                            target: c.target,
+                            attempts: c.attempts,
+                            status_code,
+                        })
+                    }
+                    (Option::None, Some(error_message)) => {
+                        JobEvent::CallbackFailed(CallbackFailed {
+                            workflow_key: self.workflow_key.clone(),
+                            target: c.target,
+                            attempts: c.attempts,
+                            error_message,
+                        })
+                    }
+                    _ => return Err(JobError::CallbackOutcome),
+                };
+                Ok(vec![event])
+            }
+            JobCommand::Complete(c) => {
+                self.require("complete", &[Running])?;
+                let (_, mut events) = self.step_events(c.step_results)?;
                 events.push(JobEvent::JobCompleted(JobCompleted {
                     workflow_key: self.workflow_key.clone(),
                     outputs: c.outputs,
@@ -298,11 +468,13 @@ impl Job {
                         field: "error_code",
                     });
                 }
-                Ok(vec![JobEvent::JobFailed(JobFailed {
+                let (_, mut events) = self.step_events(c.step_results)?;
+                events.push(JobEvent::JobFailed(JobFailed {
                     workflow_key: self.workflow_key.clone(),
                     error_code: c.error_code,
                     error_message: c.error_message,
-                })])
+                }));
+                Ok(events)
             }
             JobCommand::Cancel(c) => {
                 self.require("cancel", &[Pending, Running])?;
@@ -342,10 +514,21 @@ impl Aggregate for Job {
                 self.client_id = e.client_id;
                 self.priority = e.priority;
                 self.timeout_seconds = e.timeout_seconds;
+                self.has_callback_url = e.callback_url.is_some();
             }
             JobEvent::JobStarted(_) => self.status = JobStatus::Running,
+            JobEvent::StepAttemptStarted(e) => {
+                self.started.insert(e.step, e.attempt);
+            }
             JobEvent::StepResultRecorded(e) => {
+                if e.status == StepStatus::Succeeded {
+                    self.succeeded.insert(e.step.clone());
+                }
                 self.recorded.insert((e.step, e.attempt));
+            }
+            JobEvent::StepRetryScheduled(_) => {}
+            JobEvent::CallbackDelivered(_) | JobEvent::CallbackFailed(_) => {
+                self.callback_recorded = true;
             }
             JobEvent::JobCompleted(_) => self.status = JobStatus::Completed,
             JobEvent::JobFailed(_) => self.status = JobStatus::Failed,
@@ -404,6 +587,7 @@ mod tests {
             error_code: None,
             error_message: None,
             duration_ms: 12,
+            retry_in_ms: None,
         }
     }
 
@@ -507,7 +691,7 @@ mod tests {
     fn start_a_pending_job() {
         framework()
             .given(vec![submitted()])
-            .when(JobCommand::Start)
+            .when(JobCommand::Start(StartJob::default()))
             .then_expect_events(vec![JobEvent::JobStarted(JobStarted {
                 workflow_key: "invoice.extract".into(),
             })]);
@@ -517,7 +701,7 @@ mod tests {
     fn commands_on_a_missing_job_are_not_found() {
         framework()
             .given_no_previous_events()
-            .when(JobCommand::Start)
+            .when(JobCommand::Start(StartJob::default()))
             .then_expect_error(JobError::NotFound);
     }
 
@@ -612,6 +796,7 @@ mod tests {
             .when(JobCommand::Fail(FailJob {
                 error_code: "SOLVER_TIMEOUT".into(),
                 error_message: "ocr timed out".into(),
+                step_results: vec![],
             }))
             .then_expect_events(vec![JobEvent::JobFailed(JobFailed {
                 workflow_key: "invoice.extract".into(),
@@ -668,7 +853,7 @@ mod tests {
                 final_event,
             ];
             for (command, verb) in [
-                (JobCommand::Start, "start"),
+                (JobCommand::Start(StartJob::default()), "start"),
                 (
                     JobCommand::Cancel(CancelJob { reason: "r".into() }),
                     "cancel",
@@ -677,6 +862,7 @@ mod tests {
                     JobCommand::Fail(FailJob {
                         error_code: "E".into(),
                         error_message: "e".into(),
+                        step_results: vec![],
                     }),
                     "fail",
                 ),
@@ -701,5 +887,158 @@ mod tests {
                     });
             }
         }
+    }
+
+    fn started() -> JobEvent {
+        JobEvent::JobStarted(JobStarted {
+            workflow_key: "invoice.extract".into(),
+        })
+    }
+
+    fn attempt_started(step: &str, attempt: u32) -> JobEvent {
+        JobEvent::StepAttemptStarted(StepAttemptStarted {
+            workflow_key: "invoice.extract".into(),
+            step: step.into(),
+            attempt,
+            idempotency_key: format!("j:{step}:{attempt}"),
+        })
+    }
+
+    #[test]
+    fn start_sends_first_attempts_in_the_same_commit() {
+        framework()
+            .given(vec![submitted()])
+            .when(JobCommand::Start(StartJob {
+                attempts: vec![
+                    NewAttempt {
+                        step: "ocr".into(),
+                        idempotency_key: "j:ocr:1".into(),
+                    },
+                    NewAttempt {
+                        step: "llm".into(),
+                        idempotency_key: "j:llm:1".into(),
+                    },
+                ],
+            }))
+            .then_expect_events(vec![
+                started(),
+                attempt_started("ocr", 1),
+                attempt_started("llm", 1),
+            ]);
+    }
+
+    #[test]
+    fn attempts_go_in_order_and_stop_after_success() {
+        let attempt = |n| {
+            JobCommand::StartAttempt(StartAttempt {
+                step: "ocr".into(),
+                attempt: n,
+                idempotency_key: format!("j:ocr:{n}"),
+            })
+        };
+        framework()
+            .given(vec![submitted(), started(), attempt_started("ocr", 1)])
+            .when(attempt(3))
+            .then_expect_error(JobError::AttemptOutOfOrder {
+                step: "ocr".into(),
+                expected: 2,
+                got: 3,
+            });
+        framework()
+            .given(vec![submitted(), started(), attempt_started("ocr", 1)])
+            .when(attempt(2))
+            .then_expect_events(vec![attempt_started("ocr", 2)]);
+        framework()
+            .given(vec![
+                submitted(),
+                started(),
+                attempt_started("ocr", 1),
+                step_event("ocr", 1),
+            ])
+            .when(attempt(2))
+            .then_expect_error(JobError::StepAlreadySucceeded { step: "ocr".into() });
+    }
+
+    #[test]
+    fn failed_attempt_with_retry_schedules_the_next() {
+        let failed = RecordStepResult {
+            status: StepStatus::Failed,
+            error_code: Some("HTTP_503".into()),
+            retry_in_ms: Some(5000),
+            output: Value::Null,
+            ..step("ocr", 1)
+        };
+        framework()
+            .given(vec![submitted(), started(), attempt_started("ocr", 1)])
+            .when(JobCommand::RecordStepResult(failed))
+            .then_expect_events(vec![
+                JobEvent::StepResultRecorded(StepResultRecorded {
+                    workflow_key: "invoice.extract".into(),
+                    step: "ocr".into(),
+                    attempt: 1,
+                    status: StepStatus::Failed,
+                    output: Value::Null,
+                    error_code: Some("HTTP_503".into()),
+                    error_message: None,
+                    duration_ms: 12,
+                }),
+                JobEvent::StepRetryScheduled(StepRetryScheduled {
+                    workflow_key: "invoice.extract".into(),
+                    step: "ocr".into(),
+                    attempt: 2,
+                    delay_ms: 5000,
+                }),
+            ]);
+    }
+
+    #[test]
+    fn callback_outcome_is_recorded_once_after_the_end() {
+        let with_url = JobEvent::JobSubmitted(JobSubmitted {
+            callback_url: Some("http://receiver/cb".into()),
+            ..match submitted() {
+                JobEvent::JobSubmitted(s) => s,
+                _ => unreachable!("submitted() is a JobSubmitted"),
+            }
+        });
+        let done = JobEvent::JobCompleted(JobCompleted {
+            workflow_key: "invoice.extract".into(),
+            outputs: json!({}),
+        });
+        let delivered = RecordCallback {
+            target: "http://receiver/cb".into(),
+            attempts: 2,
+            status_code: Some(200),
+            error_message: None,
+        };
+        framework()
+            .given(vec![with_url.clone(), started()])
+            .when(JobCommand::RecordCallback(delivered.clone()))
+            .then_expect_error(JobError::InvalidTransition {
+                command: "record the callback of",
+                status: "running",
+            });
+        framework()
+            .given(vec![submitted(), started(), done.clone()])
+            .when(JobCommand::RecordCallback(delivered.clone()))
+            .then_expect_error(JobError::NoCallback);
+        framework()
+            .given(vec![with_url.clone(), started(), done.clone()])
+            .when(JobCommand::RecordCallback(delivered.clone()))
+            .then_expect_events(vec![JobEvent::CallbackDelivered(CallbackDelivered {
+                workflow_key: "invoice.extract".into(),
+                target: "http://receiver/cb".into(),
+                attempts: 2,
+                status_code: 200,
+            })]);
+        let recorded = JobEvent::CallbackDelivered(CallbackDelivered {
+            workflow_key: "invoice.extract".into(),
+            target: "http://receiver/cb".into(),
+            attempts: 2,
+            status_code: 200,
+        });
+        framework()
+            .given(vec![with_url, started(), done, recorded])
+            .when(JobCommand::RecordCallback(delivered))
+            .then_expect_error(JobError::CallbackAlreadyRecorded);
     }
 }

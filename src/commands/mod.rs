@@ -5,6 +5,7 @@
 pub mod approval;
 pub mod job;
 pub mod projection;
+pub mod workflow;
 
 use serde::Serialize;
 

@@ -15,6 +15,10 @@ pub enum JobEvent {
     JobCompleted(JobCompleted),
     JobFailed(JobFailed),
     JobCancelled(JobCancelled),
+    StepAttemptStarted(StepAttemptStarted),
+    StepRetryScheduled(StepRetryScheduled),
+    CallbackDelivered(CallbackDelivered),
+    CallbackFailed(CallbackFailed),
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -85,6 +89,49 @@ pub struct JobCancelled {
     pub reason: String,
 }
 
+/// An attempt of a step was sent. The call carries `idempotency_key`; a
+/// handler that restarts before the result is recorded sends the same
+/// attempt again with the same key.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepAttemptStarted {
+    #[serde(default)]
+    pub workflow_key: String,
+    pub step: String,
+    pub attempt: u32,
+    pub idempotency_key: String,
+}
+
+/// A failed attempt will be followed by attempt `attempt` after `delay_ms`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepRetryScheduled {
+    #[serde(default)]
+    pub workflow_key: String,
+    pub step: String,
+    pub attempt: u32,
+    pub delay_ms: u64,
+}
+
+/// The job's result reached its `callback_url`. `target` is the URL without
+/// its query string (which may carry a receiver's token).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CallbackDelivered {
+    #[serde(default)]
+    pub workflow_key: String,
+    pub target: String,
+    pub attempts: u32,
+    pub status_code: u16,
+}
+
+/// Every delivery attempt of the callback failed; nothing more is tried.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CallbackFailed {
+    #[serde(default)]
+    pub workflow_key: String,
+    pub target: String,
+    pub attempts: u32,
+    pub error_message: String,
+}
+
 impl DomainEvent for JobEvent {
     fn event_type(&self) -> String {
         match self {
@@ -94,6 +141,10 @@ impl DomainEvent for JobEvent {
             JobEvent::JobCompleted(_) => "JobCompleted",
             JobEvent::JobFailed(_) => "JobFailed",
             JobEvent::JobCancelled(_) => "JobCancelled",
+            JobEvent::StepAttemptStarted(_) => "StepAttemptStarted",
+            JobEvent::StepRetryScheduled(_) => "StepRetryScheduled",
+            JobEvent::CallbackDelivered(_) => "CallbackDelivered",
+            JobEvent::CallbackFailed(_) => "CallbackFailed",
         }
         .to_string()
     }

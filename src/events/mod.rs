@@ -7,3 +7,4 @@ pub mod job;
 pub mod log;
 pub mod store;
 pub mod upcasters;
+pub mod workflow;

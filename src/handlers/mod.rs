@@ -1,2 +1,313 @@
-//! Process managers that turn events into actions (issue 4). Nothing here
-//! yet.
+//! Process managers that turn events into actions: the job execution
+//! handler (`manager` feeds events to one `executor` driver per job), the
+//! HTTP calls to solver and n8n peers (`peer`), signed callbacks
+//! (`callback`, `signing`), and the handler's view of a job (`view`).
+//!
+//! Handlers never write to the read models; they act only through
+//! commands, with ids derived from the causing job, step and attempt.
+
+pub mod callback;
+pub mod executor;
+pub mod manager;
+pub mod peer;
+pub mod signing;
+pub mod view;
+
+use std::cmp::Ordering;
+use std::collections::BinaryHeap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{oneshot, Notify, OwnedSemaphorePermit, Semaphore};
+
+use crate::api::intake::Intake;
+use crate::commands::approval::{ApprovalCommand, ApprovalError};
+use crate::commands::job::{JobCommand, JobError};
+use crate::events::chain;
+use crate::events::envelope::{decode_commit, Actor, CommandMeta};
+use crate::events::log::{subject_for, LogError};
+use crate::events::store::ExecuteError;
+use crate::registry::Registry;
+use signing::SigningKey;
+use view::JobView;
+
+/// The identity on every command a handler issues.
+pub const HANDLER_ACTOR: &str = "flowledger-handler";
+
+/// Exponential backoff with jitter: attempt n waits
+/// `min(base * multiplier^(n-1), max) * (1 ± jitter)`.
+#[derive(Debug, Clone)]
+pub struct RetryPolicy {
+    pub base: Duration,
+    pub multiplier: f64,
+    pub max: Duration,
+    /// 0.2 spreads each delay by ±20%.
+    pub jitter: f64,
+}
+
+impl Default for RetryPolicy {
+    /// Seed 002: 5 s, then 15 s.
+    fn default() -> Self {
+        RetryPolicy {
+            base: Duration::from_secs(5),
+            multiplier: 3.0,
+            max: Duration::from_secs(300),
+            jitter: 0.2,
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// The wait after failed attempt `attempt` (1-based); `base_ms`
+    /// overrides the policy's base for one step.
+    pub fn delay(&self, attempt: u32, base_ms: Option<u64>) -> Duration {
+        let base = base_ms
+            .map_or(self.base, Duration::from_millis)
+            .as_secs_f64();
+        let raw = (base * self.multiplier.powi(attempt.saturating_sub(1) as i32))
+            .min(self.max.as_secs_f64());
+        let spread = 1.0 + self.jitter * (2.0 * fastrand::f64() - 1.0);
+        Duration::from_secs_f64((raw * spread).max(0.0))
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct HandlerConfig {
+    /// Jobs running steps at once; more wait, the highest priority first.
+    pub max_concurrent_jobs: usize,
+    pub retry: RetryPolicy,
+    /// Base URL peers reach this service on (n8n callbacks).
+    pub public_url: Option<String>,
+    /// Signs outgoing callbacks; without it none is sent.
+    pub callback_key: Option<SigningKey>,
+    pub callback_max_attempts: u32,
+    pub callback_timeout: Duration,
+}
+
+impl Default for HandlerConfig {
+    fn default() -> Self {
+        HandlerConfig {
+            max_concurrent_jobs: 1000,
+            retry: RetryPolicy::default(),
+            public_url: None,
+            callback_key: None,
+            callback_max_attempts: 5,
+            callback_timeout: callback::DEFAULT_TIMEOUT,
+        }
+    }
+}
+
+/// What the drivers share.
+pub struct Ctx {
+    pub intake: Arc<Intake>,
+    pub registry: Arc<Registry>,
+    pub http: reqwest::Client,
+    pub config: HandlerConfig,
+    pub dispatcher: Dispatcher,
+}
+
+impl Ctx {
+    pub fn new(intake: Arc<Intake>, registry: Arc<Registry>, config: HandlerConfig) -> Arc<Self> {
+        let http = reqwest::Client::builder()
+            .pool_max_idle_per_host(256)
+            .build()
+            .unwrap_or_else(|_| reqwest::Client::new());
+        Arc::new(Ctx {
+            dispatcher: Dispatcher::new(config.max_concurrent_jobs),
+            intake,
+            registry,
+            http,
+            config,
+        })
+    }
+
+    /// Metadata of a command the handler issues: the id is derived from
+    /// what caused it, and names the command (same id, same command).
+    pub fn meta(&self, command_id: &str, job_id: &str) -> CommandMeta {
+        CommandMeta {
+            command_id: command_id.to_string(),
+            actor: Actor {
+                client_id: HANDLER_ACTOR.into(),
+                user_id: None,
+            },
+            correlation_id: job_id.to_string(),
+            causation_id: job_id.to_string(),
+            command_hash: chain::to_hex(&chain::sha256(command_id.as_bytes())),
+        }
+    }
+
+    pub async fn job(
+        &self,
+        job_id: &str,
+        cmd: JobCommand,
+        command_id: &str,
+    ) -> Result<(), ExecuteError<JobError>> {
+        self.intake
+            .jobs
+            .execute(job_id, cmd, &self.meta(command_id, job_id))
+            .await
+            .map(|_| ())
+    }
+
+    /// A command on the approval of `job_id` (its approval id is the job id).
+    pub async fn approval(
+        &self,
+        job_id: &str,
+        cmd: ApprovalCommand,
+        command_id: &str,
+    ) -> Result<(), ExecuteError<ApprovalError>> {
+        self.intake
+            .approvals
+            .execute(job_id, cmd, &self.meta(command_id, job_id))
+            .await
+            .map(|_| ())
+    }
+
+    /// The job's view read from the log (its events and its approval's).
+    pub async fn load_view(&self, job_id: &str) -> Result<Option<JobView>, LogError> {
+        let log = self.intake.log();
+        let mut view: Option<JobView> = None;
+        for subject in [subject_for("job", job_id), subject_for("approval", job_id)] {
+            let mut from = 1;
+            while let Some(m) = log.next_for_subject(&subject, from).await? {
+                from = m.sequence + 1;
+                let lines = decode_commit(&m.payload).map_err(|e| {
+                    LogError::Unavailable(format!("message {} is not a commit: {e}", m.sequence))
+                })?;
+                for (_, r) in lines {
+                    match &mut view {
+                        None => view = JobView::submitted(m.sequence, &r),
+                        Some(v) => v.apply(&r),
+                    }
+                }
+            }
+            if view.is_none() {
+                return Ok(None);
+            }
+        }
+        Ok(view)
+    }
+}
+
+/// Admits jobs to run their steps, at most `limit` at once; waiting jobs
+/// go in priority order (10 first), then in submission order.
+pub struct Dispatcher {
+    queue: Arc<Mutex<BinaryHeap<Ticket>>>,
+    notify: Arc<Notify>,
+    slots: Arc<Semaphore>,
+}
+
+struct Ticket {
+    priority: u8,
+    seq: u64,
+    tx: oneshot::Sender<OwnedSemaphorePermit>,
+}
+
+impl PartialEq for Ticket {
+    fn eq(&self, o: &Self) -> bool {
+        self.cmp(o) == Ordering::Equal
+    }
+}
+impl Eq for Ticket {}
+impl PartialOrd for Ticket {
+    fn partial_cmp(&self, o: &Self) -> Option<Ordering> {
+        Some(self.cmp(o))
+    }
+}
+impl Ord for Ticket {
+    fn cmp(&self, o: &Self) -> Ordering {
+        self.priority
+            .cmp(&o.priority)
+            .then_with(|| o.seq.cmp(&self.seq))
+    }
+}
+
+impl Dispatcher {
+    pub fn new(limit: usize) -> Self {
+        let d = Dispatcher {
+            queue: Arc::default(),
+            notify: Arc::new(Notify::new()),
+            slots: Arc::new(Semaphore::new(limit.max(1))),
+        };
+        let (queue, notify, slots) = (d.queue.clone(), d.notify.clone(), d.slots.clone());
+        tokio::spawn(async move {
+            loop {
+                let Ok(mut permit) = slots.clone().acquire_owned().await else {
+                    return;
+                };
+                loop {
+                    let next = queue.lock().unwrap_or_else(|p| p.into_inner()).pop();
+                    match next {
+                        None => notify.notified().await,
+                        Some(t) => match t.tx.send(permit) {
+                            Ok(()) => break,
+                            // that job went away (cancelled): next one
+                            Err(p) => permit = p,
+                        },
+                    }
+                }
+                metrics::gauge!("flowledger_handler_queued_jobs")
+                    .set(queue.lock().unwrap_or_else(|p| p.into_inner()).len() as f64);
+            }
+        });
+        d
+    }
+
+    /// Waits for a slot; the slot is free again when the permit drops.
+    pub async fn admit(&self, priority: u8, seq: u64) -> OwnedSemaphorePermit {
+        let (tx, rx) = oneshot::channel();
+        self.queue
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(Ticket { priority, seq, tx });
+        self.notify.notify_one();
+        match rx.await {
+            Ok(p) => p,
+            // the dispatcher task ended: the runtime is shutting down
+            Err(_) => std::future::pending().await,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_and_stays_within_jitter() {
+        let p = RetryPolicy::default();
+        for _ in 0..100 {
+            let d1 = p.delay(1, None).as_secs_f64();
+            let d2 = p.delay(2, None).as_secs_f64();
+            assert!((4.0..=6.0).contains(&d1), "{d1}");
+            assert!((12.0..=18.0).contains(&d2), "{d2}");
+        }
+        assert!(p.delay(30, None) <= Duration::from_secs(360));
+        let d = p.delay(1, Some(10)).as_secs_f64();
+        assert!((0.008..=0.012).contains(&d), "{d}");
+    }
+
+    #[tokio::test]
+    async fn dispatcher_admits_by_priority_then_order() {
+        let d = Arc::new(Dispatcher::new(1));
+        let first = d.admit(1, 1).await; // takes the only slot
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        for (prio, seq) in [(3u8, 2u64), (9, 3), (3, 4), (9, 5)] {
+            let (d, tx) = (d.clone(), tx.clone());
+            tokio::spawn(async move {
+                let _p = d.admit(prio, seq).await;
+                let _ = tx.send(seq);
+            });
+        }
+        // let all four queue up
+        while d.queue.lock().unwrap().len() < 4 {
+            tokio::task::yield_now().await;
+        }
+        drop(first);
+        let mut order = Vec::new();
+        for _ in 0..4 {
+            order.push(rx.recv().await.expect("each job is admitted"));
+        }
+        assert_eq!(order, vec![3, 5, 2, 4]);
+    }
+}

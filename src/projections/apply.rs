@@ -251,6 +251,13 @@ fn status_after(event_type: &str, data: &Value) -> Option<String> {
             "ApprovalGranted" => "approved",
             "ApprovalRejected" => "rejected",
             "ApprovalExpired" => "expired",
+            "StepAttemptStarted" => "sent",
+            "StepRetryScheduled" => "retry_scheduled",
+            "CallbackDelivered" => "delivered",
+            "CallbackFailed" => "failed",
+            "CallbackRejected" => "rejected",
+            "WorkflowDisabled" => "disabled",
+            "WorkflowEnabled" => "enabled",
             _ => return None,
         }
         .to_string(),

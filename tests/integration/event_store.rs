@@ -105,6 +105,7 @@ async fn a_stale_write_gets_conflict() {
             JobCommand::Fail(flowledger::commands::job::FailJob {
                 error_code: "E".into(),
                 error_message: "m".into(),
+                step_results: vec![],
             }),
             &services(),
         )
@@ -333,7 +334,9 @@ async fn cqrs_framework_runs_on_the_jetstream_store() {
     )
     .await
     .unwrap();
-    cqrs.execute("fw-1", JobCommand::Start).await.unwrap();
+    cqrs.execute("fw-1", JobCommand::Start(Default::default()))
+        .await
+        .unwrap();
     let store = AggregateStore::<Job>::new(app.log.clone(), services());
     let events = store.load_events("fw-1").await.unwrap();
     assert_eq!(events.len(), 2);
@@ -342,7 +345,10 @@ async fn cqrs_framework_runs_on_the_jetstream_store() {
     let loaded = store.load("fw-1").await.unwrap();
     assert_eq!(loaded.state.status, JobStatus::Running);
     assert_eq!(loaded.version, 2);
-    let err = cqrs.execute("fw-1", JobCommand::Start).await.unwrap_err();
+    let err = cqrs
+        .execute("fw-1", JobCommand::Start(Default::default()))
+        .await
+        .unwrap_err();
     assert!(matches!(err, AggregateError::UserError(_)), "{err:?}");
 }
 

@@ -453,3 +453,111 @@ impl ReadSide {
         .expect("snapshot")
     }
 }
+
+/// The job handler of a test: its own command side over the test's log,
+/// with `registry`, a fresh database for its position, and short retries.
+pub struct HandlerSide {
+    pub intake: Arc<Intake>,
+    pub ctx: Arc<flowledger::handlers::Ctx>,
+    stop: tokio::sync::watch::Sender<bool>,
+}
+
+impl Drop for HandlerSide {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+    }
+}
+
+/// Short delays for tests: 20 ms, then 60 ms, ...
+pub fn test_handler_config() -> flowledger::handlers::HandlerConfig {
+    flowledger::handlers::HandlerConfig {
+        retry: flowledger::handlers::RetryPolicy {
+            base: Duration::from_millis(20),
+            multiplier: 3.0,
+            max: Duration::from_secs(1),
+            jitter: 0.2,
+        },
+        ..Default::default()
+    }
+}
+
+pub async fn spawn_handler(
+    app: &TestApp,
+    registry: Value,
+    config: flowledger::handlers::HandlerConfig,
+) -> HandlerSide {
+    let registry = Arc::new(
+        Registry::parse(
+            std::path::Path::new("test-registry.json"),
+            &registry.to_string(),
+        )
+        .expect("a valid test registry"),
+    );
+    let intake = Arc::new(Intake::new(
+        app.log.clone(),
+        JobServices {
+            registry: registry.clone(),
+            max_timeout_seconds: 3600,
+        },
+    ));
+    let url = fresh_database().await;
+    let pool = flowledger::projections::db::connect(&url, 10)
+        .await
+        .expect("connect");
+    flowledger::projections::db::migrate(&pool)
+        .await
+        .expect("migrate");
+    let ctx = flowledger::handlers::Ctx::new(intake.clone(), registry, config);
+    let (stop, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(flowledger::handlers::manager::run(
+        ctx.clone(),
+        pool,
+        stop_rx,
+    ));
+    HandlerSide { intake, ctx, stop }
+}
+
+impl HandlerSide {
+    /// Submits a job through the command side; `extra` adds fields.
+    pub async fn submit(&self, job_id: &str, workflow_key: &str, extra: Value) -> Value {
+        let mut body =
+            json!({"job_id": job_id, "workflow_key": workflow_key, "client_id": "tests"});
+        if let (Some(b), Value::Object(e)) = (body.as_object_mut(), extra) {
+            b.extend(e);
+        }
+        match self
+            .intake
+            .handle("flow.cmd.job.submit", body.to_string().as_bytes())
+            .await
+        {
+            Ok(r) => flowledger::api::intake::receipt_json(&r),
+            Err(e) => e.to_json(),
+        }
+    }
+
+    /// Waits until the job has ended (and its callback, if any, is recorded).
+    pub async fn settled(&self, job_id: &str) -> flowledger::handlers::view::JobView {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(v) = self.ctx.load_view(job_id).await.expect("read the job") {
+                if !v.needs_handler() {
+                    return v;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "job {job_id} did not end within 30 s"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// A registry of one workflow `w` with the given steps and extra fields.
+pub fn one_workflow(steps: Value, extra: Value) -> Value {
+    let mut w = json!({"steps": steps});
+    if let (Some(o), Value::Object(e)) = (w.as_object_mut(), extra) {
+        o.extend(e);
+    }
+    json!({"version": 1, "workflows": {"w": w}})
+}

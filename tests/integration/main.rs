@@ -4,5 +4,7 @@
 
 mod audit;
 mod event_store;
+mod handlers;
 mod helpers;
+mod peers;
 mod projections;

@@ -297,6 +297,9 @@ async fn sigkill_of_the_service_changes_nothing_in_the_read_models() {
     let app = spawn_app().await;
     let read = spawn_read_side(&app, false).await;
     let bin = env!("CARGO_BIN_EXE_flowledger");
+    // this test drives jobs itself: the job handler stays off
+    let config = tempfile::NamedTempFile::new().expect("a temp file");
+    std::fs::write(config.path(), "[handler]\nenabled = false\n").expect("write the config");
     let start_serve = || {
         std::process::Command::new(bin)
             .args([
@@ -308,6 +311,7 @@ async fn sigkill_of_the_service_changes_nothing_in_the_read_models() {
             ])
             .env("FLOWLEDGER_NATS_URL", &app.nats.url)
             .env("DATABASE_URL", &read.url)
+            .env("FLOWLEDGER_CONFIG", config.path())
             .env(
                 "FLOWLEDGER_REGISTRY",
                 concat!(env!("CARGO_MANIFEST_DIR"), "/workflows/registry.json"),

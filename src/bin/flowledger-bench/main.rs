@@ -92,11 +92,13 @@ fn step(attempt: u32) -> JobCommand {
     JobCommand::RecordStepResult(RecordStepResult {
         step: "ocr".into(),
         attempt,
-        status: StepStatus::Succeeded,
+        // failed attempts: a step that succeeded is never recorded again
+        status: StepStatus::Failed,
         output: json!({"text_chars": 5123, "confidence": 0.97}),
         error_code: None,
         error_message: None,
         duration_ms: 2300,
+        retry_in_ms: None,
     })
 }
 
@@ -104,7 +106,7 @@ fn step(attempt: u32) -> JobCommand {
 fn script(i: usize) -> JobCommand {
     match i {
         0 => submit(),
-        1 => JobCommand::Start,
+        1 => JobCommand::Start(Default::default()),
         n => step(n as u32 - 1),
     }
 }
@@ -288,7 +290,11 @@ async fn flowledger_hot(
         .execute(id, submit(), &meta(format!("{id}-s")))
         .await?;
     store
-        .execute(id, JobCommand::Start, &meta(format!("{id}-st")))
+        .execute(
+            id,
+            JobCommand::Start(Default::default()),
+            &meta(format!("{id}-st")),
+        )
         .await?;
     measure(writers, writers * per_writer, |w| {
         let (store, id) = (store.clone(), id.to_string());
@@ -315,7 +321,8 @@ async fn postgres_hot(
     per_writer: usize,
 ) -> anyhow::Result<(Rate, usize)> {
     cqrs.execute(id, submit()).await?;
-    cqrs.execute(id, JobCommand::Start).await?;
+    cqrs.execute(id, JobCommand::Start(Default::default()))
+        .await?;
     let cpu0 = cpu_time();
     let start = Instant::now();
     let mut tasks = Vec::new();

@@ -86,7 +86,11 @@ async fn generate(store: &Arc<AggregateStore<Job>>, jobs: usize) -> anyhow::Resu
                     .map_err(|e| anyhow::anyhow!("{e}"))?;
                 if i % 10 < 2 {
                     store
-                        .execute(&id, JobCommand::Start, &meta(format!("{id}-st")))
+                        .execute(
+                            &id,
+                            JobCommand::Start(Default::default()),
+                            &meta(format!("{id}-st")),
+                        )
                         .await
                         .map_err(|e| anyhow::anyhow!("{e}"))?;
                     let end = if i % 10 == 0 {
@@ -98,6 +102,7 @@ async fn generate(store: &Arc<AggregateStore<Job>>, jobs: usize) -> anyhow::Resu
                         JobCommand::Fail(FailJob {
                             error_code: "SOLVER_TIMEOUT".into(),
                             error_message: "ocr timed out".into(),
+                            step_results: vec![],
                         })
                     };
                     store

@@ -1,0 +1,277 @@
+//! The `Workflow` aggregate, one per workflow key: the kill-switch
+//! (disable / enable) and the count of auto-approvals per UTC day, so the
+//! daily limit holds across handler restarts and concurrent handlers. And
+//! the `Callback` aggregate: one refused incoming callback each.
+
+use chrono::NaiveDate;
+use cqrs_es::event_sink::EventSink;
+use cqrs_es::Aggregate;
+use serde::{Deserialize, Serialize};
+
+use crate::commands::{DomainError, ErrorCode};
+use crate::events::workflow::*;
+
+/// Workflow keys may hold '.', which aggregate ids (NATS subject tokens)
+/// may not: '_' is written "__" and '.' is written "_d", reversibly.
+pub fn aggregate_id(workflow_key: &str) -> String {
+    workflow_key.replace('_', "__").replace('.', "_d")
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Workflow {
+    pub disabled: bool,
+    pub day: Option<NaiveDate>,
+    pub used_today: u32,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum WorkflowCommand {
+    Disable {
+        workflow_key: String,
+        reason: String,
+    },
+    Enable {
+        workflow_key: String,
+        reason: String,
+    },
+    CountAutoApproval {
+        workflow_key: String,
+        job_id: String,
+        day: NaiveDate,
+        limit: u32,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum WorkflowError {
+    #[error("workflow is already disabled")]
+    AlreadyDisabled,
+    #[error("workflow is not disabled")]
+    NotDisabled,
+    #[error("daily auto-approval limit of {limit} reached for {day}")]
+    DailyLimitReached { day: NaiveDate, limit: u32 },
+    #[error("reason must not be empty: say why")]
+    NoReason,
+}
+
+impl DomainError for WorkflowError {
+    fn code(&self) -> ErrorCode {
+        match self {
+            WorkflowError::NoReason => ErrorCode::Validation,
+            _ => ErrorCode::Rejected,
+        }
+    }
+}
+
+impl Workflow {
+    pub fn decide(&self, c: WorkflowCommand) -> Result<Vec<WorkflowEvent>, WorkflowError> {
+        match c {
+            WorkflowCommand::Disable {
+                workflow_key,
+                reason,
+            } => {
+                if reason.trim().is_empty() {
+                    return Err(WorkflowError::NoReason);
+                }
+                if self.disabled {
+                    return Err(WorkflowError::AlreadyDisabled);
+                }
+                Ok(vec![WorkflowEvent::WorkflowDisabled(WorkflowSwitched {
+                    workflow_key,
+                    reason,
+                })])
+            }
+            WorkflowCommand::Enable {
+                workflow_key,
+                reason,
+            } => {
+                if reason.trim().is_empty() {
+                    return Err(WorkflowError::NoReason);
+                }
+                if !self.disabled {
+                    return Err(WorkflowError::NotDisabled);
+                }
+                Ok(vec![WorkflowEvent::WorkflowEnabled(WorkflowSwitched {
+                    workflow_key,
+                    reason,
+                })])
+            }
+            WorkflowCommand::CountAutoApproval {
+                workflow_key,
+                job_id,
+                day,
+                limit,
+            } => {
+                let used = if self.day == Some(day) {
+                    self.used_today
+                } else {
+                    0
+                };
+                if used >= limit {
+                    return Err(WorkflowError::DailyLimitReached { day, limit });
+                }
+                Ok(vec![WorkflowEvent::AutoApprovalCounted(
+                    AutoApprovalCounted {
+                        workflow_key,
+                        job_id,
+                        day,
+                        used: used + 1,
+                        limit,
+                    },
+                )])
+            }
+        }
+    }
+}
+
+impl Aggregate for Workflow {
+    const TYPE: &'static str = "workflow";
+    type Command = WorkflowCommand;
+    type Event = WorkflowEvent;
+    type Error = WorkflowError;
+    type Services = ();
+
+    async fn handle(
+        &mut self,
+        command: Self::Command,
+        _: &Self::Services,
+        sink: &EventSink<Self>,
+    ) -> Result<(), Self::Error> {
+        for event in self.decide(command)? {
+            sink.write(event, self).await;
+        }
+        Ok(())
+    }
+
+    fn apply(&mut self, event: Self::Event) {
+        match event {
+            WorkflowEvent::WorkflowDisabled(_) => self.disabled = true,
+            WorkflowEvent::WorkflowEnabled(_) => self.disabled = false,
+            WorkflowEvent::AutoApprovalCounted(e) => {
+                self.day = Some(e.day);
+                self.used_today = e.used;
+            }
+        }
+    }
+}
+
+/// One refused incoming callback.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Callback {
+    pub rejected: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum CallbackError {
+    #[error("this callback record already exists; use a new id")]
+    AlreadyRecorded,
+}
+
+impl DomainError for CallbackError {
+    fn code(&self) -> ErrorCode {
+        ErrorCode::Conflict
+    }
+}
+
+impl Aggregate for Callback {
+    const TYPE: &'static str = "callback";
+    type Command = CallbackRejected;
+    type Event = CallbackEvent;
+    type Error = CallbackError;
+    type Services = ();
+
+    async fn handle(
+        &mut self,
+        command: Self::Command,
+        _: &Self::Services,
+        sink: &EventSink<Self>,
+    ) -> Result<(), Self::Error> {
+        if self.rejected {
+            return Err(CallbackError::AlreadyRecorded);
+        }
+        sink.write(CallbackEvent::CallbackRejected(command), self)
+            .await;
+        Ok(())
+    }
+
+    fn apply(&mut self, _: Self::Event) {
+        self.rejected = true;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cqrs_es::test::TestFramework;
+
+    fn day(d: u32) -> NaiveDate {
+        NaiveDate::from_ymd_opt(2026, 11, d).expect("a valid date")
+    }
+
+    fn count(job: &str, d: u32) -> WorkflowCommand {
+        WorkflowCommand::CountAutoApproval {
+            workflow_key: "w".into(),
+            job_id: job.into(),
+            day: day(d),
+            limit: 2,
+        }
+    }
+
+    fn counted(job: &str, d: u32, used: u32) -> WorkflowEvent {
+        WorkflowEvent::AutoApprovalCounted(AutoApprovalCounted {
+            workflow_key: "w".into(),
+            job_id: job.into(),
+            day: day(d),
+            used,
+            limit: 2,
+        })
+    }
+
+    #[test]
+    fn daily_limit_holds_and_resets_next_day() {
+        TestFramework::<Workflow>::with(())
+            .given(vec![counted("a", 23, 1)])
+            .when(count("b", 23))
+            .then_expect_events(vec![counted("b", 23, 2)]);
+        TestFramework::<Workflow>::with(())
+            .given(vec![counted("a", 23, 1), counted("b", 23, 2)])
+            .when(count("c", 23))
+            .then_expect_error(WorkflowError::DailyLimitReached {
+                day: day(23),
+                limit: 2,
+            });
+        TestFramework::<Workflow>::with(())
+            .given(vec![counted("a", 23, 1), counted("b", 23, 2)])
+            .when(count("c", 24))
+            .then_expect_events(vec![counted("c", 24, 1)]);
+    }
+
+    #[test]
+    fn kill_switch_toggles() {
+        let off = |r: &str| WorkflowCommand::Disable {
+            workflow_key: "w".into(),
+            reason: r.into(),
+        };
+        TestFramework::<Workflow>::with(())
+            .given_no_previous_events()
+            .when(off(""))
+            .then_expect_error(WorkflowError::NoReason);
+        TestFramework::<Workflow>::with(())
+            .given(vec![WorkflowEvent::WorkflowDisabled(WorkflowSwitched {
+                workflow_key: "w".into(),
+                reason: "incident".into(),
+            })])
+            .when(off("again"))
+            .then_expect_error(WorkflowError::AlreadyDisabled);
+    }
+
+    #[test]
+    fn workflow_ids_are_reversible_and_distinct() {
+        assert_eq!(aggregate_id("invoice.extract"), "invoice_dextract");
+        assert_ne!(aggregate_id("a.b"), aggregate_id("a_b"));
+        assert_ne!(aggregate_id("a_d"), aggregate_id("a.d"));
+        assert!(crate::events::log::valid_aggregate_id(&aggregate_id(
+            "x.y_z-1"
+        )));
+    }
+}

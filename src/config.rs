@@ -1,0 +1,245 @@
+//! The service configuration file (`--config FILE`, env `FLOWLEDGER_CONFIG`),
+//! TOML. Every setting is documented in docs/CONFIGURATION.md. Secrets are
+//! never in the file: it names the environment variables that hold them,
+//! and clients' tokens appear only as SHA-256 hashes.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::handlers::signing::SigningKey;
+use crate::handlers::{HandlerConfig, RetryPolicy};
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub handler: HandlerSection,
+    #[serde(default)]
+    pub callbacks: CallbackSection,
+    #[serde(default)]
+    pub clients: Vec<ClientEntry>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HandlerSection {
+    pub enabled: bool,
+    pub max_concurrent_jobs: usize,
+    pub retry_base_ms: u64,
+    pub retry_multiplier: f64,
+    pub retry_max_ms: u64,
+    pub retry_jitter: f64,
+    /// Base URL n8n calls back on, e.g. "https://flowledger.internal".
+    pub public_url: Option<String>,
+}
+
+impl Default for HandlerSection {
+    fn default() -> Self {
+        let r = RetryPolicy::default();
+        HandlerSection {
+            enabled: true,
+            max_concurrent_jobs: 1000,
+            retry_base_ms: r.base.as_millis() as u64,
+            retry_multiplier: r.multiplier,
+            retry_max_ms: r.max.as_millis() as u64,
+            retry_jitter: r.jitter,
+            public_url: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CallbackSection {
+    /// Environment variable holding the key that signs outgoing callbacks.
+    pub signing_key_env: String,
+    /// Environment variable holding the key n8n signs its callbacks with.
+    pub n8n_key_env: String,
+    pub max_attempts: u32,
+    pub timeout_ms: u64,
+    pub timestamp_window_seconds: u64,
+}
+
+impl Default for CallbackSection {
+    fn default() -> Self {
+        CallbackSection {
+            signing_key_env: "FLOWLEDGER_CALLBACK_KEY".into(),
+            n8n_key_env: "FLOWLEDGER_N8N_KEY".into(),
+            max_attempts: 5,
+            timeout_ms: 10_000,
+            timestamp_window_seconds: 300,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// Submits, reads and cancels its own jobs.
+    #[default]
+    Client,
+    /// Also decides approvals and flips the kill-switch.
+    Operator,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientEntry {
+    pub id: String,
+    /// Hex SHA-256 of the bearer token (`printf %s TOKEN | sha256sum`).
+    pub token_sha256: String,
+    #[serde(default)]
+    pub role: Role,
+    /// Job submissions per minute (`POST /v1/jobs`), bursts included.
+    #[serde(default = "default_rate")]
+    pub rate_limit_per_minute: u32,
+}
+
+fn default_rate() -> u32 {
+    600
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read configuration {path}: {source} (pass another file with --config or FLOWLEDGER_CONFIG)")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("configuration {path} is not valid: {message}")]
+    Invalid { path: PathBuf, message: String },
+    #[error(
+        "environment variable {var} (named by callbacks.{field} in the configuration): {message}"
+    )]
+    Secret {
+        var: String,
+        field: &'static str,
+        message: String,
+    },
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(path, &text)
+    }
+
+    pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
+        let invalid = |message: String| ConfigError::Invalid {
+            path: path.to_owned(),
+            message,
+        };
+        let c: Config = toml::from_str(text).map_err(|e| invalid(e.to_string()))?;
+        let h = &c.handler;
+        if h.max_concurrent_jobs == 0 {
+            return Err(invalid(
+                "handler.max_concurrent_jobs must be at least 1".into(),
+            ));
+        }
+        if h.retry_multiplier < 1.0 || !(0.0..=1.0).contains(&h.retry_jitter) {
+            return Err(invalid(
+                "handler.retry_multiplier must be >= 1 and handler.retry_jitter 0 to 1".into(),
+            ));
+        }
+        if c.callbacks.timestamp_window_seconds == 0 {
+            return Err(invalid(
+                "callbacks.timestamp_window_seconds must be at least 1".into(),
+            ));
+        }
+        let mut ids = std::collections::BTreeSet::new();
+        for (i, client) in c.clients.iter().enumerate() {
+            if client.id.trim().is_empty() || !ids.insert(client.id.as_str()) {
+                return Err(invalid(format!(
+                    "clients[{i}].id must be non-empty and unique, got {:?}",
+                    client.id
+                )));
+            }
+            if client.token_sha256.len() != 64 || hex::decode(&client.token_sha256).is_err() {
+                return Err(invalid(format!(
+                    "clients[{i}].token_sha256 must be 64 hex digits (printf %s TOKEN | sha256sum)"
+                )));
+            }
+            if client.rate_limit_per_minute == 0 {
+                return Err(invalid(format!(
+                    "clients[{i}].rate_limit_per_minute must be at least 1"
+                )));
+            }
+        }
+        Ok(c)
+    }
+
+    fn key(var: &str, field: &'static str) -> Result<Option<SigningKey>, ConfigError> {
+        match std::env::var(var) {
+            Err(_) => Ok(None),
+            Ok(v) => {
+                SigningKey::new(v.as_bytes())
+                    .map(Some)
+                    .map_err(|message| ConfigError::Secret {
+                        var: var.into(),
+                        field,
+                        message,
+                    })
+            }
+        }
+    }
+
+    pub fn n8n_key(&self) -> Result<Option<SigningKey>, ConfigError> {
+        Self::key(&self.callbacks.n8n_key_env, "n8n_key_env")
+    }
+
+    /// The handler's settings, with the callback key read from its variable.
+    pub fn handler_config(&self) -> Result<HandlerConfig, ConfigError> {
+        let h = &self.handler;
+        Ok(HandlerConfig {
+            max_concurrent_jobs: h.max_concurrent_jobs,
+            retry: RetryPolicy {
+                base: Duration::from_millis(h.retry_base_ms),
+                multiplier: h.retry_multiplier,
+                max: Duration::from_millis(h.retry_max_ms),
+                jitter: h.retry_jitter,
+            },
+            public_url: h
+                .public_url
+                .clone()
+                .map(|u| u.trim_end_matches('/').to_string()),
+            callback_key: Self::key(&self.callbacks.signing_key_env, "signing_key_env")?,
+            callback_max_attempts: self.callbacks.max_attempts,
+            callback_timeout: Duration::from_millis(self.callbacks.timeout_ms),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn example_configuration_parses() {
+        let c = Config::load(Path::new("config/example.toml")).expect("config/example.toml");
+        assert!(c.clients.iter().any(|c| c.role == Role::Operator));
+    }
+
+    #[test]
+    fn errors_name_the_setting() {
+        let e = Config::parse(Path::new("c.toml"), "[handler]\nmax_concurent_jobs = 3\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("max_concurent_jobs"), "{e}");
+        let e = Config::parse(
+            Path::new("c.toml"),
+            "[[clients]]\nid = \"a\"\ntoken_sha256 = \"abc\"\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("clients[0].token_sha256"), "{e}");
+        let e = Config::parse(Path::new("c.toml"), "[handler]\nmax_concurrent_jobs = 0\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("handler.max_concurrent_jobs"), "{e}");
+    }
+}

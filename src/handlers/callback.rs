@@ -1,0 +1,107 @@
+//! Outgoing callbacks: when a job ends, its result is POSTed to the job's
+//! `callback_url`, signed (see `signing`), retried with backoff; the
+//! outcome is a `CallbackDelivered` or `CallbackFailed` event on the job.
+
+use std::time::Duration;
+
+use crate::commands::job::RecordCallback;
+use crate::handlers::executor::{callback_body, record_callback};
+use crate::handlers::peer::HDR_IDEMPOTENCY_KEY;
+use crate::handlers::signing::{HDR_SIGNATURE, HDR_TIMESTAMP};
+use crate::handlers::view::JobView;
+use crate::handlers::Ctx;
+
+/// The URL as recorded in events: without its query string, which may
+/// carry a receiver's token.
+pub fn target_of(url: &str) -> String {
+    url.split(['?', '#']).next().unwrap_or("").to_string()
+}
+
+pub async fn deliver(ctx: &Ctx, view: &JobView) {
+    let Some(url) = view.callback_url.as_deref() else {
+        return;
+    };
+    let target = target_of(url);
+    let Some(key) = ctx.config.callback_key.as_ref() else {
+        let outcome = RecordCallback {
+            target,
+            attempts: 0,
+            status_code: None,
+            error_message: Some(
+                "no callback signing key is configured (FLOWLEDGER_CALLBACK_KEY); unsigned callbacks are never sent".into(),
+            ),
+        };
+        record_callback(ctx, &view.job_id, outcome).await;
+        return;
+    };
+    let body = callback_body(view).to_string();
+    let max = ctx.config.callback_max_attempts.max(1);
+    let mut last_error = String::new();
+    for attempt in 1..=max {
+        let ts = chrono::Utc::now().timestamp();
+        let sent = ctx
+            .http
+            .post(url)
+            .header("Content-Type", "application/json")
+            .header(HDR_TIMESTAMP, ts.to_string())
+            .header(HDR_SIGNATURE, key.sign(ts, body.as_bytes()))
+            .header(HDR_IDEMPOTENCY_KEY, format!("{}:callback", view.job_id))
+            .timeout(ctx.config.callback_timeout)
+            .body(body.clone())
+            .send()
+            .await;
+        match sent {
+            Ok(r) if r.status().is_success() => {
+                metrics::counter!("flowledger_callbacks_total", "outcome" => "delivered")
+                    .increment(1);
+                let outcome = RecordCallback {
+                    target,
+                    attempts: attempt,
+                    status_code: Some(r.status().as_u16()),
+                    error_message: None,
+                };
+                record_callback(ctx, &view.job_id, outcome).await;
+                return;
+            }
+            Ok(r) => last_error = format!("receiver answered {}", r.status()),
+            Err(e) if e.is_timeout() => {
+                last_error = format!(
+                    "no answer within {} ms",
+                    ctx.config.callback_timeout.as_millis()
+                )
+            }
+            Err(e) => last_error = format!("cannot reach the receiver: {}", e.without_url()),
+        }
+        tracing::info!(
+            job_id = view.job_id,
+            attempt,
+            error = last_error,
+            "callback not delivered"
+        );
+        if attempt < max {
+            tokio::time::sleep(ctx.config.retry.delay(attempt, None)).await;
+        }
+    }
+    metrics::counter!("flowledger_callbacks_total", "outcome" => "failed").increment(1);
+    let outcome = RecordCallback {
+        target,
+        attempts: max,
+        status_code: None,
+        error_message: Some(format!("{max} attempts failed; last: {last_error}")),
+    };
+    record_callback(ctx, &view.job_id, outcome).await;
+}
+
+/// Default time a receiver has to answer one delivery.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn target_drops_the_query() {
+        assert_eq!(
+            super::target_of("https://r.example/cb?token=abc"),
+            "https://r.example/cb"
+        );
+    }
+}

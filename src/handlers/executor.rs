@@ -1,0 +1,725 @@
+//! The job driver: one task per job the handler owes an action. It takes
+//! the job through its approval gate, waits for a dispatch slot (by
+//! priority), runs every step in parallel with retries, ends the job by
+//! the workflow's success policy, then delivers the signed callback.
+//!
+//! Everything it does is a command with an id derived from the job, the
+//! step and the attempt, so a driver restarted after a crash repeats no
+//! event: a repeated command answers its first receipt. Outgoing calls
+//! carry the same `Idempotency-Key` when an attempt is sent again.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use futures::stream::FuturesUnordered;
+use futures::StreamExt;
+use serde_json::{json, Map, Value};
+use tokio::sync::mpsc;
+
+use crate::commands::approval::{ApprovalCommand, ApprovalError, RequestApproval};
+use crate::commands::job::{
+    CompleteJob, FailJob, JobCommand, JobError, JobStatus, NewAttempt, RecordCallback,
+    RecordStepResult, StartAttempt, StartJob,
+};
+use crate::commands::workflow::{self, WorkflowCommand, WorkflowError};
+use crate::events::envelope::EventRecord;
+use crate::events::job::StepStatus;
+use crate::events::store::ExecuteError;
+use crate::handlers::peer::{self, CallOutcome, StepCall};
+use crate::handlers::view::{ApprovalState, AttemptResult, JobView, StepView};
+use crate::handlers::Ctx;
+use crate::registry::{StepDefinition, StepKind, WorkflowDefinition};
+
+/// Why a driver stopped before the job ended; the manager restarts it.
+#[derive(Debug)]
+pub enum Halt {
+    /// The job changed under the driver (cancelled, or ended elsewhere).
+    Superseded,
+    /// The job's state must be re-read from the log; the driver starts over.
+    Reload,
+}
+
+/// How a step ended, as far as this run knows.
+#[derive(Debug, Clone)]
+enum StepEnd {
+    /// Its final result is in the log already.
+    Recorded {
+        succeeded: bool,
+        output: Value,
+        summary: String,
+    },
+    /// Its final result still has to be written.
+    Unrecorded(RecordStepResult),
+}
+
+impl StepEnd {
+    fn succeeded(&self) -> bool {
+        match self {
+            StepEnd::Recorded { succeeded, .. } => *succeeded,
+            StepEnd::Unrecorded(r) => r.status == StepStatus::Succeeded,
+        }
+    }
+}
+
+fn summary(r: &AttemptResult) -> String {
+    match (&r.error_code, &r.error_message) {
+        (Some(c), Some(m)) => format!("{c}: {m}"),
+        (Some(c), None) => c.clone(),
+        (None, Some(m)) => m.clone(),
+        (None, None) => r.status.clone(),
+    }
+}
+
+/// Drives one job until the handler owes it nothing more.
+pub async fn drive(
+    ctx: Arc<Ctx>,
+    job_id: String,
+    mut rx: mpsc::UnboundedReceiver<Arc<EventRecord>>,
+) {
+    let mut reloads: u32 = 0;
+    loop {
+        let view = match ctx.load_view(&job_id).await {
+            Ok(Some(v)) => v,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::warn!(job_id, error = %e, "cannot read the job; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        if !view.status.is_final() {
+            if let Err(Halt::Reload) = advance(&ctx, view, &mut rx).await {
+                // back off when the job keeps changing under us
+                reloads += 1;
+                tokio::time::sleep(Duration::from_millis(50 * u64::from(reloads.min(100)))).await;
+            }
+            continue;
+        }
+        if view.callback_url.is_some() && !view.callback_recorded {
+            super::callback::deliver(&ctx, &view).await;
+        }
+        return;
+    }
+}
+
+/// Moves a job that has not ended as far as it goes; returns when it ended
+/// or when its state has to be re-read.
+async fn advance(
+    ctx: &Ctx,
+    mut view: JobView,
+    rx: &mut mpsc::UnboundedReceiver<Arc<EventRecord>>,
+) -> Result<(), Halt> {
+    let Some(def) = ctx.registry.get(&view.workflow_key).cloned() else {
+        let msg = format!(
+            "workflow {:?} is no longer in the registry; the job cannot run",
+            view.workflow_key
+        );
+        return fail(ctx, &view, "unknown_workflow", msg, vec![]).await;
+    };
+    if view.status == JobStatus::Pending && def.requires_approval {
+        approval_gate(ctx, &mut view, &def, rx).await?;
+    }
+    let queued = Instant::now();
+    let permit = tokio::select! {
+        p = ctx.dispatcher.admit(view.priority, view.submitted_seq) => p,
+        r = wait_cancelled(rx, &mut view) => return r,
+    };
+    metrics::histogram!("flowledger_handler_queue_seconds").record(queued.elapsed().as_secs_f64());
+    let r = run(ctx, &mut view, &def, rx).await;
+    drop(permit);
+    r
+}
+
+/// Resolves when a record says the job was cancelled.
+async fn wait_cancelled(
+    rx: &mut mpsc::UnboundedReceiver<Arc<EventRecord>>,
+    view: &mut JobView,
+) -> Result<(), Halt> {
+    while let Some(r) = rx.recv().await {
+        view.apply(&r);
+        if view.status.is_final() {
+            return Err(Halt::Superseded);
+        }
+    }
+    // the manager is shutting down
+    std::future::pending().await
+}
+
+async fn approval_gate(
+    ctx: &Ctx,
+    view: &mut JobView,
+    def: &WorkflowDefinition,
+    rx: &mut mpsc::UnboundedReceiver<Arc<EventRecord>>,
+) -> Result<(), Halt> {
+    let job_id = view.job_id.clone();
+    loop {
+        match view.approval.clone() {
+            ApprovalState::None => {
+                let expires_at = view.submitted_at
+                    + chrono::Duration::seconds(def.approval_timeout_seconds as i64);
+                let request = ApprovalCommand::Request {
+                    request: RequestApproval {
+                        job_id: job_id.clone(),
+                        workflow_key: view.workflow_key.clone(),
+                        requested_by: view.client_id.clone(),
+                        reason: Some(format!("workflow {} requires approval", view.workflow_key)),
+                        expires_at,
+                    },
+                    at: Utc::now().min(expires_at - chrono::Duration::milliseconds(1)),
+                };
+                match ctx
+                    .approval(&job_id, request, &format!("approval-request:{job_id}"))
+                    .await
+                {
+                    Ok(()) | Err(ExecuteError::Rejected(ApprovalError::AlreadyExists(_))) => {}
+                    Err(e) => return retry_later(&job_id, "request the approval", e).await,
+                }
+                view.approval = ApprovalState::Pending { expires_at };
+                auto_approve(ctx, view, def).await?;
+            }
+            ApprovalState::Pending { expires_at } => {
+                let wait = (expires_at - Utc::now()).to_std().unwrap_or_default();
+                tokio::select! {
+                    r = rx.recv() => match r {
+                        Some(r) => view.apply(&r),
+                        None => std::future::pending().await,
+                    },
+                    _ = tokio::time::sleep(wait) => {
+                        let cmd = ApprovalCommand::Expire { at: Utc::now().max(expires_at) };
+                        match ctx.approval(&job_id, cmd, &format!("approval-expire:{job_id}")).await {
+                            Ok(()) => view.approval = ApprovalState::Expired,
+                            // decided meanwhile: the record is on its way
+                            Err(ExecuteError::Rejected(_)) => return Err(Halt::Reload),
+                            Err(e) => return retry_later(&job_id, "expire the approval", e).await,
+                        }
+                    }
+                }
+            }
+            ApprovalState::Granted { .. } => return Ok(()),
+            ApprovalState::Rejected { by, reason } => {
+                let msg = format!("approval rejected by {by}: {reason}");
+                fail(ctx, view, "approval_rejected", msg, vec![]).await?;
+                return Err(Halt::Superseded);
+            }
+            ApprovalState::Expired => {
+                let msg = format!(
+                    "approval expired after {} s without a decision",
+                    def.approval_timeout_seconds
+                );
+                fail(ctx, view, "approval_expired", msg, vec![]).await?;
+                return Err(Halt::Superseded);
+            }
+        }
+        if view.status.is_final() {
+            return Err(Halt::Superseded);
+        }
+    }
+}
+
+/// Approves without a human when the workflow's rule allows it: the job's
+/// `metadata.confidence` reaches the threshold and the day's count is
+/// below the limit (counted on the workflow aggregate, so it holds across
+/// restarts).
+async fn auto_approve(ctx: &Ctx, view: &mut JobView, def: &WorkflowDefinition) -> Result<(), Halt> {
+    let Some(rule) = &def.auto_approval else {
+        return Ok(());
+    };
+    let Some(confidence) = view.metadata.get("confidence").and_then(Value::as_f64) else {
+        return Ok(());
+    };
+    if confidence < rule.min_confidence {
+        return Ok(());
+    }
+    let job_id = view.job_id.clone();
+    let day = Utc::now().date_naive();
+    let count = WorkflowCommand::CountAutoApproval {
+        workflow_key: view.workflow_key.clone(),
+        job_id: job_id.clone(),
+        day,
+        limit: rule.daily_limit,
+    };
+    let meta = ctx.meta(&format!("auto-approval-count:{job_id}"), &job_id);
+    let used = match ctx
+        .intake
+        .workflows
+        .execute(&workflow::aggregate_id(&view.workflow_key), count, &meta)
+        .await
+    {
+        Ok(_) => true,
+        Err(ExecuteError::Rejected(WorkflowError::DailyLimitReached { day, limit })) => {
+            tracing::info!(job_id, %day, limit, "auto-approval limit reached; waiting for a human");
+            false
+        }
+        Err(e) => return retry_later(&job_id, "count the auto-approval", e).await,
+    };
+    if !used {
+        return Ok(());
+    }
+    let approve = ApprovalCommand::Approve {
+        decision: crate::commands::approval::Decide {
+            decided_by: "auto-approval".into(),
+            reason: format!(
+                "confidence {confidence} >= {} (daily limit {})",
+                rule.min_confidence, rule.daily_limit
+            ),
+        },
+        at: Utc::now(),
+    };
+    match ctx
+        .approval(&job_id, approve, &format!("auto-approve:{job_id}"))
+        .await
+    {
+        Ok(()) => {
+            view.approval = ApprovalState::Granted {
+                by: "auto-approval".into(),
+            };
+            Ok(())
+        }
+        // a human was faster, or it expired: the record is on its way
+        Err(ExecuteError::Rejected(_)) => Err(Halt::Reload),
+        Err(e) => retry_later(&job_id, "auto-approve", e).await,
+    }
+}
+
+async fn retry_later<T, E: std::fmt::Display>(job_id: &str, what: &str, e: E) -> Result<T, Halt> {
+    tracing::warn!(job_id, error = %e, "cannot {what}; retrying");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    Err(Halt::Reload)
+}
+
+async fn fail(
+    ctx: &Ctx,
+    view: &JobView,
+    code: &str,
+    message: String,
+    step_results: Vec<RecordStepResult>,
+) -> Result<(), Halt> {
+    let job_id = &view.job_id;
+    let cmd = JobCommand::Fail(FailJob {
+        error_code: code.into(),
+        error_message: message,
+        step_results,
+    });
+    job_result(ctx, job_id, cmd, &format!("end:{job_id}")).await
+}
+
+/// Runs a job command whose failure means the job moved on without us.
+async fn job_result(ctx: &Ctx, job_id: &str, cmd: JobCommand, id: &str) -> Result<(), Halt> {
+    match ctx.job(job_id, cmd, id).await {
+        Ok(()) => Ok(()),
+        Err(ExecuteError::Rejected(JobError::InvalidTransition { .. })) => Err(Halt::Superseded),
+        Err(ExecuteError::Rejected(e)) => {
+            tracing::info!(job_id, error = %e, "job changed meanwhile; re-reading it");
+            Err(Halt::Reload)
+        }
+        Err(e) => retry_later(job_id, "record the job's progress", e).await,
+    }
+}
+
+/// Where a step stands at the start of a run, from the view.
+fn settled(sv: &StepView, step: &StepDefinition) -> Option<StepEnd> {
+    if let Some(r) = sv.succeeded() {
+        return Some(StepEnd::Recorded {
+            succeeded: true,
+            output: r.output.clone(),
+            summary: summary(r),
+        });
+    }
+    let last = sv.results.get(&sv.started)?;
+    if sv.retry.is_some() && sv.started < step.max_attempts {
+        return None;
+    }
+    Some(StepEnd::Recorded {
+        succeeded: false,
+        output: Value::Null,
+        summary: summary(last),
+    })
+}
+
+async fn run(
+    ctx: &Ctx,
+    view: &mut JobView,
+    def: &WorkflowDefinition,
+    rx: &mut mpsc::UnboundedReceiver<Arc<EventRecord>>,
+) -> Result<(), Halt> {
+    let job_id = view.job_id.clone();
+    if view.status == JobStatus::Pending {
+        let attempts = def
+            .steps
+            .iter()
+            .map(|s| NewAttempt {
+                step: s.name.clone(),
+                idempotency_key: peer::idempotency_key(&job_id, &s.name, 1),
+            })
+            .collect();
+        job_result(
+            ctx,
+            &job_id,
+            JobCommand::Start(StartJob { attempts }),
+            &format!("start:{job_id}"),
+        )
+        .await?;
+        view.status = JobStatus::Running;
+        view.started_at = Some(Utc::now());
+        for s in &def.steps {
+            view.steps.entry(s.name.clone()).or_default().started = 1;
+        }
+    }
+    let started_at = view.started_at.unwrap_or_else(Utc::now);
+    let deadline = started_at + chrono::Duration::seconds(view.timeout_seconds as i64);
+    let until_deadline = (deadline - Utc::now()).to_std().unwrap_or_default();
+
+    let mut ends: BTreeMap<String, StepEnd> = BTreeMap::new();
+    let mut notices: HashMap<String, mpsc::UnboundedSender<(u32, AttemptResult)>> = HashMap::new();
+    let mut tasks = FuturesUnordered::new();
+    for step in &def.steps {
+        let sv = view.steps.get(&step.name).cloned().unwrap_or_default();
+        if let Some(end) = settled(&sv, step) {
+            ends.insert(step.name.clone(), end);
+            continue;
+        }
+        let (tx, notice_rx) = mpsc::unbounded_channel();
+        notices.insert(step.name.clone(), tx);
+        let job = JobRef {
+            id: job_id.clone(),
+            workflow_key: view.workflow_key.clone(),
+            inputs: view.inputs.clone(),
+        };
+        let step = step.clone();
+        tasks.push(async move {
+            let end = run_step(ctx, &job, &step, sv, notice_rx).await;
+            (step.name.clone(), end)
+        });
+    }
+    let total = def.steps.len();
+    let needed = def.success.needed(total);
+    let sleep = tokio::time::sleep(until_deadline);
+    tokio::pin!(sleep);
+    loop {
+        let succeeded = ends.values().filter(|e| e.succeeded()).count();
+        let open = total - ends.len();
+        if open == 0 || succeeded + open < needed {
+            break;
+        }
+        tokio::select! {
+            Some((name, end)) = tasks.next() => {
+                let end = end?;
+                let succeeded = succeeded + usize::from(end.succeeded());
+                let decided = open == 1 || succeeded + open - 1 < needed;
+                let end = match end {
+                    StepEnd::Unrecorded(r) if !decided => {
+                        let id = format!("result:{job_id}:{}:{}", r.step, r.attempt);
+                        let (ok, output, s) = (r.status == StepStatus::Succeeded, r.output.clone(), result_summary(&r));
+                        job_result(ctx, &job_id, JobCommand::RecordStepResult(r), &id).await?;
+                        StepEnd::Recorded { succeeded: ok, output, summary: s }
+                    }
+                    other => other,
+                };
+                ends.insert(name, end);
+            }
+            r = rx.recv() => match r {
+                Some(r) => {
+                    view.apply(&r);
+                    if view.status.is_final() {
+                        return Err(Halt::Superseded);
+                    }
+                    if r.event_type == "StepResultRecorded" && r.actor.client_id != super::HANDLER_ACTOR {
+                        forward(&r, &notices);
+                    }
+                }
+                None => std::future::pending::<()>().await,
+            },
+            _ = &mut sleep => {
+                drop(tasks);
+                let pending: Vec<_> = def.steps.iter().map(|s| s.name.clone()).filter(|n| !ends.contains_key(n)).collect();
+                let msg = format!(
+                    "job timed out after {} s (timeout_seconds) with steps still running: {}",
+                    view.timeout_seconds,
+                    pending.join(", ")
+                );
+                let unrecorded = unrecorded(&mut ends);
+                fail(ctx, view, "job_timeout", msg, unrecorded).await?;
+                return Ok(());
+            }
+        }
+    }
+    drop(tasks); // aborts steps no longer needed (early failure)
+    let succeeded: Vec<&String> = ends
+        .iter()
+        .filter(|(_, e)| e.succeeded())
+        .map(|(n, _)| n)
+        .collect();
+    let failures: Vec<String> = ends
+        .iter()
+        .filter(|(_, e)| !e.succeeded())
+        .map(|(n, e)| match e {
+            StepEnd::Recorded { summary, .. } => format!("{n} ({summary})"),
+            StepEnd::Unrecorded(r) => format!("{n} ({})", result_summary(r)),
+        })
+        .collect();
+    let ok = succeeded.len() >= needed;
+    let mut outputs = Map::new();
+    for (name, end) in &ends {
+        match end {
+            StepEnd::Recorded {
+                succeeded: true,
+                output,
+                ..
+            } => {
+                outputs.insert(name.clone(), output.clone());
+            }
+            StepEnd::Unrecorded(r) if r.status == StepStatus::Succeeded => {
+                outputs.insert(name.clone(), r.output.clone());
+            }
+            _ => {}
+        }
+    }
+    let n_ok = succeeded.len();
+    let step_results = unrecorded(&mut ends);
+    if ok {
+        let cmd = JobCommand::Complete(CompleteJob {
+            outputs: Value::Object(outputs),
+            step_results,
+        });
+        job_result(ctx, &job_id, cmd, &format!("end:{job_id}")).await
+    } else {
+        let msg = format!(
+            "{n_ok} of {total} steps succeeded; {}. Failed: {}",
+            def.success.describe(),
+            failures.join(", ")
+        );
+        fail(ctx, view, "steps_failed", msg, step_results).await
+    }
+}
+
+fn unrecorded(ends: &mut BTreeMap<String, StepEnd>) -> Vec<RecordStepResult> {
+    ends.values()
+        .filter_map(|e| match e {
+            StepEnd::Unrecorded(r) => Some(r.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+fn result_summary(r: &RecordStepResult) -> String {
+    match (&r.error_code, &r.error_message) {
+        (Some(c), Some(m)) => format!("{c}: {m}"),
+        (Some(c), None) => c.clone(),
+        _ => format!("{:?}", r.status).to_lowercase(),
+    }
+}
+
+fn forward(
+    r: &EventRecord,
+    notices: &HashMap<String, mpsc::UnboundedSender<(u32, AttemptResult)>>,
+) {
+    let d = &r.data;
+    let (Some(step), Some(attempt)) = (
+        d.get("step").and_then(Value::as_str),
+        d.get("attempt").and_then(Value::as_u64),
+    ) else {
+        return;
+    };
+    if let Some(tx) = notices.get(step) {
+        let s = |k: &str| d.get(k).and_then(Value::as_str).map(str::to_string);
+        let _ = tx.send((
+            attempt as u32,
+            AttemptResult {
+                status: s("status").unwrap_or_default(),
+                output: d.get("output").cloned().unwrap_or(Value::Null),
+                error_code: s("error_code"),
+                error_message: s("error_message"),
+                duration_ms: d.get("duration_ms").and_then(Value::as_u64).unwrap_or(0),
+            },
+        ));
+    }
+}
+
+struct JobRef {
+    id: String,
+    workflow_key: String,
+    inputs: Value,
+}
+
+/// Runs the remaining attempts of one step. Failed attempts that will be
+/// retried are recorded here; the final result is returned unrecorded so
+/// the driver can commit it together with the job's end when it decides it.
+async fn run_step(
+    ctx: &Ctx,
+    job: &JobRef,
+    step: &StepDefinition,
+    sv: StepView,
+    mut notices: mpsc::UnboundedReceiver<(u32, AttemptResult)>,
+) -> Result<StepEnd, Halt> {
+    // resume where the log says the step is
+    let (mut attempt, mut need_start) = match sv.results.get(&sv.started) {
+        _ if sv.started == 0 => (1, true),
+        None => (sv.started, false), // sent, no result: send again, same key
+        Some(_) => {
+            if let Some((_, due)) = sv.retry {
+                tokio::time::sleep((due - Utc::now()).to_std().unwrap_or_default()).await;
+            }
+            (sv.started + 1, true)
+        }
+    };
+    let callback_url = ctx
+        .config
+        .public_url
+        .as_ref()
+        .map(|u| format!("{u}/v1/callbacks/n8n"));
+    loop {
+        let key = peer::idempotency_key(&job.id, &step.name, attempt);
+        if need_start {
+            let cmd = JobCommand::StartAttempt(StartAttempt {
+                step: step.name.clone(),
+                attempt,
+                idempotency_key: key.clone(),
+            });
+            job_result(ctx, &job.id, cmd, &format!("attempt:{key}")).await?;
+        }
+        metrics::counter!("flowledger_handler_step_attempts_total", "kind" => if step.kind == StepKind::N8n { "n8n" } else { "solver" }).increment(1);
+        let t0 = Instant::now();
+        let call = StepCall {
+            job_id: &job.id,
+            workflow_key: &job.workflow_key,
+            attempt,
+            inputs: &job.inputs,
+            callback_url: callback_url.as_deref(),
+        };
+        let mut outcome = peer::call(&ctx.http, step, &call).await;
+        if outcome == CallOutcome::Accepted {
+            // n8n answers later on /v1/callbacks/n8n, which records the result
+            let left = Duration::from_millis(step.timeout_ms).saturating_sub(t0.elapsed());
+            let wait = async {
+                while let Some((a, r)) = notices.recv().await {
+                    if a == attempt {
+                        return Some(r);
+                    }
+                }
+                None
+            };
+            match tokio::time::timeout(left, wait).await {
+                Ok(Some(r)) => {
+                    return Ok(StepEnd::Recorded {
+                        succeeded: r.status == "succeeded",
+                        output: r.output.clone(),
+                        summary: summary(&r),
+                    })
+                }
+                _ => outcome = CallOutcome::TimedOut,
+            }
+        }
+        let duration_ms = t0.elapsed().as_millis() as u64;
+        let (status, output, error_code, error_message, retryable) = match outcome {
+            CallOutcome::Succeeded { output } => (StepStatus::Succeeded, output, None, None, false),
+            CallOutcome::Failed {
+                code,
+                message,
+                retryable,
+            } => (
+                StepStatus::Failed,
+                Value::Null,
+                Some(code),
+                Some(message),
+                retryable,
+            ),
+            CallOutcome::TimedOut | CallOutcome::Accepted => (
+                StepStatus::TimedOut,
+                Value::Null,
+                Some("step_timeout".to_string()),
+                Some(format!(
+                    "{} gave no answer within {} ms",
+                    step.name, step.timeout_ms
+                )),
+                true,
+            ),
+        };
+        let mut result = RecordStepResult {
+            step: step.name.clone(),
+            attempt,
+            status,
+            output,
+            error_code,
+            error_message,
+            duration_ms,
+            retry_in_ms: None,
+        };
+        if status == StepStatus::Succeeded || !retryable || attempt >= step.max_attempts {
+            return Ok(StepEnd::Unrecorded(result));
+        }
+        let delay = ctx.config.retry.delay(attempt, step.backoff_ms);
+        result.retry_in_ms = Some(delay.as_millis() as u64);
+        let id = format!("result:{key}");
+        match ctx
+            .job(&job.id, JobCommand::RecordStepResult(result), &id)
+            .await
+        {
+            Ok(()) => {}
+            // an n8n callback recorded this attempt meanwhile
+            Err(ExecuteError::Rejected(JobError::DuplicateStepResult { .. })) => {
+                return Err(Halt::Reload)
+            }
+            Err(ExecuteError::Rejected(JobError::InvalidTransition { .. })) => {
+                return Err(Halt::Superseded)
+            }
+            Err(e) => return retry_later(&job.id, "record a step result", e).await,
+        }
+        tokio::time::sleep(delay).await;
+        attempt += 1;
+        need_start = true;
+    }
+}
+
+/// The body of the job's callback (seed 002, "Callback").
+pub fn callback_body(view: &JobView) -> Value {
+    let status = match view.status {
+        JobStatus::Completed => "success",
+        JobStatus::Cancelled => "cancelled",
+        _ => "failed",
+    };
+    let audit: Vec<Value> = view
+        .audit
+        .iter()
+        .map(|a| {
+            json!({
+                "timestamp": a.timestamp,
+                "action": a.action,
+                "node_name": a.node_name,
+                "details": a.details,
+                "duration_ms": a.duration_ms,
+            })
+        })
+        .collect();
+    json!({
+        "job_id": view.job_id,
+        "status": status,
+        "outputs": view.outputs,
+        "error_code": view.error_code,
+        "error_message": view.error_message,
+        "audit": audit,
+        "started_at": view.started_at.map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)),
+        "completed_at": view.ended_at.map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)),
+        "execution_id": view.job_id,
+        "workflow_key": view.workflow_key,
+        "client_id": view.client_id,
+    })
+}
+
+/// Records the callback's outcome.
+pub async fn record_callback(ctx: &Ctx, job_id: &str, outcome: RecordCallback) {
+    let id = format!("callback:{job_id}");
+    loop {
+        match ctx
+            .job(job_id, JobCommand::RecordCallback(outcome.clone()), &id)
+            .await
+        {
+            Ok(()) | Err(ExecuteError::Rejected(_)) => return,
+            Err(e) => {
+                tracing::warn!(job_id, error = %e, "cannot record the callback outcome; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
+}

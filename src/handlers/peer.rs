@@ -1,0 +1,208 @@
+//! Calls to the peers a job runs on: solver services and n8n webhooks.
+//! Each attempt is one POST with its own timeout and an `Idempotency-Key`
+//! header; the answer is classified for the retry policy.
+
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use crate::registry::{StepDefinition, StepKind};
+
+pub const HDR_IDEMPOTENCY_KEY: &str = "Idempotency-Key";
+/// Longest peer text quoted in an error message.
+const MAX_QUOTED: usize = 200;
+
+/// How one attempt ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum CallOutcome {
+    Succeeded {
+        output: Value,
+    },
+    /// n8n answered 202: the result comes later on `POST /v1/callbacks/n8n`.
+    Accepted,
+    Failed {
+        code: String,
+        message: String,
+        retryable: bool,
+    },
+    TimedOut,
+}
+
+/// What a step is sent.
+#[derive(Debug, Clone)]
+pub struct StepCall<'a> {
+    pub job_id: &'a str,
+    pub workflow_key: &'a str,
+    pub attempt: u32,
+    pub inputs: &'a Value,
+    /// Where n8n posts an asynchronous result.
+    pub callback_url: Option<&'a str>,
+}
+
+/// Builds the attempt's idempotency key: the same for a repeated attempt.
+pub fn idempotency_key(job_id: &str, step: &str, attempt: u32) -> String {
+    format!("{job_id}:{step}:{attempt}")
+}
+
+fn quote(text: &str) -> String {
+    let t: String = text.chars().take(MAX_QUOTED).collect();
+    if t.len() < text.len() {
+        format!("{t}...")
+    } else {
+        t
+    }
+}
+
+/// Sends one attempt of `step`.
+pub async fn call(
+    client: &reqwest::Client,
+    step: &StepDefinition,
+    c: &StepCall<'_>,
+) -> CallOutcome {
+    let key = idempotency_key(c.job_id, &step.name, c.attempt);
+    let mut body = json!({
+        "job_id": c.job_id,
+        "workflow_key": c.workflow_key,
+        "step": step.name,
+        "attempt": c.attempt,
+        "inputs": c.inputs,
+    });
+    if let (StepKind::N8n, Some(url)) = (step.kind, c.callback_url) {
+        body["callback_url"] = json!(url);
+    }
+    let send = async {
+        let r = client
+            .post(&step.url)
+            .header(HDR_IDEMPOTENCY_KEY, &key)
+            .json(&body)
+            .send()
+            .await?;
+        let status = r.status();
+        let text = r.text().await?;
+        Ok::<_, reqwest::Error>((status, text))
+    };
+    match tokio::time::timeout(Duration::from_millis(step.timeout_ms), send).await {
+        Err(_) => CallOutcome::TimedOut,
+        Ok(Err(e)) => CallOutcome::Failed {
+            code: if e.is_connect() {
+                "connection_failed"
+            } else {
+                "transport_error"
+            }
+            .into(),
+            // reqwest's message names the URL without credentials
+            message: format!("{}: {e}", step.name),
+            retryable: true,
+        },
+        Ok(Ok((status, text))) => classify(step, status.as_u16(), &text),
+    }
+}
+
+fn classify(step: &StepDefinition, status: u16, text: &str) -> CallOutcome {
+    match status {
+        202 if step.kind == StepKind::N8n => CallOutcome::Accepted,
+        200..=299 => {
+            if text.trim().is_empty() {
+                return CallOutcome::Succeeded {
+                    output: Value::Null,
+                };
+            }
+            match serde_json::from_str::<Value>(text) {
+                Ok(output) => CallOutcome::Succeeded { output },
+                Err(e) => CallOutcome::Failed {
+                    code: "bad_response".into(),
+                    message: format!(
+                        "{} answered {status} with a body that is not JSON ({e}): {}",
+                        step.name,
+                        quote(text)
+                    ),
+                    retryable: false,
+                },
+            }
+        }
+        408 | 425 | 429 | 500..=599 => CallOutcome::Failed {
+            code: format!("http_{status}"),
+            message: format!("{} answered {status}: {}", step.name, quote(text)),
+            retryable: true,
+        },
+        _ => CallOutcome::Failed {
+            code: format!("http_{status}"),
+            message: format!(
+                "{} answered {status} (not retried): {}",
+                step.name,
+                quote(text)
+            ),
+            retryable: false,
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn step(kind: StepKind) -> StepDefinition {
+        StepDefinition {
+            name: "s".into(),
+            kind,
+            url: "http://h/x".into(),
+            timeout_ms: 10,
+            max_attempts: 3,
+            backoff_ms: None,
+        }
+    }
+
+    #[test]
+    fn answers_are_classified_for_retry() {
+        let solver = step(StepKind::Solver);
+        assert_eq!(
+            classify(&solver, 200, r#"{"a":1}"#),
+            CallOutcome::Succeeded {
+                output: json!({"a":1})
+            }
+        );
+        assert!(matches!(
+            classify(&solver, 503, ""),
+            CallOutcome::Failed {
+                retryable: true,
+                ..
+            }
+        ));
+        assert!(matches!(
+            classify(&solver, 429, ""),
+            CallOutcome::Failed {
+                retryable: true,
+                ..
+            }
+        ));
+        assert!(matches!(
+            classify(&solver, 400, ""),
+            CallOutcome::Failed {
+                retryable: false,
+                ..
+            }
+        ));
+        assert!(
+            matches!(classify(&solver, 200, "<html>"), CallOutcome::Failed { ref code, .. } if code == "bad_response")
+        );
+        // a solver's 202 is a success with a body; only n8n defers
+        assert!(matches!(
+            classify(&solver, 202, "{}"),
+            CallOutcome::Succeeded { .. }
+        ));
+        assert_eq!(
+            classify(&step(StepKind::N8n), 202, ""),
+            CallOutcome::Accepted
+        );
+    }
+
+    #[test]
+    fn long_peer_text_is_cut() {
+        let long = "x".repeat(1000);
+        let CallOutcome::Failed { message, .. } = classify(&step(StepKind::Solver), 500, &long)
+        else {
+            panic!("500 is a failure");
+        };
+        assert!(message.len() < 300, "{message}");
+    }
+}

@@ -1,0 +1,161 @@
+//! Peers outside the system, played by small HTTP servers that behave like
+//! real ones: they take time to answer, fail with 5xx or 4xx, hang past a
+//! timeout, answer n8n-style "202 accepted", and record what they were sent
+//! (idempotency keys, how many calls were in flight at once).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode, Uri};
+use axum::response::IntoResponse;
+use serde_json::{json, Value};
+
+/// One answer: wait `delay_ms`, then answer `status` with `body`.
+#[derive(Debug, Clone)]
+pub struct Reply {
+    pub delay_ms: u64,
+    pub status: u16,
+    pub body: Value,
+}
+
+pub fn ok(delay_ms: u64, body: Value) -> Reply {
+    Reply {
+        delay_ms,
+        status: 200,
+        body,
+    }
+}
+
+pub fn status(delay_ms: u64, status: u16) -> Reply {
+    Reply {
+        delay_ms,
+        status,
+        body: json!({"error": format!("peer says {status}")}),
+    }
+}
+
+/// Never answers in time.
+pub fn hang() -> Reply {
+    Reply {
+        delay_ms: 60_000,
+        status: 200,
+        body: json!({}),
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub path: String,
+    pub headers: HashMap<String, String>,
+    pub body: Value,
+    pub raw: Bytes,
+}
+
+#[derive(Default)]
+struct PeerState {
+    /// Per path: answers given in order; the last one repeats.
+    scripts: Mutex<HashMap<String, (Vec<Reply>, usize)>>,
+    received: Mutex<Vec<Received>>,
+    in_flight: AtomicUsize,
+    max_in_flight: AtomicUsize,
+}
+
+#[derive(Clone)]
+pub struct Peer {
+    pub url: String,
+    state: Arc<PeerState>,
+}
+
+async fn answer(
+    State(s): State<Arc<PeerState>>,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> impl IntoResponse {
+    let now = s.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+    s.max_in_flight.fetch_max(now, Ordering::SeqCst);
+    let path = uri.path().to_string();
+    s.received.lock().unwrap().push(Received {
+        path: path.clone(),
+        headers: headers
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.as_str().to_lowercase(),
+                    v.to_str().unwrap_or("").to_string(),
+                )
+            })
+            .collect(),
+        body: serde_json::from_slice(&body).unwrap_or(Value::Null),
+        raw: body.clone(),
+    });
+    let reply = {
+        let mut scripts = s.scripts.lock().unwrap();
+        match scripts.get_mut(&path) {
+            Some((replies, next)) => {
+                let r = replies[(*next).min(replies.len() - 1)].clone();
+                *next += 1;
+                r
+            }
+            None => status(0, 404),
+        }
+    };
+    struct Leave(Arc<PeerState>);
+    impl Drop for Leave {
+        fn drop(&mut self) {
+            self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+    let _leave = Leave(s.clone());
+    tokio::time::sleep(Duration::from_millis(reply.delay_ms)).await;
+    (
+        StatusCode::from_u16(reply.status).unwrap(),
+        axum::Json(reply.body),
+    )
+}
+
+impl Peer {
+    pub async fn start() -> Peer {
+        let state = Arc::new(PeerState::default());
+        let app = axum::Router::new()
+            .fallback(answer)
+            .with_state(state.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind a peer");
+        let url = format!("http://{}", listener.local_addr().expect("peer address"));
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Peer { url, state }
+    }
+
+    /// Sets the answers of `path`.
+    pub fn script(&self, path: &str, replies: Vec<Reply>) -> String {
+        self.state
+            .scripts
+            .lock()
+            .unwrap()
+            .insert(path.to_string(), (replies, 0));
+        format!("{}{path}", self.url)
+    }
+
+    pub fn received(&self, path: &str) -> Vec<Received> {
+        self.state
+            .received
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|r| r.path == path)
+            .cloned()
+            .collect()
+    }
+
+    pub fn max_in_flight(&self) -> usize {
+        self.state.max_in_flight.load(Ordering::SeqCst)
+    }
+}
