@@ -292,3 +292,347 @@ async fn the_result_is_called_back_signed_and_retried() {
     );
     assert_eq!(peer.received("/dead").len(), 3);
 }
+
+async fn send(h: &HandlerSide, subject: &str, body: Value) -> Value {
+    match h
+        .intake
+        .handle(&format!("flow.cmd.{subject}"), body.to_string().as_bytes())
+        .await
+    {
+        Ok(r) => flowledger::api::intake::receipt_json(&r),
+        Err(e) => e.to_json(),
+    }
+}
+
+#[tokio::test]
+async fn cancel_aborts_in_flight_calls() {
+    let app = spawn_app().await;
+    let peer = Peer::start().await;
+    let url = peer.script("/hang", vec![peers::hang()]);
+    let h = spawn_handler(
+        &app,
+        one_workflow(json!([solver("hang", &url, 30_000, 1)]), json!({})),
+        test_handler_config(),
+    )
+    .await;
+    h.submit("cx-1", "w", json!({})).await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while peer.in_flight() == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the step was never called"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let r = send(
+        &h,
+        "job.cancel",
+        json!({"job_id": "cx-1", "reason": "user asked", "actor": {"client_id": "tests"}}),
+    )
+    .await;
+    assert_eq!(r["ok"], true, "{r}");
+    let v = h.settled("cx-1").await;
+    assert_eq!(v.status, JobStatus::Cancelled);
+    // the call was aborted (the peer saw its connection close), not left to run 60 s
+    while peer.in_flight() > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the in-flight call was not aborted"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert!(!actions(&v).contains(&"JobCompleted".to_string()));
+}
+
+fn registry_of(v: &Value) -> std::sync::Arc<flowledger::registry::Registry> {
+    std::sync::Arc::new(
+        flowledger::registry::Registry::parse(std::path::Path::new("r.json"), &v.to_string())
+            .unwrap(),
+    )
+}
+
+fn approval_registry(url: &str, extra: Value) -> Value {
+    let mut w = json!({"steps": [solver("s", url, 1000, 1)], "requires_approval": true});
+    if let (Some(o), Value::Object(e)) = (w.as_object_mut(), extra) {
+        o.extend(e);
+    }
+    json!({"version": 1, "workflows": {"w": w}})
+}
+
+/// Waits until the job's approval is requested (the approval id is the job id).
+async fn approval_pending(h: &HandlerSide, job_id: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let v = h.ctx.load_view(job_id).await.unwrap();
+        if let Some(v) = v {
+            if matches!(
+                v.approval,
+                flowledger::handlers::view::ApprovalState::Pending { .. }
+            ) {
+                return;
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no approval requested for {job_id}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn approvals_gate_the_job() {
+    let app = spawn_app().await;
+    let peer = Peer::start().await;
+    let url = peer.script("/s", vec![peers::ok(5, json!("done"))]);
+    let h = spawn_handler(
+        &app,
+        approval_registry(&url, json!({})),
+        test_handler_config(),
+    )
+    .await;
+
+    // approved: the job runs after the decision, and says who approved it
+    h.submit("ap-yes", "w", json!({})).await;
+    approval_pending(&h, "ap-yes").await;
+    assert!(
+        peer.received("/s").is_empty(),
+        "no step runs before the approval"
+    );
+    let r = send(&h, "approval.approve", json!({"approval_id": "ap-yes", "decided_by": "alice", "reason": "checked", "actor": {"client_id": "ops", "user_id": "alice"}})).await;
+    assert_eq!(r["ok"], true, "{r}");
+    let v = h.settled("ap-yes").await;
+    assert_eq!(v.status, JobStatus::Completed);
+    assert!(v
+        .audit
+        .iter()
+        .any(|a| a.action == "ApprovalGranted" && a.details["decided_by"] == "alice"));
+
+    // rejected: the job fails with the reason, no step is called
+    h.submit("ap-no", "w", json!({})).await;
+    approval_pending(&h, "ap-no").await;
+    send(
+        &h,
+        "approval.reject",
+        json!({"approval_id": "ap-no", "decided_by": "bob", "reason": "wrong amount"}),
+    )
+    .await;
+    let v = h.settled("ap-no").await;
+    assert_eq!(v.status, JobStatus::Failed);
+    assert_eq!(v.error_code.as_deref(), Some("approval_rejected"));
+    assert!(v
+        .error_message
+        .as_deref()
+        .unwrap_or("")
+        .contains("wrong amount"));
+    assert_eq!(
+        peer.received("/s").len(),
+        1,
+        "only the approved job called the step"
+    );
+}
+
+#[tokio::test]
+async fn an_undecided_approval_expires_and_fails_the_job() {
+    let app = spawn_app().await;
+    let peer = Peer::start().await;
+    let url = peer.script("/s", vec![peers::ok(5, json!("done"))]);
+    let h = spawn_handler(
+        &app,
+        approval_registry(&url, json!({"approval_timeout_seconds": 1})),
+        test_handler_config(),
+    )
+    .await;
+    h.submit("ap-exp", "w", json!({})).await;
+    let v = h.settled("ap-exp").await;
+    assert_eq!(v.status, JobStatus::Failed);
+    assert_eq!(v.error_code.as_deref(), Some("approval_expired"));
+    assert!(v.audit.iter().any(|a| a.action == "ApprovalExpired"));
+    assert!(peer.received("/s").is_empty());
+}
+
+#[tokio::test]
+async fn confident_jobs_are_auto_approved_up_to_the_daily_limit() {
+    let app = spawn_app().await;
+    let peer = Peer::start().await;
+    let url = peer.script("/s", vec![peers::ok(5, json!("done"))]);
+    let rule = json!({"auto_approval": {"min_confidence": 85, "daily_limit": 2}});
+    let h = spawn_handler(&app, approval_registry(&url, rule), test_handler_config()).await;
+    for (id, confidence) in [("auto-1", 90), ("auto-low", 50), ("auto-2", 99)] {
+        h.submit(id, "w", json!({"metadata": {"confidence": confidence}}))
+            .await;
+    }
+    for id in ["auto-1", "auto-2"] {
+        let v = h.settled(id).await;
+        assert_eq!(v.status, JobStatus::Completed, "{id}");
+        assert!(
+            v.audit.iter().any(
+                |a| a.action == "ApprovalGranted" && a.details["decided_by"] == "auto-approval"
+            ),
+            "{id}"
+        );
+    }
+    // below the threshold: waits for a human
+    approval_pending(&h, "auto-low").await;
+    // over the daily limit: waits for a human too
+    h.submit("auto-3", "w", json!({"metadata": {"confidence": 95}}))
+        .await;
+    approval_pending(&h, "auto-3").await;
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let v = h.ctx.load_view("auto-3").await.unwrap().unwrap();
+    assert_eq!(
+        v.status,
+        JobStatus::Pending,
+        "the third confident job of the day is not auto-approved"
+    );
+}
+
+/// A real `flowledger serve` is SIGKILLed while a job has one step done and
+/// one in flight; after a restart the job completes, the finished step is
+/// not called again, the in-flight attempt is re-sent with the same
+/// idempotency key, and no step result is recorded twice.
+#[tokio::test]
+async fn sigkill_mid_job_loses_nothing_and_repeats_nothing() {
+    let app = spawn_app().await;
+    let read = spawn_read_side(&app, false).await;
+    let peer = Peer::start().await;
+    let fast = peer.script("/fast", vec![peers::ok(10, json!("fast"))]);
+    let slow = peer.script("/slow", vec![peers::ok(1500, json!("slow"))]);
+    let dir = tempfile::tempdir().unwrap();
+    let registry = dir.path().join("registry.json");
+    std::fs::write(
+        &registry,
+        one_workflow(
+            json!([
+                solver("fast", &fast, 5000, 1),
+                solver("slow", &slow, 5000, 1)
+            ]),
+            json!({}),
+        )
+        .to_string(),
+    )
+    .unwrap();
+    let bin = env!("CARGO_BIN_EXE_flowledger");
+    let start_serve = || {
+        std::process::Command::new(bin)
+            .args([
+                "serve",
+                "--http",
+                "127.0.0.1:0",
+                "--checkpoint-every-secs",
+                "0",
+            ])
+            .env("FLOWLEDGER_NATS_URL", &app.nats.url)
+            .env("DATABASE_URL", &read.url)
+            .env("FLOWLEDGER_REGISTRY", &registry)
+            .env_remove("FLOWLEDGER_CONFIG")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start flowledger serve")
+    };
+    let mut serve = start_serve();
+    let submit = json!({"job_id": "crash-1", "workflow_key": "w", "client_id": "tests"});
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let r = app
+            .client
+            .request("flow.cmd.job.submit", submit.to_string().into())
+            .await;
+        if let Ok(m) = r {
+            let v: Value = serde_json::from_slice(&m.payload).unwrap();
+            if v["ok"] == true {
+                break;
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "serve did not take the job"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    // wait until the fast step's result is in the log and the slow one is in flight
+    // (read through a context with no handler running)
+    let reader = flowledger::handlers::Ctx::new(
+        std::sync::Arc::new(flowledger::api::intake::Intake::new(
+            app.log.clone(),
+            services(),
+        )),
+        registry_of(&one_workflow(
+            json!([solver("x", &fast, 1000, 1)]),
+            json!({}),
+        )),
+        test_handler_config(),
+    );
+    loop {
+        let v = reader.load_view("crash-1").await.unwrap();
+        if v.as_ref()
+            .is_some_and(|v| v.steps.get("fast").is_some_and(|s| !s.results.is_empty()))
+            && peer.in_flight() == 1
+        {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the job did not get half way: {v:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    unsafe { libc::kill(serve.id() as i32, libc::SIGKILL) };
+    let _ = serve.wait();
+    serve = start_serve();
+    let v = loop {
+        let v = reader
+            .load_view("crash-1")
+            .await
+            .unwrap()
+            .expect("the job exists");
+        if !v.needs_handler() {
+            break v;
+        }
+        assert!(
+            std::time::Instant::now() < deadline + std::time::Duration::from_secs(20),
+            "the job did not end after the restart"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    let _ = serve.kill();
+    let _ = serve.wait();
+    assert_eq!(v.status, JobStatus::Completed, "{:?}", v.error_message);
+    assert_eq!(v.outputs, json!({"fast": "fast", "slow": "slow"}));
+    assert_eq!(
+        peer.received("/fast").len(),
+        1,
+        "a finished step is not called again"
+    );
+    let slow_keys: Vec<_> = peer
+        .received("/slow")
+        .iter()
+        .map(|r| r.headers["idempotency-key"].clone())
+        .collect();
+    assert_eq!(
+        slow_keys,
+        vec!["crash-1:slow:1".to_string(); 2],
+        "the in-flight attempt is re-sent with its key"
+    );
+    let results: Vec<_> = v
+        .audit
+        .iter()
+        .filter(|a| a.action == "StepResultRecorded")
+        .map(|a| (a.node_name.clone(), a.details["attempt"].clone()))
+        .collect();
+    let unique: BTreeSet<_> = results.iter().map(|r| format!("{r:?}")).collect();
+    assert_eq!(
+        results.len(),
+        unique.len(),
+        "a step result recorded twice: {results:?}"
+    );
+    assert_eq!(results.len(), 2);
+    assert_eq!(
+        v.audit
+            .iter()
+            .filter(|a| a.action == "JobCompleted")
+            .count(),
+        1
+    );
+}
