@@ -64,11 +64,16 @@ impl StepEnd {
 }
 
 fn summary(r: &AttemptResult) -> String {
-    match (&r.error_code, &r.error_message) {
+    describe(&r.error_code, &r.error_message, &r.status)
+}
+
+/// "code: message", or what of it is there, else the status.
+fn describe(code: &Option<String>, message: &Option<String>, status: &str) -> String {
+    match (code, message) {
         (Some(c), Some(m)) => format!("{c}: {m}"),
         (Some(c), None) => c.clone(),
         (None, Some(m)) => m.clone(),
-        (None, None) => r.status.clone(),
+        (None, None) => status.to_string(),
     }
 }
 
@@ -504,11 +509,11 @@ fn unrecorded(ends: &mut BTreeMap<String, StepEnd>) -> Vec<RecordStepResult> {
 }
 
 fn result_summary(r: &RecordStepResult) -> String {
-    match (&r.error_code, &r.error_message) {
-        (Some(c), Some(m)) => format!("{c}: {m}"),
-        (Some(c), None) => c.clone(),
-        _ => format!("{:?}", r.status).to_lowercase(),
-    }
+    describe(
+        &r.error_code,
+        &r.error_message,
+        &format!("{:?}", r.status).to_lowercase(),
+    )
 }
 
 fn forward(
