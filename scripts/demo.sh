@@ -37,10 +37,13 @@ say "nats-server $("$NATS_SERVER_DEBIAN" --version | awk '{print $2}') with JetS
 say "flowledger init: the immutable event stream (deny_delete, deny_purge) and the read-model schema"
 "$FL" init
 
-say "flowledger serve: command intake, projections into PostgreSQL, HTTP read API on $API"
+say "flowledger serve: command intake, projections into PostgreSQL, HTTP API on $API"
 # This first part drives jobs by hand, so the job handler is off here; the
-# last part runs the handler against a solver peer.
-printf '[handler]\nenabled = false\n' >"$WORK/manual.toml"
+# last part runs the handler against a solver peer. The clients and their
+# tokens are those of config/example.toml (dev-billing-token, dev-operator-token).
+sed 's/^enabled = true/enabled = false/' config/example.toml >"$WORK/manual.toml"
+OPS=(-H "Authorization: Bearer dev-operator-token")
+BILLING=(-H "Authorization: Bearer dev-billing-token" -H "Content-Type: application/json")
 FLOWLEDGER_CONFIG="$WORK/manual.toml" "$FL" serve --checkpoint-every-secs 0 --http "$HTTP_ADDR" >"$WORK/serve.log" 2>&1 &
 SERVE_PID=$!
 for _ in $(seq 1 50); do grep -q "listening" "$WORK/serve.log" && break; sleep 0.1; done
@@ -67,18 +70,18 @@ say "an approval, granted by alice"
 sleep 1
 show() { python3 -c 'import json,sys; print(json.dumps(json.load(sys.stdin), indent=1)[:1500])'; }
 say "GET /v1/jobs/$JOB: the workflows_executions row the projection built"
-curl -sf "$API/v1/jobs/$JOB" | show
+curl -sf "${OPS[@]}" "$API/v1/jobs/$JOB" | show
 say "GET /v1/audit?job_id=...: the job's story, one row per event"
-curl -sf "$API/v1/audit?job_id=$JOB" | python3 -c '
+curl -sf "${OPS[@]}" "$API/v1/audit?job_id=$JOB" | python3 -c '
 import json, sys
 for r in json.load(sys.stdin)["items"]:
     print("  seq %2d  %-20s step %-5s status %-10s by %s" % (r["stream_seq"], r["action"], r["step"] or "-", r["status"] or "-", r["client_id"]))'
 say "GET /v1/executions?limit=5000 is refused, naming the parameter"
-curl -s "$API/v1/executions?limit=5000"; echo
+curl -s "${OPS[@]}" "$API/v1/executions?limit=5000"; echo
 say "flowledger projections status, then a zero-downtime rebuild of executions (v1 -> v2)"
 "$FL" projections status
 "$FL" projections rebuild executions
-curl -sf "$API/v1/jobs/$JOB/status" | show
+curl -sf "${OPS[@]}" "$API/v1/jobs/$JOB/status" | show
 
 say "audit replay: every event with its envelope, in stream order"
 "$FL" audit replay | python3 -c '
@@ -119,20 +122,27 @@ cat >"$WORK/registry.json" <<JSON
   {"name": "llm", "kind": "solver", "url": "$PEER/llm", "timeout_ms": 5000}]}}}
 JSON
 kill "$SERVE_PID"; wait "$SERVE_PID" 2>/dev/null || true
-"$FL" serve --checkpoint-every-secs 0 --http "$HTTP_ADDR" --registry "$WORK/registry.json" >"$WORK/serve2.log" 2>&1 &
+"$FL" serve --checkpoint-every-secs 0 --http "$HTTP_ADDR" --registry "$WORK/registry.json" --config config/example.toml >"$WORK/serve2.log" 2>&1 &
 SERVE_PID=$!
 for _ in $(seq 1 50); do grep -q "listening" "$WORK/serve2.log" && break; sleep 0.1; done
-"$FL" submit --workflow invoice.extract --client billing --job-id demo-run-1 --input '{"invoice_id": 4713}' >/dev/null
+say "POST /v1/jobs as client billing (bearer token): 202 with the seed 002 answer; the same body again answers the same"
+SUBMIT='{"job_id": "demo-run-1", "workflow_key": "invoice.extract", "inputs": {"invoice_id": 4713}, "priority": 8}'
+curl -fsS "${BILLING[@]}" -d "$SUBMIT" "$API/v1/jobs"; echo
+curl -fsS "${BILLING[@]}" -d "$SUBMIT" "$API/v1/jobs"; echo
+say "the same job_id with another body: 409; a client without a token: 401"
+curl -sS "${BILLING[@]}" -d '{"job_id": "demo-run-1", "workflow_key": "invoice.extract"}' "$API/v1/jobs"; echo
+curl -sS -H "Content-Type: application/json" -d "$SUBMIT" "$API/v1/jobs"; echo
 for _ in $(seq 1 100); do
-  curl -fsS "$API/v1/jobs/demo-run-1/status" 2>/dev/null | grep -q '"completed"' && break; sleep 0.1
+  curl -fsS "${OPS[@]}" "$API/v1/jobs/demo-run-1/status" 2>/dev/null | grep -q '"completed"' && break; sleep 0.1
 done
-curl -fsS "$API/v1/audit?job_id=demo-run-1" | python3 -c '
+say "the job's audit trail: every attempt and result, then the completion"
+curl -fsS "${OPS[@]}" "$API/v1/audit?job_id=demo-run-1" | python3 -c '
 import json, sys
 for e in json.load(sys.stdin)["items"]:
     cols = [e["action"], e.get("step") or "", e.get("status") or "", str(e.get("duration_ms") or "")]
     print("  %-20s %-5s %-10s %s" % tuple(cols))
 '
-curl -fsS "$API/v1/jobs/demo-run-1/status" | grep -q '"completed"' || { echo "the handler did not complete the job"; exit 1; }
+curl -fsS "${OPS[@]}" "$API/v1/jobs/demo-run-1/status" | grep -q '"completed"' || { echo "the handler did not complete the job"; exit 1; }
 
 cat <<'TXT'
 
@@ -143,7 +153,9 @@ with error codes; projections built PostgreSQL read models served over
 HTTP, and one was rebuilt from the log beside the old one and switched
 atomically; the history was replayed, digested, exported with a signed
 checkpoint, and verified, and a one-byte change to the export was caught
-with its stream sequence. Finally the job handler ran a job's two solver
-steps in parallel and recorded every attempt. Everything ran on a throw-away server that is now
+with its stream sequence. Finally a client submitted a job over HTTP with
+its bearer token (a repeat answered the same, a changed body got 409), and
+the job handler ran its two solver steps in parallel and recorded every
+attempt. Everything ran on a throw-away server that is now
 stopped and deleted. See README.md and docs/ for more.
 TXT

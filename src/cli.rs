@@ -77,7 +77,7 @@ pub enum Command {
         duplicate_window_secs: u64,
     },
     /// Run the service: NATS command intake, periodic checkpoints, and with
-    /// --database-url the projections and the HTTP read API.
+    /// --database-url the projections, the job handler and the HTTP API.
     Serve(ServeArgs),
     /// Apply the read-model database migrations (idempotent).
     Migrate {
@@ -168,7 +168,7 @@ pub enum ProjectionsCommand {
 pub struct ServeArgs {
     #[command(flatten)]
     pub db: DbArgs,
-    /// Listen address of the HTTP read API (with --database-url).
+    /// Listen address of the HTTP API (with --database-url).
     #[arg(
         long = "http",
         env = "FLOWLEDGER_HTTP_ADDR",
@@ -179,7 +179,7 @@ pub struct ServeArgs {
     #[arg(long, env = "FLOWLEDGER_REGISTRY", default_value = DEFAULT_REGISTRY_PATH)]
     pub registry: PathBuf,
     /// Service configuration (TOML; docs/CONFIGURATION.md). Without it:
-    /// defaults, and no client can use the HTTP bridge's write endpoints.
+    /// defaults, and no client is known: every /v1 endpoint answers 401.
     #[arg(long, env = "FLOWLEDGER_CONFIG")]
     pub config: Option<PathBuf>,
     /// Largest `timeout_seconds` a job may ask for.
@@ -550,6 +550,11 @@ async fn serve(g: &Global, args: ServeArgs) -> anyhow::Result<ExitCode> {
             nats: client.clone(),
             log: log.clone(),
             metrics,
+            intake: intake.clone(),
+            registry: registry.clone(),
+            clients: Arc::new(crate::api::auth::Clients::new(&config.clients)),
+            n8n_key: config.n8n_key().context(UsageError)?,
+            callback_window_secs: config.callbacks.timestamp_window_seconds as i64,
         };
         let listener = tokio::net::TcpListener::bind(args.http)
             .await
@@ -560,7 +565,7 @@ async fn serve(g: &Global, args: ServeArgs) -> anyhow::Result<ExitCode> {
                 )
                 .context(UsageError)
             })?;
-        tracing::info!("HTTP read API on http://{}", listener.local_addr()?);
+        tracing::info!("HTTP API on http://{}", listener.local_addr()?);
         let mut stop = stop_rx.clone();
         tasks.push(tokio::spawn(async move {
             let app = crate::api::http::app(state);

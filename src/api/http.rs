@@ -1,24 +1,30 @@
-//! The HTTP read API over the projections (and `/healthz`, `/metrics`,
-//! `/openapi.json`). Handlers are named `resource_verb`; every error is a
-//! JSON body `{"error": {"code", "message", "param"?}}`.
+//! The HTTP API: the router, its shared state and its one error type.
+//! Reads are in `read`, commands in `write`, incoming n8n results in
+//! `n8n`, identities in `auth`. Every error is a JSON body
+//! `{"error": {"code", "message", "param"?}}`.
 
-use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Instant;
 
-use axum::extract::{MatchedPath, Path, Query, Request, State};
-use axum::http::StatusCode;
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::{header, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
-use chrono::{DateTime, Utc};
 use metrics_exporter_prometheus::PrometheusHandle;
-use serde_json::{json, Value};
-use sqlx::{PgPool, QueryBuilder, Row};
+use serde_json::json;
+use sqlx::PgPool;
 use utoipa::OpenApi;
 
+use super::auth::{self, Clients};
+use super::intake::{Intake, ReplyError};
+use super::{n8n, read, write};
+use crate::commands::ErrorCode;
 use crate::events::log::EventLog;
+use crate::handlers::signing::{SignatureError, SigningKey};
 use crate::projections::db;
+use crate::registry::Registry;
 
 #[derive(Clone)]
 pub struct AppState {
@@ -26,6 +32,13 @@ pub struct AppState {
     pub nats: async_nats::Client,
     pub log: EventLog,
     pub metrics: PrometheusHandle,
+    /// The command side the write endpoints execute on.
+    pub intake: Arc<Intake>,
+    pub registry: Arc<Registry>,
+    pub clients: Arc<Clients>,
+    /// Verifies `POST /v1/callbacks/n8n`; none: that endpoint answers 503.
+    pub n8n_key: Option<SigningKey>,
+    pub callback_window_secs: i64,
 }
 
 /// What went wrong, named for what the client does about it.
@@ -37,23 +50,76 @@ pub enum ApiError {
     NotFound(String),
     #[error("read models unavailable, retry later")]
     Unavailable(#[source] sqlx::Error),
+    #[error("{0}")]
+    Unauthenticated(String),
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("client {client_id:?} is over its rate limit for job submissions; retry after {retry_after} s")]
+    RateLimited { client_id: String, retry_after: u64 },
+    /// A command was refused or failed; the code says which.
+    #[error("{}", .0.message)]
+    Command(ReplyError),
+    #[error("callback refused: {0}")]
+    Signature(SignatureError),
+    #[error("{0}")]
+    NotConfigured(String),
+}
+
+impl ApiError {
+    /// The stable code in the JSON body (`error.code`).
+    pub fn code(&self) -> &'static str {
+        self.status_and_code().1
+    }
+
+    fn status_and_code(&self) -> (StatusCode, &'static str) {
+        match self {
+            ApiError::BadParam { .. } => (StatusCode::BAD_REQUEST, "validation"),
+            ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+            ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+            ApiError::Unauthenticated(_) => (StatusCode::UNAUTHORIZED, "unauthenticated"),
+            ApiError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
+            ApiError::RateLimited { .. } => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
+            ApiError::Signature(e) => (StatusCode::UNAUTHORIZED, e.code()),
+            ApiError::NotConfigured(_) => (StatusCode::SERVICE_UNAVAILABLE, "not_configured"),
+            ApiError::Command(e) => {
+                let status = match e.code {
+                    ErrorCode::Validation => StatusCode::BAD_REQUEST,
+                    ErrorCode::NotFound => StatusCode::NOT_FOUND,
+                    ErrorCode::Conflict | ErrorCode::Rejected => StatusCode::CONFLICT,
+                    ErrorCode::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+                    ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+                };
+                (status, e.code.as_str())
+            }
+        }
+    }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let (status, code) = match &self {
-            ApiError::BadParam { .. } => (StatusCode::BAD_REQUEST, "validation"),
-            ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
-            ApiError::Unavailable(e) => {
-                tracing::error!(error = %e, "read query failed");
-                (StatusCode::SERVICE_UNAVAILABLE, "unavailable")
-            }
-        };
-        let mut error = json!({"code": code, "message": self.to_string()});
-        if let ApiError::BadParam { param, .. } = &self {
-            error["param"] = json!(param);
+        let (status, code) = self.status_and_code();
+        if let ApiError::Unavailable(e) = &self {
+            tracing::error!(error = %e, "read query failed");
         }
-        (status, Json(json!({ "error": error }))).into_response()
+        let mut error = json!({"code": code, "message": self.to_string()});
+        match &self {
+            ApiError::BadParam { param, .. } => error["param"] = json!(param),
+            ApiError::Command(ReplyError { field: Some(f), .. }) => error["param"] = json!(f),
+            _ => {}
+        }
+        let mut res = (status, Json(json!({ "error": error }))).into_response();
+        match &self {
+            ApiError::Unauthenticated(_) => {
+                res.headers_mut()
+                    .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            }
+            ApiError::RateLimited { retry_after, .. } => {
+                res.headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from(*retry_after));
+            }
+            _ => {}
+        }
+        res
     }
 }
 
@@ -63,344 +129,17 @@ impl From<sqlx::Error> for ApiError {
     }
 }
 
-fn bad(param: &str, message: impl Into<String>) -> ApiError {
+impl From<ReplyError> for ApiError {
+    fn from(e: ReplyError) -> Self {
+        ApiError::Command(e)
+    }
+}
+
+pub(crate) fn bad(param: &str, message: impl Into<String>) -> ApiError {
     ApiError::BadParam {
         param: param.to_string(),
         message: message.into(),
     }
-}
-
-/// Query parameters, checked against the names an endpoint accepts.
-struct Params(HashMap<String, String>);
-
-impl Params {
-    fn new(raw: HashMap<String, String>, allowed: &[&str]) -> Result<Self, ApiError> {
-        if let Some(k) = raw.keys().find(|k| !allowed.contains(&k.as_str())) {
-            return Err(bad(
-                k,
-                format!("unknown parameter; accepted: {}", allowed.join(", ")),
-            ));
-        }
-        Ok(Params(raw))
-    }
-
-    fn text(&self, name: &str) -> Result<Option<String>, ApiError> {
-        match self.0.get(name) {
-            Some(v) if v.is_empty() || v.len() > 255 => Err(bad(name, "must be 1-255 characters")),
-            other => Ok(other.cloned()),
-        }
-    }
-
-    fn one_of(&self, name: &str, allowed: &[&str]) -> Result<Option<String>, ApiError> {
-        match self.0.get(name) {
-            Some(v) if !allowed.contains(&v.as_str()) => Err(bad(
-                name,
-                format!("{v:?} is not one of {}", allowed.join(", ")),
-            )),
-            other => Ok(other.cloned()),
-        }
-    }
-
-    fn time(&self, name: &str) -> Result<Option<DateTime<Utc>>, ApiError> {
-        self.0
-            .get(name)
-            .map(|v| {
-                DateTime::parse_from_rfc3339(v)
-                    .map(|t| t.with_timezone(&Utc))
-                    .map_err(|e| {
-                        bad(
-                            name,
-                            format!(
-                                "{v:?} is not an RFC 3339 time ({e}), e.g. 2026-11-23T12:00:00Z"
-                            ),
-                        )
-                    })
-            })
-            .transpose()
-    }
-
-    fn limit(&self) -> Result<i64, ApiError> {
-        match self.0.get("limit") {
-            None => Ok(100),
-            Some(v) => match v.parse::<i64>() {
-                Ok(n) if (1..=1000).contains(&n) => Ok(n),
-                _ => Err(bad(
-                    "limit",
-                    format!("{v:?} is not a number from 1 to 1000"),
-                )),
-            },
-        }
-    }
-
-    /// A keyset cursor `<micros>_<key>` as returned in `next_cursor`.
-    fn cursor(&self) -> Result<Option<(DateTime<Utc>, String)>, ApiError> {
-        let Some(v) = self.0.get("cursor") else {
-            return Ok(None);
-        };
-        let invalid = || {
-            bad(
-                "cursor",
-                "not a cursor returned by this endpoint (pass next_cursor unchanged)",
-            )
-        };
-        let (micros, key) = v.split_once('_').ok_or_else(invalid)?;
-        let t = micros
-            .parse::<i64>()
-            .ok()
-            .and_then(DateTime::from_timestamp_micros)
-            .ok_or_else(invalid)?;
-        if key.is_empty() {
-            return Err(invalid());
-        }
-        Ok(Some((t, key.to_string())))
-    }
-}
-
-fn cursor_of(t: DateTime<Utc>, key: &str) -> String {
-    format!("{}_{key}", t.timestamp_micros())
-}
-
-/// `{items, next_cursor}` from rows holding a `row` JSON column; a next
-/// cursor (built from the last row) only when the page is full.
-fn page(
-    rows: &[sqlx::postgres::PgRow],
-    limit: i64,
-    cursor: impl Fn(&sqlx::postgres::PgRow) -> Result<String, sqlx::Error>,
-) -> Result<Json<Value>, ApiError> {
-    let next = match rows.last() {
-        Some(r) if rows.len() as i64 == limit => Some(cursor(r)?),
-        _ => None,
-    };
-    let items = rows
-        .iter()
-        .map(|r| r.try_get::<Value, _>("row"))
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok(Json(json!({"items": items, "next_cursor": next})))
-}
-
-fn valid_id(param: &str, id: &str) -> Result<(), ApiError> {
-    if crate::events::log::valid_aggregate_id(id) {
-        Ok(())
-    } else {
-        Err(bad(param, "ids are 1-128 characters of A-Z a-z 0-9 _ -"))
-    }
-}
-
-#[utoipa::path(get, path = "/v1/jobs/{id}", params(("id" = String, Path, description = "job id")),
-    responses((status = 200, description = "the job's execution row (workflows_executions)", body = Object),
-              (status = 404, description = "no such job"), (status = 400, description = "bad id")))]
-async fn jobs_get(
-    State(s): State<AppState>,
-    Path(id): Path<String>,
-) -> Result<Json<Value>, ApiError> {
-    valid_id("id", &id)?;
-    let row: Option<Value> = sqlx::query_scalar(
-        "SELECT to_jsonb(e) FROM workflows_executions e WHERE execution_id = $1",
-    )
-    .bind(&id)
-    .fetch_optional(&s.pool)
-    .await?;
-    row.map(Json)
-        .ok_or_else(|| ApiError::NotFound(format!("job {id}")))
-}
-
-#[utoipa::path(get, path = "/v1/jobs/{id}/status", params(("id" = String, Path, description = "job id")),
-    responses((status = 200, description = "status of the job", body = Object), (status = 404, description = "no such job")))]
-async fn jobs_status(
-    State(s): State<AppState>,
-    Path(id): Path<String>,
-) -> Result<Json<Value>, ApiError> {
-    valid_id("id", &id)?;
-    let row: Option<Value> = sqlx::query_scalar(
-        "SELECT jsonb_build_object('job_id', execution_id, 'status', status, 'workflow_key', workflow_id,
-                'error_code', error_code, 'error_message', error_message, 'updated_at', updated_at)
-         FROM workflows_executions WHERE execution_id = $1",
-    )
-    .bind(&id)
-    .fetch_optional(&s.pool)
-    .await?;
-    row.map(Json)
-        .ok_or_else(|| ApiError::NotFound(format!("job {id}")))
-}
-
-const STATUSES: &[&str] = &["pending", "running", "completed", "failed", "cancelled"];
-
-#[utoipa::path(get, path = "/v1/executions",
-    params(("workflow_id" = Option<String>, Query, description = "workflow key"),
-           ("status" = Option<String>, Query, description = "pending|running|completed|failed|cancelled"),
-           ("since" = Option<String>, Query, description = "created at or after (RFC 3339)"),
-           ("until" = Option<String>, Query, description = "created before (RFC 3339)"),
-           ("limit" = Option<i64>, Query, description = "1..1000, default 100"),
-           ("cursor" = Option<String>, Query, description = "next_cursor of the previous page")),
-    responses((status = 200, description = "executions, newest first: {items, next_cursor}", body = Object),
-              (status = 400, description = "a bad parameter, named in error.param")))]
-async fn executions_list(
-    State(s): State<AppState>,
-    Query(raw): Query<HashMap<String, String>>,
-) -> Result<Json<Value>, ApiError> {
-    let p = Params::new(
-        raw,
-        &["workflow_id", "status", "since", "until", "limit", "cursor"],
-    )?;
-    let (workflow, status) = (p.text("workflow_id")?, p.one_of("status", STATUSES)?);
-    let (since, until, limit, cursor) =
-        (p.time("since")?, p.time("until")?, p.limit()?, p.cursor()?);
-    let cursor_id = match &cursor {
-        Some((_, k)) => Some(
-            k.parse::<i64>()
-                .map_err(|_| bad("cursor", "not a cursor returned by this endpoint"))?,
-        ),
-        None => None,
-    };
-    let mut q = QueryBuilder::new(
-        "SELECT to_jsonb(e) AS row, created_at, id FROM workflows_executions e WHERE TRUE",
-    );
-    if let Some(w) = workflow {
-        q.push(" AND workflow_id = ").push_bind(w);
-    }
-    if let Some(st) = status {
-        q.push(" AND status = ").push_bind(st);
-    }
-    if let Some(t) = since {
-        q.push(" AND created_at >= ").push_bind(t);
-    }
-    if let Some(t) = until {
-        q.push(" AND created_at < ").push_bind(t);
-    }
-    if let (Some((t, _)), Some(id)) = (cursor, cursor_id) {
-        q.push(" AND (created_at, id) < (")
-            .push_bind(t)
-            .push(", ")
-            .push_bind(id)
-            .push(")");
-    }
-    q.push(" ORDER BY created_at DESC, id DESC LIMIT ")
-        .push_bind(limit);
-    let rows = q.build().fetch_all(&s.pool).await?;
-    page(&rows, limit, |r| {
-        Ok(cursor_of(
-            r.try_get("created_at")?,
-            &r.try_get::<i64, _>("id")?.to_string(),
-        ))
-    })
-}
-
-#[utoipa::path(get, path = "/v1/audit",
-    params(("job_id" = Option<String>, Query, description = "only this job"),
-           ("client_id" = Option<String>, Query, description = "only this client"),
-           ("action" = Option<String>, Query, description = "event type, e.g. JobCompleted"),
-           ("since" = Option<String>, Query, description = "at or after (RFC 3339)"),
-           ("until" = Option<String>, Query, description = "before (RFC 3339)"),
-           ("limit" = Option<i64>, Query, description = "1..1000, default 100"),
-           ("cursor" = Option<String>, Query, description = "next_cursor of the previous page")),
-    responses((status = 200, description = "audit rows in stream order: {items, next_cursor}", body = Object),
-              (status = 400, description = "a bad parameter, named in error.param")))]
-async fn audit_list(
-    State(s): State<AppState>,
-    Query(raw): Query<HashMap<String, String>>,
-) -> Result<Json<Value>, ApiError> {
-    let p = Params::new(
-        raw,
-        &[
-            "job_id",
-            "client_id",
-            "action",
-            "since",
-            "until",
-            "limit",
-            "cursor",
-        ],
-    )?;
-    let (job, client, action) = (p.text("job_id")?, p.text("client_id")?, p.text("action")?);
-    let (since, until, limit) = (p.time("since")?, p.time("until")?, p.limit()?);
-    // cursor: `<seq>_<index>` of the last row seen
-    let after = match p.0.get("cursor") {
-        None => None,
-        Some(c) => {
-            let (seq, idx) = c
-                .split_once('_')
-                .and_then(|(a, b)| Some((a.parse::<i64>().ok()?, b.parse::<i16>().ok()?)))
-                .ok_or_else(|| {
-                    bad(
-                        "cursor",
-                        "not a cursor returned by this endpoint (pass next_cursor unchanged)",
-                    )
-                })?;
-            Some((seq, idx))
-        }
-    };
-    let mut q = QueryBuilder::new(
-        "SELECT to_jsonb(a) AS row, stream_seq, event_index FROM audit_trail a WHERE TRUE",
-    );
-    if let Some(v) = job {
-        q.push(" AND job_id = ").push_bind(v);
-    }
-    if let Some(v) = client {
-        q.push(" AND client_id = ").push_bind(v);
-    }
-    if let Some(v) = action {
-        q.push(" AND action = ").push_bind(v);
-    }
-    if let Some(t) = since {
-        q.push(" AND occurred_at >= ").push_bind(t);
-    }
-    if let Some(t) = until {
-        q.push(" AND occurred_at < ").push_bind(t);
-    }
-    if let Some((seq, idx)) = after {
-        q.push(" AND (stream_seq, event_index) > (")
-            .push_bind(seq)
-            .push(", ")
-            .push_bind(idx)
-            .push(")");
-    }
-    q.push(" ORDER BY stream_seq, event_index LIMIT ")
-        .push_bind(limit);
-    let rows = q.build().fetch_all(&s.pool).await?;
-    page(&rows, limit, |r| {
-        Ok(format!(
-            "{}_{}",
-            r.try_get::<i64, _>("stream_seq")?,
-            r.try_get::<i16, _>("event_index")?
-        ))
-    })
-}
-
-#[utoipa::path(get, path = "/v1/approvals",
-    params(("status" = Option<String>, Query, description = "pending|approved|rejected|expired"),
-           ("limit" = Option<i64>, Query, description = "1..1000, default 100"),
-           ("cursor" = Option<String>, Query, description = "next_cursor of the previous page")),
-    responses((status = 200, description = "approvals, newest first: {items, next_cursor}", body = Object),
-              (status = 400, description = "a bad parameter, named in error.param")))]
-async fn approvals_list(
-    State(s): State<AppState>,
-    Query(raw): Query<HashMap<String, String>>,
-) -> Result<Json<Value>, ApiError> {
-    let p = Params::new(raw, &["status", "limit", "cursor"])?;
-    let status = p.one_of("status", &["pending", "approved", "rejected", "expired"])?;
-    let (limit, cursor) = (p.limit()?, p.cursor()?);
-    let mut q = QueryBuilder::new(
-        "SELECT to_jsonb(a) AS row, created_at, approval_id FROM approvals a WHERE TRUE",
-    );
-    if let Some(st) = status {
-        q.push(" AND status = ").push_bind(st);
-    }
-    if let Some((t, id)) = cursor {
-        q.push(" AND (created_at, approval_id) < (")
-            .push_bind(t)
-            .push(", ")
-            .push_bind(id)
-            .push(")");
-    }
-    q.push(" ORDER BY created_at DESC, approval_id DESC LIMIT ")
-        .push_bind(limit);
-    let rows = q.build().fetch_all(&s.pool).await?;
-    page(&rows, limit, |r| {
-        Ok(cursor_of(
-            r.try_get("created_at")?,
-            &r.try_get::<String, _>("approval_id")?,
-        ))
-    })
 }
 
 #[utoipa::path(get, path = "/healthz",
@@ -452,15 +191,24 @@ async fn metrics_get(State(s): State<AppState>) -> String {
 #[derive(OpenApi)]
 #[openapi(
     info(
-        title = "flowledger read API",
-        description = "Read models built from the flowledger event log"
+        title = "flowledger API",
+        description = "Commands (jobs, approvals, the kill-switch) and read models built from the flowledger event log. /v1 routes need `Authorization: Bearer <token>` except /v1/callbacks/n8n, which is signed (docs/CALLBACKS.md)."
     ),
     paths(
-        jobs_get,
-        jobs_status,
-        executions_list,
-        audit_list,
-        approvals_list,
+        write::jobs_submit,
+        write::jobs_cancel,
+        write::workflows_disable,
+        write::workflows_enable,
+        write::meta_get,
+        write::approvals_approve,
+        write::approvals_reject,
+        write::approvals_bulk,
+        n8n::callbacks_n8n,
+        read::jobs_get,
+        read::jobs_status,
+        read::executions_list,
+        read::audit_list,
+        read::approvals_list,
         healthz,
         metrics_get
     )
@@ -492,12 +240,31 @@ async fn not_found() -> ApiError {
 }
 
 pub fn app(state: AppState) -> Router {
+    // every /v1 route but the n8n callback needs a bearer token
+    let authenticated = Router::new()
+        .route("/v1/jobs", post(write::jobs_submit))
+        .route("/v1/jobs/{id}", get(read::jobs_get))
+        .route("/v1/jobs/{id}/status", get(read::jobs_status))
+        .route("/v1/jobs/{id}/cancel", post(write::jobs_cancel))
+        .route(
+            "/v1/workflows/{key}/disable",
+            post(write::workflows_disable),
+        )
+        .route("/v1/workflows/{key}/enable", post(write::workflows_enable))
+        .route("/v1/meta", get(write::meta_get))
+        .route("/v1/executions", get(read::executions_list))
+        .route("/v1/audit", get(read::audit_list))
+        .route("/v1/approvals", get(read::approvals_list))
+        .route("/v1/approvals/bulk", post(write::approvals_bulk))
+        .route("/v1/approvals/{id}/approve", post(write::approvals_approve))
+        .route("/v1/approvals/{id}/reject", post(write::approvals_reject))
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            auth::authenticate,
+        ));
     Router::new()
-        .route("/v1/jobs/{id}", get(jobs_get))
-        .route("/v1/jobs/{id}/status", get(jobs_status))
-        .route("/v1/executions", get(executions_list))
-        .route("/v1/audit", get(audit_list))
-        .route("/v1/approvals", get(approvals_list))
+        .merge(authenticated)
+        .route("/v1/callbacks/n8n", post(n8n::callbacks_n8n))
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics_get))
         .route("/openapi.json", get(openapi_get))

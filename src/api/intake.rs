@@ -35,7 +35,7 @@ pub struct ReplyError {
 }
 
 impl ReplyError {
-    fn validation(field: Option<&str>, message: impl Into<String>) -> Self {
+    pub(crate) fn validation(field: Option<&str>, message: impl Into<String>) -> Self {
         ReplyError {
             code: ErrorCode::Validation,
             message: message.into(),
@@ -64,7 +64,7 @@ enum Parsed {
 }
 
 /// Deserializes `value` into `T`, naming the offending field on error.
-fn from_fields<T: DeserializeOwned>(value: Value) -> Result<T, ReplyError> {
+pub(crate) fn from_fields<T: DeserializeOwned>(value: Value) -> Result<T, ReplyError> {
     serde_path_to_error::deserialize(value).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner().to_string();

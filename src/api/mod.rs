@@ -1,5 +1,9 @@
-//! Entry points other services use: command intake over NATS request/reply.
-//! The HTTP read API over the projections.
+//! Entry points other services use: command intake over NATS request/reply,
+//! and the HTTP API (reads over the projections, commands, n8n callbacks).
 
+pub mod auth;
 pub mod http;
 pub mod intake;
+pub mod n8n;
+pub mod read;
+pub mod write;

@@ -41,6 +41,9 @@ pub struct Receipt {
     /// Aggregate version after the commit.
     pub aggregate_version: u64,
     pub events: Vec<ReceiptEvent>,
+    /// When the commit was written (RFC 3339, the events' `occurred_at`);
+    /// a repeated command answers the original time.
+    pub occurred_at: String,
     /// True when this command id had already been committed: nothing new was appended.
     pub duplicate: bool,
     #[serde(skip)]
@@ -62,6 +65,7 @@ impl Receipt {
         command_id: &str,
         stream_seq: u64,
         events: Vec<ReceiptEvent>,
+        occurred_at: String,
         command_hash: &str,
     ) -> Self {
         Receipt {
@@ -71,6 +75,7 @@ impl Receipt {
             stream_seq,
             aggregate_version: events.last().map_or(0, |e| e.aggregate_version),
             events,
+            occurred_at,
             duplicate: false,
             command_hash: command_hash.to_string(),
         }
@@ -240,6 +245,7 @@ where
         let lines = envelope::decode_commit(&msg.payload).map_err(|e| corrupt(e.to_string()))?;
         let mut receipt_events = Vec::with_capacity(lines.len());
         let mut command_id = None;
+        let mut occurred_at = String::new();
         for (line, record) in lines {
             if record.prev_hash != chain::to_hex(&loaded.head) {
                 return Err(corrupt(format!(
@@ -284,6 +290,7 @@ where
                 hash: chain::to_hex(&loaded.head),
             });
             command_id.get_or_insert(record.command_id);
+            occurred_at = record.occurred_at;
         }
         let Some(command_id) = command_id else {
             return Err(corrupt("commit holds no event".into()));
@@ -299,6 +306,7 @@ where
             &command_id,
             seq,
             receipt_events,
+            occurred_at,
             command_hash,
         );
         loaded.commits.insert(command_id, Arc::new(receipt));
@@ -401,6 +409,7 @@ where
                     &meta.command_id,
                     ack.sequence,
                     receipt_events,
+                    now.clone(),
                     &meta.command_hash,
                 ));
                 loaded.version += events.len() as u64;

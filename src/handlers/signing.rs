@@ -10,7 +10,6 @@ use sha2::Sha256;
 
 pub const HDR_TIMESTAMP: &str = "X-Flowledger-Timestamp";
 pub const HDR_SIGNATURE: &str = "X-Flowledger-Signature";
-pub const HDR_NONCE: &str = "X-Flowledger-Nonce";
 
 /// A shared secret. Its `Debug` never shows the value.
 #[derive(Clone)]

@@ -636,3 +636,194 @@ async fn sigkill_mid_job_loses_nothing_and_repeats_nothing() {
         1
     );
 }
+
+/// A command side whose HTTP API (with the test clients) and job handler
+/// share one intake; n8n peers call back on the API.
+async fn handler_with_api(app: &TestApp, registry: Value) -> (HandlerSide, ReadSide) {
+    let (intake, registry) = command_side(app, registry);
+    let api = spawn_api(app, true, intake.clone(), registry.clone()).await;
+    let mut config = test_handler_config();
+    config.public_url = Some(api.http.clone());
+    (start_handler(intake, registry, config).await, api)
+}
+
+#[tokio::test]
+async fn n8n_results_come_back_signed_and_bad_callbacks_are_refused() {
+    let app = spawn_app().await;
+    let peer = Peer::start().await;
+    let url = peer.script(
+        "/hook",
+        vec![peers::n8n_accepts(
+            3000,
+            N8N_KEY,
+            json!({"summary": "from n8n"}),
+        )],
+    );
+    let registry = one_workflow(
+        json!([{"name": "flow", "kind": "n8n", "url": url, "timeout_ms": 30_000, "max_attempts": 1}]),
+        json!({}),
+    );
+    let (h, api) = handler_with_api(&app, registry).await;
+    h.submit("n8n-1", "w", json!({"input": {"doc": 1}})).await;
+    eventually("n8n to be called", || peer.received("/hook").len() == 1).await;
+    let call = peer.received("/hook")[0].body.clone();
+    let callback_url = call["callback_url"]
+        .as_str()
+        .expect("n8n is told where to answer");
+    assert_eq!(callback_url, format!("{}/v1/callbacks/n8n", api.http));
+
+    // while n8n works, forged, stale and unsigned results arrive
+    let now = chrono::Utc::now().timestamp();
+    let forged = json!({"job_id": "n8n-1", "step": "flow", "attempt": 1,
+                        "nonce": "forged-nonce-1", "status": "failed", "error_code": "x"})
+    .to_string();
+    let unsigned = reqwest::Client::new()
+        .post(callback_url)
+        .header("content-type", "application/json")
+        .body(forged.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unsigned.status(), 401);
+    let body: Value = unsigned.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "missing_signature");
+    let wrong_key = peers::post_signed(callback_url, b"someone-elses-key-0123", now, &forged).await;
+    assert_eq!(wrong_key.status, 401);
+    let stale = peers::post_signed(callback_url, N8N_KEY, now - 3600, &forged).await;
+    assert_eq!(stale.status, 401);
+    // the job was not changed by any of them
+    let v = h.ctx.load_view("n8n-1").await.unwrap().unwrap();
+    assert_eq!(v.status, JobStatus::Running);
+    assert!(!actions(&v).contains(&"StepResultRecorded".to_string()));
+
+    // n8n's own signed result completes the job
+    let v = h.settled("n8n-1").await;
+    assert_eq!(v.status, JobStatus::Completed, "{:?}", v.error_message);
+    assert_eq!(v.outputs, json!({"flow": {"summary": "from n8n"}}));
+    let sent = peer.sent();
+    assert_eq!(sent.len(), 1);
+    assert_eq!(sent[0].status, 200);
+    // the same request again: its nonce was used
+    let replay = peers::post_signed(
+        &sent[0].url,
+        N8N_KEY,
+        sent[0].timestamp.parse().unwrap(),
+        &sent[0].body,
+    )
+    .await;
+    assert_eq!(replay.status, 401);
+
+    api.caught_up(&app.log).await;
+    let (_, rejected) = api.get("/v1/audit?action=CallbackRejected").await;
+    let codes: Vec<_> = rejected["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["job_id"].clone(),
+                r["error_code"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        codes,
+        [
+            "missing_signature",
+            "bad_signature",
+            "stale_timestamp",
+            "replayed_nonce"
+        ]
+        .map(|c| (json!("n8n-1"), c.to_string()))
+    );
+    let (_, results) = api
+        .get("/v1/audit?job_id=n8n-1&action=StepResultRecorded")
+        .await;
+    let rows = results["items"].as_array().unwrap();
+    assert_eq!(rows.len(), 1, "one result, recorded once: {results}");
+    assert_eq!(rows[0]["client_id"], "n8n");
+}
+
+#[tokio::test]
+async fn http_approvals_release_jobs_and_http_cancel_aborts_calls() {
+    let app = spawn_app().await;
+    let peer = Peer::start().await;
+    let ok = peer.script("/s", vec![peers::ok(5, json!("done"))]);
+    let slow = peer.script("/slow", vec![peers::hang()]);
+    let registry = json!({"version": 1, "workflows": {
+        "w": {"steps": [solver("s", &ok, 1000, 1)], "requires_approval": true},
+        "slow": {"steps": [solver("slow", &slow, 30_000, 1)]},
+    }});
+    let (h, api) = handler_with_api(&app, registry).await;
+
+    let submit = |id: &str, key: &str| json!({"job_id": id, "workflow_key": key});
+    assert_eq!(
+        api.post("/v1/jobs", BILLING_TOKEN, submit("hap-1", "w"))
+            .await
+            .status,
+        202
+    );
+    approval_pending(&h, "hap-1").await;
+    let yes = api
+        .post(
+            "/v1/approvals/hap-1/approve",
+            OPERATOR_TOKEN,
+            json!({"reason": "looks right", "user_id": "olga"}),
+        )
+        .await;
+    assert_eq!(yes.status, 200, "{}", yes.body);
+    let v = h.settled("hap-1").await;
+    assert_eq!(v.status, JobStatus::Completed, "{:?}", v.error_message);
+    assert!(v
+        .audit
+        .iter()
+        .any(|a| a.action == "ApprovalGranted" && a.details["decided_by"] == "ops"));
+
+    assert_eq!(
+        api.post("/v1/jobs", BILLING_TOKEN, submit("hc-1", "slow"))
+            .await
+            .status,
+        202
+    );
+    eventually("the slow step to be called", || peer.in_flight() == 1).await;
+    let cancel = api
+        .post(
+            "/v1/jobs/hc-1/cancel",
+            BILLING_TOKEN,
+            json!({"reason": "changed my mind"}),
+        )
+        .await;
+    assert_eq!(cancel.status, 200, "{}", cancel.body);
+    let v = h.settled("hc-1").await;
+    assert_eq!(v.status, JobStatus::Cancelled);
+    eventually("the in-flight call to be aborted", || peer.in_flight() == 0).await;
+
+    // the read models tell both stories
+    api.caught_up(&app.log).await;
+    let (_, row) = api.get("/v1/jobs/hc-1").await;
+    assert_eq!(row["status"], "cancelled", "{row}");
+    let (_, audit) = api.get("/v1/audit?job_id=hap-1").await;
+    let who: Vec<_> = audit["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["action"].as_str().unwrap().to_string(),
+                r["client_id"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert!(
+        who.contains(&("JobSubmitted".into(), "billing".into())),
+        "{who:?}"
+    );
+    assert!(
+        who.contains(&("ApprovalGranted".into(), "ops".into())),
+        "{who:?}"
+    );
+    assert!(
+        who.contains(&("JobCompleted".into(), "flowledger-handler".into())),
+        "{who:?}"
+    );
+}

@@ -358,7 +358,43 @@ impl Drop for ReadSide {
     }
 }
 
+/// Bearer tokens of the test API's clients (see [`test_clients`]).
+pub const BILLING_TOKEN: &str = "test-billing-token";
+pub const OTHER_TOKEN: &str = "test-other-token";
+pub const OPERATOR_TOKEN: &str = "test-operator-token";
+/// A client allowed 2 submissions a minute.
+pub const LIMITED_TOKEN: &str = "test-limited-token";
+/// The shared key n8n peers sign their callbacks with.
+pub const N8N_KEY: &[u8] = b"test-n8n-key-0123456789";
+
+pub fn test_clients() -> Vec<flowledger::config::ClientEntry> {
+    use flowledger::config::{ClientEntry, Role};
+    let entry = |id: &str, token: &str, role, rate| ClientEntry {
+        id: id.into(),
+        token_sha256: hex::encode(flowledger::events::chain::sha256(token.as_bytes())),
+        role,
+        rate_limit_per_minute: rate,
+    };
+    vec![
+        entry("billing", BILLING_TOKEN, Role::Client, 10_000),
+        entry("other", OTHER_TOKEN, Role::Client, 10_000),
+        entry("ops", OPERATOR_TOKEN, Role::Operator, 10_000),
+        entry("limited", LIMITED_TOKEN, Role::Client, 2),
+    ]
+}
+
 pub async fn spawn_read_side(app: &TestApp, runners: bool) -> ReadSide {
+    spawn_api(app, runners, app.intake.clone(), registry()).await
+}
+
+/// The HTTP API over `intake` (reads, commands, n8n callbacks signed with
+/// [`N8N_KEY`]), with the [`test_clients`].
+pub async fn spawn_api(
+    app: &TestApp,
+    runners: bool,
+    intake: Arc<Intake>,
+    registry: Arc<Registry>,
+) -> ReadSide {
     let url = fresh_database().await;
     let pool = flowledger::projections::db::connect(&url, 20)
         .await
@@ -382,6 +418,11 @@ pub async fn spawn_read_side(app: &TestApp, runners: bool) -> ReadSide {
         nats: app.client.clone(),
         log: app.log.clone(),
         metrics: metrics_handle(),
+        intake,
+        registry,
+        clients: Arc::new(flowledger::api::auth::Clients::new(&test_clients())),
+        n8n_key: Some(flowledger::handlers::signing::SigningKey::new(N8N_KEY).expect("a long key")),
+        callback_window_secs: 300,
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
@@ -403,17 +444,49 @@ pub async fn spawn_read_side(app: &TestApp, runners: bool) -> ReadSide {
     }
 }
 
+/// One HTTP answer: status, headers, and the body as JSON (or a string).
+pub struct Answer {
+    pub status: u16,
+    pub headers: reqwest::header::HeaderMap,
+    pub body: Value,
+}
+
 impl ReadSide {
+    /// GET as the operator.
     pub async fn get(&self, path: &str) -> (u16, Value) {
-        let r = reqwest::get(format!("{}{path}", self.http))
+        let a = self.call("GET", path, Some(OPERATOR_TOKEN), None).await;
+        (a.status, a.body)
+    }
+
+    /// POSTs `body` with `token`.
+    pub async fn post(&self, path: &str, token: &str, body: Value) -> Answer {
+        self.call("POST", path, Some(token), Some(body.to_string()))
             .await
-            .expect("HTTP request");
-        let status = r.status().as_u16();
+    }
+
+    pub async fn call(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: Option<String>,
+    ) -> Answer {
+        let method = reqwest::Method::from_bytes(method.as_bytes()).expect("a method");
+        let mut req = reqwest::Client::new().request(method, format!("{}{path}", self.http));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        if let Some(b) = body {
+            req = req.header("content-type", "application/json").body(b);
+        }
+        let r = req.send().await.expect("HTTP request");
+        let (status, headers) = (r.status().as_u16(), r.headers().clone());
         let text = r.text().await.expect("body");
-        (
+        Answer {
             status,
-            serde_json::from_str(&text).unwrap_or(Value::String(text)),
-        )
+            headers,
+            body: serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        }
     }
 
     /// Waits until every active projection has applied the whole stream
@@ -481,11 +554,8 @@ pub fn test_handler_config() -> flowledger::handlers::HandlerConfig {
     }
 }
 
-pub async fn spawn_handler(
-    app: &TestApp,
-    registry: Value,
-    config: flowledger::handlers::HandlerConfig,
-) -> HandlerSide {
+/// A command side over the test's log with `registry` (JSON, validated).
+pub fn command_side(app: &TestApp, registry: Value) -> (Arc<Intake>, Arc<Registry>) {
     let registry = Arc::new(
         Registry::parse(
             std::path::Path::new("test-registry.json"),
@@ -500,6 +570,24 @@ pub async fn spawn_handler(
             max_timeout_seconds: 3600,
         },
     ));
+    (intake, registry)
+}
+
+pub async fn spawn_handler(
+    app: &TestApp,
+    registry: Value,
+    config: flowledger::handlers::HandlerConfig,
+) -> HandlerSide {
+    let (intake, registry) = command_side(app, registry);
+    start_handler(intake, registry, config).await
+}
+
+/// Runs the job handler on `intake`, with a fresh database for its position.
+pub async fn start_handler(
+    intake: Arc<Intake>,
+    registry: Arc<Registry>,
+    config: flowledger::handlers::HandlerConfig,
+) -> HandlerSide {
     let url = fresh_database().await;
     let pool = flowledger::projections::db::connect(&url, 10)
         .await
@@ -560,4 +648,13 @@ pub fn one_workflow(steps: Value, extra: Value) -> Value {
         o.extend(e);
     }
     json!({"version": 1, "workflows": {"w": w}})
+}
+
+/// Waits up to 10 s for `done` to hold; fails naming `what`.
+pub async fn eventually(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !done() {
+        assert!(Instant::now() < deadline, "waited 10 s for {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }

@@ -6,5 +6,6 @@ mod audit;
 mod event_store;
 mod handlers;
 mod helpers;
+mod http_api;
 mod peers;
 mod projections;

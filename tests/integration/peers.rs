@@ -14,12 +14,70 @@ use axum::http::{HeaderMap, StatusCode, Uri};
 use axum::response::IntoResponse;
 use serde_json::{json, Value};
 
-/// One answer: wait `delay_ms`, then answer `status` with `body`.
+/// One answer: wait `delay_ms`, then answer `status` with `body`; then,
+/// like an n8n workflow that answered 202, post a signed result later.
 #[derive(Debug, Clone)]
 pub struct Reply {
     pub delay_ms: u64,
     pub status: u16,
     pub body: Value,
+    pub then: Option<LaterResult>,
+}
+
+/// A result an n8n peer posts to the request's `callback_url`.
+#[derive(Debug, Clone)]
+pub struct LaterResult {
+    pub after_ms: u64,
+    pub key: Vec<u8>,
+    pub output: Value,
+}
+
+/// n8n answering "accepted", then posting `output` as a signed result to
+/// the `callback_url` it was sent, `after_ms` later.
+pub fn n8n_accepts(after_ms: u64, key: &[u8], output: Value) -> Reply {
+    Reply {
+        delay_ms: 5,
+        status: 202,
+        body: json!({"message": "Workflow was started"}),
+        then: Some(LaterResult {
+            after_ms,
+            key: key.to_vec(),
+            output,
+        }),
+    }
+}
+
+/// A request a peer sent (an n8n result callback), as it went out.
+#[derive(Debug, Clone)]
+pub struct Sent {
+    pub url: String,
+    pub timestamp: String,
+    pub body: String,
+    pub status: u16,
+}
+
+/// Signs and posts an n8n result, as n8n's HTTP Request node would.
+pub async fn post_signed(url: &str, key: &[u8], timestamp: i64, body: &str) -> Sent {
+    use flowledger::handlers::signing::{SigningKey, HDR_SIGNATURE, HDR_TIMESTAMP};
+    let signature = SigningKey::new(key)
+        .expect("a test key of 16+ bytes")
+        .sign(timestamp, body.as_bytes());
+    let status = reqwest::Client::new()
+        .post(url)
+        .header("content-type", "application/json")
+        .header(HDR_TIMESTAMP, timestamp.to_string())
+        .header(HDR_SIGNATURE, &signature)
+        .body(body.to_string())
+        .send()
+        .await
+        .map(|r| r.status().as_u16())
+        .unwrap_or(0);
+    Sent {
+        url: url.into(),
+        timestamp: timestamp.to_string(),
+        body: body.into(),
+        status,
+    }
 }
 
 pub fn ok(delay_ms: u64, body: Value) -> Reply {
@@ -27,6 +85,7 @@ pub fn ok(delay_ms: u64, body: Value) -> Reply {
         delay_ms,
         status: 200,
         body,
+        then: None,
     }
 }
 
@@ -35,6 +94,7 @@ pub fn status(delay_ms: u64, status: u16) -> Reply {
         delay_ms,
         status,
         body: json!({"error": format!("peer says {status}")}),
+        then: None,
     }
 }
 
@@ -44,6 +104,7 @@ pub fn hang() -> Reply {
         delay_ms: 60_000,
         status: 200,
         body: json!({}),
+        then: None,
     }
 }
 
@@ -60,6 +121,7 @@ struct PeerState {
     /// Per path: answers given in order; the last one repeats.
     scripts: Mutex<HashMap<String, (Vec<Reply>, usize)>>,
     received: Mutex<Vec<Received>>,
+    sent: Mutex<Vec<Sent>>,
     in_flight: AtomicUsize,
     max_in_flight: AtomicUsize,
 }
@@ -79,6 +141,7 @@ async fn answer(
     let now = s.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
     s.max_in_flight.fetch_max(now, Ordering::SeqCst);
     let path = uri.path().to_string();
+    let request: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
     s.received.lock().unwrap().push(Received {
         path: path.clone(),
         headers: headers
@@ -112,6 +175,20 @@ async fn answer(
     }
     let _leave = Leave(s.clone());
     tokio::time::sleep(Duration::from_millis(reply.delay_ms)).await;
+    if let (Some(later), Some(url)) = (reply.then.clone(), request["callback_url"].as_str()) {
+        let (s, url) = (s.clone(), url.to_string());
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(later.after_ms)).await;
+            let result = json!({
+                "job_id": request["job_id"], "step": request["step"],
+                "attempt": request["attempt"], "nonce": uuid::Uuid::new_v4().to_string(),
+                "status": "succeeded", "output": later.output, "duration_ms": later.after_ms,
+            });
+            let now = chrono::Utc::now().timestamp();
+            let sent = post_signed(&url, &later.key, now, &result.to_string()).await;
+            s.sent.lock().unwrap().push(sent);
+        });
+    }
     (
         StatusCode::from_u16(reply.status).unwrap(),
         axum::Json(reply.body),
@@ -153,6 +230,11 @@ impl Peer {
             .filter(|r| r.path == path)
             .cloned()
             .collect()
+    }
+
+    /// The result callbacks this peer posted, in order.
+    pub fn sent(&self) -> Vec<Sent> {
+        self.state.sent.lock().unwrap().clone()
     }
 
     pub fn in_flight(&self) -> usize {

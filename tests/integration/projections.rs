@@ -424,7 +424,12 @@ async fn readers_see_no_error_and_no_gap_during_a_rebuild() {
                     "/v1/jobs/r-7",
                     "/v1/audit?job_id=r-9",
                 ] {
-                    match client.get(format!("{http}{path}")).send().await {
+                    match client
+                        .get(format!("{http}{path}"))
+                        .bearer_auth(OPERATOR_TOKEN)
+                        .send()
+                        .await
+                    {
                         Ok(r) if r.status() == 200 => {
                             let v: Value = r.json().await.unwrap_or(Value::Null);
                             let empty = v

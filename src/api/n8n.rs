@@ -1,0 +1,201 @@
+//! `POST /v1/callbacks/n8n`: an n8n workflow that answered 202 posts its
+//! step result here later (docs/CALLBACKS.md, "Incoming n8n callbacks").
+//!
+//! The request is signed like outgoing callbacks (HMAC-SHA256 over
+//! `<timestamp>.<body>` with the n8n key) and its body carries a `nonce`
+//! that is accepted once. A missing, bad, stale or replayed signature gets
+//! 401 and a `CallbackRejected` event; the job is not changed.
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::HeaderMap;
+use axum::Json;
+use chrono::Utc;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+use super::http::{ApiError, AppState};
+use super::intake::{execute_error, from_fields, ReplyError};
+use crate::commands::job::{JobCommand, RecordStepResult};
+use crate::events::chain;
+use crate::events::envelope::{Actor, CommandMeta};
+use crate::events::job::StepStatus;
+use crate::events::log::valid_aggregate_id;
+use crate::events::workflow::CallbackRejected;
+use crate::handlers::signing::{SignatureError, HDR_SIGNATURE, HDR_TIMESTAMP};
+
+/// The actor recorded on results n8n posts.
+pub const N8N_ACTOR: &str = "n8n";
+
+/// The body n8n posts.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct N8nResult {
+    job_id: String,
+    step: String,
+    attempt: u32,
+    /// Unique per callback; covered by the signature because it is in the body.
+    nonce: String,
+    status: StepStatus,
+    #[serde(default)]
+    output: Value,
+    error_code: Option<String>,
+    error_message: Option<String>,
+    #[serde(default)]
+    duration_ms: u64,
+}
+
+fn meta(command_id: String, body: &[u8]) -> CommandMeta {
+    CommandMeta {
+        correlation_id: command_id.clone(),
+        causation_id: command_id.clone(),
+        command_id,
+        actor: Actor {
+            client_id: N8N_ACTOR.into(),
+            user_id: None,
+        },
+        command_hash: chain::to_hex(&chain::sha256(body)),
+    }
+}
+
+/// Records the refusal (best effort: a failure to record is logged) and
+/// returns the 401 to send.
+async fn reject(
+    s: &AppState,
+    job_id: Option<String>,
+    why: SignatureError,
+    body: &[u8],
+) -> ApiError {
+    metrics::counter!("flowledger_callbacks_rejected_total", "reason" => why.code()).increment(1);
+    tracing::warn!(
+        job_id = job_id.as_deref().unwrap_or("-"),
+        reason = why.code(),
+        "n8n callback refused"
+    );
+    let event = CallbackRejected {
+        job_id,
+        source: "n8n".into(),
+        error_code: why.code().into(),
+        error_message: why.to_string(),
+    };
+    let id = Uuid::now_v7().to_string();
+    if let Err(e) = s
+        .intake
+        .callbacks
+        .execute(&id, event, &meta(id.clone(), body))
+        .await
+    {
+        tracing::error!(error = %e, "could not record CallbackRejected");
+    }
+    ApiError::Signature(why)
+}
+
+#[utoipa::path(post, path = "/v1/callbacks/n8n",
+    request_body(content = Object, description = "job_id, step, attempt, nonce, status (succeeded|failed|timed_out), output?, error_code?, error_message?, duration_ms?; headers X-Flowledger-Timestamp and X-Flowledger-Signature"),
+    responses((status = 200, description = "the step result is recorded", body = Object),
+              (status = 400, description = "signed, but the body is not a step result"),
+              (status = 401, description = "missing, bad, stale or replayed signature; a CallbackRejected event is recorded"),
+              (status = 404, description = "no such job"),
+              (status = 409, description = "the attempt is not in flight or already has a result"),
+              (status = 503, description = "no n8n key configured")))]
+pub async fn callbacks_n8n(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    let Some(key) = &s.n8n_key else {
+        return Err(ApiError::NotConfigured(
+            "n8n callbacks are off: set the environment variable named by callbacks.n8n_key_env (default FLOWLEDGER_N8N_KEY)".into(),
+        ));
+    };
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    // which job the sender claims, for the rejection record only
+    let claimed = serde_json::from_slice::<Value>(&body)
+        .ok()
+        .and_then(|v| v.get("job_id")?.as_str().map(str::to_string))
+        .filter(|id| valid_aggregate_id(id));
+    let now = Utc::now().timestamp();
+    if let Err(why) = key.verify(
+        header(HDR_TIMESTAMP),
+        header(HDR_SIGNATURE),
+        &body,
+        now,
+        s.callback_window_secs,
+    ) {
+        return Err(reject(&s, claimed, why, &body).await);
+    }
+    let value: Value = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::Command(ReplyError::validation(
+            None,
+            format!("request body is not valid JSON: {e}"),
+        ))
+    })?;
+    let r: N8nResult = from_fields(value)?;
+    if !valid_aggregate_id(&r.job_id) {
+        return Err(ApiError::Command(ReplyError::validation(
+            Some("job_id"),
+            "field `job_id`: not a valid id (1-128 of A-Z a-z 0-9 _ -)",
+        )));
+    }
+    if r.nonce.len() < 8 || r.nonce.len() > 200 {
+        return Err(ApiError::Command(ReplyError::validation(
+            Some("nonce"),
+            "field `nonce`: must be 8-200 characters, unique per callback",
+        )));
+    }
+    // a nonce is kept for twice the window: any replay inside the window
+    // finds it, an older one fails the timestamp check
+    sqlx::query("DELETE FROM callback_nonces WHERE seen_at < now() - make_interval(secs => $1)")
+        .bind((2 * s.callback_window_secs) as f64)
+        .execute(&s.pool)
+        .await?;
+    let fresh = sqlx::query(
+        "INSERT INTO callback_nonces (nonce, seen_at) VALUES ($1, now()) ON CONFLICT DO NOTHING",
+    )
+    .bind(&r.nonce)
+    .execute(&s.pool)
+    .await?
+    .rows_affected()
+        == 1;
+    if !fresh {
+        return Err(reject(&s, Some(r.job_id), SignatureError::Replayed, &body).await);
+    }
+    let command_id = format!("n8n:{}:{}:{}", r.job_id, r.step, r.attempt);
+    let result = RecordStepResult {
+        step: r.step.clone(),
+        attempt: r.attempt,
+        status: r.status,
+        output: r.output,
+        error_code: r.error_code,
+        error_message: r.error_message,
+        duration_ms: r.duration_ms,
+        retry_in_ms: None,
+    };
+    match s
+        .intake
+        .jobs
+        .execute(
+            &r.job_id,
+            JobCommand::RecordStepResult(result),
+            &meta(command_id, &body),
+        )
+        .await
+    {
+        Ok(receipt) => Ok(Json(json!({
+            "ok": true, "job_id": r.job_id, "step": r.step, "attempt": r.attempt,
+            "recorded_at": receipt.occurred_at,
+        }))),
+        Err(e) => {
+            // not recorded: the same request may be sent again
+            if let Err(db) = sqlx::query("DELETE FROM callback_nonces WHERE nonce = $1")
+                .bind(&r.nonce)
+                .execute(&s.pool)
+                .await
+            {
+                tracing::warn!(error = %db, "could not release a callback nonce");
+            }
+            Err(ApiError::Command(execute_error(e)))
+        }
+    }
+}

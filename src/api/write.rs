@@ -1,0 +1,541 @@
+//! Commands over HTTP (seed 002 contract and more): submit and cancel jobs,
+//! the kill-switch, approvals, and the registry listing. Every command runs
+//! on the same [`Intake`](super::intake::Intake) as NATS commands; the
+//! caller's client id is the actor recorded on the events.
+
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json};
+use chrono::{DateTime, Utc};
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+use super::auth::Caller;
+use super::http::{ApiError, AppState};
+use super::intake::{execute_error, from_fields, ReplyError};
+use crate::commands::approval::{ApprovalCommand, ApprovalError, Decide};
+use crate::commands::job::{CancelJob, JobCommand, JobError, SubmitJob};
+use crate::commands::workflow::{self, WorkflowCommand, WorkflowError};
+use crate::commands::DomainError;
+use crate::config::Role;
+use crate::events::chain;
+use crate::events::envelope::CommandMeta;
+use crate::events::log::valid_aggregate_id;
+use crate::events::store::{ExecuteError, Receipt};
+use crate::registry::WorkflowDefinition;
+
+/// Most approvals one bulk request decides.
+pub const MAX_BULK: usize = 100;
+
+/// Parses a JSON object body (an empty body is `{}`) into `T`, naming the
+/// offending field; returns the parsed value too, for hashing.
+fn parse_body<T: DeserializeOwned>(bytes: &[u8]) -> Result<(Value, T), ApiError> {
+    let value: Value = if bytes.iter().all(u8::is_ascii_whitespace) {
+        json!({})
+    } else {
+        serde_json::from_slice(bytes).map_err(|e| {
+            ApiError::Command(ReplyError::validation(
+                None,
+                format!("request body is not valid JSON: {e}"),
+            ))
+        })?
+    };
+    if !value.is_object() {
+        return Err(ApiError::Command(ReplyError::validation(
+            None,
+            "request body must be a JSON object",
+        )));
+    }
+    let parsed = from_fields(value.clone())?;
+    Ok((value, parsed))
+}
+
+fn check_id(field: &str, id: &str) -> Result<(), ApiError> {
+    if valid_aggregate_id(id) {
+        Ok(())
+    } else {
+        Err(ApiError::Command(ReplyError::validation(
+            Some(field),
+            format!("{field} {id:?} is not a valid id (1-128 of A-Z a-z 0-9 _ -)"),
+        )))
+    }
+}
+
+/// Metadata of one HTTP command: the caller is the actor; `hash_of` is
+/// what makes a repeated command "the same".
+fn meta(
+    caller: &Caller,
+    user_id: Option<String>,
+    command_id: String,
+    hash_of: &Value,
+) -> CommandMeta {
+    let command_hash = chain::to_hex(&chain::sha256(
+        json!({"client_id": caller.client_id, "body": hash_of})
+            .to_string()
+            .as_bytes(),
+    ));
+    CommandMeta {
+        correlation_id: command_id.clone(),
+        causation_id: command_id.clone(),
+        command_id,
+        actor: caller.actor(user_id),
+        command_hash,
+    }
+}
+
+fn command_error<E: DomainError>(e: ExecuteError<E>) -> ApiError {
+    ApiError::Command(execute_error(e))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SubmitBody {
+    job_id: Option<String>,
+    client_id: Option<String>,
+    workflow_key: String,
+    #[serde(default)]
+    inputs: Value,
+    callback_url: Option<String>,
+    priority: Option<u8>,
+    timeout_seconds: Option<u32>,
+    #[serde(default)]
+    metadata: Value,
+}
+
+fn object_or_empty(field: &str, v: Value) -> Result<Value, ApiError> {
+    match v {
+        Value::Null => Ok(json!({})),
+        Value::Object(_) => Ok(v),
+        other => Err(ApiError::Command(ReplyError::validation(
+            Some(field),
+            format!("field `{field}`: must be a JSON object, got {other}"),
+        ))),
+    }
+}
+
+/// An upper bound on when a job accepted at `accepted` ends: the approval
+/// window (if the workflow needs one) plus the slowest step's attempt
+/// timeout, never after the job's own deadline.
+fn estimated_completion(
+    accepted: DateTime<Utc>,
+    def: Option<&WorkflowDefinition>,
+    timeout_seconds: u32,
+) -> DateTime<Utc> {
+    let deadline = accepted + chrono::Duration::seconds(timeout_seconds as i64);
+    let Some(def) = def else { return deadline };
+    let slowest = def.steps.iter().map(|s| s.timeout_ms).max().unwrap_or(0);
+    let approval = if def.requires_approval {
+        def.approval_timeout_seconds * 1000
+    } else {
+        0
+    };
+    (accepted + chrono::Duration::milliseconds((slowest + approval) as i64)).min(deadline)
+}
+
+#[utoipa::path(post, path = "/v1/jobs",
+    request_body(content = Object, description = "job_id?, client_id?, workflow_key, inputs, callback_url?, priority (1-10, default 5), timeout_seconds (default 300), metadata"),
+    responses((status = 202, description = "accepted: job_id, status, message, accepted_at, estimated_completion; the same job_id and body answer the same", body = Object),
+              (status = 400, description = "bad body; error.param names the field"),
+              (status = 401, description = "no or unknown bearer token"),
+              (status = 403, description = "client_id is not the caller's"),
+              (status = 409, description = "job_id already used with a different body, or the workflow is disabled"),
+              (status = 429, description = "over the client's rate limit; see Retry-After")))]
+pub async fn jobs_submit(
+    State(s): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    s.clients.take_submission(&caller)?;
+    let (value, b) = parse_body::<SubmitBody>(&body)?;
+    if let Some(c) = &b.client_id {
+        if *c != caller.client_id {
+            return Err(ApiError::Forbidden(format!(
+                "client_id {c:?} is not the caller's client id {:?}; a client submits only its own jobs",
+                caller.client_id
+            )));
+        }
+    }
+    let job_id = match &b.job_id {
+        Some(id) => {
+            check_id("job_id", id)?;
+            id.clone()
+        }
+        None => Uuid::now_v7().to_string(),
+    };
+    // the same job_id and body are the same command: the store answers the
+    // original receipt; a different body is a reused command id (409)
+    let command_id = format!("http-submit:{job_id}");
+    let user_id = b
+        .metadata
+        .get("user_id")
+        .and_then(Value::as_str)
+        .map(str::to_string);
+    let meta = meta(&caller, user_id, command_id, &value);
+    let submit = SubmitJob {
+        workflow_key: b.workflow_key,
+        client_id: caller.client_id.clone(),
+        input: object_or_empty("inputs", b.inputs)?,
+        priority: b.priority,
+        timeout_seconds: b.timeout_seconds,
+        callback_url: b.callback_url,
+        metadata: object_or_empty("metadata", b.metadata)?,
+    };
+    let def = s.registry.workflows.get(&submit.workflow_key).cloned();
+    let timeout = submit
+        .timeout_seconds
+        .unwrap_or(crate::commands::job::DEFAULT_TIMEOUT_SECONDS);
+    let receipt = match s.intake.submit(&job_id, submit, &meta).await {
+        Ok(r) => r,
+        Err(e) if e.code == crate::commands::ErrorCode::Conflict => {
+            return Err(ApiError::Command(ReplyError {
+                message: format!(
+                    "job_id {job_id:?} was already submitted with a different body (or by another client); submit the same body to get the same answer, or use a new job_id"
+                ),
+                field: Some("job_id".into()),
+                ..e
+            }))
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let accepted = DateTime::parse_from_rfc3339(&receipt.occurred_at)
+        .map(|t| t.with_timezone(&Utc))
+        .unwrap_or_else(|_| Utc::now());
+    let waits = def.as_ref().is_some_and(|d| d.requires_approval);
+    let body = json!({
+        "job_id": job_id,
+        "status": "pending",
+        "message": if waits { "accepted; the job waits for approval before it runs" } else { "accepted; the job runs when a dispatch slot is free" },
+        "accepted_at": receipt.occurred_at,
+        "estimated_completion": estimated_completion(accepted, def.as_ref(), timeout).to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+    });
+    Ok((
+        StatusCode::ACCEPTED,
+        [(header::LOCATION, format!("/v1/jobs/{job_id}"))],
+        Json(body),
+    )
+        .into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReasonBody {
+    #[serde(default)]
+    reason: String,
+    /// The person behind the client, recorded as the actor's user_id.
+    user_id: Option<String>,
+}
+
+#[utoipa::path(post, path = "/v1/jobs/{id}/cancel", params(("id" = String, Path, description = "job id")),
+    request_body(content = Object, description = "reason?, user_id?"),
+    responses((status = 200, description = "cancelled; in-flight calls are aborted", body = Object),
+              (status = 403, description = "the job is another client's"),
+              (status = 404, description = "no such job"),
+              (status = 409, description = "the job already ended")))]
+pub async fn jobs_cancel(
+    State(s): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    check_id("id", &id)?;
+    let (value, b) = parse_body::<ReasonBody>(&body)?;
+    let loaded = s
+        .intake
+        .jobs
+        .load(&id)
+        .await
+        .map_err(|e| command_error::<JobError>(ExecuteError::Store(e)))?;
+    if loaded.version == 0 {
+        return Err(ApiError::NotFound(format!("job {id}")));
+    }
+    if loaded.state.client_id != caller.client_id && caller.role != Role::Operator {
+        return Err(ApiError::Forbidden(format!(
+            "job {id} belongs to another client; a client cancels only its own jobs"
+        )));
+    }
+    let meta = meta(&caller, b.user_id, Uuid::now_v7().to_string(), &value);
+    let receipt = s
+        .intake
+        .jobs
+        .execute(
+            &id,
+            JobCommand::Cancel(CancelJob { reason: b.reason }),
+            &meta,
+        )
+        .await
+        .map_err(command_error)?;
+    Ok(Json(json!({
+        "job_id": id, "status": "cancelled", "cancelled_at": receipt.occurred_at,
+        "cancelled_by": caller.client_id,
+    })))
+}
+
+async fn switch_workflow(
+    s: &AppState,
+    caller: &Caller,
+    key: &str,
+    body: &[u8],
+    disable: bool,
+) -> Result<Json<Value>, ApiError> {
+    caller.require_operator("the kill-switch")?;
+    if !s.registry.workflows.contains_key(key) {
+        return Err(ApiError::NotFound(format!(
+            "workflow {key:?} (GET /v1/meta lists the registry)"
+        )));
+    }
+    let (value, b) = parse_body::<ReasonBody>(body)?;
+    let command = if disable {
+        WorkflowCommand::Disable {
+            workflow_key: key.to_string(),
+            reason: b.reason,
+        }
+    } else {
+        WorkflowCommand::Enable {
+            workflow_key: key.to_string(),
+            reason: b.reason,
+        }
+    };
+    let meta = meta(caller, b.user_id, Uuid::now_v7().to_string(), &value);
+    let receipt = s
+        .intake
+        .workflows
+        .execute(&workflow::aggregate_id(key), command, &meta)
+        .await
+        .map_err(|e| match e {
+            ExecuteError::Rejected(WorkflowError::NoReason) => {
+                ApiError::Command(ReplyError::validation(
+                    Some("reason"),
+                    "field `reason`: say why (must not be empty)",
+                ))
+            }
+            e => command_error(e),
+        })?;
+    Ok(Json(json!({
+        "workflow_key": key, "disabled": disable, "at": receipt.occurred_at, "by": caller.client_id,
+    })))
+}
+
+#[utoipa::path(post, path = "/v1/workflows/{key}/disable", params(("key" = String, Path, description = "workflow key")),
+    request_body(content = Object, description = "reason (required), user_id?"),
+    responses((status = 200, description = "disabled: new jobs are refused, running ones continue", body = Object),
+              (status = 403, description = "needs the operator role"), (status = 404, description = "not in the registry"),
+              (status = 409, description = "already disabled")))]
+pub async fn workflows_disable(
+    State(s): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(key): Path<String>,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    switch_workflow(&s, &caller, &key, &body, true).await
+}
+
+#[utoipa::path(post, path = "/v1/workflows/{key}/enable", params(("key" = String, Path, description = "workflow key")),
+    request_body(content = Object, description = "reason (required), user_id?"),
+    responses((status = 200, description = "enabled again", body = Object),
+              (status = 403, description = "needs the operator role"), (status = 404, description = "not in the registry"),
+              (status = 409, description = "not disabled")))]
+pub async fn workflows_enable(
+    State(s): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(key): Path<String>,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    switch_workflow(&s, &caller, &key, &body, false).await
+}
+
+#[utoipa::path(get, path = "/v1/meta",
+    responses((status = 200, description = "the workflow registry: keys, steps (no URLs), approval rules, success policy, kill-switch state", body = Object)))]
+pub async fn meta_get(State(s): State<AppState>) -> Result<Json<Value>, ApiError> {
+    let mut workflows = Vec::new();
+    for (key, def) in &s.registry.workflows {
+        let state = s
+            .intake
+            .workflows
+            .load(&workflow::aggregate_id(key))
+            .await
+            .map_err(|e| command_error::<WorkflowError>(ExecuteError::Store(e)))?;
+        let steps: Vec<Value> = def
+            .steps
+            .iter()
+            .map(|st| {
+                json!({"name": st.name, "kind": st.kind, "timeout_ms": st.timeout_ms,
+                       "max_attempts": st.max_attempts})
+            })
+            .collect();
+        workflows.push(json!({
+            "workflow_key": key,
+            "description": def.description,
+            "steps": steps,
+            "requires_approval": def.requires_approval,
+            "approval_timeout_seconds": def.approval_timeout_seconds,
+            "auto_approval": def.auto_approval,
+            "success": def.success,
+            "disabled": state.state.disabled,
+        }));
+    }
+    Ok(Json(json!({
+        "service": "flowledger",
+        "version": env!("CARGO_PKG_VERSION"),
+        "registry_version": s.registry.version,
+        "workflows": workflows,
+    })))
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum Decision {
+    Approve,
+    Reject,
+}
+
+async fn decide(
+    s: &AppState,
+    caller: &Caller,
+    id: &str,
+    decision: Decision,
+    reason: String,
+    user_id: Option<String>,
+    hash_of: &Value,
+) -> Result<std::sync::Arc<Receipt>, ApiError> {
+    check_id("approval_id", id)?;
+    let d = Decide {
+        decided_by: caller.client_id.clone(),
+        reason,
+    };
+    let at = Utc::now();
+    let command = match decision {
+        Decision::Approve => ApprovalCommand::Approve { decision: d, at },
+        Decision::Reject => ApprovalCommand::Reject { decision: d, at },
+    };
+    let meta = meta(caller, user_id, Uuid::now_v7().to_string(), hash_of);
+    s.intake
+        .approvals
+        .execute(id, command, &meta)
+        .await
+        .map_err(|e| match e {
+            ExecuteError::Rejected(ApprovalError::NotFound) => {
+                ApiError::NotFound(format!("approval {id}"))
+            }
+            e => command_error(e),
+        })
+}
+
+async fn approvals_decide(
+    s: AppState,
+    caller: Caller,
+    id: String,
+    body: Bytes,
+    decision: Decision,
+) -> Result<Json<Value>, ApiError> {
+    caller.require_operator("deciding an approval")?;
+    let (value, b) = parse_body::<ReasonBody>(&body)?;
+    let r = decide(&s, &caller, &id, decision, b.reason, b.user_id, &value).await?;
+    Ok(Json(decided(&id, decision, &caller, &r)))
+}
+
+fn decided(id: &str, decision: Decision, caller: &Caller, r: &Receipt) -> Value {
+    json!({
+        "approval_id": id,
+        "status": if decision == Decision::Approve { "approved" } else { "rejected" },
+        "decided_by": caller.client_id,
+        "decided_at": r.occurred_at,
+    })
+}
+
+#[utoipa::path(post, path = "/v1/approvals/{id}/approve", params(("id" = String, Path, description = "approval id (the job id)")),
+    request_body(content = Object, description = "reason?, user_id?"),
+    responses((status = 200, description = "approved; who and why are on the event", body = Object),
+              (status = 403, description = "needs the operator role"), (status = 404, description = "no such approval"),
+              (status = 409, description = "already decided or expired")))]
+pub async fn approvals_approve(
+    State(s): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    approvals_decide(s, caller, id, body, Decision::Approve).await
+}
+
+#[utoipa::path(post, path = "/v1/approvals/{id}/reject", params(("id" = String, Path, description = "approval id (the job id)")),
+    request_body(content = Object, description = "reason (required), user_id?"),
+    responses((status = 200, description = "rejected; the job fails with approval_rejected", body = Object),
+              (status = 403, description = "needs the operator role"), (status = 404, description = "no such approval"),
+              (status = 409, description = "already decided or expired")))]
+pub async fn approvals_reject(
+    State(s): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    approvals_decide(s, caller, id, body, Decision::Reject).await
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BulkBody {
+    approval_ids: Vec<String>,
+    decision: Decision,
+    #[serde(default)]
+    reason: String,
+    user_id: Option<String>,
+}
+
+#[utoipa::path(post, path = "/v1/approvals/bulk",
+    request_body(content = Object, description = "approval_ids (1-100), decision approve|reject, reason, user_id?"),
+    responses((status = 200, description = "one result per id, in order: each decided on its own (not all-or-nothing)", body = Object),
+              (status = 400, description = "bad body"), (status = 403, description = "needs the operator role")))]
+pub async fn approvals_bulk(
+    State(s): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    caller.require_operator("deciding approvals")?;
+    let (value, b) = parse_body::<BulkBody>(&body)?;
+    if b.approval_ids.is_empty() || b.approval_ids.len() > MAX_BULK {
+        return Err(ApiError::Command(ReplyError::validation(
+            Some("approval_ids"),
+            format!(
+                "field `approval_ids`: give 1 to {MAX_BULK} ids, got {}",
+                b.approval_ids.len()
+            ),
+        )));
+    }
+    let mut results = Vec::with_capacity(b.approval_ids.len());
+    let mut done = 0;
+    for id in &b.approval_ids {
+        // one hash per id: the bulk body plus the id it decides
+        let hash_of = json!({"bulk": value, "approval_id": id});
+        match decide(
+            &s,
+            &caller,
+            id,
+            b.decision,
+            b.reason.clone(),
+            b.user_id.clone(),
+            &hash_of,
+        )
+        .await
+        {
+            Ok(r) => {
+                done += 1;
+                let mut v = decided(id, b.decision, &caller, &r);
+                v["ok"] = json!(true);
+                results.push(v);
+            }
+            Err(e) => {
+                let code = e.code();
+                results.push(json!({"approval_id": id, "ok": false,
+                                    "error": {"code": code, "message": e.to_string()}}));
+            }
+        }
+    }
+    Ok(Json(json!({
+        "decided": done,
+        "failed": results.len() - done,
+        "results": results,
+    })))
+}
