@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Benchmarks on local defaults: `scripts/bench.sh event-log [...]` or
-# `scripts/bench.sh projections [...]`. Starts a throw-away nats-server
+# Benchmarks on local defaults: `scripts/bench.sh event-log [...]`,
+# `scripts/bench.sh projections [...]` or `scripts/bench.sh handlers [...]`. Starts a throw-away nats-server
 # (Debian 2.9.10 by default; NATS=current for the pip build) and PostgreSQL,
 # runs flowledger-bench (release build), prints the figures, stops both.
 # SYNC=always runs nats-server with `sync_interval: always` (strict

@@ -77,15 +77,22 @@ fn describe(code: &Option<String>, message: &Option<String>, status: &str) -> St
     }
 }
 
-/// Drives one job until the handler owes it nothing more.
+/// Drives one job until the handler owes it nothing more. `folded` is the
+/// job's view as of the records `rx` continues from (the manager's fold);
+/// without it, or after a reload, the view is read from the log.
 pub async fn drive(
     ctx: Arc<Ctx>,
     job_id: String,
+    mut folded: Option<JobView>,
     mut rx: mpsc::UnboundedReceiver<Arc<EventRecord>>,
 ) {
     let mut reloads: u32 = 0;
     loop {
-        let view = match ctx.load_view(&job_id).await {
+        let loaded = match folded.take() {
+            Some(v) => Ok(Some(v)),
+            None => ctx.load_view(&job_id).await,
+        };
+        let view = match loaded {
             Ok(Some(v)) => v,
             Ok(None) => return,
             Err(e) => {

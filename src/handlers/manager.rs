@@ -96,9 +96,11 @@ async fn run_once(
     let spawn = |job_id: &str, job: &mut Job| {
         let (tx, rx) = mpsc::unbounded_channel();
         job.driver = Some(tx);
+        // the folded view is the log up to here; later records follow on `rx`
+        let view = job.view.clone();
         let (ctx, id, done) = (ctx.clone(), job_id.to_string(), done_tx.clone());
         tokio::spawn(async move {
-            executor::drive(ctx, id.clone(), rx).await;
+            executor::drive(ctx, id.clone(), Some(view), rx).await;
             let _ = done.send(id);
         });
     };

@@ -108,8 +108,11 @@ pub struct Ctx {
 
 impl Ctx {
     pub fn new(intake: Arc<Intake>, registry: Arc<Registry>, config: HandlerConfig) -> Arc<Self> {
+        // idle connections are kept (90 s) without a count limit: with many
+        // jobs in flight, a capped pool closes and reopens connections to
+        // the same peers on every call
         let http = reqwest::Client::builder()
-            .pool_max_idle_per_host(256)
+            .pool_idle_timeout(Duration::from_secs(90))
             .build()
             .unwrap_or_else(|_| reqwest::Client::new());
         Arc::new(Ctx {

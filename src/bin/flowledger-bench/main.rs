@@ -36,8 +36,11 @@ enum Bench {
     EventLog(Args),
     /// Projections: rebuild vs COPY, live lag, query latency.
     Projections(projections_bench::Args),
+    /// Job handler: overhead over the slowest step, jobs/s with 1,000 in flight.
+    Handlers(handlers_bench::Args),
 }
 
+mod handlers_bench;
 mod projections_bench;
 
 #[derive(clap::Args, Debug)]
@@ -414,6 +417,7 @@ async fn main() -> anyhow::Result<()> {
     match Bench::parse() {
         Bench::EventLog(args) => event_log(args).await,
         Bench::Projections(args) => projections_bench::run(args).await,
+        Bench::Handlers(args) => handlers_bench::run(args).await,
     }
 }
 
