@@ -97,6 +97,15 @@ impl Default for HandlerConfig {
     }
 }
 
+/// An HTTP client builder for calls to peers (solvers, n8n, callback
+/// receivers), with TLS for `https` URLs: rustls on the `ring` provider,
+/// the platform's trusted roots. Use it for every outgoing client.
+pub fn http_client_builder() -> reqwest::ClientBuilder {
+    // installs once per process; a second call finds it installed
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::builder()
+}
+
 /// What the drivers share.
 pub struct Ctx {
     pub intake: Arc<Intake>,
@@ -111,10 +120,13 @@ impl Ctx {
         // idle connections are kept (90 s) without a count limit: with many
         // jobs in flight, a capped pool closes and reopens connections to
         // the same peers on every call
-        let http = reqwest::Client::builder()
+        let http = http_client_builder()
             .pool_idle_timeout(Duration::from_secs(90))
             .build()
-            .unwrap_or_else(|_| reqwest::Client::new());
+            .unwrap_or_else(|e| {
+                tracing::warn!(error = %e, "HTTP client settings refused; using the defaults");
+                http_client_builder().build().unwrap_or_default()
+            });
         Arc::new(Ctx {
             dispatcher: Dispatcher::new(config.max_concurrent_jobs),
             intake,

@@ -677,7 +677,9 @@ async fn n8n_results_come_back_signed_and_bad_callbacks_are_refused() {
     let forged = json!({"job_id": "n8n-1", "step": "flow", "attempt": 1,
                         "nonce": "forged-nonce-1", "status": "failed", "error_code": "x"})
     .to_string();
-    let unsigned = reqwest::Client::new()
+    let unsigned = flowledger::handlers::http_client_builder()
+        .build()
+        .expect("an HTTP client")
         .post(callback_url)
         .header("content-type", "application/json")
         .body(forged.clone())

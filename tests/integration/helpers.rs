@@ -472,7 +472,10 @@ impl ReadSide {
         body: Option<String>,
     ) -> Answer {
         let method = reqwest::Method::from_bytes(method.as_bytes()).expect("a method");
-        let mut req = reqwest::Client::new().request(method, format!("{}{path}", self.http));
+        let mut req = flowledger::handlers::http_client_builder()
+            .build()
+            .expect("an HTTP client")
+            .request(method, format!("{}{path}", self.http));
         if let Some(t) = token {
             req = req.bearer_auth(t);
         }

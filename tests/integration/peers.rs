@@ -62,7 +62,9 @@ pub async fn post_signed(url: &str, key: &[u8], timestamp: i64, body: &str) -> S
     let signature = SigningKey::new(key)
         .expect("a test key of 16+ bytes")
         .sign(timestamp, body.as_bytes());
-    let status = reqwest::Client::new()
+    let status = flowledger::handlers::http_client_builder()
+        .build()
+        .expect("an HTTP client")
         .post(url)
         .header("content-type", "application/json")
         .header(HDR_TIMESTAMP, timestamp.to_string())

@@ -416,7 +416,9 @@ async fn readers_see_no_error_and_no_gap_during_a_rebuild() {
     let reader = {
         let (http, stop) = (read.http.clone(), stop.clone());
         tokio::spawn(async move {
-            let client = reqwest::Client::new();
+            let client = flowledger::handlers::http_client_builder()
+                .build()
+                .expect("an HTTP client");
             let (mut reads, mut failures) = (0u32, Vec::new());
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 for path in [
