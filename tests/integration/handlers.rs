@@ -512,26 +512,8 @@ async fn sigkill_mid_job_loses_nothing_and_repeats_nothing() {
         .to_string(),
     )
     .unwrap();
-    let bin = env!("CARGO_BIN_EXE_flowledger");
-    let start_serve = || {
-        std::process::Command::new(bin)
-            .args([
-                "serve",
-                "--http",
-                "127.0.0.1:0",
-                "--checkpoint-every-secs",
-                "0",
-            ])
-            .env("FLOWLEDGER_NATS_URL", &app.nats.url)
-            .env("DATABASE_URL", &read.url)
-            .env("FLOWLEDGER_REGISTRY", &registry)
-            .env_remove("FLOWLEDGER_CONFIG")
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("start flowledger serve")
-    };
-    let mut serve = start_serve();
+    let spawn_serve = || start_serve(&app, &read.url, &registry, None);
+    let mut serve = spawn_serve();
     let submit = json!({"job_id": "crash-1", "workflow_key": "w", "client_id": "tests"});
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     loop {
@@ -580,7 +562,7 @@ async fn sigkill_mid_job_loses_nothing_and_repeats_nothing() {
     }
     unsafe { libc::kill(serve.id() as i32, libc::SIGKILL) };
     let _ = serve.wait();
-    serve = start_serve();
+    serve = spawn_serve();
     let v = loop {
         let v = reader
             .load_view("crash-1")
@@ -644,6 +626,10 @@ async fn handler_with_api(app: &TestApp, registry: Value) -> (HandlerSide, ReadS
     let api = spawn_api(app, true, intake.clone(), registry.clone()).await;
     let mut config = test_handler_config();
     config.public_url = Some(api.http.clone());
+    config.callback_key = Some(
+        flowledger::handlers::signing::SigningKey::new(b"test-callback-secret-0123")
+            .expect("a long key"),
+    );
     (start_handler(intake, registry, config).await, api)
 }
 
@@ -758,13 +744,11 @@ async fn http_approvals_release_jobs_and_http_cancel_aborts_calls() {
     }});
     let (h, api) = handler_with_api(&app, registry).await;
 
+    let receiver = peer.script("/cb", vec![peers::ok(3, json!({}))]);
     let submit = |id: &str, key: &str| json!({"job_id": id, "workflow_key": key});
-    assert_eq!(
-        api.post("/v1/jobs", BILLING_TOKEN, submit("hap-1", "w"))
-            .await
-            .status,
-        202
-    );
+    let mut first = submit("hap-1", "w");
+    first["callback_url"] = json!(receiver);
+    assert_eq!(api.post("/v1/jobs", BILLING_TOKEN, first).await.status, 202);
     approval_pending(&h, "hap-1").await;
     let yes = api
         .post(
@@ -788,6 +772,27 @@ async fn http_approvals_release_jobs_and_http_cancel_aborts_calls() {
         202
     );
     eventually("the slow step to be called", || peer.in_flight() == 1).await;
+    // the kill-switch refuses new jobs; the running one goes on
+    let off = api
+        .post(
+            "/v1/workflows/slow/disable",
+            OPERATOR_TOKEN,
+            json!({"reason": "peer incident"}),
+        )
+        .await;
+    assert_eq!(off.status, 200, "{}", off.body);
+    let refused = api
+        .post("/v1/jobs", BILLING_TOKEN, submit("hc-2", "slow"))
+        .await;
+    assert_eq!(refused.status, 409, "{}", refused.body);
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    let v = h.ctx.load_view("hc-1").await.unwrap().unwrap();
+    assert_eq!(v.status, JobStatus::Running);
+    assert_eq!(
+        peer.in_flight(),
+        1,
+        "the running job's call was not aborted"
+    );
     let cancel = api
         .post(
             "/v1/jobs/hc-1/cancel",
@@ -816,16 +821,23 @@ async fn http_approvals_release_jobs_and_http_cancel_aborts_calls() {
             )
         })
         .collect();
-    assert!(
-        who.contains(&("JobSubmitted".into(), "billing".into())),
-        "{who:?}"
-    );
-    assert!(
-        who.contains(&("ApprovalGranted".into(), "ops".into())),
-        "{who:?}"
-    );
-    assert!(
-        who.contains(&("JobCompleted".into(), "flowledger-handler".into())),
-        "{who:?}"
-    );
+    // the whole story, in order, with who did each part
+    let handler = "flowledger-handler";
+    let story: Vec<(String, String)> = [
+        ("JobSubmitted", "billing"),
+        ("ApprovalRequested", handler),
+        ("ApprovalGranted", "ops"),
+        ("JobStarted", handler),
+        ("StepAttemptStarted", handler),
+        ("StepResultRecorded", handler),
+        ("JobCompleted", handler),
+        ("CallbackDelivered", handler),
+    ]
+    .iter()
+    .map(|(a, c)| (a.to_string(), c.to_string()))
+    .collect();
+    assert_eq!(who, story);
+    assert_eq!(peer.received("/cb").len(), 1, "the result was called back");
+    let (_, row) = api.get("/v1/jobs/hap-1").await;
+    assert_eq!(row["status"], "completed", "{row}");
 }

@@ -661,3 +661,33 @@ pub async fn eventually(what: &str, mut done: impl FnMut() -> bool) {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
+
+/// Starts a real `flowledger serve` process on the test's NATS and
+/// `database_url`, with `registry` and the configuration `config` (none:
+/// the defaults, handler on); no checkpoints, HTTP on a free port. The
+/// caller kills it (tests use SIGKILL).
+pub fn start_serve(
+    app: &TestApp,
+    database_url: &str,
+    registry: &std::path::Path,
+    config: Option<&std::path::Path>,
+) -> std::process::Child {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_flowledger"));
+    cmd.args([
+        "serve",
+        "--http",
+        "127.0.0.1:0",
+        "--checkpoint-every-secs",
+        "0",
+    ])
+    .env("FLOWLEDGER_NATS_URL", &app.nats.url)
+    .env("DATABASE_URL", database_url)
+    .env("FLOWLEDGER_REGISTRY", registry)
+    .env_remove("FLOWLEDGER_CONFIG")
+    .stdout(std::process::Stdio::null())
+    .stderr(std::process::Stdio::null());
+    if let Some(c) = config {
+        cmd.env("FLOWLEDGER_CONFIG", c);
+    }
+    cmd.spawn().expect("start flowledger serve")
+}

@@ -296,32 +296,19 @@ async fn a_poison_event_stops_the_projection_until_fixed_or_skipped() {
 async fn sigkill_of_the_service_changes_nothing_in_the_read_models() {
     let app = spawn_app().await;
     let read = spawn_read_side(&app, false).await;
-    let bin = env!("CARGO_BIN_EXE_flowledger");
     // this test drives jobs itself: the job handler stays off
     let config = tempfile::NamedTempFile::new().expect("a temp file");
     std::fs::write(config.path(), "[handler]\nenabled = false\n").expect("write the config");
-    let start_serve = || {
-        std::process::Command::new(bin)
-            .args([
-                "serve",
-                "--http",
-                "127.0.0.1:0",
-                "--checkpoint-every-secs",
-                "0",
-            ])
-            .env("FLOWLEDGER_NATS_URL", &app.nats.url)
-            .env("DATABASE_URL", &read.url)
-            .env("FLOWLEDGER_CONFIG", config.path())
-            .env(
-                "FLOWLEDGER_REGISTRY",
-                concat!(env!("CARGO_MANIFEST_DIR"), "/workflows/registry.json"),
-            )
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("start flowledger serve")
+    let registry = concat!(env!("CARGO_MANIFEST_DIR"), "/workflows/registry.json");
+    let spawn_serve = || {
+        start_serve(
+            &app,
+            &read.url,
+            std::path::Path::new(registry),
+            Some(config.path()),
+        )
     };
-    let mut serve = start_serve();
+    let mut serve = spawn_serve();
     // commands flow (through the test's own intake) while the service that
     // runs the projections is killed and restarted
     let load = {
@@ -364,7 +351,7 @@ async fn sigkill_of_the_service_changes_nothing_in_the_read_models() {
         // SAFETY: kill(2) on our own child's pid.
         unsafe { libc::kill(serve.id() as i32, libc::SIGKILL) };
         let _ = serve.wait();
-        serve = start_serve();
+        serve = spawn_serve();
     }
     load.await.unwrap();
     let rows = read.caught_up(&app.log).await;
