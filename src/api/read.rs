@@ -1,16 +1,39 @@
 //! The read API over the projections: one job, executions, the audit
 //! trail, approvals. Handlers are named `resource_verb`; lists are keyset
 //! pages `{items, next_cursor}`.
+//!
+//! Operators read everything. A caller with the client role reads only its
+//! own jobs (`client_id`), and the audit rows and approvals of those jobs;
+//! another client's job answers 404, as if it did not exist.
 
 use std::collections::HashMap;
 
 use axum::extract::{Path, Query, State};
-use axum::Json;
+use axum::{Extension, Json};
 use chrono::{DateTime, Utc};
 use serde_json::{json, Value};
 use sqlx::{QueryBuilder, Row};
 
+use super::auth::Caller;
 use super::http::{bad, ApiError, AppState};
+use crate::config::Role;
+
+/// The client whose jobs `caller` may read; `None`: all (operators).
+fn own_client(caller: &Caller) -> Option<String> {
+    match caller.role {
+        Role::Operator => None,
+        Role::Client => Some(caller.client_id.clone()),
+    }
+}
+
+/// Restricts rows with a `job_id` column to `caller`'s jobs.
+fn only_own_jobs(q: &mut QueryBuilder<'_, sqlx::Postgres>, caller: &Caller) {
+    if let Some(c) = own_client(caller) {
+        q.push(" AND job_id IN (SELECT execution_id FROM workflows_executions WHERE client_id = ")
+            .push_bind(c)
+            .push(")");
+    }
+}
 
 /// Query parameters, checked against the names an endpoint accepts.
 struct Params(HashMap<String, String>);
@@ -133,13 +156,16 @@ fn valid_id(param: &str, id: &str) -> Result<(), ApiError> {
               (status = 404, description = "no such job"), (status = 400, description = "bad id")))]
 pub async fn jobs_get(
     State(s): State<AppState>,
+    Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     valid_id("id", &id)?;
     let row: Option<Value> = sqlx::query_scalar(
-        "SELECT to_jsonb(e) FROM workflows_executions e WHERE execution_id = $1",
+        "SELECT to_jsonb(e) FROM workflows_executions e
+         WHERE execution_id = $1 AND ($2::text IS NULL OR client_id = $2)",
     )
     .bind(&id)
+    .bind(own_client(&caller))
     .fetch_optional(&s.pool)
     .await?;
     row.map(Json)
@@ -150,15 +176,18 @@ pub async fn jobs_get(
     responses((status = 200, description = "status of the job", body = Object), (status = 404, description = "no such job")))]
 pub async fn jobs_status(
     State(s): State<AppState>,
+    Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     valid_id("id", &id)?;
     let row: Option<Value> = sqlx::query_scalar(
         "SELECT jsonb_build_object('job_id', execution_id, 'status', status, 'workflow_key', workflow_id,
                 'error_code', error_code, 'error_message', error_message, 'updated_at', updated_at)
-         FROM workflows_executions WHERE execution_id = $1",
+         FROM workflows_executions
+         WHERE execution_id = $1 AND ($2::text IS NULL OR client_id = $2)",
     )
     .bind(&id)
+    .bind(own_client(&caller))
     .fetch_optional(&s.pool)
     .await?;
     row.map(Json)
@@ -178,6 +207,7 @@ const STATUSES: &[&str] = &["pending", "running", "completed", "failed", "cancel
               (status = 400, description = "a bad parameter, named in error.param")))]
 pub async fn executions_list(
     State(s): State<AppState>,
+    Extension(caller): Extension<Caller>,
     Query(raw): Query<HashMap<String, String>>,
 ) -> Result<Json<Value>, ApiError> {
     let p = Params::new(
@@ -197,6 +227,9 @@ pub async fn executions_list(
     let mut q = QueryBuilder::new(
         "SELECT to_jsonb(e) AS row, created_at, id FROM workflows_executions e WHERE TRUE",
     );
+    if let Some(c) = own_client(&caller) {
+        q.push(" AND client_id = ").push_bind(c);
+    }
     if let Some(w) = workflow {
         q.push(" AND workflow_id = ").push_bind(w);
     }
@@ -239,6 +272,7 @@ pub async fn executions_list(
               (status = 400, description = "a bad parameter, named in error.param")))]
 pub async fn audit_list(
     State(s): State<AppState>,
+    Extension(caller): Extension<Caller>,
     Query(raw): Query<HashMap<String, String>>,
 ) -> Result<Json<Value>, ApiError> {
     let p = Params::new(
@@ -274,6 +308,7 @@ pub async fn audit_list(
     let mut q = QueryBuilder::new(
         "SELECT to_jsonb(a) AS row, stream_seq, event_index FROM audit_trail a WHERE TRUE",
     );
+    only_own_jobs(&mut q, &caller);
     if let Some(v) = job {
         q.push(" AND job_id = ").push_bind(v);
     }
@@ -316,6 +351,7 @@ pub async fn audit_list(
               (status = 400, description = "a bad parameter, named in error.param")))]
 pub async fn approvals_list(
     State(s): State<AppState>,
+    Extension(caller): Extension<Caller>,
     Query(raw): Query<HashMap<String, String>>,
 ) -> Result<Json<Value>, ApiError> {
     let p = Params::new(raw, &["status", "limit", "cursor"])?;
@@ -324,6 +360,7 @@ pub async fn approvals_list(
     let mut q = QueryBuilder::new(
         "SELECT to_jsonb(a) AS row, created_at, approval_id FROM approvals a WHERE TRUE",
     );
+    only_own_jobs(&mut q, &caller);
     if let Some(st) = status {
         q.push(" AND status = ").push_bind(st);
     }

@@ -425,3 +425,65 @@ async fn operators_decide_approvals_one_by_one_or_in_bulk() {
     let (_, list) = api.get("/v1/approvals?status=approved").await;
     assert_eq!(list["items"].as_array().unwrap().len(), 3, "{list}");
 }
+
+#[tokio::test]
+async fn clients_read_only_their_own_jobs() {
+    let app = spawn_app().await;
+    let api = spawn_read_side(&app, true).await;
+    assert_eq!(
+        api.post("/v1/jobs", BILLING_TOKEN, job("r-b")).await.status,
+        202
+    );
+    assert_eq!(
+        api.post("/v1/jobs", OTHER_TOKEN, job("r-o")).await.status,
+        202
+    );
+    request_approval(&app, "r-b").await;
+    api.caught_up(&app.log).await;
+    let read = |token: &'static str, path: &'static str| {
+        let api = &api;
+        async move { api.call("GET", path, Some(token), None).await }
+    };
+    // one's own job, yes; another's is as if it did not exist
+    assert_eq!(read(BILLING_TOKEN, "/v1/jobs/r-b").await.status, 200);
+    assert_eq!(read(OTHER_TOKEN, "/v1/jobs/r-b").await.status, 404);
+    assert_eq!(read(OTHER_TOKEN, "/v1/jobs/r-b/status").await.status, 404);
+    let ids = |v: &Value, key: &str| -> Vec<String> {
+        v["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r[key].as_str().unwrap_or_default().to_string())
+            .collect()
+    };
+    let mine = read(OTHER_TOKEN, "/v1/executions").await;
+    assert_eq!(ids(&mine.body, "execution_id"), ["r-o"]);
+    assert!(ids(
+        &read(OTHER_TOKEN, "/v1/audit?job_id=r-b").await.body,
+        "job_id"
+    )
+    .is_empty());
+    assert_eq!(
+        ids(
+            &read(BILLING_TOKEN, "/v1/audit?job_id=r-b").await.body,
+            "job_id"
+        )
+        .len(),
+        2
+    );
+    assert!(ids(
+        &read(OTHER_TOKEN, "/v1/approvals").await.body,
+        "approval_id"
+    )
+    .is_empty());
+    assert_eq!(
+        ids(
+            &read(BILLING_TOKEN, "/v1/approvals").await.body,
+            "approval_id"
+        ),
+        ["r-b"]
+    );
+    // operators read everything
+    let all = read(OPERATOR_TOKEN, "/v1/executions").await;
+    assert_eq!(ids(&all.body, "execution_id").len(), 2);
+}
