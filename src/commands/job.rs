@@ -193,6 +193,33 @@ impl JobCommand {
     }
 }
 
+/// A callback URL is an absolute `http` or `https` URL with a host, of at
+/// most 2,048 characters. Pure: parsing only, no lookup.
+fn check_callback_url(url: &str) -> Result<(), JobError> {
+    let bad = |reason: &str| JobError::InvalidCallbackUrl {
+        // the query string may hold a receiver's token: never echo it
+        url: url
+            .split('?')
+            .next()
+            .unwrap_or_default()
+            .chars()
+            .take(200)
+            .collect(),
+        reason: reason.into(),
+    };
+    if url.len() > 2048 {
+        return Err(bad("longer than 2048 characters"));
+    }
+    let parsed = url::Url::parse(url).map_err(|e| bad(&format!("not an absolute URL ({e})")))?;
+    if !matches!(parsed.scheme(), "http" | "https") {
+        return Err(bad("must be http or https"));
+    }
+    if parsed.host_str().is_none_or(str::is_empty) {
+        return Err(bad("has no host"));
+    }
+    Ok(())
+}
+
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum JobError {
     #[error("job does not exist; submit it first")]
@@ -224,6 +251,8 @@ pub enum JobError {
         expected: u32,
         got: u32,
     },
+    #[error("callback_url {url:?}: {reason}")]
+    InvalidCallbackUrl { url: String, reason: String },
     #[error("the job has no callback_url")]
     NoCallback,
     #[error("the callback outcome is already recorded")]
@@ -242,7 +271,9 @@ impl DomainError for JobError {
             | JobError::UnknownWorkflow { .. }
             | JobError::EmptyClientId
             | JobError::EmptyField { .. } => ErrorCode::Validation,
-            JobError::CallbackOutcome => ErrorCode::Validation,
+            JobError::CallbackOutcome | JobError::InvalidCallbackUrl { .. } => {
+                ErrorCode::Validation
+            }
             JobError::InvalidTransition { .. }
             | JobError::DuplicateStepResult { .. }
             | JobError::StepAlreadySucceeded { .. }
@@ -379,6 +410,9 @@ impl Job {
                         got: timeout_seconds,
                         max: services.max_timeout_seconds,
                     });
+                }
+                if let Some(url) = &c.callback_url {
+                    check_callback_url(url)?;
                 }
                 if !services.registry.contains(&c.workflow_key) {
                     return Err(JobError::UnknownWorkflow {
@@ -610,6 +644,26 @@ mod tests {
             .given_no_previous_events()
             .when(JobCommand::Submit(submit()))
             .then_expect_events(vec![submitted()]);
+    }
+
+    #[test]
+    fn callback_urls_must_be_http_with_a_host() {
+        for bad in ["not a url", "ftp://host/cb", "/relative/cb", "http://"] {
+            let r = Job::default().decide(
+                JobCommand::Submit(SubmitJob {
+                    callback_url: Some(bad.into()),
+                    ..submit()
+                }),
+                &services(),
+            );
+            assert!(
+                matches!(r, Err(JobError::InvalidCallbackUrl { .. })),
+                "{bad}: {r:?}"
+            );
+        }
+        let e = check_callback_url("mailto:x?token=s3cret").unwrap_err();
+        assert!(!e.to_string().contains("s3cret"), "{e}");
+        assert!(check_callback_url("https://receiver.example/cb?token=t").is_ok());
     }
 
     #[test]

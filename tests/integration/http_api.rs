@@ -127,6 +127,10 @@ async fn bad_submissions_get_a_4xx_that_names_the_problem() {
         ),
         (json!({"job_id": "b-2"}), "workflow_key"),
         (
+            json!({"job_id": "b-2", "workflow_key": "invoice.extract", "callback_url": "ftp://x/cb"}),
+            "callback_url",
+        ),
+        (
             json!({"job_id": "b-2", "workflow_key": "invoice.extract", "timeout_seconds": 0}),
             "timeout_seconds",
         ),
