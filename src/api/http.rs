@@ -211,9 +211,27 @@ async fn metrics_get(State(s): State<AppState>) -> String {
         read::approvals_list,
         healthz,
         metrics_get
-    )
+    ),
+    modifiers(&BearerAuth),
+    security(("bearer" = []))
 )]
 pub struct ApiDoc;
+
+/// Declares the bearer-token scheme the `/v1` routes use.
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        openapi
+            .components
+            .get_or_insert_with(Default::default)
+            .add_security_scheme(
+                "bearer",
+                SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+            );
+    }
+}
 
 async fn openapi_get() -> Json<utoipa::openapi::OpenApi> {
     Json(ApiDoc::openapi())

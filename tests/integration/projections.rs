@@ -177,11 +177,29 @@ async fn read_models_and_the_api_show_each_jobs_story() {
         "/v1/executions",
         "/v1/audit",
         "/v1/approvals",
+        "/v1/jobs",
+        "/v1/jobs/{id}/cancel",
+        "/v1/workflows/{key}/disable",
+        "/v1/workflows/{key}/enable",
+        "/v1/meta",
+        "/v1/approvals/{id}/approve",
+        "/v1/approvals/{id}/reject",
+        "/v1/approvals/bulk",
+        "/v1/callbacks/n8n",
         "/healthz",
         "/metrics",
     ] {
         assert!(doc["paths"].get(p).is_some(), "openapi lacks {p}");
     }
+    assert_eq!(
+        doc["components"]["securitySchemes"]["bearer"]["scheme"], "bearer",
+        "the bearer scheme is declared"
+    );
+    // the document itself needs no token
+    assert_eq!(
+        read.call("GET", "/openapi.json", None, None).await.status,
+        200
+    );
 }
 
 #[tokio::test]
