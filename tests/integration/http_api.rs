@@ -307,6 +307,11 @@ async fn the_kill_switch_refuses_new_jobs_of_a_disabled_workflow() {
             .unwrap_or_else(|| panic!("{key} in {meta}"))
     };
     assert_eq!(wf("invoice.extract")["disabled"], true);
+    assert_eq!(wf("invoice.extract")["steps"][0]["name"], "main", "{meta}");
+    assert!(
+        !meta.to_string().contains("\"url\""),
+        "step URLs may carry credentials: not listed"
+    );
     assert_eq!(wf("report.daily")["disabled"], false);
 
     let on = api
