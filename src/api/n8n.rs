@@ -47,16 +47,11 @@ struct N8nResult {
 }
 
 fn meta(command_id: String, body: &[u8]) -> CommandMeta {
-    CommandMeta {
-        correlation_id: command_id.clone(),
-        causation_id: command_id.clone(),
-        command_id,
-        actor: Actor {
-            client_id: N8N_ACTOR.into(),
-            user_id: None,
-        },
-        command_hash: chain::to_hex(&chain::sha256(body)),
-    }
+    let actor = Actor {
+        client_id: N8N_ACTOR.into(),
+        user_id: None,
+    };
+    CommandMeta::originating(command_id, actor, chain::to_hex(&chain::sha256(body)))
 }
 
 /// Records the refusal (best effort: a failure to record is logged) and
@@ -110,8 +105,10 @@ pub async fn callbacks_n8n(
         ));
     };
     let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    let parsed = serde_json::from_slice::<Value>(&body);
     // which job the sender claims, for the rejection record only
-    let claimed = serde_json::from_slice::<Value>(&body)
+    let claimed = parsed
+        .as_ref()
         .ok()
         .and_then(|v| v.get("job_id")?.as_str().map(str::to_string))
         .filter(|id| valid_aggregate_id(id));
@@ -125,7 +122,7 @@ pub async fn callbacks_n8n(
     ) {
         return Err(reject(&s, claimed, why, &body).await);
     }
-    let value: Value = serde_json::from_slice(&body).map_err(|e| {
+    let value: Value = parsed.map_err(|e| {
         ApiError::Command(ReplyError::validation(
             None,
             format!("request body is not valid JSON: {e}"),

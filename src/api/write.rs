@@ -78,13 +78,7 @@ fn meta(
             .to_string()
             .as_bytes(),
     ));
-    CommandMeta {
-        correlation_id: command_id.clone(),
-        causation_id: command_id.clone(),
-        command_id,
-        actor: caller.actor(user_id),
-        command_hash,
-    }
+    CommandMeta::originating(command_id, caller.actor(user_id), command_hash)
 }
 
 fn command_error<E: DomainError>(e: ExecuteError<E>) -> ApiError {

@@ -58,6 +58,20 @@ pub struct CommandMeta {
     pub command_hash: String,
 }
 
+impl CommandMeta {
+    /// A command that starts its own story: its correlation and causation
+    /// ids are its own id.
+    pub fn originating(command_id: String, actor: Actor, command_hash: String) -> Self {
+        CommandMeta {
+            correlation_id: command_id.clone(),
+            causation_id: command_id.clone(),
+            command_id,
+            actor,
+            command_hash,
+        }
+    }
+}
+
 pub fn format_time(t: DateTime<Utc>) -> String {
     t.to_rfc3339_opts(SecondsFormat::Micros, true)
 }

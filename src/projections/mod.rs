@@ -146,16 +146,12 @@ pub async fn resume(
             crate::commands::projection::ProjectionOps,
         >::new(log.clone(), ());
         let command_id = format!("skip-{}-{seq}", model.name());
-        let meta = crate::events::envelope::CommandMeta {
-            command_id: command_id.clone(),
-            actor: crate::events::envelope::Actor {
-                client_id: "operator".into(),
-                user_id: Some(by.clone()),
-            },
-            correlation_id: command_id.clone(),
-            causation_id: command_id,
-            command_hash: String::new(),
+        let actor = crate::events::envelope::Actor {
+            client_id: "operator".into(),
+            user_id: Some(by.clone()),
         };
+        let meta =
+            crate::events::envelope::CommandMeta::originating(command_id, actor, String::new());
         store
             .execute(
                 model.name(),

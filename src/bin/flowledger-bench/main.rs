@@ -115,16 +115,11 @@ fn script(i: usize) -> JobCommand {
 }
 
 fn meta(command_id: String) -> CommandMeta {
-    CommandMeta {
-        command_id: command_id.clone(),
-        actor: Actor {
-            client_id: "bench".into(),
-            user_id: None,
-        },
-        correlation_id: command_id.clone(),
-        causation_id: command_id,
-        command_hash: String::new(),
-    }
+    let actor = Actor {
+        client_id: "bench".into(),
+        user_id: None,
+    };
+    CommandMeta::originating(command_id, actor, String::new())
 }
 
 /// Which of flowledger's headers a raw publish carries.

@@ -43,16 +43,11 @@ fn key(i: usize) -> String {
 }
 
 fn meta(id: String) -> CommandMeta {
-    CommandMeta {
-        command_id: id.clone(),
-        actor: Actor {
-            client_id: "bench".into(),
-            user_id: None,
-        },
-        correlation_id: id.clone(),
-        causation_id: id,
-        command_hash: String::new(),
-    }
+    let actor = Actor {
+        client_id: "bench".into(),
+        user_id: None,
+    };
+    CommandMeta::originating(id, actor, String::new())
 }
 
 fn submit(i: usize) -> JobCommand {
