@@ -236,11 +236,22 @@ async fn a_poison_event_stops_the_projection_until_fixed_or_skipped() {
     assert_eq!(audit.state, "running", "other projections are not affected");
     let (s, health) = read.get("/healthz").await;
     assert_eq!(s, 503, "{health}");
-    let (_, metrics) = read.get("/metrics").await;
-    assert!(metrics
-        .as_str()
-        .unwrap()
-        .contains("flowledger_projection_stopped{projection=\"executions\"} 1"));
+    // the metrics recorder is shared by the tests of this process, and a
+    // runner of another test may set this gauge to 0 at its start; the
+    // stopped runner sets it to 1 again every second
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (_, metrics) = read.get("/metrics").await;
+        let text = metrics.as_str().unwrap_or_default();
+        if text.contains("flowledger_projection_stopped{projection=\"executions\"} 1") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the stopped gauge is not 1: {text}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 
     // fixed: the constraint goes, resume applies the event and what follows
     sqlx::query("ALTER TABLE workflows_executions_v1 DROP CONSTRAINT no_reports")
