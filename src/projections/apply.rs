@@ -1,6 +1,8 @@
 //! Applying a batch of messages to a read model inside one transaction.
-//! Rows are written with `UNNEST` array parameters: one statement per table
-//! per batch, whatever the batch size. Every value comes from the events
+//! New rows go in with one binary `COPY` per table per batch; changes to
+//! rows of earlier batches with one `UPDATE ... FROM UNNEST`, whatever the
+//! batch size. A job submitted and finished within one batch is written
+//! once, in its final state. Every value comes from the events
 //! (times are `occurred_at`, ids are stream sequences), so a rebuild from the
 //! log produces the same rows.
 
@@ -11,6 +13,7 @@ use serde_json::Value;
 use sqlx::{Postgres, Transaction};
 
 use crate::events::envelope::EventRecord;
+use crate::projections::copy::CopyRows;
 use crate::projections::{ApplyError, Msg, ReadModel};
 
 type Tx<'a> = Transaction<'a, Postgres>;
@@ -90,28 +93,7 @@ struct ExecUpdates {
     last_seq: Vec<i64>,
 }
 
-/// Column arrays of the audit rows of one batch.
-#[derive(Default)]
-struct AuditRows {
-    stream_seq: Vec<i64>,
-    event_index: Vec<i16>,
-    event_id: Vec<uuid::Uuid>,
-    occurred_at: Vec<DateTime<Utc>>,
-    client_id: Vec<String>,
-    user_id: Vec<Option<String>>,
-    aggregate_type: Vec<String>,
-    aggregate_id: Vec<String>,
-    job_id: Vec<Option<String>>,
-    workflow_key: Vec<Option<String>>,
-    action: Vec<String>,
-    step: Vec<Option<String>>,
-    status: Vec<Option<String>>,
-    error_code: Vec<Option<String>>,
-    error_message: Vec<Option<String>>,
-    duration_ms: Vec<Option<i64>>,
-    event_hash: Vec<String>,
-}
-
+/// What the events of one batch change in one execution row.
 #[derive(Default)]
 struct ExecDelta {
     status: Option<&'static str>,
@@ -124,10 +106,70 @@ struct ExecDelta {
     last_seq: i64,
 }
 
+impl ExecDelta {
+    /// Folds one event after `JobSubmitted` into the delta.
+    fn fold(&mut self, event_type: &str, d: &Value, at: DateTime<Utc>, seq: u64) {
+        self.updated_at = Some(at);
+        self.last_seq = seq as i64;
+        match event_type {
+            "JobStarted" => {
+                self.status = Some("running");
+                self.started_at = Some(at);
+            }
+            "JobCompleted" => {
+                self.status = Some("completed");
+                self.completed_at = Some(at);
+                self.output = json_text(d.get("outputs"));
+            }
+            "JobFailed" => {
+                self.status = Some("failed");
+                self.completed_at = Some(at);
+                self.error_code = str_field(d, "error_code");
+                self.error_message = str_field(d, "error_message");
+            }
+            "JobCancelled" => {
+                self.status = Some("cancelled");
+                self.completed_at = Some(at);
+                self.error_message = str_field(d, "reason").map(|r| format!("cancelled: {r}"));
+            }
+            _ => {} // step results only touch updated_at / last_seq
+        }
+    }
+}
+
+/// A job submitted in this batch, with whatever later events of the same
+/// batch did to it: it is written once, in its state at the end of the batch.
+struct NewExec {
+    id: i64,
+    workflow_id: String,
+    execution_id: String,
+    input: Option<String>,
+    client_id: String,
+    priority: i16,
+    created_at: DateTime<Utc>,
+    delta: ExecDelta,
+}
+
+/// Milliseconds from `from` to `to`, rounded half away from zero: what
+/// PostgreSQL's `(EXTRACT(EPOCH FROM to - from) * 1000)::int` gives.
+fn duration_ms(from: DateTime<Utc>, to: DateTime<Utc>) -> Option<i32> {
+    let us = to.timestamp_micros() - from.timestamp_micros();
+    let ms = if us >= 0 {
+        (us + 500) / 1000
+    } else {
+        -((-us + 500) / 1000)
+    };
+    i32::try_from(ms).ok()
+}
+
+const EXEC_COLUMNS: &str =
+    "id, workflow_id, execution_id, status, input_data, output_data, error_code, error_message, \
+     client_id, priority, started_at, completed_at, duration_ms, created_at, updated_at, last_seq";
+
 async fn executions(tx: &mut Tx<'_>, v: i32, batch: &[Msg]) -> Result<(), Failure> {
-    // new rows
-    let (mut id, mut wf, mut exec, mut input, mut client, mut prio, mut created) =
-        (vec![], vec![], vec![], vec![], vec![], vec![], vec![]);
+    let mut new: Vec<NewExec> = Vec::new();
+    let mut new_index: HashMap<String, usize> = HashMap::new();
+    // changes to rows written by earlier batches, in first-seen order
     let mut deltas: HashMap<String, ExecDelta> = HashMap::new();
     let mut order: Vec<String> = Vec::new();
     for m in batch {
@@ -138,58 +180,59 @@ async fn executions(tx: &mut Tx<'_>, v: i32, batch: &[Msg]) -> Result<(), Failur
             let at = time_of(m.seq, r)?;
             let d = &r.data;
             if r.event_type == "JobSubmitted" {
-                id.push(m.seq as i64);
-                wf.push(required(m.seq, d, "workflow_key", "JobSubmitted")?);
-                exec.push(r.aggregate_id.clone());
-                input.push(json_text(d.get("input")));
-                client.push(required(m.seq, d, "client_id", "JobSubmitted")?);
-                prio.push(d.get("priority").and_then(Value::as_i64).unwrap_or(5) as i16);
-                created.push(at);
+                new_index.insert(r.aggregate_id.clone(), new.len());
+                new.push(NewExec {
+                    id: m.seq as i64,
+                    workflow_id: required(m.seq, d, "workflow_key", "JobSubmitted")?,
+                    execution_id: r.aggregate_id.clone(),
+                    input: json_text(d.get("input")),
+                    client_id: required(m.seq, d, "client_id", "JobSubmitted")?,
+                    priority: d.get("priority").and_then(Value::as_i64).unwrap_or(5) as i16,
+                    created_at: at,
+                    delta: ExecDelta {
+                        last_seq: m.seq as i64,
+                        ..Default::default()
+                    },
+                });
                 continue;
             }
-            let delta = deltas.entry(r.aggregate_id.clone()).or_insert_with(|| {
-                order.push(r.aggregate_id.clone());
-                ExecDelta::default()
-            });
-            delta.updated_at = Some(at);
-            delta.last_seq = m.seq as i64;
-            match r.event_type.as_str() {
-                "JobStarted" => {
-                    delta.status = Some("running");
-                    delta.started_at = Some(at);
-                }
-                "JobCompleted" => {
-                    delta.status = Some("completed");
-                    delta.completed_at = Some(at);
-                    delta.output = json_text(d.get("outputs"));
-                }
-                "JobFailed" => {
-                    delta.status = Some("failed");
-                    delta.completed_at = Some(at);
-                    delta.error_code = str_field(d, "error_code");
-                    delta.error_message = str_field(d, "error_message");
-                }
-                "JobCancelled" => {
-                    delta.status = Some("cancelled");
-                    delta.completed_at = Some(at);
-                    delta.error_message = str_field(d, "reason").map(|r| format!("cancelled: {r}"));
-                }
-                _ => {} // step results only touch updated_at / last_seq
-            }
+            let delta = match new_index.get(&r.aggregate_id) {
+                Some(&i) => &mut new[i].delta,
+                None => deltas.entry(r.aggregate_id.clone()).or_insert_with(|| {
+                    order.push(r.aggregate_id.clone());
+                    ExecDelta::default()
+                }),
+            };
+            delta.fold(&r.event_type, d, at, m.seq);
         }
     }
-    if !id.is_empty() {
-        let last: Vec<i64> = id.clone();
-        sqlx::query(&format!(
-            "INSERT INTO workflows_executions_v{v}
-               (id, workflow_id, execution_id, status, input_data, client_id, priority, created_at, updated_at, last_seq)
-             SELECT u.id, u.wf, u.exec, 'pending', u.input::jsonb, u.client, u.prio, u.created, u.created, u.last
-             FROM UNNEST($1::bigint[], $2::text[], $3::text[], $4::text[], $5::text[], $6::smallint[], $7::timestamptz[], $8::bigint[])
-               AS u(id, wf, exec, input, client, prio, created, last)"
-        ))
-        .bind(&id).bind(&wf).bind(&exec).bind(&input).bind(&client).bind(&prio).bind(&created).bind(&last)
-        .execute(&mut **tx)
-        .await?;
+    if !new.is_empty() {
+        let mut rows = CopyRows::new(16);
+        for n in &new {
+            let d = &n.delta;
+            let duration = d
+                .completed_at
+                .and_then(|end| duration_ms(d.started_at.unwrap_or(n.created_at), end));
+            rows.row()
+                .i64(Some(n.id))
+                .text(Some(&n.workflow_id))
+                .text(Some(&n.execution_id))
+                .text(Some(d.status.unwrap_or("pending")))
+                .jsonb(n.input.as_deref())
+                .jsonb(d.output.as_deref())
+                .text(d.error_code.as_deref())
+                .text(d.error_message.as_deref())
+                .text(Some(&n.client_id))
+                .i16(n.priority)
+                .timestamptz(d.started_at)
+                .timestamptz(d.completed_at)
+                .i32(duration)
+                .timestamptz(Some(n.created_at))
+                .timestamptz(Some(d.updated_at.unwrap_or(n.created_at)))
+                .i64(Some(d.last_seq));
+        }
+        rows.copy_into(tx, &format!("workflows_executions_v{v}"), EXEC_COLUMNS)
+            .await?;
     }
     if !order.is_empty() {
         let mut u = ExecUpdates::default();
@@ -238,99 +281,77 @@ async fn executions(tx: &mut Tx<'_>, v: i32, batch: &[Msg]) -> Result<(), Failur
 }
 
 /// Status a job or approval has after an event, for the audit row.
-fn status_after(event_type: &str, data: &Value) -> Option<String> {
-    Some(
-        match event_type {
-            "JobSubmitted" => "pending",
-            "JobStarted" => "running",
-            "JobCompleted" => "completed",
-            "JobFailed" => "failed",
-            "JobCancelled" => "cancelled",
-            "StepResultRecorded" => return str_field(data, "status"),
-            "ApprovalRequested" => "pending",
-            "ApprovalGranted" => "approved",
-            "ApprovalRejected" => "rejected",
-            "ApprovalExpired" => "expired",
-            "StepAttemptStarted" => "sent",
-            "StepRetryScheduled" => "retry_scheduled",
-            "CallbackDelivered" => "delivered",
-            "CallbackFailed" => "failed",
-            "CallbackRejected" => "rejected",
-            "WorkflowDisabled" => "disabled",
-            "WorkflowEnabled" => "enabled",
-            _ => return None,
-        }
-        .to_string(),
-    )
+fn status_after<'a>(event_type: &str, data: &'a Value) -> Option<&'a str> {
+    Some(match event_type {
+        "JobSubmitted" => "pending",
+        "JobStarted" => "running",
+        "JobCompleted" => "completed",
+        "JobFailed" => "failed",
+        "JobCancelled" => "cancelled",
+        "StepResultRecorded" => return data.get("status").and_then(Value::as_str),
+        "ApprovalRequested" => "pending",
+        "ApprovalGranted" => "approved",
+        "ApprovalRejected" => "rejected",
+        "ApprovalExpired" => "expired",
+        "StepAttemptStarted" => "sent",
+        "StepRetryScheduled" => "retry_scheduled",
+        "CallbackDelivered" => "delivered",
+        "CallbackFailed" => "failed",
+        "CallbackRejected" => "rejected",
+        "WorkflowDisabled" => "disabled",
+        "WorkflowEnabled" => "enabled",
+        _ => return None,
+    })
 }
+
+const AUDIT_COLUMNS: &str = "stream_seq, event_index, event_id, occurred_at, client_id, user_id, aggregate_type, aggregate_id, \
+     job_id, workflow_key, action, step, status, error_code, error_message, duration_ms, event_hash";
 
 async fn audit(tx: &mut Tx<'_>, v: i32, batch: &[Msg]) -> Result<(), Failure> {
     // Every job and approval event names its job and workflow key, so each
     // row comes from its own event alone.
-    let mut a = AuditRows::default();
+    let mut rows = CopyRows::new(17);
     for m in batch {
         for (i, (hash, r)) in m.events.iter().enumerate() {
+            let d = &r.data;
             let job_id = match r.aggregate_type.as_str() {
-                "job" => Some(r.aggregate_id.clone()),
-                _ => str_field(&r.data, "job_id"),
+                "job" => Some(r.aggregate_id.as_str()),
+                _ => d.get("job_id").and_then(Value::as_str),
             };
-            let workflow_key = str_field(&r.data, "workflow_key").filter(|k| !k.is_empty());
+            let workflow_key = d
+                .get("workflow_key")
+                .and_then(Value::as_str)
+                .filter(|k| !k.is_empty());
             // who: the acting user, or for a submission the user the
             // submitting service names in metadata.user_id (seed 002)
-            let submitter = r
-                .data
-                .get("metadata")
-                .and_then(|md| str_field(md, "user_id"));
-            a.stream_seq.push(m.seq as i64);
-            a.event_index.push(i as i16);
-            a.event_id.push(r.event_id);
-            a.occurred_at.push(time_of(m.seq, r)?);
-            a.client_id.push(r.actor.client_id.clone());
-            a.user_id.push(r.actor.user_id.clone().or(submitter));
-            a.aggregate_type.push(r.aggregate_type.clone());
-            a.aggregate_id.push(r.aggregate_id.clone());
-            a.job_id.push(job_id);
-            a.workflow_key.push(workflow_key);
-            a.action.push(r.event_type.clone());
-            a.step.push(str_field(&r.data, "step"));
-            a.status.push(status_after(&r.event_type, &r.data));
-            a.error_code.push(str_field(&r.data, "error_code"));
-            a.error_message.push(str_field(&r.data, "error_message"));
-            a.duration_ms
-                .push(r.data.get("duration_ms").and_then(Value::as_i64));
-            a.event_hash.push(hash.clone());
+            let user_id = r.actor.user_id.as_deref().or_else(|| {
+                d.get("metadata")
+                    .and_then(|md| md.get("user_id"))
+                    .and_then(Value::as_str)
+            });
+            let text = |key: &str| d.get(key).and_then(Value::as_str);
+            rows.row()
+                .i64(Some(m.seq as i64))
+                .i16(i as i16)
+                .uuid(&r.event_id)
+                .timestamptz(Some(time_of(m.seq, r)?))
+                .text(Some(&r.actor.client_id))
+                .text(user_id)
+                .text(Some(&r.aggregate_type))
+                .text(Some(&r.aggregate_id))
+                .text(job_id)
+                .text(workflow_key)
+                .text(Some(&r.event_type))
+                .text(text("step"))
+                .text(status_after(&r.event_type, d))
+                .text(text("error_code"))
+                .text(text("error_message"))
+                .i64(d.get("duration_ms").and_then(Value::as_i64))
+                .text(Some(hash));
         }
     }
-    if a.stream_seq.is_empty() {
-        return Ok(());
-    }
-    sqlx::query(&format!(
-        "INSERT INTO audit_trail_v{v}
-           (stream_seq, event_index, event_id, occurred_at, client_id, user_id, aggregate_type, aggregate_id,
-            job_id, workflow_key, action, step, status, error_code, error_message, duration_ms, event_hash)
-         SELECT * FROM UNNEST($1::bigint[], $2::smallint[], $3::uuid[], $4::timestamptz[], $5::text[], $6::text[], $7::text[], $8::text[],
-                              $9::text[], $10::text[], $11::text[], $12::text[], $13::text[], $14::text[], $15::text[], $16::bigint[], $17::text[])
-         ON CONFLICT (stream_seq, event_index) DO NOTHING"
-    ))
-    .bind(&a.stream_seq)
-    .bind(&a.event_index)
-    .bind(&a.event_id)
-    .bind(&a.occurred_at)
-    .bind(&a.client_id)
-    .bind(&a.user_id)
-    .bind(&a.aggregate_type)
-    .bind(&a.aggregate_id)
-    .bind(&a.job_id)
-    .bind(&a.workflow_key)
-    .bind(&a.action)
-    .bind(&a.step)
-    .bind(&a.status)
-    .bind(&a.error_code)
-    .bind(&a.error_message)
-    .bind(&a.duration_ms)
-    .bind(&a.event_hash)
-    .execute(&mut **tx)
-    .await?;
+    rows.copy_into(tx, &format!("audit_trail_v{v}"), AUDIT_COLUMNS)
+        .await?;
     Ok(())
 }
 

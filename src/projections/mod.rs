@@ -10,6 +10,7 @@
 //! written by the CLI, not by a projection).
 
 pub mod apply;
+pub mod copy;
 pub mod db;
 pub mod rebuild;
 pub mod runner;
