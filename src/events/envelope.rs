@@ -157,6 +157,14 @@ pub enum CommitFormatError {
 
 /// Splits a commit body into `(line bytes, record)` pairs.
 pub fn decode_commit(body: &[u8]) -> Result<Vec<(&[u8], EventRecord)>, CommitFormatError> {
+    decode_commit_as(body)
+}
+
+/// [`decode_commit`] into another view of the envelope (projections read
+/// only the fields they use).
+pub fn decode_commit_as<T: serde::de::DeserializeOwned>(
+    body: &[u8],
+) -> Result<Vec<(&[u8], T)>, CommitFormatError> {
     if body.is_empty() {
         return Err(CommitFormatError::Empty);
     }
@@ -167,7 +175,7 @@ pub fn decode_commit(body: &[u8]) -> Result<Vec<(&[u8], EventRecord)>, CommitFor
         .split(|b| *b == b'\n')
         .enumerate()
         .map(|(index, line)| {
-            serde_json::from_slice::<EventRecord>(line)
+            serde_json::from_slice::<T>(line)
                 .map(|r| (line, r))
                 .map_err(|e| CommitFormatError::BadEnvelope {
                     index,

@@ -8,17 +8,18 @@
 
 use std::collections::HashMap;
 
+use std::borrow::Cow;
+
 use chrono::{DateTime, Utc};
-use serde_json::Value;
 use sqlx::{Postgres, Transaction};
 
-use crate::events::envelope::EventRecord;
 use crate::projections::copy::CopyRows;
+use crate::projections::event::{Fields, ProjectedEvent};
 use crate::projections::{ApplyError, Msg, ReadModel};
 
 type Tx<'a> = Transaction<'a, Postgres>;
 
-fn time_of(seq: u64, r: &EventRecord) -> Result<DateTime<Utc>, ApplyError> {
+fn time_of(seq: u64, r: &ProjectedEvent) -> Result<DateTime<Utc>, ApplyError> {
     DateTime::parse_from_rfc3339(&r.occurred_at)
         .map(|t| t.with_timezone(&Utc))
         .map_err(|e| ApplyError::Poison {
@@ -27,16 +28,13 @@ fn time_of(seq: u64, r: &EventRecord) -> Result<DateTime<Utc>, ApplyError> {
         })
 }
 
-fn str_field(data: &Value, key: &str) -> Option<String> {
-    data.get(key).and_then(Value::as_str).map(str::to_string)
-}
-
-fn json_text(v: Option<&Value>) -> Option<String> {
-    v.filter(|v| !v.is_null()).map(Value::to_string)
-}
-
-fn required(seq: u64, data: &Value, key: &str, event: &str) -> Result<String, ApplyError> {
-    str_field(data, key).ok_or_else(|| ApplyError::Poison {
+fn required<'a>(
+    seq: u64,
+    field: &'a Option<String>,
+    key: &str,
+    event: &str,
+) -> Result<&'a str, ApplyError> {
+    field.as_deref().ok_or_else(|| ApplyError::Poison {
         seq,
         reason: format!("{event} has no string field {key:?}"),
     })
@@ -95,23 +93,24 @@ struct ExecUpdates {
 
 /// What the events of one batch change in one execution row.
 #[derive(Default)]
-struct ExecDelta {
+struct ExecDelta<'a> {
     status: Option<&'static str>,
     started_at: Option<DateTime<Utc>>,
     completed_at: Option<DateTime<Utc>>,
-    output: Option<String>,
-    error_code: Option<String>,
-    error_message: Option<String>,
+    output: Option<&'a str>,
+    error_code: Option<&'a str>,
+    error_message: Option<Cow<'a, str>>,
     updated_at: Option<DateTime<Utc>>,
     last_seq: i64,
 }
 
-impl ExecDelta {
+impl<'a> ExecDelta<'a> {
     /// Folds one event after `JobSubmitted` into the delta.
-    fn fold(&mut self, event_type: &str, d: &Value, at: DateTime<Utc>, seq: u64) {
+    fn fold(&mut self, r: &'a ProjectedEvent, at: DateTime<Utc>, seq: u64) {
+        let d = &r.data;
         self.updated_at = Some(at);
         self.last_seq = seq as i64;
-        match event_type {
+        match r.event_type.as_str() {
             "JobStarted" => {
                 self.status = Some("running");
                 self.started_at = Some(at);
@@ -119,18 +118,21 @@ impl ExecDelta {
             "JobCompleted" => {
                 self.status = Some("completed");
                 self.completed_at = Some(at);
-                self.output = json_text(d.get("outputs"));
+                self.output = d.outputs.as_deref().map(|o| o.get());
             }
             "JobFailed" => {
                 self.status = Some("failed");
                 self.completed_at = Some(at);
-                self.error_code = str_field(d, "error_code");
-                self.error_message = str_field(d, "error_message");
+                self.error_code = d.error_code.as_deref();
+                self.error_message = d.error_message.as_deref().map(Cow::Borrowed);
             }
             "JobCancelled" => {
                 self.status = Some("cancelled");
                 self.completed_at = Some(at);
-                self.error_message = str_field(d, "reason").map(|r| format!("cancelled: {r}"));
+                self.error_message = d
+                    .reason
+                    .as_deref()
+                    .map(|r| Cow::Owned(format!("cancelled: {r}")));
             }
             _ => {} // step results only touch updated_at / last_seq
         }
@@ -139,15 +141,15 @@ impl ExecDelta {
 
 /// A job submitted in this batch, with whatever later events of the same
 /// batch did to it: it is written once, in its state at the end of the batch.
-struct NewExec {
+struct NewExec<'a> {
     id: i64,
-    workflow_id: String,
-    execution_id: String,
-    input: Option<String>,
-    client_id: String,
+    workflow_id: &'a str,
+    execution_id: &'a str,
+    input: Option<&'a str>,
+    client_id: &'a str,
     priority: i16,
     created_at: DateTime<Utc>,
-    delta: ExecDelta,
+    delta: ExecDelta<'a>,
 }
 
 /// Milliseconds from `from` to `to`, rounded half away from zero: what
@@ -168,10 +170,10 @@ const EXEC_COLUMNS: &str =
 
 async fn executions(tx: &mut Tx<'_>, v: i32, batch: &[Msg]) -> Result<(), Failure> {
     let mut new: Vec<NewExec> = Vec::new();
-    let mut new_index: HashMap<String, usize> = HashMap::new();
+    let mut new_index: HashMap<&str, usize> = HashMap::new();
     // changes to rows written by earlier batches, in first-seen order
-    let mut deltas: HashMap<String, ExecDelta> = HashMap::new();
-    let mut order: Vec<String> = Vec::new();
+    let mut deltas: HashMap<&str, ExecDelta> = HashMap::new();
+    let mut order: Vec<&str> = Vec::new();
     for m in batch {
         for (_, r) in &m.events {
             if r.aggregate_type != "job" {
@@ -180,14 +182,14 @@ async fn executions(tx: &mut Tx<'_>, v: i32, batch: &[Msg]) -> Result<(), Failur
             let at = time_of(m.seq, r)?;
             let d = &r.data;
             if r.event_type == "JobSubmitted" {
-                new_index.insert(r.aggregate_id.clone(), new.len());
+                new_index.insert(&r.aggregate_id, new.len());
                 new.push(NewExec {
                     id: m.seq as i64,
-                    workflow_id: required(m.seq, d, "workflow_key", "JobSubmitted")?,
-                    execution_id: r.aggregate_id.clone(),
-                    input: json_text(d.get("input")),
-                    client_id: required(m.seq, d, "client_id", "JobSubmitted")?,
-                    priority: d.get("priority").and_then(Value::as_i64).unwrap_or(5) as i16,
+                    workflow_id: required(m.seq, &d.workflow_key, "workflow_key", "JobSubmitted")?,
+                    execution_id: &r.aggregate_id,
+                    input: d.input.as_deref().map(|i| i.get()),
+                    client_id: required(m.seq, &d.client_id, "client_id", "JobSubmitted")?,
+                    priority: d.priority.unwrap_or(5) as i16,
                     created_at: at,
                     delta: ExecDelta {
                         last_seq: m.seq as i64,
@@ -196,14 +198,14 @@ async fn executions(tx: &mut Tx<'_>, v: i32, batch: &[Msg]) -> Result<(), Failur
                 });
                 continue;
             }
-            let delta = match new_index.get(&r.aggregate_id) {
+            let delta = match new_index.get(r.aggregate_id.as_str()) {
                 Some(&i) => &mut new[i].delta,
-                None => deltas.entry(r.aggregate_id.clone()).or_insert_with(|| {
-                    order.push(r.aggregate_id.clone());
+                None => deltas.entry(&r.aggregate_id).or_insert_with(|| {
+                    order.push(&r.aggregate_id);
                     ExecDelta::default()
                 }),
             };
-            delta.fold(&r.event_type, d, at, m.seq);
+            delta.fold(r, at, m.seq);
         }
     }
     if !new.is_empty() {
@@ -215,14 +217,14 @@ async fn executions(tx: &mut Tx<'_>, v: i32, batch: &[Msg]) -> Result<(), Failur
                 .and_then(|end| duration_ms(d.started_at.unwrap_or(n.created_at), end));
             rows.row()
                 .i64(Some(n.id))
-                .text(Some(&n.workflow_id))
-                .text(Some(&n.execution_id))
+                .text(Some(n.workflow_id))
+                .text(Some(n.execution_id))
                 .text(Some(d.status.unwrap_or("pending")))
-                .jsonb(n.input.as_deref())
-                .jsonb(d.output.as_deref())
-                .text(d.error_code.as_deref())
+                .jsonb(n.input)
+                .jsonb(d.output)
+                .text(d.error_code)
                 .text(d.error_message.as_deref())
-                .text(Some(&n.client_id))
+                .text(Some(n.client_id))
                 .i16(n.priority)
                 .timestamptz(d.started_at)
                 .timestamptz(d.completed_at)
@@ -237,14 +239,14 @@ async fn executions(tx: &mut Tx<'_>, v: i32, batch: &[Msg]) -> Result<(), Failur
     if !order.is_empty() {
         let mut u = ExecUpdates::default();
         for key in order {
-            let d = deltas.remove(&key).unwrap_or_default();
-            u.exec.push(key);
+            let d = deltas.remove(key).unwrap_or_default();
+            u.exec.push(key.to_string());
             u.status.push(d.status.map(str::to_string));
             u.started_at.push(d.started_at);
             u.completed_at.push(d.completed_at);
-            u.output.push(d.output);
-            u.error_code.push(d.error_code);
-            u.error_message.push(d.error_message);
+            u.output.push(d.output.map(str::to_string));
+            u.error_code.push(d.error_code.map(str::to_string));
+            u.error_message.push(d.error_message.map(Cow::into_owned));
             u.updated_at.push(d.updated_at);
             u.last_seq.push(d.last_seq);
         }
@@ -281,14 +283,14 @@ async fn executions(tx: &mut Tx<'_>, v: i32, batch: &[Msg]) -> Result<(), Failur
 }
 
 /// Status a job or approval has after an event, for the audit row.
-fn status_after<'a>(event_type: &str, data: &'a Value) -> Option<&'a str> {
+fn status_after<'a>(event_type: &str, data: &'a Fields) -> Option<&'a str> {
     Some(match event_type {
         "JobSubmitted" => "pending",
         "JobStarted" => "running",
         "JobCompleted" => "completed",
         "JobFailed" => "failed",
         "JobCancelled" => "cancelled",
-        "StepResultRecorded" => return data.get("status").and_then(Value::as_str),
+        "StepResultRecorded" => return data.status.as_deref(),
         "ApprovalRequested" => "pending",
         "ApprovalGranted" => "approved",
         "ApprovalRejected" => "rejected",
@@ -316,20 +318,12 @@ async fn audit(tx: &mut Tx<'_>, v: i32, batch: &[Msg]) -> Result<(), Failure> {
             let d = &r.data;
             let job_id = match r.aggregate_type.as_str() {
                 "job" => Some(r.aggregate_id.as_str()),
-                _ => d.get("job_id").and_then(Value::as_str),
+                _ => d.job_id.as_deref(),
             };
-            let workflow_key = d
-                .get("workflow_key")
-                .and_then(Value::as_str)
-                .filter(|k| !k.is_empty());
+            let workflow_key = d.workflow_key.as_deref().filter(|k| !k.is_empty());
             // who: the acting user, or for a submission the user the
             // submitting service names in metadata.user_id (seed 002)
-            let user_id = r.actor.user_id.as_deref().or_else(|| {
-                d.get("metadata")
-                    .and_then(|md| md.get("user_id"))
-                    .and_then(Value::as_str)
-            });
-            let text = |key: &str| d.get(key).and_then(Value::as_str);
+            let user_id = r.actor.user_id.as_deref().or(d.metadata_user_id.as_deref());
             rows.row()
                 .i64(Some(m.seq as i64))
                 .i16(i as i16)
@@ -342,11 +336,11 @@ async fn audit(tx: &mut Tx<'_>, v: i32, batch: &[Msg]) -> Result<(), Failure> {
                 .text(job_id)
                 .text(workflow_key)
                 .text(Some(&r.event_type))
-                .text(text("step"))
+                .text(d.step.as_deref())
                 .text(status_after(&r.event_type, d))
-                .text(text("error_code"))
-                .text(text("error_message"))
-                .i64(d.get("duration_ms").and_then(Value::as_i64))
+                .text(d.error_code.as_deref())
+                .text(d.error_message.as_deref())
+                .i64(d.duration_ms)
                 .text(Some(hash));
         }
     }
@@ -368,8 +362,8 @@ async fn approvals(tx: &mut Tx<'_>, v: i32, batch: &[Msg]) -> Result<(), Failure
             let q = match r.event_type.as_str() {
                 "ApprovalRequested" => {
                     let expires = d
-                        .get("expires_at")
-                        .and_then(Value::as_str)
+                        .expires_at
+                        .as_deref()
                         .and_then(|s| DateTime::parse_from_rfc3339(s).ok())
                         .ok_or_else(|| ApplyError::Poison {
                             seq: m.seq,
@@ -381,10 +375,20 @@ async fn approvals(tx: &mut Tx<'_>, v: i32, batch: &[Msg]) -> Result<(), Failure
                     );
                     sqlx::query(&sql)
                         .bind(&r.aggregate_id)
-                        .bind(required(m.seq, d, "job_id", "ApprovalRequested")?)
-                        .bind(required(m.seq, d, "workflow_key", "ApprovalRequested")?)
-                        .bind(required(m.seq, d, "requested_by", "ApprovalRequested")?)
-                        .bind(str_field(d, "reason"))
+                        .bind(required(m.seq, &d.job_id, "job_id", "ApprovalRequested")?)
+                        .bind(required(
+                            m.seq,
+                            &d.workflow_key,
+                            "workflow_key",
+                            "ApprovalRequested",
+                        )?)
+                        .bind(required(
+                            m.seq,
+                            &d.requested_by,
+                            "requested_by",
+                            "ApprovalRequested",
+                        )?)
+                        .bind(d.reason.as_deref())
                         .bind(expires.with_timezone(&Utc))
                         .bind(at)
                         .bind(m.seq as i64)
@@ -401,8 +405,8 @@ async fn approvals(tx: &mut Tx<'_>, v: i32, batch: &[Msg]) -> Result<(), Failure
                         } else {
                             "rejected"
                         })
-                        .bind(str_field(d, "decided_by"))
-                        .bind(str_field(d, "reason"))
+                        .bind(d.decided_by.as_deref())
+                        .bind(d.reason.as_deref())
                         .bind(at)
                         .bind(m.seq as i64)
                 }

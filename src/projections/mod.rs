@@ -12,12 +12,11 @@
 pub mod apply;
 pub mod copy;
 pub mod db;
+pub mod event;
 pub mod rebuild;
 pub mod runner;
 
-use chrono::{DateTime, Utc};
-
-use crate::events::envelope::EventRecord;
+use crate::projections::event::ProjectedEvent;
 
 /// The read models flowledger maintains.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -73,11 +72,9 @@ impl ReadModel {
 #[derive(Debug, Clone)]
 pub struct Msg {
     pub seq: u64,
-    pub subject: String,
-    pub time: DateTime<Utc>,
-    /// `(hash hex, record)` per event, in commit order; the hash is empty
+    /// `(hash hex, event)` per event, in commit order; the hash is empty
     /// for read models that do not store it.
-    pub events: Vec<(String, EventRecord)>,
+    pub events: Vec<(String, ProjectedEvent)>,
 }
 
 /// Why a projection could not apply an event.

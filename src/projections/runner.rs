@@ -11,9 +11,10 @@ use sqlx::PgPool;
 use tokio::sync::watch;
 
 use crate::events::chain;
-use crate::events::envelope::decode_commit;
+use crate::events::envelope::decode_commit_as;
 use crate::events::log::{EventLog, EVENT_SUBJECT_PREFIX};
 use crate::projections::db::{self, DbError};
+use crate::projections::event::ProjectedEvent;
 use crate::projections::{apply, ApplyError, Msg, ReadModel};
 
 pub const LIVE_BATCH: usize = 500;
@@ -35,9 +36,10 @@ pub fn decode(m: &jetstream::Message, model: ReadModel) -> Result<Msg, ApplyErro
     let info = m
         .info()
         .map_err(|e| ApplyError::Unavailable(format!("message info: {e}")))?;
-    let (seq, time) = (info.stream_sequence, info.published);
+    let seq = info.stream_sequence;
     let poison = |reason: String| ApplyError::Poison { seq, reason };
-    let lines = decode_commit(&m.payload).map_err(|e| poison(e.to_string()))?;
+    let lines =
+        decode_commit_as::<ProjectedEvent>(&m.payload).map_err(|e| poison(e.to_string()))?;
     let events = lines
         .into_iter()
         .map(|(line, r)| {
@@ -52,12 +54,7 @@ pub fn decode(m: &jetstream::Message, model: ReadModel) -> Result<Msg, ApplyErro
             Ok((hash, r))
         })
         .collect::<Result<_, ApplyError>>()?;
-    Ok(Msg {
-        seq,
-        subject: m.subject.to_string(),
-        time,
-        events,
-    })
+    Ok(Msg { seq, events })
 }
 
 /// Waits for at least one message (up to `idle`), then keeps taking

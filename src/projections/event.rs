@@ -1,0 +1,246 @@
+//! Events as the projections read them: the envelope fields they use and
+//! the `data` fields any read model takes, parsed straight from the stored
+//! line. Everything else in `data` is skipped while parsing instead of being
+//! built into a `serde_json::Value` (a rebuild decodes every event in the
+//! stream, so this is most of its client-side CPU; docs/BENCHMARKS.md).
+//!
+//! The data fields are lenient: a field with an unexpected JSON type reads
+//! as absent, exactly as `Value::as_str` / `as_i64` treated it, so an event
+//! type added later with, say, a structured `status` does not stop a
+//! projection that does not use it.
+
+use std::fmt;
+
+use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use uuid::Uuid;
+
+use crate::events::envelope::Actor;
+
+/// One event of a commit, as projections read it (see docs/EVENTS.md for
+/// the envelope).
+#[derive(Debug, Clone, Deserialize)]
+pub struct ProjectedEvent {
+    pub event_id: Uuid,
+    pub aggregate_type: String,
+    pub aggregate_id: String,
+    pub event_type: String,
+    pub occurred_at: String,
+    pub actor: Actor,
+    pub prev_hash: String,
+    #[serde(default, deserialize_with = "fields")]
+    pub data: Fields,
+}
+
+/// The `data` fields the read models use. Absent, `null` or of another
+/// JSON type: `None`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default)]
+pub struct Fields {
+    #[serde(deserialize_with = "string")]
+    pub workflow_key: Option<String>,
+    #[serde(deserialize_with = "string")]
+    pub client_id: Option<String>,
+    #[serde(deserialize_with = "string")]
+    pub job_id: Option<String>,
+    #[serde(deserialize_with = "string")]
+    pub step: Option<String>,
+    #[serde(deserialize_with = "string")]
+    pub status: Option<String>,
+    #[serde(deserialize_with = "string")]
+    pub error_code: Option<String>,
+    #[serde(deserialize_with = "string")]
+    pub error_message: Option<String>,
+    #[serde(deserialize_with = "string")]
+    pub reason: Option<String>,
+    #[serde(deserialize_with = "string")]
+    pub requested_by: Option<String>,
+    #[serde(deserialize_with = "string")]
+    pub decided_by: Option<String>,
+    #[serde(deserialize_with = "string")]
+    pub expires_at: Option<String>,
+    #[serde(deserialize_with = "int")]
+    pub priority: Option<i64>,
+    #[serde(deserialize_with = "int")]
+    pub duration_ms: Option<i64>,
+    /// JSON text as stored; `null` is `None`.
+    pub input: Option<Box<RawValue>>,
+    pub outputs: Option<Box<RawValue>>,
+    /// `metadata.user_id` (seed 002: the user a submitting service names).
+    #[serde(rename = "metadata", deserialize_with = "metadata_user_id")]
+    pub metadata_user_id: Option<String>,
+}
+
+fn fields<'de, D: Deserializer<'de>>(d: D) -> Result<Fields, D::Error> {
+    Ok(Option::<Fields>::deserialize(d)?.unwrap_or_default())
+}
+
+/// What a lenient field keeps of a JSON value.
+trait Keep: Sized {
+    fn str(_: &str) -> Option<Self> {
+        None
+    }
+    fn i64(_: i64) -> Option<Self> {
+        None
+    }
+    fn u64(_: u64) -> Option<Self> {
+        None
+    }
+}
+
+impl Keep for String {
+    fn str(v: &str) -> Option<Self> {
+        Some(v.to_owned())
+    }
+}
+
+impl Keep for i64 {
+    fn i64(v: i64) -> Option<Self> {
+        Some(v)
+    }
+    fn u64(v: u64) -> Option<Self> {
+        i64::try_from(v).ok()
+    }
+}
+
+/// Accepts any JSON value; keeps it when it has the wanted type. With
+/// `user_id` set, an object is searched for that key instead.
+struct Lenient<T> {
+    user_id: bool,
+    _t: std::marker::PhantomData<T>,
+}
+
+impl<T> Lenient<T> {
+    fn new(user_id: bool) -> Self {
+        Lenient {
+            user_id,
+            _t: std::marker::PhantomData,
+        }
+    }
+}
+
+impl<'de, T: Keep> Visitor<'de> for Lenient<T> {
+    type Value = Option<T>;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("any JSON value")
+    }
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+        Ok(if self.user_id { None } else { T::str(v) })
+    }
+    fn visit_i64<E: de::Error>(self, v: i64) -> Result<Self::Value, E> {
+        Ok(if self.user_id { None } else { T::i64(v) })
+    }
+    fn visit_u64<E: de::Error>(self, v: u64) -> Result<Self::Value, E> {
+        Ok(if self.user_id { None } else { T::u64(v) })
+    }
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_none<E: de::Error>(self) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_any(self)
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        while seq.next_element::<IgnoredAny>()?.is_some() {}
+        Ok(None)
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut found = None;
+        while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+            if self.user_id && key == "user_id" {
+                found = map.next_value_seed(Seed::<T>(Lenient::new(false)))?;
+            } else {
+                map.next_value::<IgnoredAny>()?;
+            }
+        }
+        Ok(found)
+    }
+}
+
+struct Seed<T>(Lenient<T>);
+
+impl<'de, T: Keep> de::DeserializeSeed<'de> for Seed<T> {
+    type Value = Option<T>;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_any(self.0)
+    }
+}
+
+fn string<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    d.deserialize_any(Lenient::<String>::new(false))
+}
+
+fn int<'de, D: Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Error> {
+    d.deserialize_any(Lenient::<i64>::new(false))
+}
+
+fn metadata_user_id<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    d.deserialize_any(Lenient::<String>::new(true))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn fields_of(data: serde_json::Value) -> Fields {
+        let line = json!({
+            "event_id": Uuid::nil(), "aggregate_type": "job", "aggregate_id": "j1",
+            "aggregate_version": 1, "event_type": "JobSubmitted", "schema_version": "1",
+            "occurred_at": "2026-11-24T10:00:00.000000Z",
+            "actor": {"client_id": "billing", "user_id": null},
+            "command_id": "c", "correlation_id": "c", "causation_id": "c",
+            "prev_hash": "00", "data": data,
+        });
+        // a RawValue is read from JSON text, as projections do
+        serde_json::from_str::<ProjectedEvent>(&line.to_string())
+            .expect("a well-formed envelope")
+            .data
+    }
+
+    #[test]
+    fn reads_the_fields_the_read_models_use_and_skips_the_rest() {
+        let f = fields_of(json!({
+            "workflow_key": "invoice.extract", "client_id": "billing", "priority": 7,
+            "input": {"a": [1, 2, {"b": null}]}, "unknown": {"deep": [1, {"x": "y"}]},
+            "metadata": {"trace": {"id": 1}, "user_id": "alice"}, "duration_ms": 12,
+        }));
+        assert_eq!(f.workflow_key.as_deref(), Some("invoice.extract"));
+        assert_eq!(f.client_id.as_deref(), Some("billing"));
+        assert_eq!(f.priority, Some(7));
+        assert_eq!(f.duration_ms, Some(12));
+        assert_eq!(f.metadata_user_id.as_deref(), Some("alice"));
+        assert_eq!(
+            f.input.as_ref().map(|r| r.get()),
+            Some(r#"{"a":[1,2,{"b":null}]}"#)
+        );
+        assert!(f.outputs.is_none() && f.status.is_none());
+    }
+
+    #[test]
+    fn a_field_of_another_type_reads_as_absent() {
+        let f = fields_of(json!({
+            "status": {"code": 3}, "priority": "high", "step": ["a"], "reason": 5,
+            "metadata": "not an object", "outputs": null, "error_code": true,
+            "duration_ms": 1.5,
+        }));
+        assert!(f.status.is_none() && f.priority.is_none() && f.step.is_none());
+        assert!(f.reason.is_none() && f.metadata_user_id.is_none());
+        assert!(f.outputs.is_none() && f.error_code.is_none() && f.duration_ms.is_none());
+    }
+
+    #[test]
+    fn data_null_or_absent_is_empty() {
+        assert!(fields_of(serde_json::Value::Null).workflow_key.is_none());
+    }
+}
