@@ -57,15 +57,13 @@ pub fn decode(m: &jetstream::Message, model: ReadModel) -> Result<Msg, ApplyErro
     Ok(Msg { seq, events })
 }
 
-/// Waits for at least one message (up to `idle`), then keeps taking
-/// messages up to `max`: for at most `fill` more (0: only what has already
-/// arrived). Live consumption uses 0 for low lag; a rebuild fills large
-/// batches, since each batch is one transaction.
+/// Waits for at least one message (up to `idle`), then takes what has
+/// already arrived, up to `max`: live consumption applies what is there at
+/// once, for low lag (a rebuild reads with `fetch`, see `rebuild::catch_up`).
 pub async fn next_batch<S, E>(
     messages: &mut S,
     max: usize,
     idle: Duration,
-    fill: Duration,
 ) -> Result<Vec<jetstream::Message>, String>
 where
     S: Stream<Item = Result<jetstream::Message, E>> + Unpin,
@@ -76,16 +74,8 @@ where
         Err(_) | Ok(None) => return Ok(batch),
         Ok(Some(m)) => batch.push(m.map_err(|e| e.to_string())?),
     }
-    let deadline = tokio::time::Instant::now() + fill;
     while batch.len() < max {
-        let next = if fill.is_zero() {
-            messages.next().now_or_never()
-        } else {
-            tokio::time::timeout_at(deadline, messages.next())
-                .await
-                .ok()
-        };
-        match next {
+        match messages.next().now_or_never() {
             Some(Some(m)) => batch.push(m.map_err(|e| e.to_string())?),
             _ => break,
         }
@@ -329,7 +319,7 @@ impl Projector {
                     if state != "running" { return Ok(Exit::Stopped); }
                     self.report_lag().await;
                 }
-                batch = next_batch(&mut messages, LIVE_BATCH, Duration::from_millis(200), Duration::ZERO) => {
+                batch = next_batch(&mut messages, LIVE_BATCH, Duration::from_millis(200)) => {
                     let batch = batch?;
                     let Some(last) = batch.last() else { continue };
                     let pending = last.info().map(|i| i.pending).unwrap_or(0);
