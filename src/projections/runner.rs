@@ -18,7 +18,7 @@ use crate::projections::event::ProjectedEvent;
 use crate::projections::{apply, ApplyError, Msg, ReadModel};
 
 pub const LIVE_BATCH: usize = 500;
-pub const REBUILD_BATCH: usize = 5000;
+pub const REBUILD_BATCH: usize = 10_000;
 
 /// One projection version, bound to its database and log.
 #[derive(Clone)]
