@@ -426,3 +426,26 @@ async fn approvals(tx: &mut Tx<'_>, v: i32, batch: &[Msg]) -> Result<(), Failure
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(s: &str) -> DateTime<Utc> {
+        DateTime::parse_from_rfc3339(s)
+            .expect("a valid RFC 3339 literal")
+            .with_timezone(&Utc)
+    }
+
+    #[test]
+    fn durations_round_half_away_from_zero_like_postgres() {
+        let t0 = at("2026-11-24T10:00:00.000000Z");
+        assert_eq!(duration_ms(t0, at("2026-11-24T10:00:00.000499Z")), Some(0));
+        assert_eq!(duration_ms(t0, at("2026-11-24T10:00:00.000500Z")), Some(1));
+        assert_eq!(
+            duration_ms(t0, at("2026-11-24T10:00:01.234567Z")),
+            Some(1235)
+        );
+        assert_eq!(duration_ms(at("2026-11-24T10:00:00.000500Z"), t0), Some(-1));
+    }
+}

@@ -134,6 +134,8 @@ enum Headers {
     None,
     MsgId,
     Expected,
+    /// The two the broker acts on: message id and expected subject sequence.
+    Broker,
     Custom,
     All,
 }
@@ -236,10 +238,10 @@ async fn raw_round(
                     }
                     let mut msg = async_nats::jetstream::message::PublishMessage::build()
                         .payload(payload.clone());
-                    if matches!(headers, Headers::MsgId | Headers::All) {
+                    if matches!(headers, Headers::MsgId | Headers::Broker | Headers::All) {
                         msg = msg.message_id(format!("{subject}-{i}"));
                     }
-                    if matches!(headers, Headers::Expected | Headers::All) {
+                    if matches!(headers, Headers::Expected | Headers::Broker | Headers::All) {
                         msg = msg.expected_last_subject_sequence(last);
                     }
                     if matches!(headers, Headers::Custom | Headers::All) {
@@ -555,6 +557,10 @@ async fn event_log(args: Args) -> anyhow::Result<()> {
         (
             "Nats-Expected-Last-Subject-Sequence only",
             Headers::Expected,
+        ),
+        (
+            "Nats-Msg-Id + Nats-Expected-Last-Subject-Sequence",
+            Headers::Broker,
         ),
         ("the three Flowledger-* headers only", Headers::Custom),
     ] {
