@@ -188,24 +188,39 @@ pub async fn catch_up(
 }
 
 /// The next batch of up to [`REBUILD_BATCH`] messages; empty when the
-/// consumer has delivered everything stored.
+/// consumer has delivered everything stored. A batch takes about 0.1 s; one
+/// that has not arrived within [`FETCH_TIMEOUT`] (broker or connection
+/// trouble) is an `Unavailable`, and the rebuild restarts from its
+/// checkpoint.
 async fn fetch_batch(
     consumer: &PullConsumer,
 ) -> Result<Vec<async_nats::jetstream::Message>, ApplyError> {
     let unavailable =
         |e: &dyn std::fmt::Display| ApplyError::Unavailable(format!("read the stream: {e}"));
-    let mut messages = consumer
-        .fetch()
-        .max_messages(REBUILD_BATCH)
-        .messages()
+    let fetch = async {
+        let mut messages = consumer
+            .fetch()
+            .max_messages(REBUILD_BATCH)
+            .messages()
+            .await
+            .map_err(|e| unavailable(&e))?;
+        let mut batch = Vec::with_capacity(REBUILD_BATCH);
+        while let Some(m) = messages.next().await {
+            batch.push(m.map_err(|e| unavailable(&e))?);
+        }
+        Ok(batch)
+    };
+    tokio::time::timeout(FETCH_TIMEOUT, fetch)
         .await
-        .map_err(|e| unavailable(&e))?;
-    let mut batch = Vec::with_capacity(REBUILD_BATCH);
-    while let Some(m) = messages.next().await {
-        batch.push(m.map_err(|e| unavailable(&e))?);
-    }
-    Ok(batch)
+        .map_err(|_| {
+            unavailable(&format_args!(
+                "no complete batch within {} s",
+                FETCH_TIMEOUT.as_secs()
+            ))
+        })?
 }
+
+const FETCH_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// [`catch_up`], restarted from the checkpoint (with a fresh consumer) when
 /// the stream or the database is briefly unavailable; a poison is final.
@@ -342,20 +357,23 @@ pub async fn rebuild(
     .map_err(DbError::from)?;
     tx.commit().await.map_err(DbError::from)?;
     // The old version is no longer read; drop it (waits for readers still
-    // inside a query on it).
+    // inside a query on it). Its checkpoint row goes first: a runner that
+    // has not yet noticed the switch locks that row before it writes the
+    // table, so taking the row first and the tables second is the same
+    // order, and cannot deadlock with it (the other order did, in a test).
     let mut tx = pool.begin().await.map_err(DbError::from)?;
-    for stmt in db::drop_tables(model, old) {
-        sqlx::query(&stmt)
-            .execute(&mut *tx)
-            .await
-            .map_err(DbError::from)?;
-    }
     sqlx::query("DELETE FROM projection_checkpoints WHERE name = $1 AND version = $2")
         .bind(&name)
         .bind(old)
         .execute(&mut *tx)
         .await
         .map_err(DbError::from)?;
+    for stmt in db::drop_tables(model, old) {
+        sqlx::query(&stmt)
+            .execute(&mut *tx)
+            .await
+            .map_err(DbError::from)?;
+    }
     tx.commit().await.map_err(DbError::from)?;
     let _ = log
         .stream()
