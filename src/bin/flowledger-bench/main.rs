@@ -501,11 +501,22 @@ async fn event_log(args: Args) -> anyhow::Result<()> {
     }
 
     let (n, k, turns) = (args.aggregates, args.commands_per_aggregate, args.in_turn);
-    let (mut raw, mut rawh, mut fl, mut pgr) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut raw, mut rawb, mut rawh, mut fl, mut pgr) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for round in 0..args.rounds {
         let tag = format!("r{round}");
         let in_turn = Subjects::InTurn(turns);
         let r = raw_round(&js, &tag, n, k, payload.clone(), in_turn, Headers::None).await?;
+        let rb = raw_round(
+            &js,
+            &format!("{tag}b"),
+            n,
+            k,
+            payload.clone(),
+            in_turn,
+            Headers::Broker,
+        )
+        .await?;
         let rh = raw_round(
             &js,
             &format!("{tag}h"),
@@ -524,15 +535,17 @@ async fn event_log(args: Args) -> anyhow::Result<()> {
             None => None,
         };
         println!(
-            "round {}: raw {:>7.0}/s  raw+headers {:>7.0}/s  flowledger {:>7.0}/s ({:.0}%)  postgres-es {}",
+            "round {}: raw {:>7.0}/s  raw+broker headers {:>7.0}/s  raw+all headers {:>7.0}/s  flowledger {:>7.0}/s ({:.0}%)  postgres-es {}",
             round + 1,
             r.per_sec(),
+            rb.per_sec(),
             rh.per_sec(),
             f.per_sec(),
             100.0 * f.per_sec() / r.per_sec(),
             p.as_ref().map_or("skipped".to_string(), |p| format!("{:>7.0}/s ({:.0}%)", p.per_sec(), 100.0 * p.per_sec() / r.per_sec()))
         );
         raw.push(r);
+        rawb.push(rb);
         rawh.push(rh);
         fl.push(f);
         if let Some(p) = p {
@@ -543,7 +556,8 @@ async fn event_log(args: Args) -> anyhow::Result<()> {
         v.sort_by(|a, b| a.per_sec().total_cmp(&b.per_sec()));
         v.swap_remove(v.len() / 2)
     };
-    let (raw_m, rawh_m, fl_m) = (med(&mut raw), med(&mut rawh), med(&mut fl));
+    let (raw_m, rawb_m, rawh_m, fl_m) =
+        (med(&mut raw), med(&mut rawb), med(&mut rawh), med(&mut fl));
     let pg_m = if pgr.is_empty() {
         None
     } else {
@@ -557,10 +571,6 @@ async fn event_log(args: Args) -> anyhow::Result<()> {
         (
             "Nats-Expected-Last-Subject-Sequence only",
             Headers::Expected,
-        ),
-        (
-            "Nats-Msg-Id + Nats-Expected-Last-Subject-Sequence",
-            Headers::Broker,
         ),
         ("the three Flowledger-* headers only", Headers::Custom),
     ] {
@@ -661,6 +671,11 @@ async fn event_log(args: Args) -> anyhow::Result<()> {
         &raw_m,
     );
     row(
+        format!("raw JetStream + Nats-Msg-Id + Nats-Expected-Last-Subject-Sequence (the two the design requires), {n} subjects"),
+        &rawb_m,
+        &raw_m,
+    );
+    row(
         format!("raw JetStream + all five of flowledger's headers, {n} subjects"),
         &rawh_m,
         &raw_m,
@@ -724,10 +739,11 @@ async fn event_log(args: Args) -> anyhow::Result<()> {
     );
     let target = 100.0 * fl_m.per_sec() / raw_m.per_sec();
     println!(
-        "\ntarget: flowledger >= 70% of raw JetStream with {} aggregates: {:.0}% -> {}",
+        "\ntarget: flowledger >= 70% of raw JetStream with {} aggregates: {:.0}% -> {} (raw publishes with the two required broker headers: {:.0}%)",
         args.aggregates,
         target,
-        if target >= 70.0 { "met" } else { "NOT met" }
+        if target >= 70.0 { "met" } else { "NOT met" },
+        100.0 * rawb_m.per_sec() / raw_m.per_sec()
     );
     Ok(())
 }
