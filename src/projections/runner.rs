@@ -402,12 +402,30 @@ pub async fn run(
                 model,
                 version,
             };
+            // Create what this version's DDL adds (idempotent), holding its
+            // checkpoint row: a rebuild that switched away from it meanwhile
+            // deletes that row before dropping the tables, so it either waits
+            // for this or this finds the row gone and does not re-create
+            // tables that were just dropped.
+            let mut tx = pool.begin().await.map_err(|e| e.to_string())?;
+            let still_active: Option<bool> = sqlx::query_scalar(
+                "SELECT active FROM projection_checkpoints WHERE name = $1 AND version = $2 FOR SHARE",
+            )
+            .bind(model.name())
+            .bind(version)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(|e| e.to_string())?;
+            if still_active != Some(true) {
+                return Ok(Some(Duration::from_millis(200)));
+            }
             for stmt in db::ddl(model, version) {
                 sqlx::query(&stmt)
-                    .execute(&pool)
+                    .execute(&mut *tx)
                     .await
                     .map_err(|e| e.to_string())?;
             }
+            tx.commit().await.map_err(|e| e.to_string())?;
             let (state, _) = p.state().await.map_err(|e| e.to_string())?;
             metrics::gauge!("flowledger_projection_stopped", "projection" => label.clone())
                 .set(if state == "stopped" { 1.0 } else { 0.0 });
