@@ -6,9 +6,8 @@
 //! (times are `occurred_at`, ids are stream sequences), so a rebuild from the
 //! log produces the same rows.
 
-use std::collections::HashMap;
-
 use std::borrow::Cow;
+use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
 use sqlx::{Postgres, Transaction};
@@ -209,7 +208,7 @@ async fn executions(tx: &mut Tx<'_>, v: i32, batch: &[Msg]) -> Result<(), Failur
         }
     }
     if !new.is_empty() {
-        let mut rows = CopyRows::new(16);
+        let mut rows = CopyRows::new(EXEC_COLUMNS);
         for n in &new {
             let d = &n.delta;
             let duration = d
@@ -233,7 +232,7 @@ async fn executions(tx: &mut Tx<'_>, v: i32, batch: &[Msg]) -> Result<(), Failur
                 .timestamptz(Some(d.updated_at.unwrap_or(n.created_at)))
                 .i64(Some(d.last_seq));
         }
-        rows.copy_into(tx, &format!("workflows_executions_v{v}"), EXEC_COLUMNS)
+        rows.copy_into(tx, &format!("workflows_executions_v{v}"))
             .await?;
     }
     if !order.is_empty() {
@@ -312,7 +311,7 @@ const AUDIT_COLUMNS: &str = "stream_seq, event_index, event_id, occurred_at, cli
 async fn audit(tx: &mut Tx<'_>, v: i32, batch: &[Msg]) -> Result<(), Failure> {
     // Every job and approval event names its job and workflow key, so each
     // row comes from its own event alone.
-    let mut rows = CopyRows::new(17);
+    let mut rows = CopyRows::new(AUDIT_COLUMNS);
     for m in batch {
         for (i, (hash, r)) in m.events.iter().enumerate() {
             let d = &r.data;
@@ -344,8 +343,7 @@ async fn audit(tx: &mut Tx<'_>, v: i32, batch: &[Msg]) -> Result<(), Failure> {
                 .text(Some(hash));
         }
     }
-    rows.copy_into(tx, &format!("audit_trail_v{v}"), AUDIT_COLUMNS)
-        .await?;
+    rows.copy_into(tx, &format!("audit_trail_v{v}")).await?;
     Ok(())
 }
 

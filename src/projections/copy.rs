@@ -11,29 +11,36 @@ use sqlx::{Postgres, Transaction};
 /// Microseconds from the Unix epoch to PostgreSQL's (2000-01-01).
 const PG_EPOCH_OFFSET_MICROS: i64 = 946_684_800_000_000;
 
-/// Rows in binary COPY format, built column by column.
+/// Rows in binary COPY format for a fixed column list, built value by value.
 pub struct CopyRows {
     buf: Vec<u8>,
-    columns: i16,
+    /// The target columns, comma-separated, as in `COPY t (columns)`.
+    columns: &'static str,
+    count: i16,
     rows: usize,
 }
 
 impl CopyRows {
-    pub fn new(columns: i16) -> Self {
+    /// Rows for `columns` ("a, b, c"); each row takes one value per column,
+    /// in that order.
+    pub fn new(columns: &'static str) -> Self {
         let mut buf = Vec::with_capacity(64 * 1024);
         buf.extend_from_slice(b"PGCOPY\n\xff\r\n\0");
         buf.extend_from_slice(&0i32.to_be_bytes()); // flags
         buf.extend_from_slice(&0i32.to_be_bytes()); // header extension length
+                                                    // a read model has a few dozen columns at most
+        let count = i16::try_from(columns.split(',').count()).unwrap_or(i16::MAX);
         CopyRows {
             buf,
             columns,
+            count,
             rows: 0,
         }
     }
 
-    /// Starts a row; exactly `columns` values must follow.
+    /// Starts a row; exactly one value per column must follow.
     pub fn row(&mut self) -> &mut Self {
-        self.buf.extend_from_slice(&self.columns.to_be_bytes());
+        self.buf.extend_from_slice(&self.count.to_be_bytes());
         self.rows += 1;
         self
     }
@@ -114,16 +121,16 @@ impl CopyRows {
         self.buf
     }
 
-    /// Copies the rows into `table (columns)` inside `tx`.
+    /// Copies the rows into `table` inside `tx`.
     pub async fn copy_into(
         self,
         tx: &mut Transaction<'_, Postgres>,
         table: &str,
-        columns: &str,
     ) -> Result<u64, sqlx::Error> {
         if self.rows == 0 {
             return Ok(0);
         }
+        let columns = self.columns;
         let mut copy = (**tx)
             .copy_in_raw(&format!(
                 "COPY {table} ({columns}) FROM STDIN (FORMAT binary)"
@@ -145,7 +152,7 @@ mod tests {
 
     #[test]
     fn encodes_header_row_and_trailer() {
-        let mut rows = CopyRows::new(3);
+        let mut rows = CopyRows::new("a, b, c");
         rows.row().i16(7).text(None).jsonb(Some("{}"));
         assert_eq!(rows.rows(), 1);
         let bytes = rows.finish();
@@ -161,7 +168,7 @@ mod tests {
 
     #[test]
     fn timestamps_count_from_the_postgres_epoch() {
-        let mut rows = CopyRows::new(1);
+        let mut rows = CopyRows::new("t");
         let t = DateTime::parse_from_rfc3339("2000-01-01T00:00:01.000002Z")
             .expect("a valid RFC 3339 literal")
             .with_timezone(&Utc);
