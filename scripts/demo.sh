@@ -55,17 +55,17 @@ say "submit a job ($JOB): one JobSubmitted event, its stream sequence and hash"
 say "the same command again (same command id): nothing new is appended, same reply"
 "$FL" submit --workflow invoice.extract --client billing --job-id "$JOB" --command-id demo-submit-1 --input '{"invoice_id": 4711}' | grep -E '"(duplicate|stream_seq)"'
 
-say "start it, then complete it with two step results: three events in one atomic commit"
-"$FL" send job.start "{\"job_id\":\"$JOB\",\"actor\":{\"client_id\":\"executor\"}}" >/dev/null
+say "start it (sending the first attempt of both steps), then complete it with two step results: three events in one atomic commit"
+"$FL" send job.start "{\"job_id\":\"$JOB\",\"attempts\":[{\"step\":\"ocr\",\"idempotency_key\":\"$JOB:ocr:1\"},{\"step\":\"llm\",\"idempotency_key\":\"$JOB:llm:1\"}],\"actor\":{\"client_id\":\"executor\"}}" >/dev/null
 "$FL" send job.complete "{\"job_id\":\"$JOB\",\"outputs\":{\"total\":99.5},\"step_results\":[{\"step\":\"ocr\",\"attempt\":1,\"status\":\"succeeded\",\"duration_ms\":2300},{\"step\":\"llm\",\"attempt\":1,\"status\":\"succeeded\",\"duration_ms\":2400}]}" | grep -E '"(event_type|stream_seq)"'
 
 say "rules hold: a completed job cannot be cancelled (code rejected), bad input is named (code validation)"
 "$FL" send job.cancel "{\"job_id\":\"$JOB\",\"reason\":\"too late\"}" || true
 "$FL" submit --workflow invoice.extract --client billing --priority 11 || true
 
-say "an approval, granted by alice"
-"$FL" send approval.request "{\"approval_id\":\"demo-approval\",\"job_id\":\"$JOB\",\"workflow_key\":\"payment.release\",\"requested_by\":\"billing\",\"expires_at\":\"$(date -u -d '+1 hour' +%FT%TZ)\"}" >/dev/null
-"$FL" send approval.approve '{"approval_id":"demo-approval","decided_by":"alice","reason":"invoice checked","actor":{"client_id":"ops","user_id":"alice"}}' | grep -E '"event_type"'
+say "an approval (a job's approval has the job's id), granted by alice"
+"$FL" send approval.request "{\"job_id\":\"$JOB\",\"workflow_key\":\"payment.release\",\"requested_by\":\"billing\",\"expires_at\":\"$(date -u -d '+1 hour' +%FT%TZ)\"}" >/dev/null
+"$FL" send approval.approve  "{\"approval_id\":\"$JOB\",\"decided_by\":\"alice\",\"reason\":\"invoice checked\",\"actor\":{\"client_id\":\"ops\",\"user_id\":\"alice\"}}" | grep -E '"event_type"'
 
 sleep 1
 show() { python3 -c 'import json,sys; print(json.dumps(json.load(sys.stdin), indent=1)[:1500])'; }

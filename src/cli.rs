@@ -12,13 +12,18 @@ use chrono::{DateTime, Utc};
 use clap::{Args, Parser, Subcommand};
 use serde_json::{json, Value};
 
-use crate::api::intake::{Intake, COMMAND_SUBJECT_PREFIX};
+use crate::api::nats::COMMAND_SUBJECT_PREFIX;
+use crate::app::{Application, BuildError, DatabaseSettings, HttpSettings, Settings};
 use crate::audit::checkpoint::{self, CheckpointKey, Digest};
 use crate::audit::export;
 use crate::audit::read::{self, Filter};
 use crate::audit::verify::{self, VerifyError};
+use crate::bus::CommandBus;
 use crate::commands::job::JobServices;
+use crate::commands::limits::MAX_JOB_TIMEOUT_SECONDS;
+use crate::config::Config;
 use crate::events::log::{self, EventLog, LogConfig};
+use crate::handlers::HandlerConfig;
 use crate::registry::{Registry, DEFAULT_REGISTRY_PATH};
 
 #[derive(Parser, Debug)]
@@ -481,112 +486,70 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 async fn serve(g: &Global, args: ServeArgs) -> anyhow::Result<ExitCode> {
     let registry = Arc::new(Registry::load(&args.registry).context(UsageError)?);
     let config = match &args.config {
-        Some(path) => crate::config::Config::load(path).context(UsageError)?,
-        None => crate::config::Config::default(),
+        Some(path) => Config::load(path).context(UsageError)?,
+        None => Config::default(),
     };
-    let handler_config = config.handler_config().context(UsageError)?;
+    if args.max_timeout_seconds == 0 || args.max_timeout_seconds > MAX_JOB_TIMEOUT_SECONDS {
+        return Err(anyhow::anyhow!(
+            "--max-timeout-seconds must be 1 to {MAX_JOB_TIMEOUT_SECONDS} (30 days), got {}",
+            args.max_timeout_seconds
+        )
+        .context(UsageError));
+    }
     let key = args.key.key()?;
+    let checkpoints = match (key, args.checkpoint_every_secs) {
+        (Some(key), secs) if secs > 0 => Some((key, Duration::from_secs(secs))),
+        _ => {
+            tracing::warn!(
+                "no checkpoint key (FLOWLEDGER_CHECKPOINT_KEY): no signed checkpoints are written"
+            );
+            None
+        }
+    };
+    let database = match &args.db.database_url {
+        Some(url) => Some(DatabaseSettings {
+            url: url.clone(),
+            max_connections: 16,
+            projections: true,
+            handler: if config.handler.enabled {
+                Some(HandlerConfig::from_config(&config).context(UsageError)?)
+            } else {
+                None
+            },
+            http: Some(HttpSettings {
+                addr: args.http,
+                clients: config.clients.clone(),
+                n8n_key: config.n8n_key().context(UsageError)?,
+                callback_window_secs: config.callbacks.timestamp_window_seconds as i64,
+            }),
+        }),
+        None => {
+            tracing::warn!(
+                "no --database-url: projections, the job handler and the HTTP API are off"
+            );
+            None
+        }
+    };
     let (client, log) = open_log(g).await?;
-    let intake = Arc::new(Intake::new(
-        log.clone(),
-        JobServices {
-            registry: registry.clone(),
-            max_timeout_seconds: args.max_timeout_seconds,
-        },
-    ));
-    if let (Some(key), true) = (key, args.checkpoint_every_secs > 0) {
-        let (client, log) = (client.clone(), log.clone());
-        let every = Duration::from_secs(args.checkpoint_every_secs);
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(every);
-            loop {
-                tick.tick().await;
-                match checkpoint::write_checkpoint(&client, &log, &key).await {
-                    Ok(Some(cp)) => tracing::info!(seq = cp.seq, "checkpoint signed"),
-                    Ok(None) => {}
-                    Err(e) => tracing::warn!(error = %e, "checkpoint failed; will retry"),
-                }
-            }
-        });
-    } else {
-        tracing::warn!(
-            "no checkpoint key (FLOWLEDGER_CHECKPOINT_KEY): no signed checkpoints are written"
-        );
-    }
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let mut tasks = Vec::new();
-    if let Some(url) = &args.db.database_url {
-        let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
-            .install_recorder()
-            .context("cannot install the metrics recorder")?;
-        let pool = crate::projections::db::connect(url, 16)
-            .await
-            .context(Unreachable)?;
-        crate::projections::db::migrate(&pool).await?;
-        for model in crate::projections::ReadModel::ALL {
-            tasks.push(tokio::spawn(crate::projections::runner::run(
-                pool.clone(),
-                log.clone(),
-                model,
-                stop_rx.clone(),
-            )));
-        }
-        if config.handler.enabled {
-            if handler_config.callback_key.is_none() {
-                tracing::warn!(
-                    "no callback signing key ({}): job callbacks are recorded as failed, never sent unsigned",
-                    config.callbacks.signing_key_env
-                );
-            }
-            let ctx = crate::handlers::Ctx::new(intake.clone(), registry.clone(), handler_config);
-            tasks.push(tokio::spawn(crate::handlers::manager::run(
-                ctx,
-                pool.clone(),
-                stop_rx.clone(),
-            )));
-        }
-        let state = crate::api::http::AppState {
-            pool,
-            nats: client.clone(),
-            log: log.clone(),
-            metrics,
-            intake: intake.clone(),
-            registry: registry.clone(),
-            clients: Arc::new(crate::api::auth::Clients::new(&config.clients)),
-            n8n_key: config.n8n_key().context(UsageError)?,
-            callback_window_secs: config.callbacks.timestamp_window_seconds as i64,
-        };
-        let listener = tokio::net::TcpListener::bind(args.http)
-            .await
-            .map_err(|e| {
-                anyhow::anyhow!(
-                    "cannot listen on {}: {e} (choose another --http address)",
-                    args.http
-                )
-                .context(UsageError)
-            })?;
-        tracing::info!("HTTP API on http://{}", listener.local_addr()?);
-        let mut stop = stop_rx.clone();
-        tasks.push(tokio::spawn(async move {
-            let app = crate::api::http::app(state);
-            let _ = axum::serve(listener, app)
-                .with_graceful_shutdown(async move {
-                    let _ = stop.changed().await;
-                })
-                .await;
-        }));
-    } else {
-        tracing::warn!("no --database-url: projections and the HTTP read API are off");
-    }
-    let serve = intake.serve(client);
-    tokio::select! {
-        r = serve => { r.context("command intake stopped")?; }
-        _ = shutdown_signal() => { tracing::info!("shutting down"); }
-    }
-    let _ = stop_tx.send(true);
-    for t in tasks {
-        let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
-    }
+    let settings = Settings {
+        nats: client,
+        log,
+        registry,
+        max_timeout_seconds: args.max_timeout_seconds,
+        intake: true,
+        checkpoints,
+        database,
+    };
+    let app = Application::build(settings).await.map_err(|e| match e {
+        BuildError::Database(_) => anyhow::Error::new(e).context(Unreachable),
+        BuildError::Listen { .. } => anyhow::Error::new(e).context(UsageError),
+        BuildError::Subscribe(_) => anyhow::Error::new(e).context(Unreachable),
+    })?;
+    app.run_until(async {
+        shutdown_signal().await;
+        tracing::info!("shutting down");
+    })
+    .await?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -661,8 +624,14 @@ async fn projections(g: &Global, p: ProjectionsCommand) -> anyhow::Result<ExitCo
             let model = model_of(&name)?;
             let pool = pdb::connect(db.require()?, 2).await.context(Unreachable)?;
             let (_c, log) = open_log(g).await?;
+            // this bus records projection operations only: no workflow is needed
+            let services = JobServices {
+                registry: Arc::new(Registry::with_keys(std::iter::empty())),
+                max_timeout_seconds: 1,
+            };
+            let bus = CommandBus::new(log, services);
             let skip = skip.map(|s| (s, reason.unwrap_or_default(), by.unwrap_or_default()));
-            let msg = crate::projections::resume(&pool, &log, model, skip).await?;
+            let msg = crate::app::resume_projection(&bus, &pool, model, skip).await?;
             println!("{msg}");
             Ok(ExitCode::SUCCESS)
         }

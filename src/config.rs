@@ -4,12 +4,11 @@
 //! and clients' tokens appear only as SHA-256 hashes.
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::handlers::signing::SigningKey;
-use crate::handlers::{HandlerConfig, RetryPolicy};
+use crate::commands::limits::{MAX_CALLBACK_ATTEMPTS, MAX_RETRY_DELAY_MS};
+use crate::crypto::SigningKey;
 
 #[derive(Debug, Clone, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
@@ -36,15 +35,15 @@ pub struct HandlerSection {
 }
 
 impl Default for HandlerSection {
+    /// Retries as seed 002 has them: 5 s, then 15 s, ... at most 5 min, ±20%.
     fn default() -> Self {
-        let r = RetryPolicy::default();
         HandlerSection {
             enabled: true,
             max_concurrent_jobs: 1000,
-            retry_base_ms: r.base.as_millis() as u64,
-            retry_multiplier: r.multiplier,
-            retry_max_ms: r.max.as_millis() as u64,
-            retry_jitter: r.jitter,
+            retry_base_ms: 5_000,
+            retry_multiplier: 3.0,
+            retry_max_ms: 300_000,
+            retry_jitter: 0.2,
             public_url: None,
         }
     }
@@ -141,10 +140,21 @@ impl Config {
                 "handler.max_concurrent_jobs must be at least 1".into(),
             ));
         }
-        if h.retry_multiplier < 1.0 || !(0.0..=1.0).contains(&h.retry_jitter) {
+        if !(1.0..=1000.0).contains(&h.retry_multiplier) || !(0.0..=1.0).contains(&h.retry_jitter) {
             return Err(invalid(
-                "handler.retry_multiplier must be >= 1 and handler.retry_jitter 0 to 1".into(),
+                "handler.retry_multiplier must be 1 to 1000 and handler.retry_jitter 0 to 1".into(),
             ));
+        }
+        if h.retry_base_ms > MAX_RETRY_DELAY_MS || h.retry_max_ms > MAX_RETRY_DELAY_MS {
+            return Err(invalid(format!(
+                "handler.retry_base_ms and handler.retry_max_ms must be at most {MAX_RETRY_DELAY_MS} (one day)"
+            )));
+        }
+        if c.callbacks.max_attempts == 0 || c.callbacks.max_attempts > MAX_CALLBACK_ATTEMPTS {
+            return Err(invalid(format!(
+                "callbacks.max_attempts must be 1 to {MAX_CALLBACK_ATTEMPTS}, got {}",
+                c.callbacks.max_attempts
+            )));
         }
         if c.callbacks.timestamp_window_seconds == 0 {
             return Err(invalid(
@@ -173,7 +183,8 @@ impl Config {
         Ok(c)
     }
 
-    fn key(var: &str, field: &'static str) -> Result<Option<SigningKey>, ConfigError> {
+    /// The key in the environment variable `var` (named by `callbacks.<field>`).
+    pub fn key(var: &str, field: &'static str) -> Result<Option<SigningKey>, ConfigError> {
         match std::env::var(var) {
             Err(_) => Ok(None),
             Ok(v) => {
@@ -190,27 +201,6 @@ impl Config {
 
     pub fn n8n_key(&self) -> Result<Option<SigningKey>, ConfigError> {
         Self::key(&self.callbacks.n8n_key_env, "n8n_key_env")
-    }
-
-    /// The handler's settings, with the callback key read from its variable.
-    pub fn handler_config(&self) -> Result<HandlerConfig, ConfigError> {
-        let h = &self.handler;
-        Ok(HandlerConfig {
-            max_concurrent_jobs: h.max_concurrent_jobs,
-            retry: RetryPolicy {
-                base: Duration::from_millis(h.retry_base_ms),
-                multiplier: h.retry_multiplier,
-                max: Duration::from_millis(h.retry_max_ms),
-                jitter: h.retry_jitter,
-            },
-            public_url: h
-                .public_url
-                .clone()
-                .map(|u| u.trim_end_matches('/').to_string()),
-            callback_key: Self::key(&self.callbacks.signing_key_env, "signing_key_env")?,
-            callback_max_attempts: self.callbacks.max_attempts,
-            callback_timeout: Duration::from_millis(self.callbacks.timeout_ms),
-        })
     }
 }
 

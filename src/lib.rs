@@ -2,10 +2,13 @@
 //! NATS JetStream. See docs/ARCHITECTURE.md for the map.
 
 pub mod api;
+pub mod app;
 pub mod audit;
+pub mod bus;
 pub mod cli;
 pub mod commands;
 pub mod config;
+pub mod crypto;
 pub mod events;
 pub mod handlers;
 pub mod projections;

@@ -16,8 +16,9 @@ pub const DEFAULT_REGISTRY_PATH: &str = "workflows/registry.json";
 pub const DEFAULT_STEP_TIMEOUT_MS: u64 = 30_000;
 pub const DEFAULT_MAX_ATTEMPTS: u32 = 3;
 pub const DEFAULT_APPROVAL_TIMEOUT_SECONDS: u64 = 24 * 3600;
-const MAX_STEP_TIMEOUT_MS: u64 = 3_600_000;
-const MAX_ATTEMPTS: u32 = 20;
+use crate::commands::limits::{
+    MAX_APPROVAL_WINDOW_SECONDS, MAX_ATTEMPTS, MAX_RETRY_DELAY_MS, MAX_STEP_TIMEOUT_MS,
+};
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -271,6 +272,12 @@ impl WorkflowDefinition {
                     format!("must be 1 to {MAX_ATTEMPTS}, got {}", s.max_attempts),
                 ));
             }
+            if let Some(b) = s.backoff_ms.filter(|b| *b > MAX_RETRY_DELAY_MS) {
+                return Err((
+                    at("backoff_ms"),
+                    format!("must be at most {MAX_RETRY_DELAY_MS}, got {b}"),
+                ));
+            }
         }
         if let SuccessPolicy::AtLeast(n) = self.success {
             if n == 0 || n as usize > self.steps.len() {
@@ -297,10 +304,15 @@ impl WorkflowDefinition {
                 ));
             }
         }
-        if self.approval_timeout_seconds == 0 {
+        if self.approval_timeout_seconds == 0
+            || self.approval_timeout_seconds > MAX_APPROVAL_WINDOW_SECONDS as u64
+        {
             return Err((
                 "approval_timeout_seconds".into(),
-                "must be at least 1".into(),
+                format!(
+                    "must be 1 to {MAX_APPROVAL_WINDOW_SECONDS}, got {}",
+                    self.approval_timeout_seconds
+                ),
             ));
         }
         Ok(())

@@ -18,11 +18,11 @@ use sqlx::PgPool;
 use utoipa::OpenApi;
 
 use super::auth::{self, Clients};
-use super::intake::{Intake, ReplyError};
 use super::{n8n, read, write};
+use crate::bus::{CommandBus, CommandError};
 use crate::commands::ErrorCode;
+use crate::crypto::{SignatureError, SigningKey};
 use crate::events::log::EventLog;
-use crate::handlers::signing::{SignatureError, SigningKey};
 use crate::projections::db;
 use crate::registry::Registry;
 
@@ -33,7 +33,7 @@ pub struct AppState {
     pub log: EventLog,
     pub metrics: PrometheusHandle,
     /// The command side the write endpoints execute on.
-    pub intake: Arc<Intake>,
+    pub bus: Arc<CommandBus>,
     pub registry: Arc<Registry>,
     pub clients: Arc<Clients>,
     /// Verifies `POST /v1/callbacks/n8n`; none: that endpoint answers 503.
@@ -58,7 +58,7 @@ pub enum ApiError {
     RateLimited { client_id: String, retry_after: u64 },
     /// A command was refused or failed; the code says which.
     #[error("{}", .0.message)]
-    Command(ReplyError),
+    Command(CommandError),
     #[error("callback refused: {0}")]
     Signature(SignatureError),
     #[error("{0}")]
@@ -104,7 +104,7 @@ impl IntoResponse for ApiError {
         let mut error = json!({"code": code, "message": self.to_string()});
         match &self {
             ApiError::BadParam { param, .. } => error["param"] = json!(param),
-            ApiError::Command(ReplyError { field: Some(f), .. }) => error["param"] = json!(f),
+            ApiError::Command(CommandError { field: Some(f), .. }) => error["param"] = json!(f),
             _ => {}
         }
         let mut res = (status, Json(json!({ "error": error }))).into_response();
@@ -129,8 +129,8 @@ impl From<sqlx::Error> for ApiError {
     }
 }
 
-impl From<ReplyError> for ApiError {
-    fn from(e: ReplyError) -> Self {
+impl From<CommandError> for ApiError {
+    fn from(e: CommandError) -> Self {
         ApiError::Command(e)
     }
 }

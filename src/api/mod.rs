@@ -2,8 +2,9 @@
 //! and the HTTP API (reads over the projections, commands, n8n callbacks).
 
 pub mod auth;
+mod body;
 pub mod http;
-pub mod intake;
 pub mod n8n;
+pub mod nats;
 pub mod read;
 pub mod write;

@@ -15,15 +15,16 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use uuid::Uuid;
 
+use super::body::{check_storable, from_fields};
 use super::http::{ApiError, AppState};
-use super::intake::{execute_error, from_fields, ReplyError};
+use crate::bus::{ids, CommandError};
+use crate::commands::job::events::StepStatus;
 use crate::commands::job::{JobCommand, RecordStepResult};
+use crate::commands::rejected_callback::events::CallbackRejected;
+use crate::crypto::{SignatureError, HDR_SIGNATURE, HDR_TIMESTAMP};
 use crate::events::chain;
 use crate::events::envelope::{Actor, CommandMeta};
-use crate::events::job::StepStatus;
 use crate::events::log::valid_aggregate_id;
-use crate::events::workflow::CallbackRejected;
-use crate::handlers::signing::{SignatureError, HDR_SIGNATURE, HDR_TIMESTAMP};
 
 /// The actor recorded on results n8n posts.
 pub const N8N_ACTOR: &str = "n8n";
@@ -76,9 +77,8 @@ async fn reject(
     };
     let id = Uuid::now_v7().to_string();
     if let Err(e) = s
-        .intake
-        .callbacks
-        .execute(&id, event, &meta(id.clone(), body))
+        .bus
+        .reject_callback(&id, event, &meta(id.clone(), body))
         .await
     {
         tracing::error!(error = %e, "could not record CallbackRejected");
@@ -123,20 +123,21 @@ pub async fn callbacks_n8n(
         return Err(reject(&s, claimed, why, &body).await);
     }
     let value: Value = parsed.map_err(|e| {
-        ApiError::Command(ReplyError::validation(
+        ApiError::Command(CommandError::validation(
             None,
             format!("request body is not valid JSON: {e}"),
         ))
     })?;
+    check_storable(&value)?;
     let r: N8nResult = from_fields(value)?;
     if !valid_aggregate_id(&r.job_id) {
-        return Err(ApiError::Command(ReplyError::validation(
+        return Err(ApiError::Command(CommandError::validation(
             Some("job_id"),
             "field `job_id`: not a valid id (1-128 of A-Z a-z 0-9 _ -)",
         )));
     }
     if r.nonce.len() < 8 || r.nonce.len() > 200 {
-        return Err(ApiError::Command(ReplyError::validation(
+        return Err(ApiError::Command(CommandError::validation(
             Some("nonce"),
             "field `nonce`: must be 8-200 characters, unique per callback",
         )));
@@ -158,7 +159,7 @@ pub async fn callbacks_n8n(
     if !fresh {
         return Err(reject(&s, Some(r.job_id), SignatureError::Replayed, &body).await);
     }
-    let command_id = format!("n8n:{}:{}:{}", r.job_id, r.step, r.attempt);
+    let command_id = ids::n8n_result(&r.job_id, &r.step, r.attempt);
     let result = RecordStepResult {
         step: r.step.clone(),
         attempt: r.attempt,
@@ -170,9 +171,8 @@ pub async fn callbacks_n8n(
         retry_in_ms: None,
     };
     match s
-        .intake
-        .jobs
-        .execute(
+        .bus
+        .job(
             &r.job_id,
             JobCommand::RecordStepResult(result),
             &meta(command_id, &body),
@@ -192,7 +192,7 @@ pub async fn callbacks_n8n(
             {
                 tracing::warn!(error = %db, "could not release a callback nonce");
             }
-            Err(ApiError::Command(execute_error(e)))
+            Err(ApiError::Command(e.into()))
         }
     }
 }

@@ -40,6 +40,13 @@ struct Params(HashMap<String, String>);
 
 impl Params {
     fn new(raw: HashMap<String, String>, allowed: &[&str]) -> Result<Self, ApiError> {
+        // PostgreSQL takes no NUL in a text parameter: refuse it by name
+        if let Some((k, _)) = raw
+            .iter()
+            .find(|(k, v)| k.contains('\0') || v.contains('\0'))
+        {
+            return Err(bad(&k.replace('\0', "\\u0000"), "contains a NUL character"));
+        }
         if let Some(k) = raw.keys().find(|k| !allowed.contains(&k.as_str())) {
             return Err(bad(
                 k,
@@ -173,7 +180,7 @@ pub async fn jobs_get(
 }
 
 #[utoipa::path(get, path = "/v1/jobs/{id}/status", params(("id" = String, Path, description = "job id")),
-    responses((status = 200, description = "status of the job", body = Object), (status = 404, description = "no such job")))]
+    responses((status = 200, description = "status of the job; `parked` (reason, seq, parked_at) when the job handler parked it, else null", body = Object), (status = 404, description = "no such job")))]
 pub async fn jobs_status(
     State(s): State<AppState>,
     Extension(caller): Extension<Caller>,
@@ -182,8 +189,10 @@ pub async fn jobs_status(
     valid_id("id", &id)?;
     let row: Option<Value> = sqlx::query_scalar(
         "SELECT jsonb_build_object('job_id', execution_id, 'status', status, 'workflow_key', workflow_id,
-                'error_code', error_code, 'error_message', error_message, 'updated_at', updated_at)
-         FROM workflows_executions
+                'error_code', error_code, 'error_message', error_message, 'updated_at', updated_at,
+                'parked', (SELECT jsonb_build_object('reason', p.reason, 'seq', p.seq, 'parked_at', p.parked_at)
+                           FROM handler_parked_jobs p WHERE p.job_id = e.execution_id))
+         FROM workflows_executions e
          WHERE execution_id = $1 AND ($2::text IS NULL OR client_id = $2)",
     )
     .bind(&id)

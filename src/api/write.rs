@@ -1,6 +1,6 @@
 //! Commands over HTTP (seed 002 contract and more): submit and cancel jobs,
 //! the kill-switch, approvals, and the registry listing. Every command runs
-//! on the same [`Intake`](super::intake::Intake) as NATS commands; the
+//! on the same [`CommandBus`](crate::bus::CommandBus) as NATS commands; the
 //! caller's client id is the actor recorded on the events.
 
 use axum::body::Bytes;
@@ -15,11 +15,12 @@ use serde_json::{json, Value};
 use uuid::Uuid;
 
 use super::auth::Caller;
+use super::body::{from_fields, parse_object};
 use super::http::{ApiError, AppState};
-use super::intake::{execute_error, from_fields, ReplyError};
+use crate::bus::{ids, CommandError};
 use crate::commands::approval::{ApprovalCommand, ApprovalError, Decide};
-use crate::commands::job::{CancelJob, JobCommand, JobError, SubmitJob};
-use crate::commands::workflow::{self, WorkflowCommand, WorkflowError};
+use crate::commands::job::{CancelJob, JobCommand, SubmitJob};
+use crate::commands::workflow::{WorkflowCommand, WorkflowError};
 use crate::commands::DomainError;
 use crate::config::Role;
 use crate::events::chain;
@@ -34,22 +35,7 @@ pub const MAX_BULK: usize = 100;
 /// Parses a JSON object body (an empty body is `{}`) into `T`, naming the
 /// offending field; returns the parsed value too, for hashing.
 fn parse_body<T: DeserializeOwned>(bytes: &[u8]) -> Result<(Value, T), ApiError> {
-    let value: Value = if bytes.iter().all(u8::is_ascii_whitespace) {
-        json!({})
-    } else {
-        serde_json::from_slice(bytes).map_err(|e| {
-            ApiError::Command(ReplyError::validation(
-                None,
-                format!("request body is not valid JSON: {e}"),
-            ))
-        })?
-    };
-    if !value.is_object() {
-        return Err(ApiError::Command(ReplyError::validation(
-            None,
-            "request body must be a JSON object",
-        )));
-    }
+    let value = parse_object(bytes, true)?;
     let parsed = from_fields(value.clone())?;
     Ok((value, parsed))
 }
@@ -58,7 +44,7 @@ fn check_id(field: &str, id: &str) -> Result<(), ApiError> {
     if valid_aggregate_id(id) {
         Ok(())
     } else {
-        Err(ApiError::Command(ReplyError::validation(
+        Err(ApiError::Command(CommandError::validation(
             Some(field),
             format!("{field} {id:?} is not a valid id (1-128 of A-Z a-z 0-9 _ -)"),
         )))
@@ -82,7 +68,7 @@ fn meta(
 }
 
 fn command_error<E: DomainError>(e: ExecuteError<E>) -> ApiError {
-    ApiError::Command(execute_error(e))
+    ApiError::Command(e.into())
 }
 
 #[derive(Deserialize)]
@@ -104,7 +90,7 @@ fn object_or_empty(field: &str, v: Value) -> Result<Value, ApiError> {
     match v {
         Value::Null => Ok(json!({})),
         Value::Object(_) => Ok(v),
-        other => Err(ApiError::Command(ReplyError::validation(
+        other => Err(ApiError::Command(CommandError::validation(
             Some(field),
             format!("field `{field}`: must be a JSON object, got {other}"),
         ))),
@@ -162,7 +148,7 @@ pub async fn jobs_submit(
     };
     // the same job_id and body are the same command: the store answers the
     // original receipt; a different body is a reused command id (409)
-    let command_id = format!("http-submit:{job_id}");
+    let command_id = ids::http_submit(&job_id);
     let user_id = b
         .metadata
         .get("user_id")
@@ -182,10 +168,11 @@ pub async fn jobs_submit(
     let timeout = submit
         .timeout_seconds
         .unwrap_or(crate::commands::job::DEFAULT_TIMEOUT_SECONDS);
-    let receipt = match s.intake.submit(&job_id, submit, &meta).await {
+    let submitted = s.bus.job(&job_id, JobCommand::Submit(submit), &meta).await;
+    let receipt = match submitted.map_err(CommandError::from) {
         Ok(r) => r,
         Err(e) if e.code == crate::commands::ErrorCode::Conflict => {
-            return Err(ApiError::Command(ReplyError {
+            return Err(ApiError::Command(CommandError {
                 message: format!(
                     "job_id {job_id:?} was already submitted with a different body (or by another client); submit the same body to get the same answer, or use a new job_id"
                 ),
@@ -238,11 +225,10 @@ pub async fn jobs_cancel(
     check_id("id", &id)?;
     let (value, b) = parse_body::<ReasonBody>(&body)?;
     let loaded = s
-        .intake
-        .jobs
-        .load(&id)
+        .bus
+        .load_job(&id)
         .await
-        .map_err(|e| command_error::<JobError>(ExecuteError::Store(e)))?;
+        .map_err(|e| ApiError::Command(e.into()))?;
     if loaded.version == 0 {
         return Err(ApiError::NotFound(format!("job {id}")));
     }
@@ -253,9 +239,8 @@ pub async fn jobs_cancel(
     }
     let meta = meta(&caller, b.user_id, Uuid::now_v7().to_string(), &value);
     let receipt = s
-        .intake
-        .jobs
-        .execute(
+        .bus
+        .job(
             &id,
             JobCommand::Cancel(CancelJob { reason: b.reason }),
             &meta,
@@ -295,13 +280,12 @@ async fn switch_workflow(
     };
     let meta = meta(caller, b.user_id, Uuid::now_v7().to_string(), &value);
     let receipt = s
-        .intake
-        .workflows
-        .execute(&workflow::aggregate_id(key), command, &meta)
+        .bus
+        .workflow(key, command, &meta)
         .await
         .map_err(|e| match e {
             ExecuteError::Rejected(WorkflowError::NoReason) => {
-                ApiError::Command(ReplyError::validation(
+                ApiError::Command(CommandError::validation(
                     Some("reason"),
                     "field `reason`: say why (must not be empty)",
                 ))
@@ -346,12 +330,11 @@ pub async fn workflows_enable(
 pub async fn meta_get(State(s): State<AppState>) -> Result<Json<Value>, ApiError> {
     let mut workflows = Vec::new();
     for (key, def) in &s.registry.workflows {
-        let state = s
-            .intake
-            .workflows
-            .load(&workflow::aggregate_id(key))
+        let disabled = s
+            .bus
+            .workflow_disabled(key)
             .await
-            .map_err(|e| command_error::<WorkflowError>(ExecuteError::Store(e)))?;
+            .map_err(|e| ApiError::Command(e.into()))?;
         let steps: Vec<Value> = def
             .steps
             .iter()
@@ -368,7 +351,7 @@ pub async fn meta_get(State(s): State<AppState>) -> Result<Json<Value>, ApiError
             "approval_timeout_seconds": def.approval_timeout_seconds,
             "auto_approval": def.auto_approval,
             "success": def.success,
-            "disabled": state.state.disabled,
+            "disabled": disabled,
         }));
     }
     Ok(Json(json!({
@@ -406,9 +389,8 @@ async fn decide(
         Decision::Reject => ApprovalCommand::Reject { decision: d, at },
     };
     let meta = meta(caller, user_id, Uuid::now_v7().to_string(), hash_of);
-    s.intake
-        .approvals
-        .execute(id, command, &meta)
+    s.bus
+        .approval(id, command, &meta)
         .await
         .map_err(|e| match e {
             ExecuteError::Rejected(ApprovalError::NotFound) => {
@@ -490,7 +472,7 @@ pub async fn approvals_bulk(
     caller.require_operator("deciding approvals")?;
     let (value, b) = parse_body::<BulkBody>(&body)?;
     if b.approval_ids.is_empty() || b.approval_ids.len() > MAX_BULK {
-        return Err(ApiError::Command(ReplyError::validation(
+        return Err(ApiError::Command(CommandError::validation(
             Some("approval_ids"),
             format!(
                 "field `approval_ids`: give 1 to {MAX_BULK} ids, got {}",

@@ -4,7 +4,9 @@
 
 pub mod approval;
 pub mod job;
+pub mod limits;
 pub mod projection;
+pub mod rejected_callback;
 pub mod workflow;
 
 use serde::Serialize;
@@ -42,5 +44,10 @@ impl ErrorCode {
 
 /// A domain error knows which reply code it maps to.
 pub trait DomainError: std::error::Error {
+    /// What the caller does about it.
     fn code(&self) -> ErrorCode;
+    /// The command field at fault, for bad input.
+    fn field(&self) -> Option<&'static str> {
+        None
+    }
 }

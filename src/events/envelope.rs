@@ -145,6 +145,27 @@ pub fn encode_commit<R: Chained>(
     Ok(EncodedCommit { body, hashes })
 }
 
+/// Whether an encoded commit holds a NUL character: JSON writes it as the
+/// escape `\u0000` (a backslash that is not itself escaped, then `u0000`).
+/// PostgreSQL stores no NUL in `text` or `jsonb`, so the ledger refuses such
+/// a commit rather than stop every read model at it.
+pub fn holds_nul(body: &[u8]) -> bool {
+    let mut i = 0;
+    while i < body.len() {
+        if body[i] == b'\\' {
+            // an escape: the next byte says which; skipping it also skips
+            // the second backslash of an escaped backslash
+            if body[i + 1..].starts_with(b"u0000") {
+                return true;
+            }
+            i += 2;
+        } else {
+            i += 1;
+        }
+    }
+    false
+}
+
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum CommitFormatError {
     #[error("commit body is empty")]
@@ -232,7 +253,7 @@ mod tests {
 
     #[test]
     fn outgoing_records_read_back_as_envelopes() {
-        use crate::events::job::{JobCancelled, JobEvent};
+        use crate::commands::job::events::{JobCancelled, JobEvent};
         let event = JobEvent::JobCancelled(JobCancelled {
             workflow_key: "k".into(),
             reason: "r".into(),
@@ -267,6 +288,16 @@ mod tests {
             join_event::<JobEvent>(&r.event_type, r.data).unwrap(),
             event
         );
+    }
+
+    #[test]
+    fn nul_escapes_are_found_and_escaped_backslashes_are_not() {
+        let enc = |s: &str| serde_json::to_vec(&serde_json::json!({ "a": s })).unwrap();
+        assert!(holds_nul(&enc("x\u{0}y")));
+        assert!(holds_nul(&enc("\\\u{0}")));
+        assert!(!holds_nul(&enc("\\u0000")));
+        assert!(!holds_nul(&enc("\\\\u0000")));
+        assert!(!holds_nul(&enc("plain")));
     }
 
     #[test]

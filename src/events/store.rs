@@ -20,14 +20,14 @@ use std::sync::{Arc, Mutex};
 use async_nats::jetstream::message::StreamMessage;
 use chrono::Utc;
 use cqrs_es::event_sink::EventSink;
-use cqrs_es::persist::{EventUpcaster, SerializedEvent};
+use cqrs_es::persist::SerializedEvent;
 use cqrs_es::{Aggregate, AggregateContext, AggregateError, DomainEvent, EventEnvelope};
 use serde::Serialize;
 use uuid::Uuid;
 
 use crate::events::chain::{self, Hash};
 use crate::events::envelope::{self, CommandMeta, EventRecord, OutgoingRecord};
-use crate::events::log::{subject_for, AppendError, EventLog, LogError};
+use crate::events::log::{subject_for, valid_aggregate_id, AppendError, EventLog, LogError};
 use crate::events::upcasters;
 
 /// What a successful (or repeated) command answers.
@@ -122,6 +122,12 @@ pub enum StoreError {
     Corrupt { seq: u64, reason: String },
     #[error("cannot encode event: {0}")]
     Encode(#[from] serde_json::Error),
+    /// Refused before any read: the id would not be one subject token.
+    #[error("{aggregate_type} id {id:?} is not a valid id (1-128 of A-Z a-z 0-9 _ -)")]
+    InvalidAggregateId {
+        aggregate_type: &'static str,
+        id: String,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -139,6 +145,9 @@ pub enum ExecuteError<E: std::error::Error> {
     CommandIdReused { command_id: String },
     #[error("commit too large: {0}")]
     TooLarge(String),
+    /// The events hold a value no read model can store (a NUL character).
+    #[error("the command holds a NUL character (\\u0000), which cannot be stored; remove it")]
+    Unstorable,
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -149,13 +158,52 @@ impl<E: std::error::Error> From<LogError> for ExecuteError<E> {
     }
 }
 
+/// A stored event that does not decode into its aggregate's event type.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum DecodeError {
+    #[error("the envelope is not valid: {0}")]
+    Envelope(String),
+    #[error("{event_type} v{schema_version} does not decode: {message}")]
+    Event {
+        event_type: String,
+        schema_version: String,
+        message: String,
+    },
+}
+
+/// Decodes a stored record into its typed event, upcasting older schema
+/// versions first (`events::upcasters`). Every reader of typed events (the
+/// aggregate store, the job handler) decodes through here.
+pub fn decode_event<E: serde::de::DeserializeOwned>(
+    record: &EventRecord,
+) -> Result<E, DecodeError> {
+    let serialized = upcasters::upcast(
+        SerializedEvent::new(
+            record.aggregate_id.clone(),
+            record.aggregate_version as usize,
+            record.aggregate_type.clone(),
+            record.event_type.clone(),
+            record.schema_version.clone(),
+            record.data.clone(),
+            serde_json::Value::Null,
+        ),
+        upcasters::all(),
+    );
+    envelope::join_event(&serialized.event_type, serialized.payload).map_err(|e| {
+        DecodeError::Event {
+            event_type: record.event_type.clone(),
+            schema_version: record.schema_version.clone(),
+            message: e.to_string(),
+        }
+    })
+}
+
 type Slot<A> = Arc<tokio::sync::Mutex<Option<Loaded<A>>>>;
 
 /// cqrs-es aggregates of one type on the JetStream log.
 pub struct AggregateStore<A: Aggregate> {
     log: EventLog,
     services: A::Services,
-    upcasters: Vec<Box<dyn EventUpcaster>>,
     slots: Mutex<HashMap<String, Slot<A>>>,
     max_cached: usize,
     max_attempts: usize,
@@ -176,7 +224,6 @@ where
         AggregateStore {
             log,
             services,
-            upcasters: upcasters::all(),
             slots: Mutex::new(HashMap::new()),
             max_cached: 100_000,
             max_attempts: 5,
@@ -187,8 +234,16 @@ where
         &self.log
     }
 
-    pub fn subject(&self, aggregate_id: &str) -> String {
-        subject_for(A::TYPE, aggregate_id)
+    /// The subject of `aggregate_id`, if it is one valid subject token.
+    pub fn subject(&self, aggregate_id: &str) -> Result<String, StoreError> {
+        if !valid_aggregate_id(aggregate_id) {
+            return Err(StoreError::InvalidAggregateId {
+                aggregate_type: A::TYPE,
+                // quoted in errors: keep it short
+                id: aggregate_id.chars().take(140).collect(),
+            });
+        }
+        Ok(subject_for(A::TYPE, aggregate_id))
     }
 
     fn slot(&self, aggregate_id: &str) -> Slot<A> {
@@ -208,7 +263,7 @@ where
 
     /// Reads an aggregate from the log, checking its hash chain.
     pub async fn load(&self, aggregate_id: &str) -> Result<Loaded<A>, StoreError> {
-        let subject = self.subject(aggregate_id);
+        let subject = self.subject(aggregate_id)?;
         let mut loaded = Loaded::empty(aggregate_id);
         let mut from = 1;
         while let Some(msg) = self.log.next_for_subject(&subject, from).await? {
@@ -223,7 +278,7 @@ where
         &self,
         aggregate_id: &str,
     ) -> Result<Vec<EventEnvelope<A>>, StoreError> {
-        let subject = self.subject(aggregate_id);
+        let subject = self.subject(aggregate_id)?;
         let mut loaded = Loaded::empty(aggregate_id);
         let mut out = Vec::new();
         let mut from = 1;
@@ -262,19 +317,7 @@ where
             }
             loaded.head = chain::event_hash(&loaded.head, line);
             loaded.version = record.aggregate_version;
-            let serialized = upcasters::upcast(
-                SerializedEvent::new(
-                    record.aggregate_id.clone(),
-                    record.aggregate_version as usize,
-                    record.aggregate_type.clone(),
-                    record.event_type.clone(),
-                    record.schema_version.clone(),
-                    record.data.clone(),
-                    serde_json::Value::Null,
-                ),
-                &self.upcasters,
-            );
-            let event: A::Event = envelope::join_event(&serialized.event_type, serialized.payload)
+            let event: A::Event = decode_event(&record)
                 .map_err(|e| corrupt(format!("event {}: {e}", record.event_type)))?;
             on_event(EventEnvelope {
                 aggregate_id: loaded.aggregate_id.clone(),
@@ -344,6 +387,9 @@ where
             .collect();
         let commit =
             envelope::encode_commit(&mut records, loaded.head).map_err(StoreError::from)?;
+        if envelope::holds_nul(&commit.body) {
+            return Err(ExecuteError::Unstorable);
+        }
         let head = *commit.head().expect("a commit with events has a head");
         let receipt_events: Vec<ReceiptEvent> = records
             .iter()
@@ -356,7 +402,7 @@ where
             })
             .collect();
         drop(records);
-        let subject = self.subject(&loaded.aggregate_id);
+        let subject = self.subject(&loaded.aggregate_id)?;
         let headers = [
             (envelope::HDR_CHAIN_HEAD, chain::to_hex(&head)),
             (envelope::HDR_COMMAND_HASH, meta.command_hash.clone()),
@@ -441,12 +487,16 @@ where
         command: A::Command,
         meta: &CommandMeta,
     ) -> Result<Arc<Receipt>, ExecuteError<A::Error>> {
+        self.subject(aggregate_id)?;
         let slot = self.slot(aggregate_id);
         let mut guard = slot.lock().await;
         // No cached state: assume the aggregate is new. The concurrency check
         // (expected sequence 0) proves that assumption or sends us to reload;
         // a rejection on the assumed-empty state is re-decided after a load.
         let mut speculative = guard.is_none();
+        // A cached state may be behind a commit another process made: a
+        // refusal is final only once the log shows nothing newer.
+        let mut verified = false;
         let mut loaded = guard.take().unwrap_or_else(|| Loaded::empty(aggregate_id));
         for _ in 0..self.max_attempts {
             if let Some(previous) = loaded.commits.get(&meta.command_id) {
@@ -475,8 +525,22 @@ where
             match decided {
                 Err(_) if speculative => {
                     loaded = self.load(aggregate_id).await?;
-                    speculative = false;
+                    (speculative, verified) = (false, true);
                     continue;
+                }
+                Err(e) if !verified => {
+                    let subject = self.subject(aggregate_id)?;
+                    let newer = self
+                        .log
+                        .next_for_subject(&subject, loaded.subject_seq + 1)
+                        .await?;
+                    if newer.is_some() || !events.is_empty() {
+                        loaded = self.load(aggregate_id).await?;
+                        verified = true;
+                        continue;
+                    }
+                    *guard = Some(loaded);
+                    return Err(ExecuteError::Rejected(e));
                 }
                 Err(e) => {
                     // A refusal normally writes nothing; if it wrote part of
@@ -515,7 +579,7 @@ where
                 }
                 Err(ExecuteError::Conflict { .. }) => {
                     loaded = self.load(aggregate_id).await?;
-                    speculative = false;
+                    (speculative, verified) = (false, true);
                 }
                 // Unknown outcome (timeout, connection): leave the cache
                 // empty so the next command reloads.
@@ -548,6 +612,7 @@ fn to_aggregate_error<E: std::error::Error>(e: ExecuteError<E>) -> AggregateErro
             AggregateError::AggregateConflict
         }
         ExecuteError::TooLarge(m) => AggregateError::UnexpectedError(m.into()),
+        e @ ExecuteError::Unstorable => AggregateError::UnexpectedError(e.to_string().into()),
         ExecuteError::Store(StoreError::Log(e)) => {
             AggregateError::DatabaseConnectionError(Box::new(e))
         }

@@ -3,10 +3,14 @@
 //! a new version adds a `SemanticVersionEventUpcaster` here (docs/EVENTS.md,
 //! "Schema evolution").
 
+use std::sync::OnceLock;
+
 use cqrs_es::persist::{EventUpcaster, SerializedEvent};
 
-pub fn all() -> Vec<Box<dyn EventUpcaster>> {
-    Vec::new()
+/// Every upcaster, oldest first; built once per process.
+pub fn all() -> &'static [Box<dyn EventUpcaster>] {
+    static ALL: OnceLock<Vec<Box<dyn EventUpcaster>>> = OnceLock::new();
+    ALL.get_or_init(Vec::new)
 }
 
 /// Applies the upcasters in order, as cqrs-es does for its own stores.

@@ -18,19 +18,25 @@ use futures::StreamExt;
 use serde_json::{json, Map, Value};
 use tokio::sync::mpsc;
 
-use crate::commands::approval::{ApprovalCommand, ApprovalError, RequestApproval};
+use crate::bus::ids;
+use crate::commands::approval::{ApprovalCommand, ApprovalError, Decide, RequestApproval};
+use crate::commands::job::events::{JobEvent, StepStatus};
 use crate::commands::job::{
     CompleteJob, FailJob, JobCommand, JobError, JobStatus, NewAttempt, RecordCallback,
     RecordStepResult, StartAttempt, StartJob,
 };
-use crate::commands::workflow::{self, WorkflowCommand, WorkflowError};
-use crate::events::envelope::EventRecord;
-use crate::events::job::StepStatus;
+use crate::commands::limits::MAX_RETRY_DELAY_MS;
+use crate::commands::workflow::{WorkflowCommand, WorkflowError};
 use crate::events::store::ExecuteError;
 use crate::handlers::peer::{self, CallOutcome, StepCall};
-use crate::handlers::view::{ApprovalState, AttemptResult, JobView, StepView};
-use crate::handlers::Ctx;
+use crate::handlers::view::{
+    ApprovalState, AttemptResult, JobView, StepView, StoryEvent, StoryRecord,
+};
+use crate::handlers::{Ctx, LoadError};
 use crate::registry::{StepDefinition, StepKind, WorkflowDefinition};
+
+/// The events the manager forwards to a job's driver.
+pub type Records = mpsc::UnboundedReceiver<Arc<StoryRecord>>;
 
 /// Why a driver stopped before the job ended; the manager restarts it.
 #[derive(Debug)]
@@ -39,6 +45,9 @@ pub enum Halt {
     Superseded,
     /// The job's state must be re-read from the log; the driver starts over.
     Reload,
+    /// The job cannot go on without an operator (an event it cannot fold,
+    /// a result it cannot record); the reason says why.
+    Park(String),
 }
 
 /// How a step ended, as far as this run knows.
@@ -64,7 +73,7 @@ impl StepEnd {
 }
 
 fn summary(r: &AttemptResult) -> String {
-    describe(&r.error_code, &r.error_message, &r.status)
+    describe(&r.error_code, &r.error_message, r.status.as_str())
 }
 
 /// "code: message", or what of it is there, else the status.
@@ -79,13 +88,14 @@ fn describe(code: &Option<String>, message: &Option<String>, status: &str) -> St
 
 /// Drives one job until the handler owes it nothing more. `folded` is the
 /// job's view as of the records `rx` continues from (the manager's fold);
-/// without it, or after a reload, the view is read from the log.
+/// without it, or after a reload, the view is read from the log. Returns
+/// why the job is parked, if it is.
 pub async fn drive(
     ctx: Arc<Ctx>,
     job_id: String,
     mut folded: Option<JobView>,
-    mut rx: mpsc::UnboundedReceiver<Arc<EventRecord>>,
-) {
+    mut rx: Records,
+) -> Option<String> {
     let mut reloads: u32 = 0;
     loop {
         let loaded = match folded.take() {
@@ -94,7 +104,10 @@ pub async fn drive(
         };
         let view = match loaded {
             Ok(Some(v)) => v,
-            Ok(None) => return,
+            Ok(None) => return None,
+            Err(LoadError::Fold { seq, reason }) => {
+                return Some(format!("stream sequence {seq}: {reason}"))
+            }
             Err(e) => {
                 tracing::warn!(job_id, error = %e, "cannot read the job; retrying");
                 tokio::time::sleep(Duration::from_secs(1)).await;
@@ -102,27 +115,35 @@ pub async fn drive(
             }
         };
         if !view.status.is_final() {
-            if let Err(Halt::Reload) = advance(&ctx, view, &mut rx).await {
-                // back off when the job keeps changing under us
-                reloads += 1;
-                tokio::time::sleep(Duration::from_millis(50 * u64::from(reloads.min(100)))).await;
+            match advance(&ctx, view, &mut rx).await {
+                Err(Halt::Reload) => {
+                    // back off when the job keeps changing under us
+                    reloads = reloads.saturating_add(1);
+                    let wait = 50 * u64::from(reloads.min(100));
+                    tokio::time::sleep(Duration::from_millis(wait)).await;
+                }
+                Err(Halt::Park(reason)) => return Some(reason),
+                Ok(()) | Err(Halt::Superseded) => {}
             }
             continue;
         }
         if view.callback_url.is_some() && !view.callback_recorded {
-            super::callback::deliver(&ctx, &view).await;
+            super::delivery::deliver(&ctx, &view).await;
         }
-        return;
+        return None;
     }
+}
+
+/// Folds a forwarded record into the driver's view; a record it cannot
+/// fold parks the job.
+fn fold(view: &mut JobView, r: &StoryRecord) -> Result<(), Halt> {
+    view.apply(r)
+        .map_err(|e| Halt::Park(format!("cannot fold {}: {e}", r.event_type)))
 }
 
 /// Moves a job that has not ended as far as it goes; returns when it ended
 /// or when its state has to be re-read.
-async fn advance(
-    ctx: &Ctx,
-    mut view: JobView,
-    rx: &mut mpsc::UnboundedReceiver<Arc<EventRecord>>,
-) -> Result<(), Halt> {
+async fn advance(ctx: &Ctx, mut view: JobView, rx: &mut Records) -> Result<(), Halt> {
     let Some(def) = ctx.registry.get(&view.workflow_key).cloned() else {
         let msg = format!(
             "workflow {:?} is no longer in the registry; the job cannot run",
@@ -145,12 +166,9 @@ async fn advance(
 }
 
 /// Resolves when a record says the job was cancelled.
-async fn wait_cancelled(
-    rx: &mut mpsc::UnboundedReceiver<Arc<EventRecord>>,
-    view: &mut JobView,
-) -> Result<(), Halt> {
+async fn wait_cancelled(rx: &mut Records, view: &mut JobView) -> Result<(), Halt> {
     while let Some(r) = rx.recv().await {
-        view.apply(&r);
+        fold(view, &r)?;
         if view.status.is_final() {
             return Err(Halt::Superseded);
         }
@@ -163,7 +181,7 @@ async fn approval_gate(
     ctx: &Ctx,
     view: &mut JobView,
     def: &WorkflowDefinition,
-    rx: &mut mpsc::UnboundedReceiver<Arc<EventRecord>>,
+    rx: &mut Records,
 ) -> Result<(), Halt> {
     let job_id = view.job_id.clone();
     loop {
@@ -182,7 +200,7 @@ async fn approval_gate(
                     at: Utc::now().min(expires_at - chrono::Duration::milliseconds(1)),
                 };
                 match ctx
-                    .approval(&job_id, request, &format!("approval-request:{job_id}"))
+                    .approval(&job_id, request, &ids::approval_request(&job_id))
                     .await
                 {
                     Ok(()) | Err(ExecuteError::Rejected(ApprovalError::AlreadyExists(_))) => {}
@@ -195,12 +213,12 @@ async fn approval_gate(
                 let wait = (expires_at - Utc::now()).to_std().unwrap_or_default();
                 tokio::select! {
                     r = rx.recv() => match r {
-                        Some(r) => view.apply(&r),
+                        Some(r) => fold(view, &r)?,
                         None => std::future::pending().await,
                     },
                     _ = tokio::time::sleep(wait) => {
                         let cmd = ApprovalCommand::Expire { at: Utc::now().max(expires_at) };
-                        match ctx.approval(&job_id, cmd, &format!("approval-expire:{job_id}")).await {
+                        match ctx.approval(&job_id, cmd, &ids::approval_expire(&job_id)).await {
                             Ok(()) => view.approval = ApprovalState::Expired,
                             // decided meanwhile: the record is on its way
                             Err(ExecuteError::Rejected(_)) => return Err(Halt::Reload),
@@ -252,13 +270,8 @@ async fn auto_approve(ctx: &Ctx, view: &mut JobView, def: &WorkflowDefinition) -
         day,
         limit: rule.daily_limit,
     };
-    let meta = ctx.meta(&format!("auto-approval-count:{job_id}"), &job_id);
-    let used = match ctx
-        .intake
-        .workflows
-        .execute(&workflow::aggregate_id(&view.workflow_key), count, &meta)
-        .await
-    {
+    let meta = ctx.meta(&ids::auto_approval_count(&job_id), &job_id);
+    let used = match ctx.bus.workflow(&view.workflow_key, count, &meta).await {
         Ok(_) => true,
         Err(ExecuteError::Rejected(WorkflowError::DailyLimitReached { day, limit })) => {
             tracing::info!(job_id, %day, limit, "auto-approval limit reached; waiting for a human");
@@ -270,7 +283,7 @@ async fn auto_approve(ctx: &Ctx, view: &mut JobView, def: &WorkflowDefinition) -
         return Ok(());
     }
     let approve = ApprovalCommand::Approve {
-        decision: crate::commands::approval::Decide {
+        decision: Decide {
             decided_by: "auto-approval".into(),
             reason: format!(
                 "confidence {confidence} >= {} (daily limit {})",
@@ -280,7 +293,7 @@ async fn auto_approve(ctx: &Ctx, view: &mut JobView, def: &WorkflowDefinition) -
         at: Utc::now(),
     };
     match ctx
-        .approval(&job_id, approve, &format!("auto-approve:{job_id}"))
+        .approval(&job_id, approve, &ids::auto_approve(&job_id))
         .await
     {
         Ok(()) => {
@@ -314,7 +327,7 @@ async fn fail(
         error_message: message,
         step_results,
     });
-    job_result(ctx, job_id, cmd, &format!("end:{job_id}")).await
+    job_result(ctx, job_id, cmd, &ids::job_end(job_id)).await
 }
 
 /// Runs a job command whose failure means the job moved on without us.
@@ -325,6 +338,10 @@ async fn job_result(ctx: &Ctx, job_id: &str, cmd: JobCommand, id: &str) -> Resul
         Err(ExecuteError::Rejected(e)) => {
             tracing::info!(job_id, error = %e, "job changed meanwhile; re-reading it");
             Err(Halt::Reload)
+        }
+        // the same command would be refused again: an operator must look
+        Err(e @ (ExecuteError::TooLarge(_) | ExecuteError::Unstorable)) => {
+            Err(Halt::Park(format!("cannot record the job's progress: {e}")))
         }
         Err(e) => retry_later(job_id, "record the job's progress", e).await,
     }
@@ -354,7 +371,7 @@ async fn run(
     ctx: &Ctx,
     view: &mut JobView,
     def: &WorkflowDefinition,
-    rx: &mut mpsc::UnboundedReceiver<Arc<EventRecord>>,
+    rx: &mut Records,
 ) -> Result<(), Halt> {
     let job_id = view.job_id.clone();
     if view.status == JobStatus::Pending {
@@ -363,14 +380,14 @@ async fn run(
             .iter()
             .map(|s| NewAttempt {
                 step: s.name.clone(),
-                idempotency_key: peer::idempotency_key(&job_id, &s.name, 1),
+                idempotency_key: ids::idempotency_key(&job_id, &s.name, 1),
             })
             .collect();
         job_result(
             ctx,
             &job_id,
             JobCommand::Start(StartJob { attempts }),
-            &format!("start:{job_id}"),
+            &ids::job_start(&job_id),
         )
         .await?;
         view.status = JobStatus::Running;
@@ -422,7 +439,7 @@ async fn run(
                 let decided = open == 1 || succeeded + open - 1 < needed;
                 let end = match end {
                     StepEnd::Unrecorded(r) if !decided => {
-                        let id = format!("result:{job_id}:{}:{}", r.step, r.attempt);
+                        let id = ids::attempt_result(&job_id, &r.step, r.attempt);
                         let (ok, output, s) = (r.status == StepStatus::Succeeded, r.output.clone(), result_summary(&r));
                         job_result(ctx, &job_id, JobCommand::RecordStepResult(r), &id).await?;
                         StepEnd::Recorded { succeeded: ok, output, summary: s }
@@ -433,11 +450,11 @@ async fn run(
             }
             r = rx.recv() => match r {
                 Some(r) => {
-                    view.apply(&r);
+                    fold(view, &r)?;
                     if view.status.is_final() {
                         return Err(Halt::Superseded);
                     }
-                    if r.event_type == "StepResultRecorded" && r.actor.client_id != super::HANDLER_ACTOR {
+                    if r.actor.client_id != super::HANDLER_ACTOR {
                         forward(&r, &notices);
                     }
                 }
@@ -495,7 +512,7 @@ async fn run(
             outputs: Value::Object(outputs),
             step_results,
         });
-        job_result(ctx, &job_id, cmd, &format!("end:{job_id}")).await
+        job_result(ctx, &job_id, cmd, &ids::job_end(&job_id)).await
     } else {
         let msg = format!(
             "{n_ok} of {total} steps succeeded; {}. Failed: {}",
@@ -516,34 +533,26 @@ fn unrecorded(ends: &mut BTreeMap<String, StepEnd>) -> Vec<RecordStepResult> {
 }
 
 fn result_summary(r: &RecordStepResult) -> String {
-    describe(
-        &r.error_code,
-        &r.error_message,
-        &format!("{:?}", r.status).to_lowercase(),
-    )
+    describe(&r.error_code, &r.error_message, r.status.as_str())
 }
 
+/// Hands a step result recorded by someone else (n8n) to its step's task.
 fn forward(
-    r: &EventRecord,
+    r: &StoryRecord,
     notices: &HashMap<String, mpsc::UnboundedSender<(u32, AttemptResult)>>,
 ) {
-    let d = &r.data;
-    let (Some(step), Some(attempt)) = (
-        d.get("step").and_then(Value::as_str),
-        d.get("attempt").and_then(Value::as_u64),
-    ) else {
+    let StoryEvent::Job(JobEvent::StepResultRecorded(s)) = &r.event else {
         return;
     };
-    if let Some(tx) = notices.get(step) {
-        let s = |k: &str| d.get(k).and_then(Value::as_str).map(str::to_string);
+    if let Some(tx) = notices.get(&s.step) {
         let _ = tx.send((
-            attempt as u32,
+            s.attempt,
             AttemptResult {
-                status: s("status").unwrap_or_default(),
-                output: d.get("output").cloned().unwrap_or(Value::Null),
-                error_code: s("error_code"),
-                error_message: s("error_message"),
-                duration_ms: d.get("duration_ms").and_then(Value::as_u64).unwrap_or(0),
+                status: s.status,
+                output: s.output.clone(),
+                error_code: s.error_code.clone(),
+                error_message: s.error_message.clone(),
+                duration_ms: s.duration_ms,
             },
         ));
     }
@@ -582,14 +591,15 @@ async fn run_step(
         .as_ref()
         .map(|u| format!("{u}/v1/callbacks/n8n"));
     loop {
-        let key = peer::idempotency_key(&job.id, &step.name, attempt);
+        let key = ids::idempotency_key(&job.id, &step.name, attempt);
         if need_start {
             let cmd = JobCommand::StartAttempt(StartAttempt {
                 step: step.name.clone(),
                 attempt,
                 idempotency_key: key.clone(),
             });
-            job_result(ctx, &job.id, cmd, &format!("attempt:{key}")).await?;
+            let id = ids::attempt_start(&job.id, &step.name, attempt);
+            job_result(ctx, &job.id, cmd, &id).await?;
         }
         metrics::counter!("flowledger_handler_step_attempts_total", "kind" => if step.kind == StepKind::N8n { "n8n" } else { "solver" }).increment(1);
         let t0 = Instant::now();
@@ -615,7 +625,7 @@ async fn run_step(
             match tokio::time::timeout(left, wait).await {
                 Ok(Some(r)) => {
                     return Ok(StepEnd::Recorded {
-                        succeeded: r.status == "succeeded",
+                        succeeded: r.status == StepStatus::Succeeded,
                         output: r.output.clone(),
                         summary: summary(&r),
                     })
@@ -662,8 +672,9 @@ async fn run_step(
             return Ok(StepEnd::Unrecorded(result));
         }
         let delay = ctx.config.retry.delay(attempt, step.backoff_ms);
-        result.retry_in_ms = Some(delay.as_millis() as u64);
-        let id = format!("result:{key}");
+        let delay_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
+        result.retry_in_ms = Some(delay_ms.min(MAX_RETRY_DELAY_MS));
+        let id = ids::attempt_result(&job.id, &step.name, attempt);
         match ctx
             .job(&job.id, JobCommand::RecordStepResult(result), &id)
             .await
@@ -679,7 +690,7 @@ async fn run_step(
             Err(e) => return retry_later(&job.id, "record a step result", e).await,
         }
         tokio::time::sleep(delay).await;
-        attempt += 1;
+        attempt = attempt.saturating_add(1);
         need_start = true;
     }
 }
@@ -721,7 +732,7 @@ pub fn callback_body(view: &JobView) -> Value {
 
 /// Records the callback's outcome.
 pub async fn record_callback(ctx: &Ctx, job_id: &str, outcome: RecordCallback) {
-    let id = format!("callback:{job_id}");
+    let id = ids::callback_outcome(job_id);
     loop {
         match ctx
             .job(job_id, JobCommand::RecordCallback(outcome.clone()), &id)

@@ -8,8 +8,14 @@
 //! After a crash the jobs at or after the mark are folded again and their
 //! drivers resume from what the log says; their commands repeat no event.
 //! One handler is active per database (an advisory lock); others wait.
+//!
+//! One bad job never stops the others: a job with an event the handler
+//! cannot decode or fold, or whose driver cannot go on, is parked (left
+//! alone, with the reason in the log, the `flowledger_handler_parked_jobs`
+//! gauge and the table `handler_parked_jobs`); every other job goes on.
 
 use std::collections::HashMap;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,16 +24,48 @@ use futures::StreamExt;
 use sqlx::PgPool;
 use tokio::sync::{mpsc, watch};
 
+use futures::FutureExt;
+
 use crate::events::envelope::{decode_commit, EventRecord};
 use crate::handlers::executor;
-use crate::handlers::view::JobView;
+use crate::handlers::view::{JobView, StoryRecord};
 use crate::handlers::Ctx;
 
 const POSITION_NAME: &str = "jobs";
 
 struct Job {
     view: JobView,
-    driver: Option<mpsc::UnboundedSender<Arc<EventRecord>>>,
+    driver: Option<mpsc::UnboundedSender<Arc<StoryRecord>>>,
+}
+
+/// The jobs the handler follows, and those it parked.
+#[derive(Default)]
+struct Jobs {
+    live: HashMap<String, Job>,
+    /// Parked jobs and why, with the stream sequence of the submission.
+    parked: HashMap<String, (u64, String)>,
+    /// Parked since the last save.
+    unsaved: Vec<(String, u64, String)>,
+}
+
+impl Jobs {
+    /// Leaves `job_id` alone from now on; `seq` is the stream sequence the
+    /// reason was found at.
+    fn park(&mut self, job_id: &str, seq: u64, reason: String) {
+        let submitted = self
+            .live
+            .remove(job_id)
+            .map_or(seq, |j| j.view.submitted_seq);
+        tracing::error!(
+            job_id,
+            seq,
+            reason = %reason,
+            "job parked: the handler leaves it alone until an operator acts; other jobs go on"
+        );
+        self.unsaved.push((job_id.to_string(), seq, reason.clone()));
+        self.parked.insert(job_id.to_string(), (submitted, reason));
+        metrics::gauge!("flowledger_handler_parked_jobs").set(self.parked.len() as f64);
+    }
 }
 
 pub async fn run(ctx: Arc<Ctx>, pool: PgPool, mut stop: watch::Receiver<bool>) {
@@ -72,7 +110,7 @@ async fn run_once(
         .await
         .map_err(|e| e.to_string())?
         .unwrap_or(1);
-    let log = ctx.intake.log().clone();
+    let log = ctx.bus.log().clone();
     let caught_up_at = log.last_seq().await.map_err(|e| e.to_string())?;
     tracing::info!(from, caught_up_at, "job handler reading the log");
     let consumer = log
@@ -87,8 +125,8 @@ async fn run_once(
         .map_err(|e| format!("cannot read the log: {e}"))?;
     let mut messages = consumer.messages().await.map_err(|e| e.to_string())?;
 
-    let mut jobs: HashMap<String, Job> = HashMap::new();
-    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<String>();
+    let mut jobs = Jobs::default();
+    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<(String, Option<String>)>();
     let mut caught_up = caught_up_at < from as u64;
     let mut last_seq = (from as u64).saturating_sub(1);
     let mut saved = from;
@@ -100,8 +138,15 @@ async fn run_once(
         let view = job.view.clone();
         let (ctx, id, done) = (ctx.clone(), job_id.to_string(), done_tx.clone());
         tokio::spawn(async move {
-            executor::drive(ctx, id.clone(), Some(view), rx).await;
-            let _ = done.send(id);
+            let driven = AssertUnwindSafe(executor::drive(ctx, id.clone(), Some(view), rx));
+            let parked = match driven.catch_unwind().await {
+                Ok(parked) => parked,
+                Err(panic) => Some(format!(
+                    "the job's driver panicked: {}",
+                    panic_text(&*panic)
+                )),
+            };
+            let _ = done.send((id, parked));
         });
     };
     if caught_up {
@@ -117,36 +162,65 @@ async fn run_once(
                 let subject = m.subject.as_str();
                 if subject.starts_with("flow.ev.job.") || subject.starts_with("flow.ev.approval.") {
                     match decode_commit(&m.payload) {
-                        Ok(lines) => for (_, r) in lines {
-                            fold(&mut jobs, seq, r, caught_up, &spawn);
-                        },
-                        Err(e) => tracing::error!(seq, error = %e, "not a flowledger commit; the handler skips it (run `flowledger audit verify`)"),
+                        Ok(lines) => {
+                            for (_, r) in lines {
+                                fold(&mut jobs, seq, r, caught_up, &spawn);
+                            }
+                        }
+                        Err(e) => {
+                            let job_id = subject.rsplit('.').next().unwrap_or_default();
+                            jobs.park(job_id, seq, format!("not a flowledger commit: {e}; run `flowledger audit verify`"));
+                        }
                     }
                 }
                 if !caught_up && seq >= caught_up_at {
                     caught_up = true;
-                    let owed: Vec<String> = jobs.iter().filter(|(_, j)| j.view.needs_handler()).map(|(k, _)| k.clone()).collect();
+                    let owed: Vec<String> = jobs
+                        .live
+                        .iter()
+                        .filter(|(_, j)| j.view.needs_handler())
+                        .map(|(k, _)| k.clone())
+                        .collect();
                     tracing::info!(jobs = owed.len(), "job handler caught up; resuming jobs");
                     for id in owed {
-                        if let Some(job) = jobs.get_mut(&id) {
+                        if let Some(job) = jobs.live.get_mut(&id) {
                             spawn(&id, job);
                         }
                     }
                 }
             }
-            Some(id) = done_rx.recv() => {
-                if let Some(job) = jobs.get_mut(&id) {
+            Some((id, parked)) = done_rx.recv() => {
+                if let Some(reason) = parked {
+                    jobs.park(&id, last_seq, reason);
+                } else if let Some(job) = jobs.live.get_mut(&id) {
                     job.driver = None;
                     if !job.view.needs_handler() {
-                        jobs.remove(&id);
+                        jobs.live.remove(&id);
                     }
                     // otherwise the view has not seen the driver's last
                     // events yet; they remove it when they arrive
                 }
             }
             _ = tick.tick() => {
-                let low = jobs.values().map(|j| j.view.submitted_seq).min().unwrap_or(last_seq + 1) as i64;
-                metrics::gauge!("flowledger_handler_jobs").set(jobs.len() as f64);
+                let low = jobs
+                    .live
+                    .values()
+                    .map(|j| j.view.submitted_seq)
+                    .min()
+                    .unwrap_or(last_seq + 1) as i64;
+                metrics::gauge!("flowledger_handler_jobs").set(jobs.live.len() as f64);
+                for (job_id, seq, reason) in std::mem::take(&mut jobs.unsaved) {
+                    sqlx::query(
+                        "INSERT INTO handler_parked_jobs (job_id, seq, reason) VALUES ($1, $2, $3)
+                         ON CONFLICT (job_id) DO UPDATE SET seq = EXCLUDED.seq, reason = EXCLUDED.reason, parked_at = now()",
+                    )
+                    .bind(&job_id)
+                    .bind(seq as i64)
+                    .bind(&reason)
+                    .execute(pool)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                }
                 if low != saved {
                     sqlx::query(
                         "INSERT INTO handler_positions (name, next_seq) VALUES ($1, $2)
@@ -165,37 +239,68 @@ async fn run_once(
     }
 }
 
-/// Folds one record into the job it belongs to and routes it.
+/// Folds one record into the job it belongs to and routes it; a record
+/// that cannot be decoded or folded parks its job (and only that job).
 fn fold(
-    jobs: &mut HashMap<String, Job>,
+    jobs: &mut Jobs,
     seq: u64,
     r: EventRecord,
     caught_up: bool,
     spawn: &impl Fn(&str, &mut Job),
 ) {
-    let job_id = if r.aggregate_type == "job" {
-        r.aggregate_id.clone()
-    } else {
-        match r.data.get("job_id").and_then(|v| v.as_str()) {
-            Some(id) => id.to_string(),
-            None => return,
-        }
-    };
-    if r.event_type == "JobSubmitted" {
-        if let Some(view) = JobView::submitted(seq, &r) {
-            let job = jobs
-                .entry(job_id.clone())
-                .or_insert(Job { view, driver: None });
-            if caught_up && job.driver.is_none() {
-                spawn(&job_id, job);
-            }
-        }
+    // a job's approval has the job's id
+    let job_id = r.aggregate_id.clone();
+    if jobs.parked.contains_key(&job_id) {
         return;
     }
-    let Some(job) = jobs.get_mut(&job_id) else {
-        return; // a job the handler owes nothing
+    let r = match StoryRecord::decode(r) {
+        None => return,
+        Some(Ok(r)) => r,
+        Some(Err(e)) => {
+            if jobs.live.contains_key(&job_id) {
+                jobs.park(&job_id, seq, format!("cannot decode an event: {e}"));
+            }
+            return;
+        }
     };
-    job.view.apply(&r);
+    // the fold is pure and checked; a panic would still be a bug, and it
+    // parks this job rather than stop the handler for every job
+    let folded = std::panic::catch_unwind(AssertUnwindSafe(|| {
+        fold_one(&mut jobs.live, seq, r, caught_up, spawn)
+    }));
+    match folded {
+        Ok(Ok(())) => {}
+        Ok(Err(reason)) => jobs.park(&job_id, seq, reason),
+        Err(panic) => {
+            let reason = format!("folding panicked: {}", panic_text(&*panic));
+            jobs.park(&job_id, seq, reason);
+        }
+    }
+}
+
+fn fold_one(
+    jobs: &mut HashMap<String, Job>,
+    seq: u64,
+    r: StoryRecord,
+    caught_up: bool,
+    spawn: &impl Fn(&str, &mut Job),
+) -> Result<(), String> {
+    let job_id = r.job_id.clone();
+    if let Some(view) = JobView::submitted(seq, &r) {
+        let job = jobs
+            .entry(job_id.clone())
+            .or_insert(Job { view, driver: None });
+        if caught_up && job.driver.is_none() {
+            spawn(&job_id, job);
+        }
+        return Ok(());
+    }
+    let Some(job) = jobs.get_mut(&job_id) else {
+        return Ok(()); // a job the handler owes nothing
+    };
+    job.view
+        .apply(&r)
+        .map_err(|e| format!("cannot fold {}: {e}", r.event_type))?;
     match &job.driver {
         Some(tx) => {
             let _ = tx.send(Arc::new(r));
@@ -205,4 +310,14 @@ fn fold(
         }
         None => {}
     }
+    Ok(())
+}
+
+/// The message of a caught panic.
+fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".into())
 }

@@ -1,16 +1,17 @@
 //! Process managers that turn events into actions: the job execution
-//! handler (`manager` feeds events to one `executor` driver per job), the
-//! HTTP calls to solver and n8n peers (`peer`), signed callbacks
-//! (`callback`, `signing`), and the handler's view of a job (`view`).
+//! handler (`manager` feeds typed events to one `executor` driver per job),
+//! the HTTP calls to solver and n8n peers (`peer`), the delivery of a job's
+//! signed result callback (`delivery`), and the handler's view of a job
+//! (`view`).
 //!
-//! Handlers never write to the read models; they act only through
-//! commands, with ids derived from the causing job, step and attempt.
+//! Handlers never write to the read models; they act only through the
+//! command bus, with ids derived from the causing job, step and attempt
+//! (`bus::ids`).
 
-pub mod callback;
+pub mod delivery;
 pub mod executor;
 pub mod manager;
 pub mod peer;
-pub mod signing;
 pub mod view;
 
 use std::cmp::Ordering;
@@ -20,16 +21,17 @@ use std::time::Duration;
 
 use tokio::sync::{oneshot, Notify, OwnedSemaphorePermit, Semaphore};
 
-use crate::api::intake::Intake;
+use crate::bus::CommandBus;
 use crate::commands::approval::{ApprovalCommand, ApprovalError};
 use crate::commands::job::{JobCommand, JobError};
+use crate::config::{Config, ConfigError, HandlerSection};
+use crate::crypto::SigningKey;
 use crate::events::chain;
 use crate::events::envelope::{decode_commit, Actor, CommandMeta};
 use crate::events::log::{subject_for, LogError};
 use crate::events::store::ExecuteError;
 use crate::registry::Registry;
-use signing::SigningKey;
-use view::JobView;
+use view::{JobView, StoryRecord};
 
 /// The identity on every command a handler issues.
 pub const HANDLER_ACTOR: &str = "flowledger-handler";
@@ -46,18 +48,22 @@ pub struct RetryPolicy {
 }
 
 impl Default for RetryPolicy {
-    /// Seed 002: 5 s, then 15 s.
+    /// The configuration's defaults (seed 002: 5 s, then 15 s).
     fn default() -> Self {
-        RetryPolicy {
-            base: Duration::from_secs(5),
-            multiplier: 3.0,
-            max: Duration::from_secs(300),
-            jitter: 0.2,
-        }
+        RetryPolicy::from_section(&HandlerSection::default())
     }
 }
 
 impl RetryPolicy {
+    fn from_section(h: &HandlerSection) -> Self {
+        RetryPolicy {
+            base: Duration::from_millis(h.retry_base_ms),
+            multiplier: h.retry_multiplier,
+            max: Duration::from_millis(h.retry_max_ms),
+            jitter: h.retry_jitter,
+        }
+    }
+
     /// The wait after failed attempt `attempt` (1-based); `base_ms`
     /// overrides the policy's base for one step.
     pub fn delay(&self, attempt: u32, base_ms: Option<u64>) -> Duration {
@@ -67,7 +73,8 @@ impl RetryPolicy {
         let raw = (base * self.multiplier.powi(attempt.saturating_sub(1) as i32))
             .min(self.max.as_secs_f64());
         let spread = 1.0 + self.jitter * (2.0 * fastrand::f64() - 1.0);
-        Duration::from_secs_f64((raw * spread).max(0.0))
+        // NaN or infinite settings give the maximum, never a panic
+        Duration::try_from_secs_f64((raw * spread).max(0.0)).unwrap_or(self.max)
     }
 }
 
@@ -84,6 +91,25 @@ pub struct HandlerConfig {
     pub callback_timeout: Duration,
 }
 
+impl HandlerConfig {
+    /// The handler's settings from the configuration, with the callback
+    /// signing key read from the variable it names.
+    pub fn from_config(c: &Config) -> Result<Self, ConfigError> {
+        let h = &c.handler;
+        Ok(HandlerConfig {
+            max_concurrent_jobs: h.max_concurrent_jobs,
+            retry: RetryPolicy::from_section(h),
+            public_url: h
+                .public_url
+                .clone()
+                .map(|u| u.trim_end_matches('/').to_string()),
+            callback_key: Config::key(&c.callbacks.signing_key_env, "signing_key_env")?,
+            callback_max_attempts: c.callbacks.max_attempts,
+            callback_timeout: Duration::from_millis(c.callbacks.timeout_ms),
+        })
+    }
+}
+
 impl Default for HandlerConfig {
     fn default() -> Self {
         HandlerConfig {
@@ -92,7 +118,7 @@ impl Default for HandlerConfig {
             public_url: None,
             callback_key: None,
             callback_max_attempts: 5,
-            callback_timeout: callback::DEFAULT_TIMEOUT,
+            callback_timeout: delivery::DEFAULT_TIMEOUT,
         }
     }
 }
@@ -108,7 +134,7 @@ pub fn http_client_builder() -> reqwest::ClientBuilder {
 
 /// What the drivers share.
 pub struct Ctx {
-    pub intake: Arc<Intake>,
+    pub bus: Arc<CommandBus>,
     pub registry: Arc<Registry>,
     pub http: reqwest::Client,
     pub config: HandlerConfig,
@@ -116,7 +142,7 @@ pub struct Ctx {
 }
 
 impl Ctx {
-    pub fn new(intake: Arc<Intake>, registry: Arc<Registry>, config: HandlerConfig) -> Arc<Self> {
+    pub fn new(bus: Arc<CommandBus>, registry: Arc<Registry>, config: HandlerConfig) -> Arc<Self> {
         // idle connections are kept (90 s) without a count limit: with many
         // jobs in flight, a capped pool closes and reopens connections to
         // the same peers on every call
@@ -129,7 +155,7 @@ impl Ctx {
             });
         Arc::new(Ctx {
             dispatcher: Dispatcher::new(config.max_concurrent_jobs),
-            intake,
+            bus,
             registry,
             http,
             config,
@@ -157,9 +183,8 @@ impl Ctx {
         cmd: JobCommand,
         command_id: &str,
     ) -> Result<(), ExecuteError<JobError>> {
-        self.intake
-            .jobs
-            .execute(job_id, cmd, &self.meta(command_id, job_id))
+        self.bus
+            .job(job_id, cmd, &self.meta(command_id, job_id))
             .await
             .map(|_| ())
     }
@@ -171,28 +196,38 @@ impl Ctx {
         cmd: ApprovalCommand,
         command_id: &str,
     ) -> Result<(), ExecuteError<ApprovalError>> {
-        self.intake
-            .approvals
-            .execute(job_id, cmd, &self.meta(command_id, job_id))
+        self.bus
+            .approval(job_id, cmd, &self.meta(command_id, job_id))
             .await
             .map(|_| ())
     }
 
     /// The job's view read from the log (its events and its approval's).
-    pub async fn load_view(&self, job_id: &str) -> Result<Option<JobView>, LogError> {
-        let log = self.intake.log();
+    pub async fn load_view(&self, job_id: &str) -> Result<Option<JobView>, LoadError> {
+        let log = self.bus.log();
         let mut view: Option<JobView> = None;
         for subject in [subject_for("job", job_id), subject_for("approval", job_id)] {
             let mut from = 1;
             while let Some(m) = log.next_for_subject(&subject, from).await? {
                 from = m.sequence + 1;
-                let lines = decode_commit(&m.payload).map_err(|e| {
-                    LogError::Unavailable(format!("message {} is not a commit: {e}", m.sequence))
+                let lines = decode_commit(&m.payload).map_err(|e| LoadError::Fold {
+                    seq: m.sequence,
+                    reason: format!("not a commit: {e}"),
                 })?;
                 for (_, r) in lines {
+                    let Some(decoded) = StoryRecord::decode(r) else {
+                        continue;
+                    };
+                    let r = decoded.map_err(|e| LoadError::Fold {
+                        seq: m.sequence,
+                        reason: e.to_string(),
+                    })?;
                     match &mut view {
                         None => view = JobView::submitted(m.sequence, &r),
-                        Some(v) => v.apply(&r),
+                        Some(v) => v.apply(&r).map_err(|e| LoadError::Fold {
+                            seq: m.sequence,
+                            reason: e.to_string(),
+                        })?,
                     }
                 }
             }
@@ -202,6 +237,17 @@ impl Ctx {
         }
         Ok(view)
     }
+}
+
+/// Why a job's view could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// The log could not be read; retry.
+    #[error(transparent)]
+    Log(#[from] LogError),
+    /// An event of the job cannot be folded: the job is parked.
+    #[error("stream sequence {seq}: {reason}")]
+    Fold { seq: u64, reason: String },
 }
 
 /// Admits jobs to run their steps, at most `limit` at once; waiting jobs

@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
+use crate::bus::ids;
+use crate::events::envelope::holds_nul;
 use crate::registry::{StepDefinition, StepKind};
 
 pub const HDR_IDEMPOTENCY_KEY: &str = "Idempotency-Key";
@@ -39,13 +41,14 @@ pub struct StepCall<'a> {
     pub callback_url: Option<&'a str>,
 }
 
-/// Builds the attempt's idempotency key: the same for a repeated attempt.
-pub fn idempotency_key(job_id: &str, step: &str, attempt: u32) -> String {
-    format!("{job_id}:{step}:{attempt}")
-}
-
+/// A peer's text as quoted in an error message: cut short, NUL (which no
+/// read model stores) replaced.
 fn quote(text: &str) -> String {
-    let t: String = text.chars().take(MAX_QUOTED).collect();
+    let t: String = text
+        .chars()
+        .take(MAX_QUOTED)
+        .map(|c| if c == '\0' { '\u{FFFD}' } else { c })
+        .collect();
     if t.len() < text.len() {
         format!("{t}...")
     } else {
@@ -59,7 +62,7 @@ pub async fn call(
     step: &StepDefinition,
     c: &StepCall<'_>,
 ) -> CallOutcome {
-    let key = idempotency_key(c.job_id, &step.name, c.attempt);
+    let key = ids::idempotency_key(c.job_id, &step.name, c.attempt);
     let mut body = json!({
         "job_id": c.job_id,
         "workflow_key": c.workflow_key,
@@ -108,6 +111,15 @@ fn classify(step: &StepDefinition, status: u16, text: &str) -> CallOutcome {
                 };
             }
             match serde_json::from_str::<Value>(text) {
+                // no read model stores a NUL: refuse it here, naming the peer
+                Ok(_) if holds_nul(text.as_bytes()) => CallOutcome::Failed {
+                    code: "bad_response".into(),
+                    message: format!(
+                        "{} answered {status} with JSON holding a NUL character (\\u0000)",
+                        step.name
+                    ),
+                    retryable: false,
+                },
                 Ok(output) => CallOutcome::Succeeded { output },
                 Err(e) => CallOutcome::Failed {
                     code: "bad_response".into(),
@@ -193,6 +205,26 @@ mod tests {
         assert_eq!(
             classify(&step(StepKind::N8n), 202, ""),
             CallOutcome::Accepted
+        );
+    }
+
+    #[test]
+    fn nul_in_a_peer_answer_is_a_bad_response() {
+        let solver = step(StepKind::Solver);
+        let r = classify(&solver, 200, r#"{"a":"x\u0000"}"#);
+        assert!(
+            matches!(r, CallOutcome::Failed { ref code, .. } if code == "bad_response"),
+            "{r:?}"
+        );
+        let CallOutcome::Failed { message, .. } = classify(&solver, 500, "a\0b") else {
+            panic!("500 is a failure");
+        };
+        assert!(!message.contains('\0'), "{message:?}");
+        assert_eq!(
+            classify(&solver, 200, r#"{"a":"\\u0000"}"#),
+            CallOutcome::Succeeded {
+                output: json!({"a": "\\u0000"})
+            }
         );
     }
 

@@ -1,19 +1,84 @@
-//! What the handler knows of one job, folded from its event records (job
-//! events and the events of its approval). Unlike the aggregate, the view
-//! keeps times (`occurred_at`), inputs and outputs: what the handler needs
-//! to resume a job after a restart and to write its callback.
+//! What the handler knows of one job, folded from its typed events (job
+//! events and the events of its approval), decoded once by the ledger with
+//! the upcasters applied. Unlike the aggregate, the view keeps times
+//! (`occurred_at`), inputs and outputs: what the handler needs to resume a
+//! job after a restart and to write its callback.
+//!
+//! Folding never panics: a value it cannot use (a retry due past the end
+//! of time) is a [`FoldError`], and the manager parks that job alone.
 
 use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
 use serde_json::{json, Value};
 
+use crate::commands::approval::events::ApprovalEvent;
+use crate::commands::job::events::{JobEvent, JobSubmitted, StepStatus};
 use crate::commands::job::JobStatus;
-use crate::events::envelope::EventRecord;
+use crate::events::envelope::{Actor, EventRecord};
+use crate::events::store::{decode_event, DecodeError};
+
+/// A job's event or its approval's, typed.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StoryEvent {
+    Job(JobEvent),
+    Approval(ApprovalEvent),
+}
+
+/// One event of a job's story with the envelope facts the handler uses.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoryRecord {
+    /// The job it belongs to (a job's approval has the job's id).
+    pub job_id: String,
+    pub aggregate_version: u64,
+    pub event_type: String,
+    /// As stored (RFC 3339), for the callback's audit lines.
+    pub occurred_at: String,
+    pub at: DateTime<Utc>,
+    pub actor: Actor,
+    pub event: StoryEvent,
+}
+
+impl StoryRecord {
+    /// Decodes a stored record of a job or approval subject; `None` for
+    /// other aggregate types.
+    pub fn decode(record: EventRecord) -> Option<Result<Self, DecodeError>> {
+        let at = DateTime::parse_from_rfc3339(&record.occurred_at)
+            .map(|t| t.with_timezone(&Utc))
+            .map_err(|e| DecodeError::Envelope(format!("occurred_at: {e}")));
+        let event = match record.aggregate_type.as_str() {
+            "job" => decode_event::<JobEvent>(&record).map(StoryEvent::Job),
+            "approval" => decode_event::<ApprovalEvent>(&record).map(StoryEvent::Approval),
+            _ => return None,
+        };
+        Some(event.and_then(|event| {
+            Ok(StoryRecord {
+                job_id: record.aggregate_id,
+                aggregate_version: record.aggregate_version,
+                event_type: record.event_type,
+                occurred_at: record.occurred_at,
+                at: at?,
+                actor: record.actor,
+                event,
+            })
+        }))
+    }
+}
+
+/// A job event the view cannot fold; the job is parked with this reason.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum FoldError {
+    #[error("step {step:?}: a retry {delay_ms} ms after {at} is past any representable time")]
+    RetryOutOfRange {
+        step: String,
+        at: DateTime<Utc>,
+        delay_ms: u64,
+    },
+}
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct AttemptResult {
-    pub status: String,
+    pub status: StepStatus,
     pub output: Value,
     pub error_code: Option<String>,
     pub error_message: Option<String>,
@@ -31,7 +96,9 @@ pub struct StepView {
 
 impl StepView {
     pub fn succeeded(&self) -> Option<&AttemptResult> {
-        self.results.values().find(|r| r.status == "succeeded")
+        self.results
+            .values()
+            .find(|r| r.status == StepStatus::Succeeded)
     }
 }
 
@@ -80,38 +147,33 @@ pub struct JobView {
     pub version: u64,
 }
 
-fn time(r: &EventRecord) -> DateTime<Utc> {
-    DateTime::parse_from_rfc3339(&r.occurred_at)
-        .map(|t| t.with_timezone(&Utc))
-        .unwrap_or_else(|_| Utc::now())
-}
-
-fn s(d: &Value, k: &str) -> Option<String> {
-    d.get(k).and_then(Value::as_str).map(str::to_string)
-}
-
-fn n(d: &Value, k: &str) -> u64 {
-    d.get(k).and_then(Value::as_u64).unwrap_or(0)
-}
-
 impl JobView {
-    /// A view from the job's `JobSubmitted` record at stream sequence `seq`.
-    pub fn submitted(seq: u64, r: &EventRecord) -> Option<Self> {
-        if r.aggregate_type != "job" || r.event_type != "JobSubmitted" {
+    /// A view from the job's `JobSubmitted` record at stream sequence
+    /// `seq`; `None` for any other record.
+    pub fn submitted(seq: u64, r: &StoryRecord) -> Option<Self> {
+        let StoryEvent::Job(JobEvent::JobSubmitted(s)) = &r.event else {
             return None;
-        }
-        let d = &r.data;
+        };
+        let JobSubmitted {
+            workflow_key,
+            client_id,
+            input,
+            priority,
+            timeout_seconds,
+            callback_url,
+            metadata,
+        } = s.clone();
         let mut v = JobView {
-            job_id: r.aggregate_id.clone(),
-            workflow_key: s(d, "workflow_key")?,
-            client_id: s(d, "client_id")?,
-            priority: n(d, "priority").clamp(1, 10) as u8,
-            timeout_seconds: n(d, "timeout_seconds").max(1) as u32,
-            inputs: d.get("input").cloned().unwrap_or(Value::Null),
-            metadata: d.get("metadata").cloned().unwrap_or(Value::Null),
-            callback_url: s(d, "callback_url"),
+            job_id: r.job_id.clone(),
+            workflow_key,
+            client_id,
+            priority: priority.clamp(1, 10),
+            timeout_seconds: timeout_seconds.max(1),
+            inputs: input,
+            metadata,
+            callback_url,
             submitted_seq: seq,
-            submitted_at: time(r),
+            submitted_at: r.at,
             status: JobStatus::Pending,
             started_at: None,
             ended_at: None,
@@ -130,7 +192,7 @@ impl JobView {
 
     fn line(
         &mut self,
-        r: &EventRecord,
+        r: &StoryRecord,
         node: Option<String>,
         details: Value,
         duration_ms: Option<u64>,
@@ -147,130 +209,180 @@ impl JobView {
     /// Folds one later record of this job or of its approval. Records
     /// already folded (by aggregate version) are ignored, so a replay
     /// overlapping what is known changes nothing.
-    pub fn apply(&mut self, r: &EventRecord) {
-        let d = &r.data;
-        if r.aggregate_type == "approval" {
-            match r.event_type.as_str() {
-                "ApprovalRequested" => {
-                    if let Some(t) =
-                        s(d, "expires_at").and_then(|t| DateTime::parse_from_rfc3339(&t).ok())
-                    {
-                        self.approval = ApprovalState::Pending {
-                            expires_at: t.with_timezone(&Utc),
-                        };
-                    }
-                }
-                "ApprovalGranted" => {
-                    self.approval = ApprovalState::Granted {
-                        by: s(d, "decided_by").unwrap_or_default(),
-                    }
-                }
-                "ApprovalRejected" => {
-                    self.approval = ApprovalState::Rejected {
-                        by: s(d, "decided_by").unwrap_or_default(),
-                        reason: s(d, "reason").unwrap_or_default(),
-                    }
-                }
-                "ApprovalExpired" => self.approval = ApprovalState::Expired,
-                _ => return,
+    pub fn apply(&mut self, r: &StoryRecord) -> Result<(), FoldError> {
+        match &r.event {
+            StoryEvent::Approval(e) => {
+                self.apply_approval(r, e);
+                Ok(())
             }
-            let details = json!({"decided_by": s(d, "decided_by"), "reason": s(d, "reason")});
-            self.line(r, None, details, None);
-            return;
+            StoryEvent::Job(_) if r.aggregate_version <= self.version => Ok(()),
+            StoryEvent::Job(e) => {
+                self.apply_job(r, e)?;
+                self.version = r.aggregate_version;
+                Ok(())
+            }
         }
-        if r.aggregate_type != "job" || r.aggregate_version <= self.version {
-            return;
-        }
-        self.version = r.aggregate_version;
-        let at = time(r);
-        let step = s(d, "step");
-        match r.event_type.as_str() {
-            "JobStarted" => {
+    }
+
+    fn apply_approval(&mut self, r: &StoryRecord, e: &ApprovalEvent) {
+        let (decided_by, reason) = match e {
+            ApprovalEvent::ApprovalRequested(a) => {
+                self.approval = ApprovalState::Pending {
+                    expires_at: a.expires_at,
+                };
+                (None, a.reason.clone())
+            }
+            ApprovalEvent::ApprovalGranted(d) => {
+                self.approval = ApprovalState::Granted {
+                    by: d.decided_by.clone(),
+                };
+                (Some(d.decided_by.clone()), Some(d.reason.clone()))
+            }
+            ApprovalEvent::ApprovalRejected(d) => {
+                self.approval = ApprovalState::Rejected {
+                    by: d.decided_by.clone(),
+                    reason: d.reason.clone(),
+                };
+                (Some(d.decided_by.clone()), Some(d.reason.clone()))
+            }
+            ApprovalEvent::ApprovalExpired(_) => {
+                self.approval = ApprovalState::Expired;
+                (None, None)
+            }
+        };
+        let details = json!({"decided_by": decided_by, "reason": reason});
+        self.line(r, None, details, None);
+    }
+
+    fn apply_job(&mut self, r: &StoryRecord, e: &JobEvent) -> Result<(), FoldError> {
+        match e {
+            // a second submission cannot be committed; nothing to fold
+            JobEvent::JobSubmitted(_) => {}
+            JobEvent::JobStarted(_) => {
                 self.status = JobStatus::Running;
-                self.started_at = Some(at);
+                self.started_at = Some(r.at);
                 self.line(r, None, Value::Null, None);
             }
-            "StepAttemptStarted" => {
-                let attempt = n(d, "attempt") as u32;
-                if let Some(name) = &step {
-                    let sv = self.steps.entry(name.clone()).or_default();
-                    sv.started = sv.started.max(attempt);
-                    sv.retry = None;
-                }
-                self.line(r, step, json!({"attempt": attempt}), None);
+            JobEvent::StepAttemptStarted(a) => {
+                let sv = self.steps.entry(a.step.clone()).or_default();
+                sv.started = sv.started.max(a.attempt);
+                sv.retry = None;
+                let details = json!({"attempt": a.attempt});
+                self.line(r, Some(a.step.clone()), details, None);
             }
-            "StepResultRecorded" => {
-                let attempt = n(d, "attempt") as u32;
+            JobEvent::StepResultRecorded(s) => {
                 let result = AttemptResult {
-                    status: s(d, "status").unwrap_or_default(),
-                    output: d.get("output").cloned().unwrap_or(Value::Null),
-                    error_code: s(d, "error_code"),
-                    error_message: s(d, "error_message"),
-                    duration_ms: n(d, "duration_ms"),
+                    status: s.status,
+                    output: s.output.clone(),
+                    error_code: s.error_code.clone(),
+                    error_message: s.error_message.clone(),
+                    duration_ms: s.duration_ms,
                 };
                 let details = json!({
-                    "attempt": attempt,
-                    "status": result.status,
-                    "error_code": result.error_code,
-                    "error_message": result.error_message,
+                    "attempt": s.attempt,
+                    "status": s.status,
+                    "error_code": s.error_code,
+                    "error_message": s.error_message,
                 });
-                let duration = result.duration_ms;
-                if let Some(name) = &step {
-                    let sv = self.steps.entry(name.clone()).or_default();
-                    sv.started = sv.started.max(attempt);
-                    sv.results.insert(attempt, result);
-                }
-                self.line(r, step, details, Some(duration));
+                let sv = self.steps.entry(s.step.clone()).or_default();
+                sv.started = sv.started.max(s.attempt);
+                sv.results.insert(s.attempt, result);
+                self.line(r, Some(s.step.clone()), details, Some(s.duration_ms));
             }
-            "StepRetryScheduled" => {
-                let attempt = n(d, "attempt") as u32;
-                let delay = n(d, "delay_ms");
-                if let Some(name) = &step {
-                    let due = at + chrono::Duration::milliseconds(delay as i64);
-                    self.steps.entry(name.clone()).or_default().retry = Some((attempt, due));
-                }
-                self.line(
-                    r,
-                    step,
-                    json!({"attempt": attempt, "delay_ms": delay}),
-                    None,
-                );
+            JobEvent::StepRetryScheduled(s) => {
+                let due = i64::try_from(s.delay_ms)
+                    .ok()
+                    .and_then(|ms| r.at.checked_add_signed(chrono::Duration::milliseconds(ms)))
+                    .ok_or_else(|| FoldError::RetryOutOfRange {
+                        step: s.step.clone(),
+                        at: r.at,
+                        delay_ms: s.delay_ms,
+                    })?;
+                self.steps.entry(s.step.clone()).or_default().retry = Some((s.attempt, due));
+                let details = json!({"attempt": s.attempt, "delay_ms": s.delay_ms});
+                self.line(r, Some(s.step.clone()), details, None);
             }
-            "JobCompleted" => {
+            JobEvent::JobCompleted(c) => {
                 self.status = JobStatus::Completed;
-                self.ended_at = Some(at);
-                self.outputs = d.get("outputs").cloned().unwrap_or(Value::Null);
+                self.ended_at = Some(r.at);
+                self.outputs = c.outputs.clone();
                 self.line(r, None, Value::Null, None);
             }
-            "JobFailed" => {
+            JobEvent::JobFailed(f) => {
                 self.status = JobStatus::Failed;
-                self.ended_at = Some(at);
-                self.error_code = s(d, "error_code");
-                self.error_message = s(d, "error_message");
+                self.ended_at = Some(r.at);
+                self.error_code = Some(f.error_code.clone());
+                self.error_message = Some(f.error_message.clone());
                 let details =
                     json!({"error_code": self.error_code, "error_message": self.error_message});
                 self.line(r, None, details, None);
             }
-            "JobCancelled" => {
+            JobEvent::JobCancelled(c) => {
                 self.status = JobStatus::Cancelled;
-                self.ended_at = Some(at);
+                self.ended_at = Some(r.at);
                 self.error_code = Some("cancelled".into());
-                self.error_message = s(d, "reason");
+                self.error_message = Some(c.reason.clone());
                 let details = json!({"reason": self.error_message, "by": r.actor.client_id});
                 self.line(r, None, details, None);
             }
-            "CallbackDelivered" | "CallbackFailed" => {
+            JobEvent::CallbackDelivered(c) => {
                 self.callback_recorded = true;
-                let details =
-                    json!({"attempts": n(d, "attempts"), "error_message": s(d, "error_message")});
+                let details = json!({"attempts": c.attempts, "error_message": null});
                 self.line(r, None, details, None);
             }
-            _ => {}
+            JobEvent::CallbackFailed(c) => {
+                self.callback_recorded = true;
+                let details = json!({"attempts": c.attempts, "error_message": c.error_message});
+                self.line(r, None, details, None);
+            }
         }
+        Ok(())
     }
 
     /// True while the handler still owes this job an action.
     pub fn needs_handler(&self) -> bool {
         !self.status.is_final() || (self.callback_url.is_some() && !self.callback_recorded)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::commands::job::events::StepRetryScheduled;
+
+    fn record(version: u64, event: JobEvent) -> StoryRecord {
+        StoryRecord {
+            job_id: "j".into(),
+            aggregate_version: version,
+            event_type: "x".into(),
+            occurred_at: "2026-12-01T00:00:00.000000Z".into(),
+            at: "2026-12-01T00:00:00Z".parse().expect("a time"),
+            actor: Actor::default(),
+            event: StoryEvent::Job(event),
+        }
+    }
+
+    #[test]
+    fn a_retry_past_the_end_of_time_is_a_fold_error_not_a_panic() {
+        let submitted = JobEvent::JobSubmitted(JobSubmitted {
+            workflow_key: "w".into(),
+            client_id: "c".into(),
+            input: Value::Null,
+            priority: 5,
+            timeout_seconds: 60,
+            callback_url: None,
+            metadata: Value::Null,
+        });
+        let v = JobView::submitted(1, &record(1, submitted)).expect("a submission");
+        for delay_ms in [u64::MAX, i64::MAX as u64, 8_400_000_000_000_000] {
+            let retry = JobEvent::StepRetryScheduled(StepRetryScheduled {
+                workflow_key: "w".into(),
+                step: "s".into(),
+                attempt: 2,
+                delay_ms,
+            });
+            let e = v.clone().apply(&record(2, retry)).unwrap_err();
+            assert!(matches!(e, FoldError::RetryOutOfRange { .. }), "{e}");
+        }
     }
 }

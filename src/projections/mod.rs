@@ -108,15 +108,35 @@ impl ApplyError {
     }
 }
 
-/// Resumes a stopped projection; with `skip`, records the skip as an event
-/// first (so the log says who skipped what and why), then lets the
-/// projection pass that sequence.
-pub async fn resume(
+/// Where a stopped projection stands: the version that stopped and the
+/// stream sequence it stopped at.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Stopped {
+    pub name: String,
+    pub version: i32,
+    pub stopped_at: u64,
+}
+
+impl Stopped {
+    /// A skip must name the sequence the projection is stopped at.
+    pub fn check_skip(&self, seq: u64) -> Result<(), ResumeError> {
+        if seq == self.stopped_at {
+            Ok(())
+        } else {
+            Err(ResumeError::WrongSeq {
+                name: self.name.clone(),
+                stopped_at: self.stopped_at,
+                asked: seq,
+            })
+        }
+    }
+}
+
+/// The stopped version of `model`, or why there is nothing to resume.
+pub async fn stopped(
     pool: &sqlx::PgPool,
-    log: &crate::events::log::EventLog,
     model: ReadModel,
-    skip: Option<(u64, String, String)>,
-) -> Result<String, ResumeError> {
+) -> Result<Result<Stopped, String>, ResumeError> {
     let rows = db::checkpoints(pool).await?;
     let row = rows
         .iter()
@@ -126,47 +146,33 @@ pub async fn resume(
             name: model.name().into(),
         })?;
     if row.state != "stopped" {
-        return Ok(format!(
+        return Ok(Err(format!(
             "projection {} v{} is {}; nothing to resume",
             row.name, row.version, row.state
-        ));
+        )));
     }
-    let stopped_at = row.error_seq.unwrap_or(0) as u64;
+    Ok(Ok(Stopped {
+        name: row.name.clone(),
+        version: row.version,
+        stopped_at: row.error_seq.unwrap_or(0) as u64,
+    }))
+}
+
+/// Resumes a stopped projection. With `skip` (sequence, reason, who), the
+/// projection passes that sequence; the caller records the skip as an event
+/// first, through the command bus, so the log says who skipped what and why.
+pub async fn resume(
+    pool: &sqlx::PgPool,
+    stopped: &Stopped,
+    skip: Option<(u64, String, String)>,
+) -> Result<String, ResumeError> {
     if let Some((seq, reason, by)) = skip {
-        if seq != stopped_at {
-            return Err(ResumeError::WrongSeq {
-                name: row.name.clone(),
-                stopped_at,
-                asked: seq,
-            });
-        }
-        let store = crate::events::store::AggregateStore::<
-            crate::commands::projection::ProjectionOps,
-        >::new(log.clone(), ());
-        let command_id = format!("skip-{}-{seq}", model.name());
-        let actor = crate::events::envelope::Actor {
-            client_id: "operator".into(),
-            user_id: Some(by.clone()),
-        };
-        let meta =
-            crate::events::envelope::CommandMeta::originating(command_id, actor, String::new());
-        store
-            .execute(
-                model.name(),
-                crate::commands::projection::ProjectionCommand::SkipEvent {
-                    version: row.version,
-                    seq,
-                    reason: reason.clone(),
-                    skipped_by: by.clone(),
-                },
-                &meta,
-            )
-            .await
-            .map_err(|e| ResumeError::Record(e.to_string()))?;
+        stopped.check_skip(seq)?;
         sqlx::query(
-            "INSERT INTO projection_skips (name, seq, reason, skipped_by) VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
+            "INSERT INTO projection_skips (name, seq, reason, skipped_by) VALUES ($1, $2, $3, $4)
+             ON CONFLICT DO NOTHING",
         )
-        .bind(model.name())
+        .bind(&stopped.name)
         .bind(seq as i64)
         .bind(&reason)
         .bind(&by)
@@ -179,14 +185,14 @@ pub async fn resume(
             error = NULL, error_seq = NULL, updated_at = now()
          WHERE name = $1 AND version = $2",
     )
-    .bind(model.name())
-    .bind(row.version)
+    .bind(&stopped.name)
+    .bind(stopped.version)
     .execute(pool)
     .await
     .map_err(db::DbError::from)?;
     Ok(format!(
-        "projection {} v{} resumes at stream sequence {stopped_at}",
-        row.name, row.version
+        "projection {} v{} resumes at stream sequence {}",
+        stopped.name, stopped.version, stopped.stopped_at
     ))
 }
 
@@ -201,5 +207,5 @@ pub enum ResumeError {
         asked: u64,
     },
     #[error("could not record the skip in the event log: {0}")]
-    Record(String),
+    Record(#[source] crate::bus::CommandError),
 }

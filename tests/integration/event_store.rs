@@ -47,7 +47,7 @@ async fn init_is_idempotent_and_the_stream_is_immutable() {
 #[tokio::test]
 async fn concurrent_creates_of_one_aggregate_let_exactly_one_win() {
     let app = spawn_app().await;
-    let other = app.second_intake().await;
+    let other = app.second_bus().await;
     for round in 0..20 {
         let job = format!("race-{round}");
         let body = |cmd: &str| {
@@ -55,8 +55,8 @@ async fn concurrent_creates_of_one_aggregate_let_exactly_one_win() {
         };
         let (body_a, body_b) = (body(&format!("a-{round}")), body(&format!("b-{round}")));
         let (a, b) = tokio::join!(
-            app.intake.handle("flow.cmd.job.submit", body_a.as_bytes()),
-            other.handle("flow.cmd.job.submit", body_b.as_bytes()),
+            app.handle("flow.cmd.job.submit", body_a.as_bytes()),
+            handle(&other, "flow.cmd.job.submit", body_b.as_bytes()),
         );
         let wins = [a.is_ok(), b.is_ok()].iter().filter(|w| **w).count();
         assert_eq!(wins, 1, "round {round}: {a:?} / {b:?}");
@@ -72,7 +72,6 @@ async fn a_stale_write_gets_conflict() {
     app.submit("stale", "c1").await;
     let seq_after_submit = app.last_seq().await;
     ok(app
-        .intake
         .handle("flow.cmd.job.start", br#"{"job_id":"stale"}"#)
         .await);
     // the log itself refuses an append that expects an older last sequence
@@ -95,7 +94,6 @@ async fn a_stale_write_gets_conflict() {
     let store = AggregateStore::<Job>::new(app.log.clone(), services());
     let mut ctx = store.load_aggregate("stale").await.unwrap();
     ok(app
-        .intake
         .handle("flow.cmd.job.cancel", br#"{"job_id":"stale","reason":"x"}"#)
         .await);
     ctx.state.status = JobStatus::Running; // what this stale writer believes
@@ -121,16 +119,15 @@ async fn a_command_retried_after_another_writer_sees_the_new_state() {
     // after the first one's commit; the concurrency check catches that and
     // the command is decided on the fresh state.
     let app = spawn_app().await;
-    let other = app.second_intake().await;
+    let other = app.second_bus().await;
     app.submit("two-writers", "c1").await;
-    ok(other
-        .handle(
-            "flow.cmd.job.start",
-            br#"{"job_id":"two-writers","command_id":"s"}"#,
-        )
-        .await);
+    ok(handle(
+        &other,
+        "flow.cmd.job.start",
+        br#"{"job_id":"two-writers","command_id":"s"}"#,
+    )
+    .await);
     let r = app
-        .intake
         .handle(
             "flow.cmd.job.start",
             br#"{"job_id":"two-writers","command_id":"s2"}"#,
@@ -148,12 +145,10 @@ async fn a_duplicate_command_id_gives_the_same_reply_and_one_event() {
     assert_eq!(first["ok"], json!(true), "{first}");
     // same service (cache), a fresh service (broker de-duplication)
     let again = app.submit("dup", "cmd-1").await;
-    let fresh = app.second_intake().await;
+    let fresh = app.second_bus().await;
     let body = json!({"job_id": "dup", "command_id": "cmd-1", "workflow_key": "invoice.extract", "client_id": "billing", "input": {"n": 1}});
     let from_fresh = crate::helpers::ok(
-        fresh
-            .handle("flow.cmd.job.submit", body.to_string().as_bytes())
-            .await,
+        handle(&fresh, "flow.cmd.job.submit", body.to_string().as_bytes()).await,
     );
     for r in [&again, &serde_json::to_value(&from_fresh).unwrap()] {
         assert_eq!(r["duplicate"], json!(true));
@@ -178,12 +173,10 @@ async fn a_duplicate_command_id_is_recognised_after_the_broker_window() {
     assert_eq!(first["ok"], json!(true), "{first}");
     tokio::time::sleep(Duration::from_millis(1600)).await;
     // a service that never saw the command: the broker no longer remembers it
-    let fresh = app.second_intake().await;
+    let fresh = app.second_bus().await;
     let body = json!({"job_id": "late-dup", "command_id": "cmd-late", "workflow_key": "invoice.extract", "client_id": "billing", "input": {"n": 1}});
     let r = crate::helpers::ok(
-        fresh
-            .handle("flow.cmd.job.submit", body.to_string().as_bytes())
-            .await,
+        handle(&fresh, "flow.cmd.job.submit", body.to_string().as_bytes()).await,
     );
     assert!(r.duplicate);
     assert_eq!(json!(r.stream_seq), first["stream_seq"]);
@@ -196,14 +189,14 @@ async fn a_duplicate_command_id_is_recognised_after_the_broker_window() {
         )
         .await;
     tokio::time::sleep(Duration::from_millis(1600)).await;
-    let fresh = app.second_intake().await;
+    let fresh = app.second_bus().await;
     let r = crate::helpers::ok(
-        fresh
-            .handle(
-                "flow.cmd.job.start",
-                br#"{"job_id":"late-dup","command_id":"start-1"}"#,
-            )
-            .await,
+        handle(
+            &fresh,
+            "flow.cmd.job.start",
+            br#"{"job_id":"late-dup","command_id":"start-1"}"#,
+        )
+        .await,
     );
     assert!(r.duplicate);
     assert_eq!(json!(r.stream_seq), start["stream_seq"]);
@@ -214,7 +207,16 @@ async fn a_duplicate_command_id_is_recognised_after_the_broker_window() {
 async fn a_multi_event_command_commits_all_or_nothing() {
     let app = spawn_app().await;
     app.submit("multi", "c1").await;
-    app.send("job.start", json!({"job_id": "multi"})).await;
+    let attempts = json!([{"step": "ocr", "idempotency_key": "multi:ocr:1"},
+                          {"step": "llm", "idempotency_key": "multi:llm:1"}]);
+    app.send(
+        "job.start",
+        json!({"job_id": "multi", "attempts": attempts}),
+    )
+    .await;
+    let second =
+        json!({"job_id": "multi", "step": "llm", "attempt": 2, "idempotency_key": "multi:llm:2"});
+    app.send("job.start_attempt", second).await;
     let before = app.last_seq().await;
     // refused as a whole: the second step result repeats the first
     let refused = app
@@ -253,7 +255,6 @@ async fn a_multi_event_command_commits_all_or_nothing() {
     let huge = "x".repeat(2 * 1024 * 1024);
     let body = json!({"job_id": "huge", "workflow_key": "invoice.extract", "client_id": "billing", "input": {"blob": huge}});
     let big = app
-        .intake
         .handle("flow.cmd.job.submit", body.to_string().as_bytes())
         .await
         .unwrap_err();
@@ -267,7 +268,9 @@ async fn replay_rebuilds_the_same_aggregate_state() {
     for i in 0..5 {
         let id = format!("replay-{i}");
         app.submit(&id, &format!("s-{i}")).await;
-        app.send("job.start", json!({"job_id": id})).await;
+        let first = json!([{"step": "ocr", "idempotency_key": format!("{id}:ocr:1")}]);
+        app.send("job.start", json!({"job_id": id, "attempts": first}))
+            .await;
         app.send("job.record_step_result", json!({"job_id": id, "step": "ocr", "attempt": 1, "status": "failed", "error_code": "HTTP_503", "duration_ms": 20})).await;
         if i % 2 == 0 {
             app.send(
@@ -291,7 +294,7 @@ async fn replay_rebuilds_the_same_aggregate_state() {
     )
     .await
     .unwrap();
-    assert_eq!(n, 18);
+    assert_eq!(n, 23);
     for line in String::from_utf8(out).unwrap().lines() {
         let v: Value = serde_json::from_str(line).unwrap();
         let r: EventRecord = serde_json::from_value(v.clone()).unwrap();
@@ -301,7 +304,7 @@ async fn replay_rebuilds_the_same_aggregate_state() {
     for i in 0..5 {
         let id = format!("replay-{i}");
         let loaded = fresh.load(&id).await.unwrap();
-        let cached = app.intake.jobs.load_aggregate(&id).await.unwrap();
+        let cached = app.bus.load_job_cached(&id).await.unwrap();
         assert_eq!(loaded.state, cached.state, "{id}");
         assert_eq!(loaded.state, replayed[&id], "{id}");
         assert_eq!(
@@ -312,7 +315,7 @@ async fn replay_rebuilds_the_same_aggregate_state() {
                 JobStatus::Running
             }
         );
-        assert_eq!(loaded.version, if i % 2 == 0 { 4 } else { 3 });
+        assert_eq!(loaded.version, if i % 2 == 0 { 5 } else { 4 });
     }
 }
 
@@ -410,22 +413,23 @@ async fn bad_requests_append_nothing_and_name_the_field() {
 async fn approvals_are_decided_once() {
     let app = spawn_app().await;
     let expires = (chrono::Utc::now() + chrono::Duration::minutes(10)).to_rfc3339();
-    let r = app.send("approval.request", json!({"approval_id": "ap1", "job_id": "j", "workflow_key": "invoice.extract", "requested_by": "billing", "expires_at": expires})).await;
+    app.submit("j", "submit-j").await;
+    let r = app.send("approval.request", json!({"approval_id": "j", "job_id": "j", "workflow_key": "invoice.extract", "requested_by": "billing", "expires_at": expires})).await;
     assert_eq!(r["ok"], json!(true), "{r}");
-    let a = app.send("approval.approve", json!({"approval_id": "ap1", "decided_by": "alice", "reason": "ok", "actor": {"client_id": "ops", "user_id": "alice"}})).await;
+    let a = app.send("approval.approve", json!({"approval_id": "j", "decided_by": "alice", "reason": "ok", "actor": {"client_id": "ops", "user_id": "alice"}})).await;
     assert_eq!(a["ok"], json!(true), "{a}");
     let b = app
         .send(
             "approval.reject",
-            json!({"approval_id": "ap1", "decided_by": "bob", "reason": "no"}),
+            json!({"approval_id": "j", "decided_by": "bob", "reason": "no"}),
         )
         .await;
     assert_eq!(code(&b), "rejected", "{b}");
     let early = app
-        .send("approval.expire", json!({"approval_id": "ap1"}))
+        .send("approval.expire", json!({"approval_id": "j"}))
         .await;
     assert_eq!(code(&early), "rejected");
-    let msg = app.log.get(2).await.unwrap().unwrap();
+    let msg = app.log.get(3).await.unwrap().unwrap();
     let (_, rec) = envelope::decode_commit(&msg.payload).unwrap().remove(0);
     assert_eq!(rec.actor.user_id.as_deref(), Some("alice"));
     assert_eq!(rec.event_type, "ApprovalGranted");

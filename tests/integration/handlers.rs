@@ -3,6 +3,7 @@
 
 use std::collections::BTreeSet;
 
+use flowledger::commands::job::events::StepStatus;
 use flowledger::commands::job::JobStatus;
 use serde_json::{json, Value};
 
@@ -125,7 +126,10 @@ async fn a_step_that_never_answers_times_out_and_fails_the_job() {
     assert_eq!(v.status, JobStatus::Failed);
     assert_eq!(v.error_code.as_deref(), Some("steps_failed"));
     let s = &v.steps["slow"];
-    assert!(s.results.values().all(|r| r.status == "timed_out"), "{s:?}");
+    assert!(
+        s.results.values().all(|r| r.status == StepStatus::TimedOut),
+        "{s:?}"
+    );
     assert_eq!(s.results.len(), 2);
     assert!(
         v.error_message.as_deref().unwrap_or("").contains("slow"),
@@ -213,7 +217,7 @@ async fn the_job_timeout_ends_a_job_whose_steps_keep_going() {
 
 #[tokio::test]
 async fn the_result_is_called_back_signed_and_retried() {
-    use flowledger::handlers::signing::SigningKey;
+    use flowledger::crypto::SigningKey;
     let app = spawn_app().await;
     let peer = Peer::start().await;
     let step = peer.script("/s", vec![peers::ok(5, json!({"total": 7}))]);
@@ -294,14 +298,8 @@ async fn the_result_is_called_back_signed_and_retried() {
 }
 
 async fn send(h: &HandlerSide, subject: &str, body: Value) -> Value {
-    match h
-        .intake
-        .handle(&format!("flow.cmd.{subject}"), body.to_string().as_bytes())
-        .await
-    {
-        Ok(r) => flowledger::api::intake::receipt_json(&r),
-        Err(e) => e.to_json(),
-    }
+    let subject = format!("flow.cmd.{subject}");
+    reply(handle(&h.bus, &subject, body.to_string().as_bytes()).await)
 }
 
 #[tokio::test]
@@ -536,10 +534,7 @@ async fn sigkill_mid_job_loses_nothing_and_repeats_nothing() {
     // wait until the fast step's result is in the log and the slow one is in flight
     // (read through a context with no handler running)
     let reader = flowledger::handlers::Ctx::new(
-        std::sync::Arc::new(flowledger::api::intake::Intake::new(
-            app.log.clone(),
-            services(),
-        )),
+        app.second_bus().await,
         registry_of(&one_workflow(
             json!([solver("x", &fast, 1000, 1)]),
             json!({}),
@@ -619,18 +614,17 @@ async fn sigkill_mid_job_loses_nothing_and_repeats_nothing() {
     );
 }
 
-/// A command side whose HTTP API (with the test clients) and job handler
-/// share one intake; n8n peers call back on the API.
+/// An HTTP API (with the test clients) and a job handler on `registry`;
+/// n8n peers call back on the API.
 async fn handler_with_api(app: &TestApp, registry: Value) -> (HandlerSide, ReadSide) {
-    let (intake, registry) = command_side(app, registry);
-    let api = spawn_api(app, true, intake.clone(), registry.clone()).await;
+    let registry = parse_registry(registry);
+    let api = spawn_api(app, true, registry.clone()).await;
     let mut config = test_handler_config();
     config.public_url = Some(api.http.clone());
     config.callback_key = Some(
-        flowledger::handlers::signing::SigningKey::new(b"test-callback-secret-0123")
-            .expect("a long key"),
+        flowledger::crypto::SigningKey::new(b"test-callback-secret-0123").expect("a long key"),
     );
-    (start_handler(intake, registry, config).await, api)
+    (start_handler(app, registry, config).await, api)
 }
 
 #[tokio::test]

@@ -4,10 +4,12 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use flowledger::api::intake::{Intake, ReplyError};
+use flowledger::app::{Application, DatabaseSettings, HttpSettings, Settings};
+use flowledger::bus::{CommandBus, CommandError};
 use flowledger::commands::job::JobServices;
 use flowledger::events::log::{self, EventLog, LogConfig};
 use flowledger::events::store::Receipt;
+use flowledger::handlers::HandlerConfig;
 use flowledger::registry::Registry;
 use serde_json::{json, Value};
 use tempfile::TempDir;
@@ -76,7 +78,9 @@ pub struct TestApp {
     pub client: async_nats::Client,
     pub config: LogConfig,
     pub log: EventLog,
-    pub intake: Arc<Intake>,
+    /// The bus of the service that answers `flow.cmd.>` in this test.
+    pub bus: Arc<CommandBus>,
+    _service: Application,
 }
 
 pub fn registry() -> Arc<Registry> {
@@ -90,10 +94,26 @@ pub fn services() -> JobServices {
     }
 }
 
+/// Settings of a service on the test's NATS with `registry` and nothing
+/// running yet (no intake, no database): callers add what they test.
+pub fn settings(app: &TestApp, registry: Arc<Registry>) -> Settings {
+    Settings {
+        nats: app.client.clone(),
+        log: app.log.clone(),
+        registry,
+        max_timeout_seconds: 3600,
+        intake: false,
+        checkpoints: None,
+        database: None,
+    }
+}
+
 pub async fn spawn_app() -> TestApp {
     spawn_app_with(LogConfig::default()).await
 }
 
+/// A nats-server with the streams, and the service's command intake on it
+/// (built by the composition root, as `serve` builds it).
 pub async fn spawn_app_with(config: LogConfig) -> TestApp {
     if std::env::var("TEST_LOG").is_ok() {
         let _ = tracing_subscriber::fmt().with_test_writer().try_init();
@@ -106,32 +126,58 @@ pub async fn spawn_app_with(config: LogConfig) -> TestApp {
     let log = EventLog::open(client.clone(), config.clone())
         .await
         .expect("open the log");
-    let intake = Arc::new(Intake::new(log.clone(), services()));
-    tokio::spawn(intake.clone().serve(client.clone()));
-    // the intake subscribes asynchronously; wait until it answers
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while Instant::now() < deadline {
-        let r = client.request("flow.cmd.job.start", "{\"job_id\":\"warmup\"}".into());
-        if let Ok(Ok(_)) = tokio::time::timeout(Duration::from_millis(200), r).await {
-            break;
-        }
-    }
+    let service = Application::build(Settings {
+        nats: client.clone(),
+        log: log.clone(),
+        registry: registry(),
+        max_timeout_seconds: 3600,
+        intake: true,
+        checkpoints: None,
+        database: None,
+    })
+    .await
+    .expect("build the service");
     TestApp {
         nats,
         client,
         config,
         log,
-        intake,
+        bus: service.bus().clone(),
+        _service: service,
+    }
+}
+
+/// Runs one NATS-shaped command (`flow.cmd.<type>.<command>`) on `bus`,
+/// as the intake does.
+pub async fn handle(
+    bus: &CommandBus,
+    subject: &str,
+    body: &[u8],
+) -> Result<Arc<Receipt>, CommandError> {
+    flowledger::api::nats::handle(bus, subject, body).await
+}
+
+/// The JSON reply the intake would send for `result`.
+pub fn reply(result: Result<Arc<Receipt>, CommandError>) -> Value {
+    match result {
+        Ok(r) => flowledger::api::nats::receipt_json(&r),
+        Err(e) => e.to_json(),
     }
 }
 
 impl TestApp {
-    /// A second, independent command service on the same server (its own cache).
-    pub async fn second_intake(&self) -> Intake {
-        let log = EventLog::open(self.client.clone(), self.config.clone())
+    /// A second, independent command service on the same server (its own
+    /// caches), built like the first.
+    pub async fn second_bus(&self) -> Arc<CommandBus> {
+        let service = Application::build(settings(self, registry()))
             .await
-            .expect("open the log");
-        Intake::new(log, services())
+            .expect("build a second service");
+        service.bus().clone()
+    }
+
+    /// Runs a command on this test's service bus.
+    pub async fn handle(&self, subject: &str, body: &[u8]) -> Result<Arc<Receipt>, CommandError> {
+        handle(&self.bus, subject, body).await
     }
 
     /// Sends a command over NATS request/reply and returns the JSON reply.
@@ -177,7 +223,7 @@ pub fn code(reply: &Value) -> &str {
     reply["error"]["code"].as_str().unwrap_or("<ok>")
 }
 
-pub fn ok(r: Result<Arc<Receipt>, ReplyError>) -> Arc<Receipt> {
+pub fn ok(r: Result<Arc<Receipt>, CommandError>) -> Arc<Receipt> {
     r.unwrap_or_else(|e| panic!("command refused: {:?}: {}", e.code, e.message))
 }
 
@@ -330,32 +376,15 @@ pub async fn fresh_database() -> String {
     format!("postgres://postgres@127.0.0.1:{}/{name}", pg.port)
 }
 
-static METRICS: std::sync::OnceLock<metrics_exporter_prometheus::PrometheusHandle> =
-    std::sync::OnceLock::new();
-
-fn metrics_handle() -> metrics_exporter_prometheus::PrometheusHandle {
-    METRICS
-        .get_or_init(|| {
-            metrics_exporter_prometheus::PrometheusBuilder::new()
-                .install_recorder()
-                .expect("one metrics recorder per test process")
-        })
-        .clone()
-}
-
-/// The read side of a test: a fresh database, optionally the projection
-/// runners, and the HTTP API on a free port.
+/// The read side of a test: a service with a fresh database, optionally
+/// the projection runners, and the HTTP API on a free port.
 pub struct ReadSide {
     pub pool: sqlx::PgPool,
     pub url: String,
     pub http: String,
-    stop: tokio::sync::watch::Sender<bool>,
-}
-
-impl Drop for ReadSide {
-    fn drop(&mut self) {
-        let _ = self.stop.send(true);
-    }
+    /// The bus the HTTP commands run on.
+    pub bus: Arc<CommandBus>,
+    _service: Application,
 }
 
 /// Bearer tokens of the test API's clients (see [`test_clients`]).
@@ -384,63 +413,34 @@ pub fn test_clients() -> Vec<flowledger::config::ClientEntry> {
 }
 
 pub async fn spawn_read_side(app: &TestApp, runners: bool) -> ReadSide {
-    spawn_api(app, runners, app.intake.clone(), registry()).await
+    spawn_api(app, runners, registry()).await
 }
 
-/// The HTTP API over `intake` (reads, commands, n8n callbacks signed with
-/// [`N8N_KEY`]), with the [`test_clients`].
-pub async fn spawn_api(
-    app: &TestApp,
-    runners: bool,
-    intake: Arc<Intake>,
-    registry: Arc<Registry>,
-) -> ReadSide {
+/// The HTTP API with `registry` (reads, commands, n8n callbacks signed with
+/// [`N8N_KEY`]), with the [`test_clients`], on a fresh database.
+pub async fn spawn_api(app: &TestApp, runners: bool, registry: Arc<Registry>) -> ReadSide {
     let url = fresh_database().await;
-    let pool = flowledger::projections::db::connect(&url, 20)
-        .await
-        .expect("connect");
-    flowledger::projections::db::migrate(&pool)
-        .await
-        .expect("migrate");
-    let (stop, stop_rx) = tokio::sync::watch::channel(false);
-    if runners {
-        for model in flowledger::projections::ReadModel::ALL {
-            tokio::spawn(flowledger::projections::runner::run(
-                pool.clone(),
-                app.log.clone(),
-                model,
-                stop_rx.clone(),
-            ));
-        }
-    }
-    let state = flowledger::api::http::AppState {
-        pool: pool.clone(),
-        nats: app.client.clone(),
-        log: app.log.clone(),
-        metrics: metrics_handle(),
-        intake,
-        registry,
-        clients: Arc::new(flowledger::api::auth::Clients::new(&test_clients())),
-        n8n_key: Some(flowledger::handlers::signing::SigningKey::new(N8N_KEY).expect("a long key")),
-        callback_window_secs: 300,
-    };
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let http = format!("http://{}", listener.local_addr().expect("addr"));
-    let mut stop_http = stop_rx.clone();
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, flowledger::api::http::app(state))
-            .with_graceful_shutdown(async move {
-                let _ = stop_http.changed().await;
-            })
-            .await;
+    let mut s = settings(app, registry);
+    s.database = Some(DatabaseSettings {
+        url: url.clone(),
+        max_connections: 20,
+        projections: runners,
+        handler: None,
+        http: Some(HttpSettings {
+            addr: "127.0.0.1:0".parse().expect("an address"),
+            clients: test_clients(),
+            n8n_key: Some(flowledger::crypto::SigningKey::new(N8N_KEY).expect("a long key")),
+            callback_window_secs: 300,
+        }),
     });
+    let service = Application::build(s).await.expect("build the read side");
+    let http = format!("http://{}", service.http_addr().expect("the API listens"));
     ReadSide {
-        pool,
+        pool: service.pool().expect("a database").clone(),
         url,
         http,
-        stop,
+        bus: service.bus().clone(),
+        _service: service,
     }
 }
 
@@ -530,23 +530,17 @@ impl ReadSide {
     }
 }
 
-/// The job handler of a test: its own command side over the test's log,
-/// with `registry`, a fresh database for its position, and short retries.
+/// The job handler of a test: a service over the test's log with
+/// `registry`, a fresh database for its position, and short retries.
 pub struct HandlerSide {
-    pub intake: Arc<Intake>,
+    pub bus: Arc<CommandBus>,
     pub ctx: Arc<flowledger::handlers::Ctx>,
-    stop: tokio::sync::watch::Sender<bool>,
-}
-
-impl Drop for HandlerSide {
-    fn drop(&mut self) {
-        let _ = self.stop.send(true);
-    }
+    _service: Application,
 }
 
 /// Short delays for tests: 20 ms, then 60 ms, ...
-pub fn test_handler_config() -> flowledger::handlers::HandlerConfig {
-    flowledger::handlers::HandlerConfig {
+pub fn test_handler_config() -> HandlerConfig {
+    HandlerConfig {
         retry: flowledger::handlers::RetryPolicy {
             base: Duration::from_millis(20),
             multiplier: 3.0,
@@ -557,55 +551,42 @@ pub fn test_handler_config() -> flowledger::handlers::HandlerConfig {
     }
 }
 
-/// A command side over the test's log with `registry` (JSON, validated).
-pub fn command_side(app: &TestApp, registry: Value) -> (Arc<Intake>, Arc<Registry>) {
-    let registry = Arc::new(
+/// A registry from JSON (validated like the file).
+pub fn parse_registry(registry: Value) -> Arc<Registry> {
+    Arc::new(
         Registry::parse(
             std::path::Path::new("test-registry.json"),
             &registry.to_string(),
         )
         .expect("a valid test registry"),
-    );
-    let intake = Arc::new(Intake::new(
-        app.log.clone(),
-        JobServices {
-            registry: registry.clone(),
-            max_timeout_seconds: 3600,
-        },
-    ));
-    (intake, registry)
+    )
 }
 
-pub async fn spawn_handler(
-    app: &TestApp,
-    registry: Value,
-    config: flowledger::handlers::HandlerConfig,
-) -> HandlerSide {
-    let (intake, registry) = command_side(app, registry);
-    start_handler(intake, registry, config).await
+pub async fn spawn_handler(app: &TestApp, registry: Value, config: HandlerConfig) -> HandlerSide {
+    start_handler(app, parse_registry(registry), config).await
 }
 
-/// Runs the job handler on `intake`, with a fresh database for its position.
+/// Runs the job handler with `registry`, with a fresh database for its
+/// position.
 pub async fn start_handler(
-    intake: Arc<Intake>,
+    app: &TestApp,
     registry: Arc<Registry>,
-    config: flowledger::handlers::HandlerConfig,
+    config: HandlerConfig,
 ) -> HandlerSide {
-    let url = fresh_database().await;
-    let pool = flowledger::projections::db::connect(&url, 10)
-        .await
-        .expect("connect");
-    flowledger::projections::db::migrate(&pool)
-        .await
-        .expect("migrate");
-    let ctx = flowledger::handlers::Ctx::new(intake.clone(), registry, config);
-    let (stop, stop_rx) = tokio::sync::watch::channel(false);
-    tokio::spawn(flowledger::handlers::manager::run(
-        ctx.clone(),
-        pool,
-        stop_rx,
-    ));
-    HandlerSide { intake, ctx, stop }
+    let mut s = settings(app, registry);
+    s.database = Some(DatabaseSettings {
+        url: fresh_database().await,
+        max_connections: 10,
+        projections: false,
+        handler: Some(config),
+        http: None,
+    });
+    let service = Application::build(s).await.expect("build the handler");
+    HandlerSide {
+        bus: service.bus().clone(),
+        ctx: service.handler().expect("the handler runs").clone(),
+        _service: service,
+    }
 }
 
 impl HandlerSide {
@@ -616,14 +597,14 @@ impl HandlerSide {
         if let (Some(b), Value::Object(e)) = (body.as_object_mut(), extra) {
             b.extend(e);
         }
-        match self
-            .intake
-            .handle("flow.cmd.job.submit", body.to_string().as_bytes())
-            .await
-        {
-            Ok(r) => flowledger::api::intake::receipt_json(&r),
-            Err(e) => e.to_json(),
-        }
+        reply(
+            handle(
+                &self.bus,
+                "flow.cmd.job.submit",
+                body.to_string().as_bytes(),
+            )
+            .await,
+        )
     }
 
     /// Waits until the job has ended (and its callback, if any, is recorded).

@@ -328,12 +328,13 @@ async fn the_kill_switch_refuses_new_jobs_of_a_disabled_workflow() {
     );
 }
 
-/// Requests an approval for `job_id` over NATS, as the handler does.
+/// Requests an approval for `job_id` (submitted) over NATS, as the
+/// handler does.
 async fn request_approval(app: &TestApp, job_id: &str) {
+    let expires = (chrono::Utc::now() + chrono::Duration::days(1)).to_rfc3339();
     let body = json!({"approval_id": job_id, "job_id": job_id, "workflow_key": "invoice.extract",
-                      "requested_by": "flowledger-handler", "expires_at": "2099-01-01T00:00:00Z"});
-    app.intake
-        .handle("flow.cmd.approval.request", body.to_string().as_bytes())
+                      "requested_by": "flowledger-handler", "expires_at": expires});
+    app.handle("flow.cmd.approval.request", body.to_string().as_bytes())
         .await
         .expect("approval requested");
 }
@@ -343,6 +344,7 @@ async fn operators_decide_approvals_one_by_one_or_in_bulk() {
     let app = spawn_app().await;
     let api = spawn_read_side(&app, true).await;
     for id in ["a-1", "a-2", "a-3", "a-4"] {
+        app.submit(id, &format!("submit-{id}")).await;
         request_approval(&app, id).await;
     }
     let path = "/v1/approvals/a-1/approve";

@@ -58,7 +58,7 @@ pub struct Sent {
 
 /// Signs and posts an n8n result, as n8n's HTTP Request node would.
 pub async fn post_signed(url: &str, key: &[u8], timestamp: i64, body: &str) -> Sent {
-    use flowledger::handlers::signing::{SigningKey, HDR_SIGNATURE, HDR_TIMESTAMP};
+    use flowledger::crypto::{SigningKey, HDR_SIGNATURE, HDR_TIMESTAMP};
     let signature = SigningKey::new(key)
         .expect("a test key of 16+ bytes")
         .sign(timestamp, body.as_bytes());

@@ -3,15 +3,20 @@
 
 use std::time::{Duration, Instant};
 
-use flowledger::projections::{self, rebuild, ReadModel};
+use flowledger::app::resume_projection;
+use flowledger::projections::{rebuild, ReadModel};
 use serde_json::{json, Value};
 
 use crate::helpers::*;
 
 async fn job_story(app: &TestApp, id: &str, end: &str) {
     assert_eq!(app.submit(id, &format!("{id}-s")).await["ok"], json!(true));
-    app.send("job.start", json!({"job_id": id})).await;
+    let first = json!([{"step": "ocr", "idempotency_key": format!("{id}:ocr:1")}]);
+    app.send("job.start", json!({"job_id": id, "attempts": first}))
+        .await;
     app.send("job.record_step_result", json!({"job_id": id, "step": "ocr", "attempt": 1, "status": "failed", "error_code": "HTTP_503", "duration_ms": 40})).await;
+    let second = json!({"job_id": id, "step": "ocr", "attempt": 2, "idempotency_key": format!("{id}:ocr:2")});
+    app.send("job.start_attempt", second).await;
     let r = match end {
         "complete" => app.send("job.complete", json!({"job_id": id, "outputs": {"total": 7}, "step_results": [{"step": "ocr", "attempt": 2, "status": "succeeded", "duration_ms": 30}]})).await,
         "fail" => app.send("job.fail", json!({"job_id": id, "error_code": "SOLVER_TIMEOUT", "error_message": "ocr timed out"})).await,
@@ -30,9 +35,9 @@ async fn read_models_and_the_api_show_each_jobs_story() {
     job_story(&app, "cancel-1", "cancel").await;
     job_story(&app, "running-1", "none").await;
     let expires = (chrono::Utc::now() + chrono::Duration::minutes(5)).to_rfc3339();
-    app.send("approval.request", json!({"approval_id": "ap-1", "job_id": "done-1", "workflow_key": "invoice.extract", "requested_by": "billing", "expires_at": expires})).await;
-    app.send("approval.request", json!({"approval_id": "ap-2", "job_id": "failed-1", "workflow_key": "invoice.extract", "requested_by": "billing", "expires_at": expires})).await;
-    app.send("approval.approve", json!({"approval_id": "ap-1", "decided_by": "alice", "reason": "ok", "actor": {"client_id": "ops", "user_id": "alice"}})).await;
+    app.send("approval.request", json!({"approval_id": "done-1", "job_id": "done-1", "workflow_key": "invoice.extract", "requested_by": "billing", "expires_at": expires})).await;
+    app.send("approval.request", json!({"approval_id": "failed-1", "job_id": "failed-1", "workflow_key": "invoice.extract", "requested_by": "billing", "expires_at": expires})).await;
+    app.send("approval.approve", json!({"approval_id": "done-1", "decided_by": "alice", "reason": "ok", "actor": {"client_id": "ops", "user_id": "alice"}})).await;
     read.caught_up(&app.log).await;
 
     let (s, job) = read.get("/v1/jobs/done-1").await;
@@ -65,14 +70,16 @@ async fn read_models_and_the_api_show_each_jobs_story() {
         [
             "JobSubmitted",
             "JobStarted",
+            "StepAttemptStarted",
             "StepResultRecorded",
+            "StepAttemptStarted",
             "StepResultRecorded",
             "JobCompleted",
             "ApprovalRequested",
             "ApprovalGranted"
         ]
     );
-    let steps = &audit["items"][2];
+    let steps = &audit["items"][3];
     assert_eq!(
         (
             steps["step"].as_str(),
@@ -81,7 +88,7 @@ async fn read_models_and_the_api_show_each_jobs_story() {
         ),
         (Some("ocr"), Some("failed"), Some("HTTP_503"))
     );
-    assert_eq!(audit["items"][6]["user_id"], "alice");
+    assert_eq!(audit["items"][8]["user_id"], "alice");
     assert_eq!(audit["items"][0]["workflow_key"], "invoice.extract");
     assert_eq!(
         audit["items"][0]["event_hash"].as_str().map(str::len),
@@ -133,7 +140,7 @@ async fn read_models_and_the_api_show_each_jobs_story() {
     );
     let (_, pending) = read.get("/v1/approvals?status=pending").await;
     assert_eq!(pending["items"].as_array().unwrap().len(), 1);
-    assert_eq!(pending["items"][0]["approval_id"], "ap-2");
+    assert_eq!(pending["items"][0]["approval_id"], "failed-1");
     let (_, approved) = read.get("/v1/approvals?status=approved").await;
     assert_eq!(approved["items"][0]["decided_by"], "alice");
 
@@ -258,7 +265,7 @@ async fn a_poison_event_stops_the_projection_until_fixed_or_skipped() {
         .execute(&read.pool)
         .await
         .unwrap();
-    let msg = projections::resume(&read.pool, &app.log, ReadModel::Executions, None)
+    let msg = resume_projection(&read.bus, &read.pool, ReadModel::Executions, None)
         .await
         .unwrap();
     assert!(msg.contains(&poison_seq.to_string()), "{msg}");
@@ -284,9 +291,9 @@ async fn a_poison_event_stops_the_projection_until_fixed_or_skipped() {
         .await;
     let seq2 = poison2["stream_seq"].as_u64().unwrap();
     read.caught_up(&app.log).await;
-    let wrong = projections::resume(
+    let wrong = resume_projection(
+        &read.bus,
         &read.pool,
-        &app.log,
         ReadModel::Executions,
         Some((seq2 + 5, "x".into(), "ops".into())),
     )
@@ -295,9 +302,9 @@ async fn a_poison_event_stops_the_projection_until_fixed_or_skipped() {
         wrong.is_err(),
         "skip must name the sequence the projection is stopped at"
     );
-    projections::resume(
+    resume_projection(
+        &read.bus,
         &read.pool,
-        &app.log,
         ReadModel::Executions,
         Some((
             seq2,
@@ -341,22 +348,21 @@ async fn sigkill_of_the_service_changes_nothing_in_the_read_models() {
     // commands flow (through the test's own intake) while the service that
     // runs the projections is killed and restarted
     let load = {
-        let intake = app.intake.clone();
+        let bus = app.bus.clone();
         tokio::spawn(async move {
             for i in 0..150 {
                 let id = format!("k-{i}");
                 let submit = json!({"job_id": id, "workflow_key": "invoice.extract", "client_id": "billing", "input": {"i": i}});
-                intake
-                    .handle("flow.cmd.job.submit", submit.to_string().as_bytes())
+                handle(&bus, "flow.cmd.job.submit", submit.to_string().as_bytes())
                     .await
                     .unwrap();
-                intake
-                    .handle(
-                        "flow.cmd.job.start",
-                        json!({"job_id": id}).to_string().as_bytes(),
-                    )
-                    .await
-                    .unwrap();
+                handle(
+                    &bus,
+                    "flow.cmd.job.start",
+                    json!({"job_id": id}).to_string().as_bytes(),
+                )
+                .await
+                .unwrap();
                 let end = if i % 3 == 0 {
                     json!({"job_id": id, "error_code": "E", "error_message": "boom"})
                 } else {
@@ -367,8 +373,7 @@ async fn sigkill_of_the_service_changes_nothing_in_the_read_models() {
                 } else {
                     "flow.cmd.job.complete"
                 };
-                intake
-                    .handle(subject, end.to_string().as_bytes())
+                handle(&bus, subject, end.to_string().as_bytes())
                     .await
                     .unwrap();
                 tokio::time::sleep(Duration::from_millis(5)).await;
@@ -422,8 +427,7 @@ async fn readers_see_no_error_and_no_gap_during_a_rebuild() {
     for i in 0..400 {
         let id = format!("r-{i}");
         let body = json!({"job_id": id, "workflow_key": "invoice.extract", "client_id": "billing"});
-        app.intake
-            .handle("flow.cmd.job.submit", body.to_string().as_bytes())
+        app.handle("flow.cmd.job.submit", body.to_string().as_bytes())
             .await
             .unwrap();
     }
@@ -469,12 +473,11 @@ async fn readers_see_no_error_and_no_gap_during_a_rebuild() {
     };
     // writes continue during the rebuild
     let writer = {
-        let intake = app.intake.clone();
+        let bus = app.bus.clone();
         tokio::spawn(async move {
             for i in 400..500 {
                 let body = json!({"job_id": format!("r-{i}"), "workflow_key": "invoice.extract", "client_id": "billing"});
-                intake
-                    .handle("flow.cmd.job.submit", body.to_string().as_bytes())
+                handle(&bus, "flow.cmd.job.submit", body.to_string().as_bytes())
                     .await
                     .unwrap();
             }

@@ -28,8 +28,8 @@ use futures::StreamExt;
 use serde_json::{json, Value};
 use tokio::sync::oneshot;
 
-use flowledger::api::intake::Intake;
-use flowledger::commands::job::{JobServices, SubmitJob};
+use flowledger::bus::CommandBus;
+use flowledger::commands::job::{JobCommand, JobServices, SubmitJob};
 use flowledger::events::envelope::{decode_commit, Actor, CommandMeta};
 use flowledger::events::log::{self, EventLog, LogConfig};
 use flowledger::handlers::{manager, Ctx, HandlerConfig};
@@ -137,7 +137,7 @@ async fn watch_ends(log: &EventLog, waiters: Waiters) -> anyhow::Result<()> {
 }
 
 struct Bench {
-    intake: Arc<Intake>,
+    bus: Arc<CommandBus>,
     waiters: Waiters,
     http: reqwest::Client,
     peer: String,
@@ -220,10 +220,10 @@ impl Bench {
             command_hash: String::new(),
         };
         let t0 = Instant::now();
-        self.intake
-            .submit(&job_id, submit, &meta)
+        self.bus
+            .job(&job_id, JobCommand::Submit(submit), &meta)
             .await
-            .map_err(|e| anyhow::anyhow!("submit {job_id}: {}", e.message))?;
+            .map_err(|e| anyhow::anyhow!("submit {job_id}: {e}"))?;
         let (end, ok) = tokio::time::timeout(Duration::from_secs(120), rx)
             .await
             .with_context(|| format!("job {job_id} did not end within 120 s"))?
@@ -354,7 +354,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         std::path::Path::new("bench-registry.json"),
         &json!({"version": 1, "workflows": {WORKFLOW: {"steps": steps}}}).to_string(),
     )?);
-    let intake = Arc::new(Intake::new(
+    let bus = Arc::new(CommandBus::new(
         event_log.clone(),
         JobServices {
             registry: registry.clone(),
@@ -362,7 +362,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         },
     ));
     let ctx = Ctx::new(
-        intake.clone(),
+        bus.clone(),
         registry,
         HandlerConfig {
             max_concurrent_jobs: args.in_flight.max(1),
@@ -375,7 +375,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let waiters: Waiters = Arc::default();
     watch_ends(&event_log, waiters.clone()).await?;
     let bench = Arc::new(Bench {
-        intake,
+        bus,
         waiters,
         http,
         peer,

@@ -15,10 +15,10 @@ use async_nats::jetstream;
 use bytes::Bytes;
 use clap::Parser;
 use cqrs_es::AggregateError;
-use flowledger::api::intake::Intake;
+use flowledger::bus::CommandBus;
+use flowledger::commands::job::events::StepStatus;
 use flowledger::commands::job::{Job, JobCommand, JobServices, RecordStepResult, SubmitJob};
 use flowledger::events::envelope::{Actor, CommandMeta};
-use flowledger::events::job::StepStatus;
 use flowledger::events::log::{self, EventLog, LogConfig};
 use flowledger::events::store::AggregateStore;
 use flowledger::registry::Registry;
@@ -620,8 +620,9 @@ async fn event_log(args: Args) -> anyhow::Result<()> {
     };
 
     println!("\nlatency at a fixed {} commands/s for {} s (NATS request/reply through the intake; raw = one JetStream publish + ack)", args.latency_rate, args.latency_secs);
-    let intake = Arc::new(Intake::new(event_log.clone(), services()));
-    tokio::spawn(intake.clone().serve(client.clone()));
+    let bus = Arc::new(CommandBus::new(event_log.clone(), services()));
+    let sub = flowledger::api::nats::subscribe(&client).await?;
+    tokio::spawn(flowledger::api::nats::serve(bus, client.clone(), sub));
     tokio::time::sleep(Duration::from_millis(300)).await;
     let c = client.clone();
     let body = Bytes::from(

@@ -1,11 +1,14 @@
 //! Operator actions on projections, recorded in the log like any command:
 //! skipping an event a projection cannot apply is itself an audited event.
 
+pub mod events;
+
 use cqrs_es::event_sink::EventSink;
-use cqrs_es::{Aggregate, DomainEvent};
+use cqrs_es::Aggregate;
 use serde::{Deserialize, Serialize};
 
 use crate::commands::{DomainError, ErrorCode};
+use events::{ProjectionEvent, ProjectionEventSkipped};
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct ProjectionOps {
@@ -20,29 +23,6 @@ pub enum ProjectionCommand {
         reason: String,
         skipped_by: String,
     },
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "event_type", content = "data")]
-pub enum ProjectionEvent {
-    ProjectionEventSkipped(ProjectionEventSkipped),
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ProjectionEventSkipped {
-    pub version: i32,
-    pub seq: u64,
-    pub reason: String,
-    pub skipped_by: String,
-}
-
-impl DomainEvent for ProjectionEvent {
-    fn event_type(&self) -> String {
-        "ProjectionEventSkipped".to_string()
-    }
-    fn event_version(&self) -> String {
-        "1.0".to_string()
-    }
 }
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]

@@ -1,7 +1,8 @@
 //! The `Workflow` aggregate, one per workflow key: the kill-switch
 //! (disable / enable) and the count of auto-approvals per UTC day, so the
-//! daily limit holds across handler restarts and concurrent handlers. And
-//! the `Callback` aggregate: one refused incoming callback each.
+//! daily limit holds across handler restarts and concurrent handlers.
+
+pub mod events;
 
 use chrono::NaiveDate;
 use cqrs_es::event_sink::EventSink;
@@ -9,7 +10,7 @@ use cqrs_es::Aggregate;
 use serde::{Deserialize, Serialize};
 
 use crate::commands::{DomainError, ErrorCode};
-use crate::events::workflow::*;
+use events::{AutoApprovalCounted, WorkflowEvent, WorkflowSwitched};
 
 /// Workflow keys may hold '.', which aggregate ids (NATS subject tokens)
 /// may not: '_' is written "__" and '.' is written "_d", reversibly.
@@ -52,13 +53,24 @@ pub enum WorkflowError {
     DailyLimitReached { day: NaiveDate, limit: u32 },
     #[error("reason must not be empty: say why")]
     NoReason,
+    #[error("workflow {key:?} is not in the registry")]
+    UnknownWorkflow { key: String },
 }
 
 impl DomainError for WorkflowError {
     fn code(&self) -> ErrorCode {
         match self {
             WorkflowError::NoReason => ErrorCode::Validation,
+            WorkflowError::UnknownWorkflow { .. } => ErrorCode::NotFound,
             _ => ErrorCode::Rejected,
+        }
+    }
+
+    fn field(&self) -> Option<&'static str> {
+        match self {
+            WorkflowError::NoReason => Some("reason"),
+            WorkflowError::UnknownWorkflow { .. } => Some("workflow_key"),
+            _ => None,
         }
     }
 }
@@ -152,50 +164,6 @@ impl Aggregate for Workflow {
                 self.used_today = e.used;
             }
         }
-    }
-}
-
-/// One refused incoming callback.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct Callback {
-    pub rejected: bool,
-}
-
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
-pub enum CallbackError {
-    #[error("this callback record already exists; use a new id")]
-    AlreadyRecorded,
-}
-
-impl DomainError for CallbackError {
-    fn code(&self) -> ErrorCode {
-        ErrorCode::Conflict
-    }
-}
-
-impl Aggregate for Callback {
-    const TYPE: &'static str = "callback";
-    type Command = CallbackRejected;
-    type Event = CallbackEvent;
-    type Error = CallbackError;
-    type Services = ();
-
-    async fn handle(
-        &mut self,
-        command: Self::Command,
-        _: &Self::Services,
-        sink: &EventSink<Self>,
-    ) -> Result<(), Self::Error> {
-        if self.rejected {
-            return Err(CallbackError::AlreadyRecorded);
-        }
-        sink.write(CallbackEvent::CallbackRejected(command), self)
-            .await;
-        Ok(())
-    }
-
-    fn apply(&mut self, _: Self::Event) {
-        self.rejected = true;
     }
 }
 

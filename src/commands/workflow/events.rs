@@ -1,6 +1,5 @@
 //! Events of the `Workflow` aggregate (one per workflow key): the
-//! kill-switch and the daily auto-approval count; and of the `Callback`
-//! aggregate (one per refused incoming callback). `event_type` strings are a
+//! kill-switch and the daily auto-approval count. `event_type` strings are a
 //! public contract and never renamed.
 
 use chrono::NaiveDate;
@@ -38,37 +37,6 @@ impl DomainEvent for WorkflowEvent {
             WorkflowEvent::WorkflowDisabled(_) => "WorkflowDisabled",
             WorkflowEvent::WorkflowEnabled(_) => "WorkflowEnabled",
             WorkflowEvent::AutoApprovalCounted(_) => "AutoApprovalCounted",
-        }
-        .to_string()
-    }
-
-    fn event_version(&self) -> String {
-        "1.0".to_string()
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "event_type", content = "data")]
-pub enum CallbackEvent {
-    CallbackRejected(CallbackRejected),
-}
-
-/// An incoming callback was refused; the job it named was not changed.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct CallbackRejected {
-    /// The job the body claimed to be for, if it could be read.
-    pub job_id: Option<String>,
-    pub source: String,
-    /// A stable code: missing_signature, malformed_signature,
-    /// stale_timestamp, bad_signature, replayed_nonce.
-    pub error_code: String,
-    pub error_message: String,
-}
-
-impl DomainEvent for CallbackEvent {
-    fn event_type(&self) -> String {
-        match self {
-            CallbackEvent::CallbackRejected(_) => "CallbackRejected",
         }
         .to_string()
     }

@@ -7,8 +7,11 @@ use cqrs_es::event_sink::EventSink;
 use cqrs_es::Aggregate;
 use serde::{Deserialize, Serialize};
 
+pub mod events;
+
+use crate::commands::limits::MAX_APPROVAL_WINDOW_SECONDS;
 use crate::commands::{DomainError, ErrorCode};
-use crate::events::approval::*;
+use events::{ApprovalDecided, ApprovalEvent, ApprovalExpired, ApprovalRequested};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
@@ -88,8 +91,20 @@ pub enum ApprovalError {
         expires_at: DateTime<Utc>,
         at: DateTime<Utc>,
     },
+    #[error("expires_at {expires_at} is more than {MAX_APPROVAL_WINDOW_SECONDS} s (366 days) after the request time {at}")]
+    ExpiryTooFar {
+        expires_at: DateTime<Utc>,
+        at: DateTime<Utc>,
+    },
     #[error("{field} must not be empty")]
     EmptyField { field: &'static str },
+    #[error(
+        "a job's approval has the job's id: approval_id {approval_id:?} is not job_id {job_id:?}"
+    )]
+    NotTheJobsId { approval_id: String, job_id: String },
+    #[error("job {0:?} does not exist; an approval is requested for a submitted job")]
+    NoSuchJob(String),
+
     #[error("approval was already decided: it is {0}")]
     AlreadyDecided(&'static str),
     #[error("approval expired at {0}; it can no longer be approved")]
@@ -103,12 +118,25 @@ impl DomainError for ApprovalError {
         match self {
             ApprovalError::NotFound => ErrorCode::NotFound,
             ApprovalError::AlreadyExists(_) => ErrorCode::Conflict,
-            ApprovalError::ExpiryInPast { .. } | ApprovalError::EmptyField { .. } => {
-                ErrorCode::Validation
-            }
+            ApprovalError::ExpiryInPast { .. }
+            | ApprovalError::ExpiryTooFar { .. }
+            | ApprovalError::EmptyField { .. }
+            | ApprovalError::NotTheJobsId { .. } => ErrorCode::Validation,
+            ApprovalError::NoSuchJob(_) => ErrorCode::NotFound,
             ApprovalError::AlreadyDecided(_)
             | ApprovalError::Expired(_)
             | ApprovalError::NotYetDue(_) => ErrorCode::Rejected,
+        }
+    }
+
+    fn field(&self) -> Option<&'static str> {
+        match self {
+            ApprovalError::ExpiryInPast { .. } | ApprovalError::ExpiryTooFar { .. } => {
+                Some("expires_at")
+            }
+            ApprovalError::EmptyField { field } => Some(field),
+            ApprovalError::NotTheJobsId { .. } | ApprovalError::NoSuchJob(_) => Some("job_id"),
+            _ => None,
         }
     }
 }
@@ -159,6 +187,12 @@ impl Approval {
                 }
                 if r.expires_at <= at {
                     return Err(ApprovalError::ExpiryInPast {
+                        expires_at: r.expires_at,
+                        at,
+                    });
+                }
+                if (r.expires_at - at).num_seconds() > MAX_APPROVAL_WINDOW_SECONDS {
+                    return Err(ApprovalError::ExpiryTooFar {
                         expires_at: r.expires_at,
                         at,
                     });

@@ -1,4 +1,6 @@
-//! HMAC-SHA256 signatures on callbacks, both ways (docs/CALLBACKS.md).
+//! Shared crypto: HMAC-SHA256 signatures on callbacks, both ways
+//! (docs/CALLBACKS.md): the job's result callbacks flowledger sends and the
+//! n8n results it receives.
 //!
 //! The signed text is `<timestamp>.<body>`: the Unix time in seconds as
 //! decimal digits, a dot, then the body bytes exactly as sent. The signature
@@ -63,9 +65,11 @@ impl SigningKey {
         let ts_text = timestamp_header.ok_or(SignatureError::Missing(HDR_TIMESTAMP))?;
         let sig = signature_header.ok_or(SignatureError::Missing(HDR_SIGNATURE))?;
         let ts: i64 = ts_text.parse().map_err(|_| SignatureError::BadTimestamp)?;
-        if (now - ts).abs() > window_secs {
+        // any i64 may arrive: compare without overflowing (`now - ts` can
+        // exceed i64; its absolute value always fits in a u64)
+        if now.abs_diff(ts) > window_secs.unsigned_abs() {
             return Err(SignatureError::Stale {
-                age: now - ts,
+                age: now.saturating_sub(ts),
                 window: window_secs,
             });
         }
@@ -115,6 +119,34 @@ impl SignatureError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn extreme_timestamps_are_stale_not_a_panic() {
+        let key = SigningKey::new(b"0123456789abcdef").unwrap();
+        let now = 1_764_000_000;
+        for ts in [
+            i64::MIN,
+            i64::MIN + 1,
+            -1,
+            0,
+            i64::MAX,
+            now - 301,
+            now + 301,
+        ] {
+            let body = b"{}";
+            let sig = key.sign(ts, body);
+            let r = key.verify(Some(&ts.to_string()), Some(&sig), body, now, 300);
+            assert!(
+                matches!(r, Err(SignatureError::Stale { .. })),
+                "timestamp {ts}: {r:?}"
+            );
+        }
+        let sig = key.sign(now - 300, b"{}");
+        assert_eq!(
+            key.verify(Some(&(now - 300).to_string()), Some(&sig), b"{}", now, 300),
+            Ok(now - 300)
+        );
+    }
 
     /// The worked example of docs/CALLBACKS.md: a receiver in any language
     /// must produce the same signature from the same key, timestamp and body.

@@ -1,6 +1,6 @@
 //! Events of the `Job` aggregate. Each variant is a public contract: its
 //! `event_type` string is never renamed and its fields only grow (older
-//! versions are upcast on read, see `events::upcasters`).
+//! versions are upcast on read, see `crate::events::upcasters`).
 
 use cqrs_es::DomainEvent;
 use serde::{Deserialize, Serialize};
@@ -49,6 +49,17 @@ pub enum StepStatus {
     Succeeded,
     Failed,
     TimedOut,
+}
+
+impl StepStatus {
+    /// The stored form (`succeeded`, `failed`, `timed_out`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StepStatus::Succeeded => "succeeded",
+            StepStatus::Failed => "failed",
+            StepStatus::TimedOut => "timed_out",
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -1,13 +1,13 @@
 //! Outgoing callbacks: when a job ends, its result is POSTed to the job's
-//! `callback_url`, signed (see `signing`), retried with backoff; the
+//! `callback_url`, signed (see `crate::crypto`), retried with backoff; the
 //! outcome is a `CallbackDelivered` or `CallbackFailed` event on the job.
 
 use std::time::Duration;
 
 use crate::commands::job::RecordCallback;
+use crate::crypto::{HDR_SIGNATURE, HDR_TIMESTAMP};
 use crate::handlers::executor::{callback_body, record_callback};
 use crate::handlers::peer::HDR_IDEMPOTENCY_KEY;
-use crate::handlers::signing::{HDR_SIGNATURE, HDR_TIMESTAMP};
 use crate::handlers::view::JobView;
 use crate::handlers::Ctx;
 

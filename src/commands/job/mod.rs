@@ -9,9 +9,18 @@ use cqrs_es::Aggregate;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+pub mod events;
+
+use crate::commands::limits::{
+    MAX_ATTEMPTS, MAX_CALLBACK_ATTEMPTS, MAX_DURATION_MS, MAX_JOB_TIMEOUT_SECONDS,
+    MAX_RETRY_DELAY_MS, PRIORITY_RANGE,
+};
 use crate::commands::{DomainError, ErrorCode};
-use crate::events::job::*;
 use crate::registry::Registry;
+use events::{
+    CallbackDelivered, CallbackFailed, JobCancelled, JobCompleted, JobEvent, JobFailed, JobStarted,
+    JobSubmitted, StepAttemptStarted, StepResultRecorded, StepRetryScheduled, StepStatus,
+};
 
 pub const DEFAULT_PRIORITY: u8 = 5;
 pub const DEFAULT_TIMEOUT_SECONDS: u32 = 300;
@@ -251,6 +260,24 @@ pub enum JobError {
         expected: u32,
         got: u32,
     },
+    #[error("step {step:?}: attempt {attempt} was never started (attempts started: {started})")]
+    AttemptNotStarted {
+        step: String,
+        attempt: u32,
+        started: u32,
+    },
+    #[error("attempt must be 1 to {MAX_ATTEMPTS}, got {0}")]
+    AttemptOutOfRange(u32),
+    #[error("retry_in_ms must be at most {MAX_RETRY_DELAY_MS} (one day), got {0}")]
+    InvalidRetryDelay(u64),
+    #[error("duration_ms must be at most {MAX_DURATION_MS} (one week), got {0}")]
+    InvalidDuration(u64),
+    #[error("attempts must be at most {MAX_CALLBACK_ATTEMPTS}, got {0}")]
+    InvalidCallbackAttempts(u32),
+    #[error("status_code must be an HTTP status (100-599), got {0}")]
+    InvalidStatusCode(u16),
+    #[error("workflow {key:?} is disabled (kill-switch); new jobs are refused until an operator enables it")]
+    WorkflowDisabled { key: String },
     #[error("callback_url {url:?}: {reason}")]
     InvalidCallbackUrl { url: String, reason: String },
     #[error("the job has no callback_url")]
@@ -271,16 +298,41 @@ impl DomainError for JobError {
             | JobError::UnknownWorkflow { .. }
             | JobError::EmptyClientId
             | JobError::EmptyField { .. } => ErrorCode::Validation,
-            JobError::CallbackOutcome | JobError::InvalidCallbackUrl { .. } => {
-                ErrorCode::Validation
-            }
-            JobError::InvalidTransition { .. }
+            JobError::CallbackOutcome
+            | JobError::InvalidCallbackUrl { .. }
+            | JobError::AttemptOutOfRange(_)
+            | JobError::InvalidRetryDelay(_)
+            | JobError::InvalidDuration(_)
+            | JobError::InvalidCallbackAttempts(_)
+            | JobError::InvalidStatusCode(_) => ErrorCode::Validation,
+            JobError::WorkflowDisabled { .. }
+            | JobError::AttemptNotStarted { .. }
+            | JobError::InvalidTransition { .. }
             | JobError::DuplicateStepResult { .. }
             | JobError::StepAlreadySucceeded { .. }
             | JobError::AttemptOutOfOrder { .. }
             | JobError::NoCallback
             | JobError::CallbackAlreadyRecorded => ErrorCode::Rejected,
         }
+    }
+
+    fn field(&self) -> Option<&'static str> {
+        Some(match self {
+            JobError::InvalidPriority(_) => "priority",
+            JobError::InvalidTimeout { .. } => "timeout_seconds",
+            JobError::UnknownWorkflow { .. } | JobError::WorkflowDisabled { .. } => "workflow_key",
+            JobError::EmptyClientId => "client_id",
+            JobError::EmptyField { field } => field,
+            JobError::InvalidCallbackUrl { .. } => "callback_url",
+            JobError::AttemptOutOfRange(_)
+            | JobError::AttemptNotStarted { .. }
+            | JobError::AttemptOutOfOrder { .. } => "attempt",
+            JobError::InvalidRetryDelay(_) => "retry_in_ms",
+            JobError::InvalidDuration(_) => "duration_ms",
+            JobError::InvalidCallbackAttempts(_) => "attempts",
+            JobError::InvalidStatusCode(_) => "status_code",
+            _ => return None,
+        })
     }
 }
 
@@ -311,7 +363,15 @@ impl Job {
         if self.succeeded.contains(&step) {
             return Err(JobError::StepAlreadySucceeded { step });
         }
-        let expected = self.started.get(&step).copied().unwrap_or(0) + 1;
+        if attempt == 0 || attempt > MAX_ATTEMPTS {
+            return Err(JobError::AttemptOutOfRange(attempt));
+        }
+        let expected = self
+            .started
+            .get(&step)
+            .copied()
+            .unwrap_or(0)
+            .saturating_add(1);
         if attempt != expected {
             return Err(JobError::AttemptOutOfOrder {
                 step,
@@ -347,6 +407,23 @@ impl Job {
         if r.step.is_empty() {
             return Err(JobError::EmptyField { field: "step" });
         }
+        if r.attempt == 0 || r.attempt > MAX_ATTEMPTS {
+            return Err(JobError::AttemptOutOfRange(r.attempt));
+        }
+        if r.duration_ms > MAX_DURATION_MS {
+            return Err(JobError::InvalidDuration(r.duration_ms));
+        }
+        if let Some(delay) = r.retry_in_ms.filter(|d| *d > MAX_RETRY_DELAY_MS) {
+            return Err(JobError::InvalidRetryDelay(delay));
+        }
+        let started = self.started.get(&r.step).copied().unwrap_or(0);
+        if r.attempt > started {
+            return Err(JobError::AttemptNotStarted {
+                step: r.step,
+                attempt: r.attempt,
+                started,
+            });
+        }
         if self
             .recorded
             .iter()
@@ -365,7 +442,7 @@ impl Job {
                 Some(JobEvent::StepRetryScheduled(StepRetryScheduled {
                     workflow_key: self.workflow_key.clone(),
                     step: r.step.clone(),
-                    attempt: r.attempt + 1,
+                    attempt: r.attempt.saturating_add(1),
                     delay_ms,
                 }))
             }
@@ -391,24 +468,25 @@ impl Job {
         command: JobCommand,
         services: &JobServices,
     ) -> Result<Vec<JobEvent>, JobError> {
-        use JobStatus::*;
+        use JobStatus::{Pending, Running};
         match command {
             JobCommand::Submit(c) => {
-                if self.status != None {
+                if self.status != JobStatus::None {
                     return Err(JobError::AlreadyExists(self.status.as_str()));
                 }
                 if c.client_id.trim().is_empty() {
                     return Err(JobError::EmptyClientId);
                 }
                 let priority = c.priority.unwrap_or(DEFAULT_PRIORITY);
-                if !(1..=10).contains(&priority) {
+                if !PRIORITY_RANGE.contains(&priority) {
                     return Err(JobError::InvalidPriority(priority));
                 }
                 let timeout_seconds = c.timeout_seconds.unwrap_or(DEFAULT_TIMEOUT_SECONDS);
-                if timeout_seconds == 0 || timeout_seconds > services.max_timeout_seconds {
+                let max = services.max_timeout_seconds.min(MAX_JOB_TIMEOUT_SECONDS);
+                if timeout_seconds == 0 || timeout_seconds > max {
                     return Err(JobError::InvalidTimeout {
                         got: timeout_seconds,
-                        max: services.max_timeout_seconds,
+                        max,
                     });
                 }
                 if let Some(url) = &c.callback_url {
@@ -464,6 +542,12 @@ impl Job {
                 }
                 if self.callback_recorded {
                     return Err(JobError::CallbackAlreadyRecorded);
+                }
+                if c.attempts > MAX_CALLBACK_ATTEMPTS {
+                    return Err(JobError::InvalidCallbackAttempts(c.attempts));
+                }
+                if let Some(code) = c.status_code.filter(|c| !(100..=599).contains(c)) {
+                    return Err(JobError::InvalidStatusCode(code));
                 }
                 let event = match (c.status_code, c.error_message) {
                     (Some(status_code), Option::None) => {
@@ -778,6 +862,8 @@ mod tests {
                 JobEvent::JobStarted(JobStarted {
                     workflow_key: "invoice.extract".into(),
                 }),
+                attempt_started("ocr", 1),
+                attempt_started("llm", 1),
             ])
             .when(JobCommand::RecordStepResult(step("ocr", 1)))
             .then_expect_events(vec![step_event("ocr", 1)]);
@@ -787,6 +873,7 @@ mod tests {
                 JobEvent::JobStarted(JobStarted {
                     workflow_key: "invoice.extract".into(),
                 }),
+                attempt_started("ocr", 1),
                 step_event("ocr", 1),
             ])
             .when(JobCommand::RecordStepResult(step("ocr", 1)))
@@ -804,6 +891,8 @@ mod tests {
                 JobEvent::JobStarted(JobStarted {
                     workflow_key: "invoice.extract".into(),
                 }),
+                attempt_started("ocr", 1),
+                attempt_started("llm", 1),
             ])
             .when(JobCommand::Complete(CompleteJob {
                 outputs: json!({"total": 10}),
@@ -827,6 +916,8 @@ mod tests {
                 JobEvent::JobStarted(JobStarted {
                     workflow_key: "invoice.extract".into(),
                 }),
+                attempt_started("ocr", 1),
+                attempt_started("llm", 1),
             ])
             .when(JobCommand::Complete(CompleteJob {
                 outputs: json!({}),
@@ -1094,5 +1185,82 @@ mod tests {
             .given(vec![with_url, started(), done, recorded])
             .when(JobCommand::RecordCallback(delivered))
             .then_expect_error(JobError::CallbackAlreadyRecorded);
+    }
+
+    #[test]
+    fn a_result_for_an_attempt_never_started_is_refused() {
+        framework()
+            .given(vec![submitted(), started(), attempt_started("ocr", 1)])
+            .when(JobCommand::RecordStepResult(step("ocr", 2)))
+            .then_expect_error(JobError::AttemptNotStarted {
+                step: "ocr".into(),
+                attempt: 2,
+                started: 1,
+            });
+        framework()
+            .given(vec![submitted(), started()])
+            .when(JobCommand::RecordStepResult(step("never", 1)))
+            .then_expect_error(JobError::AttemptNotStarted {
+                step: "never".into(),
+                attempt: 1,
+                started: 0,
+            });
+    }
+
+    #[test]
+    fn numbers_from_outside_are_bounded() {
+        let given = || vec![submitted(), started(), attempt_started("ocr", 1)];
+        for attempt in [0, MAX_ATTEMPTS + 1, u32::MAX] {
+            framework()
+                .given(given())
+                .when(JobCommand::RecordStepResult(step("ocr", attempt)))
+                .then_expect_error(JobError::AttemptOutOfRange(attempt));
+            framework()
+                .given(given())
+                .when(JobCommand::StartAttempt(StartAttempt {
+                    step: "ocr".into(),
+                    attempt,
+                    idempotency_key: "k".into(),
+                }))
+                .then_expect_error(JobError::AttemptOutOfRange(attempt));
+        }
+        for retry in [MAX_RETRY_DELAY_MS + 1, u64::MAX] {
+            let r = RecordStepResult {
+                status: StepStatus::Failed,
+                retry_in_ms: Some(retry),
+                ..step("ocr", 1)
+            };
+            framework()
+                .given(given())
+                .when(JobCommand::RecordStepResult(r))
+                .then_expect_error(JobError::InvalidRetryDelay(retry));
+        }
+        let r = RecordStepResult {
+            duration_ms: u64::MAX,
+            ..step("ocr", 1)
+        };
+        framework()
+            .given(given())
+            .when(JobCommand::RecordStepResult(r))
+            .then_expect_error(JobError::InvalidDuration(u64::MAX));
+        let e = Job::default()
+            .decide(
+                JobCommand::Submit(SubmitJob {
+                    timeout_seconds: Some(u32::MAX),
+                    ..submit()
+                }),
+                &JobServices {
+                    max_timeout_seconds: u32::MAX,
+                    ..services()
+                },
+            )
+            .unwrap_err();
+        assert_eq!(
+            e,
+            JobError::InvalidTimeout {
+                got: u32::MAX,
+                max: MAX_JOB_TIMEOUT_SECONDS
+            }
+        );
     }
 }

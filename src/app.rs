@@ -1,0 +1,344 @@
+//! The composition root: [`Application::build`] wires the service from its
+//! [`Settings`]: the command bus, the NATS intake, the projections, the job
+//! handler, the HTTP API and the checkpoint writer. `flowledger serve` and
+//! the integration tests build the service through this one function.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use metrics_exporter_prometheus::PrometheusHandle;
+use sqlx::PgPool;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::api;
+use crate::audit::checkpoint::{self, CheckpointKey};
+use crate::bus::{ids, CommandBus};
+use crate::commands::job::JobServices;
+use crate::commands::projection::ProjectionCommand;
+use crate::config::ClientEntry;
+use crate::crypto::SigningKey;
+use crate::events::envelope::{Actor, CommandMeta};
+use crate::events::log::EventLog;
+use crate::handlers::{self, HandlerConfig};
+use crate::projections::{self, db};
+use crate::registry::Registry;
+
+/// What the service is built from. Each part can be left out: the tests
+/// build only the parts they exercise, `serve` builds what its flags ask.
+pub struct Settings {
+    /// A connection to NATS and the opened event log (streams checked).
+    pub nats: async_nats::Client,
+    pub log: EventLog,
+    pub registry: Arc<Registry>,
+    /// Largest `timeout_seconds` a job may ask for.
+    pub max_timeout_seconds: u32,
+    /// Answer commands on `flow.cmd.>` (queue group `flowledger-intake`).
+    pub intake: bool,
+    /// Sign a checkpoint with this key at this interval.
+    pub checkpoints: Option<(CheckpointKey, Duration)>,
+    /// PostgreSQL and what runs on it; none: no read side, no handler.
+    pub database: Option<DatabaseSettings>,
+}
+
+/// The parts that need PostgreSQL.
+pub struct DatabaseSettings {
+    pub url: String,
+    pub max_connections: u32,
+    /// Run the projection runners (one per read model).
+    pub projections: bool,
+    /// Run the job handler with these settings.
+    pub handler: Option<HandlerConfig>,
+    /// Serve the HTTP API on this address (port 0: a free port).
+    pub http: Option<HttpSettings>,
+}
+
+pub struct HttpSettings {
+    pub addr: SocketAddr,
+    pub clients: Vec<ClientEntry>,
+    /// Verifies `POST /v1/callbacks/n8n`; none: that endpoint answers 503.
+    pub n8n_key: Option<SigningKey>,
+    pub callback_window_secs: i64,
+}
+
+/// Why the service could not be built; each names what to fix.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    /// PostgreSQL could not be reached or migrated.
+    #[error(transparent)]
+    Database(#[from] db::DbError),
+    #[error("cannot listen on {addr}: {source} (choose another --http address)")]
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot subscribe to the command subjects: {0}")]
+    Subscribe(#[from] async_nats::SubscribeError),
+}
+
+/// Why the running service stopped on its own.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("the command intake stopped: the NATS subscription ended")]
+    IntakeEnded,
+}
+
+/// A built, running service.
+pub struct Application {
+    bus: Arc<CommandBus>,
+    pool: Option<PgPool>,
+    handler: Option<Arc<handlers::Ctx>>,
+    http_addr: Option<SocketAddr>,
+    stop: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+    intake: Option<JoinHandle<()>>,
+}
+
+/// The process's one Prometheus recorder (installed on first use).
+pub fn metrics_handle() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+            let handle = recorder.handle();
+            // another recorder installed first (a library user's) keeps
+            // working; ours then only renders what it records
+            if metrics::set_global_recorder(recorder).is_err() {
+                tracing::warn!("a metrics recorder was already installed; /metrics shows only flowledger's own view");
+            }
+            handle
+        })
+        .clone()
+}
+
+impl Application {
+    /// Builds and starts every part `settings` asks for.
+    pub async fn build(settings: Settings) -> Result<Self, BuildError> {
+        let Settings {
+            nats,
+            log,
+            registry,
+            max_timeout_seconds,
+            intake,
+            checkpoints,
+            database,
+        } = settings;
+        let bus = Arc::new(CommandBus::new(
+            log.clone(),
+            JobServices {
+                registry: registry.clone(),
+                max_timeout_seconds,
+            },
+        ));
+        let (stop, stop_rx) = watch::channel(false);
+        let mut tasks = Vec::new();
+        if let Some((key, every)) = checkpoints {
+            tasks.push(tokio::spawn(write_checkpoints(
+                nats.clone(),
+                log.clone(),
+                key,
+                every,
+                stop_rx.clone(),
+            )));
+        }
+        let (mut pool, mut handler, mut http_addr) = (None, None, None);
+        if let Some(d) = database {
+            let p = db::connect(&d.url, d.max_connections).await?;
+            db::migrate(&p).await?;
+            if d.projections {
+                for model in projections::ReadModel::ALL {
+                    let run =
+                        projections::runner::run(p.clone(), log.clone(), model, stop_rx.clone());
+                    tasks.push(tokio::spawn(run));
+                }
+            }
+            if let Some(config) = d.handler {
+                if config.callback_key.is_none() {
+                    tracing::warn!(
+                        "no callback signing key: job callbacks are recorded as failed, never sent unsigned"
+                    );
+                }
+                let ctx = handlers::Ctx::new(bus.clone(), registry.clone(), config);
+                let run = handlers::manager::run(ctx.clone(), p.clone(), stop_rx.clone());
+                tasks.push(tokio::spawn(run));
+                handler = Some(ctx);
+            }
+            if let Some(h) = d.http {
+                let listener = tokio::net::TcpListener::bind(h.addr)
+                    .await
+                    .map_err(|source| BuildError::Listen {
+                        addr: h.addr,
+                        source,
+                    })?;
+                let addr = listener.local_addr().map_err(|source| BuildError::Listen {
+                    addr: h.addr,
+                    source,
+                })?;
+                tracing::info!("HTTP API on http://{addr}");
+                let state = api::http::AppState {
+                    pool: p.clone(),
+                    nats: nats.clone(),
+                    log: log.clone(),
+                    metrics: metrics_handle(),
+                    bus: bus.clone(),
+                    registry: registry.clone(),
+                    clients: Arc::new(api::auth::Clients::new(&h.clients)),
+                    n8n_key: h.n8n_key,
+                    callback_window_secs: h.callback_window_secs,
+                };
+                let mut stop = stop_rx.clone();
+                tasks.push(tokio::spawn(async move {
+                    let served = axum::serve(listener, api::http::app(state))
+                        .with_graceful_shutdown(async move {
+                            let _ = stop.changed().await;
+                        })
+                        .await;
+                    if let Err(e) = served {
+                        tracing::error!(error = %e, "the HTTP API stopped");
+                    }
+                }));
+                http_addr = Some(addr);
+            }
+            pool = Some(p);
+        }
+        let intake = if intake {
+            Some(start_intake(bus.clone(), nats).await?)
+        } else {
+            None
+        };
+        Ok(Application {
+            bus,
+            pool,
+            handler,
+            http_addr,
+            stop,
+            tasks,
+            intake,
+        })
+    }
+
+    /// The command bus every part issues commands through.
+    pub fn bus(&self) -> &Arc<CommandBus> {
+        &self.bus
+    }
+
+    /// The read-model database, if one was configured.
+    pub fn pool(&self) -> Option<&PgPool> {
+        self.pool.as_ref()
+    }
+
+    /// The job handler's context, if the handler runs.
+    pub fn handler(&self) -> Option<&Arc<handlers::Ctx>> {
+        self.handler.as_ref()
+    }
+
+    /// Where the HTTP API listens, if it runs.
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.http_addr
+    }
+
+    /// Runs until `shutdown` resolves (then stops every part, waiting up to
+    /// 5 s each) or the intake stops on its own (an error).
+    pub async fn run_until(
+        mut self,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) -> Result<(), RunError> {
+        let intake = self.intake.take();
+        let ended = async {
+            match intake {
+                Some(t) => {
+                    let _ = t.await;
+                }
+                None => std::future::pending().await,
+            }
+        };
+        let result = tokio::select! {
+            _ = ended => Err(RunError::IntakeEnded),
+            _ = shutdown => Ok(()),
+        };
+        let _ = self.stop.send(true);
+        for t in std::mem::take(&mut self.tasks) {
+            let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
+        }
+        result
+    }
+}
+
+impl Drop for Application {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+        if let Some(t) = &self.intake {
+            t.abort();
+        }
+    }
+}
+
+/// Subscribes first (so a build that returns answers commands), then
+/// serves in a task.
+async fn start_intake(
+    bus: Arc<CommandBus>,
+    nats: async_nats::Client,
+) -> Result<JoinHandle<()>, BuildError> {
+    let sub = api::nats::subscribe(&nats).await?;
+    Ok(tokio::spawn(api::nats::serve(bus, nats, sub)))
+}
+
+/// Resumes a stopped projection (`flowledger projections resume`). With
+/// `skip` (stream sequence, reason, who), the skip is first recorded as an
+/// event through the bus, so the log says who skipped what and why; then the
+/// projection passes that sequence.
+pub async fn resume_projection(
+    bus: &CommandBus,
+    pool: &PgPool,
+    model: projections::ReadModel,
+    skip: Option<(u64, String, String)>,
+) -> Result<String, projections::ResumeError> {
+    let stopped = match projections::stopped(pool, model).await? {
+        Ok(stopped) => stopped,
+        Err(nothing_to_resume) => return Ok(nothing_to_resume),
+    };
+    if let Some((seq, reason, by)) = &skip {
+        stopped.check_skip(*seq)?;
+        let actor = Actor {
+            client_id: OPERATOR_ACTOR.into(),
+            user_id: Some(by.clone()),
+        };
+        let command_id = ids::projection_skip(&stopped.name, *seq);
+        let meta = CommandMeta::originating(command_id, actor, String::new());
+        let command = ProjectionCommand::SkipEvent {
+            version: stopped.version,
+            seq: *seq,
+            reason: reason.clone(),
+            skipped_by: by.clone(),
+        };
+        bus.projection(&stopped.name, command, &meta)
+            .await
+            .map_err(|e| projections::ResumeError::Record(e.into()))?;
+    }
+    projections::resume(pool, &stopped, skip).await
+}
+
+/// The actor on commands an operator runs from the command line.
+pub const OPERATOR_ACTOR: &str = "operator";
+
+async fn write_checkpoints(
+    nats: async_nats::Client,
+    log: EventLog,
+    key: CheckpointKey,
+    every: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.changed() => return,
+        }
+        match checkpoint::write_checkpoint(&nats, &log, &key).await {
+            Ok(Some(cp)) => tracing::info!(seq = cp.seq, "checkpoint signed"),
+            Ok(None) => {}
+            Err(e) => tracing::warn!(error = %e, "checkpoint failed; will retry"),
+        }
+    }
+}

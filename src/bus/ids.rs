@@ -1,0 +1,149 @@
+//! Every command id flowledger derives itself, in one place.
+//!
+//! A derived id names the command and what caused it, so the same cause
+//! always gives the same id: a handler restarted after a crash re-issues
+//! its commands with the same ids and the log answers the first receipts
+//! (docs/adr/0002). Each id is `<kind>:<parts>` joined by `:`; no part can
+//! hold a `:` (job ids and projection names are subject tokens, step names
+//! are registry keys without `:`, attempts and sequences are numbers), and
+//! the kinds differ, so two different inputs never give the same id (a test
+//! below checks it). Ids that callers choose may not contain `:`
+//! ([`caller_chosen_is_valid`]), so they never collide with a derived one.
+
+/// The command id of `POST /v1/jobs` for `job_id`: the same job id and body
+/// answer the original receipt; another body is a reused command id (409).
+pub fn http_submit(job_id: &str) -> String {
+    format!("http-submit:{job_id}")
+}
+
+/// The result of `attempt` of `step` posted by n8n to `/v1/callbacks/n8n`.
+pub fn n8n_result(job_id: &str, step: &str, attempt: u32) -> String {
+    format!("n8n:{job_id}:{step}:{attempt}")
+}
+
+/// An operator's skip of stream sequence `seq` in projection `projection`.
+pub fn projection_skip(projection: &str, seq: u64) -> String {
+    format!("skip:{projection}:{seq}")
+}
+
+/// The idempotency key sent with `attempt` of `step` (header
+/// `Idempotency-Key`): the same for an attempt sent again after a restart.
+pub fn idempotency_key(job_id: &str, step: &str, attempt: u32) -> String {
+    format!("{job_id}:{step}:{attempt}")
+}
+
+/// The handler starts the job (and the first attempt of every step).
+pub fn job_start(job_id: &str) -> String {
+    format!("start:{job_id}")
+}
+
+/// The handler starts `attempt` (2 and later) of `step`.
+pub fn attempt_start(job_id: &str, step: &str, attempt: u32) -> String {
+    format!("attempt:{}", idempotency_key(job_id, step, attempt))
+}
+
+/// The handler records the result of `attempt` of `step`.
+pub fn attempt_result(job_id: &str, step: &str, attempt: u32) -> String {
+    format!("result:{}", idempotency_key(job_id, step, attempt))
+}
+
+/// The handler ends the job (completes or fails it).
+pub fn job_end(job_id: &str) -> String {
+    format!("end:{job_id}")
+}
+
+/// The handler records how the job's result callback went.
+pub fn callback_outcome(job_id: &str) -> String {
+    format!("callback:{job_id}")
+}
+
+/// The handler requests the job's approval.
+pub fn approval_request(job_id: &str) -> String {
+    format!("approval-request:{job_id}")
+}
+
+/// The handler expires the job's approval.
+pub fn approval_expire(job_id: &str) -> String {
+    format!("approval-expire:{job_id}")
+}
+
+/// The handler counts the job's auto-approval against the daily limit.
+pub fn auto_approval_count(job_id: &str) -> String {
+    format!("auto-approval-count:{job_id}")
+}
+
+/// The handler approves the job without a human (auto-approval rule).
+pub fn auto_approve(job_id: &str) -> String {
+    format!("auto-approve:{job_id}")
+}
+
+/// A command id a caller chooses: 1-128 characters, no `:` (reserved for
+/// the ids above) and no control character.
+pub fn caller_chosen_is_valid(id: &str) -> bool {
+    !id.is_empty() && id.len() <= 128 && !id.contains(':') && !id.chars().any(char::is_control)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+
+    /// Every derived id for a grid of inputs, with the inputs that made it.
+    fn all_ids() -> Vec<(String, String)> {
+        let jobs = ["j", "j-1", "j_1", "1", "a-b"];
+        let steps = ["s", "s-1", "ocr", "1", "a_b"];
+        let mut out = Vec::new();
+        for j in jobs {
+            for (kind, f) in [
+                ("http_submit", http_submit as fn(&str) -> String),
+                ("job_start", job_start),
+                ("job_end", job_end),
+                ("callback_outcome", callback_outcome),
+                ("approval_request", approval_request),
+                ("approval_expire", approval_expire),
+                ("auto_approval_count", auto_approval_count),
+                ("auto_approve", auto_approve),
+            ] {
+                out.push((f(j), format!("{kind}({j})")));
+            }
+            for s in steps {
+                for a in [1u32, 2, 11, u32::MAX] {
+                    for (kind, f) in [
+                        ("n8n_result", n8n_result as fn(&str, &str, u32) -> String),
+                        ("attempt_start", attempt_start),
+                        ("attempt_result", attempt_result),
+                    ] {
+                        out.push((f(j, s, a), format!("{kind}({j},{s},{a})")));
+                    }
+                }
+            }
+            for seq in [1u64, 12, u64::MAX] {
+                out.push((projection_skip(j, seq), format!("skip({j},{seq})")));
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn two_different_inputs_never_give_the_same_id() {
+        let mut seen: HashMap<String, String> = HashMap::new();
+        for (id, made_by) in all_ids() {
+            if let Some(other) = seen.insert(id.clone(), made_by.clone()) {
+                panic!("{id:?} is made by both {other} and {made_by}");
+            }
+        }
+    }
+
+    #[test]
+    fn no_derived_id_is_a_valid_caller_chosen_id() {
+        for (id, made_by) in all_ids() {
+            assert!(!caller_chosen_is_valid(&id), "{made_by} gives {id:?}");
+        }
+        assert!(caller_chosen_is_valid(
+            "0193a0f2-7c1e-7000-8000-000000000000"
+        ));
+        assert!(!caller_chosen_is_valid(""));
+        assert!(!caller_chosen_is_valid("a\u{0}b"));
+    }
+}

@@ -1,0 +1,264 @@
+//! The command bus: the one object through which every entry point (NATS,
+//! HTTP, the n8n endpoint, the CLI) and every handler issues commands.
+//!
+//! It owns the aggregate stores (one per aggregate type, each with its
+//! cache), applies the rules that span aggregates, and is the only place
+//! that executes a command:
+//! - the kill-switch: a job of a disabled workflow is not submitted,
+//!   whichever door the submission came through;
+//! - approval per job: a job's approval has the job's id, and is requested
+//!   only for a job that exists (so no approval can be made up for a job
+//!   under another id);
+//! - every string that becomes a subject token is checked first, so no input
+//!   reads or writes another subject than the one it names.
+//!
+//! Command ids the system derives itself are built in [`ids`].
+
+pub mod ids;
+
+use std::sync::Arc;
+
+use serde_json::{json, Value};
+
+use crate::commands::approval::{Approval, ApprovalCommand, ApprovalError};
+use crate::commands::job::{Job, JobCommand, JobError, JobServices};
+use crate::commands::projection::{ProjectionCommand, ProjectionOps, ProjectionOpsError};
+use crate::commands::rejected_callback::events::CallbackRejected;
+use crate::commands::rejected_callback::{RejectedCallback, RejectedCallbackError};
+use crate::commands::workflow::{self, Workflow, WorkflowCommand, WorkflowError};
+use crate::commands::{DomainError, ErrorCode};
+use crate::events::envelope::CommandMeta;
+use crate::events::log::EventLog;
+use crate::events::store::{AggregateStore, ExecuteError, Loaded, Receipt, StoreError};
+use crate::registry::Registry;
+
+/// A command that was refused or failed: what the caller does about it
+/// (`code`), what was wrong (`message`) and, for bad input, which field.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CommandError {
+    pub code: ErrorCode,
+    pub message: String,
+    pub field: Option<String>,
+}
+
+impl CommandError {
+    /// Bad input: `field` (if one is to blame) and what is wrong with it.
+    pub fn validation(field: Option<&str>, message: impl Into<String>) -> Self {
+        CommandError {
+            code: ErrorCode::Validation,
+            message: message.into(),
+            field: field.map(str::to_string),
+        }
+    }
+
+    /// The reply body: `{"ok": false, "error": {code, message, field?}}`.
+    pub fn to_json(&self) -> Value {
+        let mut error = json!({"code": self.code.as_str(), "message": self.message});
+        if let Some(f) = &self.field {
+            error["field"] = json!(f);
+        }
+        json!({"ok": false, "error": error})
+    }
+}
+
+impl std::fmt::Display for CommandError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for CommandError {}
+
+impl<E: DomainError> From<ExecuteError<E>> for CommandError {
+    fn from(e: ExecuteError<E>) -> Self {
+        let (code, field) = match &e {
+            ExecuteError::Rejected(d) => (d.code(), d.field()),
+            ExecuteError::Conflict { .. } | ExecuteError::CommandIdReused { .. } => {
+                (ErrorCode::Conflict, None)
+            }
+            ExecuteError::TooLarge(_) | ExecuteError::Unstorable => (ErrorCode::Validation, None),
+            ExecuteError::Store(StoreError::InvalidAggregateId { aggregate_type, .. }) => {
+                (ErrorCode::Validation, Some(id_field(aggregate_type)))
+            }
+            ExecuteError::Store(StoreError::Log(_)) => (ErrorCode::Unavailable, None),
+            ExecuteError::Store(_) => (ErrorCode::Internal, None),
+        };
+        if matches!(code, ErrorCode::Internal | ErrorCode::Unavailable) {
+            tracing::error!(error = %e, "command failed");
+        }
+        CommandError {
+            code,
+            message: e.to_string(),
+            field: field.map(str::to_string),
+        }
+    }
+}
+
+/// The request field that carries an aggregate's id.
+fn id_field(aggregate_type: &str) -> &'static str {
+    match aggregate_type {
+        "job" => "job_id",
+        "approval" => "approval_id",
+        "workflow" => "workflow_key",
+        "projection" => "projection",
+        _ => "id",
+    }
+}
+
+impl From<StoreError> for CommandError {
+    fn from(e: StoreError) -> Self {
+        ExecuteError::<JobError>::Store(e).into()
+    }
+}
+
+/// The command side: one store per aggregate type, shared by every door.
+pub struct CommandBus {
+    jobs: AggregateStore<Job>,
+    approvals: AggregateStore<Approval>,
+    workflows: AggregateStore<Workflow>,
+    rejected_callbacks: AggregateStore<RejectedCallback>,
+    projection_ops: AggregateStore<ProjectionOps>,
+    registry: Arc<Registry>,
+}
+
+impl CommandBus {
+    pub fn new(log: EventLog, job_services: JobServices) -> Self {
+        CommandBus {
+            registry: job_services.registry.clone(),
+            jobs: AggregateStore::new(log.clone(), job_services),
+            approvals: AggregateStore::new(log.clone(), ()),
+            workflows: AggregateStore::new(log.clone(), ()),
+            rejected_callbacks: AggregateStore::new(log.clone(), ()),
+            projection_ops: AggregateStore::new(log, ()),
+        }
+    }
+
+    /// The event log the bus appends to.
+    pub fn log(&self) -> &EventLog {
+        self.jobs.log()
+    }
+
+    /// The workflow registry jobs are checked against.
+    pub fn registry(&self) -> &Arc<Registry> {
+        &self.registry
+    }
+
+    /// Runs a job command. A submission of a disabled workflow's job is
+    /// refused (the kill-switch); every other rule is the aggregate's.
+    pub async fn job(
+        &self,
+        job_id: &str,
+        command: JobCommand,
+        meta: &CommandMeta,
+    ) -> Result<Arc<Receipt>, ExecuteError<JobError>> {
+        if let JobCommand::Submit(submit) = &command {
+            // an unknown key is the aggregate's to refuse (it lists the known
+            // ones); only a registry key names a workflow aggregate
+            if self.registry.contains(&submit.workflow_key)
+                && self.workflow_disabled(&submit.workflow_key).await?
+            {
+                return Err(ExecuteError::Rejected(JobError::WorkflowDisabled {
+                    key: submit.workflow_key.clone(),
+                }));
+            }
+        }
+        self.jobs.execute(job_id, command, meta).await
+    }
+
+    /// Runs an approval command. A job's approval has the job's id and is
+    /// requested only for a job that exists.
+    pub async fn approval(
+        &self,
+        approval_id: &str,
+        command: ApprovalCommand,
+        meta: &CommandMeta,
+    ) -> Result<Arc<Receipt>, ExecuteError<ApprovalError>> {
+        if let ApprovalCommand::Request { request, .. } = &command {
+            if request.job_id != approval_id {
+                return Err(ExecuteError::Rejected(ApprovalError::NotTheJobsId {
+                    approval_id: approval_id.to_string(),
+                    job_id: request.job_id.clone(),
+                }));
+            }
+            let job = self.jobs.load(approval_id).await?;
+            if job.version == 0 {
+                return Err(ExecuteError::Rejected(ApprovalError::NoSuchJob(
+                    request.job_id.clone(),
+                )));
+            }
+        }
+        self.approvals.execute(approval_id, command, meta).await
+    }
+
+    /// Runs a command on the workflow `workflow_key` (kill-switch, daily
+    /// auto-approval count).
+    pub async fn workflow(
+        &self,
+        workflow_key: &str,
+        command: WorkflowCommand,
+        meta: &CommandMeta,
+    ) -> Result<Arc<Receipt>, ExecuteError<WorkflowError>> {
+        if !self.registry.contains(workflow_key) {
+            return Err(ExecuteError::Rejected(WorkflowError::UnknownWorkflow {
+                key: workflow_key.to_string(),
+            }));
+        }
+        self.workflows
+            .execute(&workflow::aggregate_id(workflow_key), command, meta)
+            .await
+    }
+
+    /// Records a refused incoming callback under a fresh id.
+    pub async fn reject_callback(
+        &self,
+        rejection_id: &str,
+        rejected: CallbackRejected,
+        meta: &CommandMeta,
+    ) -> Result<Arc<Receipt>, ExecuteError<RejectedCallbackError>> {
+        self.rejected_callbacks
+            .execute(rejection_id, rejected, meta)
+            .await
+    }
+
+    /// Records an operator's action on projection `projection`.
+    pub async fn projection(
+        &self,
+        projection: &str,
+        command: ProjectionCommand,
+        meta: &CommandMeta,
+    ) -> Result<Arc<Receipt>, ExecuteError<ProjectionOpsError>> {
+        self.projection_ops.execute(projection, command, meta).await
+    }
+
+    /// The job as the log has it (version 0: no such job). For adapters
+    /// that decide who may act on it.
+    pub async fn load_job(&self, job_id: &str) -> Result<Loaded<Job>, StoreError> {
+        self.jobs.load(job_id).await
+    }
+
+    /// The job as this bus's cache holds it (loaded from the log when not
+    /// cached): what the next command on it is decided on.
+    pub async fn load_job_cached(&self, job_id: &str) -> Result<Loaded<Job>, StoreError> {
+        use cqrs_es::EventStore;
+        match self.jobs.load_aggregate(job_id).await {
+            Ok(loaded) => Ok(loaded),
+            Err(_) => self.jobs.load(job_id).await,
+        }
+    }
+
+    /// Whether the kill-switch of `workflow_key` is on.
+    pub async fn workflow_disabled(&self, workflow_key: &str) -> Result<bool, StoreError> {
+        let wf = self
+            .workflows
+            .load(&workflow::aggregate_id(workflow_key))
+            .await?;
+        Ok(wf.state.disabled)
+    }
+
+    /// Drops every cached aggregate (benchmarks measure cold loads).
+    pub fn clear_caches(&self) {
+        self.jobs.clear_cache();
+        self.approvals.clear_cache();
+        self.workflows.clear_cache();
+    }
+}

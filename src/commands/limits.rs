@@ -1,0 +1,33 @@
+//! The bounds every number a command carries is checked against, in one
+//! place. Each is far above what a sane caller sends and well inside what
+//! the arithmetic and the read models hold (a `DateTime` plus a delay,
+//! PostgreSQL `integer`/`bigint` columns), so no accepted value can panic a
+//! fold or stop a projection. The registry and the configuration are
+//! checked against the same bounds at start.
+
+/// Attempts of one step (the registry's `max_attempts` is at most this).
+pub const MAX_ATTEMPTS: u32 = 20;
+
+/// A step's attempt timeout (registry `timeout_ms`): one hour.
+pub const MAX_STEP_TIMEOUT_MS: u64 = 3_600_000;
+
+/// The wait before a retry (`retry_in_ms`, registry `backoff_ms`,
+/// `handler.retry_max_ms`): one day.
+pub const MAX_RETRY_DELAY_MS: u64 = 86_400_000;
+
+/// How long one attempt or delivery is reported to have taken
+/// (`duration_ms`): one week.
+pub const MAX_DURATION_MS: u64 = 7 * 86_400_000;
+
+/// A job's `timeout_seconds` (and the configured maximum): 30 days.
+pub const MAX_JOB_TIMEOUT_SECONDS: u32 = 30 * 86_400;
+
+/// How far ahead an approval may expire (`expires_at` after the request,
+/// registry `approval_timeout_seconds`): 366 days.
+pub const MAX_APPROVAL_WINDOW_SECONDS: i64 = 366 * 86_400;
+
+/// Delivery attempts of a job's result callback.
+pub const MAX_CALLBACK_ATTEMPTS: u32 = 100;
+
+/// Job priority: 1 (lowest) to 10.
+pub const PRIORITY_RANGE: std::ops::RangeInclusive<u8> = 1..=10;

@@ -1,0 +1,57 @@
+//! The `RejectedCallback` aggregate (aggregate type `callback`, a public
+//! contract): one incoming callback that was refused (bad, stale or
+//! replayed signature), recorded under a fresh id. The job it named is not
+//! changed.
+
+pub mod events;
+
+use cqrs_es::event_sink::EventSink;
+use cqrs_es::Aggregate;
+use serde::{Deserialize, Serialize};
+
+use crate::commands::{DomainError, ErrorCode};
+use events::{CallbackEvent, CallbackRejected};
+
+/// One refused incoming callback.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct RejectedCallback {
+    pub rejected: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum RejectedCallbackError {
+    #[error("this callback record already exists; use a new id")]
+    AlreadyRecorded,
+}
+
+impl DomainError for RejectedCallbackError {
+    fn code(&self) -> ErrorCode {
+        ErrorCode::Conflict
+    }
+}
+
+impl Aggregate for RejectedCallback {
+    const TYPE: &'static str = "callback";
+    type Command = CallbackRejected;
+    type Event = CallbackEvent;
+    type Error = RejectedCallbackError;
+    type Services = ();
+
+    async fn handle(
+        &mut self,
+        command: Self::Command,
+        _: &Self::Services,
+        sink: &EventSink<Self>,
+    ) -> Result<(), Self::Error> {
+        if self.rejected {
+            return Err(RejectedCallbackError::AlreadyRecorded);
+        }
+        sink.write(CallbackEvent::CallbackRejected(command), self)
+            .await;
+        Ok(())
+    }
+
+    fn apply(&mut self, _: Self::Event) {
+        self.rejected = true;
+    }
+}
