@@ -9,7 +9,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 eval "$(scripts/install-deps.sh)"
-cargo build --release --quiet --bin flowledger-bench
+cargo build --release --quiet --features bench --bin flowledger-bench
 WORK=$(mktemp -d -t flowledger-bench.XXXXXX)
 cleanup() { scripts/nats.sh stop "$WORK"; scripts/pg.sh stop "$WORK"; rm -rf "$WORK"; }
 trap cleanup EXIT

@@ -14,16 +14,16 @@ use tokio::task::JoinHandle;
 
 use crate::api;
 use crate::audit::checkpoint::{self, CheckpointKey};
-use crate::bus::{ids, CommandBus};
+use crate::bus::{ids, CommandBus, CommandError};
 use crate::commands::job::JobServices;
 use crate::commands::projection::ProjectionCommand;
+use crate::commands::registry::Registry;
 use crate::config::ClientEntry;
 use crate::crypto::SigningKey;
 use crate::events::envelope::{Actor, CommandMeta};
 use crate::events::log::EventLog;
 use crate::handlers::{self, HandlerConfig};
 use crate::projections::{self, db};
-use crate::registry::Registry;
 
 /// What the service is built from. Each part can be left out: the tests
 /// build only the parts they exercise, `serve` builds what its flags ask.
@@ -105,7 +105,10 @@ pub fn metrics_handle() -> PrometheusHandle {
             // another recorder installed first (a library user's) keeps
             // working; ours then only renders what it records
             if metrics::set_global_recorder(recorder).is_err() {
-                tracing::warn!("a metrics recorder was already installed; /metrics shows only flowledger's own view");
+                tracing::warn!(
+                    "a metrics recorder was already installed; \
+                     /metrics shows only flowledger's own view"
+                );
             }
             handle
         })
@@ -156,7 +159,8 @@ impl Application {
             if let Some(config) = d.handler {
                 if config.callback_key.is_none() {
                     tracing::warn!(
-                        "no callback signing key: job callbacks are recorded as failed, never sent unsigned"
+                        "no callback signing key: job callbacks are recorded as failed, \
+                         never sent unsigned"
                     );
                 }
                 let ctx = handlers::Ctx::new(bus.clone(), registry.clone(), config);
@@ -314,7 +318,7 @@ pub async fn resume_projection(
         };
         bus.projection(&stopped.name, command, &meta)
             .await
-            .map_err(|e| projections::ResumeError::Record(e.into()))?;
+            .map_err(|e| projections::ResumeError::Record(Box::new(CommandError::from(e))))?;
     }
     projections::resume(pool, &stopped, skip).await
 }

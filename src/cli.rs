@@ -21,10 +21,10 @@ use crate::audit::verify::{self, VerifyError};
 use crate::bus::CommandBus;
 use crate::commands::job::JobServices;
 use crate::commands::limits::MAX_JOB_TIMEOUT_SECONDS;
+use crate::commands::registry::{Registry, DEFAULT_REGISTRY_PATH};
 use crate::config::Config;
 use crate::events::log::{self, EventLog, LogConfig};
 use crate::handlers::HandlerConfig;
-use crate::registry::{Registry, DEFAULT_REGISTRY_PATH};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -680,7 +680,10 @@ async fn audit(g: &Global, a: AuditCommand) -> anyhow::Result<ExitCode> {
             let filter = filter.filter()?;
             let key = key.key()?;
             if key.is_none() {
-                eprintln!("flowledger: warning: no checkpoint key: the export ends at the last stored checkpoint, not a fresh one");
+                eprintln!(
+                    "flowledger: warning: no checkpoint key: \
+                     the export ends at the last stored checkpoint, not a fresh one"
+                );
             }
             let (client, log) = open_log(g).await?;
             let mut progress = |seq: u64, to: u64| eprintln!("flowledger: export at {seq}/{to}");

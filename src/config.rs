@@ -147,7 +147,8 @@ impl Config {
         }
         if h.retry_base_ms > MAX_RETRY_DELAY_MS || h.retry_max_ms > MAX_RETRY_DELAY_MS {
             return Err(invalid(format!(
-                "handler.retry_base_ms and handler.retry_max_ms must be at most {MAX_RETRY_DELAY_MS} (one day)"
+                "handler.retry_base_ms and handler.retry_max_ms must be at most \
+                 {MAX_RETRY_DELAY_MS} (one day)"
             )));
         }
         if c.callbacks.max_attempts == 0 || c.callbacks.max_attempts > MAX_CALLBACK_ATTEMPTS {
@@ -156,9 +157,9 @@ impl Config {
                 c.callbacks.max_attempts
             )));
         }
-        if c.callbacks.timestamp_window_seconds == 0 {
+        if !(1..=86_400).contains(&c.callbacks.timestamp_window_seconds) {
             return Err(invalid(
-                "callbacks.timestamp_window_seconds must be at least 1".into(),
+                "callbacks.timestamp_window_seconds must be 1 to 86400 (a day)".into(),
             ));
         }
         let mut ids = std::collections::BTreeSet::new();

@@ -66,8 +66,9 @@ impl SigningKey {
         let sig = signature_header.ok_or(SignatureError::Missing(HDR_SIGNATURE))?;
         let ts: i64 = ts_text.parse().map_err(|_| SignatureError::BadTimestamp)?;
         // any i64 may arrive: compare without overflowing (`now - ts` can
-        // exceed i64; its absolute value always fits in a u64)
-        if now.abs_diff(ts) > window_secs.unsigned_abs() {
+        // exceed i64; its absolute value always fits in a u64). A negative
+        // window (a wrapped setting) admits nothing.
+        if !u64::try_from(window_secs).is_ok_and(|w| now.abs_diff(ts) <= w) {
             return Err(SignatureError::Stale {
                 age: now.saturating_sub(ts),
                 window: window_secs,
@@ -76,6 +77,9 @@ impl SigningKey {
         let hex_sig = sig
             .strip_prefix("sha256=")
             .ok_or(SignatureError::Malformed)?;
+        if hex_sig.len() != 64 {
+            return Err(SignatureError::Malformed);
+        }
         let raw = hex::decode(hex_sig).map_err(|_| SignatureError::Malformed)?;
         self.mac(ts, body)
             .verify_slice(&raw)

@@ -12,4 +12,3 @@ pub mod crypto;
 pub mod events;
 pub mod handlers;
 pub mod projections;
-pub mod registry;

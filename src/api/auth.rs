@@ -66,7 +66,10 @@ impl Clients {
                 .ok()
                 .and_then(|h| <[u8; 32]>::try_from(h).ok())
             else {
-                tracing::error!(client_id = %e.id, "token_sha256 is not 64 hex digits; client ignored");
+                tracing::error!(
+                    client_id = %e.id,
+                    "token_sha256 is not 64 hex digits; client ignored"
+                );
                 continue;
             };
             let per_minute = NonZeroU32::new(e.rate_limit_per_minute).unwrap_or(NonZeroU32::MIN);

@@ -33,7 +33,7 @@ pub(crate) fn from_fields<T: DeserializeOwned>(value: Value) -> Result<T, Comman
         let inner = e.into_inner().to_string();
         let field = if path == "." {
             // unknown / missing fields carry the name in the message
-            inner.split('`').nth(1).map(str::to_string)
+            field_in_message(&inner).map(str::to_string)
         } else {
             Some(path)
         };
@@ -46,6 +46,19 @@ pub(crate) fn from_fields<T: DeserializeOwned>(value: Value) -> Result<T, Comman
             field,
         }
     })
+}
+
+/// The field serde names in an error at the top of a value: only "missing
+/// field `f`" and "unknown field `f`, ..." name one (any other message may
+/// quote a value in backticks, e.g. "invalid type: boolean `false`"); `f`
+/// may itself hold backticks.
+fn field_in_message(message: &str) -> Option<&str> {
+    if let Some(rest) = message.strip_prefix("missing field `") {
+        return rest.strip_suffix('`');
+    }
+    let rest = message.strip_prefix("unknown field `")?;
+    rest.strip_suffix("`, there are no fields")
+        .or_else(|| rest.rsplit_once("`, expected ").map(|(field, _)| field))
 }
 
 /// Refuses a body with a NUL character in any string or key: PostgreSQL

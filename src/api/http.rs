@@ -20,11 +20,11 @@ use utoipa::OpenApi;
 use super::auth::{self, Clients};
 use super::{n8n, read, write};
 use crate::bus::{CommandBus, CommandError};
+use crate::commands::registry::Registry;
 use crate::commands::ErrorCode;
 use crate::crypto::{SignatureError, SigningKey};
 use crate::events::log::EventLog;
 use crate::projections::db;
-use crate::registry::Registry;
 
 #[derive(Clone)]
 pub struct AppState {

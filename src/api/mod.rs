@@ -6,5 +6,7 @@ mod body;
 pub mod http;
 pub mod n8n;
 pub mod nats;
+#[cfg(test)]
+mod proptests;
 pub mod read;
 pub mod write;

@@ -101,7 +101,9 @@ pub async fn callbacks_n8n(
 ) -> Result<Json<Value>, ApiError> {
     let Some(key) = &s.n8n_key else {
         return Err(ApiError::NotConfigured(
-            "n8n callbacks are off: set the environment variable named by callbacks.n8n_key_env (default FLOWLEDGER_N8N_KEY)".into(),
+            "n8n callbacks are off: set the environment variable named by callbacks.n8n_key_env \
+             (default FLOWLEDGER_N8N_KEY)"
+                .into(),
         ));
     };
     let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());

@@ -48,7 +48,7 @@ pub fn receipt_json(r: &Receipt) -> Value {
     v
 }
 
-enum Parsed {
+pub(super) enum Parsed {
     Job(String, JobCommand),
     Approval(String, ApprovalCommand),
 }
@@ -93,7 +93,7 @@ fn take_id(
 
 /// Parses a request body for `aggregate_type.command` into a command and
 /// its metadata. Pure: no I/O.
-fn parse(
+pub(super) fn parse(
     aggregate_type: &str,
     command: &str,
     body: &[u8],
@@ -121,7 +121,15 @@ fn parse(
         Some(v) => Some(
             from_fields::<ActorIn>(v)
                 .map_err(|mut e| {
-                    e.field = Some(format!("actor.{}", e.field.unwrap_or_default()));
+                    e.field = Some(match e.field.take() {
+                        Some(f) if f.starts_with('[') => format!("actor{f}"),
+                        Some(f) => format!("actor.{f}"),
+                        // `actor` itself is wrong (not an object): name it
+                        None => {
+                            e.message = format!("field `actor`: {}", e.message);
+                            "actor".into()
+                        }
+                    });
                     e
                 })?
                 .into(),

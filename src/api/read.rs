@@ -188,9 +188,11 @@ pub async fn jobs_status(
 ) -> Result<Json<Value>, ApiError> {
     valid_id("id", &id)?;
     let row: Option<Value> = sqlx::query_scalar(
-        "SELECT jsonb_build_object('job_id', execution_id, 'status', status, 'workflow_key', workflow_id,
+        "SELECT jsonb_build_object('job_id', execution_id, 'status', status, \
+                'workflow_key', workflow_id,
                 'error_code', error_code, 'error_message', error_message, 'updated_at', updated_at,
-                'parked', (SELECT jsonb_build_object('reason', p.reason, 'seq', p.seq, 'parked_at', p.parked_at)
+                'parked', (SELECT jsonb_build_object('reason', p.reason, 'seq', p.seq, \
+                                                     'parked_at', p.parked_at)
                            FROM handler_parked_jobs p WHERE p.job_id = e.execution_id))
          FROM workflows_executions e
          WHERE execution_id = $1 AND ($2::text IS NULL OR client_id = $2)",

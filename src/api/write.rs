@@ -20,6 +20,7 @@ use super::http::{ApiError, AppState};
 use crate::bus::{ids, CommandError};
 use crate::commands::approval::{ApprovalCommand, ApprovalError, Decide};
 use crate::commands::job::{CancelJob, JobCommand, SubmitJob};
+use crate::commands::registry::WorkflowDefinition;
 use crate::commands::workflow::{WorkflowCommand, WorkflowError};
 use crate::commands::DomainError;
 use crate::config::Role;
@@ -27,7 +28,6 @@ use crate::events::chain;
 use crate::events::envelope::CommandMeta;
 use crate::events::log::valid_aggregate_id;
 use crate::events::store::{ExecuteError, Receipt};
-use crate::registry::WorkflowDefinition;
 
 /// Most approvals one bulk request decides.
 pub const MAX_BULK: usize = 100;
@@ -134,7 +134,8 @@ pub async fn jobs_submit(
     if let Some(c) = &b.client_id {
         if *c != caller.client_id {
             return Err(ApiError::Forbidden(format!(
-                "client_id {c:?} is not the caller's client id {:?}; a client submits only its own jobs",
+                "client_id {c:?} is not the caller's client id {:?}; \
+                 a client submits only its own jobs",
                 caller.client_id
             )));
         }
@@ -174,7 +175,9 @@ pub async fn jobs_submit(
         Err(e) if e.code == crate::commands::ErrorCode::Conflict => {
             return Err(ApiError::Command(CommandError {
                 message: format!(
-                    "job_id {job_id:?} was already submitted with a different body (or by another client); submit the same body to get the same answer, or use a new job_id"
+                    "job_id {job_id:?} was already submitted with a different body \
+                     (or by another client); submit the same body to get the same answer, \
+                     or use a new job_id"
                 ),
                 field: Some("job_id".into()),
                 ..e
@@ -186,12 +189,19 @@ pub async fn jobs_submit(
         .map(|t| t.with_timezone(&Utc))
         .unwrap_or_else(|_| Utc::now());
     let waits = def.as_ref().is_some_and(|d| d.requires_approval);
+    let message = if waits {
+        "accepted; the job waits for approval before it runs"
+    } else {
+        "accepted; the job runs when a dispatch slot is free"
+    };
+    let estimated = estimated_completion(accepted, def.as_ref(), timeout)
+        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
     let body = json!({
         "job_id": job_id,
         "status": "pending",
-        "message": if waits { "accepted; the job waits for approval before it runs" } else { "accepted; the job runs when a dispatch slot is free" },
+        "message": message,
         "accepted_at": receipt.occurred_at,
-        "estimated_completion": estimated_completion(accepted, def.as_ref(), timeout).to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+        "estimated_completion": estimated,
     });
     Ok((
         StatusCode::ACCEPTED,

@@ -138,10 +138,14 @@ impl ChainCheck {
         if let Some(cps) = self.checkpoints.remove(&leaf.seq) {
             for cp in cps {
                 if cp.digest != chain::to_hex(&self.digest.digest) {
-                    return Err(broken(leaf.seq, format!(
-                        "the stream digest here differs from the checkpoint created {} (history before this point was changed, removed or reordered)",
-                        cp.created_at
-                    )));
+                    return Err(broken(
+                        leaf.seq,
+                        format!(
+                            "the stream digest here differs from the checkpoint created {} \
+                             (history before this point was changed, removed or reordered)",
+                            cp.created_at
+                        ),
+                    ));
                 }
                 if let Some(key) = &self.key {
                     if cp.key_id == key.id {
@@ -163,7 +167,11 @@ impl ChainCheck {
         if let Some(e) = self.expect {
             if e.seq == leaf.seq {
                 if e.digest != self.digest.digest {
-                    return Err(broken(leaf.seq, "the digest you kept for this sequence no longer matches: history up to here was changed"));
+                    return Err(broken(
+                        leaf.seq,
+                        "the digest you kept for this sequence no longer matches: \
+                         history up to here was changed",
+                    ));
                 }
                 self.expect_seen = true;
             }
@@ -246,14 +254,22 @@ impl ChainCheck {
             return Err(broken(
                 seq,
                 format!(
-                "a checkpoint created {} covers sequence {seq}, but history ends at {} (truncated)",
-                cps[0].created_at, self.digest.seq
-            ),
+                    "a checkpoint created {} covers sequence {seq}, \
+                     but history ends at {} (truncated)",
+                    cps[0].created_at, self.digest.seq
+                ),
             ));
         }
         if let Some(e) = self.expect {
             if !self.expect_seen {
-                return Err(broken(e.seq, format!("the digest you kept is for sequence {}, outside the verified range {}..={}", e.seq, self.from, self.digest.seq)));
+                return Err(broken(
+                    e.seq,
+                    format!(
+                        "the digest you kept is for sequence {}, \
+                         outside the verified range {}..={}",
+                        e.seq, self.from, self.digest.seq
+                    ),
+                ));
             }
         }
         Ok(Summary {
@@ -409,10 +425,15 @@ pub fn verify_export(
     if summary.to_seq != manifest.to_seq
         || summary.digest != format!("{}:{}", manifest.to_seq, manifest.end_digest)
     {
-        return Err(broken(summary.to_seq, format!(
-            "the export ends at {} but its manifest says it ends at {} with digest {} (truncated or altered)",
-            summary.digest, manifest.to_seq, manifest.end_digest
-        )).into());
+        return Err(broken(
+            summary.to_seq,
+            format!(
+                "the export ends at {} but its manifest says \
+                 it ends at {} with digest {} (truncated or altered)",
+                summary.digest, manifest.to_seq, manifest.end_digest
+            ),
+        )
+        .into());
     }
     Ok(summary)
 }

@@ -23,6 +23,7 @@ use serde_json::{json, Value};
 use crate::commands::approval::{Approval, ApprovalCommand, ApprovalError};
 use crate::commands::job::{Job, JobCommand, JobError, JobServices};
 use crate::commands::projection::{ProjectionCommand, ProjectionOps, ProjectionOpsError};
+use crate::commands::registry::Registry;
 use crate::commands::rejected_callback::events::CallbackRejected;
 use crate::commands::rejected_callback::{RejectedCallback, RejectedCallbackError};
 use crate::commands::workflow::{self, Workflow, WorkflowCommand, WorkflowError};
@@ -30,7 +31,6 @@ use crate::commands::{DomainError, ErrorCode};
 use crate::events::envelope::CommandMeta;
 use crate::events::log::EventLog;
 use crate::events::store::{AggregateStore, ExecuteError, Loaded, Receipt, StoreError};
-use crate::registry::Registry;
 
 /// A command that was refused or failed: what the caller does about it
 /// (`code`), what was wrong (`message`) and, for bad input, which field.

@@ -1,15 +1,34 @@
-//! Aggregates and their commands. Aggregates are plain data with pure
-//! `handle`/`apply` (cqrs-es `Aggregate`): they do no I/O and read no clock;
-//! anything time-dependent arrives inside the command.
+//! The domain: aggregates with their commands, events and errors (one
+//! folder per aggregate), the bounds on every number a command carries
+//! (`limits`), and the workflow registry. Aggregates are plain data with
+//! pure `decide`/`apply` (cqrs-es `Aggregate`): they do no I/O and read no
+//! clock; anything time-dependent arrives inside the command. This room
+//! depends on no other room of the crate.
 
 pub mod approval;
 pub mod job;
 pub mod limits;
 pub mod projection;
+pub mod registry;
 pub mod rejected_callback;
 pub mod workflow;
 
+use cqrs_es::event_sink::EventSink;
+use cqrs_es::Aggregate;
 use serde::Serialize;
+
+/// The body of every aggregate's cqrs-es `handle`: writes the events its
+/// pure `decide` returned (applying each to the state), or the refusal.
+pub(crate) async fn write_decided<A: Aggregate>(
+    aggregate: &mut A,
+    decided: Result<Vec<A::Event>, A::Error>,
+    sink: &EventSink<A>,
+) -> Result<(), A::Error> {
+    for event in decided? {
+        sink.write(event, aggregate).await;
+    }
+    Ok(())
+}
 
 /// The error codes a command reply can carry (docs/EVENTS.md, "Replies").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]

@@ -28,7 +28,9 @@ pub async fn deliver(ctx: &Ctx, view: &JobView) {
             attempts: 0,
             status_code: None,
             error_message: Some(
-                "no callback signing key is configured (FLOWLEDGER_CALLBACK_KEY); unsigned callbacks are never sent".into(),
+                "no callback signing key is configured (FLOWLEDGER_CALLBACK_KEY); \
+                 unsigned callbacks are never sent"
+                    .into(),
             ),
         };
         record_callback(ctx, &view.job_id, outcome).await;

@@ -26,6 +26,7 @@ use crate::commands::job::{
     RecordStepResult, StartAttempt, StartJob,
 };
 use crate::commands::limits::MAX_RETRY_DELAY_MS;
+use crate::commands::registry::{StepDefinition, StepKind, WorkflowDefinition};
 use crate::commands::workflow::{WorkflowCommand, WorkflowError};
 use crate::events::store::ExecuteError;
 use crate::handlers::peer::{self, CallOutcome, StepCall};
@@ -33,7 +34,6 @@ use crate::handlers::view::{
     ApprovalState, AttemptResult, JobView, StepView, StoryEvent, StoryRecord,
 };
 use crate::handlers::{Ctx, LoadError};
-use crate::registry::{StepDefinition, StepKind, WorkflowDefinition};
 
 /// The events the manager forwards to a job's driver.
 pub type Records = mpsc::UnboundedReceiver<Arc<StoryRecord>>;
@@ -212,19 +212,8 @@ async fn approval_gate(
             ApprovalState::Pending { expires_at } => {
                 let wait = (expires_at - Utc::now()).to_std().unwrap_or_default();
                 tokio::select! {
-                    r = rx.recv() => match r {
-                        Some(r) => fold(view, &r)?,
-                        None => std::future::pending().await,
-                    },
-                    _ = tokio::time::sleep(wait) => {
-                        let cmd = ApprovalCommand::Expire { at: Utc::now().max(expires_at) };
-                        match ctx.approval(&job_id, cmd, &ids::approval_expire(&job_id)).await {
-                            Ok(()) => view.approval = ApprovalState::Expired,
-                            // decided meanwhile: the record is on its way
-                            Err(ExecuteError::Rejected(_)) => return Err(Halt::Reload),
-                            Err(e) => return retry_later(&job_id, "expire the approval", e).await,
-                        }
-                    }
+                    r = rx.recv() => while_pending(view, r).await?,
+                    _ = tokio::time::sleep(wait) => expire(ctx, view, expires_at).await?,
                 }
             }
             ApprovalState::Granted { .. } => return Ok(()),
@@ -246,6 +235,36 @@ async fn approval_gate(
             return Err(Halt::Superseded);
         }
     }
+}
+
+/// Folds a record forwarded while the approval is pending.
+async fn while_pending(view: &mut JobView, r: Option<Arc<StoryRecord>>) -> Result<(), Halt> {
+    match r {
+        Some(r) => fold(view, &r),
+        None => std::future::pending().await,
+    }
+}
+
+/// Expires the pending approval once it is due.
+async fn expire(
+    ctx: &Ctx,
+    view: &mut JobView,
+    expires_at: chrono::DateTime<Utc>,
+) -> Result<(), Halt> {
+    let job_id = &view.job_id;
+    let cmd = ApprovalCommand::Expire {
+        at: Utc::now().max(expires_at),
+    };
+    match ctx
+        .approval(job_id, cmd, &ids::approval_expire(job_id))
+        .await
+    {
+        Ok(()) => view.approval = ApprovalState::Expired,
+        // decided meanwhile: the record is on its way
+        Err(ExecuteError::Rejected(_)) => return Err(Halt::Reload),
+        Err(e) => return retry_later(job_id, "expire the approval", e).await,
+    }
+    Ok(())
 }
 
 /// Approves without a human when the workflow's rule allows it: the job's
@@ -434,43 +453,13 @@ async fn run(
         }
         tokio::select! {
             Some((name, end)) = tasks.next() => {
-                let end = end?;
-                let succeeded = succeeded + usize::from(end.succeeded());
-                let decided = open == 1 || succeeded + open - 1 < needed;
-                let end = match end {
-                    StepEnd::Unrecorded(r) if !decided => {
-                        let id = ids::attempt_result(&job_id, &r.step, r.attempt);
-                        let (ok, output, s) = (r.status == StepStatus::Succeeded, r.output.clone(), result_summary(&r));
-                        job_result(ctx, &job_id, JobCommand::RecordStepResult(r), &id).await?;
-                        StepEnd::Recorded { succeeded: ok, output, summary: s }
-                    }
-                    other => other,
-                };
+                let end = step_ended(ctx, &job_id, end?, succeeded, open, needed).await?;
                 ends.insert(name, end);
             }
-            r = rx.recv() => match r {
-                Some(r) => {
-                    fold(view, &r)?;
-                    if view.status.is_final() {
-                        return Err(Halt::Superseded);
-                    }
-                    if r.actor.client_id != super::HANDLER_ACTOR {
-                        forward(&r, &notices);
-                    }
-                }
-                None => std::future::pending::<()>().await,
-            },
+            r = rx.recv() => while_running(view, r, &notices).await?,
             _ = &mut sleep => {
                 drop(tasks);
-                let pending: Vec<_> = def.steps.iter().map(|s| s.name.clone()).filter(|n| !ends.contains_key(n)).collect();
-                let msg = format!(
-                    "job timed out after {} s (timeout_seconds) with steps still running: {}",
-                    view.timeout_seconds,
-                    pending.join(", ")
-                );
-                let unrecorded = unrecorded(&mut ends);
-                fail(ctx, view, "job_timeout", msg, unrecorded).await?;
-                return Ok(());
+                return timed_out(ctx, view, def, &mut ends).await;
             }
         }
     }
@@ -521,6 +510,84 @@ async fn run(
         );
         fail(ctx, view, "steps_failed", msg, step_results).await
     }
+}
+
+/// A step's end during a run in which `succeeded` steps have succeeded so
+/// far and `open` steps (this one included) had not ended. It is recorded
+/// now unless it decides the job, whose end then records it.
+async fn step_ended(
+    ctx: &Ctx,
+    job_id: &str,
+    end: StepEnd,
+    succeeded: usize,
+    open: usize,
+    needed: usize,
+) -> Result<StepEnd, Halt> {
+    let succeeded = succeeded + usize::from(end.succeeded());
+    let decided = open == 1 || succeeded + open - 1 < needed;
+    let end = match end {
+        StepEnd::Unrecorded(r) if !decided => {
+            let id = ids::attempt_result(job_id, &r.step, r.attempt);
+            let (ok, output, s) = (
+                r.status == StepStatus::Succeeded,
+                r.output.clone(),
+                result_summary(&r),
+            );
+            job_result(ctx, job_id, JobCommand::RecordStepResult(r), &id).await?;
+            StepEnd::Recorded {
+                succeeded: ok,
+                output,
+                summary: s,
+            }
+        }
+        other => other,
+    };
+    Ok(end)
+}
+
+/// Folds a record forwarded while the steps run, and hands a step result
+/// recorded by someone else to its step.
+async fn while_running(
+    view: &mut JobView,
+    r: Option<Arc<StoryRecord>>,
+    notices: &HashMap<String, mpsc::UnboundedSender<(u32, AttemptResult)>>,
+) -> Result<(), Halt> {
+    match r {
+        Some(r) => {
+            fold(view, &r)?;
+            if view.status.is_final() {
+                return Err(Halt::Superseded);
+            }
+            if r.actor.client_id != super::HANDLER_ACTOR {
+                forward(&r, notices);
+            }
+        }
+        None => std::future::pending::<()>().await,
+    }
+    Ok(())
+}
+
+/// Fails a job whose deadline passed with steps still running.
+async fn timed_out(
+    ctx: &Ctx,
+    view: &JobView,
+    def: &WorkflowDefinition,
+    ends: &mut BTreeMap<String, StepEnd>,
+) -> Result<(), Halt> {
+    let pending: Vec<_> = def
+        .steps
+        .iter()
+        .map(|s| s.name.clone())
+        .filter(|n| !ends.contains_key(n))
+        .collect();
+    let msg = format!(
+        "job timed out after {} s (timeout_seconds) with steps still running: {}",
+        view.timeout_seconds,
+        pending.join(", ")
+    );
+    let unrecorded = unrecorded(ends);
+    fail(ctx, view, "job_timeout", msg, unrecorded).await?;
+    Ok(())
 }
 
 fn unrecorded(ends: &mut BTreeMap<String, StepEnd>) -> Vec<RecordStepResult> {
@@ -601,7 +668,12 @@ async fn run_step(
             let id = ids::attempt_start(&job.id, &step.name, attempt);
             job_result(ctx, &job.id, cmd, &id).await?;
         }
-        metrics::counter!("flowledger_handler_step_attempts_total", "kind" => if step.kind == StepKind::N8n { "n8n" } else { "solver" }).increment(1);
+        let kind = if step.kind == StepKind::N8n {
+            "n8n"
+        } else {
+            "solver"
+        };
+        metrics::counter!("flowledger_handler_step_attempts_total", "kind" => kind).increment(1);
         let t0 = Instant::now();
         let call = StepCall {
             job_id: &job.id,
@@ -715,6 +787,7 @@ pub fn callback_body(view: &JobView) -> Value {
             })
         })
         .collect();
+    let micros = |t: chrono::DateTime<Utc>| t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
     json!({
         "job_id": view.job_id,
         "status": status,
@@ -722,8 +795,8 @@ pub fn callback_body(view: &JobView) -> Value {
         "error_code": view.error_code,
         "error_message": view.error_message,
         "audit": audit,
-        "started_at": view.started_at.map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)),
-        "completed_at": view.ended_at.map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)),
+        "started_at": view.started_at.map(micros),
+        "completed_at": view.ended_at.map(micros),
         "execution_id": view.job_id,
         "workflow_key": view.workflow_key,
         "client_id": view.client_id,

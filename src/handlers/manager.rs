@@ -19,6 +19,7 @@ use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
 
+use async_nats::jetstream;
 use async_nats::jetstream::consumer::{pull, DeliverPolicy};
 use futures::StreamExt;
 use sqlx::PgPool;
@@ -125,11 +126,7 @@ async fn run_once(
         .map_err(|e| format!("cannot read the log: {e}"))?;
     let mut messages = consumer.messages().await.map_err(|e| e.to_string())?;
 
-    let mut jobs = Jobs::default();
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<(String, Option<String>)>();
-    let mut caught_up = caught_up_at < from as u64;
-    let mut last_seq = (from as u64).saturating_sub(1);
-    let mut saved = from;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let spawn = |job_id: &str, job: &mut Job| {
         let (tx, rx) = mpsc::unbounded_channel();
@@ -149,93 +146,140 @@ async fn run_once(
             let _ = done.send((id, parked));
         });
     };
-    if caught_up {
+    let mut follow = Follow {
+        pool,
+        spawn,
+        jobs: Jobs::default(),
+        caught_up_at,
+        caught_up: caught_up_at < from as u64,
+        last_seq: (from as u64).saturating_sub(1),
+        saved: from,
+    };
+    if follow.caught_up {
         tracing::info!("job handler caught up");
     }
     loop {
         tokio::select! {
-            m = messages.next() => {
-                let Some(m) = m else { return Err("the log's consumer ended".into()) };
-                let m = m.map_err(|e| format!("reading the log: {e}"))?;
-                let seq = m.info().map_err(|e| e.to_string())?.stream_sequence;
-                last_seq = seq;
-                let subject = m.subject.as_str();
-                if subject.starts_with("flow.ev.job.") || subject.starts_with("flow.ev.approval.") {
-                    match decode_commit(&m.payload) {
-                        Ok(lines) => {
-                            for (_, r) in lines {
-                                fold(&mut jobs, seq, r, caught_up, &spawn);
-                            }
-                        }
-                        Err(e) => {
-                            let job_id = subject.rsplit('.').next().unwrap_or_default();
-                            jobs.park(job_id, seq, format!("not a flowledger commit: {e}; run `flowledger audit verify`"));
-                        }
-                    }
-                }
-                if !caught_up && seq >= caught_up_at {
-                    caught_up = true;
-                    let owed: Vec<String> = jobs
-                        .live
-                        .iter()
-                        .filter(|(_, j)| j.view.needs_handler())
-                        .map(|(k, _)| k.clone())
-                        .collect();
-                    tracing::info!(jobs = owed.len(), "job handler caught up; resuming jobs");
-                    for id in owed {
-                        if let Some(job) = jobs.live.get_mut(&id) {
-                            spawn(&id, job);
-                        }
-                    }
-                }
-            }
-            Some((id, parked)) = done_rx.recv() => {
-                if let Some(reason) = parked {
-                    jobs.park(&id, last_seq, reason);
-                } else if let Some(job) = jobs.live.get_mut(&id) {
-                    job.driver = None;
-                    if !job.view.needs_handler() {
-                        jobs.live.remove(&id);
-                    }
-                    // otherwise the view has not seen the driver's last
-                    // events yet; they remove it when they arrive
-                }
-            }
-            _ = tick.tick() => {
-                let low = jobs
-                    .live
-                    .values()
-                    .map(|j| j.view.submitted_seq)
-                    .min()
-                    .unwrap_or(last_seq + 1) as i64;
-                metrics::gauge!("flowledger_handler_jobs").set(jobs.live.len() as f64);
-                for (job_id, seq, reason) in std::mem::take(&mut jobs.unsaved) {
-                    sqlx::query(
-                        "INSERT INTO handler_parked_jobs (job_id, seq, reason) VALUES ($1, $2, $3)
-                         ON CONFLICT (job_id) DO UPDATE SET seq = EXCLUDED.seq, reason = EXCLUDED.reason, parked_at = now()",
-                    )
-                    .bind(&job_id)
-                    .bind(seq as i64)
-                    .bind(&reason)
-                    .execute(pool)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                }
-                if low != saved {
-                    sqlx::query(
-                        "INSERT INTO handler_positions (name, next_seq) VALUES ($1, $2)
-                         ON CONFLICT (name) DO UPDATE SET next_seq = EXCLUDED.next_seq, updated_at = now()",
-                    )
-                    .bind(POSITION_NAME)
-                    .bind(low)
-                    .execute(pool)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                    saved = low;
-                }
-            }
+            m = messages.next() => follow.on_message(m)?,
+            Some((id, parked)) = done_rx.recv() => follow.on_done(&id, parked),
+            _ = tick.tick() => follow.save().await?,
             _ = stop.changed() => return Ok(()),
         }
+    }
+}
+
+/// The state of `run_once`'s event loop: the jobs it follows, how far it
+/// read the log, and the low-water mark it saved last.
+struct Follow<'a, S: Fn(&str, &mut Job)> {
+    pool: &'a PgPool,
+    /// Starts a job's driver.
+    spawn: S,
+    jobs: Jobs,
+    /// The last stream sequence when the handler started reading.
+    caught_up_at: u64,
+    caught_up: bool,
+    last_seq: u64,
+    saved: i64,
+}
+
+impl<S: Fn(&str, &mut Job)> Follow<'_, S> {
+    /// Folds a message of the log; on catching up, starts the drivers of
+    /// every job the handler owes an action.
+    fn on_message<E: std::fmt::Display>(
+        &mut self,
+        m: Option<Result<jetstream::Message, E>>,
+    ) -> Result<(), String> {
+        let Some(m) = m else {
+            return Err("the log's consumer ended".into());
+        };
+        let m = m.map_err(|e| format!("reading the log: {e}"))?;
+        let seq = m.info().map_err(|e| e.to_string())?.stream_sequence;
+        self.last_seq = seq;
+        let subject = m.subject.as_str();
+        if subject.starts_with("flow.ev.job.") || subject.starts_with("flow.ev.approval.") {
+            match decode_commit(&m.payload) {
+                Ok(lines) => {
+                    for (_, r) in lines {
+                        fold(&mut self.jobs, seq, r, self.caught_up, &self.spawn);
+                    }
+                }
+                Err(e) => {
+                    let job_id = subject.rsplit('.').next().unwrap_or_default();
+                    let reason =
+                        format!("not a flowledger commit: {e}; run `flowledger audit verify`");
+                    self.jobs.park(job_id, seq, reason);
+                }
+            }
+        }
+        if !self.caught_up && seq >= self.caught_up_at {
+            self.caught_up = true;
+            let owed: Vec<String> = self
+                .jobs
+                .live
+                .iter()
+                .filter(|(_, j)| j.view.needs_handler())
+                .map(|(k, _)| k.clone())
+                .collect();
+            tracing::info!(jobs = owed.len(), "job handler caught up; resuming jobs");
+            for id in owed {
+                if let Some(job) = self.jobs.live.get_mut(&id) {
+                    (self.spawn)(&id, job);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A driver ended; `parked` says why the job is parked, if it is.
+    fn on_done(&mut self, id: &str, parked: Option<String>) {
+        if let Some(reason) = parked {
+            self.jobs.park(id, self.last_seq, reason);
+        } else if let Some(job) = self.jobs.live.get_mut(id) {
+            job.driver = None;
+            if !job.view.needs_handler() {
+                self.jobs.live.remove(id);
+            }
+            // otherwise the view has not seen the driver's last
+            // events yet; they remove it when they arrive
+        }
+    }
+
+    /// Saves the jobs parked since the last save and the low-water mark.
+    async fn save(&mut self) -> Result<(), String> {
+        let low = self
+            .jobs
+            .live
+            .values()
+            .map(|j| j.view.submitted_seq)
+            .min()
+            .unwrap_or(self.last_seq + 1) as i64;
+        metrics::gauge!("flowledger_handler_jobs").set(self.jobs.live.len() as f64);
+        for (job_id, seq, reason) in std::mem::take(&mut self.jobs.unsaved) {
+            sqlx::query(
+                "INSERT INTO handler_parked_jobs (job_id, seq, reason) VALUES ($1, $2, $3)
+                 ON CONFLICT (job_id) \
+                 DO UPDATE SET seq = EXCLUDED.seq, reason = EXCLUDED.reason, parked_at = now()",
+            )
+            .bind(&job_id)
+            .bind(seq as i64)
+            .bind(&reason)
+            .execute(self.pool)
+            .await
+            .map_err(|e| e.to_string())?;
+        }
+        if low != self.saved {
+            sqlx::query(
+                "INSERT INTO handler_positions (name, next_seq) VALUES ($1, $2)
+                 ON CONFLICT (name) DO UPDATE SET next_seq = EXCLUDED.next_seq, updated_at = now()",
+            )
+            .bind(POSITION_NAME)
+            .bind(low)
+            .execute(self.pool)
+            .await
+            .map_err(|e| e.to_string())?;
+            self.saved = low;
+        }
+        Ok(())
     }
 }
 

@@ -24,13 +24,13 @@ use tokio::sync::{oneshot, Notify, OwnedSemaphorePermit, Semaphore};
 use crate::bus::CommandBus;
 use crate::commands::approval::{ApprovalCommand, ApprovalError};
 use crate::commands::job::{JobCommand, JobError};
+use crate::commands::registry::Registry;
 use crate::config::{Config, ConfigError, HandlerSection};
 use crate::crypto::SigningKey;
 use crate::events::chain;
 use crate::events::envelope::{decode_commit, Actor, CommandMeta};
 use crate::events::log::{subject_for, LogError};
 use crate::events::store::ExecuteError;
-use crate::registry::Registry;
 use view::{JobView, StoryRecord};
 
 /// The identity on every command a handler issues.
@@ -70,8 +70,10 @@ impl RetryPolicy {
         let base = base_ms
             .map_or(self.base, Duration::from_millis)
             .as_secs_f64();
-        let raw = (base * self.multiplier.powi(attempt.saturating_sub(1) as i32))
-            .min(self.max.as_secs_f64());
+        // attempts past i32::MAX keep the largest exponent (`as` would wrap
+        // to a negative one: a near-zero wait)
+        let exponent = i32::try_from(attempt.saturating_sub(1)).unwrap_or(i32::MAX);
+        let raw = (base * self.multiplier.powi(exponent)).min(self.max.as_secs_f64());
         let spread = 1.0 + self.jitter * (2.0 * fastrand::f64() - 1.0);
         // NaN or infinite settings give the maximum, never a panic
         Duration::try_from_secs_f64((raw * spread).max(0.0)).unwrap_or(self.max)

@@ -7,8 +7,8 @@ use std::time::Duration;
 use serde_json::{json, Value};
 
 use crate::bus::ids;
+use crate::commands::registry::{StepDefinition, StepKind};
 use crate::events::envelope::holds_nul;
-use crate::registry::{StepDefinition, StepKind};
 
 pub const HDR_IDEMPOTENCY_KEY: &str = "Idempotency-Key";
 /// Longest peer text quoted in an error message.
@@ -194,9 +194,8 @@ mod tests {
                 ..
             }
         ));
-        assert!(
-            matches!(classify(&solver, 200, "<html>"), CallOutcome::Failed { ref code, .. } if code == "bad_response")
-        );
+        let html = classify(&solver, 200, "<html>");
+        assert!(matches!(html, CallOutcome::Failed { ref code, .. } if code == "bad_response"));
         // a solver's 202 is a success with a body; only n8n defers
         assert!(matches!(
             classify(&solver, 202, "{}"),

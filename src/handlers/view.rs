@@ -145,6 +145,8 @@ pub struct JobView {
     pub audit: Vec<AuditLine>,
     /// Last job aggregate version folded in.
     pub version: u64,
+    /// Last approval aggregate version folded in.
+    pub approval_version: u64,
 }
 
 impl JobView {
@@ -185,6 +187,7 @@ impl JobView {
             callback_recorded: false,
             audit: Vec::new(),
             version: r.aggregate_version,
+            approval_version: 0,
         };
         v.line(r, None, json!({"client_id": r.actor.client_id}), None);
         Some(v)
@@ -211,8 +214,10 @@ impl JobView {
     /// overlapping what is known changes nothing.
     pub fn apply(&mut self, r: &StoryRecord) -> Result<(), FoldError> {
         match &r.event {
+            StoryEvent::Approval(_) if r.aggregate_version <= self.approval_version => Ok(()),
             StoryEvent::Approval(e) => {
                 self.apply_approval(r, e);
+                self.approval_version = r.aggregate_version;
                 Ok(())
             }
             StoryEvent::Job(_) if r.aggregate_version <= self.version => Ok(()),

@@ -258,12 +258,15 @@ async fn executions(tx: &mut Tx<'_>, v: i32, batch: &[Msg]) -> Result<(), Failur
                 error_code    = COALESCE(d.error_code, t.error_code),
                 error_message = COALESCE(d.error_message, t.error_message),
                 duration_ms   = CASE WHEN d.completed_at IS NOT NULL
-                                THEN (EXTRACT(EPOCH FROM (d.completed_at - COALESCE(d.started_at, t.started_at, t.created_at))) * 1000)::int
+                                THEN (EXTRACT(EPOCH FROM (d.completed_at - \
+                                COALESCE(d.started_at, t.started_at, t.created_at))) * 1000)::int
                                 ELSE t.duration_ms END,
                 updated_at    = COALESCE(d.updated_at, t.updated_at),
                 last_seq      = d.last_seq
-             FROM UNNEST($1::text[], $2::text[], $3::timestamptz[], $4::timestamptz[], $5::text[], $6::text[], $7::text[], $8::timestamptz[], $9::bigint[])
-               AS d(exec, status, started_at, completed_at, output, error_code, error_message, updated_at, last_seq)
+             FROM UNNEST($1::text[], $2::text[], $3::timestamptz[], $4::timestamptz[], \
+                         $5::text[], $6::text[], $7::text[], $8::timestamptz[], $9::bigint[])
+               AS d(exec, status, started_at, completed_at, output, error_code, \
+                    error_message, updated_at, last_seq)
              WHERE t.execution_id = d.exec"
         ))
         .bind(&u.exec)
@@ -305,8 +308,10 @@ fn status_after<'a>(event_type: &str, data: &'a Fields) -> Option<&'a str> {
     })
 }
 
-const AUDIT_COLUMNS: &str = "stream_seq, event_index, event_id, occurred_at, client_id, user_id, aggregate_type, aggregate_id, \
-     job_id, workflow_key, action, step, status, error_code, error_message, duration_ms, event_hash";
+const AUDIT_COLUMNS: &str =
+    "stream_seq, event_index, event_id, occurred_at, client_id, user_id, aggregate_type, \
+     aggregate_id, job_id, workflow_key, action, step, status, error_code, error_message, \
+     duration_ms, event_hash";
 
 async fn audit(tx: &mut Tx<'_>, v: i32, batch: &[Msg]) -> Result<(), Failure> {
     // Every job and approval event names its job and workflow key, so each
@@ -368,8 +373,10 @@ async fn approvals(tx: &mut Tx<'_>, v: i32, batch: &[Msg]) -> Result<(), Failure
                             reason: "ApprovalRequested has no valid expires_at".into(),
                         })?;
                     sql = format!(
-                        "INSERT INTO approvals_v{v} (approval_id, job_id, workflow_key, status, requested_by, request_reason, expires_at, created_at, updated_at, last_seq)
-                         VALUES ($1, $2, $3, 'pending', $4, $5, $6, $7, $7, $8) ON CONFLICT (approval_id) DO NOTHING"
+                        "INSERT INTO approvals_v{v} (approval_id, job_id, workflow_key, status, \
+                         requested_by, request_reason, expires_at, created_at, updated_at, last_seq)
+                         VALUES ($1, $2, $3, 'pending', $4, $5, $6, $7, $7, $8) \
+                         ON CONFLICT (approval_id) DO NOTHING"
                     );
                     sqlx::query(&sql)
                         .bind(&r.aggregate_id)
@@ -393,8 +400,9 @@ async fn approvals(tx: &mut Tx<'_>, v: i32, batch: &[Msg]) -> Result<(), Failure
                 }
                 "ApprovalGranted" | "ApprovalRejected" => {
                     sql = format!(
-                    "UPDATE approvals_v{v} SET status = $2, decided_by = $3, decision_reason = $4, decided_at = $5, updated_at = $5, last_seq = $6
-                     WHERE approval_id = $1"
+                        "UPDATE approvals_v{v} SET status = $2, decided_by = $3, \
+                         decision_reason = $4, decided_at = $5, updated_at = $5, last_seq = $6
+                         WHERE approval_id = $1"
                     );
                     sqlx::query(&sql)
                         .bind(&r.aggregate_id)
@@ -410,7 +418,8 @@ async fn approvals(tx: &mut Tx<'_>, v: i32, batch: &[Msg]) -> Result<(), Failure
                 }
                 "ApprovalExpired" => {
                     sql = format!(
-                    "UPDATE approvals_v{v} SET status = 'expired', updated_at = $2, last_seq = $3 WHERE approval_id = $1"
+                        "UPDATE approvals_v{v} SET status = 'expired', \
+                         updated_at = $2, last_seq = $3 WHERE approval_id = $1"
                     );
                     sqlx::query(&sql)
                         .bind(&r.aggregate_id)

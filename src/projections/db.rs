@@ -73,7 +73,8 @@ pub async fn migrate(pool: &PgPool) -> Result<(), DbError> {
                     sqlx::query(&stmt).execute(&mut *tx).await?;
                 }
                 sqlx::query(
-                    "INSERT INTO projection_checkpoints (name, version, active) VALUES ($1, 1, TRUE)",
+                    "INSERT INTO projection_checkpoints (name, version, active) \
+                     VALUES ($1, 1, TRUE)",
                 )
                 .bind(model.name())
                 .execute(&mut *tx)
@@ -109,10 +110,12 @@ pub fn ddl(model: ReadModel, v: i32) -> Vec<String> {
         ReadModel::Executions => vec![
             format!(
                 "CREATE TABLE IF NOT EXISTS workflows_executions_v{v} (
-                    id            BIGINT PRIMARY KEY,      -- stream sequence of the JobSubmitted commit
+                    id            BIGINT PRIMARY KEY,      -- stream sequence of the \
+                                                              JobSubmitted commit
                     workflow_id   VARCHAR(255) NOT NULL,   -- the workflow_key
                     execution_id  VARCHAR(255) NOT NULL UNIQUE, -- the job id
-                    status        VARCHAR(50)  NOT NULL,   -- pending|running|completed|failed|cancelled
+                    status        VARCHAR(50)  NOT NULL,   -- pending|running|completed|\
+                                                              failed|cancelled
                     input_data    JSONB,
                     output_data   JSONB,
                     error_code    TEXT,
@@ -124,12 +127,22 @@ pub fn ddl(model: ReadModel, v: i32) -> Vec<String> {
                     duration_ms   INT,
                     created_at    TIMESTAMPTZ NOT NULL,
                     updated_at    TIMESTAMPTZ NOT NULL,
-                    last_seq      BIGINT NOT NULL           -- stream sequence of the last event applied
+                    last_seq      BIGINT NOT NULL           -- stream sequence of the last \
+                                                               event applied
                 )"
             ),
-            format!("CREATE INDEX IF NOT EXISTS workflows_executions_v{v}_workflow ON workflows_executions_v{v} (workflow_id, created_at DESC, id DESC)"),
-            format!("CREATE INDEX IF NOT EXISTS workflows_executions_v{v}_status ON workflows_executions_v{v} (status, created_at DESC, id DESC)"),
-            format!("CREATE INDEX IF NOT EXISTS workflows_executions_v{v}_created ON workflows_executions_v{v} (created_at DESC, id DESC)"),
+            format!(
+                "CREATE INDEX IF NOT EXISTS workflows_executions_v{v}_workflow \
+                 ON workflows_executions_v{v} (workflow_id, created_at DESC, id DESC)"
+            ),
+            format!(
+                "CREATE INDEX IF NOT EXISTS workflows_executions_v{v}_status \
+                 ON workflows_executions_v{v} (status, created_at DESC, id DESC)"
+            ),
+            format!(
+                "CREATE INDEX IF NOT EXISTS workflows_executions_v{v}_created \
+                 ON workflows_executions_v{v} (created_at DESC, id DESC)"
+            ),
         ],
         ReadModel::Audit => vec![
             format!(
@@ -154,28 +167,46 @@ pub fn ddl(model: ReadModel, v: i32) -> Vec<String> {
                     PRIMARY KEY (stream_seq, event_index)
                 )"
             ),
-            format!("CREATE INDEX IF NOT EXISTS audit_trail_v{v}_job ON audit_trail_v{v} (job_id, stream_seq)"),
-            format!("CREATE INDEX IF NOT EXISTS audit_trail_v{v}_client ON audit_trail_v{v} (client_id, stream_seq)"),
-            format!("CREATE INDEX IF NOT EXISTS audit_trail_v{v}_action ON audit_trail_v{v} (action, stream_seq)"),
-            format!("CREATE INDEX IF NOT EXISTS audit_trail_v{v}_time ON audit_trail_v{v} (occurred_at)"),
+            format!(
+                "CREATE INDEX IF NOT EXISTS audit_trail_v{v}_job \
+                 ON audit_trail_v{v} (job_id, stream_seq)"
+            ),
+            format!(
+                "CREATE INDEX IF NOT EXISTS audit_trail_v{v}_client \
+                 ON audit_trail_v{v} (client_id, stream_seq)"
+            ),
+            format!(
+                "CREATE INDEX IF NOT EXISTS audit_trail_v{v}_action \
+                 ON audit_trail_v{v} (action, stream_seq)"
+            ),
+            format!(
+                "CREATE INDEX IF NOT EXISTS audit_trail_v{v}_time \
+                 ON audit_trail_v{v} (occurred_at)"
+            ),
         ],
-        ReadModel::Approvals => vec![format!(
-            "CREATE TABLE IF NOT EXISTS approvals_v{v} (
-                approval_id     TEXT PRIMARY KEY,
-                job_id          TEXT NOT NULL,
-                workflow_key    TEXT NOT NULL,
-                status          TEXT NOT NULL,          -- pending|approved|rejected|expired
-                requested_by    TEXT NOT NULL,
-                request_reason  TEXT,
-                expires_at      TIMESTAMPTZ NOT NULL,
-                decided_by      TEXT,
-                decision_reason TEXT,
-                decided_at      TIMESTAMPTZ,
-                created_at      TIMESTAMPTZ NOT NULL,
-                updated_at      TIMESTAMPTZ NOT NULL,
-                last_seq        BIGINT NOT NULL
-            )"
-        ), format!("CREATE INDEX IF NOT EXISTS approvals_v{v}_status ON approvals_v{v} (status, created_at DESC)")],
+        ReadModel::Approvals => vec![
+            format!(
+                "CREATE TABLE IF NOT EXISTS approvals_v{v} (
+                    approval_id     TEXT PRIMARY KEY,
+                    job_id          TEXT NOT NULL,
+                    workflow_key    TEXT NOT NULL,
+                    status          TEXT NOT NULL,          -- pending|approved|rejected|expired
+                    requested_by    TEXT NOT NULL,
+                    request_reason  TEXT,
+                    expires_at      TIMESTAMPTZ NOT NULL,
+                    decided_by      TEXT,
+                    decision_reason TEXT,
+                    decided_at      TIMESTAMPTZ,
+                    created_at      TIMESTAMPTZ NOT NULL,
+                    updated_at      TIMESTAMPTZ NOT NULL,
+                    last_seq        BIGINT NOT NULL
+                )"
+            ),
+            format!(
+                "CREATE INDEX IF NOT EXISTS approvals_v{v}_status \
+                 ON approvals_v{v} (status, created_at DESC)"
+            ),
+        ],
     }
 }
 
@@ -229,7 +260,8 @@ pub struct CheckpointRow {
 
 pub async fn checkpoints(pool: &PgPool) -> Result<Vec<CheckpointRow>, DbError> {
     let rows = sqlx::query(
-        "SELECT name, version, last_seq, state, active, error_seq, error FROM projection_checkpoints ORDER BY name, version",
+        "SELECT name, version, last_seq, state, active, error_seq, error \
+         FROM projection_checkpoints ORDER BY name, version",
     )
     .fetch_all(pool)
     .await?;

@@ -13,6 +13,8 @@ pub mod apply;
 pub mod copy;
 pub mod db;
 pub mod event;
+#[cfg(test)]
+mod event_contract;
 pub mod rebuild;
 pub mod runner;
 
@@ -181,7 +183,8 @@ pub async fn resume(
         .map_err(db::DbError::from)?;
     }
     sqlx::query(
-        "UPDATE projection_checkpoints SET state = CASE WHEN active THEN 'running' ELSE 'building' END,
+        "UPDATE projection_checkpoints \
+         SET state = CASE WHEN active THEN 'running' ELSE 'building' END,
             error = NULL, error_seq = NULL, updated_at = now()
          WHERE name = $1 AND version = $2",
     )
@@ -207,5 +210,5 @@ pub enum ResumeError {
         asked: u64,
     },
     #[error("could not record the skip in the event log: {0}")]
-    Record(#[source] crate::bus::CommandError),
+    Record(#[source] Box<dyn std::error::Error + Send + Sync>),
 }

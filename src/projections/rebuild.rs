@@ -234,7 +234,12 @@ async fn catch_up_retrying(
         match catch_up(p, target, progress).await {
             Err(ApplyError::Unavailable(e)) if attempt < 5 => {
                 attempt += 1;
-                tracing::warn!(projection = p.model.name(), error = %e, attempt, "rebuild reader interrupted; resuming from the checkpoint");
+                tracing::warn!(
+                    projection = p.model.name(),
+                    error = %e,
+                    attempt,
+                    "rebuild reader interrupted; resuming from the checkpoint"
+                );
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
             other => return other,
@@ -256,7 +261,8 @@ pub async fn rebuild(
     // Resume an interrupted rebuild (an inactive version above the active
     // one), or start the next version.
     let pending: Option<i32> = sqlx::query_scalar(
-        "SELECT max(version) FROM projection_checkpoints WHERE name = $1 AND NOT active AND version > $2",
+        "SELECT max(version) FROM projection_checkpoints WHERE name = $1 \
+         AND NOT active AND version > $2",
     )
     .bind(&name)
     .bind(old)
@@ -271,8 +277,10 @@ pub async fn rebuild(
             .map_err(DbError::from)?;
     }
     sqlx::query(
-        "INSERT INTO projection_checkpoints (name, version, state, active) VALUES ($1, $2, 'building', FALSE)
-         ON CONFLICT (name, version) DO UPDATE SET state = 'building', error = NULL, error_seq = NULL",
+        "INSERT INTO projection_checkpoints (name, version, state, active) \
+         VALUES ($1, $2, 'building', FALSE)
+         ON CONFLICT (name, version) \
+         DO UPDATE SET state = 'building', error = NULL, error_seq = NULL",
     )
     .bind(&name)
     .bind(new)

@@ -120,7 +120,8 @@ impl Projector {
         let unavailable = |e: sqlx::Error| ApplyError::Unavailable(e.to_string());
         let mut tx = self.pool.begin().await.map_err(unavailable)?;
         let last: i64 = sqlx::query_scalar(
-            "SELECT last_seq FROM projection_checkpoints WHERE name = $1 AND version = $2 FOR UPDATE",
+            "SELECT last_seq FROM projection_checkpoints WHERE name = $1 \
+             AND version = $2 FOR UPDATE",
         )
         .bind(self.model.name())
         .bind(self.version)
@@ -146,7 +147,8 @@ impl Projector {
         };
         apply::apply(self.model, &mut tx, self.version, &fresh).await?;
         sqlx::query(
-            "UPDATE projection_checkpoints SET last_seq = $3, updated_at = now() WHERE name = $1 AND version = $2",
+            "UPDATE projection_checkpoints SET last_seq = $3, \
+             updated_at = now() WHERE name = $1 AND version = $2",
         )
         .bind(self.model.name())
         .bind(self.version)
@@ -155,7 +157,8 @@ impl Projector {
         .await
         .map_err(unavailable)?;
         tx.commit().await.map_err(unavailable)?;
-        metrics::counter!("flowledger_projection_events_applied_total", "projection" => self.label())
+        let applied = "flowledger_projection_events_applied_total";
+        metrics::counter!(applied, "projection" => self.label())
             .increment(fresh.iter().map(|m| m.events.len() as u64).sum());
         metrics::gauge!("flowledger_projection_checkpoint", "projection" => self.label())
             .set(end as f64);
@@ -178,7 +181,8 @@ impl Projector {
     /// recorded skip).
     async fn pass(&self, seq: u64) -> Result<(), ApplyError> {
         sqlx::query(
-            "UPDATE projection_checkpoints SET last_seq = GREATEST(last_seq, $3), updated_at = now() WHERE name = $1 AND version = $2",
+            "UPDATE projection_checkpoints SET last_seq = GREATEST(last_seq, $3), \
+             updated_at = now() WHERE name = $1 AND version = $2",
         )
         .bind(self.model.name())
         .bind(self.version)
@@ -258,7 +262,8 @@ impl Projector {
 
     async fn mark_stopped(&self, seq: u64, reason: &str) -> Result<(), DbError> {
         sqlx::query(
-            "UPDATE projection_checkpoints SET state = 'stopped', error_seq = $3, error = $4, updated_at = now()
+            "UPDATE projection_checkpoints \
+             SET state = 'stopped', error_seq = $3, error = $4, updated_at = now()
              WHERE name = $1 AND version = $2",
         )
         .bind(self.model.name())
@@ -310,35 +315,64 @@ impl Projector {
         let from = self.checkpoint().await.map_err(|e| e.to_string())? + 1;
         let mut messages = self.consumer(from).await?;
         let mut tick = tokio::time::interval(Duration::from_secs(1));
+        let idle = Duration::from_millis(200);
         loop {
-            tokio::select! {
-                _ = shutdown.changed() => return Ok(Exit::Shutdown),
-                _ = tick.tick() => {
-                    let (state, active) = self.state().await.map_err(|e| e.to_string())?;
-                    if !active { return Ok(Exit::Inactive); }
-                    if state != "running" { return Ok(Exit::Stopped); }
-                    self.report_lag().await;
-                }
-                batch = next_batch(&mut messages, LIVE_BATCH, Duration::from_millis(200)) => {
-                    let batch = batch?;
-                    let Some(last) = batch.last() else { continue };
-                    let pending = last.info().map(|i| i.pending).unwrap_or(0);
-                    let items = batch.iter().map(|m| decode(m, self.model)).collect();
-                    match self.apply_all(items).await {
-                        Ok(_) => {
-                            let _ = last.ack_with(AckKind::Ack).await;
-                            metrics::gauge!("flowledger_projection_lag", "projection" => self.label()).set(pending as f64);
-                        }
-                        Err(ApplyError::Poison { seq, reason }) => {
-                            tracing::error!(projection = self.model.name(), version = self.version, seq, %reason,
-                                "projection stopped: cannot apply this event; fix the cause, then `flowledger projections resume {}` (or --skip {seq})", self.model.name());
-                            self.mark_stopped(seq, &reason).await.map_err(|e| e.to_string())?;
-                            return Ok(Exit::Stopped);
-                        }
-                        Err(ApplyError::Unavailable(e)) => return Err(e),
-                    }
-                }
+            let exit = tokio::select! {
+                _ = shutdown.changed() => Some(Exit::Shutdown),
+                _ = tick.tick() => self.still_running().await?,
+                batch = next_batch(&mut messages, LIVE_BATCH, idle) => self.on_batch(batch?).await?,
+            };
+            if let Some(exit) = exit {
+                return Ok(exit);
             }
+        }
+    }
+
+    /// Why to stop consuming, if this version is no longer the active,
+    /// running one; else reports the lag.
+    async fn still_running(&self) -> Result<Option<Exit>, String> {
+        let (state, active) = self.state().await.map_err(|e| e.to_string())?;
+        if !active {
+            return Ok(Some(Exit::Inactive));
+        }
+        if state != "running" {
+            return Ok(Some(Exit::Stopped));
+        }
+        self.report_lag().await;
+        Ok(None)
+    }
+
+    /// Applies and acks a batch of live messages; a poison event stops the
+    /// projection.
+    async fn on_batch(&self, batch: Vec<jetstream::Message>) -> Result<Option<Exit>, String> {
+        let Some(last) = batch.last() else {
+            return Ok(None);
+        };
+        let pending = last.info().map(|i| i.pending).unwrap_or(0);
+        let items = batch.iter().map(|m| decode(m, self.model)).collect();
+        match self.apply_all(items).await {
+            Ok(_) => {
+                let _ = last.ack_with(AckKind::Ack).await;
+                metrics::gauge!("flowledger_projection_lag", "projection" => self.label())
+                    .set(pending as f64);
+                Ok(None)
+            }
+            Err(ApplyError::Poison { seq, reason }) => {
+                tracing::error!(
+                    projection = self.model.name(),
+                    version = self.version,
+                    seq,
+                    %reason,
+                    "projection stopped: cannot apply this event; fix the cause, \
+                     then `flowledger projections resume {}` (or --skip {seq})",
+                    self.model.name()
+                );
+                self.mark_stopped(seq, &reason)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                Ok(Some(Exit::Stopped))
+            }
+            Err(ApplyError::Unavailable(e)) => Err(e),
         }
     }
 
@@ -409,7 +443,8 @@ pub async fn run(
             // tables that were just dropped.
             let mut tx = pool.begin().await.map_err(|e| e.to_string())?;
             let still_active: Option<bool> = sqlx::query_scalar(
-                "SELECT active FROM projection_checkpoints WHERE name = $1 AND version = $2 FOR SHARE",
+                "SELECT active FROM projection_checkpoints WHERE name = $1 \
+                 AND version = $2 FOR SHARE",
             )
             .bind(model.name())
             .bind(version)
@@ -443,7 +478,11 @@ pub async fn run(
             Ok(None) => return,
             Ok(Some(wait)) => tokio::time::sleep(wait).await,
             Err(e) => {
-                tracing::warn!(projection = model.name(), error = %e, "projection paused; retrying in 2 s");
+                tracing::warn!(
+                    projection = model.name(),
+                    error = %e,
+                    "projection paused; retrying in 2 s"
+                );
                 tokio::time::sleep(Duration::from_secs(2)).await;
             }
         }

@@ -342,10 +342,13 @@ async fn cancel_aborts_in_flight_calls() {
     assert!(!actions(&v).contains(&"JobCompleted".to_string()));
 }
 
-fn registry_of(v: &Value) -> std::sync::Arc<flowledger::registry::Registry> {
+fn registry_of(v: &Value) -> std::sync::Arc<flowledger::commands::registry::Registry> {
     std::sync::Arc::new(
-        flowledger::registry::Registry::parse(std::path::Path::new("r.json"), &v.to_string())
-            .unwrap(),
+        flowledger::commands::registry::Registry::parse(
+            std::path::Path::new("r.json"),
+            &v.to_string(),
+        )
+        .unwrap(),
     )
 }
 

@@ -7,10 +7,10 @@ use std::time::{Duration, Instant};
 use flowledger::app::{Application, DatabaseSettings, HttpSettings, Settings};
 use flowledger::bus::{CommandBus, CommandError};
 use flowledger::commands::job::JobServices;
+use flowledger::commands::registry::Registry;
 use flowledger::events::log::{self, EventLog, LogConfig};
 use flowledger::events::store::Receipt;
 use flowledger::handlers::HandlerConfig;
-use flowledger::registry::Registry;
 use serde_json::{json, Value};
 use tempfile::TempDir;
 
@@ -535,6 +535,8 @@ impl ReadSide {
 pub struct HandlerSide {
     pub bus: Arc<CommandBus>,
     pub ctx: Arc<flowledger::handlers::Ctx>,
+    /// The handler's database (its position, parked jobs).
+    pub pool: sqlx::PgPool,
     _service: Application,
 }
 
@@ -585,6 +587,7 @@ pub async fn start_handler(
     HandlerSide {
         bus: service.bus().clone(),
         ctx: service.handler().expect("the handler runs").clone(),
+        pool: service.pool().expect("a database").clone(),
         _service: service,
     }
 }

@@ -5,6 +5,7 @@
 mod audit;
 mod event_store;
 mod handlers;
+mod hardening;
 mod helpers;
 mod http_api;
 mod peers;

@@ -30,11 +30,11 @@ use tokio::sync::oneshot;
 
 use flowledger::bus::CommandBus;
 use flowledger::commands::job::{JobCommand, JobServices, SubmitJob};
+use flowledger::commands::registry::Registry;
 use flowledger::events::envelope::{decode_commit, Actor, CommandMeta};
 use flowledger::events::log::{self, EventLog, LogConfig};
 use flowledger::handlers::{manager, Ctx, HandlerConfig};
 use flowledger::projections::db;
-use flowledger::registry::Registry;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -328,7 +328,9 @@ fn report(name: &str, runs: &[Run], in_flight: usize, secs: u64) -> f64 {
     let mut lat: Vec<f64> = runs.iter().map(|r| ms(r.total)).collect();
     lat.sort_by(f64::total_cmp);
     println!(
-        "  {name:<24} {rate:>6.0} jobs/s = {:>3.0}% of what the steps allow ({allowed:.0}/s: {in_flight} / {mean_slowest:.0} ms mean slowest step); latency p50 {:.0} ms, p99 {:.0} ms; {failed} failed",
+        "  {name:<24} {rate:>6.0} jobs/s = {:>3.0}% of what the steps allow ({allowed:.0}/s: \
+         {in_flight} / {mean_slowest:.0} ms mean slowest step); latency p50 {:.0} ms, \
+         p99 {:.0} ms; {failed} failed",
         100.0 * rate / allowed,
         percentile(&lat, 0.5),
         percentile(&lat, 0.99),
@@ -348,7 +350,11 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let peer = start_peer().await?;
     let steps: Vec<Value> = STEPS
         .iter()
-        .map(|s| json!({"name": s, "kind": "solver", "url": format!("{peer}/{s}"), "timeout_ms": 10_000, "max_attempts": 1}))
+        .map(|s| {
+            let url = format!("{peer}/{s}");
+            json!({"name": s, "kind": "solver", "url": url,
+                   "timeout_ms": 10_000, "max_attempts": 1})
+        })
         .collect();
     let registry = Arc::new(Registry::parse(
         std::path::Path::new("bench-registry.json"),

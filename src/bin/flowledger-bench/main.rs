@@ -18,10 +18,10 @@ use cqrs_es::AggregateError;
 use flowledger::bus::CommandBus;
 use flowledger::commands::job::events::StepStatus;
 use flowledger::commands::job::{Job, JobCommand, JobServices, RecordStepResult, SubmitJob};
+use flowledger::commands::registry::Registry;
 use flowledger::events::envelope::{Actor, CommandMeta};
 use flowledger::events::log::{self, EventLog, LogConfig};
 use flowledger::events::store::AggregateStore;
-use flowledger::registry::Registry;
 use postgres_es::PostgresCqrs;
 use serde_json::json;
 use sqlx::postgres::PgPoolOptions;
@@ -419,8 +419,14 @@ async fn postgres_setup(url: &str) -> anyhow::Result<Arc<PostgresCqrs<Job>>> {
         .await
         .with_context(|| format!("connect to {url}"))?;
     for ddl in [
-        "CREATE TABLE IF NOT EXISTS events (aggregate_type text NOT NULL, aggregate_id text NOT NULL, sequence bigint CHECK (sequence >= 0) NOT NULL, event_type text NOT NULL, event_version text NOT NULL, payload json NOT NULL, metadata json NOT NULL, PRIMARY KEY (aggregate_type, aggregate_id, sequence))",
-        "CREATE TABLE IF NOT EXISTS snapshots (aggregate_type text NOT NULL, aggregate_id text NOT NULL, last_sequence bigint CHECK (last_sequence >= 0) NOT NULL, current_snapshot bigint CHECK (current_snapshot >= 0) NOT NULL, payload json NOT NULL, PRIMARY KEY (aggregate_type, aggregate_id, last_sequence))",
+        "CREATE TABLE IF NOT EXISTS events (aggregate_type text NOT NULL, \
+         aggregate_id text NOT NULL, sequence bigint CHECK (sequence >= 0) NOT NULL, \
+         event_type text NOT NULL, event_version text NOT NULL, payload json NOT NULL, \
+         metadata json NOT NULL, PRIMARY KEY (aggregate_type, aggregate_id, sequence))",
+        "CREATE TABLE IF NOT EXISTS snapshots (aggregate_type text NOT NULL, \
+         aggregate_id text NOT NULL, last_sequence bigint CHECK (last_sequence >= 0) NOT NULL, \
+         current_snapshot bigint CHECK (current_snapshot >= 0) NOT NULL, payload json NOT NULL, \
+         PRIMARY KEY (aggregate_type, aggregate_id, last_sequence))",
     ] {
         sqlx::query(ddl).execute(&pool).await?;
     }
@@ -469,7 +475,8 @@ async fn event_log(args: Args) -> anyhow::Result<()> {
     };
     let server = client.server_info();
     println!(
-        "flowledger-bench: nats-server {} | {} concurrent aggregates, {} in turn per task, {} commands each | {} rounds | {} cores",
+        "flowledger-bench: nats-server {} | {} concurrent aggregates, {} in turn per task, \
+         {} commands each | {} rounds | {} cores",
         server.version,
         args.aggregates,
         args.in_turn,
@@ -534,15 +541,23 @@ async fn event_log(args: Args) -> anyhow::Result<()> {
             Some(pg) => Some(postgres_round(pg, &tag, n, k).await?),
             None => None,
         };
+        let pg_rate = p.as_ref().map_or("skipped".to_string(), |p| {
+            format!(
+                "{:>7.0}/s ({:.0}%)",
+                p.per_sec(),
+                100.0 * p.per_sec() / r.per_sec()
+            )
+        });
         println!(
-            "round {}: raw {:>7.0}/s  raw+broker headers {:>7.0}/s  raw+all headers {:>7.0}/s  flowledger {:>7.0}/s ({:.0}%)  postgres-es {}",
+            "round {}: raw {:>7.0}/s  raw+broker headers {:>7.0}/s  raw+all headers {:>7.0}/s  \
+             flowledger {:>7.0}/s ({:.0}%)  postgres-es {}",
             round + 1,
             r.per_sec(),
             rb.per_sec(),
             rh.per_sec(),
             f.per_sec(),
             100.0 * f.per_sec() / r.per_sec(),
-            p.as_ref().map_or("skipped".to_string(), |p| format!("{:>7.0}/s ({:.0}%)", p.per_sec(), 100.0 * p.per_sec() / r.per_sec()))
+            pg_rate
         );
         raw.push(r);
         rawb.push(rb);
@@ -619,15 +634,22 @@ async fn event_log(args: Args) -> anyhow::Result<()> {
         None => None,
     };
 
-    println!("\nlatency at a fixed {} commands/s for {} s (NATS request/reply through the intake; raw = one JetStream publish + ack)", args.latency_rate, args.latency_secs);
+    println!(
+        "\nlatency at a fixed {} commands/s for {} s (NATS request/reply through the intake; \
+         raw = one JetStream publish + ack)",
+        args.latency_rate, args.latency_secs
+    );
     let bus = Arc::new(CommandBus::new(event_log.clone(), services()));
     let sub = flowledger::api::nats::subscribe(&client).await?;
     tokio::spawn(flowledger::api::nats::serve(bus, client.clone(), sub));
     tokio::time::sleep(Duration::from_millis(300)).await;
     let c = client.clone();
-    let body = Bytes::from(
-        json!({"workflow_key": "bench.workflow", "client_id": "bench", "input": {"document": "invoice-000123.pdf"}}).to_string(),
-    );
+    let body = json!({
+        "workflow_key": "bench.workflow",
+        "client_id": "bench",
+        "input": {"document": "invoice-000123.pdf"},
+    });
+    let body = Bytes::from(body.to_string());
     let lat_fl = latency_run(args.latency_rate, args.latency_secs, move |_| {
         let c = c.clone();
         let body = body.clone();
@@ -672,7 +694,10 @@ async fn event_log(args: Args) -> anyhow::Result<()> {
         &raw_m,
     );
     row(
-        format!("raw JetStream + Nats-Msg-Id + Nats-Expected-Last-Subject-Sequence (the two the design requires), {n} subjects"),
+        format!(
+            "raw JetStream + Nats-Msg-Id + Nats-Expected-Last-Subject-Sequence \
+             (the two the design requires), {n} subjects"
+        ),
         &rawb_m,
         &raw_m,
     );
@@ -740,7 +765,8 @@ async fn event_log(args: Args) -> anyhow::Result<()> {
     );
     let target = 100.0 * fl_m.per_sec() / raw_m.per_sec();
     println!(
-        "\ntarget: flowledger >= 70% of raw JetStream with {} aggregates: {:.0}% -> {} (raw publishes with the two required broker headers: {:.0}%)",
+        "\ntarget: flowledger >= 70% of raw JetStream with {} aggregates: {:.0}% -> {} \
+         (raw publishes with the two required broker headers: {:.0}%)",
         args.aggregates,
         target,
         if target >= 70.0 { "met" } else { "NOT met" },

@@ -10,11 +10,11 @@ use futures::StreamExt;
 use serde_json::{json, Value};
 
 use flowledger::commands::job::{CompleteJob, FailJob, Job, JobCommand, JobServices, SubmitJob};
+use flowledger::commands::registry::Registry;
 use flowledger::events::envelope::{Actor, CommandMeta};
 use flowledger::events::log::{self, EventLog, LogConfig};
 use flowledger::events::store::AggregateStore;
 use flowledger::projections::{db, rebuild, runner, ReadModel};
-use flowledger::registry::Registry;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -238,7 +238,11 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         );
     }
 
-    println!("\n## Query latency with {} execution rows (server side: EXPLAIN ANALYZE execution + planning)\n", args.jobs);
+    println!(
+        "\n## Query latency with {} execution rows \
+         (server side: EXPLAIN ANALYZE execution + planning)\n",
+        args.jobs
+    );
     println!("| query | p50 ms | p99 ms | seed 000 target |");
     println!("|---|---:|---:|---|");
     let n = args.queries;
@@ -249,10 +253,37 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let none: Vec<String> = vec![String::new(); n];
     let windows: Vec<String> = (0..n).map(|i| format!("{}", 5 + i % 50)).collect();
     for (name, sql, params, target) in [
-        ("lookup by id", "SELECT to_jsonb(e) FROM workflows_executions e WHERE execution_id = $1", &ids, "< 1 ms"),
-        ("by workflow_id, last 24 h, limit 100", "SELECT to_jsonb(e) FROM workflows_executions e WHERE workflow_id = $1 AND created_at >= now() - interval '24 hours' ORDER BY created_at DESC, id DESC LIMIT 100", &wf, "< 10 ms"),
-        ("pending executions, limit 100", "SELECT to_jsonb(e) FROM workflows_executions e WHERE status = 'pending' AND $1 = '' ORDER BY created_at DESC, id DESC LIMIT 100", &none, "< 5 ms"),
-        ("time range (a window of 5-55 s), limit 100", "SELECT to_jsonb(e) FROM workflows_executions e WHERE created_at >= (SELECT min(created_at) FROM workflows_executions) AND created_at < (SELECT min(created_at) FROM workflows_executions) + ($1 || ' seconds')::interval ORDER BY created_at DESC, id DESC LIMIT 100", &windows, "< 50 ms"),
+        (
+            "lookup by id",
+            "SELECT to_jsonb(e) FROM workflows_executions e WHERE execution_id = $1",
+            &ids,
+            "< 1 ms",
+        ),
+        (
+            "by workflow_id, last 24 h, limit 100",
+            "SELECT to_jsonb(e) FROM workflows_executions e WHERE workflow_id = $1 \
+             AND created_at >= now() - interval '24 hours' \
+             ORDER BY created_at DESC, id DESC LIMIT 100",
+            &wf,
+            "< 10 ms",
+        ),
+        (
+            "pending executions, limit 100",
+            "SELECT to_jsonb(e) FROM workflows_executions e WHERE status = 'pending' AND $1 = '' \
+             ORDER BY created_at DESC, id DESC LIMIT 100",
+            &none,
+            "< 5 ms",
+        ),
+        (
+            "time range (a window of 5-55 s), limit 100",
+            "SELECT to_jsonb(e) FROM workflows_executions e \
+             WHERE created_at >= (SELECT min(created_at) FROM workflows_executions) \
+             AND created_at < (SELECT min(created_at) FROM workflows_executions) \
+             + ($1 || ' seconds')::interval \
+             ORDER BY created_at DESC, id DESC LIMIT 100",
+            &windows,
+            "< 50 ms",
+        ),
     ] {
         let (p50, p99) = latency(&pool, sql, params).await?;
         println!("| {name} | {p50:.3} | {p99:.3} | {target} |");
@@ -336,6 +367,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     println!("| commands | lag p50 ms | lag p99 ms |");
     println!("|---:|---:|---:|");
     println!("| {} | {:.1} | {:.1} |", lags.len(), pick(0.5), pick(0.99));
-    println!("\n(lag: from the append's ack to the moment every projection's checkpoint covers it; sampled every 2 ms)");
+    println!(
+        "\n(lag: from the append's ack to the moment every projection's checkpoint \
+         covers it; sampled every 2 ms)"
+    );
     Ok(())
 }

@@ -2,7 +2,7 @@
 //! Decided once; an expired approval cannot be approved. The current time
 //! arrives inside each command (`at`), so the aggregate reads no clock.
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, TimeDelta, Utc};
 use cqrs_es::event_sink::EventSink;
 use cqrs_es::Aggregate;
 use serde::{Deserialize, Serialize};
@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 pub mod events;
 
 use crate::commands::limits::MAX_APPROVAL_WINDOW_SECONDS;
-use crate::commands::{DomainError, ErrorCode};
+use crate::commands::{write_decided, DomainError, ErrorCode};
 use events::{ApprovalDecided, ApprovalEvent, ApprovalExpired, ApprovalRequested};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -191,7 +191,9 @@ impl Approval {
                         at,
                     });
                 }
-                if (r.expires_at - at).num_seconds() > MAX_APPROVAL_WINDOW_SECONDS {
+                // compared exactly: `num_seconds` truncates, which let an
+                // expiry up to a second past the window through
+                if r.expires_at - at > TimeDelta::seconds(MAX_APPROVAL_WINDOW_SECONDS) {
                     return Err(ApprovalError::ExpiryTooFar {
                         expires_at: r.expires_at,
                         at,
@@ -247,10 +249,8 @@ impl Aggregate for Approval {
         _services: &Self::Services,
         sink: &EventSink<Self>,
     ) -> Result<(), Self::Error> {
-        for event in self.decide(command)? {
-            sink.write(event, self).await;
-        }
-        Ok(())
+        let decided = self.decide(command);
+        write_decided(self, decided, sink).await
     }
 
     fn apply(&mut self, event: Self::Event) {

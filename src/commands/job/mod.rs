@@ -15,8 +15,8 @@ use crate::commands::limits::{
     MAX_ATTEMPTS, MAX_CALLBACK_ATTEMPTS, MAX_DURATION_MS, MAX_JOB_TIMEOUT_SECONDS,
     MAX_RETRY_DELAY_MS, PRIORITY_RANGE,
 };
-use crate::commands::{DomainError, ErrorCode};
-use crate::registry::Registry;
+use crate::commands::registry::Registry;
+use crate::commands::{write_decided, DomainError, ErrorCode};
 use events::{
     CallbackDelivered, CallbackFailed, JobCancelled, JobCompleted, JobEvent, JobFailed, JobStarted,
     JobSubmitted, StepAttemptStarted, StepResultRecorded, StepRetryScheduled, StepStatus,
@@ -272,6 +272,10 @@ pub enum JobError {
     InvalidRetryDelay(u64),
     #[error("duration_ms must be at most {MAX_DURATION_MS} (one week), got {0}")]
     InvalidDuration(u64),
+    #[error(
+        "retry_in_ms: attempt {0} is the last one allowed ({MAX_ATTEMPTS}); no retry can follow it"
+    )]
+    RetryAfterLastAttempt(u32),
     #[error("attempts must be at most {MAX_CALLBACK_ATTEMPTS}, got {0}")]
     InvalidCallbackAttempts(u32),
     #[error("status_code must be an HTTP status (100-599), got {0}")]
@@ -302,6 +306,7 @@ impl DomainError for JobError {
             | JobError::InvalidCallbackUrl { .. }
             | JobError::AttemptOutOfRange(_)
             | JobError::InvalidRetryDelay(_)
+            | JobError::RetryAfterLastAttempt(_)
             | JobError::InvalidDuration(_)
             | JobError::InvalidCallbackAttempts(_)
             | JobError::InvalidStatusCode(_) => ErrorCode::Validation,
@@ -327,7 +332,7 @@ impl DomainError for JobError {
             JobError::AttemptOutOfRange(_)
             | JobError::AttemptNotStarted { .. }
             | JobError::AttemptOutOfOrder { .. } => "attempt",
-            JobError::InvalidRetryDelay(_) => "retry_in_ms",
+            JobError::InvalidRetryDelay(_) | JobError::RetryAfterLastAttempt(_) => "retry_in_ms",
             JobError::InvalidDuration(_) => "duration_ms",
             JobError::InvalidCallbackAttempts(_) => "attempts",
             JobError::InvalidStatusCode(_) => "status_code",
@@ -415,6 +420,11 @@ impl Job {
         }
         if let Some(delay) = r.retry_in_ms.filter(|d| *d > MAX_RETRY_DELAY_MS) {
             return Err(JobError::InvalidRetryDelay(delay));
+        }
+        // a retry schedules attempt + 1, which must itself be startable
+        if r.retry_in_ms.is_some() && r.status != StepStatus::Succeeded && r.attempt >= MAX_ATTEMPTS
+        {
+            return Err(JobError::RetryAfterLastAttempt(r.attempt));
         }
         let started = self.started.get(&r.step).copied().unwrap_or(0);
         if r.attempt > started {
@@ -618,10 +628,8 @@ impl Aggregate for Job {
         services: &Self::Services,
         sink: &EventSink<Self>,
     ) -> Result<(), Self::Error> {
-        for event in self.decide(command, services)? {
-            sink.write(event, self).await;
-        }
-        Ok(())
+        let decided = self.decide(command, services);
+        write_decided(self, decided, sink).await
     }
 
     fn apply(&mut self, event: Self::Event) {

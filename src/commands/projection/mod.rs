@@ -7,7 +7,7 @@ use cqrs_es::event_sink::EventSink;
 use cqrs_es::Aggregate;
 use serde::{Deserialize, Serialize};
 
-use crate::commands::{DomainError, ErrorCode};
+use crate::commands::{write_decided, DomainError, ErrorCode};
 use events::{ProjectionEvent, ProjectionEventSkipped};
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -42,6 +42,35 @@ impl DomainError for ProjectionOpsError {
     }
 }
 
+impl ProjectionOps {
+    /// Pure decision: the events a command produces, or why it is refused.
+    pub fn decide(
+        &self,
+        command: ProjectionCommand,
+    ) -> Result<Vec<ProjectionEvent>, ProjectionOpsError> {
+        let ProjectionCommand::SkipEvent {
+            version,
+            seq,
+            reason,
+            skipped_by,
+        } = command;
+        if reason.trim().is_empty() || skipped_by.trim().is_empty() {
+            return Err(ProjectionOpsError::MissingReason);
+        }
+        if self.skipped.contains(&seq) {
+            return Err(ProjectionOpsError::AlreadySkipped(seq));
+        }
+        Ok(vec![ProjectionEvent::ProjectionEventSkipped(
+            ProjectionEventSkipped {
+                version,
+                seq,
+                reason,
+                skipped_by,
+            },
+        )])
+    }
+}
+
 impl Aggregate for ProjectionOps {
     const TYPE: &'static str = "projection";
     type Command = ProjectionCommand;
@@ -55,26 +84,8 @@ impl Aggregate for ProjectionOps {
         _services: &Self::Services,
         sink: &EventSink<Self>,
     ) -> Result<(), Self::Error> {
-        let ProjectionCommand::SkipEvent {
-            version,
-            seq,
-            reason,
-            skipped_by,
-        } = command;
-        if reason.trim().is_empty() || skipped_by.trim().is_empty() {
-            return Err(ProjectionOpsError::MissingReason);
-        }
-        if self.skipped.contains(&seq) {
-            return Err(ProjectionOpsError::AlreadySkipped(seq));
-        }
-        let event = ProjectionEvent::ProjectionEventSkipped(ProjectionEventSkipped {
-            version,
-            seq,
-            reason,
-            skipped_by,
-        });
-        sink.write(event, self).await;
-        Ok(())
+        let decided = self.decide(command);
+        write_decided(self, decided, sink).await
     }
 
     fn apply(&mut self, event: Self::Event) {

@@ -9,7 +9,7 @@ use cqrs_es::event_sink::EventSink;
 use cqrs_es::Aggregate;
 use serde::{Deserialize, Serialize};
 
-use crate::commands::{DomainError, ErrorCode};
+use crate::commands::{write_decided, DomainError, ErrorCode};
 use events::{CallbackEvent, CallbackRejected};
 
 /// One refused incoming callback.
@@ -30,6 +30,19 @@ impl DomainError for RejectedCallbackError {
     }
 }
 
+impl RejectedCallback {
+    /// Pure decision: a rejection is recorded once, under its fresh id.
+    pub fn decide(
+        &self,
+        command: CallbackRejected,
+    ) -> Result<Vec<CallbackEvent>, RejectedCallbackError> {
+        if self.rejected {
+            return Err(RejectedCallbackError::AlreadyRecorded);
+        }
+        Ok(vec![CallbackEvent::CallbackRejected(command)])
+    }
+}
+
 impl Aggregate for RejectedCallback {
     const TYPE: &'static str = "callback";
     type Command = CallbackRejected;
@@ -43,12 +56,8 @@ impl Aggregate for RejectedCallback {
         _: &Self::Services,
         sink: &EventSink<Self>,
     ) -> Result<(), Self::Error> {
-        if self.rejected {
-            return Err(RejectedCallbackError::AlreadyRecorded);
-        }
-        sink.write(CallbackEvent::CallbackRejected(command), self)
-            .await;
-        Ok(())
+        let decided = self.decide(command);
+        write_decided(self, decided, sink).await
     }
 
     fn apply(&mut self, _: Self::Event) {

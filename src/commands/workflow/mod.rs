@@ -9,7 +9,7 @@ use cqrs_es::event_sink::EventSink;
 use cqrs_es::Aggregate;
 use serde::{Deserialize, Serialize};
 
-use crate::commands::{DomainError, ErrorCode};
+use crate::commands::{write_decided, DomainError, ErrorCode};
 use events::{AutoApprovalCounted, WorkflowEvent, WorkflowSwitched};
 
 /// Workflow keys may hold '.', which aggregate ids (NATS subject tokens)
@@ -149,10 +149,8 @@ impl Aggregate for Workflow {
         _: &Self::Services,
         sink: &EventSink<Self>,
     ) -> Result<(), Self::Error> {
-        for event in self.decide(command)? {
-            sink.write(event, self).await;
-        }
-        Ok(())
+        let decided = self.decide(command);
+        write_decided(self, decided, sink).await
     }
 
     fn apply(&mut self, event: Self::Event) {

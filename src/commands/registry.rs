@@ -379,7 +379,11 @@ mod tests {
     fn step_errors_name_key_and_field() {
         let step = |extra: &str| {
             format!(
-                r#"{{"version":1,"workflows":{{"w":{{"steps":[{{"name":"s","kind":"solver","url":"http://h/x"{extra}}}]}}}}}}"#
+                concat!(
+                    r#"{{"version":1,"workflows":{{"w":{{"steps":[{{"name":"s","kind":"solver","#,
+                    r#""url":"http://h/x"{extra}}}]}}}}}}"#
+                ),
+                extra = extra
             )
         };
         assert!(parse(&step("")).is_ok());
@@ -389,7 +393,11 @@ mod tests {
         assert!(e.contains("steps[0].max_attempts"), "{e}");
         let e = parse(&step(r#","kind":"ftp""#)).unwrap_err();
         assert!(e.contains("kind"), "{e}");
-        let e = parse(r#"{"version":1,"workflows":{"w":{"steps":[{"name":"s","kind":"solver","url":"ftp://h"}]}}}"#).unwrap_err();
+        let e = parse(concat!(
+            r#"{"version":1,"workflows":{"w":{"steps":["#,
+            r#"{"name":"s","kind":"solver","url":"ftp://h"}]}}}"#
+        ))
+        .unwrap_err();
         assert!(e.contains("steps[0].url") && e.contains("http://"), "{e}");
         let e = parse(r#"{"version":1,"workflows":{"w":{"steps":[]}}}"#).unwrap_err();
         assert!(e.contains("workflows.w.steps: a workflow needs"), "{e}");
@@ -408,7 +416,11 @@ mod tests {
         .unwrap_err();
         assert!(e.contains("success.at_least"), "{e}");
         let e = parse(&format!(
-            r#"{{"version":1,"workflows":{{"w":{{"steps":[{two}],"auto_approval":{{"min_confidence":90,"daily_limit":5}}}}}}}}"#
+            concat!(
+                r#"{{"version":1,"workflows":{{"w":{{"steps":[{two}],"#,
+                r#""auto_approval":{{"min_confidence":90,"daily_limit":5}}}}}}}}"#
+            ),
+            two = two
         ))
         .unwrap_err();
         assert!(

@@ -1,0 +1,281 @@
+//! The projections' lenient parser (`event.rs`, ADR 0006) against the
+//! domain: every event type, encoded by the ledger exactly as a command
+//! writes it, decodes through `ProjectedEvent` with the fields the read
+//! models use. The matches below have no wildcard arm, so a new event type
+//! does not compile until it is added here.
+
+use chrono::{DateTime, NaiveDate, Utc};
+use serde_json::json;
+use uuid::Uuid;
+
+use super::event::ProjectedEvent;
+use crate::commands::approval::events::{
+    ApprovalDecided, ApprovalEvent, ApprovalExpired, ApprovalRequested,
+};
+use crate::commands::job::events::{
+    CallbackDelivered, CallbackFailed, JobCancelled, JobCompleted, JobEvent, JobFailed, JobStarted,
+    JobSubmitted, StepAttemptStarted, StepResultRecorded, StepRetryScheduled, StepStatus,
+};
+use crate::commands::projection::events::{ProjectionEvent, ProjectionEventSkipped};
+use crate::commands::rejected_callback::events::{CallbackEvent, CallbackRejected};
+use crate::commands::workflow::events::{AutoApprovalCounted, WorkflowEvent, WorkflowSwitched};
+use crate::events::chain;
+use crate::events::envelope::{self, Actor, OutgoingRecord};
+
+fn at() -> DateTime<Utc> {
+    "2026-12-01T10:00:00Z".parse().expect("a time")
+}
+
+/// Encodes `event` as the ledger does and reads it back as projections do.
+fn projected<E: serde::Serialize + cqrs_es::DomainEvent>(
+    aggregate_type: &str,
+    event: &E,
+) -> ProjectedEvent {
+    let actor = Actor {
+        client_id: "billing".into(),
+        user_id: Some("alice".into()),
+    };
+    let occurred_at = envelope::format_time(at());
+    let mut records = [OutgoingRecord {
+        event_id: Uuid::now_v7(),
+        aggregate_type,
+        aggregate_id: "j-1",
+        aggregate_version: 1,
+        schema_version: event.event_version(),
+        occurred_at: &occurred_at,
+        actor: &actor,
+        command_id: "c",
+        correlation_id: "c",
+        causation_id: "c",
+        prev_hash: String::new(),
+        event,
+    }];
+    let commit = envelope::encode_commit(&mut records, chain::GENESIS).expect("encodes");
+    let mut lines =
+        envelope::decode_commit_as::<ProjectedEvent>(&commit.body).expect("projections read it");
+    assert_eq!(lines.len(), 1);
+    let (_, p) = lines.remove(0);
+    assert_eq!(p.event_type, event.event_type());
+    assert_eq!(p.aggregate_type, aggregate_type);
+    assert_eq!(p.aggregate_id, "j-1");
+    assert_eq!(p.actor, actor);
+    assert_eq!(p.occurred_at, occurred_at);
+    p
+}
+
+fn wk(p: &ProjectedEvent) -> Option<&str> {
+    p.data.workflow_key.as_deref()
+}
+
+fn job_events() -> Vec<JobEvent> {
+    let k = || "invoice.extract".to_string();
+    vec![
+        JobEvent::JobSubmitted(JobSubmitted {
+            workflow_key: k(),
+            client_id: "billing".into(),
+            input: json!({"invoice": 1, "lines": [1, 2]}),
+            priority: 7,
+            timeout_seconds: 60,
+            callback_url: Some("https://example.com/cb".into()),
+            metadata: json!({"user_id": "bob", "trace": {"id": 1}}),
+        }),
+        JobEvent::JobStarted(JobStarted { workflow_key: k() }),
+        JobEvent::StepAttemptStarted(StepAttemptStarted {
+            workflow_key: k(),
+            step: "ocr".into(),
+            attempt: 2,
+            idempotency_key: "j-1:ocr:2".into(),
+        }),
+        JobEvent::StepResultRecorded(StepResultRecorded {
+            workflow_key: k(),
+            step: "ocr".into(),
+            attempt: 2,
+            status: StepStatus::TimedOut,
+            output: json!({"partial": true}),
+            error_code: Some("step_timeout".into()),
+            error_message: Some("no answer".into()),
+            duration_ms: 1234,
+        }),
+        JobEvent::StepRetryScheduled(StepRetryScheduled {
+            workflow_key: k(),
+            step: "ocr".into(),
+            attempt: 3,
+            delay_ms: 5000,
+        }),
+        JobEvent::JobCompleted(JobCompleted {
+            workflow_key: k(),
+            outputs: json!({"total": 7}),
+        }),
+        JobEvent::JobFailed(JobFailed {
+            workflow_key: k(),
+            error_code: "steps_failed".into(),
+            error_message: "0 of 1".into(),
+        }),
+        JobEvent::JobCancelled(JobCancelled {
+            workflow_key: k(),
+            reason: "asked".into(),
+        }),
+        JobEvent::CallbackDelivered(CallbackDelivered {
+            workflow_key: k(),
+            target: "https://example.com/cb".into(),
+            attempts: 1,
+            status_code: 200,
+        }),
+        JobEvent::CallbackFailed(CallbackFailed {
+            workflow_key: k(),
+            target: "https://example.com/cb".into(),
+            attempts: 5,
+            error_message: "refused".into(),
+        }),
+    ]
+}
+
+#[test]
+fn every_job_event_decodes_through_the_projection_parser() {
+    for e in job_events() {
+        let p = projected("job", &e);
+        let d = &p.data;
+        assert_eq!(wk(&p), Some("invoice.extract"), "{e:?}");
+        match &e {
+            JobEvent::JobSubmitted(s) => {
+                assert_eq!(d.client_id.as_deref(), Some(s.client_id.as_str()));
+                assert_eq!(d.priority, Some(i64::from(s.priority)));
+                let input = d.input.as_ref().map(|r| r.get().to_string());
+                assert_eq!(input, Some(s.input.to_string()));
+                assert_eq!(d.metadata_user_id.as_deref(), Some("bob"));
+            }
+            JobEvent::StepResultRecorded(s) => {
+                assert_eq!(d.step.as_deref(), Some(s.step.as_str()));
+                assert_eq!(d.status.as_deref(), Some(s.status.as_str()));
+                assert_eq!(d.error_code, s.error_code);
+                assert_eq!(d.error_message, s.error_message);
+                assert_eq!(d.duration_ms, i64::try_from(s.duration_ms).ok());
+            }
+            JobEvent::StepAttemptStarted(s) => {
+                assert_eq!(d.step.as_deref(), Some(s.step.as_str()));
+            }
+            JobEvent::StepRetryScheduled(s) => {
+                assert_eq!(d.step.as_deref(), Some(s.step.as_str()));
+            }
+            JobEvent::JobCompleted(c) => {
+                let outputs = d.outputs.as_ref().map(|r| r.get().to_string());
+                assert_eq!(outputs, Some(c.outputs.to_string()));
+            }
+            JobEvent::JobFailed(f) => {
+                assert_eq!(d.error_code.as_deref(), Some(f.error_code.as_str()));
+                assert_eq!(d.error_message.as_deref(), Some(f.error_message.as_str()));
+            }
+            JobEvent::JobCancelled(c) => {
+                assert_eq!(d.reason.as_deref(), Some(c.reason.as_str()));
+            }
+            JobEvent::CallbackFailed(c) => {
+                assert_eq!(d.error_message.as_deref(), Some(c.error_message.as_str()));
+            }
+            JobEvent::JobStarted(_) | JobEvent::CallbackDelivered(_) => {}
+        }
+    }
+}
+
+#[test]
+fn every_approval_event_decodes_through_the_projection_parser() {
+    let decided = || ApprovalDecided {
+        job_id: "j-1".into(),
+        workflow_key: "invoice.extract".into(),
+        decided_by: "alice".into(),
+        reason: "checked".into(),
+        decided_at: at(),
+    };
+    let events = [
+        ApprovalEvent::ApprovalRequested(ApprovalRequested {
+            job_id: "j-1".into(),
+            workflow_key: "invoice.extract".into(),
+            requested_by: "flowledger-handler".into(),
+            reason: Some("needs approval".into()),
+            expires_at: at() + chrono::Duration::days(1),
+        }),
+        ApprovalEvent::ApprovalGranted(decided()),
+        ApprovalEvent::ApprovalRejected(decided()),
+        ApprovalEvent::ApprovalExpired(ApprovalExpired {
+            job_id: "j-1".into(),
+            workflow_key: "invoice.extract".into(),
+            expired_at: at(),
+        }),
+    ];
+    for e in events {
+        let p = projected("approval", &e);
+        let d = &p.data;
+        assert_eq!(d.job_id.as_deref(), Some("j-1"), "{e:?}");
+        assert_eq!(wk(&p), Some("invoice.extract"), "{e:?}");
+        match &e {
+            ApprovalEvent::ApprovalRequested(r) => {
+                assert_eq!(d.requested_by.as_deref(), Some(r.requested_by.as_str()));
+                assert_eq!(d.reason, r.reason);
+                let expires = d.expires_at.as_deref().map(DateTime::parse_from_rfc3339);
+                assert_eq!(
+                    expires.and_then(Result::ok).map(|t| t.with_timezone(&Utc)),
+                    Some(r.expires_at)
+                );
+            }
+            ApprovalEvent::ApprovalGranted(x) | ApprovalEvent::ApprovalRejected(x) => {
+                assert_eq!(d.decided_by.as_deref(), Some(x.decided_by.as_str()));
+                assert_eq!(d.reason.as_deref(), Some(x.reason.as_str()));
+            }
+            ApprovalEvent::ApprovalExpired(_) => {}
+        }
+    }
+}
+
+#[test]
+fn workflow_callback_and_projection_events_decode_through_the_projection_parser() {
+    let switched = || WorkflowSwitched {
+        workflow_key: "invoice.extract".into(),
+        reason: "incident".into(),
+    };
+    for e in [
+        WorkflowEvent::WorkflowDisabled(switched()),
+        WorkflowEvent::WorkflowEnabled(switched()),
+        WorkflowEvent::AutoApprovalCounted(AutoApprovalCounted {
+            workflow_key: "invoice.extract".into(),
+            job_id: "j-1".into(),
+            day: NaiveDate::from_ymd_opt(2026, 12, 1).expect("a day"),
+            used: 1,
+            limit: 10,
+        }),
+    ] {
+        let p = projected("workflow", &e);
+        assert_eq!(wk(&p), Some("invoice.extract"), "{e:?}");
+        match &e {
+            WorkflowEvent::WorkflowDisabled(s) | WorkflowEvent::WorkflowEnabled(s) => {
+                assert_eq!(p.data.reason.as_deref(), Some(s.reason.as_str()));
+            }
+            WorkflowEvent::AutoApprovalCounted(c) => {
+                assert_eq!(p.data.job_id.as_deref(), Some(c.job_id.as_str()));
+            }
+        }
+    }
+    let rejected = CallbackEvent::CallbackRejected(CallbackRejected {
+        job_id: Some("j-1".into()),
+        source: "n8n".into(),
+        error_code: "bad_signature".into(),
+        error_message: "signature does not match".into(),
+    });
+    let p = projected("callback", &rejected);
+    match &rejected {
+        CallbackEvent::CallbackRejected(r) => {
+            assert_eq!(p.data.job_id, r.job_id);
+            assert_eq!(p.data.error_code.as_deref(), Some(r.error_code.as_str()));
+        }
+    }
+    let skipped = ProjectionEvent::ProjectionEventSkipped(ProjectionEventSkipped {
+        version: 1,
+        seq: 42,
+        reason: "bad row".into(),
+        skipped_by: "carol".into(),
+    });
+    let p = projected("projection", &skipped);
+    match &skipped {
+        ProjectionEvent::ProjectionEventSkipped(s) => {
+            assert_eq!(p.data.reason.as_deref(), Some(s.reason.as_str()));
+        }
+    }
+}
