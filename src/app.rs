@@ -20,6 +20,7 @@ use crate::commands::projection::ProjectionCommand;
 use crate::commands::registry::Registry;
 use crate::config::ClientEntry;
 use crate::crypto::SigningKey;
+use crate::events::chain;
 use crate::events::envelope::{Actor, CommandMeta};
 use crate::events::log::EventLog;
 use crate::handlers::{self, HandlerConfig};
@@ -30,7 +31,9 @@ use crate::projections::{self, db};
 pub struct Settings {
     /// A connection to NATS and the opened event log (streams checked).
     pub nats: async_nats::Client,
+    /// The event log every command is appended to and every reader reads.
     pub log: EventLog,
+    /// The workflow registry: the keys jobs may name, their steps and rules.
     pub registry: Arc<Registry>,
     /// Largest `timeout_seconds` a job may ask for.
     pub max_timeout_seconds: u32,
@@ -44,7 +47,9 @@ pub struct Settings {
 
 /// The parts that need PostgreSQL.
 pub struct DatabaseSettings {
+    /// PostgreSQL connection URL (`--database-url`, `DATABASE_URL`).
     pub url: String,
+    /// Size of the connection pool shared by every part below.
     pub max_connections: u32,
     /// Run the projection runners (one per read model).
     pub projections: bool,
@@ -54,11 +59,17 @@ pub struct DatabaseSettings {
     pub http: Option<HttpSettings>,
 }
 
+/// The HTTP API: where it listens and who may call it.
 pub struct HttpSettings {
+    /// Listen address (`--http`); port 0 picks a free port, see
+    /// [`Application::http_addr`].
     pub addr: SocketAddr,
+    /// The callers and their bearer-token hashes (`[[clients]]`).
     pub clients: Vec<ClientEntry>,
     /// Verifies `POST /v1/callbacks/n8n`; none: that endpoint answers 503.
     pub n8n_key: Option<SigningKey>,
+    /// Seconds an n8n callback's timestamp may be from now
+    /// (`callbacks.timestamp_window_seconds`); nonces are kept twice as long.
     pub callback_window_secs: i64,
 }
 
@@ -68,11 +79,17 @@ pub enum BuildError {
     /// PostgreSQL could not be reached or migrated.
     #[error(transparent)]
     Database(#[from] db::DbError),
+    /// The HTTP address cannot be bound (in use, not local, no permission);
+    /// choose another `--http` address.
     #[error("cannot listen on {addr}: {source} (choose another --http address)")]
     Listen {
+        /// The address asked for.
         addr: SocketAddr,
+        /// Why binding it failed.
         source: std::io::Error,
     },
+    /// Subscribing to `flow.cmd.>` failed (the NATS connection is unusable);
+    /// check NATS.
     #[error("cannot subscribe to the command subjects: {0}")]
     Subscribe(#[from] async_nats::SubscribeError),
 }
@@ -80,6 +97,8 @@ pub enum BuildError {
 /// Why the running service stopped on its own.
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
+    /// The command intake stopped: its NATS subscription ended or its task
+    /// failed; commands are no longer answered, restart the service.
     #[error("the command intake stopped: the NATS subscription ended")]
     IntakeEnded,
 }
@@ -309,7 +328,11 @@ pub async fn resume_projection(
             user_id: Some(by.clone()),
         };
         let command_id = ids::projection_skip(&stopped.name, *seq);
-        let meta = CommandMeta::originating(command_id, actor, String::new());
+        // the same skip (version, sequence, reason, who) is the same command
+        let what =
+            serde_json::json!({"version": stopped.version, "seq": seq, "reason": reason, "by": by});
+        let hash = chain::to_hex(&chain::sha256(what.to_string().as_bytes()));
+        let meta = CommandMeta::originating(command_id, actor, hash);
         let command = ProjectionCommand::SkipEvent {
             version: stopped.version,
             seq: *seq,

@@ -1,6 +1,6 @@
 //! The `flowledger` command line. Exit codes: 0 success, 1 verification
 //! failed or a command was refused, 2 usage or configuration error,
-//! 3 a server (NATS) could not be reached.
+//! 3 a server (NATS or PostgreSQL) could not be reached.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -26,21 +26,23 @@ use crate::config::Config;
 use crate::events::log::{self, EventLog, LogConfig};
 use crate::handlers::HandlerConfig;
 
+/// The command line: global options and one subcommand.
 #[derive(Parser, Debug)]
 #[command(
     name = "flowledger",
     version,
     about = "Event-sourced command backbone for workflow automation on NATS JetStream"
 )]
-pub struct Cli {
+pub(crate) struct Cli {
     #[command(flatten)]
-    pub global: Global,
+    pub(crate) global: Global,
     #[command(subcommand)]
-    pub command: Command,
+    pub(crate) command: Command,
 }
 
+/// Options every subcommand takes: where NATS and the streams are.
 #[derive(Args, Debug, Clone)]
-pub struct Global {
+pub(crate) struct Global {
     /// NATS server URL.
     #[arg(
         long,
@@ -48,7 +50,7 @@ pub struct Global {
         env = "FLOWLEDGER_NATS_URL",
         default_value = "nats://127.0.0.1:4222"
     )]
-    pub nats_url: String,
+    pub(crate) nats_url: String,
     /// Name of the domain-event stream.
     #[arg(
         long,
@@ -56,7 +58,7 @@ pub struct Global {
         env = "FLOWLEDGER_STREAM",
         default_value = "FLOW_EVENTS"
     )]
-    pub stream: String,
+    pub(crate) stream: String,
     /// Name of the checkpoint stream.
     #[arg(
         long,
@@ -64,11 +66,12 @@ pub struct Global {
         env = "FLOWLEDGER_CHECKPOINT_STREAM",
         default_value = "FLOW_CHECKPOINTS"
     )]
-    pub checkpoint_stream: String,
+    pub(crate) checkpoint_stream: String,
 }
 
+/// The subcommands.
 #[derive(Subcommand, Debug)]
-pub enum Command {
+pub(crate) enum Command {
     /// Create or update the JetStream streams, and with --database-url the
     /// read-model schema (idempotent).
     Init {
@@ -121,11 +124,12 @@ pub enum Command {
     Audit(AuditCommand),
 }
 
+/// Where the read-model database is.
 #[derive(Args, Debug, Clone, Default)]
-pub struct DbArgs {
+pub(crate) struct DbArgs {
     /// PostgreSQL for the read models, e.g. postgres://user:pass@127.0.0.1:5432/flowledger
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
-    pub database_url: Option<String>,
+    pub(crate) database_url: Option<String>,
 }
 
 impl DbArgs {
@@ -137,8 +141,9 @@ impl DbArgs {
     }
 }
 
+/// `flowledger projections ...`.
 #[derive(Subcommand, Debug)]
-pub enum ProjectionsCommand {
+pub(crate) enum ProjectionsCommand {
     /// Each projection's version, checkpoint, lag and state.
     Status {
         #[command(flatten)]
@@ -169,45 +174,47 @@ pub enum ProjectionsCommand {
     },
 }
 
+/// `flowledger serve`'s options.
 #[derive(Args, Debug)]
-pub struct ServeArgs {
+pub(crate) struct ServeArgs {
     #[command(flatten)]
-    pub db: DbArgs,
+    pub(crate) db: DbArgs,
     /// Listen address of the HTTP API (with --database-url).
     #[arg(
         long = "http",
         env = "FLOWLEDGER_HTTP_ADDR",
         default_value = "127.0.0.1:8080"
     )]
-    pub http: std::net::SocketAddr,
+    pub(crate) http: std::net::SocketAddr,
     /// Workflow registry file.
     #[arg(long, env = "FLOWLEDGER_REGISTRY", default_value = DEFAULT_REGISTRY_PATH)]
-    pub registry: PathBuf,
+    pub(crate) registry: PathBuf,
     /// Service configuration (TOML; docs/CONFIGURATION.md). Without it:
     /// defaults, and no client is known: every /v1 endpoint answers 401.
     #[arg(long, env = "FLOWLEDGER_CONFIG")]
-    pub config: Option<PathBuf>,
+    pub(crate) config: Option<PathBuf>,
     /// Largest `timeout_seconds` a job may ask for.
     #[arg(long, env = "FLOWLEDGER_MAX_TIMEOUT_SECONDS", default_value_t = 3600)]
-    pub max_timeout_seconds: u32,
+    pub(crate) max_timeout_seconds: u32,
     /// Seconds between signed checkpoints (needs a checkpoint key); 0 turns them off.
     #[arg(long, env = "FLOWLEDGER_CHECKPOINT_EVERY_SECS", default_value_t = 60)]
-    pub checkpoint_every_secs: u64,
+    pub(crate) checkpoint_every_secs: u64,
     #[command(flatten)]
-    pub key: KeyArgs,
+    pub(crate) key: KeyArgs,
 }
 
+/// The checkpoint key and its id.
 #[derive(Args, Debug, Clone)]
-pub struct KeyArgs {
+pub(crate) struct KeyArgs {
     /// HMAC key for checkpoints, hex, 32 bytes or more. Prefer the env variable.
     #[arg(
         long = "checkpoint-key",
         env = "FLOWLEDGER_CHECKPOINT_KEY",
         hide_env_values = true
     )]
-    pub checkpoint_key: Option<String>,
+    pub(crate) checkpoint_key: Option<String>,
     #[arg(long, env = "FLOWLEDGER_CHECKPOINT_KEY_ID", default_value = "default")]
-    pub checkpoint_key_id: String,
+    pub(crate) checkpoint_key_id: String,
 }
 
 impl KeyArgs {
@@ -220,24 +227,25 @@ impl KeyArgs {
     }
 }
 
+/// The filters of `audit replay` and `audit export`.
 #[derive(Args, Debug, Clone, Default)]
-pub struct FilterArgs {
+pub(crate) struct FilterArgs {
     /// `TYPE` or `TYPE:ID`, e.g. `job` or `job:0193...`.
     #[arg(long)]
-    pub aggregate: Option<String>,
+    pub(crate) aggregate: Option<String>,
     /// Only this event type, e.g. `JobSubmitted`.
     #[arg(long = "type")]
-    pub event_type: Option<String>,
+    pub(crate) event_type: Option<String>,
     /// Messages stored at or after this time (RFC 3339).
     #[arg(long)]
-    pub since: Option<DateTime<Utc>>,
+    pub(crate) since: Option<DateTime<Utc>>,
     /// Messages stored at or before this time (RFC 3339).
     #[arg(long)]
-    pub until: Option<DateTime<Utc>>,
+    pub(crate) until: Option<DateTime<Utc>>,
     #[arg(long)]
-    pub from_seq: Option<u64>,
+    pub(crate) from_seq: Option<u64>,
     #[arg(long)]
-    pub to_seq: Option<u64>,
+    pub(crate) to_seq: Option<u64>,
 }
 
 impl FilterArgs {
@@ -258,8 +266,9 @@ impl FilterArgs {
     }
 }
 
+/// `flowledger audit ...`.
 #[derive(Subcommand, Debug)]
-pub enum AuditCommand {
+pub(crate) enum AuditCommand {
     /// Print events as JSON lines, in stream order, with their envelope.
     Replay(FilterArgs),
     /// Print the current stream digest (`SEQ:HEX`); keep it to check later.
@@ -297,6 +306,9 @@ struct UsageError;
 #[error("server unreachable")]
 struct Unreachable;
 
+/// The `flowledger` program: parses the command line, sets up logging to
+/// stderr (filter in `FLOWLEDGER_LOG`), runs the subcommand and maps its
+/// error to the exit code.
 pub async fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
@@ -465,7 +477,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Send { command, body } => {
             serde_json::from_str::<Value>(&body)
                 .map_err(|e| anyhow::anyhow!("body is not valid JSON: {e}").context(UsageError))?;
-            if command.split('.').count() != 2 {
+            // two subject tokens, no wildcard or space
+            let token =
+                |t: &str| !t.is_empty() && t.bytes().all(|b| b.is_ascii_lowercase() || b == b'_');
+            if command.split('.').count() != 2 || !command.split('.').all(token) {
                 return Err(anyhow::anyhow!(
                     "command {command:?} is not <aggregate_type>.<command>, e.g. job.start"
                 )

@@ -10,27 +10,43 @@ use serde::Deserialize;
 use crate::commands::limits::{MAX_CALLBACK_ATTEMPTS, MAX_RETRY_DELAY_MS};
 use crate::crypto::SigningKey;
 
+/// The whole configuration file, checked by [`Config::parse`]; a missing
+/// file section takes its defaults.
 #[derive(Debug, Clone, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
+    /// `[handler]`: the job handler.
     #[serde(default)]
     pub handler: HandlerSection,
+    /// `[callbacks]`: signing keys and delivery of callbacks, both ways.
     #[serde(default)]
     pub callbacks: CallbackSection,
+    /// `[[clients]]`: who may call the HTTP API; none: every `/v1` call but
+    /// the n8n endpoint gets 401.
     #[serde(default)]
     pub clients: Vec<ClientEntry>,
 }
 
+/// `[handler]`: how the job handler runs and retries failed attempts
+/// (every key optional, defaults below).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct HandlerSection {
+    /// Run the job handler in this process (it also needs a database).
     pub enabled: bool,
+    /// Jobs whose steps run at once, at least 1; more wait, highest priority first.
     pub max_concurrent_jobs: usize,
+    /// First retry delay in ms (a step's `backoff_ms` overrides it); at most
+    /// [`MAX_RETRY_DELAY_MS`].
     pub retry_base_ms: u64,
+    /// Factor from one retry delay to the next, 1 to 1000.
     pub retry_multiplier: f64,
+    /// Cap in ms on a retry delay before jitter; at most [`MAX_RETRY_DELAY_MS`].
     pub retry_max_ms: u64,
+    /// Fraction (0 to 1) each delay is moved by at random, either way.
     pub retry_jitter: f64,
-    /// Base URL n8n calls back on, e.g. "https://flowledger.internal".
+    /// Base URL n8n calls back on, e.g. `https://flowledger.internal`; n8n
+    /// steps are told `<public_url>/v1/callbacks/n8n`.
     pub public_url: Option<String>,
 }
 
@@ -49,6 +65,8 @@ impl Default for HandlerSection {
     }
 }
 
+/// `[callbacks]`: the keys (by environment variable) and limits of signed
+/// callbacks, outgoing and from n8n (docs/CALLBACKS.md).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct CallbackSection {
@@ -56,8 +74,13 @@ pub struct CallbackSection {
     pub signing_key_env: String,
     /// Environment variable holding the key n8n signs its callbacks with.
     pub n8n_key_env: String,
+    /// Deliveries of one job's result callback before `CallbackFailed`, 1 to
+    /// [`MAX_CALLBACK_ATTEMPTS`].
     pub max_attempts: u32,
+    /// Timeout of one callback delivery attempt, in ms.
     pub timeout_ms: u64,
+    /// How far (seconds, 1 to 86,400) an incoming n8n callback's timestamp
+    /// may be from now; its nonce is kept twice as long.
     pub timestamp_window_seconds: u64,
 }
 
@@ -73,6 +96,7 @@ impl Default for CallbackSection {
     }
 }
 
+/// What a client may do over HTTP (`role` in `[[clients]]`: `client` or `operator`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum Role {
@@ -83,12 +107,16 @@ pub enum Role {
     Operator,
 }
 
+/// One `[[clients]]` table: a caller of the HTTP API and its bearer token.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClientEntry {
+    /// The client id (non-empty, unique): the actor on its events, matched
+    /// against jobs' `client_id`.
     pub id: String,
     /// Hex SHA-256 of the bearer token (`printf %s TOKEN | sha256sum`).
     pub token_sha256: String,
+    /// What the client may do; default `client`.
     #[serde(default)]
     pub role: Role,
     /// Job submissions per minute (`POST /v1/jobs`), bursts included.
@@ -100,26 +128,44 @@ fn default_rate() -> u32 {
     600
 }
 
+/// Why the configuration cannot be used; each message names the file or
+/// the setting to fix.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
+    /// The file cannot be read; fix the path or its permissions.
     #[error("cannot read configuration {path}: {source} (pass another file with --config or FLOWLEDGER_CONFIG)")]
     Read {
+        /// The file asked for.
         path: PathBuf,
+        /// What the operating system said.
         source: std::io::Error,
     },
+    /// The file is not valid TOML, has an unknown key, or a value is out of
+    /// range; fix the setting the message names.
     #[error("configuration {path} is not valid: {message}")]
-    Invalid { path: PathBuf, message: String },
+    Invalid {
+        /// The file that was read.
+        path: PathBuf,
+        /// The setting at fault and what it must be.
+        message: String,
+    },
+    /// The environment variable a `callbacks.*_env` setting names holds an
+    /// unusable key (shorter than 16 bytes); set a longer secret.
     #[error(
         "environment variable {var} (named by callbacks.{field} in the configuration): {message}"
     )]
     Secret {
+        /// The environment variable.
         var: String,
+        /// The `[callbacks]` setting that names it (`signing_key_env`, `n8n_key_env`).
         field: &'static str,
+        /// Why the key is refused (never the key itself).
         message: String,
     },
 }
 
 impl Config {
+    /// Reads and checks the file at `path` (see [`Config::parse`]).
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_owned(),
@@ -128,6 +174,8 @@ impl Config {
         Self::parse(path, &text)
     }
 
+    /// Parses TOML `text` and checks every bound; `path` only names the file
+    /// in errors.
     pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
         let invalid = |message: String| ConfigError::Invalid {
             path: path.to_owned(),
@@ -200,6 +248,9 @@ impl Config {
         }
     }
 
+    /// The key n8n signs its results with, from the variable
+    /// `callbacks.n8n_key_env` names; `None` when that variable is unset (or
+    /// not Unicode).
     pub fn n8n_key(&self) -> Result<Option<SigningKey>, ConfigError> {
         Self::key(&self.callbacks.n8n_key_env, "n8n_key_env")
     }

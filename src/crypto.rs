@@ -10,7 +10,9 @@
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
+/// HTTP header carrying the signing time: Unix seconds as decimal digits.
 pub const HDR_TIMESTAMP: &str = "X-Flowledger-Timestamp";
+/// HTTP header carrying the signature, `sha256=<64 lowercase hex digits>`.
 pub const HDR_SIGNATURE: &str = "X-Flowledger-Signature";
 
 /// A shared secret. Its `Debug` never shows the value.
@@ -91,18 +93,31 @@ impl SigningKey {
 /// Why a signature was refused; safe to show to the sender (no secret).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SignatureError {
+    /// The named header (timestamp or signature) is absent; the sender must sign.
     #[error("missing header {0}")]
     Missing(&'static str),
+    /// The timestamp header is not an integer number of Unix seconds.
     #[error("{HDR_TIMESTAMP} is not a Unix time in seconds")]
     BadTimestamp,
+    /// The timestamp is further from now than the window allows; the
+    /// sender's clock is off or the message is old.
     #[error(
         "timestamp is {age} s from now, outside the {window} s window; check the sender's clock"
     )]
-    Stale { age: i64, window: i64 },
+    Stale {
+        /// Seconds from the timestamp to now (negative: in the future), saturated.
+        age: i64,
+        /// The accepted distance in seconds, either way.
+        window: i64,
+    },
+    /// The signature header is not `sha256=` followed by 64 hex digits.
     #[error("{HDR_SIGNATURE} is not sha256=<64 hex digits>")]
     Malformed,
+    /// Well-formed but wrong: another key, or the body or timestamp changed.
     #[error("signature does not match the body and timestamp; check the shared secret")]
     Mismatch,
+    /// The callback's nonce was seen before (raised by the n8n endpoint, not by
+    /// [`SigningKey::verify`]); a signed callback is accepted once.
     #[error("nonce was already used; a callback is accepted once")]
     Replayed,
 }

@@ -1,3 +1,6 @@
+//! The `flowledger` binary: runs the command line (`flowledger::cli`:
+//! `init`, `serve`, `audit`, `projections`, ...).
+
 use std::process::ExitCode;
 
 // The service allocates many small objects per command across threads;

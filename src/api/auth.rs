@@ -25,7 +25,10 @@ use crate::events::envelope::Actor;
 /// [`authenticate`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Caller {
+    /// The `[[clients]]` id the token belongs to; the actor's `client_id` on
+    /// the events its commands write.
     pub client_id: String,
+    /// Whether the caller may also decide approvals and flip the kill-switch.
     pub role: Role,
 }
 

@@ -26,41 +26,75 @@ use crate::crypto::{SignatureError, SigningKey};
 use crate::events::log::EventLog;
 use crate::projections::db;
 
+/// What every HTTP handler shares, built once by `app::Application::build`.
 #[derive(Clone)]
 pub struct AppState {
+    /// The read-model database: the views the reads query, the projection
+    /// checkpoints `/healthz` reports, the n8n `callback_nonces`.
     pub pool: PgPool,
+    /// The NATS connection whose state `/healthz` reports.
     pub nats: async_nats::Client,
+    /// The event stream; `/healthz` asks it for the last sequence.
     pub log: EventLog,
+    /// Renders the Prometheus text `GET /metrics` answers.
     pub metrics: PrometheusHandle,
     /// The command side the write endpoints execute on.
     pub bus: Arc<CommandBus>,
+    /// The workflow registry: which keys jobs may name, and what
+    /// `GET /v1/meta` lists.
     pub registry: Arc<Registry>,
+    /// The bearer tokens and rate limits of the `[[clients]]` table.
     pub clients: Arc<Clients>,
     /// Verifies `POST /v1/callbacks/n8n`; none: that endpoint answers 503.
     pub n8n_key: Option<SigningKey>,
+    /// Seconds an n8n callback's timestamp may be off from now
+    /// (`callbacks.timestamp_window_seconds`); nonces are kept twice as long.
     pub callback_window_secs: i64,
 }
 
 /// What went wrong, named for what the client does about it.
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
+    /// 400 `validation`: fix the named query parameter and retry.
     #[error("query parameter `{param}`: {message}")]
-    BadParam { param: String, message: String },
+    BadParam {
+        /// The query parameter's name (`error.param`).
+        param: String,
+        /// What is wrong with its value.
+        message: String,
+    },
+    /// 404 `not_found`: the named job, approval, workflow or route does not
+    /// exist.
     #[error("{0} not found")]
     NotFound(String),
+    /// 503 `unavailable`: the read-model query failed; retry later.
     #[error("read models unavailable, retry later")]
     Unavailable(#[source] sqlx::Error),
+    /// 401 `unauthenticated` with `WWW-Authenticate: Bearer`: send a known
+    /// bearer token.
     #[error("{0}")]
     Unauthenticated(String),
+    /// 403 `forbidden`: the caller may not do this (another client's job,
+    /// or an operator-only action).
     #[error("{0}")]
     Forbidden(String),
+    /// 429 `rate_limited` with `Retry-After`: wait, then submit again.
     #[error("client {client_id:?} is over its rate limit for job submissions; retry after {retry_after} s")]
-    RateLimited { client_id: String, retry_after: u64 },
+    RateLimited {
+        /// The client whose submission allowance is used up.
+        client_id: String,
+        /// Whole seconds until the next submission is allowed.
+        retry_after: u64,
+    },
     /// A command was refused or failed; the code says which.
     #[error("{}", .0.message)]
     Command(CommandError),
+    /// 401 with the signature error's code: an n8n callback's signature is
+    /// missing, bad, stale or replayed; it was recorded as `CallbackRejected`.
     #[error("callback refused: {0}")]
     Signature(SignatureError),
+    /// 503 `not_configured`: the feature is off until an operator sets it up
+    /// (the n8n key).
     #[error("{0}")]
     NotConfigured(String),
 }
@@ -188,6 +222,7 @@ async fn metrics_get(State(s): State<AppState>) -> String {
     s.metrics.render()
 }
 
+/// The OpenAPI document of the HTTP API, served at `GET /openapi.json`.
 #[derive(OpenApi)]
 #[openapi(
     info(
@@ -257,6 +292,8 @@ async fn not_found() -> ApiError {
     ApiError::NotFound("route (see /openapi.json)".into())
 }
 
+/// The HTTP API's router: every route, bearer authentication on `/v1`
+/// (but the n8n callback), the latency metric, the JSON 404 fallback.
 pub fn app(state: AppState) -> Router {
     // every /v1 route but the n8n callback needs a bearer token
     let authenticated = Router::new()

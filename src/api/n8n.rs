@@ -94,7 +94,7 @@ async fn reject(
               (status = 404, description = "no such job"),
               (status = 409, description = "the attempt is not in flight or already has a result"),
               (status = 503, description = "no n8n key configured")))]
-pub async fn callbacks_n8n(
+pub(crate) async fn callbacks_n8n(
     State(s): State<AppState>,
     headers: HeaderMap,
     body: Bytes,

@@ -22,7 +22,11 @@ use crate::events::envelope::{Actor, CommandMeta};
 use crate::events::log::valid_aggregate_id;
 use crate::events::store::Receipt;
 
+/// The subject prefix commands are requested on:
+/// `flow.cmd.<aggregate_type>.<command>`.
 pub const COMMAND_SUBJECT_PREFIX: &str = "flow.cmd";
+/// The queue group the intake subscribes in, so several `serve` processes
+/// share the commands.
 pub const INTAKE_QUEUE_GROUP: &str = "flowledger-intake";
 
 /// The commands the intake knows, as `<aggregate_type>.<command>`.

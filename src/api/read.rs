@@ -161,7 +161,7 @@ fn valid_id(param: &str, id: &str) -> Result<(), ApiError> {
 #[utoipa::path(get, path = "/v1/jobs/{id}", params(("id" = String, Path, description = "job id")),
     responses((status = 200, description = "the job's execution row (workflows_executions)", body = Object),
               (status = 404, description = "no such job"), (status = 400, description = "bad id")))]
-pub async fn jobs_get(
+pub(crate) async fn jobs_get(
     State(s): State<AppState>,
     Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
@@ -181,7 +181,7 @@ pub async fn jobs_get(
 
 #[utoipa::path(get, path = "/v1/jobs/{id}/status", params(("id" = String, Path, description = "job id")),
     responses((status = 200, description = "status of the job; `parked` (reason, seq, parked_at) when the job handler parked it, else null", body = Object), (status = 404, description = "no such job")))]
-pub async fn jobs_status(
+pub(crate) async fn jobs_status(
     State(s): State<AppState>,
     Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
@@ -216,7 +216,7 @@ const STATUSES: &[&str] = &["pending", "running", "completed", "failed", "cancel
            ("cursor" = Option<String>, Query, description = "next_cursor of the previous page")),
     responses((status = 200, description = "executions, newest first: {items, next_cursor}", body = Object),
               (status = 400, description = "a bad parameter, named in error.param")))]
-pub async fn executions_list(
+pub(crate) async fn executions_list(
     State(s): State<AppState>,
     Extension(caller): Extension<Caller>,
     Query(raw): Query<HashMap<String, String>>,
@@ -281,7 +281,7 @@ pub async fn executions_list(
            ("cursor" = Option<String>, Query, description = "next_cursor of the previous page")),
     responses((status = 200, description = "audit rows in stream order: {items, next_cursor}", body = Object),
               (status = 400, description = "a bad parameter, named in error.param")))]
-pub async fn audit_list(
+pub(crate) async fn audit_list(
     State(s): State<AppState>,
     Extension(caller): Extension<Caller>,
     Query(raw): Query<HashMap<String, String>>,
@@ -360,7 +360,7 @@ pub async fn audit_list(
            ("cursor" = Option<String>, Query, description = "next_cursor of the previous page")),
     responses((status = 200, description = "approvals, newest first: {items, next_cursor}", body = Object),
               (status = 400, description = "a bad parameter, named in error.param")))]
-pub async fn approvals_list(
+pub(crate) async fn approvals_list(
     State(s): State<AppState>,
     Extension(caller): Extension<Caller>,
     Query(raw): Query<HashMap<String, String>>,

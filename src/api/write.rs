@@ -124,7 +124,7 @@ fn estimated_completion(
               (status = 403, description = "client_id is not the caller's"),
               (status = 409, description = "job_id already used with a different body, or the workflow is disabled"),
               (status = 429, description = "over the client's rate limit; see Retry-After")))]
-pub async fn jobs_submit(
+pub(crate) async fn jobs_submit(
     State(s): State<AppState>,
     Extension(caller): Extension<Caller>,
     body: Bytes,
@@ -226,7 +226,7 @@ struct ReasonBody {
               (status = 403, description = "the job is another client's"),
               (status = 404, description = "no such job"),
               (status = 409, description = "the job already ended")))]
-pub async fn jobs_cancel(
+pub(crate) async fn jobs_cancel(
     State(s): State<AppState>,
     Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
@@ -312,7 +312,7 @@ async fn switch_workflow(
     responses((status = 200, description = "disabled: new jobs are refused, running ones continue", body = Object),
               (status = 403, description = "needs the operator role"), (status = 404, description = "not in the registry"),
               (status = 409, description = "already disabled")))]
-pub async fn workflows_disable(
+pub(crate) async fn workflows_disable(
     State(s): State<AppState>,
     Extension(caller): Extension<Caller>,
     Path(key): Path<String>,
@@ -326,7 +326,7 @@ pub async fn workflows_disable(
     responses((status = 200, description = "enabled again", body = Object),
               (status = 403, description = "needs the operator role"), (status = 404, description = "not in the registry"),
               (status = 409, description = "not disabled")))]
-pub async fn workflows_enable(
+pub(crate) async fn workflows_enable(
     State(s): State<AppState>,
     Extension(caller): Extension<Caller>,
     Path(key): Path<String>,
@@ -337,7 +337,7 @@ pub async fn workflows_enable(
 
 #[utoipa::path(get, path = "/v1/meta",
     responses((status = 200, description = "the workflow registry: keys, steps (no URLs), approval rules, success policy, kill-switch state", body = Object)))]
-pub async fn meta_get(State(s): State<AppState>) -> Result<Json<Value>, ApiError> {
+pub(crate) async fn meta_get(State(s): State<AppState>) -> Result<Json<Value>, ApiError> {
     let mut workflows = Vec::new();
     for (key, def) in &s.registry.workflows {
         let disabled = s
@@ -437,7 +437,7 @@ fn decided(id: &str, decision: Decision, caller: &Caller, r: &Receipt) -> Value 
     responses((status = 200, description = "approved; who and why are on the event", body = Object),
               (status = 403, description = "needs the operator role"), (status = 404, description = "no such approval"),
               (status = 409, description = "already decided or expired")))]
-pub async fn approvals_approve(
+pub(crate) async fn approvals_approve(
     State(s): State<AppState>,
     Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
@@ -451,7 +451,7 @@ pub async fn approvals_approve(
     responses((status = 200, description = "rejected; the job fails with approval_rejected", body = Object),
               (status = 403, description = "needs the operator role"), (status = 404, description = "no such approval"),
               (status = 409, description = "already decided or expired")))]
-pub async fn approvals_reject(
+pub(crate) async fn approvals_reject(
     State(s): State<AppState>,
     Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
@@ -474,7 +474,7 @@ struct BulkBody {
     request_body(content = Object, description = "approval_ids (1-100), decision approve|reject, reason, user_id?"),
     responses((status = 200, description = "one result per id, in order: each decided on its own (not all-or-nothing)", body = Object),
               (status = 400, description = "bad body"), (status = 403, description = "needs the operator role")))]
-pub async fn approvals_bulk(
+pub(crate) async fn approvals_bulk(
     State(s): State<AppState>,
     Extension(caller): Extension<Caller>,
     body: Bytes,

@@ -14,11 +14,14 @@ use crate::events::chain::{self, Hash, GENESIS};
 use crate::events::envelope;
 use crate::events::log::{EventLog, LogConfig, LogError, CHECKPOINT_SUBJECT, EVENT_SUBJECT_PREFIX};
 
+/// The `format` of the checkpoints this version writes.
 pub const CHECKPOINT_FORMAT: &str = "flowledger-checkpoint-v1";
 
 /// The HMAC key. Its `Debug` never shows the secret.
 #[derive(Clone)]
 pub struct CheckpointKey {
+    /// The key's name (`FLOWLEDGER_CHECKPOINT_KEY_ID`), written as a
+    /// checkpoint's `key_id` so a verifier knows which key signed it.
     pub id: String,
     secret: Vec<u8>,
 }
@@ -33,17 +36,24 @@ impl fmt::Debug for CheckpointKey {
     }
 }
 
+/// Why a configured checkpoint key was refused; the operator fixes the
+/// setting (a usage error).
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum KeyError {
+    /// The secret is not hex digits.
     #[error("checkpoint key must be hex (64 or more hex digits = 32 or more bytes); generate one with `openssl rand -hex 32`")]
     NotHex,
+    /// The secret decodes to this many bytes, fewer than 32.
     #[error("checkpoint key is {0} bytes; it must be at least 32 bytes (64 hex digits)")]
     TooShort(usize),
+    /// The key id is empty, longer than 64 or has other characters.
     #[error("checkpoint key id must be 1-64 characters of A-Z a-z 0-9 . _ -")]
     BadId,
 }
 
 impl CheckpointKey {
+    /// The key named `id` with the secret `hex_secret` (hex, at least 32
+    /// bytes; surrounding whitespace ignored).
     pub fn from_hex(id: &str, hex_secret: &str) -> Result<Self, KeyError> {
         let secret = hex::decode(hex_secret.trim()).map_err(|_| KeyError::NotHex)?;
         if secret.len() < 32 {
@@ -72,12 +82,20 @@ impl CheckpointKey {
 /// A signed statement: "after message `seq`, the stream digest was `digest`".
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Checkpoint {
+    /// The format name, covered by the MAC: [`CHECKPOINT_FORMAT`] when
+    /// written by this version.
     pub format: String,
+    /// The event stream the digest is of (`FLOW_EVENTS`).
     pub stream: String,
+    /// The stream sequence of the last message the digest covers.
     pub seq: u64,
+    /// The stream digest `D_seq`, 64 hex digits (docs/EVENTS.md section 4).
     pub digest: String,
+    /// When it was signed (RFC 3339 UTC, microseconds).
     pub created_at: String,
+    /// The [`CheckpointKey::id`] of the key that signed it.
     pub key_id: String,
+    /// HMAC-SHA256 over [`Checkpoint::signing_input`], 64 hex digits.
     pub mac: String,
 }
 
@@ -90,6 +108,8 @@ impl Checkpoint {
         )
     }
 
+    /// Signs "after message `seq` of `stream`, the digest was `digest`",
+    /// dated now.
     pub fn sign(key: &CheckpointKey, stream: &str, seq: u64, digest: &Hash) -> Self {
         let mut cp = Checkpoint {
             format: CHECKPOINT_FORMAT.into(),
@@ -120,7 +140,9 @@ impl Checkpoint {
 /// `SEQ:HEX`, the digest an auditor keeps.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Digest {
+    /// The stream sequence of the last message folded in (0: none).
     pub seq: u64,
+    /// The stream digest `D_seq` after that message.
     pub digest: Hash,
 }
 

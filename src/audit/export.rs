@@ -18,17 +18,28 @@ use crate::events::chain::{self, Leaf, GENESIS};
 use crate::events::envelope;
 use crate::events::log::{EventLog, LogError, EVENT_SUBJECT_PREFIX};
 
+/// The manifest's `format`; verification refuses any other.
 pub const EXPORT_FORMAT: &str = "flowledger-export-v1";
+/// File name of the [`Manifest`] in an export directory.
 pub const MANIFEST_FILE: &str = "manifest.json";
+/// File name of the index: one [`IndexEntry`] per line.
 pub const INDEX_FILE: &str = "index.jsonl";
+/// File name of the included messages, one stored message per line.
 pub const MESSAGES_FILE: &str = "messages.jsonl";
+/// File name of the checkpoints inside the range, one per line.
 pub const CHECKPOINTS_FILE: &str = "checkpoints.jsonl";
 
+/// `manifest.json`: what an export covers and the digests that bound it
+/// (docs/EVENTS.md section 8).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Manifest {
+    /// Always [`EXPORT_FORMAT`] for exports this version writes.
     pub format: String,
+    /// The event stream exported (`FLOW_EVENTS`).
     pub stream: String,
+    /// First stream sequence of the range (the filter's `from_seq`, at least 1).
     pub from_seq: u64,
+    /// Last stream sequence of the range, the last message read.
     pub to_seq: u64,
     /// Stream digest after message `from_seq - 1` (zeros when `from_seq` is 1).
     pub start_digest: String,
@@ -36,22 +47,35 @@ pub struct Manifest {
     pub end_digest: String,
     /// True when no filter skipped a message of an included aggregate.
     pub chain_complete: bool,
+    /// The filter that chose the included messages.
     pub filter: Filter,
+    /// When the export was written (RFC 3339 UTC, microseconds).
     pub created_at: String,
+    /// Messages from `from_seq` to `to_seq` (lines of `index.jsonl`).
     pub messages_in_range: u64,
+    /// Messages the filter kept (lines of `messages.jsonl`).
     pub messages_included: u64,
+    /// Events in the included messages that match the filter.
     pub events_included: u64,
 }
 
+/// One line of `index.jsonl`: a message of the range as a digest leaf,
+/// written also for messages the filter left out.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct IndexEntry {
+    /// The message's stream sequence.
     pub seq: u64,
+    /// SHA-256 of its subject, hex.
     pub subject_sha256: String,
+    /// SHA-256 of its exact body, hex.
     pub body_sha256: String,
+    /// Whether the message is in `messages.jsonl`.
     pub included: bool,
 }
 
 impl IndexEntry {
+    /// The leaf the stream digest folds in; none when a hash is not 64 hex
+    /// digits.
     pub fn leaf(&self) -> Option<Leaf> {
         Some(Leaf {
             seq: self.seq,
@@ -61,16 +85,26 @@ impl IndexEntry {
     }
 }
 
+/// Why an export was not written; nothing is left at `--out`.
 #[derive(Debug, thiserror::Error)]
 pub enum ExportError {
+    /// The `--out` path exists: choose a new one.
     #[error("{0} already exists; choose a new --out directory (exports are never overwritten)")]
     Exists(PathBuf),
+    /// Creating, writing or renaming a file failed.
     #[error("writing the export failed: {0}")]
     Io(#[from] std::io::Error),
+    /// Reading the stream or the checkpoints failed.
     #[error(transparent)]
     Log(#[from] LogError),
+    /// A stored message could not be split into events.
     #[error("message at stream sequence {seq} is not a valid commit: {reason}")]
-    BadMessage { seq: u64, reason: String },
+    BadMessage {
+        /// The message's stream sequence.
+        seq: u64,
+        /// What is wrong with it.
+        reason: String,
+    },
 }
 
 /// Writes the export into `out` (atomically: a temporary directory renamed

@@ -14,15 +14,21 @@ use crate::events::log::{EventLog, LogError, EVENT_SUBJECT_PREFIX};
 /// One stream message as stored.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RawMessage {
+    /// The stream sequence.
     pub seq: u64,
+    /// `flow.ev.<aggregate_type>.<aggregate_id>`.
     pub subject: String,
+    /// When JetStream stored the message.
     pub time: DateTime<Utc>,
+    /// The NATS headers, several values of one name joined by `,`.
     pub headers: BTreeMap<String, String>,
     /// The exact stored body (a commit: JSON lines, UTF-8).
     pub body: String,
 }
 
 impl RawMessage {
+    /// The message as a stream-digest leaf: its sequence and the SHA-256 of
+    /// its subject and of its body.
     pub fn leaf(&self) -> Leaf {
         Leaf::of(self.seq, &self.subject, self.body.as_bytes())
     }
@@ -31,23 +37,44 @@ impl RawMessage {
 /// Which events an auditor asked for.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Filter {
+    /// Only messages of this aggregate type (`--aggregate TYPE`).
     pub aggregate_type: Option<String>,
+    /// Only this aggregate of `aggregate_type` (`--aggregate TYPE:ID`).
     pub aggregate_id: Option<String>,
+    /// Only events of this `event_type` (`--type`).
     pub event_type: Option<String>,
+    /// Only messages stored at or after this time (`--since`).
     pub since: Option<DateTime<Utc>>,
+    /// Only messages stored at or before this time (`--until`).
     pub until: Option<DateTime<Utc>>,
+    /// First stream sequence to read (`--from-seq`; default 1).
     pub from_seq: Option<u64>,
+    /// Last stream sequence to read (`--to-seq`; default the stream's end).
     pub to_seq: Option<u64>,
 }
 
+/// A filter the auditor must correct (a usage error, exit code 2).
 #[derive(Debug, thiserror::Error)]
 pub enum FilterError {
+    /// `--aggregate` is not `TYPE` or `TYPE:ID` of subject tokens.
     #[error("--aggregate {0:?}: expected TYPE or TYPE:ID, e.g. job or job:0193...")]
     Aggregate(String),
+    /// The sequence range is empty.
     #[error("--from-seq {from} is after --to-seq {to}")]
-    SeqRange { from: u64, to: u64 },
+    SeqRange {
+        /// The `--from-seq` given.
+        from: u64,
+        /// The `--to-seq` given.
+        to: u64,
+    },
+    /// The time range is empty.
     #[error("--since {since} is after --until {until}")]
-    TimeRange { since: String, until: String },
+    TimeRange {
+        /// The `--since` given, RFC 3339.
+        since: String,
+        /// The `--until` given, RFC 3339.
+        until: String,
+    },
 }
 
 impl Filter {
@@ -66,6 +93,7 @@ impl Filter {
         Ok(())
     }
 
+    /// Refuses an empty sequence or time range.
     pub fn check(&self) -> Result<(), FilterError> {
         if let (Some(from), Some(to)) = (self.from_seq, self.to_seq) {
             if from > to {
@@ -83,6 +111,8 @@ impl Filter {
         Ok(())
     }
 
+    /// The subject filter that reads the filter's aggregates
+    /// (`flow.ev.>` when it names none).
     pub fn subject(&self) -> String {
         match (&self.aggregate_type, &self.aggregate_id) {
             (Some(t), Some(id)) => format!("{EVENT_SUBJECT_PREFIX}.{t}.{id}"),
@@ -91,6 +121,7 @@ impl Filter {
         }
     }
 
+    /// Whether a message passes the aggregate and time filters.
     pub fn message_matches(&self, m: &RawMessage) -> bool {
         let subject_ok = match (&self.aggregate_type, &self.aggregate_id) {
             (Some(t), Some(id)) => m.subject == format!("{EVENT_SUBJECT_PREFIX}.{t}.{id}"),
@@ -105,6 +136,7 @@ impl Filter {
             && self.until.is_none_or(|u| m.time <= u)
     }
 
+    /// Whether an event of a matching message passes the event-type filter.
     pub fn event_matches(&self, r: &EventRecord) -> bool {
         self.event_type.as_ref().is_none_or(|t| *t == r.event_type)
     }
@@ -187,10 +219,15 @@ pub async fn for_each_message<E: From<LogError>>(
 /// One replayed event: the envelope plus where it sits in the stream.
 #[derive(Debug, Serialize)]
 pub struct ReplayedEvent<'a> {
+    /// The stream sequence of the message (commit) holding the event.
     pub stream_seq: u64,
+    /// That message's subject.
     pub subject: &'a str,
+    /// When JetStream stored it (RFC 3339 UTC, microseconds).
     pub stream_time: String,
+    /// The event's chain hash, hex (docs/EVENTS.md, "Event chain").
     pub hash: String,
+    /// The stored envelope, flattened into the line.
     #[serde(flatten)]
     pub record: &'a EventRecord,
 }

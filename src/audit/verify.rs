@@ -20,7 +20,9 @@ use crate::events::log::{subject_for, EventLog, LogError, EVENT_SUBJECT_PREFIX};
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, thiserror::Error)]
 #[error("verification failed at stream sequence {seq}: {reason}")]
 pub struct Broken {
+    /// The first stream sequence where history does not hold.
     pub seq: u64,
+    /// What is wrong there, for the auditor.
     pub reason: String,
 }
 
@@ -31,28 +33,52 @@ fn broken(seq: u64, reason: impl Into<String>) -> Broken {
     }
 }
 
+/// Why verification did not end with a [`Summary`].
 #[derive(Debug, thiserror::Error)]
 pub enum VerifyError {
+    /// History is not intact: the verdict (`audit verify` exits 1).
     #[error(transparent)]
     Broken(#[from] Broken),
+    /// The stream or its checkpoints could not be read: no verdict.
     #[error(transparent)]
     Log(#[from] LogError),
+    /// An export file is missing or unreadable, or a line is not what the
+    /// format says: no verdict on the history.
     #[error("export {path}: {message}")]
-    Export { path: String, message: String },
+    Export {
+        /// The export file concerned.
+        path: String,
+        /// What could not be read, and on which line.
+        message: String,
+    },
 }
 
+/// The JSON summary `audit verify` prints when history is intact.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct Summary {
+    /// Always true: a failure is a [`VerifyError`] instead.
     pub ok: bool,
+    /// The stream verified (for an export, the manifest's).
     pub stream: String,
+    /// First stream sequence verified.
     pub from_seq: u64,
+    /// Last stream sequence verified.
     pub to_seq: u64,
+    /// Messages (commits) folded into the digest.
     pub messages: u64,
+    /// Events whose chain was checked (those of the included messages).
     pub events: u64,
+    /// Distinct aggregates (subjects) among those events.
     pub aggregates: usize,
+    /// The stream digest at `to_seq`, `SEQ:HEX`.
     pub digest: String,
+    /// Checkpoints read: the checkpoint stream's, or the export's
+    /// `checkpoints.jsonl`.
     pub checkpoints_present: usize,
+    /// Checkpoints whose digest matched the stream (and their MAC, when the
+    /// key given has their key id).
     pub checkpoints_verified: usize,
+    /// `checked`, or why signatures were not checked (no key given).
     pub signatures: &'static str,
     /// The highest sequence covered by a verified, signed checkpoint.
     pub signed_up_to: Option<u64>,
@@ -78,6 +104,9 @@ pub struct ChainCheck {
 }
 
 impl ChainCheck {
+    /// A check that continues from `start` (`D(from-1)`), with the
+    /// checkpoints to match on the way, the key to check their MACs and a
+    /// digest the auditor kept; `complete`: versions must be contiguous.
     pub fn new(
         start: Digest,
         complete: bool,
@@ -249,6 +278,8 @@ impl ChainCheck {
         Ok(())
     }
 
+    /// Ends the check after the last message: no checkpoint may lie beyond
+    /// it, and the kept digest must have been met.
     pub fn finish(self, stream: &str) -> Result<Summary, Broken> {
         if let Some((&seq, cps)) = self.checkpoints.iter().find(|(s, _)| **s > self.digest.seq) {
             return Err(broken(

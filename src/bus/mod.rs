@@ -36,8 +36,11 @@ use crate::events::store::{AggregateStore, ExecuteError, Loaded, Receipt, StoreE
 /// (`code`), what was wrong (`message`) and, for bad input, which field.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CommandError {
+    /// The reply code (`error.code`): what the caller does about it.
     pub code: ErrorCode,
+    /// Human-readable reason (`error.message`); never holds a secret.
     pub message: String,
+    /// The request field at fault (`error.field`), for bad input only.
     pub field: Option<String>,
 }
 
@@ -122,6 +125,8 @@ pub struct CommandBus {
 }
 
 impl CommandBus {
+    /// A bus on `log`, with empty caches; `job_services` (registry, largest
+    /// job timeout) is what job commands are decided with.
     pub fn new(log: EventLog, job_services: JobServices) -> Self {
         CommandBus {
             registry: job_services.registry.clone(),
@@ -255,7 +260,8 @@ impl CommandBus {
         Ok(wf.state.disabled)
     }
 
-    /// Drops every cached aggregate (benchmarks measure cold loads).
+    /// Drops the cached jobs, approvals and workflows (benchmarks measure
+    /// cold loads).
     pub fn clear_caches(&self) {
         self.jobs.clear_cache();
         self.approvals.clear_cache();

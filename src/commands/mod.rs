@@ -49,6 +49,7 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
+    /// The wire form, `error.code` in replies: `validation`, `not_found`, ...
     pub fn as_str(self) -> &'static str {
         match self {
             ErrorCode::Validation => "validation",

@@ -13,8 +13,11 @@ use serde::{Deserialize, Serialize};
 /// Default location, relative to the working directory.
 pub const DEFAULT_REGISTRY_PATH: &str = "workflows/registry.json";
 
+/// A step's `timeout_ms` when the registry leaves it out: 30 s per attempt.
 pub const DEFAULT_STEP_TIMEOUT_MS: u64 = 30_000;
+/// A step's `max_attempts` when the registry leaves it out.
 pub const DEFAULT_MAX_ATTEMPTS: u32 = 3;
+/// A workflow's `approval_timeout_seconds` when left out: one day.
 pub const DEFAULT_APPROVAL_TIMEOUT_SECONDS: u64 = 24 * 3600;
 use crate::commands::limits::{
     MAX_APPROVAL_WINDOW_SECONDS, MAX_ATTEMPTS, MAX_RETRY_DELAY_MS, MAX_STEP_TIMEOUT_MS,
@@ -22,24 +25,33 @@ use crate::commands::limits::{
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
+/// The workflow registry file (JSON), as loaded and checked by
+/// [`Registry::parse`].
 pub struct Registry {
+    /// File format version; only 1 is read.
     pub version: u32,
+    /// Each workflow by its `workflow_key` (1-128 of `a-z 0-9 . _ -`).
     pub workflows: BTreeMap<String, WorkflowDefinition>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
+/// What one `workflow_key` runs: its steps, approval gate and success policy.
 pub struct WorkflowDefinition {
+    /// Free text for people (shown by `GET /v1/meta`).
     #[serde(default)]
     pub description: String,
     /// Called in parallel when the job runs.
     pub steps: Vec<StepDefinition>,
+    /// A job waits for an approval (human or auto) before its steps run.
     #[serde(default)]
     pub requires_approval: bool,
-    /// How long an approval stays open before it expires and fails the job.
+    /// How long an approval stays open before it expires and fails the job:
+    /// 1 to [`MAX_APPROVAL_WINDOW_SECONDS`] seconds.
     #[serde(default = "default_approval_timeout")]
     pub approval_timeout_seconds: u64,
-    /// Approve without a human when the job's confidence is high enough.
+    /// Approve without a human when the job's confidence is high enough;
+    /// only with `requires_approval`.
     #[serde(default)]
     pub auto_approval: Option<AutoApproval>,
     /// How many steps must succeed for the job to complete.
@@ -51,6 +63,7 @@ fn default_approval_timeout() -> u64 {
     DEFAULT_APPROVAL_TIMEOUT_SECONDS
 }
 
+/// How a step is called (`kind`: `solver` or `n8n`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum StepKind {
@@ -62,17 +75,23 @@ pub enum StepKind {
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
+/// One step of a workflow: a peer called once per attempt.
 pub struct StepDefinition {
+    /// Unique within the workflow: 1-128 of `a-z 0-9 _ -`; named in step
+    /// events and idempotency keys.
     pub name: String,
+    /// How the peer is called.
     pub kind: StepKind,
+    /// The peer's `http://` or `https://` URL, with a host and no credentials.
     pub url: String,
-    /// Per attempt.
+    /// Per attempt, in ms: 1 to [`MAX_STEP_TIMEOUT_MS`].
     #[serde(default = "default_step_timeout")]
     pub timeout_ms: u64,
-    /// Attempts in all, the first included.
+    /// Attempts in all, the first included: 1 to [`MAX_ATTEMPTS`].
     #[serde(default = "default_attempts")]
     pub max_attempts: u32,
-    /// First retry delay; overrides the handler's default.
+    /// First retry delay in ms, at most [`MAX_RETRY_DELAY_MS`]; overrides
+    /// the handler's `retry_base_ms`.
     #[serde(default)]
     pub backoff_ms: Option<u64>,
 }
@@ -84,6 +103,7 @@ fn default_attempts() -> u32 {
     DEFAULT_MAX_ATTEMPTS
 }
 
+/// The rule that approves a job without a human (`auto_approval`).
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct AutoApproval {
@@ -116,6 +136,7 @@ impl SuccessPolicy {
         }
     }
 
+    /// The policy in words, for a failed job's error message.
     pub fn describe(self) -> String {
         match self {
             SuccessPolicy::All => "all steps must succeed".into(),
@@ -125,35 +146,62 @@ impl SuccessPolicy {
     }
 }
 
+/// Why the registry cannot be used; each names the file and, where it
+/// applies, the key and field to fix.
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
+    /// The file cannot be read; fix the path (`--registry`) or its permissions.
     #[error("cannot read workflow registry {path}: {source} (pass another file with --registry or FLOWLEDGER_REGISTRY)")]
     Read {
+        /// The file asked for.
         path: PathBuf,
+        /// What the operating system said.
         source: std::io::Error,
     },
+    /// Not valid JSON, an unknown field, or a field of the wrong type.
     #[error("workflow registry {path} is not valid: {path_in_file}: {message}")]
     Invalid {
+        /// The file that was read.
         path: PathBuf,
+        /// Where in the file, e.g. `workflows.w.steps[0].kind`.
         path_in_file: String,
+        /// The JSON parser's complaint.
         message: String,
     },
+    /// The file's `version` is not 1, the only one this build reads.
     #[error(
         "workflow registry {path}: unsupported version {version} (this build reads version 1)"
     )]
-    Version { path: PathBuf, version: u32 },
+    Version {
+        /// The file that was read.
+        path: PathBuf,
+        /// The version the file declares.
+        version: u32,
+    },
+    /// A workflow key is not 1-128 characters of `a-z 0-9 . _ -`; rename it.
     #[error("workflow registry {path}: workflow key {key:?} is not valid: keys are 1-128 characters of a-z, 0-9, '.', '_' and '-'")]
-    BadKey { path: PathBuf, key: String },
+    BadKey {
+        /// The file that was read.
+        path: PathBuf,
+        /// The key as written.
+        key: String,
+    },
+    /// A workflow's field breaks a rule (bounds, unique step names, URL).
     #[error("workflow registry {path}: workflows.{key}.{field}: {message}")]
     BadField {
+        /// The file that was read.
         path: PathBuf,
+        /// The workflow key.
         key: String,
+        /// The field inside the workflow, e.g. `steps[0].timeout_ms`.
         field: String,
+        /// What the value must be.
         message: String,
     },
 }
 
 impl Registry {
+    /// Reads and checks the file at `path` (see [`Registry::parse`]).
     pub fn load(path: &Path) -> Result<Self, RegistryError> {
         let text = std::fs::read_to_string(path).map_err(|source| RegistryError::Read {
             path: path.to_owned(),
@@ -162,6 +210,8 @@ impl Registry {
         Self::parse(path, &text)
     }
 
+    /// Parses JSON `text` and checks every workflow whole; `path` only
+    /// names the file in errors.
     pub fn parse(path: &Path, text: &str) -> Result<Self, RegistryError> {
         let de = &mut serde_json::Deserializer::from_str(text);
         let registry: Registry =
@@ -225,14 +275,17 @@ impl Registry {
         }
     }
 
+    /// Whether `key` is a workflow of this registry.
     pub fn contains(&self, key: &str) -> bool {
         self.workflows.contains_key(key)
     }
 
+    /// The definition of workflow `key`, if it exists.
     pub fn get(&self, key: &str) -> Option<&WorkflowDefinition> {
         self.workflows.get(key)
     }
 
+    /// Every workflow key, sorted.
     pub fn keys(&self) -> Vec<&str> {
         self.workflows.keys().map(String::as_str).collect()
     }
@@ -336,6 +389,8 @@ fn check_url(url: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Whether `key` is a valid workflow key: 1-128 bytes of `a-z 0-9 . _ -`
+/// (step names use the same rule without `.`).
 pub fn valid_key(key: &str) -> bool {
     !key.is_empty()
         && key.len() <= 128

@@ -9,11 +9,13 @@
 
 use sha2::{Digest, Sha256};
 
+/// A SHA-256 value: an event hash, a chain head or a stream digest.
 pub type Hash = [u8; 32];
 
 /// The chain value before the first event (and the digest before seq 1).
 pub const GENESIS: Hash = [0u8; 32];
 
+/// SHA-256 of `bytes`.
 pub fn sha256(bytes: &[u8]) -> Hash {
     Sha256::digest(bytes).into()
 }
@@ -29,12 +31,16 @@ pub fn event_hash(prev: &Hash, line: &[u8]) -> Hash {
 /// The leaf of one stream message: hashes of its subject and body.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Leaf {
+    /// The message's stream sequence (`n` of `u64be(n)`).
     pub seq: u64,
+    /// SHA-256 of the subject as UTF-8.
     pub subject_sha256: Hash,
+    /// SHA-256 of the exact payload bytes.
     pub body_sha256: Hash,
 }
 
 impl Leaf {
+    /// The leaf of the message at `seq` on `subject` with payload `body`.
     pub fn of(seq: u64, subject: &str, body: &[u8]) -> Self {
         Leaf {
             seq,
@@ -66,6 +72,7 @@ pub fn to_hex(h: &Hash) -> String {
     String::from_utf8(out).expect("hex digits are ASCII")
 }
 
+/// Parses 64 hex digits (either case) into a hash; `None` for anything else.
 pub fn from_hex(s: &str) -> Option<Hash> {
     let mut out = [0u8; 32];
     hex::decode_to_slice(s, &mut out).ok()?;

@@ -18,43 +18,70 @@ pub const HDR_CHAIN_HEAD: &str = "Flowledger-Chain-Head";
 pub const HDR_COMMAND_HASH: &str = "Flowledger-Command-Hash";
 /// Header: envelope format version.
 pub const HDR_FORMAT: &str = "Flowledger-Format";
+/// The [`HDR_FORMAT`] value of every commit this version writes.
 pub const FORMAT_VERSION: &str = "1";
 
 /// Who asked for the command.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct Actor {
+    /// The calling client: over HTTP the authenticated one; `n8n`,
+    /// `flowledger-handler` and `operator` for n8n results, the job handler
+    /// and the command line.
     pub client_id: String,
+    /// The person behind the client, when the caller names one; omitted
+    /// from the JSON when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub user_id: Option<String>,
 }
 
-/// One event as stored. Field order here is the order written; verifiers
-/// hash the stored bytes and never re-serialize.
+/// One stored event line, decoded (docs/EVENTS.md, section 3). The store
+/// writes new events as [`OutgoingRecord`], which puts `event_type` and
+/// `data` last; readers take fields by name, and verifiers hash the stored
+/// bytes and never re-serialize.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EventRecord {
+    /// Unique id of the event (UUID v7).
     pub event_id: Uuid,
+    /// The aggregate's type: `job`, `approval`, `workflow`, `callback`, `projection`.
     pub aggregate_type: String,
+    /// The aggregate's id, one subject token.
     pub aggregate_id: String,
+    /// 1 for the aggregate's first event, +1 per event.
     pub aggregate_version: u64,
+    /// The event's stable name, e.g. `JobSubmitted`; never renamed.
     pub event_type: String,
+    /// Version of `data`'s shape, e.g. `1.0`; older ones are upcast on read.
     pub schema_version: String,
+    /// Commit time, RFC 3339 UTC with microseconds (see [`format_time`]).
     pub occurred_at: String,
+    /// Who sent the command.
     pub actor: Actor,
+    /// The command that produced the event.
     pub command_id: String,
+    /// The conversation the command belongs to (defaults to `command_id`).
     pub correlation_id: String,
+    /// What caused the command (defaults to `command_id`).
     pub causation_id: String,
+    /// Hex hash of the aggregate's previous event; 64 zeros for version 1.
     pub prev_hash: String,
+    /// The event's fields, by `event_type` and `schema_version`.
     pub data: Value,
 }
 
 /// The command-level facts copied into every event of a commit.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct CommandMeta {
+    /// The command's id (`Nats-Msg-Id`); the same id answers the first receipt.
     pub command_id: String,
+    /// Who sent the command.
     pub actor: Actor,
+    /// The conversation the command belongs to.
     pub correlation_id: String,
+    /// What caused the command (the job handler puts the job's id).
     pub causation_id: String,
-    /// Hex SHA-256 of the command body as received.
+    /// `Flowledger-Command-Hash`, which tells a retry from a reused id: hex
+    /// SHA-256 of the request as the intake read it (the job handler hashes
+    /// the command id; the projection skip leaves it empty).
     pub command_hash: String,
 }
 
@@ -72,6 +99,8 @@ impl CommandMeta {
     }
 }
 
+/// A time as the envelope writes it: RFC 3339 UTC with microseconds and
+/// `Z`, e.g. `2026-11-23T12:00:00.123456Z`.
 pub fn format_time(t: DateTime<Utc>) -> String {
     t.to_rfc3339_opts(SecondsFormat::Micros, true)
 }
@@ -82,23 +111,36 @@ pub fn format_time(t: DateTime<Utc>) -> String {
 /// intermediate `serde_json::Value`.
 #[derive(Debug, Serialize)]
 pub struct OutgoingRecord<'a, E: Serialize> {
+    /// Unique id of the event (UUID v7).
     pub event_id: Uuid,
+    /// The aggregate's type (cqrs-es `Aggregate::TYPE`).
     pub aggregate_type: &'a str,
+    /// The aggregate's id, one subject token.
     pub aggregate_id: &'a str,
+    /// The version this event gives the aggregate.
     pub aggregate_version: u64,
+    /// The event's `event_version()`, e.g. `1.0`.
     pub schema_version: String,
+    /// Commit time (see [`format_time`]), the same for every event of a commit.
     pub occurred_at: &'a str,
+    /// Who sent the command.
     pub actor: &'a Actor,
+    /// The command that produced the event.
     pub command_id: &'a str,
+    /// The conversation the command belongs to.
     pub correlation_id: &'a str,
+    /// What caused the command.
     pub causation_id: &'a str,
+    /// Hex hash of the previous event; filled in by [`encode_commit`].
     pub prev_hash: String,
+    /// The domain event; written as the `event_type` and `data` fields.
     #[serde(flatten)]
     pub event: &'a E,
 }
 
 /// Something encodable as one line of a commit.
 pub trait Chained: Serialize {
+    /// Sets the hex hash of the previous event, before the line is written.
     fn set_prev_hash(&mut self, prev_hash: String);
 }
 
@@ -116,11 +158,15 @@ impl<E: Serialize> Chained for OutgoingRecord<'_, E> {
 
 /// A commit ready to publish: the message body and each event's hash.
 pub struct EncodedCommit {
+    /// The message payload: one JSON line per event, each ending in `\n`.
     pub body: Vec<u8>,
+    /// Each event's chain hash, in order.
     pub hashes: Vec<Hash>,
 }
 
 impl EncodedCommit {
+    /// The hash of the last event (`Flowledger-Chain-Head`); `None` for an
+    /// empty commit.
     pub fn head(&self) -> Option<&Hash> {
         self.hashes.last()
     }
@@ -166,14 +212,24 @@ pub fn holds_nul(body: &[u8]) -> bool {
     false
 }
 
+/// Why a message body is not a commit (docs/EVENTS.md, section 2); on the
+/// event stream this means the log is damaged.
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum CommitFormatError {
+    /// The body has no bytes.
     #[error("commit body is empty")]
     Empty,
+    /// The last line lacks its `\n`: the body was cut or is not a commit.
     #[error("commit body does not end with a newline")]
     NoTrailingNewline,
+    /// A line does not parse as the envelope asked for.
     #[error("event {index} of the commit is not a valid envelope: {message}")]
-    BadEnvelope { index: usize, message: String },
+    BadEnvelope {
+        /// 0-based position of the line in the commit.
+        index: usize,
+        /// The JSON parser's complaint.
+        message: String,
+    },
 }
 
 /// Splits a commit body into `(line bytes, record)` pairs.

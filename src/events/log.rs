@@ -19,6 +19,8 @@ pub struct LogConfig {
     pub stream: String,
     /// The stream that holds signed checkpoints (subject `flow.checkpoint`).
     pub checkpoint_stream: String,
+    /// Copies JetStream keeps of each stream (`--replicas`: 1 in development,
+    /// 3 in production).
     pub replicas: usize,
     /// JetStream's de-duplication window on `Nats-Msg-Id`.
     pub duplicate_window: Duration,
@@ -35,9 +37,13 @@ impl Default for LogConfig {
     }
 }
 
+/// The event stream's subjects are `flow.ev.<aggregate_type>.<aggregate_id>`.
 pub const EVENT_SUBJECT_PREFIX: &str = "flow.ev";
+/// The one subject of the checkpoint stream.
 pub const CHECKPOINT_SUBJECT: &str = "flow.checkpoint";
 
+/// The subject an aggregate's commits are stored on; check the id with
+/// [`valid_aggregate_id`] first.
 pub fn subject_for(aggregate_type: &str, aggregate_id: &str) -> String {
     format!("{EVENT_SUBJECT_PREFIX}.{aggregate_type}.{aggregate_id}")
 }
@@ -51,22 +57,46 @@ pub fn valid_aggregate_id(id: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
+/// Why the log could not be opened, set up or read.
 #[derive(Debug, thiserror::Error)]
 pub enum LogError {
+    /// [`EventLog::open`] could not look up the named stream (any failure of
+    /// the lookup is reported so); run `flowledger init` or fix `--stream`.
     #[error("stream {0} does not exist: run `flowledger init` first")]
     NoStream(String),
+    /// A read or a stream operation failed (NATS unreachable, or the server
+    /// refused a create or update); the message says which; retry later.
     #[error("event log unavailable: {0}")]
     Unavailable(String),
+    /// [`init`] found a stream whose storage is not `file`; it cannot be
+    /// changed in place, so recreate the stream or use another name.
     #[error("stream {stream} exists with settings flowledger cannot change in place: {what}")]
-    Incompatible { stream: String, what: String },
+    Incompatible {
+        /// The stream's name.
+        stream: String,
+        /// Which setting differs.
+        what: String,
+    },
 }
 
+/// Why [`EventLog::append`] wrote nothing (or may not have).
 #[derive(Debug, thiserror::Error)]
 pub enum AppendError {
+    /// The subject's last sequence is not the expected one: another writer
+    /// committed first; reload the aggregate and decide again.
     #[error("another writer appended to {subject} first")]
-    WrongLastSequence { subject: String },
+    WrongLastSequence {
+        /// The aggregate's subject.
+        subject: String,
+    },
+    /// The commit exceeds the server's maximum payload; send smaller inputs.
     #[error("commit of {size} bytes is larger than the server accepts")]
-    TooLarge { size: usize },
+    TooLarge {
+        /// Size of the commit body in bytes.
+        size: usize,
+    },
+    /// The publish or its acknowledgement failed: the outcome is unknown,
+    /// so retry with the same command id (JetStream drops a duplicate).
     #[error("append to the event log failed: {0}")]
     Unavailable(String),
 }
@@ -112,7 +142,9 @@ fn checkpoint_stream_config(config: &LogConfig) -> jetstream::stream::Config {
 /// What `init` did to each stream.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct InitReport {
+    /// The stream's name.
     pub stream: String,
+    /// `created`, `updated` or `unchanged`.
     pub action: &'static str,
 }
 
@@ -169,6 +201,8 @@ pub async fn init(
 }
 
 impl EventLog {
+    /// Opens the event stream `config.stream`, which must exist (see
+    /// [`init`]); nothing is created here.
     pub async fn open(client: async_nats::Client, config: LogConfig) -> Result<Self, LogError> {
         let js = jetstream::new(client);
         let stream = js
@@ -178,14 +212,17 @@ impl EventLog {
         Ok(EventLog { js, stream, config })
     }
 
+    /// The settings this log was opened with.
     pub fn config(&self) -> &LogConfig {
         &self.config
     }
 
+    /// The JetStream context (the checkpoint stream, consumers).
     pub fn jetstream(&self) -> &jetstream::Context {
         &self.js
     }
 
+    /// The event stream itself (info, consumers, direct reads).
     pub fn stream(&self) -> &jetstream::stream::Stream {
         &self.stream
     }

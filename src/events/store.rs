@@ -33,28 +33,39 @@ use crate::events::upcasters;
 /// What a successful (or repeated) command answers.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Receipt {
+    /// The aggregate's type, e.g. `job`.
     pub aggregate_type: String,
+    /// The aggregate's id.
     pub aggregate_id: String,
+    /// The command's id; the same id answers this receipt again.
     pub command_id: String,
     /// Stream sequence of the commit message.
     pub stream_seq: u64,
     /// Aggregate version after the commit.
     pub aggregate_version: u64,
+    /// The commit's events, in order.
     pub events: Vec<ReceiptEvent>,
     /// When the commit was written (RFC 3339, the events' `occurred_at`);
     /// a repeated command answers the original time.
     pub occurred_at: String,
     /// True when this command id had already been committed: nothing new was appended.
     pub duplicate: bool,
+    /// The commit's `Flowledger-Command-Hash`: a repeated id with another
+    /// hash is a reused id. Not part of the reply.
     #[serde(skip)]
     pub command_hash: String,
 }
 
+/// One event of a [`Receipt`].
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ReceiptEvent {
+    /// The event's id (UUID v7).
     pub event_id: Uuid,
+    /// Its stable name, e.g. `JobSubmitted`.
     pub event_type: String,
+    /// The aggregate's version after this event.
     pub aggregate_version: u64,
+    /// Hex chain hash of the event (docs/EVENTS.md, section 3).
     pub hash: String,
 }
 
@@ -85,11 +96,15 @@ impl Receipt {
 /// The state of one aggregate as of its last known commit.
 #[derive(Debug, Clone)]
 pub struct Loaded<A> {
+    /// The aggregate's id.
     pub aggregate_id: String,
+    /// The aggregate folded from its events (`A::default()` when none).
     pub state: A,
+    /// Events applied; 0: the aggregate does not exist.
     pub version: u64,
     /// Stream sequence of the aggregate's last message (0: none).
     pub subject_seq: u64,
+    /// Chain hash of the last event ([`chain::GENESIS`] when none).
     pub head: Hash,
     /// Every command id committed on this aggregate, with its receipt.
     pub commits: HashMap<String, Arc<Receipt>>,
@@ -114,40 +129,66 @@ impl<A: Aggregate> AggregateContext<A> for Loaded<A> {
     }
 }
 
+/// Why the store could not read or write an aggregate.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
+    /// The log could not be read or written (reply code `unavailable`); retry.
     #[error(transparent)]
     Log(#[from] LogError),
+    /// A stored commit does not decode, chain or follow the versions; run
+    /// `flowledger audit verify`. (With `seq` 0: a command decided no event,
+    /// a bug.)
     #[error("event log is inconsistent at stream sequence {seq}: {reason}; run `flowledger audit verify`")]
-    Corrupt { seq: u64, reason: String },
+    Corrupt {
+        /// Stream sequence of the message at fault.
+        seq: u64,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// An event could not be written as JSON (a bug).
     #[error("cannot encode event: {0}")]
     Encode(#[from] serde_json::Error),
     /// Refused before any read: the id would not be one subject token.
     #[error("{aggregate_type} id {id:?} is not a valid id (1-128 of A-Z a-z 0-9 _ -)")]
     InvalidAggregateId {
+        /// The aggregate type the id was meant for.
         aggregate_type: &'static str,
+        /// The id as given, cut to 140 characters.
         id: String,
     },
 }
 
+/// Why [`AggregateStore::execute`] appended nothing.
 #[derive(Debug, thiserror::Error)]
 pub enum ExecuteError<E: std::error::Error> {
+    /// The aggregate refused the command; the domain error says why.
     #[error("{0}")]
     Rejected(E),
+    /// Other writers committed first on every try; retry the command.
     #[error("aggregate {aggregate_id} kept changing under {attempts} attempts; retry the command")]
     Conflict {
+        /// The aggregate's id.
         aggregate_id: String,
+        /// How many times the command was decided and appended.
         attempts: usize,
     },
+    /// The command id was already committed with another command hash (or
+    /// on another subject); use a new command id.
     #[error(
         "command id {command_id} was already used for a different command; use a new command id"
     )]
-    CommandIdReused { command_id: String },
+    CommandIdReused {
+        /// The reused id.
+        command_id: String,
+    },
+    /// The commit is larger than the server accepts; the text gives its size.
+    /// Send smaller inputs.
     #[error("commit too large: {0}")]
     TooLarge(String),
     /// The events hold a value no read model can store (a NUL character).
     #[error("the command holds a NUL character (\\u0000), which cannot be stored; remove it")]
     Unstorable,
+    /// Reading or writing the log failed.
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -161,12 +202,17 @@ impl<E: std::error::Error> From<LogError> for ExecuteError<E> {
 /// A stored event that does not decode into its aggregate's event type.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum DecodeError {
+    /// An envelope field the reader needs is not valid (e.g. `occurred_at`).
     #[error("the envelope is not valid: {0}")]
     Envelope(String),
+    /// `data` (after upcasting) does not fit the event type.
     #[error("{event_type} v{schema_version} does not decode: {message}")]
     Event {
+        /// The stored `event_type`.
         event_type: String,
+        /// The stored `schema_version`.
         schema_version: String,
+        /// The JSON parser's complaint.
         message: String,
     },
 }
@@ -220,6 +266,9 @@ where
     A: Aggregate + Clone,
     A::Command: Clone,
 {
+    /// A store of `A`s on `log`, deciding with `services`. It caches loaded
+    /// aggregates (at 100,000, the idle ones are dropped) and tries a
+    /// conflicting command up to 5 times.
     pub fn new(log: EventLog, services: A::Services) -> Self {
         AggregateStore {
             log,
@@ -230,6 +279,7 @@ where
         }
     }
 
+    /// The event log this store reads and appends to.
     pub fn log(&self) -> &EventLog {
         &self.log
     }

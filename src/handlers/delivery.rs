@@ -17,6 +17,9 @@ pub fn target_of(url: &str) -> String {
     url.split(['?', '#']).next().unwrap_or("").to_string()
 }
 
+/// Delivers the ended job's result to its `callback_url` (if any), up to
+/// `callback_max_attempts` times, and records the outcome on the job;
+/// without a signing key nothing is sent and that is recorded.
 pub async fn deliver(ctx: &Ctx, view: &JobView) {
     let Some(url) = view.callback_url.as_deref() else {
         return;

@@ -69,6 +69,8 @@ impl Jobs {
     }
 }
 
+/// Runs the job handler until `stop` changes: waits for the advisory lock,
+/// then follows the log; restarts after 1 s when the loop fails.
 pub async fn run(ctx: Arc<Ctx>, pool: PgPool, mut stop: watch::Receiver<bool>) {
     loop {
         match run_once(&ctx, &pool, &mut stop).await {

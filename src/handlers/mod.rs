@@ -40,8 +40,12 @@ pub const HANDLER_ACTOR: &str = "flowledger-handler";
 /// `min(base * multiplier^(n-1), max) * (1 ± jitter)`.
 #[derive(Debug, Clone)]
 pub struct RetryPolicy {
+    /// The wait after the first failed attempt (`handler.retry_base_ms`).
     pub base: Duration,
+    /// What each further failed attempt multiplies the wait by
+    /// (`handler.retry_multiplier`).
     pub multiplier: f64,
+    /// The longest wait before jitter (`handler.retry_max_ms`).
     pub max: Duration,
     /// 0.2 spreads each delay by ±20%.
     pub jitter: f64,
@@ -80,16 +84,24 @@ impl RetryPolicy {
     }
 }
 
+/// The job handler's settings (the configuration's `[handler]` and
+/// `[callbacks]`).
 #[derive(Debug, Clone)]
 pub struct HandlerConfig {
     /// Jobs running steps at once; more wait, the highest priority first.
     pub max_concurrent_jobs: usize,
+    /// The backoff between a step's attempts and between deliveries of a
+    /// result callback.
     pub retry: RetryPolicy,
     /// Base URL peers reach this service on (n8n callbacks).
     pub public_url: Option<String>,
     /// Signs outgoing callbacks; without it none is sent.
     pub callback_key: Option<SigningKey>,
+    /// Deliveries of a result callback before it is recorded as failed
+    /// (`callbacks.max_attempts`).
     pub callback_max_attempts: u32,
+    /// The time a receiver has to answer one delivery
+    /// (`callbacks.timeout_ms`).
     pub callback_timeout: Duration,
 }
 
@@ -136,14 +148,22 @@ pub fn http_client_builder() -> reqwest::ClientBuilder {
 
 /// What the drivers share.
 pub struct Ctx {
+    /// The command bus every command of the handler goes through.
     pub bus: Arc<CommandBus>,
+    /// The workflow registry: each job's steps, approval rule and success
+    /// policy.
     pub registry: Arc<Registry>,
+    /// One client (one connection pool) for peer calls and result callbacks.
     pub http: reqwest::Client,
+    /// The handler's settings.
     pub config: HandlerConfig,
+    /// Admits drivers to run their steps, `max_concurrent_jobs` at a time.
     pub dispatcher: Dispatcher,
 }
 
 impl Ctx {
+    /// The context the drivers share, with its HTTP client and dispatcher
+    /// (whose task it spawns: call it inside a Tokio runtime).
     pub fn new(bus: Arc<CommandBus>, registry: Arc<Registry>, config: HandlerConfig) -> Arc<Self> {
         // idle connections are kept (90 s) without a count limit: with many
         // jobs in flight, a capped pool closes and reopens connections to
@@ -179,6 +199,8 @@ impl Ctx {
         }
     }
 
+    /// A job command issued as the handler, under `command_id` (derived by
+    /// `bus::ids`, so a repeat is a duplicate).
     pub async fn job(
         &self,
         job_id: &str,
@@ -249,7 +271,12 @@ pub enum LoadError {
     Log(#[from] LogError),
     /// An event of the job cannot be folded: the job is parked.
     #[error("stream sequence {seq}: {reason}")]
-    Fold { seq: u64, reason: String },
+    Fold {
+        /// The stream sequence of the message holding the event.
+        seq: u64,
+        /// Why the event cannot be decoded or folded.
+        reason: String,
+    },
 }
 
 /// Admits jobs to run their steps, at most `limit` at once; waiting jobs
@@ -286,6 +313,8 @@ impl Ord for Ticket {
 }
 
 impl Dispatcher {
+    /// A dispatcher with `limit` slots (at least 1); it spawns its task, so
+    /// call it inside a Tokio runtime.
     pub fn new(limit: usize) -> Self {
         let d = Dispatcher {
             queue: Arc::default(),

@@ -10,6 +10,8 @@ use crate::bus::ids;
 use crate::commands::registry::{StepDefinition, StepKind};
 use crate::events::envelope::holds_nul;
 
+/// The header carrying `<job>:<step>:<attempt>` (a result callback:
+/// `<job>:callback`), the same on every resend of one attempt.
 pub const HDR_IDEMPOTENCY_KEY: &str = "Idempotency-Key";
 /// Longest peer text quoted in an error message.
 const MAX_QUOTED: usize = 200;
@@ -17,25 +19,39 @@ const MAX_QUOTED: usize = 200;
 /// How one attempt ended.
 #[derive(Debug, Clone, PartialEq)]
 pub enum CallOutcome {
+    /// A 2xx answer with a JSON body (or none).
     Succeeded {
+        /// The peer's JSON answer; null for an empty body.
         output: Value,
     },
     /// n8n answered 202: the result comes later on `POST /v1/callbacks/n8n`.
     Accepted,
+    /// An error answer, an unusable body (not JSON, or holding a NUL), or
+    /// no connection.
     Failed {
+        /// The step result's `error_code` (`http_<status>`, `bad_response`,
+        /// `connection_failed`, `transport_error`).
         code: String,
+        /// What happened, naming the step, with the peer's text cut short.
         message: String,
+        /// Whether another attempt may succeed (408, 425, 429, 5xx,
+        /// transport errors).
         retryable: bool,
     },
+    /// No answer within the step's `timeout_ms`.
     TimedOut,
 }
 
 /// What a step is sent.
 #[derive(Debug, Clone)]
 pub struct StepCall<'a> {
+    /// The job the attempt is for.
     pub job_id: &'a str,
+    /// The job's workflow key.
     pub workflow_key: &'a str,
+    /// The attempt number, from 1.
     pub attempt: u32,
+    /// The job's input, sent as `inputs`.
     pub inputs: &'a Value,
     /// Where n8n posts an asynchronous result.
     pub callback_url: Option<&'a str>,

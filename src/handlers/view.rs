@@ -21,7 +21,9 @@ use crate::events::store::{decode_event, DecodeError};
 /// A job's event or its approval's, typed.
 #[derive(Debug, Clone, PartialEq)]
 pub enum StoryEvent {
+    /// An event of the `job` aggregate.
     Job(JobEvent),
+    /// An event of the job's `approval` aggregate.
     Approval(ApprovalEvent),
 }
 
@@ -30,12 +32,18 @@ pub enum StoryEvent {
 pub struct StoryRecord {
     /// The job it belongs to (a job's approval has the job's id).
     pub job_id: String,
+    /// The event's version in its own aggregate (job or approval).
     pub aggregate_version: u64,
+    /// The stored `event_type`, the action of the callback's audit line.
     pub event_type: String,
     /// As stored (RFC 3339), for the callback's audit lines.
     pub occurred_at: String,
+    /// `occurred_at` parsed: the time the fold computes with (starts, ends,
+    /// retries due).
     pub at: DateTime<Utc>,
+    /// Who issued the command that recorded it.
     pub actor: Actor,
+    /// The decoded event.
     pub event: StoryEvent,
 }
 
@@ -68,33 +76,47 @@ impl StoryRecord {
 /// A job event the view cannot fold; the job is parked with this reason.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum FoldError {
+    /// A `StepRetryScheduled` whose due time (`at` + `delay_ms`) is past
+    /// the last time chrono can represent.
     #[error("step {step:?}: a retry {delay_ms} ms after {at} is past any representable time")]
     RetryOutOfRange {
+        /// The step to be retried.
         step: String,
+        /// When the retry was scheduled (the event's `occurred_at`).
         at: DateTime<Utc>,
+        /// The delay the event asks for, in milliseconds.
         delay_ms: u64,
     },
 }
 
+/// How one attempt of a step ended, from its `StepResultRecorded`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct AttemptResult {
+    /// Succeeded, failed or timed out.
     pub status: StepStatus,
+    /// The peer's JSON answer (null unless succeeded).
     pub output: Value,
+    /// Why it failed, as a code (`http_503`, `step_timeout`, ...).
     pub error_code: Option<String>,
+    /// Why it failed, for a person.
     pub error_message: Option<String>,
+    /// How long the attempt took, in milliseconds.
     pub duration_ms: u64,
 }
 
+/// What the handler knows of one step of a job.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct StepView {
     /// Last attempt started (0: none).
     pub started: u32,
+    /// The recorded results, by attempt number.
     pub results: BTreeMap<u32, AttemptResult>,
     /// A retry of attempt `.0` is due at `.1`.
     pub retry: Option<(u32, DateTime<Utc>)>,
 }
 
 impl StepView {
+    /// The result of the attempt that succeeded, if one did.
     pub fn succeeded(&self) -> Option<&AttemptResult> {
         self.results
             .values()
@@ -102,46 +124,92 @@ impl StepView {
     }
 }
 
+/// Where the job's approval stands.
 #[derive(Debug, Clone, PartialEq)]
 pub enum ApprovalState {
+    /// No approval requested (not yet, or the workflow needs none).
     None,
-    Pending { expires_at: DateTime<Utc> },
-    Granted { by: String },
-    Rejected { by: String, reason: String },
+    /// Requested, not decided.
+    Pending {
+        /// When it expires if nobody decides.
+        expires_at: DateTime<Utc>,
+    },
+    /// Approved: the job may run.
+    Granted {
+        /// Who approved (an operator's client id, or `auto-approval`).
+        by: String,
+    },
+    /// Rejected: the job fails.
+    Rejected {
+        /// Who rejected it (an operator's client id).
+        by: String,
+        /// The reason they gave.
+        reason: String,
+    },
+    /// Nobody decided before `expires_at`.
     Expired,
 }
 
 /// One line of the callback's `audit` array (seed 002).
 #[derive(Debug, Clone, PartialEq)]
 pub struct AuditLine {
+    /// The event's `occurred_at`, as stored.
     pub timestamp: String,
+    /// The event's `event_type`.
     pub action: String,
+    /// The step the event is about, if any.
     pub node_name: Option<String>,
+    /// The event's facts that matter to the receiver (attempt, status,
+    /// error, reason, ...).
     pub details: Value,
+    /// How long the attempt took, in milliseconds (step results only).
     pub duration_ms: Option<u64>,
 }
 
+/// The handler's view of one job: what it needs to drive the job, resume it
+/// after a restart and write its result callback.
 #[derive(Debug, Clone, PartialEq)]
 pub struct JobView {
+    /// The job id (also its approval's and its execution's id).
     pub job_id: String,
+    /// The registry key of the job's workflow.
     pub workflow_key: String,
+    /// The client the job belongs to.
     pub client_id: String,
+    /// 1 (lowest) to 10: the order in which waiting jobs are admitted.
     pub priority: u8,
+    /// The job's deadline in seconds from its start (at least 1).
     pub timeout_seconds: u32,
+    /// The submission's input, sent to every step as `inputs`.
     pub inputs: Value,
+    /// The submission's free-form metadata (`confidence` feeds auto-approval).
     pub metadata: Value,
+    /// Where the signed result is POSTed when the job ends; none: no callback.
     pub callback_url: Option<String>,
+    /// The stream sequence of the `JobSubmitted` (submission order, and the
+    /// handler's low-water mark).
     pub submitted_seq: u64,
+    /// When the job was submitted; the approval window counts from it.
     pub submitted_at: DateTime<Utc>,
+    /// Pending, running, or the final status.
     pub status: JobStatus,
+    /// When the job started running its steps.
     pub started_at: Option<DateTime<Utc>>,
+    /// When it completed, failed or was cancelled.
     pub ended_at: Option<DateTime<Utc>>,
+    /// Each step's attempts and results, by step name.
     pub steps: BTreeMap<String, StepView>,
+    /// The outputs of a completed job (null otherwise).
     pub outputs: Value,
+    /// Why it failed (`cancelled` when cancelled).
     pub error_code: Option<String>,
+    /// The failure's message, or the cancellation's reason.
     pub error_message: Option<String>,
+    /// Where its approval stands.
     pub approval: ApprovalState,
+    /// Whether the callback's outcome (delivered or failed) is recorded.
     pub callback_recorded: bool,
+    /// The lines of the callback's `audit` array, one per event folded.
     pub audit: Vec<AuditLine>,
     /// Last job aggregate version folded in.
     pub version: u64,

@@ -45,6 +45,7 @@ impl CopyRows {
         self
     }
 
+    /// How many rows were started.
     pub fn rows(&self) -> usize {
         self.rows
     }
@@ -58,15 +59,18 @@ impl CopyRows {
         self
     }
 
+    /// A SQL `NULL` for the next column (any type).
     pub fn null(&mut self) -> &mut Self {
         self.buf.extend_from_slice(&(-1i32).to_be_bytes());
         self
     }
 
+    /// A `smallint`.
     pub fn i16(&mut self, v: i16) -> &mut Self {
         self.value(&v.to_be_bytes())
     }
 
+    /// An `int`, or `NULL`.
     pub fn i32(&mut self, v: Option<i32>) -> &mut Self {
         match v {
             Some(v) => self.value(&v.to_be_bytes()),
@@ -74,6 +78,7 @@ impl CopyRows {
         }
     }
 
+    /// A `bigint`, or `NULL`.
     pub fn i64(&mut self, v: Option<i64>) -> &mut Self {
         match v {
             Some(v) => self.value(&v.to_be_bytes()),
@@ -103,6 +108,7 @@ impl CopyRows {
         }
     }
 
+    /// A `uuid`: its 16 bytes.
     pub fn uuid(&mut self, v: &uuid::Uuid) -> &mut Self {
         self.value(v.as_bytes())
     }

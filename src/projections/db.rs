@@ -7,20 +7,36 @@ use sqlx::Row;
 
 use crate::projections::ReadModel;
 
+/// The migrations in `migrations/` (projection bookkeeping, handler
+/// positions, n8n nonces, parked jobs), embedded at build time.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
+/// What went wrong with the read-model database.
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {
+    /// PostgreSQL cannot be reached: start it or fix the URL.
     #[error("cannot connect to PostgreSQL at {url}: {source} (start PostgreSQL, or set --database-url / DATABASE_URL)")]
-    Connect { url: String, source: sqlx::Error },
+    Connect {
+        /// The URL tried, password hidden.
+        url: String,
+        /// The driver's error.
+        source: sqlx::Error,
+    },
+    /// A migration failed to apply.
     #[error("database migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
+    /// A query failed.
     #[error("read-model database error: {0}")]
     Sql(#[from] sqlx::Error),
+    /// No read model has this name (a usage error).
     #[error("unknown projection {0:?}: known are {known}", known = ReadModel::known_names())]
     UnknownProjection(String),
+    /// The read model has no active version: run the migrations first.
     #[error("projection {name} has no active version: run `flowledger init` with --database-url")]
-    NotInitialised { name: String },
+    NotInitialised {
+        /// The read model's name.
+        name: String,
+    },
 }
 
 /// Hides the password of a database URL for messages.
@@ -37,6 +53,8 @@ pub fn redact_url(url: &str) -> String {
     }
 }
 
+/// A pool of at most `max_connections` to the database at `url` (10 s to
+/// acquire a connection).
 pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool, DbError> {
     PgPoolOptions::new()
         .max_connections(max_connections)
@@ -89,6 +107,8 @@ pub async fn migrate(pool: &PgPool) -> Result<(), DbError> {
     Ok(())
 }
 
+/// The version of `model` readers' views point at; none before
+/// [`migrate`].
 pub async fn active_version(pool: &PgPool, model: ReadModel) -> Result<Option<i32>, DbError> {
     Ok(
         sqlx::query_scalar("SELECT version FROM projection_checkpoints WHERE name = $1 AND active")
@@ -238,6 +258,8 @@ pub fn switch_views(model: ReadModel, v: i32) -> Vec<String> {
         .collect()
 }
 
+/// Statements that drop version `v`'s tables (after a rebuild switched
+/// away from it).
 pub fn drop_tables(model: ReadModel, v: i32) -> Vec<String> {
     model
         .tables()
@@ -249,15 +271,23 @@ pub fn drop_tables(model: ReadModel, v: i32) -> Vec<String> {
 /// One projection's row in `projection_checkpoints`.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct CheckpointRow {
+    /// The read model's name (`executions`, `audit`, `approvals`).
     pub name: String,
+    /// The schema version (its tables are `<table>_v<version>`).
     pub version: i32,
+    /// The last stream sequence applied (0: none).
     pub last_seq: i64,
+    /// `running`, `stopped` (at `error_seq`) or `building` (a rebuild).
     pub state: String,
+    /// Whether readers' views point at this version.
     pub active: bool,
+    /// The stream sequence a stopped projection could not apply.
     pub error_seq: Option<i64>,
+    /// The database's reason it could not.
     pub error: Option<String>,
 }
 
+/// Every projection version's checkpoint row, by name then version.
 pub async fn checkpoints(pool: &PgPool) -> Result<Vec<CheckpointRow>, DbError> {
     let rows = sqlx::query(
         "SELECT name, version, last_seq, state, active, error_seq, error \

@@ -22,13 +22,24 @@ use crate::events::envelope::Actor;
 /// the envelope).
 #[derive(Debug, Clone, Deserialize)]
 pub struct ProjectedEvent {
+    /// The event's id (`audit_trail.event_id`).
     pub event_id: Uuid,
+    /// `job`, `approval`, `workflow`, `callback`, `projection`: which read
+    /// model rows it touches.
     pub aggregate_type: String,
+    /// The aggregate's id (for a job: the `execution_id`; for an approval:
+    /// the `approval_id`).
     pub aggregate_id: String,
+    /// The stored `event_type` (`audit_trail.action`).
     pub event_type: String,
+    /// When it happened, RFC 3339: every time a read model stores.
     pub occurred_at: String,
+    /// Who sent the command (`audit_trail.client_id`, `user_id`).
     pub actor: Actor,
+    /// The hash of the aggregate's previous event, hex; the event's own hash
+    /// (`audit_trail.event_hash`) is computed from it.
     pub prev_hash: String,
+    /// The `data` fields the read models use; absent or `null`: all none.
     #[serde(default, deserialize_with = "fields")]
     pub data: Fields,
 }
@@ -38,34 +49,50 @@ pub struct ProjectedEvent {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(default)]
 pub struct Fields {
+    /// The job's workflow key (`workflow_id`, `workflow_key` columns).
     #[serde(deserialize_with = "string")]
     pub workflow_key: Option<String>,
+    /// The submitting client (`JobSubmitted`).
     #[serde(deserialize_with = "string")]
     pub client_id: Option<String>,
+    /// The job an approval or rejected callback is about.
     #[serde(deserialize_with = "string")]
     pub job_id: Option<String>,
+    /// The step a step event is about (`audit_trail.step`).
     #[serde(deserialize_with = "string")]
     pub step: Option<String>,
+    /// A step result's status (`succeeded`, `failed`, `timed_out`).
     #[serde(deserialize_with = "string")]
     pub status: Option<String>,
+    /// A failure's code.
     #[serde(deserialize_with = "string")]
     pub error_code: Option<String>,
+    /// A failure's message.
     #[serde(deserialize_with = "string")]
     pub error_message: Option<String>,
+    /// A cancellation's, approval request's or decision's reason.
     #[serde(deserialize_with = "string")]
     pub reason: Option<String>,
+    /// Who asked for an approval (`approvals.requested_by`).
     #[serde(deserialize_with = "string")]
     pub requested_by: Option<String>,
+    /// Who decided it (`approvals.decided_by`).
     #[serde(deserialize_with = "string")]
     pub decided_by: Option<String>,
+    /// When an approval expires, RFC 3339 (`approvals.expires_at`).
     #[serde(deserialize_with = "string")]
     pub expires_at: Option<String>,
+    /// The job's priority (`workflows_executions.priority`).
     #[serde(deserialize_with = "int")]
     pub priority: Option<i64>,
+    /// How long a step attempt took, in milliseconds
+    /// (`audit_trail.duration_ms`).
     #[serde(deserialize_with = "int")]
     pub duration_ms: Option<i64>,
     /// JSON text as stored; `null` is `None`.
     pub input: Option<Box<RawValue>>,
+    /// A completed job's outputs, JSON text as stored
+    /// (`workflows_executions.output_data`).
     pub outputs: Option<Box<RawValue>>,
     /// `metadata.user_id` (seed 002: the user a submitting service names).
     #[serde(rename = "metadata", deserialize_with = "metadata_user_id")]

@@ -32,12 +32,15 @@ pub enum ReadModel {
 }
 
 impl ReadModel {
+    /// Every read model; `migrate` and `serve` go through them all.
     pub const ALL: [ReadModel; 3] = [
         ReadModel::Executions,
         ReadModel::Audit,
         ReadModel::Approvals,
     ];
 
+    /// The projection's name: in `projection_checkpoints`, its consumer's
+    /// name and metric labels, and on the command line.
     pub fn name(self) -> &'static str {
         match self {
             ReadModel::Executions => "executions",
@@ -46,10 +49,12 @@ impl ReadModel {
         }
     }
 
+    /// The read model called `name` (as [`ReadModel::name`] spells it).
     pub fn from_name(name: &str) -> Option<Self> {
         Self::ALL.into_iter().find(|m| m.name() == name)
     }
 
+    /// The names, comma-separated, for error messages.
     pub fn known_names() -> String {
         Self::ALL.map(|m| m.name()).join(", ")
     }
@@ -73,6 +78,7 @@ impl ReadModel {
 /// One stream message as a projection sees it.
 #[derive(Debug, Clone)]
 pub struct Msg {
+    /// The message's stream sequence (the checkpoint after it is applied).
     pub seq: u64,
     /// `(hash hex, event)` per event, in commit order; the hash is empty
     /// for read models that do not store it.
@@ -84,7 +90,12 @@ pub struct Msg {
 pub enum ApplyError {
     /// The event itself cannot be applied: stop here until fixed or skipped.
     #[error("cannot apply stream sequence {seq}: {reason}")]
-    Poison { seq: u64, reason: String },
+    Poison {
+        /// The stream sequence of the message that cannot be applied.
+        seq: u64,
+        /// Why (the database's message, or what the event lacks).
+        reason: String,
+    },
     /// PostgreSQL is unreachable or timed out: retry.
     #[error("read-model database unavailable: {0}")]
     Unavailable(String),
@@ -114,8 +125,11 @@ impl ApplyError {
 /// stream sequence it stopped at.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Stopped {
+    /// The read model's name.
     pub name: String,
+    /// The version that stopped.
     pub version: i32,
+    /// The stream sequence it could not apply (`error_seq`).
     pub stopped_at: u64,
 }
 
@@ -199,16 +213,24 @@ pub async fn resume(
     ))
 }
 
+/// Why a projection was not resumed.
 #[derive(Debug, thiserror::Error)]
 pub enum ResumeError {
+    /// The read-model database could not be read or updated.
     #[error(transparent)]
     Db(#[from] db::DbError),
+    /// `--skip` named another sequence than the one the projection is
+    /// stopped at: nothing was recorded.
     #[error("projection {name} is stopped at stream sequence {stopped_at}, not {asked}: --skip takes the sequence it is stopped at (see `flowledger projections status`)")]
     WrongSeq {
+        /// The read model's name.
         name: String,
+        /// The sequence it is stopped at.
         stopped_at: u64,
+        /// The sequence `--skip` named.
         asked: u64,
     },
+    /// The skip's event could not be appended: the projection stays stopped.
     #[error("could not record the skip in the event log: {0}")]
     Record(#[source] Box<dyn std::error::Error + Send + Sync>),
 }

@@ -16,27 +16,43 @@ use crate::projections::db::{self, DbError};
 use crate::projections::runner::{decode, Projector, REBUILD_BATCH};
 use crate::projections::{ApplyError, ReadModel};
 
+/// Why a rebuild did not switch readers; running it again resumes it.
 #[derive(Debug, thiserror::Error)]
 pub enum RebuildError {
+    /// Creating, switching or dropping the versioned tables failed.
     #[error(transparent)]
     Db(#[from] DbError),
+    /// An event cannot be applied to the new version: fix the cause and run
+    /// again, or skip it.
     #[error("rebuild of {name} v{version} stopped at stream sequence {seq}: {reason}; fix the cause and run the rebuild again (it resumes), or skip with `flowledger projections resume {name} --skip {seq}`")]
     Poison {
+        /// The read model rebuilt.
         name: String,
+        /// The version being built.
         version: i32,
+        /// The stream sequence it could not apply.
         seq: u64,
+        /// The database's reason.
         reason: String,
     },
+    /// The stream or the database stayed unavailable (the reason, then the
+    /// read model's name): run it again to resume.
     #[error("rebuild of {name} interrupted: {0}; run it again to resume", name = .1)]
     Unavailable(String, String),
 }
 
+/// What `flowledger projections rebuild` prints when readers switched.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct RebuildReport {
+    /// The read model rebuilt.
     pub name: String,
+    /// The version readers used before (its tables are dropped).
     pub old_version: i32,
+    /// The version readers use now.
     pub new_version: i32,
+    /// The new version's checkpoint at the switch.
     pub last_seq: u64,
+    /// Wall-clock time of the whole rebuild, in seconds.
     pub seconds: f64,
 }
 
@@ -50,6 +66,7 @@ pub struct Progress {
 }
 
 impl Progress {
+    /// A progress report named `label` (e.g. `rebuild executions v2`).
     pub fn new(label: String) -> Self {
         let bar = std::io::stderr().is_terminal().then(|| {
             let b = indicatif::ProgressBar::new(0);
@@ -71,6 +88,8 @@ impl Progress {
         }
     }
 
+    /// Reports the checkpoint `done` of `target`; the rate counts from
+    /// `from`, where this run started.
     pub fn update(&mut self, done: u64, target: u64, from: u64) {
         if let Some(b) = &self.bar {
             b.set_length(target);
@@ -95,6 +114,7 @@ impl Progress {
         );
     }
 
+    /// Completes the bar (a terminal only).
     pub fn finish(&self) {
         if let Some(b) = &self.bar {
             b.finish();

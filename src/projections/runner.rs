@@ -17,15 +17,22 @@ use crate::projections::db::{self, DbError};
 use crate::projections::event::ProjectedEvent;
 use crate::projections::{apply, ApplyError, Msg, ReadModel};
 
+/// Most messages a live projection pulls and applies in one transaction.
 pub const LIVE_BATCH: usize = 500;
+/// Most messages a rebuild applies in one transaction (also the size a run
+/// of good messages is split at in [`Projector::apply_all`]).
 pub const REBUILD_BATCH: usize = 10_000;
 
 /// One projection version, bound to its database and log.
 #[derive(Clone)]
 pub struct Projector {
+    /// The read-model database the rows and the checkpoint are written to.
     pub pool: PgPool,
+    /// The event stream it consumes.
     pub log: EventLog,
+    /// The read model it maintains.
     pub model: ReadModel,
+    /// The schema version it writes (tables `<table>_v<version>`).
     pub version: i32,
 }
 
@@ -84,6 +91,7 @@ where
 }
 
 impl Projector {
+    /// The durable consumer's name: `flowledger-proj-<name>-v<version>`.
     pub fn consumer_name(&self) -> String {
         format!("flowledger-proj-{}-v{}", self.model.name(), self.version)
     }
@@ -92,6 +100,7 @@ impl Projector {
         self.model.name().to_string()
     }
 
+    /// The last stream sequence applied (`projection_checkpoints.last_seq`).
     pub async fn checkpoint(&self) -> Result<u64, DbError> {
         let v: i64 = sqlx::query_scalar(
             "SELECT last_seq FROM projection_checkpoints WHERE name = $1 AND version = $2",
@@ -103,6 +112,8 @@ impl Projector {
         Ok(v as u64)
     }
 
+    /// This version's `state` (`running`, `stopped`, `building`) and
+    /// whether it is the active one.
     pub async fn state(&self) -> Result<(String, bool), DbError> {
         let row: (String, bool) = sqlx::query_as(
             "SELECT state, active FROM projection_checkpoints WHERE name = $1 AND version = $2",

@@ -16,20 +16,20 @@ use tempfile::TempDir;
 
 /// A nats-server with JetStream in a temporary directory; killed and
 /// deleted on drop.
-pub struct NatsServer {
+pub(crate) struct NatsServer {
     child: Child,
-    pub url: String,
+    pub(crate) url: String,
     _dir: TempDir,
 }
 
-pub fn nats_binary() -> String {
+pub(crate) fn nats_binary() -> String {
     std::env::var("FLOWLEDGER_NATS_SERVER").unwrap_or_else(|_| "nats-server".into())
 }
 
 impl NatsServer {
     /// Starts nats-server on a port it picks itself (`-p -1`) and reads the
     /// port from its ports file: no race with other tests for a port.
-    pub fn start() -> Self {
+    pub(crate) fn start() -> Self {
         let bin = nats_binary();
         let dir = tempfile::tempdir().expect("a temporary directory");
         let mut child = Command::new(&bin)
@@ -73,21 +73,21 @@ impl Drop for NatsServer {
     }
 }
 
-pub struct TestApp {
-    pub nats: NatsServer,
-    pub client: async_nats::Client,
-    pub config: LogConfig,
-    pub log: EventLog,
+pub(crate) struct TestApp {
+    pub(crate) nats: NatsServer,
+    pub(crate) client: async_nats::Client,
+    pub(crate) config: LogConfig,
+    pub(crate) log: EventLog,
     /// The bus of the service that answers `flow.cmd.>` in this test.
-    pub bus: Arc<CommandBus>,
+    pub(crate) bus: Arc<CommandBus>,
     _service: Application,
 }
 
-pub fn registry() -> Arc<Registry> {
+pub(crate) fn registry() -> Arc<Registry> {
     Arc::new(Registry::with_keys(["invoice.extract", "report.daily"]))
 }
 
-pub fn services() -> JobServices {
+pub(crate) fn services() -> JobServices {
     JobServices {
         registry: registry(),
         max_timeout_seconds: 3600,
@@ -96,7 +96,7 @@ pub fn services() -> JobServices {
 
 /// Settings of a service on the test's NATS with `registry` and nothing
 /// running yet (no intake, no database): callers add what they test.
-pub fn settings(app: &TestApp, registry: Arc<Registry>) -> Settings {
+pub(crate) fn settings(app: &TestApp, registry: Arc<Registry>) -> Settings {
     Settings {
         nats: app.client.clone(),
         log: app.log.clone(),
@@ -108,13 +108,13 @@ pub fn settings(app: &TestApp, registry: Arc<Registry>) -> Settings {
     }
 }
 
-pub async fn spawn_app() -> TestApp {
+pub(crate) async fn spawn_app() -> TestApp {
     spawn_app_with(LogConfig::default()).await
 }
 
 /// A nats-server with the streams, and the service's command intake on it
 /// (built by the composition root, as `serve` builds it).
-pub async fn spawn_app_with(config: LogConfig) -> TestApp {
+pub(crate) async fn spawn_app_with(config: LogConfig) -> TestApp {
     if std::env::var("TEST_LOG").is_ok() {
         let _ = tracing_subscriber::fmt().with_test_writer().try_init();
     }
@@ -149,7 +149,7 @@ pub async fn spawn_app_with(config: LogConfig) -> TestApp {
 
 /// Runs one NATS-shaped command (`flow.cmd.<type>.<command>`) on `bus`,
 /// as the intake does.
-pub async fn handle(
+pub(crate) async fn handle(
     bus: &CommandBus,
     subject: &str,
     body: &[u8],
@@ -158,7 +158,7 @@ pub async fn handle(
 }
 
 /// The JSON reply the intake would send for `result`.
-pub fn reply(result: Result<Arc<Receipt>, CommandError>) -> Value {
+pub(crate) fn reply(result: Result<Arc<Receipt>, CommandError>) -> Value {
     match result {
         Ok(r) => flowledger::api::nats::receipt_json(&r),
         Err(e) => e.to_json(),
@@ -168,7 +168,7 @@ pub fn reply(result: Result<Arc<Receipt>, CommandError>) -> Value {
 impl TestApp {
     /// A second, independent command service on the same server (its own
     /// caches), built like the first.
-    pub async fn second_bus(&self) -> Arc<CommandBus> {
+    pub(crate) async fn second_bus(&self) -> Arc<CommandBus> {
         let service = Application::build(settings(self, registry()))
             .await
             .expect("build a second service");
@@ -176,12 +176,16 @@ impl TestApp {
     }
 
     /// Runs a command on this test's service bus.
-    pub async fn handle(&self, subject: &str, body: &[u8]) -> Result<Arc<Receipt>, CommandError> {
+    pub(crate) async fn handle(
+        &self,
+        subject: &str,
+        body: &[u8],
+    ) -> Result<Arc<Receipt>, CommandError> {
         handle(&self.bus, subject, body).await
     }
 
     /// Sends a command over NATS request/reply and returns the JSON reply.
-    pub async fn send(&self, command: &str, body: Value) -> Value {
+    pub(crate) async fn send(&self, command: &str, body: Value) -> Value {
         let reply = self
             .client
             .request(format!("flow.cmd.{command}"), body.to_string().into())
@@ -190,7 +194,7 @@ impl TestApp {
         serde_json::from_slice(&reply.payload).expect("replies are JSON")
     }
 
-    pub async fn submit(&self, job_id: &str, command_id: &str) -> Value {
+    pub(crate) async fn submit(&self, job_id: &str, command_id: &str) -> Value {
         self.send(
             "job.submit",
             json!({"job_id": job_id, "command_id": command_id, "workflow_key": "invoice.extract", "client_id": "billing", "input": {"n": 1}}),
@@ -198,12 +202,12 @@ impl TestApp {
         .await
     }
 
-    pub async fn last_seq(&self) -> u64 {
+    pub(crate) async fn last_seq(&self) -> u64 {
         self.log.last_seq().await.expect("stream info")
     }
 
     /// Number of messages on one aggregate's subject.
-    pub async fn messages_on(&self, subject: &str) -> usize {
+    pub(crate) async fn messages_on(&self, subject: &str) -> usize {
         let mut n = 0;
         let mut from = 1;
         while let Some(m) = self
@@ -219,19 +223,19 @@ impl TestApp {
     }
 }
 
-pub fn code(reply: &Value) -> &str {
+pub(crate) fn code(reply: &Value) -> &str {
     reply["error"]["code"].as_str().unwrap_or("<ok>")
 }
 
-pub fn ok(r: Result<Arc<Receipt>, CommandError>) -> Arc<Receipt> {
+pub(crate) fn ok(r: Result<Arc<Receipt>, CommandError>) -> Arc<Receipt> {
     r.unwrap_or_else(|e| panic!("command refused: {:?}: {}", e.code, e.message))
 }
 
 /// One PostgreSQL server per test process (started on first use, in a
 /// temporary directory, killed when the process exits) and a fresh database
 /// per test.
-pub struct PgServer {
-    pub port: u16,
+pub(crate) struct PgServer {
+    pub(crate) port: u16,
 }
 
 static PG: std::sync::OnceLock<PgServer> = std::sync::OnceLock::new();
@@ -361,7 +365,7 @@ fn start_pg() -> PgServer {
 }
 
 /// A fresh, empty database on the shared test server.
-pub async fn fresh_database() -> String {
+pub(crate) async fn fresh_database() -> String {
     let pg = PG.get_or_init(start_pg);
     let admin = format!("postgres://postgres@127.0.0.1:{}/postgres", pg.port);
     let name = format!("t_{}", uuid::Uuid::new_v4().simple());
@@ -378,25 +382,25 @@ pub async fn fresh_database() -> String {
 
 /// The read side of a test: a service with a fresh database, optionally
 /// the projection runners, and the HTTP API on a free port.
-pub struct ReadSide {
-    pub pool: sqlx::PgPool,
-    pub url: String,
-    pub http: String,
+pub(crate) struct ReadSide {
+    pub(crate) pool: sqlx::PgPool,
+    pub(crate) url: String,
+    pub(crate) http: String,
     /// The bus the HTTP commands run on.
-    pub bus: Arc<CommandBus>,
+    pub(crate) bus: Arc<CommandBus>,
     _service: Application,
 }
 
 /// Bearer tokens of the test API's clients (see [`test_clients`]).
-pub const BILLING_TOKEN: &str = "test-billing-token";
-pub const OTHER_TOKEN: &str = "test-other-token";
-pub const OPERATOR_TOKEN: &str = "test-operator-token";
+pub(crate) const BILLING_TOKEN: &str = "test-billing-token";
+pub(crate) const OTHER_TOKEN: &str = "test-other-token";
+pub(crate) const OPERATOR_TOKEN: &str = "test-operator-token";
 /// A client allowed 2 submissions a minute.
-pub const LIMITED_TOKEN: &str = "test-limited-token";
+pub(crate) const LIMITED_TOKEN: &str = "test-limited-token";
 /// The shared key n8n peers sign their callbacks with.
-pub const N8N_KEY: &[u8] = b"test-n8n-key-0123456789";
+pub(crate) const N8N_KEY: &[u8] = b"test-n8n-key-0123456789";
 
-pub fn test_clients() -> Vec<flowledger::config::ClientEntry> {
+pub(crate) fn test_clients() -> Vec<flowledger::config::ClientEntry> {
     use flowledger::config::{ClientEntry, Role};
     let entry = |id: &str, token: &str, role, rate| ClientEntry {
         id: id.into(),
@@ -412,13 +416,13 @@ pub fn test_clients() -> Vec<flowledger::config::ClientEntry> {
     ]
 }
 
-pub async fn spawn_read_side(app: &TestApp, runners: bool) -> ReadSide {
+pub(crate) async fn spawn_read_side(app: &TestApp, runners: bool) -> ReadSide {
     spawn_api(app, runners, registry()).await
 }
 
 /// The HTTP API with `registry` (reads, commands, n8n callbacks signed with
 /// [`N8N_KEY`]), with the [`test_clients`], on a fresh database.
-pub async fn spawn_api(app: &TestApp, runners: bool, registry: Arc<Registry>) -> ReadSide {
+pub(crate) async fn spawn_api(app: &TestApp, runners: bool, registry: Arc<Registry>) -> ReadSide {
     let url = fresh_database().await;
     let mut s = settings(app, registry);
     s.database = Some(DatabaseSettings {
@@ -445,26 +449,26 @@ pub async fn spawn_api(app: &TestApp, runners: bool, registry: Arc<Registry>) ->
 }
 
 /// One HTTP answer: status, headers, and the body as JSON (or a string).
-pub struct Answer {
-    pub status: u16,
-    pub headers: reqwest::header::HeaderMap,
-    pub body: Value,
+pub(crate) struct Answer {
+    pub(crate) status: u16,
+    pub(crate) headers: reqwest::header::HeaderMap,
+    pub(crate) body: Value,
 }
 
 impl ReadSide {
     /// GET as the operator.
-    pub async fn get(&self, path: &str) -> (u16, Value) {
+    pub(crate) async fn get(&self, path: &str) -> (u16, Value) {
         let a = self.call("GET", path, Some(OPERATOR_TOKEN), None).await;
         (a.status, a.body)
     }
 
     /// POSTs `body` with `token`.
-    pub async fn post(&self, path: &str, token: &str, body: Value) -> Answer {
+    pub(crate) async fn post(&self, path: &str, token: &str, body: Value) -> Answer {
         self.call("POST", path, Some(token), Some(body.to_string()))
             .await
     }
 
-    pub async fn call(
+    pub(crate) async fn call(
         &self,
         method: &str,
         path: &str,
@@ -494,7 +498,7 @@ impl ReadSide {
 
     /// Waits until every active projection has applied the whole stream
     /// (or one stopped); returns the checkpoint rows.
-    pub async fn caught_up(
+    pub(crate) async fn caught_up(
         &self,
         log: &EventLog,
     ) -> Vec<flowledger::projections::db::CheckpointRow> {
@@ -520,7 +524,7 @@ impl ReadSide {
     }
 
     /// The rows of a read model, in a stable order, as JSON.
-    pub async fn snapshot(&self, table: &str, order: &str) -> Vec<Value> {
+    pub(crate) async fn snapshot(&self, table: &str, order: &str) -> Vec<Value> {
         sqlx::query_scalar(&format!(
             "SELECT to_jsonb(t) FROM {table} t ORDER BY {order}"
         ))
@@ -532,16 +536,16 @@ impl ReadSide {
 
 /// The job handler of a test: a service over the test's log with
 /// `registry`, a fresh database for its position, and short retries.
-pub struct HandlerSide {
-    pub bus: Arc<CommandBus>,
-    pub ctx: Arc<flowledger::handlers::Ctx>,
+pub(crate) struct HandlerSide {
+    pub(crate) bus: Arc<CommandBus>,
+    pub(crate) ctx: Arc<flowledger::handlers::Ctx>,
     /// The handler's database (its position, parked jobs).
-    pub pool: sqlx::PgPool,
+    pub(crate) pool: sqlx::PgPool,
     _service: Application,
 }
 
 /// Short delays for tests: 20 ms, then 60 ms, ...
-pub fn test_handler_config() -> HandlerConfig {
+pub(crate) fn test_handler_config() -> HandlerConfig {
     HandlerConfig {
         retry: flowledger::handlers::RetryPolicy {
             base: Duration::from_millis(20),
@@ -554,7 +558,7 @@ pub fn test_handler_config() -> HandlerConfig {
 }
 
 /// A registry from JSON (validated like the file).
-pub fn parse_registry(registry: Value) -> Arc<Registry> {
+pub(crate) fn parse_registry(registry: Value) -> Arc<Registry> {
     Arc::new(
         Registry::parse(
             std::path::Path::new("test-registry.json"),
@@ -564,13 +568,17 @@ pub fn parse_registry(registry: Value) -> Arc<Registry> {
     )
 }
 
-pub async fn spawn_handler(app: &TestApp, registry: Value, config: HandlerConfig) -> HandlerSide {
+pub(crate) async fn spawn_handler(
+    app: &TestApp,
+    registry: Value,
+    config: HandlerConfig,
+) -> HandlerSide {
     start_handler(app, parse_registry(registry), config).await
 }
 
 /// Runs the job handler with `registry`, with a fresh database for its
 /// position.
-pub async fn start_handler(
+pub(crate) async fn start_handler(
     app: &TestApp,
     registry: Arc<Registry>,
     config: HandlerConfig,
@@ -594,7 +602,7 @@ pub async fn start_handler(
 
 impl HandlerSide {
     /// Submits a job through the command side; `extra` adds fields.
-    pub async fn submit(&self, job_id: &str, workflow_key: &str, extra: Value) -> Value {
+    pub(crate) async fn submit(&self, job_id: &str, workflow_key: &str, extra: Value) -> Value {
         let mut body =
             json!({"job_id": job_id, "workflow_key": workflow_key, "client_id": "tests"});
         if let (Some(b), Value::Object(e)) = (body.as_object_mut(), extra) {
@@ -611,7 +619,7 @@ impl HandlerSide {
     }
 
     /// Waits until the job has ended (and its callback, if any, is recorded).
-    pub async fn settled(&self, job_id: &str) -> flowledger::handlers::view::JobView {
+    pub(crate) async fn settled(&self, job_id: &str) -> flowledger::handlers::view::JobView {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Some(v) = self.ctx.load_view(job_id).await.expect("read the job") {
@@ -629,7 +637,7 @@ impl HandlerSide {
 }
 
 /// A registry of one workflow `w` with the given steps and extra fields.
-pub fn one_workflow(steps: Value, extra: Value) -> Value {
+pub(crate) fn one_workflow(steps: Value, extra: Value) -> Value {
     let mut w = json!({"steps": steps});
     if let (Some(o), Value::Object(e)) = (w.as_object_mut(), extra) {
         o.extend(e);
@@ -638,7 +646,7 @@ pub fn one_workflow(steps: Value, extra: Value) -> Value {
 }
 
 /// Waits up to 10 s for `done` to hold; fails naming `what`.
-pub async fn eventually(what: &str, mut done: impl FnMut() -> bool) {
+pub(crate) async fn eventually(what: &str, mut done: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(10);
     while !done() {
         assert!(Instant::now() < deadline, "waited 10 s for {what}");
@@ -650,7 +658,7 @@ pub async fn eventually(what: &str, mut done: impl FnMut() -> bool) {
 /// `database_url`, with `registry` and the configuration `config` (none:
 /// the defaults, handler on); no checkpoints, HTTP on a free port. The
 /// caller kills it (tests use SIGKILL).
-pub fn start_serve(
+pub(crate) fn start_serve(
     app: &TestApp,
     database_url: &str,
     registry: &std::path::Path,

@@ -17,24 +17,24 @@ use serde_json::{json, Value};
 /// One answer: wait `delay_ms`, then answer `status` with `body`; then,
 /// like an n8n workflow that answered 202, post a signed result later.
 #[derive(Debug, Clone)]
-pub struct Reply {
-    pub delay_ms: u64,
-    pub status: u16,
-    pub body: Value,
-    pub then: Option<LaterResult>,
+pub(crate) struct Reply {
+    pub(crate) delay_ms: u64,
+    pub(crate) status: u16,
+    pub(crate) body: Value,
+    pub(crate) then: Option<LaterResult>,
 }
 
 /// A result an n8n peer posts to the request's `callback_url`.
 #[derive(Debug, Clone)]
-pub struct LaterResult {
-    pub after_ms: u64,
-    pub key: Vec<u8>,
-    pub output: Value,
+pub(crate) struct LaterResult {
+    pub(crate) after_ms: u64,
+    pub(crate) key: Vec<u8>,
+    pub(crate) output: Value,
 }
 
 /// n8n answering "accepted", then posting `output` as a signed result to
 /// the `callback_url` it was sent, `after_ms` later.
-pub fn n8n_accepts(after_ms: u64, key: &[u8], output: Value) -> Reply {
+pub(crate) fn n8n_accepts(after_ms: u64, key: &[u8], output: Value) -> Reply {
     Reply {
         delay_ms: 5,
         status: 202,
@@ -49,15 +49,15 @@ pub fn n8n_accepts(after_ms: u64, key: &[u8], output: Value) -> Reply {
 
 /// A request a peer sent (an n8n result callback), as it went out.
 #[derive(Debug, Clone)]
-pub struct Sent {
-    pub url: String,
-    pub timestamp: String,
-    pub body: String,
-    pub status: u16,
+pub(crate) struct Sent {
+    pub(crate) url: String,
+    pub(crate) timestamp: String,
+    pub(crate) body: String,
+    pub(crate) status: u16,
 }
 
 /// Signs and posts an n8n result, as n8n's HTTP Request node would.
-pub async fn post_signed(url: &str, key: &[u8], timestamp: i64, body: &str) -> Sent {
+pub(crate) async fn post_signed(url: &str, key: &[u8], timestamp: i64, body: &str) -> Sent {
     use flowledger::crypto::{SigningKey, HDR_SIGNATURE, HDR_TIMESTAMP};
     let signature = SigningKey::new(key)
         .expect("a test key of 16+ bytes")
@@ -82,7 +82,7 @@ pub async fn post_signed(url: &str, key: &[u8], timestamp: i64, body: &str) -> S
     }
 }
 
-pub fn ok(delay_ms: u64, body: Value) -> Reply {
+pub(crate) fn ok(delay_ms: u64, body: Value) -> Reply {
     Reply {
         delay_ms,
         status: 200,
@@ -91,7 +91,7 @@ pub fn ok(delay_ms: u64, body: Value) -> Reply {
     }
 }
 
-pub fn status(delay_ms: u64, status: u16) -> Reply {
+pub(crate) fn status(delay_ms: u64, status: u16) -> Reply {
     Reply {
         delay_ms,
         status,
@@ -101,7 +101,7 @@ pub fn status(delay_ms: u64, status: u16) -> Reply {
 }
 
 /// Never answers in time.
-pub fn hang() -> Reply {
+pub(crate) fn hang() -> Reply {
     Reply {
         delay_ms: 60_000,
         status: 200,
@@ -111,11 +111,11 @@ pub fn hang() -> Reply {
 }
 
 #[derive(Debug, Clone)]
-pub struct Received {
-    pub path: String,
-    pub headers: HashMap<String, String>,
-    pub body: Value,
-    pub raw: Bytes,
+pub(crate) struct Received {
+    pub(crate) path: String,
+    pub(crate) headers: HashMap<String, String>,
+    pub(crate) body: Value,
+    pub(crate) raw: Bytes,
 }
 
 #[derive(Default)]
@@ -129,8 +129,8 @@ struct PeerState {
 }
 
 #[derive(Clone)]
-pub struct Peer {
-    pub url: String,
+pub(crate) struct Peer {
+    pub(crate) url: String,
     state: Arc<PeerState>,
 }
 
@@ -198,7 +198,7 @@ async fn answer(
 }
 
 impl Peer {
-    pub async fn start() -> Peer {
+    pub(crate) async fn start() -> Peer {
         let state = Arc::new(PeerState::default());
         let app = axum::Router::new()
             .fallback(answer)
@@ -214,7 +214,7 @@ impl Peer {
     }
 
     /// Sets the answers of `path`.
-    pub fn script(&self, path: &str, replies: Vec<Reply>) -> String {
+    pub(crate) fn script(&self, path: &str, replies: Vec<Reply>) -> String {
         self.state
             .scripts
             .lock()
@@ -223,7 +223,7 @@ impl Peer {
         format!("{}{path}", self.url)
     }
 
-    pub fn received(&self, path: &str) -> Vec<Received> {
+    pub(crate) fn received(&self, path: &str) -> Vec<Received> {
         self.state
             .received
             .lock()
@@ -235,15 +235,15 @@ impl Peer {
     }
 
     /// The result callbacks this peer posted, in order.
-    pub fn sent(&self) -> Vec<Sent> {
+    pub(crate) fn sent(&self) -> Vec<Sent> {
         self.state.sent.lock().unwrap().clone()
     }
 
-    pub fn in_flight(&self) -> usize {
+    pub(crate) fn in_flight(&self) -> usize {
         self.state.in_flight.load(Ordering::SeqCst)
     }
 
-    pub fn max_in_flight(&self) -> usize {
+    pub(crate) fn max_in_flight(&self) -> usize {
         self.state.max_in_flight.load(Ordering::SeqCst)
     }
 }

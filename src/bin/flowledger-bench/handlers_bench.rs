@@ -37,7 +37,7 @@ use flowledger::handlers::{manager, Ctx, HandlerConfig};
 use flowledger::projections::db;
 
 #[derive(clap::Args, Debug)]
-pub struct Args {
+pub(crate) struct Args {
     #[arg(long, env = "FLOWLEDGER_NATS_URL")]
     nats_url: String,
     #[arg(long, env = "DATABASE_URL")]
@@ -338,7 +338,7 @@ fn report(name: &str, runs: &[Run], in_flight: usize, secs: u64) -> f64 {
     rate
 }
 
-pub async fn run(args: Args) -> anyhow::Result<()> {
+pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
     let client = async_nats::connect(&args.nats_url)
         .await
         .with_context(|| format!("connect to {}", args.nats_url))?;

@@ -17,7 +17,7 @@ use flowledger::events::store::AggregateStore;
 use flowledger::projections::{db, rebuild, runner, ReadModel};
 
 #[derive(clap::Args, Debug)]
-pub struct Args {
+pub(crate) struct Args {
     #[arg(long, env = "FLOWLEDGER_NATS_URL")]
     nats_url: String,
     #[arg(long, env = "DATABASE_URL")]
@@ -180,7 +180,7 @@ async fn latency(pool: &sqlx::PgPool, sql: &str, params: &[String]) -> anyhow::R
     Ok((pick(0.5), pick(0.99)))
 }
 
-pub async fn run(args: Args) -> anyhow::Result<()> {
+pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
     let client = async_nats::connect(&args.nats_url)
         .await
         .context("connect to NATS")?;

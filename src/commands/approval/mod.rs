@@ -13,18 +13,25 @@ use crate::commands::limits::MAX_APPROVAL_WINDOW_SECONDS;
 use crate::commands::{write_decided, DomainError, ErrorCode};
 use events::{ApprovalDecided, ApprovalEvent, ApprovalExpired, ApprovalRequested};
 
+/// Where an approval is, as its events leave it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum ApprovalStatus {
+    /// No event yet: the approval does not exist.
     #[default]
     None,
+    /// Requested, waiting for a decision until its expiry.
     Pending,
+    /// Final: `ApprovalGranted`.
     Approved,
+    /// Final: `ApprovalRejected`.
     Rejected,
+    /// Final: `ApprovalExpired`.
     Expired,
 }
 
 impl ApprovalStatus {
+    /// The lowercase name (`none`, `pending`, `approved`, ...), as errors quote it.
     pub fn as_str(self) -> &'static str {
         match self {
             ApprovalStatus::None => "none",
@@ -36,79 +43,135 @@ impl ApprovalStatus {
     }
 }
 
+/// The `Approval` aggregate (type `approval`, id = the job's id): one
+/// job's approval gate, folded from its events.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Approval {
+    /// Where the approval is; [`ApprovalStatus::None`] until requested.
     pub status: ApprovalStatus,
+    /// The job it is for.
     pub job_id: String,
+    /// The job's workflow key.
     pub workflow_key: String,
+    /// When it expires; `None` until requested.
     pub expires_at: Option<DateTime<Utc>>,
 }
 
+/// `approval.request`: open a job's approval (its id must be the job's id,
+/// checked by the bus).
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RequestApproval {
+    /// The job waiting for it: a submitted job; not blank.
     pub job_id: String,
+    /// The job's workflow key; not blank.
     pub workflow_key: String,
+    /// Who asks; not blank.
     pub requested_by: String,
+    /// Why, optionally.
     pub reason: Option<String>,
+    /// After the request time, at most [`MAX_APPROVAL_WINDOW_SECONDS`] later.
     pub expires_at: DateTime<Utc>,
 }
 
+/// The body of `approval.approve` and `approval.reject`.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Decide {
+    /// Who decides; not blank.
     pub decided_by: String,
+    /// Why.
     pub reason: String,
 }
 
+/// A command on an approval. `at` is the time the command is decided at,
+/// set by the adapter that received it (the aggregate reads no clock).
 #[derive(Debug, Clone, PartialEq)]
 pub enum ApprovalCommand {
+    /// `request`: open the approval.
     Request {
+        /// The request body.
         request: RequestApproval,
+        /// The request time; `expires_at` must be after it.
         at: DateTime<Utc>,
     },
+    /// `approve`: grant a pending approval before it expires.
     Approve {
+        /// Who and why.
         decision: Decide,
+        /// The decision time (`decided_at`); must be before the expiry.
         at: DateTime<Utc>,
     },
+    /// `reject`: refuse a pending approval before it expires.
     Reject {
+        /// Who and why.
         decision: Decide,
+        /// The decision time (`decided_at`); must be before the expiry.
         at: DateTime<Utc>,
     },
+    /// `expire`: close a pending approval whose expiry has come.
     Expire {
+        /// The time now (`expired_at`); at or after the expiry.
         at: DateTime<Utc>,
     },
 }
 
+/// Why an approval command was refused; nothing was written.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum ApprovalError {
+    /// The approval was never requested (`not_found`); check the id.
     #[error("approval does not exist; request it first")]
     NotFound,
+    /// A request for an approval that exists, in the given status (`conflict`).
     #[error("approval already exists (status {0}); use a new approval_id")]
     AlreadyExists(&'static str),
+    /// `expires_at` is not after the request time; send a later one.
     #[error("expires_at {expires_at} is not after the request time {at}")]
     ExpiryInPast {
+        /// The expiry sent.
         expires_at: DateTime<Utc>,
+        /// The request time.
         at: DateTime<Utc>,
     },
+    /// `expires_at` is more than [`MAX_APPROVAL_WINDOW_SECONDS`] after the
+    /// request time; send an earlier one.
     #[error("expires_at {expires_at} is more than {MAX_APPROVAL_WINDOW_SECONDS} s (366 days) after the request time {at}")]
     ExpiryTooFar {
+        /// The expiry sent.
         expires_at: DateTime<Utc>,
+        /// The request time.
         at: DateTime<Utc>,
     },
+    /// A text field that must say something is blank.
     #[error("{field} must not be empty")]
-    EmptyField { field: &'static str },
+    EmptyField {
+        /// `job_id`, `workflow_key`, `requested_by` or `decided_by`.
+        field: &'static str,
+    },
+    /// A request whose `approval_id` is not its `job_id` (raised by the bus);
+    /// a job's approval has the job's id.
     #[error(
         "a job's approval has the job's id: approval_id {approval_id:?} is not job_id {job_id:?}"
     )]
-    NotTheJobsId { approval_id: String, job_id: String },
+    NotTheJobsId {
+        /// The approval id sent.
+        approval_id: String,
+        /// The job id sent.
+        job_id: String,
+    },
+    /// A request for a job (the id given) that was never submitted (raised by
+    /// the bus; `not_found`).
     #[error("job {0:?} does not exist; an approval is requested for a submitted job")]
     NoSuchJob(String),
 
+    /// The approval is final already, in the given status (`rejected`).
     #[error("approval was already decided: it is {0}")]
     AlreadyDecided(&'static str),
+    /// A decision at or after the expiry (the time given); it can no longer
+    /// be approved or rejected.
     #[error("approval expired at {0}; it can no longer be approved")]
     Expired(DateTime<Utc>),
+    /// `expire` before the expiry (the time given); try again then.
     #[error("approval does not expire before {0}")]
     NotYetDue(DateTime<Utc>),
 }
@@ -170,6 +233,7 @@ impl Approval {
         })
     }
 
+    /// Pure decision: the events a command produces, or why it is refused.
     pub fn decide(&self, command: ApprovalCommand) -> Result<Vec<ApprovalEvent>, ApprovalError> {
         match command {
             ApprovalCommand::Request { request: r, at } => {

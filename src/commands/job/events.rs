@@ -6,30 +6,53 @@ use cqrs_es::DomainEvent;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+/// Every event of aggregate type `job`; the variant name is the stored
+/// `event_type`, its struct the `data` (docs/EVENTS.md, section 6).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "event_type", content = "data")]
 pub enum JobEvent {
+    /// `JobSubmitted`: the job exists, pending.
     JobSubmitted(JobSubmitted),
+    /// `JobStarted`: the job runs its steps.
     JobStarted(JobStarted),
+    /// `StepResultRecorded`: one attempt of a step ended.
     StepResultRecorded(StepResultRecorded),
+    /// `JobCompleted`: final, the success policy was met.
     JobCompleted(JobCompleted),
+    /// `JobFailed`: final, with an error code.
     JobFailed(JobFailed),
+    /// `JobCancelled`: final, on request.
     JobCancelled(JobCancelled),
+    /// `StepAttemptStarted`: an attempt of a step was sent.
     StepAttemptStarted(StepAttemptStarted),
+    /// `StepRetryScheduled`: a failed attempt will be retried.
     StepRetryScheduled(StepRetryScheduled),
+    /// `CallbackDelivered`: the result callback was accepted.
     CallbackDelivered(CallbackDelivered),
+    /// `CallbackFailed`: the result callback could not be delivered.
     CallbackFailed(CallbackFailed),
 }
 
+/// A job was accepted for a registry workflow; the values are the ones in
+/// force (defaults filled in, bounds checked).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct JobSubmitted {
+    /// The registry key of the workflow the job runs.
     pub workflow_key: String,
+    /// The client the job belongs to: only it (or an operator) reads and
+    /// cancels it over HTTP.
     pub client_id: String,
+    /// The caller's input, sent to every step as `inputs`.
     pub input: Value,
+    /// 1 (lowest) to 10: the dispatch order when jobs wait for a slot.
     pub priority: u8,
+    /// The job's deadline in seconds, counted from its start; steps still
+    /// running then fail the job.
     pub timeout_seconds: u32,
+    /// Where the signed result is POSTed when the job ends; `None`: no callback.
     #[serde(default)]
     pub callback_url: Option<String>,
+    /// The caller's free-form JSON (`confidence` feeds auto-approval).
     #[serde(default)]
     pub metadata: Value,
 }
@@ -38,6 +61,7 @@ pub struct JobSubmitted {
 /// reader (the audit trail) needs no lookup.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 pub struct JobStarted {
+    /// The job's workflow key (empty when the stored data lacks it).
     #[serde(default)]
     pub workflow_key: String,
 }
@@ -46,8 +70,12 @@ pub struct JobStarted {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum StepStatus {
+    /// `succeeded`: the step is never called again.
     Succeeded,
+    /// `failed`: the call failed (an error answer, a bad body, or the peer
+    /// could not be reached).
     Failed,
+    /// `timed_out`: no result within the step's `timeout_ms`.
     TimedOut,
 }
 
@@ -62,41 +90,61 @@ impl StepStatus {
     }
 }
 
+/// One started attempt of a step ended; recorded once per `(step, attempt)`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StepResultRecorded {
+    /// The job's workflow key.
     #[serde(default)]
     pub workflow_key: String,
+    /// The step's name in the registry.
     pub step: String,
+    /// Which attempt, 1 to [`MAX_ATTEMPTS`](crate::commands::limits::MAX_ATTEMPTS).
     pub attempt: u32,
+    /// How the attempt ended.
     pub status: StepStatus,
+    /// The step's JSON answer (`null` when absent).
     #[serde(default)]
     pub output: Value,
+    /// A short machine-readable reason, for a failure.
     #[serde(default)]
     pub error_code: Option<String>,
+    /// What went wrong, for people.
     #[serde(default)]
     pub error_message: Option<String>,
+    /// How long the attempt took, in ms; at most one week.
     pub duration_ms: u64,
 }
 
+/// The job ended well: its workflow's success policy was met.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct JobCompleted {
+    /// The job's workflow key.
     #[serde(default)]
     pub workflow_key: String,
+    /// The job's result, as the completing command gave it.
     pub outputs: Value,
 }
 
+/// The job ended badly (e.g. too few steps succeeded, its deadline passed,
+/// its approval was rejected or expired).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct JobFailed {
+    /// The job's workflow key.
     #[serde(default)]
     pub workflow_key: String,
+    /// A short machine-readable reason, never empty (e.g. `steps_failed`).
     pub error_code: String,
+    /// What went wrong, for people.
     pub error_message: String,
 }
 
+/// The job was cancelled before it ended.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct JobCancelled {
+    /// The job's workflow key.
     #[serde(default)]
     pub workflow_key: String,
+    /// Why, as the canceller gave it (may be empty).
     pub reason: String,
 }
 
@@ -105,20 +153,29 @@ pub struct JobCancelled {
 /// attempt again with the same key.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StepAttemptStarted {
+    /// The job's workflow key.
     #[serde(default)]
     pub workflow_key: String,
+    /// The step's name in the registry.
     pub step: String,
+    /// The attempt's number: the step's previous one plus 1, starting at 1.
     pub attempt: u32,
+    /// Sent as the `Idempotency-Key` header; `<job>:<step>:<attempt>` from
+    /// the handler.
     pub idempotency_key: String,
 }
 
 /// A failed attempt will be followed by attempt `attempt` after `delay_ms`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StepRetryScheduled {
+    /// The job's workflow key.
     #[serde(default)]
     pub workflow_key: String,
+    /// The step's name in the registry.
     pub step: String,
+    /// The attempt that will follow (the failed one plus 1).
     pub attempt: u32,
+    /// The wait before it, in ms; at most one day.
     pub delay_ms: u64,
 }
 
@@ -126,20 +183,28 @@ pub struct StepRetryScheduled {
 /// its query string (which may carry a receiver's token).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CallbackDelivered {
+    /// The job's workflow key.
     #[serde(default)]
     pub workflow_key: String,
+    /// The callback URL without its query string.
     pub target: String,
+    /// Deliveries made, the successful one included; at most 100.
     pub attempts: u32,
+    /// The receiver's HTTP status, 100 to 599.
     pub status_code: u16,
 }
 
 /// Every delivery attempt of the callback failed; nothing more is tried.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CallbackFailed {
+    /// The job's workflow key.
     #[serde(default)]
     pub workflow_key: String,
+    /// The callback URL without its query string.
     pub target: String,
+    /// Deliveries tried (0: none was sent); at most 100.
     pub attempts: u32,
+    /// Why the last one failed (or why none was sent, e.g. no signing key).
     pub error_message: String,
 }
 

@@ -22,36 +22,51 @@ use events::{
     JobSubmitted, StepAttemptStarted, StepResultRecorded, StepRetryScheduled, StepStatus,
 };
 
+/// The `priority` of a submission that gives none (range 1 to 10).
 pub const DEFAULT_PRIORITY: u8 = 5;
+/// The `timeout_seconds` of a submission that gives none: five minutes.
 pub const DEFAULT_TIMEOUT_SECONDS: u32 = 300;
 
 /// What a `Job` needs to decide: the registry and the configured limits.
 #[derive(Debug, Clone)]
 pub struct JobServices {
+    /// The workflow registry; a submission's `workflow_key` must be in it.
     pub registry: Arc<Registry>,
+    /// The configured largest `timeout_seconds` (`--max-timeout-seconds`);
+    /// [`MAX_JOB_TIMEOUT_SECONDS`] caps it.
     pub max_timeout_seconds: u32,
 }
 
+/// Where a job is in its life, as its events leave it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum JobStatus {
     /// No event yet: the job does not exist.
     #[default]
     None,
+    /// Submitted, not started (it may wait for its approval or a slot).
     Pending,
+    /// Started: attempts of its steps are sent and recorded.
     Running,
+    /// Final: `JobCompleted`.
     Completed,
+    /// Final: `JobFailed`.
     Failed,
+    /// Final: `JobCancelled`.
     Cancelled,
 }
 
 impl JobStatus {
+    /// Completed, failed or cancelled: only the callback outcome may still
+    /// be recorded.
     pub fn is_final(self) -> bool {
         matches!(
             self,
             JobStatus::Completed | JobStatus::Failed | JobStatus::Cancelled
         )
     }
+
+    /// The lowercase name (`none`, `pending`, `running`, ...), as errors quote it.
     pub fn as_str(self) -> &'static str {
         match self {
             JobStatus::None => "none",
@@ -64,12 +79,19 @@ impl JobStatus {
     }
 }
 
+/// The `Job` aggregate (type `job`, id = the job id): the state its
+/// commands are decided on, folded from its events.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Job {
+    /// Where the job is; [`JobStatus::None`] until it is submitted.
     pub status: JobStatus,
+    /// The registry workflow it runs.
     pub workflow_key: String,
+    /// The client it belongs to.
     pub client_id: String,
+    /// 1 (lowest) to 10.
     pub priority: u8,
+    /// Its deadline in seconds from its start.
     pub timeout_seconds: u32,
     /// `(step, attempt)` pairs already recorded.
     pub recorded: BTreeSet<(String, u32)>,
@@ -77,21 +99,31 @@ pub struct Job {
     pub started: BTreeMap<String, u32>,
     /// Steps with a successful attempt: never called again.
     pub succeeded: BTreeSet<String>,
+    /// It was submitted with a `callback_url`, so an outcome can be recorded.
     pub has_callback_url: bool,
     /// `CallbackDelivered` or `CallbackFailed` is recorded.
     pub callback_recorded: bool,
 }
 
+/// `job.submit`: create the job (the job id is the aggregate id).
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SubmitJob {
+    /// A key of the workflow registry.
     pub workflow_key: String,
+    /// The client the job belongs to; not blank.
     pub client_id: String,
+    /// Sent to every step; `null` when absent.
     #[serde(default)]
     pub input: Value,
+    /// 1 to 10; [`DEFAULT_PRIORITY`] when absent.
     pub priority: Option<u8>,
+    /// 1 to the configured maximum (at most [`MAX_JOB_TIMEOUT_SECONDS`]);
+    /// [`DEFAULT_TIMEOUT_SECONDS`] when absent.
     pub timeout_seconds: Option<u32>,
+    /// An absolute `http`/`https` URL with a host, at most 2,048 characters.
     pub callback_url: Option<String>,
+    /// Free-form JSON kept with the job (`confidence` feeds auto-approval).
     #[serde(default)]
     pub metadata: Value,
 }
@@ -100,14 +132,18 @@ pub struct SubmitJob {
 #[derive(Debug, Clone, PartialEq, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct StartJob {
+    /// First attempts sent with the start, committed with it.
     #[serde(default)]
     pub attempts: Vec<NewAttempt>,
 }
 
+/// Attempt 1 of one step, sent with [`StartJob`].
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NewAttempt {
+    /// The step's name; not empty.
     pub step: String,
+    /// Sent as `Idempotency-Key`; not empty.
     pub idempotency_key: String,
 }
 
@@ -115,41 +151,60 @@ pub struct NewAttempt {
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StartAttempt {
+    /// The step's name; not empty, without a successful attempt.
     pub step: String,
+    /// The step's previous attempt plus 1, at most [`MAX_ATTEMPTS`].
     pub attempt: u32,
+    /// Sent as `Idempotency-Key`; not empty.
     pub idempotency_key: String,
 }
 
+/// `job.record_callback`: how delivering the result callback of an ended
+/// job went; give exactly one of `status_code` and `error_message`.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RecordCallback {
+    /// The callback URL without its query string.
     pub target: String,
+    /// Deliveries made, at most [`MAX_CALLBACK_ATTEMPTS`].
     pub attempts: u32,
-    /// Set when the receiver accepted the callback.
+    /// Set when the receiver accepted the callback: its HTTP status, 100-599.
     pub status_code: Option<u16>,
     /// Set when every attempt failed.
     pub error_message: Option<String>,
 }
 
+/// `job.record_step_result`: how one started attempt of a step ended.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RecordStepResult {
+    /// The step's name; not empty.
     pub step: String,
+    /// A started attempt, 1 to [`MAX_ATTEMPTS`], not yet recorded.
     pub attempt: u32,
+    /// How it ended.
     pub status: StepStatus,
+    /// The step's JSON answer; `null` when absent.
     #[serde(default)]
     pub output: Value,
+    /// A short machine-readable reason, for a failure.
     pub error_code: Option<String>,
+    /// What went wrong, for people.
     pub error_message: Option<String>,
+    /// How long the attempt took, in ms; at most [`MAX_DURATION_MS`].
     pub duration_ms: u64,
-    /// A failed attempt to be retried after this many milliseconds.
+    /// Retry after this many milliseconds, at most [`MAX_RETRY_DELAY_MS`]:
+    /// on a failed or timed-out attempt it adds `StepRetryScheduled` for the
+    /// next one (so not on attempt [`MAX_ATTEMPTS`]).
     #[serde(default)]
     pub retry_in_ms: Option<u64>,
 }
 
+/// `job.complete`: end a running job well.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CompleteJob {
+    /// The job's result; `null` when absent.
     #[serde(default)]
     pub outputs: Value,
     /// Step results not yet recorded; they are committed together with the
@@ -158,36 +213,51 @@ pub struct CompleteJob {
     pub step_results: Vec<RecordStepResult>,
 }
 
+/// `job.fail`: end a pending or running job badly.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FailJob {
+    /// A short machine-readable reason; not empty.
     pub error_code: String,
+    /// What went wrong, for people.
     pub error_message: String,
     /// Step results not yet recorded, committed with the failure.
     #[serde(default)]
     pub step_results: Vec<RecordStepResult>,
 }
 
+/// `job.cancel`: end a pending or running job on request.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CancelJob {
+    /// Why; empty when absent.
     #[serde(default)]
     pub reason: String,
 }
 
+/// A command on a job; each is `flow.cmd.job.<name>` over NATS.
 #[derive(Debug, Clone, PartialEq)]
 pub enum JobCommand {
+    /// `submit`: create the job.
     Submit(SubmitJob),
+    /// `start`: a pending job starts running.
     Start(StartJob),
+    /// `start_attempt`: send the next attempt of a step.
     StartAttempt(StartAttempt),
+    /// `record_step_result`: record how an attempt ended.
     RecordStepResult(RecordStepResult),
+    /// `complete`: the job succeeded.
     Complete(CompleteJob),
+    /// `fail`: the job failed.
     Fail(FailJob),
+    /// `cancel`: stop the job.
     Cancel(CancelJob),
+    /// `record_callback`: record the result callback's outcome.
     RecordCallback(RecordCallback),
 }
 
 impl JobCommand {
+    /// The command's name, the last token of `flow.cmd.job.<name>`.
     pub fn name(&self) -> &'static str {
         match self {
             JobCommand::Submit(_) => "submit",
@@ -229,65 +299,133 @@ fn check_callback_url(url: &str) -> Result<(), JobError> {
     Ok(())
 }
 
+/// Why a job command was refused; nothing was written. [`DomainError`]
+/// gives each its reply code and, for bad input, the field.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum JobError {
+    /// The job has no event yet (`not_found`); submit it first or check the id.
     #[error("job does not exist; submit it first")]
     NotFound,
+    /// A submission for a job id that exists, in the given status
+    /// (`conflict`); use a new `job_id`.
     #[error("job already exists (status {0}); use a new job_id")]
     AlreadyExists(&'static str),
+    /// `priority` (the value sent) is not 1 to 10.
     #[error("priority must be between 1 and 10, got {0}")]
     InvalidPriority(u8),
+    /// `timeout_seconds` is 0 or above the limit in force.
     #[error("timeout_seconds must be between 1 and {max}, got {got}")]
-    InvalidTimeout { got: u32, max: u32 },
+    InvalidTimeout {
+        /// The value sent (or the default).
+        got: u32,
+        /// The configured maximum, capped at [`MAX_JOB_TIMEOUT_SECONDS`].
+        max: u32,
+    },
+    /// `workflow_key` is not in the registry; pick one of `known`.
     #[error("unknown workflow_key {key:?}: known keys are {known} (see the workflow registry)")]
-    UnknownWorkflow { key: String, known: String },
+    UnknownWorkflow {
+        /// The key sent.
+        key: String,
+        /// The registry's keys, comma-separated.
+        known: String,
+    },
+    /// `client_id` is empty or only whitespace.
     #[error("client_id must not be empty")]
     EmptyClientId,
+    /// A text field that must say something is empty.
     #[error("{field} must not be empty")]
-    EmptyField { field: &'static str },
+    EmptyField {
+        /// `step`, `idempotency_key` or `error_code`.
+        field: &'static str,
+    },
+    /// The job's status does not allow the command (`rejected`), e.g. any
+    /// change after a final state; nothing to retry.
     #[error("cannot {command} a job that is {status}")]
     InvalidTransition {
+        /// The command in words, e.g. `record a step result for`.
         command: &'static str,
+        /// The job's status ([`JobStatus::as_str`]).
         status: &'static str,
     },
+    /// This attempt of the step already has a result (e.g. the handler and
+    /// an n8n callback both recorded it); the first one stands.
     #[error("step {step:?} attempt {attempt} is already recorded")]
-    DuplicateStepResult { step: String, attempt: u32 },
+    DuplicateStepResult {
+        /// The step's name.
+        step: String,
+        /// The attempt sent.
+        attempt: u32,
+    },
+    /// The step has a successful attempt; it gets no further attempt or result.
     #[error("step {step:?} already succeeded; it is not called again")]
-    StepAlreadySucceeded { step: String },
+    StepAlreadySucceeded {
+        /// The step's name.
+        step: String,
+    },
+    /// `start_attempt` skips or repeats a number; send `expected`.
     #[error("step {step:?}: the next attempt is {expected}, not {got}")]
     AttemptOutOfOrder {
+        /// The step's name.
         step: String,
+        /// The step's next attempt number.
         expected: u32,
+        /// The attempt sent.
         got: u32,
     },
+    /// A result for an attempt that was never started (`rejected`).
     #[error("step {step:?}: attempt {attempt} was never started (attempts started: {started})")]
     AttemptNotStarted {
+        /// The step's name.
         step: String,
+        /// The attempt sent.
         attempt: u32,
+        /// How many attempts of the step were started.
         started: u32,
     },
+    /// `attempt` (the value sent) is 0 or above [`MAX_ATTEMPTS`].
     #[error("attempt must be 1 to {MAX_ATTEMPTS}, got {0}")]
     AttemptOutOfRange(u32),
+    /// `retry_in_ms` (the value sent) is above [`MAX_RETRY_DELAY_MS`].
     #[error("retry_in_ms must be at most {MAX_RETRY_DELAY_MS} (one day), got {0}")]
     InvalidRetryDelay(u64),
+    /// `duration_ms` (the value sent) is above [`MAX_DURATION_MS`].
     #[error("duration_ms must be at most {MAX_DURATION_MS} (one week), got {0}")]
     InvalidDuration(u64),
+    /// `retry_in_ms` on a failed attempt [`MAX_ATTEMPTS`] (the value): no
+    /// attempt can follow; record it without a retry.
     #[error(
         "retry_in_ms: attempt {0} is the last one allowed ({MAX_ATTEMPTS}); no retry can follow it"
     )]
     RetryAfterLastAttempt(u32),
+    /// `attempts` (the value sent) is above [`MAX_CALLBACK_ATTEMPTS`].
     #[error("attempts must be at most {MAX_CALLBACK_ATTEMPTS}, got {0}")]
     InvalidCallbackAttempts(u32),
+    /// `status_code` (the value sent) is not 100 to 599.
     #[error("status_code must be an HTTP status (100-599), got {0}")]
     InvalidStatusCode(u16),
+    /// The workflow's kill-switch is on (`rejected`; raised by the command
+    /// bus on a submission, not by `decide`); an operator must enable it.
     #[error("workflow {key:?} is disabled (kill-switch); new jobs are refused until an operator enables it")]
-    WorkflowDisabled { key: String },
+    WorkflowDisabled {
+        /// The workflow key.
+        key: String,
+    },
+    /// `callback_url` is not an absolute `http`/`https` URL with a host of
+    /// at most 2,048 characters.
     #[error("callback_url {url:?}: {reason}")]
-    InvalidCallbackUrl { url: String, reason: String },
+    InvalidCallbackUrl {
+        /// The URL sent, without its query, cut to 200 characters.
+        url: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// `record_callback` on a job submitted without a `callback_url`.
     #[error("the job has no callback_url")]
     NoCallback,
+    /// The job already has `CallbackDelivered` or `CallbackFailed`.
     #[error("the callback outcome is already recorded")]
     CallbackAlreadyRecorded,
+    /// `record_callback` gave both or neither of `status_code` and `error_message`.
     #[error("a callback outcome needs exactly one of status_code and error_message")]
     CallbackOutcome,
 }

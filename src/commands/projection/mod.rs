@@ -10,25 +10,37 @@ use serde::{Deserialize, Serialize};
 use crate::commands::{write_decided, DomainError, ErrorCode};
 use events::{ProjectionEvent, ProjectionEventSkipped};
 
+/// The `ProjectionOps` aggregate (type `projection`, id = the read model's
+/// name): the operator actions recorded for one read model.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct ProjectionOps {
+    /// Stream sequences skipped so far, any schema version, in order.
     pub skipped: Vec<u64>,
 }
 
+/// An operator's command on a read model.
 #[derive(Debug, Clone, PartialEq)]
 pub enum ProjectionCommand {
+    /// Record that the stopped read model passes the event at `seq`.
     SkipEvent {
+        /// The read model's schema version that stopped.
         version: i32,
+        /// Stream sequence the read model stopped at.
         seq: u64,
+        /// Why (`--reason`); not blank.
         reason: String,
+        /// Who decides (`--by`); not blank.
         skipped_by: String,
     },
 }
 
+/// Why a projection command was refused; nothing was written.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum ProjectionOpsError {
+    /// `reason` or `skipped_by` is blank (`validation`); give both.
     #[error("a skip needs a reason (--reason) and who decided it (--by)")]
     MissingReason,
+    /// This sequence (the value) was already skipped in this read model (`rejected`).
     #[error("stream sequence {0} was already skipped")]
     AlreadySkipped(u64),
 }

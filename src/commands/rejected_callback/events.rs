@@ -4,9 +4,12 @@
 use cqrs_es::DomainEvent;
 use serde::{Deserialize, Serialize};
 
+/// Every event of aggregate type `callback`; the variant name is the
+/// stored `event_type`, its struct the `data`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "event_type", content = "data")]
 pub enum CallbackEvent {
+    /// `CallbackRejected`: an incoming callback was refused.
     CallbackRejected(CallbackRejected),
 }
 
@@ -15,10 +18,12 @@ pub enum CallbackEvent {
 pub struct CallbackRejected {
     /// The job the body claimed to be for, if it could be read.
     pub job_id: Option<String>,
+    /// The endpoint that refused it: `n8n` (`POST /v1/callbacks/n8n`).
     pub source: String,
     /// A stable code: missing_signature, malformed_signature,
     /// stale_timestamp, bad_signature, replayed_nonce.
     pub error_code: String,
+    /// Why it was refused, for people (never a secret).
     pub error_message: String,
 }
 

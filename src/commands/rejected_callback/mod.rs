@@ -15,11 +15,14 @@ use events::{CallbackEvent, CallbackRejected};
 /// One refused incoming callback.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct RejectedCallback {
+    /// Its `CallbackRejected` is recorded.
     pub rejected: bool,
 }
 
+/// Why a rejection could not be recorded; nothing was written.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum RejectedCallbackError {
+    /// The id already holds a rejection (`conflict`); record under a fresh id.
     #[error("this callback record already exists; use a new id")]
     AlreadyRecorded,
 }

@@ -18,43 +18,75 @@ pub fn aggregate_id(workflow_key: &str) -> String {
     workflow_key.replace('_', "__").replace('.', "_d")
 }
 
+/// The `Workflow` aggregate (type `workflow`, id = [`aggregate_id`] of the
+/// key): the state its commands are decided on.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Workflow {
+    /// The kill-switch: new jobs of this workflow are refused while set.
     pub disabled: bool,
+    /// The UTC day of the last counted auto-approval; `None`: none yet.
     pub day: Option<NaiveDate>,
+    /// Auto-approvals counted on `day`.
     pub used_today: u32,
 }
 
+/// A command on a workflow (HTTP kill-switch endpoints, the job handler).
 #[derive(Debug, Clone, PartialEq)]
 pub enum WorkflowCommand {
+    /// Turn the kill-switch on.
     Disable {
+        /// The registry key.
         workflow_key: String,
+        /// Why; not blank.
         reason: String,
     },
+    /// Turn the kill-switch off.
     Enable {
+        /// The registry key.
         workflow_key: String,
+        /// Why; not blank.
         reason: String,
     },
+    /// Count one auto-approval on `day`, refused once `limit` are counted.
     CountAutoApproval {
+        /// The registry key.
         workflow_key: String,
+        /// The job being auto-approved.
         job_id: String,
+        /// The UTC day to count on (a new day starts from 0).
         day: NaiveDate,
+        /// The workflow's `auto_approval.daily_limit`.
         limit: u32,
     },
 }
 
+/// Why a workflow command was refused; nothing was written.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum WorkflowError {
+    /// Disable while the kill-switch is already on (`rejected`).
     #[error("workflow is already disabled")]
     AlreadyDisabled,
+    /// Enable while the kill-switch is off (`rejected`).
     #[error("workflow is not disabled")]
     NotDisabled,
+    /// The day's auto-approvals reached the limit (`rejected`): the job
+    /// waits for a human decision.
     #[error("daily auto-approval limit of {limit} reached for {day}")]
-    DailyLimitReached { day: NaiveDate, limit: u32 },
+    DailyLimitReached {
+        /// The UTC day.
+        day: NaiveDate,
+        /// The limit in force.
+        limit: u32,
+    },
+    /// `reason` is blank (`validation`); say why.
     #[error("reason must not be empty: say why")]
     NoReason,
+    /// The key is not in the registry (raised by the bus; `not_found`).
     #[error("workflow {key:?} is not in the registry")]
-    UnknownWorkflow { key: String },
+    UnknownWorkflow {
+        /// The key sent.
+        key: String,
+    },
 }
 
 impl DomainError for WorkflowError {
@@ -76,6 +108,7 @@ impl DomainError for WorkflowError {
 }
 
 impl Workflow {
+    /// Pure decision: the events a command produces, or why it is refused.
     pub fn decide(&self, c: WorkflowCommand) -> Result<Vec<WorkflowEvent>, WorkflowError> {
         match c {
             WorkflowCommand::Disable {
