@@ -37,6 +37,8 @@ const POSITION_NAME: &str = "jobs";
 struct Job {
     view: JobView,
     driver: Option<mpsc::UnboundedSender<Arc<StoryRecord>>>,
+    /// The driver's task, aborted when the job is parked.
+    task: Option<tokio::task::AbortHandle>,
 }
 
 /// The jobs the handler follows, and those it parked.
@@ -53,10 +55,12 @@ impl Jobs {
     /// Leaves `job_id` alone from now on; `seq` is the stream sequence the
     /// reason was found at.
     fn park(&mut self, job_id: &str, seq: u64, reason: String) {
-        let submitted = self
-            .live
-            .remove(job_id)
-            .map_or(seq, |j| j.view.submitted_seq);
+        let job = self.live.remove(job_id);
+        // a parked job gets no more commands: stop its driver, if any
+        if let Some(task) = job.as_ref().and_then(|j| j.task.as_ref()) {
+            task.abort();
+        }
+        let submitted = job.map_or(seq, |j| j.view.submitted_seq);
         tracing::error!(
             job_id,
             seq,
@@ -136,7 +140,7 @@ async fn run_once(
         // the folded view is the log up to here; later records follow on `rx`
         let view = job.view.clone();
         let (ctx, id, done) = (ctx.clone(), job_id.to_string(), done_tx.clone());
-        tokio::spawn(async move {
+        let task = tokio::spawn(async move {
             let driven = AssertUnwindSafe(executor::drive(ctx, id.clone(), Some(view), rx));
             let parked = match driven.catch_unwind().await {
                 Ok(parked) => parked,
@@ -147,6 +151,7 @@ async fn run_once(
             };
             let _ = done.send((id, parked));
         });
+        job.task = Some(task.abort_handle());
     };
     let mut follow = Follow {
         pool,
@@ -333,9 +338,11 @@ fn fold_one(
 ) -> Result<(), String> {
     let job_id = r.job_id.clone();
     if let Some(view) = JobView::submitted(seq, &r) {
-        let job = jobs
-            .entry(job_id.clone())
-            .or_insert(Job { view, driver: None });
+        let job = jobs.entry(job_id.clone()).or_insert(Job {
+            view,
+            driver: None,
+            task: None,
+        });
         if caught_up && job.driver.is_none() {
             spawn(&job_id, job);
         }

@@ -17,7 +17,9 @@ use clap::Parser;
 use cqrs_es::AggregateError;
 use flowledger::bus::CommandBus;
 use flowledger::commands::job::events::StepStatus;
-use flowledger::commands::job::{Job, JobCommand, JobServices, RecordStepResult, SubmitJob};
+use flowledger::commands::job::{
+    Job, JobCommand, JobServices, RecordStepResult, StartAttempt, SubmitJob,
+};
 use flowledger::commands::registry::Registry;
 use flowledger::events::envelope::{Actor, CommandMeta};
 use flowledger::events::log::{self, EventLog, LogConfig};
@@ -59,7 +61,8 @@ struct Args {
     /// postgres-es rounds write one aggregate per task (it is 15x slower).
     #[arg(long, default_value_t = 10)]
     in_turn: usize,
-    /// Commands per aggregate per round (submit, start, then step results).
+    /// Commands per aggregate per round (submit, start, then attempts of a
+    /// step, each sent and then failed).
     #[arg(long, default_value_t = 6)]
     commands_per_aggregate: usize,
     /// Interleaved measurement rounds; the median is reported.
@@ -111,13 +114,30 @@ fn step(attempt: u32) -> JobCommand {
     })
 }
 
-/// The i-th command of an aggregate's script.
+/// Sends attempt `attempt` of `step` (a result needs its attempt started).
+fn attempt(step: &str, attempt: u32) -> JobCommand {
+    JobCommand::StartAttempt(StartAttempt {
+        step: step.into(),
+        attempt,
+        idempotency_key: format!("bench:{step}:{attempt}"),
+    })
+}
+
+/// The i-th command of an aggregate's script (one event each): submit,
+/// start, then attempts of the `ocr` step, each sent and then failed.
 fn script(i: usize) -> JobCommand {
     match i {
         0 => submit(),
         1 => JobCommand::Start(Default::default()),
-        n => step(n as u32 - 1),
+        n if n % 2 == 0 => attempt("ocr", (n as u32 - 2) / 2 + 1),
+        n => step((n as u32 - 3) / 2 + 1),
     }
+}
+
+/// The i-th command on the one hot aggregate: the first attempt of its own
+/// step, so any number of them is valid (attempts per step are bounded).
+fn hot(i: usize) -> JobCommand {
+    attempt(&format!("s{i}"), 1)
 }
 
 fn meta(command_id: String) -> CommandMeta {
@@ -326,11 +346,11 @@ async fn flowledger_hot(
         let (store, id) = (store.clone(), id.to_string());
         async move {
             for i in 0..per_writer {
-                let attempt = (w * per_writer + i) as u32 + 1;
+                let n = w * per_writer + i + 1;
                 store
-                    .execute(&id, step(attempt), &meta(format!("{id}-{attempt}")))
+                    .execute(&id, hot(n), &meta(format!("{id}-{n}")))
                     .await
-                    .map_err(|e| anyhow::anyhow!("hot {attempt}: {e}"))?;
+                    .map_err(|e| anyhow::anyhow!("hot {n}: {e}"))?;
             }
             Ok(())
         }
@@ -358,12 +378,12 @@ async fn postgres_hot(
         tasks.push(tokio::spawn(async move {
             let mut conflicts = 0usize;
             for i in 0..per_writer {
-                let attempt = (w * per_writer + i) as u32 + 1;
+                let n = w * per_writer + i + 1;
                 loop {
-                    match cqrs.execute(&id, step(attempt)).await {
+                    match cqrs.execute(&id, hot(n)).await {
                         Ok(()) => break,
                         Err(AggregateError::AggregateConflict) => conflicts += 1,
-                        Err(e) => return Err(anyhow::anyhow!("hot {attempt}: {e}")),
+                        Err(e) => return Err(anyhow::anyhow!("hot {n}: {e}")),
                     }
                 }
             }
