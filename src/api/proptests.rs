@@ -1014,6 +1014,22 @@ fn arb_status() -> BoxedStrategy<StepStatus> {
     .boxed()
 }
 
+/// A running job whose step `ocr` has had attempts 1..=`started` sent.
+fn running_with_attempts(started: u32) -> Job {
+    let mut job = Job::default();
+    job.apply(submitted_event(5, 300, false));
+    job.apply(JobEvent::JobStarted(JobStarted::default()));
+    for n in 1..=started {
+        job.apply(JobEvent::StepAttemptStarted(StepAttemptStarted {
+            workflow_key: "invoice.extract".into(),
+            step: "ocr".into(),
+            attempt: n,
+            idempotency_key: "k".into(),
+        }));
+    }
+    job
+}
+
 fn submitted_event(priority: u8, timeout_seconds: u32, callback: bool) -> JobEvent {
     JobEvent::JobSubmitted(JobSubmitted {
         workflow_key: "invoice.extract".into(),
@@ -1687,17 +1703,7 @@ proptest! {
         status in arb_status(),
     ) {
         let attempt = if the_last_started { started } else { any_attempt };
-        let mut state = Job::default();
-        state.apply(submitted_event(5, 300, false));
-        state.apply(JobEvent::JobStarted(JobStarted::default()));
-        for n in 1..=started {
-            state.apply(JobEvent::StepAttemptStarted(StepAttemptStarted {
-                workflow_key: "invoice.extract".into(),
-                step: "ocr".into(),
-                attempt: n,
-                idempotency_key: "k".into(),
-            }));
-        }
+        let state = running_with_attempts(started);
         let services = services(3600);
         let command = JobCommand::RecordStepResult(RecordStepResult {
             step: "ocr".into(),
@@ -2129,17 +2135,7 @@ fn an_expiry_just_past_the_window_is_refused() {
 /// MAX_ATTEMPTS + 1, which no command may start.
 #[test]
 fn no_retry_is_scheduled_after_the_last_attempt() {
-    let mut job = Job::default();
-    job.apply(submitted_event(5, 300, false));
-    job.apply(JobEvent::JobStarted(JobStarted::default()));
-    for n in 1..=MAX_ATTEMPTS {
-        job.apply(JobEvent::StepAttemptStarted(StepAttemptStarted {
-            workflow_key: "invoice.extract".into(),
-            step: "ocr".into(),
-            attempt: n,
-            idempotency_key: "k".into(),
-        }));
-    }
+    let job = running_with_attempts(MAX_ATTEMPTS);
     let result = |attempt, status| {
         JobCommand::RecordStepResult(RecordStepResult {
             step: "ocr".into(),
