@@ -71,6 +71,10 @@ pub struct HttpSettings {
     /// Seconds an n8n callback's timestamp may be from now
     /// (`callbacks.timestamp_window_seconds`); nonces are kept twice as long.
     pub callback_window_secs: i64,
+    /// Posts to the n8n endpoint per minute from one source address.
+    pub callback_posts_per_minute: u32,
+    /// Refused n8n posts per minute from one source address.
+    pub callback_refusals_per_minute: u32,
 }
 
 /// Why the service could not be built; each names what to fix.
@@ -209,10 +213,17 @@ impl Application {
                     clients: Arc::new(api::auth::Clients::new(&h.clients)),
                     n8n_key: h.n8n_key,
                     callback_window_secs: h.callback_window_secs,
+                    callback_limits: Arc::new(api::n8n::CallbackLimits::new(
+                        h.callback_posts_per_minute,
+                        h.callback_refusals_per_minute,
+                    )),
                 };
                 let mut stop = stop_rx.clone();
                 tasks.push(tokio::spawn(async move {
-                    let served = axum::serve(listener, api::http::app(state))
+                    // the peer's address keys the n8n endpoint's rate limits
+                    let app =
+                        api::http::app(state).into_make_service_with_connect_info::<SocketAddr>();
+                    let served = axum::serve(listener, app)
                         .with_graceful_shutdown(async move {
                             let _ = stop.changed().await;
                         })

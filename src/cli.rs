@@ -536,6 +536,8 @@ async fn serve(g: &Global, args: ServeArgs) -> anyhow::Result<ExitCode> {
                 clients: config.clients.clone(),
                 n8n_key: config.n8n_key().context(UsageError)?,
                 callback_window_secs: config.callbacks.timestamp_window_seconds as i64,
+                callback_posts_per_minute: config.callbacks.rate_limit_per_minute,
+                callback_refusals_per_minute: config.callbacks.refusals_per_minute,
             }),
         }),
         None => {

@@ -82,6 +82,11 @@ pub struct CallbackSection {
     /// How far (seconds, 1 to 86,400) an incoming n8n callback's timestamp
     /// may be from now; its nonce is kept twice as long.
     pub timestamp_window_seconds: u64,
+    /// Posts to `POST /v1/callbacks/n8n` per minute from one source address.
+    pub rate_limit_per_minute: u32,
+    /// Refused posts (bad, stale, replayed signatures) per minute from one
+    /// source address; past it, 429 and no log line.
+    pub refusals_per_minute: u32,
 }
 
 impl Default for CallbackSection {
@@ -92,6 +97,8 @@ impl Default for CallbackSection {
             max_attempts: 5,
             timeout_ms: 10_000,
             timestamp_window_seconds: 300,
+            rate_limit_per_minute: 600,
+            refusals_per_minute: 60,
         }
     }
 }
@@ -204,6 +211,12 @@ impl Config {
                 "callbacks.max_attempts must be 1 to {MAX_CALLBACK_ATTEMPTS}, got {}",
                 c.callbacks.max_attempts
             )));
+        }
+        if c.callbacks.rate_limit_per_minute == 0 || c.callbacks.refusals_per_minute == 0 {
+            return Err(invalid(
+                "callbacks.rate_limit_per_minute and callbacks.refusals_per_minute must be at least 1"
+                    .into(),
+            ));
         }
         if !(1..=86_400).contains(&c.callbacks.timestamp_window_seconds) {
             return Err(invalid(

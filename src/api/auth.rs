@@ -137,7 +137,7 @@ impl Clients {
 
 /// Whole seconds to wait, rounded up, at least 1 (`Retry-After` has no
 /// fractions).
-fn retry_after_secs(wait: Duration) -> u64 {
+pub(crate) fn retry_after_secs(wait: Duration) -> u64 {
     (wait.as_millis().div_ceil(1000) as u64).max(1)
 }
 

@@ -50,6 +50,8 @@ pub struct AppState {
     /// Seconds an n8n callback's timestamp may be off from now
     /// (`callbacks.timestamp_window_seconds`); nonces are kept twice as long.
     pub callback_window_secs: i64,
+    /// Per-source limits of `POST /v1/callbacks/n8n`.
+    pub callback_limits: Arc<super::n8n::CallbackLimits>,
 }
 
 /// What went wrong, named for what the client does about it.
@@ -86,6 +88,15 @@ pub enum ApiError {
         /// Whole seconds until the next submission is allowed.
         retry_after: u64,
     },
+    /// Too many callback posts (or refused ones) from one address: wait
+    /// `retry_after` seconds.
+    #[error("too many {what} from this address; retry after {retry_after} s")]
+    SourceRateLimited {
+        /// What was counted: "callback posts" or "refused callbacks".
+        what: &'static str,
+        /// Whole seconds until the next post is allowed.
+        retry_after: u64,
+    },
     /// A command was refused or failed; the code says which.
     #[error("{}", .0.message)]
     Command(CommandError),
@@ -112,7 +123,9 @@ impl ApiError {
             ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             ApiError::Unauthenticated(_) => (StatusCode::UNAUTHORIZED, "unauthenticated"),
             ApiError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
-            ApiError::RateLimited { .. } => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
+            ApiError::RateLimited { .. } | ApiError::SourceRateLimited { .. } => {
+                (StatusCode::TOO_MANY_REQUESTS, "rate_limited")
+            }
             ApiError::Signature(e) => (StatusCode::UNAUTHORIZED, e.code()),
             ApiError::NotConfigured(_) => (StatusCode::SERVICE_UNAVAILABLE, "not_configured"),
             ApiError::Command(e) => {
@@ -147,7 +160,8 @@ impl IntoResponse for ApiError {
                 res.headers_mut()
                     .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
             }
-            ApiError::RateLimited { retry_after, .. } => {
+            ApiError::RateLimited { retry_after, .. }
+            | ApiError::SourceRateLimited { retry_after, .. } => {
                 res.headers_mut()
                     .insert(header::RETRY_AFTER, HeaderValue::from(*retry_after));
             }

@@ -4,23 +4,29 @@
 //! The request is signed like outgoing callbacks (HMAC-SHA256 over
 //! `<timestamp>.<body>` with the n8n key) and its body carries a `nonce`
 //! that is accepted once. A missing, bad, stale or replayed signature gets
-//! 401 and a `CallbackRejected` event; the job is not changed.
+//! 401, is counted (`flowledger_callbacks_rejected_total`) and logged, and
+//! writes nothing to the event log; the job is not changed. Posts are rate
+//! limited per source address, refused ones more tightly.
+
+use std::net::{IpAddr, SocketAddr};
+use std::num::NonZeroU32;
 
 use axum::body::Bytes;
-use axum::extract::State;
+use axum::extract::{ConnectInfo, State};
 use axum::http::HeaderMap;
 use axum::Json;
 use chrono::Utc;
+use governor::clock::{Clock, DefaultClock};
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use serde::Deserialize;
 use serde_json::{json, Value};
-use uuid::Uuid;
 
+use super::auth::retry_after_secs;
 use super::body::{check_storable, from_fields};
 use super::http::{ApiError, AppState};
 use crate::bus::{ids, CommandError};
 use crate::commands::job::events::StepStatus;
 use crate::commands::job::{JobCommand, RecordStepResult};
-use crate::commands::rejected_callback::events::CallbackRejected;
 use crate::crypto::{SignatureError, HDR_SIGNATURE, HDR_TIMESTAMP};
 use crate::events::chain;
 use crate::events::envelope::{Actor, CommandMeta};
@@ -55,34 +61,65 @@ fn meta(command_id: String, body: &[u8]) -> CommandMeta {
     CommandMeta::originating(command_id, actor, chain::to_hex(&chain::sha256(body)))
 }
 
-/// Records the refusal (best effort: a failure to record is logged) and
-/// returns the 401 to send.
-async fn reject(
-    s: &AppState,
-    job_id: Option<String>,
-    why: SignatureError,
-    body: &[u8],
-) -> ApiError {
+/// Per-source (peer address) limits of `POST /v1/callbacks/n8n`: all
+/// posts (`callbacks.rate_limit_per_minute`) and refused ones
+/// (`callbacks.refusals_per_minute`). Behind a proxy every post comes from
+/// the proxy's address: limit there, or raise these.
+pub struct CallbackLimits {
+    posts: DefaultKeyedRateLimiter<IpAddr>,
+    refusals: DefaultKeyedRateLimiter<IpAddr>,
+}
+
+/// Distinct sources remembered before stale ones are forgotten.
+const MAX_TRACKED_SOURCES: usize = 10_000;
+
+impl CallbackLimits {
+    /// Limits of `posts_per_minute` posts and `refusals_per_minute` refused
+    /// posts per source address (each at least 1).
+    pub fn new(posts_per_minute: u32, refusals_per_minute: u32) -> Self {
+        let quota =
+            |n: u32| Quota::per_minute(NonZeroU32::new(n.max(1)).unwrap_or(NonZeroU32::MIN));
+        CallbackLimits {
+            posts: RateLimiter::keyed(quota(posts_per_minute)),
+            refusals: RateLimiter::keyed(quota(refusals_per_minute)),
+        }
+    }
+
+    fn take(
+        limiter: &DefaultKeyedRateLimiter<IpAddr>,
+        source: IpAddr,
+        what: &'static str,
+    ) -> Result<(), ApiError> {
+        if limiter.len() > MAX_TRACKED_SOURCES {
+            limiter.retain_recent();
+        }
+        limiter.check_key(&source).map_err(|not_until| {
+            let wait = not_until.wait_time_from(DefaultClock::default().now());
+            ApiError::SourceRateLimited {
+                what,
+                retry_after: retry_after_secs(wait),
+            }
+        })
+    }
+}
+
+/// A refused post: counted, logged while the source is under its refusal
+/// limit, never written to the event log (nothing unauthenticated is).
+/// Returns the 401, or a 429 once the source refused too often.
+fn reject(s: &AppState, source: IpAddr, job_id: Option<&str>, why: SignatureError) -> ApiError {
     metrics::counter!("flowledger_callbacks_rejected_total", "reason" => why.code()).increment(1);
+    if let Err(limited) =
+        CallbackLimits::take(&s.callback_limits.refusals, source, "refused callbacks")
+    {
+        metrics::counter!("flowledger_callbacks_throttled_total").increment(1);
+        return limited;
+    }
     tracing::warn!(
-        job_id = job_id.as_deref().unwrap_or("-"),
+        %source,
+        job_id = job_id.unwrap_or("-"),
         reason = why.code(),
         "n8n callback refused"
     );
-    let event = CallbackRejected {
-        job_id,
-        source: "n8n".into(),
-        error_code: why.code().into(),
-        error_message: why.to_string(),
-    };
-    let id = Uuid::now_v7().to_string();
-    if let Err(e) = s
-        .bus
-        .reject_callback(&id, event, &meta(id.clone(), body))
-        .await
-    {
-        tracing::error!(error = %e, "could not record CallbackRejected");
-    }
     ApiError::Signature(why)
 }
 
@@ -90,12 +127,14 @@ async fn reject(
     request_body(content = Object, description = "job_id, step, attempt, nonce, status (succeeded|failed|timed_out), output?, error_code?, error_message?, duration_ms?; headers X-Flowledger-Timestamp and X-Flowledger-Signature"),
     responses((status = 200, description = "the step result is recorded", body = Object),
               (status = 400, description = "signed, but the body is not a step result"),
-              (status = 401, description = "missing, bad, stale or replayed signature; a CallbackRejected event is recorded"),
+              (status = 401, description = "missing, bad, stale or replayed signature; counted and logged, nothing is written to the event log"),
+              (status = 429, description = "too many posts, or refused posts, from this address; see Retry-After"),
               (status = 404, description = "no such job"),
               (status = 409, description = "the attempt is not in flight or already has a result"),
               (status = 503, description = "no n8n key configured")))]
 pub(crate) async fn callbacks_n8n(
     State(s): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Json<Value>, ApiError> {
@@ -106,9 +145,11 @@ pub(crate) async fn callbacks_n8n(
                 .into(),
         ));
     };
+    let source = peer.ip();
+    CallbackLimits::take(&s.callback_limits.posts, source, "callback posts")?;
     let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
     let parsed = serde_json::from_slice::<Value>(&body);
-    // which job the sender claims, for the rejection record only
+    // which job the sender claims, for the log line only
     let claimed = parsed
         .as_ref()
         .ok()
@@ -122,7 +163,7 @@ pub(crate) async fn callbacks_n8n(
         now,
         s.callback_window_secs,
     ) {
-        return Err(reject(&s, claimed, why, &body).await);
+        return Err(reject(&s, source, claimed.as_deref(), why));
     }
     let value: Value = parsed.map_err(|e| {
         ApiError::Command(CommandError::validation(
@@ -159,7 +200,12 @@ pub(crate) async fn callbacks_n8n(
     .rows_affected()
         == 1;
     if !fresh {
-        return Err(reject(&s, Some(r.job_id), SignatureError::Replayed, &body).await);
+        return Err(reject(
+            &s,
+            source,
+            Some(&r.job_id),
+            SignatureError::Replayed,
+        ));
     }
     let command_id = ids::n8n_result(&r.job_id, &r.step, r.attempt);
     let result = RecordStepResult {

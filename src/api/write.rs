@@ -223,8 +223,7 @@ struct ReasonBody {
 #[utoipa::path(post, path = "/v1/jobs/{id}/cancel", params(("id" = String, Path, description = "job id")),
     request_body(content = Object, description = "reason?, user_id?"),
     responses((status = 200, description = "cancelled; in-flight calls are aborted", body = Object),
-              (status = 403, description = "the job is another client's"),
-              (status = 404, description = "no such job"),
+              (status = 404, description = "no such job, or another client's (the two answer alike)"),
               (status = 409, description = "the job already ended")))]
 pub(crate) async fn jobs_cancel(
     State(s): State<AppState>,
@@ -239,13 +238,11 @@ pub(crate) async fn jobs_cancel(
         .load_job(&id)
         .await
         .map_err(|e| ApiError::Command(e.into()))?;
-    if loaded.version == 0 {
+    // another client's job answers as a missing one does: its existence
+    // is not the caller's to learn
+    let others = loaded.state.client_id != caller.client_id && caller.role != Role::Operator;
+    if loaded.version == 0 || others {
         return Err(ApiError::NotFound(format!("job {id}")));
-    }
-    if loaded.state.client_id != caller.client_id && caller.role != Role::Operator {
-        return Err(ApiError::Forbidden(format!(
-            "job {id} belongs to another client; a client cancels only its own jobs"
-        )));
     }
     let meta = meta(&caller, b.user_id, Uuid::now_v7().to_string(), &value);
     let receipt = s

@@ -24,8 +24,6 @@ use crate::commands::approval::{Approval, ApprovalCommand, ApprovalError};
 use crate::commands::job::{Job, JobCommand, JobError, JobServices};
 use crate::commands::projection::{ProjectionCommand, ProjectionOps, ProjectionOpsError};
 use crate::commands::registry::Registry;
-use crate::commands::rejected_callback::events::CallbackRejected;
-use crate::commands::rejected_callback::{RejectedCallback, RejectedCallbackError};
 use crate::commands::workflow::{self, Workflow, WorkflowCommand, WorkflowError};
 use crate::commands::{DomainError, ErrorCode};
 use crate::events::envelope::CommandMeta;
@@ -119,7 +117,6 @@ pub struct CommandBus {
     jobs: AggregateStore<Job>,
     approvals: AggregateStore<Approval>,
     workflows: AggregateStore<Workflow>,
-    rejected_callbacks: AggregateStore<RejectedCallback>,
     projection_ops: AggregateStore<ProjectionOps>,
     registry: Arc<Registry>,
 }
@@ -133,7 +130,6 @@ impl CommandBus {
             jobs: AggregateStore::new(log.clone(), job_services),
             approvals: AggregateStore::new(log.clone(), ()),
             workflows: AggregateStore::new(log.clone(), ()),
-            rejected_callbacks: AggregateStore::new(log.clone(), ()),
             projection_ops: AggregateStore::new(log, ()),
         }
     }
@@ -210,18 +206,6 @@ impl CommandBus {
         }
         self.workflows
             .execute(&workflow::aggregate_id(workflow_key), command, meta)
-            .await
-    }
-
-    /// Records a refused incoming callback under a fresh id.
-    pub async fn reject_callback(
-        &self,
-        rejection_id: &str,
-        rejected: CallbackRejected,
-        meta: &CommandMeta,
-    ) -> Result<Arc<Receipt>, ExecuteError<RejectedCallbackError>> {
-        self.rejected_callbacks
-            .execute(rejection_id, rejected, meta)
             .await
     }
 

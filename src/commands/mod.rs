@@ -9,6 +9,7 @@ pub mod approval;
 pub mod job;
 pub mod limits;
 pub mod projection;
+pub mod redact;
 pub mod registry;
 pub mod rejected_callback;
 pub mod workflow;

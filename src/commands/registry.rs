@@ -22,6 +22,7 @@ pub const DEFAULT_APPROVAL_TIMEOUT_SECONDS: u64 = 24 * 3600;
 use crate::commands::limits::{
     MAX_APPROVAL_WINDOW_SECONDS, MAX_ATTEMPTS, MAX_RETRY_DELAY_MS, MAX_STEP_TIMEOUT_MS,
 };
+use crate::commands::redact;
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -376,15 +377,21 @@ fn check_url(url: &str) -> Result<(), String> {
     let rest = url
         .strip_prefix("http://")
         .or_else(|| url.strip_prefix("https://"))
-        .ok_or_else(|| format!("{url:?} is not an http:// or https:// URL"))?;
+        .ok_or_else(|| {
+            format!(
+                "{:?} is not an http:// or https:// URL",
+                redact::display(url)
+            )
+        })?;
     let host = rest.split(['/', '?', '#']).next().unwrap_or("");
-    if host.is_empty() || host.contains(char::is_whitespace) {
-        return Err(format!("{url:?} has no host"));
-    }
     if host.contains('@') {
         return Err(format!(
-            "{url:?} carries credentials; put secrets in the configuration, not the registry"
+            "{:?} carries credentials; put secrets in the configuration, not the registry",
+            redact::display(url)
         ));
+    }
+    if host.is_empty() || host.contains(char::is_whitespace) {
+        return Err(format!("{:?} has no host", redact::display(url)));
     }
     Ok(())
 }
@@ -402,6 +409,16 @@ pub fn valid_key(key: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_step_url_with_credentials_is_refused_without_showing_them() {
+        let text = r#"{"version":1,"workflows":{"w":{"steps":[{"name":"s","kind":"solver","url":"http://bob:pw-s3cret@h/x?key=k"}]}}}"#;
+        let e = Registry::parse(Path::new("r.json"), text)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("carries credentials"), "{e}");
+        assert!(!e.contains("pw-s3cret") && !e.contains("key=k"), "{e}");
+    }
 
     fn parse(text: &str) -> Result<Registry, String> {
         Registry::parse(Path::new("r.json"), text).map_err(|e| e.to_string())

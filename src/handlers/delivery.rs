@@ -11,10 +11,10 @@ use crate::handlers::peer::HDR_IDEMPOTENCY_KEY;
 use crate::handlers::view::JobView;
 use crate::handlers::Ctx;
 
-/// The URL as recorded in events: without its query string, which may
-/// carry a receiver's token.
+/// The URL as recorded in events: without userinfo, query and fragment,
+/// which may carry a receiver's credentials.
 pub fn target_of(url: &str) -> String {
-    url.split(['?', '#']).next().unwrap_or("").to_string()
+    crate::commands::redact::strip(url)
 }
 
 /// Delivers the ended job's result to its `callback_url` (if any), up to

@@ -57,6 +57,19 @@ pub struct StepCall<'a> {
     pub callback_url: Option<&'a str>,
 }
 
+/// An error and its causes, `: `-separated (the causes say why a
+/// connection failed; none of them names the URL).
+fn causes(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
 /// A peer's text as quoted in an error message: cut short, NUL (which no
 /// read model stores) replaced.
 fn quote(text: &str) -> String {
@@ -109,8 +122,8 @@ pub async fn call(
                 "transport_error"
             }
             .into(),
-            // reqwest's message names the URL without credentials
-            message: format!("{}: {e}", step.name),
+            // without the URL: its query may carry the peer's key
+            message: format!("{}: {}", step.name, causes(&e.without_url())),
             retryable: true,
         },
         Ok(Ok((status, text))) => classify(step, status.as_u16(), &text),

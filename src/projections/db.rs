@@ -39,20 +39,6 @@ pub enum DbError {
     },
 }
 
-/// Hides the password of a database URL for messages.
-pub fn redact_url(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(s), Some(at)) if at > s => {
-            let creds = &url[s + 3..at];
-            match creds.split_once(':') {
-                Some((user, _)) => format!("{}{}:***{}", &url[..s + 3], user, &url[at..]),
-                None => url.to_string(),
-            }
-        }
-        _ => url.to_string(),
-    }
-}
-
 /// A pool of at most `max_connections` to the database at `url` (10 s to
 /// acquire a connection).
 pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool, DbError> {
@@ -62,7 +48,7 @@ pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool, DbError>
         .connect(url)
         .await
         .map_err(|source| DbError::Connect {
-            url: redact_url(url),
+            url: crate::commands::redact::display(url),
             source,
         })
 }
@@ -313,15 +299,6 @@ pub async fn checkpoints(pool: &PgPool) -> Result<Vec<CheckpointRow>, DbError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn passwords_are_hidden() {
-        assert_eq!(
-            redact_url("postgres://u:secret@h:5432/db"),
-            "postgres://u:***@h:5432/db"
-        );
-        assert_eq!(redact_url("postgres://u@h/db"), "postgres://u@h/db");
-    }
 
     #[test]
     fn views_switch_every_table() {

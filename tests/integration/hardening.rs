@@ -344,3 +344,96 @@ async fn a_job_the_handler_cannot_fold_is_parked_and_the_others_go_on() {
     // and nothing was done for it: no step call beyond the other job's
     assert_eq!(peer.received("/s").len(), 1);
 }
+
+#[tokio::test]
+async fn anonymous_callback_posts_add_nothing_to_the_log_and_are_rate_limited() {
+    let app = spawn_app().await;
+    let api = spawn_read_side(&app, false).await;
+    let before = app.last_seq().await;
+    let http = flowledger::handlers::http_client_builder()
+        .build()
+        .expect("an HTTP client");
+    let body = json!({"job_id": "j", "step": "s", "attempt": 1, "nonce": "nonce-0001",
+                      "status": "succeeded"})
+    .to_string();
+    let mut statuses = Vec::new();
+    let mut retry_after = None;
+    for _ in 0..REFUSALS_PER_MINUTE + 5 {
+        let r = http
+            .post(format!("{}/v1/callbacks/n8n", api.http))
+            .header("content-type", "application/json")
+            .body(body.clone())
+            .send()
+            .await
+            .expect("a response");
+        if r.status().as_u16() == 429 {
+            retry_after = r.headers().get("retry-after").cloned();
+        }
+        statuses.push(r.status().as_u16());
+    }
+    let limit = REFUSALS_PER_MINUTE as usize;
+    assert!(statuses[..limit].iter().all(|s| *s == 401), "{statuses:?}");
+    assert!(statuses[limit..].iter().all(|s| *s == 429), "{statuses:?}");
+    assert!(retry_after.is_some(), "a 429 says when to come back");
+    // nothing unauthenticated reached the immutable log
+    assert_eq!(app.last_seq().await, before);
+}
+
+#[tokio::test]
+async fn signed_results_for_attempts_or_steps_that_do_not_exist_are_refused() {
+    let app = spawn_app().await;
+    let api = spawn_read_side(&app, false).await;
+    assert_eq!(app.submit("n-1", "s-n-1").await["ok"], true);
+    let first = json!([{"step": "flow", "idempotency_key": "n-1:flow:1"}]);
+    let started = app
+        .send("job.start", json!({"job_id": "n-1", "attempts": first}))
+        .await;
+    assert_eq!(started["ok"], true, "{started}");
+    let url = format!("{}/v1/callbacks/n8n", api.http);
+    let now = chrono::Utc::now().timestamp();
+    let post = |step: &str, attempt: u32, nonce: &str| {
+        json!({"job_id": "n-1", "step": step, "attempt": attempt, "nonce": nonce,
+               "status": "succeeded", "output": {"ok": true}})
+        .to_string()
+    };
+    let never_started = peers::post_signed(&url, N8N_KEY, now, &post("flow", 7, "nonce-a-7")).await;
+    assert_eq!(never_started.status, 409);
+    let no_such_step = peers::post_signed(&url, N8N_KEY, now, &post("nope", 1, "nonce-b-1")).await;
+    assert_eq!(no_such_step.status, 409);
+    let real = peers::post_signed(&url, N8N_KEY, now, &post("flow", 1, "nonce-c-1")).await;
+    assert_eq!(real.status, 200);
+}
+
+#[tokio::test]
+async fn no_message_or_event_shows_a_urls_credentials() {
+    let app = spawn_app().await;
+    let api = spawn_read_side(&app, false).await;
+    // a callback_url refused for its scheme: the error names it, redacted
+    let bad = api
+        .post(
+            "/v1/jobs",
+            BILLING_TOKEN,
+            json!({"job_id": "u-1", "workflow_key": "invoice.extract",
+                   "callback_url": "ftp://alice:hunter2@r.example/cb?token=s3cret"}),
+        )
+        .await;
+    assert_eq!(bad.status, 400, "{}", bad.body);
+    let text = bad.body.to_string();
+    assert!(text.contains("r.example"), "{text}");
+    assert!(
+        !text.contains("hunter2") && !text.contains("s3cret"),
+        "{text}"
+    );
+
+    // a step whose peer cannot be reached: the error quotes no URL
+    let registry = json!({"version": 1, "workflows": {"w": {"steps": [
+        {"name": "s", "kind": "solver", "url": "http://127.0.0.1:9/x?api_key=k3y-s3cret",
+         "timeout_ms": 2000, "max_attempts": 1}]}}});
+    let h = spawn_handler(&app, registry, test_handler_config()).await;
+    assert_eq!(h.submit("u-2", "w", json!({})).await["ok"], true);
+    let v = h.settled("u-2").await;
+    assert_eq!(v.status, JobStatus::Failed);
+    let story = format!("{:?} {:?}", v.error_message, v.steps);
+    assert!(story.contains("connection_failed"), "{story}");
+    assert!(!story.contains("k3y-s3cret"), "{story}");
+}

@@ -397,6 +397,8 @@ pub(crate) const OTHER_TOKEN: &str = "test-other-token";
 pub(crate) const OPERATOR_TOKEN: &str = "test-operator-token";
 /// A client allowed 2 submissions a minute.
 pub(crate) const LIMITED_TOKEN: &str = "test-limited-token";
+/// Refused n8n posts the test API takes from one address per minute.
+pub(crate) const REFUSALS_PER_MINUTE: u32 = 20;
 /// The shared key n8n peers sign their callbacks with.
 pub(crate) const N8N_KEY: &[u8] = b"test-n8n-key-0123456789";
 
@@ -435,6 +437,8 @@ pub(crate) async fn spawn_api(app: &TestApp, runners: bool, registry: Arc<Regist
             clients: test_clients(),
             n8n_key: Some(flowledger::crypto::SigningKey::new(N8N_KEY).expect("a long key")),
             callback_window_secs: 300,
+            callback_posts_per_minute: 10_000,
+            callback_refusals_per_minute: REFUSALS_PER_MINUTE,
         }),
     });
     let service = Application::build(s).await.expect("build the read side");

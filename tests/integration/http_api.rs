@@ -210,7 +210,20 @@ async fn clients_cancel_only_their_own_jobs() {
             json!({"reason": "mine now"}),
         )
         .await;
-    assert_eq!(theirs.status, 403, "{}", theirs.body);
+    // another client's job answers exactly as a missing one
+    assert_eq!(theirs.status, 404, "{}", theirs.body);
+    let missing = api
+        .post("/v1/jobs/c-9/cancel", OTHER_TOKEN, json!({"reason": "x"}))
+        .await;
+    assert_eq!(missing.status, 404);
+    assert_eq!(
+        theirs.body["error"]["message"]
+            .as_str()
+            .map(|m| m.replace("c-1", "c-9")),
+        missing.body["error"]["message"]
+            .as_str()
+            .map(str::to_string)
+    );
     let own = api
         .post(
             "/v1/jobs/c-1/cancel",

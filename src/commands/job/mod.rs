@@ -276,11 +276,8 @@ impl JobCommand {
 /// most 2,048 characters. Pure: parsing only, no lookup.
 fn check_callback_url(url: &str) -> Result<(), JobError> {
     let bad = |reason: &str| JobError::InvalidCallbackUrl {
-        // the query string may hold a receiver's token: never echo it
-        url: url
-            .split('?')
-            .next()
-            .unwrap_or_default()
+        // userinfo and query may hold a receiver's credentials: never echo them
+        url: crate::commands::redact::display(url)
             .chars()
             .take(200)
             .collect(),
