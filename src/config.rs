@@ -190,9 +190,9 @@ impl Config {
         };
         let c: Config = toml::from_str(text).map_err(|e| invalid(e.to_string()))?;
         let h = &c.handler;
-        if h.max_concurrent_jobs == 0 {
+        if !(1..=100_000).contains(&h.max_concurrent_jobs) {
             return Err(invalid(
-                "handler.max_concurrent_jobs must be at least 1".into(),
+                "handler.max_concurrent_jobs must be 1 to 100000".into(),
             ));
         }
         if !(1.0..=1000.0).contains(&h.retry_multiplier) || !(0.0..=1.0).contains(&h.retry_jitter) {

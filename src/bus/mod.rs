@@ -139,11 +139,6 @@ impl CommandBus {
         self.jobs.log()
     }
 
-    /// The workflow registry jobs are checked against.
-    pub fn registry(&self) -> &Arc<Registry> {
-        &self.registry
-    }
-
     /// Runs a job command. A submission of a disabled workflow's job is
     /// refused (the kill-switch); every other rule is the aggregate's.
     pub async fn job(
@@ -228,11 +223,7 @@ impl CommandBus {
     /// The job as this bus's cache holds it (loaded from the log when not
     /// cached): what the next command on it is decided on.
     pub async fn load_job_cached(&self, job_id: &str) -> Result<Loaded<Job>, StoreError> {
-        use cqrs_es::EventStore;
-        match self.jobs.load_aggregate(job_id).await {
-            Ok(loaded) => Ok(loaded),
-            Err(_) => self.jobs.load(job_id).await,
-        }
+        self.jobs.cached_or_load(job_id).await
     }
 
     /// Whether the kill-switch of `workflow_key` is on.
@@ -242,13 +233,5 @@ impl CommandBus {
             .load(&workflow::aggregate_id(workflow_key))
             .await?;
         Ok(wf.state.disabled)
-    }
-
-    /// Drops the cached jobs, approvals and workflows (benchmarks measure
-    /// cold loads).
-    pub fn clear_caches(&self) {
-        self.jobs.clear_cache();
-        self.approvals.clear_cache();
-        self.workflows.clear_cache();
     }
 }

@@ -323,6 +323,17 @@ where
         Ok(loaded)
     }
 
+    /// The aggregate as the cache holds it (what the next command is decided
+    /// on), or read from the log when it is not cached.
+    pub async fn cached_or_load(&self, aggregate_id: &str) -> Result<Loaded<A>, StoreError> {
+        let slot = self.slot(aggregate_id);
+        let cached = slot.lock().await.clone();
+        match cached {
+            Some(l) => Ok(l),
+            None => self.load(aggregate_id).await,
+        }
+    }
+
     /// Reads an aggregate's events as cqrs-es envelopes (upcast, in order).
     pub async fn load_envelopes(
         &self,
@@ -693,15 +704,9 @@ where
         &self,
         aggregate_id: &str,
     ) -> Result<Self::AC, AggregateError<A::Error>> {
-        let slot = self.slot(aggregate_id);
-        let cached = slot.lock().await.clone();
-        match cached {
-            Some(l) => Ok(l),
-            None => self
-                .load(aggregate_id)
-                .await
-                .map_err(|e| to_aggregate_error(ExecuteError::Store(e))),
-        }
+        self.cached_or_load(aggregate_id)
+            .await
+            .map_err(|e| to_aggregate_error(ExecuteError::Store(e)))
     }
 
     async fn commit(
