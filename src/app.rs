@@ -19,7 +19,7 @@ use crate::commands::job::JobServices;
 use crate::commands::projection::ProjectionCommand;
 use crate::commands::registry::Registry;
 use crate::config::ClientEntry;
-use crate::crypto::SigningKey;
+use crate::crypto::{SealKeys, SigningKey};
 use crate::events::chain;
 use crate::events::envelope::{Actor, CommandMeta};
 use crate::events::log::EventLog;
@@ -37,6 +37,9 @@ pub struct Settings {
     pub registry: Arc<Registry>,
     /// Largest `timeout_seconds` a job may ask for.
     pub max_timeout_seconds: u32,
+    /// Seals the credentials of submitted `callback_url`s
+    /// (`callbacks.seal_keys_env`); none: such URLs are refused.
+    pub callback_sealer: Option<Arc<SealKeys>>,
     /// Answer commands on `flow.cmd.>` (queue group `flowledger-intake`).
     pub intake: bool,
     /// Sign a checkpoint with this key at this interval.
@@ -146,6 +149,7 @@ impl Application {
             log,
             registry,
             max_timeout_seconds,
+            callback_sealer,
             intake,
             checkpoints,
             database,
@@ -155,6 +159,7 @@ impl Application {
             JobServices {
                 registry: registry.clone(),
                 max_timeout_seconds,
+                callback_sealer,
             },
         ));
         let (stop, stop_rx) = watch::channel(false);

@@ -553,6 +553,7 @@ async fn serve(g: &Global, args: ServeArgs) -> anyhow::Result<ExitCode> {
         log,
         registry,
         max_timeout_seconds: args.max_timeout_seconds,
+        callback_sealer: config.seal_keys().context(UsageError)?,
         intake: true,
         checkpoints,
         database,
@@ -645,6 +646,7 @@ async fn projections(g: &Global, p: ProjectionsCommand) -> anyhow::Result<ExitCo
             let services = JobServices {
                 registry: Arc::new(Registry::with_keys(std::iter::empty())),
                 max_timeout_seconds: 1,
+                callback_sealer: None,
             };
             let bus = CommandBus::new(log, services);
             let skip = skip.map(|s| (s, reason.unwrap_or_default(), by.unwrap_or_default()));

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use crate::commands::limits::{MAX_CALLBACK_ATTEMPTS, MAX_RETRY_DELAY_MS};
-use crate::crypto::SigningKey;
+use crate::crypto::{SealKeys, SigningKey};
 
 /// The whole configuration file, checked by [`Config::parse`]; a missing
 /// file section takes its defaults.
@@ -74,6 +74,10 @@ pub struct CallbackSection {
     pub signing_key_env: String,
     /// Environment variable holding the key n8n signs its callbacks with.
     pub n8n_key_env: String,
+    /// Environment variable holding the ring of keys that seal a
+    /// `callback_url`'s credentials: `<id>:<64 hex>[,<id>:<64 hex>...]`, the
+    /// first seals, all open. Unset: URLs with credentials are refused.
+    pub seal_keys_env: String,
     /// Deliveries of one job's result callback before `CallbackFailed`, 1 to
     /// [`MAX_CALLBACK_ATTEMPTS`].
     pub max_attempts: u32,
@@ -94,6 +98,7 @@ impl Default for CallbackSection {
         CallbackSection {
             signing_key_env: "FLOWLEDGER_CALLBACK_KEY".into(),
             n8n_key_env: "FLOWLEDGER_N8N_KEY".into(),
+            seal_keys_env: "FLOWLEDGER_CALLBACK_SEAL_KEYS".into(),
             max_attempts: 5,
             timeout_ms: 10_000,
             timestamp_window_seconds: 300,
@@ -164,7 +169,7 @@ pub enum ConfigError {
     Secret {
         /// The environment variable.
         var: String,
-        /// The `[callbacks]` setting that names it (`signing_key_env`, `n8n_key_env`).
+        /// The `[callbacks]` setting that names it (`signing_key_env`, `n8n_key_env`, `seal_keys_env`).
         field: &'static str,
         /// Why the key is refused (never the key itself).
         message: String,
@@ -258,6 +263,22 @@ impl Config {
                         message,
                     })
             }
+        }
+    }
+
+    /// The ring of keys that seal and open a `callback_url`'s credentials,
+    /// from the variable `callbacks.seal_keys_env` names; `None` when unset.
+    pub fn seal_keys(&self) -> Result<Option<std::sync::Arc<SealKeys>>, ConfigError> {
+        let var = &self.callbacks.seal_keys_env;
+        match std::env::var(var) {
+            Err(_) => Ok(None),
+            Ok(v) => SealKeys::parse(&v)
+                .map(|k| Some(std::sync::Arc::new(k)))
+                .map_err(|message| ConfigError::Secret {
+                    var: var.clone(),
+                    field: "seal_keys_env",
+                    message,
+                }),
         }
     }
 

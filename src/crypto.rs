@@ -1,6 +1,7 @@
 //! Shared crypto: HMAC-SHA256 signatures on callbacks, both ways
 //! (docs/CALLBACKS.md): the job's result callbacks flowledger sends and the
-//! n8n results it receives.
+//! n8n results it receives; and [`SealKeys`], which seal the credentials a
+//! `callback_url` carries before it is written to the immutable log.
 //!
 //! The signed text is `<timestamp>.<body>`: the Unix time in seconds as
 //! decimal digits, a dot, then the body bytes exactly as sent. The signature
@@ -135,9 +136,215 @@ impl SignatureError {
     }
 }
 
+/// A value sealed with XChaCha20-Poly1305 by one key of a [`SealKeys`]
+/// ring: what events store in place of a secret. Hex fields; `key_id` names
+/// the key that opens it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Sealed {
+    /// The id of the ring key that sealed it (`<id>:<hex>` in the setting).
+    pub key_id: String,
+    /// The 24-byte nonce, hex.
+    pub nonce: String,
+    /// Ciphertext with its 16-byte Poly1305 tag, hex.
+    pub ciphertext: String,
+}
+
+/// A ring of 32-byte sealing keys with ids. The first seals; every one
+/// opens, so a key can be rotated by putting the new one first and keeping
+/// the old ones until nothing sealed with them is still needed. `Debug`
+/// shows the ids only.
+///
+/// Sealing is deterministic (a synthetic nonce: HMAC-SHA256 of the
+/// plaintext under a key derived from the sealing key), so the same
+/// plaintext seals to the same value and a command decided twice writes the
+/// same event. It reveals only whether two sealed values are equal.
+#[derive(Clone)]
+pub struct SealKeys {
+    keys: Vec<(String, [u8; 32])>,
+}
+
+impl std::fmt::Debug for SealKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let ids: Vec<&str> = self.keys.iter().map(|(id, _)| id.as_str()).collect();
+        write!(f, "SealKeys({ids:?})")
+    }
+}
+
+/// Why a sealed value cannot be opened; never shows key material.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum OpenError {
+    /// The ring has no key with the value's `key_id`; add that key back.
+    #[error("no sealing key with id {0:?} is configured; add it to the seal key ring")]
+    UnknownKey(String),
+    /// The value is not hex of the right lengths, or fails authentication
+    /// (altered, or sealed by a different key with the same id).
+    #[error("the sealed value with key id {0:?} is damaged or was sealed by another key")]
+    Damaged(String),
+}
+
+/// What binds a sealed value to its use: a value sealed for one purpose
+/// does not open for another.
+const SEAL_AAD: &[u8] = b"flowledger sealed v1";
+
+impl SealKeys {
+    /// Parses `<id>:<64 hex digits>[,<id>:<64 hex digits>...]`; the first key
+    /// seals. Ids are 1 to 64 characters of `[A-Za-z0-9._-]`, unique. The
+    /// error names the entry by position, never its key.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let mut keys: Vec<(String, [u8; 32])> = Vec::new();
+        for (i, entry) in text.split(',').map(str::trim).enumerate() {
+            let Some((id, hex_key)) = entry.split_once(':') else {
+                return Err(format!("entry {} is not <key id>:<64 hex digits>", i + 1));
+            };
+            let id_ok = (1..=64).contains(&id.len())
+                && id
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+            if !id_ok {
+                return Err(format!(
+                    "entry {}: key id must be 1 to 64 characters of A-Z a-z 0-9 . _ -",
+                    i + 1
+                ));
+            }
+            let Some(key) = hex::decode(hex_key.trim())
+                .ok()
+                .and_then(|k| <[u8; 32]>::try_from(k).ok())
+            else {
+                return Err(format!(
+                    "entry {} (key id {id:?}): the key must be 64 hex digits (32 bytes)",
+                    i + 1
+                ));
+            };
+            if keys.iter().any(|(k, _)| k == id) {
+                return Err(format!("key id {id:?} appears twice"));
+            }
+            keys.push((id.to_string(), key));
+        }
+        if keys.is_empty() {
+            return Err("no key given".into());
+        }
+        Ok(SealKeys { keys })
+    }
+
+    /// The id of the key that seals.
+    pub fn current_id(&self) -> &str {
+        &self.keys[0].0
+    }
+
+    fn nonce_for(key: &[u8; 32], plaintext: &[u8]) -> [u8; 24] {
+        let mut nonce_key = <Hmac<Sha256> as Mac>::new_from_slice(key)
+            .expect("HMAC-SHA256 takes keys of any length");
+        nonce_key.update(b"flowledger seal nonce key");
+        let derived = nonce_key.finalize().into_bytes();
+        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&derived)
+            .expect("HMAC-SHA256 takes keys of any length");
+        mac.update(plaintext);
+        let full = mac.finalize().into_bytes();
+        let mut nonce = [0u8; 24];
+        nonce.copy_from_slice(&full[..24]);
+        nonce
+    }
+
+    /// Seals `plaintext` with the first key.
+    pub fn seal(&self, plaintext: &[u8]) -> Sealed {
+        use chacha20poly1305::aead::{Aead, KeyInit, Payload};
+        let (id, key) = &self.keys[0];
+        let nonce = Self::nonce_for(key, plaintext);
+        let cipher = chacha20poly1305::XChaCha20Poly1305::new(key.into());
+        let ciphertext = cipher
+            .encrypt(
+                (&nonce).into(),
+                Payload {
+                    msg: plaintext,
+                    aad: SEAL_AAD,
+                },
+            )
+            // the AEAD fails only for plaintexts beyond 2^38 bytes
+            .expect("XChaCha20-Poly1305 seals any plaintext under 256 GiB");
+        Sealed {
+            key_id: id.clone(),
+            nonce: hex::encode(nonce),
+            ciphertext: hex::encode(ciphertext),
+        }
+    }
+
+    /// Opens a value sealed by any key of the ring.
+    pub fn open(&self, sealed: &Sealed) -> Result<Vec<u8>, OpenError> {
+        use chacha20poly1305::aead::{Aead, KeyInit, Payload};
+        let Some((_, key)) = self.keys.iter().find(|(id, _)| *id == sealed.key_id) else {
+            return Err(OpenError::UnknownKey(sealed.key_id.clone()));
+        };
+        let damaged = || OpenError::Damaged(sealed.key_id.clone());
+        let nonce: [u8; 24] = hex::decode(&sealed.nonce)
+            .ok()
+            .and_then(|n| n.try_into().ok())
+            .ok_or_else(damaged)?;
+        let ciphertext = hex::decode(&sealed.ciphertext).map_err(|_| damaged())?;
+        let cipher = chacha20poly1305::XChaCha20Poly1305::new(key.into());
+        cipher
+            .decrypt(
+                (&nonce).into(),
+                Payload {
+                    msg: &ciphertext,
+                    aad: SEAL_AAD,
+                },
+            )
+            .map_err(|_| damaged())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const K1: &str = "1111111111111111111111111111111111111111111111111111111111111111";
+    const K2: &str = "2222222222222222222222222222222222222222222222222222222222222222";
+
+    #[test]
+    fn sealed_values_open_after_rotation_and_not_with_another_key() {
+        let old = SealKeys::parse(&format!("k1:{K1}")).unwrap();
+        let sealed = old.seal(b"https://u:p@r.example/cb?token=t");
+        assert_eq!(sealed.key_id, "k1");
+        assert!(!sealed.ciphertext.contains(&hex::encode("token=t")));
+        // deterministic: the same plaintext seals the same way
+        assert_eq!(sealed, old.seal(b"https://u:p@r.example/cb?token=t"));
+        assert_ne!(sealed, old.seal(b"https://u:p@r.example/cb?token=u"));
+        let rotated = SealKeys::parse(&format!("k2:{K2}, k1:{K1}")).unwrap();
+        assert_eq!(rotated.current_id(), "k2");
+        assert_eq!(
+            rotated.open(&sealed).unwrap(),
+            b"https://u:p@r.example/cb?token=t"
+        );
+        assert_eq!(rotated.seal(b"x").key_id, "k2");
+        let other = SealKeys::parse(&format!("k2:{K2}")).unwrap();
+        assert_eq!(other.open(&sealed), Err(OpenError::UnknownKey("k1".into())));
+        let impostor = SealKeys::parse(&format!("k1:{K2}")).unwrap();
+        assert_eq!(impostor.open(&sealed), Err(OpenError::Damaged("k1".into())));
+        let mut flipped = sealed.clone();
+        flipped.ciphertext.replace_range(0..2, "00");
+        if flipped != sealed {
+            assert!(old.open(&flipped).is_err());
+        }
+    }
+
+    #[test]
+    fn seal_key_rings_are_checked_without_echoing_keys() {
+        for bad in [
+            "",
+            "k1",
+            "k1:abcd",
+            &format!("bad id:{K1}"),
+            &format!("k:{K1},k:{K2}"),
+        ] {
+            let e = SealKeys::parse(bad).unwrap_err();
+            assert!(!e.contains("1111") && !e.contains("abcd"), "{e}");
+        }
+        assert_eq!(
+            format!("{:?}", SealKeys::parse(&format!("k1:{K1}")).unwrap()),
+            "SealKeys([\"k1\"])"
+        );
+    }
 
     #[test]
     fn extreme_timestamps_are_stale_not_a_panic() {

@@ -875,6 +875,7 @@ fn services(max_timeout_seconds: u32) -> JobServices {
     JobServices {
         registry: Arc::new(Registry::with_keys(["invoice.extract", "report.daily"])),
         max_timeout_seconds,
+        callback_sealer: None,
     }
 }
 
@@ -1038,6 +1039,7 @@ fn submitted_event(priority: u8, timeout_seconds: u32, callback: bool) -> JobEve
         priority,
         timeout_seconds,
         callback_url: callback.then(|| "http://receiver/cb".to_string()),
+        callback_url_sealed: None,
         metadata: Value::Null,
     })
 }

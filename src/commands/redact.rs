@@ -23,6 +23,13 @@ pub fn display(url: &str) -> String {
     shown
 }
 
+/// Whether the URL has userinfo, a query or a fragment: the parts that may
+/// hold credentials and that [`strip`] removes.
+pub fn carries_secrets(url: &str) -> bool {
+    let (_, had_userinfo, had_query) = parts(url);
+    had_userinfo || had_query || url.contains('#')
+}
+
 /// `(url without userinfo, query and fragment, had userinfo, had query)`.
 fn parts(url: &str) -> (String, bool, bool) {
     let no_fragment = url.split('#').next().unwrap_or_default();

@@ -17,14 +17,53 @@ pub fn target_of(url: &str) -> String {
     crate::commands::redact::strip(url)
 }
 
+/// The URL to deliver to: the recorded one, or, when the submission's
+/// credentials were sealed, the whole submitted URL opened with the
+/// configured ring. The error says why it cannot be opened (no secret).
+fn open_url(ctx: &Ctx, view: &JobView) -> Result<String, String> {
+    let recorded = view.callback_url.clone().unwrap_or_default();
+    let Some(sealed) = &view.callback_url_sealed else {
+        return Ok(recorded);
+    };
+    let Some(keys) = ctx.config.callback_sealer.as_ref() else {
+        return Err(format!(
+            "the callback_url's credentials are sealed with key {:?} and no seal key ring \
+             is configured (callbacks.seal_keys_env); not delivered",
+            sealed.key_id
+        ));
+    };
+    let opened = keys.open(sealed).map_err(|e| {
+        format!("the callback_url's credentials cannot be opened: {e}; not delivered")
+    })?;
+    String::from_utf8(opened)
+        .map_err(|_| "the callback_url's sealed credentials are not UTF-8; not delivered".into())
+}
+
 /// Delivers the ended job's result to its `callback_url` (if any), up to
 /// `callback_max_attempts` times, and records the outcome on the job;
 /// without a signing key nothing is sent and that is recorded.
 pub async fn deliver(ctx: &Ctx, view: &JobView) {
-    let Some(url) = view.callback_url.as_deref() else {
+    let Some(recorded) = view.callback_url.as_deref() else {
         return;
     };
-    let target = target_of(url);
+    let target = target_of(recorded);
+    let url = match open_url(ctx, view) {
+        Ok(url) => url,
+        Err(why) => {
+            // a check that cannot be completed fails: the job's callback is
+            // recorded as failed, not sent to the URL without its credentials
+            tracing::error!(job_id = %view.job_id, %target, "{why}");
+            let outcome = RecordCallback {
+                target,
+                attempts: 0,
+                status_code: None,
+                error_message: Some(why),
+            };
+            record_callback(ctx, &view.job_id, outcome).await;
+            return;
+        }
+    };
+    let url = url.as_str();
     let Some(key) = ctx.config.callback_key.as_ref() else {
         let outcome = RecordCallback {
             target,

@@ -26,7 +26,7 @@ use crate::commands::approval::{ApprovalCommand, ApprovalError};
 use crate::commands::job::{JobCommand, JobError};
 use crate::commands::registry::Registry;
 use crate::config::{Config, ConfigError, HandlerSection};
-use crate::crypto::SigningKey;
+use crate::crypto::{SealKeys, SigningKey};
 use crate::events::chain;
 use crate::events::envelope::{decode_commit, Actor, CommandMeta};
 use crate::events::log::{subject_for, LogError};
@@ -103,6 +103,9 @@ pub struct HandlerConfig {
     /// The time a receiver has to answer one delivery
     /// (`callbacks.timeout_ms`).
     pub callback_timeout: Duration,
+    /// Opens the sealed credentials of a job's `callback_url`
+    /// (`callbacks.seal_keys_env`).
+    pub callback_sealer: Option<Arc<SealKeys>>,
 }
 
 impl HandlerConfig {
@@ -120,6 +123,7 @@ impl HandlerConfig {
             callback_key: Config::key(&c.callbacks.signing_key_env, "signing_key_env")?,
             callback_max_attempts: c.callbacks.max_attempts,
             callback_timeout: Duration::from_millis(c.callbacks.timeout_ms),
+            callback_sealer: c.seal_keys()?,
         })
     }
 }
@@ -133,6 +137,7 @@ impl Default for HandlerConfig {
             callback_key: None,
             callback_max_attempts: 5,
             callback_timeout: delivery::DEFAULT_TIMEOUT,
+            callback_sealer: None,
         }
     }
 }

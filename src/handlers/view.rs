@@ -184,8 +184,11 @@ pub struct JobView {
     pub inputs: Value,
     /// The submission's free-form metadata (`confidence` feeds auto-approval).
     pub metadata: Value,
-    /// Where the signed result is POSTed when the job ends; none: no callback.
+    /// Where the signed result is POSTed when the job ends; none: no
+    /// callback. Without its credentials when `callback_url_sealed` is set.
     pub callback_url: Option<String>,
+    /// The whole submitted `callback_url`, sealed: delivery opens it.
+    pub callback_url_sealed: Option<crate::crypto::Sealed>,
     /// The stream sequence of the `JobSubmitted` (submission order, and the
     /// handler's low-water mark).
     pub submitted_seq: u64,
@@ -231,6 +234,7 @@ impl JobView {
             priority,
             timeout_seconds,
             callback_url,
+            callback_url_sealed,
             metadata,
         } = s.clone();
         let mut v = JobView {
@@ -242,6 +246,7 @@ impl JobView {
             inputs: input,
             metadata,
             callback_url,
+            callback_url_sealed,
             submitted_seq: seq,
             submitted_at: r.at,
             status: JobStatus::Pending,
@@ -444,6 +449,7 @@ mod tests {
             priority: 5,
             timeout_seconds: 60,
             callback_url: None,
+            callback_url_sealed: None,
             metadata: Value::Null,
         });
         let v = JobView::submitted(1, &record(1, submitted)).expect("a submission");

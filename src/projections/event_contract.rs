@@ -77,6 +77,7 @@ fn job_events() -> Vec<JobEvent> {
             priority: 7,
             timeout_seconds: 60,
             callback_url: Some("https://example.com/cb".into()),
+            callback_url_sealed: None,
             metadata: json!({"user_id": "bob", "trace": {"id": 1}}),
         }),
         JobEvent::JobStarted(JobStarted { workflow_key: k() }),

@@ -10,10 +10,6 @@ use serde_json::{json, Value};
 use crate::helpers::*;
 use crate::peers::{self, Peer};
 
-fn solver(name: &str, url: &str, timeout_ms: u64, max_attempts: u32) -> Value {
-    json!({"name": name, "kind": "solver", "url": url, "timeout_ms": timeout_ms, "max_attempts": max_attempts})
-}
-
 fn actions(v: &flowledger::handlers::view::JobView) -> Vec<String> {
     v.audit.iter().map(|a| a.action.clone()).collect()
 }

@@ -8,6 +8,7 @@ use flowledger::app::{Application, DatabaseSettings, HttpSettings, Settings};
 use flowledger::bus::{CommandBus, CommandError};
 use flowledger::commands::job::JobServices;
 use flowledger::commands::registry::Registry;
+use flowledger::crypto::SealKeys;
 use flowledger::events::log::{self, EventLog, LogConfig};
 use flowledger::events::store::Receipt;
 use flowledger::handlers::HandlerConfig;
@@ -20,6 +21,13 @@ pub(crate) struct NatsServer {
     child: Child,
     pub(crate) url: String,
     _dir: TempDir,
+}
+
+impl NatsServer {
+    /// The directory JetStream stores the streams in.
+    pub(crate) fn store_dir(&self) -> std::path::PathBuf {
+        self._dir.path().join("store")
+    }
 }
 
 pub(crate) fn nats_binary() -> String {
@@ -87,10 +95,19 @@ pub(crate) fn registry() -> Arc<Registry> {
     Arc::new(Registry::with_keys(["invoice.extract", "report.daily"]))
 }
 
+/// The seal key ring every test service has (`callbacks.seal_keys_env`).
+pub(crate) const SEAL_KEYS: &str =
+    "test-1:5eed5eed5eed5eed5eed5eed5eed5eed5eed5eed5eed5eed5eed5eed5eed5eed";
+
+pub(crate) fn seal_keys() -> Arc<SealKeys> {
+    Arc::new(SealKeys::parse(SEAL_KEYS).expect("SEAL_KEYS is a valid ring"))
+}
+
 pub(crate) fn services() -> JobServices {
     JobServices {
         registry: registry(),
         max_timeout_seconds: 3600,
+        callback_sealer: Some(seal_keys()),
     }
 }
 
@@ -102,6 +119,7 @@ pub(crate) fn settings(app: &TestApp, registry: Arc<Registry>) -> Settings {
         log: app.log.clone(),
         registry,
         max_timeout_seconds: 3600,
+        callback_sealer: Some(seal_keys()),
         intake: false,
         checkpoints: None,
         database: None,
@@ -131,6 +149,7 @@ pub(crate) async fn spawn_app_with(config: LogConfig) -> TestApp {
         log: log.clone(),
         registry: registry(),
         max_timeout_seconds: 3600,
+        callback_sealer: Some(seal_keys()),
         intake: true,
         checkpoints: None,
         database: None,
@@ -240,7 +259,7 @@ pub(crate) struct PgServer {
 
 static PG: std::sync::OnceLock<PgServer> = std::sync::OnceLock::new();
 
-fn pg_bin(name: &str) -> String {
+pub(crate) fn pg_bin(name: &str) -> String {
     let dir = std::env::var("PG_BIN").unwrap_or_else(|_| "/usr/lib/postgresql/15/bin".into());
     format!("{dir}/{name}")
 }
@@ -545,6 +564,8 @@ pub(crate) struct HandlerSide {
     pub(crate) ctx: Arc<flowledger::handlers::Ctx>,
     /// The handler's database (its position, parked jobs).
     pub(crate) pool: sqlx::PgPool,
+    /// Its URL.
+    pub(crate) url: String,
     _service: Application,
 }
 
@@ -557,6 +578,7 @@ pub(crate) fn test_handler_config() -> HandlerConfig {
             max: Duration::from_secs(1),
             jitter: 0.2,
         },
+        callback_sealer: Some(seal_keys()),
         ..Default::default()
     }
 }
@@ -588,8 +610,9 @@ pub(crate) async fn start_handler(
     config: HandlerConfig,
 ) -> HandlerSide {
     let mut s = settings(app, registry);
+    let url = fresh_database().await;
     s.database = Some(DatabaseSettings {
-        url: fresh_database().await,
+        url: url.clone(),
         max_connections: 10,
         projections: false,
         handler: Some(config),
@@ -600,6 +623,7 @@ pub(crate) async fn start_handler(
         bus: service.bus().clone(),
         ctx: service.handler().expect("the handler runs").clone(),
         pool: service.pool().expect("a database").clone(),
+        url,
         _service: service,
     }
 }
@@ -638,6 +662,11 @@ impl HandlerSide {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
+}
+
+/// A solver step named `name` at `url` in a registry.
+pub(crate) fn solver(name: &str, url: &str, timeout_ms: u64, max_attempts: u32) -> Value {
+    json!({"name": name, "kind": "solver", "url": url, "timeout_ms": timeout_ms, "max_attempts": max_attempts})
 }
 
 /// A registry of one workflow `w` with the given steps and extra fields.

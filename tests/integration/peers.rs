@@ -113,6 +113,8 @@ pub(crate) fn hang() -> Reply {
 #[derive(Debug, Clone)]
 pub(crate) struct Received {
     pub(crate) path: String,
+    /// The query string as received, if any.
+    pub(crate) query: Option<String>,
     pub(crate) headers: HashMap<String, String>,
     pub(crate) body: Value,
     pub(crate) raw: Bytes,
@@ -146,6 +148,7 @@ async fn answer(
     let request: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
     s.received.lock().unwrap().push(Received {
         path: path.clone(),
+        query: uri.query().map(str::to_string),
         headers: headers
             .iter()
             .map(|(k, v)| {

@@ -365,6 +365,7 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
         JobServices {
             registry: registry.clone(),
             max_timeout_seconds: 3600,
+            callback_sealer: None,
         },
     ));
     let ctx = Ctx::new(

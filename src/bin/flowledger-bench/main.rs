@@ -85,6 +85,7 @@ fn services() -> JobServices {
     JobServices {
         registry: Arc::new(Registry::with_keys(["bench.workflow"])),
         max_timeout_seconds: 3600,
+        callback_sealer: None,
     }
 }
 

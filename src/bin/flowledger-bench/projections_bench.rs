@@ -192,6 +192,7 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
     let services = JobServices {
         registry: Arc::new(Registry::with_keys(keys.iter().map(String::as_str))),
         max_timeout_seconds: 3600,
+        callback_sealer: None,
     };
     let store = Arc::new(AggregateStore::<Job>::new(event_log.clone(), services));
 

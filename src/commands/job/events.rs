@@ -49,9 +49,15 @@ pub struct JobSubmitted {
     /// The job's deadline in seconds, counted from its start; steps still
     /// running then fail the job.
     pub timeout_seconds: u32,
-    /// Where the signed result is POSTed when the job ends; `None`: no callback.
+    /// Where the signed result is POSTed when the job ends; `None`: no
+    /// callback. Without its credentials when `callback_url_sealed` is set.
     #[serde(default)]
     pub callback_url: Option<String>,
+    /// The whole `callback_url` as submitted, sealed (it carried userinfo, a
+    /// query or a fragment, which may hold the receiver's credentials): the
+    /// handler opens it to deliver. Absent otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub callback_url_sealed: Option<crate::crypto::Sealed>,
     /// The caller's free-form JSON (`confidence` feeds auto-approval).
     #[serde(default)]
     pub metadata: Value,

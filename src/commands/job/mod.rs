@@ -16,7 +16,8 @@ use crate::commands::limits::{
     MAX_RETRY_DELAY_MS, PRIORITY_RANGE,
 };
 use crate::commands::registry::Registry;
-use crate::commands::{write_decided, DomainError, ErrorCode};
+use crate::commands::{redact, write_decided, DomainError, ErrorCode};
+use crate::crypto::SealKeys;
 use events::{
     CallbackDelivered, CallbackFailed, JobCancelled, JobCompleted, JobEvent, JobFailed, JobStarted,
     JobSubmitted, StepAttemptStarted, StepResultRecorded, StepRetryScheduled, StepStatus,
@@ -35,6 +36,9 @@ pub struct JobServices {
     /// The configured largest `timeout_seconds` (`--max-timeout-seconds`);
     /// [`MAX_JOB_TIMEOUT_SECONDS`] caps it.
     pub max_timeout_seconds: u32,
+    /// Seals the credentials of a `callback_url` (userinfo, query) before
+    /// they reach the log; `None`: such URLs are refused.
+    pub callback_sealer: Option<Arc<SealKeys>>,
 }
 
 /// Where a job is in its life, as its events leave it.
@@ -416,6 +420,19 @@ pub enum JobError {
         /// What is wrong with it.
         reason: String,
     },
+    /// `callback_url` carries credentials (userinfo, query or fragment) and
+    /// no sealing key is configured: they would land in the immutable log in
+    /// plaintext.
+    #[error(
+        "callback_url {url:?} carries credentials (user:password@, a query or a fragment), \
+         which would be stored in the immutable log in plaintext; the service has no \
+         sealing key (callbacks.seal_keys_env): send a URL without them, or ask an \
+         operator to configure one"
+    )]
+    UnsealedCallbackCredentials {
+        /// The URL with its credentials shown as `***`.
+        url: String,
+    },
     /// `record_callback` on a job submitted without a `callback_url`.
     #[error("the job has no callback_url")]
     NoCallback,
@@ -439,6 +456,7 @@ impl DomainError for JobError {
             | JobError::EmptyField { .. } => ErrorCode::Validation,
             JobError::CallbackOutcome
             | JobError::InvalidCallbackUrl { .. }
+            | JobError::UnsealedCallbackCredentials { .. }
             | JobError::AttemptOutOfRange(_)
             | JobError::InvalidRetryDelay(_)
             | JobError::RetryAfterLastAttempt(_)
@@ -463,7 +481,9 @@ impl DomainError for JobError {
             JobError::UnknownWorkflow { .. } | JobError::WorkflowDisabled { .. } => "workflow_key",
             JobError::EmptyClientId => "client_id",
             JobError::EmptyField { field } => field,
-            JobError::InvalidCallbackUrl { .. } => "callback_url",
+            JobError::InvalidCallbackUrl { .. } | JobError::UnsealedCallbackCredentials { .. } => {
+                "callback_url"
+            }
             JobError::AttemptOutOfRange(_)
             | JobError::AttemptNotStarted { .. }
             | JobError::AttemptOutOfOrder { .. } => "attempt",
@@ -634,9 +654,22 @@ impl Job {
                         max,
                     });
                 }
-                if let Some(url) = &c.callback_url {
-                    check_callback_url(url)?;
-                }
+                let (callback_url, callback_url_sealed) = match c.callback_url {
+                    None => (None, None),
+                    Some(url) => {
+                        check_callback_url(&url)?;
+                        if !redact::carries_secrets(&url) {
+                            (Some(url), None)
+                        } else if let Some(sealer) = &services.callback_sealer {
+                            let sealed = sealer.seal(url.as_bytes());
+                            (Some(redact::strip(&url)), Some(sealed))
+                        } else {
+                            return Err(JobError::UnsealedCallbackCredentials {
+                                url: redact::display(&url).chars().take(200).collect(),
+                            });
+                        }
+                    }
+                };
                 if !services.registry.contains(&c.workflow_key) {
                     return Err(JobError::UnknownWorkflow {
                         key: c.workflow_key,
@@ -649,7 +682,8 @@ impl Job {
                     input: c.input,
                     priority,
                     timeout_seconds,
-                    callback_url: c.callback_url,
+                    callback_url,
+                    callback_url_sealed,
                     metadata: c.metadata,
                 })])
             }
@@ -808,6 +842,7 @@ mod tests {
         JobServices {
             registry: Arc::new(Registry::with_keys(["invoice.extract", "report.daily"])),
             max_timeout_seconds: 3600,
+            callback_sealer: None,
         }
     }
 
@@ -835,6 +870,7 @@ mod tests {
             priority: 5,
             timeout_seconds: 300,
             callback_url: None,
+            callback_url_sealed: None,
             metadata: Value::Null,
         })
     }
