@@ -25,9 +25,13 @@ say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
 export FLOWLEDGER_NATS_URL
 FLOWLEDGER_NATS_URL=$(scripts/nats.sh start "$WORK" "$NATS_SERVER_DEBIAN")
-# A demo checkpoint key (random each run). In production it comes from Vault.
-export FLOWLEDGER_CHECKPOINT_KEY FLOWLEDGER_CHECKPOINT_KEY_ID=demo
-FLOWLEDGER_CHECKPOINT_KEY=$(python3 -c 'import secrets; print(secrets.token_hex(32))')
+# A demo Ed25519 checkpoint key (new each run; in production its seed comes
+# from Vault). Its public half is the auditors' key ring.
+"$FL" audit keygen --key-id demo --seed-out "$WORK/checkpoint.seed" 2>/dev/null \
+  | python3 -c 'import json,sys; print(json.dumps({"keys": [json.load(sys.stdin)]}))' >"$WORK/ring.json"
+export FLOWLEDGER_CHECKPOINT_SIGNING_KEY FLOWLEDGER_CHECKPOINT_KEY_ID=demo
+FLOWLEDGER_CHECKPOINT_SIGNING_KEY=$(cat "$WORK/checkpoint.seed")
+export FLOWLEDGER_CHECKPOINT_KEYS="$WORK/ring.json"
 export DATABASE_URL
 DATABASE_URL=$(PG_BIN=$PG_BIN scripts/pg.sh start "$WORK")
 HTTP_ADDR=127.0.0.1:$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
@@ -98,7 +102,7 @@ DIGEST=$("$FL" audit digest); echo "$DIGEST"
 
 say "audit checkpoint + export: a signed, self-contained copy for offline verification"
 "$FL" audit export --out "$WORK/export"
-say "audit verify (live stream, with the kept digest) and audit verify --export"
+say "audit verify (live stream, with the kept digest) and audit verify --export, both with the public key ring"
 "$FL" audit verify --digest "$DIGEST" | grep -E '"(ok|to_seq|signed_up_to)"'
 "$FL" audit verify --export "$WORK/export" | grep -E '"(ok|events|signed_up_to)"'
 
@@ -111,6 +115,9 @@ m = json.loads(lines[0]); m["body"] = m["body"].replace("4711", "4712"); lines[0
 open(p, "w").write("\n".join(lines) + "\n")
 PY
 if "$FL" audit verify --export "$WORK/export" >/dev/null; then echo "tampering NOT detected"; exit 1; fi
+python3 tools/verify_export.py "$WORK/export" --keys "$WORK/ring.json" >/dev/null \
+  && { echo "tampering NOT detected by tools/verify_export.py"; exit 1; }
+echo "tools/verify_export.py (independent, Python standard library) agrees: broken"
 
 say "the job handler: a workflow of two solver steps (200 ms each) run in parallel"
 python3 scripts/demo-peer.py "$WORK/peer.port" & PEER_PID=$!

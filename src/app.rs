@@ -378,9 +378,11 @@ async fn write_checkpoints(
             _ = tick.tick() => {}
             _ = stop.changed() => return,
         }
-        match checkpoint::write_checkpoint(&nats, &log, &key).await {
-            Ok(Some(cp)) => tracing::info!(seq = cp.seq, "checkpoint signed"),
-            Ok(None) => {}
+        match checkpoint::checkpoint_at(&nats, &log, &key, None).await {
+            Ok(Some((cp, true))) => {
+                tracing::info!(seq = cp.seq, key_id = %cp.key_id, "checkpoint signed")
+            }
+            Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "checkpoint failed; will retry"),
         }
     }

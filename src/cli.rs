@@ -14,7 +14,7 @@ use serde_json::{json, Value};
 
 use crate::api::nats::COMMAND_SUBJECT_PREFIX;
 use crate::app::{Application, BuildError, DatabaseSettings, HttpSettings, Settings};
-use crate::audit::checkpoint::{self, CheckpointKey, Digest};
+use crate::audit::checkpoint::{self, CheckpointKey, Digest, KeyRing};
 use crate::audit::export;
 use crate::audit::read::{self, Filter};
 use crate::audit::verify::{self, VerifyError};
@@ -203,25 +203,65 @@ pub(crate) struct ServeArgs {
     pub(crate) key: KeyArgs,
 }
 
-/// The checkpoint key and its id.
+/// The Ed25519 key that signs checkpoints and export manifests, and its id.
 #[derive(Args, Debug, Clone)]
 pub(crate) struct KeyArgs {
-    /// HMAC key for checkpoints, hex, 32 bytes or more. Prefer the env variable.
+    /// Ed25519 seed that signs checkpoints, 64 hex digits (make one with
+    /// `flowledger audit keygen`). Prefer the env variable.
+    #[arg(
+        long = "checkpoint-signing-key",
+        env = "FLOWLEDGER_CHECKPOINT_SIGNING_KEY",
+        hide_env_values = true
+    )]
+    pub(crate) signing_key: Option<String>,
+    /// The signing key's id, written into every checkpoint.
+    #[arg(long, env = "FLOWLEDGER_CHECKPOINT_KEY_ID", default_value = "default")]
+    pub(crate) checkpoint_key_id: String,
+    /// The HMAC key of earlier versions; refused (it signs nothing now).
     #[arg(
         long = "checkpoint-key",
         env = "FLOWLEDGER_CHECKPOINT_KEY",
-        hide_env_values = true
+        hide_env_values = true,
+        hide = true
     )]
-    pub(crate) checkpoint_key: Option<String>,
-    #[arg(long, env = "FLOWLEDGER_CHECKPOINT_KEY_ID", default_value = "default")]
-    pub(crate) checkpoint_key_id: String,
+    pub(crate) legacy_hmac_key: Option<String>,
 }
 
 impl KeyArgs {
     fn key(&self) -> anyhow::Result<Option<CheckpointKey>> {
-        self.checkpoint_key
+        if self.legacy_hmac_key.is_some() {
+            return Err(anyhow::anyhow!(
+                "FLOWLEDGER_CHECKPOINT_KEY (an HMAC key) no longer signs checkpoints: \
+                 checkpoints are signed with Ed25519. Make a key with `flowledger audit keygen \
+                 --key-id ID --seed-out FILE`, set FLOWLEDGER_CHECKPOINT_SIGNING_KEY to the \
+                 file's content and unset FLOWLEDGER_CHECKPOINT_KEY; to verify checkpoints the \
+                 HMAC key signed, add it to the verifiers' key ring as an hmac-sha256 entry \
+                 (docs/EVENTS.md section 5)"
+            )
+            .context(UsageError));
+        }
+        self.signing_key
             .as_deref()
             .map(|k| CheckpointKey::from_hex(&self.checkpoint_key_id, k))
+            .transpose()
+            .map_err(|e| anyhow::Error::new(e).context(UsageError))
+    }
+}
+
+/// The keys a verifier checks signatures with.
+#[derive(Args, Debug, Clone)]
+pub(crate) struct RingArgs {
+    /// Key ring file (JSON, docs/EVENTS.md section 5): the Ed25519 public
+    /// keys, and HMAC secrets of old checkpoints, to check signatures with.
+    #[arg(long = "keys", env = "FLOWLEDGER_CHECKPOINT_KEYS")]
+    pub(crate) keys: Option<PathBuf>,
+}
+
+impl RingArgs {
+    fn ring(&self) -> anyhow::Result<Option<KeyRing>> {
+        self.keys
+            .as_deref()
+            .map(KeyRing::load)
             .transpose()
             .map_err(|e| anyhow::Error::new(e).context(UsageError))
     }
@@ -236,10 +276,10 @@ pub(crate) struct FilterArgs {
     /// Only this event type, e.g. `JobSubmitted`.
     #[arg(long = "type")]
     pub(crate) event_type: Option<String>,
-    /// Messages stored at or after this time (RFC 3339).
+    /// Events that occurred at or after this time (RFC 3339; `occurred_at`).
     #[arg(long)]
     pub(crate) since: Option<DateTime<Utc>>,
-    /// Messages stored at or before this time (RFC 3339).
+    /// Events that occurred at or before this time (RFC 3339; `occurred_at`).
     #[arg(long)]
     pub(crate) until: Option<DateTime<Utc>>,
     #[arg(long)]
@@ -249,6 +289,18 @@ pub(crate) struct FilterArgs {
 }
 
 impl FilterArgs {
+    /// The filter of an export: aggregate and sequence range only, which a
+    /// verifier can check (docs/EVENTS.md section 8).
+    fn export_filter(&self) -> anyhow::Result<Filter> {
+        let f = self.filter()?;
+        if export::ExportFilter::of(&f).is_none() {
+            return Err(
+                anyhow::Error::new(export::ExportError::UncheckableFilter).context(UsageError)
+            );
+        }
+        Ok(f)
+    }
+
     fn filter(&self) -> anyhow::Result<Filter> {
         let mut f = Filter {
             event_type: self.event_type.clone(),
@@ -273,8 +325,15 @@ pub(crate) enum AuditCommand {
     Replay(FilterArgs),
     /// Print the current stream digest (`SEQ:HEX`); keep it to check later.
     Digest,
-    /// Sign and store a checkpoint at the current end of the stream.
-    Checkpoint(KeyArgs),
+    /// Sign and store a checkpoint at the current end of the stream (or at
+    /// --seq).
+    Checkpoint {
+        /// Sign the digest after this message instead of the stream's end.
+        #[arg(long)]
+        seq: Option<u64>,
+        #[command(flatten)]
+        key: KeyArgs,
+    },
     /// Write a self-contained export for offline verification.
     Export {
         #[arg(long)]
@@ -284,15 +343,34 @@ pub(crate) enum AuditCommand {
         #[command(flatten)]
         key: KeyArgs,
     },
-    /// Verify the live stream, or an export with --export DIR.
+    /// Verify the live stream, or an export with --export DIR. Fails
+    /// unless a valid signature (or --digest) covers the whole range.
     Verify {
         #[arg(long)]
         export: Option<PathBuf>,
-        /// A digest kept earlier (`SEQ:HEX`) that history must still contain.
+        /// A digest kept earlier (`SEQ:HEX`) that history must still
+        /// contain; it covers the range up to SEQ.
         #[arg(long)]
         digest: Option<String>,
+        /// Live only: verify messages 1 to this sequence (default: the end).
+        #[arg(long, conflicts_with = "export")]
+        to_seq: Option<u64>,
+        /// Accept messages no valid signature covers (an unsigned tail, an
+        /// export's unsigned manifest); the summary says what they are.
+        #[arg(long)]
+        allow_unsigned: bool,
         #[command(flatten)]
-        key: KeyArgs,
+        ring: RingArgs,
+    },
+    /// Make an Ed25519 checkpoint signing key: the seed goes to --seed-out
+    /// (mode 0600, never overwritten), the key ring entry to stdout.
+    Keygen {
+        /// The new key's id, e.g. the month it starts signing: `2026-12`.
+        #[arg(long)]
+        key_id: String,
+        /// Where to write the seed (the private key), 64 hex digits.
+        #[arg(long)]
+        seed_out: PathBuf,
     },
 }
 
@@ -338,6 +416,23 @@ pub async fn main() -> ExitCode {
             }
         }
     }
+}
+
+/// Writes `text` to a new file readable by its owner only; never
+/// overwrites.
+fn write_secret_file(path: &std::path::Path, text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut f = options
+        .open(path)
+        .with_context(|| format!("cannot create {} (it must not exist yet)", path.display()))
+        .context(UsageError)?;
+    f.write_all(format!("{text}\n").as_bytes())?;
+    f.sync_all()?;
+    Ok(())
 }
 
 fn log_config(g: &Global, replicas: usize, duplicate_window: Duration) -> LogConfig {
@@ -516,7 +611,7 @@ async fn serve(g: &Global, args: ServeArgs) -> anyhow::Result<ExitCode> {
         (Some(key), secs) if secs > 0 => Some((key, Duration::from_secs(secs))),
         _ => {
             tracing::warn!(
-                "no checkpoint key (FLOWLEDGER_CHECKPOINT_KEY): no signed checkpoints are written"
+                "no checkpoint signing key (FLOWLEDGER_CHECKPOINT_SIGNING_KEY): no signed checkpoints are written"
             );
             None
         }
@@ -683,31 +778,53 @@ async fn audit(g: &Global, a: AuditCommand) -> anyhow::Result<ExitCode> {
             println!("{d}");
             Ok(ExitCode::SUCCESS)
         }
-        AuditCommand::Checkpoint(k) => {
-            let key = k.key()?.ok_or_else(|| {
-                anyhow::anyhow!("a checkpoint key is needed: set FLOWLEDGER_CHECKPOINT_KEY")
-                    .context(UsageError)
+        AuditCommand::Checkpoint { seq, key } => {
+            let key = key.key()?.ok_or_else(|| {
+                anyhow::anyhow!(
+                    "a checkpoint signing key is needed: set FLOWLEDGER_CHECKPOINT_SIGNING_KEY"
+                )
+                .context(UsageError)
             })?;
             let (client, log) = open_log(g).await?;
-            match checkpoint::write_checkpoint(&client, &log, &key).await? {
-                Some(cp) => print_json(&serde_json::to_value(&cp)?),
-                None => eprintln!("flowledger: nothing new since the last checkpoint"),
+            match checkpoint::checkpoint_at(&client, &log, &key, seq).await? {
+                Some((cp, new)) => {
+                    if !new {
+                        eprintln!("flowledger: already signed there by this key");
+                    }
+                    print_json(&serde_json::to_value(&cp)?)
+                }
+                None => eprintln!("flowledger: the stream is empty: nothing to sign"),
             }
             Ok(ExitCode::SUCCESS)
         }
+        AuditCommand::Keygen { key_id, seed_out } => {
+            let (key, seed) = CheckpointKey::generate(&key_id)
+                .map_err(|e| anyhow::Error::new(e).context(UsageError))?;
+            write_secret_file(&seed_out, &seed)?;
+            eprintln!(
+                "flowledger: seed written to {}; give it to serve as FLOWLEDGER_CHECKPOINT_SIGNING_KEY \
+                 (with FLOWLEDGER_CHECKPOINT_KEY_ID={key_id}) and add the entry below to every \
+                 verifier's key ring",
+                seed_out.display()
+            );
+            print_json(&key.ring_entry());
+            Ok(ExitCode::SUCCESS)
+        }
         AuditCommand::Export { out, filter, key } => {
-            let filter = filter.filter()?;
+            let filter = filter.export_filter()?;
             let key = key.key()?;
-            if key.is_none() {
-                eprintln!(
-                    "flowledger: warning: no checkpoint key: \
-                     the export ends at the last stored checkpoint, not a fresh one"
-                );
-            }
             let (client, log) = open_log(g).await?;
             let mut progress = |seq: u64, to: u64| eprintln!("flowledger: export at {seq}/{to}");
             let m =
                 export::export(&client, &log, &filter, &out, key.as_ref(), &mut progress).await?;
+            if key.is_none() {
+                eprintln!(
+                    "flowledger: warning: no signing key: the manifest is not signed and the \
+                     export ends at the newest stored checkpoint ({}); verifiers need \
+                     --allow-unsigned for what no signature covers",
+                    m.to_seq
+                );
+            }
             print_json(&json!({
                 "out": out, "from_seq": m.from_seq, "to_seq": m.to_seq,
                 "messages_included": m.messages_included, "events_included": m.events_included,
@@ -718,30 +835,36 @@ async fn audit(g: &Global, a: AuditCommand) -> anyhow::Result<ExitCode> {
         AuditCommand::Verify {
             export,
             digest,
-            key,
+            to_seq,
+            allow_unsigned,
+            ring,
         } => {
-            let key = key.key()?;
-            let expect = digest
-                .map(|d| {
-                    d.parse::<Digest>()
-                        .map_err(|e| anyhow::anyhow!(e).context(UsageError))
-                })
-                .transpose()?;
+            let options = verify::Options {
+                ring: ring.ring()?,
+                expect: digest
+                    .map(|d| {
+                        d.parse::<Digest>()
+                            .map_err(|e| anyhow::anyhow!(e).context(UsageError))
+                    })
+                    .transpose()?,
+                allow_unsigned,
+            };
             let result = match export {
-                Some(dir) => verify::verify_export(&dir, key, expect),
+                Some(dir) => verify::verify_export(&dir, &options),
                 None => {
                     let (client, log) = open_log(g).await?;
-                    verify::verify_live(&client, &log, key, expect).await
+                    verify::verify_live(&client, &log, to_seq, &options).await
                 }
             };
             match result {
                 Ok(summary) => {
+                    eprintln!("flowledger: {}", summary.sentence());
                     print_json(&serde_json::to_value(&summary)?);
                     Ok(ExitCode::SUCCESS)
                 }
                 Err(VerifyError::Broken(b)) => {
+                    eprintln!("flowledger: {}", b.sentence());
                     print_json(&json!({"ok": false, "seq": b.seq, "reason": b.reason}));
-                    eprintln!("flowledger: {b}");
                     Ok(ExitCode::from(1))
                 }
                 Err(e) => Err(e.into()),

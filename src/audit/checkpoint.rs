@@ -1,10 +1,15 @@
-//! Signed checkpoints: `(stream, seq, D_seq)` with HMAC-SHA256
-//! (docs/EVENTS.md, "Checkpoints"; docs/adr/0003 says why HMAC).
+//! Signed checkpoints: `(stream, seq, D_seq)` signed with Ed25519
+//! (version 2), and the key ring verifiers check them with, which also
+//! holds the HMAC keys of version 1 checkpoints written before
+//! (docs/EVENTS.md, "Checkpoints"; docs/adr/0008 says why Ed25519).
 
+use std::collections::BTreeMap;
 use std::fmt;
+use std::path::Path;
 
 use async_nats::jetstream::{self, stream::DirectGetErrorKind};
 use chrono::Utc;
+use ed25519_dalek::{Signer, Verifier};
 use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
@@ -14,76 +19,345 @@ use crate::events::chain::{self, Hash, GENESIS};
 use crate::events::envelope;
 use crate::events::log::{EventLog, LogConfig, LogError, CHECKPOINT_SUBJECT, EVENT_SUBJECT_PREFIX};
 
-/// The `format` of the checkpoints this version writes.
-pub const CHECKPOINT_FORMAT: &str = "flowledger-checkpoint-v1";
+/// The `format` of the checkpoints this version writes (Ed25519).
+pub const CHECKPOINT_FORMAT: &str = "flowledger-checkpoint-v2";
+/// The `format` of the HMAC-SHA256 checkpoints written before version 2;
+/// verified, never written.
+pub const CHECKPOINT_FORMAT_V1: &str = "flowledger-checkpoint-v1";
+/// What a key ring entry's `algorithm` says for an Ed25519 public key.
+pub const ALGORITHM_ED25519: &str = "ed25519";
+/// What a key ring entry's `algorithm` says for a v1 HMAC secret.
+pub const ALGORITHM_HMAC: &str = "hmac-sha256";
 
-/// The HMAC key. Its `Debug` never shows the secret.
+/// Whether `id` is a valid key id: 1 to 64 characters of `A-Z a-z 0-9 . _ -`.
+pub fn valid_key_id(id: &str) -> bool {
+    (1..=64).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+}
+
+/// The Ed25519 private key that signs checkpoints and export manifests,
+/// with its id. Its `Debug` never shows the seed.
 #[derive(Clone)]
 pub struct CheckpointKey {
     /// The key's name (`FLOWLEDGER_CHECKPOINT_KEY_ID`), written as a
     /// checkpoint's `key_id` so a verifier knows which key signed it.
     pub id: String,
-    secret: Vec<u8>,
+    key: ed25519_dalek::SigningKey,
 }
 
 impl fmt::Debug for CheckpointKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "CheckpointKey {{ id: {:?}, secret: <redacted> }}",
-            self.id
+            "CheckpointKey {{ id: {:?}, public_key: {}, seed: <redacted> }}",
+            self.id,
+            self.public_hex()
         )
     }
 }
 
-/// Why a configured checkpoint key was refused; the operator fixes the
-/// setting (a usage error).
+/// Why a configured key or key ring was refused; the operator fixes the
+/// setting (a usage error). Never shows key material.
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum KeyError {
-    /// The secret is not hex digits.
-    #[error("checkpoint key must be hex (64 or more hex digits = 32 or more bytes); generate one with `openssl rand -hex 32`")]
-    NotHex,
-    /// The secret decodes to this many bytes, fewer than 32.
-    #[error("checkpoint key is {0} bytes; it must be at least 32 bytes (64 hex digits)")]
-    TooShort(usize),
+    /// The seed is not 64 hex digits.
+    #[error("the checkpoint signing key must be an Ed25519 seed of 64 hex digits (32 bytes); make one with `flowledger audit keygen`")]
+    BadSeed,
     /// The key id is empty, longer than 64 or has other characters.
-    #[error("checkpoint key id must be 1-64 characters of A-Z a-z 0-9 . _ -")]
-    BadId,
+    #[error("checkpoint key id {0:?} must be 1-64 characters of A-Z a-z 0-9 . _ -")]
+    BadId(String),
+    /// The key ring file cannot be read.
+    #[error("cannot read the key ring {path}: {message}")]
+    RingUnreadable {
+        /// The file given.
+        path: String,
+        /// Why.
+        message: String,
+    },
+    /// The key ring is not what docs/EVENTS.md section 5 describes.
+    #[error("key ring {path}: {message}")]
+    RingInvalid {
+        /// The file given.
+        path: String,
+        /// What is wrong, naming the entry.
+        message: String,
+    },
 }
 
 impl CheckpointKey {
-    /// The key named `id` with the secret `hex_secret` (hex, at least 32
-    /// bytes; surrounding whitespace ignored).
-    pub fn from_hex(id: &str, hex_secret: &str) -> Result<Self, KeyError> {
-        let secret = hex::decode(hex_secret.trim()).map_err(|_| KeyError::NotHex)?;
-        if secret.len() < 32 {
-            return Err(KeyError::TooShort(secret.len()));
-        }
-        if id.is_empty()
-            || id.len() > 64
-            || !id
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
-        {
-            return Err(KeyError::BadId);
+    /// The key named `id` from its 32-byte Ed25519 seed in hex (surrounding
+    /// whitespace ignored).
+    pub fn from_hex(id: &str, hex_seed: &str) -> Result<Self, KeyError> {
+        let seed: [u8; 32] = hex::decode(hex_seed.trim())
+            .ok()
+            .and_then(|s| s.try_into().ok())
+            .ok_or(KeyError::BadSeed)?;
+        if !valid_key_id(id) {
+            return Err(KeyError::BadId(id.to_string()));
         }
         Ok(CheckpointKey {
             id: id.to_string(),
-            secret,
+            key: ed25519_dalek::SigningKey::from_bytes(&seed),
         })
     }
 
-    fn mac(&self) -> Hmac<Sha256> {
-        Hmac::<Sha256>::new_from_slice(&self.secret)
-            .expect("HMAC-SHA256 accepts keys of any length")
+    /// A new key from the operating system's random source, and its seed
+    /// in hex (to store; it is the private key).
+    pub fn generate(id: &str) -> Result<(Self, String), KeyError> {
+        let mut seed = [0u8; 32];
+        getrandom::fill(&mut seed).map_err(|_| KeyError::BadSeed)?;
+        let hex_seed = hex::encode(seed);
+        Ok((Self::from_hex(id, &hex_seed)?, hex_seed))
+    }
+
+    /// The public key, 64 hex digits.
+    pub fn public_hex(&self) -> String {
+        hex::encode(self.key.verifying_key().as_bytes())
+    }
+
+    /// This key's entry for a verifier's key ring (public part only).
+    pub fn ring_entry(&self) -> serde_json::Value {
+        serde_json::json!({
+            "key_id": self.id,
+            "algorithm": ALGORITHM_ED25519,
+            "public_key": self.public_hex(),
+        })
+    }
+
+    /// A ring holding only this key's public half.
+    pub fn ring(&self) -> KeyRing {
+        let mut keys = BTreeMap::new();
+        keys.insert(self.id.clone(), RingKey::Ed25519(self.key.verifying_key()));
+        KeyRing { keys }
+    }
+
+    /// The Ed25519 signature of `message`, 128 hex digits.
+    pub fn sign_hex(&self, message: &[u8]) -> String {
+        hex::encode(self.key.sign(message).to_bytes())
+    }
+}
+
+/// A key a verifier holds.
+#[derive(Clone)]
+enum RingKey {
+    Ed25519(ed25519_dalek::VerifyingKey),
+    Hmac(Vec<u8>),
+}
+
+impl RingKey {
+    fn algorithm(&self) -> &'static str {
+        match self {
+            RingKey::Ed25519(_) => ALGORITHM_ED25519,
+            RingKey::Hmac(_) => ALGORITHM_HMAC,
+        }
+    }
+}
+
+/// The keys a verifier checks signatures with, by key id: Ed25519 public
+/// keys, and the HMAC secrets of old v1 checkpoints. `Debug` shows ids and
+/// algorithms only.
+#[derive(Clone, Default)]
+pub struct KeyRing {
+    keys: BTreeMap<String, RingKey>,
+}
+
+impl fmt::Debug for KeyRing {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let ids: Vec<String> = self
+            .keys
+            .iter()
+            .map(|(id, k)| format!("{id} ({})", k.algorithm()))
+            .collect();
+        write!(f, "KeyRing({ids:?})")
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RingFile {
+    keys: Vec<RingEntry>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RingEntry {
+    key_id: String,
+    algorithm: String,
+    #[serde(default)]
+    public_key: Option<String>,
+    #[serde(default)]
+    secret: Option<String>,
+}
+
+/// Why a checkpoint's or a manifest's signature does not hold.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SignatureProblem {
+    /// The ring has no key with this id.
+    #[error("it is signed by key id {0:?}, which the key ring does not hold (add that key's entry to the ring)")]
+    UnknownKey(String),
+    /// The ring's key of that id is of the other algorithm.
+    #[error("it needs an {want} key but the ring's key {id:?} is {have}")]
+    WrongAlgorithm {
+        /// The key id.
+        id: String,
+        /// What the format needs.
+        want: &'static str,
+        /// What the ring holds.
+        have: &'static str,
+    },
+    /// The format is not one this version knows.
+    #[error("its format {0:?} is unknown")]
+    UnknownFormat(String),
+    /// The signature does not verify: altered, or signed by another key.
+    #[error("its signature is invalid (altered, or signed by another key with that id)")]
+    Invalid,
+}
+
+impl KeyRing {
+    /// Reads a key ring file (docs/EVENTS.md section 5).
+    pub fn load(path: &Path) -> Result<Self, KeyError> {
+        let shown = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| KeyError::RingUnreadable {
+            path: shown.clone(),
+            message: e.to_string(),
+        })?;
+        Self::parse(&text).map_err(|message| KeyError::RingInvalid {
+            path: shown,
+            message,
+        })
+    }
+
+    /// Parses a key ring's JSON; the error names the entry and never shows
+    /// a key.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let file: RingFile = serde_json::from_str(text).map_err(|e| {
+            format!(
+                "not a key ring ({{\"keys\": [{{\"key_id\", \"algorithm\", \"public_key\" | \"secret\"}}]}}): {e}"
+            )
+        })?;
+        let mut keys = BTreeMap::new();
+        for (i, e) in file.keys.into_iter().enumerate() {
+            let at = format!("keys[{i}] (key id {:?})", e.key_id);
+            if !valid_key_id(&e.key_id) {
+                return Err(format!(
+                    "{at}: a key id is 1-64 characters of A-Z a-z 0-9 . _ -"
+                ));
+            }
+            let key = match (e.algorithm.as_str(), e.public_key, e.secret) {
+                (ALGORITHM_ED25519, Some(p), None) => {
+                    let bytes: [u8; 32] = hex::decode(p.trim())
+                        .ok()
+                        .and_then(|b| b.try_into().ok())
+                        .ok_or_else(|| format!("{at}: public_key must be 64 hex digits"))?;
+                    let key = ed25519_dalek::VerifyingKey::from_bytes(&bytes)
+                        .map_err(|_| format!("{at}: public_key is not an Ed25519 point"))?;
+                    RingKey::Ed25519(key)
+                }
+                (ALGORITHM_HMAC, None, Some(secret)) => {
+                    let bytes = hex::decode(secret.trim())
+                        .ok()
+                        .filter(|b| b.len() >= 32)
+                        .ok_or_else(|| format!("{at}: secret must be 64 or more hex digits"))?;
+                    RingKey::Hmac(bytes)
+                }
+                (ALGORITHM_ED25519, _, _) => {
+                    return Err(format!(
+                        "{at}: an ed25519 entry has public_key and no secret"
+                    ))
+                }
+                (ALGORITHM_HMAC, _, _) => {
+                    return Err(format!(
+                        "{at}: an hmac-sha256 entry has secret and no public_key"
+                    ))
+                }
+                (other, _, _) => return Err(format!(
+                    "{at}: algorithm {other:?} is not {ALGORITHM_ED25519:?} or {ALGORITHM_HMAC:?}"
+                )),
+            };
+            if keys.insert(e.key_id.clone(), key).is_some() {
+                return Err(format!("{at}: this key id appears twice"));
+            }
+        }
+        Ok(KeyRing { keys })
+    }
+
+    /// The ids in the ring.
+    pub fn ids(&self) -> impl Iterator<Item = &str> {
+        self.keys.keys().map(String::as_str)
+    }
+
+    fn ed25519(&self, id: &str) -> Result<&ed25519_dalek::VerifyingKey, SignatureProblem> {
+        match self.keys.get(id) {
+            None => Err(SignatureProblem::UnknownKey(id.to_string())),
+            Some(RingKey::Ed25519(k)) => Ok(k),
+            Some(other) => Err(SignatureProblem::WrongAlgorithm {
+                id: id.to_string(),
+                want: ALGORITHM_ED25519,
+                have: other.algorithm(),
+            }),
+        }
+    }
+
+    /// Checks an Ed25519 signature (hex) by key `id` over `message`.
+    pub fn verify_ed25519(
+        &self,
+        id: &str,
+        message: &[u8],
+        signature_hex: &str,
+    ) -> Result<(), SignatureProblem> {
+        let key = self.ed25519(id)?;
+        let sig: [u8; 64] = hex::decode(signature_hex)
+            .ok()
+            .and_then(|b| b.try_into().ok())
+            .ok_or(SignatureProblem::Invalid)?;
+        key.verify(message, &ed25519_dalek::Signature::from_bytes(&sig))
+            .map_err(|_| SignatureProblem::Invalid)
+    }
+
+    /// Checks a checkpoint's signature with the key its `key_id` names and
+    /// the algorithm its `format` names.
+    pub fn check(&self, cp: &Checkpoint) -> Result<(), SignatureProblem> {
+        match cp.format.as_str() {
+            CHECKPOINT_FORMAT => self.verify_ed25519(
+                &cp.key_id,
+                cp.signing_input().as_bytes(),
+                cp.signature.as_deref().unwrap_or_default(),
+            ),
+            CHECKPOINT_FORMAT_V1 => {
+                let secret = match self.keys.get(&cp.key_id) {
+                    None => return Err(SignatureProblem::UnknownKey(cp.key_id.clone())),
+                    Some(RingKey::Hmac(s)) => s,
+                    Some(other) => {
+                        return Err(SignatureProblem::WrongAlgorithm {
+                            id: cp.key_id.clone(),
+                            want: ALGORITHM_HMAC,
+                            have: other.algorithm(),
+                        })
+                    }
+                };
+                let tag = cp
+                    .mac
+                    .as_deref()
+                    .and_then(|m| hex::decode(m).ok())
+                    .ok_or(SignatureProblem::Invalid)?;
+                let mut mac = Hmac::<Sha256>::new_from_slice(secret)
+                    .expect("HMAC-SHA256 accepts keys of any length");
+                mac.update(cp.signing_input().as_bytes());
+                mac.verify_slice(&tag)
+                    .map_err(|_| SignatureProblem::Invalid)
+            }
+            other => Err(SignatureProblem::UnknownFormat(other.to_string())),
+        }
     }
 }
 
 /// A signed statement: "after message `seq`, the stream digest was `digest`".
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Checkpoint {
-    /// The format name, covered by the MAC: [`CHECKPOINT_FORMAT`] when
-    /// written by this version.
+    /// [`CHECKPOINT_FORMAT`] (Ed25519) when written by this version;
+    /// [`CHECKPOINT_FORMAT_V1`] (HMAC) for older ones. Signed.
     pub format: String,
     /// The event stream the digest is of (`FLOW_EVENTS`).
     pub stream: String,
@@ -93,14 +367,18 @@ pub struct Checkpoint {
     pub digest: String,
     /// When it was signed (RFC 3339 UTC, microseconds).
     pub created_at: String,
-    /// The [`CheckpointKey::id`] of the key that signed it.
+    /// The id of the key that signed it.
     pub key_id: String,
-    /// HMAC-SHA256 over [`Checkpoint::signing_input`], 64 hex digits.
-    pub mac: String,
+    /// v2: Ed25519 over [`Checkpoint::signing_input`], 128 hex digits.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signature: Option<String>,
+    /// v1: HMAC-SHA256 over [`Checkpoint::signing_input`], 64 hex digits.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
 }
 
 impl Checkpoint {
-    /// The exact bytes the MAC covers.
+    /// The exact bytes the signature (or v1 MAC) covers.
     pub fn signing_input(&self) -> String {
         format!(
             "{}\n{}\n{}\n{}\n{}\n{}\n",
@@ -118,22 +396,11 @@ impl Checkpoint {
             digest: chain::to_hex(digest),
             created_at: envelope::format_time(Utc::now()),
             key_id: key.id.clone(),
-            mac: String::new(),
+            signature: None,
+            mac: None,
         };
-        let mut mac = key.mac();
-        mac.update(cp.signing_input().as_bytes());
-        cp.mac = hex::encode(mac.finalize().into_bytes());
+        cp.signature = Some(key.sign_hex(cp.signing_input().as_bytes()));
         cp
-    }
-
-    /// Constant-time check of the MAC.
-    pub fn mac_valid(&self, key: &CheckpointKey) -> bool {
-        let Ok(tag) = hex::decode(&self.mac) else {
-            return false;
-        };
-        let mut mac = key.mac();
-        mac.update(self.signing_input().as_bytes());
-        mac.verify_slice(&tag).is_ok()
     }
 }
 
@@ -232,29 +499,44 @@ pub async fn load_all(
     }
 }
 
-/// Signs the digest at the stream's current end and stores the checkpoint.
-/// Continues from the newest valid stored checkpoint, so each call reads
-/// only what was appended since.
-pub async fn write_checkpoint(
+/// A checkpoint signed by `key` at exactly `upto` (default: the stream's
+/// last message now), stored; or the one already stored there by this key.
+/// The digest is computed from the newest stored checkpoint of this key at
+/// or before `upto` whose signature holds, so each call reads only what was
+/// appended since. `None` when the stream is empty; the flag says whether
+/// the checkpoint is new.
+pub async fn checkpoint_at(
     client: &async_nats::Client,
     log: &EventLog,
     key: &CheckpointKey,
-) -> Result<Option<Checkpoint>, LogError> {
-    let existing = load_all(client, log.config()).await?;
-    let start = existing
-        .iter()
-        .rev()
-        .find(|c| c.key_id == key.id && c.mac_valid(key))
-        .and_then(|c| {
-            Some(Digest {
-                seq: c.seq,
-                digest: chain::from_hex(&c.digest)?,
-            })
-        });
-    let d = stream_digest(log, start, None).await?;
-    if d.seq == 0 || start.is_some_and(|s| s.seq == d.seq) {
+    upto: Option<u64>,
+) -> Result<Option<(Checkpoint, bool)>, LogError> {
+    let last = log.last_seq().await?;
+    let target = upto.map_or(last, |u| u.min(last));
+    if target == 0 {
         return Ok(None);
     }
+    let own = key.ring();
+    let existing = load_all(client, log.config()).await?;
+    let newest = existing
+        .into_iter()
+        .filter(|c| {
+            c.key_id == key.id
+                && c.stream == log.config().stream
+                && c.seq <= target
+                && own.check(c).is_ok()
+        })
+        .max_by_key(|c| c.seq);
+    if let Some(n) = newest.as_ref().filter(|n| n.seq == target) {
+        return Ok(Some((n.clone(), false)));
+    }
+    let start = newest.and_then(|c| {
+        Some(Digest {
+            seq: c.seq,
+            digest: chain::from_hex(&c.digest)?,
+        })
+    });
+    let d = stream_digest(log, start, Some(target)).await?;
     let cp = Checkpoint::sign(key, &log.config().stream, d.seq, &d.digest);
     let body = serde_json::to_vec(&cp).map_err(|e| LogError::Unavailable(e.to_string()))?;
     log.jetstream()
@@ -263,7 +545,7 @@ pub async fn write_checkpoint(
         .map_err(|e| LogError::Unavailable(format!("store checkpoint: {e}")))?
         .await
         .map_err(|e| LogError::Unavailable(format!("store checkpoint: {e}")))?;
-    Ok(Some(cp))
+    Ok(Some((cp, true)))
 }
 
 #[cfg(test)]
@@ -271,52 +553,92 @@ mod tests {
     use super::*;
 
     fn key() -> CheckpointKey {
-        CheckpointKey::from_hex("k1", &"ab".repeat(32)).unwrap()
+        CheckpointKey::from_hex("k2", &"ab".repeat(32)).unwrap()
+    }
+
+    fn example(format: &str, key_id: &str) -> Checkpoint {
+        Checkpoint {
+            format: format.into(),
+            stream: "FLOW_EVENTS".into(),
+            seq: 1,
+            digest: "53a64cc31147e5bffc69bc712e9842224acd158dea32383f29c8dd3fb1d24455".into(),
+            created_at: "2026-11-23T12:00:00.000000Z".into(),
+            key_id: key_id.into(),
+            signature: None,
+            mac: None,
+        }
     }
 
     #[test]
     fn signed_checkpoint_verifies_and_detects_changes() {
         let cp = Checkpoint::sign(&key(), "FLOW_EVENTS", 42, &chain::sha256(b"x"));
-        assert!(cp.mac_valid(&key()));
+        let ring = key().ring();
+        assert_eq!(ring.check(&cp), Ok(()));
         let mut moved = cp.clone();
         moved.seq = 41;
-        assert!(!moved.mac_valid(&key()));
-        let other = CheckpointKey::from_hex("k1", &"cd".repeat(32)).unwrap();
-        assert!(!cp.mac_valid(&other));
+        assert_eq!(ring.check(&moved), Err(SignatureProblem::Invalid));
+        let mut relabelled = cp.clone();
+        relabelled.key_id = "k3".into();
+        assert_eq!(
+            ring.check(&relabelled),
+            Err(SignatureProblem::UnknownKey("k3".into()))
+        );
+        let other = CheckpointKey::from_hex("k2", &"cd".repeat(32)).unwrap();
+        assert_eq!(other.ring().check(&cp), Err(SignatureProblem::Invalid));
     }
 
-    // The worked example of docs/EVENTS.md, "Checkpoints".
+    // The worked examples of docs/EVENTS.md, "Checkpoints".
     #[test]
-    fn checkpoint_mac_vector() {
-        let cp = Checkpoint {
-            format: CHECKPOINT_FORMAT.into(),
-            stream: "FLOW_EVENTS".into(),
-            seq: 1,
-            digest: "53a64cc31147e5bffc69bc712e9842224acd158dea32383f29c8dd3fb1d24455".into(),
-            created_at: "2026-11-23T12:00:00.000000Z".into(),
-            key_id: "k1".into(),
-            mac: "675c28821565a02d04b10493581533f2caeb98db714e0bf96c3b5fb92a0d4fee".into(),
-        };
-        let key = CheckpointKey::from_hex("k1", &"ab".repeat(32)).unwrap();
-        assert!(cp.mac_valid(&key));
+    fn checkpoint_vectors() {
+        let k = key();
+        assert_eq!(k.public_hex(), PUBKEY_V2);
+        let mut v2 = example(CHECKPOINT_FORMAT, "k2");
+        v2.signature = Some(k.sign_hex(v2.signing_input().as_bytes()));
+        assert_eq!(v2.signature.as_deref(), Some(SIG_V2));
+        let mut v1 = example(CHECKPOINT_FORMAT_V1, "k1");
+        v1.mac = Some("675c28821565a02d04b10493581533f2caeb98db714e0bf96c3b5fb92a0d4fee".into());
+        let ring = KeyRing::parse(&format!(
+            r#"{{"keys": [{{"key_id": "k1", "algorithm": "hmac-sha256", "secret": "{}"}},
+                         {{"key_id": "k2", "algorithm": "ed25519", "public_key": "{PUBKEY_V2}"}}]}}"#,
+            "ab".repeat(32)
+        ))
+        .unwrap();
+        assert_eq!(ring.check(&v1), Ok(()));
+        assert_eq!(ring.check(&v2), Ok(()));
+        // a v1 checkpoint relabelled to the Ed25519 key's id is refused
+        let mut confused = v1.clone();
+        confused.key_id = "k2".into();
+        assert!(matches!(
+            ring.check(&confused),
+            Err(SignatureProblem::WrongAlgorithm { .. })
+        ));
     }
 
+    const PUBKEY_V2: &str = "248acbdbaf9e050196de704bea2d68770e519150d103b587dae2d9cad53dd930";
+    const SIG_V2: &str = "877dc4df74953d72f60df5387f31b532d31fc5ff34d7caf98f950ae477cc295fb2e9512ac51ffdf4b8c39da631334e95f82b21a610f33ba7654ebf98d622ea0e";
+
     #[test]
-    fn key_debug_hides_the_secret() {
+    fn rings_are_checked_and_never_echo_keys() {
+        for bad in [
+            "{}",
+            r#"{"keys": [{"key_id": "a b", "algorithm": "ed25519", "public_key": "00"}]}"#,
+            r#"{"keys": [{"key_id": "a", "algorithm": "rsa", "public_key": "00"}]}"#,
+            r#"{"keys": [{"key_id": "a", "algorithm": "hmac-sha256", "secret": "abcd"}]}"#,
+            r#"{"keys": [{"key_id": "a", "algorithm": "ed25519", "secret": "abcd"}]}"#,
+        ] {
+            let e = KeyRing::parse(bad).unwrap_err();
+            assert!(!e.contains("abcd"), "{e}");
+        }
         let dbg = format!("{:?}", key());
         assert!(!dbg.contains("abab"), "{dbg}");
-    }
-
-    #[test]
-    fn weak_keys_are_refused() {
         assert_eq!(
             CheckpointKey::from_hex("k", "abcd").unwrap_err(),
-            KeyError::TooShort(2)
+            KeyError::BadSeed
         );
-        assert_eq!(
-            CheckpointKey::from_hex("k", "zz").unwrap_err(),
-            KeyError::NotHex
-        );
+        assert!(matches!(
+            CheckpointKey::from_hex("bad id", &"ab".repeat(32)),
+            Err(KeyError::BadId(_))
+        ));
     }
 
     #[test]

@@ -1,10 +1,15 @@
-//! `audit export`: a self-contained directory an auditor verifies offline.
+//! `audit export`: a self-contained directory an auditor verifies offline
+//! (docs/EVENTS.md section 8).
 //!
-//! * `manifest.json`: range, start and end digest, filter.
-//! * `index.jsonl`: every message of the range as a leaf (seq, hashes),
-//!   so the stream digest can be recomputed even for a filtered export.
+//! * `manifest.json`: range, start and end digest, filter, counts.
+//! * `manifest.sig`: the manifest signed with the checkpoint key (when the
+//!   exporter has it).
+//! * `index.jsonl`: every message of the range as a leaf (seq, subject,
+//!   body hash, included), so the stream digest can be recomputed and the
+//!   selection checked even for a filtered export.
 //! * `messages.jsonl`: the selected messages, bodies byte-exact.
-//! * `checkpoints.jsonl`: signed checkpoints inside the range.
+//! * `checkpoints.jsonl`: stored checkpoints inside the range; the export
+//!   ends at one.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -13,25 +18,78 @@ use chrono::Utc;
 use serde::{Deserialize, Serialize};
 
 use crate::audit::checkpoint::{self, CheckpointKey, Digest};
-use crate::audit::read::{events_of, for_each_message, Filter};
+use crate::audit::read::{for_each_message, Filter};
 use crate::events::chain::{self, Leaf, GENESIS};
 use crate::events::envelope;
 use crate::events::log::{EventLog, LogError, EVENT_SUBJECT_PREFIX};
 
 /// The manifest's `format`; verification refuses any other.
-pub const EXPORT_FORMAT: &str = "flowledger-export-v1";
+pub const EXPORT_FORMAT: &str = "flowledger-export-v2";
 /// File name of the [`Manifest`] in an export directory.
 pub const MANIFEST_FILE: &str = "manifest.json";
+/// File name of the manifest's signature ([`ManifestSignature`]).
+pub const MANIFEST_SIG_FILE: &str = "manifest.sig";
 /// File name of the index: one [`IndexEntry`] per line.
 pub const INDEX_FILE: &str = "index.jsonl";
 /// File name of the included messages, one stored message per line.
 pub const MESSAGES_FILE: &str = "messages.jsonl";
 /// File name of the checkpoints inside the range, one per line.
 pub const CHECKPOINTS_FILE: &str = "checkpoints.jsonl";
+/// What precedes the manifest's bytes in the signed message.
+pub const MANIFEST_SIGNING_PREFIX: &[u8] = b"flowledger-export-manifest-v2\n";
+
+/// What an export selects: whole messages by aggregate and by sequence
+/// range, both of which a verifier checks from the index.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExportFilter {
+    /// Only messages of this aggregate type.
+    pub aggregate_type: Option<String>,
+    /// Only this aggregate of `aggregate_type`.
+    pub aggregate_id: Option<String>,
+    /// First stream sequence asked for (default 1).
+    pub from_seq: Option<u64>,
+    /// Last stream sequence asked for (default: the stream's end).
+    pub to_seq: Option<u64>,
+}
+
+impl ExportFilter {
+    /// Whether the filter selects a message on `subject` (docs/EVENTS.md
+    /// section 8).
+    pub fn selects(&self, subject: &str) -> bool {
+        match (&self.aggregate_type, &self.aggregate_id) {
+            (None, _) => true,
+            (Some(t), None) => subject
+                .strip_prefix(EVENT_SUBJECT_PREFIX)
+                .and_then(|r| r.strip_prefix('.'))
+                .and_then(|r| r.strip_prefix(t.as_str()))
+                .is_some_and(|r| r.starts_with('.')),
+            (Some(t), Some(id)) => {
+                subject.len() == EVENT_SUBJECT_PREFIX.len() + t.len() + id.len() + 2
+                    && subject == format!("{EVENT_SUBJECT_PREFIX}.{t}.{id}")
+            }
+        }
+    }
+
+    /// The export filter of an auditor's filter; `None` when it also
+    /// selects by event type or time, which a verifier could not check.
+    pub fn of(f: &Filter) -> Option<Self> {
+        if f.event_type.is_some() || f.since.is_some() || f.until.is_some() {
+            return None;
+        }
+        Some(ExportFilter {
+            aggregate_type: f.aggregate_type.clone(),
+            aggregate_id: f.aggregate_id.clone(),
+            from_seq: f.from_seq,
+            to_seq: f.to_seq,
+        })
+    }
+}
 
 /// `manifest.json`: what an export covers and the digests that bound it
-/// (docs/EVENTS.md section 8).
+/// (docs/EVENTS.md section 8). Every claim is recomputed by verification.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Manifest {
     /// Always [`EXPORT_FORMAT`] for exports this version writes.
     pub format: String,
@@ -39,47 +97,66 @@ pub struct Manifest {
     pub stream: String,
     /// First stream sequence of the range (the filter's `from_seq`, at least 1).
     pub from_seq: u64,
-    /// Last stream sequence of the range, the last message read.
+    /// Last stream sequence of the range: a signed checkpoint's, when one
+    /// could be signed or found.
     pub to_seq: u64,
     /// Stream digest after message `from_seq - 1` (zeros when `from_seq` is 1).
     pub start_digest: String,
     /// Stream digest after message `to_seq`.
     pub end_digest: String,
-    /// True when no filter skipped a message of an included aggregate.
-    pub chain_complete: bool,
-    /// The filter that chose the included messages.
-    pub filter: Filter,
+    /// The selection asked for.
+    pub filter: ExportFilter,
     /// When the export was written (RFC 3339 UTC, microseconds).
     pub created_at: String,
     /// Messages from `from_seq` to `to_seq` (lines of `index.jsonl`).
     pub messages_in_range: u64,
-    /// Messages the filter kept (lines of `messages.jsonl`).
+    /// Messages the filter selected (lines of `messages.jsonl`).
     pub messages_included: u64,
-    /// Events in the included messages that match the filter.
+    /// Events in the included messages.
     pub events_included: u64,
+}
+
+/// `manifest.sig`: the Ed25519 signature of [`MANIFEST_SIGNING_PREFIX`]
+/// followed by the exact bytes of `manifest.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ManifestSignature {
+    /// The checkpoint key that signed.
+    pub key_id: String,
+    /// 128 hex digits.
+    pub signature: String,
+}
+
+/// The bytes a manifest signature covers.
+pub fn manifest_signing_input(manifest_bytes: &[u8]) -> Vec<u8> {
+    let mut m = MANIFEST_SIGNING_PREFIX.to_vec();
+    m.extend_from_slice(manifest_bytes);
+    m
 }
 
 /// One line of `index.jsonl`: a message of the range as a digest leaf,
 /// written also for messages the filter left out.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct IndexEntry {
     /// The message's stream sequence.
     pub seq: u64,
-    /// SHA-256 of its subject, hex.
-    pub subject_sha256: String,
+    /// Its subject (`flow.ev.<aggregate_type>.<aggregate_id>`).
+    pub subject: String,
     /// SHA-256 of its exact body, hex.
     pub body_sha256: String,
-    /// Whether the message is in `messages.jsonl`.
+    /// Whether the message is in `messages.jsonl`: exactly when the
+    /// filter selects its subject.
     pub included: bool,
 }
 
 impl IndexEntry {
-    /// The leaf the stream digest folds in; none when a hash is not 64 hex
-    /// digits.
+    /// The leaf the stream digest folds in; none when the body hash is not
+    /// 64 hex digits.
     pub fn leaf(&self) -> Option<Leaf> {
         Some(Leaf {
             seq: self.seq,
-            subject_sha256: chain::from_hex(&self.subject_sha256)?,
+            subject_sha256: chain::sha256(self.subject.as_bytes()),
             body_sha256: chain::from_hex(&self.body_sha256)?,
         })
     }
@@ -97,6 +174,10 @@ pub enum ExportError {
     /// Reading the stream or the checkpoints failed.
     #[error(transparent)]
     Log(#[from] LogError),
+    /// The filter selects by event type or time, which a verifier could
+    /// not check from an export; use `audit replay` for such selections.
+    #[error("an export selects by aggregate and sequence range only (a verifier checks both); --type, --since and --until select events for `audit replay`")]
+    UncheckableFilter,
     /// A stored message could not be split into events.
     #[error("message at stream sequence {seq} is not a valid commit: {reason}")]
     BadMessage {
@@ -108,8 +189,11 @@ pub enum ExportError {
 }
 
 /// Writes the export into `out` (atomically: a temporary directory renamed
-/// at the end). With a key, a fresh checkpoint is signed first so the export
-/// ends on a signed digest.
+/// at the end). The end is pinned to a signature: with a key, a checkpoint
+/// is signed at exactly the export's last sequence (the stream's end now,
+/// or the filter's `to_seq`) and the manifest is signed; without one, the
+/// export ends at the newest stored checkpoint at or before that end (at
+/// the end itself when there is none: then nothing signs it).
 pub async fn export(
     client: &async_nats::Client,
     log: &EventLog,
@@ -118,15 +202,26 @@ pub async fn export(
     key: Option<&CheckpointKey>,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<Manifest, ExportError> {
+    let filter = ExportFilter::of(filter).ok_or(ExportError::UncheckableFilter)?;
     if out.exists() {
         return Err(ExportError::Exists(out.to_owned()));
     }
-    if let Some(key) = key {
-        checkpoint::write_checkpoint(client, log, key).await?;
-    }
     let last = log.last_seq().await?;
     let from = filter.from_seq.unwrap_or(1).max(1);
-    let to = filter.to_seq.map_or(last, |t| t.min(last));
+    let wanted = filter.to_seq.map_or(last, |t| t.min(last));
+    let to = match key {
+        Some(key) if wanted >= from => checkpoint::checkpoint_at(client, log, key, Some(wanted))
+            .await?
+            .map_or(wanted, |(cp, _)| cp.seq),
+        Some(_) => wanted,
+        None => checkpoint::load_all(client, log.config())
+            .await?
+            .iter()
+            .filter(|c| c.stream == log.config().stream && c.seq >= from && c.seq <= wanted)
+            .map(|c| c.seq)
+            .max()
+            .unwrap_or(wanted),
+    };
     let start = if from > 1 {
         checkpoint::stream_digest(log, None, Some(from - 1)).await?
     } else {
@@ -146,7 +241,7 @@ pub async fn export(
         uuid::Uuid::now_v7()
     ));
     std::fs::create_dir(&tmp)?;
-    let result = write_into(client, log, filter, &tmp, from, to, start, progress).await;
+    let result = write_into(client, log, &filter, &tmp, (from, to), start, key, progress).await;
     match result {
         Ok(manifest) => {
             std::fs::rename(&tmp, out)?;
@@ -163,11 +258,11 @@ pub async fn export(
 async fn write_into(
     client: &async_nats::Client,
     log: &EventLog,
-    filter: &Filter,
+    filter: &ExportFilter,
     dir: &Path,
-    from: u64,
-    to: u64,
+    (from, to): (u64, u64),
     start: Digest,
+    key: Option<&CheckpointKey>,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<Manifest, ExportError> {
     let create = |name: &str| -> std::io::Result<std::io::BufWriter<std::fs::File>> {
@@ -197,19 +292,19 @@ async fn write_into(
                         digest: chain::digest_step(&digest.digest, &leaf),
                     };
                     in_range += 1;
-                    let mut take = false;
-                    if filter.message_matches(&m) {
-                        let evs = events_of(&m)
-                            .map_err(|reason| ExportError::BadMessage { seq: m.seq, reason })?;
-                        let n = evs.iter().filter(|(r, _)| filter.event_matches(r)).count() as u64;
-                        if n > 0 {
-                            take = true;
-                            events += n;
-                        }
+                    let take = filter.selects(&m.subject);
+                    if take {
+                        let n = envelope::decode_commit(m.body.as_bytes())
+                            .map_err(|e| ExportError::BadMessage {
+                                seq: m.seq,
+                                reason: e.to_string(),
+                            })?
+                            .len() as u64;
+                        events += n;
                     }
                     let entry = IndexEntry {
                         seq: m.seq,
-                        subject_sha256: chain::to_hex(&leaf.subject_sha256),
+                        subject: m.subject.clone(),
                         body_sha256: chain::to_hex(&leaf.body_sha256),
                         included: take,
                     };
@@ -241,7 +336,7 @@ async fn write_into(
     messages.flush()?;
     let mut cps = create(CHECKPOINTS_FILE)?;
     for cp in checkpoint::load_all(client, log.config()).await? {
-        if cp.seq >= from && cp.seq <= to {
+        if cp.stream == log.config().stream && cp.seq >= from && cp.seq <= digest.seq {
             serde_json::to_writer(&mut cps, &cp).map_err(std::io::Error::from)?;
             cps.write_all(b"\n")?;
         }
@@ -254,21 +349,28 @@ async fn write_into(
         to_seq: digest.seq,
         start_digest: chain::to_hex(&start.digest),
         end_digest: chain::to_hex(&digest.digest),
-        chain_complete: filter.event_type.is_none()
-            && filter.since.is_none()
-            && filter.until.is_none(),
         filter: filter.clone(),
         created_at: envelope::format_time(Utc::now()),
         messages_in_range: in_range,
         messages_included: included,
         events_included: events,
     };
-    std::fs::write(
-        dir.join(MANIFEST_FILE),
-        serde_json::to_vec_pretty(&manifest).map_err(std::io::Error::from)?,
-    )?;
+    let manifest_bytes = serde_json::to_vec_pretty(&manifest).map_err(std::io::Error::from)?;
+    std::fs::write(dir.join(MANIFEST_FILE), &manifest_bytes)?;
+    let mut files = vec![INDEX_FILE, MESSAGES_FILE, CHECKPOINTS_FILE, MANIFEST_FILE];
+    if let Some(key) = key {
+        let sig = ManifestSignature {
+            key_id: key.id.clone(),
+            signature: key.sign_hex(&manifest_signing_input(&manifest_bytes)),
+        };
+        std::fs::write(
+            dir.join(MANIFEST_SIG_FILE),
+            serde_json::to_vec(&sig).map_err(std::io::Error::from)?,
+        )?;
+        files.push(MANIFEST_SIG_FILE);
+    }
     // Make the files durable before the rename publishes the directory.
-    for name in [INDEX_FILE, MESSAGES_FILE, CHECKPOINTS_FILE, MANIFEST_FILE] {
+    for name in files {
         std::fs::File::open(dir.join(name))?.sync_all()?;
     }
     Ok(manifest)

@@ -43,9 +43,10 @@ pub struct Filter {
     pub aggregate_id: Option<String>,
     /// Only events of this `event_type` (`--type`).
     pub event_type: Option<String>,
-    /// Only messages stored at or after this time (`--since`).
+    /// Only events that occurred at or after this time (`--since`; the
+    /// events' `occurred_at`, which the chain covers, not JetStream's time).
     pub since: Option<DateTime<Utc>>,
-    /// Only messages stored at or before this time (`--until`).
+    /// Only events that occurred at or before this time (`--until`).
     pub until: Option<DateTime<Utc>>,
     /// First stream sequence to read (`--from-seq`; default 1).
     pub from_seq: Option<u64>,
@@ -121,7 +122,7 @@ impl Filter {
         }
     }
 
-    /// Whether a message passes the aggregate and time filters.
+    /// Whether a message passes the aggregate filter.
     pub fn message_matches(&self, m: &RawMessage) -> bool {
         let subject_ok = match (&self.aggregate_type, &self.aggregate_id) {
             (Some(t), Some(id)) => m.subject == format!("{EVENT_SUBJECT_PREFIX}.{t}.{id}"),
@@ -132,13 +133,23 @@ impl Filter {
             _ => true,
         };
         subject_ok
-            && self.since.is_none_or(|s| m.time >= s)
-            && self.until.is_none_or(|u| m.time <= u)
     }
 
-    /// Whether an event of a matching message passes the event-type filter.
+    /// Whether an event of a matching message passes the event-type and
+    /// time filters (an `occurred_at` that does not parse matches no time
+    /// filter).
     pub fn event_matches(&self, r: &EventRecord) -> bool {
-        self.event_type.as_ref().is_none_or(|t| *t == r.event_type)
+        if self.event_type.as_ref().is_some_and(|t| *t != r.event_type) {
+            return false;
+        }
+        if self.since.is_none() && self.until.is_none() {
+            return true;
+        }
+        let Ok(at) = DateTime::parse_from_rfc3339(&r.occurred_at) else {
+            return false;
+        };
+        let at = at.with_timezone(&Utc);
+        self.since.is_none_or(|s| at >= s) && self.until.is_none_or(|u| at <= u)
     }
 }
 

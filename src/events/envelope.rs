@@ -62,6 +62,10 @@ pub struct EventRecord {
     pub correlation_id: String,
     /// What caused the command (defaults to `command_id`).
     pub causation_id: String,
+    /// The commit's `Flowledger-Command-Hash`, so the chain covers that
+    /// header; absent on events written before the field existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command_hash: Option<String>,
     /// Hex hash of the aggregate's previous event; 64 zeros for version 1.
     pub prev_hash: String,
     /// The event's fields, by `event_type` and `schema_version`.
@@ -131,6 +135,8 @@ pub struct OutgoingRecord<'a, E: Serialize> {
     pub correlation_id: &'a str,
     /// What caused the command.
     pub causation_id: &'a str,
+    /// The commit's `Flowledger-Command-Hash` (docs/EVENTS.md section 3).
+    pub command_hash: &'a str,
     /// Hex hash of the previous event; filled in by [`encode_commit`].
     pub prev_hash: String,
     /// The domain event; written as the `event_type` and `data` fields.
@@ -288,6 +294,7 @@ mod tests {
             command_id: "cmd".into(),
             correlation_id: "cmd".into(),
             causation_id: "cmd".into(),
+            command_hash: None,
             prev_hash: String::new(),
             data: serde_json::json!({}),
         }
@@ -326,6 +333,7 @@ mod tests {
             command_id: "cmd",
             correlation_id: "cmd",
             causation_id: "cmd",
+            command_hash: "",
             prev_hash: String::new(),
             event: &event,
         }];

@@ -442,6 +442,7 @@ where
                 command_id: &meta.command_id,
                 correlation_id: &meta.correlation_id,
                 causation_id: &meta.causation_id,
+                command_hash: &meta.command_hash,
                 prev_hash: String::new(),
                 event,
             })

@@ -47,6 +47,7 @@ fn projected<E: serde::Serialize + cqrs_es::DomainEvent>(
         command_id: "c",
         correlation_id: "c",
         causation_id: "c",
+        command_hash: "",
         prev_hash: String::new(),
         event,
     }];

@@ -283,6 +283,7 @@ async fn append_unknown_event(app: &TestApp, job_id: &str) {
         command_id: format!("teleport-{job_id}"),
         correlation_id: "c".into(),
         causation_id: "c".into(),
+        command_hash: None,
         prev_hash: String::new(),
         data: json!({"to": "mars"}),
     }];
