@@ -272,9 +272,11 @@ impl KeyRing {
                         "{at}: an hmac-sha256 entry has secret and no public_key"
                     ))
                 }
-                (other, _, _) => return Err(format!(
+                (other, _, _) => {
+                    return Err(format!(
                     "{at}: algorithm {other:?} is not {ALGORITHM_ED25519:?} or {ALGORITHM_HMAC:?}"
-                )),
+                ))
+                }
             };
             if keys.insert(e.key_id.clone(), key).is_some() {
                 return Err(format!("{at}: this key id appears twice"));

@@ -40,10 +40,13 @@ enum Bench {
     Projections(projections_bench::Args),
     /// Job handler: overhead over the slowest step, jobs/s with 1,000 in flight.
     Handlers(handlers_bench::Args),
+    /// Verification speed: live and export verify beside hashing the same bytes.
+    Verify(verify_bench::Args),
 }
 
 mod handlers_bench;
 mod projections_bench;
+mod verify_bench;
 
 #[derive(clap::Args, Debug)]
 struct Args {
@@ -468,6 +471,7 @@ async fn main() -> anyhow::Result<()> {
         Bench::EventLog(args) => event_log(args).await,
         Bench::Projections(args) => projections_bench::run(args).await,
         Bench::Handlers(args) => handlers_bench::run(args).await,
+        Bench::Verify(args) => verify_bench::run(args).await,
     }
 }
 
