@@ -125,7 +125,7 @@ async fn verify_names_the_altered_event() {
     let body = m["body"]
         .as_str()
         .unwrap()
-        .replace("\"client_id\":\"anonymous\"", "\"client_id\":\"mallory\"");
+        .replace("\"client_id\":\"handler\"", "\"client_id\":\"mallory\"");
     assert_ne!(
         body,
         m["body"].as_str().unwrap(),
@@ -277,11 +277,10 @@ async fn the_cli_exits_1_and_names_the_sequence() {
     let app = spawn_app().await;
     history(&app).await;
     let (_d, out) = export_to(&app, &Filter::default()).await;
-    let bin = env!("CARGO_BIN_EXE_flowledger");
     let run = |args: &[&str]| {
-        std::process::Command::new(bin)
+        app.nats
+            .cli(Who::Service)
             .args(args)
-            .env("FLOWLEDGER_NATS_URL", &app.nats.url)
             .env("FLOWLEDGER_CHECKPOINT_KEY", "5a".repeat(32))
             .env("FLOWLEDGER_CHECKPOINT_KEY_ID", "test-key")
             .output()

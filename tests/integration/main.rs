@@ -8,5 +8,6 @@ mod handlers;
 mod hardening;
 mod helpers;
 mod http_api;
+mod nats_identity;
 mod peers;
 mod projections;
