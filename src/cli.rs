@@ -67,6 +67,152 @@ pub(crate) struct Global {
         default_value = "FLOW_CHECKPOINTS"
     )]
     pub(crate) checkpoint_stream: String,
+    #[command(flatten)]
+    pub(crate) nats_auth: NatsAuth,
+}
+
+/// How to authenticate to NATS, in the conventions of the `nats` command
+/// line (docs/CONFIGURATION.md, "NATS credentials"). At most one of
+/// `--creds`, `--nkey`, `--user`; none: connect without a credential.
+#[derive(Args, Debug, Clone, Default)]
+pub(crate) struct NatsAuth {
+    /// NATS credentials file (user JWT and seed).
+    #[arg(
+        long,
+        global = true,
+        env = "FLOWLEDGER_NATS_CREDS",
+        value_name = "FILE"
+    )]
+    pub(crate) creds: Option<PathBuf>,
+    /// File holding a NATS NKey seed (`SU...`).
+    #[arg(long, global = true, env = "FLOWLEDGER_NATS_NKEY", value_name = "FILE")]
+    pub(crate) nkey: Option<PathBuf>,
+    /// NATS user name (with --password).
+    #[arg(long, global = true, env = "FLOWLEDGER_NATS_USER")]
+    pub(crate) user: Option<String>,
+    /// NATS password; prefer the environment variable (a flag shows in `ps`).
+    #[arg(
+        long,
+        global = true,
+        env = "FLOWLEDGER_NATS_PASSWORD",
+        hide_env_values = true
+    )]
+    pub(crate) password: Option<Password>,
+    /// CA certificate (PEM) the NATS server's certificate must chain to;
+    /// TLS is then required.
+    #[arg(long, global = true, env = "FLOWLEDGER_NATS_CA", value_name = "FILE")]
+    pub(crate) tlscacert: Option<PathBuf>,
+    /// Prefix of the reply subjects this connection subscribes to; default
+    /// `_INBOX_<user>` with --user (what nats/production.conf allows each
+    /// user), `_INBOX` otherwise.
+    #[arg(long, global = true, env = "FLOWLEDGER_NATS_INBOX_PREFIX")]
+    pub(crate) inbox_prefix: Option<String>,
+}
+
+/// A password: never shown by `Debug`.
+#[derive(Clone)]
+pub(crate) struct Password(String);
+
+impl From<String> for Password {
+    fn from(s: String) -> Self {
+        Password(s)
+    }
+}
+
+impl std::fmt::Debug for Password {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Password(***)")
+    }
+}
+
+impl NatsAuth {
+    /// The connection options these flags ask for. Errors name the flag or
+    /// file, never a password or seed.
+    pub(crate) async fn options(&self) -> anyhow::Result<async_nats::ConnectOptions> {
+        let usage = |m: String| anyhow::anyhow!(m).context(UsageError);
+        let given = [
+            self.creds.as_ref().map(|_| "--creds"),
+            self.nkey.as_ref().map(|_| "--nkey"),
+            self.user.as_ref().map(|_| "--user"),
+        ];
+        let given: Vec<&str> = given.into_iter().flatten().collect();
+        if given.len() > 1 {
+            return Err(usage(format!(
+                "give one NATS credential, not {} (or their FLOWLEDGER_NATS_* variables)",
+                given.join(" and ")
+            )));
+        }
+        let mut o = async_nats::ConnectOptions::new();
+        if let Some(path) = &self.creds {
+            o = o.credentials_file(path).await.map_err(|e| {
+                usage(format!(
+                    "--creds {}: not a readable NATS credentials file: {}",
+                    path.display(),
+                    e.kind()
+                ))
+            })?;
+        }
+        if let Some(path) = &self.nkey {
+            o = o.nkey(read_nkey_seed(path).map_err(usage)?);
+        }
+        match (&self.user, &self.password) {
+            (Some(user), Some(Password(password))) => {
+                if user.is_empty() {
+                    return Err(usage("--user: the NATS user name is empty".into()));
+                }
+                o = o.user_and_password(user.clone(), password.clone());
+            }
+            (Some(_), None) => {
+                return Err(usage(
+                    "--user needs --password (or FLOWLEDGER_NATS_PASSWORD)".into(),
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(usage(
+                    "--password needs --user (or FLOWLEDGER_NATS_USER)".into(),
+                ))
+            }
+            (None, None) => {}
+        }
+        let prefix = match (&self.inbox_prefix, &self.user) {
+            (Some(p), _) => Some(p.clone()),
+            (None, Some(user)) => Some(format!("_INBOX_{user}")),
+            (None, None) => None,
+        };
+        if let Some(p) = prefix {
+            let token_ok = |t: &str| !t.is_empty() && !t.contains(['*', '>']);
+            if !p.split('.').all(token_ok) || p.contains(char::is_whitespace) {
+                return Err(usage(format!(
+                    "--inbox-prefix {p:?} is not a subject prefix (tokens without spaces or wildcards)"
+                )));
+            }
+            o = o.custom_inbox_prefix(p);
+        }
+        if let Some(ca) = &self.tlscacert {
+            if !ca.is_file() {
+                return Err(usage(format!("--tlscacert {}: no such file", ca.display())));
+            }
+            o = o.add_root_certificates(ca.clone()).require_tls(true);
+        }
+        Ok(o)
+    }
+}
+
+/// The seed in an NKey seed file: its first line that starts with `S`
+/// (a seed file may hold comments). Errors never quote the file.
+fn read_nkey_seed(path: &std::path::Path) -> Result<String, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("--nkey {}: cannot read it: {}", path.display(), e.kind()))?;
+    text.lines()
+        .map(str::trim)
+        .find(|l| l.starts_with('S') && l.len() > 2)
+        .map(str::to_string)
+        .ok_or_else(|| {
+            format!(
+                "--nkey {}: holds no NKey seed (a line starting with `S`, e.g. `SU...`)",
+                path.display()
+            )
+        })
 }
 
 /// The subcommands.
@@ -99,8 +245,10 @@ pub(crate) enum Command {
     Submit {
         #[arg(long)]
         workflow: String,
+        /// The job's client: the NATS user's own id (its default); another
+        /// is refused.
         #[arg(long)]
-        client: String,
+        client: Option<String>,
         /// Job input as JSON.
         #[arg(long, default_value = "{}")]
         input: String,
@@ -445,17 +593,32 @@ fn log_config(g: &Global, replicas: usize, duplicate_window: Duration) -> LogCon
 }
 
 async fn connect(g: &Global) -> anyhow::Result<async_nats::Client> {
-    async_nats::ConnectOptions::new()
+    let url = crate::commands::redact::display(&g.nats_url);
+    let options = g.nats_auth.options().await?;
+    options
         .name("flowledger")
         .connection_timeout(Duration::from_secs(5))
         .max_reconnects(Some(3))
         .connect(&g.nats_url)
         .await
-        .map_err(|e| anyhow::Error::new(e).context(Unreachable))
+        .map_err(|e| {
+            let unreachable = !matches!(
+                e.kind(),
+                async_nats::ConnectErrorKind::AuthorizationViolation
+                    | async_nats::ConnectErrorKind::Authentication
+            );
+            let e = anyhow::Error::new(e);
+            // a refused credential is the caller's to fix (exit 2)
+            if unreachable {
+                e.context(Unreachable)
+            } else {
+                e.context(UsageError)
+            }
+        })
         .with_context(|| {
             format!(
-                "cannot connect to NATS at {} (start nats-server, or set --nats-url)",
-                g.nats_url
+                "cannot connect to NATS at {url} (start nats-server, set --nats-url, \
+                 or give a credential it knows: --user/--password, --creds, --nkey)"
             )
         })
 }
@@ -484,7 +647,11 @@ async fn request(
     )
     .await
     .map_err(|_| {
-        anyhow::anyhow!("no reply on {subject} within 10 s: is `flowledger serve` running?")
+        anyhow::anyhow!(
+            "no reply on {subject} within 10 s: is `flowledger serve` running, and may this \
+             NATS user publish commands and receive replies under its inbox prefix \
+             (--inbox-prefix)?"
+        )
     })?
     .map_err(|e| {
         anyhow::anyhow!("request on {subject} failed: {e} (is `flowledger serve` running?)")
@@ -551,8 +718,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let input: Value = serde_json::from_str(&input).map_err(|e| {
                 anyhow::anyhow!("--input is not valid JSON: {e}").context(UsageError)
             })?;
-            let mut body =
-                json!({"workflow_key": workflow, "client_id": client_id, "input": input});
+            let mut body = json!({"workflow_key": workflow, "input": input});
+            if let Some(c) = client_id {
+                body["client_id"] = json!(c);
+            }
             if let Some(p) = priority {
                 body["priority"] = json!(p);
             }
@@ -650,13 +819,18 @@ async fn serve(g: &Global, args: ServeArgs) -> anyhow::Result<ExitCode> {
         max_timeout_seconds: args.max_timeout_seconds,
         callback_sealer: config.seal_keys().context(UsageError)?,
         intake: true,
+        nats_accounts: config.nats.clone(),
         checkpoints,
         database,
     };
     let app = Application::build(settings).await.map_err(|e| match e {
         BuildError::Database(_) => anyhow::Error::new(e).context(Unreachable),
-        BuildError::Listen { .. } => anyhow::Error::new(e).context(UsageError),
-        BuildError::Subscribe(_) => anyhow::Error::new(e).context(Unreachable),
+        BuildError::Listen { .. } | BuildError::CommandsNotVouched => {
+            anyhow::Error::new(e).context(UsageError)
+        }
+        BuildError::Subscribe(_) | BuildError::Unconfirmed(_) => {
+            anyhow::Error::new(e).context(Unreachable)
+        }
     })?;
     app.run_until(async {
         shutdown_signal().await;
@@ -870,5 +1044,84 @@ async fn audit(g: &Global, a: AuditCommand) -> anyhow::Result<ExitCode> {
                 Err(e) => Err(e.into()),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn auth(args: &[&str]) -> NatsAuth {
+        let mut argv = vec!["flowledger"];
+        argv.extend_from_slice(args);
+        argv.push("audit");
+        argv.push("digest");
+        Cli::try_parse_from(argv).expect("parses").global.nats_auth
+    }
+
+    async fn refused(a: &NatsAuth) -> String {
+        let e = a.options().await.expect_err("refused");
+        assert!(e.downcast_ref::<UsageError>().is_some(), "{e:#}");
+        format!("{e:#}")
+    }
+
+    #[tokio::test]
+    async fn one_credential_at_most_and_a_user_needs_a_password() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let seed = dir.path().join("user.nk");
+        std::fs::write(
+            &seed,
+            "SUACSSL3UAHUDXKFSNVUZRF5UHPMWZ6BFDTJ7M6USDXIEDNPPQYYYCU3VY\n",
+        )
+        .expect("write");
+        let seed = seed.to_str().expect("utf-8");
+        let m = refused(&auth(&["--nkey", seed, "--user", "u", "--password", "p"])).await;
+        assert!(m.contains("--nkey and --user"), "{m}");
+        let m = refused(&auth(&["--user", "u"])).await;
+        assert!(m.contains("--password"), "{m}");
+        let m = refused(&auth(&["--password", "s3cret-pw"])).await;
+        assert!(m.contains("--user") && !m.contains("s3cret-pw"), "{m}");
+        auth(&["--nkey", seed])
+            .options()
+            .await
+            .expect("a seed file");
+        auth(&["--user", "u", "--password", "p"])
+            .options()
+            .await
+            .expect("a user and password");
+    }
+
+    #[tokio::test]
+    async fn errors_name_the_file_never_its_secret() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let not_a_seed = dir.path().join("bad.nk");
+        std::fs::write(&not_a_seed, "topsecret-value\n").expect("write");
+        let m = refused(&auth(&["--nkey", not_a_seed.to_str().expect("utf-8")])).await;
+        assert!(m.contains("bad.nk") && !m.contains("topsecret"), "{m}");
+        let creds = dir.path().join("bad.creds");
+        std::fs::write(&creds, "topsecret-value\n").expect("write");
+        let m = refused(&auth(&["--creds", creds.to_str().expect("utf-8")])).await;
+        assert!(m.contains("bad.creds") && !m.contains("topsecret"), "{m}");
+        let m = refused(&auth(&["--nkey", "/nonexistent/x.nk"])).await;
+        assert!(m.contains("/nonexistent/x.nk"), "{m}");
+        let m = refused(&auth(&["--tlscacert", "/nonexistent/ca.pem"])).await;
+        assert!(m.contains("--tlscacert"), "{m}");
+        let m = refused(&auth(&[
+            "--user",
+            "u",
+            "--password",
+            "p",
+            "--inbox-prefix",
+            "a.>",
+        ]))
+        .await;
+        assert!(m.contains("--inbox-prefix"), "{m}");
+    }
+
+    #[test]
+    fn a_password_is_never_shown_by_debug() {
+        let a = auth(&["--user", "u", "--password", "s3cret-pw"]);
+        let shown = format!("{a:?}");
+        assert!(!shown.contains("s3cret-pw"), "{shown}");
     }
 }

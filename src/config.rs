@@ -25,6 +25,69 @@ pub struct Config {
     /// the n8n endpoint gets 401.
     #[serde(default)]
     pub clients: Vec<ClientEntry>,
+    /// `[nats]`: which NATS accounts' users have which role on the command
+    /// subjects.
+    #[serde(default)]
+    pub nats: NatsSection,
+}
+
+/// `[nats]`: the role of a NATS command's sender, by the account the
+/// broker says it belongs to (its `Nats-Request-Info` header,
+/// docs/adr/0008-nats-identity.md). A command from an account in none of
+/// the lists is refused `unauthenticated`. The defaults are the accounts
+/// of nats/production.conf.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct NatsSection {
+    /// Accounts whose users are clients (the user name is the client id).
+    pub client_accounts: Vec<String>,
+    /// Accounts whose users are operators.
+    pub operator_accounts: Vec<String>,
+    /// Accounts whose users are the job handler.
+    pub handler_accounts: Vec<String>,
+}
+
+impl Default for NatsSection {
+    fn default() -> Self {
+        NatsSection {
+            client_accounts: vec!["CLIENTS".into()],
+            operator_accounts: vec!["OPERATORS".into()],
+            handler_accounts: vec!["HANDLER".into()],
+        }
+    }
+}
+
+impl NatsSection {
+    /// Each list with its setting's name.
+    pub fn lists(&self) -> [(&'static str, &[String]); 3] {
+        [
+            ("client_accounts", &self.client_accounts),
+            ("operator_accounts", &self.operator_accounts),
+            ("handler_accounts", &self.handler_accounts),
+        ]
+    }
+
+    /// Refuses a blank account name and an account in two lists (its
+    /// users' role would be ambiguous).
+    pub fn check(&self) -> Result<(), String> {
+        let mut seen = std::collections::BTreeMap::new();
+        for (setting, accounts) in self.lists() {
+            for a in accounts {
+                if a.trim().is_empty() || a.chars().any(char::is_control) {
+                    return Err(format!(
+                        "nats.{setting}: account names must be non-blank, without control characters, got {a:?}"
+                    ));
+                }
+                if let Some(other) = seen.insert(a.as_str(), setting) {
+                    return Err(format!(
+                        "nats: account {a:?} is in both nats.{other} and nats.{setting}; \
+                         give each account one role"
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 /// `[handler]`: how the job handler runs and retries failed attempts
@@ -228,6 +291,7 @@ impl Config {
                 "callbacks.timestamp_window_seconds must be 1 to 86400 (a day)".into(),
             ));
         }
+        c.nats.check().map_err(invalid)?;
         let mut ids = std::collections::BTreeSet::new();
         for (i, client) in c.clients.iter().enumerate() {
             if client.id.trim().is_empty() || !ids.insert(client.id.as_str()) {
@@ -317,5 +381,33 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("handler.max_concurrent_jobs"), "{e}");
+        let e = Config::parse(
+            Path::new("c.toml"),
+            "[nats]\nclient_accounts = [\"A\"]\noperator_accounts = [\"A\"]\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("nats.client_accounts") && e.contains("nats.operator_accounts"),
+            "{e}"
+        );
+        let e = Config::parse(Path::new("c.toml"), "[nats]\nhandler_accounts = [\" \"]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("nats.handler_accounts"), "{e}");
+    }
+
+    #[test]
+    fn the_nats_accounts_default_to_those_of_the_production_server_config() {
+        let c = Config::parse(Path::new("c.toml"), "").expect("empty is all defaults");
+        let conf = std::fs::read_to_string("nats/production.conf").expect("nats/production.conf");
+        for (_, accounts) in c.nats.lists() {
+            for a in accounts {
+                assert!(
+                    conf.contains(&format!("  {a}: {{")),
+                    "{a} not in nats/production.conf"
+                );
+            }
+        }
     }
 }

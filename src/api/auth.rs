@@ -1,6 +1,6 @@
-//! Who is calling: bearer tokens bound to client ids (docs/CONFIGURATION.md,
-//! `[[clients]]`), the operator role, and the per-client rate limit on job
-//! submission.
+//! Who is calling over HTTP: bearer tokens bound to client ids and their
+//! roles (docs/CONFIGURATION.md, `[[clients]]`; the roles' checks are in
+//! `caller`), and the per-client rate limit on job submission.
 //!
 //! Tokens are never stored: the configuration holds their SHA-256, and a
 //! request's token is hashed and looked up. Neither a token nor its hash is
@@ -17,41 +17,9 @@ use axum::response::Response;
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 
+use super::caller::Caller;
 use super::http::{ApiError, AppState};
-use crate::config::{ClientEntry, Role};
-use crate::events::envelope::Actor;
-
-/// An authenticated caller, put in the request's extensions by
-/// [`authenticate`].
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Caller {
-    /// The `[[clients]]` id the token belongs to; the actor's `client_id` on
-    /// the events its commands write.
-    pub client_id: String,
-    /// Whether the caller may also decide approvals and flip the kill-switch.
-    pub role: Role,
-}
-
-impl Caller {
-    /// The identity recorded on the events this caller's commands write.
-    pub fn actor(&self, user_id: Option<String>) -> Actor {
-        Actor {
-            client_id: self.client_id.clone(),
-            user_id,
-        }
-    }
-
-    /// Refuses callers without the operator role.
-    pub fn require_operator(&self, what: &str) -> Result<(), ApiError> {
-        match self.role {
-            Role::Operator => Ok(()),
-            Role::Client => Err(ApiError::Forbidden(format!(
-                "{what} needs the operator role; client {:?} has the client role",
-                self.client_id
-            ))),
-        }
-    }
-}
+use crate::config::ClientEntry;
 
 /// The configured clients, by token hash, and their submission allowances.
 pub struct Clients {
@@ -80,7 +48,7 @@ impl Clients {
                 hash,
                 Caller {
                     client_id: e.id.clone(),
-                    role: e.role,
+                    role: e.role.into(),
                 },
             );
             limiters.insert(
@@ -160,6 +128,8 @@ pub async fn authenticate(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::api::caller::Role as CallerRole;
+    use crate::config::Role;
 
     fn clients() -> Clients {
         let hash = |t: &str| hex::encode(crate::events::chain::sha256(t.as_bytes()));
@@ -183,9 +153,12 @@ mod tests {
     fn tokens_map_to_their_client_and_role() {
         let c = clients();
         let b = c.identify(Some("Bearer tok-b")).expect("billing's token");
-        assert_eq!((b.client_id.as_str(), b.role), ("billing", Role::Client));
+        assert_eq!(
+            (b.client_id.as_str(), b.role),
+            ("billing", CallerRole::Client)
+        );
         let o = c.identify(Some("Bearer tok-o")).expect("ops' token");
-        assert_eq!(o.role, Role::Operator);
+        assert_eq!(o.role, CallerRole::Operator);
         assert!(b.require_operator("approving").is_err());
         assert!(o.require_operator("approving").is_ok());
     }

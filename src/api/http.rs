@@ -76,10 +76,6 @@ pub enum ApiError {
     /// bearer token.
     #[error("{0}")]
     Unauthenticated(String),
-    /// 403 `forbidden`: the caller may not do this (another client's job,
-    /// or an operator-only action).
-    #[error("{0}")]
-    Forbidden(String),
     /// 429 `rate_limited` with `Retry-After`: wait, then submit again.
     #[error("client {client_id:?} is over its rate limit for job submissions; retry after {retry_after} s")]
     RateLimited {
@@ -122,7 +118,6 @@ impl ApiError {
             ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             ApiError::Unauthenticated(_) => (StatusCode::UNAUTHORIZED, "unauthenticated"),
-            ApiError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
             ApiError::RateLimited { .. } | ApiError::SourceRateLimited { .. } => {
                 (StatusCode::TOO_MANY_REQUESTS, "rate_limited")
             }
@@ -131,6 +126,8 @@ impl ApiError {
             ApiError::Command(e) => {
                 let status = match e.code {
                     ErrorCode::Validation => StatusCode::BAD_REQUEST,
+                    ErrorCode::Unauthenticated => StatusCode::UNAUTHORIZED,
+                    ErrorCode::Forbidden => StatusCode::FORBIDDEN,
                     ErrorCode::NotFound => StatusCode::NOT_FOUND,
                     ErrorCode::Conflict | ErrorCode::Rejected => StatusCode::CONFLICT,
                     ErrorCode::Unavailable => StatusCode::SERVICE_UNAVAILABLE,

@@ -1,8 +1,12 @@
 //! Entry points other services use: command intake over NATS request/reply,
 //! and the HTTP API (reads over the projections, commands, n8n callbacks).
+//! Both identify the caller (`auth` over HTTP, `broker_identity` over NATS)
+//! and apply the same role checks (`caller`).
 
 pub mod auth;
 mod body;
+pub mod broker_identity;
+pub mod caller;
 pub mod http;
 pub mod n8n;
 pub mod nats;

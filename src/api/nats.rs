@@ -1,6 +1,9 @@
 //! Command intake: `flow.cmd.<aggregate_type>.<command>` over NATS
 //! request/reply. JSON in; JSON out: a receipt or `{code, message}`.
-//! Nothing is appended unless the whole request is valid.
+//! The caller is the one the broker vouches for (`broker_identity`), never
+//! a body field; its role decides which commands it may send ([`roles`]).
+//! Nothing is appended unless the caller may send the command and the
+//! whole request is valid.
 
 use std::sync::Arc;
 
@@ -11,14 +14,17 @@ use serde_json::{json, Map, Value};
 use uuid::Uuid;
 
 use super::body::{from_fields, parse_object};
+use super::broker_identity::Accounts;
+use super::caller::{Caller, Role};
 use crate::bus::{ids, CommandBus, CommandError};
 use crate::commands::approval::{ApprovalCommand, Decide, RequestApproval};
 use crate::commands::job::{
     CancelJob, CompleteJob, FailJob, JobCommand, RecordCallback, RecordStepResult, StartAttempt,
     StartJob, SubmitJob,
 };
+use crate::commands::ErrorCode;
 use crate::events::chain;
-use crate::events::envelope::{Actor, CommandMeta};
+use crate::events::envelope::CommandMeta;
 use crate::events::log::valid_aggregate_id;
 use crate::events::store::Receipt;
 
@@ -44,6 +50,26 @@ pub const KNOWN_COMMANDS: &[&str] = &[
     "approval.reject",
     "approval.expire",
 ];
+
+/// Who may send `command` (`<aggregate_type>.<command>`) over NATS;
+/// `None` for an unknown command. Clients and operators submit and cancel
+/// jobs (a client only its own); approvals are the operators' (the handler
+/// also requests and expires them); the handler's own commands are the
+/// handler's alone.
+pub fn roles(command: &str) -> Option<&'static [Role]> {
+    Some(match command {
+        "job.submit" | "job.cancel" => &[Role::Client, Role::Operator],
+        "job.start"
+        | "job.start_attempt"
+        | "job.record_step_result"
+        | "job.complete"
+        | "job.fail"
+        | "job.record_callback" => &[Role::Handler],
+        "approval.approve" | "approval.reject" => &[Role::Operator],
+        "approval.request" | "approval.expire" => &[Role::Operator, Role::Handler],
+        _ => return None,
+    })
+}
 
 /// The reply to an accepted command: the receipt with `"ok": true`.
 pub fn receipt_json(r: &Receipt) -> Value {
@@ -95,15 +121,24 @@ fn take_id(
     }
 }
 
-/// Parses a request body for `aggregate_type.command` into a command and
-/// its metadata. Pure: no I/O.
+/// Parses a request body for `aggregate_type.command` from `caller` into a
+/// command and its metadata; the actor is `caller`. A field that names the
+/// caller (`client_id` of `job.submit`, `decided_by`) is the caller's id
+/// when absent ([`check_caller`] refuses another). Pure: no I/O; every
+/// error is `validation`.
 pub(super) fn parse(
+    caller: &Caller,
     aggregate_type: &str,
     command: &str,
     body: &[u8],
 ) -> Result<(Parsed, CommandMeta), CommandError> {
     let value = parse_object(body, false)?;
-    let command_hash = chain::to_hex(&chain::sha256(value.to_string().as_bytes()));
+    // the same command id and body from another caller is another command
+    let command_hash = chain::to_hex(&chain::sha256(
+        json!({"client_id": caller.client_id, "body": value})
+            .to_string()
+            .as_bytes(),
+    ));
     let Value::Object(mut map) = value else {
         unreachable!("parse_object returns an object")
     };
@@ -120,25 +155,44 @@ pub(super) fn parse(
     let correlation_id =
         take_string(&mut map, "correlation_id")?.unwrap_or_else(|| command_id.clone());
     let causation_id = take_string(&mut map, "causation_id")?.unwrap_or_else(|| command_id.clone());
-    let actor: Option<Actor> = match map.remove("actor") {
+    let user_id = take_string(&mut map, "user_id")?;
+    // `actor` is what senders wrote before the broker vouched for them: its
+    // client_id is ignored, its user_id kept
+    let actor: Option<ActorIn> = match map.remove("actor") {
         None | Some(Value::Null) => None,
-        Some(v) => Some(
-            from_fields::<ActorIn>(v)
-                .map_err(|mut e| {
-                    e.field = Some(match e.field.take() {
-                        Some(f) if f.starts_with('[') => format!("actor{f}"),
-                        Some(f) => format!("actor.{f}"),
-                        // `actor` itself is wrong (not an object): name it
-                        None => {
-                            e.message = format!("field `actor`: {}", e.message);
-                            "actor".into()
-                        }
-                    });
-                    e
-                })?
-                .into(),
-        ),
+        Some(v) => Some(from_fields::<ActorIn>(v).map_err(|mut e| {
+            e.field = Some(match e.field.take() {
+                Some(f) if f.starts_with('[') => format!("actor{f}"),
+                Some(f) => format!("actor.{f}"),
+                // `actor` itself is wrong (not an object): name it
+                None => {
+                    e.message = format!("field `actor`: {}", e.message);
+                    "actor".into()
+                }
+            });
+            e
+        })?),
     };
+    let user_id = match (user_id, actor.and_then(|a| a.user_id)) {
+        (Some(u), Some(a)) if u != a => {
+            return Err(CommandError::validation(
+                Some("user_id"),
+                "field `user_id`: differs from `actor.user_id`; give one of them",
+            ))
+        }
+        (u, a) => u.or(a),
+    };
+    // a field naming the caller is the caller when absent
+    let default_to_caller = |key: &str, map: &mut Map<String, Value>| {
+        if matches!(map.get(key), None | Some(Value::Null)) {
+            map.insert(key.into(), json!(caller.client_id));
+        }
+    };
+    match (aggregate_type, command) {
+        ("job", "submit") => default_to_caller("client_id", &mut map),
+        ("approval", "approve" | "reject") => default_to_caller("decided_by", &mut map),
+        _ => {}
+    }
     let now = Utc::now();
     let fields = Value::Object(map);
     let rest = |id_key: &str, required: bool| -> Result<(String, Value), CommandError> {
@@ -235,28 +289,13 @@ pub(super) fn parse(
             from_fields::<NoFields>(v)?;
             Parsed::Approval(id, ApprovalCommand::Expire { at: now })
         }
-        _ => {
-            let known = KNOWN_COMMANDS.join(", ");
-            let message = format!("unknown command {aggregate_type}.{command}: known are {known}");
-            return Err(CommandError::validation(None, message));
-        }
-    };
-    let actor = match (actor, &parsed) {
-        (Some(a), _) => a,
-        (None, Parsed::Job(_, JobCommand::Submit(s))) => Actor {
-            client_id: s.client_id.clone(),
-            user_id: None,
-        },
-        (None, _) => Actor {
-            client_id: "anonymous".into(),
-            user_id: None,
-        },
+        _ => return Err(unknown_command(aggregate_type, command)),
     };
     Ok((
         parsed,
         CommandMeta {
             command_id,
-            actor,
+            actor: caller.actor(user_id),
             correlation_id,
             causation_id,
             command_hash,
@@ -264,25 +303,47 @@ pub(super) fn parse(
     ))
 }
 
+/// The `actor` field senders wrote before the broker vouched for them.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ActorIn {
-    client_id: String,
+    /// Ignored: the caller is who the broker says.
+    #[serde(rename = "client_id")]
+    _client_id: Option<String>,
     user_id: Option<String>,
 }
 
-impl From<ActorIn> for Actor {
-    fn from(a: ActorIn) -> Self {
-        Actor {
-            client_id: a.client_id,
-            user_id: a.user_id,
+/// Refuses a parsed command whose body names another party than `caller`
+/// where only the caller may stand: a submission's `client_id` (a caller
+/// submits only its own jobs, as over HTTP) and a decision's `decided_by`
+/// (the person goes in `user_id`). Code `forbidden`.
+pub(super) fn check_caller(caller: &Caller, parsed: &Parsed) -> Result<(), CommandError> {
+    match parsed {
+        Parsed::Job(_, JobCommand::Submit(s)) => {
+            caller.check_names_self("client_id", Some(&s.client_id))
         }
+        Parsed::Approval(
+            _,
+            ApprovalCommand::Approve { decision, .. } | ApprovalCommand::Reject { decision, .. },
+        ) => caller.check_names_self("decided_by", Some(&decision.decided_by)),
+        _ => Ok(()),
     }
 }
 
-/// Handles one request addressed to `subject`; never panics on input.
+fn unknown_command(aggregate_type: &str, command: &str) -> CommandError {
+    let known = KNOWN_COMMANDS.join(", ");
+    let message = format!("unknown command {aggregate_type}.{command}: known are {known}");
+    CommandError::validation(None, message)
+}
+
+/// Handles one request from `caller` addressed to `subject`: checks the
+/// caller's role for the command, parses, checks the body names no one
+/// else, and for `job.cancel` that the job is the caller's (another
+/// client's job answers `not_found`, like a missing one), then executes.
+/// Never panics on input.
 pub async fn handle(
     bus: &CommandBus,
+    caller: &Caller,
     subject: &str,
     body: &[u8],
 ) -> Result<Arc<Receipt>, CommandError> {
@@ -298,7 +359,18 @@ pub async fn handle(
         );
         return Err(CommandError::validation(None, message));
     };
-    let (parsed, meta) = parse(aggregate_type, command, body)?;
+    let name = format!("{aggregate_type}.{command}");
+    let roles = roles(&name).ok_or_else(|| unknown_command(aggregate_type, command))?;
+    caller.require(roles, &name).map_err(|mut e| {
+        e.message
+            .push_str(" (a NATS user's role is its account's: [nats] in the configuration)");
+        e
+    })?;
+    let (parsed, meta) = parse(caller, aggregate_type, command, body)?;
+    check_caller(caller, &parsed)?;
+    if let Parsed::Job(id, JobCommand::Cancel(_)) = &parsed {
+        caller.check_job(bus, id).await?;
+    }
     match parsed {
         Parsed::Job(id, c) => bus.job(&id, c, &meta).await.map_err(Into::into),
         Parsed::Approval(id, c) => bus.approval(&id, c, &meta).await.map_err(Into::into),
@@ -321,19 +393,38 @@ pub async fn subscribe(
 }
 
 /// Answers the requests of `sub` until the subscription ends; each request
-/// runs in its own task.
+/// runs in its own task. The caller of each is the one the broker names in
+/// its `Nats-Request-Info` header, its role given by `accounts`; a request
+/// without one is refused `unauthenticated`. Refusals for who the caller
+/// is are counted in `flowledger_nats_commands_refused_total{code}`.
 pub async fn serve(
     bus: Arc<CommandBus>,
     client: async_nats::Client,
     mut sub: async_nats::Subscriber,
+    accounts: Arc<Accounts>,
 ) {
     while let Some(msg) = sub.next().await {
         let bus = bus.clone();
         let client = client.clone();
+        let accounts = accounts.clone();
         tokio::spawn(async move {
-            let reply = match handle(&bus, msg.subject.as_str(), &msg.payload).await {
+            let handled = match accounts.caller(msg.headers.as_ref()) {
+                Ok(caller) => handle(&bus, &caller, msg.subject.as_str(), &msg.payload).await,
+                Err(e) => Err(e),
+            };
+            let reply = match handled {
                 Ok(r) => receipt_json(&r),
-                Err(e) => e.to_json(),
+                Err(e) => {
+                    if matches!(e.code, ErrorCode::Unauthenticated | ErrorCode::Forbidden) {
+                        metrics::counter!(
+                            "flowledger_nats_commands_refused_total",
+                            "code" => e.code.as_str()
+                        )
+                        .increment(1);
+                        tracing::debug!(subject = %msg.subject, code = e.code.as_str(), error = %e, "command refused");
+                    }
+                    e.to_json()
+                }
             };
             if let Some(to) = msg.reply {
                 if let Err(e) = client.publish(to, reply.to_string().into()).await {
@@ -347,10 +438,17 @@ pub async fn serve(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::commands::ErrorCode;
+
+    fn caller(id: &str, role: Role) -> Caller {
+        Caller::new(id, role)
+    }
+
+    fn billing() -> Caller {
+        caller("billing", Role::Client)
+    }
 
     fn err(t: &str, c: &str, body: &str) -> CommandError {
-        match parse(t, c, body.as_bytes()) {
+        match parse(&billing(), t, c, body.as_bytes()) {
             Err(e) => e,
             Ok(_) => panic!("{t}.{c} {body} should be refused"),
         }
@@ -422,10 +520,104 @@ mod tests {
     }
 
     #[test]
-    fn same_body_same_hash_regardless_of_spacing() {
-        let (_, a) = parse("job", "start", br#"{"job_id":"j","command_id":"c"}"#).unwrap();
-        let (_, b) = parse("job", "start", br#"{ "command_id": "c",  "job_id": "j" }"#).unwrap();
+    fn same_body_same_hash_regardless_of_spacing_another_caller_another_hash() {
+        let h = caller("handler", Role::Handler);
+        let (_, a) = parse(&h, "job", "start", br#"{"job_id":"j","command_id":"c"}"#).unwrap();
+        let (_, b) = parse(
+            &h,
+            "job",
+            "start",
+            br#"{ "command_id": "c",  "job_id": "j" }"#,
+        )
+        .unwrap();
         assert_eq!(a.command_hash, b.command_hash);
         assert_eq!(a.command_id, "c");
+        let other = caller("handler-2", Role::Handler);
+        let (_, c) = parse(
+            &other,
+            "job",
+            "start",
+            br#"{"job_id":"j","command_id":"c"}"#,
+        )
+        .unwrap();
+        assert_ne!(a.command_hash, c.command_hash);
+    }
+
+    #[test]
+    fn the_actor_is_the_caller_whatever_the_body_says() {
+        let ops = caller("ops", Role::Operator);
+        let body = br#"{"approval_id":"j","reason":"ok","actor":{"client_id":"mallory","user_id":"alice"}}"#;
+        let (parsed, meta) = parse(&ops, "approval", "approve", body).unwrap();
+        assert_eq!(meta.actor, ops.actor(Some("alice".into())));
+        let Parsed::Approval(_, ApprovalCommand::Approve { decision, .. }) = &parsed else {
+            panic!("an approval")
+        };
+        assert_eq!(
+            decision.decided_by, "ops",
+            "decided_by defaults to the caller"
+        );
+        let (_, meta) = parse(
+            &ops,
+            "approval",
+            "expire",
+            br#"{"approval_id":"j","user_id":"alice"}"#,
+        )
+        .unwrap();
+        assert_eq!(meta.actor, ops.actor(Some("alice".into())));
+        let e = err(
+            "job",
+            "cancel",
+            r#"{"job_id":"j","user_id":"a","actor":{"user_id":"b"}}"#,
+        );
+        assert_eq!(e.field.as_deref(), Some("user_id"));
+    }
+
+    #[test]
+    fn a_body_naming_another_party_is_forbidden() {
+        let submit = |client: &str| {
+            let body = format!(r#"{{"workflow_key":"a","client_id":"{client}"}}"#);
+            let (parsed, _) = parse(&billing(), "job", "submit", body.as_bytes()).unwrap();
+            check_caller(&billing(), &parsed)
+        };
+        assert!(submit("billing").is_ok());
+        assert_eq!(submit("ops").unwrap_err().code, ErrorCode::Forbidden);
+        let (parsed, _) = parse(&billing(), "job", "submit", br#"{"workflow_key":"a"}"#).unwrap();
+        let Parsed::Job(_, JobCommand::Submit(s)) = &parsed else {
+            panic!("a submission")
+        };
+        assert_eq!(s.client_id, "billing", "client_id defaults to the caller");
+        let ops = caller("ops", Role::Operator);
+        let (parsed, _) = parse(
+            &ops,
+            "approval",
+            "reject",
+            br#"{"approval_id":"j","reason":"no","decided_by":"alice"}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            check_caller(&ops, &parsed).unwrap_err().code,
+            ErrorCode::Forbidden
+        );
+    }
+
+    #[test]
+    fn every_known_command_has_roles_and_only_the_handler_sends_its_own() {
+        for name in KNOWN_COMMANDS {
+            assert!(roles(name).is_some(), "{name}");
+        }
+        assert_eq!(roles("job.explode"), None);
+        for name in [
+            "job.start",
+            "job.start_attempt",
+            "job.record_step_result",
+            "job.complete",
+            "job.fail",
+            "job.record_callback",
+        ] {
+            assert_eq!(roles(name), Some(&[Role::Handler][..]), "{name}");
+        }
+        for name in ["approval.approve", "approval.reject"] {
+            assert_eq!(roles(name), Some(&[Role::Operator][..]), "{name}");
+        }
     }
 }

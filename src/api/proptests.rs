@@ -22,7 +22,8 @@ use proptest::{collection, option};
 use serde_json::{json, Map, Number, Value};
 
 use super::body::parse_object;
-use super::nats::{parse, Parsed, KNOWN_COMMANDS};
+use super::caller::{Caller, Role};
+use super::nats::{Parsed, KNOWN_COMMANDS};
 use crate::bus::ids;
 use crate::commands::approval::events::{
     ApprovalDecided, ApprovalEvent, ApprovalExpired, ApprovalRequested,
@@ -809,6 +810,20 @@ fn names_a_field(field: &str, body: Option<&Map<String, Value>>, known: &[&str])
     })
 }
 
+/// The caller of every parsed command here (the parser takes its roles as
+/// given: `handle` checks them before it parses).
+const CALLER: &str = "prop-caller";
+
+/// The NATS parser, as called by `handle` for [`CALLER`].
+fn parse(
+    aggregate_type: &str,
+    command: &str,
+    bytes: &[u8],
+) -> Result<(Parsed, CommandMeta), crate::bus::CommandError> {
+    let caller = Caller::new(CALLER, Role::Operator);
+    super::nats::parse(&caller, aggregate_type, command, bytes)
+}
+
 /// Parses and checks what every outcome must satisfy. `Ok(Some(..))`: the
 /// command was accepted.
 fn check_parse(
@@ -850,6 +865,11 @@ fn check_parse(
             };
             prop_assert!(valid_aggregate_id(id), "id {:?}", id);
             prop_assert!(ids::caller_chosen_is_valid(&meta.command_id));
+            prop_assert_eq!(
+                &meta.actor.client_id,
+                CALLER,
+                "the actor is the caller, whatever the body says"
+            );
             for s in [&meta.correlation_id, &meta.causation_id] {
                 prop_assert!(!s.is_empty() && s.len() <= 128, "{:?}", s);
             }

@@ -14,16 +14,12 @@ use chrono::{DateTime, Utc};
 use serde_json::{json, Value};
 use sqlx::{QueryBuilder, Row};
 
-use super::auth::Caller;
+use super::caller::Caller;
 use super::http::{bad, ApiError, AppState};
-use crate::config::Role;
 
 /// The client whose jobs `caller` may read; `None`: all (operators).
 fn own_client(caller: &Caller) -> Option<String> {
-    match caller.role {
-        Role::Operator => None,
-        Role::Client => Some(caller.client_id.clone()),
-    }
+    caller.job_scope().map(str::to_string)
 }
 
 /// Restricts rows with a `job_id` column to `caller`'s jobs.

@@ -14,8 +14,8 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use uuid::Uuid;
 
-use super::auth::Caller;
 use super::body::{from_fields, parse_object};
+use super::caller::Caller;
 use super::http::{ApiError, AppState};
 use crate::bus::{ids, CommandError};
 use crate::commands::approval::{ApprovalCommand, ApprovalError, Decide};
@@ -23,7 +23,6 @@ use crate::commands::job::{CancelJob, JobCommand, SubmitJob};
 use crate::commands::registry::WorkflowDefinition;
 use crate::commands::workflow::{WorkflowCommand, WorkflowError};
 use crate::commands::DomainError;
-use crate::config::Role;
 use crate::events::chain;
 use crate::events::envelope::CommandMeta;
 use crate::events::log::valid_aggregate_id;
@@ -131,15 +130,7 @@ pub(crate) async fn jobs_submit(
 ) -> Result<Response, ApiError> {
     s.clients.take_submission(&caller)?;
     let (value, b) = parse_body::<SubmitBody>(&body)?;
-    if let Some(c) = &b.client_id {
-        if *c != caller.client_id {
-            return Err(ApiError::Forbidden(format!(
-                "client_id {c:?} is not the caller's client id {:?}; \
-                 a client submits only its own jobs",
-                caller.client_id
-            )));
-        }
-    }
+    caller.check_names_self("client_id", b.client_id.as_deref())?;
     let job_id = match &b.job_id {
         Some(id) => {
             check_id("job_id", id)?;
@@ -233,17 +224,8 @@ pub(crate) async fn jobs_cancel(
 ) -> Result<Json<Value>, ApiError> {
     check_id("id", &id)?;
     let (value, b) = parse_body::<ReasonBody>(&body)?;
-    let loaded = s
-        .bus
-        .load_job(&id)
-        .await
-        .map_err(|e| ApiError::Command(e.into()))?;
-    // another client's job answers as a missing one does: its existence
-    // is not the caller's to learn
-    let others = loaded.state.client_id != caller.client_id && caller.role != Role::Operator;
-    if loaded.version == 0 || others {
-        return Err(ApiError::NotFound(format!("job {id}")));
-    }
+    // another client's job answers as a missing one does
+    caller.check_job(&s.bus, &id).await?;
     let meta = meta(&caller, b.user_id, Uuid::now_v7().to_string(), &value);
     let receipt = s
         .bus

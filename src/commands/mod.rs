@@ -37,6 +37,12 @@ pub(crate) async fn write_decided<A: Aggregate>(
 pub enum ErrorCode {
     /// The request is malformed or a field is out of range; fix the request.
     Validation,
+    /// The caller could not be identified (no verified identity came with
+    /// the command); connect with a credential the system knows.
+    Unauthenticated,
+    /// The caller is known but may not send this command (another client's
+    /// job, or a command of another role).
+    Forbidden,
     /// The addressed aggregate does not exist.
     NotFound,
     /// A concurrent writer won, or a command id was reused for another command.
@@ -54,6 +60,8 @@ impl ErrorCode {
     pub fn as_str(self) -> &'static str {
         match self {
             ErrorCode::Validation => "validation",
+            ErrorCode::Unauthenticated => "unauthenticated",
+            ErrorCode::Forbidden => "forbidden",
             ErrorCode::NotFound => "not_found",
             ErrorCode::Conflict => "conflict",
             ErrorCode::Rejected => "rejected",

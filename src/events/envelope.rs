@@ -24,7 +24,8 @@ pub const FORMAT_VERSION: &str = "1";
 /// Who asked for the command.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct Actor {
-    /// The calling client: over HTTP the authenticated one; `n8n`,
+    /// The calling client: over HTTP the authenticated one, over NATS the
+    /// user the broker vouches for; `n8n`,
     /// `flowledger-handler` and `operator` for n8n results, the job handler
     /// and the command line.
     pub client_id: String,

@@ -688,14 +688,17 @@ async fn an_export_taken_under_load_ends_on_its_own_signature() {
     let app = spawn_app().await;
     history(&app).await;
     let writer = {
-        let client = app.client.clone();
+        let client = app.nats_as(Who::Billing).clone();
         tokio::spawn(async move {
             for i in 0..400 {
                 let body = json!({"job_id": format!("load-{i}"), "workflow_key": "invoice.extract",
                                   "client_id": "billing"});
-                let _ = client
+                let reply = client
                     .request("flow.cmd.job.submit", body.to_string().into())
-                    .await;
+                    .await
+                    .expect("a reply from the intake");
+                let v: Value = serde_json::from_slice(&reply.payload).unwrap();
+                assert_eq!(v["ok"], json!(true), "{v}");
             }
         })
     };
@@ -807,11 +810,9 @@ async fn the_cli_exits_1_names_the_sequence_and_says_it_in_words() {
     let app = spawn_app().await;
     history(&app).await;
     let dir = tempfile::tempdir().unwrap();
-    let bin = env!("CARGO_BIN_EXE_flowledger");
     let run = |args: &[&str], envs: &[(&str, &str)]| {
-        let mut c = std::process::Command::new(bin);
+        let mut c = app.nats.cli(Who::Service);
         c.args(args)
-            .env("FLOWLEDGER_NATS_URL", &app.nats.url)
             .env_remove("FLOWLEDGER_CHECKPOINT_KEY")
             .env_remove("FLOWLEDGER_CHECKPOINT_SIGNING_KEY")
             .env_remove("FLOWLEDGER_CHECKPOINT_KEYS");

@@ -54,9 +54,10 @@ async fn concurrent_creates_of_one_aggregate_let_exactly_one_win() {
             json!({"job_id": job, "command_id": cmd, "workflow_key": "invoice.extract", "client_id": "billing"}).to_string()
         };
         let (body_a, body_b) = (body(&format!("a-{round}")), body(&format!("b-{round}")));
+        let billing = Who::Billing.caller();
         let (a, b) = tokio::join!(
             app.handle("flow.cmd.job.submit", body_a.as_bytes()),
-            handle(&other, "flow.cmd.job.submit", body_b.as_bytes()),
+            handle(&other, &billing, "flow.cmd.job.submit", body_b.as_bytes()),
         );
         let wins = [a.is_ok(), b.is_ok()].iter().filter(|w| **w).count();
         assert_eq!(wins, 1, "round {round}: {a:?} / {b:?}");
@@ -123,6 +124,7 @@ async fn a_command_retried_after_another_writer_sees_the_new_state() {
     app.submit("two-writers", "c1").await;
     ok(handle(
         &other,
+        &caller_for("flow.cmd.job.start"),
         "flow.cmd.job.start",
         br#"{"job_id":"two-writers","command_id":"s"}"#,
     )
@@ -148,7 +150,13 @@ async fn a_duplicate_command_id_gives_the_same_reply_and_one_event() {
     let fresh = app.second_bus().await;
     let body = json!({"job_id": "dup", "command_id": "cmd-1", "workflow_key": "invoice.extract", "client_id": "billing", "input": {"n": 1}});
     let from_fresh = crate::helpers::ok(
-        handle(&fresh, "flow.cmd.job.submit", body.to_string().as_bytes()).await,
+        handle(
+            &fresh,
+            &caller_for("flow.cmd.job.submit"),
+            "flow.cmd.job.submit",
+            body.to_string().as_bytes(),
+        )
+        .await,
     );
     for r in [&again, &serde_json::to_value(&from_fresh).unwrap()] {
         assert_eq!(r["duplicate"], json!(true));
@@ -176,7 +184,13 @@ async fn a_duplicate_command_id_is_recognised_after_the_broker_window() {
     let fresh = app.second_bus().await;
     let body = json!({"job_id": "late-dup", "command_id": "cmd-late", "workflow_key": "invoice.extract", "client_id": "billing", "input": {"n": 1}});
     let r = crate::helpers::ok(
-        handle(&fresh, "flow.cmd.job.submit", body.to_string().as_bytes()).await,
+        handle(
+            &fresh,
+            &caller_for("flow.cmd.job.submit"),
+            "flow.cmd.job.submit",
+            body.to_string().as_bytes(),
+        )
+        .await,
     );
     assert!(r.duplicate);
     assert_eq!(json!(r.stream_seq), first["stream_seq"]);
@@ -193,6 +207,7 @@ async fn a_duplicate_command_id_is_recognised_after_the_broker_window() {
     let r = crate::helpers::ok(
         handle(
             &fresh,
+            &caller_for("flow.cmd.job.start"),
             "flow.cmd.job.start",
             br#"{"job_id":"late-dup","command_id":"start-1"}"#,
         )
@@ -361,27 +376,27 @@ async fn bad_requests_append_nothing_and_name_the_field() {
     for (command, body, field) in [
         (
             "job.submit",
-            json!({"workflow_key": "invoice.extract", "client_id": "c", "priority": 11}),
+            json!({"workflow_key": "invoice.extract", "client_id": "billing", "priority": 11}),
             None,
         ),
         (
             "job.submit",
-            json!({"workflow_key": "invoice.extract", "client_id": "c", "priority": "high"}),
+            json!({"workflow_key": "invoice.extract", "client_id": "billing", "priority": "high"}),
             Some("priority"),
         ),
         (
             "job.submit",
-            json!({"workflow_key": "invoice.extract", "client_id": "c", "extra": 1}),
+            json!({"workflow_key": "invoice.extract", "client_id": "billing", "extra": 1}),
             Some("extra"),
         ),
         (
             "job.submit",
-            json!({"client_id": "c"}),
+            json!({"client_id": "billing"}),
             Some("workflow_key"),
         ),
         (
             "job.submit",
-            json!({"workflow_key": "unknown", "client_id": "c"}),
+            json!({"workflow_key": "unknown", "client_id": "billing"}),
             None,
         ),
         ("job.start", json!({}), Some("job_id")),
@@ -398,7 +413,7 @@ async fn bad_requests_append_nothing_and_name_the_field() {
         }
     }
     let raw = app
-        .client
+        .nats_as(Who::Billing)
         .request("flow.cmd.job.submit", "{not json".into())
         .await
         .unwrap();
@@ -416,12 +431,17 @@ async fn approvals_are_decided_once() {
     app.submit("j", "submit-j").await;
     let r = app.send("approval.request", json!({"approval_id": "j", "job_id": "j", "workflow_key": "invoice.extract", "requested_by": "billing", "expires_at": expires})).await;
     assert_eq!(r["ok"], json!(true), "{r}");
-    let a = app.send("approval.approve", json!({"approval_id": "j", "decided_by": "alice", "reason": "ok", "actor": {"client_id": "ops", "user_id": "alice"}})).await;
+    let a = app
+        .send(
+            "approval.approve",
+            json!({"approval_id": "j", "reason": "ok", "user_id": "alice"}),
+        )
+        .await;
     assert_eq!(a["ok"], json!(true), "{a}");
     let b = app
         .send(
             "approval.reject",
-            json!({"approval_id": "j", "decided_by": "bob", "reason": "no"}),
+            json!({"approval_id": "j", "reason": "no"}),
         )
         .await;
     assert_eq!(code(&b), "rejected", "{b}");

@@ -293,9 +293,10 @@ async fn the_result_is_called_back_signed_and_retried() {
     assert_eq!(peer.received("/dead").len(), 3);
 }
 
-async fn send(h: &HandlerSide, subject: &str, body: Value) -> Value {
+/// A command from `caller`, in process, on the handler's bus.
+async fn send(h: &HandlerSide, caller: &Caller, subject: &str, body: Value) -> Value {
     let subject = format!("flow.cmd.{subject}");
-    reply(handle(&h.bus, &subject, body.to_string().as_bytes()).await)
+    reply(handle(&h.bus, caller, &subject, body.to_string().as_bytes()).await)
 }
 
 #[tokio::test]
@@ -320,6 +321,7 @@ async fn cancel_aborts_in_flight_calls() {
     }
     let r = send(
         &h,
+        &client("tests"),
         "job.cancel",
         json!({"job_id": "cx-1", "reason": "user asked", "actor": {"client_id": "tests"}}),
     )
@@ -396,7 +398,13 @@ async fn approvals_gate_the_job() {
         peer.received("/s").is_empty(),
         "no step runs before the approval"
     );
-    let r = send(&h, "approval.approve", json!({"approval_id": "ap-yes", "decided_by": "alice", "reason": "checked", "actor": {"client_id": "ops", "user_id": "alice"}})).await;
+    let r = send(
+        &h,
+        &operator("alice"),
+        "approval.approve",
+        json!({"approval_id": "ap-yes", "reason": "checked"}),
+    )
+    .await;
     assert_eq!(r["ok"], true, "{r}");
     let v = h.settled("ap-yes").await;
     assert_eq!(v.status, JobStatus::Completed);
@@ -408,12 +416,14 @@ async fn approvals_gate_the_job() {
     // rejected: the job fails with the reason, no step is called
     h.submit("ap-no", "w", json!({})).await;
     approval_pending(&h, "ap-no").await;
-    send(
+    let r = send(
         &h,
+        &operator("bob"),
         "approval.reject",
         json!({"approval_id": "ap-no", "decided_by": "bob", "reason": "wrong amount"}),
     )
     .await;
+    assert_eq!(r["ok"], true, "{r}");
     let v = h.settled("ap-no").await;
     assert_eq!(v.status, JobStatus::Failed);
     assert_eq!(v.error_code.as_deref(), Some("approval_rejected"));
@@ -511,11 +521,11 @@ async fn sigkill_mid_job_loses_nothing_and_repeats_nothing() {
     .unwrap();
     let spawn_serve = || start_serve(&app, &read.url, &registry, None);
     let mut serve = spawn_serve();
-    let submit = json!({"job_id": "crash-1", "workflow_key": "w", "client_id": "tests"});
+    let submit = json!({"job_id": "crash-1", "workflow_key": "w", "client_id": "billing"});
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     loop {
         let r = app
-            .client
+            .nats_as(Who::Billing)
             .request("flow.cmd.job.submit", submit.to_string().into())
             .await;
         if let Ok(m) = r {

@@ -4,6 +4,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+pub(crate) use flowledger::api::caller::{Caller, Role};
 use flowledger::app::{Application, DatabaseSettings, HttpSettings, Settings};
 use flowledger::bus::{CommandBus, CommandError};
 use flowledger::commands::job::JobServices;
@@ -15,11 +16,98 @@ use flowledger::handlers::HandlerConfig;
 use serde_json::{json, Value};
 use tempfile::TempDir;
 
-/// A nats-server with JetStream in a temporary directory; killed and
-/// deleted on drop.
+/// The NATS users of the server configurations the tests run
+/// (nats/production.conf, nats/dev.conf), by account.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Who {
+    /// `flowledger` in FLOWLEDGER: the service, JetStream.
+    Service,
+    /// `billing` in CLIENTS: a client.
+    Billing,
+    /// `ops` in OPERATORS: an operator.
+    Ops,
+    /// `handler` in HANDLER: the job handler's identity.
+    Handler,
+}
+
+impl Who {
+    pub(crate) const ALL: [Who; 4] = [Who::Service, Who::Billing, Who::Ops, Who::Handler];
+
+    pub(crate) fn user(self) -> &'static str {
+        match self {
+            Who::Service => "flowledger",
+            Who::Billing => "billing",
+            Who::Ops => "ops",
+            Who::Handler => "handler",
+        }
+    }
+
+    /// The environment variable nats/production.conf reads its password from.
+    fn password_env(self) -> &'static str {
+        match self {
+            Who::Service => "FLOWLEDGER_NATS_PASSWORD_SERVICE",
+            Who::Billing => "FLOWLEDGER_NATS_PASSWORD_BILLING",
+            Who::Ops => "FLOWLEDGER_NATS_PASSWORD_OPS",
+            Who::Handler => "FLOWLEDGER_NATS_PASSWORD_HANDLER",
+        }
+    }
+
+    /// Who may send `command` (`<type>.<command>`): the job's client for
+    /// submissions and cancels, the operator for approvals, the handler for
+    /// its own commands.
+    pub(crate) fn for_command(command: &str) -> Who {
+        match command {
+            "job.submit" | "job.cancel" => Who::Billing,
+            c if c.starts_with("approval.") => Who::Ops,
+            _ => Who::Handler,
+        }
+    }
+
+    /// The caller the broker vouches for when this user sends a command.
+    pub(crate) fn caller(self) -> Caller {
+        let role = match self {
+            Who::Billing => Role::Client,
+            Who::Ops => Role::Operator,
+            Who::Handler => Role::Handler,
+            // the service's users cannot send commands; as a caller it
+            // would be unknown, a client's role is the least it could get
+            Who::Service => Role::Client,
+        };
+        Caller::new(self.user(), role)
+    }
+}
+
+/// A client caller named `id`, for the in-process [`handle`].
+pub(crate) fn client(id: &str) -> Caller {
+    Caller::new(id, Role::Client)
+}
+
+/// An operator caller named `id` (operators may be people), for the
+/// in-process [`handle`].
+pub(crate) fn operator(id: &str) -> Caller {
+    Caller::new(id, Role::Operator)
+}
+
+/// The server configuration a test server runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ServerConf {
+    /// nats/production.conf: TLS (a CA made for the server), passwords
+    /// from the environment.
+    Production,
+    /// nats/dev.conf: no TLS, its fixed development passwords.
+    Dev,
+    /// No configuration file: no accounts, no authentication.
+    Open,
+}
+
+/// A nats-server with JetStream in a temporary directory, running one of
+/// the project's server configurations; killed and deleted on drop.
 pub(crate) struct NatsServer {
     child: Child,
     pub(crate) url: String,
+    pub(crate) conf: ServerConf,
+    /// The CA the server's certificate chains to (production only).
+    pub(crate) ca: Option<std::path::PathBuf>,
     _dir: TempDir,
 }
 
@@ -34,21 +122,127 @@ pub(crate) fn nats_binary() -> String {
     std::env::var("FLOWLEDGER_NATS_SERVER").unwrap_or_else(|_| "nats-server".into())
 }
 
+fn openssl(args: &[&str], dir: &std::path::Path) {
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run openssl: {e} (the tests make a TLS CA with it)"));
+    assert!(
+        out.status.success(),
+        "openssl {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A CA and a server certificate for 127.0.0.1 signed by it, in `dir`:
+/// `ca.pem`, `server.pem`, `server.key`.
+fn make_certificates(dir: &std::path::Path) {
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    let mut ca = vec!["req", "-x509"];
+    ca.extend(ec);
+    ca.extend(["-keyout", "ca.key", "-out", "ca.pem", "-days", "2"]);
+    ca.extend(["-subj", "/CN=flowledger test CA"]);
+    openssl(&ca, dir);
+    let mut csr = vec!["req"];
+    csr.extend(ec);
+    csr.extend([
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+        "-subj",
+        "/CN=127.0.0.1",
+    ]);
+    openssl(&csr, dir);
+    std::fs::write(
+        dir.join("server.ext"),
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\n",
+    )
+    .expect("write the certificate extensions");
+    openssl(
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.pem",
+            "-days",
+            "2",
+            "-extfile",
+            "server.ext",
+        ],
+        dir,
+    );
+}
+
+/// The password of `who` on a test server: nats/dev.conf's fixed ones, or
+/// for nats/production.conf what the harness puts in its environment.
+pub(crate) fn password(conf: ServerConf, who: Who) -> String {
+    match conf {
+        ServerConf::Dev => format!("dev-{}-password", who.user()),
+        ServerConf::Production | ServerConf::Open => format!("test-{}-password", who.user()),
+    }
+}
+
 impl NatsServer {
-    /// Starts nats-server on a port it picks itself (`-p -1`) and reads the
-    /// port from its ports file: no race with other tests for a port.
+    /// Starts nats-server with nats/production.conf.
     pub(crate) fn start() -> Self {
+        Self::start_with(ServerConf::Production)
+    }
+
+    /// Starts nats-server with `conf` on a port it picks itself (`-p -1`)
+    /// and reads the port from its ports file: no race with other tests
+    /// for a port.
+    pub(crate) fn start_with(conf: ServerConf) -> Self {
         let bin = nats_binary();
         let dir = tempfile::tempdir().expect("a temporary directory");
-        let mut child = Command::new(&bin)
-            .args(["-a", "127.0.0.1", "-p", "-1", "-js", "-sd"])
-            .arg(dir.path().join("store"))
-            .arg("--ports_file_dir")
+        let store = dir.path().join("store");
+        let mut cmd = Command::new(&bin);
+        cmd.args(["-a", "127.0.0.1", "-p", "-1", "--ports_file_dir"])
             .arg(dir.path())
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot run {bin}: {e} (run scripts/install-deps.sh, or set FLOWLEDGER_NATS_SERVER)"));
+            .stderr(Stdio::null());
+        let ca = match conf {
+            ServerConf::Production => {
+                make_certificates(dir.path());
+                cmd.arg("-c")
+                    .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/nats/production.conf"))
+                    .env("FLOWLEDGER_NATS_STORE_DIR", &store)
+                    .env("FLOWLEDGER_NATS_TLS_CERT", dir.path().join("server.pem"))
+                    .env("FLOWLEDGER_NATS_TLS_KEY", dir.path().join("server.key"));
+                for who in Who::ALL {
+                    cmd.env(who.password_env(), password(conf, who));
+                }
+                Some(dir.path().join("ca.pem"))
+            }
+            ServerConf::Dev => {
+                cmd.arg("-c")
+                    .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/nats/dev.conf"))
+                    .arg("-sd")
+                    .arg(&store);
+                None
+            }
+            ServerConf::Open => {
+                cmd.arg("-js").arg("-sd").arg(&store);
+                None
+            }
+        };
+        let mut child = cmd.spawn().unwrap_or_else(|e| {
+            panic!("cannot run {bin}: {e} (run scripts/install-deps.sh, or set FLOWLEDGER_NATS_SERVER)")
+        });
         let ports_file = dir.path().join(format!("nats-server_{}.ports", child.id()));
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
@@ -60,17 +254,61 @@ impl NatsServer {
                 return NatsServer {
                     child,
                     url,
+                    conf,
+                    ca,
                     _dir: dir,
                 };
             }
             if let Ok(Some(status)) = child.try_wait() {
-                panic!("{bin} exited at start: {status}");
+                panic!("{bin} exited at start: {status} (check it with `{bin} -c nats/... -t`)");
             }
             std::thread::sleep(Duration::from_millis(20));
         }
         let _ = child.kill();
         let _ = child.wait();
         panic!("{bin} did not start within 10 s");
+    }
+
+    /// Connection options of `who`: its user and password, its inbox
+    /// prefix (the only replies it may subscribe to), the test CA.
+    pub(crate) fn options(&self, who: Who) -> async_nats::ConnectOptions {
+        let mut o = async_nats::ConnectOptions::new()
+            .user_and_password(who.user().into(), password(self.conf, who))
+            .custom_inbox_prefix(format!("_INBOX_{}", who.user()));
+        if let Some(ca) = &self.ca {
+            o = o.add_root_certificates(ca.clone()).require_tls(true);
+        }
+        o
+    }
+
+    /// A connection as `who`.
+    pub(crate) async fn connect(&self, who: Who) -> async_nats::Client {
+        self.options(who)
+            .connect(&self.url)
+            .await
+            .unwrap_or_else(|e| panic!("connect to the test nats-server as {who:?}: {e}"))
+    }
+
+    /// A `flowledger` command line that connects to this server as `who`
+    /// (through the environment, as a deployment would; any other NATS
+    /// credential in the test's environment is removed).
+    pub(crate) fn cli(&self, who: Who) -> std::process::Command {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_flowledger"));
+        cmd.env("FLOWLEDGER_NATS_URL", &self.url)
+            .env("FLOWLEDGER_NATS_USER", who.user())
+            .env("FLOWLEDGER_NATS_PASSWORD", password(self.conf, who));
+        for other in [
+            "FLOWLEDGER_NATS_CREDS",
+            "FLOWLEDGER_NATS_NKEY",
+            "FLOWLEDGER_NATS_CA",
+            "FLOWLEDGER_NATS_INBOX_PREFIX",
+        ] {
+            cmd.env_remove(other);
+        }
+        if let Some(ca) = &self.ca {
+            cmd.env("FLOWLEDGER_NATS_CA", ca);
+        }
+        cmd
     }
 }
 
@@ -83,7 +321,10 @@ impl Drop for NatsServer {
 
 pub(crate) struct TestApp {
     pub(crate) nats: NatsServer,
+    /// The service's connection (account FLOWLEDGER: JetStream).
     pub(crate) client: async_nats::Client,
+    /// Connections of the users that send commands, by [`Who`].
+    callers: Vec<(Who, async_nats::Client)>,
     pub(crate) config: LogConfig,
     pub(crate) log: EventLog,
     /// The bus of the service that answers `flow.cmd.>` in this test.
@@ -115,12 +356,23 @@ pub(crate) fn services() -> JobServices {
 /// running yet (no intake, no database): callers add what they test.
 pub(crate) fn settings(app: &TestApp, registry: Arc<Registry>) -> Settings {
     Settings {
-        nats: app.client.clone(),
-        log: app.log.clone(),
         registry,
+        intake: false,
+        ..intake_settings(app.client.clone(), app.log.clone())
+    }
+}
+
+/// Settings of the command intake alone on `client` and `log`, with the
+/// default `[nats]` accounts, as `serve` without a database builds it.
+pub(crate) fn intake_settings(client: async_nats::Client, log: EventLog) -> Settings {
+    Settings {
+        nats: client,
+        log,
+        registry: registry(),
         max_timeout_seconds: 3600,
         callback_sealer: Some(seal_keys()),
-        intake: false,
+        intake: true,
+        nats_accounts: Default::default(),
         checkpoints: None,
         database: None,
     }
@@ -133,32 +385,31 @@ pub(crate) async fn spawn_app() -> TestApp {
 /// A nats-server with the streams, and the service's command intake on it
 /// (built by the composition root, as `serve` builds it).
 pub(crate) async fn spawn_app_with(config: LogConfig) -> TestApp {
+    spawn_app_on(NatsServer::start(), config).await
+}
+
+/// The service on `nats` (connected as the service user), and a connection
+/// for each user that sends commands.
+pub(crate) async fn spawn_app_on(nats: NatsServer, config: LogConfig) -> TestApp {
     if std::env::var("TEST_LOG").is_ok() {
         let _ = tracing_subscriber::fmt().with_test_writer().try_init();
     }
-    let nats = NatsServer::start();
-    let client = async_nats::connect(&nats.url)
-        .await
-        .expect("connect to the test nats-server");
+    let client = nats.connect(Who::Service).await;
+    let mut callers = Vec::new();
+    for who in [Who::Billing, Who::Ops, Who::Handler] {
+        callers.push((who, nats.connect(who).await));
+    }
     log::init(&client, &config).await.expect("init streams");
     let log = EventLog::open(client.clone(), config.clone())
         .await
         .expect("open the log");
-    let service = Application::build(Settings {
-        nats: client.clone(),
-        log: log.clone(),
-        registry: registry(),
-        max_timeout_seconds: 3600,
-        callback_sealer: Some(seal_keys()),
-        intake: true,
-        checkpoints: None,
-        database: None,
-    })
-    .await
-    .expect("build the service");
+    let service = Application::build(intake_settings(client.clone(), log.clone()))
+        .await
+        .expect("build the service");
     TestApp {
         nats,
         client,
+        callers,
         config,
         log,
         bus: service.bus().clone(),
@@ -166,14 +417,22 @@ pub(crate) async fn spawn_app_with(config: LogConfig) -> TestApp {
     }
 }
 
-/// Runs one NATS-shaped command (`flow.cmd.<type>.<command>`) on `bus`,
-/// as the intake does.
+/// Runs one NATS-shaped command (`flow.cmd.<type>.<command>`) from
+/// `caller` on `bus`, as the intake does once the broker vouched for the
+/// caller (the in-process path: no broker).
 pub(crate) async fn handle(
     bus: &CommandBus,
+    caller: &Caller,
     subject: &str,
     body: &[u8],
 ) -> Result<Arc<Receipt>, CommandError> {
-    flowledger::api::nats::handle(bus, subject, body).await
+    flowledger::api::nats::handle(bus, caller, subject, body).await
+}
+
+/// The caller [`Who::for_command`] names for `subject`.
+pub(crate) fn caller_for(subject: &str) -> Caller {
+    let command = subject.strip_prefix("flow.cmd.").unwrap_or(subject);
+    Who::for_command(command).caller()
 }
 
 /// The JSON reply the intake would send for `result`.
@@ -194,19 +453,34 @@ impl TestApp {
         service.bus().clone()
     }
 
-    /// Runs a command on this test's service bus.
+    /// Runs a command on this test's service bus, in process, from the
+    /// caller that may send it ([`caller_for`]).
     pub(crate) async fn handle(
         &self,
         subject: &str,
         body: &[u8],
     ) -> Result<Arc<Receipt>, CommandError> {
-        handle(&self.bus, subject, body).await
+        handle(&self.bus, &caller_for(subject), subject, body).await
     }
 
-    /// Sends a command over NATS request/reply and returns the JSON reply.
+    /// The connection of `who` (not the service: see `client`).
+    pub(crate) fn nats_as(&self, who: Who) -> &async_nats::Client {
+        match self.callers.iter().find(|(w, _)| *w == who) {
+            Some((_, c)) => c,
+            None => &self.client,
+        }
+    }
+
+    /// Sends a command over NATS request/reply as the user that may send it
+    /// ([`Who::for_command`]) and returns the JSON reply.
     pub(crate) async fn send(&self, command: &str, body: Value) -> Value {
+        self.send_as(Who::for_command(command), command, body).await
+    }
+
+    /// Sends a command over NATS request/reply as `who`.
+    pub(crate) async fn send_as(&self, who: Who, command: &str, body: Value) -> Value {
         let reply = self
-            .client
+            .nats_as(who)
             .request(format!("flow.cmd.{command}"), body.to_string().into())
             .await
             .expect("a reply from the intake");
@@ -639,6 +913,7 @@ impl HandlerSide {
         reply(
             handle(
                 &self.bus,
+                &client("tests"),
                 "flow.cmd.job.submit",
                 body.to_string().as_bytes(),
             )
@@ -697,7 +972,7 @@ pub(crate) fn start_serve(
     registry: &std::path::Path,
     config: Option<&std::path::Path>,
 ) -> std::process::Child {
-    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_flowledger"));
+    let mut cmd = app.nats.cli(Who::Service);
     cmd.args([
         "serve",
         "--http",
@@ -705,7 +980,6 @@ pub(crate) fn start_serve(
         "--checkpoint-every-secs",
         "0",
     ])
-    .env("FLOWLEDGER_NATS_URL", &app.nats.url)
     .env("DATABASE_URL", database_url)
     .env("FLOWLEDGER_REGISTRY", registry)
     .env_remove("FLOWLEDGER_CONFIG")

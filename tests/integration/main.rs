@@ -8,6 +8,7 @@ mod handlers;
 mod hardening;
 mod helpers;
 mod http_api;
+mod nats_identity;
 mod peers;
 mod projections;
 mod secrets;

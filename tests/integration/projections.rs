@@ -37,7 +37,8 @@ async fn read_models_and_the_api_show_each_jobs_story() {
     let expires = (chrono::Utc::now() + chrono::Duration::minutes(5)).to_rfc3339();
     app.send("approval.request", json!({"approval_id": "done-1", "job_id": "done-1", "workflow_key": "invoice.extract", "requested_by": "billing", "expires_at": expires})).await;
     app.send("approval.request", json!({"approval_id": "failed-1", "job_id": "failed-1", "workflow_key": "invoice.extract", "requested_by": "billing", "expires_at": expires})).await;
-    app.send("approval.approve", json!({"approval_id": "done-1", "decided_by": "alice", "reason": "ok", "actor": {"client_id": "ops", "user_id": "alice"}})).await;
+    // the body's old `actor` field: its client_id is ignored, its user_id kept
+    app.send("approval.approve", json!({"approval_id": "done-1", "reason": "ok", "actor": {"client_id": "someone-else", "user_id": "alice"}})).await;
     read.caught_up(&app.log).await;
 
     let (s, job) = read.get("/v1/jobs/done-1").await;
@@ -142,7 +143,7 @@ async fn read_models_and_the_api_show_each_jobs_story() {
     assert_eq!(pending["items"].as_array().unwrap().len(), 1);
     assert_eq!(pending["items"][0]["approval_id"], "failed-1");
     let (_, approved) = read.get("/v1/approvals?status=approved").await;
-    assert_eq!(approved["items"][0]["decided_by"], "alice");
+    assert_eq!(approved["items"][0]["decided_by"], "ops");
 
     // bad input: 400 naming the parameter; unknown: 404
     for (path, param) in [
@@ -219,7 +220,8 @@ async fn a_poison_event_stops_the_projection_until_fixed_or_skipped() {
     sqlx::query("ALTER TABLE workflows_executions_v1 ADD CONSTRAINT no_reports CHECK (workflow_id <> 'report.daily')")
         .execute(&read.pool).await.unwrap();
     let poison = app
-        .send(
+        .send_as(
+            Who::Ops,
             "job.submit",
             json!({"job_id": "report-1", "workflow_key": "report.daily", "client_id": "ops"}),
         )
@@ -284,7 +286,8 @@ async fn a_poison_event_stops_the_projection_until_fixed_or_skipped() {
     sqlx::query("ALTER TABLE workflows_executions_v1 ADD CONSTRAINT no_reports CHECK (workflow_id <> 'report.daily') NOT VALID")
         .execute(&read.pool).await.unwrap();
     let poison2 = app
-        .send(
+        .send_as(
+            Who::Ops,
             "job.submit",
             json!({"job_id": "report-2", "workflow_key": "report.daily", "client_id": "ops"}),
         )
@@ -353,11 +356,17 @@ async fn sigkill_of_the_service_changes_nothing_in_the_read_models() {
             for i in 0..150 {
                 let id = format!("k-{i}");
                 let submit = json!({"job_id": id, "workflow_key": "invoice.extract", "client_id": "billing", "input": {"i": i}});
-                handle(&bus, "flow.cmd.job.submit", submit.to_string().as_bytes())
-                    .await
-                    .unwrap();
                 handle(
                     &bus,
+                    &caller_for("flow.cmd.job.submit"),
+                    "flow.cmd.job.submit",
+                    submit.to_string().as_bytes(),
+                )
+                .await
+                .unwrap();
+                handle(
+                    &bus,
+                    &caller_for("flow.cmd.job.start"),
                     "flow.cmd.job.start",
                     json!({"job_id": id}).to_string().as_bytes(),
                 )
@@ -373,9 +382,14 @@ async fn sigkill_of_the_service_changes_nothing_in_the_read_models() {
                 } else {
                     "flow.cmd.job.complete"
                 };
-                handle(&bus, subject, end.to_string().as_bytes())
-                    .await
-                    .unwrap();
+                handle(
+                    &bus,
+                    &caller_for(subject),
+                    subject,
+                    end.to_string().as_bytes(),
+                )
+                .await
+                .unwrap();
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
         })
@@ -477,9 +491,14 @@ async fn readers_see_no_error_and_no_gap_during_a_rebuild() {
         tokio::spawn(async move {
             for i in 400..500 {
                 let body = json!({"job_id": format!("r-{i}"), "workflow_key": "invoice.extract", "client_id": "billing"});
-                handle(&bus, "flow.cmd.job.submit", body.to_string().as_bytes())
-                    .await
-                    .unwrap();
+                handle(
+                    &bus,
+                    &caller_for("flow.cmd.job.submit"),
+                    "flow.cmd.job.submit",
+                    body.to_string().as_bytes(),
+                )
+                .await
+                .unwrap();
             }
         })
     };

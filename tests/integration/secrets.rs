@@ -199,7 +199,15 @@ async fn without_a_seal_key_a_url_with_credentials_is_refused_and_nothing_is_wri
     ] {
         let body = json!({"job_id": "refused-1", "workflow_key": "invoice.extract",
                           "client_id": "tests", "callback_url": url});
-        let answer = reply(handle(bus, "flow.cmd.job.submit", body.to_string().as_bytes()).await);
+        let answer = reply(
+            handle(
+                bus,
+                &client("tests"),
+                "flow.cmd.job.submit",
+                body.to_string().as_bytes(),
+            )
+            .await,
+        );
         assert_eq!(code(&answer), "validation", "{url}: {answer}");
         assert_eq!(answer["error"]["field"], "callback_url", "{answer}");
         let message = answer["error"]["message"].as_str().unwrap_or_default();
@@ -213,7 +221,15 @@ async fn without_a_seal_key_a_url_with_credentials_is_refused_and_nothing_is_wri
     // a URL without credentials needs no key
     let body = json!({"job_id": "plain-1", "workflow_key": "invoice.extract",
                       "client_id": "tests", "callback_url": "https://receiver.example/cb"});
-    let answer = reply(handle(bus, "flow.cmd.job.submit", body.to_string().as_bytes()).await);
+    let answer = reply(
+        handle(
+            bus,
+            &client("tests"),
+            "flow.cmd.job.submit",
+            body.to_string().as_bytes(),
+        )
+        .await,
+    );
     assert_eq!(answer["ok"], true, "{answer}");
 }
 

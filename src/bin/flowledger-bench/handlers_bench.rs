@@ -339,9 +339,7 @@ fn report(name: &str, runs: &[Run], in_flight: usize, secs: u64) -> f64 {
 }
 
 pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
-    let client = async_nats::connect(&args.nats_url)
-        .await
-        .with_context(|| format!("connect to {}", args.nats_url))?;
+    let client = crate::connect_service(&args.nats_url).await?;
     let config = LogConfig::default();
     log::init(&client, &config).await?;
     let event_log = EventLog::open(client.clone(), config).await?;

@@ -48,6 +48,35 @@ mod handlers_bench;
 mod projections_bench;
 mod verify_bench;
 
+/// A connection to NATS as the user and password in the environment
+/// variables `user_var` and `password_var` when both are set (with that
+/// user's inbox prefix `_INBOX_<user>`, as nats/dev.conf allows), else
+/// without a credential. scripts/bench.sh runs nats/dev.conf and sets
+/// `FLOWLEDGER_NATS_USER`/`_PASSWORD` (the service) and
+/// `FLOWLEDGER_BENCH_CLIENT_USER`/`_PASSWORD` (the client that sends
+/// commands through the intake).
+pub(crate) async fn connect(
+    url: &str,
+    user_var: &str,
+    password_var: &str,
+) -> anyhow::Result<async_nats::Client> {
+    let mut options = async_nats::ConnectOptions::new();
+    if let (Ok(user), Ok(password)) = (std::env::var(user_var), std::env::var(password_var)) {
+        options = options
+            .custom_inbox_prefix(format!("_INBOX_{user}"))
+            .user_and_password(user, password);
+    }
+    options
+        .connect(url)
+        .await
+        .with_context(|| format!("connect to {url}"))
+}
+
+/// The service's connection (JetStream).
+pub(crate) async fn connect_service(url: &str) -> anyhow::Result<async_nats::Client> {
+    connect(url, "FLOWLEDGER_NATS_USER", "FLOWLEDGER_NATS_PASSWORD").await
+}
+
 #[derive(clap::Args, Debug)]
 struct Args {
     #[arg(long, env = "FLOWLEDGER_NATS_URL")]
@@ -476,9 +505,7 @@ async fn main() -> anyhow::Result<()> {
 }
 
 async fn event_log(args: Args) -> anyhow::Result<()> {
-    let client = async_nats::connect(&args.nats_url)
-        .await
-        .with_context(|| format!("connect to {}", args.nats_url))?;
+    let client = connect_service(&args.nats_url).await?;
     let config = LogConfig::default();
     log::init(&client, &config).await?;
     let js = jetstream::new(client.clone());
@@ -666,12 +693,23 @@ async fn event_log(args: Args) -> anyhow::Result<()> {
     );
     let bus = Arc::new(CommandBus::new(event_log.clone(), services()));
     let sub = flowledger::api::nats::subscribe(&client).await?;
-    tokio::spawn(flowledger::api::nats::serve(bus, client.clone(), sub));
+    let accounts = flowledger::api::broker_identity::Accounts::new(&Default::default());
+    tokio::spawn(flowledger::api::nats::serve(
+        bus,
+        client.clone(),
+        sub,
+        Arc::new(accounts),
+    ));
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let c = client.clone();
+    // a client of the CLIENTS account: the broker vouches for it
+    let c = connect(
+        &args.nats_url,
+        "FLOWLEDGER_BENCH_CLIENT_USER",
+        "FLOWLEDGER_BENCH_CLIENT_PASSWORD",
+    )
+    .await?;
     let body = json!({
         "workflow_key": "bench.workflow",
-        "client_id": "bench",
         "input": {"document": "invoice-000123.pdf"},
     });
     let body = Bytes::from(body.to_string());

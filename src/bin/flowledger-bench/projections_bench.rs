@@ -5,7 +5,6 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
 use futures::StreamExt;
 use serde_json::{json, Value};
 
@@ -181,9 +180,7 @@ async fn latency(pool: &sqlx::PgPool, sql: &str, params: &[String]) -> anyhow::R
 }
 
 pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
-    let client = async_nats::connect(&args.nats_url)
-        .await
-        .context("connect to NATS")?;
+    let client = crate::connect_service(&args.nats_url).await?;
     log::init(&client, &LogConfig::default()).await?;
     let event_log = EventLog::open(client.clone(), LogConfig::default()).await?;
     let pool = db::connect(&args.database_url, 8).await?;
