@@ -13,8 +13,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
-use futures::stream::FuturesUnordered;
-use futures::StreamExt;
 use serde_json::{json, Map, Value};
 use tokio::sync::mpsc;
 
@@ -143,7 +141,7 @@ fn fold(view: &mut JobView, r: &StoryRecord) -> Result<(), Halt> {
 
 /// Moves a job that has not ended as far as it goes; returns when it ended
 /// or when its state has to be re-read.
-async fn advance(ctx: &Ctx, mut view: JobView, rx: &mut Records) -> Result<(), Halt> {
+async fn advance(ctx: &Arc<Ctx>, mut view: JobView, rx: &mut Records) -> Result<(), Halt> {
     let Some(def) = ctx.registry.get(&view.workflow_key).cloned() else {
         let msg = format!(
             "workflow {:?} is no longer in the registry; the job cannot run",
@@ -212,7 +210,8 @@ async fn approval_gate(
             ApprovalState::Pending { expires_at } => {
                 let wait = (expires_at - Utc::now()).to_std().unwrap_or_default();
                 tokio::select! {
-                    r = rx.recv() => while_pending(view, r).await?,
+                    // a closed channel disables this branch: the expiry still fires
+                    Some(r) = rx.recv() => fold(view, &r)?,
                     _ = tokio::time::sleep(wait) => expire(ctx, view, expires_at).await?,
                 }
             }
@@ -234,14 +233,6 @@ async fn approval_gate(
         if view.status.is_final() {
             return Err(Halt::Superseded);
         }
-    }
-}
-
-/// Folds a record forwarded while the approval is pending.
-async fn while_pending(view: &mut JobView, r: Option<Arc<StoryRecord>>) -> Result<(), Halt> {
-    match r {
-        Some(r) => fold(view, &r),
-        None => std::future::pending().await,
     }
 }
 
@@ -387,7 +378,7 @@ fn settled(sv: &StepView, step: &StepDefinition) -> Option<StepEnd> {
 }
 
 async fn run(
-    ctx: &Ctx,
+    ctx: &Arc<Ctx>,
     view: &mut JobView,
     def: &WorkflowDefinition,
     rx: &mut Records,
@@ -421,7 +412,12 @@ async fn run(
 
     let mut ends: BTreeMap<String, StepEnd> = BTreeMap::new();
     let mut notices: HashMap<String, mpsc::UnboundedSender<(u32, AttemptResult)>> = HashMap::new();
-    let mut tasks = FuturesUnordered::new();
+    // Each step runs in its own task, polled by the runtime whatever the
+    // driver awaits: a step suspended inside a store write (holding the
+    // job's lock) always finishes it, so the driver's own writes and its
+    // deadline never wait on a future nobody polls. Dropping the set aborts
+    // the steps.
+    let mut tasks = tokio::task::JoinSet::new();
     for step in &def.steps {
         let sv = view.steps.get(&step.name).cloned().unwrap_or_default();
         if let Some(end) = settled(&sv, step) {
@@ -435,9 +431,9 @@ async fn run(
             workflow_key: view.workflow_key.clone(),
             inputs: view.inputs.clone(),
         };
-        let step = step.clone();
-        tasks.push(async move {
-            let end = run_step(ctx, &job, &step, sv, notice_rx).await;
+        let (step, ctx) = (step.clone(), ctx.clone());
+        tasks.spawn(async move {
+            let end = run_step(&ctx, &job, &step, sv, notice_rx).await;
             (step.name.clone(), end)
         });
     }
@@ -445,6 +441,7 @@ async fn run(
     let needed = def.success.needed(total);
     let sleep = tokio::time::sleep(until_deadline);
     tokio::pin!(sleep);
+    let mut records_open = true;
     loop {
         let succeeded = ends.values().filter(|e| e.succeeded()).count();
         let open = total - ends.len();
@@ -452,11 +449,19 @@ async fn run(
             break;
         }
         tokio::select! {
-            Some((name, end)) = tasks.next() => {
+            Some(joined) = tasks.join_next() => {
+                let (name, end) = joined.map_err(|e| {
+                    Halt::Park(format!("a step's task ended abnormally: {e}"))
+                })?;
                 let end = step_ended(ctx, &job_id, end?, succeeded, open, needed).await?;
                 ends.insert(name, end);
             }
-            r = rx.recv() => while_running(view, r, &notices).await?,
+            r = rx.recv(), if records_open => match r {
+                Some(r) => while_running(view, &r, &notices)?,
+                // the manager stopped forwarding: the steps and the
+                // deadline still decide the job
+                None => records_open = false,
+            },
             _ = &mut sleep => {
                 drop(tasks);
                 return timed_out(ctx, view, def, &mut ends).await;
@@ -547,22 +552,17 @@ async fn step_ended(
 
 /// Folds a record forwarded while the steps run, and hands a step result
 /// recorded by someone else to its step.
-async fn while_running(
+fn while_running(
     view: &mut JobView,
-    r: Option<Arc<StoryRecord>>,
+    r: &StoryRecord,
     notices: &HashMap<String, mpsc::UnboundedSender<(u32, AttemptResult)>>,
 ) -> Result<(), Halt> {
-    match r {
-        Some(r) => {
-            fold(view, &r)?;
-            if view.status.is_final() {
-                return Err(Halt::Superseded);
-            }
-            if r.actor.client_id != super::HANDLER_ACTOR {
-                forward(&r, notices);
-            }
-        }
-        None => std::future::pending::<()>().await,
+    fold(view, r)?;
+    if view.status.is_final() {
+        return Err(Halt::Superseded);
+    }
+    if r.actor.client_id != super::HANDLER_ACTOR {
+        forward(r, notices);
     }
     Ok(())
 }

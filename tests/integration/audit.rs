@@ -624,6 +624,14 @@ async fn a_commit_hidden_by_its_included_flag_is_refused() {
     let (_d, out, ring) = export_to(&app, &f).await;
     let s = verify_both(&out, Some(&ring), false).unwrap();
     assert_eq!((s.messages, s.events, s.aggregates), (18, 3, 1));
+    // a range that starts mid-history verifies from its start digest
+    let tail = Filter {
+        from_seq: Some(10),
+        ..Default::default()
+    };
+    let (_dt, out_tail, ring_tail) = export_to(&app, &tail).await;
+    let s = verify_both(&out_tail, Some(&ring_tail), false).unwrap();
+    assert_eq!((s.from_seq, s.to_seq, s.events), (10, 18, 9));
     // hide the aggregate's last commit (its cancellation): seq 15
     let ipath = out.join(export::INDEX_FILE);
     let mut idx = lines(&ipath);

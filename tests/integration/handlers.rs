@@ -2,6 +2,7 @@
 //! n8n peers played by HTTP servers that add latency, fail and hang.
 
 use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
 
 use flowledger::commands::job::events::StepStatus;
 use flowledger::commands::job::JobStatus;
@@ -835,4 +836,91 @@ async fn http_approvals_release_jobs_and_http_cancel_aborts_calls() {
     assert_eq!(peer.received("/cb").len(), 1, "the result was called back");
     let (_, row) = api.get("/v1/jobs/hap-1").await;
     assert_eq!(row["status"], "completed", "{row}");
+}
+
+/// Thousands of jobs whose steps fail and are retried while other steps'
+/// results are recorded at the same moment: every job ends, each with one
+/// terminal event (the interleaving that hung drivers: a step's retry
+/// record written while another step's result is recorded).
+#[tokio::test]
+async fn thousands_of_jobs_with_retries_and_concurrent_results_all_end() {
+    const JOBS: usize = 2000;
+    let app = spawn_app().await;
+    let peer = Peer::start().await;
+    // step a: every third call fails with 503 (retried); b and c answer
+    // with varied small delays so results land together
+    let a: Vec<_> = (0..3 * JOBS)
+        .map(|i| match i % 3 {
+            0 => peers::status((i % 4) as u64, 503),
+            _ => peers::ok((i % 5) as u64, json!({"a": i})),
+        })
+        .collect();
+    let b: Vec<_> = (0..3 * JOBS)
+        .map(|i| peers::ok((i % 3) as u64, json!({"b": i})))
+        .collect();
+    let c: Vec<_> = (0..3 * JOBS)
+        .map(|i| match i % 7 {
+            0 => peers::status(1, 500),
+            _ => peers::ok((i % 2) as u64, json!({"c": i})),
+        })
+        .collect();
+    let steps = json!([
+        solver("a", &peer.script("/a", a), 5000, 4),
+        solver("b", &peer.script("/b", b), 5000, 4),
+        solver("c", &peer.script("/c", c), 5000, 4),
+    ]);
+    let config = flowledger::handlers::HandlerConfig {
+        max_concurrent_jobs: 500,
+        ..test_handler_config()
+    };
+    let h = spawn_handler(&app, one_workflow(steps, json!({})), config).await;
+    let submits = (0..JOBS).map(|i| {
+        let h = &h;
+        async move {
+            let r = h
+                .submit(&format!("stress-{i}"), "w", json!({"timeout_seconds": 120}))
+                .await;
+            assert_eq!(r["ok"], true, "{r}");
+        }
+    });
+    futures::future::join_all(submits).await;
+    let deadline = Instant::now() + Duration::from_secs(240);
+    let mut open: Vec<usize> = (0..JOBS).collect();
+    while !open.is_empty() {
+        let mut still = Vec::new();
+        for i in open {
+            let v = h
+                .ctx
+                .load_view(&format!("stress-{i}"))
+                .await
+                .unwrap()
+                .unwrap();
+            if !v.status.is_final() {
+                still.push(i);
+            }
+        }
+        open = still;
+        assert!(
+            Instant::now() < deadline || open.is_empty(),
+            "{} of {JOBS} jobs did not end within 240 s, e.g. stress-{}",
+            open.len(),
+            open[0]
+        );
+        if !open.is_empty() {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+    for i in (0..JOBS).step_by(97) {
+        let v = h
+            .ctx
+            .load_view(&format!("stress-{i}"))
+            .await
+            .unwrap()
+            .unwrap();
+        let ends = actions(&v)
+            .iter()
+            .filter(|a| ["JobCompleted", "JobFailed", "JobCancelled"].contains(&a.as_str()))
+            .count();
+        assert_eq!(ends, 1, "stress-{i}: {:?}", actions(&v));
+    }
 }
