@@ -327,6 +327,10 @@ pub(crate) enum ProjectionsCommand {
 pub(crate) struct ServeArgs {
     #[command(flatten)]
     pub(crate) db: DbArgs,
+    /// How long to keep trying the first NATS connection before giving up
+    /// (exit 3); once connected, reconnects are retried without limit.
+    #[arg(long, env = "FLOWLEDGER_NATS_CONNECT_WAIT_SECS", default_value_t = 60)]
+    pub(crate) nats_connect_wait_secs: u64,
     /// Listen address of the HTTP API (with --database-url).
     #[arg(
         long = "http",
@@ -593,12 +597,66 @@ fn log_config(g: &Global, replicas: usize, duplicate_window: Duration) -> LogCon
 }
 
 async fn connect(g: &Global) -> anyhow::Result<async_nats::Client> {
+    connect_as(g, false).await
+}
+
+/// The service's connection: reconnects without limit (backoff up to 5 s,
+/// each loss and return logged), and keeps trying to make the first
+/// connection for `--nats-connect-wait-secs`, so a supervisor's restart or a
+/// NATS restart does not end `serve`.
+async fn connect_service(g: &Global, wait: Duration) -> anyhow::Result<async_nats::Client> {
+    let until = std::time::Instant::now() + wait;
+    let mut attempt: u32 = 0;
+    loop {
+        match connect_as(g, true).await {
+            Ok(c) => return Ok(c),
+            Err(e) if e.downcast_ref::<UsageError>().is_some() => return Err(e),
+            Err(e) if std::time::Instant::now() >= until => {
+                return Err(e.context(format!(
+                    "gave up after {} s (--nats-connect-wait-secs)",
+                    wait.as_secs()
+                )))
+            }
+            Err(e) => {
+                attempt = attempt.saturating_add(1);
+                let delay = Duration::from_millis(250 * u64::from(attempt.min(20)));
+                tracing::warn!(
+                    attempt,
+                    retry_in_ms = delay.as_millis() as u64,
+                    "NATS is not reachable yet: {e:#}"
+                );
+                tokio::time::sleep(delay).await;
+            }
+        }
+    }
+}
+
+async fn connect_as(g: &Global, service: bool) -> anyhow::Result<async_nats::Client> {
     let url = crate::commands::redact::display(&g.nats_url);
     let options = g.nats_auth.options().await?;
+    let options = if service {
+        options
+            .max_reconnects(None)
+            .reconnect_delay_callback(|attempts| {
+                Duration::from_millis((250 * attempts as u64).min(5_000))
+            })
+            .event_callback(|event| async move {
+                match event {
+                    async_nats::Event::Disconnected => {
+                        tracing::warn!("NATS connection lost; reconnecting (no limit)")
+                    }
+                    async_nats::Event::Connected => {
+                        tracing::info!("NATS connection (re)established")
+                    }
+                    other => tracing::info!("NATS: {other}"),
+                }
+            })
+    } else {
+        options.max_reconnects(Some(3))
+    };
     options
         .name("flowledger")
         .connection_timeout(Duration::from_secs(5))
-        .max_reconnects(Some(3))
         .connect(&g.nats_url)
         .await
         .map_err(|e| {
@@ -811,7 +869,8 @@ async fn serve(g: &Global, args: ServeArgs) -> anyhow::Result<ExitCode> {
             None
         }
     };
-    let (client, log) = open_log(g).await?;
+    let client = connect_service(g, Duration::from_secs(args.nats_connect_wait_secs)).await?;
+    let log = EventLog::open(client.clone(), log_config(g, 1, Duration::from_secs(120))).await?;
     let settings = Settings {
         nats: client,
         log,

@@ -207,26 +207,62 @@ impl NatsServer {
     /// and reads the port from its ports file: no race with other tests
     /// for a port.
     pub(crate) fn start_with(conf: ServerConf) -> Self {
-        let bin = nats_binary();
         let dir = tempfile::tempdir().expect("a temporary directory");
-        let store = dir.path().join("store");
+        let (child, url, ca) = Self::spawn(conf, dir.path(), "-1");
+        NatsServer {
+            child,
+            url,
+            conf,
+            ca,
+            _dir: dir,
+        }
+    }
+
+    /// Kills the server (SIGKILL), as a crash would.
+    pub(crate) fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts the server again on its port with its store, after [`kill`].
+    pub(crate) fn start_again(&mut self) {
+        let port = self
+            .url
+            .rsplit(':')
+            .next()
+            .expect("the URL has a port")
+            .to_string();
+        let (child, url, _) = Self::spawn(self.conf, self._dir.path(), &port);
+        self.child = child;
+        self.url = url;
+    }
+
+    fn spawn(
+        conf: ServerConf,
+        dir: &std::path::Path,
+        port: &str,
+    ) -> (Child, String, Option<std::path::PathBuf>) {
+        let bin = nats_binary();
+        let store = dir.join("store");
         let mut cmd = Command::new(&bin);
-        cmd.args(["-a", "127.0.0.1", "-p", "-1", "--ports_file_dir"])
-            .arg(dir.path())
+        cmd.args(["-a", "127.0.0.1", "-p", port, "--ports_file_dir"])
+            .arg(dir)
             .stdout(Stdio::null())
             .stderr(Stdio::null());
         let ca = match conf {
             ServerConf::Production => {
-                make_certificates(dir.path());
+                if !dir.join("ca.pem").exists() {
+                    make_certificates(dir);
+                }
                 cmd.arg("-c")
                     .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/nats/production.conf"))
                     .env("FLOWLEDGER_NATS_STORE_DIR", &store)
-                    .env("FLOWLEDGER_NATS_TLS_CERT", dir.path().join("server.pem"))
-                    .env("FLOWLEDGER_NATS_TLS_KEY", dir.path().join("server.key"));
+                    .env("FLOWLEDGER_NATS_TLS_CERT", dir.join("server.pem"))
+                    .env("FLOWLEDGER_NATS_TLS_KEY", dir.join("server.key"));
                 for who in Who::ALL {
                     cmd.env(who.password_env(), password(conf, who));
                 }
-                Some(dir.path().join("ca.pem"))
+                Some(dir.join("ca.pem"))
             }
             ServerConf::Dev => {
                 cmd.arg("-c")
@@ -243,7 +279,7 @@ impl NatsServer {
         let mut child = cmd.spawn().unwrap_or_else(|e| {
             panic!("cannot run {bin}: {e} (run scripts/install-deps.sh, or set FLOWLEDGER_NATS_SERVER)")
         });
-        let ports_file = dir.path().join(format!("nats-server_{}.ports", child.id()));
+        let ports_file = dir.join(format!("nats-server_{}.ports", child.id()));
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
             if let Some(url) = std::fs::read_to_string(&ports_file)
@@ -251,13 +287,7 @@ impl NatsServer {
                 .and_then(|t| serde_json::from_str::<Value>(&t).ok())
                 .and_then(|v| v["nats"][0].as_str().map(str::to_string))
             {
-                return NatsServer {
-                    child,
-                    url,
-                    conf,
-                    ca,
-                    _dir: dir,
-                };
+                return (child, url, ca);
             }
             if let Ok(Some(status)) = child.try_wait() {
                 panic!("{bin} exited at start: {status} (check it with `{bin} -c nats/... -t`)");

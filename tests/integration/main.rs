@@ -12,3 +12,4 @@ mod nats_identity;
 mod peers;
 mod projections;
 mod secrets;
+mod survival;

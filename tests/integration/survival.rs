@@ -1,0 +1,112 @@
+//! `serve` outlives its dependencies: it waits for NATS at start, rides
+//! through a nats-server restart, and exits non-zero with the reason when
+//! it gives up (issue 12, item 2).
+
+use std::time::{Duration, Instant};
+
+use flowledger::events::log::{self, LogConfig};
+use serde_json::{json, Value};
+
+use crate::helpers::*;
+
+fn serve(nats: &NatsServer, extra: &[&str]) -> std::process::Child {
+    nats.cli(Who::Service)
+        .args(["serve", "--checkpoint-every-secs", "0"])
+        .args(extra)
+        .env_remove("DATABASE_URL")
+        .env_remove("FLOWLEDGER_CONFIG")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start flowledger serve")
+}
+
+/// Submits job `id` as a client until the intake answers (a fresh
+/// connection each try: the test's own client need not survive restarts).
+async fn submitted(nats: &NatsServer, id: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let body = json!({"job_id": id, "workflow_key": "invoice.extract", "client_id": "billing"});
+        if let Ok(Ok(c)) = tokio::time::timeout(
+            Duration::from_secs(2),
+            nats.options(Who::Billing).connect(&nats.url),
+        )
+        .await
+        {
+            let r = tokio::time::timeout(
+                Duration::from_secs(2),
+                c.request("flow.cmd.job.submit", body.to_string().into()),
+            )
+            .await;
+            if let Ok(Ok(m)) = r {
+                return serde_json::from_slice(&m.payload).expect("replies are JSON");
+            }
+        }
+        assert!(Instant::now() < deadline, "no answer to {id} within 30 s");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn still_running(child: &mut std::process::Child, what: &str) {
+    if let Some(status) = child.try_wait().expect("poll serve") {
+        let mut err = String::new();
+        if let Some(mut e) = child.stderr.take() {
+            let _ = std::io::Read::read_to_string(&mut e, &mut err);
+        }
+        panic!("serve exited {what}: {status}\n{err}");
+    }
+}
+
+#[tokio::test]
+async fn serve_waits_for_nats_and_rides_through_a_restart() {
+    let mut nats = NatsServer::start();
+    {
+        let c = nats.connect(Who::Service).await;
+        log::init(&c, &LogConfig::default())
+            .await
+            .expect("init streams");
+    }
+    // NATS down at start: serve keeps trying
+    nats.kill();
+    let mut child = serve(&nats, &["--registry", "workflows/registry.json"]);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    still_running(&mut child, "while NATS was down at its start");
+    nats.start_again();
+    let r = submitted(&nats, "survive-1").await;
+    assert_eq!(r["ok"], json!(true), "{r}");
+    // a restart of nats-server while serving
+    nats.kill();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    still_running(&mut child, "while nats-server was restarting");
+    nats.start_again();
+    let r = submitted(&nats, "survive-2").await;
+    assert_eq!(r["ok"], json!(true), "{r}");
+    // told to stop: exit 0
+    let pid = child.id().to_string();
+    std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(0), "{status}");
+}
+
+#[tokio::test]
+async fn serve_gives_up_on_nats_as_configured_and_says_why() {
+    let mut nats = NatsServer::start();
+    nats.kill();
+    let child = serve(
+        &nats,
+        &[
+            "--registry",
+            "workflows/registry.json",
+            "--nats-connect-wait-secs",
+            "1",
+        ],
+    );
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(3), "unreachable: exit 3");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("gave up after 1 s"), "{err}");
+    assert!(err.contains("cannot connect to NATS"), "{err}");
+}
