@@ -130,9 +130,31 @@ pub async fn call(
     }
 }
 
+/// What n8n answers on every webhook while it starts (plain text, 200).
+const N8N_STARTING: &str = "n8n is starting up";
+
 fn classify(step: &StepDefinition, status: u16, text: &str) -> CallOutcome {
+    let n8n = step.kind == StepKind::N8n;
     match status {
-        202 if step.kind == StepKind::N8n => CallOutcome::Accepted,
+        202 if n8n => CallOutcome::Accepted,
+        // n8n restarting: it answers 200 with this text, then 404 until the
+        // workflow's webhook is registered again; both are retried
+        200..=299 if n8n && text.to_ascii_lowercase().contains(N8N_STARTING) => {
+            CallOutcome::Failed {
+                code: "peer_starting".into(),
+                message: format!("{} is starting up: {}", step.name, quote(text)),
+                retryable: true,
+            }
+        }
+        404 if n8n => CallOutcome::Failed {
+            code: "http_404".into(),
+            message: format!(
+                "{} answered 404 (retried: an n8n webhook is unregistered while n8n starts): {}",
+                step.name,
+                quote(text)
+            ),
+            retryable: true,
+        },
         200..=299 => {
             if text.trim().is_empty() {
                 return CallOutcome::Succeeded {
@@ -234,6 +256,34 @@ mod tests {
             classify(&step(StepKind::N8n), 202, ""),
             CallOutcome::Accepted
         );
+    }
+
+    #[test]
+    fn an_n8n_start_up_is_retried_and_a_solver_404_is_not() {
+        let n8n = step(StepKind::N8n);
+        for (status, text) in [(200, "n8n is starting up. Please wait"), (404, "")] {
+            assert!(
+                matches!(
+                    classify(&n8n, status, text),
+                    CallOutcome::Failed {
+                        retryable: true,
+                        ..
+                    }
+                ),
+                "{status} {text}"
+            );
+        }
+        assert!(matches!(
+            classify(&step(StepKind::Solver), 404, ""),
+            CallOutcome::Failed {
+                retryable: false,
+                ..
+            }
+        ));
+        assert!(matches!(
+            classify(&step(StepKind::Solver), 200, "n8n is starting up. Please wait"),
+            CallOutcome::Failed { ref code, retryable: false, .. } if code == "bad_response"
+        ));
     }
 
     #[test]

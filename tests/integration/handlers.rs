@@ -924,3 +924,40 @@ async fn thousands_of_jobs_with_retries_and_concurrent_results_all_end() {
         assert_eq!(ends, 1, "stress-{i}: {:?}", actions(&v));
     }
 }
+
+/// n8n restarting answers "starting up" (200, text) and then 404 until the
+/// workflow's webhook is registered; both are retried, and the step then
+/// succeeds on the attempt n8n accepts.
+#[tokio::test]
+async fn an_n8n_restart_is_retried_until_its_webhook_answers() {
+    let app = spawn_app().await;
+    let peer = Peer::start().await;
+    let url = peer.script(
+        "/hook",
+        vec![
+            peers::ok(0, json!("n8n is starting up. Please wait")),
+            peers::status(0, 404),
+            peers::n8n_accepts(50, N8N_KEY, json!({"summary": "after restart"})),
+        ],
+    );
+    let registry = one_workflow(
+        json!([{"name": "flow", "kind": "n8n", "url": url, "timeout_ms": 10_000, "max_attempts": 4}]),
+        json!({}),
+    );
+    let (h, _api) = handler_with_api(&app, registry).await;
+    h.submit("n8n-restart", "w", json!({})).await;
+    let v = h.settled("n8n-restart").await;
+    assert_eq!(v.status, JobStatus::Completed, "{:?}", v.error_message);
+    assert_eq!(
+        peer.received("/hook").len(),
+        3,
+        "two refusals, then accepted"
+    );
+    let codes: Vec<String> = v
+        .audit
+        .iter()
+        .filter(|a| a.action == "StepResultRecorded")
+        .map(|a| a.details["error_code"].as_str().unwrap_or("ok").to_string())
+        .collect();
+    assert_eq!(codes, ["peer_starting", "http_404", "ok"], "{:?}", v.audit);
+}
