@@ -241,6 +241,17 @@ impl Application {
                         h.callback_posts_per_minute,
                         h.callback_refusals_per_minute,
                     )),
+                    handler_status: handler.clone().map(|ctx| {
+                        let f: api::http::HandlerStatusFn = Arc::new(move || {
+                            let s = ctx.status();
+                            let reason = match &s {
+                                handlers::HandlerStatus::Restarting(r) => Some(r.clone()),
+                                _ => None,
+                            };
+                            (s.as_str(), reason)
+                        });
+                        f
+                    }),
                 };
                 let mut stop = stop_rx.clone();
                 tasks.push(tokio::spawn(async move {

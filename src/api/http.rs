@@ -52,7 +52,18 @@ pub struct AppState {
     pub callback_window_secs: i64,
     /// Per-source limits of `POST /v1/callbacks/n8n`.
     pub callback_limits: Arc<super::n8n::CallbackLimits>,
+    /// The job handler's state for `/healthz` (`running`, `no_lease`, ...,
+    /// and a reason when it is restarting); none: no handler runs here.
+    pub handler_status: Option<HandlerStatusFn>,
 }
+
+/// Reports the job handler's state: its name, and why when it is not
+/// running as it should.
+pub type HandlerStatusFn = Arc<dyn Fn() -> (&'static str, Option<String>) + Send + Sync>;
+
+/// How long `/healthz` waits for each dependency before calling it
+/// unreachable.
+pub const HEALTH_PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(800);
 
 /// What went wrong, named for what the client does about it.
 #[derive(Debug, thiserror::Error)]
@@ -195,13 +206,21 @@ async fn healthz(State(s): State<AppState>) -> Response {
         s.nats.connection_state(),
         async_nats::connection::State::Connected
     );
-    let last = s.log.last_seq().await.ok();
-    let pg = sqlx::query_scalar::<_, i32>("SELECT 1")
-        .fetch_one(&s.pool)
-        .await;
+    // every probe at once, each bounded: the answer comes within a second
+    use tokio::time::timeout;
+    let (last, pg, rows) = tokio::join!(
+        timeout(HEALTH_PROBE_TIMEOUT, s.log.last_seq()),
+        timeout(
+            HEALTH_PROBE_TIMEOUT,
+            sqlx::query_scalar::<_, i32>("SELECT 1").fetch_one(&s.pool)
+        ),
+        timeout(HEALTH_PROBE_TIMEOUT, db::checkpoints(&s.pool)),
+    );
+    let last = last.ok().and_then(Result::ok);
+    let pg = pg.map_err(|_| ()).and_then(|r| r.map_err(|_| ()));
     let mut projections = Vec::new();
     let mut stopped = false;
-    if let Ok(rows) = db::checkpoints(&s.pool).await {
+    if let Ok(Ok(rows)) = rows {
         for r in rows {
             stopped |= r.state == "stopped";
             projections.push(json!({
@@ -212,9 +231,14 @@ async fn healthz(State(s): State<AppState>) -> Response {
             }));
         }
     }
-    let ok = nats_ok && last.is_some() && pg.is_ok() && !stopped;
+    let handler = s.handler_status.as_ref().map(|f| f());
+    let handler_ok = handler
+        .as_ref()
+        .is_none_or(|(state, _)| *state != "restarting");
+    let ok = nats_ok && last.is_some() && pg.is_ok() && !stopped && handler_ok;
     let body = json!({
         "ok": ok,
+        "handler": handler.map(|(state, reason)| json!({"state": state, "reason": reason})),
         "nats": if nats_ok && last.is_some() { "ok" } else { "unreachable" },
         "postgres": if pg.is_ok() { "ok" } else { "unreachable" },
         "stream_last_seq": last,

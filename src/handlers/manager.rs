@@ -81,6 +81,7 @@ pub async fn run(ctx: Arc<Ctx>, pool: PgPool, mut stop: watch::Receiver<bool>) {
             Ok(()) => return,
             Err(e) => {
                 tracing::warn!(error = %e, "job handler stopped; restarting in 1 s");
+                ctx.set_status(super::HandlerStatus::Restarting(e.clone()));
                 tokio::select! {
                     _ = tokio::time::sleep(Duration::from_secs(1)) => {}
                     _ = stop.changed() => return,
@@ -106,6 +107,7 @@ async fn run_once(
         if got {
             break;
         }
+        ctx.set_status(super::HandlerStatus::NoLease);
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_secs(2)) => {}
             _ = stop.changed() => return Ok(()),
@@ -117,6 +119,7 @@ async fn run_once(
         .await
         .map_err(|e| e.to_string())?
         .unwrap_or(1);
+    ctx.set_status(super::HandlerStatus::Running);
     let log = ctx.bus.log().clone();
     let caught_up_at = log.last_seq().await.map_err(|e| e.to_string())?;
     tracing::info!(from, caught_up_at, "job handler reading the log");

@@ -164,6 +164,32 @@ pub struct Ctx {
     pub config: HandlerConfig,
     /// Admits drivers to run their steps, `max_concurrent_jobs` at a time.
     pub dispatcher: Dispatcher,
+    status: Mutex<HandlerStatus>,
+}
+
+/// Where the job handler stands, as `/healthz` reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HandlerStatus {
+    /// Not started yet.
+    Starting,
+    /// Waiting for the handler lock another instance holds (no lease).
+    NoLease,
+    /// Holding the lock and driving jobs.
+    Running,
+    /// Its loop failed and restarts shortly; the reason says why.
+    Restarting(String),
+}
+
+impl HandlerStatus {
+    /// `starting`, `no_lease`, `running` or `restarting`.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            HandlerStatus::Starting => "starting",
+            HandlerStatus::NoLease => "no_lease",
+            HandlerStatus::Running => "running",
+            HandlerStatus::Restarting(_) => "restarting",
+        }
+    }
 }
 
 impl Ctx {
@@ -186,7 +212,20 @@ impl Ctx {
             registry,
             http,
             config,
+            status: Mutex::new(HandlerStatus::Starting),
         })
+    }
+
+    /// Where the handler stands now.
+    pub fn status(&self) -> HandlerStatus {
+        self.status
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    pub(crate) fn set_status(&self, s: HandlerStatus) {
+        *self.status.lock().unwrap_or_else(|p| p.into_inner()) = s;
     }
 
     /// Metadata of a command the handler issues: the id is derived from

@@ -110,3 +110,79 @@ async fn serve_gives_up_on_nats_as_configured_and_says_why() {
     assert!(err.contains("gave up after 1 s"), "{err}");
     assert!(err.contains("cannot connect to NATS"), "{err}");
 }
+
+/// A service with the job handler and the HTTP API on `database_url`.
+async fn handler_with_health(
+    app: &TestApp,
+    database_url: &str,
+) -> (flowledger::app::Application, String) {
+    use flowledger::app::{Application, DatabaseSettings, HttpSettings};
+    let mut s = settings(app, registry());
+    s.database = Some(DatabaseSettings {
+        url: database_url.to_string(),
+        max_connections: 5,
+        projections: false,
+        handler: Some(test_handler_config()),
+        http: Some(HttpSettings {
+            addr: "127.0.0.1:0".parse().expect("an address"),
+            clients: test_clients(),
+            n8n_key: None,
+            callback_window_secs: 300,
+            callback_posts_per_minute: 100,
+            callback_refusals_per_minute: 10,
+        }),
+    });
+    let service = Application::build(s).await.expect("build the service");
+    let http = format!(
+        "http://{}/healthz",
+        service.http_addr().expect("the API listens")
+    );
+    (service, http)
+}
+
+async fn health(url: &str) -> (u16, Value) {
+    let r = reqwest::get(url).await.expect("GET /healthz");
+    (r.status().as_u16(), r.json().await.expect("JSON"))
+}
+
+#[tokio::test]
+async fn healthz_reports_the_handler_and_an_unreachable_nats() {
+    let mut app = spawn_app().await;
+    let db = fresh_database().await;
+    let (_first, first) = handler_with_health(&app, &db).await;
+    let (_second, second) = handler_with_health(&app, &db).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (a, b) = (health(&first).await.1, health(&second).await.1);
+        let mut states = [
+            a["handler"]["state"].as_str().unwrap_or("").to_string(),
+            b["handler"]["state"].as_str().unwrap_or("").to_string(),
+        ];
+        states.sort();
+        if states == ["no_lease", "running"] {
+            assert_eq!(
+                (a["ok"].clone(), b["ok"].clone()),
+                (json!(true), json!(true))
+            );
+            break;
+        }
+        assert!(Instant::now() < deadline, "handler states: {a} {b}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // NATS gone: both say so, with 503
+    app.nats.kill();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (status, body) = health(&first).await;
+        if status == 503 {
+            assert_eq!(body["nats"], "unreachable", "{body}");
+            assert_eq!(body["ok"], false);
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still healthy without NATS: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
