@@ -43,7 +43,7 @@ pub(crate) struct Cli {
 /// Options every subcommand takes: where NATS and the streams are.
 #[derive(Args, Debug, Clone)]
 pub(crate) struct Global {
-    /// NATS server URL.
+    /// NATS server URL, or several separated by commas (a cluster).
     #[arg(
         long,
         global = true,
@@ -631,8 +631,42 @@ async fn connect_service(g: &Global, wait: Duration) -> anyhow::Result<async_nat
     }
 }
 
+/// The servers of `--nats-url`: one URL or several separated by commas,
+/// as the `nats` CLI takes them (`nats://a:4222,nats://b:4222`); a server
+/// without a scheme is `nats://`. The error names the bad entry with its
+/// credentials hidden.
+fn nats_servers(urls: &str) -> anyhow::Result<Vec<async_nats::ServerAddr>> {
+    urls.split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .map(|u| {
+            u.parse::<async_nats::ServerAddr>().map_err(|e| {
+                anyhow::anyhow!(
+                    "--nats-url: {:?} is not a NATS server URL ({e}); give one or more \
+                     separated by commas, e.g. nats://a:4222,nats://b:4222",
+                    crate::commands::redact::display(u)
+                )
+                .context(UsageError)
+            })
+        })
+        .collect::<anyhow::Result<Vec<_>>>()
+        .and_then(|v| {
+            if v.is_empty() {
+                Err(anyhow::anyhow!("--nats-url is empty").context(UsageError))
+            } else {
+                Ok(v)
+            }
+        })
+}
+
 async fn connect_as(g: &Global, service: bool) -> anyhow::Result<async_nats::Client> {
-    let url = crate::commands::redact::display(&g.nats_url);
+    let servers = nats_servers(&g.nats_url)?;
+    let url = g
+        .nats_url
+        .split(',')
+        .map(|u| crate::commands::redact::display(u.trim()))
+        .collect::<Vec<_>>()
+        .join(",");
     let options = g.nats_auth.options().await?;
     let options = if service {
         options
@@ -657,7 +691,7 @@ async fn connect_as(g: &Global, service: bool) -> anyhow::Result<async_nats::Cli
     options
         .name("flowledger")
         .connection_timeout(Duration::from_secs(5))
-        .connect(&g.nats_url)
+        .connect(servers)
         .await
         .map_err(|e| {
             let unreachable = !matches!(

@@ -186,3 +186,37 @@ async fn healthz_reports_the_handler_and_an_unreachable_nats() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+#[tokio::test]
+async fn several_nats_urls_are_taken_as_the_nats_cli_takes_them() {
+    let app = spawn_app().await;
+    app.submit("multi-url", "multi-url").await;
+    let urls = format!("nats://127.0.0.1:1, {}", app.nats.url);
+    let out = app
+        .nats
+        .cli(Who::Service)
+        .args(["audit", "digest"])
+        .env("FLOWLEDGER_NATS_URL", &urls)
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("1:"));
+    let bad = app
+        .nats
+        .cli(Who::Service)
+        .args(["audit", "digest"])
+        .env(
+            "FLOWLEDGER_NATS_URL",
+            "nats://u:s3cret@127.0.0.1:4222,nats://[bad",
+        )
+        .output()
+        .unwrap();
+    assert_eq!(bad.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(err.contains("[bad") && !err.contains("s3cret"), "{err}");
+}
