@@ -43,6 +43,15 @@ pub(crate) struct Cli {
 /// Options every subcommand takes: where NATS and the streams are.
 #[derive(Args, Debug, Clone)]
 pub(crate) struct Global {
+    /// How long a command's append keeps retrying while JetStream does not
+    /// answer (a leader election, a reconnect) before it is `unavailable`.
+    #[arg(
+        long,
+        global = true,
+        env = "FLOWLEDGER_APPEND_WAIT_SECS",
+        default_value_t = 10
+    )]
+    pub(crate) append_wait_secs: u64,
     /// NATS server URL, or several separated by commas (a cluster).
     #[arg(
         long,
@@ -593,6 +602,7 @@ fn log_config(g: &Global, replicas: usize, duplicate_window: Duration) -> LogCon
         checkpoint_stream: g.checkpoint_stream.clone(),
         replicas,
         duplicate_window,
+        append_wait: Duration::from_secs(g.append_wait_secs),
     }
 }
 

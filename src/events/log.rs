@@ -24,6 +24,12 @@ pub struct LogConfig {
     pub replicas: usize,
     /// JetStream's de-duplication window on `Nats-Msg-Id`.
     pub duplicate_window: Duration,
+    /// How long an append keeps retrying a publish whose outcome is unknown
+    /// (no responders during a stream leader election, a lost connection,
+    /// a timeout) before it reports `Unavailable`. The same message id is
+    /// sent each time, so JetStream stores it once; never more than half
+    /// the duplicate window.
+    pub append_wait: Duration,
 }
 
 impl Default for LogConfig {
@@ -33,6 +39,7 @@ impl Default for LogConfig {
             checkpoint_stream: "FLOW_CHECKPOINTS".into(),
             replicas: 1,
             duplicate_window: Duration::from_secs(120),
+            append_wait: Duration::from_secs(10),
         }
     }
 }
@@ -238,28 +245,57 @@ impl EventLog {
         extra_headers: &[(&'static str, String)],
     ) -> Result<jetstream::publish::PublishAck, AppendError> {
         let size = body.len();
-        let mut msg = PublishMessage::build()
-            .payload(Bytes::from(body))
-            .message_id(message_id)
-            .expected_last_subject_sequence(expected);
-        for (k, v) in extra_headers {
-            msg = msg.header(*k, v.as_str());
+        let payload = Bytes::from(body);
+        let wait = self
+            .config
+            .append_wait
+            .min(self.config.duplicate_window / 2);
+        let until = std::time::Instant::now() + wait;
+        let mut attempt: u32 = 0;
+        loop {
+            let mut msg = PublishMessage::build()
+                .payload(payload.clone())
+                .message_id(message_id)
+                .expected_last_subject_sequence(expected);
+            for (k, v) in extra_headers {
+                msg = msg.header(*k, v.as_str());
+            }
+            let publish = async {
+                match self.js.send_publish(subject.clone(), msg).await {
+                    Ok(ack) => ack.await,
+                    Err(e) => Err(e),
+                }
+                .map_err(|e| classify_publish(e, &subject, size))
+            };
+            let sent = bounded(until, publish)
+                .await
+                .map_err(|e| match e {
+                    LogError::Unavailable(why) => AppendError::Unavailable(why),
+                    other => AppendError::Unavailable(other.to_string()),
+                })
+                .and_then(|r| r);
+            match sent {
+                Err(AppendError::Unavailable(why)) if std::time::Instant::now() < until => {
+                    attempt = attempt.saturating_add(1);
+                    let delay = Duration::from_millis((50u64 << attempt.min(5)).min(1_000));
+                    tracing::debug!(%subject, attempt, "append not acknowledged ({why}); retrying");
+                    tokio::time::sleep(delay).await;
+                }
+                other => return other,
+            }
         }
-        let ack = self
-            .js
-            .send_publish(subject.clone(), msg)
-            .await
-            .map_err(|e| classify_publish(e, &subject, size))?;
-        ack.await.map_err(|e| classify_publish(e, &subject, size))
     }
 
     /// The message at `seq`, or `None` past the end.
     pub async fn get(&self, seq: u64) -> Result<Option<StreamMessage>, LogError> {
-        match self.stream.direct_get(seq).await {
-            Ok(m) => Ok(Some(m)),
-            Err(e) if matches!(e.kind(), DirectGetErrorKind::NotFound) => Ok(None),
-            Err(e) => Err(LogError::Unavailable(format!("read seq {seq}: {e}"))),
-        }
+        self.patiently(|| async {
+            match self.stream.direct_get(seq).await {
+                Ok(m) => Ok(Some(m)),
+                Err(e) if matches!(e.kind(), DirectGetErrorKind::NotFound) => Ok(None),
+                Err(e) => Err(LogError::Unavailable(format!("read seq {seq}: {e}"))),
+            }
+        })
+        .await
     }
 
     /// The first message on `subject` at or after `from`.
@@ -268,14 +304,40 @@ impl EventLog {
         subject: &str,
         from: u64,
     ) -> Result<Option<StreamMessage>, LogError> {
-        match self
-            .stream
-            .direct_get_next_for_subject(subject, Some(from))
-            .await
-        {
-            Ok(m) => Ok(Some(m)),
-            Err(e) if matches!(e.kind(), DirectGetErrorKind::NotFound) => Ok(None),
-            Err(e) => Err(LogError::Unavailable(format!("read {subject}: {e}"))),
+        self.patiently(|| async {
+            match self
+                .stream
+                .direct_get_next_for_subject(subject, Some(from))
+                .await
+            {
+                Ok(m) => Ok(Some(m)),
+                Err(e) if matches!(e.kind(), DirectGetErrorKind::NotFound) => Ok(None),
+                Err(e) => Err(LogError::Unavailable(format!("read {subject}: {e}"))),
+            }
+        })
+        .await
+    }
+
+    /// Runs a read until it answers, retrying `Unavailable` (a reconnect, a
+    /// leader election) with backoff for up to the append wait: reads are
+    /// idempotent, and a command needs them before it can append.
+    async fn patiently<T, F, Fut>(&self, read: F) -> Result<T, LogError>
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = Result<T, LogError>>,
+    {
+        let until = std::time::Instant::now() + self.config.append_wait;
+        let mut attempt: u32 = 0;
+        loop {
+            match bounded(until, read()).await.and_then(|r| r) {
+                Err(LogError::Unavailable(why)) if std::time::Instant::now() < until => {
+                    attempt = attempt.saturating_add(1);
+                    tracing::debug!(attempt, "read not answered ({why}); retrying");
+                    let delay = Duration::from_millis((50u64 << attempt.min(5)).min(1_000));
+                    tokio::time::sleep(delay).await;
+                }
+                other => return other,
+            }
         }
     }
 
@@ -287,6 +349,27 @@ impl EventLog {
             .await
             .map_err(|e| LogError::Unavailable(e.to_string()))?;
         Ok(info.state.last_sequence)
+    }
+}
+
+/// How long one attempt of a retried read or append may take while the
+/// wait allows another: a request sent just before a connection was lost
+/// is never answered, and is sent again rather than awaited to its end.
+const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Runs `f`, bounded by [`ATTEMPT_TIMEOUT`] while `until` leaves time for
+/// another attempt (an elapsed attempt is `Unavailable`); the last runs
+/// unbounded.
+async fn bounded<T>(
+    until: std::time::Instant,
+    f: impl std::future::Future<Output = T>,
+) -> Result<T, LogError> {
+    if until.saturating_duration_since(std::time::Instant::now()) > ATTEMPT_TIMEOUT {
+        tokio::time::timeout(ATTEMPT_TIMEOUT, f).await.map_err(|_| {
+            LogError::Unavailable(format!("no answer within {} s", ATTEMPT_TIMEOUT.as_secs()))
+        })
+    } else {
+        Ok(f.await)
     }
 }
 

@@ -220,3 +220,30 @@ async fn several_nats_urls_are_taken_as_the_nats_cli_takes_them() {
     let err = String::from_utf8_lossy(&bad.stderr);
     assert!(err.contains("[bad") && !err.contains("s3cret"), "{err}");
 }
+
+#[tokio::test]
+async fn a_command_waits_through_a_short_nats_outage_instead_of_failing() {
+    let mut app = spawn_app().await;
+    app.submit("before-outage", "before-outage").await;
+    app.nats.kill();
+    let bus = app.bus.clone();
+    let pending = tokio::spawn(async move {
+        let body = json!({"job_id": "during-outage", "workflow_key": "invoice.extract",
+                          "client_id": "billing"});
+        reply(
+            handle(
+                &bus,
+                &client("billing"),
+                "flow.cmd.job.submit",
+                body.to_string().as_bytes(),
+            )
+            .await,
+        )
+    });
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(!pending.is_finished(), "the command waits for the stream");
+    app.nats.start_again();
+    let answer = pending.await.unwrap();
+    assert_eq!(answer["ok"], json!(true), "{answer}");
+    assert_eq!(app.last_seq().await, 2, "stored once");
+}
