@@ -211,13 +211,15 @@ impl SealKeys {
                 .ok()
                 .and_then(|k| <[u8; 32]>::try_from(k).ok())
             else {
+                // named by position: a swapped `<key>:<id>` would otherwise
+                // echo the key as an id
                 return Err(format!(
-                    "entry {} (key id {id:?}): the key must be 64 hex digits (32 bytes)",
+                    "entry {}: the key after the ':' must be 64 hex digits (32 bytes)",
                     i + 1
                 ));
             };
             if keys.iter().any(|(k, _)| k == id) {
-                return Err(format!("key id {id:?} appears twice"));
+                return Err(format!("entry {}: its key id appears twice", i + 1));
             }
             keys.push((id.to_string(), key));
         }
@@ -336,6 +338,7 @@ mod tests {
             "k1:abcd",
             &format!("bad id:{K1}"),
             &format!("k:{K1},k:{K2}"),
+            &format!("{K1}:k1"),
         ] {
             let e = SealKeys::parse(bad).unwrap_err();
             assert!(!e.contains("1111") && !e.contains("abcd"), "{e}");

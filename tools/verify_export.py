@@ -750,9 +750,10 @@ def verify(export_dir, ring=None, kept=None, allow_unsigned=False):
         uncovered = f"messages {unsigned_from}..{to_seq} are covered by no valid signature"
         if not allow_unsigned:
             raise Broken(unsigned_from, uncovered)
-    if sig_raw is None and not allow_unsigned:
-        raise Broken(0, "the export has no manifest.sig: its range and filter are vouched "
-                        "for by no signature")
+    if not manifest_word.startswith("signed by ") and not allow_unsigned:
+        why = ("the export has no manifest.sig" if sig_raw is None
+               else "manifest.sig was not checked (no key ring given)")
+        raise Broken(0, f"{why}: its range and filter are vouched for by no checked signature")
 
     summary = {
         "ok": True,
@@ -963,7 +964,8 @@ def self_test():
                               lambda l: re.sub(r'"signature": "(.)', lambda m: '"signature": "'
                                                + ("1" if m.group(1) == "0" else "0"), l)))
     case("no ring, unsigned refused", (False, 1), ring_=None)
-    case("no ring, kept digest covers", (True, 5), ring_=None, kept="keep")
+    case("no ring, kept digest: the manifest is not vouched for", (False, 0), ring_=None, kept="keep")
+    case("no ring, kept digest, --allow-unsigned", (True, 5), ring_=None, kept="keep", allow=True)
     case("no ring, --allow-unsigned", (True, 5), ring_=None, allow=True)
     case("early checkpoint, tail uncovered", (False, 4), checkpoint_at=[3])
     case("no manifest.sig", (False, 0), sign_manifest=False)

@@ -229,7 +229,6 @@ impl ChainCheck {
         for c in checkpoints {
             by_seq.entry(c.seq).or_default().push(c);
         }
-        let expect_seen = options.expect.is_some_and(|e| e == start);
         ChainCheck {
             digest: start,
             from: start.seq + 1,
@@ -239,8 +238,8 @@ impl ChainCheck {
             checkpoints_verified: 0,
             signed: None,
             options,
-            expect_seen,
-            expect_matched: expect_seen,
+            expect_seen: false,
+            expect_matched: false,
             messages: 0,
             events: 0,
         }
@@ -249,7 +248,9 @@ impl ChainCheck {
     /// Advances the stream digest by one message and checks the
     /// checkpoints at its sequence.
     pub fn leaf(&mut self, leaf: &Leaf) -> Result<(), Broken> {
-        let want = self.digest.seq + 1;
+        let Some(want) = self.digest.seq.checked_add(1) else {
+            return Err(broken(leaf.seq, "a sequence beyond 2^64 - 1"));
+        };
         if leaf.seq > want {
             return Err(broken(
                 want,
@@ -261,9 +262,9 @@ impl ChainCheck {
         }
         if leaf.seq < want {
             return Err(broken(
-                leaf.seq,
+                want,
                 format!(
-                    "message {} is out of order (it comes after {})",
+                    "message {want} is missing or out of order (message {} comes after {})",
                     leaf.seq,
                     want - 1
                 ),
@@ -341,7 +342,7 @@ impl ChainCheck {
                 .ok_or_else(|| broken(seq, "prev_hash is not 64 hex digits"))?;
             match head {
                 Some(h) => {
-                    if r.aggregate_version != h.version + 1 {
+                    if Some(r.aggregate_version) != h.version.checked_add(1) {
                         return Err(broken(
                             seq,
                             format!(
@@ -573,7 +574,15 @@ fn check_headers(
             return Err(altered(HDR_COMMAND_HASH, "the events' command_hash"));
         }
     }
-    let expected: Option<u64> = get(HDR_EXPECTED_LAST_SUBJECT_SEQ).and_then(|v| v.parse().ok());
+    // compared as the text flowledger writes: decimal digits, no sign, no
+    // leading zero
+    let expected = get(HDR_EXPECTED_LAST_SUBJECT_SEQ)
+        .filter(|v| {
+            !v.is_empty()
+                && v.bytes().all(|b| b.is_ascii_digit())
+                && (*v == "0" || !v.starts_with('0'))
+        })
+        .and_then(|v| v.parse::<u64>().ok());
     let ok = match (expected, previous_seq) {
         (None, _) => false,
         (Some(e), _) if first_version == 1 => e == 0,
@@ -597,11 +606,13 @@ pub async fn verify_live(
     to_seq: Option<u64>,
     options: &Options,
 ) -> Result<Summary, VerifyError> {
+    // checkpoints first, then the end: a checkpoint signed meanwhile lies
+    // at or before the end read after it, never beyond
+    let stored = checkpoint::load_all(client, log.config()).await?;
     let last = log.last_seq().await?;
     let to = to_seq.map_or(last, |t| t.min(last));
     let to_end = to == last;
-    let checkpoints: Vec<Checkpoint> = checkpoint::load_all(client, log.config())
-        .await?
+    let checkpoints: Vec<Checkpoint> = stored
         .into_iter()
         .filter(|c| c.stream == log.config().stream && (to_end || c.seq <= to))
         .collect();
@@ -723,7 +734,7 @@ fn read_manifest(dir: &Path, options: &Options) -> Result<(Manifest, String), Ve
             }
         }
     };
-    if manifest.from_seq == 0 || manifest.to_seq + 1 < manifest.from_seq {
+    if manifest.from_seq == 0 || manifest.to_seq < manifest.from_seq - 1 {
         return Err(broken(
             0,
             format!(
@@ -850,12 +861,19 @@ pub fn verify_export(dir: &Path, options: &Options) -> Result<Summary, VerifyErr
     }
     check.check_kept_digest()?;
     let unsigned_from = check.coverage()?;
-    if manifest_state == "unsigned" && !options.allow_unsigned {
+    if !manifest_state.starts_with("signed by ") && !options.allow_unsigned {
+        let why = if manifest_state == "unsigned" {
+            "manifest.json is not signed (no manifest.sig)"
+        } else {
+            "manifest.sig was not checked (no key ring given)"
+        };
         return Err(broken(
             0,
-            "manifest.json is not signed (no manifest.sig): its range and filter are vouched \
-             for by no signature, and a tail dropped with its checkpoint would look the same; \
-             export with the signing key, or pass --allow-unsigned",
+            format!(
+                "{why}: its range and filter are vouched for by no checked signature, and a \
+                 tail dropped with its checkpoint would look the same; export with the signing \
+                 key and verify with --keys, or pass --allow-unsigned"
+            ),
         )
         .into());
     }

@@ -606,6 +606,23 @@ async fn manifest_edits_are_refused() {
         assert_eq!(seq, 18, "{field}: {reason}");
         assert!(reason.contains("counts"), "{field}: {reason}");
     }
+    // a junk manifest.sig with no ring and a kept digest: not vouched for
+    copy_dir(&original, &out);
+    std::fs::write(
+        out.join(export::MANIFEST_SIG_FILE),
+        r#"{"key_id":"x","signature":"00"}"#,
+    )
+    .unwrap();
+    let kept = checkpoint::stream_digest(&app.log, None, Some(18))
+        .await
+        .unwrap();
+    let no_ring = Options {
+        expect: Some(kept),
+        ..Default::default()
+    };
+    let (seq, reason) = broken_at(verify::verify_export(&out, &no_ring));
+    assert_eq!(seq, 0, "{reason}");
+    assert!(reason.contains("not checked"), "{reason}");
     // a v1-style claim that the chain is incomplete is not a field any more
     copy_dir(&original, &out);
     let mut m = read_json(&mpath);
