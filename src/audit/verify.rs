@@ -55,10 +55,21 @@ impl Broken {
 }
 
 fn broken(seq: u64, reason: impl Into<String>) -> Broken {
-    Broken {
-        seq,
-        reason: reason.into(),
-    }
+    // a reason quotes what an export holds (subjects, times, ids): control
+    // characters are escaped, so a crafted export cannot rewrite the
+    // terminal line a person reads
+    let reason: String = reason
+        .into()
+        .chars()
+        .flat_map(|c| {
+            if c.is_control() {
+                c.escape_default().collect::<Vec<_>>()
+            } else {
+                vec![c]
+            }
+        })
+        .collect();
+    Broken { seq, reason }
 }
 
 /// `12345` as `12,345`.
@@ -883,6 +894,12 @@ pub fn verify_export(dir: &Path, options: &Options) -> Result<Summary, VerifyErr
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reasons_escape_control_characters() {
+        let b = broken(3, "subject flow.ev.job.x\r\u{1b}[2Kintact");
+        assert!(!b.reason.chars().any(char::is_control), "{:?}", b.reason);
+    }
 
     #[test]
     fn thousands_separators() {
