@@ -1084,7 +1084,9 @@ def main(argv=None):
         return 2
     except Broken as b:
         print(json.dumps({"ok": False, "seq": b.seq, "reason": b.reason}))
-        print(f"broken at {fmt_int(b.seq)}: {b.reason}", file=sys.stderr)
+        # control characters escaped: an export cannot rewrite this line
+        shown = "".join(c if c.isprintable() else repr(c)[1:-1] for c in b.reason)
+        print(f"broken at {fmt_int(b.seq)}: {shown}", file=sys.stderr)
         return 1
     print(json.dumps(summary))
     print(line, file=sys.stderr)
