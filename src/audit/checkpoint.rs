@@ -285,11 +285,6 @@ impl KeyRing {
         Ok(KeyRing { keys })
     }
 
-    /// The ids in the ring.
-    pub fn ids(&self) -> impl Iterator<Item = &str> {
-        self.keys.keys().map(String::as_str)
-    }
-
     fn ed25519(&self, id: &str) -> Result<&ed25519_dalek::VerifyingKey, SignatureProblem> {
         match self.keys.get(id) {
             None => Err(SignatureProblem::UnknownKey(id.to_string())),

@@ -64,10 +64,7 @@ impl ExportFilter {
                 .and_then(|r| r.strip_prefix('.'))
                 .and_then(|r| r.strip_prefix(t.as_str()))
                 .is_some_and(|r| r.starts_with('.')),
-            (Some(t), Some(id)) => {
-                subject.len() == EVENT_SUBJECT_PREFIX.len() + t.len() + id.len() + 2
-                    && subject == format!("{EVENT_SUBJECT_PREFIX}.{t}.{id}")
-            }
+            (Some(t), Some(id)) => subject == format!("{EVENT_SUBJECT_PREFIX}.{t}.{id}"),
         }
     }
 
@@ -209,18 +206,22 @@ pub async fn export(
     let last = log.last_seq().await?;
     let from = filter.from_seq.unwrap_or(1).max(1);
     let wanted = filter.to_seq.map_or(last, |t| t.min(last));
-    let to = match key {
+    let signed = match key {
         Some(key) if wanted >= from => checkpoint::checkpoint_at(client, log, key, Some(wanted))
             .await?
-            .map_or(wanted, |(cp, _)| cp.seq),
-        Some(_) => wanted,
-        None => checkpoint::load_all(client, log.config())
-            .await?
-            .iter()
-            .filter(|c| c.stream == log.config().stream && c.seq >= from && c.seq <= wanted)
-            .map(|c| c.seq)
-            .max()
-            .unwrap_or(wanted),
+            .map(|(cp, _)| cp.seq),
+        _ => None,
+    };
+    // read once: they pin the end (without a key) and fill checkpoints.jsonl
+    let stored: Vec<checkpoint::Checkpoint> = checkpoint::load_all(client, log.config())
+        .await?
+        .into_iter()
+        .filter(|c| c.stream == log.config().stream && c.seq >= from && c.seq <= wanted)
+        .collect();
+    let to = match (key, signed) {
+        (_, Some(seq)) => seq,
+        (Some(_), None) => wanted,
+        (None, _) => stored.iter().map(|c| c.seq).max().unwrap_or(wanted),
     };
     let start = if from > 1 {
         checkpoint::stream_digest(log, None, Some(from - 1)).await?
@@ -241,7 +242,17 @@ pub async fn export(
         uuid::Uuid::now_v7()
     ));
     std::fs::create_dir(&tmp)?;
-    let result = write_into(client, log, &filter, &tmp, (from, to), start, key, progress).await;
+    let result = write_into(
+        log,
+        &filter,
+        &tmp,
+        (from, to),
+        start,
+        &stored,
+        key,
+        progress,
+    )
+    .await;
     match result {
         Ok(manifest) => {
             std::fs::rename(&tmp, out)?;
@@ -256,12 +267,12 @@ pub async fn export(
 
 #[allow(clippy::too_many_arguments)]
 async fn write_into(
-    client: &async_nats::Client,
     log: &EventLog,
     filter: &ExportFilter,
     dir: &Path,
     (from, to): (u64, u64),
     start: Digest,
+    stored: &[checkpoint::Checkpoint],
     key: Option<&CheckpointKey>,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<Manifest, ExportError> {
@@ -335,8 +346,8 @@ async fn write_into(
     index.flush()?;
     messages.flush()?;
     let mut cps = create(CHECKPOINTS_FILE)?;
-    for cp in checkpoint::load_all(client, log.config()).await? {
-        if cp.stream == log.config().stream && cp.seq >= from && cp.seq <= digest.seq {
+    for cp in stored {
+        if cp.seq <= digest.seq {
             serde_json::to_writer(&mut cps, &cp).map_err(std::io::Error::from)?;
             cps.write_all(b"\n")?;
         }

@@ -283,6 +283,17 @@ fn edit_message(out: &Path, seq: u64, edit: impl FnOnce(&mut Value)) {
     write_lines(&path, &ls);
 }
 
+/// Rewrites the cancellation reason in message `seq` of an export.
+fn cancel_reason(out: &Path, seq: u64, reason: &str) {
+    edit_message(out, seq, |m| {
+        let body = m["body"]
+            .as_str()
+            .unwrap()
+            .replace("\"reason\":\"test\"", &format!("\"reason\":\"{reason}\""));
+        m["body"] = json!(body);
+    });
+}
+
 fn drop_manifest_signature(out: &Path) {
     std::fs::remove_file(out.join(export::MANIFEST_SIG_FILE)).unwrap();
 }
@@ -394,13 +405,7 @@ async fn verify_names_the_altered_event() {
     let app = spawn_app().await;
     history(&app).await;
     let (_d, out, ring) = export_to(&app, &Filter::default()).await;
-    edit_message(&out, 14, |m| {
-        let body = m["body"]
-            .as_str()
-            .unwrap()
-            .replace("\"reason\":\"test\"", "\"reason\":\"tset\"");
-        m["body"] = json!(body);
-    });
+    cancel_reason(&out, 14, "tset");
     let (seq, reason) = broken_at(verify_both(&out, Some(&ring), false));
     assert_eq!(seq, 14, "{reason}");
     assert!(reason.contains("altered"), "{reason}");
@@ -416,13 +421,7 @@ async fn a_rehashed_history_fails_where_the_signatures_stop() {
     let (_d, out, ring) = export_to(&app, &Filter::default()).await;
     let original = out.parent().unwrap().join("original");
     copy_dir(&out, &original);
-    edit_message(&out, 14, |m| {
-        let body = m["body"]
-            .as_str()
-            .unwrap()
-            .replace("\"reason\":\"test\"", "\"reason\":\"paid\"");
-        m["body"] = json!(body);
-    });
+    cancel_reason(&out, 14, "paid");
     rehash(&out);
     // the checkpoint at 18 no longer matches: at it, the digest differs
     let (seq, reason) = broken_at(verify_both(&out, Some(&ring), false));
@@ -450,13 +449,7 @@ async fn a_rehashed_history_fails_where_the_signatures_stop() {
     );
     // relabelling the key id of the stale checkpoint instead: refused
     copy_dir(&original, &out);
-    edit_message(&out, 14, |m| {
-        let body = m["body"]
-            .as_str()
-            .unwrap()
-            .replace("\"reason\":\"test\"", "\"reason\":\"paid\"");
-        m["body"] = json!(body);
-    });
+    cancel_reason(&out, 14, "paid");
     rehash(&out);
     drop_manifest_signature(&out);
     edit_checkpoints(&out, |cp| {

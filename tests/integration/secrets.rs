@@ -184,6 +184,18 @@ fn base64_of(bytes: &[u8]) -> String {
     out
 }
 
+/// Submits job `id` with `callback_url` as client `tests`; the JSON reply.
+async fn submit_with_callback(
+    bus: &flowledger::bus::CommandBus,
+    id: &str,
+    callback_url: &str,
+) -> Value {
+    let body = json!({"job_id": id, "workflow_key": "invoice.extract",
+                      "client_id": "tests", "callback_url": callback_url});
+    let subject = "flow.cmd.job.submit";
+    reply(handle(bus, &client("tests"), subject, body.to_string().as_bytes()).await)
+}
+
 #[tokio::test]
 async fn without_a_seal_key_a_url_with_credentials_is_refused_and_nothing_is_written() {
     let app = spawn_app().await;
@@ -197,17 +209,7 @@ async fn without_a_seal_key_a_url_with_credentials_is_refused_and_nothing_is_wri
         "https://receiver.example/cb?token=planted-token",
         "https://receiver.example/cb#planted-token",
     ] {
-        let body = json!({"job_id": "refused-1", "workflow_key": "invoice.extract",
-                          "client_id": "tests", "callback_url": url});
-        let answer = reply(
-            handle(
-                bus,
-                &client("tests"),
-                "flow.cmd.job.submit",
-                body.to_string().as_bytes(),
-            )
-            .await,
-        );
+        let answer = submit_with_callback(bus, "refused-1", url).await;
         assert_eq!(code(&answer), "validation", "{url}: {answer}");
         assert_eq!(answer["error"]["field"], "callback_url", "{answer}");
         let message = answer["error"]["message"].as_str().unwrap_or_default();
@@ -219,17 +221,7 @@ async fn without_a_seal_key_a_url_with_credentials_is_refused_and_nothing_is_wri
     }
     assert_eq!(app.last_seq().await, before, "nothing was appended");
     // a URL without credentials needs no key
-    let body = json!({"job_id": "plain-1", "workflow_key": "invoice.extract",
-                      "client_id": "tests", "callback_url": "https://receiver.example/cb"});
-    let answer = reply(
-        handle(
-            bus,
-            &client("tests"),
-            "flow.cmd.job.submit",
-            body.to_string().as_bytes(),
-        )
-        .await,
-    );
+    let answer = submit_with_callback(bus, "plain-1", "https://receiver.example/cb").await;
     assert_eq!(answer["ok"], true, "{answer}");
 }
 
