@@ -246,7 +246,11 @@ impl Application {
                             let s = ctx.status();
                             let reason = match &s {
                                 handlers::HandlerStatus::Restarting(r) => Some(r.clone()),
-                                _ => None,
+                                _ => Some(format!(
+                                    "holds {} of {} job partitions",
+                                    ctx.leases.held(),
+                                    handlers::lease::PARTITIONS
+                                )),
                             };
                             (s.as_str(), reason)
                         });

@@ -803,6 +803,13 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             for r in &reports {
                 println!("stream {}: {}", r.stream, r.action);
             }
+            let js = async_nats::jetstream::new(client.clone());
+            crate::handlers::lease::init(&js, replicas).await?;
+            println!(
+                "buckets {} and {}: ready",
+                crate::handlers::lease::LEASE_BUCKET,
+                crate::handlers::lease::STATE_BUCKET
+            );
             if let Some(url) = &db.database_url {
                 migrate(url).await?;
             }

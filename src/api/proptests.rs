@@ -754,6 +754,8 @@ fn texts_of(parsed: &Parsed, meta: &CommandMeta) -> Value {
                     status_code: _,
                     error_message,
                 }) => json!([target, error_message]),
+                // not a NATS command: the parser never yields it
+                JobCommand::Fenced { .. } => json!("fenced"),
             };
             json!([id, c])
         }
@@ -940,6 +942,9 @@ fn check_job_events(
             JobEvent::CallbackDelivered(c) => {
                 prop_assert!(c.attempts <= MAX_CALLBACK_ATTEMPTS, "{:?}", c);
                 prop_assert!((100..=599).contains(&c.status_code), "{:?}", c);
+            }
+            JobEvent::JobHandlerChanged(h) => {
+                prop_assert!(h.fence > before.fence, "{:?}", h);
             }
             JobEvent::CallbackFailed(c) => {
                 prop_assert!(c.attempts <= MAX_CALLBACK_ATTEMPTS, "{:?}", c);

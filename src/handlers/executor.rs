@@ -31,7 +31,7 @@ use crate::handlers::peer::{self, CallOutcome, StepCall};
 use crate::handlers::view::{
     ApprovalState, AttemptResult, JobView, StepView, StoryEvent, StoryRecord,
 };
-use crate::handlers::{Ctx, LoadError};
+use crate::handlers::{Ctx, FencedError, LoadError};
 
 /// The events the manager forwards to a job's driver.
 pub type Records = mpsc::UnboundedReceiver<Arc<StoryRecord>>;
@@ -41,6 +41,8 @@ pub type Records = mpsc::UnboundedReceiver<Arc<StoryRecord>>;
 pub enum Halt {
     /// The job changed under the driver (cancelled, or ended elsewhere).
     Superseded,
+    /// This instance lost the job's partition: another instance drives it.
+    Released,
     /// The job's state must be re-read from the log; the driver starts over.
     Reload,
     /// The job cannot go on without an operator (an event it cannot fold,
@@ -121,11 +123,15 @@ pub async fn drive(
                     tokio::time::sleep(Duration::from_millis(wait)).await;
                 }
                 Err(Halt::Park(reason)) => return Some(reason),
+                Err(Halt::Released) => return None,
                 Ok(()) | Err(Halt::Superseded) => {}
             }
             continue;
         }
         if view.callback_url.is_some() && !view.callback_recorded {
+            // a partition being given away waits for a delivery under way;
+            // without the partition the driver ends, not parked (None)
+            let _effect = ctx.leases.effect(&job_id).await?;
             super::delivery::deliver(&ctx, &view).await;
         }
         return None;
@@ -158,7 +164,13 @@ async fn advance(ctx: &Arc<Ctx>, mut view: JobView, rx: &mut Records) -> Result<
         r = wait_cancelled(rx, &mut view) => return r,
     };
     metrics::histogram!("flowledger_handler_queue_seconds").record(queued.elapsed().as_secs_f64());
+    // the steps' calls are effects: a partition being given away waits
+    // for them to end (up to its drain deadline)
+    let Some(effect) = ctx.leases.effect(&view.job_id).await else {
+        return Err(Halt::Released);
+    };
     let r = run(ctx, &mut view, &def, rx).await;
+    drop(effect);
     drop(permit);
     r
 }
@@ -342,18 +354,22 @@ async fn fail(
 
 /// Runs a job command whose failure means the job moved on without us.
 async fn job_result(ctx: &Ctx, job_id: &str, cmd: JobCommand, id: &str) -> Result<(), Halt> {
-    match ctx.job(job_id, cmd, id).await {
-        Ok(()) => Ok(()),
-        Err(ExecuteError::Rejected(JobError::InvalidTransition { .. })) => Err(Halt::Superseded),
-        Err(ExecuteError::Rejected(e)) => {
+    let e = match ctx.job(job_id, cmd, id).await {
+        Ok(()) => return Ok(()),
+        Err(FencedError::NotHeld) => return Err(Halt::Released),
+        Err(FencedError::Execute(e)) => e,
+    };
+    match e {
+        ExecuteError::Rejected(JobError::InvalidTransition { .. }) => Err(Halt::Superseded),
+        ExecuteError::Rejected(e) => {
             tracing::info!(job_id, error = %e, "job changed meanwhile; re-reading it");
             Err(Halt::Reload)
         }
         // the same command would be refused again: an operator must look
-        Err(e @ (ExecuteError::TooLarge(_) | ExecuteError::Unstorable)) => {
+        e @ (ExecuteError::TooLarge(_) | ExecuteError::Unstorable) => {
             Err(Halt::Park(format!("cannot record the job's progress: {e}")))
         }
-        Err(e) => retry_later(job_id, "record the job's progress", e).await,
+        e => retry_later(job_id, "record the job's progress", e).await,
     }
 }
 
@@ -752,13 +768,14 @@ async fn run_step(
             .await
         {
             Ok(()) => {}
+            Err(FencedError::NotHeld) => return Err(Halt::Released),
             // an n8n callback recorded this attempt meanwhile
-            Err(ExecuteError::Rejected(JobError::DuplicateStepResult { .. })) => {
-                return Err(Halt::Reload)
-            }
-            Err(ExecuteError::Rejected(JobError::InvalidTransition { .. })) => {
-                return Err(Halt::Superseded)
-            }
+            Err(FencedError::Execute(ExecuteError::Rejected(JobError::DuplicateStepResult {
+                ..
+            }))) => return Err(Halt::Reload),
+            Err(FencedError::Execute(ExecuteError::Rejected(JobError::InvalidTransition {
+                ..
+            }))) => return Err(Halt::Superseded),
             Err(e) => return retry_later(&job.id, "record a step result", e).await,
         }
         tokio::time::sleep(delay).await;
@@ -811,7 +828,8 @@ pub async fn record_callback(ctx: &Ctx, job_id: &str, outcome: RecordCallback) {
             .job(job_id, JobCommand::RecordCallback(outcome.clone()), &id)
             .await
         {
-            Ok(()) | Err(ExecuteError::Rejected(_)) => return,
+            Ok(())
+            | Err(FencedError::NotHeld | FencedError::Execute(ExecuteError::Rejected(_))) => return,
             Err(e) => {
                 tracing::warn!(job_id, error = %e, "cannot record the callback outcome; retrying");
                 tokio::time::sleep(Duration::from_secs(1)).await;

@@ -3,11 +3,16 @@
 //! such job's events into a view, starts one driver per job once it has
 //! caught up, and forwards later events of that job to its driver.
 //!
-//! Restart safety: the low-water mark is saved every second and only moves
-//! past a job once the handler owes it nothing (ended, callback recorded).
-//! After a crash the jobs at or after the mark are folded again and their
-//! drivers resume from what the log says; their commands repeat no event.
-//! One handler is active per database (an advisory lock); others wait.
+//! Every instance folds every job; it drives only the jobs of the
+//! partitions it holds a lease on (`lease`), and starts or stops drivers as
+//! it gains or loses partitions.
+//!
+//! Restart safety: the low-water mark is saved every second (in NATS, the
+//! `flow_handler_state` bucket) and only moves past a job once the handler
+//! owes it nothing (ended, callback recorded). After a crash the jobs at or
+//! after the mark are folded again and their drivers resume from what the
+//! log says; their commands repeat no event. Any instance may save the mark:
+//! each one's is a lower bound of the oldest job still owed.
 //!
 //! One bad job never stops the others: a job with an event the handler
 //! cannot decode or fold, or whose driver cannot go on, is parked (left
@@ -29,6 +34,7 @@ use futures::FutureExt;
 
 use crate::events::envelope::{decode_commit, EventRecord};
 use crate::handlers::executor;
+use crate::handlers::lease::{self, Change, Keeper, Leases, Positions};
 use crate::handlers::view::{JobView, StoryRecord};
 use crate::handlers::Ctx;
 
@@ -41,7 +47,8 @@ struct Job {
     task: Option<tokio::task::AbortHandle>,
 }
 
-/// The jobs the handler follows, and those it parked.
+/// The jobs the handler follows, and those it parked; their drivers stop
+/// when it is dropped.
 #[derive(Default)]
 struct Jobs {
     live: HashMap<String, Job>,
@@ -49,6 +56,16 @@ struct Jobs {
     parked: HashMap<String, (u64, String)>,
     /// Parked since the last save.
     unsaved: Vec<(String, u64, String)>,
+}
+
+impl Drop for Jobs {
+    fn drop(&mut self) {
+        for job in self.live.values() {
+            if let Some(task) = &job.task {
+                task.abort();
+            }
+        }
+    }
 }
 
 impl Jobs {
@@ -73,61 +90,95 @@ impl Jobs {
     }
 }
 
-/// Runs the job handler until `stop` changes: waits for the advisory lock,
-/// then follows the log; restarts after 1 s when the loop fails.
+/// Runs the job handler until `stop` changes: follows the log and drives
+/// the jobs of the partitions this instance holds leases on (`lease`);
+/// restarts after 1 s when the loop fails. PostgreSQL holds only the parked
+/// jobs: while it is down, jobs still run.
 pub async fn run(ctx: Arc<Ctx>, pool: PgPool, mut stop: watch::Receiver<bool>) {
-    loop {
-        match run_once(&ctx, &pool, &mut stop).await {
-            Ok(()) => return,
+    let (changes_tx, mut changes) = mpsc::unbounded_channel();
+    let mut keeper_task = None;
+    let positions = loop {
+        match Keeper::open(ctx.bus.log().jetstream(), ctx.leases.clone()).await {
+            Ok(k) => {
+                let positions = k.positions();
+                keeper_task = Some(tokio::spawn(k.run(changes_tx, stop.clone())));
+                break Some(positions);
+            }
             Err(e) => {
-                tracing::warn!(error = %e, "job handler stopped; restarting in 1 s");
-                ctx.set_status(super::HandlerStatus::Restarting(e.clone()));
+                tracing::warn!(error = %e, "job handler cannot open its leases; retrying in 1 s");
+                ctx.set_status(super::HandlerStatus::Restarting(e.to_string()));
                 tokio::select! {
                     _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                    _ = stop.changed() => return,
+                    _ = stop.changed() => break None,
+                }
+            }
+        }
+    };
+    if let Some(positions) = positions {
+        loop {
+            match run_once(&ctx, &pool, &positions, &mut changes, &mut stop).await {
+                Ok(()) => break,
+                Err(e) => {
+                    tracing::warn!(error = %e, "job handler stopped; restarting in 1 s");
+                    ctx.set_status(super::HandlerStatus::Restarting(e.clone()));
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        _ = stop.changed() => break,
+                    }
                 }
             }
         }
     }
+    // the drivers stopped with the loop; the keeper hands the partitions over
+    if let Some(t) = keeper_task {
+        let _ = t.await;
+    }
+}
+
+/// Where the handler starts reading: the low-water mark in NATS, else the
+/// one an older version kept in PostgreSQL, else the beginning.
+async fn start_position(positions: &Positions, pool: &PgPool) -> Result<u64, String> {
+    if let Some(seq) = positions.position().await? {
+        return Ok(seq.max(1));
+    }
+    let old: Result<Option<i64>, _> =
+        sqlx::query_scalar("SELECT next_seq FROM handler_positions WHERE name = $1")
+            .bind(POSITION_NAME)
+            .fetch_optional(pool)
+            .await;
+    Ok(match old {
+        Ok(Some(seq)) => u64::try_from(seq).unwrap_or(1).max(1),
+        Ok(None) => 1,
+        Err(e) => {
+            tracing::warn!(error = %e, "no saved handler position in NATS and PostgreSQL \
+                is unavailable; reading the log from its start");
+            1
+        }
+    })
 }
 
 async fn run_once(
     ctx: &Arc<Ctx>,
     pool: &PgPool,
+    positions: &Positions,
+    changes: &mut mpsc::UnboundedReceiver<Change>,
     stop: &mut watch::Receiver<bool>,
 ) -> Result<(), String> {
-    // one active handler: hold an advisory lock on a dedicated connection
-    let mut lock = pool.acquire().await.map_err(|e| e.to_string())?;
-    loop {
-        let got: bool =
-            sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtext('flowledger-job-handler'))")
-                .fetch_one(&mut *lock)
-                .await
-                .map_err(|e| e.to_string())?;
-        if got {
-            break;
-        }
-        ctx.set_status(super::HandlerStatus::NoLease);
-        tokio::select! {
-            _ = tokio::time::sleep(Duration::from_secs(2)) => {}
-            _ = stop.changed() => return Ok(()),
-        }
-    }
-    let from: i64 = sqlx::query_scalar("SELECT next_seq FROM handler_positions WHERE name = $1")
-        .bind(POSITION_NAME)
-        .fetch_optional(pool)
-        .await
-        .map_err(|e| e.to_string())?
-        .unwrap_or(1);
+    let from = start_position(positions, pool).await?;
     ctx.set_status(super::HandlerStatus::Running);
     let log = ctx.bus.log().clone();
     let caught_up_at = log.last_seq().await.map_err(|e| e.to_string())?;
-    tracing::info!(from, caught_up_at, "job handler reading the log");
+    tracing::info!(
+        from,
+        caught_up_at,
+        holder = ctx.leases.holder(),
+        "job handler reading the log"
+    );
     let consumer = log
         .stream()
         .create_consumer(pull::OrderedConfig {
             deliver_policy: DeliverPolicy::ByStartSequence {
-                start_sequence: from.max(1) as u64,
+                start_sequence: from,
             },
             ..Default::default()
         })
@@ -158,12 +209,14 @@ async fn run_once(
     };
     let mut follow = Follow {
         pool,
+        leases: ctx.leases.clone(),
         spawn,
         jobs: Jobs::default(),
         caught_up_at,
-        caught_up: caught_up_at < from as u64,
-        last_seq: (from as u64).saturating_sub(1),
+        caught_up: caught_up_at < from,
+        last_seq: from.saturating_sub(1),
         saved: from,
+        unsaved_warned: false,
     };
     if follow.caught_up {
         tracing::info!("job handler caught up");
@@ -172,7 +225,11 @@ async fn run_once(
         tokio::select! {
             m = messages.next() => follow.on_message(m)?,
             Some((id, parked)) = done_rx.recv() => follow.on_done(&id, parked),
-            _ = tick.tick() => follow.save().await?,
+            _ = tick.tick() => follow.save(positions).await,
+            Some(change) = changes.recv() => match change {
+                Change::Acquired(p) => follow.start_partition(p),
+                Change::Lost(p) => follow.stop_partition(p),
+            },
             _ = stop.changed() => return Ok(()),
         }
     }
@@ -182,6 +239,8 @@ async fn run_once(
 /// read the log, and the low-water mark it saved last.
 struct Follow<'a, S: Fn(&str, &mut Job)> {
     pool: &'a PgPool,
+    /// The partitions this instance drives.
+    leases: Arc<Leases>,
     /// Starts a job's driver.
     spawn: S,
     jobs: Jobs,
@@ -189,7 +248,9 @@ struct Follow<'a, S: Fn(&str, &mut Job)> {
     caught_up_at: u64,
     caught_up: bool,
     last_seq: u64,
-    saved: i64,
+    saved: u64,
+    /// A failed save of parked jobs was logged (once per outage).
+    unsaved_warned: bool,
 }
 
 impl<S: Fn(&str, &mut Job)> Follow<'_, S> {
@@ -210,7 +271,9 @@ impl<S: Fn(&str, &mut Job)> Follow<'_, S> {
             match decode_commit(&m.payload) {
                 Ok(lines) => {
                     for (_, r) in lines {
-                        fold(&mut self.jobs, seq, r, self.caught_up, &self.spawn);
+                        let drive = self.caught_up
+                            && self.leases.may_start(lease::partition(&r.aggregate_id));
+                        fold(&mut self.jobs, seq, r, drive, &self.spawn);
                     }
                 }
                 Err(e) => {
@@ -227,7 +290,9 @@ impl<S: Fn(&str, &mut Job)> Follow<'_, S> {
                 .jobs
                 .live
                 .iter()
-                .filter(|(_, j)| j.view.needs_handler())
+                .filter(|(id, j)| {
+                    j.view.needs_handler() && self.leases.may_start(lease::partition(id))
+                })
                 .map(|(k, _)| k.clone())
                 .collect();
             tracing::info!(jobs = owed.len(), "job handler caught up; resuming jobs");
@@ -254,42 +319,91 @@ impl<S: Fn(&str, &mut Job)> Follow<'_, S> {
         }
     }
 
-    /// Saves the jobs parked since the last save and the low-water mark.
-    async fn save(&mut self) -> Result<(), String> {
+    /// Starts the drivers of partition `p`'s jobs (once caught up: until
+    /// then the catch-up starts them).
+    fn start_partition(&mut self, p: usize) {
+        if !self.caught_up {
+            return;
+        }
+        let owed: Vec<String> = self
+            .jobs
+            .live
+            .iter()
+            .filter(|(id, j)| {
+                j.driver.is_none() && j.view.needs_handler() && lease::partition(id) == p
+            })
+            .map(|(k, _)| k.clone())
+            .collect();
+        tracing::info!(
+            partition = p,
+            jobs = owed.len(),
+            "driving the jobs of a partition"
+        );
+        for id in owed {
+            if let Some(job) = self.jobs.live.get_mut(&id) {
+                (self.spawn)(&id, job);
+            }
+        }
+    }
+
+    /// Stops the drivers of partition `p`'s jobs: the partition was lost or
+    /// given away.
+    fn stop_partition(&mut self, p: usize) {
+        for (id, job) in self.jobs.live.iter_mut() {
+            if lease::partition(id) == p {
+                if let Some(task) = job.task.take() {
+                    task.abort();
+                }
+                job.driver = None;
+            }
+        }
+    }
+
+    /// Saves the jobs parked since the last save (PostgreSQL: kept for the
+    /// next save while it is unavailable) and the low-water mark (NATS).
+    async fn save(&mut self, positions: &Positions) {
         let low = self
             .jobs
             .live
             .values()
             .map(|j| j.view.submitted_seq)
             .min()
-            .unwrap_or(self.last_seq + 1) as i64;
+            .unwrap_or(self.last_seq + 1);
         metrics::gauge!("flowledger_handler_jobs").set(self.jobs.live.len() as f64);
-        for (job_id, seq, reason) in std::mem::take(&mut self.jobs.unsaved) {
-            sqlx::query(
+        metrics::gauge!("flowledger_handler_partitions").set(self.leases.held() as f64);
+        while let Some((job_id, seq, reason)) = self.jobs.unsaved.first().cloned() {
+            let saved = sqlx::query(
                 "INSERT INTO handler_parked_jobs (job_id, seq, reason) VALUES ($1, $2, $3)
                  ON CONFLICT (job_id) \
                  DO UPDATE SET seq = EXCLUDED.seq, reason = EXCLUDED.reason, parked_at = now()",
             )
             .bind(&job_id)
-            .bind(seq as i64)
+            .bind(i64::try_from(seq).unwrap_or(i64::MAX))
             .bind(&reason)
             .execute(self.pool)
-            .await
-            .map_err(|e| e.to_string())?;
+            .await;
+            match saved {
+                Ok(_) => {
+                    self.jobs.unsaved.remove(0);
+                    self.unsaved_warned = false;
+                }
+                Err(e) => {
+                    if !self.unsaved_warned {
+                        tracing::warn!(error = %e, parked = self.jobs.unsaved.len(),
+                            "cannot save parked jobs to PostgreSQL; jobs keep running, \
+                             the save is retried every second");
+                        self.unsaved_warned = true;
+                    }
+                    break;
+                }
+            }
         }
         if low != self.saved {
-            sqlx::query(
-                "INSERT INTO handler_positions (name, next_seq) VALUES ($1, $2)
-                 ON CONFLICT (name) DO UPDATE SET next_seq = EXCLUDED.next_seq, updated_at = now()",
-            )
-            .bind(POSITION_NAME)
-            .bind(low)
-            .execute(self.pool)
-            .await
-            .map_err(|e| e.to_string())?;
-            self.saved = low;
+            match positions.save_position(low).await {
+                Ok(()) => self.saved = low,
+                Err(e) => tracing::debug!(error = %e, "cannot save the handler position; retrying"),
+            }
         }
-        Ok(())
     }
 }
 

@@ -10,6 +10,7 @@
 
 pub mod delivery;
 pub mod executor;
+pub mod lease;
 pub mod manager;
 pub mod peer;
 pub mod view;
@@ -31,6 +32,7 @@ use crate::events::chain;
 use crate::events::envelope::{decode_commit, Actor, CommandMeta};
 use crate::events::log::{subject_for, LogError};
 use crate::events::store::ExecuteError;
+use lease::Leases;
 use view::{JobView, StoryRecord};
 
 /// The identity on every command a handler issues.
@@ -164,7 +166,21 @@ pub struct Ctx {
     pub config: HandlerConfig,
     /// Admits drivers to run their steps, `max_concurrent_jobs` at a time.
     pub dispatcher: Dispatcher,
+    /// The job partitions this instance holds leases on.
+    pub leases: Arc<Leases>,
     status: Mutex<HandlerStatus>,
+}
+
+/// Why a handler command on a job was not recorded.
+#[derive(Debug, thiserror::Error)]
+pub enum FencedError {
+    /// This instance does not hold the job's partition (any more): it stops
+    /// driving the job, the partition's holder drives it.
+    #[error("this handler instance does not hold the job's partition (any more)")]
+    NotHeld,
+    /// The command bus refused or failed the command.
+    #[error(transparent)]
+    Execute(#[from] ExecuteError<JobError>),
 }
 
 /// Where the job handler stands, as `/healthz` reports it.
@@ -172,9 +188,10 @@ pub struct Ctx {
 pub enum HandlerStatus {
     /// Not started yet.
     Starting,
-    /// Waiting for the handler lock another instance holds (no lease).
+    /// Following the log, holding no partition lease (other instances
+    /// hold them all, or none could be taken yet).
     NoLease,
-    /// Holding the lock and driving jobs.
+    /// Following the log and driving the jobs of the partitions it holds.
     Running,
     /// Its loop failed and restarts shortly; the reason says why.
     Restarting(String),
@@ -212,16 +229,22 @@ impl Ctx {
             registry,
             http,
             config,
+            leases: Arc::new(Leases::new(Leases::instance_name())),
             status: Mutex::new(HandlerStatus::Starting),
         })
     }
 
-    /// Where the handler stands now.
+    /// Where the handler stands now: running only while it holds a lease.
     pub fn status(&self) -> HandlerStatus {
-        self.status
+        let s = self
+            .status
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .clone()
+            .clone();
+        match s {
+            HandlerStatus::Running if self.leases.held() == 0 => HandlerStatus::NoLease,
+            other => other,
+        }
     }
 
     pub(crate) fn set_status(&self, s: HandlerStatus) {
@@ -244,17 +267,29 @@ impl Ctx {
     }
 
     /// A job command issued as the handler, under `command_id` (derived by
-    /// `bus::ids`, so a repeat is a duplicate).
+    /// `bus::ids`, so a repeat is a duplicate), fenced with the lease on the
+    /// job's partition: refused here without one, and by the job when a
+    /// newer lease drove it.
     pub async fn job(
         &self,
         job_id: &str,
         cmd: JobCommand,
         command_id: &str,
-    ) -> Result<(), ExecuteError<JobError>> {
-        self.bus
-            .job(job_id, cmd, &self.meta(command_id, job_id))
+    ) -> Result<(), FencedError> {
+        let lease = self.leases.lease(job_id).ok_or(FencedError::NotHeld)?;
+        let fenced = JobCommand::Fenced {
+            lease,
+            command: Box::new(cmd),
+        };
+        match self
+            .bus
+            .job(job_id, fenced, &self.meta(command_id, job_id))
             .await
-            .map(|_| ())
+        {
+            Ok(_) => Ok(()),
+            Err(ExecuteError::Rejected(JobError::StaleLease { .. })) => Err(FencedError::NotHeld),
+            Err(e) => Err(FencedError::Execute(e)),
+        }
     }
 
     /// A command on the approval of `job_id` (its approval id is the job id).

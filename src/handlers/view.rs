@@ -336,6 +336,8 @@ impl JobView {
         match e {
             // a second submission cannot be committed; nothing to fold
             JobEvent::JobSubmitted(_) => {}
+            // which instance drives the job is not part of its story
+            JobEvent::JobHandlerChanged(_) => {}
             JobEvent::JobStarted(_) => {
                 self.status = JobStatus::Running;
                 self.started_at = Some(r.at);

@@ -13,8 +13,9 @@ use crate::commands::approval::events::{
     ApprovalDecided, ApprovalEvent, ApprovalExpired, ApprovalRequested,
 };
 use crate::commands::job::events::{
-    CallbackDelivered, CallbackFailed, JobCancelled, JobCompleted, JobEvent, JobFailed, JobStarted,
-    JobSubmitted, StepAttemptStarted, StepResultRecorded, StepRetryScheduled, StepStatus,
+    CallbackDelivered, CallbackFailed, JobCancelled, JobCompleted, JobEvent, JobFailed,
+    JobHandlerChanged, JobStarted, JobSubmitted, StepAttemptStarted, StepResultRecorded,
+    StepRetryScheduled, StepStatus,
 };
 use crate::commands::projection::events::{ProjectionEvent, ProjectionEventSkipped};
 use crate::commands::rejected_callback::events::{CallbackEvent, CallbackRejected};
@@ -129,6 +130,11 @@ fn job_events() -> Vec<JobEvent> {
             attempts: 5,
             error_message: "refused".into(),
         }),
+        JobEvent::JobHandlerChanged(JobHandlerChanged {
+            workflow_key: k(),
+            fence: 12,
+            holder: "host/42/abc".into(),
+        }),
     ]
 }
 
@@ -173,7 +179,9 @@ fn every_job_event_decodes_through_the_projection_parser() {
             JobEvent::CallbackFailed(c) => {
                 assert_eq!(d.error_message.as_deref(), Some(c.error_message.as_str()));
             }
-            JobEvent::JobStarted(_) | JobEvent::CallbackDelivered(_) => {}
+            JobEvent::JobStarted(_)
+            | JobEvent::CallbackDelivered(_)
+            | JobEvent::JobHandlerChanged(_) => {}
         }
     }
 }

@@ -823,6 +823,8 @@ async fn http_approvals_release_jobs_and_http_cancel_aborts_calls() {
         ("JobSubmitted", "billing"),
         ("ApprovalRequested", handler),
         ("ApprovalGranted", "ops"),
+        // the first command under the instance's partition lease
+        ("JobHandlerChanged", handler),
         ("JobStarted", handler),
         ("StepAttemptStarted", handler),
         ("StepResultRecorded", handler),

@@ -31,6 +31,22 @@ pub enum JobEvent {
     CallbackDelivered(CallbackDelivered),
     /// `CallbackFailed`: the result callback could not be delivered.
     CallbackFailed(CallbackFailed),
+    /// `JobHandlerChanged`: a handler instance drives the job from here on,
+    /// under a newer partition lease.
+    JobHandlerChanged(JobHandlerChanged),
+}
+
+/// A handler instance took the job over under a newer partition lease:
+/// fenced commands under older leases are refused from here on. Recorded
+/// with that instance's first command on the job.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobHandlerChanged {
+    /// The job's workflow key.
+    pub workflow_key: String,
+    /// The lease's fence (it grows with every lease taken).
+    pub fence: u64,
+    /// The handler instance (`<host>/<pid>/<id>`).
+    pub holder: String,
 }
 
 /// A job was accepted for a registry workflow; the values are the ones in
@@ -227,6 +243,7 @@ impl DomainEvent for JobEvent {
             JobEvent::StepRetryScheduled(_) => "StepRetryScheduled",
             JobEvent::CallbackDelivered(_) => "CallbackDelivered",
             JobEvent::CallbackFailed(_) => "CallbackFailed",
+            JobEvent::JobHandlerChanged(_) => "JobHandlerChanged",
         }
         .to_string()
     }

@@ -19,8 +19,9 @@ use crate::commands::registry::Registry;
 use crate::commands::{redact, write_decided, DomainError, ErrorCode};
 use crate::crypto::SealKeys;
 use events::{
-    CallbackDelivered, CallbackFailed, JobCancelled, JobCompleted, JobEvent, JobFailed, JobStarted,
-    JobSubmitted, StepAttemptStarted, StepResultRecorded, StepRetryScheduled, StepStatus,
+    CallbackDelivered, CallbackFailed, JobCancelled, JobCompleted, JobEvent, JobFailed,
+    JobHandlerChanged, JobStarted, JobSubmitted, StepAttemptStarted, StepResultRecorded,
+    StepRetryScheduled, StepStatus,
 };
 
 /// The `priority` of a submission that gives none (range 1 to 10).
@@ -107,6 +108,9 @@ pub struct Job {
     pub has_callback_url: bool,
     /// `CallbackDelivered` or `CallbackFailed` is recorded.
     pub callback_recorded: bool,
+    /// The fence of the newest lease a handler drove the job under (0:
+    /// none yet); fenced commands under an older one are refused.
+    pub fence: u64,
 }
 
 /// `job.submit`: create the job (the job id is the aggregate id).
@@ -258,6 +262,26 @@ pub enum JobCommand {
     Cancel(CancelJob),
     /// `record_callback`: record the result callback's outcome.
     RecordCallback(RecordCallback),
+    /// A handler command issued under a partition lease: refused when a
+    /// newer lease has driven the job (a stale owner), and it records
+    /// `JobHandlerChanged` when its lease is newer than the last one. Never
+    /// nested; not a NATS command (the handler issues it in process).
+    Fenced {
+        /// The lease the command was decided under.
+        lease: Lease,
+        /// The handler command itself.
+        command: Box<JobCommand>,
+    },
+}
+
+/// A handler's partition lease as a command carries it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lease {
+    /// The lease's fence: it grows with every lease taken on any partition
+    /// (`docs/adr/0010-handler-leases.md`).
+    pub fence: u64,
+    /// The handler instance holding it.
+    pub holder: String,
 }
 
 impl JobCommand {
@@ -272,6 +296,7 @@ impl JobCommand {
             JobCommand::Fail(_) => "fail",
             JobCommand::Cancel(_) => "cancel",
             JobCommand::RecordCallback(_) => "record_callback",
+            JobCommand::Fenced { command, .. } => command.name(),
         }
     }
 }
@@ -348,6 +373,22 @@ pub enum JobError {
         /// The job's status ([`JobStatus::as_str`]).
         status: &'static str,
     },
+    /// A handler command under a lease older than the one the job was last
+    /// driven under: another instance owns the job now (`rejected`). The
+    /// sender stops driving it.
+    #[error(
+        "the job is driven under lease fence {current} now; a command under the older \
+         fence {sent} is refused (this handler instance lost the job's partition)"
+    )]
+    StaleLease {
+        /// The fence the command carried.
+        sent: u64,
+        /// The job's newest fence.
+        current: u64,
+    },
+    /// A fenced command inside a fenced command.
+    #[error("a fenced command cannot carry another fenced command")]
+    NestedFence,
     /// This attempt of the step already has a result (e.g. the handler and
     /// an n8n callback both recorded it); the first one stands.
     #[error("step {step:?} attempt {attempt} is already recorded")]
@@ -470,6 +511,8 @@ impl DomainError for JobError {
             | JobError::StepAlreadySucceeded { .. }
             | JobError::AttemptOutOfOrder { .. }
             | JobError::NoCallback
+            | JobError::StaleLease { .. }
+            | JobError::NestedFence
             | JobError::CallbackAlreadyRecorded => ErrorCode::Rejected,
         }
     }
@@ -780,6 +823,29 @@ impl Job {
                     reason: c.reason,
                 })])
             }
+            JobCommand::Fenced { lease, command } => {
+                if matches!(*command, JobCommand::Fenced { .. }) {
+                    return Err(JobError::NestedFence);
+                }
+                if lease.fence < self.fence {
+                    return Err(JobError::StaleLease {
+                        sent: lease.fence,
+                        current: self.fence,
+                    });
+                }
+                let mut events = self.decide(*command, services)?;
+                if lease.fence > self.fence {
+                    events.insert(
+                        0,
+                        JobEvent::JobHandlerChanged(JobHandlerChanged {
+                            workflow_key: self.workflow_key.clone(),
+                            fence: lease.fence,
+                            holder: lease.holder,
+                        }),
+                    );
+                }
+                Ok(events)
+            }
         }
     }
 }
@@ -822,6 +888,7 @@ impl Aggregate for Job {
                 self.recorded.insert((e.step, e.attempt));
             }
             JobEvent::StepRetryScheduled(_) => {}
+            JobEvent::JobHandlerChanged(e) => self.fence = self.fence.max(e.fence),
             JobEvent::CallbackDelivered(_) | JobEvent::CallbackFailed(_) => {
                 self.callback_recorded = true;
             }
@@ -1226,6 +1293,93 @@ mod tests {
             attempt,
             idempotency_key: format!("j:{step}:{attempt}"),
         })
+    }
+
+    fn fenced(fence: u64, command: JobCommand) -> JobCommand {
+        JobCommand::Fenced {
+            lease: Lease {
+                fence,
+                holder: format!("h{fence}"),
+            },
+            command: Box::new(command),
+        }
+    }
+
+    fn handler_changed(fence: u64) -> JobEvent {
+        JobEvent::JobHandlerChanged(JobHandlerChanged {
+            workflow_key: "invoice.extract".into(),
+            fence,
+            holder: format!("h{fence}"),
+        })
+    }
+
+    fn first_attempt(step: &str) -> JobCommand {
+        JobCommand::StartAttempt(StartAttempt {
+            step: step.into(),
+            attempt: 2,
+            idempotency_key: format!("j:{step}:2"),
+        })
+    }
+
+    #[test]
+    fn a_newer_lease_records_the_handler_change_once() {
+        let start = || JobCommand::Start(StartJob { attempts: vec![] });
+        framework()
+            .given(vec![submitted()])
+            .when(fenced(3, start()))
+            .then_expect_events(vec![handler_changed(3), started()]);
+        // the same lease again: no change to record
+        framework()
+            .given(vec![
+                submitted(),
+                handler_changed(3),
+                started(),
+                attempt_started("ocr", 1),
+            ])
+            .when(fenced(3, first_attempt("ocr")))
+            .then_expect_events(vec![attempt_started("ocr", 2)]);
+    }
+
+    #[test]
+    fn a_command_under_an_older_lease_is_refused() {
+        framework()
+            .given(vec![
+                submitted(),
+                handler_changed(3),
+                started(),
+                attempt_started("ocr", 1),
+                handler_changed(9),
+            ])
+            .when(fenced(3, first_attempt("ocr")))
+            .then_expect_error(JobError::StaleLease {
+                sent: 3,
+                current: 9,
+            });
+        // the refusal is a rejection the sender stops on
+        assert_eq!(
+            JobError::StaleLease {
+                sent: 3,
+                current: 9
+            }
+            .code(),
+            ErrorCode::Rejected
+        );
+    }
+
+    #[test]
+    fn a_fenced_command_is_still_decided_on_the_state() {
+        // a newer lease does not make an invalid command valid, and records nothing
+        framework()
+            .given(vec![submitted()])
+            .when(fenced(5, first_attempt("ocr")))
+            .then_expect_error(JobError::InvalidTransition {
+                command: "start an attempt for",
+                status: "pending",
+            });
+        framework()
+            .given(vec![submitted()])
+            .when(fenced(5, fenced(6, first_attempt("ocr"))))
+            .then_expect_error(JobError::NestedFence);
     }
 
     #[test]

@@ -1,0 +1,718 @@
+//! Partition leases: how several `serve` instances share the job handler.
+//!
+//! Jobs fall into [`PARTITIONS`] partitions by a hash of their id. An
+//! instance drives the jobs of the partitions it holds a lease on; the
+//! leases are keys of a JetStream KV bucket whose entries expire
+//! ([`LEASE_BUCKET`], `max_age` = the lease's time to live), taken with
+//! `create` and renewed with revision-checked `update`s, so at most one
+//! instance holds a partition at a time and a dead instance's leases lapse
+//! on the server's clock. Each instance announces itself (`m.<id>`), counts
+//! the live instances and holds its fair share: it takes free partitions up
+//! to that share and gives the extra ones away after draining them (the
+//! jobs running steps there end or the drain deadline passes), so a new
+//! instance gets work and a leaving one hands it over.
+//!
+//! A lease the holder cannot renew in time is treated as lost locally
+//! (before the server lets it lapse), and every command a driver issues is
+//! fenced with its lease: each lease taken gets the next value of one
+//! counter ([`STATE_BUCKET`], key `fence`), the job records the newest fence
+//! it was driven under (`JobHandlerChanged`), and a command under an older
+//! one is refused by the aggregate. A paused process that wakes up with a
+//! lapsed lease cannot write to a job another instance took over.
+//! docs/adr/0010-handler-leases.md has the reasoning.
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{self, kv};
+use futures::StreamExt;
+use serde_json::json;
+use tokio::sync::{mpsc, OwnedRwLockReadGuard, OwnedRwLockWriteGuard, RwLock};
+
+use crate::commands::job::Lease;
+use crate::events::chain;
+
+/// Partitions the jobs fall into: at most this many instances share the
+/// handler. Fixed: a job's partition must not change while it runs.
+pub const PARTITIONS: usize = 32;
+/// The KV bucket of the leases and the instances' announcements.
+pub const LEASE_BUCKET: &str = "flow_handler_leases";
+/// The KV bucket of the handler's durable state: the fence counter and the
+/// low-water mark.
+pub const STATE_BUCKET: &str = "flow_handler_state";
+/// A lease's time to live when `flowledger init` (or the first `serve`)
+/// creates the bucket; instances read it from the bucket.
+pub const LEASE_TTL: Duration = Duration::from_secs(6);
+/// How long a partition given away waits for its running jobs' effects
+/// (step calls, callbacks) to end before their drivers are stopped anyway.
+pub const DRAIN_DEADLINE: Duration = Duration::from_secs(30);
+const FENCE_KEY: &str = "fence";
+const POSITION_KEY: &str = "position";
+
+/// The partition of a job: the first 8 bytes of the SHA-256 of its id,
+/// modulo [`PARTITIONS`] (stable across versions and machines).
+pub fn partition(job_id: &str) -> usize {
+    let h = chain::sha256(job_id.as_bytes());
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&h[..8]);
+    (u64::from_be_bytes(first) % PARTITIONS as u64) as usize
+}
+
+fn lease_key(p: usize) -> String {
+    format!("p.{p:02}")
+}
+
+/// Why the lease buckets could not be opened or created.
+#[derive(Debug, thiserror::Error)]
+pub enum LeaseError {
+    /// JetStream refused or did not answer; check NATS and the service
+    /// user's JetStream permissions.
+    #[error("cannot open or create the KV bucket {bucket}: {reason}")]
+    Bucket {
+        /// The bucket's name.
+        bucket: &'static str,
+        /// What JetStream said.
+        reason: String,
+    },
+}
+
+fn bucket_config(bucket: &'static str, replicas: usize) -> kv::Config {
+    let (max_age, description) = if bucket == LEASE_BUCKET {
+        (
+            LEASE_TTL,
+            "flowledger job handler: partition leases and live instances",
+        )
+    } else {
+        (
+            Duration::ZERO,
+            "flowledger job handler: fence counter and low-water mark",
+        )
+    };
+    kv::Config {
+        bucket: bucket.to_string(),
+        description: description.to_string(),
+        history: 1,
+        max_age,
+        storage: jetstream::stream::StorageType::File,
+        num_replicas: replicas.max(1),
+        ..Default::default()
+    }
+}
+
+/// Creates the handler's buckets with `replicas` copies, or updates them
+/// (idempotent; `flowledger init`).
+pub async fn init(js: &jetstream::Context, replicas: usize) -> Result<(), LeaseError> {
+    for bucket in [LEASE_BUCKET, STATE_BUCKET] {
+        js.create_or_update_key_value(bucket_config(bucket, replicas))
+            .await
+            .map_err(|e| LeaseError::Bucket {
+                bucket,
+                reason: e.to_string(),
+            })?;
+    }
+    Ok(())
+}
+
+/// Opens a bucket, creating it (one replica) when it does not exist yet.
+async fn open(js: &jetstream::Context, bucket: &'static str) -> Result<kv::Store, LeaseError> {
+    if let Ok(store) = js.get_key_value(bucket).await {
+        return Ok(store);
+    }
+    tracing::info!(
+        bucket,
+        "creating the KV bucket with one replica (`flowledger init --replicas N` sets more)"
+    );
+    js.create_key_value(bucket_config(bucket, 1))
+        .await
+        .map_err(|e| LeaseError::Bucket {
+            bucket,
+            reason: e.to_string(),
+        })
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Hold {
+    Free,
+    Held {
+        fence: u64,
+        /// Past this instant the lease may have lapsed on the server.
+        until: Instant,
+        /// Being given away: no driver starts here, no new effect begins.
+        draining: bool,
+    },
+}
+
+struct Part {
+    hold: Mutex<Hold>,
+    /// Readers: drivers in the middle of effects; the writer: a drain.
+    work: Arc<RwLock<()>>,
+}
+
+/// The partitions this instance holds, as the drivers see them.
+pub struct Leases {
+    holder: String,
+    parts: Vec<Part>,
+}
+
+impl Leases {
+    /// No partition held yet; `holder` names this instance in leases and
+    /// events.
+    pub fn new(holder: String) -> Self {
+        Leases {
+            holder,
+            parts: (0..PARTITIONS)
+                .map(|_| Part {
+                    hold: Mutex::new(Hold::Free),
+                    work: Arc::new(RwLock::new(())),
+                })
+                .collect(),
+        }
+    }
+
+    /// A new instance name: `<host>/<pid>/<random>`.
+    pub fn instance_name() -> String {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .unwrap_or_else(|_| "host".into());
+        let id = uuid::Uuid::new_v4().simple().to_string();
+        format!("{host}/{}/{}", std::process::id(), &id[..12])
+    }
+
+    /// This instance's name.
+    pub fn holder(&self) -> &str {
+        &self.holder
+    }
+
+    fn hold(&self, p: usize) -> Hold {
+        match self.parts.get(p) {
+            Some(part) => *part.hold.lock().unwrap_or_else(|e| e.into_inner()),
+            None => Hold::Free,
+        }
+    }
+
+    fn set(&self, p: usize, h: Hold) {
+        if let Some(part) = self.parts.get(p) {
+            *part.hold.lock().unwrap_or_else(|e| e.into_inner()) = h;
+        }
+    }
+
+    /// The lease to fence a command on `job_id` with: none when this
+    /// instance does not hold the job's partition (or may have lost it).
+    pub fn lease(&self, job_id: &str) -> Option<Lease> {
+        match self.hold(partition(job_id)) {
+            Hold::Held { fence, until, .. } if Instant::now() < until => Some(Lease {
+                fence,
+                holder: self.holder.clone(),
+            }),
+            _ => None,
+        }
+    }
+
+    /// Drivers may start in partition `p`: it is held and not being given
+    /// away.
+    pub fn may_start(&self, p: usize) -> bool {
+        matches!(self.hold(p), Hold::Held { until, draining: false, .. } if Instant::now() < until)
+    }
+
+    /// Admits an effect on `job_id` (a run of its steps, a callback); the
+    /// partition is not given away while the guard lives. None: the
+    /// partition is not held (any more).
+    pub async fn effect(&self, job_id: &str) -> Option<OwnedRwLockReadGuard<()>> {
+        let p = partition(job_id);
+        let part = self.parts.get(p)?;
+        if !self.may_start(p) {
+            return None;
+        }
+        let guard = part.work.clone().read_owned().await;
+        // a drain may have run while this waited
+        self.may_start(p).then_some(guard)
+    }
+
+    /// Partitions held now (draining ones included).
+    pub fn held(&self) -> usize {
+        (0..PARTITIONS)
+            .filter(|&p| matches!(self.hold(p), Hold::Held { until, .. } if Instant::now() < until))
+            .count()
+    }
+}
+
+/// What the keeper's round changed, for the manager.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Change {
+    /// The partition is held: start the drivers of its jobs.
+    Acquired(usize),
+    /// The partition is lost (or given away): stop its drivers now.
+    Lost(usize),
+}
+
+/// A drained partition, with the drain's guard when every effect ended in
+/// time.
+type Drained = (usize, Option<OwnedRwLockWriteGuard<()>>);
+
+/// Takes, renews and gives away this instance's leases ([`Keeper::run`],
+/// a task of its own: a busy manager never delays a renewal).
+pub struct Keeper {
+    leases: Arc<Leases>,
+    kv: kv::Store,
+    state: kv::Store,
+    ttl: Duration,
+    member_key: String,
+    revisions: Vec<Option<u64>>,
+    drained_tx: mpsc::UnboundedSender<Drained>,
+    drained_rx: mpsc::UnboundedReceiver<Drained>,
+}
+
+impl Keeper {
+    /// Opens the buckets (creating them when missing).
+    pub async fn open(js: &jetstream::Context, leases: Arc<Leases>) -> Result<Self, LeaseError> {
+        let kv = open(js, LEASE_BUCKET).await?;
+        let state = open(js, STATE_BUCKET).await?;
+        let ttl = match kv.status().await {
+            Ok(s) if s.max_age() >= Duration::from_secs(1) => s.max_age(),
+            Ok(s) => {
+                tracing::warn!(
+                    max_age_ms = s.max_age().as_millis() as u64,
+                    "the lease bucket's entries do not expire after a second or more; \
+                     leases renew as if they lived {} s: recreate it with `flowledger init`",
+                    LEASE_TTL.as_secs()
+                );
+                LEASE_TTL
+            }
+            Err(e) => {
+                return Err(LeaseError::Bucket {
+                    bucket: LEASE_BUCKET,
+                    reason: e.to_string(),
+                })
+            }
+        };
+        let member_key = format!(
+            "m.{}",
+            chain::to_hex(&chain::sha256(leases.holder.as_bytes()))
+        );
+        let (drained_tx, drained_rx) = mpsc::unbounded_channel();
+        Ok(Keeper {
+            leases,
+            kv,
+            state,
+            ttl,
+            member_key,
+            revisions: vec![None; PARTITIONS],
+            drained_tx,
+            drained_rx,
+        })
+    }
+
+    /// The time between rounds: a third of the lease's life.
+    pub fn period(&self) -> Duration {
+        self.ttl / 3
+    }
+
+    /// How long after a renewal was sent the lease is still surely held:
+    /// the server stamps it later than it was sent, and a sixth of its life
+    /// is kept as margin.
+    fn valid_for(&self) -> Duration {
+        self.ttl - self.ttl / 6
+    }
+
+    fn value(&self, fence: Option<u64>) -> bytes::Bytes {
+        json!({"holder": self.leases.holder, "fence": fence})
+            .to_string()
+            .into()
+    }
+
+    /// Where the handler's low-water mark is kept.
+    pub fn positions(&self) -> Positions {
+        Positions {
+            state: self.state.clone(),
+        }
+    }
+}
+
+/// The handler's low-water mark in [`STATE_BUCKET`].
+#[derive(Clone)]
+pub struct Positions {
+    state: kv::Store,
+}
+
+impl Positions {
+    /// The low-water mark saved last, if any.
+    pub async fn position(&self) -> Result<Option<u64>, String> {
+        let got = self
+            .state
+            .get(POSITION_KEY)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(got.and_then(|v| std::str::from_utf8(&v).ok()?.trim().parse().ok()))
+    }
+
+    /// Saves the low-water mark.
+    pub async fn save_position(&self, next_seq: u64) -> Result<(), String> {
+        self.state
+            .put(POSITION_KEY, next_seq.to_string().into())
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+}
+
+impl Keeper {
+    /// One round: renews the leases held, announces this instance, takes
+    /// free partitions up to the fair share and starts giving away the
+    /// ones above it. Returns the partitions gained and lost.
+    async fn tick(&mut self) -> Vec<Change> {
+        let mut changes = Vec::new();
+        self.renew(&mut changes).await;
+        if let Err(e) = self
+            .kv
+            .put(&self.member_key, self.value(None))
+            .await
+            .map_err(|e| e.to_string())
+        {
+            tracing::warn!(error = %e, "cannot announce this handler instance; retrying");
+            return changes;
+        }
+        let keys = match self.keys().await {
+            Ok(k) => k,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot list the handler leases; retrying");
+                return changes;
+            }
+        };
+        let members = keys.iter().filter(|k| k.starts_with("m.")).count().max(1);
+        let taken: BTreeSet<String> = keys.into_iter().filter(|k| k.starts_with("p.")).collect();
+        let fair = PARTITIONS.div_ceil(members);
+        let active: Vec<usize> = (0..PARTITIONS)
+            .filter(|&p| {
+                matches!(
+                    self.leases.hold(p),
+                    Hold::Held {
+                        draining: false,
+                        ..
+                    }
+                )
+            })
+            .collect();
+        if active.len() < fair {
+            let mut free: Vec<usize> = (0..PARTITIONS)
+                .filter(|&p| self.revisions[p].is_none() && !taken.contains(&lease_key(p)))
+                .collect();
+            fastrand::shuffle(&mut free);
+            let mut held = active.len();
+            for p in free {
+                if held >= fair {
+                    break;
+                }
+                if self.acquire(p).await {
+                    changes.push(Change::Acquired(p));
+                    held += 1;
+                }
+            }
+        } else if active.len() > fair {
+            for &p in active.iter().rev().take(active.len() - fair) {
+                self.drain(p);
+            }
+        }
+        changes
+    }
+
+    /// Renews every lease held, all at once. A lease whose validity passed
+    /// before it was renewed is lost (drivers saw it lapse and stopped):
+    /// it is let go, and taken again later under a new fence.
+    async fn renew(&mut self, changes: &mut Vec<Change>) {
+        let mut renewals = Vec::new();
+        for p in 0..PARTITIONS {
+            let Some(revision) = self.revisions[p] else {
+                continue;
+            };
+            match self.leases.hold(p) {
+                Hold::Held {
+                    fence,
+                    until,
+                    draining,
+                } if Instant::now() < until => {
+                    let (kv, value) = (self.kv.clone(), self.value(Some(fence)));
+                    renewals.push(async move {
+                        let sent = Instant::now();
+                        let r = kv.update(lease_key(p), value, revision).await;
+                        (p, fence, draining, sent, r)
+                    });
+                }
+                _ => {
+                    tracing::warn!(
+                        partition = p,
+                        "a job partition's lease was not renewed in time; its drivers \
+                         stop and it is taken again under a new fence"
+                    );
+                    self.let_go(p).await;
+                    changes.push(Change::Lost(p));
+                }
+            }
+        }
+        for (p, fence, draining, sent, r) in futures::future::join_all(renewals).await {
+            match r {
+                Ok(revision) => {
+                    self.revisions[p] = Some(revision);
+                    self.leases.set(
+                        p,
+                        Hold::Held {
+                            fence,
+                            until: sent + self.valid_for(),
+                            draining,
+                        },
+                    );
+                }
+                Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
+                    tracing::warn!(
+                        partition = p,
+                        error = %e,
+                        "lost the lease on a job partition; its drivers stop \
+                         (another instance takes it over)"
+                    );
+                    self.revisions[p] = None;
+                    self.leases.set(p, Hold::Free);
+                    changes.push(Change::Lost(p));
+                }
+                // tried again next round, while the lease is still valid
+                Err(e) => tracing::debug!(partition = p, error = %e, "lease renewal failed"),
+            }
+        }
+    }
+
+    async fn keys(&self) -> Result<Vec<String>, String> {
+        let mut keys = self.kv.keys().await.map_err(|e| e.to_string())?;
+        let mut all = Vec::new();
+        while let Some(k) = keys.next().await {
+            all.push(k.map_err(|e| e.to_string())?);
+        }
+        Ok(all)
+    }
+
+    /// Takes partition `p`: creates its key, draws a fence, then confirms
+    /// the key is still this instance's (so any later holder draws a larger
+    /// fence).
+    async fn acquire(&mut self, p: usize) -> bool {
+        let key = lease_key(p);
+        let Ok(revision) = self.kv.create(&key, self.value(None)).await else {
+            return false; // someone else was faster
+        };
+        let fence = match self.next_fence().await {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::warn!(partition = p, error = %e, "cannot draw a lease fence");
+                let _ = self.kv.delete_expect_revision(&key, Some(revision)).await;
+                return false;
+            }
+        };
+        let sent = Instant::now();
+        match self
+            .kv
+            .update(&key, self.value(Some(fence)), revision)
+            .await
+        {
+            Ok(r) => {
+                self.revisions[p] = Some(r);
+                self.leases.set(
+                    p,
+                    Hold::Held {
+                        fence,
+                        until: sent + self.valid_for(),
+                        draining: false,
+                    },
+                );
+                tracing::info!(partition = p, fence, "took the lease on a job partition");
+                true
+            }
+            Err(e) => {
+                tracing::warn!(partition = p, error = %e, "lost a lease while taking it");
+                false
+            }
+        }
+    }
+
+    /// The next value of the fence counter (compare-and-set).
+    async fn next_fence(&self) -> Result<u64, String> {
+        for _ in 0..50 {
+            let entry = self
+                .state
+                .entry(FENCE_KEY)
+                .await
+                .map_err(|e| e.to_string())?;
+            match entry {
+                Some(e) if e.operation == kv::Operation::Put => {
+                    let n: u64 = std::str::from_utf8(&e.value)
+                        .ok()
+                        .and_then(|s| s.trim().parse().ok())
+                        .ok_or_else(|| {
+                            format!(
+                                "the fence counter in {STATE_BUCKET} is not a number; \
+                                 an operator changed it"
+                            )
+                        })?;
+                    let next = n.checked_add(1).ok_or("the fence counter is exhausted")?;
+                    match self
+                        .state
+                        .update(FENCE_KEY, next.to_string().into(), e.revision)
+                        .await
+                    {
+                        Ok(_) => return Ok(next),
+                        Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => continue,
+                        Err(e) => return Err(e.to_string()),
+                    }
+                }
+                _ => match self.state.create(FENCE_KEY, "1".into()).await {
+                    Ok(_) => return Ok(1),
+                    Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => continue,
+                    Err(e) => return Err(e.to_string()),
+                },
+            }
+        }
+        Err("the fence counter kept changing under 50 attempts".into())
+    }
+
+    /// Starts giving `p` away: no new driver or effect starts there; once
+    /// the running effects end (or [`DRAIN_DEADLINE`] passes) [`Keeper::run`]
+    /// lets it go.
+    fn drain(&self, p: usize) {
+        let Hold::Held {
+            fence,
+            until,
+            draining: false,
+        } = self.leases.hold(p)
+        else {
+            return;
+        };
+        self.leases.set(
+            p,
+            Hold::Held {
+                fence,
+                until,
+                draining: true,
+            },
+        );
+        tracing::info!(partition = p, "giving a job partition to another instance");
+        let work = self.leases.parts[p].work.clone();
+        let tx = self.drained_tx.clone();
+        tokio::spawn(async move {
+            let guard = tokio::time::timeout(DRAIN_DEADLINE, work.write_owned())
+                .await
+                .ok();
+            let _ = tx.send((p, guard));
+        });
+    }
+
+    /// Forgets partition `p`, then deletes its key so another instance
+    /// takes it at once.
+    async fn let_go(&mut self, p: usize) {
+        self.leases.set(p, Hold::Free);
+        if let Some(revision) = self.revisions[p].take() {
+            if let Err(e) = self
+                .kv
+                .delete_expect_revision(lease_key(p), Some(revision))
+                .await
+            {
+                tracing::debug!(partition = p, error = %e, "lease not deleted; it lapses");
+            }
+        }
+    }
+
+    /// Keeps the leases until `stop` changes: a round every
+    /// [`Keeper::period`], drained partitions given away as their drains
+    /// end; every partition gained or lost goes to `changes`. On stop every
+    /// lease and the announcement are deleted, so the other instances take
+    /// over at once.
+    pub async fn run(
+        mut self,
+        changes: mpsc::UnboundedSender<Change>,
+        mut stop: tokio::sync::watch::Receiver<bool>,
+    ) {
+        let mut round = tokio::time::interval(self.period());
+        round.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = round.tick() => {
+                    for c in self.tick().await {
+                        let _ = changes.send(c);
+                    }
+                }
+                Some((p, guard)) = self.drained_rx.recv() => {
+                    // no command goes out under this lease from here on
+                    self.leases.set(p, Hold::Free);
+                    let _ = changes.send(Change::Lost(p));
+                    self.let_go(p).await;
+                    drop(guard);
+                }
+                _ = stop.changed() => break,
+            }
+        }
+        for p in 0..PARTITIONS {
+            self.leases.set(p, Hold::Free);
+        }
+        let release = async {
+            for p in 0..PARTITIONS {
+                self.let_go(p).await;
+            }
+            let _ = self.kv.delete(&self.member_key).await;
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(2), release).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn partitions_are_stable_and_spread() {
+        // the hash is a contract: a job keeps its partition across versions
+        assert_eq!(partition("job-1"), partition("job-1"));
+        let mut counts = [0usize; PARTITIONS];
+        for i in 0..32_000 {
+            counts[partition(&format!("job-{i}"))] += 1;
+        }
+        assert!(
+            counts.iter().all(|&c| (800..1200).contains(&c)),
+            "{counts:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_free_partition_gives_no_lease_and_admits_no_effect() {
+        let l = Leases::new("me".into());
+        assert!(l.lease("job-1").is_none());
+        assert!(l.effect("job-1").await.is_none());
+        let p = partition("job-1");
+        l.set(
+            p,
+            Hold::Held {
+                fence: 7,
+                until: Instant::now() + Duration::from_secs(60),
+                draining: false,
+            },
+        );
+        assert_eq!(l.lease("job-1").map(|x| x.fence), Some(7));
+        assert!(l.effect("job-1").await.is_some());
+        // a draining partition still fences commands, admits no new effect
+        l.set(
+            p,
+            Hold::Held {
+                fence: 7,
+                until: Instant::now() + Duration::from_secs(60),
+                draining: true,
+            },
+        );
+        assert!(l.lease("job-1").is_some());
+        assert!(l.effect("job-1").await.is_none());
+        // past its validity the lease is not used, even before the keeper notices
+        l.set(
+            p,
+            Hold::Held {
+                fence: 7,
+                until: Instant::now(),
+                draining: false,
+            },
+        );
+        assert!(l.lease("job-1").is_none());
+        assert_eq!(l.held(), 0);
+    }
+}
