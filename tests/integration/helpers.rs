@@ -585,25 +585,25 @@ fn postgres_ids() -> Option<(u32, u32)> {
     Some(unsafe { ((*pw).pw_uid, (*pw).pw_gid) })
 }
 
-fn start_pg() -> PgServer {
-    use std::os::unix::process::CommandExt;
+/// A new PostgreSQL data directory (initdb) in a kept temporary directory,
+/// owned by the `postgres` user when running as root.
+fn init_pg_dir() -> std::path::PathBuf {
     let dir = tempfile::Builder::new()
         .prefix("flowledger-test-pg")
         .tempdir()
         .expect("a temporary directory")
         .keep();
-    let ids = postgres_ids();
-    if let Some((uid, gid)) = ids {
+    if let Some((uid, gid)) = postgres_ids() {
         std::os::unix::fs::chown(&dir, Some(uid), Some(gid))
             .expect("chown the PostgreSQL directory");
     }
-    let data = dir.join("data");
     let mut initdb = Command::new(pg_bin("initdb"));
     initdb
         .arg("-D")
-        .arg(&data)
+        .arg(dir.join("data"))
         .args(["-U", "postgres", "-A", "trust", "--no-sync"]);
-    if let Some((uid, gid)) = ids {
+    if let Some((uid, gid)) = postgres_ids() {
+        use std::os::unix::process::CommandExt;
         initdb.uid(uid).gid(gid);
     }
     let out = initdb
@@ -614,83 +614,169 @@ fn start_pg() -> PgServer {
         "initdb failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+    dir
+}
+
+/// Starts postgres on `dir`'s data directory and `port`; returns its pid
+/// once it accepts connections, or None when it did not come up (the port
+/// was taken). The server dies with this process.
+fn run_pg(dir: &std::path::Path, port: u16) -> Option<u32> {
+    use std::os::unix::process::CommandExt;
+    let ids = postgres_ids();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (data, sock) = (dir.join("data"), dir.to_path_buf());
+    // PDEATHSIG fires when the thread that spawned the server ends, so that
+    // thread never ends.
+    std::thread::spawn(move || {
+        let mut cmd = Command::new(pg_bin("postgres"));
+        cmd.arg("-D")
+            .arg(&data)
+            .arg("-p")
+            .arg(port.to_string())
+            .arg("-k")
+            .arg(&sock)
+            .args([
+                "-c",
+                "listen_addresses=127.0.0.1",
+                "-c",
+                "fsync=off",
+                "-c",
+                "synchronous_commit=off",
+                "-c",
+                "full_page_writes=off",
+                "-c",
+                "max_connections=300",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        if let Some((uid, gid)) = ids {
+            cmd.uid(uid).gid(gid);
+        }
+        // SAFETY: prctl is async-signal-safe; runs between fork and exec.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        let child = cmd.spawn();
+        let _ = tx.send(child.map(|mut c| {
+            let id = c.id();
+            std::thread::spawn(move || {
+                let _ = c.wait();
+            });
+            id
+        }));
+        loop {
+            std::thread::park();
+        }
+    });
+    let pid = rx
+        .recv()
+        .expect("the spawning thread answers")
+        .expect("cannot run postgres");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        let ok = Command::new(pg_bin("pg_isready"))
+            .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", "postgres"])
+            .stdout(Stdio::null())
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        if ok {
+            return Some(pid);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // SAFETY: kill has no memory preconditions.
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    None
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+fn start_pg() -> PgServer {
+    let dir = init_pg_dir();
     for _ in 0..5 {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map(|a| a.port())
-            .expect("a free port");
-        let (tx, rx) = std::sync::mpsc::channel();
-        let (data, sock) = (data.clone(), dir.clone());
-        // The server dies with this process: PDEATHSIG fires when the thread
-        // that spawned it ends, so that thread never ends.
-        std::thread::spawn(move || {
-            let mut cmd = Command::new(pg_bin("postgres"));
-            cmd.arg("-D")
-                .arg(&data)
-                .arg("-p")
-                .arg(port.to_string())
-                .arg("-k")
-                .arg(&sock)
-                .args([
-                    "-c",
-                    "listen_addresses=127.0.0.1",
-                    "-c",
-                    "fsync=off",
-                    "-c",
-                    "synchronous_commit=off",
-                    "-c",
-                    "full_page_writes=off",
-                    "-c",
-                    "max_connections=300",
-                ])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null());
-            if let Some((uid, gid)) = ids {
-                cmd.uid(uid).gid(gid);
-            }
-            // SAFETY: prctl is async-signal-safe; runs between fork and exec.
-            unsafe {
-                cmd.pre_exec(|| {
-                    libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                    Ok(())
-                });
-            }
-            let child = cmd.spawn();
-            let _ = tx.send(child.map(|mut c| {
-                let id = c.id();
-                std::thread::spawn(move || {
-                    let _ = c.wait();
-                });
-                id
-            }));
-            loop {
-                std::thread::park();
-            }
-        });
-        rx.recv()
-            .expect("the spawning thread answers")
-            .expect("cannot run postgres");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while Instant::now() < deadline {
-            let ok = Command::new(pg_bin("pg_isready"))
-                .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", "postgres"])
-                .stdout(Stdio::null())
-                .status()
-                .map(|s| s.success())
-                .unwrap_or(false);
-            if ok {
-                return PgServer { port };
-            }
-            std::thread::sleep(Duration::from_millis(100));
+        let port = free_port();
+        if run_pg(&dir, port).is_some() {
+            return PgServer { port };
         }
     }
     panic!("postgres did not start");
 }
 
-/// A fresh, empty database on the shared test server.
-pub(crate) async fn fresh_database() -> String {
-    let pg = PG.get_or_init(start_pg);
-    let admin = format!("postgres://postgres@127.0.0.1:{}/postgres", pg.port);
+/// A PostgreSQL server of one test's own, which the test may kill and
+/// start again (same data, same port); killed on drop.
+pub(crate) struct OwnPg {
+    dir: std::path::PathBuf,
+    pub(crate) port: u16,
+    pid: Option<u32>,
+}
+
+impl OwnPg {
+    pub(crate) fn start() -> OwnPg {
+        let dir = init_pg_dir();
+        for _ in 0..5 {
+            let port = free_port();
+            if let Some(pid) = run_pg(&dir, port) {
+                return OwnPg {
+                    dir,
+                    port,
+                    pid: Some(pid),
+                };
+            }
+        }
+        panic!("postgres did not start");
+    }
+
+    /// A new database on this server; its URL.
+    pub(crate) async fn database(&self) -> String {
+        create_database(self.port).await
+    }
+
+    /// An immediate shutdown (SIGQUIT, `pg_ctl stop -m immediate`): every
+    /// backend quits at once, connections break, nothing is flushed.
+    pub(crate) fn kill(&mut self) {
+        if let Some(pid) = self.pid.take() {
+            // SAFETY: kill has no memory preconditions.
+            unsafe { libc::kill(pid as i32, libc::SIGQUIT) };
+            // its backends exit once the postmaster is gone; wait for the port
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                assert!(Instant::now() < deadline, "postgres did not stop");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = std::fs::remove_file(self.dir.join("data").join("postmaster.pid"));
+        }
+    }
+
+    /// Starts it again on the same data and port (crash recovery runs).
+    pub(crate) fn start_again(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.pid.is_none() {
+            self.pid = run_pg(&self.dir, self.port);
+            assert!(Instant::now() < deadline, "postgres did not start again");
+        }
+    }
+}
+
+impl Drop for OwnPg {
+    fn drop(&mut self) {
+        if let Some(pid) = self.pid.take() {
+            // SAFETY: kill has no memory preconditions.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        }
+    }
+}
+
+async fn create_database(port: u16) -> String {
+    let admin = format!("postgres://postgres@127.0.0.1:{port}/postgres");
     let name = format!("t_{}", uuid::Uuid::new_v4().simple());
     let pool = sqlx::PgPool::connect(&admin)
         .await
@@ -700,7 +786,13 @@ pub(crate) async fn fresh_database() -> String {
         .await
         .expect("create a test database");
     pool.close().await;
-    format!("postgres://postgres@127.0.0.1:{}/{name}", pg.port)
+    format!("postgres://postgres@127.0.0.1:{port}/{name}")
+}
+
+/// A fresh, empty database on the shared test server.
+pub(crate) async fn fresh_database() -> String {
+    let pg = PG.get_or_init(start_pg);
+    create_database(pg.port).await
 }
 
 /// The read side of a test: a service with a fresh database, optionally
@@ -913,8 +1005,17 @@ pub(crate) async fn start_handler(
     registry: Arc<Registry>,
     config: HandlerConfig,
 ) -> HandlerSide {
+    start_handler_on(app, registry, config, fresh_database().await).await
+}
+
+/// Runs the job handler with `registry` on the database at `url`.
+pub(crate) async fn start_handler_on(
+    app: &TestApp,
+    registry: Arc<Registry>,
+    config: HandlerConfig,
+    url: String,
+) -> HandlerSide {
     let mut s = settings(app, registry);
-    let url = fresh_database().await;
     s.database = Some(DatabaseSettings {
         url: url.clone(),
         max_connections: 10,

@@ -11,5 +11,6 @@ mod http_api;
 mod nats_identity;
 mod peers;
 mod projections;
+mod scale_out;
 mod secrets;
 mod survival;

@@ -1,0 +1,369 @@
+//! Several job handler instances on one NATS (issue 12, item 3): they share
+//! the partitions, a killed instance's jobs move to the other, a
+//! PostgreSQL restart changes nothing about who drives what, and every
+//! fact is checked from the log.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use flowledger::events::envelope::{decode_commit, EventRecord};
+use flowledger::handlers::lease::PARTITIONS;
+use serde_json::{json, Value};
+
+use crate::helpers::*;
+use crate::peers::{self, Peer};
+
+/// Every event in the log, in order.
+async fn log_events(app: &TestApp) -> Vec<EventRecord> {
+    let mut out = Vec::new();
+    for seq in 1..=app.last_seq().await {
+        let Some(m) = app.log.get(seq).await.expect("read the log") else {
+            continue;
+        };
+        for (_, r) in decode_commit(&m.payload).expect("a commit") {
+            out.push(r);
+        }
+    }
+    out
+}
+
+/// What the log says about a set of jobs, and the checks every fault test
+/// makes: each job ended exactly once, no step succeeded twice, no attempt
+/// was recorded twice.
+struct Facts {
+    ended: HashMap<String, Vec<String>>,
+    holders: HashMap<String, Vec<String>>,
+}
+
+impl Facts {
+    async fn read(app: &TestApp, prefix: &str) -> Facts {
+        let mut ended: HashMap<String, Vec<String>> = HashMap::new();
+        let mut holders: HashMap<String, Vec<String>> = HashMap::new();
+        let mut succeeded: HashMap<(String, String), usize> = HashMap::new();
+        let mut results: HashMap<(String, String, u64), usize> = HashMap::new();
+        for r in log_events(app).await {
+            if r.aggregate_type != "job" || !r.aggregate_id.starts_with(prefix) {
+                continue;
+            }
+            let id = r.aggregate_id.clone();
+            match r.event_type.as_str() {
+                "JobCompleted" | "JobFailed" | "JobCancelled" => {
+                    ended.entry(id).or_default().push(r.event_type.clone())
+                }
+                "JobHandlerChanged" => holders
+                    .entry(id)
+                    .or_default()
+                    .push(r.data["holder"].as_str().unwrap_or("?").to_string()),
+                "StepResultRecorded" => {
+                    let step = r.data["step"].as_str().unwrap_or("?").to_string();
+                    let attempt = r.data["attempt"].as_u64().unwrap_or(0);
+                    *results
+                        .entry((id.clone(), step.clone(), attempt))
+                        .or_default() += 1;
+                    if r.data["status"] == "succeeded" {
+                        *succeeded.entry((id, step)).or_default() += 1;
+                    }
+                }
+                _ => {}
+            }
+        }
+        let twice: Vec<_> = succeeded.iter().filter(|(_, n)| **n > 1).collect();
+        assert!(twice.is_empty(), "steps that succeeded twice: {twice:?}");
+        let twice: Vec<_> = results.iter().filter(|(_, n)| **n > 1).collect();
+        assert!(twice.is_empty(), "attempts recorded twice: {twice:?}");
+        let twice: Vec<_> = ended.iter().filter(|(_, e)| e.len() > 1).collect();
+        assert!(twice.is_empty(), "jobs that ended twice: {twice:?}");
+        Facts { ended, holders }
+    }
+
+    fn completed(&self) -> usize {
+        self.ended
+            .values()
+            .filter(|e| e[0] == "JobCompleted")
+            .count()
+    }
+}
+
+/// Waits until `n` jobs named `<prefix><i>` have ended (per the log).
+async fn all_ended(app: &TestApp, prefix: &str, n: usize, within: Duration) -> Facts {
+    let deadline = Instant::now() + within;
+    loop {
+        let facts = Facts::read(app, prefix).await;
+        if facts.ended.len() >= n {
+            return facts;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} of {n} jobs ended within {} s",
+            facts.ended.len(),
+            within.as_secs()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// The requests to `path` per `Idempotency-Key`, for keys sent more than once.
+fn sent_twice(peer: &Peer, path: &str) -> Vec<(String, usize)> {
+    let mut per_key: HashMap<String, usize> = HashMap::new();
+    for r in peer.received(path) {
+        let key = r
+            .headers
+            .get("idempotency-key")
+            .cloned()
+            .unwrap_or_default();
+        *per_key.entry(key).or_default() += 1;
+    }
+    per_key.into_iter().filter(|(_, n)| *n > 1).collect()
+}
+
+/// Callbacks per job id, for jobs called back more than once.
+fn called_back_twice(peer: &Peer) -> Vec<(String, usize)> {
+    let mut per_job: HashMap<String, usize> = HashMap::new();
+    for r in peer.received("/cb") {
+        let id = r.body["job_id"].as_str().unwrap_or("?").to_string();
+        *per_job.entry(id).or_default() += 1;
+    }
+    per_job.into_iter().filter(|(_, n)| *n > 1).collect()
+}
+
+fn callback_config() -> flowledger::handlers::HandlerConfig {
+    let mut c = test_handler_config();
+    c.callback_key = Some(
+        flowledger::crypto::SigningKey::new(b"test-callback-secret-0123").expect("a long key"),
+    );
+    c
+}
+
+async fn both_hold_partitions(a: &HandlerSide, b: &HandlerSide) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (x, y) = (a.ctx.leases.held(), b.ctx.leases.held());
+        if x > 0 && y > 0 && x + y == PARTITIONS {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the instances did not share the partitions: {x} and {y} of {PARTITIONS}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn two_instances_share_the_jobs_and_send_each_attempt_once() {
+    let app = spawn_app().await;
+    let peer = Peer::start().await;
+    let step = peer.script("/s", vec![peers::ok(30, json!("done"))]);
+    peer.script("/cb", vec![peers::ok(0, json!({}))]);
+    let registry = parse_registry(one_workflow(
+        json!([solver("s", &step, 5000, 2)]),
+        json!({}),
+    ));
+    let a = start_handler(&app, registry.clone(), callback_config()).await;
+    let b = start_handler(&app, registry, callback_config()).await;
+    both_hold_partitions(&a, &b).await;
+    let n = 200;
+    for i in 0..n {
+        let cb = format!("{}/cb", peer.url);
+        let r = a
+            .submit(&format!("share-{i}"), "w", json!({"callback_url": cb}))
+            .await;
+        assert_eq!(r["ok"], true, "{r}");
+    }
+    let facts = all_ended(&app, "share-", n, Duration::from_secs(120)).await;
+    assert_eq!(facts.completed(), n);
+    // each job was driven by one instance, both instances drove jobs
+    let mut per_holder: HashMap<String, usize> = HashMap::new();
+    for (job, h) in &facts.holders {
+        assert_eq!(h.len(), 1, "{job} changed hands without a failover: {h:?}");
+        *per_holder.entry(h[0].clone()).or_default() += 1;
+    }
+    assert_eq!(per_holder.len(), 2, "{per_holder:?}");
+    assert!(per_holder.contains_key(a.ctx.leases.holder()));
+    assert!(per_holder.contains_key(b.ctx.leases.holder()));
+    assert_eq!(sent_twice(&peer, "/s"), vec![]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while peer.received("/cb").len() < n {
+        assert!(Instant::now() < deadline, "not every job was called back");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(called_back_twice(&peer), vec![]);
+}
+
+#[tokio::test]
+async fn a_partition_given_away_finishes_its_running_jobs_first() {
+    // one instance holds everything; a second joins while jobs run
+    let app = spawn_app().await;
+    let peer = Peer::start().await;
+    // long enough that every job is still in flight when the second joins
+    let step = peer.script("/s", vec![peers::ok(2500, json!("done"))]);
+    let registry = parse_registry(one_workflow(
+        json!([solver("s", &step, 9000, 1)]),
+        json!({}),
+    ));
+    let a = start_handler(&app, registry.clone(), test_handler_config()).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while a.ctx.leases.held() < PARTITIONS {
+        assert!(
+            Instant::now() < deadline,
+            "the first instance took no partition"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let n = 120;
+    for i in 0..n {
+        let r = a.submit(&format!("join-{i}"), "w", json!({})).await;
+        assert_eq!(r["ok"], true, "{r}");
+    }
+    let b = start_handler(&app, registry, test_handler_config()).await;
+    assert_eq!(
+        Facts::read(&app, "join-").await.ended.len(),
+        0,
+        "jobs ended too early"
+    );
+    both_hold_partitions(&a, &b).await;
+    let facts = all_ended(&app, "join-", n, Duration::from_secs(120)).await;
+    assert_eq!(facts.completed(), n);
+    // the hand-over waited for calls in flight: none was sent twice
+    assert_eq!(sent_twice(&peer, "/s"), vec![]);
+}
+
+#[tokio::test]
+async fn jobs_run_on_while_postgresql_restarts_and_nothing_is_done_twice() {
+    let app = spawn_app().await;
+    let mut pg = OwnPg::start();
+    let url = pg.database().await;
+    let peer = Peer::start().await;
+    let step = peer.script("/s", vec![peers::ok(40, json!("done"))]);
+    peer.script("/cb", vec![peers::ok(0, json!({}))]);
+    let registry = parse_registry(one_workflow(
+        json!([solver("s", &step, 5000, 2)]),
+        json!({}),
+    ));
+    let a = start_handler_on(&app, registry.clone(), callback_config(), url.clone()).await;
+    let b = start_handler_on(&app, registry, callback_config(), url).await;
+    both_hold_partitions(&a, &b).await;
+    let cb = format!("{}/cb", peer.url);
+    let n = 300;
+    let submit_all = async {
+        for i in 0..n {
+            let r = a
+                .submit(&format!("pg-{i}"), "w", json!({"callback_url": cb}))
+                .await;
+            assert_eq!(r["ok"], true, "{r}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    let restart = async {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        pg.kill();
+        let before = Facts::read(&app, "pg-").await.ended.len();
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        let during = Facts::read(&app, "pg-").await.ended.len() - before;
+        pg.start_again();
+        during
+    };
+    let ((), during) = tokio::join!(submit_all, restart);
+    assert!(during > 0, "no job ended while PostgreSQL was down");
+    let facts = all_ended(&app, "pg-", n, Duration::from_secs(120)).await;
+    assert_eq!(facts.completed(), n);
+    for (job, h) in &facts.holders {
+        assert_eq!(h.len(), 1, "{job} changed hands: {h:?}");
+    }
+    assert_eq!(sent_twice(&peer, "/s"), vec![], "a solver was called twice");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while peer.received("/cb").len() < n {
+        assert!(Instant::now() < deadline, "not every job was called back");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(called_back_twice(&peer), vec![]);
+    // and the instances kept their partitions
+    assert_eq!(a.ctx.leases.held() + b.ctx.leases.held(), PARTITIONS);
+}
+
+/// Starts `serve` with its handler on `registry`, its HTTP API on a free
+/// port, stderr kept.
+fn serve_instance(app: &TestApp, url: &str, registry: &std::path::Path) -> std::process::Child {
+    start_serve(app, url, registry, None)
+}
+
+#[tokio::test]
+async fn killing_either_instance_under_load_completes_every_job() {
+    let app = spawn_app().await;
+    let read = spawn_read_side(&app, false).await;
+    let peer = Peer::start().await;
+    let step = peer.script("/s", vec![peers::ok(150, json!("done"))]);
+    let dir = tempfile::tempdir().unwrap();
+    let registry = dir.path().join("registry.json");
+    std::fs::write(
+        &registry,
+        one_workflow(json!([solver("s", &step, 5000, 2)]), json!({})).to_string(),
+    )
+    .unwrap();
+    let mut first = serve_instance(&app, &read.url, &registry);
+    let mut second = serve_instance(&app, &read.url, &registry);
+    let n = 240;
+    let submit = |i: usize| {
+        let body =
+            json!({"job_id": format!("kill-{i}"), "workflow_key": "w", "client_id": "billing"});
+        let client = app.nats_as(Who::Billing).clone();
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                if let Ok(m) = client
+                    .request("flow.cmd.job.submit", body.to_string().into())
+                    .await
+                {
+                    let v: Value = serde_json::from_slice(&m.payload).unwrap();
+                    // a retry after a lost reply finds the job submitted
+                    if v["ok"] == true || v["error"]["code"] == "conflict" {
+                        return;
+                    }
+                }
+                assert!(Instant::now() < deadline, "job {i} was not taken");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    for i in 0..n / 2 {
+        submit(i).await;
+    }
+    // both instances drive jobs before one dies
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let facts = Facts::read(&app, "kill-").await;
+        let holders: std::collections::HashSet<_> = facts.holders.values().flatten().collect();
+        if holders.len() == 2 && facts.ended.len() >= 20 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "two instances did not both drive jobs: {holders:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // SAFETY: kill has no memory preconditions.
+    unsafe { libc::kill(first.id() as i32, libc::SIGKILL) };
+    let _ = first.wait();
+    for i in n / 2..n {
+        submit(i).await;
+    }
+    let facts = all_ended(&app, "kill-", n, Duration::from_secs(120)).await;
+    let _ = second.kill();
+    let _ = second.wait();
+    assert_eq!(facts.completed(), n);
+    // jobs that changed hands went to the survivor, under a newer lease
+    let moved: Vec<_> = facts.holders.values().filter(|h| h.len() > 1).collect();
+    let takers: std::collections::HashSet<_> = moved.iter().map(|h| h.last()).collect();
+    assert!(
+        takers.len() <= 1,
+        "jobs moved to more than one instance: {takers:?}"
+    );
+    for h in &moved {
+        assert_ne!(h.first(), h.last(), "{h:?}");
+    }
+    eprintln!(
+        "{} of {n} jobs moved to the surviving instance",
+        moved.len()
+    );
+}
