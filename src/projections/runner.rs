@@ -480,7 +480,30 @@ pub async fn run(
                 return Ok(Some(Duration::from_secs(1)));
             }
             tracing::info!(projection = model.name(), version, "projection running");
-            match p.consume(&mut shutdown).await? {
+            // The lock lives as long as its session: a PostgreSQL restart
+            // ends it, and another process may take it. Check the session
+            // every second and stop consuming the moment it is gone.
+            let Some(conn) = lock_conn.as_mut() else {
+                return Ok(Some(Duration::ZERO));
+            };
+            let session_lost = async {
+                loop {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    if let Err(e) = sqlx::query("SELECT 1").execute(&mut *conn).await {
+                        return e;
+                    }
+                }
+            };
+            let consumed = tokio::select! {
+                r = p.consume(&mut shutdown) => r?,
+                e = session_lost => {
+                    return Err(format!(
+                        "lost the projection's lock (its PostgreSQL session ended: {e}); \
+                         it runs wherever the lock is taken next"
+                    ));
+                }
+            };
+            match consumed {
                 Exit::Shutdown => Ok(None),
                 Exit::Inactive | Exit::Stopped => Ok(Some(Duration::ZERO)),
             }
@@ -489,6 +512,12 @@ pub async fn run(
             Ok(None) => return,
             Ok(Some(wait)) => tokio::time::sleep(wait).await,
             Err(e) => {
+                // a broken lock session holds no lock: take it again later
+                if let Some(conn) = lock_conn.as_mut() {
+                    if sqlx::query("SELECT 1").execute(&mut *conn).await.is_err() {
+                        lock_conn = None;
+                    }
+                }
                 tracing::warn!(
                     projection = model.name(),
                     error = %e,

@@ -840,7 +840,17 @@ pub(crate) async fn spawn_read_side(app: &TestApp, runners: bool) -> ReadSide {
 /// The HTTP API with `registry` (reads, commands, n8n callbacks signed with
 /// [`N8N_KEY`]), with the [`test_clients`], on a fresh database.
 pub(crate) async fn spawn_api(app: &TestApp, runners: bool, registry: Arc<Registry>) -> ReadSide {
-    let url = fresh_database().await;
+    spawn_api_on(app, runners, registry, fresh_database().await).await
+}
+
+/// The HTTP API (and, with `runners`, the projections) on the database at
+/// `url`.
+pub(crate) async fn spawn_api_on(
+    app: &TestApp,
+    runners: bool,
+    registry: Arc<Registry>,
+    url: String,
+) -> ReadSide {
     let mut s = settings(app, registry);
     s.database = Some(DatabaseSettings {
         url: url.clone(),

@@ -367,3 +367,74 @@ async fn killing_either_instance_under_load_completes_every_job() {
         moved.len()
     );
 }
+
+/// The projection consumers and when each was (re)created.
+async fn projection_consumers(app: &TestApp) -> Vec<(String, String)> {
+    use futures::StreamExt;
+    let mut stream = app.log.stream().clone();
+    let mut names = stream.consumer_names();
+    let mut out = Vec::new();
+    while let Some(name) = names.next().await {
+        let name = name.expect("consumer names");
+        if !name.starts_with("flowledger-proj-") {
+            continue;
+        }
+        if let Ok(info) = stream.consumer_info(&name).await {
+            out.push((name, info.created.to_string()));
+        }
+    }
+    out.sort();
+    out
+}
+
+#[tokio::test]
+async fn after_a_postgresql_restart_one_process_runs_each_projection() {
+    let app = spawn_app().await;
+    let mut pg = OwnPg::start();
+    let url = pg.database().await;
+    let a = spawn_api_on(&app, true, registry(), url.clone()).await;
+    let _b = spawn_api_on(&app, true, registry(), url).await;
+    for i in 0..20 {
+        assert_eq!(
+            app.submit(&format!("pr-{i}"), &format!("c-pr-{i}")).await["ok"],
+            true
+        );
+    }
+    a.caught_up(&app.log).await;
+    pg.kill();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    pg.start_again();
+    for i in 20..40 {
+        assert_eq!(
+            app.submit(&format!("pr-{i}"), &format!("c-pr-{i}")).await["ok"],
+            true
+        );
+    }
+    // a new pool connects once PostgreSQL answers again
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let last = app.last_seq().await as i64;
+        let rows = flowledger::projections::db::checkpoints(&a.pool).await;
+        if let Ok(rows) = rows {
+            if rows.iter().filter(|r| r.active).all(|r| r.last_seq >= last) {
+                break;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "projections did not catch up after the restart"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // settled: the consumers are no longer recreated by two processes in turn
+    let before = projection_consumers(&app).await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let after = projection_consumers(&app).await;
+    assert!(!before.is_empty());
+    assert_eq!(
+        before, after,
+        "a projection's consumer keeps being recreated"
+    );
+    let (_, rows) = a.get("/v1/executions?limit=100").await;
+    assert_eq!(rows["items"].as_array().map(Vec::len), Some(40), "{rows}");
+}
