@@ -371,7 +371,7 @@ async fn killing_either_instance_under_load_completes_every_job() {
 /// The projection consumers and when each was (re)created.
 async fn projection_consumers(app: &TestApp) -> Vec<(String, String)> {
     use futures::StreamExt;
-    let mut stream = app.log.stream().clone();
+    let stream = app.log.stream().clone();
     let mut names = stream.consumer_names();
     let mut out = Vec::new();
     while let Some(name) = names.next().await {
