@@ -451,11 +451,30 @@ async fn write_checkpoints(
     every: Duration,
     mut stop: watch::Receiver<bool>,
 ) {
+    // one signer at a time across instances
+    let leader = loop {
+        let name = handlers::lease::Leases::instance_name();
+        match handlers::lease::Singleton::start(log.jetstream(), "checkpoints", name, stop.clone())
+            .await
+        {
+            Ok(l) => break l,
+            Err(e) => {
+                tracing::warn!(error = %e, "checkpoint signer cannot take part in leadership; retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+                    _ = stop.changed() => return,
+                }
+            }
+        }
+    };
     let mut tick = tokio::time::interval(every);
     loop {
         tokio::select! {
             _ = tick.tick() => {}
             _ = stop.changed() => return,
+        }
+        if !leader.is_leader() {
+            continue; // another instance signs
         }
         match checkpoint::checkpoint_at(&nats, &log, &key, None).await {
             Ok(Some((cp, true))) => {

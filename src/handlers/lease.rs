@@ -658,6 +658,74 @@ impl Keeper {
     }
 }
 
+/// Leadership of a task one instance runs at a time (the checkpoint
+/// signer): the key `s.<name>` in [`LEASE_BUCKET`], taken and renewed like a
+/// partition's. [`Singleton::is_leader`] is false from the moment the lease
+/// may have lapsed, so a leader that lost it stops before anyone else
+/// starts.
+pub struct Singleton {
+    until: Mutex<Option<Instant>>,
+}
+
+impl Singleton {
+    /// Keeps trying to lead `name` until `stop` changes; the returned handle
+    /// says whether this instance leads now.
+    pub async fn start(
+        js: &jetstream::Context,
+        name: &str,
+        holder: String,
+        mut stop: tokio::sync::watch::Receiver<bool>,
+    ) -> Result<Arc<Singleton>, LeaseError> {
+        let kv = open(js, LEASE_BUCKET).await?;
+        let ttl = kv
+            .status()
+            .await
+            .map(|s| s.max_age())
+            .ok()
+            .filter(|t| *t >= Duration::from_secs(1))
+            .unwrap_or(LEASE_TTL);
+        let me = Arc::new(Singleton {
+            until: Mutex::new(None),
+        });
+        let (handle, key) = (me.clone(), format!("s.{name}"));
+        let value: bytes::Bytes = json!({ "holder": holder }).to_string().into();
+        tokio::spawn(async move {
+            let mut revision: Option<u64> = None;
+            let mut round = tokio::time::interval(ttl / 3);
+            loop {
+                tokio::select! {
+                    _ = round.tick() => {}
+                    _ = stop.changed() => break,
+                }
+                let sent = Instant::now();
+                let held = match revision {
+                    Some(r) if handle.is_leader() => kv.update(&key, value.clone(), r).await.ok(),
+                    _ => kv.create(&key, value.clone()).await.ok(),
+                };
+                if held.is_some() != revision.is_some() {
+                    tracing::info!(task = %key, leader = held.is_some(), "leadership changed");
+                }
+                revision = held;
+                *handle.until.lock().unwrap_or_else(|e| e.into_inner()) =
+                    held.map(|_| sent + ttl - ttl / 6);
+            }
+            *handle.until.lock().unwrap_or_else(|e| e.into_inner()) = None;
+            if let Some(r) = revision {
+                let _ = kv.delete_expect_revision(&key, Some(r)).await;
+            }
+        });
+        Ok(me)
+    }
+
+    /// This instance leads now.
+    pub fn is_leader(&self) -> bool {
+        self.until
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some_and(|u| Instant::now() < u)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

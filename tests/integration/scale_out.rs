@@ -438,3 +438,39 @@ async fn after_a_postgresql_restart_one_process_runs_each_projection() {
     let (_, rows) = a.get("/v1/executions?limit=100").await;
     assert_eq!(rows["items"].as_array().map(Vec::len), Some(40), "{rows}");
 }
+
+#[tokio::test]
+async fn one_instance_leads_a_singleton_and_another_takes_over_when_it_stops() {
+    use flowledger::handlers::lease::Singleton;
+    let app = spawn_app().await;
+    let js = app.log.jetstream();
+    let (stop_a, rx_a) = tokio::sync::watch::channel(false);
+    let (stop_b, rx_b) = tokio::sync::watch::channel(false);
+    let a = Singleton::start(js, "test", "a".into(), rx_a)
+        .await
+        .unwrap();
+    let b = Singleton::start(js, "test", "b".into(), rx_b)
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !(a.is_leader() || b.is_leader()) {
+        assert!(Instant::now() < deadline, "nobody leads");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // never two leaders, over several rounds
+    for _ in 0..100 {
+        assert!(!(a.is_leader() && b.is_leader()), "two leaders at once");
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    let (leader, other, stop) = if a.is_leader() {
+        (a, b, stop_a)
+    } else {
+        (b, a, stop_b)
+    };
+    let _ = stop.send(true);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !other.is_leader() || leader.is_leader() {
+        assert!(Instant::now() < deadline, "leadership did not move");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
