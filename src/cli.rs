@@ -238,6 +238,12 @@ pub(crate) enum Command {
         /// JetStream de-duplication window for command ids, in seconds.
         #[arg(long, env = "FLOWLEDGER_DUPLICATE_WINDOW_SECS", default_value_t = 120)]
         duplicate_window_secs: u64,
+        /// How long to wait for NATS and for JetStream to place the streams
+        /// (a cluster still forming: no meta leader yet, fewer servers up
+        /// than --replicas), logging what it waits for, before exiting 3
+        /// with the cause.
+        #[arg(long, env = "FLOWLEDGER_INIT_WAIT_SECS", default_value_t = 60)]
+        wait_secs: u64,
     },
     /// Run the service: NATS command intake, periodic checkpoints, and with
     /// --database-url the projections, the job handler and the HTTP API.
@@ -615,6 +621,16 @@ async fn connect(g: &Global) -> anyhow::Result<async_nats::Client> {
 /// connection for `--nats-connect-wait-secs`, so a supervisor's restart or a
 /// NATS restart does not end `serve`.
 async fn connect_service(g: &Global, wait: Duration) -> anyhow::Result<async_nats::Client> {
+    connect_patiently(g, wait, "--nats-connect-wait-secs").await
+}
+
+/// The service's connection (see [`connect_service`]), first made within
+/// `wait`; `flag` names the setting in the error.
+async fn connect_patiently(
+    g: &Global,
+    wait: Duration,
+    flag: &str,
+) -> anyhow::Result<async_nats::Client> {
     let until = std::time::Instant::now() + wait;
     let mut attempt: u32 = 0;
     loop {
@@ -622,10 +638,7 @@ async fn connect_service(g: &Global, wait: Duration) -> anyhow::Result<async_nat
             Ok(c) => return Ok(c),
             Err(e) if e.downcast_ref::<UsageError>().is_some() => return Err(e),
             Err(e) if std::time::Instant::now() >= until => {
-                return Err(e.context(format!(
-                    "gave up after {} s (--nats-connect-wait-secs)",
-                    wait.as_secs()
-                )))
+                return Err(e.context(format!("gave up after {} s ({flag})", wait.as_secs())))
             }
             Err(e) => {
                 attempt = attempt.saturating_add(1);
@@ -788,18 +801,28 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             db,
             replicas,
             duplicate_window_secs,
+            wait_secs,
         } => {
             if replicas == 0 || replicas > 5 {
                 return Err(
                     anyhow::anyhow!("--replicas must be 1..=5, got {replicas}").context(UsageError)
                 );
             }
-            let client = connect(g).await?;
-            let reports = log::init(
+            let wait = Duration::from_secs(wait_secs);
+            let started = std::time::Instant::now();
+            let client = connect_patiently(g, wait, "--wait-secs").await?;
+            let reports = log::init_patiently(
                 &client,
                 &log_config(g, replicas, Duration::from_secs(duplicate_window_secs)),
+                wait.saturating_sub(started.elapsed()),
             )
-            .await?;
+            .await
+            .map_err(|e| match e {
+                log::LogError::NotReady { .. } => anyhow::Error::new(e)
+                    .context(Unreachable)
+                    .context("flowledger init gave up (--wait-secs)"),
+                other => anyhow::Error::new(other),
+            })?;
             for r in &reports {
                 println!("stream {}: {}", r.stream, r.action);
             }
