@@ -751,26 +751,76 @@ fn print_json(v: &Value) {
     );
 }
 
+/// How long `submit` and `send` wait for a reply: the service's append
+/// wait (a command waits through a stream leader election that long) and
+/// this much more for its last attempt and the reply.
+const REPLY_MARGIN: Duration = Duration::from_secs(5);
+
+/// How long before a request nobody received is sent again.
+const NO_RESPONDERS_RETRY: Duration = Duration::from_millis(250);
+
+/// How long one send of a command with a command id waits for its reply
+/// before the command is sent again (a request or reply lost with a
+/// server; nats-server 2.9 drops a request across an account import that
+/// no one is subscribed to without saying "no responders").
+const RESEND_AFTER: Duration = Duration::from_secs(5);
+
+/// Sends a command and prints its reply, waiting up to `wait`. A request
+/// nobody received (no responders) is sent again; with `resend` (the body
+/// has a command id, so the service runs it once whatever the number of
+/// sends) so is one unanswered within [`RESEND_AFTER`].
 async fn request(
     client: &async_nats::Client,
     subject: String,
     body: Vec<u8>,
+    wait: Duration,
+    resend: bool,
 ) -> anyhow::Result<ExitCode> {
-    let reply = tokio::time::timeout(
-        Duration::from_secs(10),
-        client.request(subject.clone(), body.into()),
-    )
-    .await
-    .map_err(|_| {
-        anyhow::anyhow!(
-            "no reply on {subject} within 10 s: is `flowledger serve` running, and may this \
-             NATS user publish commands and receive replies under its inbox prefix \
-             (--inbox-prefix)?"
-        )
-    })?
-    .map_err(|e| {
-        anyhow::anyhow!("request on {subject} failed: {e} (is `flowledger serve` running?)")
-    })?;
+    let until = std::time::Instant::now() + wait;
+    let body = bytes::Bytes::from(body);
+    let reply = loop {
+        let left = until.saturating_duration_since(std::time::Instant::now());
+        let attempt = if resend { left.min(RESEND_AFTER) } else { left };
+        let asked = client.send_request(
+            subject.clone(),
+            async_nats::Request::new()
+                .payload(body.clone())
+                .timeout(Some(attempt)),
+        );
+        match asked.await {
+            Ok(m) => break m,
+            // nobody received it (no intake subscribed for a moment, e.g.
+            // while `serve` moves to another node of a cluster): sending it
+            // again cannot run it twice
+            Err(e)
+                if e.kind() == async_nats::RequestErrorKind::NoResponders
+                    && left > NO_RESPONDERS_RETRY =>
+            {
+                tracing::debug!("no responders on {subject}; sending again");
+                tokio::time::sleep(NO_RESPONDERS_RETRY).await;
+            }
+            Err(e) if e.kind() == async_nats::RequestErrorKind::TimedOut && attempt < left => {
+                tracing::debug!(
+                    "no reply on {subject} within {} s; sending again with the same command id",
+                    attempt.as_secs()
+                );
+            }
+            Err(e) if e.kind() == async_nats::RequestErrorKind::TimedOut => {
+                return Err(anyhow::anyhow!(
+                    "no reply on {subject} within {} s: is `flowledger serve` running, and may \
+                     this NATS user publish commands and receive replies under its inbox \
+                     prefix (--inbox-prefix)? A command with a command id may be sent again \
+                     safely",
+                    wait.as_secs()
+                ))
+            }
+            Err(e) => {
+                return Err(anyhow::anyhow!(
+                    "request on {subject} failed: {e} (is `flowledger serve` running?)"
+                ))
+            }
+        }
+    };
     let v: Value = serde_json::from_slice(&reply.payload).context("reply is not JSON")?;
     print_json(&v);
     Ok(if v["ok"] == json!(true) {
@@ -860,12 +910,15 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 &client,
                 format!("{COMMAND_SUBJECT_PREFIX}.job.submit"),
                 body.to_string().into_bytes(),
+                Duration::from_secs(g.append_wait_secs) + REPLY_MARGIN,
+                true,
             )
             .await
         }
         Command::Send { command, body } => {
-            serde_json::from_str::<Value>(&body)
+            let parsed = serde_json::from_str::<Value>(&body)
                 .map_err(|e| anyhow::anyhow!("body is not valid JSON: {e}").context(UsageError))?;
+            let resend = parsed.get("command_id").is_some_and(Value::is_string);
             // two subject tokens, no wildcard or space
             let token =
                 |t: &str| !t.is_empty() && t.bytes().all(|b| b.is_ascii_lowercase() || b == b'_');
@@ -880,6 +933,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 &client,
                 format!("{COMMAND_SUBJECT_PREFIX}.{command}"),
                 body.into_bytes(),
+                Duration::from_secs(g.append_wait_secs) + REPLY_MARGIN,
+                resend,
             )
             .await
         }

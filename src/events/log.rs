@@ -446,7 +446,7 @@ impl EventLog {
             match sent {
                 Err(AppendError::Unavailable(why)) if std::time::Instant::now() < until => {
                     attempt = attempt.saturating_add(1);
-                    let delay = Duration::from_millis((50u64 << attempt.min(5)).min(1_000));
+                    let delay = retry_delay(attempt);
                     tracing::debug!(%subject, attempt, "append not acknowledged ({why}); retrying");
                     tokio::time::sleep(delay).await;
                 }
@@ -502,7 +502,7 @@ impl EventLog {
                 Err(LogError::Unavailable(why)) if std::time::Instant::now() < until => {
                     attempt = attempt.saturating_add(1);
                     tracing::debug!(attempt, "read not answered ({why}); retrying");
-                    let delay = Duration::from_millis((50u64 << attempt.min(5)).min(1_000));
+                    let delay = retry_delay(attempt);
                     tokio::time::sleep(delay).await;
                 }
                 other => return other,
@@ -519,6 +519,13 @@ impl EventLog {
             .map_err(|e| LogError::Unavailable(e.to_string()))?;
         Ok(info.state.last_sequence)
     }
+}
+
+/// The pause before retry `attempt` (1, 2, ...) of a read or an append:
+/// 100 ms doubling to 500 ms, so a command answers soon after a new stream
+/// leader is elected (each waiting command then asks twice a second).
+fn retry_delay(attempt: u32) -> Duration {
+    Duration::from_millis((50u64 << attempt.clamp(1, 4)).min(500))
 }
 
 /// How long one attempt of a retried read or append may take while the
@@ -599,6 +606,15 @@ mod tests {
             CreateStreamError::new(K::InvalidStreamName),
         );
         assert!(!f.transient, "{}", f.error);
+    }
+
+    #[test]
+    fn reads_and_appends_retry_from_100_ms_to_half_a_second() {
+        assert_eq!(retry_delay(1), Duration::from_millis(100));
+        assert_eq!(retry_delay(3), Duration::from_millis(400));
+        for attempt in [4, 5, 60, u32::MAX] {
+            assert_eq!(retry_delay(attempt), Duration::from_millis(500));
+        }
     }
 
     #[test]

@@ -121,15 +121,22 @@ async fn replicas_on_a_single_server_fail_at_once() {
 struct Outcome {
     job_id: String,
     reply: Result<Value, String>,
+    /// From the first send to the reply (or the last error).
     latency: Duration,
+    /// Sends after the first (same command id).
+    resent: u32,
 }
 
 /// Sends job submissions as the client over NATS request/reply, one after
-/// another, until `stop`; each has its own job id.
+/// another, until `stop`; each has its own job id. With `resend`, a
+/// request nobody answered (no responders: no intake subscribed; a time
+/// out: the request or its reply was lost with a node) is sent again with
+/// the same command id, as a careful client does, for up to 30 s.
 async fn submit_until(
     client: async_nats::Client,
     sender: usize,
     stop: Arc<AtomicBool>,
+    resend: bool,
 ) -> Vec<Outcome> {
     let mut out = Vec::new();
     let mut n = 0;
@@ -140,54 +147,62 @@ async fn submit_until(
         let body = json!({"job_id": job_id, "command_id": job_id,
                           "workflow_key": "invoice.extract", "input": {"n": n}});
         let started = Instant::now();
-        let reply = client
-            .request("flow.cmd.job.submit", body.to_string().into())
-            .await
-            .map_err(|e| format!("{e} ({:?})", e.kind()))
-            .and_then(|m| serde_json::from_slice(&m.payload).map_err(|e| e.to_string()));
+        let mut resent = 0;
+        let reply = loop {
+            let r = client
+                .request("flow.cmd.job.submit", body.to_string().into())
+                .await;
+            match r {
+                Err(e)
+                    if resend
+                        && started.elapsed() < Duration::from_secs(30)
+                        && matches!(
+                            e.kind(),
+                            async_nats::RequestErrorKind::NoResponders
+                                | async_nats::RequestErrorKind::TimedOut
+                        ) =>
+                {
+                    resent += 1;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                r => {
+                    break r
+                        .map_err(|e| format!("{e} ({:?})", e.kind()))
+                        .and_then(|m| {
+                            serde_json::from_slice(&m.payload).map_err(|e| e.to_string())
+                        })
+                }
+            }
+        };
         out.push(Outcome {
             job_id,
             reply,
             latency: started.elapsed(),
+            resent,
         });
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     out
 }
 
-#[tokio::test]
-async fn commands_wait_through_a_stream_leader_election() {
-    let mut cluster = NatsCluster::start(&nats_binary()).await;
-    {
-        let c = cluster.connect(Who::Service).await;
-        log::init_patiently(&c, &r3(), Duration::from_secs(60))
-            .await
-            .expect("init R3 streams");
-    }
-    let leader = cluster.stream_leader(STREAM).await;
-    // the service and its callers on the other nodes: what is measured is
-    // the wait for a new stream leader, not a lost connection
-    let others: Vec<usize> = (0..NODES).filter(|&i| i != leader).collect();
-    cluster.clients_on(&others);
-    let mut app = spawn_app_on(cluster, r3()).await;
-    for c in [&app.client, app.nats_as(Who::Billing)] {
-        assert_ne!(node_of(&app.nats, c), Some(leader), "off the leader");
-    }
-    assert_eq!(app.nats.stream_leader(STREAM).await, leader, "still leads");
-
+/// Runs four senders on `client` for a second, kills node `kill`, waits
+/// for `stream` to have another leader, goes on for two seconds more, and
+/// checks every command: an `ok` reply, stored exactly once. Returns the
+/// outcomes and the new leader.
+async fn load_through_a_kill(
+    app: &mut TestApp<NatsCluster>,
+    client: &async_nats::Client,
+    kill: usize,
+    resend: bool,
+    what: &str,
+) -> (Vec<Outcome>, usize) {
     let stop = Arc::new(AtomicBool::new(false));
     let senders: Vec<_> = (0..4)
-        .map(|s| {
-            tokio::spawn(submit_until(
-                app.nats_as(Who::Billing).clone(),
-                s,
-                stop.clone(),
-            ))
-        })
+        .map(|s| tokio::spawn(submit_until(client.clone(), s, stop.clone(), resend)))
         .collect();
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let sent_before_kill = app.last_seq().await;
-    app.nats.kill(leader);
+    let stored_before_kill = app.last_seq().await;
+    app.nats.kill(kill);
     let killed_at = Instant::now();
     let new_leader = app.nats.stream_leader(STREAM).await;
     let election = killed_at.elapsed();
@@ -198,23 +213,23 @@ async fn commands_wait_through_a_stream_leader_election() {
     for s in senders {
         outcomes.extend(s.await.expect("a sender"));
     }
-
     let failed: Vec<String> = outcomes
         .iter()
         .filter(|o| !matches!(&o.reply, Ok(v) if v["ok"] == json!(true)))
         .map(|o| format!("{}: {:?} after {:?}", o.job_id, o.reply, o.latency))
         .collect();
     let max = outcomes.iter().map(|o| o.latency).max().unwrap_or_default();
+    let resent: u32 = outcomes.iter().map(|o| o.resent).sum();
     eprintln!(
-        "leader kill ({}): {} commands sent, {} succeeded, max latency {max:?}, \
-         {sent_before_kill} stored before the kill, new leader after {election:?}",
+        "{what} ({}): {} commands sent, {} succeeded, {resent} resends, max latency \
+         {max:?}; {stored_before_kill} stored before the kill, a new leader seen after \
+         {election:?}",
         nats_binary(),
         outcomes.len(),
         outcomes.len() - failed.len(),
     );
-    assert_ne!(new_leader, leader, "the leader moved");
     assert!(
-        outcomes.len() as u64 > sent_before_kill,
+        outcomes.len() as u64 > stored_before_kill,
         "commands were sent after the kill"
     );
     assert!(failed.is_empty(), "commands failed: {failed:#?}");
@@ -224,6 +239,66 @@ async fn commands_wait_through_a_stream_leader_election() {
         let subject = format!("flow.ev.job.{}", o.job_id);
         assert_eq!(app.messages_on(&subject).await, 1, "{subject}");
     }
+    (outcomes, new_leader)
+}
+
+/// A cluster with R3 streams and the index of FLOW_EVENTS's leader.
+async fn r3_cluster() -> (NatsCluster, usize) {
+    let cluster = NatsCluster::start(&nats_binary()).await;
+    let c = cluster.connect(Who::Service).await;
+    log::init_patiently(&c, &r3(), Duration::from_secs(60))
+        .await
+        .expect("init R3 streams");
+    let leader = cluster.stream_leader(STREAM).await;
+    (cluster, leader)
+}
+
+#[tokio::test]
+async fn commands_wait_through_a_stream_leader_election() {
+    let (mut cluster, leader) = r3_cluster().await;
+    // the service and its callers on the other nodes: what is measured is
+    // the wait for a new stream leader, not a lost connection
+    let others: Vec<usize> = (0..NODES).filter(|&i| i != leader).collect();
+    cluster.clients_on(&others);
+    let mut app = spawn_app_on(cluster, r3()).await;
+    let client = app.nats_as(Who::Billing).clone();
+    for c in [&app.client, &client] {
+        assert_ne!(node_of(&app.nats, c), Some(leader), "off the leader");
+    }
+    assert_eq!(app.nats.stream_leader(STREAM).await, leader, "still leads");
+    let (outcomes, new_leader) =
+        load_through_a_kill(&mut app, &client, leader, false, "leader kill").await;
+    assert_ne!(new_leader, leader, "the leader moved");
+    assert!(outcomes.iter().all(|o| o.resent == 0));
+}
+
+#[tokio::test]
+async fn when_the_service_node_dies_with_the_leader_a_resent_command_is_stored_once() {
+    let (mut cluster, leader) = r3_cluster().await;
+    // the service on the leader's node (it fails over to the others it
+    // learns from the cluster), the client on another node
+    cluster.clients_on(&[leader]);
+    let mut app = spawn_app_on(cluster, r3()).await;
+    assert_eq!(node_of(&app.nats, &app.client), Some(leader));
+    let other = (0..NODES).find(|&i| i != leader).expect("another node");
+    let client = app
+        .nats
+        .connect_to(Who::Billing, &[app.nats.url(other)])
+        .await;
+    let (_, new_leader) = load_through_a_kill(
+        &mut app,
+        &client,
+        leader,
+        true,
+        "service node and leader kill",
+    )
+    .await;
+    assert_ne!(new_leader, leader, "the leader moved");
+    assert_ne!(
+        node_of(&app.nats, &app.client),
+        Some(leader),
+        "the service moved"
+    );
 }
 
 /// Waits until `stream` has a leader and two current peers, none offline.
@@ -254,14 +329,7 @@ async fn three_current_replicas(cluster: &NatsCluster, stream: &str) -> Value {
 
 #[tokio::test]
 async fn a_restarted_node_rejoins_and_its_stream_is_whole_again() {
-    let mut cluster = NatsCluster::start(&nats_binary()).await;
-    {
-        let c = cluster.connect(Who::Service).await;
-        log::init_patiently(&c, &r3(), Duration::from_secs(60))
-            .await
-            .expect("init R3 streams");
-    }
-    let leader = cluster.stream_leader(STREAM).await;
+    let (mut cluster, leader) = r3_cluster().await;
     let followers: Vec<usize> = (0..NODES).filter(|&i| i != leader).collect();
     // connections on the leader: killing followers does not touch them
     cluster.clients_on(&[leader]);
@@ -316,4 +384,47 @@ async fn a_restarted_node_rejoins_and_its_stream_is_whole_again() {
             "{id}"
         );
     }
+}
+
+#[tokio::test]
+async fn submit_waits_for_an_intake_that_is_not_subscribed_yet() {
+    // as while `serve` moves to another node: for a moment no intake is
+    // subscribed and a request has no responders (2.15) or is dropped
+    // (2.9.10 says nothing across an account import); nobody received it,
+    // so `flowledger submit` sends it again within its wait
+    let nats = NatsServer::start();
+    let client = nats.connect(Who::Service).await;
+    log::init(&client, &LogConfig::default())
+        .await
+        .expect("init streams");
+    let log = flowledger::events::log::EventLog::open(client.clone(), LogConfig::default())
+        .await
+        .expect("open the log");
+    let mut cmd = nats.cli(Who::Billing);
+    cmd.args([
+        "submit",
+        "--workflow",
+        "invoice.extract",
+        "--job-id",
+        "late-intake",
+        "--command-id",
+        "late-intake",
+    ])
+    .env("FLOWLEDGER_LOG", "flowledger=debug");
+    let submit = tokio::process::Command::from(cmd).output();
+    let submit = tokio::spawn(submit);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let _intake = flowledger::app::Application::build(intake_settings(client, log.clone()))
+        .await
+        .expect("build the intake");
+    let out = submit.await.expect("the task").expect("run flowledger");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(
+        stderr.contains("sending again"),
+        "it was sent before the intake listened: {stderr}"
+    );
+    let reply: Value = serde_json::from_slice(&out.stdout).expect("the reply");
+    assert_eq!(reply["ok"], json!(true), "{reply}");
+    assert_eq!(log.last_seq().await.expect("stream info"), 1, "stored once");
 }

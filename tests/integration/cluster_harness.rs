@@ -219,9 +219,13 @@ impl NatsCluster {
     }
 
     /// Connection options of `who` (its user, password, inbox prefix, the
-    /// test CA), as [`crate::helpers::NatsServer::options`].
+    /// test CA), as [`crate::helpers::NatsServer::options`], reconnecting
+    /// without limit, and waiting for a reply as long as `flowledger send`
+    /// does: the service's append wait (10 s) and 5 s more, since a command
+    /// can wait that long through a leader election.
     pub(crate) fn options(&self, who: Who) -> async_nats::ConnectOptions {
         async_nats::ConnectOptions::new()
+            .request_timeout(Some(Duration::from_secs(15)))
             .user_and_password(who.user().into(), password(ServerConf::Production, who))
             .custom_inbox_prefix(format!("_INBOX_{}", who.user()))
             .add_root_certificates(self.ca.clone())
@@ -321,9 +325,19 @@ impl NatsCluster {
         }
     }
 
+    /// A connection as the service to the nodes that run now, whatever
+    /// [`NatsCluster::clients_on`] says: the harness's own questions.
+    async fn inspector(&self) -> async_nats::Client {
+        let urls: Vec<String> = (0..NODES)
+            .filter(|&i| self.running(i))
+            .map(|i| self.url(i))
+            .collect();
+        self.connect_to(Who::Service, &urls).await
+    }
+
     /// The stream's info as the service sees it (any node answers).
     pub(crate) async fn stream_info(&self, stream: &str) -> jetstream::stream::Info {
-        let js = jetstream::new(self.connect(Who::Service).await);
+        let js = jetstream::new(self.inspector().await);
         let mut s = js
             .get_stream(stream)
             .await
@@ -341,7 +355,7 @@ impl NatsCluster {
         let deadline = Instant::now() + Duration::from_secs(30);
         let js = jetstream::ContextBuilder::new()
             .timeout(Duration::from_secs(1))
-            .build(self.connect(Who::Service).await);
+            .build(self.inspector().await);
         loop {
             let leader = match js.get_stream(stream).await {
                 Ok(mut s) => s
