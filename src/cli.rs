@@ -238,6 +238,12 @@ pub(crate) enum Command {
         /// JetStream de-duplication window for command ids, in seconds.
         #[arg(long, env = "FLOWLEDGER_DUPLICATE_WINDOW_SECS", default_value_t = 120)]
         duplicate_window_secs: u64,
+        /// How long to wait for NATS and for JetStream to place the streams
+        /// (a cluster still forming: no meta leader yet, fewer servers up
+        /// than --replicas), logging what it waits for, before exiting 3
+        /// with the cause.
+        #[arg(long, env = "FLOWLEDGER_INIT_WAIT_SECS", default_value_t = 60)]
+        wait_secs: u64,
     },
     /// Run the service: NATS command intake, periodic checkpoints, and with
     /// --database-url the projections, the job handler and the HTTP API.
@@ -615,6 +621,16 @@ async fn connect(g: &Global) -> anyhow::Result<async_nats::Client> {
 /// connection for `--nats-connect-wait-secs`, so a supervisor's restart or a
 /// NATS restart does not end `serve`.
 async fn connect_service(g: &Global, wait: Duration) -> anyhow::Result<async_nats::Client> {
+    connect_patiently(g, wait, "--nats-connect-wait-secs").await
+}
+
+/// The service's connection (see [`connect_service`]), first made within
+/// `wait`; `flag` names the setting in the error.
+async fn connect_patiently(
+    g: &Global,
+    wait: Duration,
+    flag: &str,
+) -> anyhow::Result<async_nats::Client> {
     let until = std::time::Instant::now() + wait;
     let mut attempt: u32 = 0;
     loop {
@@ -622,10 +638,7 @@ async fn connect_service(g: &Global, wait: Duration) -> anyhow::Result<async_nat
             Ok(c) => return Ok(c),
             Err(e) if e.downcast_ref::<UsageError>().is_some() => return Err(e),
             Err(e) if std::time::Instant::now() >= until => {
-                return Err(e.context(format!(
-                    "gave up after {} s (--nats-connect-wait-secs)",
-                    wait.as_secs()
-                )))
+                return Err(e.context(format!("gave up after {} s ({flag})", wait.as_secs())))
             }
             Err(e) => {
                 attempt = attempt.saturating_add(1);
@@ -738,26 +751,76 @@ fn print_json(v: &Value) {
     );
 }
 
+/// How long `submit` and `send` wait for a reply: the service's append
+/// wait (a command waits through a stream leader election that long) and
+/// this much more for its last attempt and the reply.
+const REPLY_MARGIN: Duration = Duration::from_secs(5);
+
+/// How long before a request nobody received is sent again.
+const NO_RESPONDERS_RETRY: Duration = Duration::from_millis(250);
+
+/// How long one send of a command with a command id waits for its reply
+/// before the command is sent again (a request or reply lost with a
+/// server; nats-server 2.9 drops a request across an account import that
+/// no one is subscribed to without saying "no responders").
+const RESEND_AFTER: Duration = Duration::from_secs(5);
+
+/// Sends a command and prints its reply, waiting up to `wait`. A request
+/// nobody received (no responders) is sent again; with `resend` (the body
+/// has a command id, so the service runs it once whatever the number of
+/// sends) so is one unanswered within [`RESEND_AFTER`].
 async fn request(
     client: &async_nats::Client,
     subject: String,
     body: Vec<u8>,
+    wait: Duration,
+    resend: bool,
 ) -> anyhow::Result<ExitCode> {
-    let reply = tokio::time::timeout(
-        Duration::from_secs(10),
-        client.request(subject.clone(), body.into()),
-    )
-    .await
-    .map_err(|_| {
-        anyhow::anyhow!(
-            "no reply on {subject} within 10 s: is `flowledger serve` running, and may this \
-             NATS user publish commands and receive replies under its inbox prefix \
-             (--inbox-prefix)?"
-        )
-    })?
-    .map_err(|e| {
-        anyhow::anyhow!("request on {subject} failed: {e} (is `flowledger serve` running?)")
-    })?;
+    let until = std::time::Instant::now() + wait;
+    let body = bytes::Bytes::from(body);
+    let reply = loop {
+        let left = until.saturating_duration_since(std::time::Instant::now());
+        let attempt = if resend { left.min(RESEND_AFTER) } else { left };
+        let asked = client.send_request(
+            subject.clone(),
+            async_nats::Request::new()
+                .payload(body.clone())
+                .timeout(Some(attempt)),
+        );
+        match asked.await {
+            Ok(m) => break m,
+            // nobody received it (no intake subscribed for a moment, e.g.
+            // while `serve` moves to another node of a cluster): sending it
+            // again cannot run it twice
+            Err(e)
+                if e.kind() == async_nats::RequestErrorKind::NoResponders
+                    && left > NO_RESPONDERS_RETRY =>
+            {
+                tracing::debug!("no responders on {subject}; sending again");
+                tokio::time::sleep(NO_RESPONDERS_RETRY).await;
+            }
+            Err(e) if e.kind() == async_nats::RequestErrorKind::TimedOut && attempt < left => {
+                tracing::debug!(
+                    "no reply on {subject} within {} s; sending again with the same command id",
+                    attempt.as_secs()
+                );
+            }
+            Err(e) if e.kind() == async_nats::RequestErrorKind::TimedOut => {
+                return Err(anyhow::anyhow!(
+                    "no reply on {subject} within {} s: is `flowledger serve` running, and may \
+                     this NATS user publish commands and receive replies under its inbox \
+                     prefix (--inbox-prefix)? A command with a command id may be sent again \
+                     safely",
+                    wait.as_secs()
+                ))
+            }
+            Err(e) => {
+                return Err(anyhow::anyhow!(
+                    "request on {subject} failed: {e} (is `flowledger serve` running?)"
+                ))
+            }
+        }
+    };
     let v: Value = serde_json::from_slice(&reply.payload).context("reply is not JSON")?;
     print_json(&v);
     Ok(if v["ok"] == json!(true) {
@@ -788,18 +851,28 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             db,
             replicas,
             duplicate_window_secs,
+            wait_secs,
         } => {
             if replicas == 0 || replicas > 5 {
                 return Err(
                     anyhow::anyhow!("--replicas must be 1..=5, got {replicas}").context(UsageError)
                 );
             }
-            let client = connect(g).await?;
-            let reports = log::init(
+            let wait = Duration::from_secs(wait_secs);
+            let started = std::time::Instant::now();
+            let client = connect_patiently(g, wait, "--wait-secs").await?;
+            let reports = log::init_patiently(
                 &client,
                 &log_config(g, replicas, Duration::from_secs(duplicate_window_secs)),
+                wait.saturating_sub(started.elapsed()),
             )
-            .await?;
+            .await
+            .map_err(|e| match e {
+                log::LogError::NotReady { .. } => anyhow::Error::new(e)
+                    .context(Unreachable)
+                    .context("flowledger init gave up (--wait-secs)"),
+                other => anyhow::Error::new(other),
+            })?;
             for r in &reports {
                 println!("stream {}: {}", r.stream, r.action);
             }
@@ -844,12 +917,15 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 &client,
                 format!("{COMMAND_SUBJECT_PREFIX}.job.submit"),
                 body.to_string().into_bytes(),
+                Duration::from_secs(g.append_wait_secs) + REPLY_MARGIN,
+                true,
             )
             .await
         }
         Command::Send { command, body } => {
-            serde_json::from_str::<Value>(&body)
+            let parsed = serde_json::from_str::<Value>(&body)
                 .map_err(|e| anyhow::anyhow!("body is not valid JSON: {e}").context(UsageError))?;
+            let resend = parsed.get("command_id").is_some_and(Value::is_string);
             // two subject tokens, no wildcard or space
             let token =
                 |t: &str| !t.is_empty() && t.bytes().all(|b| b.is_ascii_lowercase() || b == b'_');
@@ -864,6 +940,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 &client,
                 format!("{COMMAND_SUBJECT_PREFIX}.{command}"),
                 body.into_bytes(),
+                Duration::from_secs(g.append_wait_secs) + REPLY_MARGIN,
+                resend,
             )
             .await
         }

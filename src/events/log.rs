@@ -84,6 +84,22 @@ pub enum LogError {
         /// Which setting differs.
         what: String,
     },
+    /// [`init_patiently`] waited as long as it was told and JetStream still
+    /// could not place the streams; start the missing servers (a stream of
+    /// N replicas needs N JetStream servers in the cluster), check that they
+    /// route to each other, or wait longer.
+    #[error(
+        "JetStream could not place the streams ({replicas} replicas) within {waited_secs} s: \
+         {cause} (are {replicas} JetStream servers up and routed to each other?)"
+    )]
+    NotReady {
+        /// How long it waited.
+        waited_secs: u64,
+        /// The replicas asked for.
+        replicas: usize,
+        /// The last error seen.
+        cause: String,
+    },
 }
 
 /// Why [`EventLog::append`] wrote nothing (or may not have).
@@ -156,26 +172,164 @@ pub struct InitReport {
 }
 
 /// Creates or updates both streams; running it again changes nothing.
+/// One attempt: a cluster that is still forming fails it (see
+/// [`init_patiently`]).
 pub async fn init(
     client: &async_nats::Client,
     config: &LogConfig,
 ) -> Result<Vec<InitReport>, LogError> {
-    let js = jetstream::new(client.clone());
+    try_init(&jetstream::new(client.clone()), config)
+        .await
+        .map_err(|f| f.error)
+}
+
+/// [`init`] that waits for JetStream to be able to place the streams: while
+/// a cluster forms (no meta leader yet, fewer servers than replicas up,
+/// JetStream temporarily unavailable, requests timing out) it logs what it
+/// waits for and tries again with backoff (up to 2 s between tries) for up
+/// to `wait` (each request bounded to 5 s), then fails with
+/// [`LogError::NotReady`] naming the last cause. Errors that waiting cannot
+/// fix (an incompatible stream, replicas on a server that is not
+/// clustered, a refused permission) fail at once. Each try starts from the
+/// streams' current state, so it stays idempotent.
+pub async fn init_patiently(
+    client: &async_nats::Client,
+    config: &LogConfig,
+    wait: Duration,
+) -> Result<Vec<InitReport>, LogError> {
+    let started = std::time::Instant::now();
+    let until = started + wait;
+    let mut attempt: u32 = 0;
+    loop {
+        // each request of a try bounded by what is left of the wait (1-5 s):
+        // a server without a meta leader does not answer at all
+        let left = until.saturating_duration_since(std::time::Instant::now());
+        let js = jetstream::ContextBuilder::new()
+            .timeout(left.clamp(Duration::from_secs(1), INIT_REQUEST_TIMEOUT))
+            .build(client.clone());
+        match try_init(&js, config).await {
+            Ok(reports) => return Ok(reports),
+            Err(InitFailure {
+                error,
+                transient: true,
+            }) => {
+                let now = std::time::Instant::now();
+                if now >= until {
+                    return Err(LogError::NotReady {
+                        waited_secs: now.duration_since(started).as_secs(),
+                        replicas: config.replicas,
+                        cause: cause(&error),
+                    });
+                }
+                attempt = attempt.saturating_add(1);
+                let delay = init_backoff(attempt).min(until - now);
+                tracing::warn!(
+                    attempt,
+                    retry_in_ms = delay.as_millis() as u64,
+                    replicas = config.replicas,
+                    "waiting for JetStream to place the streams: {}",
+                    cause(&error)
+                );
+                tokio::time::sleep(delay).await;
+            }
+            Err(InitFailure { error, .. }) => return Err(error),
+        }
+    }
+}
+
+/// What went wrong, without the prefix of [`LogError::Unavailable`].
+fn cause(error: &LogError) -> String {
+    match error {
+        LogError::Unavailable(why) => why.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// The longest one JetStream request of [`init_patiently`] may take.
+const INIT_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The pause before try `attempt` (1, 2, ...) of [`init_patiently`]:
+/// 250 ms doubling to 2 s.
+fn init_backoff(attempt: u32) -> Duration {
+    Duration::from_millis((125u64 << attempt.clamp(1, 5)).min(2_000))
+}
+
+/// Why one try of [`init`] failed, and whether another may succeed.
+struct InitFailure {
+    error: LogError,
+    /// The cluster may still be forming: try again.
+    transient: bool,
+}
+
+impl InitFailure {
+    fn transient(what: String) -> Self {
+        InitFailure {
+            error: LogError::Unavailable(what),
+            transient: true,
+        }
+    }
+
+    fn permanent(error: LogError) -> Self {
+        InitFailure {
+            error,
+            transient: false,
+        }
+    }
+
+    /// A JetStream API error: transient when it says the cluster cannot
+    /// answer or place the stream yet.
+    fn api(what: String, e: &jetstream::Error) -> Self {
+        if transient_api_error(e.error_code()) {
+            Self::transient(format!("{what}: {e}"))
+        } else {
+            Self::permanent(LogError::Unavailable(format!("{what}: {e}")))
+        }
+    }
+
+    fn create_or_update(what: String, e: jetstream::context::CreateStreamError) -> Self {
+        use jetstream::context::CreateStreamErrorKind as K;
+        match e.kind() {
+            K::JetStream(api) => Self::api(what, &api),
+            K::JetStreamUnavailable | K::TimedOut | K::Response | K::NotFound => {
+                Self::transient(format!("{what}: {e}"))
+            }
+            _ => Self::permanent(LogError::Unavailable(format!("{what}: {e}"))),
+        }
+    }
+}
+
+/// The JetStream API errors a forming cluster answers: 10008 (JetStream
+/// temporarily unavailable: no meta leader yet), 10005 (no suitable peers
+/// for placement: fewer servers up than replicas), 10023 (insufficient
+/// resources), and the stream being created or led elsewhere meanwhile
+/// (10058, name already in use: the next try finds it).
+fn transient_api_error(code: jetstream::ErrorCode) -> bool {
+    use jetstream::ErrorCode as C;
+    [
+        C::CLUSTER_NOT_AVAILABLE,
+        C::CLUSTER_NO_PEERS,
+        C::INSUFFICIENT_RESOURCES,
+        C::STREAM_NAME_EXIST,
+    ]
+    .contains(&code)
+}
+
+async fn try_init(
+    js: &jetstream::Context,
+    config: &LogConfig,
+) -> Result<Vec<InitReport>, InitFailure> {
+    use jetstream::context::GetStreamErrorKind;
     let mut reports = Vec::new();
     for wanted in [stream_config(config), checkpoint_stream_config(config)] {
         let name = wanted.name.clone();
         let action = match js.get_stream(&name).await {
-            Ok(mut s) => {
-                let info = s
-                    .info()
-                    .await
-                    .map_err(|e| LogError::Unavailable(e.to_string()))?;
-                let have = &info.config;
+            Ok(s) => {
+                let have = &s.cached_info().config;
                 if have.storage != wanted.storage {
-                    return Err(LogError::Incompatible {
+                    return Err(InitFailure::permanent(LogError::Incompatible {
                         stream: name,
                         what: "storage type differs (file is required)".into(),
-                    });
+                    }));
                 }
                 let same = have.subjects == wanted.subjects
                     && have.num_replicas == wanted.num_replicas
@@ -188,16 +342,31 @@ pub async fn init(
                 } else {
                     js.update_stream(&wanted)
                         .await
-                        .map_err(|e| LogError::Unavailable(format!("update {name}: {e}")))?;
+                        .map_err(|e| InitFailure::create_or_update(format!("update {name}"), e))?;
                     "updated"
                 }
             }
-            Err(_) => {
-                js.create_stream(wanted)
-                    .await
-                    .map_err(|e| LogError::Unavailable(format!("create {name}: {e}")))?;
-                "created"
-            }
+            Err(e) => match e.kind() {
+                GetStreamErrorKind::JetStream(api)
+                    if api.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND =>
+                {
+                    js.create_stream(wanted)
+                        .await
+                        .map_err(|e| InitFailure::create_or_update(format!("create {name}"), e))?;
+                    "created"
+                }
+                GetStreamErrorKind::JetStream(api) => {
+                    return Err(InitFailure::api(format!("look up {name}"), &api))
+                }
+                GetStreamErrorKind::Request => {
+                    return Err(InitFailure::transient(format!("look up {name}: {e}")))
+                }
+                _ => {
+                    return Err(InitFailure::permanent(LogError::Unavailable(format!(
+                        "look up {name}: {e}"
+                    ))))
+                }
+            },
         };
         reports.push(InitReport {
             stream: name,
@@ -277,7 +446,7 @@ impl EventLog {
             match sent {
                 Err(AppendError::Unavailable(why)) if std::time::Instant::now() < until => {
                     attempt = attempt.saturating_add(1);
-                    let delay = Duration::from_millis((50u64 << attempt.min(5)).min(1_000));
+                    let delay = retry_delay(attempt);
                     tracing::debug!(%subject, attempt, "append not acknowledged ({why}); retrying");
                     tokio::time::sleep(delay).await;
                 }
@@ -333,7 +502,7 @@ impl EventLog {
                 Err(LogError::Unavailable(why)) if std::time::Instant::now() < until => {
                     attempt = attempt.saturating_add(1);
                     tracing::debug!(attempt, "read not answered ({why}); retrying");
-                    let delay = Duration::from_millis((50u64 << attempt.min(5)).min(1_000));
+                    let delay = retry_delay(attempt);
                     tokio::time::sleep(delay).await;
                 }
                 other => return other,
@@ -350,6 +519,13 @@ impl EventLog {
             .map_err(|e| LogError::Unavailable(e.to_string()))?;
         Ok(info.state.last_sequence)
     }
+}
+
+/// The pause before retry `attempt` (1, 2, ...) of a read or an append:
+/// 100 ms doubling to 500 ms, so a command answers soon after a new stream
+/// leader is elected (each waiting command then asks twice a second).
+fn retry_delay(attempt: u32) -> Duration {
+    Duration::from_millis((50u64 << attempt.clamp(1, 4)).min(500))
 }
 
 /// How long one attempt of a retried read or append may take while the
@@ -398,5 +574,72 @@ mod tests {
         for bad in ["", "a.b", "a*", "a>", "a b", &"x".repeat(129)] {
             assert!(!valid_aggregate_id(bad), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn init_waits_for_a_forming_cluster_and_not_for_what_waiting_cannot_fix() {
+        use jetstream::ErrorCode as C;
+        for code in [
+            C::CLUSTER_NOT_AVAILABLE,
+            C::CLUSTER_NO_PEERS,
+            C::INSUFFICIENT_RESOURCES,
+            C::STREAM_NAME_EXIST,
+        ] {
+            assert!(transient_api_error(code), "{code:?}");
+        }
+        for code in [
+            C::STREAM_REPLICAS_NOT_SUPPORTED,
+            C::STREAM_SUBJECT_OVERLAP,
+            C::BAD_REQUEST,
+            C::JETSTREAM_NOT_ENABLED_FOR_ACCOUNT,
+        ] {
+            assert!(!transient_api_error(code), "{code:?}");
+        }
+        use jetstream::context::{CreateStreamError, CreateStreamErrorKind as K};
+        for kind in [K::TimedOut, K::JetStreamUnavailable] {
+            let f = InitFailure::create_or_update("create S".into(), CreateStreamError::new(kind));
+            assert!(f.transient, "{}", f.error);
+            assert!(f.error.to_string().contains("create S"), "{}", f.error);
+        }
+        let f = InitFailure::create_or_update(
+            "create S".into(),
+            CreateStreamError::new(K::InvalidStreamName),
+        );
+        assert!(!f.transient, "{}", f.error);
+    }
+
+    #[test]
+    fn reads_and_appends_retry_from_100_ms_to_half_a_second() {
+        assert_eq!(retry_delay(1), Duration::from_millis(100));
+        assert_eq!(retry_delay(3), Duration::from_millis(400));
+        for attempt in [4, 5, 60, u32::MAX] {
+            assert_eq!(retry_delay(attempt), Duration::from_millis(500));
+        }
+    }
+
+    #[test]
+    fn init_backs_off_from_250_ms_to_2_s() {
+        assert_eq!(init_backoff(1), Duration::from_millis(250));
+        assert_eq!(init_backoff(2), Duration::from_millis(500));
+        let mut last = Duration::ZERO;
+        for attempt in 1..100 {
+            let d = init_backoff(attempt);
+            assert!(d >= last && d <= Duration::from_secs(2), "{attempt}: {d:?}");
+            last = d;
+        }
+        assert_eq!(last, Duration::from_secs(2));
+    }
+
+    #[test]
+    fn giving_up_names_the_cause_and_what_to_check() {
+        let e = LogError::NotReady {
+            waited_secs: 60,
+            replicas: 3,
+            cause: "create FLOW_EVENTS: no suitable peers for placement".into(),
+        };
+        let m = e.to_string();
+        assert!(m.contains("within 60 s"), "{m}");
+        assert!(m.contains("no suitable peers for placement"), "{m}");
+        assert!(m.contains("3 JetStream servers"), "{m}");
     }
 }

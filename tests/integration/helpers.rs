@@ -43,7 +43,7 @@ impl Who {
     }
 
     /// The environment variable nats/production.conf reads its password from.
-    fn password_env(self) -> &'static str {
+    pub(crate) fn password_env(self) -> &'static str {
         match self {
             Who::Service => "FLOWLEDGER_NATS_PASSWORD_SERVICE",
             Who::Billing => "FLOWLEDGER_NATS_PASSWORD_BILLING",
@@ -137,7 +137,7 @@ fn openssl(args: &[&str], dir: &std::path::Path) {
 
 /// A CA and a server certificate for 127.0.0.1 signed by it, in `dir`:
 /// `ca.pem`, `server.pem`, `server.key`.
-fn make_certificates(dir: &std::path::Path) {
+pub(crate) fn make_certificates(dir: &std::path::Path) {
     let ec = [
         "-newkey",
         "ec",
@@ -342,6 +342,19 @@ impl NatsServer {
     }
 }
 
+/// What a [`TestApp`] runs on: one [`NatsServer`] or a
+/// [`crate::cluster_harness::NatsCluster`].
+pub(crate) trait Broker {
+    /// A connection as `who`.
+    fn connect(&self, who: Who) -> impl std::future::Future<Output = async_nats::Client>;
+}
+
+impl Broker for NatsServer {
+    async fn connect(&self, who: Who) -> async_nats::Client {
+        NatsServer::connect(self, who).await
+    }
+}
+
 impl Drop for NatsServer {
     fn drop(&mut self) {
         let _ = self.child.kill();
@@ -349,8 +362,8 @@ impl Drop for NatsServer {
     }
 }
 
-pub(crate) struct TestApp {
-    pub(crate) nats: NatsServer,
+pub(crate) struct TestApp<N = NatsServer> {
+    pub(crate) nats: N,
     /// The service's connection (account FLOWLEDGER: JetStream).
     pub(crate) client: async_nats::Client,
     /// Connections of the users that send commands, by [`Who`].
@@ -384,7 +397,7 @@ pub(crate) fn services() -> JobServices {
 
 /// Settings of a service on the test's NATS with `registry` and nothing
 /// running yet (no intake, no database): callers add what they test.
-pub(crate) fn settings(app: &TestApp, registry: Arc<Registry>) -> Settings {
+pub(crate) fn settings<N>(app: &TestApp<N>, registry: Arc<Registry>) -> Settings {
     Settings {
         registry,
         intake: false,
@@ -420,7 +433,7 @@ pub(crate) async fn spawn_app_with(config: LogConfig) -> TestApp {
 
 /// The service on `nats` (connected as the service user), and a connection
 /// for each user that sends commands.
-pub(crate) async fn spawn_app_on(nats: NatsServer, config: LogConfig) -> TestApp {
+pub(crate) async fn spawn_app_on<N: Broker>(nats: N, config: LogConfig) -> TestApp<N> {
     if std::env::var("TEST_LOG").is_ok() {
         let _ = tracing_subscriber::fmt().with_test_writer().try_init();
     }
@@ -429,7 +442,9 @@ pub(crate) async fn spawn_app_on(nats: NatsServer, config: LogConfig) -> TestApp
     for who in [Who::Billing, Who::Ops, Who::Handler] {
         callers.push((who, nats.connect(who).await));
     }
-    log::init(&client, &config).await.expect("init streams");
+    log::init_patiently(&client, &config, Duration::from_secs(30))
+        .await
+        .expect("init streams");
     let log = EventLog::open(client.clone(), config.clone())
         .await
         .expect("open the log");
@@ -473,7 +488,7 @@ pub(crate) fn reply(result: Result<Arc<Receipt>, CommandError>) -> Value {
     }
 }
 
-impl TestApp {
+impl<N> TestApp<N> {
     /// A second, independent command service on the same server (its own
     /// caches), built like the first.
     pub(crate) async fn second_bus(&self) -> Arc<CommandBus> {

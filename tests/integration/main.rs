@@ -3,6 +3,8 @@
 //! `scripts/test.sh` runs them on nats-server 2.9.10 and 2.15.
 
 mod audit;
+mod cluster;
+mod cluster_harness;
 mod event_store;
 mod handlers;
 mod hardening;
