@@ -27,6 +27,7 @@ use crate::commands::limits::MAX_RETRY_DELAY_MS;
 use crate::commands::registry::{StepDefinition, StepKind, WorkflowDefinition};
 use crate::commands::workflow::{WorkflowCommand, WorkflowError};
 use crate::events::store::ExecuteError;
+use crate::handlers::lease;
 use crate::handlers::peer::{self, CallOutcome, StepCall};
 use crate::handlers::view::{
     ApprovalState, AttemptResult, JobView, StepView, StoryEvent, StoryRecord,
@@ -676,6 +677,10 @@ async fn run_step(
     loop {
         let key = ids::idempotency_key(&job.id, &step.name, attempt);
         if need_start {
+            // a partition being given away starts no new attempt
+            if !ctx.leases.may_start(lease::partition(&job.id)) {
+                return Err(Halt::Released);
+            }
             let cmd = JobCommand::StartAttempt(StartAttempt {
                 step: step.name.clone(),
                 attempt,
@@ -778,9 +783,27 @@ async fn run_step(
             }))) => return Err(Halt::Superseded),
             Err(e) => return retry_later(&job.id, "record a step result", e).await,
         }
-        tokio::time::sleep(delay).await;
+        pause_unless_given_away(ctx, &job.id, delay).await?;
         attempt = attempt.saturating_add(1);
         need_start = true;
+    }
+}
+
+/// Sleeps `delay` (a retry's backoff), ending early with `Released` when
+/// the job's partition is being given away: a drain does not wait for a
+/// backoff, and the next holder resumes the retry when it is due.
+async fn pause_unless_given_away(ctx: &Ctx, job_id: &str, delay: Duration) -> Result<(), Halt> {
+    let until = Instant::now() + delay;
+    let p = lease::partition(job_id);
+    loop {
+        let left = until.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Ok(());
+        }
+        if !ctx.leases.may_start(p) {
+            return Err(Halt::Released);
+        }
+        tokio::time::sleep(left.min(Duration::from_millis(200))).await;
     }
 }
 

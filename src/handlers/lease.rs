@@ -18,7 +18,9 @@
 //! counter ([`STATE_BUCKET`], key `fence`), the job records the newest fence
 //! it was driven under (`JobHandlerChanged`), and a command under an older
 //! one is refused by the aggregate. A paused process that wakes up with a
-//! lapsed lease cannot write to a job another instance took over.
+//! lapsed lease cannot write to a job once its new holder has written to
+//! it (a repeated command id still answers its first receipt; approval
+//! commands are not fenced, each has one id).
 //! docs/adr/0010-handler-leases.md has the reasoning.
 
 use std::collections::BTreeSet;
@@ -48,6 +50,10 @@ pub const LEASE_TTL: Duration = Duration::from_secs(6);
 /// (step calls, callbacks) to end before their drivers are stopped anyway.
 pub const DRAIN_DEADLINE: Duration = Duration::from_secs(30);
 const FENCE_KEY: &str = "fence";
+/// The longest a lease operation may take before it counts as failed.
+const KV_CALL: Duration = Duration::from_secs(2);
+/// Partitions taken per round at most: renewals wait for the round.
+const ACQUIRE_PER_ROUND: usize = 8;
 const POSITION_KEY: &str = "position";
 
 /// The partition of a job: the first 8 bytes of the SHA-256 of its id,
@@ -248,7 +254,7 @@ pub enum Change {
 
 /// A drained partition, with the drain's guard when every effect ended in
 /// time.
-type Drained = (usize, Option<OwnedRwLockWriteGuard<()>>);
+type Drained = (usize, u64, Option<OwnedRwLockWriteGuard<()>>);
 
 /// Takes, renews and gives away this instance's leases ([`Keeper::run`],
 /// a task of its own: a busy manager never delays a renewal).
@@ -360,9 +366,23 @@ impl Keeper {
     /// One round: renews the leases held, announces this instance, takes
     /// free partitions up to the fair share and starts giving away the
     /// ones above it. Returns the partitions gained and lost.
-    async fn tick(&mut self) -> Vec<Change> {
+    async fn tick(&mut self, out: &mpsc::UnboundedSender<Change>) {
+        // losses first, at once: the drivers stop before anything else waits
         let mut changes = Vec::new();
         self.renew(&mut changes).await;
+        for c in changes.drain(..) {
+            let _ = out.send(c);
+        }
+        self.rebalance(&mut changes).await;
+        for c in changes {
+            let _ = out.send(c);
+        }
+    }
+
+    /// Announces this instance, takes free partitions up to the fair
+    /// share (a few per round, so renewals are never held up long) and
+    /// starts giving away the ones above it.
+    async fn rebalance(&mut self, changes: &mut Vec<Change>) {
         if let Err(e) = self
             .kv
             .put(&self.member_key, self.value(None))
@@ -370,13 +390,17 @@ impl Keeper {
             .map_err(|e| e.to_string())
         {
             tracing::warn!(error = %e, "cannot announce this handler instance; retrying");
-            return changes;
+            return;
         }
-        let keys = match self.keys().await {
-            Ok(k) => k,
-            Err(e) => {
+        let keys = match tokio::time::timeout(KV_CALL, self.keys()).await {
+            Ok(Ok(k)) => k,
+            Ok(Err(e)) => {
                 tracing::warn!(error = %e, "cannot list the handler leases; retrying");
-                return changes;
+                return;
+            }
+            Err(_) => {
+                tracing::warn!("listing the handler leases took over 2 s; retrying");
+                return;
             }
         };
         let members = keys.iter().filter(|k| k.starts_with("m.")).count().max(1);
@@ -399,7 +423,7 @@ impl Keeper {
                 .collect();
             fastrand::shuffle(&mut free);
             let mut held = active.len();
-            for p in free {
+            for p in free.into_iter().take(ACQUIRE_PER_ROUND) {
                 if held >= fair {
                     break;
                 }
@@ -413,7 +437,6 @@ impl Keeper {
                 self.drain(p);
             }
         }
-        changes
     }
 
     /// Renews every lease held, all at once. A lease whose validity passed
@@ -434,8 +457,10 @@ impl Keeper {
                     let (kv, value) = (self.kv.clone(), self.value(Some(fence)));
                     renewals.push(async move {
                         let sent = Instant::now();
-                        let r = kv.update(lease_key(p), value, revision).await;
-                        (p, fence, draining, sent, r)
+                        let r =
+                            tokio::time::timeout(KV_CALL, kv.update(lease_key(p), value, revision))
+                                .await;
+                        (p, fence, draining, sent, until, r)
                     });
                 }
                 _ => {
@@ -444,14 +469,21 @@ impl Keeper {
                         "a job partition's lease was not renewed in time; its drivers \
                          stop and it is taken again under a new fence"
                     );
-                    self.let_go(p).await;
+                    self.forget_now(p);
                     changes.push(Change::Lost(p));
                 }
             }
         }
-        for (p, fence, draining, sent, r) in futures::future::join_all(renewals).await {
+        for (p, fence, draining, sent, until, r) in futures::future::join_all(renewals).await {
             match r {
-                Ok(revision) => {
+                // answered after the lease's validity: drivers may have seen
+                // it lapse and stopped, so it is not picked up again as is
+                Ok(Ok(_)) if Instant::now() >= until => {
+                    tracing::warn!(partition = p, "a lease renewal came back too late");
+                    self.forget_now(p);
+                    changes.push(Change::Lost(p));
+                }
+                Ok(Ok(revision)) => {
                     self.revisions[p] = Some(revision);
                     self.leases.set(
                         p,
@@ -462,7 +494,7 @@ impl Keeper {
                         },
                     );
                 }
-                Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
+                Ok(Err(e)) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
                     tracing::warn!(
                         partition = p,
                         error = %e,
@@ -474,7 +506,8 @@ impl Keeper {
                     changes.push(Change::Lost(p));
                 }
                 // tried again next round, while the lease is still valid
-                Err(e) => tracing::debug!(partition = p, error = %e, "lease renewal failed"),
+                Ok(Err(e)) => tracing::debug!(partition = p, error = %e, "lease renewal failed"),
+                Err(_) => tracing::debug!(partition = p, "lease renewal not answered in 2 s"),
             }
         }
     }
@@ -493,8 +526,13 @@ impl Keeper {
     /// fence).
     async fn acquire(&mut self, p: usize) -> bool {
         let key = lease_key(p);
-        let Ok(revision) = self.kv.create(&key, self.value(None)).await else {
-            return false; // someone else was faster
+        let revision = match self.kv.create(&key, self.value(None)).await {
+            Ok(r) => r,
+            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => return false,
+            Err(e) => {
+                tracing::warn!(partition = p, error = %e, "cannot take a partition lease");
+                return false;
+            }
         };
         let fence = match self.next_fence().await {
             Ok(f) => f,
@@ -525,6 +563,7 @@ impl Keeper {
             }
             Err(e) => {
                 tracing::warn!(partition = p, error = %e, "lost a lease while taking it");
+                let _ = self.kv.delete_expect_revision(&key, Some(revision)).await;
                 false
             }
         }
@@ -560,11 +599,18 @@ impl Keeper {
                         Err(e) => return Err(e.to_string()),
                     }
                 }
-                _ => match self.state.create(FENCE_KEY, "1".into()).await {
-                    Ok(_) => return Ok(1),
-                    Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => continue,
-                    Err(e) => return Err(e.to_string()),
-                },
+                // a new counter starts at the time in milliseconds: above
+                // every fence a deleted one gave
+                _ => {
+                    let first = u64::try_from(chrono::Utc::now().timestamp_millis())
+                        .unwrap_or(1)
+                        .max(1);
+                    match self.state.create(FENCE_KEY, first.to_string().into()).await {
+                        Ok(_) => return Ok(first),
+                        Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => continue,
+                        Err(e) => return Err(e.to_string()),
+                    }
+                }
             }
         }
         Err("the fence counter kept changing under 50 attempts".into())
@@ -597,8 +643,24 @@ impl Keeper {
             let guard = tokio::time::timeout(DRAIN_DEADLINE, work.write_owned())
                 .await
                 .ok();
-            let _ = tx.send((p, guard));
+            let _ = tx.send((p, fence, guard));
         });
+    }
+
+    /// Forgets partition `p` now and deletes its key in the background (a
+    /// NATS outage must not delay the drivers' stop).
+    fn forget_now(&mut self, p: usize) {
+        self.leases.set(p, Hold::Free);
+        if let Some(revision) = self.revisions[p].take() {
+            let kv = self.kv.clone();
+            tokio::spawn(async move {
+                let _ = tokio::time::timeout(
+                    KV_CALL,
+                    kv.delete_expect_revision(lease_key(p), Some(revision)),
+                )
+                .await;
+            });
+        }
     }
 
     /// Forgets partition `p`, then deletes its key so another instance
@@ -630,16 +692,15 @@ impl Keeper {
         round.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
-                _ = round.tick() => {
-                    for c in self.tick().await {
-                        let _ = changes.send(c);
+                _ = round.tick() => self.tick(&changes).await,
+                Some((p, fence, guard)) = self.drained_rx.recv() => {
+                    // a drain of a lease lost and taken again meanwhile is stale
+                    if matches!(self.leases.hold(p), Hold::Held { fence: f, .. } if f == fence) {
+                        // no command goes out under this lease from here on
+                        self.leases.set(p, Hold::Free);
+                        let _ = changes.send(Change::Lost(p));
+                        self.let_go(p).await;
                     }
-                }
-                Some((p, guard)) = self.drained_rx.recv() => {
-                    // no command goes out under this lease from here on
-                    self.leases.set(p, Hold::Free);
-                    let _ = changes.send(Change::Lost(p));
-                    self.let_go(p).await;
                     drop(guard);
                 }
                 _ = stop.changed() => break,
@@ -699,8 +760,26 @@ impl Singleton {
                 }
                 let sent = Instant::now();
                 let held = match revision {
-                    Some(r) if handle.is_leader() => kv.update(&key, value.clone(), r).await.ok(),
-                    _ => kv.create(&key, value.clone()).await.ok(),
+                    Some(r) if handle.is_leader() => {
+                        match tokio::time::timeout(KV_CALL, kv.update(&key, value.clone(), r)).await
+                        {
+                            Ok(Ok(next)) => Some(next),
+                            Ok(Err(e)) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
+                                None
+                            }
+                            // not answered: still ours while it is valid; tried again next round
+                            _ => {
+                                if !handle.is_leader() {
+                                    revision = None;
+                                }
+                                continue;
+                            }
+                        }
+                    }
+                    _ => tokio::time::timeout(KV_CALL, kv.create(&key, value.clone()))
+                        .await
+                        .ok()
+                        .and_then(Result::ok),
                 };
                 if held.is_some() != revision.is_some() {
                     tracing::info!(task = %key, leader = held.is_some(), "leadership changed");

@@ -40,6 +40,14 @@ use crate::handlers::Ctx;
 
 const POSITION_NAME: &str = "jobs";
 
+/// A driver ended: which job, which task, and why the job is parked, if
+/// it is.
+struct Done {
+    job_id: String,
+    task: tokio::task::Id,
+    parked: Option<String>,
+}
+
 struct Job {
     view: JobView,
     driver: Option<mpsc::UnboundedSender<Arc<StoryRecord>>>,
@@ -101,7 +109,7 @@ pub async fn run(ctx: Arc<Ctx>, pool: PgPool, mut stop: watch::Receiver<bool>) {
         match Keeper::open(ctx.bus.log().jetstream(), ctx.leases.clone()).await {
             Ok(k) => {
                 let positions = k.positions();
-                keeper_task = Some(tokio::spawn(k.run(changes_tx, stop.clone())));
+                keeper_task = Some(KeeperTask(tokio::spawn(k.run(changes_tx, stop.clone()))));
                 break Some(positions);
             }
             Err(e) => {
@@ -130,8 +138,19 @@ pub async fn run(ctx: Arc<Ctx>, pool: PgPool, mut stop: watch::Receiver<bool>) {
         }
     }
     // the drivers stopped with the loop; the keeper hands the partitions over
-    if let Some(t) = keeper_task {
-        let _ = t.await;
+    if let Some(mut t) = keeper_task {
+        let _ = (&mut t.0).await;
+    }
+}
+
+/// The lease keeper's task, aborted when the handler's task ends any other
+/// way (aborted, panicked): leases without a manager must lapse, not be
+/// renewed for drivers that no longer run.
+struct KeeperTask(tokio::task::JoinHandle<()>);
+
+impl Drop for KeeperTask {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
@@ -186,16 +205,18 @@ async fn run_once(
         .map_err(|e| format!("cannot read the log: {e}"))?;
     let mut messages = consumer.messages().await.map_err(|e| e.to_string())?;
 
-    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<(String, Option<String>)>();
+    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Done>();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
-    let spawn = |job_id: &str, job: &mut Job| {
+    // `fresh`: the driver reads the job from the log (a restart of a driver
+    // that stopped while the manager's view may lag behind it)
+    let spawn = |job_id: &str, job: &mut Job, fresh: bool| {
         let (tx, rx) = mpsc::unbounded_channel();
         job.driver = Some(tx);
         // the folded view is the log up to here; later records follow on `rx`
-        let view = job.view.clone();
+        let view = (!fresh).then(|| job.view.clone());
         let (ctx, id, done) = (ctx.clone(), job_id.to_string(), done_tx.clone());
         let task = tokio::spawn(async move {
-            let driven = AssertUnwindSafe(executor::drive(ctx, id.clone(), Some(view), rx));
+            let driven = AssertUnwindSafe(executor::drive(ctx, id.clone(), view, rx));
             let parked = match driven.catch_unwind().await {
                 Ok(parked) => parked,
                 Err(panic) => Some(format!(
@@ -203,7 +224,11 @@ async fn run_once(
                     panic_text(&*panic)
                 )),
             };
-            let _ = done.send((id, parked));
+            let _ = done.send(Done {
+                job_id: id,
+                task: tokio::task::id(),
+                parked,
+            });
         });
         job.task = Some(task.abort_handle());
     };
@@ -224,8 +249,11 @@ async fn run_once(
     loop {
         tokio::select! {
             m = messages.next() => follow.on_message(m)?,
-            Some((id, parked)) = done_rx.recv() => follow.on_done(&id, parked),
-            _ = tick.tick() => follow.save(positions).await,
+            Some(done) = done_rx.recv() => follow.on_done(done),
+            _ = tick.tick() => {
+                follow.save(positions).await;
+                follow.restart_stopped();
+            }
             Some(change) = changes.recv() => match change {
                 Change::Acquired(p) => follow.start_partition(p),
                 Change::Lost(p) => follow.stop_partition(p),
@@ -237,7 +265,7 @@ async fn run_once(
 
 /// The state of `run_once`'s event loop: the jobs it follows, how far it
 /// read the log, and the low-water mark it saved last.
-struct Follow<'a, S: Fn(&str, &mut Job)> {
+struct Follow<'a, S: Fn(&str, &mut Job, bool)> {
     pool: &'a PgPool,
     /// The partitions this instance drives.
     leases: Arc<Leases>,
@@ -253,7 +281,7 @@ struct Follow<'a, S: Fn(&str, &mut Job)> {
     unsaved_warned: bool,
 }
 
-impl<S: Fn(&str, &mut Job)> Follow<'_, S> {
+impl<S: Fn(&str, &mut Job, bool)> Follow<'_, S> {
     /// Folds a message of the log; on catching up, starts the drivers of
     /// every job the handler owes an action.
     fn on_message<E: std::fmt::Display>(
@@ -298,24 +326,67 @@ impl<S: Fn(&str, &mut Job)> Follow<'_, S> {
             tracing::info!(jobs = owed.len(), "job handler caught up; resuming jobs");
             for id in owed {
                 if let Some(job) = self.jobs.live.get_mut(&id) {
-                    (self.spawn)(&id, job);
+                    (self.spawn)(&id, job, false);
                 }
             }
         }
         Ok(())
     }
 
-    /// A driver ended; `parked` says why the job is parked, if it is.
-    fn on_done(&mut self, id: &str, parked: Option<String>) {
+    /// A driver ended; `parked` says why the job is parked, if it is. The
+    /// end of a driver that was replaced meanwhile changes nothing.
+    fn on_done(&mut self, done: Done) {
+        let Done {
+            job_id,
+            task,
+            parked,
+        } = done;
+        let current = self
+            .jobs
+            .live
+            .get(&job_id)
+            .and_then(|j| j.task.as_ref())
+            .map(|t| t.id());
+        if current != Some(task) {
+            return;
+        }
         if let Some(reason) = parked {
-            self.jobs.park(id, self.last_seq, reason);
-        } else if let Some(job) = self.jobs.live.get_mut(id) {
+            self.jobs.park(&job_id, self.last_seq, reason);
+        } else if let Some(job) = self.jobs.live.get_mut(&job_id) {
             job.driver = None;
+            job.task = None;
             if !job.view.needs_handler() {
-                self.jobs.live.remove(id);
+                self.jobs.live.remove(&job_id);
             }
-            // otherwise the view has not seen the driver's last
-            // events yet; they remove it when they arrive
+            // otherwise the view has not seen the driver's last events yet
+            // (they remove it when they arrive), or the driver stopped
+            // without its lease: `restart_stopped` starts it again
+        }
+    }
+
+    /// Starts again, from the log, the drivers of jobs still owed an action
+    /// in partitions this instance holds (a driver that stopped while its
+    /// lease looked lapsed; one whose end the view has not seen yet finds
+    /// the job done and ends).
+    fn restart_stopped(&mut self) {
+        if !self.caught_up {
+            return;
+        }
+        let stopped: Vec<String> = self
+            .jobs
+            .live
+            .iter()
+            .filter(|(id, j)| {
+                j.driver.is_none()
+                    && j.view.needs_handler()
+                    && self.leases.may_start(lease::partition(id))
+            })
+            .map(|(k, _)| k.clone())
+            .collect();
+        for id in stopped {
+            if let Some(job) = self.jobs.live.get_mut(&id) {
+                (self.spawn)(&id, job, true);
+            }
         }
     }
 
@@ -341,7 +412,7 @@ impl<S: Fn(&str, &mut Job)> Follow<'_, S> {
         );
         for id in owed {
             if let Some(job) = self.jobs.live.get_mut(&id) {
-                (self.spawn)(&id, job);
+                (self.spawn)(&id, job, false);
             }
         }
     }
@@ -369,6 +440,14 @@ impl<S: Fn(&str, &mut Job)> Follow<'_, S> {
             .map(|j| j.view.submitted_seq)
             .min()
             .unwrap_or(self.last_seq + 1);
+        // nor past a parked job PostgreSQL has not stored yet: after a
+        // restart it is folded (and parked) again
+        let low = self
+            .jobs
+            .unsaved
+            .iter()
+            .filter_map(|(id, _, _)| self.jobs.parked.get(id).map(|(submitted, _)| *submitted))
+            .fold(low, u64::min);
         metrics::gauge!("flowledger_handler_jobs").set(self.jobs.live.len() as f64);
         metrics::gauge!("flowledger_handler_partitions").set(self.leases.held() as f64);
         while let Some((job_id, seq, reason)) = self.jobs.unsaved.first().cloned() {
@@ -380,8 +459,12 @@ impl<S: Fn(&str, &mut Job)> Follow<'_, S> {
             .bind(&job_id)
             .bind(i64::try_from(seq).unwrap_or(i64::MAX))
             .bind(&reason)
-            .execute(self.pool)
-            .await;
+            .execute(self.pool);
+            // the event loop waits for this: never long
+            let saved = tokio::time::timeout(Duration::from_millis(500), saved)
+                .await
+                .map_err(|_| "PostgreSQL did not answer within 500 ms".to_string())
+                .and_then(|r| r.map_err(|e| e.to_string()));
             match saved {
                 Ok(_) => {
                     self.jobs.unsaved.remove(0);
@@ -414,7 +497,7 @@ fn fold(
     seq: u64,
     r: EventRecord,
     caught_up: bool,
-    spawn: &impl Fn(&str, &mut Job),
+    spawn: &impl Fn(&str, &mut Job, bool),
 ) {
     // a job's approval has the job's id
     let job_id = r.aggregate_id.clone();
@@ -451,7 +534,7 @@ fn fold_one(
     seq: u64,
     r: StoryRecord,
     caught_up: bool,
-    spawn: &impl Fn(&str, &mut Job),
+    spawn: &impl Fn(&str, &mut Job, bool),
 ) -> Result<(), String> {
     let job_id = r.job_id.clone();
     if let Some(view) = JobView::submitted(seq, &r) {
@@ -461,7 +544,7 @@ fn fold_one(
             task: None,
         });
         if caught_up && job.driver.is_none() {
-            spawn(&job_id, job);
+            spawn(&job_id, job, false);
         }
         return Ok(());
     }

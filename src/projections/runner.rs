@@ -489,8 +489,12 @@ pub async fn run(
             let session_lost = async {
                 loop {
                     tokio::time::sleep(Duration::from_secs(1)).await;
-                    if let Err(e) = sqlx::query("SELECT 1").execute(&mut *conn).await {
-                        return e;
+                    // a half-open connection never answers: that is lost too
+                    let ping = sqlx::query("SELECT 1").execute(&mut *conn);
+                    match tokio::time::timeout(Duration::from_secs(2), ping).await {
+                        Ok(Ok(_)) => {}
+                        Ok(Err(e)) => return e.to_string(),
+                        Err(_) => return "no answer within 2 s".to_string(),
                     }
                 }
             };
@@ -514,7 +518,11 @@ pub async fn run(
             Err(e) => {
                 // a broken lock session holds no lock: take it again later
                 if let Some(conn) = lock_conn.as_mut() {
-                    if sqlx::query("SELECT 1").execute(&mut *conn).await.is_err() {
+                    let ping = sqlx::query("SELECT 1").execute(&mut *conn);
+                    if !matches!(
+                        tokio::time::timeout(Duration::from_secs(2), ping).await,
+                        Ok(Ok(_))
+                    ) {
                         lock_conn = None;
                     }
                 }

@@ -33,7 +33,7 @@ use flowledger::commands::job::{JobCommand, JobServices, SubmitJob};
 use flowledger::commands::registry::Registry;
 use flowledger::events::envelope::{decode_commit, Actor, CommandMeta};
 use flowledger::events::log::{self, EventLog, LogConfig};
-use flowledger::handlers::{manager, Ctx, HandlerConfig};
+use flowledger::handlers::{lease, manager, Ctx, HandlerConfig};
 use flowledger::projections::db;
 
 #[derive(clap::Args, Debug)]
@@ -62,6 +62,11 @@ pub(crate) struct Args {
     min_step_ms: u64,
     #[arg(long, default_value_t = 240)]
     max_step_ms: u64,
+    /// Instead of overhead and baseline: jobs/s and CPU per job on one
+    /// handler instance, then on two (in this process, each with its own
+    /// leases), then the failover time when one of two dies.
+    #[arg(long)]
+    scale: bool,
 }
 
 const STEPS: [&str; 3] = ["a", "b", "c"];
@@ -72,6 +77,8 @@ const WORKFLOW: &str = "bench.three-steps";
 struct Watch {
     ends: HashMap<String, oneshot::Sender<(Instant, bool)>>,
     starts: HashMap<String, Instant>,
+    /// Every job end seen, by the job's handler partition (`--scale`).
+    ended: Vec<(usize, Instant)>,
 }
 type Waiters = Arc<Mutex<Watch>>;
 
@@ -122,11 +129,11 @@ async fn watch_ends(log: &EventLog, waiters: Waiters) -> anyhow::Result<()> {
                     }
                     _ => continue,
                 };
-                let waiter = waiters
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .ends
-                    .remove(&r.aggregate_id);
+                let waiter = {
+                    let mut w = waiters.lock().unwrap_or_else(|p| p.into_inner());
+                    w.ended.push((lease::partition(&r.aggregate_id), now));
+                    w.ends.remove(&r.aggregate_id)
+                };
                 if let Some(w) = waiter {
                     let _ = w.send((now, ok));
                 }
@@ -366,17 +373,15 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
             callback_sealer: None,
         },
     ));
-    let ctx = Ctx::new(
-        bus.clone(),
-        registry,
-        HandlerConfig {
-            max_concurrent_jobs: args.in_flight.max(1),
-            ..Default::default()
-        },
-    );
+    let handler_config = HandlerConfig {
+        max_concurrent_jobs: args.in_flight.max(1),
+        ..Default::default()
+    };
+    let ctx = Ctx::new(bus.clone(), registry.clone(), handler_config.clone());
     let http = ctx.http.clone();
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let handler = tokio::spawn(manager::run(ctx, pool, stop_rx));
+    let first = ctx.clone();
+    let handler = tokio::spawn(manager::run(ctx, pool.clone(), stop_rx.clone()));
     let waiters: Waiters = Arc::default();
     watch_ends(&event_log, waiters.clone()).await?;
     let bench = Arc::new(Bench {
@@ -397,6 +402,24 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
     // warm up connections and caches
     for i in 0..20 {
         bench.run_job(format!("warm-{run_id}-{i}")).await?;
+    }
+    if args.scale {
+        let second = Ctx::new(
+            Arc::new(CommandBus::new(
+                event_log.clone(),
+                JobServices {
+                    registry: registry.clone(),
+                    max_timeout_seconds: 3600,
+                    callback_sealer: None,
+                },
+            )),
+            registry,
+            handler_config,
+        );
+        scale(&bench, &args, &run_id, &first, second, pool).await?;
+        let _ = stop_tx.send(true);
+        let _ = tokio::time::timeout(Duration::from_secs(5), handler).await;
+        return Ok(());
     }
 
     // overhead: a light, steady rate
@@ -495,4 +518,154 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
     let _ = stop_tx.send(true);
     let _ = tokio::time::timeout(Duration::from_secs(5), handler).await;
     Ok(())
+}
+
+/// CPU time this process used so far (user + system), from /proc (clock
+/// ticks of 10 ms, the Linux default).
+fn cpu_time() -> Duration {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // the fields after the command name, which is in parentheses
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<u64> = rest
+        .split_whitespace()
+        .map(|x| x.parse().unwrap_or(0))
+        .collect();
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 here
+    let ticks = f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0);
+    Duration::from_millis(ticks * 10)
+}
+
+async fn wait_for(what: &str, mut done: impl FnMut() -> bool) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !done() {
+        anyhow::ensure!(Instant::now() < deadline, "waited 60 s for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(())
+}
+
+/// `--scale`: one instance, two instances, then one of two killed.
+async fn scale(
+    bench: &Arc<Bench>,
+    args: &Args,
+    run_id: &str,
+    first: &Arc<Ctx>,
+    second: Arc<Ctx>,
+    pool: sqlx::PgPool,
+) -> anyhow::Result<()> {
+    let secs = args.throughput_secs;
+    println!(
+        "\nscale-out: {} jobs in flight, {secs} s per run ({} s ramp-up not counted); \
+         CPU is this whole process (peers and load generator included)",
+        args.in_flight,
+        RAMP_UP.as_secs()
+    );
+    wait_for("the first instance to hold every partition", || {
+        first.leases.held() == lease::PARTITIONS
+    })
+    .await?;
+    let mut rates = Vec::new();
+    for (instances, round) in [(1, 101), (2, 102)] {
+        if instances == 2 {
+            let (_tx, rx) = tokio::sync::watch::channel(false);
+            // runs until the process ends (or the failover run kills it)
+            std::mem::forget(_tx);
+            let h = tokio::spawn(manager::run(second.clone(), pool.clone(), rx));
+            SECOND.with(|s| *s.borrow_mut() = Some(h.abort_handle()));
+            wait_for("the two instances to share the partitions", || {
+                first.leases.held() > 0
+                    && second.leases.held() > 0
+                    && first.leases.held() + second.leases.held() == lease::PARTITIONS
+            })
+            .await?;
+        }
+        let cpu0 = cpu_time();
+        let t0 = Instant::now();
+        let runs = closed_loop(bench, args.in_flight, secs, Mode::Handler, run_id, round).await?;
+        let (cpu, wall) = (cpu_time() - cpu0, t0.elapsed());
+        let name = format!(
+            "{instances} instance{}",
+            if instances == 1 { "" } else { "s" }
+        );
+        let rate = report(&name, &runs, args.in_flight, secs);
+        // every job that ended during the run, ramp-up included, used the CPU
+        let all = (rate * wall.as_secs_f64()).max(1.0);
+        println!(
+            "    CPU {:.2} ms per job ({:.0}% of one core over {:.0} s)",
+            cpu.as_secs_f64() * 1000.0 / all,
+            100.0 * cpu.as_secs_f64() / wall.as_secs_f64(),
+            wall.as_secs_f64()
+        );
+        rates.push(rate);
+    }
+    println!("  two instances / one = {:.2}", rates[1] / rates[0]);
+
+    // failover: load on both, then the second dies (its task aborted: no
+    // lease is released, they lapse)
+    let b = bench.clone();
+    let (n, id) = (args.in_flight, run_id.to_string());
+    let load = tokio::spawn(async move { closed_loop(&b, n, 25, Mode::Handler, &id, 103).await });
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let lost: Vec<usize> = (0..lease::PARTITIONS)
+        .filter(|&p| second.leases.lease(&job_in(p)).is_some())
+        .collect();
+    let killed = Instant::now();
+    SECOND.with(|s| {
+        if let Some(h) = s.borrow_mut().take() {
+            h.abort();
+        }
+    });
+    wait_for("the survivor to hold every partition", || {
+        first.leases.held() == lease::PARTITIONS
+    })
+    .await?;
+    let taken = killed.elapsed();
+    wait_for("a job of a lost partition to end", || {
+        bench
+            .waiters
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .ended
+            .iter()
+            .any(|(p, t)| *t > killed + taken.min(Duration::from_millis(1)) && lost.contains(p))
+    })
+    .await?;
+    let first_end = bench
+        .waiters
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .ended
+        .iter()
+        .filter(|(p, t)| *t > killed && lost.contains(p))
+        .map(|(_, t)| *t - killed)
+        .min()
+        .unwrap_or_default();
+    println!(
+        "\nfailover: the second instance held {} partitions when killed; the survivor held \
+         all {} after {:.1} s; the first job of a lost partition completed {:.1} s after the kill",
+        lost.len(),
+        lease::PARTITIONS,
+        taken.as_secs_f64(),
+        first_end.as_secs_f64()
+    );
+    let runs = load.await??;
+    let failed = runs.iter().filter(|r| !r.ok).count();
+    println!(
+        "  {} jobs ended during the failover run, {failed} failed",
+        runs.len()
+    );
+    Ok(())
+}
+
+thread_local! {
+    static SECOND: std::cell::RefCell<Option<tokio::task::AbortHandle>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// A job id that falls in partition `p`.
+fn job_in(p: usize) -> String {
+    (0..)
+        .map(|i| format!("probe-{i}"))
+        .find(|id| lease::partition(id) == p)
+        .unwrap_or_default()
 }
