@@ -52,8 +52,8 @@ pub const DRAIN_DEADLINE: Duration = Duration::from_secs(30);
 const FENCE_KEY: &str = "fence";
 /// The longest a lease operation may take before it counts as failed.
 const KV_CALL: Duration = Duration::from_secs(2);
-/// Partitions taken per round at most: renewals wait for the round.
-const ACQUIRE_PER_ROUND: usize = 8;
+/// The longest a round spends taking partitions: renewals wait for it.
+const ACQUIRE_BUDGET: Duration = Duration::from_secs(1);
 const POSITION_KEY: &str = "position";
 
 /// The partition of a job: the first 8 bytes of the SHA-256 of its id,
@@ -83,26 +83,83 @@ pub enum LeaseError {
     },
 }
 
-fn bucket_config(bucket: &'static str, replicas: usize) -> kv::Config {
-    let (max_age, description) = if bucket == LEASE_BUCKET {
-        (
-            LEASE_TTL,
-            "flowledger job handler: partition leases and live instances",
-        )
+/// The KV bucket's stream configuration, written out: async-nats 0.51's
+/// `create_key_value` cannot read nats-server 2.9.10's answer, so the
+/// stream is created through the JetStream API directly, with only the
+/// fields 2.9 knows (the KV conventions: one message per key, rollups,
+/// direct gets).
+fn bucket_stream(bucket: &'static str, replicas: usize) -> serde_json::Value {
+    let max_age = if bucket == LEASE_BUCKET {
+        LEASE_TTL
     } else {
-        (
-            Duration::ZERO,
-            "flowledger job handler: fence counter and low-water mark",
-        )
+        Duration::ZERO
     };
-    kv::Config {
-        bucket: bucket.to_string(),
-        description: description.to_string(),
-        history: 1,
-        max_age,
-        storage: jetstream::stream::StorageType::File,
-        num_replicas: replicas.max(1),
-        ..Default::default()
+    let duplicates = if max_age.is_zero() {
+        Duration::from_secs(120)
+    } else {
+        max_age.min(Duration::from_secs(120))
+    };
+    let description = if bucket == LEASE_BUCKET {
+        "flowledger job handler: partition leases and live instances"
+    } else {
+        "flowledger job handler: fence counter and low-water mark"
+    };
+    json!({
+        "name": format!("KV_{bucket}"),
+        "description": description,
+        "subjects": [format!("$KV.{bucket}.>")],
+        "retention": "limits",
+        "max_consumers": -1,
+        "max_msgs_per_subject": 1,
+        "max_msgs": -1,
+        "max_bytes": -1,
+        "max_age": max_age.as_nanos() as u64,
+        "max_msg_size": -1,
+        "storage": "file",
+        "discard": "new",
+        "num_replicas": replicas.max(1),
+        "duplicate_window": duplicates.as_nanos() as u64,
+        "allow_rollup_hdrs": true,
+        "deny_delete": true,
+        "deny_purge": false,
+        "allow_direct": true,
+    })
+}
+
+/// JetStream's error code for "stream name already in use".
+const STREAM_NAME_IN_USE: u64 = 10058;
+
+/// Creates the bucket's stream; `update`: change an existing one to this
+/// configuration (its replicas). Ok when it exists already and `update`
+/// is false.
+async fn create_bucket(
+    js: &jetstream::Context,
+    bucket: &'static str,
+    replicas: usize,
+    update: bool,
+) -> Result<(), LeaseError> {
+    let failed = |reason: String| LeaseError::Bucket { bucket, reason };
+    let config = bucket_stream(bucket, replicas);
+    let answer: serde_json::Value = js
+        .request(format!("STREAM.CREATE.KV_{bucket}"), &config)
+        .await
+        .map_err(|e| failed(e.to_string()))?;
+    let Some(error) = answer.get("error") else {
+        return Ok(());
+    };
+    if error["err_code"].as_u64() != Some(STREAM_NAME_IN_USE) {
+        return Err(failed(error.to_string()));
+    }
+    if !update {
+        return Ok(());
+    }
+    let answer: serde_json::Value = js
+        .request(format!("STREAM.UPDATE.KV_{bucket}"), &config)
+        .await
+        .map_err(|e| failed(e.to_string()))?;
+    match answer.get("error") {
+        None => Ok(()),
+        Some(error) => Err(failed(error.to_string())),
     }
 }
 
@@ -110,12 +167,7 @@ fn bucket_config(bucket: &'static str, replicas: usize) -> kv::Config {
 /// (idempotent; `flowledger init`).
 pub async fn init(js: &jetstream::Context, replicas: usize) -> Result<(), LeaseError> {
     for bucket in [LEASE_BUCKET, STATE_BUCKET] {
-        js.create_or_update_key_value(bucket_config(bucket, replicas))
-            .await
-            .map_err(|e| LeaseError::Bucket {
-                bucket,
-                reason: e.to_string(),
-            })?;
+        create_bucket(js, bucket, replicas, true).await?;
     }
     Ok(())
 }
@@ -129,7 +181,8 @@ async fn open(js: &jetstream::Context, bucket: &'static str) -> Result<kv::Store
         bucket,
         "creating the KV bucket with one replica (`flowledger init --replicas N` sets more)"
     );
-    js.create_key_value(bucket_config(bucket, 1))
+    create_bucket(js, bucket, 1, false).await?;
+    js.get_key_value(bucket)
         .await
         .map_err(|e| LeaseError::Bucket {
             bucket,
@@ -380,7 +433,7 @@ impl Keeper {
     }
 
     /// Announces this instance, takes free partitions up to the fair
-    /// share (a few per round, so renewals are never held up long) and
+    /// share (for at most a second, so renewals are never held up long) and
     /// starts giving away the ones above it.
     async fn rebalance(&mut self, changes: &mut Vec<Change>) {
         if let Err(e) = self
@@ -423,8 +476,9 @@ impl Keeper {
                 .collect();
             fastrand::shuffle(&mut free);
             let mut held = active.len();
-            for p in free.into_iter().take(ACQUIRE_PER_ROUND) {
-                if held >= fair {
+            let started = Instant::now();
+            for p in free {
+                if held >= fair || started.elapsed() > ACQUIRE_BUDGET {
                     break;
                 }
                 if self.acquire(p).await {

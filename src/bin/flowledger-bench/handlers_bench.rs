@@ -620,26 +620,22 @@ async fn scale(
     })
     .await?;
     let taken = killed.elapsed();
-    wait_for("a job of a lost partition to end", || {
+    // ends in the first second after the kill are commits the dead
+    // instance had in flight; the survivor's come after it took over
+    let after = killed + Duration::from_secs(1);
+    let first_end = || {
         bench
             .waiters
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .ended
             .iter()
-            .any(|(p, t)| *t > killed + taken.min(Duration::from_millis(1)) && lost.contains(p))
-    })
-    .await?;
-    let first_end = bench
-        .waiters
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .ended
-        .iter()
-        .filter(|(p, t)| *t > killed && lost.contains(p))
-        .map(|(_, t)| *t - killed)
-        .min()
-        .unwrap_or_default();
+            .filter(|(p, t)| *t > after && lost.contains(p))
+            .map(|(_, t)| *t - killed)
+            .min()
+    };
+    wait_for("a job of a lost partition to end", || first_end().is_some()).await?;
+    let first_end = first_end().unwrap_or_default();
     println!(
         "\nfailover: the second instance held {} partitions when killed; the survivor held \
          all {} after {:.1} s; the first job of a lost partition completed {:.1} s after the kill",

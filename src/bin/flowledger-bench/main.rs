@@ -496,6 +496,13 @@ fn ms(d: Duration) -> f64 {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    // the service's warnings (e.g. a handler that cannot take its leases)
+    let filter = tracing_subscriber::EnvFilter::try_from_env("FLOWLEDGER_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
     match Bench::parse() {
         Bench::EventLog(args) => event_log(args).await,
         Bench::Projections(args) => projections_bench::run(args).await,
