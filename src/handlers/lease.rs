@@ -426,7 +426,10 @@ impl Keeper {
         for c in changes.drain(..) {
             let _ = out.send(c);
         }
-        self.rebalance(&mut changes).await;
+        // bounded, so the next renewal comes in time whatever the broker's
+        // load (a key taken but not recorded when this is cut short lapses)
+        let budget = self.period() / 2;
+        let _ = tokio::time::timeout(budget, self.rebalance(&mut changes)).await;
         for c in changes {
             let _ = out.send(c);
         }
