@@ -228,7 +228,9 @@ async fn a_partition_given_away_finishes_its_running_jobs_first() {
     assert_eq!(sent_twice(&peer, "/s"), vec![]);
 }
 
-#[tokio::test]
+// multi-threaded: stopping and starting PostgreSQL blocks its thread
+// (block_in_place), and the handlers' lease renewals must go on meanwhile
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jobs_run_on_while_postgresql_restarts_and_nothing_is_done_twice() {
     let app = spawn_app().await;
     let mut pg = OwnPg::start();
@@ -256,11 +258,11 @@ async fn jobs_run_on_while_postgresql_restarts_and_nothing_is_done_twice() {
     };
     let restart = async {
         tokio::time::sleep(Duration::from_millis(500)).await;
-        pg.kill();
+        tokio::task::block_in_place(|| pg.kill());
         let before = Facts::read(&app, "pg-").await.ended.len();
         tokio::time::sleep(Duration::from_secs(4)).await;
         let during = Facts::read(&app, "pg-").await.ended.len() - before;
-        pg.start_again();
+        tokio::task::block_in_place(|| pg.start_again());
         during
     };
     let ((), during) = tokio::join!(submit_all, restart);
@@ -387,7 +389,7 @@ async fn projection_consumers(app: &TestApp) -> Vec<(String, String)> {
     out
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_a_postgresql_restart_one_process_runs_each_projection() {
     let app = spawn_app().await;
     let mut pg = OwnPg::start();
@@ -401,9 +403,9 @@ async fn after_a_postgresql_restart_one_process_runs_each_projection() {
         );
     }
     a.caught_up(&app.log).await;
-    pg.kill();
+    tokio::task::block_in_place(|| pg.kill());
     tokio::time::sleep(Duration::from_secs(2)).await;
-    pg.start_again();
+    tokio::task::block_in_place(|| pg.start_again());
     for i in 20..40 {
         assert_eq!(
             app.submit(&format!("pr-{i}"), &format!("c-pr-{i}")).await["ok"],
