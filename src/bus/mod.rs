@@ -24,6 +24,8 @@ use crate::commands::approval::{Approval, ApprovalCommand, ApprovalError};
 use crate::commands::job::{Job, JobCommand, JobError, JobServices};
 use crate::commands::projection::{ProjectionCommand, ProjectionOps, ProjectionOpsError};
 use crate::commands::registry::Registry;
+use crate::commands::secret_access::{RecordAccess, SecretAccess, SecretAccessError};
+use crate::commands::secret_cache::{self, Invalidate, SecretCache, SecretCacheError};
 use crate::commands::workflow::{self, Workflow, WorkflowCommand, WorkflowError};
 use crate::commands::{DomainError, ErrorCode};
 use crate::events::envelope::CommandMeta;
@@ -102,6 +104,8 @@ fn id_field(aggregate_type: &str) -> &'static str {
         "approval" => "approval_id",
         "workflow" => "workflow_key",
         "projection" => "projection",
+        "secret_access" => "request_id",
+        "secret_cache" => "path",
         _ => "id",
     }
 }
@@ -118,6 +122,8 @@ pub struct CommandBus {
     approvals: AggregateStore<Approval>,
     workflows: AggregateStore<Workflow>,
     projection_ops: AggregateStore<ProjectionOps>,
+    secret_accesses: AggregateStore<SecretAccess>,
+    secret_caches: AggregateStore<SecretCache>,
     registry: Arc<Registry>,
 }
 
@@ -130,7 +136,9 @@ impl CommandBus {
             jobs: AggregateStore::new(log.clone(), job_services),
             approvals: AggregateStore::new(log.clone(), ()),
             workflows: AggregateStore::new(log.clone(), ()),
-            projection_ops: AggregateStore::new(log, ()),
+            projection_ops: AggregateStore::new(log.clone(), ()),
+            secret_accesses: AggregateStore::new(log.clone(), ()),
+            secret_caches: AggregateStore::new(log, ()),
         }
     }
 
@@ -212,6 +220,30 @@ impl CommandBus {
         meta: &CommandMeta,
     ) -> Result<Arc<Receipt>, ExecuteError<ProjectionOpsError>> {
         self.projection_ops.execute(projection, command, meta).await
+    }
+
+    /// Records how the secret read `request_id` was decided. Only the
+    /// secrets service calls this, and hands a value out only after it
+    /// returns `Ok` (the event is stored).
+    pub async fn secret_access(
+        &self,
+        request_id: &str,
+        command: RecordAccess,
+        meta: &CommandMeta,
+    ) -> Result<Arc<Receipt>, ExecuteError<SecretAccessError>> {
+        self.secret_accesses
+            .execute(request_id, command, meta)
+            .await
+    }
+
+    /// Records an operator's invalidation of a secret path's cache.
+    pub async fn secret_cache(
+        &self,
+        command: Invalidate,
+        meta: &CommandMeta,
+    ) -> Result<Arc<Receipt>, ExecuteError<SecretCacheError>> {
+        let id = secret_cache::aggregate_id(&command.path);
+        self.secret_caches.execute(&id, command, meta).await
     }
 
     /// The job as the log has it (version 0: no such job). For adapters

@@ -31,3 +31,15 @@ pub const MAX_CALLBACK_ATTEMPTS: u32 = 100;
 
 /// Job priority: 1 (lowest) to 10.
 pub const PRIORITY_RANGE: std::ops::RangeInclusive<u8> = 1..=10;
+
+/// A secret's KV v2 path (`secret/data/...`), in bytes.
+pub const MAX_SECRET_PATH_LEN: usize = 512;
+
+/// A secret's field name, in bytes.
+pub const MAX_SECRET_FIELD_LEN: usize = 128;
+
+/// The purpose stated for a secret read, in characters.
+pub const MAX_SECRET_PURPOSE_LEN: usize = 256;
+
+/// A KV version asked for (Vault's versions start at 1).
+pub const MAX_SECRET_VERSION: u64 = 1_000_000_000;

@@ -12,6 +12,8 @@ pub mod projection;
 pub mod redact;
 pub mod registry;
 pub mod rejected_callback;
+pub mod secret_access;
+pub mod secret_cache;
 pub mod workflow;
 
 use cqrs_es::event_sink::EventSink;

@@ -304,6 +304,9 @@ fn status_after<'a>(event_type: &str, data: &'a Fields) -> Option<&'a str> {
         "CallbackRejected" => "rejected",
         "WorkflowDisabled" => "disabled",
         "WorkflowEnabled" => "enabled",
+        "SecretAccessGranted" => "granted",
+        "SecretAccessDenied" => "denied",
+        "SecretAccessFailed" => "failed",
         _ => return None,
     })
 }
