@@ -378,3 +378,88 @@ async fn an_audit_device_that_cannot_write_fails_every_read_with_500() {
         .expect("read after repair");
     assert_eq!(read.value.expose_str(), Some("k-two"));
 }
+
+/// A `MakeWriter` keeping every log line in memory.
+#[derive(Clone, Default)]
+struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Captured {
+    type Writer = Captured;
+    fn make_writer(&'a self) -> Self::Writer {
+        self.clone()
+    }
+}
+
+#[tokio::test]
+async fn no_value_token_or_secret_id_in_the_logs_at_trace_level() {
+    let logs = Captured::default();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::TRACE)
+        .with_writer(logs.clone())
+        .with_ansi(false)
+        .finish();
+    // this test's thread only (the runtime is single-threaded: the
+    // renewal task logs here too)
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let (bao, token) = seeded().await;
+    bao.enable_approle().await;
+    let (role_id, secret_id) = bao
+        .approle("logged", &["apis"], Duration::from_secs(3))
+        .await;
+    let vault = connect(&bao, VaultAuth::Token(token.clone())).await;
+    vault.read(OCR, None, None).await.expect("read");
+    vault
+        .read(OCR, Some("api_key"), Some(1))
+        .await
+        .expect("read v1");
+    let _ = vault.read(OCR, Some("nope"), None).await;
+    let _ = vault.read("secret/data/other/db", None, None).await;
+    let approle = connect(
+        &bao,
+        VaultAuth::AppRole {
+            mount: "approle".into(),
+            role_id: role_id.clone(),
+            secret_id: secret_id.clone(),
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await; // a renewal
+    approle
+        .read(OCR, None, None)
+        .await
+        .expect("read after renewal");
+    let _ = VaultClient::connect(config(&bao, VaultAuth::Token("wrong-token-value".into()))).await;
+    bao.break_audit().await;
+    let _ = vault.read(OCR, None, None).await;
+    drop((vault, approle));
+
+    let text = String::from_utf8_lossy(&logs.0.lock().expect("the logs")).to_string();
+    assert!(
+        text.contains("auth/token/renew-self"),
+        "the capture saw no renewal, so it proves nothing: {text}"
+    );
+    for secret in [
+        "k-one",
+        "k-two",
+        token.as_str(),
+        role_id.as_str(),
+        secret_id.as_str(),
+        "wrong-token-value",
+    ] {
+        assert!(!text.contains(secret), "{secret:?} is in the logs:\n{text}");
+    }
+}
