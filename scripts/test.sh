@@ -6,6 +6,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 eval "$(scripts/install-deps.sh)"
+# the OpenBao the secrets tests start (tests/integration/openbao.rs)
+export FLOWLEDGER_BAO="$BAO_BIN"
 
 echo "== all tests (nats-server: $("$NATS_SERVER_DEBIAN" --version))"
 FLOWLEDGER_NATS_SERVER="$NATS_SERVER_DEBIAN" cargo test --all-targets

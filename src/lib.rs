@@ -12,3 +12,4 @@ pub mod crypto;
 pub mod events;
 pub mod handlers;
 pub mod projections;
+pub mod secrets;

@@ -708,7 +708,7 @@ fn run_pg(dir: &std::path::Path, port: u16) -> Option<u32> {
     None
 }
 
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())

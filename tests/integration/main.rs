@@ -1,6 +1,7 @@
 //! Integration tests against a real nats-server started per test on a free
 //! loopback port (binary from FLOWLEDGER_NATS_SERVER, else `nats-server`).
-//! `scripts/test.sh` runs them on nats-server 2.9.10 and 2.15.
+//! `scripts/test.sh` runs them on nats-server 2.9.10 and 2.15. The secrets
+//! tests start OpenBao (FLOWLEDGER_BAO, else `bao`; see openbao.rs).
 
 mod audit;
 mod cluster;
@@ -11,8 +12,10 @@ mod hardening;
 mod helpers;
 mod http_api;
 mod nats_identity;
+mod openbao;
 mod peers;
 mod projections;
 mod scale_out;
 mod secrets;
+mod secrets_vault;
 mod survival;
