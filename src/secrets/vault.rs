@@ -187,13 +187,13 @@ pub enum VaultError {
         reason: String,
     },
     /// Vault answers but cannot serve (5xx: e.g. an audit device that
-    /// cannot write, sealed, not initialized): see Vault's log; retry
-    /// later.
+    /// cannot write, sealed, not initialized; or 429, a rate limit quota):
+    /// see Vault's log; retry later.
     #[error("Vault failed on {path} ({status}: {reason}): it answers but cannot serve (sealed, or an audit device that cannot write?); see Vault's log, retry later")]
     Failing {
         /// The path of the request.
         path: String,
-        /// Vault's HTTP status (5xx).
+        /// Vault's HTTP status (5xx or 429).
         status: u16,
         /// Vault's error text, if any.
         reason: String,
@@ -386,6 +386,11 @@ impl VaultClient {
     /// starts the renewal task (on the current tokio runtime). Fails naming
     /// what is wrong: the address, Vault's state, the token, or the
     /// AppRole credential.
+    ///
+    /// The token (given, or from the AppRole login) needs what Vault's
+    /// `default` policy grants: `auth/token/lookup-self` and
+    /// `auth/token/renew-self`; a token without them is reported as
+    /// refused.
     pub async fn connect(cfg: VaultConfig) -> Result<VaultClient, VaultError> {
         // installs once per process; a second call finds it installed
         let _ = rustls::crypto::ring::default_provider().install_default();
@@ -733,7 +738,7 @@ fn read_error(e: ClientError, addr: &str, path: &str, version: Option<u64>) -> V
             reason,
         },
         404 => VaultError::NotFound { path, version },
-        500.. => VaultError::Failing {
+        429 | 500.. => VaultError::Failing {
             path,
             status,
             reason,
@@ -874,5 +879,51 @@ mod tests {
         assert!(approle
             .to_string()
             .starts_with("the AppRole role_id/secret_id was refused"));
+    }
+
+    #[test]
+    fn vault_statuses_map_to_what_the_caller_does() {
+        let api = |code| ClientError::APIError {
+            code,
+            errors: vec!["why".into()],
+        };
+        let read = |code| read_error(api(code), "http://v", "secret/data/x", Some(2));
+        assert!(
+            matches!(read(403), VaultError::Refused { status: 403, ref reason, .. } if reason == "why")
+        );
+        assert!(matches!(
+            read(404),
+            VaultError::NotFound {
+                version: Some(2),
+                ..
+            }
+        ));
+        assert!(matches!(
+            read(400),
+            VaultError::Rejected { status: 400, .. }
+        ));
+        for code in [429, 500, 503] {
+            let e = read(code);
+            assert!(
+                matches!(e, VaultError::Failing { .. }) && e.is_retryable(),
+                "{code}: {e:?}"
+            );
+        }
+        let login = auth_error(
+            api(400),
+            "http://v",
+            "auth/approle/login",
+            AuthKind::AppRole {
+                mount: "approle".into(),
+            },
+        );
+        assert!(matches!(login, VaultError::Auth { status: 400, .. }));
+        let down = auth_error(
+            api(500),
+            "http://v",
+            "auth/token/lookup-self",
+            AuthKind::Token,
+        );
+        assert!(matches!(down, VaultError::Failing { status: 500, .. }));
     }
 }
