@@ -18,6 +18,7 @@ use crate::bus::{ids, CommandBus, CommandError};
 use crate::commands::job::JobServices;
 use crate::commands::projection::ProjectionCommand;
 use crate::commands::registry::Registry;
+use crate::commands::secret_access::policy::SecretPolicy;
 use crate::config::{ClientEntry, NatsSection};
 use crate::crypto::{SealKeys, SigningKey};
 use crate::events::chain;
@@ -25,6 +26,8 @@ use crate::events::envelope::{Actor, CommandMeta};
 use crate::events::log::EventLog;
 use crate::handlers::{self, HandlerConfig};
 use crate::projections::{self, db};
+use crate::secrets::service::{SecretRules, SecretService};
+use crate::secrets::vault::VaultClient;
 
 /// What the service is built from. Each part can be left out: the tests
 /// build only the parts they exercise, `serve` builds what its flags ask.
@@ -48,6 +51,20 @@ pub struct Settings {
     pub checkpoints: Option<(CheckpointKey, Duration)>,
     /// PostgreSQL and what runs on it; none: no read side, no handler.
     pub database: Option<DatabaseSettings>,
+    /// Secret access through Vault (`[secrets]`); none: reads answer
+    /// `unavailable`.
+    pub secrets: Option<SecretsSettings>,
+}
+
+/// Secret access: the Vault client (logged in), flowledger's policy, the
+/// cache and outage rules.
+pub struct SecretsSettings {
+    /// Connected and authenticated (`VaultClient::connect`).
+    pub vault: VaultClient,
+    /// `[[secrets.rules]]`, checked.
+    pub policy: SecretPolicy,
+    /// TTL, maximum staleness, retries.
+    pub rules: SecretRules,
 }
 
 /// The parts that need PostgreSQL.
@@ -172,6 +189,7 @@ impl Application {
             nats_accounts,
             checkpoints,
             database,
+            secrets,
         } = settings;
         let bus = Arc::new(CommandBus::new(
             log.clone(),
@@ -183,6 +201,15 @@ impl Application {
         ));
         let (stop, stop_rx) = watch::channel(false);
         let mut tasks = Vec::new();
+        let secrets = secrets.map(|s| {
+            let service = Arc::new(SecretService::new(bus.clone(), s.vault, s.policy, s.rules));
+            tasks.push(tokio::spawn(
+                service
+                    .clone()
+                    .listen_for_invalidations(nats.clone(), stop_rx.clone()),
+            ));
+            service
+        });
         if let Some((key, every)) = checkpoints {
             tasks.push(tokio::spawn(write_checkpoints(
                 nats.clone(),
@@ -256,6 +283,7 @@ impl Application {
                         });
                         f
                     }),
+                    secrets: secrets.clone(),
                 };
                 let mut stop = stop_rx.clone();
                 tasks.push(tokio::spawn(async move {
@@ -277,7 +305,7 @@ impl Application {
         }
         let intake = if intake {
             let accounts = Arc::new(api::broker_identity::Accounts::new(&nats_accounts));
-            Some(start_intake(bus.clone(), nats, accounts).await?)
+            Some(start_intake(bus.clone(), secrets.clone(), nats, accounts).await?)
         } else {
             None
         };
@@ -352,6 +380,7 @@ impl Drop for Application {
 /// serves in a task.
 async fn start_intake(
     bus: Arc<CommandBus>,
+    secrets: Option<Arc<SecretService>>,
     nats: async_nats::Client,
     accounts: Arc<api::broker_identity::Accounts>,
 ) -> Result<JoinHandle<()>, BuildError> {
@@ -360,7 +389,9 @@ async fn start_intake(
     // once the server has the subscription, a command another connection
     // sends finds the intake
     round_trip(&nats).await.map_err(BuildError::Unconfirmed)?;
-    Ok(tokio::spawn(api::nats::serve(bus, nats, sub, accounts)))
+    Ok(tokio::spawn(api::nats::serve(
+        bus, secrets, nats, sub, accounts,
+    )))
 }
 
 /// Fails closed unless this connection is refused publishing on the command

@@ -13,7 +13,9 @@ use clap::{Args, Parser, Subcommand};
 use serde_json::{json, Value};
 
 use crate::api::nats::COMMAND_SUBJECT_PREFIX;
-use crate::app::{Application, BuildError, DatabaseSettings, HttpSettings, Settings};
+use crate::app::{
+    Application, BuildError, DatabaseSettings, HttpSettings, SecretsSettings, Settings,
+};
 use crate::audit::checkpoint::{self, CheckpointKey, Digest, KeyRing};
 use crate::audit::export;
 use crate::audit::read::{self, Filter};
@@ -25,6 +27,8 @@ use crate::commands::registry::{Registry, DEFAULT_REGISTRY_PATH};
 use crate::config::Config;
 use crate::events::log::{self, EventLog, LogConfig};
 use crate::handlers::HandlerConfig;
+use crate::secrets::service::SecretRules;
+use crate::secrets::vault::{VaultClient, VaultError};
 
 /// The command line: global options and one subcommand.
 #[derive(Parser, Debug)]
@@ -949,6 +953,43 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
 }
 
+/// Secret access from `[secrets]`: logs in to Vault now, so a bad token or
+/// AppRole credential stops `serve` at start with a message naming it
+/// (exit 2), and an unreachable Vault exits 3.
+async fn secrets_settings(config: &Config) -> anyhow::Result<Option<SecretsSettings>> {
+    let policy = config
+        .secrets
+        .check()
+        .map_err(anyhow::Error::msg)
+        .context(UsageError)?;
+    let Some(vault) = config.secrets.vault_config().context(UsageError)? else {
+        if !policy.is_empty() {
+            tracing::warn!(
+                "[[secrets.rules]] are set but [secrets] vault_addr is not: secret access is off"
+            );
+        }
+        return Ok(None);
+    };
+    let vault = match VaultClient::connect(vault).await {
+        Ok(v) => v,
+        Err(e @ VaultError::Unreachable { .. }) => {
+            return Err(anyhow::Error::new(e).context(Unreachable))
+        }
+        Err(e) => return Err(anyhow::Error::new(e).context(UsageError)),
+    };
+    let s = &config.secrets;
+    Ok(Some(SecretsSettings {
+        vault,
+        policy,
+        rules: SecretRules {
+            cache_ttl: Duration::from_secs(s.cache_ttl_seconds),
+            max_staleness: Duration::from_secs(s.max_staleness_seconds),
+            retry_attempts: s.retry_attempts,
+            retry_base: Duration::from_millis(s.retry_base_ms),
+        },
+    }))
+}
+
 async fn serve(g: &Global, args: ServeArgs) -> anyhow::Result<ExitCode> {
     let registry = Arc::new(Registry::load(&args.registry).context(UsageError)?);
     let config = match &args.config {
@@ -998,6 +1039,7 @@ async fn serve(g: &Global, args: ServeArgs) -> anyhow::Result<ExitCode> {
             None
         }
     };
+    let secrets = secrets_settings(&config).await?;
     let client = connect_service(g, Duration::from_secs(args.nats_connect_wait_secs)).await?;
     let log = EventLog::open(client.clone(), log_config(g, 1, Duration::from_secs(120))).await?;
     let settings = Settings {
@@ -1010,6 +1052,7 @@ async fn serve(g: &Global, args: ServeArgs) -> anyhow::Result<ExitCode> {
         nats_accounts: config.nats.clone(),
         checkpoints,
         database,
+        secrets,
     };
     let app = Application::build(settings).await.map_err(|e| match e {
         BuildError::Database(_) => anyhow::Error::new(e).context(Unreachable),

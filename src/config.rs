@@ -8,7 +8,9 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use crate::commands::limits::{MAX_CALLBACK_ATTEMPTS, MAX_RETRY_DELAY_MS};
+use crate::commands::secret_access::policy::{PolicyRule, SecretPolicy};
 use crate::crypto::{SealKeys, SigningKey};
+use crate::secrets::vault::{VaultAuth, VaultConfig};
 
 /// The whole configuration file, checked by [`Config::parse`]; a missing
 /// file section takes its defaults.
@@ -29,6 +31,135 @@ pub struct Config {
     /// subjects.
     #[serde(default)]
     pub nats: NatsSection,
+    /// `[secrets]`: where Vault is, how flowledger logs in, the cache and
+    /// outage rules, and who may read which path (docs/SECRETS.md).
+    #[serde(default)]
+    pub secrets: SecretsSection,
+}
+
+/// How flowledger logs in to Vault (`secrets.auth`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum VaultAuthKind {
+    /// A token from the variable `secrets.token_env` names.
+    #[default]
+    Token,
+    /// AppRole: role_id and secret_id from the variables
+    /// `secrets.role_id_env` and `secrets.secret_id_env` name.
+    Approle,
+}
+
+/// `[secrets]`: secret access through Vault (OpenBao). Without
+/// `vault_addr`, secret access is off: reads answer `unavailable` and no
+/// step may use a secret.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SecretsSection {
+    /// Vault's base URL, e.g. `https://vault.internal:8200`.
+    pub vault_addr: Option<String>,
+    /// `token` (default) or `approle`.
+    pub auth: VaultAuthKind,
+    /// Environment variable holding the Vault token (`auth = "token"`).
+    pub token_env: String,
+    /// The AppRole auth mount (`auth = "approle"`).
+    pub approle_mount: String,
+    /// Environment variable holding the AppRole role_id.
+    pub role_id_env: String,
+    /// Environment variable holding the AppRole secret_id.
+    pub secret_id_env: String,
+    /// Timeout of one request to Vault, in ms (100 to 60,000).
+    pub timeout_ms: u64,
+    /// How long a value read from Vault is served from memory, in seconds
+    /// (0: every read goes to Vault; at most a day).
+    pub cache_ttl_seconds: u64,
+    /// How old a value may be and still be served as last-known-good while
+    /// Vault cannot be read, in seconds (at least the TTL; at most 30 days).
+    pub max_staleness_seconds: u64,
+    /// Reads of Vault per request before last-known-good (1 to 10).
+    pub retry_attempts: u32,
+    /// The wait before the first retry, in ms, doubling (at most 10,000).
+    pub retry_base_ms: u64,
+    /// `[[secrets.rules]]`: who may read which paths; none: every read is
+    /// denied.
+    pub rules: Vec<PolicyRule>,
+}
+
+impl Default for SecretsSection {
+    fn default() -> Self {
+        SecretsSection {
+            vault_addr: None,
+            auth: VaultAuthKind::Token,
+            token_env: "FLOWLEDGER_VAULT_TOKEN".into(),
+            approle_mount: "approle".into(),
+            role_id_env: "FLOWLEDGER_VAULT_ROLE_ID".into(),
+            secret_id_env: "FLOWLEDGER_VAULT_SECRET_ID".into(),
+            timeout_ms: 5_000,
+            cache_ttl_seconds: 300,
+            max_staleness_seconds: 3_600,
+            retry_attempts: 3,
+            retry_base_ms: 200,
+            rules: Vec::new(),
+        }
+    }
+}
+
+impl SecretsSection {
+    /// Checks every bound and compiles the rules; the message names the
+    /// setting.
+    pub fn check(&self) -> Result<SecretPolicy, String> {
+        if !(100..=60_000).contains(&self.timeout_ms) {
+            return Err("secrets.timeout_ms must be 100 to 60000".into());
+        }
+        if self.cache_ttl_seconds > 86_400 {
+            return Err("secrets.cache_ttl_seconds must be at most 86400 (a day)".into());
+        }
+        if self.max_staleness_seconds < self.cache_ttl_seconds
+            || self.max_staleness_seconds > 30 * 86_400
+        {
+            return Err(
+                "secrets.max_staleness_seconds must be at least secrets.cache_ttl_seconds \
+                 and at most 2592000 (30 days)"
+                    .into(),
+            );
+        }
+        if !(1..=10).contains(&self.retry_attempts) || self.retry_base_ms > 10_000 {
+            return Err(
+                "secrets.retry_attempts must be 1 to 10 and secrets.retry_base_ms at most 10000"
+                    .into(),
+            );
+        }
+        SecretPolicy::new(self.rules.clone())
+    }
+
+    /// The Vault client's settings, credentials read from the variables
+    /// named; `None` when `vault_addr` is unset. A variable that is unset
+    /// or empty is an error naming it.
+    pub fn vault_config(&self) -> Result<Option<VaultConfig>, ConfigError> {
+        let Some(addr) = &self.vault_addr else {
+            return Ok(None);
+        };
+        let var = |name: &String, field: &'static str| match std::env::var(name) {
+            Ok(v) if !v.is_empty() => Ok(v),
+            _ => Err(ConfigError::Secret {
+                var: name.clone(),
+                field,
+                message: "is unset or empty; set it to flowledger's Vault credential".into(),
+            }),
+        };
+        let auth = match self.auth {
+            VaultAuthKind::Token => VaultAuth::Token(var(&self.token_env, "secrets.token_env")?),
+            VaultAuthKind::Approle => VaultAuth::AppRole {
+                mount: self.approle_mount.clone(),
+                role_id: var(&self.role_id_env, "secrets.role_id_env")?,
+                secret_id: var(&self.secret_id_env, "secrets.secret_id_env")?,
+            },
+        };
+        Ok(Some(VaultConfig {
+            addr: addr.clone(),
+            auth,
+            timeout: std::time::Duration::from_millis(self.timeout_ms),
+        }))
+    }
 }
 
 /// `[nats]`: the role of a NATS command's sender, by the account the
@@ -224,15 +355,15 @@ pub enum ConfigError {
         /// The setting at fault and what it must be.
         message: String,
     },
-    /// The environment variable a `callbacks.*_env` setting names holds an
-    /// unusable key (shorter than 16 bytes); set a longer secret.
-    #[error(
-        "environment variable {var} (named by callbacks.{field} in the configuration): {message}"
-    )]
+    /// The environment variable a `callbacks.*_env` or `secrets.*_env`
+    /// setting names holds an unusable key (shorter than 16 bytes), or is
+    /// unset where a credential is required; set it.
+    #[error("environment variable {var} (named by {field} in the configuration): {message}")]
     Secret {
         /// The environment variable.
         var: String,
-        /// The `[callbacks]` setting that names it (`signing_key_env`, `n8n_key_env`, `seal_keys_env`).
+        /// The setting that names it (`callbacks.signing_key_env`, ...,
+        /// `secrets.token_env`).
         field: &'static str,
         /// Why the key is refused (never the key itself).
         message: String,
@@ -292,6 +423,7 @@ impl Config {
             ));
         }
         c.nats.check().map_err(invalid)?;
+        c.secrets.check().map_err(invalid)?;
         let mut ids = std::collections::BTreeSet::new();
         for (i, client) in c.clients.iter().enumerate() {
             if client.id.trim().is_empty() || !ids.insert(client.id.as_str()) {
@@ -340,7 +472,7 @@ impl Config {
                 .map(|k| Some(std::sync::Arc::new(k)))
                 .map_err(|message| ConfigError::Secret {
                     var: var.clone(),
-                    field: "seal_keys_env",
+                    field: "callbacks.seal_keys_env",
                     message,
                 }),
         }
@@ -350,7 +482,7 @@ impl Config {
     /// `callbacks.n8n_key_env` names; `None` when that variable is unset (or
     /// not Unicode).
     pub fn n8n_key(&self) -> Result<Option<SigningKey>, ConfigError> {
-        Self::key(&self.callbacks.n8n_key_env, "n8n_key_env")
+        Self::key(&self.callbacks.n8n_key_env, "callbacks.n8n_key_env")
     }
 }
 

@@ -18,13 +18,14 @@ use sqlx::PgPool;
 use utoipa::OpenApi;
 
 use super::auth::{self, Clients};
-use super::{n8n, read, write};
+use super::{n8n, read, secrets, write};
 use crate::bus::{CommandBus, CommandError};
 use crate::commands::registry::Registry;
 use crate::commands::ErrorCode;
 use crate::crypto::{SignatureError, SigningKey};
 use crate::events::log::EventLog;
 use crate::projections::db;
+use crate::secrets::service::SecretService;
 
 /// What every HTTP handler shares, built once by `app::Application::build`.
 #[derive(Clone)]
@@ -55,6 +56,8 @@ pub struct AppState {
     /// The job handler's state for `/healthz` (`running`, `no_lease`, ...,
     /// and a reason when it is restarting); none: no handler runs here.
     pub handler_status: Option<HandlerStatusFn>,
+    /// Secret access (`[secrets]`); none: `/v1/secrets/*` answer 503.
+    pub secrets: Option<Arc<SecretService>>,
 }
 
 /// Reports the job handler's state: its name, and why when it is not
@@ -279,6 +282,8 @@ async fn metrics_get(State(s): State<AppState>) -> String {
         read::executions_list,
         read::audit_list,
         read::approvals_list,
+        secrets::secrets_read,
+        secrets::secrets_invalidate,
         healthz,
         metrics_get
     ),
@@ -342,6 +347,8 @@ pub fn app(state: AppState) -> Router {
         )
         .route("/v1/workflows/{key}/enable", post(write::workflows_enable))
         .route("/v1/meta", get(write::meta_get))
+        .route("/v1/secrets/read", post(secrets::secrets_read))
+        .route("/v1/secrets/invalidate", post(secrets::secrets_invalidate))
         .route("/v1/executions", get(read::executions_list))
         .route("/v1/audit", get(read::audit_list))
         .route("/v1/approvals", get(read::approvals_list))

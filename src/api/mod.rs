@@ -13,4 +13,5 @@ pub mod nats;
 #[cfg(test)]
 mod proptests;
 pub mod read;
+pub mod secrets;
 pub mod write;

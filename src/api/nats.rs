@@ -27,6 +27,7 @@ use crate::events::chain;
 use crate::events::envelope::CommandMeta;
 use crate::events::log::valid_aggregate_id;
 use crate::events::store::Receipt;
+use crate::secrets::service::SecretService;
 
 /// The subject prefix commands are requested on:
 /// `flow.cmd.<aggregate_type>.<command>`.
@@ -34,6 +35,11 @@ pub const COMMAND_SUBJECT_PREFIX: &str = "flow.cmd";
 /// The queue group the intake subscribes in, so several `serve` processes
 /// share the commands.
 pub const INTAKE_QUEUE_GROUP: &str = "flowledger-intake";
+
+/// A secret read (`api::secrets::read`); its reply holds the value.
+pub const SECRET_READ_SUBJECT: &str = "flow.cmd.secret.read";
+/// An operator's invalidation of a secret path's cache.
+pub const SECRET_INVALIDATE_SUBJECT: &str = "flow.cmd.secret.invalidate";
 
 /// The commands the intake knows, as `<aggregate_type>.<command>`.
 pub const KNOWN_COMMANDS: &[&str] = &[
@@ -399,21 +405,33 @@ pub async fn subscribe(
 /// is are counted in `flowledger_nats_commands_refused_total{code}`.
 pub async fn serve(
     bus: Arc<CommandBus>,
+    secrets: Option<Arc<SecretService>>,
     client: async_nats::Client,
     mut sub: async_nats::Subscriber,
     accounts: Arc<Accounts>,
 ) {
     while let Some(msg) = sub.next().await {
         let bus = bus.clone();
+        let secrets = secrets.clone();
         let client = client.clone();
         let accounts = accounts.clone();
         tokio::spawn(async move {
+            let subject = msg.subject.as_str();
             let handled = match accounts.caller(msg.headers.as_ref()) {
-                Ok(caller) => handle(&bus, &caller, msg.subject.as_str(), &msg.payload).await,
+                // the secrets door answers with the value, not a receipt
+                Ok(caller) if subject == SECRET_READ_SUBJECT => {
+                    super::secrets::read(secrets.as_deref(), &caller, &msg.payload).await
+                }
+                Ok(caller) if subject == SECRET_INVALIDATE_SUBJECT => {
+                    super::secrets::invalidate(secrets.as_deref(), &caller, &msg.payload).await
+                }
+                Ok(caller) => handle(&bus, &caller, subject, &msg.payload)
+                    .await
+                    .map(|r| receipt_json(&r)),
                 Err(e) => Err(e),
             };
             let reply = match handled {
-                Ok(r) => receipt_json(&r),
+                Ok(r) => r,
                 Err(e) => {
                     if matches!(e.code, ErrorCode::Unauthenticated | ErrorCode::Forbidden) {
                         metrics::counter!(

@@ -122,7 +122,7 @@ impl HandlerConfig {
                 .public_url
                 .clone()
                 .map(|u| u.trim_end_matches('/').to_string()),
-            callback_key: Config::key(&c.callbacks.signing_key_env, "signing_key_env")?,
+            callback_key: Config::key(&c.callbacks.signing_key_env, "callbacks.signing_key_env")?,
             callback_max_attempts: c.callbacks.max_attempts,
             callback_timeout: Duration::from_millis(c.callbacks.timeout_ms),
             callback_sealer: c.seal_keys()?,

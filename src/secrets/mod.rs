@@ -7,4 +7,6 @@
 //! `<redacted>` and is wiped when dropped; no error, log line or `Debug`
 //! output of this room carries a value or a token.
 
+pub mod cache;
+pub mod service;
 pub mod vault;

@@ -242,6 +242,12 @@ impl VaultError {
 pub struct SecretValue(Value);
 
 impl SecretValue {
+    /// Wraps a value taken out of another `SecretValue` (a field of a
+    /// cached data map).
+    pub(crate) fn new(value: Value) -> Self {
+        SecretValue(value)
+    }
+
     /// The value. Do not log it.
     pub fn expose(&self) -> &Value {
         &self.0

@@ -418,6 +418,7 @@ pub(crate) fn intake_settings(client: async_nats::Client, log: EventLog) -> Sett
         nats_accounts: Default::default(),
         checkpoints: None,
         database: None,
+        secrets: None,
     }
 }
 
@@ -434,6 +435,16 @@ pub(crate) async fn spawn_app_with(config: LogConfig) -> TestApp {
 /// The service on `nats` (connected as the service user), and a connection
 /// for each user that sends commands.
 pub(crate) async fn spawn_app_on<N: Broker>(nats: N, config: LogConfig) -> TestApp<N> {
+    spawn_app_with_secrets(nats, config, None).await
+}
+
+/// [`spawn_app_on`] whose intake also answers `flow.cmd.secret.*` through
+/// `secrets`.
+pub(crate) async fn spawn_app_with_secrets<N: Broker>(
+    nats: N,
+    config: LogConfig,
+    secrets: Option<flowledger::app::SecretsSettings>,
+) -> TestApp<N> {
     if std::env::var("TEST_LOG").is_ok() {
         let _ = tracing_subscriber::fmt().with_test_writer().try_init();
     }
@@ -448,7 +459,9 @@ pub(crate) async fn spawn_app_on<N: Broker>(nats: N, config: LogConfig) -> TestA
     let log = EventLog::open(client.clone(), config.clone())
         .await
         .expect("open the log");
-    let service = Application::build(intake_settings(client.clone(), log.clone()))
+    let mut settings = intake_settings(client.clone(), log.clone());
+    settings.secrets = secrets;
+    let service = Application::build(settings)
         .await
         .expect("build the service");
     TestApp {
@@ -866,7 +879,19 @@ pub(crate) async fn spawn_api_on(
     registry: Arc<Registry>,
     url: String,
 ) -> ReadSide {
+    spawn_api_with(app, runners, registry, url, None).await
+}
+
+/// [`spawn_api_on`] with secret access (`/v1/secrets/*`) through `secrets`.
+pub(crate) async fn spawn_api_with(
+    app: &TestApp,
+    runners: bool,
+    registry: Arc<Registry>,
+    url: String,
+    secrets: Option<flowledger::app::SecretsSettings>,
+) -> ReadSide {
     let mut s = settings(app, registry);
+    s.secrets = secrets;
     s.database = Some(DatabaseSettings {
         url: url.clone(),
         max_connections: 20,
@@ -1145,4 +1170,20 @@ pub(crate) fn start_serve(
         cmd.env("FLOWLEDGER_CONFIG", c);
     }
     cmd.spawn().expect("start flowledger serve")
+}
+
+/// Every event in the log, in order.
+pub(crate) async fn log_events<N>(
+    app: &TestApp<N>,
+) -> Vec<flowledger::events::envelope::EventRecord> {
+    let mut out = Vec::new();
+    for seq in 1..=app.last_seq().await {
+        let Some(m) = app.log.get(seq).await.expect("read the log") else {
+            continue;
+        };
+        for (_, r) in flowledger::events::envelope::decode_commit(&m.payload).expect("a commit") {
+            out.push(r);
+        }
+    }
+    out
 }

@@ -16,6 +16,7 @@ mod openbao;
 mod peers;
 mod projections;
 mod scale_out;
+mod secret_access;
 mod secrets;
 mod secrets_vault;
 mod survival;

@@ -192,17 +192,27 @@ impl OpenBao {
 
     /// Writes `data` as a new version of `secret/data/<path>` (KV v2 in
     /// the `secret/` mount); the version written.
+    /// Right after a start the dev server upgrades `secret/` to KV v2 in
+    /// the background and answers 400 "Upgrading from non-versioned to
+    /// versioned data" meanwhile: that is waited out (up to 20 s).
     pub(crate) async fn put_secret(&self, path: &str, data: Value) -> u64 {
-        let answer = self
-            .ok(
-                "POST",
-                &format!("secret/data/{path}"),
-                Some(json!({ "data": data })),
-            )
-            .await;
-        answer["data"]["version"]
-            .as_u64()
-            .expect("the version written")
+        let at = format!("secret/data/{path}");
+        let body = json!({ "data": data });
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let (status, answer) = self.api("POST", &at, Some(body.clone())).await;
+            if (200..300).contains(&status) {
+                return answer["data"]["version"]
+                    .as_u64()
+                    .expect("the version written");
+            }
+            let upgrading = status == 400 && answer.to_string().contains("Upgrading");
+            assert!(
+                upgrading && Instant::now() < deadline,
+                "OpenBao POST {at}: {status} {answer}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     /// Writes the ACL policy `name`.

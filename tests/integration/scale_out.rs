@@ -6,26 +6,11 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use flowledger::events::envelope::{decode_commit, EventRecord};
 use flowledger::handlers::lease::PARTITIONS;
 use serde_json::{json, Value};
 
 use crate::helpers::*;
 use crate::peers::{self, Peer};
-
-/// Every event in the log, in order.
-async fn log_events(app: &TestApp) -> Vec<EventRecord> {
-    let mut out = Vec::new();
-    for seq in 1..=app.last_seq().await {
-        let Some(m) = app.log.get(seq).await.expect("read the log") else {
-            continue;
-        };
-        for (_, r) in decode_commit(&m.payload).expect("a commit") {
-            out.push(r);
-        }
-    }
-    out
-}
 
 /// What the log says about a set of jobs, and the checks every fault test
 /// makes: each job ended exactly once, no step succeeded twice, no attempt

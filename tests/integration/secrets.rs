@@ -17,7 +17,7 @@ use crate::helpers::*;
 use crate::peers::{self, Peer};
 
 /// Every file under `dir`, read whole (the stream's block files, an export).
-fn files_under(dir: &Path) -> Vec<(std::path::PathBuf, Vec<u8>)> {
+pub(crate) fn files_under(dir: &Path) -> Vec<(std::path::PathBuf, Vec<u8>)> {
     let mut out = Vec::new();
     let mut todo = vec![dir.to_path_buf()];
     while let Some(d) = todo.pop() {
@@ -34,12 +34,12 @@ fn files_under(dir: &Path) -> Vec<(std::path::PathBuf, Vec<u8>)> {
     out
 }
 
-fn contains(haystack: &[u8], needle: &str) -> bool {
+pub(crate) fn contains(haystack: &[u8], needle: &str) -> bool {
     memchr::memmem::find(haystack, needle.as_bytes()).is_some()
 }
 
 /// `pg_dump` of a test database, as text.
-fn pg_dump(url: &str) -> Vec<u8> {
+pub(crate) fn pg_dump(url: &str) -> Vec<u8> {
     let out = std::process::Command::new(pg_bin("pg_dump"))
         .arg("--dbname")
         .arg(url)

@@ -703,6 +703,7 @@ async fn event_log(args: Args) -> anyhow::Result<()> {
     let accounts = flowledger::api::broker_identity::Accounts::new(&Default::default());
     tokio::spawn(flowledger::api::nats::serve(
         bus,
+        None,
         client.clone(),
         sub,
         Arc::new(accounts),

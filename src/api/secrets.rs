@@ -1,0 +1,154 @@
+//! The secret-access door, the same over HTTP (`POST /v1/secrets/read`,
+//! `POST /v1/secrets/invalidate`, bearer auth) and NATS
+//! (`flow.cmd.secret.read`, `flow.cmd.secret.invalidate`, the caller the
+//! broker vouches for). Every verified caller may ask; flowledger's policy
+//! (`[[secrets.rules]]`) decides, and records the decision. Each read is
+//! its own request: its id is made here, never chosen by the caller, so no
+//! retry can fetch a value without an access event of its own.
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::header;
+use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+use super::body::{from_fields, parse_object};
+use super::caller::{Caller, Role};
+use super::http::{ApiError, AppState};
+use crate::bus::CommandError;
+use crate::commands::secret_access::events::AccessRequest;
+use crate::commands::ErrorCode;
+use crate::events::envelope::CommandMeta;
+use crate::secrets::service::SecretService;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReadBody {
+    path: String,
+    field: Option<String>,
+    version: Option<u64>,
+    purpose: String,
+    user_id: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct InvalidateBody {
+    path: String,
+    reason: String,
+    user_id: Option<String>,
+}
+
+fn not_configured() -> CommandError {
+    CommandError {
+        code: ErrorCode::Unavailable,
+        message: "secret access is not configured on this instance: set [secrets] vault_addr \
+                  (docs/SECRETS.md)"
+            .into(),
+        field: None,
+    }
+}
+
+fn meta(caller: &Caller, user_id: Option<String>) -> CommandMeta {
+    // a fresh id per read: a repeated body is another read, recorded again
+    CommandMeta::originating(
+        Uuid::now_v7().to_string(),
+        caller.actor(user_id),
+        String::new(),
+    )
+}
+
+/// Reads the secret the JSON `body` asks for (`path`, `field?`,
+/// `version?`, `purpose`, `user_id?`) for `caller`. The reply holds the
+/// value: `{ok, request_id, path, field, kv_version, source, event_seq,
+/// value}`.
+pub async fn read(
+    secrets: Option<&SecretService>,
+    caller: &Caller,
+    body: &[u8],
+) -> Result<Value, CommandError> {
+    let b: ReadBody = from_fields(parse_object(body, false)?)?;
+    let secrets = secrets.ok_or_else(not_configured)?;
+    let meta = meta(caller, b.user_id);
+    let request = AccessRequest {
+        path: b.path,
+        field: b.field,
+        version: b.version,
+        purpose: b.purpose,
+        job_id: None,
+        step: None,
+    };
+    let (path, field) = (request.path.clone(), request.field.clone());
+    let served = secrets.read(request, caller.role.as_str(), &meta).await?;
+    Ok(json!({
+        "ok": true,
+        "request_id": meta.command_id,
+        "path": path,
+        "field": field,
+        "kv_version": served.kv_version,
+        "source": served.source,
+        "event_seq": served.event_seq,
+        "value": served.value.expose(),
+    }))
+}
+
+/// An operator drops a path's cached values on every instance (`path`,
+/// `reason`, `user_id?`): `{ok, path, event_seq}`.
+pub async fn invalidate(
+    secrets: Option<&SecretService>,
+    caller: &Caller,
+    body: &[u8],
+) -> Result<Value, CommandError> {
+    caller.require(&[Role::Operator], "secret.invalidate")?;
+    let b: InvalidateBody = from_fields(parse_object(body, false)?)?;
+    let secrets = secrets.ok_or_else(not_configured)?;
+    let meta = meta(caller, b.user_id);
+    let path = b.path.clone();
+    let seq = secrets.invalidate(b.path, b.reason, &meta).await?;
+    Ok(json!({"ok": true, "path": path, "event_seq": seq}))
+}
+
+fn no_store(body: Value) -> Response {
+    // a reply holding a secret is not kept by any cache on the way
+    let mut res = Json(body).into_response();
+    res.headers_mut().insert(
+        header::CACHE_CONTROL,
+        header::HeaderValue::from_static("no-store"),
+    );
+    res
+}
+
+#[utoipa::path(post, path = "/v1/secrets/read",
+    request_body(content = Object, description = "path (KV v2: <mount>/data/<name>), field?, version?, purpose, user_id?"),
+    responses((status = 200, description = "the value, after its SecretAccessGranted was stored: request_id, path, field, kv_version, source (vault, cache, last_known_good), event_seq, value", body = Object),
+              (status = 400, description = "bad body; error.param names the field"),
+              (status = 401, description = "no or unknown bearer token"),
+              (status = 403, description = "denied by flowledger's policy or by Vault (recorded)"),
+              (status = 404, description = "no such secret, version or field (recorded)"),
+              (status = 503, description = "Vault cannot be read and no value within the maximum staleness is cached, the access could not be recorded, or secret access is not configured")))]
+pub(crate) async fn secrets_read(
+    State(s): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let reply = read(s.secrets.as_deref(), &caller, &body).await?;
+    Ok(no_store(reply))
+}
+
+#[utoipa::path(post, path = "/v1/secrets/invalidate",
+    request_body(content = Object, description = "path, reason, user_id?"),
+    responses((status = 200, description = "recorded (SecretCacheInvalidated); every instance drops the path", body = Object),
+              (status = 400, description = "bad body; error.param names the field"),
+              (status = 401, description = "no or unknown bearer token"),
+              (status = 403, description = "not an operator")))]
+pub(crate) async fn secrets_invalidate(
+    State(s): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let reply = invalidate(s.secrets.as_deref(), &caller, &body).await?;
+    Ok(Json(reply).into_response())
+}

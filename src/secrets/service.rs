@@ -1,0 +1,353 @@
+//! Secret access: every door's read of a secret goes through
+//! [`SecretService::read`], which decides by flowledger's policy, serves
+//! from the cache or Vault (retrying, then last-known-good), records the
+//! access as an event, and hands the value out only once that event is
+//! stored. Nothing here logs, records or returns a value otherwise.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+
+use crate::bus::{CommandBus, CommandError};
+use crate::commands::secret_access::events::{
+    AccessRequest, DecidedBy, SecretAccessDenied, SecretAccessEvent, SecretAccessFailed,
+    SecretAccessGranted, ValueSource, VaultFailure,
+};
+use crate::commands::secret_access::policy::{Decision, SecretPolicy};
+use crate::commands::secret_access::{check_request, RecordAccess};
+use crate::commands::secret_cache::Invalidate;
+use crate::commands::ErrorCode;
+use crate::events::envelope::{format_time, CommandMeta};
+use crate::events::log::EVENT_SUBJECT_PREFIX;
+use crate::secrets::cache::{Cached, Lookup, SecretCache};
+use crate::secrets::vault::{SecretValue, VaultClient, VaultError};
+
+/// The cache and outage rules (`[secrets]`).
+#[derive(Debug, Clone, Copy)]
+pub struct SecretRules {
+    /// Values are served from memory this long.
+    pub cache_ttl: Duration,
+    /// Last-known-good is served up to this age while Vault fails.
+    pub max_staleness: Duration,
+    /// Reads of Vault per request before last-known-good.
+    pub retry_attempts: u32,
+    /// The wait before the first retry, doubling.
+    pub retry_base: Duration,
+}
+
+/// A secret handed to the caller, after its access event was stored.
+#[derive(Debug)]
+pub struct Served {
+    /// The field asked for, or the whole data map.
+    pub value: SecretValue,
+    /// The KV version served.
+    pub kv_version: u64,
+    /// Where it came from.
+    pub source: ValueSource,
+    /// The stream sequence of the access event.
+    pub event_seq: u64,
+}
+
+/// The secrets capability of one instance: policy, cache, Vault client.
+pub struct SecretService {
+    bus: Arc<CommandBus>,
+    vault: VaultClient,
+    policy: SecretPolicy,
+    cache: Arc<SecretCache>,
+    rules: SecretRules,
+}
+
+/// What Vault's answer meant for this request.
+enum Outcome {
+    Value(Cached, ValueSource, Option<VaultFailure>),
+    Denied(String),
+    Failed(ErrorCode, VaultFailure),
+}
+
+fn failure(e: &VaultError) -> VaultFailure {
+    let (kind, status) = match e {
+        VaultError::Unreachable { .. } => ("unreachable", None),
+        VaultError::Failing { status, .. } => ("failing", Some(*status)),
+        VaultError::Refused { status, .. } => ("refused", Some(*status)),
+        VaultError::NotFound { .. } => ("not_found", Some(404)),
+        VaultError::NoField { .. } => ("not_found", None),
+        VaultError::Rejected { status, .. } => ("rejected", Some(*status)),
+        VaultError::Auth { status, .. } => ("auth", Some(*status)),
+        VaultError::BadAnswer { .. } => ("bad_answer", None),
+        VaultError::BadAddress { .. } | VaultError::BadPath { .. } => ("bad_request", None),
+    };
+    // Vault's error texts and ours name paths and statuses, never values
+    VaultFailure {
+        kind: kind.into(),
+        status,
+        message: e.to_string(),
+    }
+}
+
+fn refused(code: ErrorCode, message: String) -> CommandError {
+    CommandError {
+        code,
+        message,
+        field: None,
+    }
+}
+
+impl SecretService {
+    /// The service on `bus`, reading Vault through `vault`.
+    pub fn new(
+        bus: Arc<CommandBus>,
+        vault: VaultClient,
+        policy: SecretPolicy,
+        rules: SecretRules,
+    ) -> Self {
+        SecretService {
+            bus,
+            vault,
+            policy,
+            cache: Arc::new(SecretCache::new(rules.cache_ttl, rules.max_staleness)),
+            rules,
+        }
+    }
+
+    /// Reads the secret `request` asks for, for the caller in `meta` with
+    /// `role`, under the request id `meta.command_id`. Granted: the value,
+    /// once `SecretAccessGranted` is stored. Otherwise the refusal, once
+    /// its event is stored. Malformed requests are refused `validation`
+    /// and not recorded. If the access event cannot be stored, the caller
+    /// gets `unavailable` and no value.
+    pub async fn read(
+        &self,
+        request: AccessRequest,
+        role: &str,
+        meta: &CommandMeta,
+    ) -> Result<Served, CommandError> {
+        if let Err(e) = check_request(&request) {
+            return Err(CommandError::validation(
+                crate::commands::DomainError::field(&e),
+                e.to_string(),
+            ));
+        }
+        let client = meta.actor.client_id.clone();
+        let rule = match self.policy.decide(&client, role, &request.path) {
+            Decision::Allowed { rule } => rule,
+            Decision::Denied { reason } => {
+                let event = SecretAccessEvent::SecretAccessDenied(SecretAccessDenied {
+                    request,
+                    decided_by: DecidedBy::Policy,
+                    rule: None,
+                    reason: reason.clone(),
+                });
+                self.record(event, meta).await?;
+                metrics::counter!("flowledger_secret_reads_total", "decision" => "denied")
+                    .increment(1);
+                return Err(refused(ErrorCode::Forbidden, reason));
+            }
+        };
+        let outcome = self.fetch(&request).await;
+        match outcome {
+            Outcome::Value(cached, source, vault_error) => {
+                let value = match &request.field {
+                    None => SecretValue::new(cached.value.expose().clone()),
+                    Some(f) => match cached.value.expose().get(f) {
+                        Some(v) => SecretValue::new(v.clone()),
+                        None => {
+                            let e = VaultError::NoField {
+                                path: request.path.clone(),
+                                field: f.clone(),
+                                version: cached.version,
+                            };
+                            return self
+                                .fail(request, rule, ErrorCode::NotFound, failure(&e), meta)
+                                .await;
+                        }
+                    },
+                };
+                let event = SecretAccessEvent::SecretAccessGranted(SecretAccessGranted {
+                    request,
+                    rule,
+                    kv_version: cached.version,
+                    source,
+                    read_from_vault_at: cached.read_at_utc.clone(),
+                    vault_error,
+                });
+                let event_seq = self.record(event, meta).await?;
+                let label = match source {
+                    ValueSource::Vault => "vault",
+                    ValueSource::Cache => "cache",
+                    ValueSource::LastKnownGood => "last_known_good",
+                };
+                metrics::counter!("flowledger_secret_reads_total", "decision" => "granted", "source" => label)
+                    .increment(1);
+                Ok(Served {
+                    value,
+                    kv_version: cached.version,
+                    source,
+                    event_seq,
+                })
+            }
+            Outcome::Denied(reason) => {
+                let event = SecretAccessEvent::SecretAccessDenied(SecretAccessDenied {
+                    request,
+                    decided_by: DecidedBy::Vault,
+                    rule: Some(rule),
+                    reason: reason.clone(),
+                });
+                self.record(event, meta).await?;
+                metrics::counter!("flowledger_secret_reads_total", "decision" => "denied")
+                    .increment(1);
+                Err(refused(ErrorCode::Forbidden, reason))
+            }
+            Outcome::Failed(code, vault_error) => {
+                self.fail(request, rule, code, vault_error, meta).await
+            }
+        }
+    }
+
+    async fn fail(
+        &self,
+        request: AccessRequest,
+        rule: String,
+        code: ErrorCode,
+        vault_error: VaultFailure,
+        meta: &CommandMeta,
+    ) -> Result<Served, CommandError> {
+        let message = vault_error.message.clone();
+        let event = SecretAccessEvent::SecretAccessFailed(SecretAccessFailed {
+            request,
+            rule,
+            code: code.as_str().into(),
+            vault_error,
+        });
+        self.record(event, meta).await?;
+        metrics::counter!("flowledger_secret_reads_total", "decision" => "failed").increment(1);
+        Err(refused(code, message))
+    }
+
+    /// Appends the access event; its stream sequence once stored.
+    async fn record(
+        &self,
+        event: SecretAccessEvent,
+        meta: &CommandMeta,
+    ) -> Result<u64, CommandError> {
+        let receipt = self
+            .bus
+            .secret_access(&meta.command_id, RecordAccess(event), meta)
+            .await
+            .map_err(CommandError::from)?;
+        Ok(receipt.stream_seq)
+    }
+
+    /// The value from the cache, Vault (with retries) or last-known-good.
+    async fn fetch(&self, r: &AccessRequest) -> Outcome {
+        let stale = match self.cache.lookup(&r.path, r.version) {
+            Lookup::Fresh(c) => return Outcome::Value(c, ValueSource::Cache, None),
+            Lookup::Stale(c) => Some(c),
+            Lookup::Miss => None,
+        };
+        let mut attempt = 0;
+        let error = loop {
+            attempt += 1;
+            match self.vault.read(&r.path, None, r.version).await {
+                Ok(read) => {
+                    let cached = Cached {
+                        value: Arc::new(read.value),
+                        version: read.version,
+                        read_at: std::time::Instant::now(),
+                        read_at_utc: format_time(chrono::Utc::now()),
+                    };
+                    self.cache
+                        .insert(&r.path, r.version.is_none(), cached.clone());
+                    return Outcome::Value(cached, ValueSource::Vault, None);
+                }
+                Err(e) if e.is_retryable() && attempt < self.rules.retry_attempts => {
+                    let wait = self.rules.retry_base * 2u32.saturating_pow(attempt - 1);
+                    tracing::debug!(path = %r.path, attempt, error = %e, "Vault read failed; retrying");
+                    tokio::time::sleep(wait).await;
+                }
+                Err(e) => break e,
+            }
+        };
+        match &error {
+            VaultError::Refused { reason, status, .. } => Outcome::Denied(format!(
+                "Vault refused flowledger's token ({status}: {reason})"
+            )),
+            VaultError::NotFound { .. } | VaultError::NoField { .. } => {
+                Outcome::Failed(ErrorCode::NotFound, failure(&error))
+            }
+            _ => match stale {
+                Some(c) => {
+                    tracing::warn!(
+                        path = %r.path,
+                        kv_version = c.version,
+                        age_seconds = c.read_at.elapsed().as_secs(),
+                        error = %error,
+                        "Vault cannot be read: serving the last-known-good value"
+                    );
+                    metrics::counter!("flowledger_secret_last_known_good_total").increment(1);
+                    Outcome::Value(c, ValueSource::LastKnownGood, Some(failure(&error)))
+                }
+                None => {
+                    tracing::warn!(path = %r.path, error = %error, "Vault cannot be read and no value within the maximum staleness is cached");
+                    Outcome::Failed(ErrorCode::Unavailable, failure(&error))
+                }
+            },
+        }
+    }
+
+    /// An operator drops `path`'s cached values on every instance: records
+    /// `SecretCacheInvalidated` (each instance's listener drops the path
+    /// when it sees it), and drops it here at once.
+    pub async fn invalidate(
+        &self,
+        path: String,
+        reason: String,
+        meta: &CommandMeta,
+    ) -> Result<u64, CommandError> {
+        let receipt = self
+            .bus
+            .secret_cache(
+                Invalidate {
+                    path: path.clone(),
+                    reason,
+                },
+                meta,
+            )
+            .await
+            .map_err(CommandError::from)?;
+        self.cache.invalidate(&path);
+        Ok(receipt.stream_seq)
+    }
+
+    /// Listens for invalidations recorded by any instance (core NATS on the
+    /// `secret_cache` event subjects) and drops those paths here, until
+    /// `stop`. A missed message (NATS reconnecting) is bounded by the TTL.
+    pub async fn listen_for_invalidations(
+        self: Arc<Self>,
+        nats: async_nats::Client,
+        mut stop: tokio::sync::watch::Receiver<bool>,
+    ) {
+        let subject = format!("{EVENT_SUBJECT_PREFIX}.secret_cache.*");
+        let mut sub = match nats.subscribe(subject.clone()).await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %e, %subject, "cannot listen for secret cache invalidations; cached values live out their TTL");
+                return;
+            }
+        };
+        loop {
+            tokio::select! {
+                m = sub.next() => match m {
+                    Some(m) => {
+                        if let Some(id) = m.subject.rsplit('.').next() {
+                            let n = self.cache.invalidate_id(id);
+                            tracing::info!(aggregate_id = id, dropped = n, "secret cache invalidated");
+                        }
+                    }
+                    None => return,
+                },
+                _ = stop.changed() => return,
+            }
+        }
+    }
+}
