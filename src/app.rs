@@ -18,7 +18,6 @@ use crate::bus::{ids, CommandBus, CommandError};
 use crate::commands::job::JobServices;
 use crate::commands::projection::ProjectionCommand;
 use crate::commands::registry::Registry;
-use crate::commands::secret_access::policy::SecretPolicy;
 use crate::config::{ClientEntry, NatsSection};
 use crate::crypto::{SealKeys, SigningKey};
 use crate::events::chain;
@@ -26,8 +25,7 @@ use crate::events::envelope::{Actor, CommandMeta};
 use crate::events::log::EventLog;
 use crate::handlers::{self, HandlerConfig};
 use crate::projections::{self, db};
-use crate::secrets::service::{SecretRules, SecretService};
-use crate::secrets::vault::VaultClient;
+use crate::secrets::service::SecretService;
 
 /// What the service is built from. Each part can be left out: the tests
 /// build only the parts they exercise, `serve` builds what its flags ask.
@@ -51,20 +49,9 @@ pub struct Settings {
     pub checkpoints: Option<(CheckpointKey, Duration)>,
     /// PostgreSQL and what runs on it; none: no read side, no handler.
     pub database: Option<DatabaseSettings>,
-    /// Secret access through Vault (`[secrets]`); none: reads answer
-    /// `unavailable`.
-    pub secrets: Option<SecretsSettings>,
-}
-
-/// Secret access: the Vault client (logged in), flowledger's policy, the
-/// cache and outage rules.
-pub struct SecretsSettings {
-    /// Connected and authenticated (`VaultClient::connect`).
-    pub vault: VaultClient,
-    /// `[[secrets.rules]]`, checked.
-    pub policy: SecretPolicy,
-    /// TTL, maximum staleness, retries.
-    pub rules: SecretRules,
+    /// Secret access through Vault (`[secrets]`; its Vault client logged
+    /// in); none: reads answer `unavailable`.
+    pub secrets: Option<Arc<SecretService>>,
 }
 
 /// The parts that need PostgreSQL.
@@ -201,15 +188,13 @@ impl Application {
         ));
         let (stop, stop_rx) = watch::channel(false);
         let mut tasks = Vec::new();
-        let secrets = secrets.map(|s| {
-            let service = Arc::new(SecretService::new(bus.clone(), s.vault, s.policy, s.rules));
+        if let Some(service) = &secrets {
             tasks.push(tokio::spawn(
                 service
                     .clone()
                     .listen_for_invalidations(nats.clone(), stop_rx.clone()),
             ));
-            service
-        });
+        }
         if let Some((key, every)) = checkpoints {
             tasks.push(tokio::spawn(write_checkpoints(
                 nats.clone(),

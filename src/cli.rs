@@ -13,9 +13,7 @@ use clap::{Args, Parser, Subcommand};
 use serde_json::{json, Value};
 
 use crate::api::nats::COMMAND_SUBJECT_PREFIX;
-use crate::app::{
-    Application, BuildError, DatabaseSettings, HttpSettings, SecretsSettings, Settings,
-};
+use crate::app::{Application, BuildError, DatabaseSettings, HttpSettings, Settings};
 use crate::audit::checkpoint::{self, CheckpointKey, Digest, KeyRing};
 use crate::audit::export;
 use crate::audit::read::{self, Filter};
@@ -24,10 +22,14 @@ use crate::bus::CommandBus;
 use crate::commands::job::JobServices;
 use crate::commands::limits::MAX_JOB_TIMEOUT_SECONDS;
 use crate::commands::registry::{Registry, DEFAULT_REGISTRY_PATH};
-use crate::config::Config;
+use crate::commands::secret_access::events::AccessRequest;
+use crate::commands::ErrorCode;
+use crate::config::{Config, OwnKeys};
+use crate::crypto::{SealKeys, SigningKey};
+use crate::events::envelope::{Actor, CommandMeta};
 use crate::events::log::{self, EventLog, LogConfig};
 use crate::handlers::HandlerConfig;
-use crate::secrets::service::SecretRules;
+use crate::secrets::service::{SecretRules, SecretService};
 use crate::secrets::vault::{VaultClient, VaultError};
 
 /// The command line: global options and one subcommand.
@@ -956,7 +958,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 /// Secret access from `[secrets]`: logs in to Vault now, so a bad token or
 /// AppRole credential stops `serve` at start with a message naming it
 /// (exit 2), and an unreachable Vault exits 3.
-async fn secrets_settings(config: &Config) -> anyhow::Result<Option<SecretsSettings>> {
+async fn secrets_service(config: &Config) -> anyhow::Result<Option<Arc<SecretService>>> {
     let policy = config
         .secrets
         .check()
@@ -978,16 +980,96 @@ async fn secrets_settings(config: &Config) -> anyhow::Result<Option<SecretsSetti
         Err(e) => return Err(anyhow::Error::new(e).context(UsageError)),
     };
     let s = &config.secrets;
-    Ok(Some(SecretsSettings {
-        vault,
-        policy,
-        rules: SecretRules {
-            cache_ttl: Duration::from_secs(s.cache_ttl_seconds),
-            max_staleness: Duration::from_secs(s.max_staleness_seconds),
-            retry_attempts: s.retry_attempts,
-            retry_base: Duration::from_millis(s.retry_base_ms),
-        },
-    }))
+    let rules = SecretRules {
+        cache_ttl: Duration::from_secs(s.cache_ttl_seconds),
+        max_staleness: Duration::from_secs(s.max_staleness_seconds),
+        retry_attempts: s.retry_attempts,
+        retry_base: Duration::from_millis(s.retry_base_ms),
+    };
+    Ok(Some(Arc::new(SecretService::new(vault, policy, rules))))
+}
+
+/// flowledger's own keys: from their environment variables, or from Vault
+/// where `[secrets.keys]` names them (never both).
+struct OwnKeyValues {
+    checkpoint: Option<CheckpointKey>,
+    callback_signing: Option<SigningKey>,
+    n8n: Option<SigningKey>,
+    seal: Option<Arc<SealKeys>>,
+}
+
+impl OwnKeyValues {
+    /// Reads each key `own` names from Vault through `secrets` (recorded
+    /// on `bus` as flowledger's own access). A key whose environment
+    /// variable is set too is refused: which one is meant cannot be told.
+    async fn read_from_vault(
+        &mut self,
+        secrets: &SecretService,
+        bus: &CommandBus,
+        own: &OwnKeys,
+        checkpoint_key_id: &str,
+    ) -> anyhow::Result<()> {
+        for (name, source) in own.sources() {
+            let setting = format!("secrets.keys.{name}");
+            let already = match name {
+                "callback_signing" => self.callback_signing.is_some(),
+                "n8n" => self.n8n.is_some(),
+                "seal_keys" => self.seal.is_some(),
+                _ => self.checkpoint.is_some(),
+            };
+            if already {
+                return Err(anyhow::anyhow!(
+                    "{setting} names a Vault path, and the environment gives that key too: \
+                     unset one of them"
+                )
+                .context(UsageError));
+            }
+            let (path, field) = OwnKeys::split(source)
+                .map_err(|e| anyhow::anyhow!("{setting}: {e}"))
+                .context(UsageError)?;
+            let meta = CommandMeta::originating(
+                uuid::Uuid::now_v7().to_string(),
+                Actor {
+                    client_id: "flowledger".into(),
+                    user_id: None,
+                },
+                String::new(),
+            );
+            let request = AccessRequest {
+                path,
+                field: Some(field),
+                version: None,
+                purpose: format!("load flowledger's own key {name} at start"),
+                job_id: None,
+                step: None,
+            };
+            let served = match secrets.read_own_key(bus, request, &meta).await {
+                Ok(s) => s,
+                Err(e) if e.code == ErrorCode::Unavailable => {
+                    return Err(anyhow::anyhow!("{setting}: {e}").context(Unreachable))
+                }
+                Err(e) => return Err(anyhow::anyhow!("{setting}: {e}").context(UsageError)),
+            };
+            let text = served.value.expose_str().ok_or_else(|| {
+                anyhow::anyhow!("{setting}: the field in Vault is not a string").context(UsageError)
+            })?;
+            let bad = |m: String| anyhow::anyhow!("{setting}: {m}").context(UsageError);
+            match name {
+                "callback_signing" => {
+                    self.callback_signing = Some(SigningKey::new(text.as_bytes()).map_err(bad)?)
+                }
+                "n8n" => self.n8n = Some(SigningKey::new(text.as_bytes()).map_err(bad)?),
+                "seal_keys" => self.seal = Some(Arc::new(SealKeys::parse(text).map_err(bad)?)),
+                _ => {
+                    let key = CheckpointKey::from_hex(checkpoint_key_id, text)
+                        .map_err(|e| bad(e.to_string()))?;
+                    self.checkpoint = Some(key);
+                }
+            }
+            tracing::info!(key = name, kv_version = served.kv_version, "read flowledger's own key from Vault");
+        }
+        Ok(())
+    }
 }
 
 async fn serve(g: &Global, args: ServeArgs) -> anyhow::Result<ExitCode> {
@@ -1003,12 +1085,39 @@ async fn serve(g: &Global, args: ServeArgs) -> anyhow::Result<ExitCode> {
         )
         .context(UsageError));
     }
-    let key = args.key.key()?;
-    let checkpoints = match (key, args.checkpoint_every_secs) {
+    let secrets = secrets_service(&config).await?;
+    let client = connect_service(g, Duration::from_secs(args.nats_connect_wait_secs)).await?;
+    let log = EventLog::open(client.clone(), log_config(g, 1, Duration::from_secs(120))).await?;
+    let mut keys = OwnKeyValues {
+        checkpoint: args.key.key()?,
+        callback_signing: Config::key(
+            &config.callbacks.signing_key_env,
+            "callbacks.signing_key_env",
+        )
+        .context(UsageError)?,
+        n8n: config.n8n_key().context(UsageError)?,
+        seal: config.seal_keys().context(UsageError)?,
+    };
+    if let Some(service) = &secrets {
+        // the reads are recorded like any other secret access
+        let bus = CommandBus::new(
+            log.clone(),
+            JobServices {
+                registry: registry.clone(),
+                max_timeout_seconds: args.max_timeout_seconds,
+                callback_sealer: None,
+            },
+        );
+        let id = &args.key.checkpoint_key_id;
+        keys.read_from_vault(service, &bus, &config.secrets.keys, id)
+            .await?;
+    }
+    let checkpoints = match (keys.checkpoint, args.checkpoint_every_secs) {
         (Some(key), secs) if secs > 0 => Some((key, Duration::from_secs(secs))),
         _ => {
             tracing::warn!(
-                "no checkpoint signing key (FLOWLEDGER_CHECKPOINT_SIGNING_KEY): no signed checkpoints are written"
+                "no checkpoint signing key (FLOWLEDGER_CHECKPOINT_SIGNING_KEY or \
+                 secrets.keys.checkpoint_signing): no signed checkpoints are written"
             );
             None
         }
@@ -1019,14 +1128,16 @@ async fn serve(g: &Global, args: ServeArgs) -> anyhow::Result<ExitCode> {
             max_connections: 16,
             projections: true,
             handler: if config.handler.enabled {
-                Some(HandlerConfig::from_config(&config).context(UsageError)?)
+                let mut h = HandlerConfig::from_config(&config).context(UsageError)?;
+                h.callback_key = keys.callback_signing;
+                Some(h)
             } else {
                 None
             },
             http: Some(HttpSettings {
                 addr: args.http,
                 clients: config.clients.clone(),
-                n8n_key: config.n8n_key().context(UsageError)?,
+                n8n_key: keys.n8n,
                 callback_window_secs: config.callbacks.timestamp_window_seconds as i64,
                 callback_posts_per_minute: config.callbacks.rate_limit_per_minute,
                 callback_refusals_per_minute: config.callbacks.refusals_per_minute,
@@ -1039,15 +1150,12 @@ async fn serve(g: &Global, args: ServeArgs) -> anyhow::Result<ExitCode> {
             None
         }
     };
-    let secrets = secrets_settings(&config).await?;
-    let client = connect_service(g, Duration::from_secs(args.nats_connect_wait_secs)).await?;
-    let log = EventLog::open(client.clone(), log_config(g, 1, Duration::from_secs(120))).await?;
     let settings = Settings {
         nats: client,
         log,
         registry,
         max_timeout_seconds: args.max_timeout_seconds,
-        callback_sealer: config.seal_keys().context(UsageError)?,
+        callback_sealer: keys.seal,
         intake: true,
         nats_accounts: config.nats.clone(),
         checkpoints,

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use crate::commands::limits::{MAX_CALLBACK_ATTEMPTS, MAX_RETRY_DELAY_MS};
+use crate::commands::secret_access::check_path;
 use crate::commands::secret_access::policy::{PolicyRule, SecretPolicy};
 use crate::crypto::{SealKeys, SigningKey};
 use crate::secrets::vault::{VaultAuth, VaultConfig};
@@ -82,6 +83,54 @@ pub struct SecretsSection {
     /// `[[secrets.rules]]`: who may read which paths; none: every read is
     /// denied.
     pub rules: Vec<PolicyRule>,
+    /// `[secrets.keys]`: flowledger's own keys read from Vault at start
+    /// instead of environment variables.
+    pub keys: OwnKeys,
+}
+
+/// `[secrets.keys]`: where in Vault each of flowledger's own keys is, as
+/// `<path>#<field>` (e.g. `secret/data/flowledger/keys#callback`). A key
+/// named here is read from Vault when `serve` starts (recorded as a secret
+/// access); its environment variable must then be unset.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct OwnKeys {
+    /// Signs outgoing job callbacks (instead of `callbacks.signing_key_env`).
+    pub callback_signing: Option<String>,
+    /// Verifies n8n's callbacks (instead of `callbacks.n8n_key_env`).
+    pub n8n: Option<String>,
+    /// The seal key ring (instead of `callbacks.seal_keys_env`).
+    pub seal_keys: Option<String>,
+    /// The Ed25519 seed, 64 hex digits, that signs checkpoints (instead of
+    /// FLOWLEDGER_CHECKPOINT_SIGNING_KEY).
+    pub checkpoint_signing: Option<String>,
+}
+
+impl OwnKeys {
+    /// Each configured key: its setting name and its `(path, field)`.
+    pub fn sources(&self) -> Vec<(&'static str, &str)> {
+        [
+            ("callback_signing", &self.callback_signing),
+            ("n8n", &self.n8n),
+            ("seal_keys", &self.seal_keys),
+            ("checkpoint_signing", &self.checkpoint_signing),
+        ]
+        .into_iter()
+        .filter_map(|(name, v)| v.as_deref().map(|v| (name, v)))
+        .collect()
+    }
+
+    /// Splits `<path>#<field>`, checking both.
+    pub fn split(value: &str) -> Result<(String, String), String> {
+        let (path, field) = value
+            .split_once('#')
+            .ok_or_else(|| format!("{value:?} must be <path>#<field>"))?;
+        check_path(path).map_err(|e| format!("{value:?}: {e}"))?;
+        if field.is_empty() || !field.chars().all(|c| c.is_ascii_alphanumeric() || "_-.".contains(c)) {
+            return Err(format!("{value:?}: the field must be A-Z a-z 0-9 _ - ."));
+        }
+        Ok((path.to_string(), field.to_string()))
+    }
 }
 
 impl Default for SecretsSection {
@@ -99,6 +148,7 @@ impl Default for SecretsSection {
             retry_attempts: 3,
             retry_base_ms: 200,
             rules: Vec::new(),
+            keys: OwnKeys::default(),
         }
     }
 }
@@ -127,6 +177,12 @@ impl SecretsSection {
                 "secrets.retry_attempts must be 1 to 10 and secrets.retry_base_ms at most 10000"
                     .into(),
             );
+        }
+        for (name, v) in self.keys.sources() {
+            OwnKeys::split(v).map_err(|e| format!("secrets.keys.{name}: {e}"))?;
+        }
+        if self.vault_addr.is_none() && !self.keys.sources().is_empty() {
+            return Err("secrets.keys needs secrets.vault_addr: the keys are read from Vault".into());
         }
         SecretPolicy::new(self.rules.clone())
     }

@@ -420,10 +420,10 @@ pub async fn serve(
             let handled = match accounts.caller(msg.headers.as_ref()) {
                 // the secrets door answers with the value, not a receipt
                 Ok(caller) if subject == SECRET_READ_SUBJECT => {
-                    super::secrets::read(secrets.as_deref(), &caller, &msg.payload).await
+                    super::secrets::read(&bus, secrets.as_deref(), &caller, &msg.payload).await
                 }
                 Ok(caller) if subject == SECRET_INVALIDATE_SUBJECT => {
-                    super::secrets::invalidate(secrets.as_deref(), &caller, &msg.payload).await
+                    super::secrets::invalidate(&bus, secrets.as_deref(), &caller, &msg.payload).await
                 }
                 Ok(caller) => handle(&bus, &caller, subject, &msg.payload)
                     .await

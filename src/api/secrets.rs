@@ -18,7 +18,7 @@ use uuid::Uuid;
 use super::body::{from_fields, parse_object};
 use super::caller::{Caller, Role};
 use super::http::{ApiError, AppState};
-use crate::bus::CommandError;
+use crate::bus::{CommandBus, CommandError};
 use crate::commands::secret_access::events::AccessRequest;
 use crate::commands::ErrorCode;
 use crate::events::envelope::CommandMeta;
@@ -66,6 +66,7 @@ fn meta(caller: &Caller, user_id: Option<String>) -> CommandMeta {
 /// value: `{ok, request_id, path, field, kv_version, source, event_seq,
 /// value}`.
 pub async fn read(
+    bus: &CommandBus,
     secrets: Option<&SecretService>,
     caller: &Caller,
     body: &[u8],
@@ -82,7 +83,9 @@ pub async fn read(
         step: None,
     };
     let (path, field) = (request.path.clone(), request.field.clone());
-    let served = secrets.read(request, caller.role.as_str(), &meta).await?;
+    let served = secrets
+        .read(bus, request, caller.role.as_str(), &meta)
+        .await?;
     Ok(json!({
         "ok": true,
         "request_id": meta.command_id,
@@ -98,6 +101,7 @@ pub async fn read(
 /// An operator drops a path's cached values on every instance (`path`,
 /// `reason`, `user_id?`): `{ok, path, event_seq}`.
 pub async fn invalidate(
+    bus: &CommandBus,
     secrets: Option<&SecretService>,
     caller: &Caller,
     body: &[u8],
@@ -107,7 +111,7 @@ pub async fn invalidate(
     let secrets = secrets.ok_or_else(not_configured)?;
     let meta = meta(caller, b.user_id);
     let path = b.path.clone();
-    let seq = secrets.invalidate(b.path, b.reason, &meta).await?;
+    let seq = secrets.invalidate(bus, b.path, b.reason, &meta).await?;
     Ok(json!({"ok": true, "path": path, "event_seq": seq}))
 }
 
@@ -134,7 +138,7 @@ pub(crate) async fn secrets_read(
     Extension(caller): Extension<Caller>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let reply = read(s.secrets.as_deref(), &caller, &body).await?;
+    let reply = read(&s.bus, s.secrets.as_deref(), &caller, &body).await?;
     Ok(no_store(reply))
 }
 
@@ -149,6 +153,6 @@ pub(crate) async fn secrets_invalidate(
     Extension(caller): Extension<Caller>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let reply = invalidate(s.secrets.as_deref(), &caller, &body).await?;
+    let reply = invalidate(&s.bus, s.secrets.as_deref(), &caller, &body).await?;
     Ok(Json(reply).into_response())
 }

@@ -50,8 +50,8 @@ pub struct Served {
 }
 
 /// The secrets capability of one instance: policy, cache, Vault client.
+/// Access events are recorded on the bus each call is given (the door's).
 pub struct SecretService {
-    bus: Arc<CommandBus>,
     vault: VaultClient,
     policy: SecretPolicy,
     cache: Arc<SecretCache>,
@@ -85,6 +85,48 @@ fn failure(e: &VaultError) -> VaultFailure {
     }
 }
 
+/// The rule recorded on reads of flowledger's own keys (`[secrets.keys]`).
+pub const OWN_KEYS_RULE: &str = "flowledger-own-keys";
+
+fn check(request: &AccessRequest) -> Result<(), CommandError> {
+    check_request(request).map_err(|e| {
+        CommandError::validation(crate::commands::DomainError::field(&e), e.to_string())
+    })
+}
+
+async fn fail(
+    bus: &CommandBus,
+    request: AccessRequest,
+    rule: String,
+    code: ErrorCode,
+    vault_error: VaultFailure,
+    meta: &CommandMeta,
+) -> Result<Served, CommandError> {
+    let message = vault_error.message.clone();
+    let event = SecretAccessEvent::SecretAccessFailed(SecretAccessFailed {
+        request,
+        rule,
+        code: code.as_str().into(),
+        vault_error,
+    });
+    record(bus, event, meta).await?;
+    metrics::counter!("flowledger_secret_reads_total", "decision" => "failed").increment(1);
+    Err(refused(code, message))
+}
+
+/// Appends the access event; its stream sequence once stored.
+async fn record(
+    bus: &CommandBus,
+    event: SecretAccessEvent,
+    meta: &CommandMeta,
+) -> Result<u64, CommandError> {
+    let receipt = bus
+        .secret_access(&meta.command_id, RecordAccess(event), meta)
+        .await
+        .map_err(CommandError::from)?;
+    Ok(receipt.stream_seq)
+}
+
 fn refused(code: ErrorCode, message: String) -> CommandError {
     CommandError {
         code,
@@ -94,15 +136,9 @@ fn refused(code: ErrorCode, message: String) -> CommandError {
 }
 
 impl SecretService {
-    /// The service on `bus`, reading Vault through `vault`.
-    pub fn new(
-        bus: Arc<CommandBus>,
-        vault: VaultClient,
-        policy: SecretPolicy,
-        rules: SecretRules,
-    ) -> Self {
+    /// The service reading Vault through `vault`, deciding by `policy`.
+    pub fn new(vault: VaultClient, policy: SecretPolicy, rules: SecretRules) -> Self {
         SecretService {
-            bus,
             vault,
             policy,
             cache: Arc::new(SecretCache::new(rules.cache_ttl, rules.max_staleness)),
@@ -111,26 +147,21 @@ impl SecretService {
     }
 
     /// Reads the secret `request` asks for, for the caller in `meta` with
-    /// `role`, under the request id `meta.command_id`. Granted: the value,
-    /// once `SecretAccessGranted` is stored. Otherwise the refusal, once
-    /// its event is stored. Malformed requests are refused `validation`
-    /// and not recorded. If the access event cannot be stored, the caller
-    /// gets `unavailable` and no value.
+    /// `role`, under the request id `meta.command_id`, recording on `bus`.
+    /// Granted: the value, once `SecretAccessGranted` is stored. Otherwise
+    /// the refusal, once its event is stored. Malformed requests are
+    /// refused `validation` and not recorded. If the access event cannot be
+    /// stored, the caller gets `unavailable` and no value.
     pub async fn read(
         &self,
+        bus: &CommandBus,
         request: AccessRequest,
         role: &str,
         meta: &CommandMeta,
     ) -> Result<Served, CommandError> {
-        if let Err(e) = check_request(&request) {
-            return Err(CommandError::validation(
-                crate::commands::DomainError::field(&e),
-                e.to_string(),
-            ));
-        }
-        let client = meta.actor.client_id.clone();
-        let rule = match self.policy.decide(&client, role, &request.path) {
-            Decision::Allowed { rule } => rule,
+        check(&request)?;
+        match self.policy.decide(&meta.actor.client_id, role, &request.path) {
+            Decision::Allowed { rule } => self.serve(bus, request, rule, meta).await,
             Decision::Denied { reason } => {
                 let event = SecretAccessEvent::SecretAccessDenied(SecretAccessDenied {
                     request,
@@ -138,12 +169,36 @@ impl SecretService {
                     rule: None,
                     reason: reason.clone(),
                 });
-                self.record(event, meta).await?;
+                record(bus, event, meta).await?;
                 metrics::counter!("flowledger_secret_reads_total", "decision" => "denied")
                     .increment(1);
-                return Err(refused(ErrorCode::Forbidden, reason));
+                Err(refused(ErrorCode::Forbidden, reason))
             }
-        };
+        }
+    }
+
+    /// Reads one of flowledger's own keys (`[secrets.keys]`), named by
+    /// flowledger's configuration rather than a caller: no caller rule
+    /// applies (recorded as rule [`OWN_KEYS_RULE`]); Vault's policy does.
+    pub async fn read_own_key(
+        &self,
+        bus: &CommandBus,
+        request: AccessRequest,
+        meta: &CommandMeta,
+    ) -> Result<Served, CommandError> {
+        check(&request)?;
+        self.serve(bus, request, OWN_KEYS_RULE.into(), meta).await
+    }
+
+    /// Serves an allowed request: cache, Vault or last-known-good, then the
+    /// record, then the value.
+    async fn serve(
+        &self,
+        bus: &CommandBus,
+        request: AccessRequest,
+        rule: String,
+        meta: &CommandMeta,
+    ) -> Result<Served, CommandError> {
         let outcome = self.fetch(&request).await;
         match outcome {
             Outcome::Value(cached, source, vault_error) => {
@@ -157,8 +212,8 @@ impl SecretService {
                                 field: f.clone(),
                                 version: cached.version,
                             };
-                            return self
-                                .fail(request, rule, ErrorCode::NotFound, failure(&e), meta)
+                            let failed = failure(&e);
+                            return fail(bus, request, rule, ErrorCode::NotFound, failed, meta)
                                 .await;
                         }
                     },
@@ -171,14 +226,18 @@ impl SecretService {
                     read_from_vault_at: cached.read_at_utc.clone(),
                     vault_error,
                 });
-                let event_seq = self.record(event, meta).await?;
+                let event_seq = record(bus, event, meta).await?;
                 let label = match source {
                     ValueSource::Vault => "vault",
                     ValueSource::Cache => "cache",
                     ValueSource::LastKnownGood => "last_known_good",
                 };
-                metrics::counter!("flowledger_secret_reads_total", "decision" => "granted", "source" => label)
-                    .increment(1);
+                metrics::counter!(
+                    "flowledger_secret_reads_total",
+                    "decision" => "granted",
+                    "source" => label
+                )
+                .increment(1);
                 Ok(Served {
                     value,
                     kv_version: cached.version,
@@ -193,49 +252,15 @@ impl SecretService {
                     rule: Some(rule),
                     reason: reason.clone(),
                 });
-                self.record(event, meta).await?;
+                record(bus, event, meta).await?;
                 metrics::counter!("flowledger_secret_reads_total", "decision" => "denied")
                     .increment(1);
                 Err(refused(ErrorCode::Forbidden, reason))
             }
             Outcome::Failed(code, vault_error) => {
-                self.fail(request, rule, code, vault_error, meta).await
+                fail(bus, request, rule, code, vault_error, meta).await
             }
         }
-    }
-
-    async fn fail(
-        &self,
-        request: AccessRequest,
-        rule: String,
-        code: ErrorCode,
-        vault_error: VaultFailure,
-        meta: &CommandMeta,
-    ) -> Result<Served, CommandError> {
-        let message = vault_error.message.clone();
-        let event = SecretAccessEvent::SecretAccessFailed(SecretAccessFailed {
-            request,
-            rule,
-            code: code.as_str().into(),
-            vault_error,
-        });
-        self.record(event, meta).await?;
-        metrics::counter!("flowledger_secret_reads_total", "decision" => "failed").increment(1);
-        Err(refused(code, message))
-    }
-
-    /// Appends the access event; its stream sequence once stored.
-    async fn record(
-        &self,
-        event: SecretAccessEvent,
-        meta: &CommandMeta,
-    ) -> Result<u64, CommandError> {
-        let receipt = self
-            .bus
-            .secret_access(&meta.command_id, RecordAccess(event), meta)
-            .await
-            .map_err(CommandError::from)?;
-        Ok(receipt.stream_seq)
     }
 
     /// The value from the cache, Vault (with retries) or last-known-good.
@@ -300,12 +325,12 @@ impl SecretService {
     /// when it sees it), and drops it here at once.
     pub async fn invalidate(
         &self,
+        bus: &CommandBus,
         path: String,
         reason: String,
         meta: &CommandMeta,
     ) -> Result<u64, CommandError> {
-        let receipt = self
-            .bus
+        let receipt = bus
             .secret_cache(
                 Invalidate {
                     path: path.clone(),
