@@ -171,7 +171,8 @@ impl Default for CallbackSection {
     }
 }
 
-/// What a client may do over HTTP (`role` in `[[clients]]`: `client` or `operator`).
+/// What a client may do over HTTP (`role` in `[[clients]]`: `client`,
+/// `operator` or `auditor`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum Role {
@@ -180,6 +181,9 @@ pub enum Role {
     Client,
     /// Also decides approvals and flips the kill-switch.
     Operator,
+    /// Reads everything (every client's jobs, executions, audit trail,
+    /// approvals, the secret-access list) and sends no command.
+    Auditor,
 }
 
 /// One `[[clients]]` table: a caller of the HTTP API and its bearer token.
