@@ -187,6 +187,7 @@ async fn read_models_and_the_api_show_each_jobs_story() {
         "/v1/jobs/{id}/status",
         "/v1/executions",
         "/v1/audit",
+        "/v1/audit/secret-accesses",
         "/v1/approvals",
         "/v1/jobs",
         "/v1/jobs/{id}/cancel",
