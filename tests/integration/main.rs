@@ -16,6 +16,7 @@ mod openbao;
 mod peers;
 mod projections;
 mod scale_out;
+mod secret_audit;
 mod secrets;
 mod secrets_vault;
 mod survival;
