@@ -369,6 +369,26 @@ mod tests {
     }
 
     #[test]
+    fn the_auditor_role_parses() {
+        let hash = "a".repeat(64);
+        let c = Config::parse(
+            Path::new("c.toml"),
+            &format!(
+                "[[clients]]\nid = \"audit\"\ntoken_sha256 = \"{hash}\"\nrole = \"auditor\"\n"
+            ),
+        )
+        .expect("role auditor");
+        assert_eq!(c.clients[0].role, Role::Auditor);
+        let e = Config::parse(
+            Path::new("c.toml"),
+            &format!("[[clients]]\nid = \"a\"\ntoken_sha256 = \"{hash}\"\nrole = \"admin\"\n"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("auditor"), "the known roles are listed: {e}");
+    }
+
+    #[test]
     fn errors_name_the_setting() {
         let e = Config::parse(Path::new("c.toml"), "[handler]\nmax_concurent_jobs = 3\n")
             .unwrap_err()
