@@ -358,7 +358,8 @@ impl Default for CallbackSection {
     }
 }
 
-/// What a client may do over HTTP (`role` in `[[clients]]`: `client` or `operator`).
+/// What a client may do over HTTP (`role` in `[[clients]]`: `client`,
+/// `operator` or `auditor`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum Role {
@@ -367,6 +368,9 @@ pub enum Role {
     Client,
     /// Also decides approvals and flips the kill-switch.
     Operator,
+    /// Reads everything (every client's jobs, executions, audit trail,
+    /// approvals, the secret-access list) and sends no command.
+    Auditor,
 }
 
 /// One `[[clients]]` table: a caller of the HTTP API and its bearer token.
@@ -550,6 +554,26 @@ mod tests {
     fn example_configuration_parses() {
         let c = Config::load(Path::new("config/example.toml")).expect("config/example.toml");
         assert!(c.clients.iter().any(|c| c.role == Role::Operator));
+    }
+
+    #[test]
+    fn the_auditor_role_parses() {
+        let hash = "a".repeat(64);
+        let c = Config::parse(
+            Path::new("c.toml"),
+            &format!(
+                "[[clients]]\nid = \"audit\"\ntoken_sha256 = \"{hash}\"\nrole = \"auditor\"\n"
+            ),
+        )
+        .expect("role auditor");
+        assert_eq!(c.clients[0].role, Role::Auditor);
+        let e = Config::parse(
+            Path::new("c.toml"),
+            &format!("[[clients]]\nid = \"a\"\ntoken_sha256 = \"{hash}\"\nrole = \"admin\"\n"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("auditor"), "the known roles are listed: {e}");
     }
 
     #[test]

@@ -20,15 +20,30 @@ pub enum Role {
     /// The job handler: only its own commands (`job.start`,
     /// `job.complete`, ...; over NATS only).
     Handler,
+    /// Reads every client's jobs, executions, audit trail and approvals,
+    /// and the secret-access list; sends no command at all (over HTTP
+    /// only: the NATS door takes only commands).
+    Auditor,
 }
 
 impl Role {
-    /// The role's name in messages: `client`, `operator`, `handler`.
+    /// The role's name in messages: `client`, `operator`, `handler`,
+    /// `auditor`.
     pub fn as_str(self) -> &'static str {
         match self {
             Role::Client => "client",
             Role::Operator => "operator",
             Role::Handler => "handler",
+            Role::Auditor => "auditor",
+        }
+    }
+
+    /// Whether the role may send commands at all (every role but
+    /// `auditor`, which only reads).
+    pub fn may_command(self) -> bool {
+        match self {
+            Role::Client | Role::Operator | Role::Handler => true,
+            Role::Auditor => false,
         }
     }
 }
@@ -38,6 +53,7 @@ impl From<config::Role> for Role {
         match r {
             config::Role::Client => Role::Client,
             config::Role::Operator => Role::Operator,
+            config::Role::Auditor => Role::Auditor,
         }
     }
 }
@@ -79,6 +95,20 @@ impl Caller {
         }
     }
 
+    /// Refuses callers that may send no command (auditors: read-only);
+    /// `what` names the command. Every command path calls this (or
+    /// [`Caller::require`] with a list of roles that has no auditor).
+    pub fn require_may_command(&self, what: &str) -> Result<(), CommandError> {
+        if self.role.may_command() {
+            return Ok(());
+        }
+        Err(self.forbidden(format!(
+            "{what} is a command; {:?} has the {} role, which only reads",
+            self.client_id,
+            self.role.as_str()
+        )))
+    }
+
     /// Refuses callers without the operator role; `what` names the action.
     pub fn require_operator(&self, what: &str) -> Result<(), CommandError> {
         self.require(&[Role::Operator], what)
@@ -113,24 +143,27 @@ impl Caller {
         }
     }
 
-    /// The client whose jobs the caller may see and act on; `None`: every
-    /// client's (operators).
+    /// The client whose jobs the caller may see; `None`: every client's
+    /// (operators and auditors).
     pub fn job_scope(&self) -> Option<&str> {
         match self.role {
-            Role::Operator => None,
+            Role::Operator | Role::Auditor => None,
             Role::Client | Role::Handler => Some(&self.client_id),
         }
     }
 
-    /// Whether the caller may see and act on a job of `job_client_id`.
+    /// Whether the caller may act on (send a command about) a job of
+    /// `job_client_id`: never for an auditor, who sees every job.
     pub fn may_act_on(&self, job_client_id: &str) -> bool {
-        self.job_scope().is_none_or(|own| own == job_client_id)
+        self.role.may_command() && self.job_scope().is_none_or(|own| own == job_client_id)
     }
 
     /// Refuses a job that does not exist or that the caller may not act on,
     /// alike (`not_found`): another client's job is not the caller's to
-    /// learn of.
+    /// learn of. An auditor is refused `forbidden` before the job is
+    /// looked up.
     pub async fn check_job(&self, bus: &CommandBus, job_id: &str) -> Result<(), CommandError> {
+        self.require_may_command("acting on a job")?;
         let loaded = bus.load_job(job_id).await.map_err(CommandError::from)?;
         if loaded.version == 0 || !self.may_act_on(&loaded.state.client_id) {
             return Err(CommandError {
@@ -187,5 +220,23 @@ mod tests {
         assert!(!caller("billing", Role::Client).may_act_on("other"));
         assert!(caller("ops", Role::Operator).may_act_on("other"));
         assert!(!caller("handler", Role::Handler).may_act_on("billing"));
+    }
+
+    #[test]
+    fn an_auditor_sees_every_job_and_sends_no_command() {
+        let a = caller("audit", Role::Auditor);
+        assert_eq!(a.job_scope(), None, "an auditor reads every client's jobs");
+        assert!(!a.may_act_on("billing") && !a.may_act_on("audit"));
+        let e = a.require_may_command("submitting a job").unwrap_err();
+        assert_eq!(e.code, ErrorCode::Forbidden);
+        assert!(e.message.contains("auditor role"), "{}", e.message);
+        assert!(a.require_operator("deciding an approval").is_err());
+        assert!(a
+            .require(&[Role::Client, Role::Operator], "job.submit")
+            .is_err());
+        for r in [Role::Client, Role::Operator, Role::Handler] {
+            assert!(caller("x", r).require_may_command("x").is_ok(), "{r:?}");
+        }
+        assert_eq!(Role::from(config::Role::Auditor), Role::Auditor);
     }
 }

@@ -281,6 +281,7 @@ async fn metrics_get(State(s): State<AppState>) -> String {
         read::jobs_status,
         read::executions_list,
         read::audit_list,
+        read::secret_accesses_list,
         read::approvals_list,
         secrets::secrets_read,
         secrets::secrets_invalidate,
@@ -351,6 +352,7 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/secrets/invalidate", post(secrets::secrets_invalidate))
         .route("/v1/executions", get(read::executions_list))
         .route("/v1/audit", get(read::audit_list))
+        .route("/v1/audit/secret-accesses", get(read::secret_accesses_list))
         .route("/v1/approvals", get(read::approvals_list))
         .route("/v1/approvals/bulk", post(write::approvals_bulk))
         .route("/v1/approvals/{id}/approve", post(write::approvals_approve))

@@ -367,6 +367,8 @@ pub async fn handle(
     };
     let name = format!("{aggregate_type}.{command}");
     let roles = roles(&name).ok_or_else(|| unknown_command(aggregate_type, command))?;
+    // no command list names the auditor; refused here too, whatever the list
+    caller.require_may_command(&name)?;
     caller.require(roles, &name).map_err(|mut e| {
         e.message
             .push_str(" (a NATS user's role is its account's: [nats] in the configuration)");
@@ -636,6 +638,20 @@ mod tests {
         }
         for name in ["approval.approve", "approval.reject"] {
             assert_eq!(roles(name), Some(&[Role::Operator][..]), "{name}");
+        }
+    }
+
+    #[test]
+    fn no_command_is_an_auditors() {
+        let a = caller("audit", Role::Auditor);
+        for name in KNOWN_COMMANDS {
+            let roles = roles(name).unwrap_or(&[]);
+            assert!(!roles.contains(&Role::Auditor), "{name}");
+            assert_eq!(
+                a.require(roles, name).unwrap_err().code,
+                ErrorCode::Forbidden
+            );
+            assert!(a.require_may_command(name).is_err(), "{name}");
         }
     }
 }

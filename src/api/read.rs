@@ -1,10 +1,12 @@
 //! The read API over the projections: one job, executions, the audit
-//! trail, approvals. Handlers are named `resource_verb`; lists are keyset
-//! pages `{items, next_cursor}`.
+//! trail, approvals, secret accesses. Handlers are named `resource_verb`;
+//! lists are keyset pages `{items, next_cursor}`.
 //!
-//! Operators read everything. A caller with the client role reads only its
-//! own jobs (`client_id`), and the audit rows and approvals of those jobs;
-//! another client's job answers 404, as if it did not exist.
+//! Operators and auditors read everything. A caller with the client role
+//! reads only its own jobs (`client_id`), and the audit rows and approvals
+//! of those jobs; another client's job answers 404, as if it did not exist.
+//! The secret-access list is the operators' and auditors' alone (403 for a
+//! client).
 
 use std::collections::HashMap;
 
@@ -14,7 +16,7 @@ use chrono::{DateTime, Utc};
 use serde_json::{json, Value};
 use sqlx::{QueryBuilder, Row};
 
-use super::caller::Caller;
+use super::caller::{Caller, Role};
 use super::http::{bad, ApiError, AppState};
 
 /// The client whose jobs `caller` may read; `None`: all (operators).
@@ -98,6 +100,39 @@ impl Params {
                 )),
             },
         }
+    }
+
+    /// A secret path or path prefix: 1 to 512 of `A-Z a-z 0-9 _ - . /`.
+    fn secret_path(&self, name: &str) -> Result<Option<String>, ApiError> {
+        use crate::commands::limits::MAX_SECRET_PATH_LEN;
+        match self.0.get(name) {
+            Some(v) if v.is_empty() || v.len() > MAX_SECRET_PATH_LEN => Err(bad(
+                name,
+                format!("must be 1-{MAX_SECRET_PATH_LEN} characters"),
+            )),
+            Some(v) if !v.chars().all(path_char) => Err(bad(
+                name,
+                "holds a character a secret path has not (A-Z a-z 0-9 _ - . and /)",
+            )),
+            other => Ok(other.cloned()),
+        }
+    }
+
+    /// A stream cursor `<seq>_<index>` as returned in `next_cursor` (lists
+    /// in stream order).
+    fn seq_cursor(&self) -> Result<Option<(i64, i16)>, ApiError> {
+        let Some(c) = self.0.get("cursor") else {
+            return Ok(None);
+        };
+        c.split_once('_')
+            .and_then(|(a, b)| Some((a.parse::<i64>().ok()?, b.parse::<i16>().ok()?)))
+            .map(Some)
+            .ok_or_else(|| {
+                bad(
+                    "cursor",
+                    "not a cursor returned by this endpoint (pass next_cursor unchanged)",
+                )
+            })
     }
 
     /// A keyset cursor `<micros>_<key>` as returned in `next_cursor`.
@@ -296,22 +331,7 @@ pub(crate) async fn audit_list(
     )?;
     let (job, client, action) = (p.text("job_id")?, p.text("client_id")?, p.text("action")?);
     let (since, until, limit) = (p.time("since")?, p.time("until")?, p.limit()?);
-    // cursor: `<seq>_<index>` of the last row seen
-    let after = match p.0.get("cursor") {
-        None => None,
-        Some(c) => {
-            let (seq, idx) = c
-                .split_once('_')
-                .and_then(|(a, b)| Some((a.parse::<i64>().ok()?, b.parse::<i16>().ok()?)))
-                .ok_or_else(|| {
-                    bad(
-                        "cursor",
-                        "not a cursor returned by this endpoint (pass next_cursor unchanged)",
-                    )
-                })?;
-            Some((seq, idx))
-        }
-    };
+    let after = p.seq_cursor()?;
     let mut q = QueryBuilder::new(
         "SELECT to_jsonb(a) AS row, stream_seq, event_index FROM audit_trail a WHERE TRUE",
     );
@@ -331,16 +351,20 @@ pub(crate) async fn audit_list(
     if let Some(t) = until {
         q.push(" AND occurred_at < ").push_bind(t);
     }
-    if let Some((seq, idx)) = after {
-        q.push(" AND (stream_seq, event_index) > (")
-            .push_bind(seq)
-            .push(", ")
-            .push_bind(idx)
-            .push(")");
-    }
+    after_cursor(&mut q, after);
+    stream_page(q, &s.pool, limit).await
+}
+
+/// Runs a query over rows with `stream_seq` and `event_index` in stream
+/// order, one page of `limit`, its cursor `<seq>_<index>`.
+async fn stream_page(
+    mut q: QueryBuilder<'_, sqlx::Postgres>,
+    pool: &sqlx::PgPool,
+    limit: i64,
+) -> Result<Json<Value>, ApiError> {
     q.push(" ORDER BY stream_seq, event_index LIMIT ")
         .push_bind(limit);
-    let rows = q.build().fetch_all(&s.pool).await?;
+    let rows = q.build().fetch_all(pool).await?;
     page(&rows, limit, |r| {
         Ok(format!(
             "{}_{}",
@@ -348,6 +372,110 @@ pub(crate) async fn audit_list(
             r.try_get::<i16, _>("event_index")?
         ))
     })
+}
+
+/// Adds `AND (stream_seq, event_index) > cursor`.
+fn after_cursor(q: &mut QueryBuilder<'_, sqlx::Postgres>, after: Option<(i64, i16)>) {
+    if let Some((seq, idx)) = after {
+        q.push(" AND (stream_seq, event_index) > (")
+            .push_bind(seq)
+            .push(", ")
+            .push_bind(idx)
+            .push(")");
+    }
+}
+
+/// The characters of a secret path (`A-Z a-z 0-9 _ - .` and `/`).
+fn path_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | '/')
+}
+
+/// `prefix` as a `LIKE` pattern: `\`, `%` and `_` escaped, `%` appended.
+fn like_prefix(prefix: &str) -> String {
+    let mut p = String::with_capacity(prefix.len() + 4);
+    for c in prefix.chars() {
+        if matches!(c, '\\' | '%' | '_') {
+            p.push('\\');
+        }
+        p.push(c);
+    }
+    p.push('%');
+    p
+}
+
+const SECRET_PARAMS: &[&str] = &[
+    "path",
+    "path_prefix",
+    "client_id",
+    "job_id",
+    "decision",
+    "since",
+    "until",
+    "limit",
+    "cursor",
+];
+
+#[utoipa::path(get, path = "/v1/audit/secret-accesses",
+    params(("path" = Option<String>, Query, description = "only this KV v2 path, exactly (e.g. secret/data/external_apis/ocr)"),
+           ("path_prefix" = Option<String>, Query, description = "only paths starting with this (e.g. secret/data/external_apis/)"),
+           ("client_id" = Option<String>, Query, description = "only this reader (the actor's client id)"),
+           ("job_id" = Option<String>, Query, description = "only reads on behalf of this job"),
+           ("decision" = Option<String>, Query, description = "granted|denied|failed"),
+           ("since" = Option<String>, Query, description = "at or after (RFC 3339)"),
+           ("until" = Option<String>, Query, description = "before (RFC 3339)"),
+           ("limit" = Option<i64>, Query, description = "1..1000, default 100"),
+           ("cursor" = Option<String>, Query, description = "next_cursor of the previous page")),
+    responses((status = 200, description = "secret accesses (secret_accesses rows, never a value) in stream order: {items, next_cursor}", body = Object),
+              (status = 400, description = "a bad parameter, named in error.param"),
+              (status = 403, description = "needs the operator or auditor role")))]
+pub(crate) async fn secret_accesses_list(
+    State(s): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Query(raw): Query<HashMap<String, String>>,
+) -> Result<Json<Value>, ApiError> {
+    // another client's reads are not a client's to see: the role first
+    caller.require(&[Role::Operator, Role::Auditor], "listing secret accesses")?;
+    let p = Params::new(raw, SECRET_PARAMS)?;
+    let path = p.secret_path("path")?;
+    if let Some(v) = &path {
+        crate::commands::secret_access::check_path(v).map_err(|e| bad("path", e.to_string()))?;
+    }
+    let prefix = p.secret_path("path_prefix")?;
+    let (client, job) = (p.text("client_id")?, p.text("job_id")?);
+    let decision = p.one_of("decision", &["granted", "denied", "failed"])?;
+    let (since, until, limit) = (p.time("since")?, p.time("until")?, p.limit()?);
+    if let (Some(a), Some(b)) = (since, until) {
+        if b < a {
+            return Err(bad("until", "is before since"));
+        }
+    }
+    let after = p.seq_cursor()?;
+    let mut q = QueryBuilder::new(
+        "SELECT to_jsonb(a) AS row, stream_seq, event_index FROM secret_accesses a WHERE TRUE",
+    );
+    if let Some(v) = path {
+        q.push(" AND path = ").push_bind(v);
+    }
+    if let Some(v) = prefix {
+        q.push(" AND path LIKE ").push_bind(like_prefix(&v));
+    }
+    if let Some(v) = client {
+        q.push(" AND client_id = ").push_bind(v);
+    }
+    if let Some(v) = job {
+        q.push(" AND job_id = ").push_bind(v);
+    }
+    if let Some(v) = decision {
+        q.push(" AND decision = ").push_bind(v);
+    }
+    if let Some(t) = since {
+        q.push(" AND occurred_at >= ").push_bind(t);
+    }
+    if let Some(t) = until {
+        q.push(" AND occurred_at < ").push_bind(t);
+    }
+    after_cursor(&mut q, after);
+    stream_page(q, &s.pool, limit).await
 }
 
 #[utoipa::path(get, path = "/v1/approvals",
@@ -387,4 +515,20 @@ pub(crate) async fn approvals_list(
             &r.try_get::<String, _>("approval_id")?,
         ))
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_path_prefix_matches_literally() {
+        assert_eq!(
+            like_prefix("secret/data/ext_apis/"),
+            "secret/data/ext\\_apis/%"
+        );
+        assert_eq!(like_prefix("a%b\\"), "a\\%b\\\\%");
+        assert!("secret/data/a_b".chars().all(path_char));
+        assert!(!"secret/data/a%".chars().all(path_char));
+    }
 }

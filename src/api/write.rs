@@ -1,7 +1,9 @@
 //! Commands over HTTP (seed 002 contract and more): submit and cancel jobs,
 //! the kill-switch, approvals, and the registry listing. Every command runs
 //! on the same [`CommandBus`](crate::bus::CommandBus) as NATS commands; the
-//! caller's client id is the actor recorded on the events.
+//! caller's client id is the actor recorded on the events. An auditor
+//! (read-only) is refused `forbidden` by every endpoint here that sends a
+//! command.
 
 use axum::body::Bytes;
 use axum::extract::{Path, State};
@@ -120,7 +122,7 @@ fn estimated_completion(
     responses((status = 202, description = "accepted: job_id, status, message, accepted_at, estimated_completion; the same job_id and body answer the same", body = Object),
               (status = 400, description = "bad body; error.param names the field"),
               (status = 401, description = "no or unknown bearer token"),
-              (status = 403, description = "client_id is not the caller's"),
+              (status = 403, description = "client_id is not the caller's, or the caller is an auditor (read-only)"),
               (status = 409, description = "job_id already used with a different body, or the workflow is disabled"),
               (status = 429, description = "over the client's rate limit; see Retry-After")))]
 pub(crate) async fn jobs_submit(
@@ -128,6 +130,8 @@ pub(crate) async fn jobs_submit(
     Extension(caller): Extension<Caller>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
+    // an auditor is refused before it uses any allowance
+    caller.require_may_command("submitting a job")?;
     s.clients.take_submission(&caller)?;
     let (value, b) = parse_body::<SubmitBody>(&body)?;
     caller.check_names_self("client_id", b.client_id.as_deref())?;
@@ -214,6 +218,7 @@ struct ReasonBody {
 #[utoipa::path(post, path = "/v1/jobs/{id}/cancel", params(("id" = String, Path, description = "job id")),
     request_body(content = Object, description = "reason?, user_id?"),
     responses((status = 200, description = "cancelled; in-flight calls are aborted", body = Object),
+              (status = 403, description = "the caller is an auditor (read-only)"),
               (status = 404, description = "no such job, or another client's (the two answer alike)"),
               (status = 409, description = "the job already ended")))]
 pub(crate) async fn jobs_cancel(
@@ -222,6 +227,7 @@ pub(crate) async fn jobs_cancel(
     Path(id): Path<String>,
     body: Bytes,
 ) -> Result<Json<Value>, ApiError> {
+    caller.require_may_command("cancelling a job")?;
     check_id("id", &id)?;
     let (value, b) = parse_body::<ReasonBody>(&body)?;
     // another client's job answers as a missing one does

@@ -52,6 +52,7 @@ pub async fn apply(
         ReadModel::Executions => executions(tx, v, batch).await,
         ReadModel::Audit => audit(tx, v, batch).await,
         ReadModel::Approvals => approvals(tx, v, batch).await,
+        ReadModel::SecretAccesses => secret_accesses(tx, v, batch).await,
     };
     res.map_err(|e| match e {
         Failure::Apply(a) => a,
@@ -352,6 +353,77 @@ async fn audit(tx: &mut Tx<'_>, v: i32, batch: &[Msg]) -> Result<(), Failure> {
         }
     }
     rows.copy_into(tx, &format!("audit_trail_v{v}")).await?;
+    Ok(())
+}
+
+const SECRET_COLUMNS: &str =
+    "stream_seq, event_index, event_id, occurred_at, request_id, client_id, user_id, path, \
+     field, requested_version, kv_version, purpose, job_id, step, decision, decided_by, rule, \
+     source, code, reason, vault_error_kind, vault_error_status, vault_error_message, \
+     read_from_vault_at, event_hash";
+
+/// The decision a secret-access event records (`secret_accesses.decision`).
+fn secret_decision(event_type: &str) -> Option<&'static str> {
+    Some(match event_type {
+        "SecretAccessGranted" => "granted",
+        "SecretAccessDenied" => "denied",
+        "SecretAccessFailed" => "failed",
+        _ => return None,
+    })
+}
+
+async fn secret_accesses(tx: &mut Tx<'_>, v: i32, batch: &[Msg]) -> Result<(), Failure> {
+    // one row per access event, from that event alone (like the audit trail)
+    let mut rows = CopyRows::new(SECRET_COLUMNS);
+    for m in batch {
+        for (i, (hash, r)) in m.events.iter().enumerate() {
+            if r.aggregate_type != "secret_access" {
+                continue;
+            }
+            let Some(decision) = secret_decision(&r.event_type) else {
+                continue; // a later event type: not an access decision
+            };
+            let d = &r.data;
+            let vault = d.vault_error.as_ref();
+            // only a Granted event's own field; an unreadable time is left out
+            let read_at = d
+                .read_from_vault_at
+                .as_deref()
+                .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
+                .map(|t| t.with_timezone(&Utc));
+            rows.row()
+                .i64(Some(m.seq as i64))
+                .i16(i as i16)
+                .uuid(&r.event_id)
+                .timestamptz(Some(time_of(m.seq, r)?))
+                .text(Some(&r.aggregate_id))
+                .text(Some(&r.actor.client_id))
+                .text(r.actor.user_id.as_deref())
+                .text(Some(required(m.seq, &d.path, "path", &r.event_type)?))
+                .text(d.field.as_deref())
+                .i64(d.version)
+                .i64(d.kv_version)
+                .text(Some(required(m.seq, &d.purpose, "purpose", &r.event_type)?))
+                .text(d.job_id.as_deref())
+                .text(d.step.as_deref())
+                .text(Some(decision))
+                .text(d.decided_by.as_deref())
+                .text(d.rule.as_deref())
+                .text(d.source.as_deref())
+                .text(d.code.as_deref())
+                .text(d.reason.as_deref())
+                .text(vault.and_then(|e| e.kind.as_deref()))
+                .i32(
+                    vault
+                        .and_then(|e| e.status)
+                        .and_then(|s| i32::try_from(s).ok()),
+                )
+                .text(vault.and_then(|e| e.message.as_deref()))
+                .timestamptz(read_at)
+                .text(Some(hash));
+        }
+    }
+    rows.copy_into(tx, &format!("secret_accesses_v{v}")).await?;
     Ok(())
 }
 

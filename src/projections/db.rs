@@ -213,6 +213,63 @@ pub fn ddl(model: ReadModel, v: i32) -> Vec<String> {
                  ON approvals_v{v} (status, created_at DESC)"
             ),
         ],
+        ReadModel::SecretAccesses => vec![
+            format!(
+                "CREATE TABLE IF NOT EXISTS secret_accesses_v{v} (
+                    stream_seq          BIGINT NOT NULL,
+                    event_index         SMALLINT NOT NULL,
+                    event_id            UUID NOT NULL,
+                    occurred_at         TIMESTAMPTZ NOT NULL,
+                    request_id          TEXT NOT NULL,       -- the aggregate id
+                    client_id           TEXT NOT NULL,       -- who read (the actor)
+                    user_id             TEXT,
+                    path                TEXT NOT NULL,       -- KV v2 path
+                    field               TEXT,
+                    requested_version   BIGINT,              -- null: the current one
+                    kv_version          BIGINT,              -- served (granted)
+                    purpose             TEXT NOT NULL,
+                    job_id              TEXT,                -- on behalf of this job
+                    step                TEXT,
+                    decision            TEXT NOT NULL,       -- granted|denied|failed
+                    decided_by          TEXT,                -- policy|vault (denied)
+                    rule                TEXT,
+                    source              TEXT,                -- vault|cache|\
+                                                                last_known_good (granted)
+                    code                TEXT,                -- unavailable|not_found (failed)
+                    reason              TEXT,                -- why denied
+                    vault_error_kind    TEXT,
+                    vault_error_status  INT,
+                    vault_error_message TEXT,
+                    read_from_vault_at  TIMESTAMPTZ,         -- granted
+                    event_hash          CHAR(64) NOT NULL,
+                    PRIMARY KEY (stream_seq, event_index)
+                )"
+            ),
+            format!(
+                "CREATE INDEX IF NOT EXISTS secret_accesses_v{v}_path \
+                 ON secret_accesses_v{v} (path text_pattern_ops, stream_seq)"
+            ),
+            format!(
+                "CREATE INDEX IF NOT EXISTS secret_accesses_v{v}_client \
+                 ON secret_accesses_v{v} (client_id, stream_seq)"
+            ),
+            format!(
+                "CREATE INDEX IF NOT EXISTS secret_accesses_v{v}_decision \
+                 ON secret_accesses_v{v} (decision, stream_seq)"
+            ),
+            format!(
+                "CREATE INDEX IF NOT EXISTS secret_accesses_v{v}_job \
+                 ON secret_accesses_v{v} (job_id, stream_seq)"
+            ),
+            format!(
+                "CREATE INDEX IF NOT EXISTS secret_accesses_v{v}_request \
+                 ON secret_accesses_v{v} (request_id)"
+            ),
+            format!(
+                "CREATE INDEX IF NOT EXISTS secret_accesses_v{v}_time \
+                 ON secret_accesses_v{v} (occurred_at)"
+            ),
+        ],
     }
 }
 
@@ -257,7 +314,8 @@ pub fn drop_tables(model: ReadModel, v: i32) -> Vec<String> {
 /// One projection's row in `projection_checkpoints`.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct CheckpointRow {
-    /// The read model's name (`executions`, `audit`, `approvals`).
+    /// The read model's name (`executions`, `audit`, `approvals`,
+    /// `secret_accesses`).
     pub name: String,
     /// The schema version (its tables are `<table>_v<version>`).
     pub version: i32,

@@ -97,6 +97,52 @@ pub struct Fields {
     /// `metadata.user_id` (seed 002: the user a submitting service names).
     #[serde(rename = "metadata", deserialize_with = "metadata_user_id")]
     pub metadata_user_id: Option<String>,
+    /// The secret's KV v2 path (`secret_accesses.path`).
+    #[serde(deserialize_with = "string")]
+    pub path: Option<String>,
+    /// The one secret field asked for (`secret_accesses.field`).
+    #[serde(deserialize_with = "string")]
+    pub field: Option<String>,
+    /// The KV version asked for (`secret_accesses.requested_version`).
+    #[serde(deserialize_with = "int")]
+    pub version: Option<i64>,
+    /// Why the secret is read (`secret_accesses.purpose`).
+    #[serde(deserialize_with = "string")]
+    pub purpose: Option<String>,
+    /// The secret policy rule that decided (`secret_accesses.rule`).
+    #[serde(deserialize_with = "string")]
+    pub rule: Option<String>,
+    /// The KV version served (`secret_accesses.kv_version`).
+    #[serde(deserialize_with = "int")]
+    pub kv_version: Option<i64>,
+    /// Where a granted value came from: `vault`, `cache`,
+    /// `last_known_good` (`secret_accesses.source`).
+    #[serde(deserialize_with = "string")]
+    pub source: Option<String>,
+    /// When the value served was read from Vault, RFC 3339
+    /// (`secret_accesses.read_from_vault_at`).
+    #[serde(deserialize_with = "string")]
+    pub read_from_vault_at: Option<String>,
+    /// The reply code of a failed secret access: `unavailable`,
+    /// `not_found` (`secret_accesses.code`).
+    #[serde(deserialize_with = "string")]
+    pub code: Option<String>,
+    /// What Vault answered, when it failed or refused
+    /// (`secret_accesses.vault_error_*`).
+    #[serde(deserialize_with = "vault_error")]
+    pub vault_error: Option<VaultError>,
+}
+
+/// `vault_error` of a secret-access event: what Vault answered. Lenient
+/// like the other fields; never holds a value or a token.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct VaultError {
+    /// `unreachable`, `failing`, `refused`, `not_found`, `bad_answer`.
+    pub kind: Option<String>,
+    /// The HTTP status Vault answered, if it answered.
+    pub status: Option<i64>,
+    /// What failed, for people.
+    pub message: Option<String>,
 }
 
 fn fields<'de, D: Deserializer<'de>>(d: D) -> Result<Fields, D::Error> {
@@ -215,6 +261,66 @@ fn metadata_user_id<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D
     d.deserialize_any(Lenient::<String>::new(true))
 }
 
+/// Reads an object's `kind`, `status` and `message` leniently; anything
+/// but an object is `None`.
+struct VaultErrorVisitor;
+
+impl<'de> Visitor<'de> for VaultErrorVisitor {
+    type Value = Option<VaultError>;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("any JSON value")
+    }
+    fn visit_str<E: de::Error>(self, _: &str) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_i64<E: de::Error>(self, _: i64) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_u64<E: de::Error>(self, _: u64) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_none<E: de::Error>(self) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_any(self)
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        while seq.next_element::<IgnoredAny>()?.is_some() {}
+        Ok(None)
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut e = VaultError::default();
+        while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+            match key.as_ref() {
+                "kind" => e.kind = map.next_value_seed(Seed::<String>(Lenient::new(false)))?,
+                "status" => e.status = map.next_value_seed(Seed::<i64>(Lenient::new(false)))?,
+                "message" => {
+                    e.message = map.next_value_seed(Seed::<String>(Lenient::new(false)))?
+                }
+                _ => {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+        }
+        Ok(Some(e))
+    }
+}
+
+fn vault_error<'de, D: Deserializer<'de>>(d: D) -> Result<Option<VaultError>, D::Error> {
+    d.deserialize_any(VaultErrorVisitor)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -264,6 +370,29 @@ mod tests {
         assert!(f.status.is_none() && f.priority.is_none() && f.step.is_none());
         assert!(f.reason.is_none() && f.metadata_user_id.is_none());
         assert!(f.outputs.is_none() && f.error_code.is_none() && f.duration_ms.is_none());
+    }
+
+    #[test]
+    fn reads_a_secret_access_and_its_vault_error_leniently() {
+        let f = fields_of(json!({
+            "path": "secret/data/ocr", "field": "api_key", "version": 3, "purpose": "ocr",
+            "job_id": "j-1", "step": "ocr", "rule": "ocr-handler", "code": "unavailable",
+            "vault_error": {"kind": "failing", "status": 503, "message": "sealed", "x": [1]},
+        }));
+        assert_eq!(f.path.as_deref(), Some("secret/data/ocr"));
+        assert_eq!((f.field.as_deref(), f.version), (Some("api_key"), Some(3)));
+        assert_eq!(f.code.as_deref(), Some("unavailable"));
+        let e = f.vault_error.expect("an object");
+        assert_eq!(e.kind.as_deref(), Some("failing"));
+        assert_eq!(
+            (e.status, e.message.as_deref()),
+            (Some(503), Some("sealed"))
+        );
+        for odd in [json!(null), json!("down"), json!([1]), json!(5)] {
+            assert!(fields_of(json!({"vault_error": odd})).vault_error.is_none());
+        }
+        let e = fields_of(json!({"vault_error": {"kind": 1, "status": "503"}})).vault_error;
+        assert_eq!(e, Some(VaultError::default()));
     }
 
     #[test]

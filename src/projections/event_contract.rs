@@ -19,6 +19,11 @@ use crate::commands::job::events::{
 };
 use crate::commands::projection::events::{ProjectionEvent, ProjectionEventSkipped};
 use crate::commands::rejected_callback::events::{CallbackEvent, CallbackRejected};
+use crate::commands::secret_access::events::{
+    AccessRequest, DecidedBy, SecretAccessDenied, SecretAccessEvent, SecretAccessFailed,
+    SecretAccessGranted, ValueSource, VaultFailure,
+};
+use crate::commands::secret_cache::events::{SecretCacheEvent, SecretCacheInvalidated};
 use crate::commands::workflow::events::{AutoApprovalCounted, WorkflowEvent, WorkflowSwitched};
 use crate::events::chain;
 use crate::events::envelope::{self, Actor, OutgoingRecord};
@@ -286,6 +291,97 @@ fn workflow_callback_and_projection_events_decode_through_the_projection_parser(
     match &skipped {
         ProjectionEvent::ProjectionEventSkipped(s) => {
             assert_eq!(p.data.reason.as_deref(), Some(s.reason.as_str()));
+        }
+    }
+}
+
+#[test]
+fn every_secret_event_decodes_through_the_projection_parser() {
+    let request = |job: bool| AccessRequest {
+        path: "secret/data/external_apis/ocr".into(),
+        field: Some("api_key".into()),
+        version: Some(4),
+        purpose: "call the OCR provider".into(),
+        job_id: job.then(|| "j-1".into()),
+        step: job.then(|| "ocr".into()),
+    };
+    let failure = || VaultFailure {
+        kind: "failing".into(),
+        status: Some(503),
+        message: "Vault is sealed".into(),
+    };
+    let events = [
+        SecretAccessEvent::SecretAccessGranted(SecretAccessGranted {
+            request: request(true),
+            rule: "ocr-handler".into(),
+            kv_version: 4,
+            source: ValueSource::LastKnownGood,
+            read_from_vault_at: "2026-12-01T09:59:00Z".into(),
+            vault_error: Some(failure()),
+        }),
+        SecretAccessEvent::SecretAccessDenied(SecretAccessDenied {
+            request: request(false),
+            decided_by: DecidedBy::Vault,
+            rule: None,
+            reason: "permission denied".into(),
+        }),
+        SecretAccessEvent::SecretAccessFailed(SecretAccessFailed {
+            request: request(true),
+            rule: "ocr-handler".into(),
+            code: "unavailable".into(),
+            vault_error: failure(),
+        }),
+    ];
+    for e in events {
+        let p = projected("secret_access", &e);
+        let d = &p.data;
+        let r = e.request();
+        assert_eq!(d.path.as_deref(), Some(r.path.as_str()), "{e:?}");
+        assert_eq!(d.field, r.field, "{e:?}");
+        assert_eq!(d.version, r.version.and_then(|v| i64::try_from(v).ok()));
+        assert_eq!(d.purpose.as_deref(), Some(r.purpose.as_str()));
+        // top-level, so the audit trail has the job and the step
+        assert_eq!(d.job_id, r.job_id, "{e:?}");
+        assert_eq!(d.step, r.step, "{e:?}");
+        let vault = |f: &VaultFailure| {
+            let v = d.vault_error.as_ref().expect("vault_error read");
+            assert_eq!(v.kind.as_deref(), Some(f.kind.as_str()));
+            assert_eq!(v.status, f.status.map(i64::from));
+            assert_eq!(v.message.as_deref(), Some(f.message.as_str()));
+        };
+        match &e {
+            SecretAccessEvent::SecretAccessGranted(g) => {
+                assert_eq!(d.rule.as_deref(), Some(g.rule.as_str()));
+                assert_eq!(d.kv_version, i64::try_from(g.kv_version).ok());
+                assert_eq!(d.source.as_deref(), Some("last_known_good"));
+                assert_eq!(
+                    d.read_from_vault_at.as_deref(),
+                    Some(g.read_from_vault_at.as_str())
+                );
+                vault(g.vault_error.as_ref().expect("set above"));
+            }
+            SecretAccessEvent::SecretAccessDenied(x) => {
+                assert_eq!(d.decided_by.as_deref(), Some("vault"));
+                assert_eq!(d.rule, x.rule);
+                assert_eq!(d.reason.as_deref(), Some(x.reason.as_str()));
+                assert!(d.vault_error.is_none() && d.code.is_none());
+            }
+            SecretAccessEvent::SecretAccessFailed(f) => {
+                assert_eq!(d.rule.as_deref(), Some(f.rule.as_str()));
+                assert_eq!(d.code.as_deref(), Some(f.code.as_str()));
+                vault(&f.vault_error);
+            }
+        }
+    }
+    let invalidated = SecretCacheEvent::SecretCacheInvalidated(SecretCacheInvalidated {
+        path: "secret/data/external_apis/ocr".into(),
+        reason: "rotated the OCR key".into(),
+    });
+    let p = projected("secret_cache", &invalidated);
+    match &invalidated {
+        SecretCacheEvent::SecretCacheInvalidated(i) => {
+            assert_eq!(p.data.path.as_deref(), Some(i.path.as_str()));
+            assert_eq!(p.data.reason.as_deref(), Some(i.reason.as_str()));
         }
     }
 }

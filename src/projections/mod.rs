@@ -29,14 +29,18 @@ pub enum ReadModel {
     Audit,
     /// `approvals`: one row per approval (seed 003).
     Approvals,
+    /// `secret_accesses`: one row per secret access request (granted,
+    /// denied or failed), for auditors.
+    SecretAccesses,
 }
 
 impl ReadModel {
     /// Every read model; `migrate` and `serve` go through them all.
-    pub const ALL: [ReadModel; 3] = [
+    pub const ALL: [ReadModel; 4] = [
         ReadModel::Executions,
         ReadModel::Audit,
         ReadModel::Approvals,
+        ReadModel::SecretAccesses,
     ];
 
     /// The projection's name: in `projection_checkpoints`, its consumer's
@@ -46,6 +50,7 @@ impl ReadModel {
             ReadModel::Executions => "executions",
             ReadModel::Audit => "audit",
             ReadModel::Approvals => "approvals",
+            ReadModel::SecretAccesses => "secret_accesses",
         }
     }
 
@@ -59,10 +64,15 @@ impl ReadModel {
         Self::ALL.map(|m| m.name()).join(", ")
     }
 
-    /// Whether the read model stores event hashes (decoding skips the
-    /// SHA-256 otherwise).
-    pub fn needs_hashes(self) -> bool {
-        self == ReadModel::Audit
+    /// Whether the read model stores the hash of an event of
+    /// `aggregate_type` (decoding skips the SHA-256 otherwise): the audit
+    /// trail every event's, `secret_accesses` those of `secret_access`.
+    pub fn needs_hash(self, aggregate_type: &str) -> bool {
+        match self {
+            ReadModel::Audit => true,
+            ReadModel::SecretAccesses => aggregate_type == "secret_access",
+            ReadModel::Executions | ReadModel::Approvals => false,
+        }
     }
 
     /// The tables readers see (each a view over `<table>_v<N>`).
@@ -71,6 +81,7 @@ impl ReadModel {
             ReadModel::Executions => &["workflows_executions"],
             ReadModel::Audit => &["audit_trail"],
             ReadModel::Approvals => &["approvals"],
+            ReadModel::SecretAccesses => &["secret_accesses"],
         }
     }
 }
@@ -81,7 +92,7 @@ pub struct Msg {
     /// The message's stream sequence (the checkpoint after it is applied).
     pub seq: u64,
     /// `(hash hex, event)` per event, in commit order; the hash is empty
-    /// for read models that do not store it.
+    /// where the read model does not store it ([`ReadModel::needs_hash`]).
     pub events: Vec<(String, ProjectedEvent)>,
 }
 

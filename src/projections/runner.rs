@@ -50,7 +50,7 @@ pub fn decode(m: &jetstream::Message, model: ReadModel) -> Result<Msg, ApplyErro
     let events = lines
         .into_iter()
         .map(|(line, r)| {
-            let hash = if model.needs_hashes() {
+            let hash = if model.needs_hash(&r.aggregate_type) {
                 let prev = chain::from_hex(&r.prev_hash).ok_or_else(|| {
                     poison(format!("prev_hash {:?} is not 64 hex digits", r.prev_hash))
                 })?;

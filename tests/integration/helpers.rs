@@ -838,6 +838,8 @@ pub(crate) struct ReadSide {
 pub(crate) const BILLING_TOKEN: &str = "test-billing-token";
 pub(crate) const OTHER_TOKEN: &str = "test-other-token";
 pub(crate) const OPERATOR_TOKEN: &str = "test-operator-token";
+/// The auditor's (role `auditor`: reads everything, sends no command).
+pub(crate) const AUDITOR_TOKEN: &str = "test-auditor-token";
 /// A client allowed 2 submissions a minute.
 pub(crate) const LIMITED_TOKEN: &str = "test-limited-token";
 /// Refused n8n posts the test API takes from one address per minute.
@@ -857,6 +859,7 @@ pub(crate) fn test_clients() -> Vec<flowledger::config::ClientEntry> {
         entry("billing", BILLING_TOKEN, Role::Client, 10_000),
         entry("other", OTHER_TOKEN, Role::Client, 10_000),
         entry("ops", OPERATOR_TOKEN, Role::Operator, 10_000),
+        entry("audit", AUDITOR_TOKEN, Role::Auditor, 10_000),
         entry("limited", LIMITED_TOKEN, Role::Client, 2),
     ]
 }

@@ -17,6 +17,7 @@ mod peers;
 mod projections;
 mod scale_out;
 mod secret_access;
+mod secret_audit;
 mod secrets;
 mod secrets_vault;
 mod survival;

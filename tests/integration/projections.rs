@@ -167,7 +167,10 @@ async fn read_models_and_the_api_show_each_jobs_story() {
 
     let (s, health) = read.get("/healthz").await;
     assert_eq!(s, 200, "{health}");
-    assert_eq!(health["projections"].as_array().unwrap().len(), 3);
+    assert_eq!(
+        health["projections"].as_array().unwrap().len(),
+        ReadModel::ALL.len()
+    );
     let (_, metrics) = read.get("/metrics").await;
     let metrics = metrics.as_str().unwrap_or_default().to_string();
     assert!(
@@ -184,6 +187,7 @@ async fn read_models_and_the_api_show_each_jobs_story() {
         "/v1/jobs/{id}/status",
         "/v1/executions",
         "/v1/audit",
+        "/v1/audit/secret-accesses",
         "/v1/approvals",
         "/v1/jobs",
         "/v1/jobs/{id}/cancel",
