@@ -1066,7 +1066,11 @@ impl OwnKeyValues {
                     self.checkpoint = Some(key);
                 }
             }
-            tracing::info!(key = name, kv_version = served.kv_version, "read flowledger's own key from Vault");
+            tracing::info!(
+                key = name,
+                kv_version = served.kv_version,
+                "read flowledger's own key from Vault"
+            );
         }
         Ok(())
     }

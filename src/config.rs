@@ -126,7 +126,11 @@ impl OwnKeys {
             .split_once('#')
             .ok_or_else(|| format!("{value:?} must be <path>#<field>"))?;
         check_path(path).map_err(|e| format!("{value:?}: {e}"))?;
-        if field.is_empty() || !field.chars().all(|c| c.is_ascii_alphanumeric() || "_-.".contains(c)) {
+        if field.is_empty()
+            || !field
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "_-.".contains(c))
+        {
             return Err(format!("{value:?}: the field must be A-Z a-z 0-9 _ - ."));
         }
         Ok((path.to_string(), field.to_string()))
@@ -182,7 +186,9 @@ impl SecretsSection {
             OwnKeys::split(v).map_err(|e| format!("secrets.keys.{name}: {e}"))?;
         }
         if self.vault_addr.is_none() && !self.keys.sources().is_empty() {
-            return Err("secrets.keys needs secrets.vault_addr: the keys are read from Vault".into());
+            return Err(
+                "secrets.keys needs secrets.vault_addr: the keys are read from Vault".into(),
+            );
         }
         SecretPolicy::new(self.rules.clone())
     }

@@ -425,7 +425,8 @@ pub async fn serve(
                     super::secrets::read(&bus, secrets.as_deref(), &caller, &msg.payload).await
                 }
                 Ok(caller) if subject == SECRET_INVALIDATE_SUBJECT => {
-                    super::secrets::invalidate(&bus, secrets.as_deref(), &caller, &msg.payload).await
+                    super::secrets::invalidate(&bus, secrets.as_deref(), &caller, &msg.payload)
+                        .await
                 }
                 Ok(caller) => handle(&bus, &caller, subject, &msg.payload)
                     .await

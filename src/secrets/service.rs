@@ -160,7 +160,10 @@ impl SecretService {
         meta: &CommandMeta,
     ) -> Result<Served, CommandError> {
         check(&request)?;
-        match self.policy.decide(&meta.actor.client_id, role, &request.path) {
+        match self
+            .policy
+            .decide(&meta.actor.client_id, role, &request.path)
+        {
             Decision::Allowed { rule } => self.serve(bus, request, rule, meta).await,
             Decision::Denied { reason } => {
                 let event = SecretAccessEvent::SecretAccessDenied(SecretAccessDenied {

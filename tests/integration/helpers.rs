@@ -443,7 +443,7 @@ pub(crate) async fn spawn_app_on<N: Broker>(nats: N, config: LogConfig) -> TestA
 pub(crate) async fn spawn_app_with_secrets<N: Broker>(
     nats: N,
     config: LogConfig,
-    secrets: Option<flowledger::app::SecretsSettings>,
+    secrets: Option<Arc<flowledger::secrets::service::SecretService>>,
 ) -> TestApp<N> {
     if std::env::var("TEST_LOG").is_ok() {
         let _ = tracing_subscriber::fmt().with_test_writer().try_init();
@@ -891,7 +891,7 @@ pub(crate) async fn spawn_api_with(
     runners: bool,
     registry: Arc<Registry>,
     url: String,
-    secrets: Option<flowledger::app::SecretsSettings>,
+    secrets: Option<Arc<flowledger::secrets::service::SecretService>>,
 ) -> ReadSide {
     let mut s = settings(app, registry);
     s.secrets = secrets;

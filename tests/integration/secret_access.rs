@@ -6,11 +6,11 @@
 
 use std::time::Duration;
 
-use flowledger::app::SecretsSettings;
 use flowledger::commands::secret_access::policy::{PolicyRule, SecretPolicy};
-use flowledger::secrets::service::SecretRules;
+use flowledger::secrets::service::{SecretRules, SecretService};
 use flowledger::secrets::vault::{VaultAuth, VaultClient, VaultConfig};
 use serde_json::{json, Value};
+use std::sync::Arc;
 
 use crate::helpers::*;
 use crate::openbao::OpenBao;
@@ -63,7 +63,7 @@ async fn vault_with_secrets(stripe_key: &str) -> (OpenBao, String) {
     (bao, token)
 }
 
-async fn secrets_settings(bao: &OpenBao, token: &str, ttl: u64, stale: u64) -> SecretsSettings {
+async fn secrets_settings(bao: &OpenBao, token: &str, ttl: u64, stale: u64) -> Arc<SecretService> {
     let vault = VaultClient::connect(VaultConfig {
         addr: bao.addr(),
         auth: VaultAuth::Token(token.to_string()),
@@ -71,19 +71,19 @@ async fn secrets_settings(bao: &OpenBao, token: &str, ttl: u64, stale: u64) -> S
     })
     .await
     .expect("connect to OpenBao");
-    SecretsSettings {
+    Arc::new(SecretService::new(
         vault,
-        policy: SecretPolicy::new(rules()).expect("valid rules"),
-        rules: SecretRules {
+        SecretPolicy::new(rules()).expect("valid rules"),
+        SecretRules {
             cache_ttl: Duration::from_secs(ttl),
             max_staleness: Duration::from_secs(stale),
             retry_attempts: 3,
             retry_base: Duration::from_millis(50),
         },
-    }
+    ))
 }
 
-async fn api_with_secrets(app: &TestApp, s: SecretsSettings, runners: bool) -> ReadSide {
+async fn api_with_secrets(app: &TestApp, s: Arc<SecretService>, runners: bool) -> ReadSide {
     spawn_api_with(app, runners, registry(), fresh_database().await, Some(s)).await
 }
 
@@ -477,4 +477,131 @@ async fn no_value_is_returned_when_its_access_event_cannot_be_stored() {
         a.body
     );
     assert_eq!(vault_reads(&bao, STRIPE), 1);
+}
+
+/// `serve` with `[secrets]` and `[secrets.keys]`: `token` in the
+/// environment, the callback signing key read from Vault.
+fn serve_with_vault_keys(
+    app: &TestApp,
+    db: &str,
+    dir: &std::path::Path,
+    bao: &OpenBao,
+    token: &str,
+) -> std::process::Command {
+    let registry = dir.join("registry.json");
+    let config = dir.join("flowledger.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[secrets]\nvault_addr = \"{}\"\n[secrets.keys]\n\
+             callback_signing = \"secret/data/flowledger/keys#callback\"\n",
+            bao.addr()
+        ),
+    )
+    .unwrap();
+    let mut cmd = app.nats.cli(Who::Service);
+    cmd.args([
+        "serve",
+        "--http",
+        "127.0.0.1:0",
+        "--checkpoint-every-secs",
+        "0",
+    ])
+    .env("DATABASE_URL", db)
+    .env("FLOWLEDGER_REGISTRY", registry)
+    .env("FLOWLEDGER_CONFIG", config)
+    .env("FLOWLEDGER_VAULT_TOKEN", token)
+    .env_remove("FLOWLEDGER_CALLBACK_KEY");
+    cmd
+}
+
+#[tokio::test]
+async fn serve_signs_callbacks_with_its_key_from_vault_and_records_reading_it() {
+    use crate::peers::{self, Peer};
+    const KEY: &str = "callback-key-from-vault-0123456789";
+    let app = spawn_app().await;
+    let (bao, _) = vault_with_secrets("unused").await;
+    bao.put_secret("flowledger/keys", json!({"callback": KEY}))
+        .await;
+    bao.write_policy(
+        "fl-keys",
+        r#"path "secret/data/flowledger/*" { capabilities = ["read"] }"#,
+    )
+    .await;
+    let token = bao.token_with_policies(&["fl-keys"]).await;
+    let peer = Peer::start().await;
+    let step = peer.script("/s", vec![peers::ok(10, json!("done"))]);
+    peer.script("/cb", vec![peers::ok(0, json!({}))]);
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("registry.json"),
+        one_workflow(json!([solver("s", &step, 5000, 1)]), json!({})).to_string(),
+    )
+    .unwrap();
+    let db = fresh_database().await;
+
+    // a bad token stops serve at start, naming the token, exit 2
+    let out = serve_with_vault_keys(&app, &db, dir.path(), &bao, "not-a-token")
+        .output()
+        .expect("run serve");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("Vault token was refused"), "{stderr}");
+    assert!(!stderr.contains("not-a-token"), "{stderr}");
+    // the key in Vault and in the environment: which is meant? exit 2
+    let out = serve_with_vault_keys(&app, &db, dir.path(), &bao, &token)
+        .env("FLOWLEDGER_CALLBACK_KEY", "another-key-0123456789")
+        .output()
+        .expect("run serve");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("secrets.keys.callback_signing"), "{stderr}");
+
+    let mut serve = serve_with_vault_keys(&app, &db, dir.path(), &bao, &token)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start serve");
+    let cb = format!("{}/cb", peer.url);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let r = app
+            .send("job.submit", json!({"job_id": "vault-key-1", "workflow_key": "w", "client_id": "billing", "callback_url": cb}))
+            .await;
+        if r["ok"] == true {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{r}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    while peer.received("/cb").is_empty() {
+        assert!(std::time::Instant::now() < deadline, "no callback arrived");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let _ = serve.kill();
+    let _ = serve.wait();
+    let got = &peer.received("/cb")[0];
+    let key = flowledger::crypto::SigningKey::new(KEY.as_bytes()).unwrap();
+    let now = chrono::Utc::now().timestamp();
+    key.verify(
+        got.headers
+            .get("x-flowledger-timestamp")
+            .map(String::as_str),
+        got.headers
+            .get("x-flowledger-signature")
+            .map(String::as_str),
+        &got.raw,
+        now,
+        300,
+    )
+    .expect("the callback is signed with the key from Vault");
+    let own: Vec<_> = log_events(&app)
+        .await
+        .into_iter()
+        .filter(|r| r.event_type == "SecretAccessGranted" && r.actor.client_id == "flowledger")
+        .collect();
+    assert_eq!(own.len(), 1, "one read of the key at start");
+    assert_eq!(own[0].data["rule"], "flowledger-own-keys");
+    assert_eq!(own[0].data["path"], "secret/data/flowledger/keys");
+    assert!(!own[0].data.to_string().contains(KEY));
 }

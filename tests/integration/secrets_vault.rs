@@ -437,7 +437,15 @@ async fn no_value_token_or_secret_id_in_the_logs_at_trace_level() {
         },
     )
     .await;
-    tokio::time::sleep(Duration::from_secs(3)).await; // a renewal
+    // a renewal (at 2/3 of the 3 s TTL; a loaded machine may take longer)
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while !String::from_utf8_lossy(&logs.0.lock().expect("the logs")).contains("renew-self") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no renewal within 15 s"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     approle
         .read(OCR, None, None)
         .await
