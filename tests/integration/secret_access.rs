@@ -605,3 +605,165 @@ async fn serve_signs_callbacks_with_its_key_from_vault_and_records_reading_it() 
     assert_eq!(own[0].data["path"], "secret/data/flowledger/keys");
     assert!(!own[0].data.to_string().contains(KEY));
 }
+
+/// A `MakeWriter` keeping every log line in memory.
+#[derive(Clone, Default)]
+struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Captured {
+    type Writer = Captured;
+    fn make_writer(&'a self) -> Self::Writer {
+        self.clone()
+    }
+}
+
+#[tokio::test]
+async fn a_planted_value_is_found_only_in_the_replies_meant_for_it() {
+    use crate::secrets::{contains, files_under, pg_dump};
+    use flowledger::audit::checkpoint::CheckpointKey;
+    use flowledger::audit::{export, read::Filter};
+    const PLANTED: &str = "PLANTED-zq8x-value-7731";
+    // every log line of the service at debug level (the runtime is this
+    // thread's: the service's tasks log here too)
+    let logs = Captured::default();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::DEBUG)
+        .with_writer(logs.clone())
+        .with_ansi(false)
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let app = spawn_app().await;
+    let (mut bao, token) = vault_with_secrets(PLANTED).await;
+    let api = api_with_secrets(&app, secrets_settings(&bao, &token, 1, 600).await, true).await;
+    let body = json!({"path": STRIPE, "field": "api_key", "purpose": "charge"});
+    let mut replies = Vec::new();
+    // granted from Vault, from the cache, the whole secret
+    for b in [
+        body.clone(),
+        body.clone(),
+        json!({"path": STRIPE, "purpose": "all"}),
+    ] {
+        let a = read(&api, BILLING_TOKEN, b).await;
+        assert_eq!(a.status, 200, "{}", a.body);
+        assert!(
+            a.body.to_string().contains(PLANTED),
+            "the intended reply holds it"
+        );
+        replies.push(a.body);
+    }
+    // denied by the policy and by Vault, no such field: the error bodies
+    let mut errors = Vec::new();
+    for (token, b) in [
+        (OTHER_TOKEN, body.clone()),
+        (
+            OPERATOR_TOKEN,
+            json!({"path": "secret/data/ops/root", "purpose": "x"}),
+        ),
+        (
+            BILLING_TOKEN,
+            json!({"path": STRIPE, "field": "nope", "purpose": "x"}),
+        ),
+    ] {
+        let a = read(&api, token, b).await;
+        assert!(a.status >= 400, "{}", a.body);
+        errors.push(a.body.to_string());
+    }
+    // last-known-good, then invalidation, then unavailable
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    bao.stop();
+    let a = read(&api, BILLING_TOKEN, body.clone()).await;
+    assert_eq!(a.body["source"], "last_known_good", "{}", a.body);
+    let inv = api
+        .post(
+            "/v1/secrets/invalidate",
+            OPERATOR_TOKEN,
+            json!({"path": STRIPE, "reason": "rotated"}),
+        )
+        .await;
+    assert_eq!(inv.status, 200, "{}", inv.body);
+    let a = read(&api, BILLING_TOKEN, body.clone()).await;
+    assert_eq!(a.status, 503, "{}", a.body);
+    errors.push(a.body.to_string());
+
+    for e in &errors {
+        assert!(!e.contains(PLANTED), "an error body holds the value: {e}");
+    }
+    // the stream on disk
+    app.client.flush().await.unwrap();
+    let stored = files_under(&app.nats.store_dir());
+    assert!(stored
+        .iter()
+        .any(|(_, b)| contains(b, "SecretAccessGranted")));
+    assert!(stored.iter().any(|(_, b)| contains(b, "last_known_good")));
+    // an export
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("export");
+    let key = CheckpointKey::from_hex("test-key", &"5a".repeat(32)).unwrap();
+    export::export(
+        &app.client,
+        &app.log,
+        &Filter::default(),
+        &out,
+        Some(&key),
+        &mut |_, _| {},
+    )
+    .await
+    .expect("export");
+    let exported = files_under(&out);
+    assert!(exported
+        .iter()
+        .any(|(_, b)| contains(b, "SecretAccessGranted")));
+    // the read models
+    api.caught_up(&app.log).await;
+    let dump = pg_dump(&api.url);
+    assert!(
+        contains(&dump, "secret/data/billing/stripe"),
+        "the read models hold the accesses"
+    );
+    // metrics
+    let metrics = api.call("GET", "/metrics", None, None).await;
+    assert!(
+        metrics
+            .body
+            .to_string()
+            .contains("flowledger_secret_reads_total"),
+        "{}",
+        metrics.body
+    );
+    let logged = String::from_utf8_lossy(&logs.0.lock().unwrap()).to_string();
+    assert!(
+        logged.contains("last-known-good"),
+        "the capture saw the service's log"
+    );
+    let places: Vec<(String, Vec<u8>)> = stored
+        .into_iter()
+        .chain(exported)
+        .map(|(p, b)| (p.display().to_string(), b))
+        .chain([
+            ("pg_dump".to_string(), dump),
+            (
+                "/metrics".to_string(),
+                metrics.body.to_string().into_bytes(),
+            ),
+            ("the service's log".to_string(), logged.into_bytes()),
+        ])
+        .collect();
+    for (place, bytes) in &places {
+        assert!(!contains(bytes, PLANTED), "the value is in {place}");
+    }
+    drop(replies);
+}
