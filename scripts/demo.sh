@@ -17,6 +17,7 @@ cleanup() {
   [ -n "$PEER_PID" ] && kill "$PEER_PID" 2>/dev/null || true
   scripts/nats.sh stop "$WORK"
   scripts/pg.sh stop "$WORK"
+  scripts/bao.sh stop "$WORK"
   rm -rf "$WORK"
 }
 trap cleanup EXIT
@@ -139,8 +140,28 @@ cat >"$WORK/registry.json" <<JSON
   {"name": "ocr", "kind": "solver", "url": "$PEER/ocr", "timeout_ms": 5000},
   {"name": "llm", "kind": "solver", "url": "$PEER/llm", "timeout_ms": 5000}]}}}
 JSON
+# secret access (docs/SECRETS.md): a throw-away OpenBao holds billing's
+# Stripe key; flowledger's own Vault token may read billing/* only, and its
+# policy lets client billing read billing/*
+BAO_ADDR=$(scripts/bao.sh start "$WORK" "$BAO_BIN")
+bao_api() { curl -fsS -H "X-Vault-Token: dev-root-token" "$@"; }
+bao_api -X POST -d '{"data": {"api_key": "sk_demo_4242", "account": "acct_demo"}}' "$BAO_ADDR/v1/secret/data/billing/stripe" >/dev/null
+bao_api -X PUT -d '{"policy": "path \"secret/data/billing/*\" { capabilities = [\"read\"] }"}' "$BAO_ADDR/v1/sys/policies/acl/flowledger" >/dev/null
+export FLOWLEDGER_VAULT_TOKEN
+FLOWLEDGER_VAULT_TOKEN=$(bao_api -X POST -d '{"policies": ["flowledger"]}' "$BAO_ADDR/v1/auth/token/create" | python3 -c 'import json,sys; print(json.load(sys.stdin)["auth"]["client_token"])')
+cp config/example.toml "$WORK/with-secrets.toml"
+cat >>"$WORK/with-secrets.toml" <<TOML
+
+[secrets]
+vault_addr = "$BAO_ADDR"
+
+[[secrets.rules]]
+name = "billing-reads-its-keys"
+clients = ["billing"]
+paths = ["secret/data/billing/*"]
+TOML
 kill "$SERVE_PID"; wait "$SERVE_PID" 2>/dev/null || true
-"$FL" serve --checkpoint-every-secs 0 --http "$HTTP_ADDR" --registry "$WORK/registry.json" --config config/example.toml >"$WORK/serve2.log" 2>&1 &
+"$FL" serve --checkpoint-every-secs 0 --http "$HTTP_ADDR" --registry "$WORK/registry.json" --config "$WORK/with-secrets.toml" >"$WORK/serve2.log" 2>&1 &
 SERVE_PID=$!
 for _ in $(seq 1 50); do grep -q "listening" "$WORK/serve2.log" && break; sleep 0.1; done
 say "POST /v1/jobs as client billing (bearer token): 202 with the seed 002 answer; the same body again answers the same"
@@ -162,6 +183,27 @@ for e in json.load(sys.stdin)["items"]:
 '
 curl -fsS "${OPS[@]}" "$API/v1/jobs/demo-run-1/status" | grep -q '"completed"' || { echo "the handler did not complete the job"; exit 1; }
 
+say "secret access: billing reads its Stripe key through flowledger (OpenBao $("$BAO_BIN" version | awk '{print $2}') at $BAO_ADDR); the value comes back only after its access event is stored"
+READ='{"path": "secret/data/billing/stripe", "field": "api_key", "purpose": "charge the card of order 4713"}'
+curl -fsS "${BILLING[@]}" -d "$READ" "$API/v1/secrets/read"; echo
+say "again: served from flowledger's cache (no Vault request), and recorded all the same"
+curl -fsS "${BILLING[@]}" -d "$READ" "$API/v1/secrets/read" | grep -o '"source":"[a-z_]*"'
+say "a path no rule gives billing: 403, recorded as denied"
+curl -sS "${BILLING[@]}" -d '{"path": "secret/data/ops/root", "purpose": "curious"}' "$API/v1/secrets/read"; echo
+say "GET /v1/audit/secret-accesses as the operator: who read which secret, when, why, and from where (never the value)"
+for _ in $(seq 1 50); do
+  n=$(curl -fsS "${OPS[@]}" "$API/v1/audit/secret-accesses" | python3 -c 'import json,sys; print(len(json.load(sys.stdin)["items"]))')
+  [ "$n" -ge 3 ] && break; sleep 0.1
+done
+curl -fsS "${OPS[@]}" "$API/v1/audit/secret-accesses" | python3 -c '
+import json, sys
+items = json.load(sys.stdin)["items"]
+for r in items:
+    print("  seq %3d  %-8s %-8s %-28s v%-4s %-6s rule %-24s %s" % (r["stream_seq"], r["client_id"], r["decision"], r["path"], r.get("kv_version") or "-", r.get("source") or "-", r.get("rule") or "-", r["purpose"]))
+assert [r["decision"] for r in items] == ["granted", "granted", "denied"], items
+assert not any("sk_demo_4242" in json.dumps(r) for r in items)
+'
+
 cat <<'TXT'
 
 What you just saw: commands became immutable, hash-chained events in a
@@ -176,6 +218,8 @@ checkpoint, and verified, and a one-byte change to the export was caught
 with its stream sequence. Finally a client submitted a job over HTTP with
 its bearer token (a repeat answered the same, a changed body got 409), and
 the job handler ran its two solver steps in parallel and recorded every
-attempt. Everything ran on a throw-away server that is now
+attempt. Billing then read its API key from OpenBao through flowledger:
+each read (from Vault, from the cache, and a denied one) became an access
+event, listed for auditors without the value. Everything ran on a throw-away server that is now
 stopped and deleted. See README.md and docs/ for more.
 TXT
