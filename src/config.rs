@@ -492,6 +492,15 @@ impl Config {
         c.secrets.check().map_err(invalid)?;
         let mut ids = std::collections::BTreeSet::new();
         for (i, client) in c.clients.iter().enumerate() {
+            // the actors flowledger itself records under
+            if ["flowledger", "flowledger-handler", "operator", "n8n"].contains(&client.id.as_str())
+            {
+                return Err(invalid(format!(
+                    "clients[{i}].id {:?} is the actor flowledger records its own commands \
+                     under; choose another id",
+                    client.id
+                )));
+            }
             if client.id.trim().is_empty() || !ids.insert(client.id.as_str()) {
                 return Err(invalid(format!(
                     "clients[{i}].id must be non-empty and unique, got {:?}",

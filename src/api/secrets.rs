@@ -1,8 +1,9 @@
 //! The secret-access door, the same over HTTP (`POST /v1/secrets/read`,
 //! `POST /v1/secrets/invalidate`, bearer auth) and NATS
 //! (`flow.cmd.secret.read`, `flow.cmd.secret.invalidate`, the caller the
-//! broker vouches for). Every verified caller may ask; flowledger's policy
-//! (`[[secrets.rules]]`) decides, and records the decision. Each read is
+//! broker vouches for). Every verified caller but an auditor (who writes
+//! nothing to the log) may ask; flowledger's policy (`[[secrets.rules]]`)
+//! decides, and records the decision. Each read is
 //! its own request: its id is made here, never chosen by the caller, so no
 //! retry can fetch a value without an access event of its own.
 
@@ -71,6 +72,8 @@ pub async fn read(
     caller: &Caller,
     body: &[u8],
 ) -> Result<Value, CommandError> {
+    // a read is recorded in the log: an auditor writes nothing
+    caller.require_may_command("secret.read")?;
     let b: ReadBody = from_fields(parse_object(body, false)?)?;
     let secrets = secrets.ok_or_else(not_configured)?;
     let meta = meta(caller, b.user_id);

@@ -324,6 +324,7 @@ fn every_secret_event_decodes_through_the_projection_parser() {
             decided_by: DecidedBy::Vault,
             rule: None,
             reason: "permission denied".into(),
+            vault_error: Some(failure()),
         }),
         SecretAccessEvent::SecretAccessFailed(SecretAccessFailed {
             request: request(true),
@@ -364,7 +365,8 @@ fn every_secret_event_decodes_through_the_projection_parser() {
                 assert_eq!(d.decided_by.as_deref(), Some("vault"));
                 assert_eq!(d.rule, x.rule);
                 assert_eq!(d.reason.as_deref(), Some(x.reason.as_str()));
-                assert!(d.vault_error.is_none() && d.code.is_none());
+                assert!(d.code.is_none());
+                vault(x.vault_error.as_ref().expect("set above"));
             }
             SecretAccessEvent::SecretAccessFailed(f) => {
                 assert_eq!(d.rule.as_deref(), Some(f.rule.as_str()));

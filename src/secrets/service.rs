@@ -61,7 +61,7 @@ pub struct SecretService {
 /// What Vault's answer meant for this request.
 enum Outcome {
     Value(Cached, ValueSource, Option<VaultFailure>),
-    Denied(String),
+    Denied(String, VaultFailure),
     Failed(ErrorCode, VaultFailure),
 }
 
@@ -102,7 +102,16 @@ async fn fail(
     vault_error: VaultFailure,
     meta: &CommandMeta,
 ) -> Result<Served, CommandError> {
-    let message = vault_error.message.clone();
+    // the caller learns what to do, not Vault's address or internals (those
+    // are in the event and the log)
+    let message = match code {
+        ErrorCode::Unavailable => format!(
+            "{} cannot be read from Vault now ({}) and no value within the maximum \
+             staleness is cached; retry later",
+            request.path, vault_error.kind
+        ),
+        _ => vault_error.message.clone(),
+    };
     let event = SecretAccessEvent::SecretAccessFailed(SecretAccessFailed {
         request,
         rule,
@@ -124,6 +133,17 @@ async fn record(
         .secret_access(&meta.command_id, RecordAccess(event), meta)
         .await
         .map_err(CommandError::from)?;
+    if receipt.duplicate {
+        // the id answered an earlier read: no event of this read's own
+        // was stored, so no value may leave
+        return Err(refused(
+            ErrorCode::Conflict,
+            format!(
+                "secret read {} was recorded before; every read needs its own request id",
+                meta.command_id
+            ),
+        ));
+    }
     Ok(receipt.stream_seq)
 }
 
@@ -171,6 +191,7 @@ impl SecretService {
                     decided_by: DecidedBy::Policy,
                     rule: None,
                     reason: reason.clone(),
+                    vault_error: None,
                 });
                 record(bus, event, meta).await?;
                 metrics::counter!("flowledger_secret_reads_total", "decision" => "denied")
@@ -221,6 +242,7 @@ impl SecretService {
                         }
                     },
                 };
+                let path = request.path.clone();
                 let event = SecretAccessEvent::SecretAccessGranted(SecretAccessGranted {
                     request,
                     rule,
@@ -230,6 +252,15 @@ impl SecretService {
                     vault_error,
                 });
                 let event_seq = record(bus, event, meta).await?;
+                if source == ValueSource::LastKnownGood {
+                    tracing::warn!(
+                        path = %path,
+                        kv_version = cached.version,
+                        age_seconds = cached.read_at.elapsed().as_secs(),
+                        "Vault cannot be read: served the last-known-good value"
+                    );
+                    metrics::counter!("flowledger_secret_last_known_good_total").increment(1);
+                }
                 let label = match source {
                     ValueSource::Vault => "vault",
                     ValueSource::Cache => "cache",
@@ -248,12 +279,13 @@ impl SecretService {
                     event_seq,
                 })
             }
-            Outcome::Denied(reason) => {
+            Outcome::Denied(reason, vault_error) => {
                 let event = SecretAccessEvent::SecretAccessDenied(SecretAccessDenied {
                     request,
                     decided_by: DecidedBy::Vault,
                     rule: Some(rule),
                     reason: reason.clone(),
+                    vault_error: Some(vault_error),
                 });
                 record(bus, event, meta).await?;
                 metrics::counter!("flowledger_secret_reads_total", "decision" => "denied")
@@ -273,6 +305,8 @@ impl SecretService {
             Lookup::Stale(c) => Some(c),
             Lookup::Miss => None,
         };
+        // an invalidation while this read is in flight wins over its value
+        let epoch = self.cache.epoch();
         let mut attempt = 0;
         let error = loop {
             attempt += 1;
@@ -284,8 +318,8 @@ impl SecretService {
                         read_at: std::time::Instant::now(),
                         read_at_utc: format_time(chrono::Utc::now()),
                     };
-                    self.cache
-                        .insert(&r.path, r.version.is_none(), cached.clone());
+                    let latest = r.version.is_none();
+                    self.cache.insert(&r.path, epoch, latest, cached.clone());
                     return Outcome::Value(cached, ValueSource::Vault, None);
                 }
                 Err(e) if e.is_retryable() && attempt < self.rules.retry_attempts => {
@@ -297,29 +331,33 @@ impl SecretService {
             }
         };
         match &error {
-            VaultError::Refused { reason, status, .. } => Outcome::Denied(format!(
-                "Vault refused flowledger's token ({status}: {reason})"
-            )),
+            VaultError::Refused { reason, status, .. } => {
+                // a value Vault now refuses is never served again
+                self.cache.invalidate(&r.path);
+                Outcome::Denied(
+                    format!("Vault refused flowledger's token ({status}: {reason})"),
+                    failure(&error),
+                )
+            }
             VaultError::NotFound { .. } | VaultError::NoField { .. } => {
+                self.cache.invalidate(&r.path);
                 Outcome::Failed(ErrorCode::NotFound, failure(&error))
             }
-            _ => match stale {
-                Some(c) => {
-                    tracing::warn!(
-                        path = %r.path,
-                        kv_version = c.version,
-                        age_seconds = c.read_at.elapsed().as_secs(),
-                        error = %error,
-                        "Vault cannot be read: serving the last-known-good value"
-                    );
-                    metrics::counter!("flowledger_secret_last_known_good_total").increment(1);
+            // only an outage (unreachable, 5xx, 429) falls back on the last
+            // known good value, and only while it is within the staleness
+            _ if error.is_retryable() => match stale {
+                Some(c) if self.cache.within_staleness(&c) => {
                     Outcome::Value(c, ValueSource::LastKnownGood, Some(failure(&error)))
                 }
-                None => {
+                _ => {
                     tracing::warn!(path = %r.path, error = %error, "Vault cannot be read and no value within the maximum staleness is cached");
                     Outcome::Failed(ErrorCode::Unavailable, failure(&error))
                 }
             },
+            _ => {
+                tracing::warn!(path = %r.path, error = %error, "Vault's answer cannot be used");
+                Outcome::Failed(ErrorCode::Unavailable, failure(&error))
+            }
         }
     }
 

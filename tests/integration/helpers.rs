@@ -1156,6 +1156,21 @@ pub(crate) fn start_serve(
     registry: &std::path::Path,
     config: Option<&std::path::Path>,
 ) -> std::process::Child {
+    serve_command(app, database_url, registry, config)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start flowledger serve")
+}
+
+/// The `serve` command [`start_serve`] runs (HTTP on a free port, no
+/// checkpoints), for a test that adds to it or reads its output.
+pub(crate) fn serve_command(
+    app: &TestApp,
+    database_url: &str,
+    registry: &std::path::Path,
+    config: Option<&std::path::Path>,
+) -> std::process::Command {
     let mut cmd = app.nats.cli(Who::Service);
     cmd.args([
         "serve",
@@ -1166,13 +1181,11 @@ pub(crate) fn start_serve(
     ])
     .env("DATABASE_URL", database_url)
     .env("FLOWLEDGER_REGISTRY", registry)
-    .env_remove("FLOWLEDGER_CONFIG")
-    .stdout(std::process::Stdio::null())
-    .stderr(std::process::Stdio::null());
+    .env_remove("FLOWLEDGER_CONFIG");
     if let Some(c) = config {
         cmd.env("FLOWLEDGER_CONFIG", c);
     }
-    cmd.spawn().expect("start flowledger serve")
+    cmd
 }
 
 /// Every event in the log, in order.
@@ -1189,4 +1202,28 @@ pub(crate) async fn log_events<N>(
         }
     }
     out
+}
+
+/// A `MakeWriter` keeping every log line in memory.
+#[derive(Clone, Default)]
+pub(crate) struct Captured(pub(crate) Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Captured {
+    type Writer = Captured;
+    fn make_writer(&'a self) -> Self::Writer {
+        self.clone()
+    }
 }

@@ -189,6 +189,14 @@ async fn policy_grants_and_denies_and_every_read_is_an_event_without_the_value()
     );
     let a = read(&api, BILLING_TOKEN, json!({"path": STRIPE})).await;
     assert_eq!(a.status, 400, "{}", a.body);
+    // an auditor writes nothing to the log, a secret read included
+    let a = read(
+        &api,
+        AUDITOR_TOKEN,
+        json!({"path": STRIPE, "purpose": "look"}),
+    )
+    .await;
+    assert_eq!(a.status, 403, "{}", a.body);
     let a = read(
         &api,
         BILLING_TOKEN,
@@ -221,6 +229,8 @@ async fn policy_grants_and_denies_and_every_read_is_an_event_without_the_value()
     assert_eq!(events[2].1["rule"], Value::Null);
     let (_, by_vault, _) = &events[4];
     assert_eq!(by_vault["decided_by"], "vault");
+    assert_eq!(by_vault["vault_error"]["kind"], "refused", "{by_vault}");
+    assert_eq!(by_vault["vault_error"]["status"], 403, "{by_vault}");
     assert_eq!(by_vault["rule"], "operators");
     assert!(
         by_vault["reason"]
@@ -499,19 +509,9 @@ fn serve_with_vault_keys(
         ),
     )
     .unwrap();
-    let mut cmd = app.nats.cli(Who::Service);
-    cmd.args([
-        "serve",
-        "--http",
-        "127.0.0.1:0",
-        "--checkpoint-every-secs",
-        "0",
-    ])
-    .env("DATABASE_URL", db)
-    .env("FLOWLEDGER_REGISTRY", registry)
-    .env("FLOWLEDGER_CONFIG", config)
-    .env("FLOWLEDGER_VAULT_TOKEN", token)
-    .env_remove("FLOWLEDGER_CALLBACK_KEY");
+    let mut cmd = serve_command(app, db, &registry, Some(&config));
+    cmd.env("FLOWLEDGER_VAULT_TOKEN", token)
+        .env_remove("FLOWLEDGER_CALLBACK_KEY");
     cmd
 }
 
@@ -604,30 +604,6 @@ async fn serve_signs_callbacks_with_its_key_from_vault_and_records_reading_it() 
     assert_eq!(own[0].data["rule"], "flowledger-own-keys");
     assert_eq!(own[0].data["path"], "secret/data/flowledger/keys");
     assert!(!own[0].data.to_string().contains(KEY));
-}
-
-/// A `MakeWriter` keeping every log line in memory.
-#[derive(Clone, Default)]
-struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
-
-impl std::io::Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Captured {
-    type Writer = Captured;
-    fn make_writer(&'a self) -> Self::Writer {
-        self.clone()
-    }
 }
 
 #[tokio::test]

@@ -53,6 +53,7 @@ fn denied(path: &str) -> SecretAccessEvent {
         decided_by: DecidedBy::Policy,
         rule: None,
         reason: "no rule allows billing to read this path".into(),
+        vault_error: None,
     })
 }
 

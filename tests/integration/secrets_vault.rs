@@ -7,6 +7,7 @@ use std::time::Duration;
 use flowledger::secrets::vault::{AuthKind, VaultAuth, VaultClient, VaultConfig, VaultError};
 use serde_json::json;
 
+use crate::helpers::Captured;
 use crate::openbao::OpenBao;
 
 const OCR: &str = "secret/data/external_apis/ocr";
@@ -377,30 +378,6 @@ async fn an_audit_device_that_cannot_write_fails_every_read_with_500() {
         .await
         .expect("read after repair");
     assert_eq!(read.value.expose_str(), Some("k-two"));
-}
-
-/// A `MakeWriter` keeping every log line in memory.
-#[derive(Clone, Default)]
-struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
-
-impl std::io::Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Captured {
-    type Writer = Captured;
-    fn make_writer(&'a self) -> Self::Writer {
-        self.clone()
-    }
 }
 
 #[tokio::test]

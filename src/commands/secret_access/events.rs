@@ -57,8 +57,9 @@ pub enum ValueSource {
 /// any; never a token or a value).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VaultFailure {
-    /// `unreachable`, `failing` (5xx), `refused` (403), `not_found`,
-    /// `bad_answer`.
+    /// `unreachable`, `failing` (5xx, 429), `refused` (403), `not_found`,
+    /// `rejected` (another 4xx), `auth` (flowledger's own login),
+    /// `bad_answer`, `bad_request`.
     pub kind: String,
     /// The HTTP status Vault answered, if it answered.
     pub status: Option<u16>,
@@ -107,6 +108,9 @@ pub struct SecretAccessDenied {
     pub rule: Option<String>,
     /// Why, for people: "no rule allows ..." or Vault's reason.
     pub reason: String,
+    /// For a refusal by Vault: what Vault answered.
+    #[serde(default)]
+    pub vault_error: Option<VaultFailure>,
 }
 
 /// Allowed by the policy, but no value could be served: Vault failed and

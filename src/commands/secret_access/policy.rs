@@ -20,15 +20,16 @@ pub struct PolicyRule {
     /// Client ids the rule is for.
     #[serde(default)]
     pub clients: Vec<String>,
-    /// Roles the rule is for: `client`, `operator`, `handler`, `auditor`.
+    /// Roles the rule is for: `client`, `operator`, `handler`.
     #[serde(default)]
     pub roles: Vec<String>,
     /// Path patterns the rule allows.
     pub paths: Vec<String>,
 }
 
-/// The roles a rule may name.
-pub const ROLES: [&str; 4] = ["client", "operator", "handler", "auditor"];
+/// The roles a rule may name (an auditor reads no secret: its reads would
+/// write to the log).
+pub const ROLES: [&str; 3] = ["client", "operator", "handler"];
 
 /// How the policy decided a read.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -83,10 +84,15 @@ impl SecretPolicy {
             }
             let mut set = GlobSetBuilder::new();
             for (j, p) in rule.paths.iter().enumerate() {
-                if p.starts_with('/') || p.split('/').nth(1) != Some("data") {
+                let mount = p.split('/').next().unwrap_or_default();
+                let literal_mount = !mount.is_empty()
+                    && mount
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || "_-.".contains(c));
+                if !literal_mount || p.split('/').nth(1) != Some("data") {
                     return Err(format!(
-                        "{at}.paths[{j}] = {p:?} must be a KV v2 path pattern <mount>/data/..., \
-                         e.g. secret/data/external_apis/*"
+                        "{at}.paths[{j}] = {p:?} must be a KV v2 path pattern <mount>/data/... \
+                         with the mount spelled out (no wildcard), e.g. secret/data/external_apis/*"
                     ));
                 }
                 let glob = GlobBuilder::new(p)
@@ -204,6 +210,13 @@ mod tests {
         assert!(e.contains("paths[0]"), "{e}");
         let e = SecretPolicy::new(vec![rule("a", &["c"], &[], &["secret/data/{x"])]).unwrap_err();
         assert!(e.contains("paths[0]"), "{e}");
+        for across_mounts in ["*/data/**", "**/data/x", "{a,b}/data/x", "/secret/data/x"] {
+            let e = SecretPolicy::new(vec![rule("a", &["c"], &[], &[across_mounts])]).unwrap_err();
+            assert!(e.contains("mount spelled out"), "{across_mounts}: {e}");
+        }
+        let e =
+            SecretPolicy::new(vec![rule("a", &[], &["auditor"], &["secret/data/x"])]).unwrap_err();
+        assert!(e.contains("unknown role"), "{e}");
         let e = SecretPolicy::new(vec![
             rule("a", &["c"], &[], &["secret/data/x"]),
             rule("a", &["d"], &[], &["secret/data/y"]),
