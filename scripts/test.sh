@@ -8,6 +8,9 @@ cd "$(dirname "$0")/.."
 eval "$(scripts/install-deps.sh)"
 # the OpenBao the secrets tests start (tests/integration/openbao.rs)
 export FLOWLEDGER_BAO="$BAO_BIN"
+# PostgreSQL 18 with pgvector and pg_trgm (tests/integration/pgvector.rs);
+# every other test stays on Debian's PostgreSQL 15
+export FLOWLEDGER_PG18_BIN="$PG18_BIN"
 
 echo "== all tests (nats-server: $("$NATS_SERVER_DEBIAN" --version))"
 FLOWLEDGER_NATS_SERVER="$NATS_SERVER_DEBIAN" cargo test --all-targets

