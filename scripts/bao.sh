@@ -23,7 +23,7 @@ audit "file" "file" {
 HCL
     for _ in 1 2 3 4 5; do
       port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-      HOME="$dir/bao" "$bin" server -dev -dev-root-token-id="$token" \
+      env -u VAULT_ADDR -u BAO_ADDR -u VAULT_TOKEN -u BAO_TOKEN HOME="$dir/bao" "$bin" server -dev -dev-root-token-id="$token" \
         -dev-listen-address="127.0.0.1:$port" -config="$dir/bao/bao.hcl" >"$dir/bao/bao.log" 2>&1 &
       pid=$!
       echo "$pid" >"$dir/bao.pid"

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Benchmarks on local defaults: `scripts/bench.sh event-log [...]`,
-# `scripts/bench.sh projections [...]` or `scripts/bench.sh handlers [...]`. Starts a throw-away nats-server
-# (Debian 2.9.10 by default; NATS=current for the pip build) and PostgreSQL,
-# runs flowledger-bench (release build), prints the figures, stops both.
+# `scripts/bench.sh projections [...]`, `scripts/bench.sh handlers [...]`
+# or `scripts/bench.sh secrets [...]`. Starts a throw-away nats-server
+# (Debian 2.9.10 by default; NATS=current for the pip build) and PostgreSQL
+# (and, for `secrets`, an OpenBao dev server: scripts/bao.sh), runs
+# flowledger-bench (release build), prints the figures, stops them.
 # SYNC=always runs nats-server with `sync_interval: always` (strict
 # durability: fsync before every ack; needs NATS=current, 2.10 or later).
 # Extra arguments go to flowledger-bench (see its --help).
@@ -11,7 +13,7 @@ cd "$(dirname "$0")/.."
 eval "$(scripts/install-deps.sh)"
 cargo build --release --quiet --features bench --bin flowledger-bench
 WORK=$(mktemp -d -t flowledger-bench.XXXXXX)
-cleanup() { scripts/nats.sh stop "$WORK"; scripts/pg.sh stop "$WORK"; rm -rf "$WORK"; }
+cleanup() { scripts/bao.sh stop "$WORK"; scripts/nats.sh stop "$WORK"; scripts/pg.sh stop "$WORK"; rm -rf "$WORK"; }
 trap cleanup EXIT
 case "${NATS:-debian}" in
   debian) NATS_BIN=$NATS_SERVER_DEBIAN ;;
@@ -33,4 +35,9 @@ export FLOWLEDGER_BENCH_CLIENT_USER=billing FLOWLEDGER_BENCH_CLIENT_PASSWORD=dev
 export FLOWLEDGER_NATS_URL DATABASE_URL
 FLOWLEDGER_NATS_URL=$(scripts/nats.sh start "$WORK" "$NATS_BIN")
 DATABASE_URL=$(PG_BIN=$PG_BIN scripts/pg.sh start "$WORK")
+if [ "${1:-}" = secrets ]; then
+  # the secret-access bench reads an OpenBao dev server as its root
+  export FLOWLEDGER_BENCH_VAULT_ADDR FLOWLEDGER_BENCH_VAULT_TOKEN=flowledger-bench-root
+  FLOWLEDGER_BENCH_VAULT_ADDR=$(BAO_ROOT_TOKEN=$FLOWLEDGER_BENCH_VAULT_TOKEN scripts/bao.sh start "$WORK" "$BAO_BIN")
+fi
 target/release/flowledger-bench "$@"

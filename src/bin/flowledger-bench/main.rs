@@ -42,10 +42,14 @@ enum Bench {
     Handlers(handlers_bench::Args),
     /// Verification speed: live and export verify beside hashing the same bytes.
     Verify(verify_bench::Args),
+    /// Secret reads: cache hit and miss beside a direct Vault read and a
+    /// command round trip; reads/s with 100 concurrent callers.
+    Secrets(secrets_bench::Args),
 }
 
 mod handlers_bench;
 mod projections_bench;
+mod secrets_bench;
 mod verify_bench;
 
 /// A connection to NATS as the user and password in the environment
@@ -224,7 +228,7 @@ fn cpu_time() -> Duration {
     Duration::from_millis(ticks * 10)
 }
 
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
+pub(crate) fn percentile(sorted: &[Duration], p: f64) -> Duration {
     if sorted.is_empty() {
         return Duration::ZERO;
     }
@@ -490,7 +494,7 @@ async fn postgres_setup(url: &str) -> anyhow::Result<Arc<PostgresCqrs<Job>>> {
     )))
 }
 
-fn ms(d: Duration) -> f64 {
+pub(crate) fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
@@ -508,6 +512,7 @@ async fn main() -> anyhow::Result<()> {
         Bench::Projections(args) => projections_bench::run(args).await,
         Bench::Handlers(args) => handlers_bench::run(args).await,
         Bench::Verify(args) => verify_bench::run(args).await,
+        Bench::Secrets(args) => secrets_bench::run(args).await,
     }
 }
 
