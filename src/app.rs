@@ -18,12 +18,13 @@ use crate::bus::{ids, CommandBus, CommandError};
 use crate::commands::job::JobServices;
 use crate::commands::projection::ProjectionCommand;
 use crate::commands::registry::Registry;
-use crate::commands::secret_access::policy::SecretPolicy;
+use crate::commands::secret_access::policy::{Decision, SecretPolicy};
 use crate::config::{ClientEntry, NatsSection};
 use crate::crypto::{SealKeys, SigningKey};
 use crate::events::chain;
 use crate::events::envelope::{Actor, CommandMeta};
 use crate::events::log::EventLog;
+use crate::handlers::step_secrets::HANDLER_ROLE;
 use crate::handlers::{self, HandlerConfig};
 use crate::projections::{self, db};
 use crate::secrets::service::{SecretRules, SecretService};
@@ -156,6 +157,39 @@ pub struct Application {
     intake: Option<JoinHandle<()>>,
 }
 
+/// Checks the steps whose headers read secrets before the handler starts
+/// and says loudly what cannot work: without `[secrets]` every attempt of
+/// such a step fails `secret_unavailable`; a secret no rule of `policy`
+/// lets the handler read fails `secret_denied`.
+fn check_step_secrets(registry: &Registry, policy: Option<&SecretPolicy>) {
+    for (workflow, step, refs) in registry.secret_steps() {
+        let Some(policy) = policy else {
+            tracing::error!(
+                workflow,
+                step = %step.name,
+                "the step's headers read secrets and no [secrets] is configured: every \
+                 attempt of it fails secret_unavailable; configure [secrets] or remove the \
+                 step's headers"
+            );
+            continue;
+        };
+        for r in &refs {
+            if let Decision::Denied { reason } =
+                policy.decide(handlers::HANDLER_ACTOR, HANDLER_ROLE, &r.path)
+            {
+                tracing::warn!(
+                    workflow,
+                    step = %step.name,
+                    secret = %r,
+                    "a step header reads a secret the handler may not read: {reason}; \
+                     its attempts fail secret_denied until a [[secrets.rules]] rule \
+                     allows it"
+                );
+            }
+        }
+    }
+}
+
 /// The process's one Prometheus recorder (installed on first use).
 pub fn metrics_handle() -> PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
@@ -191,6 +225,9 @@ impl Application {
             database,
             secrets,
         } = settings;
+        if database.as_ref().is_some_and(|d| d.handler.is_some()) {
+            check_step_secrets(&registry, secrets.as_ref().map(|s| &s.policy));
+        }
         let bus = Arc::new(CommandBus::new(
             log.clone(),
             JobServices {
@@ -237,7 +274,8 @@ impl Application {
                          never sent unsigned"
                     );
                 }
-                let ctx = handlers::Ctx::new(bus.clone(), registry.clone(), config);
+                let ctx =
+                    handlers::Ctx::new(bus.clone(), registry.clone(), config, secrets.clone());
                 let run = handlers::manager::run(ctx.clone(), p.clone(), stop_rx.clone());
                 tasks.push(tokio::spawn(run));
                 handler = Some(ctx);

@@ -19,4 +19,5 @@ mod scale_out;
 mod secret_access;
 mod secrets;
 mod secrets_vault;
+mod step_secrets;
 mod survival;
