@@ -840,11 +840,7 @@ mod tests {
             (r#"{"X-A":"{secret/data/a#}"}"#, "field"),
             (r#"{"X-A":"{secret/data/a#k"}"#, "never closed"),
             (r#"{"X-A":"x} {secret/data/a#k}"}"#, "closes no placeholder"),
-            (
-                r#"{"X-A":"a
-X-B: {secret/data/a#k}"}"#,
-                "CR or LF",
-            ),
+            (r#"{"X-A":"a\r\nX-B: {secret/data/a#k}"}"#, "CR or LF"),
             (r#"{"X-A":"é {secret/data/a#k}"}"#, "printable ASCII"),
             (
                 r#"{"Authorization":"Bearer sk-live-literal"}"#,
