@@ -18,11 +18,13 @@ use crate::bus::{ids, CommandBus, CommandError};
 use crate::commands::job::JobServices;
 use crate::commands::projection::ProjectionCommand;
 use crate::commands::registry::Registry;
+use crate::commands::secret_access::policy::{Decision, SecretPolicy};
 use crate::config::{ClientEntry, NatsSection};
 use crate::crypto::{SealKeys, SigningKey};
 use crate::events::chain;
 use crate::events::envelope::{Actor, CommandMeta};
 use crate::events::log::EventLog;
+use crate::handlers::step_secrets::HANDLER_ROLE;
 use crate::handlers::{self, HandlerConfig};
 use crate::projections::{self, db};
 use crate::secrets::service::SecretService;
@@ -121,6 +123,20 @@ pub enum BuildError {
          (nats/production.conf, nats/dev.conf): the intake does not start"
     )]
     CommandsNotVouched,
+    /// A registry step's headers read secrets, and secret access is not
+    /// configured: every attempt of it would fail. Configure `[secrets]`
+    /// or remove the step's headers.
+    #[error(
+        "step {step:?} of workflow {workflow:?} has headers read from secrets, and no [secrets] \
+         vault_addr is configured: configure [secrets] (docs/SECRETS.md) or remove the \
+         step's headers"
+    )]
+    StepSecretsNotConfigured {
+        /// The workflow key.
+        workflow: String,
+        /// The step's name.
+        step: String,
+    },
 }
 
 /// Why the running service stopped on its own.
@@ -141,6 +157,40 @@ pub struct Application {
     stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
     intake: Option<JoinHandle<()>>,
+}
+
+/// Checks the steps whose headers read secrets before the handler starts
+/// and says loudly what cannot work: without `[secrets]` every attempt of
+/// such a step fails `secret_unavailable`; a secret no rule of `policy`
+/// lets the handler read fails `secret_denied`.
+fn check_step_secrets(
+    registry: &Registry,
+    policy: Option<&SecretPolicy>,
+) -> Result<(), BuildError> {
+    for (workflow, step, refs) in registry.secret_steps() {
+        let Some(policy) = policy else {
+            // every attempt would fail: refuse to start instead
+            return Err(BuildError::StepSecretsNotConfigured {
+                workflow: workflow.to_string(),
+                step: step.name.clone(),
+            });
+        };
+        for r in &refs {
+            if let Decision::Denied { reason } =
+                policy.decide(handlers::HANDLER_ACTOR, HANDLER_ROLE, &r.path)
+            {
+                tracing::warn!(
+                    workflow,
+                    step = %step.name,
+                    secret = %r,
+                    "a step header reads a secret the handler may not read: {reason}; \
+                     its attempts fail secret_denied until a [[secrets.rules]] rule \
+                     allows it"
+                );
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The process's one Prometheus recorder (installed on first use).
@@ -178,6 +228,9 @@ impl Application {
             database,
             secrets,
         } = settings;
+        if database.as_ref().is_some_and(|d| d.handler.is_some()) {
+            check_step_secrets(&registry, secrets.as_ref().map(|s| s.policy()))?;
+        }
         let bus = Arc::new(CommandBus::new(
             log.clone(),
             JobServices {
@@ -222,7 +275,8 @@ impl Application {
                          never sent unsigned"
                     );
                 }
-                let ctx = handlers::Ctx::new(bus.clone(), registry.clone(), config);
+                let ctx =
+                    handlers::Ctx::new(bus.clone(), registry.clone(), config, secrets.clone());
                 let run = handlers::manager::run(ctx.clone(), p.clone(), stop_rx.clone());
                 tasks.push(tokio::spawn(run));
                 handler = Some(ctx);

@@ -1168,9 +1168,9 @@ async fn serve(g: &Global, args: ServeArgs) -> anyhow::Result<ExitCode> {
     };
     let app = Application::build(settings).await.map_err(|e| match e {
         BuildError::Database(_) => anyhow::Error::new(e).context(Unreachable),
-        BuildError::Listen { .. } | BuildError::CommandsNotVouched => {
-            anyhow::Error::new(e).context(UsageError)
-        }
+        BuildError::Listen { .. }
+        | BuildError::CommandsNotVouched
+        | BuildError::StepSecretsNotConfigured { .. } => anyhow::Error::new(e).context(UsageError),
         BuildError::Subscribe(_) | BuildError::Unconfirmed(_) => {
             anyhow::Error::new(e).context(Unreachable)
         }

@@ -43,3 +43,12 @@ pub const MAX_SECRET_PURPOSE_LEN: usize = 256;
 
 /// A KV version asked for (Vault's versions start at 1).
 pub const MAX_SECRET_VERSION: u64 = 1_000_000_000;
+
+/// Headers a registry step may fill from secrets (`headers`).
+pub const MAX_STEP_HEADERS: usize = 16;
+
+/// A step header's name, in bytes.
+pub const MAX_STEP_HEADER_NAME_LEN: usize = 64;
+
+/// A step header's template (its text and placeholders), in bytes.
+pub const MAX_STEP_HEADER_TEMPLATE_LEN: usize = 2048;

@@ -20,9 +20,12 @@ pub const DEFAULT_MAX_ATTEMPTS: u32 = 3;
 /// A workflow's `approval_timeout_seconds` when left out: one day.
 pub const DEFAULT_APPROVAL_TIMEOUT_SECONDS: u64 = 24 * 3600;
 use crate::commands::limits::{
-    MAX_APPROVAL_WINDOW_SECONDS, MAX_ATTEMPTS, MAX_RETRY_DELAY_MS, MAX_STEP_TIMEOUT_MS,
+    MAX_APPROVAL_WINDOW_SECONDS, MAX_ATTEMPTS, MAX_RETRY_DELAY_MS, MAX_STEP_HEADERS,
+    MAX_STEP_HEADER_NAME_LEN, MAX_STEP_HEADER_TEMPLATE_LEN, MAX_STEP_TIMEOUT_MS,
 };
 use crate::commands::redact;
+use crate::commands::secret_access::events::AccessRequest;
+use crate::commands::secret_access::{check_path, check_request};
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -95,6 +98,257 @@ pub struct StepDefinition {
     /// the handler's `retry_base_ms`.
     #[serde(default)]
     pub backoff_ms: Option<u64>,
+    /// Headers added to every attempt's request, by name; each value is a
+    /// template of text and `{<path>#<field>}` secret placeholders (see
+    /// [`HeaderTemplate`]), filled by the handler through the secret
+    /// access service at each attempt.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub headers: BTreeMap<String, String>,
+}
+
+/// Headers flowledger sets itself (or that belong to the connection): a
+/// step may not name them in `headers`.
+pub const RESERVED_STEP_HEADERS: [&str; 13] = [
+    "host",
+    "content-type",
+    "content-length",
+    "content-encoding",
+    "transfer-encoding",
+    "connection",
+    "keep-alive",
+    "upgrade",
+    "te",
+    "trailer",
+    "expect",
+    "proxy-connection",
+    "idempotency-key",
+];
+
+/// One header of a step, checked: its name and its value's template.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StepHeader {
+    /// The header's name (lower case, as HTTP/2 sends it).
+    pub name: reqwest::header::HeaderName,
+    /// Its value: text and secret placeholders.
+    pub template: HeaderTemplate,
+}
+
+/// A step header's value: literal text and secret placeholders, in order.
+///
+/// Written as text with `{<path>#<field>}` placeholders, e.g.
+/// `Bearer {secret/data/external_apis/ocr#api_key}`: `path` a KV v2 path
+/// (`<mount>/data/<name>`), `field` the field of the secret whose string
+/// value goes there. `{{` and `}}` stand for `{` and `}`. A template holds
+/// at least one placeholder (a header of plain text would put its value in
+/// the registry), no CR, LF or other control character, only ASCII text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeaderTemplate {
+    /// The template's parts, in order.
+    pub parts: Vec<TemplatePart>,
+}
+
+/// A part of a [`HeaderTemplate`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TemplatePart {
+    /// Text sent as written.
+    Text(String),
+    /// Replaced by the string value of a secret's field.
+    Secret(SecretRef),
+}
+
+/// A secret's field named by a placeholder, `{<path>#<field>}`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct SecretRef {
+    /// The KV v2 path, `<mount>/data/<name>`.
+    pub path: String,
+    /// The field whose value is used.
+    pub field: String,
+}
+
+impl std::fmt::Display for SecretRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}#{}", self.path, self.field)
+    }
+}
+
+impl HeaderTemplate {
+    /// Parses and checks a template; the error says what to fix.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        if text.len() > MAX_STEP_HEADER_TEMPLATE_LEN {
+            return Err(format!(
+                "is longer than {MAX_STEP_HEADER_TEMPLATE_LEN} bytes"
+            ));
+        }
+        let mut parts = Vec::new();
+        let mut literal = String::new();
+        let mut chars = text.chars().peekable();
+        while let Some(c) = chars.next() {
+            match c {
+                '{' if chars.peek() == Some(&'{') => {
+                    chars.next();
+                    literal.push('{');
+                }
+                '}' if chars.peek() == Some(&'}') => {
+                    chars.next();
+                    literal.push('}');
+                }
+                '}' => {
+                    return Err(
+                        "has a '}' that closes no placeholder (write '}}' for a '}')".into(),
+                    )
+                }
+                '{' => {
+                    let mut inner = String::new();
+                    loop {
+                        match chars.next() {
+                            Some('}') => break,
+                            Some(c) => inner.push(c),
+                            None => {
+                                return Err(
+                                    "has a '{' that is never closed (write '{{' for a '{')".into()
+                                )
+                            }
+                        }
+                    }
+                    if !literal.is_empty() {
+                        parts.push(TemplatePart::Text(std::mem::take(&mut literal)));
+                    }
+                    parts.push(TemplatePart::Secret(SecretRef::parse(&inner)?));
+                }
+                '\r' | '\n' => return Err("holds a CR or LF".into()),
+                c if c.is_control() || !c.is_ascii() => {
+                    return Err(format!(
+                        "holds {c:?}: header text is printable ASCII, spaces and tabs"
+                    ))
+                }
+                c => literal.push(c),
+            }
+        }
+        if !literal.is_empty() {
+            parts.push(TemplatePart::Text(literal));
+        }
+        if !parts.iter().any(|p| matches!(p, TemplatePart::Secret(_))) {
+            return Err(
+                "has no {<path>#<field>} placeholder: step headers carry secrets read from \
+                 Vault, never text written in the registry"
+                    .into(),
+            );
+        }
+        Ok(HeaderTemplate { parts })
+    }
+
+    /// The secrets the template names, in order (a repeated one again).
+    pub fn secrets(&self) -> impl Iterator<Item = &SecretRef> {
+        self.parts.iter().filter_map(|p| match p {
+            TemplatePart::Secret(r) => Some(r),
+            TemplatePart::Text(_) => None,
+        })
+    }
+}
+
+impl SecretRef {
+    /// Parses the inside of a placeholder, `<path>#<field>`.
+    fn parse(inner: &str) -> Result<Self, String> {
+        let Some((path, field)) = inner.split_once('#') else {
+            return Err(format!(
+                "placeholder {{{inner}}} names no field: write {{<path>#<field>}}, e.g. \
+                 {{secret/data/external_apis/ocr#api_key}}"
+            ));
+        };
+        check_path(path).map_err(|e| format!("placeholder {{{inner}}}: {e}"))?;
+        // the field by the same rules as a read's
+        let probe = AccessRequest {
+            path: path.into(),
+            field: Some(field.into()),
+            version: None,
+            purpose: "registry check".into(),
+            job_id: None,
+            step: None,
+        };
+        check_request(&probe).map_err(|e| format!("placeholder {{{inner}}}: {e}"))?;
+        Ok(SecretRef {
+            path: path.into(),
+            field: field.into(),
+        })
+    }
+}
+
+impl StepDefinition {
+    /// The step's headers, checked (the registry was checked at load, so
+    /// this fails only for a definition built by hand); the error is
+    /// (header as written, what is wrong).
+    pub fn headers(&self) -> Result<Vec<StepHeader>, (String, String)> {
+        if self.headers.len() > MAX_STEP_HEADERS {
+            return Err((
+                String::new(),
+                format!(
+                    "at most {MAX_STEP_HEADERS} headers, got {}",
+                    self.headers.len()
+                ),
+            ));
+        }
+        let mut out: Vec<StepHeader> = Vec::with_capacity(self.headers.len());
+        for (name, text) in &self.headers {
+            let bad = |m: String| (name.clone(), m);
+            if name.len() > MAX_STEP_HEADER_NAME_LEN {
+                return Err(bad(format!(
+                    "a header name is at most {MAX_STEP_HEADER_NAME_LEN} bytes"
+                )));
+            }
+            let parsed = reqwest::header::HeaderName::from_bytes(name.as_bytes())
+                .map_err(|_| bad("is not a valid HTTP header name".into()))?;
+            let lower = parsed.as_str();
+            if RESERVED_STEP_HEADERS.contains(&lower)
+                || lower.starts_with("x-flowledger-")
+                || lower.starts_with("flowledger-")
+            {
+                return Err(bad(
+                    "is set by flowledger itself (or by the connection); a step may not set it"
+                        .into(),
+                ));
+            }
+            if out.iter().any(|h| h.name == parsed) {
+                return Err(bad(
+                    "is named twice (header names are case-insensitive)".into()
+                ));
+            }
+            let template = HeaderTemplate::parse(text).map_err(bad)?;
+            out.push(StepHeader {
+                name: parsed,
+                template,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Whether any header of the step reads a secret.
+    pub fn uses_secrets(&self) -> bool {
+        !self.headers.is_empty()
+    }
+}
+
+impl Registry {
+    /// Every step that reads secrets, as (workflow key, step, its
+    /// secrets), for the checks at start.
+    pub fn secret_steps(&self) -> Vec<(&str, &StepDefinition, Vec<SecretRef>)> {
+        let mut out = Vec::new();
+        for (key, wf) in &self.workflows {
+            for step in wf.steps.iter().filter(|s| s.uses_secrets()) {
+                let mut refs: Vec<SecretRef> = step
+                    .headers()
+                    .map(|hs| {
+                        hs.iter()
+                            .flat_map(|h| h.template.secrets().cloned())
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                refs.sort();
+                refs.dedup();
+                out.push((key.as_str(), step, refs));
+            }
+        }
+        out
+    }
 }
 
 fn default_step_timeout() -> u64 {
@@ -264,6 +518,7 @@ impl Registry {
                                 timeout_ms: DEFAULT_STEP_TIMEOUT_MS,
                                 max_attempts: DEFAULT_MAX_ATTEMPTS,
                                 backoff_ms: None,
+                                headers: BTreeMap::new(),
                             }],
                             requires_approval: false,
                             approval_timeout_seconds: DEFAULT_APPROVAL_TIMEOUT_SECONDS,
@@ -332,6 +587,16 @@ impl WorkflowDefinition {
                     format!("must be at most {MAX_RETRY_DELAY_MS}, got {b}"),
                 ));
             }
+            s.headers().map_err(|(header, message)| {
+                if header.is_empty() {
+                    (at("headers"), format!("step {:?}: {message}", s.name))
+                } else {
+                    (
+                        at(&format!("headers.{header:?}")),
+                        format!("step {:?}: header {header:?} {message}", s.name),
+                    )
+                }
+            })?;
         }
         if let SuccessPolicy::AtLeast(n) = self.success {
             if n == 0 || n as usize > self.steps.len() {
@@ -499,6 +764,108 @@ mod tests {
             e.contains("workflows.w.auto_approval") && e.contains("requires_approval"),
             "{e}"
         );
+    }
+
+    fn with_headers(headers: &str) -> Result<Registry, String> {
+        parse(&format!(
+            concat!(
+                r#"{{"version":1,"workflows":{{"w":{{"steps":[{{"name":"ocr","kind":"solver","#,
+                r#""url":"http://h/x","headers":{headers}}}]}}}}}}"#
+            ),
+            headers = headers
+        ))
+    }
+
+    #[test]
+    fn step_headers_parse_into_text_and_secrets() {
+        let r = with_headers(
+            r#"{"Authorization":"Bearer {secret/data/external_apis/ocr#api_key}","X-T":"{{{kv/data/a/b#k}}}"}"#,
+        )
+        .expect("valid headers");
+        let step = &r.workflows["w"].steps[0];
+        let hs = step.headers().expect("checked");
+        assert_eq!(hs[0].name.as_str(), "authorization");
+        assert_eq!(
+            hs[0].template.parts,
+            vec![
+                TemplatePart::Text("Bearer ".into()),
+                TemplatePart::Secret(SecretRef {
+                    path: "secret/data/external_apis/ocr".into(),
+                    field: "api_key".into(),
+                }),
+            ]
+        );
+        assert_eq!(
+            hs[1].template.parts,
+            vec![
+                TemplatePart::Text("{".into()),
+                TemplatePart::Secret(SecretRef {
+                    path: "kv/data/a/b".into(),
+                    field: "k".into(),
+                }),
+                TemplatePart::Text("}".into()),
+            ]
+        );
+        let steps = r.secret_steps();
+        assert_eq!(steps.len(), 1);
+        assert_eq!(steps[0].2.len(), 2);
+        // the registry serializes back with its headers
+        let back = serde_json::to_value(&r).expect("serializes");
+        assert!(back["workflows"]["w"]["steps"][0]["headers"]["Authorization"].is_string());
+    }
+
+    #[test]
+    fn bad_step_headers_are_refused_naming_workflow_step_and_header() {
+        for (headers, expect) in [
+            (
+                r#"{"Bad Name":"{secret/data/a#k}"}"#,
+                "not a valid HTTP header name",
+            ),
+            (
+                r#"{"Idempotency-Key":"{secret/data/a#k}"}"#,
+                "set by flowledger",
+            ),
+            (
+                r#"{"content-type":"{secret/data/a#k}"}"#,
+                "set by flowledger",
+            ),
+            (r#"{"Host":"{secret/data/a#k}"}"#, "set by flowledger"),
+            (
+                r#"{"X-Flowledger-Signature":"{secret/data/a#k}"}"#,
+                "set by flowledger",
+            ),
+            (r#"{"X-A":"Bearer {secret/data/a}"}"#, "names no field"),
+            (r#"{"X-A":"{secret/a#k}"}"#, "KV v2 path"),
+            (r#"{"X-A":"{secret/data/a#k k}"}"#, "field"),
+            (r#"{"X-A":"{secret/data/a#}"}"#, "field"),
+            (r#"{"X-A":"{secret/data/a#k"}"#, "never closed"),
+            (r#"{"X-A":"x} {secret/data/a#k}"}"#, "closes no placeholder"),
+            (r#"{"X-A":"a\r\nX-B: {secret/data/a#k}"}"#, "CR or LF"),
+            (r#"{"X-A":"é {secret/data/a#k}"}"#, "printable ASCII"),
+            (
+                r#"{"Authorization":"Bearer sk-live-literal"}"#,
+                "no {<path>#<field>} placeholder",
+            ),
+            (
+                r#"{"X-A":"{secret/data/a#k}","x-a":"{secret/data/a#k}"}"#,
+                "named twice",
+            ),
+        ] {
+            let e = with_headers(headers).unwrap_err();
+            assert!(
+                e.contains("workflows.w.steps[0].headers") && e.contains("step \"ocr\""),
+                "{headers}: {e}"
+            );
+            assert!(e.contains(expect), "{headers}: {e}");
+        }
+        // the literal secret written by mistake is not echoed
+        let e = with_headers(r#"{"Authorization":"Bearer sk-live-literal"}"#).unwrap_err();
+        assert!(!e.contains("sk-live-literal"), "{e}");
+        let many: Vec<String> = (0..=MAX_STEP_HEADERS)
+            .map(|i| format!(r#""X-{i}":"{{secret/data/a#k}}""#))
+            .collect();
+        let e = with_headers(&format!("{{{}}}", many.join(","))).unwrap_err();
+        assert!(e.contains("at most"), "{e}");
     }
 
     #[test]

@@ -29,6 +29,7 @@ use crate::commands::workflow::{WorkflowCommand, WorkflowError};
 use crate::events::store::ExecuteError;
 use crate::handlers::lease;
 use crate::handlers::peer::{self, CallOutcome, StepCall};
+use crate::handlers::step_secrets;
 use crate::handlers::view::{
     ApprovalState, AttemptResult, JobView, StepView, StoryEvent, StoryRecord,
 };
@@ -696,14 +697,30 @@ async fn run_step(
         };
         metrics::counter!("flowledger_handler_step_attempts_total", "kind" => kind).increment(1);
         let t0 = Instant::now();
-        let call = StepCall {
-            job_id: &job.id,
-            workflow_key: &job.workflow_key,
-            attempt,
-            inputs: &job.inputs,
-            callback_url: callback_url.as_deref(),
+        // the headers' secrets, read for this attempt; without them the
+        // attempt fails unsent
+        let mut outcome = match step_secrets::resolve(ctx, &job.id, step).await {
+            Ok(headers) => {
+                let call = StepCall {
+                    job_id: &job.id,
+                    workflow_key: &job.workflow_key,
+                    attempt,
+                    inputs: &job.inputs,
+                    callback_url: callback_url.as_deref(),
+                    headers,
+                };
+                peer::call(&ctx.http, step, &call).await
+            }
+            Err(e) => {
+                tracing::warn!(job_id = %job.id, step = %step.name, code = e.code(), error = %e,
+                    "step attempt not sent: its secrets could not be read");
+                CallOutcome::Failed {
+                    code: e.code().into(),
+                    message: e.to_string(),
+                    retryable: e.retryable(),
+                }
+            }
         };
-        let mut outcome = peer::call(&ctx.http, step, &call).await;
         if outcome == CallOutcome::Accepted {
             // n8n answers later on /v1/callbacks/n8n, which records the result
             let left = Duration::from_millis(step.timeout_ms).saturating_sub(t0.elapsed());

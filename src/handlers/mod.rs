@@ -1,18 +1,20 @@
 //! Process managers that turn events into actions: the job execution
 //! handler (`manager` feeds typed events to one `executor` driver per job),
-//! the HTTP calls to solver and n8n peers (`peer`), the delivery of a job's
-//! signed result callback (`delivery`), and the handler's view of a job
-//! (`view`).
+//! the HTTP calls to solver and n8n peers (`peer`), their headers filled
+//! from secrets (`step_secrets`), the delivery of a job's signed result
+//! callback (`delivery`), and the handler's view of a job (`view`).
 //!
 //! Handlers never write to the read models; they act only through the
 //! command bus, with ids derived from the causing job, step and attempt
-//! (`bus::ids`).
+//! (`bus::ids`); a secret read for a step header is the one exception: a
+//! new request (UUID v7) at every attempt.
 
 pub mod delivery;
 pub mod executor;
 pub mod lease;
 pub mod manager;
 pub mod peer;
+pub mod step_secrets;
 pub mod view;
 
 use std::cmp::Ordering;
@@ -32,6 +34,7 @@ use crate::events::chain;
 use crate::events::envelope::{decode_commit, Actor, CommandMeta};
 use crate::events::log::{subject_for, LogError};
 use crate::events::store::ExecuteError;
+use crate::secrets::service::SecretService;
 use lease::Leases;
 use view::{JobView, StoryRecord};
 
@@ -168,6 +171,10 @@ pub struct Ctx {
     pub dispatcher: Dispatcher,
     /// The job partitions this instance holds leases on.
     pub leases: Arc<Leases>,
+    /// Reads the secrets of step headers (`[secrets]`); none: a step
+    /// whose headers name secrets fails its attempts `secret_unavailable`
+    /// (the service refuses to start so, see `app`).
+    pub secrets: Option<Arc<SecretService>>,
     status: Mutex<HandlerStatus>,
 }
 
@@ -211,8 +218,14 @@ impl HandlerStatus {
 
 impl Ctx {
     /// The context the drivers share, with its HTTP client and dispatcher
-    /// (whose task it spawns: call it inside a Tokio runtime).
-    pub fn new(bus: Arc<CommandBus>, registry: Arc<Registry>, config: HandlerConfig) -> Arc<Self> {
+    /// (whose task it spawns: call it inside a Tokio runtime); `secrets`
+    /// reads the secrets step headers name.
+    pub fn new(
+        bus: Arc<CommandBus>,
+        registry: Arc<Registry>,
+        config: HandlerConfig,
+        secrets: Option<Arc<SecretService>>,
+    ) -> Arc<Self> {
         // idle connections are kept (90 s) without a count limit: with many
         // jobs in flight, a capped pool closes and reopens connections to
         // the same peers on every call
@@ -230,6 +243,7 @@ impl Ctx {
             http,
             config,
             leases: Arc::new(Leases::new(Leases::instance_name())),
+            secrets,
             status: Mutex::new(HandlerStatus::Starting),
         })
     }

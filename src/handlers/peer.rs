@@ -55,6 +55,9 @@ pub struct StepCall<'a> {
     pub inputs: &'a Value,
     /// Where n8n posts an asynchronous result.
     pub callback_url: Option<&'a str>,
+    /// The step's headers, filled from secrets for this attempt (sensitive
+    /// values: they print as `Sensitive`).
+    pub headers: reqwest::header::HeaderMap,
 }
 
 /// An error and its causes, `: `-separated (the causes say why a
@@ -105,6 +108,7 @@ pub async fn call(
     let send = async {
         let r = client
             .post(&step.url)
+            .headers(c.headers.clone())
             .header(HDR_IDEMPOTENCY_KEY, &key)
             .json(&body)
             .send()
@@ -212,6 +216,7 @@ mod tests {
             timeout_ms: 10,
             max_attempts: 3,
             backoff_ms: None,
+            headers: Default::default(),
         }
     }
 

@@ -166,6 +166,11 @@ impl SecretService {
         }
     }
 
+    /// flowledger's policy, for checks at start.
+    pub fn policy(&self) -> &SecretPolicy {
+        &self.policy
+    }
+
     /// Reads the secret `request` asks for, for the caller in `meta` with
     /// `role`, under the request id `meta.command_id`, recording on `bus`.
     /// Granted: the value, once `SecretAccessGranted` is stored. Otherwise

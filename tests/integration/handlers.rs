@@ -550,6 +550,7 @@ async fn sigkill_mid_job_loses_nothing_and_repeats_nothing() {
             json!({}),
         )),
         test_handler_config(),
+        None,
     );
     loop {
         let v = reader.load_view("crash-1").await.unwrap();

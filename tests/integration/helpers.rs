@@ -1120,7 +1120,20 @@ pub(crate) async fn start_handler_on(
     config: HandlerConfig,
     url: String,
 ) -> HandlerSide {
+    start_handler_with_secrets(app, registry, config, url, None).await
+}
+
+/// [`start_handler_on`] with secret access (`[secrets]`): step headers
+/// read their secrets through it.
+pub(crate) async fn start_handler_with_secrets(
+    app: &TestApp,
+    registry: Arc<Registry>,
+    config: HandlerConfig,
+    url: String,
+    secrets: Option<Arc<flowledger::secrets::service::SecretService>>,
+) -> HandlerSide {
     let mut s = settings(app, registry);
+    s.secrets = secrets;
     s.database = Some(DatabaseSettings {
         url: url.clone(),
         max_connections: 10,

@@ -23,4 +23,5 @@ mod secret_access;
 mod secret_audit;
 mod secrets;
 mod secrets_vault;
+mod step_secrets;
 mod survival;

@@ -377,7 +377,7 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
         max_concurrent_jobs: args.in_flight.max(1),
         ..Default::default()
     };
-    let ctx = Ctx::new(bus.clone(), registry.clone(), handler_config.clone());
+    let ctx = Ctx::new(bus.clone(), registry.clone(), handler_config.clone(), None);
     let http = ctx.http.clone();
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let first = ctx.clone();
@@ -415,6 +415,7 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
             )),
             registry,
             handler_config,
+            None,
         );
         scale(&bench, &args, &run_id, &first, second, pool).await?;
         let _ = stop_tx.send(true);
