@@ -229,6 +229,14 @@ impl SealKeys {
         Ok(SealKeys { keys })
     }
 
+    /// A ring of the one key `key` with id `id` (a data subject's key,
+    /// docs/MEMORY.md).
+    pub fn single(id: &str, key: [u8; 32]) -> Self {
+        SealKeys {
+            keys: vec![(id.to_string(), key)],
+        }
+    }
+
     /// The id of the key that seals.
     pub fn current_id(&self) -> &str {
         &self.keys[0].0

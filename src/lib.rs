@@ -11,5 +11,6 @@ pub mod config;
 pub mod crypto;
 pub mod events;
 pub mod handlers;
+pub mod memory;
 pub mod projections;
 pub mod secrets;

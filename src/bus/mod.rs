@@ -22,6 +22,7 @@ use serde_json::{json, Value};
 
 use crate::commands::approval::{Approval, ApprovalCommand, ApprovalError};
 use crate::commands::job::{Job, JobCommand, JobError, JobServices};
+use crate::commands::memory::{Memory, MemoryCommand, MemoryError};
 use crate::commands::projection::{ProjectionCommand, ProjectionOps, ProjectionOpsError};
 use crate::commands::registry::Registry;
 use crate::commands::secret_access::{RecordAccess, SecretAccess, SecretAccessError};
@@ -106,6 +107,7 @@ fn id_field(aggregate_type: &str) -> &'static str {
         "projection" => "projection",
         "secret_access" => "request_id",
         "secret_cache" => "path",
+        "memory" => "subject_id",
         _ => "id",
     }
 }
@@ -124,6 +126,7 @@ pub struct CommandBus {
     projection_ops: AggregateStore<ProjectionOps>,
     secret_accesses: AggregateStore<SecretAccess>,
     secret_caches: AggregateStore<SecretCache>,
+    memories: AggregateStore<Memory>,
     registry: Arc<Registry>,
 }
 
@@ -138,7 +141,8 @@ impl CommandBus {
             workflows: AggregateStore::new(log.clone(), ()),
             projection_ops: AggregateStore::new(log.clone(), ()),
             secret_accesses: AggregateStore::new(log.clone(), ()),
-            secret_caches: AggregateStore::new(log, ()),
+            secret_caches: AggregateStore::new(log.clone(), ()),
+            memories: AggregateStore::new(log, ()),
         }
     }
 
@@ -244,6 +248,23 @@ impl CommandBus {
     ) -> Result<Arc<Receipt>, ExecuteError<SecretCacheError>> {
         let id = secret_cache::aggregate_id(&command.path);
         self.secret_caches.execute(&id, command, meta).await
+    }
+
+    /// Runs a command on the memory of one data subject (aggregate id
+    /// `memory::aggregate_id(owner, subject_id)`, made by the memory
+    /// service, which seals the command's content first).
+    pub async fn memory(
+        &self,
+        aggregate_id: &str,
+        command: MemoryCommand,
+        meta: &CommandMeta,
+    ) -> Result<Arc<Receipt>, ExecuteError<MemoryError>> {
+        self.memories.execute(aggregate_id, command, meta).await
+    }
+
+    /// A subject's memory as the log has it.
+    pub async fn load_memory(&self, aggregate_id: &str) -> Result<Loaded<Memory>, StoreError> {
+        self.memories.load(aggregate_id).await
     }
 
     /// The job as the log has it (version 0: no such job). For adapters

@@ -52,3 +52,18 @@ pub const MAX_STEP_HEADER_NAME_LEN: usize = 64;
 
 /// A step header's template (its text and placeholders), in bytes.
 pub const MAX_STEP_HEADER_TEMPLATE_LEN: usize = 2048;
+
+/// Facts one writeback may upsert.
+pub const MAX_MEMORY_FACTS: usize = 100;
+
+/// Messages in one conversation turn.
+pub const MAX_MEMORY_MESSAGES: usize = 200;
+
+/// One message's (or the response's) text, in characters.
+pub const MAX_MEMORY_TEXT_CHARS: usize = 32_768;
+
+/// A fact's subject and key, in characters (each).
+pub const MAX_MEMORY_FACT_KEY_CHARS: usize = 256;
+
+/// A fact's value, in characters.
+pub const MAX_MEMORY_FACT_VALUE_CHARS: usize = 4096;

@@ -8,6 +8,7 @@
 pub mod approval;
 pub mod job;
 pub mod limits;
+pub mod memory;
 pub mod projection;
 pub mod redact;
 pub mod registry;

@@ -171,6 +171,11 @@ impl SecretService {
         &self.policy
     }
 
+    /// The Vault client, for flowledger's own keys (memory's data keys).
+    pub fn vault(&self) -> &VaultClient {
+        &self.vault
+    }
+
     /// Reads the secret `request` asks for, for the caller in `meta` with
     /// `role`, under the request id `meta.command_id`, recording on `bus`.
     /// Granted: the value, once `SecretAccessGranted` is stored. Otherwise

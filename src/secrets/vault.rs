@@ -495,6 +495,49 @@ impl VaultClient {
         Ok(meta.current_version)
     }
 
+    /// Writes a KV v2 secret's new version (`path` as for
+    /// [`read`](Self::read)); with `cas`, only if its current version is
+    /// that one (0: only if it does not exist yet: a lost race is
+    /// [`VaultError::Rejected`] with status 400). Returns the version
+    /// written. Used for flowledger's own data keys (docs/MEMORY.md).
+    pub async fn write(
+        &self,
+        path: &str,
+        data: &Value,
+        cas: Option<u64>,
+    ) -> Result<u64, VaultError> {
+        let kv = KvPath::parse(path)?;
+        let api = self.shared.api();
+        let options = vaultrs::api::kv2::requests::SetSecretRequestOptions {
+            cas: u32::try_from(cas.unwrap_or(0)).unwrap_or(u32::MAX),
+        };
+        let written = match cas {
+            Some(_) => {
+                vaultrs::kv2::set_with_options(&*api, &kv.mount, &kv.path, data, options).await
+            }
+            None => vaultrs::kv2::set(&*api, &kv.mount, &kv.path, data).await,
+        }
+        .map_err(|e| read_error(e, &self.shared.addr, &kv.data(), None))?;
+        Ok(written.version)
+    }
+
+    /// Permanently destroys `versions` of a KV v2 secret: their data is
+    /// gone from Vault's storage (the metadata stays).
+    pub async fn destroy(&self, path: &str, versions: Vec<u64>) -> Result<(), VaultError> {
+        let kv = KvPath::parse(path)?;
+        let api = self.shared.api();
+        vaultrs::kv2::destroy_versions(&*api, &kv.mount, &kv.path, versions)
+            .await
+            .map_err(|e| {
+                read_error(
+                    e,
+                    &self.shared.addr,
+                    &format!("{}/destroy/{}", kv.mount, kv.path),
+                    None,
+                )
+            })
+    }
+
     /// The server's base URL.
     pub fn addr(&self) -> &str {
         &self.shared.addr

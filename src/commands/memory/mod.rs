@@ -1,0 +1,716 @@
+//! The `Memory` aggregate (type `memory`, one per data subject of one
+//! client, id [`aggregate_id`]): a person's conversation memory as the
+//! assistant was told it (seed 001): episodes, facts with their history,
+//! a profile and short-lived working state, until the subject is erased.
+//!
+//! The aggregate never sees plaintext: the memory service (src/memory)
+//! seals every personal value with the subject's key before the command is
+//! built, and derives what decisions need from it (a fact's id, the sealed
+//! value that says whether a value changed). It decides on ids, versions
+//! and times only.
+
+pub mod events;
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use chrono::{DateTime, TimeDelta, Utc};
+use cqrs_es::event_sink::EventSink;
+use cqrs_es::Aggregate;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::commands::limits::{MAX_APPROVAL_WINDOW_SECONDS, MAX_MEMORY_FACTS};
+use crate::commands::{write_decided, DomainError, ErrorCode};
+use crate::crypto::Sealed;
+use events::{
+    ChunkSpan, EpisodeRecorded, FactForgotten, FactRecorded, MemoryEvent, MemorySubjectErased,
+    MemorySubjectOpened, ProfileUpdated, WorkingStateDeleted, WorkingStateSet,
+};
+
+/// A subject id is the client's name for a person: the aggregate id is the
+/// first 32 hex digits of SHA-256 over `<owner> NUL <subject_id>`, so two
+/// clients' subjects never share an aggregate and the id says nothing.
+pub fn aggregate_id(owner: &str, subject_id: &str) -> String {
+    let mut h = Sha256::new();
+    h.update(owner.as_bytes());
+    h.update([0u8]);
+    h.update(subject_id.as_bytes());
+    hex::encode(&h.finalize()[..16])
+}
+
+/// Checks a subject id: 1 to 64 of `[A-Za-z0-9_-]`. No `@` or `.`, so an
+/// e-mail address cannot be one: it is a pseudonymous reference and stays
+/// readable in the log after erasure.
+pub fn check_subject_id(id: &str) -> Result<(), MemoryError> {
+    let ok = (1..=64).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(MemoryError::Invalid {
+            field: "subject_id",
+            message: "must be 1 to 64 characters of A-Z a-z 0-9 _ - (a pseudonymous id, never an \
+                      e-mail address or a name)"
+                .into(),
+        })
+    }
+}
+
+/// Checks a working-state key: 1 to 64 of `[A-Za-z0-9_.-]`.
+pub fn check_working_key(key: &str) -> Result<(), MemoryError> {
+    let ok = (1..=64).contains(&key.len())
+        && key
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(MemoryError::Invalid {
+            field: "key",
+            message: "must be 1 to 64 characters of A-Z a-z 0-9 _ - .".into(),
+        })
+    }
+}
+
+/// Why a subject is erased (a code, never free text: it is stored in
+/// plaintext).
+pub const ERASE_REASONS: [&str; 3] = ["data_subject_request", "retention", "legal"];
+
+/// A fact as the aggregate tracks it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FactState {
+    /// Its latest version.
+    pub version: u32,
+    /// The latest version's sealed value.
+    pub value_seal: Sealed,
+    /// Whether the latest version is valid (not forgotten).
+    pub active: bool,
+}
+
+/// One subject's memory, as the decisions need it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Memory {
+    /// The owning client; `None` until opened.
+    pub owner: Option<String>,
+    /// The client's id for the person.
+    pub subject_id: String,
+    /// The subject's key id.
+    pub key_id: String,
+    /// Episodes recorded.
+    pub episodes: BTreeSet<String>,
+    /// Facts by id.
+    pub facts: BTreeMap<String, FactState>,
+    /// Working-state keys and their expiry.
+    pub working: BTreeMap<String, DateTime<Utc>>,
+    /// Whether the profile was ever set.
+    pub has_profile: bool,
+    /// Erased: final, every command is refused.
+    pub erased: bool,
+}
+
+/// Whose subject a command is for; the key that sealed its content.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SubjectRef {
+    /// The verified caller's client id.
+    pub owner: String,
+    /// The subject id (checked by [`check_subject_id`]).
+    pub subject_id: String,
+    /// The id of the key the content is sealed with.
+    pub key_id: String,
+}
+
+/// A sealed episode.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EpisodeInput {
+    /// Made by the service from the command id.
+    pub episode_id: String,
+    /// The turn's time.
+    pub turn_at: DateTime<Utc>,
+    /// The sealed turn JSON.
+    pub turn: Sealed,
+    /// Its chunks.
+    pub chunks: Vec<ChunkSpan>,
+    /// Messages in it.
+    pub messages: u32,
+}
+
+/// A sealed fact to upsert.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FactInput {
+    /// The keyed id of (subject, key).
+    pub fact_id: String,
+    /// Sealed `{"subject","key","value"}`.
+    pub fact: Sealed,
+    /// The sealed value alone.
+    pub value_seal: Sealed,
+    /// 0 to 1.
+    pub confidence: f64,
+    /// `command` or `extractor`.
+    pub source: String,
+}
+
+/// The commands of a subject's memory. `at` is the service's clock.
+#[derive(Debug, Clone, PartialEq)]
+pub enum MemoryCommand {
+    /// `memory.writeback`: an episode and/or facts.
+    Writeback {
+        /// Whose.
+        subject: SubjectRef,
+        /// The turn, if any.
+        episode: Option<EpisodeInput>,
+        /// Facts to upsert (unchanged ones record nothing).
+        facts: Vec<FactInput>,
+        /// Now.
+        at: DateTime<Utc>,
+    },
+    /// `memory.profile`: profile fields merged over the earlier ones.
+    UpsertProfile {
+        /// Whose.
+        subject: SubjectRef,
+        /// The sealed JSON object of fields.
+        fields: Sealed,
+    },
+    /// `memory.working_state.set`.
+    SetWorkingState {
+        /// Whose.
+        subject: SubjectRef,
+        /// Its name.
+        key: String,
+        /// The sealed value.
+        value: Sealed,
+        /// Expiry: after `at`, at most 366 days later.
+        expires_at: DateTime<Utc>,
+        /// Now.
+        at: DateTime<Utc>,
+    },
+    /// `memory.working_state.delete` (`expired`: the cleanup's, only for a
+    /// value past its expiry at `at`).
+    DeleteWorkingState {
+        /// Whose.
+        subject: SubjectRef,
+        /// Its name.
+        key: String,
+        /// Expired (the cleanup) rather than deleted (the client).
+        expired: bool,
+        /// Now.
+        at: DateTime<Utc>,
+    },
+    /// `memory.forget`: the fact's current version stops being valid.
+    ForgetFact {
+        /// Whose.
+        subject: SubjectRef,
+        /// The fact.
+        fact_id: String,
+        /// Now.
+        at: DateTime<Utc>,
+    },
+    /// `memory.erase`: recorded after the subject's key was destroyed.
+    Erase {
+        /// Whose.
+        subject: SubjectRef,
+        /// One of [`ERASE_REASONS`].
+        reason: String,
+    },
+}
+
+impl MemoryCommand {
+    fn subject(&self) -> &SubjectRef {
+        match self {
+            MemoryCommand::Writeback { subject, .. }
+            | MemoryCommand::UpsertProfile { subject, .. }
+            | MemoryCommand::SetWorkingState { subject, .. }
+            | MemoryCommand::DeleteWorkingState { subject, .. }
+            | MemoryCommand::ForgetFact { subject, .. }
+            | MemoryCommand::Erase { subject, .. } => subject,
+        }
+    }
+}
+
+/// Why a memory command was refused; nothing was written.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum MemoryError {
+    /// A field is malformed (`validation`).
+    #[error("{field}: {message}")]
+    Invalid {
+        /// The request field at fault.
+        field: &'static str,
+        /// What is wrong.
+        message: String,
+    },
+    /// The subject, fact or working-state key does not exist (`not_found`).
+    #[error("{0}")]
+    NotFound(String),
+    /// The subject was erased; nothing more is recorded for it
+    /// (`rejected`). Use a new subject id for a new relationship.
+    #[error("subject {0:?} was erased; nothing more is recorded for it (a returning person gets a new subject id)")]
+    Erased(String),
+    /// The aggregate belongs to another client (`forbidden`); cannot
+    /// happen through the bus, whose ids are per client.
+    #[error("this subject belongs to another client")]
+    NotOwner,
+    /// The command's key is not the subject's (`conflict`): the service
+    /// sealed with a key the subject does not use; retry.
+    #[error("the content was sealed with key {given:?}, the subject's key is {expected:?}; retry")]
+    WrongKey {
+        /// The key the command used.
+        given: String,
+        /// The subject's key.
+        expected: String,
+    },
+}
+
+impl DomainError for MemoryError {
+    fn code(&self) -> ErrorCode {
+        match self {
+            MemoryError::Invalid { .. } => ErrorCode::Validation,
+            MemoryError::NotFound(_) => ErrorCode::NotFound,
+            MemoryError::Erased(_) => ErrorCode::Rejected,
+            MemoryError::NotOwner => ErrorCode::Forbidden,
+            MemoryError::WrongKey { .. } => ErrorCode::Conflict,
+        }
+    }
+
+    fn field(&self) -> Option<&'static str> {
+        match self {
+            MemoryError::Invalid { field, .. } => Some(field),
+            _ => None,
+        }
+    }
+}
+
+fn invalid(field: &'static str, message: impl Into<String>) -> MemoryError {
+    MemoryError::Invalid {
+        field,
+        message: message.into(),
+    }
+}
+
+impl Memory {
+    /// Whether the subject exists (was opened and not erased).
+    pub fn exists(&self) -> bool {
+        self.owner.is_some() && !self.erased
+    }
+
+    /// Pure decision over a subject's memory.
+    pub fn decide(&self, c: MemoryCommand) -> Result<Vec<MemoryEvent>, MemoryError> {
+        let subject = c.subject().clone();
+        check_subject_id(&subject.subject_id)?;
+        if self.erased {
+            return Err(MemoryError::Erased(subject.subject_id));
+        }
+        let mut out = Vec::new();
+        match &self.owner {
+            Some(owner) if *owner != subject.owner => return Err(MemoryError::NotOwner),
+            Some(_) if subject.key_id != self.key_id => {
+                return Err(MemoryError::WrongKey {
+                    given: subject.key_id,
+                    expected: self.key_id.clone(),
+                })
+            }
+            Some(_) => {}
+            None => match &c {
+                MemoryCommand::Writeback { .. }
+                | MemoryCommand::UpsertProfile { .. }
+                | MemoryCommand::SetWorkingState { .. } => {
+                    out.push(MemoryEvent::MemorySubjectOpened(MemorySubjectOpened {
+                        owner: subject.owner.clone(),
+                        subject_id: subject.subject_id.clone(),
+                        key_id: subject.key_id.clone(),
+                    }))
+                }
+                _ => {
+                    return Err(MemoryError::NotFound(format!(
+                        "no memory for subject {:?}",
+                        subject.subject_id
+                    )))
+                }
+            },
+        }
+        match c {
+            MemoryCommand::Writeback {
+                episode, facts, at, ..
+            } => {
+                if episode.is_none() && facts.is_empty() {
+                    return Err(invalid(
+                        "messages",
+                        "a writeback needs a turn (messages and response) or facts",
+                    ));
+                }
+                if facts.len() > MAX_MEMORY_FACTS {
+                    return Err(invalid(
+                        "facts",
+                        format!("at most {MAX_MEMORY_FACTS} facts per writeback"),
+                    ));
+                }
+                let episode_id = episode.as_ref().map(|e| e.episode_id.clone());
+                if let Some(e) = episode {
+                    if self.episodes.contains(&e.episode_id) {
+                        return Err(invalid(
+                            "episode_id",
+                            format!("episode {:?} is already recorded", e.episode_id),
+                        ));
+                    }
+                    out.push(MemoryEvent::EpisodeRecorded(EpisodeRecorded {
+                        episode_id: e.episode_id,
+                        turn_at: e.turn_at,
+                        turn: e.turn,
+                        chunks: e.chunks,
+                        messages: e.messages,
+                    }));
+                }
+                let mut seen = BTreeSet::new();
+                for (i, f) in facts.into_iter().enumerate() {
+                    if !seen.insert(f.fact_id.clone()) {
+                        return Err(invalid(
+                            "facts",
+                            format!("fact {i} has the subject and key of an earlier fact of this writeback"),
+                        ));
+                    }
+                    if !(0.0..=1.0).contains(&f.confidence) {
+                        return Err(invalid(
+                            "facts",
+                            format!("fact {i}: confidence must be 0 to 1"),
+                        ));
+                    }
+                    let version = match self.facts.get(&f.fact_id) {
+                        Some(s) if s.active && s.value_seal == f.value_seal => continue,
+                        Some(s) => s.version + 1,
+                        None => 1,
+                    };
+                    out.push(MemoryEvent::FactRecorded(FactRecorded {
+                        fact_id: f.fact_id,
+                        version,
+                        fact: f.fact,
+                        value_seal: f.value_seal,
+                        confidence: f.confidence,
+                        source: f.source,
+                        episode_id: episode_id.clone(),
+                        valid_from: at,
+                    }));
+                }
+            }
+            MemoryCommand::UpsertProfile { fields, .. } => {
+                out.push(MemoryEvent::ProfileUpdated(ProfileUpdated { fields }));
+            }
+            MemoryCommand::SetWorkingState {
+                key,
+                value,
+                expires_at,
+                at,
+                ..
+            } => {
+                check_working_key(&key)?;
+                if expires_at <= at
+                    || expires_at - at > TimeDelta::seconds(MAX_APPROVAL_WINDOW_SECONDS)
+                {
+                    return Err(invalid(
+                        "ttl_seconds",
+                        "must expire after now and at most 366 days from now",
+                    ));
+                }
+                out.push(MemoryEvent::WorkingStateSet(WorkingStateSet {
+                    key,
+                    value,
+                    expires_at,
+                }));
+            }
+            MemoryCommand::DeleteWorkingState {
+                key, expired, at, ..
+            } => {
+                check_working_key(&key)?;
+                match self.working.get(&key) {
+                    None => {
+                        return Err(MemoryError::NotFound(format!(
+                            "no working state {key:?} for subject {:?}",
+                            subject.subject_id
+                        )))
+                    }
+                    Some(exp) if expired && *exp > at => {
+                        return Err(invalid(
+                            "key",
+                            format!("working state {key:?} has not expired yet"),
+                        ))
+                    }
+                    Some(_) => {}
+                }
+                out.push(MemoryEvent::WorkingStateDeleted(WorkingStateDeleted {
+                    key,
+                    reason: if expired { "expired" } else { "deleted" }.into(),
+                }));
+            }
+            MemoryCommand::ForgetFact { fact_id, at, .. } => match self.facts.get(&fact_id) {
+                Some(s) if s.active => out.push(MemoryEvent::FactForgotten(FactForgotten {
+                    fact_id,
+                    version: s.version,
+                    invalid_at: at,
+                })),
+                _ => {
+                    return Err(MemoryError::NotFound(format!(
+                        "subject {:?} has no valid fact with that subject and key",
+                        subject.subject_id
+                    )))
+                }
+            },
+            MemoryCommand::Erase { reason, .. } => {
+                if !ERASE_REASONS.contains(&reason.as_str()) {
+                    return Err(invalid(
+                        "reason",
+                        format!("must be one of {}", ERASE_REASONS.join(", ")),
+                    ));
+                }
+                out.push(MemoryEvent::MemorySubjectErased(MemorySubjectErased {
+                    key_id: self.key_id.clone(),
+                    reason,
+                }));
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl Aggregate for Memory {
+    const TYPE: &'static str = "memory";
+    type Command = MemoryCommand;
+    type Event = MemoryEvent;
+    type Error = MemoryError;
+    type Services = ();
+
+    async fn handle(
+        &mut self,
+        command: Self::Command,
+        _: &Self::Services,
+        sink: &EventSink<Self>,
+    ) -> Result<(), Self::Error> {
+        let decided = self.decide(command);
+        write_decided(self, decided, sink).await
+    }
+
+    fn apply(&mut self, event: Self::Event) {
+        match event {
+            MemoryEvent::MemorySubjectOpened(e) => {
+                self.owner = Some(e.owner);
+                self.subject_id = e.subject_id;
+                self.key_id = e.key_id;
+            }
+            MemoryEvent::EpisodeRecorded(e) => {
+                self.episodes.insert(e.episode_id);
+            }
+            MemoryEvent::FactRecorded(e) => {
+                self.facts.insert(
+                    e.fact_id,
+                    FactState {
+                        version: e.version,
+                        value_seal: e.value_seal,
+                        active: true,
+                    },
+                );
+            }
+            MemoryEvent::FactForgotten(e) => {
+                if let Some(f) = self.facts.get_mut(&e.fact_id) {
+                    f.active = false;
+                }
+            }
+            MemoryEvent::ProfileUpdated(_) => self.has_profile = true,
+            MemoryEvent::WorkingStateSet(e) => {
+                self.working.insert(e.key, e.expires_at);
+            }
+            MemoryEvent::WorkingStateDeleted(e) => {
+                self.working.remove(&e.key);
+            }
+            MemoryEvent::MemorySubjectErased(_) => {
+                self.erased = true;
+                self.episodes.clear();
+                self.facts.clear();
+                self.working.clear();
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sealed(t: &str) -> Sealed {
+        Sealed {
+            key_id: "m1".into(),
+            nonce: "00".repeat(24),
+            ciphertext: hex::encode(t),
+        }
+    }
+
+    fn who() -> SubjectRef {
+        SubjectRef {
+            owner: "acme".into(),
+            subject_id: "u-1".into(),
+            key_id: "m1".into(),
+        }
+    }
+
+    fn at(s: i64) -> DateTime<Utc> {
+        DateTime::from_timestamp(1_800_000_000 + s, 0).unwrap()
+    }
+
+    fn fact(id: &str, v: &str) -> FactInput {
+        FactInput {
+            fact_id: id.into(),
+            fact: sealed(&format!("{id}={v}")),
+            value_seal: sealed(v),
+            confidence: 0.9,
+            source: "command".into(),
+        }
+    }
+
+    fn run(m: &mut Memory, c: MemoryCommand) -> Result<Vec<MemoryEvent>, MemoryError> {
+        let evs = m.decide(c)?;
+        for e in evs.clone() {
+            m.apply(e);
+        }
+        Ok(evs)
+    }
+
+    fn writeback(facts: Vec<FactInput>, t: i64) -> MemoryCommand {
+        MemoryCommand::Writeback {
+            subject: who(),
+            episode: None,
+            facts,
+            at: at(t),
+        }
+    }
+
+    #[test]
+    fn ids_differ_by_owner_and_subject() {
+        let a = aggregate_id("acme", "u-1");
+        assert_eq!(a.len(), 32);
+        assert_ne!(a, aggregate_id("other", "u-1"));
+        assert_ne!(a, aggregate_id("acme", "u-2"));
+        // the separator keeps ("ab","c") and ("a","bc") apart
+        assert_ne!(aggregate_id("ab", "c"), aggregate_id("a", "bc"));
+    }
+
+    #[test]
+    fn subject_ids_cannot_be_addresses_or_names() {
+        for bad in ["", "a@b.example", "Jane Doe", "a.b", &"x".repeat(65)] {
+            assert!(check_subject_id(bad).is_err(), "{bad}");
+        }
+        check_subject_id("cust_42-a").unwrap();
+    }
+
+    #[test]
+    fn a_changed_fact_gets_a_new_version_an_unchanged_one_nothing() {
+        let mut m = Memory::default();
+        let evs = run(&mut m, writeback(vec![fact("f1", "blue")], 0)).unwrap();
+        assert!(matches!(evs[0], MemoryEvent::MemorySubjectOpened(_)));
+        assert!(matches!(&evs[1], MemoryEvent::FactRecorded(f) if f.version == 1));
+        // the same value: NONE
+        let evs = run(&mut m, writeback(vec![fact("f1", "blue")], 1)).unwrap();
+        assert!(evs.is_empty(), "{evs:?}");
+        let evs = run(&mut m, writeback(vec![fact("f1", "green")], 2)).unwrap();
+        assert!(
+            matches!(&evs[0], MemoryEvent::FactRecorded(f) if f.version == 2 && f.valid_from == at(2))
+        );
+        let evs = run(
+            &mut m,
+            MemoryCommand::ForgetFact {
+                subject: who(),
+                fact_id: "f1".into(),
+                at: at(3),
+            },
+        )
+        .unwrap();
+        assert!(matches!(&evs[0], MemoryEvent::FactForgotten(f) if f.version == 2));
+        // forgotten, then the same value again: a new version
+        let evs = run(&mut m, writeback(vec![fact("f1", "green")], 4)).unwrap();
+        assert!(matches!(&evs[0], MemoryEvent::FactRecorded(f) if f.version == 3));
+        let dup = writeback(vec![fact("f2", "a"), fact("f2", "b")], 5);
+        assert_eq!(m.decide(dup).unwrap_err().field(), Some("facts"));
+    }
+
+    #[test]
+    fn commands_on_a_missing_subject_are_not_found_and_erasure_is_final() {
+        let mut m = Memory::default();
+        let forget = MemoryCommand::ForgetFact {
+            subject: who(),
+            fact_id: "f1".into(),
+            at: at(0),
+        };
+        assert_eq!(
+            m.decide(forget.clone()).unwrap_err().code(),
+            ErrorCode::NotFound
+        );
+        let erase = MemoryCommand::Erase {
+            subject: who(),
+            reason: "data_subject_request".into(),
+        };
+        assert_eq!(
+            m.decide(erase.clone()).unwrap_err().code(),
+            ErrorCode::NotFound
+        );
+        run(&mut m, writeback(vec![fact("f1", "x")], 0)).unwrap();
+        let bad = MemoryCommand::Erase {
+            subject: who(),
+            reason: "because Jane asked".into(),
+        };
+        assert_eq!(m.decide(bad).unwrap_err().field(), Some("reason"));
+        let evs = run(&mut m, erase.clone()).unwrap();
+        assert!(matches!(&evs[0], MemoryEvent::MemorySubjectErased(e) if e.key_id == "m1"));
+        for c in [erase, forget, writeback(vec![fact("f1", "y")], 1)] {
+            assert_eq!(m.decide(c).unwrap_err().code(), ErrorCode::Rejected);
+        }
+    }
+
+    #[test]
+    fn another_key_or_owner_is_refused() {
+        let mut m = Memory::default();
+        run(&mut m, writeback(vec![fact("f1", "x")], 0)).unwrap();
+        let mut s = who();
+        s.key_id = "m2".into();
+        let c = MemoryCommand::UpsertProfile {
+            subject: s,
+            fields: sealed("{}"),
+        };
+        assert_eq!(m.decide(c).unwrap_err().code(), ErrorCode::Conflict);
+        let mut s = who();
+        s.owner = "other".into();
+        let c = MemoryCommand::UpsertProfile {
+            subject: s,
+            fields: sealed("{}"),
+        };
+        assert_eq!(m.decide(c).unwrap_err().code(), ErrorCode::Forbidden);
+    }
+
+    #[test]
+    fn working_state_needs_a_future_expiry_and_expires_only_when_due() {
+        let mut m = Memory::default();
+        let set = |exp: i64| MemoryCommand::SetWorkingState {
+            subject: who(),
+            key: "intent".into(),
+            value: sealed("\"buy\""),
+            expires_at: at(exp),
+            at: at(0),
+        };
+        assert_eq!(m.decide(set(0)).unwrap_err().field(), Some("ttl_seconds"));
+        assert_eq!(
+            m.decide(set(MAX_APPROVAL_WINDOW_SECONDS + 1))
+                .unwrap_err()
+                .field(),
+            Some("ttl_seconds")
+        );
+        run(&mut m, set(60)).unwrap();
+        let expire = |t: i64| MemoryCommand::DeleteWorkingState {
+            subject: who(),
+            key: "intent".into(),
+            expired: true,
+            at: at(t),
+        };
+        assert!(m.decide(expire(59)).is_err());
+        let evs = run(&mut m, expire(60)).unwrap();
+        assert!(matches!(&evs[0], MemoryEvent::WorkingStateDeleted(d) if d.reason == "expired"));
+        assert_eq!(
+            m.decide(expire(61)).unwrap_err().code(),
+            ErrorCode::NotFound
+        );
+    }
+}

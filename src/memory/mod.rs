@@ -1,0 +1,8 @@
+//! Conversation memory (seed 001, docs/MEMORY.md): the service that seals a
+//! client's memory commands with the data subject's key and sends them
+//! over the bus ([`service`]), the subjects' keys in Vault ([`keys`]).
+//! Depends on commands, events, bus, secrets and crypto; the API doors
+//! depend on it.
+
+pub mod keys;
+pub mod service;

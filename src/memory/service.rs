@@ -1,0 +1,662 @@
+//! The memory service: turns a client's memory requests (plaintext, as the
+//! doors parse them) into sealed commands on the subject's aggregate.
+//!
+//! Every personal value is sealed with the data subject's key before the
+//! command exists ([`SubjectKeys`]); what the aggregate decides on (a
+//! fact's id, whether its value changed) is derived here under the same
+//! key. The command hash that tells a retry from a reused command id is
+//! keyed too, so the log holds no digest of personal text that a guess
+//! could be checked against. The actor is the verified caller; memory
+//! commands never record a `user_id`.
+
+use std::sync::Arc;
+
+use chrono::{DateTime, TimeDelta, Utc};
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+use uuid::Uuid;
+
+use crate::bus::{CommandBus, CommandError};
+use crate::commands::limits::{
+    MAX_APPROVAL_WINDOW_SECONDS, MAX_MEMORY_FACTS, MAX_MEMORY_FACT_KEY_CHARS,
+    MAX_MEMORY_FACT_VALUE_CHARS, MAX_MEMORY_MESSAGES, MAX_MEMORY_TEXT_CHARS,
+};
+use crate::commands::memory::events::ChunkSpan;
+use crate::commands::memory::{
+    aggregate_id, check_subject_id, check_working_key, EpisodeInput, FactInput, MemoryCommand,
+    SubjectRef,
+};
+use crate::commands::ErrorCode;
+use crate::events::envelope::{Actor, CommandMeta};
+use crate::events::store::Receipt;
+use crate::memory::keys::{KeyError, SubjectKey, SubjectKeys, KEY_ID};
+
+/// One message of a turn.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Message {
+    /// `user`, `assistant`, `system` or `tool`.
+    pub role: String,
+    /// The text.
+    pub content: String,
+}
+
+/// A fact as a client gives it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FactBody {
+    /// What it is about (e.g. `user`, `user.car`).
+    pub subject: String,
+    /// Which attribute (e.g. `favourite_colour`).
+    pub key: String,
+    /// Its value (any JSON; a string usually).
+    pub value: Value,
+    /// 0 to 1; default 1.
+    pub confidence: Option<f64>,
+}
+
+/// `memory.writeback`: a turn and/or facts.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WritebackBody {
+    /// The client's id for the person.
+    pub subject_id: String,
+    /// The turn's messages (with `response`, an episode).
+    #[serde(default)]
+    pub messages: Vec<Message>,
+    /// The assistant's answer.
+    pub response: Option<String>,
+    /// When the turn happened (RFC 3339); default now.
+    pub timestamp: Option<DateTime<Utc>>,
+    /// The caller's id for the turn: the same id and body answer the first
+    /// receipt (1-128 of `[A-Za-z0-9_-]`); default a new id.
+    pub turn_id: Option<String>,
+    /// Facts to upsert.
+    #[serde(default)]
+    pub facts: Vec<FactBody>,
+}
+
+/// `memory.profile`: fields merged over the earlier ones.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProfileBody {
+    /// The client's id for the person.
+    pub subject_id: String,
+    /// `email`, `full_name`, `tags`, ... (a `null` removes a field).
+    pub fields: Map<String, Value>,
+}
+
+/// `memory.working_state.set`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkingSetBody {
+    /// The client's id for the person.
+    pub subject_id: String,
+    /// Its name.
+    pub key: String,
+    /// Its value.
+    pub value: Value,
+    /// Seconds it lives, 1 to 366 days.
+    pub ttl_seconds: i64,
+}
+
+/// `memory.working_state.delete`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkingDeleteBody {
+    /// The client's id for the person.
+    pub subject_id: String,
+    /// Its name.
+    pub key: String,
+}
+
+/// `memory.forget`: a fact stops being valid.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ForgetBody {
+    /// The client's id for the person.
+    pub subject_id: String,
+    /// The fact's subject.
+    pub subject: String,
+    /// The fact's key.
+    pub key: String,
+}
+
+/// `memory.erase`: destroy the subject's key, then record it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EraseBody {
+    /// The client's id for the person.
+    pub subject_id: String,
+    /// `data_subject_request`, `retention` or `legal`.
+    pub reason: String,
+    /// Operators only: whose subject (a client erases its own).
+    pub owner: Option<String>,
+}
+
+/// How a turn is cut into chunks for search.
+#[derive(Debug, Clone, Copy)]
+pub struct Chunking {
+    /// A chunk's most characters; longer messages are cut at whitespace.
+    pub max_chars: usize,
+}
+
+/// The memory commands of every door.
+#[derive(Debug)]
+pub struct MemoryService {
+    keys: Arc<SubjectKeys>,
+    chunking: Chunking,
+}
+
+fn invalid(field: &str, message: impl Into<String>) -> CommandError {
+    CommandError::validation(Some(field), message)
+}
+
+fn key_error(e: KeyError) -> CommandError {
+    let code = match &e {
+        KeyError::Erased => ErrorCode::Rejected,
+        _ if e.is_retryable() => ErrorCode::Unavailable,
+        _ => ErrorCode::Internal,
+    };
+    if code != ErrorCode::Rejected {
+        tracing::error!(error = %e, "memory: the subject's key is unavailable");
+    }
+    CommandError {
+        code,
+        message: match e {
+            KeyError::Erased => {
+                "the subject was erased; nothing more is recorded for it (a returning person \
+                 gets a new subject id)"
+                    .into()
+            }
+            other => format!("{other}; retry later"),
+        },
+        field: None,
+    }
+}
+
+fn check_chars(field: &str, text: &str, max: usize) -> Result<(), CommandError> {
+    if text.chars().count() > max {
+        return Err(invalid(field, format!("longer than {max} characters")));
+    }
+    Ok(())
+}
+
+/// Normalises a fact's subject or key for its identity: trimmed, lower case.
+fn fact_part(field: &str, text: &str) -> Result<String, CommandError> {
+    let t = text.trim().to_lowercase();
+    if t.is_empty() {
+        return Err(invalid(field, "must not be blank"));
+    }
+    check_chars(field, &t, MAX_MEMORY_FACT_KEY_CHARS)?;
+    Ok(t)
+}
+
+/// Cuts `text` into spans of at most `max` characters, at whitespace where
+/// there is some; empty text has no chunk.
+pub fn chunk_spans(text: &str, message: u32, max: usize) -> Vec<ChunkSpan> {
+    let chars: Vec<char> = text.chars().collect();
+    let max = max.max(1);
+    let mut out = Vec::new();
+    let mut start = 0;
+    while start < chars.len() {
+        // skip leading whitespace
+        while start < chars.len() && chars[start].is_whitespace() {
+            start += 1;
+        }
+        if start >= chars.len() {
+            break;
+        }
+        let mut end = (start + max).min(chars.len());
+        if end < chars.len() {
+            if let Some(ws) = (start + 1..end).rev().find(|&i| chars[i].is_whitespace()) {
+                end = ws;
+            }
+        }
+        out.push(ChunkSpan {
+            message,
+            start: start as u32,
+            end: end as u32,
+        });
+        start = end;
+    }
+    out
+}
+
+/// What a memory command's reply says.
+pub struct Written {
+    /// The subject.
+    pub subject_id: String,
+    /// The receipt of the commit (`None`: nothing changed, no event).
+    pub receipt: Arc<Receipt>,
+    /// The episode recorded, if any.
+    pub episode_id: Option<String>,
+}
+
+impl Written {
+    /// The reply body.
+    pub fn to_json(&self) -> Value {
+        let r = &self.receipt;
+        let mut v = json!({
+            "ok": true,
+            "subject_id": self.subject_id,
+            "stream_seq": r.stream_seq,
+            "duplicate": r.duplicate,
+            "events": r.events.iter().map(|e| e.event_type.clone()).collect::<Vec<_>>(),
+        });
+        if let Some(e) = &self.episode_id {
+            v["episode_id"] = json!(e);
+        }
+        v
+    }
+}
+
+impl MemoryService {
+    /// The service sealing with `keys`.
+    pub fn new(keys: Arc<SubjectKeys>, chunking: Chunking) -> Self {
+        MemoryService { keys, chunking }
+    }
+
+    /// The subjects' keys (the projection opens events with them).
+    pub fn keys(&self) -> &Arc<SubjectKeys> {
+        &self.keys
+    }
+
+    fn subject(owner: &str, subject_id: &str) -> Result<(String, SubjectRef), CommandError> {
+        check_subject_id(subject_id).map_err(|e| invalid("subject_id", e.to_string()))?;
+        Ok((
+            aggregate_id(owner, subject_id),
+            SubjectRef {
+                owner: owner.to_string(),
+                subject_id: subject_id.to_string(),
+                key_id: KEY_ID.to_string(),
+            },
+        ))
+    }
+
+    /// The meta of a memory command: the keyed hash of `body` tells a retry
+    /// (same id, same body) from a reused id.
+    fn meta(key: &SubjectKey, owner: &str, command_id: String, body: &Value) -> CommandMeta {
+        let hash = key.keyed_id("command", &[&body.to_string()]);
+        CommandMeta::originating(
+            command_id,
+            Actor {
+                client_id: owner.to_string(),
+                user_id: None,
+            },
+            hash,
+        )
+    }
+
+    async fn run(
+        &self,
+        bus: &CommandBus,
+        id: &str,
+        command: MemoryCommand,
+        meta: &CommandMeta,
+    ) -> Result<Arc<Receipt>, CommandError> {
+        bus.memory(id, command, meta)
+            .await
+            .map_err(CommandError::from)
+    }
+
+    /// A writeback by `owner` (the verified caller's client id).
+    pub async fn writeback(
+        &self,
+        bus: &CommandBus,
+        owner: &str,
+        b: WritebackBody,
+        now: DateTime<Utc>,
+    ) -> Result<Written, CommandError> {
+        let (id, subject) = Self::subject(owner, &b.subject_id)?;
+        if b.messages.len() > MAX_MEMORY_MESSAGES {
+            return Err(invalid(
+                "messages",
+                format!("at most {MAX_MEMORY_MESSAGES} messages per turn"),
+            ));
+        }
+        if b.facts.len() > MAX_MEMORY_FACTS {
+            return Err(invalid(
+                "facts",
+                format!("at most {MAX_MEMORY_FACTS} facts per writeback"),
+            ));
+        }
+        for (i, m) in b.messages.iter().enumerate() {
+            if !matches!(m.role.as_str(), "user" | "assistant" | "system" | "tool") {
+                return Err(invalid(
+                    &format!("messages[{i}].role"),
+                    "must be user, assistant, system or tool",
+                ));
+            }
+            check_chars(
+                &format!("messages[{i}].content"),
+                &m.content,
+                MAX_MEMORY_TEXT_CHARS,
+            )?;
+        }
+        if let Some(r) = &b.response {
+            check_chars("response", r, MAX_MEMORY_TEXT_CHARS)?;
+        }
+        let has_turn = !b.messages.is_empty() || b.response.is_some();
+        if !has_turn && b.facts.is_empty() {
+            return Err(invalid(
+                "messages",
+                "a writeback needs a turn (messages, response) or facts",
+            ));
+        }
+        if let Some(t) = &b.turn_id {
+            if !crate::bus::ids::caller_chosen_is_valid(t) {
+                return Err(invalid("turn_id", "must be 1-128 of A-Z a-z 0-9 _ -"));
+            }
+        }
+        let mut parts = Vec::with_capacity(b.facts.len());
+        for (i, f) in b.facts.iter().enumerate() {
+            let s = fact_part(&format!("facts[{i}].subject"), &f.subject)?;
+            let k = fact_part(&format!("facts[{i}].key"), &f.key)?;
+            if f.value.is_null() {
+                return Err(invalid(
+                    &format!("facts[{i}].value"),
+                    "must not be null (forget a fact with memory.forget)",
+                ));
+            }
+            check_chars(
+                &format!("facts[{i}].value"),
+                &f.value.to_string(),
+                MAX_MEMORY_FACT_VALUE_CHARS,
+            )?;
+            let confidence = f.confidence.unwrap_or(1.0);
+            if !(0.0..=1.0).contains(&confidence) {
+                return Err(invalid(
+                    &format!("facts[{i}].confidence"),
+                    "must be between 0 and 1",
+                ));
+            }
+            parts.push((s, k, f.value.clone(), confidence));
+        }
+        let key = self.keys.get_or_create(&id).await.map_err(key_error)?;
+        let turn_id = b
+            .turn_id
+            .clone()
+            .unwrap_or_else(|| Uuid::now_v7().simple().to_string());
+        let hashed = json!({
+            "turn_id": turn_id,
+            "messages": b.messages.iter().map(|m| json!({"role": m.role, "content": m.content})).collect::<Vec<_>>(),
+            "response": b.response,
+            "timestamp": b.timestamp,
+            "facts": parts.iter().map(|(s, k, v, c)| json!([s, k, v, c])).collect::<Vec<_>>(),
+        });
+        let command_id = format!("memory-writeback:{id}:{turn_id}");
+        let meta = Self::meta(&key, owner, command_id, &hashed);
+        let episode = has_turn.then(|| {
+            let mut chunks = Vec::new();
+            for (i, m) in b.messages.iter().enumerate() {
+                chunks.extend(chunk_spans(&m.content, i as u32, self.chunking.max_chars));
+            }
+            if let Some(r) = &b.response {
+                chunks.extend(chunk_spans(
+                    r,
+                    b.messages.len() as u32,
+                    self.chunking.max_chars,
+                ));
+            }
+            EpisodeInput {
+                episode_id: turn_id.clone(),
+                turn_at: b.timestamp.unwrap_or(now),
+                turn: key.seal_json(&json!({
+                    "messages": b.messages.iter().map(|m| json!({"role": m.role, "content": m.content})).collect::<Vec<_>>(),
+                    "response": b.response,
+                })),
+                chunks,
+                messages: b.messages.len() as u32,
+            }
+        });
+        let facts = parts
+            .into_iter()
+            .map(|(s, k, v, confidence)| FactInput {
+                fact_id: key.keyed_id("fact", &[&s, &k]),
+                fact: key.seal_json(&json!({"subject": s, "key": k, "value": v})),
+                value_seal: key.seal_json(&v),
+                confidence,
+                source: "command".into(),
+            })
+            .collect();
+        let episode_id = episode.as_ref().map(|e| e.episode_id.clone());
+        let command = MemoryCommand::Writeback {
+            subject,
+            episode,
+            facts,
+            at: now,
+        };
+        let receipt = self.run(bus, &id, command, &meta).await?;
+        Ok(Written {
+            subject_id: b.subject_id,
+            receipt,
+            episode_id,
+        })
+    }
+
+    /// Profile fields by `owner`.
+    pub async fn profile(
+        &self,
+        bus: &CommandBus,
+        owner: &str,
+        b: ProfileBody,
+    ) -> Result<Written, CommandError> {
+        let (id, subject) = Self::subject(owner, &b.subject_id)?;
+        if b.fields.is_empty() {
+            return Err(invalid("fields", "give at least one field"));
+        }
+        if b.fields.len() > 64 {
+            return Err(invalid("fields", "at most 64 fields"));
+        }
+        let fields = Value::Object(b.fields);
+        check_chars("fields", &fields.to_string(), MAX_MEMORY_TEXT_CHARS)?;
+        let key = self.keys.get_or_create(&id).await.map_err(key_error)?;
+        let meta = Self::meta(&key, owner, Uuid::now_v7().to_string(), &fields);
+        let command = MemoryCommand::UpsertProfile {
+            subject,
+            fields: key.seal_json(&fields),
+        };
+        let receipt = self.run(bus, &id, command, &meta).await?;
+        Ok(Written {
+            subject_id: b.subject_id,
+            receipt,
+            episode_id: None,
+        })
+    }
+
+    /// A working-state value by `owner`.
+    pub async fn working_set(
+        &self,
+        bus: &CommandBus,
+        owner: &str,
+        b: WorkingSetBody,
+        now: DateTime<Utc>,
+    ) -> Result<Written, CommandError> {
+        let (id, subject) = Self::subject(owner, &b.subject_id)?;
+        check_working_key(&b.key).map_err(|e| invalid("key", e.to_string()))?;
+        if !(1..=MAX_APPROVAL_WINDOW_SECONDS).contains(&b.ttl_seconds) {
+            return Err(invalid(
+                "ttl_seconds",
+                format!("must be 1 to {MAX_APPROVAL_WINDOW_SECONDS} seconds"),
+            ));
+        }
+        check_chars("value", &b.value.to_string(), MAX_MEMORY_TEXT_CHARS)?;
+        let key = self.keys.get_or_create(&id).await.map_err(key_error)?;
+        let meta = Self::meta(
+            &key,
+            owner,
+            Uuid::now_v7().to_string(),
+            &json!([b.key, b.value, b.ttl_seconds]),
+        );
+        let command = MemoryCommand::SetWorkingState {
+            subject,
+            key: b.key,
+            value: key.seal_json(&b.value),
+            expires_at: now + TimeDelta::seconds(b.ttl_seconds),
+            at: now,
+        };
+        let receipt = self.run(bus, &id, command, &meta).await?;
+        Ok(Written {
+            subject_id: b.subject_id,
+            receipt,
+            episode_id: None,
+        })
+    }
+
+    /// Removes a working-state value (`expired`: the cleanup's).
+    pub async fn working_delete(
+        &self,
+        bus: &CommandBus,
+        owner: &str,
+        b: WorkingDeleteBody,
+        expired: bool,
+        now: DateTime<Utc>,
+    ) -> Result<Written, CommandError> {
+        let (id, subject) = Self::subject(owner, &b.subject_id)?;
+        let key = self.keys.get(&id).await.map_err(|e| match e {
+            KeyError::Missing(_) => not_found(&b.subject_id),
+            other => key_error(other),
+        })?;
+        let meta = Self::meta(
+            &key,
+            owner,
+            Uuid::now_v7().to_string(),
+            &json!([b.key, expired]),
+        );
+        let command = MemoryCommand::DeleteWorkingState {
+            subject,
+            key: b.key,
+            expired,
+            at: now,
+        };
+        let receipt = self.run(bus, &id, command, &meta).await?;
+        Ok(Written {
+            subject_id: b.subject_id,
+            receipt,
+            episode_id: None,
+        })
+    }
+
+    /// A fact stops being valid.
+    pub async fn forget(
+        &self,
+        bus: &CommandBus,
+        owner: &str,
+        b: ForgetBody,
+        now: DateTime<Utc>,
+    ) -> Result<Written, CommandError> {
+        let (id, subject) = Self::subject(owner, &b.subject_id)?;
+        let s = fact_part("subject", &b.subject)?;
+        let k = fact_part("key", &b.key)?;
+        let key = self.keys.get(&id).await.map_err(|e| match e {
+            KeyError::Missing(_) => not_found(&b.subject_id),
+            other => key_error(other),
+        })?;
+        let meta = Self::meta(&key, owner, Uuid::now_v7().to_string(), &json!([s, k]));
+        let command = MemoryCommand::ForgetFact {
+            subject,
+            fact_id: key.keyed_id("fact", &[&s, &k]),
+            at: now,
+        };
+        let receipt = self.run(bus, &id, command, &meta).await?;
+        Ok(Written {
+            subject_id: b.subject_id,
+            receipt,
+            episode_id: None,
+        })
+    }
+
+    /// Erases `owner`'s subject: destroys its key in Vault, then records
+    /// `MemorySubjectErased`. Repeating it after a failure in between
+    /// finishes the job (the key is already destroyed).
+    pub async fn erase(
+        &self,
+        bus: &CommandBus,
+        owner: &str,
+        actor: &str,
+        subject_id: &str,
+        reason: String,
+    ) -> Result<Written, CommandError> {
+        let (id, subject) = Self::subject(owner, subject_id)?;
+        if !crate::commands::memory::ERASE_REASONS.contains(&reason.as_str()) {
+            return Err(invalid(
+                "reason",
+                format!(
+                    "must be one of {}",
+                    crate::commands::memory::ERASE_REASONS.join(", ")
+                ),
+            ));
+        }
+        let state = bus.load_memory(&id).await.map_err(CommandError::from)?;
+        if state.state.erased {
+            return Err(key_error(KeyError::Erased));
+        }
+        if !state.state.exists() {
+            return Err(not_found(subject_id));
+        }
+        self.keys.destroy(&id).await.map_err(key_error)?;
+        // the key is gone: the command hash cannot be keyed; the erasure's
+        // body holds nothing personal
+        let meta = CommandMeta::originating(
+            format!("memory-erase:{id}"),
+            Actor {
+                client_id: actor.to_string(),
+                user_id: None,
+            },
+            crate::events::chain::to_hex(&crate::events::chain::sha256(reason.as_bytes())),
+        );
+        let command = MemoryCommand::Erase { subject, reason };
+        let receipt = self.run(bus, &id, command, &meta).await?;
+        Ok(Written {
+            subject_id: subject_id.to_string(),
+            receipt,
+            episode_id: None,
+        })
+    }
+}
+
+fn not_found(subject_id: &str) -> CommandError {
+    CommandError {
+        code: ErrorCode::NotFound,
+        message: format!("no memory for subject {subject_id:?}"),
+        field: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunks_cover_the_text_at_whitespace_within_the_limit() {
+        let text = "one two three four five six seven";
+        let spans = chunk_spans(text, 2, 10);
+        let chars: Vec<char> = text.chars().collect();
+        let mut covered = String::new();
+        for s in &spans {
+            assert_eq!(s.message, 2);
+            assert!(s.end - s.start <= 10, "{s:?}");
+            let piece: String = chars[s.start as usize..s.end as usize].iter().collect();
+            assert!(!piece.starts_with(' '), "{piece:?}");
+            covered.push_str(piece.trim());
+            covered.push(' ');
+        }
+        assert_eq!(covered.trim(), text);
+        assert!(chunk_spans("   ", 0, 10).is_empty());
+        // no whitespace: cut hard; multibyte characters count once
+        let spans = chunk_spans("ééééééé", 0, 3);
+        assert_eq!(spans.len(), 3);
+        assert_eq!(spans[2].end, 7);
+    }
+
+    #[test]
+    fn fact_parts_are_normalised_and_bounded() {
+        assert_eq!(
+            fact_part("k", "  Favourite_Colour ").unwrap(),
+            "favourite_colour"
+        );
+        assert_eq!(fact_part("k", " ").unwrap_err().field.as_deref(), Some("k"));
+        assert!(fact_part("k", &"x".repeat(MAX_MEMORY_FACT_KEY_CHARS + 1)).is_err());
+    }
+}
