@@ -26,6 +26,7 @@ use crate::events::envelope::{Actor, CommandMeta};
 use crate::events::log::EventLog;
 use crate::handlers::step_secrets::HANDLER_ROLE;
 use crate::handlers::{self, HandlerConfig};
+use crate::memory::service::MemoryService;
 use crate::projections::{self, db};
 use crate::secrets::service::SecretService;
 
@@ -54,6 +55,9 @@ pub struct Settings {
     /// Secret access through Vault (`[secrets]`; its Vault client logged
     /// in); none: reads answer `unavailable`.
     pub secrets: Option<Arc<SecretService>>,
+    /// Conversation memory (`[memory]`); none: memory commands answer
+    /// `unavailable` and no memory read model is built.
+    pub memory: Option<Arc<MemoryService>>,
 }
 
 /// The parts that need PostgreSQL.
@@ -227,6 +231,7 @@ impl Application {
             checkpoints,
             database,
             secrets,
+            memory,
         } = settings;
         if database.as_ref().is_some_and(|d| d.handler.is_some()) {
             check_step_secrets(&registry, secrets.as_ref().map(|s| s.policy()))?;
@@ -323,6 +328,7 @@ impl Application {
                         f
                     }),
                     secrets: secrets.clone(),
+                    memory: memory.clone(),
                 };
                 let mut stop = stop_rx.clone();
                 tasks.push(tokio::spawn(async move {
@@ -344,7 +350,16 @@ impl Application {
         }
         let intake = if intake {
             let accounts = Arc::new(api::broker_identity::Accounts::new(&nats_accounts));
-            Some(start_intake(bus.clone(), secrets.clone(), nats, accounts).await?)
+            Some(
+                start_intake(
+                    bus.clone(),
+                    secrets.clone(),
+                    memory.clone().zip(pool.clone()),
+                    nats,
+                    accounts,
+                )
+                .await?,
+            )
         } else {
             None
         };
@@ -420,6 +435,7 @@ impl Drop for Application {
 async fn start_intake(
     bus: Arc<CommandBus>,
     secrets: Option<Arc<SecretService>>,
+    memory: Option<(Arc<MemoryService>, sqlx::PgPool)>,
     nats: async_nats::Client,
     accounts: Arc<api::broker_identity::Accounts>,
 ) -> Result<JoinHandle<()>, BuildError> {
@@ -429,7 +445,7 @@ async fn start_intake(
     // sends finds the intake
     round_trip(&nats).await.map_err(BuildError::Unconfirmed)?;
     Ok(tokio::spawn(api::nats::serve(
-        bus, secrets, nats, sub, accounts,
+        bus, secrets, memory, nats, sub, accounts,
     )))
 }
 

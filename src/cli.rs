@@ -955,6 +955,29 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
 }
 
+/// Conversation memory from `[memory]` (checked with the configuration:
+/// enabled only with `[secrets]`).
+fn memory_service(
+    config: &Config,
+    secrets: Option<&Arc<SecretService>>,
+) -> Option<Arc<crate::memory::service::MemoryService>> {
+    use crate::memory::keys::SubjectKeys;
+    use crate::memory::service::{Chunking, MemoryService};
+    let m = &config.memory;
+    let secrets = secrets.filter(|_| m.enabled)?;
+    let keys = SubjectKeys::new(
+        secrets.clone(),
+        &m.key_path,
+        Duration::from_secs(m.key_cache_seconds),
+    );
+    Some(Arc::new(MemoryService::new(
+        Arc::new(keys),
+        Chunking {
+            max_chars: m.chunk_chars,
+        },
+    )))
+}
+
 /// Secret access from `[secrets]`: logs in to Vault now, so a bad token or
 /// AppRole credential stops `serve` at start with a message naming it
 /// (exit 2), and an unreachable Vault exits 3.
@@ -1164,6 +1187,7 @@ async fn serve(g: &Global, args: ServeArgs) -> anyhow::Result<ExitCode> {
         nats_accounts: config.nats.clone(),
         checkpoints,
         database,
+        memory: memory_service(&config, secrets.as_ref()),
         secrets,
     };
     let app = Application::build(settings).await.map_err(|e| match e {

@@ -36,6 +36,74 @@ pub struct Config {
     /// outage rules, and who may read which path (docs/SECRETS.md).
     #[serde(default)]
     pub secrets: SecretsSection,
+    /// `[memory]`: conversation memory (docs/MEMORY.md); needs `[secrets]`
+    /// for the data subjects' keys.
+    #[serde(default)]
+    pub memory: MemorySection,
+}
+
+/// `[memory]`: conversation memory. Off unless `enabled`; needs
+/// `[secrets] vault_addr`, where each data subject's key is kept.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MemorySection {
+    /// Accept memory commands and build the memory read model.
+    pub enabled: bool,
+    /// The KV v2 path under which each subject's key is kept, one secret
+    /// per subject. flowledger's Vault token needs create, read and update
+    /// on `<path>/*` and update on the matching `destroy` path.
+    pub key_path: String,
+    /// How long a subject's key stays in an instance's memory, seconds.
+    pub key_cache_seconds: u64,
+    /// A chunk's most characters (search indexes chunks of each turn).
+    pub chunk_chars: usize,
+    /// Recent episodes `assemble` returns by default.
+    pub recent_episodes: u32,
+    /// Similar chunks `assemble` returns by default.
+    pub top_k: u32,
+    /// `assemble`'s time budget by default, milliseconds.
+    pub assemble_budget_ms: u64,
+}
+
+impl Default for MemorySection {
+    fn default() -> Self {
+        MemorySection {
+            enabled: false,
+            key_path: "secret/data/flowledger/memory-keys".into(),
+            key_cache_seconds: 300,
+            chunk_chars: 800,
+            recent_episodes: 5,
+            top_k: 5,
+            assemble_budget_ms: 2_000,
+        }
+    }
+}
+
+impl MemorySection {
+    /// Checks every bound; the message names the setting.
+    pub fn check(&self, secrets: &SecretsSection) -> Result<(), String> {
+        if self.enabled && secrets.vault_addr.is_none() {
+            return Err(
+                "memory.enabled needs secrets.vault_addr: each data subject's key is kept in Vault"
+                    .into(),
+            );
+        }
+        if self.key_cache_seconds > 3_600 {
+            return Err("memory.key_cache_seconds must be at most 3600".into());
+        }
+        if !(50..=8_000).contains(&self.chunk_chars) {
+            return Err("memory.chunk_chars must be 50 to 8000".into());
+        }
+        if self.recent_episodes > 100 || !(1..=100).contains(&self.top_k) {
+            return Err(
+                "memory.recent_episodes must be at most 100 and memory.top_k 1 to 100".into(),
+            );
+        }
+        if !(10..=60_000).contains(&self.assemble_budget_ms) {
+            return Err("memory.assemble_budget_ms must be 10 to 60000".into());
+        }
+        Ok(())
+    }
 }
 
 /// How flowledger logs in to Vault (`secrets.auth`).
@@ -490,6 +558,7 @@ impl Config {
         }
         c.nats.check().map_err(invalid)?;
         c.secrets.check().map_err(invalid)?;
+        c.memory.check(&c.secrets).map_err(invalid)?;
         let mut ids = std::collections::BTreeSet::new();
         for (i, client) in c.clients.iter().enumerate() {
             // the actors flowledger itself records under

@@ -24,6 +24,7 @@ use crate::commands::registry::Registry;
 use crate::commands::ErrorCode;
 use crate::crypto::{SignatureError, SigningKey};
 use crate::events::log::EventLog;
+use crate::memory::service::MemoryService;
 use crate::projections::db;
 use crate::secrets::service::SecretService;
 
@@ -58,6 +59,8 @@ pub struct AppState {
     pub handler_status: Option<HandlerStatusFn>,
     /// Secret access (`[secrets]`); none: `/v1/secrets/*` answer 503.
     pub secrets: Option<Arc<SecretService>>,
+    /// Conversation memory (`[memory]`); none: `/v1/memory/*` answer 503.
+    pub memory: Option<Arc<MemoryService>>,
 }
 
 /// Reports the job handler's state: its name, and why when it is not

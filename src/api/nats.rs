@@ -27,6 +27,7 @@ use crate::events::chain;
 use crate::events::envelope::CommandMeta;
 use crate::events::log::valid_aggregate_id;
 use crate::events::store::Receipt;
+use crate::memory::service::MemoryService;
 use crate::secrets::service::SecretService;
 
 /// The subject prefix commands are requested on:
@@ -408,6 +409,7 @@ pub async fn subscribe(
 pub async fn serve(
     bus: Arc<CommandBus>,
     secrets: Option<Arc<SecretService>>,
+    memory: Option<(Arc<MemoryService>, sqlx::PgPool)>,
     client: async_nats::Client,
     mut sub: async_nats::Subscriber,
     accounts: Arc<Accounts>,
@@ -415,6 +417,7 @@ pub async fn serve(
     while let Some(msg) = sub.next().await {
         let bus = bus.clone();
         let secrets = secrets.clone();
+        let _memory = memory.clone();
         let client = client.clone();
         let accounts = accounts.clone();
         tokio::spawn(async move {

@@ -419,6 +419,7 @@ pub(crate) fn intake_settings(client: async_nats::Client, log: EventLog) -> Sett
         checkpoints: None,
         database: None,
         secrets: None,
+        memory: None,
     }
 }
 
