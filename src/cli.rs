@@ -962,7 +962,7 @@ fn memory_service(
     secrets: Option<&Arc<SecretService>>,
 ) -> Option<Arc<crate::memory::service::MemoryService>> {
     use crate::memory::keys::SubjectKeys;
-    use crate::memory::service::{Chunking, MemoryService};
+    use crate::memory::service::{AssembleDefaults, Chunking, MemoryService};
     let m = &config.memory;
     let secrets = secrets.filter(|_| m.enabled)?;
     let keys = SubjectKeys::new(
@@ -974,6 +974,11 @@ fn memory_service(
         Arc::new(keys),
         Chunking {
             max_chars: m.chunk_chars,
+        },
+        AssembleDefaults {
+            top_k: m.top_k,
+            recent_episodes: m.recent_episodes,
+            budget_ms: m.assemble_budget_ms,
         },
     )))
 }

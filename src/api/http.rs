@@ -18,7 +18,7 @@ use sqlx::PgPool;
 use utoipa::OpenApi;
 
 use super::auth::{self, Clients};
-use super::{n8n, read, secrets, write};
+use super::{memory, n8n, read, secrets, write};
 use crate::bus::{CommandBus, CommandError};
 use crate::commands::registry::Registry;
 use crate::commands::ErrorCode;
@@ -113,6 +113,10 @@ pub enum ApiError {
     /// A command was refused or failed; the code says which.
     #[error("{}", .0.message)]
     Command(CommandError),
+    /// A refused memory request with its seed-001 reason (`error.reason`:
+    /// `client_not_found`, `timeout`, `database_error`, ...).
+    #[error("{}", .0.message)]
+    Reasoned(CommandError, &'static str),
     /// 401 with the signature error's code: an n8n callback's signature is
     /// missing, bad, stale or replayed; it was recorded as `CallbackRejected`.
     #[error("callback refused: {0}")]
@@ -140,7 +144,7 @@ impl ApiError {
             }
             ApiError::Signature(e) => (StatusCode::UNAUTHORIZED, e.code()),
             ApiError::NotConfigured(_) => (StatusCode::SERVICE_UNAVAILABLE, "not_configured"),
-            ApiError::Command(e) => {
+            ApiError::Command(e) | ApiError::Reasoned(e, _) => {
                 let status = match e.code {
                     ErrorCode::Validation => StatusCode::BAD_REQUEST,
                     ErrorCode::Unauthenticated => StatusCode::UNAUTHORIZED,
@@ -165,8 +169,14 @@ impl IntoResponse for ApiError {
         let mut error = json!({"code": code, "message": self.to_string()});
         match &self {
             ApiError::BadParam { param, .. } => error["param"] = json!(param),
-            ApiError::Command(CommandError { field: Some(f), .. }) => error["param"] = json!(f),
+            ApiError::Command(CommandError { field: Some(f), .. })
+            | ApiError::Reasoned(CommandError { field: Some(f), .. }, _) => {
+                error["param"] = json!(f)
+            }
             _ => {}
+        }
+        if let ApiError::Reasoned(_, reason) = &self {
+            error["reason"] = json!(reason);
         }
         let mut res = (status, Json(json!({ "error": error }))).into_response();
         match &self {
@@ -287,6 +297,11 @@ async fn metrics_get(State(s): State<AppState>) -> String {
         read::secret_accesses_list,
         read::approvals_list,
         secrets::secrets_read,
+        memory::memory_command,
+        memory::memory_assemble,
+        memory::memory_episodes,
+        memory::memory_facts,
+        memory::memory_profile,
         secrets::secrets_invalidate,
         healthz,
         metrics_get
@@ -351,6 +366,20 @@ pub fn app(state: AppState) -> Router {
         )
         .route("/v1/workflows/{key}/enable", post(write::workflows_enable))
         .route("/v1/meta", get(write::meta_get))
+        .route("/v1/memory/assemble", post(memory::memory_assemble))
+        .route("/v1/memory/{command}", post(memory::memory_command))
+        .route(
+            "/v1/memory/subjects/{subject_id}/episodes",
+            get(memory::memory_episodes),
+        )
+        .route(
+            "/v1/memory/subjects/{subject_id}/facts",
+            get(memory::memory_facts),
+        )
+        .route(
+            "/v1/memory/subjects/{subject_id}/profile",
+            get(memory::memory_profile),
+        )
         .route("/v1/secrets/read", post(secrets::secrets_read))
         .route("/v1/secrets/invalidate", post(secrets::secrets_invalidate))
         .route("/v1/executions", get(read::executions_list))

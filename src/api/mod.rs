@@ -8,6 +8,7 @@ mod body;
 pub mod broker_identity;
 pub mod caller;
 pub mod http;
+pub mod memory;
 pub mod n8n;
 pub mod nats;
 #[cfg(test)]

@@ -39,6 +39,9 @@ pub const INTAKE_QUEUE_GROUP: &str = "flowledger-intake";
 
 /// A secret read (`api::secrets::read`); its reply holds the value.
 pub const SECRET_READ_SUBJECT: &str = "flow.cmd.secret.read";
+/// The memory commands and `assemble`: `flow.cmd.memory.<command>`
+/// (`api::memory::COMMANDS`).
+pub const MEMORY_SUBJECT_PREFIX: &str = "flow.cmd.memory.";
 /// An operator's invalidation of a secret path's cache.
 pub const SECRET_INVALIDATE_SUBJECT: &str = "flow.cmd.secret.invalidate";
 
@@ -417,7 +420,7 @@ pub async fn serve(
     while let Some(msg) = sub.next().await {
         let bus = bus.clone();
         let secrets = secrets.clone();
-        let _memory = memory.clone();
+        let memory = memory.clone();
         let client = client.clone();
         let accounts = accounts.clone();
         tokio::spawn(async move {
@@ -430,6 +433,23 @@ pub async fn serve(
                 Ok(caller) if subject == SECRET_INVALIDATE_SUBJECT => {
                     super::secrets::invalidate(&bus, secrets.as_deref(), &caller, &msg.payload)
                         .await
+                }
+                Ok(caller) if subject.starts_with(MEMORY_SUBJECT_PREFIX) => {
+                    let name = &subject[MEMORY_SUBJECT_PREFIX.len()..];
+                    let (service, pool) = match &memory {
+                        Some((m, p)) => (Some(&**m), Some(p)),
+                        None => (None, None),
+                    };
+                    match (name, pool) {
+                        ("assemble", Some(pool)) => {
+                            super::memory::assemble(pool, service, &caller, &msg.payload)
+                                .await
+                                .or_else(|e| Ok(e.to_json()))
+                        }
+                        _ => {
+                            super::memory::command(&bus, service, &caller, name, &msg.payload).await
+                        }
+                    }
                 }
                 Ok(caller) => handle(&bus, &caller, subject, &msg.payload)
                     .await

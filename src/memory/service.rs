@@ -141,11 +141,23 @@ pub struct Chunking {
     pub max_chars: usize,
 }
 
+/// What `assemble` returns when the request does not say.
+#[derive(Debug, Clone, Copy)]
+pub struct AssembleDefaults {
+    /// Similar chunks.
+    pub top_k: u32,
+    /// Recent episodes.
+    pub recent_episodes: u32,
+    /// The time budget, milliseconds.
+    pub budget_ms: u64,
+}
+
 /// The memory commands of every door.
 #[derive(Debug)]
 pub struct MemoryService {
     keys: Arc<SubjectKeys>,
     chunking: Chunking,
+    defaults: AssembleDefaults,
 }
 
 fn invalid(field: &str, message: impl Into<String>) -> CommandError {
@@ -253,8 +265,17 @@ impl Written {
 
 impl MemoryService {
     /// The service sealing with `keys`.
-    pub fn new(keys: Arc<SubjectKeys>, chunking: Chunking) -> Self {
-        MemoryService { keys, chunking }
+    pub fn new(keys: Arc<SubjectKeys>, chunking: Chunking, defaults: AssembleDefaults) -> Self {
+        MemoryService {
+            keys,
+            chunking,
+            defaults,
+        }
+    }
+
+    /// `assemble`'s defaults (`[memory]`).
+    pub fn defaults(&self) -> AssembleDefaults {
+        self.defaults
     }
 
     /// The subjects' keys (the projection opens events with them).

@@ -1,0 +1,538 @@
+//! The memory door (docs/MEMORY.md), the same over HTTP (`POST
+//! /v1/memory/<command>`, bearer auth) and NATS (`flow.cmd.memory.<command>`,
+//! the caller the broker vouches for): writeback, profile, working state,
+//! forget, erase, and `assemble`, a read. A client acts only on its own
+//! subjects: the owner is always the verified caller (an operator may erase
+//! another client's subject, naming it as `owner`). Auditors read no
+//! memory: the audit trail shows memory commands with their content sealed.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json};
+use chrono::{DateTime, Utc};
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+use sqlx::{PgPool, Row};
+
+use super::body::{from_fields, parse_object};
+use super::caller::{Caller, Role};
+use super::http::{ApiError, AppState};
+use crate::bus::{CommandBus, CommandError};
+use crate::commands::memory::{aggregate_id, check_subject_id};
+use crate::commands::ErrorCode;
+use crate::memory::service::{
+    EraseBody, ForgetBody, MemoryService, ProfileBody, WorkingDeleteBody, WorkingSetBody,
+    WritebackBody,
+};
+
+/// The memory commands, by the name after `flow.cmd.memory.` (and after
+/// `/v1/memory/` over HTTP, with `_` as `-`).
+pub const COMMANDS: [&str; 7] = [
+    "writeback",
+    "profile",
+    "working_state_set",
+    "working_state_delete",
+    "forget",
+    "erase",
+    "assemble",
+];
+
+fn not_configured() -> CommandError {
+    CommandError {
+        code: ErrorCode::Unavailable,
+        message: "memory is not configured on this instance: set [memory] enabled = true with \
+                  [secrets] vault_addr (docs/MEMORY.md)"
+            .into(),
+        field: None,
+    }
+}
+
+/// A refusal of the memory door, with the seed-001 reason where one
+/// applies (`client_not_found`, `timeout`, `database_error`, ...): the
+/// reply's `error.reason`.
+#[derive(Debug, Clone)]
+pub struct DoorError {
+    /// The code and message, as every door answers them.
+    pub error: CommandError,
+    /// The seed-001 error name.
+    pub reason: Option<&'static str>,
+}
+
+impl From<CommandError> for DoorError {
+    fn from(error: CommandError) -> Self {
+        DoorError {
+            error,
+            reason: None,
+        }
+    }
+}
+
+impl DoorError {
+    fn reasoned(code: ErrorCode, reason: &'static str, message: String) -> Self {
+        DoorError {
+            error: CommandError {
+                code,
+                message,
+                field: None,
+            },
+            reason: Some(reason),
+        }
+    }
+
+    /// The NATS reply body.
+    pub fn to_json(&self) -> Value {
+        let mut v = self.error.to_json();
+        if let Some(r) = self.reason {
+            v["error"]["reason"] = json!(r);
+        }
+        v
+    }
+}
+
+impl IntoResponse for DoorError {
+    fn into_response(self) -> Response {
+        match self.reason {
+            Some(r) => ApiError::Reasoned(self.error, r),
+            None => ApiError::Command(self.error),
+        }
+        .into_response()
+    }
+}
+
+fn owner_role(caller: &Caller, what: &str) -> Result<(), CommandError> {
+    // personal content: only the client whose subject it is
+    caller.require(&[Role::Client, Role::Operator], what)
+}
+
+/// Runs memory command `command` (one of [`COMMANDS`] but `assemble`) for
+/// `caller`: the reply `{ok, subject_id, stream_seq, duplicate, events,
+/// episode_id?}`.
+pub async fn command(
+    bus: &CommandBus,
+    memory: Option<&MemoryService>,
+    caller: &Caller,
+    command: &str,
+    body: &[u8],
+) -> Result<Value, CommandError> {
+    let what = format!("memory.{command}");
+    caller.require_may_command(&what)?;
+    owner_role(caller, &what)?;
+    let fields = parse_object(body, false)?;
+    let memory = memory.ok_or_else(not_configured)?;
+    let owner = caller.client_id.as_str();
+    let now = Utc::now();
+    let written = match command {
+        "writeback" => {
+            let b: WritebackBody = from_fields(fields)?;
+            memory.writeback(bus, owner, b, now).await?
+        }
+        "profile" => {
+            let b: ProfileBody = from_fields(fields)?;
+            memory.profile(bus, owner, b).await?
+        }
+        "working_state_set" => {
+            let b: WorkingSetBody = from_fields(fields)?;
+            memory.working_set(bus, owner, b, now).await?
+        }
+        "working_state_delete" => {
+            let b: WorkingDeleteBody = from_fields(fields)?;
+            memory.working_delete(bus, owner, b, false, now).await?
+        }
+        "forget" => {
+            let b: ForgetBody = from_fields(fields)?;
+            memory.forget(bus, owner, b, now).await?
+        }
+        "erase" => {
+            let b: EraseBody = from_fields(fields)?;
+            let whose = match b.owner.as_deref() {
+                None => owner,
+                Some(o) if o == owner => owner,
+                Some(o) => {
+                    caller.require(&[Role::Operator], "erasing another client's subject")?;
+                    o
+                }
+            };
+            memory
+                .erase(bus, whose, owner, &b.subject_id, b.reason)
+                .await?
+        }
+        other => {
+            return Err(CommandError::validation(
+                None,
+                format!(
+                    "no memory command {other:?}; the memory commands are {}",
+                    COMMANDS.join(", ")
+                ),
+            ))
+        }
+    };
+    Ok(written.to_json())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AssembleBody {
+    subject_id: String,
+    query: String,
+    top_k: Option<u32>,
+    recent_episodes: Option<u32>,
+    budget_ms: Option<u64>,
+}
+
+fn database_error(e: sqlx::Error) -> DoorError {
+    tracing::error!(error = %e, "memory: assemble query failed");
+    DoorError::reasoned(
+        ErrorCode::Unavailable,
+        "database_error",
+        "the memory read model could not be queried; retry later".into(),
+    )
+}
+
+/// `assemble`: for one of the caller's subjects and a query, the profile,
+/// the top-k chunks by text rank (with scores), the recent episodes, the
+/// valid facts and the working state not expired, within a time budget.
+pub async fn assemble(
+    pool: &PgPool,
+    memory: Option<&MemoryService>,
+    caller: &Caller,
+    body: &[u8],
+) -> Result<Value, DoorError> {
+    owner_role(caller, "memory.assemble")?;
+    let b: AssembleBody = from_fields(parse_object(body, false)?)?;
+    let memory = memory.ok_or_else(not_configured)?;
+    let d = memory.defaults();
+    let d = (d.top_k, d.recent_episodes, d.budget_ms);
+    check_subject_id(&b.subject_id)
+        .map_err(|e| CommandError::validation(Some("subject_id"), e.to_string()))?;
+    if b.query.chars().count() > 4096 {
+        return Err(CommandError::validation(Some("query"), "longer than 4096 characters").into());
+    }
+    let top_k = b.top_k.unwrap_or(d.0);
+    let recent = b.recent_episodes.unwrap_or(d.1);
+    if !(1..=100).contains(&top_k) || recent > 100 {
+        return Err(CommandError::validation(
+            Some(if recent > 100 {
+                "recent_episodes"
+            } else {
+                "top_k"
+            }),
+            "top_k must be 1 to 100, recent_episodes at most 100",
+        )
+        .into());
+    }
+    let budget = b.budget_ms.unwrap_or(d.2);
+    if !(10..=60_000).contains(&budget) {
+        return Err(CommandError::validation(Some("budget_ms"), "must be 10 to 60000").into());
+    }
+    let id = aggregate_id(&caller.client_id, &b.subject_id);
+    let started = Instant::now();
+    let work = gather(pool, &id, &b.query, top_k, recent);
+    let Ok(gathered) = tokio::time::timeout(Duration::from_millis(budget), work).await else {
+        return Err(DoorError::reasoned(
+            ErrorCode::Unavailable,
+            "timeout",
+            format!("assemble took longer than its budget of {budget} ms; retry, or give a larger budget_ms"),
+        ));
+    };
+    let mut v = gathered?.ok_or_else(|| {
+        DoorError::reasoned(
+            ErrorCode::NotFound,
+            "client_not_found",
+            format!(
+                "no memory for subject {:?} (never written, or erased)",
+                b.subject_id
+            ),
+        )
+    })?;
+    v["subject_id"] = json!(b.subject_id);
+    v["retrieval"] = json!("full_text");
+    v["took_ms"] = json!(started.elapsed().as_millis() as u64);
+    Ok(v)
+}
+
+/// Everything `assemble` returns, in parallel queries; `None`: no such
+/// (live) subject.
+async fn gather(
+    pool: &PgPool,
+    id: &str,
+    query: &str,
+    top_k: u32,
+    recent: u32,
+) -> Result<Option<Value>, DoorError> {
+    let subject =
+        sqlx::query("SELECT 1 FROM memory_subjects WHERE aggregate_id = $1 AND erased_at IS NULL");
+    let profile = sqlx::query("SELECT fields FROM memory_profiles WHERE aggregate_id = $1");
+    // any query word may match (OR), ranked by cover density
+    let chunks = sqlx::query(
+        "SELECT c.episode_id, c.idx, c.text, c.turn_at, ts_rank_cd(c.tsv, q) AS score \
+         FROM memory_chunks c, \
+              (SELECT NULLIF(replace(plainto_tsquery('english', $2)::text, ' & ', ' | '), '')::tsquery AS q) w \
+         WHERE c.aggregate_id = $1 AND w.q IS NOT NULL AND c.tsv @@ w.q \
+         ORDER BY score DESC, c.turn_at DESC, c.idx LIMIT $3",
+    );
+    let episodes = sqlx::query(
+        "SELECT episode_id, turn_at, turn FROM memory_episodes WHERE aggregate_id = $1 \
+         ORDER BY turn_at DESC, episode_id DESC LIMIT $2",
+    );
+    let facts = sqlx::query(
+        "SELECT subject, key, value, confidence, source, version, valid_from FROM memory_facts \
+         WHERE aggregate_id = $1 AND invalid_at IS NULL ORDER BY subject, key",
+    );
+    let working = sqlx::query(
+        "SELECT key, value, expires_at FROM memory_working_state \
+         WHERE aggregate_id = $1 AND expires_at > now() ORDER BY key",
+    );
+    let (subject, profile, chunks, episodes, facts, working) = tokio::try_join!(
+        subject.bind(id).fetch_optional(pool),
+        profile.bind(id).fetch_optional(pool),
+        chunks
+            .bind(id)
+            .bind(query)
+            .bind(i64::from(top_k))
+            .fetch_all(pool),
+        episodes.bind(id).bind(i64::from(recent)).fetch_all(pool),
+        facts.bind(id).fetch_all(pool),
+        working.bind(id).fetch_all(pool),
+    )
+    .map_err(database_error)?;
+    if subject.is_none() {
+        return Ok(None);
+    }
+    let profile: Option<Value> = profile
+        .map(|r| r.try_get("fields"))
+        .transpose()
+        .map_err(database_error)?;
+    let chunks = chunks
+        .iter()
+        .map(|r| {
+            Ok(json!({
+                "episode_id": r.try_get::<String, _>("episode_id")?,
+                "index": r.try_get::<i32, _>("idx")?,
+                "text": r.try_get::<String, _>("text")?,
+                "turn_at": r.try_get::<DateTime<Utc>, _>("turn_at")?,
+                "score": r.try_get::<f32, _>("score")?,
+            }))
+        })
+        .collect::<Result<Vec<_>, sqlx::Error>>()
+        .map_err(database_error)?;
+    let episodes = episodes
+        .iter()
+        .map(|r| {
+            let turn: Value = r.try_get("turn")?;
+            Ok(json!({
+                "episode_id": r.try_get::<String, _>("episode_id")?,
+                "turn_at": r.try_get::<DateTime<Utc>, _>("turn_at")?,
+                "messages": turn.get("messages").cloned().unwrap_or(Value::Null),
+                "response": turn.get("response").cloned().unwrap_or(Value::Null),
+            }))
+        })
+        .collect::<Result<Vec<_>, sqlx::Error>>()
+        .map_err(database_error)?;
+    let facts = facts
+        .iter()
+        .map(fact_json)
+        .collect::<Result<Vec<_>, sqlx::Error>>()
+        .map_err(database_error)?;
+    let mut state = Map::new();
+    for r in &working {
+        let key: String = r.try_get("key").map_err(database_error)?;
+        let value: Value = r.try_get("value").map_err(database_error)?;
+        let expires: DateTime<Utc> = r.try_get("expires_at").map_err(database_error)?;
+        state.insert(key, json!({"value": value, "expires_at": expires}));
+    }
+    Ok(Some(json!({
+        "ok": true,
+        "profile": profile,
+        "chunks": chunks,
+        "recent_episodes": episodes,
+        "facts": facts,
+        "working_state": state,
+    })))
+}
+
+fn fact_json(r: &sqlx::postgres::PgRow) -> Result<Value, sqlx::Error> {
+    let mut v = json!({
+        "subject": r.try_get::<String, _>("subject")?,
+        "key": r.try_get::<String, _>("key")?,
+        "value": r.try_get::<Value, _>("value")?,
+        "confidence": r.try_get::<f64, _>("confidence")?,
+        "source": r.try_get::<String, _>("source")?,
+        "version": r.try_get::<i32, _>("version")?,
+        "valid_from": r.try_get::<DateTime<Utc>, _>("valid_from")?,
+    });
+    if let Ok(t) = r.try_get::<Option<DateTime<Utc>>, _>("invalid_at") {
+        v["invalid_at"] = json!(t);
+    }
+    Ok(v)
+}
+
+fn http_command_name(path: &str) -> String {
+    path.replace('-', "_")
+}
+
+#[utoipa::path(post, path = "/v1/memory/{command}",
+    params(("command" = String, Path, description = "writeback | profile | working-state-set | working-state-delete | forget | erase")),
+    request_body(content = Object, description = "writeback: subject_id, messages [{role, content}], response, timestamp?, turn_id?, facts [{subject, key, value, confidence?}]; profile: subject_id, fields; working-state-set: subject_id, key, value, ttl_seconds; working-state-delete: subject_id, key; forget: subject_id, subject, key; erase: subject_id, reason, owner? (operators)"),
+    responses((status = 200, description = "recorded: subject_id, stream_seq, duplicate, events, episode_id?", body = Object),
+              (status = 400, description = "bad body; error.param names the field"),
+              (status = 401, description = "no or unknown bearer token"),
+              (status = 403, description = "an auditor, or erasing another client's subject without the operator role"),
+              (status = 404, description = "no such subject, fact or working-state key"),
+              (status = 409, description = "the subject was erased, or a turn_id reused with another body"),
+              (status = 503, description = "memory not configured, Vault (the subject's key) or the log unavailable")))]
+pub(crate) async fn memory_command(
+    State(s): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let name = http_command_name(&name);
+    if name == "assemble" || !COMMANDS.contains(&name.as_str()) {
+        return Err(ApiError::NotFound(format!("memory command {name:?}")));
+    }
+    let reply = command(&s.bus, s.memory.as_deref(), &caller, &name, &body).await?;
+    Ok(Json(reply).into_response())
+}
+
+#[utoipa::path(post, path = "/v1/memory/assemble",
+    request_body(content = Object, description = "subject_id, query, top_k? (1-100), recent_episodes? (0-100), budget_ms? (10-60000)"),
+    responses((status = 200, description = "profile, chunks [{episode_id, index, text, turn_at, score}], recent_episodes, facts, working_state, retrieval, took_ms", body = Object),
+              (status = 400, description = "bad body; error.param names the field"),
+              (status = 404, description = "error.reason client_not_found: no memory for the subject"),
+              (status = 503, description = "error.reason timeout (over the budget) or database_error")))]
+pub(crate) async fn memory_assemble(
+    State(s): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    body: Bytes,
+) -> Result<Response, DoorError> {
+    let reply = assemble(&s.pool, s.memory.as_deref(), &caller, &body).await?;
+    Ok(Json(reply).into_response())
+}
+
+fn subject_of(caller: &Caller, subject_id: &str) -> Result<String, ApiError> {
+    owner_role(caller, "reading memory")?;
+    check_subject_id(subject_id).map_err(|e| super::http::bad("subject_id", e.to_string()))?;
+    Ok(aggregate_id(&caller.client_id, subject_id))
+}
+
+async fn live_subject(pool: &PgPool, id: &str, subject_id: &str) -> Result<(), ApiError> {
+    let found =
+        sqlx::query("SELECT 1 FROM memory_subjects WHERE aggregate_id = $1 AND erased_at IS NULL")
+            .bind(id)
+            .fetch_optional(pool)
+            .await?;
+    match found {
+        Some(_) => Ok(()),
+        None => Err(ApiError::NotFound(format!(
+            "memory of subject {subject_id:?}"
+        ))),
+    }
+}
+
+#[utoipa::path(get, path = "/v1/memory/subjects/{subject_id}/episodes",
+    params(("subject_id" = String, Path, description = "the caller's subject"),
+           ("limit" = Option<i64>, Query, description = "1..1000, default 100")),
+    responses((status = 200, description = "episodes, newest first: {items: [{episode_id, turn_at, recorded_at, messages, response}]}", body = Object),
+              (status = 404, description = "no memory for the subject")))]
+pub(crate) async fn memory_episodes(
+    State(s): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(subject_id): Path<String>,
+    Query(raw): Query<HashMap<String, String>>,
+) -> Result<Json<Value>, ApiError> {
+    let id = subject_of(&caller, &subject_id)?;
+    let limit = match raw.get("limit") {
+        None => 100,
+        Some(v) => v
+            .parse::<i64>()
+            .ok()
+            .filter(|n| (1..=1000).contains(n))
+            .ok_or_else(|| super::http::bad("limit", "must be 1 to 1000"))?,
+    };
+    live_subject(&s.pool, &id, &subject_id).await?;
+    let rows = sqlx::query(
+        "SELECT episode_id, turn_at, recorded_at, turn FROM memory_episodes \
+         WHERE aggregate_id = $1 ORDER BY turn_at DESC, episode_id DESC LIMIT $2",
+    )
+    .bind(&id)
+    .bind(limit)
+    .fetch_all(&s.pool)
+    .await?;
+    let mut items = Vec::with_capacity(rows.len());
+    for r in &rows {
+        let turn: Value = r.try_get("turn")?;
+        items.push(json!({
+            "episode_id": r.try_get::<String, _>("episode_id")?,
+            "turn_at": r.try_get::<DateTime<Utc>, _>("turn_at")?,
+            "recorded_at": r.try_get::<DateTime<Utc>, _>("recorded_at")?,
+            "messages": turn.get("messages").cloned().unwrap_or(Value::Null),
+            "response": turn.get("response").cloned().unwrap_or(Value::Null),
+        }));
+    }
+    Ok(Json(json!({ "items": items })))
+}
+
+#[utoipa::path(get, path = "/v1/memory/subjects/{subject_id}/facts",
+    params(("subject_id" = String, Path, description = "the caller's subject"),
+           ("history" = Option<bool>, Query, description = "true: every version with its validity interval; default: the valid ones")),
+    responses((status = 200, description = "facts: {items: [{subject, key, value, confidence, source, version, valid_from, invalid_at}]}", body = Object),
+              (status = 404, description = "no memory for the subject")))]
+pub(crate) async fn memory_facts(
+    State(s): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(subject_id): Path<String>,
+    Query(raw): Query<HashMap<String, String>>,
+) -> Result<Json<Value>, ApiError> {
+    let id = subject_of(&caller, &subject_id)?;
+    let history = match raw.get("history").map(String::as_str) {
+        None | Some("false") => false,
+        Some("true") => true,
+        Some(_) => return Err(super::http::bad("history", "must be true or false")),
+    };
+    live_subject(&s.pool, &id, &subject_id).await?;
+    let rows = sqlx::query(
+        "SELECT subject, key, value, confidence, source, version, valid_from, invalid_at \
+         FROM memory_facts WHERE aggregate_id = $1 AND ($2 OR invalid_at IS NULL) \
+         ORDER BY subject, key, version",
+    )
+    .bind(&id)
+    .bind(history)
+    .fetch_all(&s.pool)
+    .await?;
+    let items = rows
+        .iter()
+        .map(fact_json)
+        .collect::<Result<Vec<_>, sqlx::Error>>()?;
+    Ok(Json(json!({ "items": items })))
+}
+
+#[utoipa::path(get, path = "/v1/memory/subjects/{subject_id}/profile",
+    params(("subject_id" = String, Path, description = "the caller's subject")),
+    responses((status = 200, description = "{subject_id, fields, updated_at}; fields null when never set", body = Object),
+              (status = 404, description = "no memory for the subject")))]
+pub(crate) async fn memory_profile(
+    State(s): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(subject_id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let id = subject_of(&caller, &subject_id)?;
+    live_subject(&s.pool, &id, &subject_id).await?;
+    let row = sqlx::query("SELECT fields, updated_at FROM memory_profiles WHERE aggregate_id = $1")
+        .bind(&id)
+        .fetch_optional(&s.pool)
+        .await?;
+    let (fields, updated_at) = match row {
+        Some(r) => (
+            r.try_get::<Value, _>("fields")?,
+            Some(r.try_get::<DateTime<Utc>, _>("updated_at")?),
+        ),
+        None => (Value::Null, None),
+    };
+    Ok(Json(
+        json!({"subject_id": subject_id, "fields": fields, "updated_at": updated_at}),
+    ))
+}
