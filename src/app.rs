@@ -354,7 +354,8 @@ impl Application {
                 start_intake(
                     bus.clone(),
                     secrets.clone(),
-                    memory.clone().zip(pool.clone()),
+                    memory.clone(),
+                    pool.clone(),
                     nats,
                     accounts,
                 )
@@ -435,7 +436,8 @@ impl Drop for Application {
 async fn start_intake(
     bus: Arc<CommandBus>,
     secrets: Option<Arc<SecretService>>,
-    memory: Option<(Arc<MemoryService>, sqlx::PgPool)>,
+    memory: Option<Arc<MemoryService>>,
+    pool: Option<sqlx::PgPool>,
     nats: async_nats::Client,
     accounts: Arc<api::broker_identity::Accounts>,
 ) -> Result<JoinHandle<()>, BuildError> {
@@ -445,7 +447,7 @@ async fn start_intake(
     // sends finds the intake
     round_trip(&nats).await.map_err(BuildError::Unconfirmed)?;
     Ok(tokio::spawn(api::nats::serve(
-        bus, secrets, memory, nats, sub, accounts,
+        bus, secrets, memory, pool, nats, sub, accounts,
     )))
 }
 

@@ -196,7 +196,7 @@ fn database_error(e: sqlx::Error) -> DoorError {
 /// the top-k chunks by text rank (with scores), the recent episodes, the
 /// valid facts and the working state not expired, within a time budget.
 pub async fn assemble(
-    pool: &PgPool,
+    pool: Option<&PgPool>,
     memory: Option<&MemoryService>,
     caller: &Caller,
     body: &[u8],
@@ -204,6 +204,13 @@ pub async fn assemble(
     owner_role(caller, "memory.assemble")?;
     let b: AssembleBody = from_fields(parse_object(body, false)?)?;
     let memory = memory.ok_or_else(not_configured)?;
+    let pool = pool.ok_or_else(|| CommandError {
+        code: ErrorCode::Unavailable,
+        message: "this instance has no read-model database (--database-url): assemble reads \
+                  the memory read model"
+            .into(),
+        field: None,
+    })?;
     let d = memory.defaults();
     let d = (d.top_k, d.recent_episodes, d.budget_ms);
     check_subject_id(&b.subject_id)
@@ -409,7 +416,7 @@ pub(crate) async fn memory_assemble(
     Extension(caller): Extension<Caller>,
     body: Bytes,
 ) -> Result<Response, DoorError> {
-    let reply = assemble(&s.pool, s.memory.as_deref(), &caller, &body).await?;
+    let reply = assemble(Some(&s.pool), s.memory.as_deref(), &caller, &body).await?;
     Ok(Json(reply).into_response())
 }
 

@@ -412,7 +412,8 @@ pub async fn subscribe(
 pub async fn serve(
     bus: Arc<CommandBus>,
     secrets: Option<Arc<SecretService>>,
-    memory: Option<(Arc<MemoryService>, sqlx::PgPool)>,
+    memory: Option<Arc<MemoryService>>,
+    pool: Option<sqlx::PgPool>,
     client: async_nats::Client,
     mut sub: async_nats::Subscriber,
     accounts: Arc<Accounts>,
@@ -421,6 +422,7 @@ pub async fn serve(
         let bus = bus.clone();
         let secrets = secrets.clone();
         let memory = memory.clone();
+        let pool = pool.clone();
         let client = client.clone();
         let accounts = accounts.clone();
         tokio::spawn(async move {
@@ -436,19 +438,13 @@ pub async fn serve(
                 }
                 Ok(caller) if subject.starts_with(MEMORY_SUBJECT_PREFIX) => {
                     let name = &subject[MEMORY_SUBJECT_PREFIX.len()..];
-                    let (service, pool) = match &memory {
-                        Some((m, p)) => (Some(&**m), Some(p)),
-                        None => (None, None),
-                    };
-                    match (name, pool) {
-                        ("assemble", Some(pool)) => {
-                            super::memory::assemble(pool, service, &caller, &msg.payload)
-                                .await
-                                .or_else(|e| Ok(e.to_json()))
-                        }
-                        _ => {
-                            super::memory::command(&bus, service, &caller, name, &msg.payload).await
-                        }
+                    let service = memory.as_deref();
+                    if name == "assemble" {
+                        super::memory::assemble(pool.as_ref(), service, &caller, &msg.payload)
+                            .await
+                            .or_else(|e| Ok(e.to_json()))
+                    } else {
+                        super::memory::command(&bus, service, &caller, name, &msg.payload).await
                     }
                 }
                 Ok(caller) => handle(&bus, &caller, subject, &msg.payload)

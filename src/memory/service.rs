@@ -22,13 +22,14 @@ use crate::commands::limits::{
     MAX_MEMORY_FACT_VALUE_CHARS, MAX_MEMORY_MESSAGES, MAX_MEMORY_TEXT_CHARS,
 };
 use crate::commands::memory::events::ChunkSpan;
+use crate::commands::memory::MemoryError;
 use crate::commands::memory::{
     aggregate_id, check_subject_id, check_working_key, EpisodeInput, FactInput, MemoryCommand,
     SubjectRef,
 };
 use crate::commands::ErrorCode;
 use crate::events::envelope::{Actor, CommandMeta};
-use crate::events::store::Receipt;
+use crate::events::store::{ExecuteError, Receipt};
 use crate::memory::keys::{KeyError, SubjectKey, SubjectKeys, KEY_ID};
 
 /// One message of a turn.
@@ -240,7 +241,7 @@ pub struct Written {
     /// The subject.
     pub subject_id: String,
     /// The receipt of the commit (`None`: nothing changed, no event).
-    pub receipt: Arc<Receipt>,
+    pub receipt: Option<Arc<Receipt>>,
     /// The episode recorded, if any.
     pub episode_id: Option<String>,
 }
@@ -248,14 +249,21 @@ pub struct Written {
 impl Written {
     /// The reply body.
     pub fn to_json(&self) -> Value {
-        let r = &self.receipt;
-        let mut v = json!({
-            "ok": true,
-            "subject_id": self.subject_id,
-            "stream_seq": r.stream_seq,
-            "duplicate": r.duplicate,
-            "events": r.events.iter().map(|e| e.event_type.clone()).collect::<Vec<_>>(),
-        });
+        let mut v = match &self.receipt {
+            Some(r) => json!({
+                "ok": true,
+                "subject_id": self.subject_id,
+                "stream_seq": r.stream_seq,
+                "duplicate": r.duplicate,
+                "events": r.events.iter().map(|e| e.event_type.clone()).collect::<Vec<_>>(),
+            }),
+            None => json!({
+                "ok": true,
+                "subject_id": self.subject_id,
+                "unchanged": true,
+                "events": [],
+            }),
+        };
         if let Some(e) = &self.episode_id {
             v["episode_id"] = json!(e);
         }
@@ -315,10 +323,12 @@ impl MemoryService {
         id: &str,
         command: MemoryCommand,
         meta: &CommandMeta,
-    ) -> Result<Arc<Receipt>, CommandError> {
-        bus.memory(id, command, meta)
-            .await
-            .map_err(CommandError::from)
+    ) -> Result<Option<Arc<Receipt>>, CommandError> {
+        match bus.memory(id, command, meta).await {
+            Ok(r) => Ok(Some(r)),
+            Err(ExecuteError::Rejected(MemoryError::NothingChanged)) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// A writeback by `owner` (the verified caller's client id).

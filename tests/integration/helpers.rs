@@ -446,6 +446,18 @@ pub(crate) async fn spawn_app_with_secrets<N: Broker>(
     config: LogConfig,
     secrets: Option<Arc<flowledger::secrets::service::SecretService>>,
 ) -> TestApp<N> {
+    spawn_app_with_memory(nats, config, secrets, None).await
+}
+
+/// [`spawn_app_with_secrets`] whose intake also answers
+/// `flow.cmd.memory.*` (commands; `assemble` needs a database) through
+/// `memory`.
+pub(crate) async fn spawn_app_with_memory<N: Broker>(
+    nats: N,
+    config: LogConfig,
+    secrets: Option<Arc<flowledger::secrets::service::SecretService>>,
+    memory: Option<Arc<flowledger::memory::service::MemoryService>>,
+) -> TestApp<N> {
     if std::env::var("TEST_LOG").is_ok() {
         let _ = tracing_subscriber::fmt().with_test_writer().try_init();
     }
@@ -462,6 +474,7 @@ pub(crate) async fn spawn_app_with_secrets<N: Broker>(
         .expect("open the log");
     let mut settings = intake_settings(client.clone(), log.clone());
     settings.secrets = secrets;
+    settings.memory = memory;
     let service = Application::build(settings)
         .await
         .expect("build the service");

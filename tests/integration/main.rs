@@ -13,6 +13,7 @@ mod handlers;
 mod hardening;
 mod helpers;
 mod http_api;
+mod memory;
 mod nats_identity;
 mod openbao;
 mod peers;

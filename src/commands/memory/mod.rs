@@ -250,6 +250,11 @@ pub enum MemoryError {
     /// happen through the bus, whose ids are per client.
     #[error("this subject belongs to another client")]
     NotOwner,
+    /// A writeback whose facts all have their values already and no turn:
+    /// nothing to record (mem0's NONE). The service answers it as success
+    /// with no event.
+    #[error("nothing changed: every fact already has that value")]
+    NothingChanged,
     /// The command's key is not the subject's (`conflict`): the service
     /// sealed with a key the subject does not use; retry.
     #[error("the content was sealed with key {given:?}, the subject's key is {expected:?}; retry")]
@@ -269,6 +274,7 @@ impl DomainError for MemoryError {
             MemoryError::Erased(_) => ErrorCode::Rejected,
             MemoryError::NotOwner => ErrorCode::Forbidden,
             MemoryError::WrongKey { .. } => ErrorCode::Conflict,
+            MemoryError::NothingChanged => ErrorCode::Rejected,
         }
     }
 
@@ -390,8 +396,12 @@ impl Memory {
                         valid_from: at,
                     }));
                 }
+                if out.is_empty() {
+                    return Err(MemoryError::NothingChanged);
+                }
             }
             MemoryCommand::UpsertProfile { fields, .. } => {
+                // (a writeback that changed nothing was answered above)
                 out.push(MemoryEvent::ProfileUpdated(ProfileUpdated { fields }));
             }
             MemoryCommand::SetWorkingState {
@@ -605,8 +615,10 @@ mod tests {
         assert!(matches!(evs[0], MemoryEvent::MemorySubjectOpened(_)));
         assert!(matches!(&evs[1], MemoryEvent::FactRecorded(f) if f.version == 1));
         // the same value: NONE
-        let evs = run(&mut m, writeback(vec![fact("f1", "blue")], 1)).unwrap();
-        assert!(evs.is_empty(), "{evs:?}");
+        assert_eq!(
+            m.decide(writeback(vec![fact("f1", "blue")], 1)),
+            Err(MemoryError::NothingChanged)
+        );
         let evs = run(&mut m, writeback(vec![fact("f1", "green")], 2)).unwrap();
         assert!(
             matches!(&evs[0], MemoryEvent::FactRecorded(f) if f.version == 2 && f.valid_from == at(2))
