@@ -496,6 +496,20 @@ pub async fn load_all(
     }
 }
 
+/// What a signing did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Signing {
+    /// The event stream is empty: nothing to sign.
+    Empty,
+    /// This key's checkpoint at the target was stored already.
+    Existing(Checkpoint),
+    /// A new checkpoint, stored.
+    Stored(Checkpoint),
+    /// Nothing stored: the signer did not lead (any more) when it was about
+    /// to publish.
+    NotLeader,
+}
+
 /// A checkpoint signed by `key` at exactly `upto` (default: the stream's
 /// last message now), stored; or the one already stored there by this key.
 /// The digest is computed from the newest stored checkpoint of this key at
@@ -508,10 +522,45 @@ pub async fn checkpoint_at(
     key: &CheckpointKey,
     upto: Option<u64>,
 ) -> Result<Option<(Checkpoint, bool)>, LogError> {
+    match sign_and_store(client, log, key, upto, || true).await? {
+        Signing::Empty => Ok(None),
+        Signing::Existing(cp) => Ok(Some((cp, false))),
+        Signing::Stored(cp) => Ok(Some((cp, true))),
+        // `leads` above always says yes
+        Signing::NotLeader => Err(LogError::Unavailable(
+            "the checkpoint was withheld for lack of leadership".into(),
+        )),
+    }
+}
+
+/// A checkpoint at the stream's last message, as the one signer of several
+/// instances (serve's periodic writer): like [`checkpoint_at`], but `leads`
+/// (the signer's leadership) is asked before the work and again right
+/// before the publish, so a signer that lost its lease meanwhile (a paused
+/// process, a slow digest) stores nothing.
+pub async fn checkpoint_as_leader(
+    client: &async_nats::Client,
+    log: &EventLog,
+    key: &CheckpointKey,
+    leads: impl Fn() -> bool,
+) -> Result<Signing, LogError> {
+    if !leads() {
+        return Ok(Signing::NotLeader);
+    }
+    sign_and_store(client, log, key, None, leads).await
+}
+
+async fn sign_and_store(
+    client: &async_nats::Client,
+    log: &EventLog,
+    key: &CheckpointKey,
+    upto: Option<u64>,
+    leads: impl Fn() -> bool,
+) -> Result<Signing, LogError> {
     let last = log.last_seq().await?;
     let target = upto.map_or(last, |u| u.min(last));
     if target == 0 {
-        return Ok(None);
+        return Ok(Signing::Empty);
     }
     let own = key.ring();
     let existing = load_all(client, log.config()).await?;
@@ -525,7 +574,7 @@ pub async fn checkpoint_at(
         })
         .max_by_key(|c| c.seq);
     if let Some(n) = newest.as_ref().filter(|n| n.seq == target) {
-        return Ok(Some((n.clone(), false)));
+        return Ok(Signing::Existing(n.clone()));
     }
     let start = newest.and_then(|c| {
         Some(Digest {
@@ -536,13 +585,17 @@ pub async fn checkpoint_at(
     let d = stream_digest(log, start, Some(target)).await?;
     let cp = Checkpoint::sign(key, &log.config().stream, d.seq, &d.digest);
     let body = serde_json::to_vec(&cp).map_err(|e| LogError::Unavailable(e.to_string()))?;
+    // the last moment to notice a lost leadership: nothing is stored yet
+    if !leads() {
+        return Ok(Signing::NotLeader);
+    }
     log.jetstream()
         .publish(CHECKPOINT_SUBJECT, body.into())
         .await
         .map_err(|e| LogError::Unavailable(format!("store checkpoint: {e}")))?
         .await
         .map_err(|e| LogError::Unavailable(format!("store checkpoint: {e}")))?;
-    Ok(Some((cp, true)))
+    Ok(Signing::Stored(cp))
 }
 
 #[cfg(test)]

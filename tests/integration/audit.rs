@@ -986,3 +986,49 @@ async fn the_cli_exits_1_names_the_sequence_and_says_it_in_words() {
     assert_eq!(help.status.code(), Some(0));
     assert!(String::from_utf8_lossy(&help.stdout).contains("--keys"));
 }
+
+#[tokio::test]
+async fn a_signer_that_loses_its_leadership_before_publishing_stores_nothing() {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    let app = spawn_app().await;
+    history(&app).await;
+    let stored = || async {
+        checkpoint::load_all(&app.client, app.log.config())
+            .await
+            .unwrap()
+    };
+    // not leading at all: nothing is done
+    let r = checkpoint::checkpoint_as_leader(&app.client, &app.log, &key(), || false)
+        .await
+        .unwrap();
+    assert_eq!(r, checkpoint::Signing::NotLeader);
+    // leading when it starts, lost while it signs: the publish is withheld
+    let asked = AtomicU32::new(0);
+    let r = checkpoint::checkpoint_as_leader(&app.client, &app.log, &key(), || {
+        asked.fetch_add(1, Ordering::SeqCst) == 0
+    })
+    .await
+    .unwrap();
+    assert_eq!(r, checkpoint::Signing::NotLeader);
+    assert!(
+        asked.load(Ordering::SeqCst) >= 2,
+        "asked again before the publish"
+    );
+    assert!(
+        stored().await.is_empty(),
+        "a stale leader stored a checkpoint"
+    );
+    // leading throughout: stored once, then found
+    let r = checkpoint::checkpoint_as_leader(&app.client, &app.log, &key(), || true)
+        .await
+        .unwrap();
+    let checkpoint::Signing::Stored(cp) = r else {
+        panic!("not stored: {r:?}")
+    };
+    assert_eq!(cp.seq, 18);
+    let again = checkpoint::checkpoint_as_leader(&app.client, &app.log, &key(), || true)
+        .await
+        .unwrap();
+    assert_eq!(again, checkpoint::Signing::Existing(cp.clone()));
+    assert_eq!(stored().await, vec![cp]);
+}
