@@ -561,11 +561,10 @@ async fn write_checkpoints(
             _ = tick.tick() => {}
             _ = stop.changed() => return,
         }
-        if !leader.is_leader() {
-            continue; // another instance signs
-        }
-        match checkpoint::checkpoint_at(&nats, &log, &key, None).await {
-            Ok(Some((cp, true))) => {
+        // leadership is asked again right before the publish: another
+        // instance signs when this one lost it meanwhile
+        match checkpoint::checkpoint_as_leader(&nats, &log, &key, || leader.is_leader()).await {
+            Ok(checkpoint::Signing::Stored(cp)) => {
                 tracing::info!(seq = cp.seq, key_id = %cp.key_id, "checkpoint signed")
             }
             Ok(_) => {}

@@ -754,8 +754,9 @@ fn texts_of(parsed: &Parsed, meta: &CommandMeta) -> Value {
                     status_code: _,
                     error_message,
                 }) => json!([target, error_message]),
-                // not a NATS command: the parser never yields it
+                // not NATS commands: the parser never yields them
                 JobCommand::Fenced { .. } => json!("fenced"),
+                JobCommand::ScheduleRetry(_) => json!("schedule_retry"),
             };
             json!([id, c])
         }

@@ -7,7 +7,11 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::path::Path;
 
-use async_nats::jetstream::{self, stream::DirectGetErrorKind};
+use std::future::Future;
+
+use async_nats::jetstream::{
+    self, context::PublishErrorKind, message::PublishMessage, stream::DirectGetErrorKind,
+};
 use chrono::Utc;
 use ed25519_dalek::{Signer, Verifier};
 use hmac::{Hmac, Mac};
@@ -482,13 +486,11 @@ pub async fn load_all(
         {
             Ok(m) => {
                 seq = m.sequence + 1;
-                let cp: Checkpoint = serde_json::from_slice(&m.payload).map_err(|e| {
-                    LogError::Unavailable(format!(
-                        "checkpoint at {} seq {} is not valid: {e}",
-                        config.checkpoint_stream, m.sequence
-                    ))
-                })?;
-                out.push(cp);
+                out.push(parse_stored(
+                    &config.checkpoint_stream,
+                    m.sequence,
+                    &m.payload,
+                )?);
             }
             Err(e) if matches!(e.kind(), DirectGetErrorKind::NotFound) => return Ok(out),
             Err(e) => return Err(LogError::Unavailable(format!("read checkpoints: {e}"))),
@@ -496,36 +498,168 @@ pub async fn load_all(
     }
 }
 
+/// What a signing did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Signing {
+    /// The event stream is empty: nothing to sign.
+    Empty,
+    /// This key's checkpoint at the target was stored already.
+    Existing(Checkpoint),
+    /// A new checkpoint, stored.
+    Stored(Checkpoint),
+    /// Nothing stored: the signer did not lead (any more) when it was about
+    /// to publish.
+    NotLeader,
+    /// Nothing stored: another signer stored a checkpoint after this one
+    /// read the checkpoint stream (the next signing starts from it).
+    Raced,
+}
+
+/// A checkpoint as stored: its sequence in the checkpoint stream, parsed.
+fn parse_stored(stream: &str, seq: u64, payload: &[u8]) -> Result<Checkpoint, LogError> {
+    serde_json::from_slice(payload).map_err(|e| {
+        LogError::Unavailable(format!(
+            "checkpoint at {stream} seq {seq} is not valid: {e}"
+        ))
+    })
+}
+
+/// The newest-stored checkpoint that `usable` accepts, reading the
+/// checkpoint stream backwards from its message `last` (one read per
+/// checkpoint stored after it); `fetch(seq)` reads one message (`None`:
+/// there is none at `seq`).
+async fn newest_usable<F, Fut>(
+    last: u64,
+    mut fetch: F,
+    usable: impl Fn(&Checkpoint) -> bool,
+) -> Result<Option<Checkpoint>, LogError>
+where
+    F: FnMut(u64) -> Fut,
+    Fut: Future<Output = Result<Option<Checkpoint>, LogError>>,
+{
+    for seq in (1..=last).rev() {
+        if let Some(cp) = fetch(seq).await? {
+            if usable(&cp) {
+                return Ok(Some(cp));
+            }
+        }
+    }
+    Ok(None)
+}
+
+/// Where a new checkpoint starts from: the sequence of the checkpoint
+/// stream's last message (0: none), and this key's newest-stored
+/// checkpoint of `stream` at or before `target` whose signature holds.
+async fn starting_point(
+    client: &async_nats::Client,
+    config: &LogConfig,
+    key: &CheckpointKey,
+    target: u64,
+) -> Result<(u64, Option<Checkpoint>), LogError> {
+    let js = jetstream::new(client.clone());
+    let name = &config.checkpoint_stream;
+    let stream = js
+        .get_stream(name)
+        .await
+        .map_err(|_| LogError::NoStream(name.clone()))?;
+    let read = |e: jetstream::stream::DirectGetError| {
+        LogError::Unavailable(format!("read checkpoints: {e}"))
+    };
+    let last = match stream.direct_get_last_for_subject(CHECKPOINT_SUBJECT).await {
+        Ok(m) => m,
+        Err(e) if matches!(e.kind(), DirectGetErrorKind::NotFound) => return Ok((0, None)),
+        Err(e) => return Err(read(e)),
+    };
+    let own = key.ring();
+    let usable = |c: &Checkpoint| {
+        c.key_id == key.id && c.stream == config.stream && c.seq <= target && own.check(c).is_ok()
+    };
+    let newest = parse_stored(name, last.sequence, &last.payload)?;
+    if usable(&newest) {
+        return Ok((last.sequence, Some(newest)));
+    }
+    let stream = &stream;
+    let found = newest_usable(
+        last.sequence - 1,
+        |seq| async move {
+            match stream.direct_get(seq).await {
+                Ok(m) if m.subject.as_str() == CHECKPOINT_SUBJECT => {
+                    parse_stored(name, seq, &m.payload).map(Some)
+                }
+                Ok(_) => Ok(None),
+                Err(e) if matches!(e.kind(), DirectGetErrorKind::NotFound) => Ok(None),
+                Err(e) => Err(read(e)),
+            }
+        },
+        usable,
+    )
+    .await?;
+    Ok((last.sequence, found))
+}
+
 /// A checkpoint signed by `key` at exactly `upto` (default: the stream's
 /// last message now), stored; or the one already stored there by this key.
-/// The digest is computed from the newest stored checkpoint of this key at
-/// or before `upto` whose signature holds, so each call reads only what was
-/// appended since. `None` when the stream is empty; the flag says whether
-/// the checkpoint is new.
+/// The digest continues from this key's most recently stored checkpoint at
+/// or before `upto` whose signature holds, found by reading the checkpoint
+/// stream backwards from its last message (one read when that is the one,
+/// as for serve's periodic writer), so each call reads only the checkpoints
+/// stored after it and the events appended since. When that checkpoint is
+/// at `upto` itself it is the answer. (A checkpoint at `upto` stored
+/// before a later-stored one at an earlier sequence is not looked for: a
+/// second one, equally valid, is stored then.) `None` when the stream is
+/// empty; the flag says whether the checkpoint is new.
 pub async fn checkpoint_at(
     client: &async_nats::Client,
     log: &EventLog,
     key: &CheckpointKey,
     upto: Option<u64>,
 ) -> Result<Option<(Checkpoint, bool)>, LogError> {
+    match sign_and_store(client, log, key, upto, None::<fn() -> bool>).await? {
+        Signing::Empty => Ok(None),
+        Signing::Existing(cp) => Ok(Some((cp, false))),
+        Signing::Stored(cp) => Ok(Some((cp, true))),
+        // `leads` above always says yes, and no race is checked
+        Signing::NotLeader | Signing::Raced => Err(LogError::Unavailable(
+            "the checkpoint was withheld for lack of leadership".into(),
+        )),
+    }
+}
+
+/// A checkpoint at the stream's last message, as the one signer of several
+/// instances (serve's periodic writer): like [`checkpoint_at`], but `leads`
+/// (the signer's leadership) is asked before the work and again right
+/// before the publish, so a signer that lost its lease meanwhile (a paused
+/// process, a slow digest) stores nothing; and the publish expects the
+/// checkpoint stream's last message to be the one it read, so a checkpoint
+/// another signer stored meanwhile makes it store nothing either
+/// ([`Signing::Raced`]).
+pub async fn checkpoint_as_leader(
+    client: &async_nats::Client,
+    log: &EventLog,
+    key: &CheckpointKey,
+    leads: impl Fn() -> bool,
+) -> Result<Signing, LogError> {
+    if !leads() {
+        return Ok(Signing::NotLeader);
+    }
+    sign_and_store(client, log, key, None, Some(leads)).await
+}
+
+async fn sign_and_store(
+    client: &async_nats::Client,
+    log: &EventLog,
+    key: &CheckpointKey,
+    upto: Option<u64>,
+    leads: Option<impl Fn() -> bool>,
+) -> Result<Signing, LogError> {
     let last = log.last_seq().await?;
     let target = upto.map_or(last, |u| u.min(last));
     if target == 0 {
-        return Ok(None);
+        return Ok(Signing::Empty);
     }
-    let own = key.ring();
-    let existing = load_all(client, log.config()).await?;
-    let newest = existing
-        .into_iter()
-        .filter(|c| {
-            c.key_id == key.id
-                && c.stream == log.config().stream
-                && c.seq <= target
-                && own.check(c).is_ok()
-        })
-        .max_by_key(|c| c.seq);
+    let (last_stored, newest) = starting_point(client, log.config(), key, target).await?;
     if let Some(n) = newest.as_ref().filter(|n| n.seq == target) {
-        return Ok(Some((n.clone(), false)));
+        return Ok(Signing::Existing(n.clone()));
     }
     let start = newest.and_then(|c| {
         Some(Digest {
@@ -536,13 +670,23 @@ pub async fn checkpoint_at(
     let d = stream_digest(log, start, Some(target)).await?;
     let cp = Checkpoint::sign(key, &log.config().stream, d.seq, &d.digest);
     let body = serde_json::to_vec(&cp).map_err(|e| LogError::Unavailable(e.to_string()))?;
-    log.jetstream()
-        .publish(CHECKPOINT_SUBJECT, body.into())
-        .await
-        .map_err(|e| LogError::Unavailable(format!("store checkpoint: {e}")))?
-        .await
-        .map_err(|e| LogError::Unavailable(format!("store checkpoint: {e}")))?;
-    Ok(Some((cp, true)))
+    let mut msg = PublishMessage::build().payload(body.into());
+    if let Some(leads) = leads {
+        // the last moment to notice a lost leadership: nothing is stored yet
+        if !leads() {
+            return Ok(Signing::NotLeader);
+        }
+        msg = msg.expected_last_subject_sequence(last_stored);
+    }
+    let stored = match log.jetstream().send_publish(CHECKPOINT_SUBJECT, msg).await {
+        Ok(ack) => ack.await,
+        Err(e) => Err(e),
+    };
+    match stored {
+        Ok(_) => Ok(Signing::Stored(cp)),
+        Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => Ok(Signing::Raced),
+        Err(e) => Err(LogError::Unavailable(format!("store checkpoint: {e}"))),
+    }
 }
 
 #[cfg(test)]
@@ -636,6 +780,47 @@ mod tests {
             CheckpointKey::from_hex("bad id", &"ab".repeat(32)),
             Err(KeyError::BadId(_))
         ));
+    }
+
+    /// The newest-stored checkpoint of key k2 at or before `target` in
+    /// `stored` (checkpoint stream sequences 1, 2, ...), and the reads made.
+    async fn search(stored: &[Checkpoint], target: u64) -> (Option<u64>, u32) {
+        let own = key().ring();
+        let reads = std::cell::Cell::new(0u32);
+        let found = newest_usable(
+            stored.len() as u64,
+            |seq| {
+                reads.set(reads.get() + 1);
+                let cp = stored.get(seq as usize - 1).cloned();
+                async move { Ok(cp) }
+            },
+            |c| c.key_id == "k2" && c.seq <= target && own.check(c).is_ok(),
+        )
+        .await
+        .unwrap();
+        (found.map(|c| c.seq), reads.get())
+    }
+
+    #[tokio::test]
+    async fn the_search_reads_back_from_the_newest_only_as_far_as_it_needs() {
+        let at = |seq: u64, by: &CheckpointKey| Checkpoint::sign(by, "FLOW_EVENTS", seq, &GENESIS);
+        let (k, other) = (
+            key(),
+            CheckpointKey::from_hex("k3", &"cd".repeat(32)).unwrap(),
+        );
+        let mut stored = vec![at(5, &k), at(9, &k), at(12, &k), at(14, &other), at(20, &k)];
+        // the newest stored fits: one read
+        assert_eq!(search(&stored, 30).await, (Some(20), 1));
+        // 20 (past the target) and the other key's 14 are passed over
+        assert_eq!(search(&stored, 19).await, (Some(12), 3));
+        assert_eq!(search(&stored, 4).await, (None, 5));
+        // a forged one is never a starting point
+        stored[4].digest = chain::to_hex(&chain::sha256(b"forged"));
+        assert_eq!(search(&stored, 30).await, (Some(12), 3));
+        // the most recently stored, not the highest: 3 was signed after 20
+        stored[4] = at(20, &k);
+        stored.push(at(3, &k));
+        assert_eq!(search(&stored, 30).await, (Some(3), 1));
     }
 
     #[test]

@@ -47,6 +47,12 @@ pub fn attempt_result(job_id: &str, step: &str, attempt: u32) -> String {
     format!("result:{}", idempotency_key(job_id, step, attempt))
 }
 
+/// The handler schedules the retry of `attempt` of `step` after a failed
+/// result it did not record (an n8n callback's).
+pub fn attempt_retry(job_id: &str, step: &str, attempt: u32) -> String {
+    format!("retry:{}", idempotency_key(job_id, step, attempt))
+}
+
 /// The handler ends the job (completes or fails it).
 pub fn job_end(job_id: &str) -> String {
     format!("end:{job_id}")
@@ -113,6 +119,7 @@ mod tests {
                         ("n8n_result", n8n_result as fn(&str, &str, u32) -> String),
                         ("attempt_start", attempt_start),
                         ("attempt_result", attempt_result),
+                        ("attempt_retry", attempt_retry),
                     ] {
                         out.push((f(j, s, a), format!("{kind}({j},{s},{a})")));
                     }

@@ -21,9 +21,9 @@ use crate::commands::approval::{ApprovalCommand, ApprovalError, Decide, RequestA
 use crate::commands::job::events::{JobEvent, StepStatus};
 use crate::commands::job::{
     CompleteJob, FailJob, JobCommand, JobError, JobStatus, NewAttempt, RecordCallback,
-    RecordStepResult, StartAttempt, StartJob,
+    RecordStepResult, ScheduleRetry, StartAttempt, StartJob,
 };
-use crate::commands::limits::MAX_RETRY_DELAY_MS;
+use crate::commands::limits::{MAX_ATTEMPTS, MAX_RETRY_DELAY_MS};
 use crate::commands::registry::{StepDefinition, StepKind, WorkflowDefinition};
 use crate::commands::workflow::{WorkflowCommand, WorkflowError};
 use crate::events::store::ExecuteError;
@@ -385,7 +385,8 @@ fn settled(sv: &StepView, step: &StepDefinition) -> Option<StepEnd> {
         });
     }
     let last = sv.results.get(&sv.started)?;
-    if sv.retry.is_some() && sv.started < step.max_attempts {
+    let scheduled = matches!(sv.retry, Some((next, _)) if next == sv.started + 1);
+    if (scheduled || retry_owed(sv, step)) && sv.started < step.max_attempts {
         return None;
     }
     Some(StepEnd::Recorded {
@@ -393,6 +394,43 @@ fn settled(sv: &StepView, step: &StepDefinition) -> Option<StepEnd> {
         output: Value::Null,
         summary: summary(last),
     })
+}
+
+/// The step's latest attempt failed by a result a peer posted (an n8n
+/// callback's `failed` or `timed_out`), no retry is scheduled after it and
+/// the step has attempts left: the handler retries it by the step's policy.
+fn retry_owed(sv: &StepView, step: &StepDefinition) -> bool {
+    let failed = sv
+        .results
+        .get(&sv.started)
+        .is_some_and(|r| r.status != StepStatus::Succeeded);
+    let scheduled = matches!(sv.retry, Some((next, _)) if next == sv.started + 1);
+    failed
+        && sv.posted.contains(&sv.started)
+        && !scheduled
+        && sv.started < step.max_attempts.min(MAX_ATTEMPTS)
+}
+
+/// Schedules the retry of `attempt`, whose failure a peer posted, after the
+/// step's backoff; returns the backoff to wait.
+async fn schedule_retry(
+    ctx: &Ctx,
+    job_id: &str,
+    step: &StepDefinition,
+    attempt: u32,
+) -> Result<Duration, Halt> {
+    let delay = ctx.config.retry.delay(attempt, step.backoff_ms);
+    let delay_ms = u64::try_from(delay.as_millis())
+        .unwrap_or(u64::MAX)
+        .min(MAX_RETRY_DELAY_MS);
+    let cmd = JobCommand::ScheduleRetry(ScheduleRetry {
+        step: step.name.clone(),
+        attempt,
+        delay_ms,
+    });
+    let id = ids::attempt_retry(job_id, &step.name, attempt);
+    job_result(ctx, job_id, cmd, &id).await?;
+    Ok(Duration::from_millis(delay_ms))
 }
 
 async fn run(
@@ -664,7 +702,11 @@ async fn run_step(
         _ if sv.started == 0 => (1, true),
         None => (sv.started, false), // sent, no result: send again, same key
         Some(_) => {
-            if let Some((_, due)) = sv.retry {
+            if retry_owed(&sv, step) {
+                // an n8n failure recorded before this driver decided its retry
+                let delay = schedule_retry(ctx, &job.id, step, sv.started).await?;
+                pause_unless_given_away(ctx, &job.id, delay).await?;
+            } else if let Some((_, due)) = sv.retry {
                 tokio::time::sleep((due - Utc::now()).to_std().unwrap_or_default()).await;
             }
             (sv.started + 1, true)
@@ -733,6 +775,22 @@ async fn run_step(
                 None
             };
             match tokio::time::timeout(left, wait).await {
+                // a posted failure with attempts left is retried like any
+                // other: the retry is recorded, the next attempt follows
+                // after the backoff
+                Ok(Some(r))
+                    if r.status != StepStatus::Succeeded
+                        && attempt < step.max_attempts.min(MAX_ATTEMPTS) =>
+                {
+                    tracing::info!(job_id = %job.id, step = %step.name, attempt,
+                        status = r.status.as_str(), error = %summary(&r),
+                        "n8n reported the attempt failed; retrying");
+                    let delay = schedule_retry(ctx, &job.id, step, attempt).await?;
+                    pause_unless_given_away(ctx, &job.id, delay).await?;
+                    attempt = attempt.saturating_add(1);
+                    need_start = true;
+                    continue;
+                }
                 Ok(Some(r)) => {
                     return Ok(StepEnd::Recorded {
                         succeeded: r.status == StepStatus::Succeeded,

@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream::{self, kv};
 use futures::StreamExt;
 use serde_json::json;
-use tokio::sync::{mpsc, OwnedRwLockReadGuard, OwnedRwLockWriteGuard, RwLock};
+use tokio::sync::{mpsc, watch, OwnedRwLockReadGuard, OwnedRwLockWriteGuard, RwLock};
 
 use crate::commands::job::Lease;
 use crate::events::chain;
@@ -55,6 +55,9 @@ const KV_CALL: Duration = Duration::from_secs(2);
 /// The longest a round spends taking partitions: renewals wait for it.
 const ACQUIRE_BUDGET: Duration = Duration::from_secs(1);
 const POSITION_KEY: &str = "position";
+/// How long the job handler's loop may go without saying it runs (it says
+/// so every second) before its instance gives up its leases.
+pub const HANDLER_STALL: Duration = Duration::from_secs(3);
 
 /// The partition of a job: the first 8 bytes of the SHA-256 of its id,
 /// modulo [`PARTITIONS`] (stable across versions and machines).
@@ -208,10 +211,21 @@ struct Part {
     work: Arc<RwLock<()>>,
 }
 
+/// Whether the job handler's loop makes progress (it reads the log), as
+/// the keeper sees it: leases are held only for a loop that does.
+struct Health {
+    /// When the loop last said it runs; `None`: not yet, or it failed.
+    beat: Mutex<Option<Instant>>,
+    /// Flips when the loop starts running or fails, so the keeper acts at
+    /// once.
+    up: watch::Sender<bool>,
+}
+
 /// The partitions this instance holds, as the drivers see them.
 pub struct Leases {
     holder: String,
     parts: Vec<Part>,
+    health: Health,
 }
 
 impl Leases {
@@ -226,7 +240,41 @@ impl Leases {
                     work: Arc::new(RwLock::new(())),
                 })
                 .collect(),
+            health: Health {
+                beat: Mutex::new(None),
+                up: watch::Sender::new(false),
+            },
         }
+    }
+
+    /// The job handler's loop runs (it reads the log): said when it starts
+    /// reading and at every turn of its loop (each second). Until it is
+    /// first said, and from [`HANDLER_STALL`] after it was last said, the
+    /// keeper holds no lease.
+    pub fn handler_running(&self) {
+        *self.health.beat.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+        self.health
+            .up
+            .send_if_modified(|up| !std::mem::replace(up, true));
+    }
+
+    /// The job handler's loop failed (its drivers stopped with it): the
+    /// keeper lets go of every lease at once, so another instance takes the
+    /// partitions over, and takes them again once the loop runs.
+    pub fn handler_failed(&self) {
+        *self.health.beat.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        self.health
+            .up
+            .send_if_modified(|up| std::mem::replace(up, false));
+    }
+
+    /// The loop said it runs within `stall`.
+    fn handler_up(&self, stall: Duration) -> bool {
+        self.health
+            .beat
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some_and(|b| b.elapsed() < stall)
     }
 
     /// A new instance name: `<host>/<pid>/<random>`.
@@ -318,6 +366,8 @@ pub struct Keeper {
     ttl: Duration,
     member_key: String,
     revisions: Vec<Option<u64>>,
+    /// This instance's announcement is (or may be) in the bucket.
+    announced: bool,
     drained_tx: mpsc::UnboundedSender<Drained>,
     drained_rx: mpsc::UnboundedReceiver<Drained>,
 }
@@ -357,6 +407,7 @@ impl Keeper {
             ttl,
             member_key,
             revisions: vec![None; PARTITIONS],
+            announced: false,
             drained_tx,
             drained_rx,
         })
@@ -420,6 +471,12 @@ impl Keeper {
     /// free partitions up to the fair share and starts giving away the
     /// ones above it. Returns the partitions gained and lost.
     async fn tick(&mut self, out: &mpsc::UnboundedSender<Change>) {
+        // a handler whose loop does not run keeps no lease: its jobs would
+        // wait for it while another instance could drive them
+        if !self.leases.handler_up(HANDLER_STALL) {
+            self.stand_down(out).await;
+            return;
+        }
         // losses first, at once: the drivers stop before anything else waits
         let mut changes = Vec::new();
         self.renew(&mut changes).await;
@@ -435,10 +492,42 @@ impl Keeper {
         }
     }
 
+    /// Lets go of every lease and withdraws this instance's announcement
+    /// (so the others' fair share counts it out): the handler's loop is
+    /// failing or stalled.
+    async fn stand_down(&mut self, out: &mpsc::UnboundedSender<Change>) {
+        let held: Vec<usize> = (0..PARTITIONS)
+            .filter(|&p| {
+                self.revisions[p].is_some() || matches!(self.leases.hold(p), Hold::Held { .. })
+            })
+            .collect();
+        if !held.is_empty() || self.announced {
+            tracing::warn!(
+                partitions = held.len(),
+                "the job handler's loop is not running; giving up its partition leases \
+                 so another instance drives their jobs"
+            );
+        }
+        for p in held {
+            // no command goes out under this lease from here on
+            self.leases.set(p, Hold::Free);
+            let _ = out.send(Change::Lost(p));
+            let _ = tokio::time::timeout(KV_CALL, self.let_go(p)).await;
+        }
+        if self.announced {
+            match tokio::time::timeout(KV_CALL, self.kv.delete(&self.member_key)).await {
+                Ok(Ok(_)) => self.announced = false,
+                // tried again next round; it lapses meanwhile
+                _ => tracing::debug!("cannot withdraw this handler instance's announcement"),
+            }
+        }
+    }
+
     /// Announces this instance, takes free partitions up to the fair
     /// share (for at most a second, so renewals are never held up long) and
     /// starts giving away the ones above it.
     async fn rebalance(&mut self, changes: &mut Vec<Change>) {
+        self.announced = true;
         if let Err(e) = self
             .kv
             .put(&self.member_key, self.value(None))
@@ -747,9 +836,12 @@ impl Keeper {
     ) {
         let mut round = tokio::time::interval(self.period());
         round.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut health = self.leases.health.up.subscribe();
         loop {
             tokio::select! {
                 _ = round.tick() => self.tick(&changes).await,
+                // the handler's loop started or failed: act now, not next round
+                Ok(()) = health.changed() => self.tick(&changes).await,
                 Some((p, fence, guard)) = self.drained_rx.recv() => {
                     // a drain of a lease lost and taken again meanwhile is stale
                     if matches!(self.leases.hold(p), Hold::Held { fence: f, .. } if f == fence) {

@@ -128,6 +128,9 @@ pub async fn run(ctx: Arc<Ctx>, pool: PgPool, mut stop: watch::Receiver<bool>) {
                 Ok(()) => break,
                 Err(e) => {
                     tracing::warn!(error = %e, "job handler stopped; restarting in 1 s");
+                    // its drivers stopped with the loop: the partitions go to
+                    // an instance whose loop runs until this one runs again
+                    ctx.leases.handler_failed();
                     ctx.set_status(super::HandlerStatus::Restarting(e.clone()));
                     tokio::select! {
                         _ = tokio::time::sleep(Duration::from_secs(1)) => {}
@@ -204,6 +207,8 @@ async fn run_once(
         .await
         .map_err(|e| format!("cannot read the log: {e}"))?;
     let mut messages = consumer.messages().await.map_err(|e| e.to_string())?;
+    // the loop runs: the keeper may hold leases for it (said every turn)
+    ctx.leases.handler_running();
 
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Done>();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -251,6 +256,7 @@ async fn run_once(
             m = messages.next() => follow.on_message(m)?,
             Some(done) = done_rx.recv() => follow.on_done(done),
             _ = tick.tick() => {
+                ctx.leases.handler_running();
                 follow.save(positions).await;
                 follow.restart_stopped();
             }

@@ -7,7 +7,7 @@
 //! Folding never panics: a value it cannot use (a retry due past the end
 //! of time) is a [`FoldError`], and the manager parks that job alone.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use chrono::{DateTime, Utc};
 use serde_json::{json, Value};
@@ -113,6 +113,10 @@ pub struct StepView {
     pub results: BTreeMap<u32, AttemptResult>,
     /// A retry of attempt `.0` is due at `.1`.
     pub retry: Option<(u32, DateTime<Utc>)>,
+    /// Attempts whose result a peer posted (an n8n callback), not the
+    /// handler: a failure among them is retried by the handler's decision
+    /// (`schedule_retry`), not by the result itself.
+    pub posted: BTreeSet<u32>,
 }
 
 impl StepView {
@@ -367,6 +371,9 @@ impl JobView {
                 let sv = self.steps.entry(s.step.clone()).or_default();
                 sv.started = sv.started.max(s.attempt);
                 sv.results.insert(s.attempt, result);
+                if r.actor.client_id != super::HANDLER_ACTOR {
+                    sv.posted.insert(s.attempt);
+                }
                 self.line(r, Some(s.step.clone()), details, Some(s.duration_ms));
             }
             JobEvent::StepRetryScheduled(s) => {

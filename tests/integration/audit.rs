@@ -986,3 +986,132 @@ async fn the_cli_exits_1_names_the_sequence_and_says_it_in_words() {
     assert_eq!(help.status.code(), Some(0));
     assert!(String::from_utf8_lossy(&help.stdout).contains("--keys"));
 }
+
+#[tokio::test]
+async fn a_signer_that_loses_its_leadership_before_publishing_stores_nothing() {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    let app = spawn_app().await;
+    history(&app).await;
+    let stored = || async {
+        checkpoint::load_all(&app.client, app.log.config())
+            .await
+            .unwrap()
+    };
+    // not leading at all: nothing is done
+    let r = checkpoint::checkpoint_as_leader(&app.client, &app.log, &key(), || false)
+        .await
+        .unwrap();
+    assert_eq!(r, checkpoint::Signing::NotLeader);
+    // leading when it starts, lost while it signs: the publish is withheld
+    let asked = AtomicU32::new(0);
+    let r = checkpoint::checkpoint_as_leader(&app.client, &app.log, &key(), || {
+        asked.fetch_add(1, Ordering::SeqCst) == 0
+    })
+    .await
+    .unwrap();
+    assert_eq!(r, checkpoint::Signing::NotLeader);
+    assert!(
+        asked.load(Ordering::SeqCst) >= 2,
+        "asked again before the publish"
+    );
+    assert!(
+        stored().await.is_empty(),
+        "a stale leader stored a checkpoint"
+    );
+    // leading throughout: stored once, then found
+    let r = checkpoint::checkpoint_as_leader(&app.client, &app.log, &key(), || true)
+        .await
+        .unwrap();
+    let checkpoint::Signing::Stored(cp) = r else {
+        panic!("not stored: {r:?}")
+    };
+    assert_eq!(cp.seq, 18);
+    let again = checkpoint::checkpoint_as_leader(&app.client, &app.log, &key(), || true)
+        .await
+        .unwrap();
+    assert_eq!(again, checkpoint::Signing::Existing(cp.clone()));
+    assert_eq!(stored().await, vec![cp]);
+}
+
+#[tokio::test]
+async fn checkpoints_continue_from_the_newest_usable_one_and_reuse_one_at_the_target() {
+    let app = spawn_app().await;
+    history(&app).await;
+    let other = CheckpointKey::from_hex("other-key", &"cd".repeat(32)).unwrap();
+    let at = |key: CheckpointKey, upto: Option<u64>| {
+        let app = &app;
+        async move {
+            checkpoint::checkpoint_at(&app.client, &app.log, &key, upto)
+                .await
+                .unwrap()
+                .unwrap()
+        }
+    };
+    let (c12, new) = at(key(), Some(12)).await;
+    assert!(new);
+    let (c18, new) = at(key(), None).await;
+    assert!(new);
+    // another key's checkpoint stored last is not a starting point for this key
+    let (o18, _) = at(other.clone(), None).await;
+    assert_eq!(o18.seq, 18);
+    // at a target with one: found, past newer ones and another key's
+    assert_eq!(at(key(), Some(12)).await, (c12.clone(), false));
+    assert_eq!(at(key(), None).await, (c18.clone(), false));
+    // between them: continues from 12, and the digest is the stream's
+    let (c15, new) = at(key(), Some(15)).await;
+    assert!(new);
+    let whole = checkpoint::stream_digest(&app.log, None, Some(15))
+        .await
+        .unwrap();
+    assert_eq!(c15.digest, chain::to_hex(&whole.digest));
+    app.submit("audit-late", "late").await;
+    let (c19, new) = at(key(), None).await;
+    assert!(new);
+    let whole = checkpoint::stream_digest(&app.log, None, None)
+        .await
+        .unwrap();
+    assert_eq!((c19.seq, c19.digest), (19, chain::to_hex(&whole.digest)));
+    let stored = checkpoint::load_all(&app.client, app.log.config())
+        .await
+        .unwrap();
+    assert_eq!(stored.len(), 5, "nothing stored twice: {stored:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_signer_whose_checkpoint_another_signer_beat_stores_nothing() {
+    let app = spawn_app().await;
+    history(&app).await;
+    let other = CheckpointKey::from_hex("other-key", &"cd".repeat(32)).unwrap();
+    let runtime = tokio::runtime::Handle::current();
+    let asked = std::sync::atomic::AtomicU32::new(0);
+    // right before this signer publishes (the second time it asks whether
+    // it leads), another one stores a checkpoint
+    let r = checkpoint::checkpoint_as_leader(&app.client, &app.log, &key(), || {
+        if asked.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
+            return true;
+        }
+        tokio::task::block_in_place(|| {
+            runtime.block_on(checkpoint::checkpoint_at(
+                &app.client,
+                &app.log,
+                &other,
+                None,
+            ))
+        })
+        .unwrap();
+        true
+    })
+    .await
+    .unwrap();
+    assert_eq!(r, checkpoint::Signing::Raced);
+    let stored = checkpoint::load_all(&app.client, app.log.config())
+        .await
+        .unwrap();
+    assert_eq!(stored.len(), 1);
+    assert_eq!(stored[0].key_id, "other-key");
+    // the next round stores its own
+    let r = checkpoint::checkpoint_as_leader(&app.client, &app.log, &key(), || true)
+        .await
+        .unwrap();
+    assert!(matches!(r, checkpoint::Signing::Stored(_)), "{r:?}");
+}

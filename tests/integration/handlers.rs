@@ -964,3 +964,96 @@ async fn an_n8n_restart_is_retried_until_its_webhook_answers() {
         .collect();
     assert_eq!(codes, ["peer_starting", "http_404", "ok"], "{:?}", v.audit);
 }
+
+/// An n8n workflow that reports `failed` (or `timed_out`) on its result
+/// callback is retried by the step's policy like any failed attempt: each
+/// attempt and the retry are events, and the job completes on the attempt
+/// that succeeds; with no attempts left the failure ends the step.
+#[tokio::test]
+async fn a_failed_or_timed_out_n8n_result_is_retried_while_attempts_are_left() {
+    let app = spawn_app().await;
+    let peer = Peer::start().await;
+    let url = peer.script(
+        "/hook",
+        vec![
+            peers::n8n_accepts_then_reports(20, N8N_KEY, "failed"),
+            peers::n8n_accepts_then_reports(20, N8N_KEY, "timed_out"),
+            peers::n8n_accepts(20, N8N_KEY, json!({"summary": "third time"})),
+        ],
+    );
+    let once = peer.script(
+        "/once",
+        vec![peers::n8n_accepts_then_reports(20, N8N_KEY, "failed")],
+    );
+    let registry = json!({"version": 1, "workflows": {
+        "w": {"steps": [{"name": "flow", "kind": "n8n", "url": url, "timeout_ms": 10_000,
+                         "max_attempts": 3, "backoff_ms": 50}]},
+        "w1": {"steps": [{"name": "flow", "kind": "n8n", "url": once, "timeout_ms": 10_000,
+                          "max_attempts": 1}]},
+    }});
+    let (h, api) = handler_with_api(&app, registry).await;
+    h.submit("n8n-retried", "w", json!({})).await;
+    let v = h.settled("n8n-retried").await;
+    assert_eq!(v.status, JobStatus::Completed, "{:?}", v.error_message);
+    assert_eq!(v.outputs, json!({"flow": {"summary": "third time"}}));
+    let calls = peer.received("/hook");
+    let attempts: Vec<u64> = calls
+        .iter()
+        .map(|c| c.body["attempt"].as_u64().unwrap_or(0))
+        .collect();
+    assert_eq!(attempts, [1, 2, 3], "one call per attempt");
+    let keys: std::collections::BTreeSet<_> = calls
+        .iter()
+        .map(|c| c.headers.get("idempotency-key").cloned())
+        .collect();
+    assert_eq!(keys.len(), 3, "each attempt its own Idempotency-Key");
+    let results: Vec<(u64, String)> = v
+        .audit
+        .iter()
+        .filter(|a| a.action == "StepResultRecorded")
+        .map(|a| {
+            (
+                a.details["attempt"].as_u64().unwrap_or(0),
+                a.details["status"].as_str().unwrap_or("?").to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        results,
+        [
+            (1, "failed".to_string()),
+            (2, "timed_out".to_string()),
+            (3, "succeeded".to_string())
+        ],
+        "{:?}",
+        v.audit
+    );
+    let retries: Vec<u64> = v
+        .audit
+        .iter()
+        .filter(|a| a.action == "StepRetryScheduled")
+        .map(|a| a.details["attempt"].as_u64().unwrap_or(0))
+        .collect();
+    assert_eq!(retries, [2, 3], "{:?}", v.audit);
+    let starts: Vec<u64> = v
+        .audit
+        .iter()
+        .filter(|a| a.action == "StepAttemptStarted")
+        .map(|a| a.details["attempt"].as_u64().unwrap_or(0))
+        .collect();
+    assert_eq!(starts, [1, 2, 3], "{:?}", v.audit);
+    // every result n8n posted was accepted
+    assert!(
+        peer.sent().iter().all(|s| s.status == 200),
+        "{:?}",
+        peer.sent()
+    );
+    // no attempts left: the reported failure ends the step and the job
+    h.submit("n8n-once", "w1", json!({})).await;
+    let v = h.settled("n8n-once").await;
+    assert_eq!(v.status, JobStatus::Failed);
+    assert_eq!(v.error_code.as_deref(), Some("steps_failed"));
+    assert_eq!(peer.received("/once").len(), 1);
+    assert!(!v.audit.iter().any(|a| a.action == "StepRetryScheduled"));
+    drop(api);
+}

@@ -30,6 +30,8 @@ pub(crate) struct LaterResult {
     pub(crate) after_ms: u64,
     pub(crate) key: Vec<u8>,
     pub(crate) output: Value,
+    /// `succeeded`, or a failure (`failed`, `timed_out`, with an error code).
+    pub(crate) status: &'static str,
 }
 
 /// n8n answering "accepted", then posting `output` as a signed result to
@@ -43,8 +45,19 @@ pub(crate) fn n8n_accepts(after_ms: u64, key: &[u8], output: Value) -> Reply {
             after_ms,
             key: key.to_vec(),
             output,
+            status: "succeeded",
         }),
     }
+}
+
+/// n8n answering "accepted", then posting, `after_ms` later, that its
+/// workflow ended with `status` (`failed` or `timed_out`).
+pub(crate) fn n8n_accepts_then_reports(after_ms: u64, key: &[u8], status: &'static str) -> Reply {
+    let mut reply = n8n_accepts(after_ms, key, Value::Null);
+    if let Some(later) = reply.then.as_mut() {
+        later.status = status;
+    }
+    reply
 }
 
 /// A request a peer sent (an n8n result callback), as it went out.
@@ -184,11 +197,15 @@ async fn answer(
         let (s, url) = (s.clone(), url.to_string());
         tokio::spawn(async move {
             tokio::time::sleep(Duration::from_millis(later.after_ms)).await;
-            let result = json!({
+            let mut result = json!({
                 "job_id": request["job_id"], "step": request["step"],
                 "attempt": request["attempt"], "nonce": uuid::Uuid::new_v4().to_string(),
-                "status": "succeeded", "output": later.output, "duration_ms": later.after_ms,
+                "status": later.status, "output": later.output, "duration_ms": later.after_ms,
             });
+            if later.status != "succeeded" {
+                result["error_code"] = json!(format!("n8n_{}", later.status));
+                result["error_message"] = json!("the n8n workflow reported a failure");
+            }
             let now = chrono::Utc::now().timestamp();
             let sent = post_signed(&url, &later.key, now, &result.to_string()).await;
             s.sent.lock().unwrap().push(sent);

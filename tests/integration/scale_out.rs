@@ -465,3 +465,84 @@ async fn one_instance_leads_a_singleton_and_another_takes_over_when_it_stops() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+#[tokio::test]
+async fn an_instance_whose_handler_loop_fails_or_stalls_gives_its_partitions_away() {
+    use flowledger::handlers::lease::{Keeper, Leases};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let app = spawn_app().await;
+    let js = app.log.jetstream();
+    let (_stop, stop) = tokio::sync::watch::channel(false);
+    // two instances' keepers, each with a stand-in for its handler loop that
+    // says it runs every 200 ms while `beating`
+    let mut instances = Vec::new();
+    for name in ["a", "b"] {
+        let leases = Arc::new(Leases::new(name.into()));
+        let beating = Arc::new(AtomicBool::new(true));
+        let keeper = Keeper::open(js, leases.clone()).await.unwrap();
+        let (changes, _) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(keeper.run(changes, stop.clone()));
+        let (l, on) = (leases.clone(), beating.clone());
+        tokio::spawn(async move {
+            loop {
+                if on.load(Ordering::SeqCst) {
+                    l.handler_running();
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        });
+        instances.push((leases, beating));
+    }
+    let (a, a_beats) = &instances[0];
+    let (b, _) = &instances[1];
+    held_until("both share the partitions", a, b, &|| {
+        a.held() > 0 && b.held() > 0 && a.held() + b.held() == PARTITIONS
+    })
+    .await;
+    // a's loop fails: its leases go to b, which is then the only member
+    a_beats.store(false, Ordering::SeqCst);
+    a.handler_failed();
+    held_until(
+        "the failing instance gave its partitions away",
+        a,
+        b,
+        &|| a.held() == 0 && b.held() == PARTITIONS,
+    )
+    .await;
+    // it runs again: it takes its share back
+    a_beats.store(true, Ordering::SeqCst);
+    held_until("the instance took partitions again", a, b, &|| {
+        a.held() > 0 && a.held() + b.held() == PARTITIONS
+    })
+    .await;
+    // its loop stalls without failing (it no longer says it runs)
+    a_beats.store(false, Ordering::SeqCst);
+    held_until(
+        "the stalled instance gave its partitions away",
+        a,
+        b,
+        &|| a.held() == 0 && b.held() == PARTITIONS,
+    )
+    .await;
+}
+
+/// Waits until `done` (30 s at most), naming what is awaited and who holds
+/// how many partitions when it does not come.
+async fn held_until(
+    what: &str,
+    a: &flowledger::handlers::lease::Leases,
+    b: &flowledger::handlers::lease::Leases,
+    done: &dyn Fn() -> bool,
+) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !done() {
+        assert!(
+            Instant::now() < deadline,
+            "{what}: a holds {}, b holds {}",
+            a.held(),
+            b.held()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -104,6 +104,9 @@ pub struct Job {
     pub started: BTreeMap<String, u32>,
     /// Steps with a successful attempt: never called again.
     pub succeeded: BTreeSet<String>,
+    /// `(step, attempt)` pairs a `StepRetryScheduled` is for.
+    #[serde(default)]
+    pub retries: BTreeSet<(String, u32)>,
     /// It was submitted with a `callback_url`, so an outcome can be recorded.
     pub has_callback_url: bool,
     /// `CallbackDelivered` or `CallbackFailed` is recorded.
@@ -208,6 +211,24 @@ pub struct RecordStepResult {
     pub retry_in_ms: Option<u64>,
 }
 
+/// Retry a step whose latest attempt's result, recorded without a retry
+/// (an n8n callback's `failed` or `timed_out`), ended it unsuccessfully:
+/// the handler's decision by the step's retry policy, recorded as
+/// `StepRetryScheduled` for the next attempt. Not a NATS command: the
+/// handler issues it in process, fenced.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScheduleRetry {
+    /// The step's name; not empty, without a successful attempt.
+    pub step: String,
+    /// The step's latest attempt, with a recorded result and no retry
+    /// scheduled after it; below [`MAX_ATTEMPTS`].
+    pub attempt: u32,
+    /// The next attempt is due this many milliseconds after the event, at
+    /// most [`MAX_RETRY_DELAY_MS`].
+    pub delay_ms: u64,
+}
+
 /// `job.complete`: end a running job well.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -254,6 +275,9 @@ pub enum JobCommand {
     StartAttempt(StartAttempt),
     /// `record_step_result`: record how an attempt ended.
     RecordStepResult(RecordStepResult),
+    /// `schedule_retry`: retry a step after a failed attempt recorded
+    /// without a retry (the handler's, in process only).
+    ScheduleRetry(ScheduleRetry),
     /// `complete`: the job succeeded.
     Complete(CompleteJob),
     /// `fail`: the job failed.
@@ -292,6 +316,7 @@ impl JobCommand {
             JobCommand::Start(_) => "start",
             JobCommand::StartAttempt(_) => "start_attempt",
             JobCommand::RecordStepResult(_) => "record_step_result",
+            JobCommand::ScheduleRetry(_) => "schedule_retry",
             JobCommand::Complete(_) => "complete",
             JobCommand::Fail(_) => "fail",
             JobCommand::Cancel(_) => "cancel",
@@ -389,6 +414,17 @@ pub enum JobError {
     /// A fenced command inside a fenced command.
     #[error("a fenced command cannot carry another fenced command")]
     NestedFence,
+    /// A retry asked for an attempt that is not the step's latest, has no
+    /// result, or already has its retry scheduled.
+    #[error(
+        "step {step:?} attempt {attempt} is not a latest, recorded, failed attempt without a retry"
+    )]
+    NothingToRetry {
+        /// The step's name.
+        step: String,
+        /// The attempt named.
+        attempt: u32,
+    },
     /// This attempt of the step already has a result (e.g. the handler and
     /// an n8n callback both recorded it); the first one stands.
     #[error("step {step:?} attempt {attempt} is already recorded")]
@@ -508,6 +544,7 @@ impl DomainError for JobError {
             | JobError::AttemptNotStarted { .. }
             | JobError::InvalidTransition { .. }
             | JobError::DuplicateStepResult { .. }
+            | JobError::NothingToRetry { .. }
             | JobError::StepAlreadySucceeded { .. }
             | JobError::AttemptOutOfOrder { .. }
             | JobError::NoCallback
@@ -529,6 +566,7 @@ impl DomainError for JobError {
             }
             JobError::AttemptOutOfRange(_)
             | JobError::AttemptNotStarted { .. }
+            | JobError::NothingToRetry { .. }
             | JobError::AttemptOutOfOrder { .. } => "attempt",
             JobError::InvalidRetryDelay(_) | JobError::RetryAfterLastAttempt(_) => "retry_in_ms",
             JobError::InvalidDuration(_) => "duration_ms",
@@ -588,6 +626,39 @@ impl Job {
             attempt,
             idempotency_key: key,
         }))
+    }
+
+    fn retry_event(&self, r: ScheduleRetry) -> Result<Vec<JobEvent>, JobError> {
+        if r.step.is_empty() {
+            return Err(JobError::EmptyField { field: "step" });
+        }
+        if r.attempt == 0 || r.attempt > MAX_ATTEMPTS {
+            return Err(JobError::AttemptOutOfRange(r.attempt));
+        }
+        if r.attempt == MAX_ATTEMPTS {
+            return Err(JobError::RetryAfterLastAttempt(r.attempt));
+        }
+        if r.delay_ms > MAX_RETRY_DELAY_MS {
+            return Err(JobError::InvalidRetryDelay(r.delay_ms));
+        }
+        if self.succeeded.contains(&r.step) {
+            return Err(JobError::StepAlreadySucceeded { step: r.step });
+        }
+        let next = r.attempt + 1;
+        let latest = self.started.get(&r.step).copied().unwrap_or(0) == r.attempt;
+        let recorded = self.recorded.contains(&(r.step.clone(), r.attempt));
+        if !latest || !recorded || self.retries.contains(&(r.step.clone(), next)) {
+            return Err(JobError::NothingToRetry {
+                step: r.step,
+                attempt: r.attempt,
+            });
+        }
+        Ok(vec![JobEvent::StepRetryScheduled(StepRetryScheduled {
+            workflow_key: self.workflow_key.clone(),
+            step: r.step,
+            attempt: next,
+            delay_ms: r.delay_ms,
+        })])
     }
 
     /// The events of a batch of step results, decided one after another.
@@ -755,6 +826,10 @@ impl Job {
                 self.require("record a step result for", &[Running])?;
                 self.step_event(r)
             }
+            JobCommand::ScheduleRetry(r) => {
+                self.require("schedule a retry for", &[Running])?;
+                self.retry_event(r)
+            }
             JobCommand::RecordCallback(c) => {
                 if !self.status.is_final() {
                     self.require("record the callback of", &[])?;
@@ -887,7 +962,9 @@ impl Aggregate for Job {
                 }
                 self.recorded.insert((e.step, e.attempt));
             }
-            JobEvent::StepRetryScheduled(_) => {}
+            JobEvent::StepRetryScheduled(e) => {
+                self.retries.insert((e.step, e.attempt));
+            }
             JobEvent::JobHandlerChanged(e) => self.fence = self.fence.max(e.fence),
             JobEvent::CallbackDelivered(_) | JobEvent::CallbackFailed(_) => {
                 self.callback_recorded = true;
@@ -1467,6 +1544,90 @@ mod tests {
                     delay_ms: 5000,
                 }),
             ]);
+    }
+
+    #[test]
+    fn a_failed_result_recorded_without_a_retry_is_retried_once_by_the_handler() {
+        let failed = |attempt| {
+            JobEvent::StepResultRecorded(StepResultRecorded {
+                workflow_key: "invoice.extract".into(),
+                step: "ocr".into(),
+                attempt,
+                status: StepStatus::Failed,
+                output: Value::Null,
+                error_code: Some("n8n_failed".into()),
+                error_message: None,
+                duration_ms: 12,
+            })
+        };
+        let retry = |attempt, delay_ms| ScheduleRetry {
+            step: "ocr".into(),
+            attempt,
+            delay_ms,
+        };
+        let scheduled = JobEvent::StepRetryScheduled(StepRetryScheduled {
+            workflow_key: "invoice.extract".into(),
+            step: "ocr".into(),
+            attempt: 2,
+            delay_ms: 800,
+        });
+        let given = vec![submitted(), started(), attempt_started("ocr", 1), failed(1)];
+        framework()
+            .given(given.clone())
+            .when(JobCommand::ScheduleRetry(retry(1, 800)))
+            .then_expect_events(vec![scheduled.clone()]);
+        // once: a second retry of the same attempt is refused
+        let mut twice = given.clone();
+        twice.push(scheduled);
+        framework()
+            .given(twice)
+            .when(JobCommand::ScheduleRetry(retry(1, 800)))
+            .then_expect_error(JobError::NothingToRetry {
+                step: "ocr".into(),
+                attempt: 1,
+            });
+        // not an attempt without a result, nor one that is not the latest
+        framework()
+            .given(vec![submitted(), started(), attempt_started("ocr", 1)])
+            .when(JobCommand::ScheduleRetry(retry(1, 800)))
+            .then_expect_error(JobError::NothingToRetry {
+                step: "ocr".into(),
+                attempt: 1,
+            });
+        let mut later = given.clone();
+        later.push(attempt_started("ocr", 2));
+        framework()
+            .given(later)
+            .when(JobCommand::ScheduleRetry(retry(1, 800)))
+            .then_expect_error(JobError::NothingToRetry {
+                step: "ocr".into(),
+                attempt: 1,
+            });
+        // bounded like a result's retry
+        framework()
+            .given(given.clone())
+            .when(JobCommand::ScheduleRetry(retry(1, MAX_RETRY_DELAY_MS + 1)))
+            .then_expect_error(JobError::InvalidRetryDelay(MAX_RETRY_DELAY_MS + 1));
+        framework()
+            .given(given)
+            .when(JobCommand::ScheduleRetry(retry(MAX_ATTEMPTS, 800)))
+            .then_expect_error(JobError::RetryAfterLastAttempt(MAX_ATTEMPTS));
+        // a succeeded step is never retried
+        framework()
+            .given(vec![
+                submitted(),
+                started(),
+                attempt_started("ocr", 1),
+                JobEvent::StepResultRecorded(StepResultRecorded {
+                    status: StepStatus::Succeeded,
+                    ..match failed(1) {
+                        JobEvent::StepResultRecorded(r) => r,
+                        _ => unreachable!("failed() is a StepResultRecorded"),
+                    }
+                }),
+            ])
+            .when(JobCommand::ScheduleRetry(retry(1, 800)))
+            .then_expect_error(JobError::StepAlreadySucceeded { step: "ocr".into() });
     }
 
     #[test]
