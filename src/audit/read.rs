@@ -1,6 +1,6 @@
 //! Reading the stream in order, with filters.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 
 use async_nats::jetstream::consumer::{pull, DeliverPolicy};
 use chrono::{DateTime, Utc};
@@ -238,6 +238,11 @@ pub struct ReplayedEvent<'a> {
     pub stream_time: String,
     /// The event's chain hash, hex (docs/EVENTS.md, "Event chain").
     pub hash: String,
+    /// The event belongs to an erased memory subject: every sealed value
+    /// in `data` is shown as `{"erased": true}` (the stored bytes, which
+    /// the hash covers, keep the ciphertext nobody can open any more).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub erased: bool,
     /// The stored envelope, flattened into the line.
     #[serde(flatten)]
     pub record: &'a EventRecord,
@@ -256,12 +261,56 @@ pub fn events_of(m: &RawMessage) -> Result<Vec<(EventRecord, chain::Hash)>, Stri
         .collect()
 }
 
-/// Writes the filtered events as JSON lines; returns how many.
+/// The memory subjects (aggregate ids) erased anywhere in the log: a
+/// pass over the `memory` subjects only.
+pub async fn erased_memory_subjects(log: &EventLog) -> Result<HashSet<String>, LogError> {
+    let mut erased = HashSet::new();
+    let subjects = format!("{EVENT_SUBJECT_PREFIX}.memory.*");
+    for_each_message::<LogError>(log, &subjects, 1, None, |m| {
+        // erasure is final: its event is the last of its subject's
+        if m.body.contains("MemorySubjectErased") {
+            if let Ok(events) = events_of(&m) {
+                for (r, _) in events {
+                    if r.event_type == "MemorySubjectErased" {
+                        erased.insert(r.aggregate_id);
+                    }
+                }
+            }
+        }
+        Ok(())
+    })
+    .await?;
+    Ok(erased)
+}
+
+/// Replaces every sealed value (`{key_id, nonce, ciphertext}`) in `v` by
+/// `{"erased": true}`.
+fn show_erased(v: &mut serde_json::Value) {
+    match v {
+        serde_json::Value::Object(o) => {
+            let sealed = o.len() == 3
+                && ["key_id", "nonce", "ciphertext"]
+                    .iter()
+                    .all(|k| o.get(*k).is_some_and(serde_json::Value::is_string));
+            if sealed {
+                *v = serde_json::json!({"erased": true});
+            } else {
+                o.values_mut().for_each(show_erased);
+            }
+        }
+        serde_json::Value::Array(a) => a.iter_mut().for_each(show_erased),
+        _ => {}
+    }
+}
+
+/// Writes the filtered events as JSON lines; returns how many. Events of
+/// an erased memory subject show their sealed fields as erased.
 pub async fn replay(
     log: &EventLog,
     filter: &Filter,
     out: &mut impl std::io::Write,
 ) -> anyhow::Result<u64> {
+    let erased = erased_memory_subjects(log).await?;
     let mut n = 0u64;
     let mut write_err: Option<anyhow::Error> = None;
     for_each_message::<LogError>(
@@ -276,11 +325,23 @@ pub async fn replay(
             match events_of(&m) {
                 Ok(events) => {
                     for (record, hash) in events.iter().filter(|(r, _)| filter.event_matches(r)) {
+                        let is_erased = record.aggregate_type == "memory"
+                            && erased.contains(&record.aggregate_id);
+                        let shown;
+                        let record = if is_erased {
+                            let mut r = record.clone();
+                            show_erased(&mut r.data);
+                            shown = r;
+                            &shown
+                        } else {
+                            record
+                        };
                         let line = ReplayedEvent {
                             stream_seq: m.seq,
                             subject: &m.subject,
                             stream_time: envelope::format_time(m.time),
                             hash: chain::to_hex(hash),
+                            erased: is_erased,
                             record,
                         };
                         let res = serde_json::to_writer(&mut *out, &line)

@@ -271,6 +271,31 @@ async fn personal_text_is_sealed_facts_keep_history_and_erasure_leaves_a_verifia
     .expect("export");
     verify::verify_export(&out, &options).expect("the export verifies after erasure");
 
+    // replay shows alice's sealed fields as erased, bob's as stored
+    let mut replayed = Vec::new();
+    flowledger::audit::read::replay(&app.log, &Filter::default(), &mut replayed)
+        .await
+        .expect("replay");
+    let lines: Vec<Value> = String::from_utf8(replayed)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let episodes: Vec<&Value> = lines
+        .iter()
+        .filter(|l| l["event_type"] == "EpisodeRecorded")
+        .collect();
+    assert_eq!(episodes.len(), 2);
+    for e in episodes {
+        let is_alice = e["aggregate_id"] == alice.as_str();
+        assert_eq!(e["erased"] == true, is_alice, "{e}");
+        assert_eq!(
+            e["data"]["turn"] == json!({"erased": true}),
+            is_alice,
+            "{e}"
+        );
+    }
+
     // no planted string in plaintext: the stream on disk, the export, the log
     app.client.flush().await.unwrap();
     let stored = files_under(&app.nats.store_dir());
