@@ -146,7 +146,14 @@ JSON
 BAO_ADDR=$(scripts/bao.sh start "$WORK" "$BAO_BIN")
 bao_api() { curl -fsS -H "X-Vault-Token: dev-root-token" "$@"; }
 bao_api -X POST -d '{"data": {"api_key": "sk_demo_4242", "account": "acct_demo"}}' "$BAO_ADDR/v1/secret/data/billing/stripe" >/dev/null
-bao_api -X PUT -d '{"policy": "path \"secret/data/billing/*\" { capabilities = [\"read\"] }"}' "$BAO_ADDR/v1/sys/policies/acl/flowledger" >/dev/null
+# ... and keeps the memory subjects' keys under flowledger/memory-keys (docs/MEMORY.md)
+python3 -c 'import json; print(json.dumps({"policy": """
+path "secret/data/billing/*" { capabilities = ["read"] }
+path "secret/data/flowledger/memory-keys/*" { capabilities = ["create", "read", "update"] }
+path "secret/metadata/flowledger/memory-keys/*" { capabilities = ["read"] }
+path "secret/destroy/flowledger/memory-keys/*" { capabilities = ["update"] }
+"""}))' >"$WORK/policy.json"
+bao_api -X PUT -d @"$WORK/policy.json" "$BAO_ADDR/v1/sys/policies/acl/flowledger" >/dev/null
 export FLOWLEDGER_VAULT_TOKEN
 FLOWLEDGER_VAULT_TOKEN=$(bao_api -X POST -d '{"policies": ["flowledger"]}' "$BAO_ADDR/v1/auth/token/create" | python3 -c 'import json,sys; print(json.load(sys.stdin)["auth"]["client_token"])')
 cp config/example.toml "$WORK/with-secrets.toml"
@@ -159,6 +166,9 @@ vault_addr = "$BAO_ADDR"
 name = "billing-reads-its-keys"
 clients = ["billing"]
 paths = ["secret/data/billing/*"]
+
+[memory]
+enabled = true
 TOML
 kill "$SERVE_PID"; wait "$SERVE_PID" 2>/dev/null || true
 "$FL" serve --checkpoint-every-secs 0 --http "$HTTP_ADDR" --registry "$WORK/registry.json" --config "$WORK/with-secrets.toml" >"$WORK/serve2.log" 2>&1 &
@@ -204,6 +214,35 @@ assert [r["decision"] for r in items] == ["granted", "granted", "denied"], items
 assert not any("sk_demo_4242" in json.dumps(r) for r in items)
 '
 
+say "memory (docs/MEMORY.md): billing writes back a turn about its customer cust-42; the text is sealed with cust-42's own key before it reaches the log"
+TURN='{"subject_id": "cust-42", "turn_id": "turn-1", "messages": [{"role": "user", "content": "My car is a red Volvo, and I moved to Lyon last spring."}], "response": "Noted: a red Volvo, and you live in Lyon now.", "facts": [{"subject": "user", "key": "city", "value": "Lyon", "confidence": 0.9}]}'
+curl -fsS "${BILLING[@]}" -d "$TURN" "$API/v1/memory/writeback"; echo
+ASK='{"subject_id": "cust-42", "query": "which car does the customer drive"}'
+for _ in $(seq 1 50); do
+  curl -fsS "${BILLING[@]}" -d "$ASK" "$API/v1/memory/assemble" 2>/dev/null | grep -q 'Volvo' && break; sleep 0.1
+done
+say "assemble before the next inference: the matching chunk (full-text rank), the facts, the recent turn"
+curl -fsS "${BILLING[@]}" -d "$ASK" "$API/v1/memory/assemble" | python3 -c '
+import json, sys
+a = json.load(sys.stdin)
+for c in a["chunks"]:
+    print("  chunk  %.3f  %s" % (c["score"], c["text"]))
+for f in a["facts"]:
+    print("  fact   %s.%s = %s (v%d, confidence %.1f)" % (f["subject"], f["key"], json.dumps(f["value"]), f["version"], f["confidence"]))
+print("  recent episodes: %d, retrieval: %s" % (len(a["recent_episodes"]), a["retrieval"]))
+assert any("Volvo" in c["text"] for c in a["chunks"]), a
+'
+say "the log holds only ciphertext of it (no \"Volvo\" in the stream's files); then cust-42 asks to be forgotten"
+if grep -rq "Volvo" "$WORK/store"; then echo "plaintext found in the stream"; exit 1; fi
+curl -fsS "${BILLING[@]}" -d '{"subject_id": "cust-42", "reason": "data_subject_request"}' "$API/v1/memory/erase"; echo
+for _ in $(seq 1 50); do
+  code=$(curl -s -o /dev/null -w '%{http_code}' "${BILLING[@]}" -d "$ASK" "$API/v1/memory/assemble"); [ "$code" = 404 ] && break; sleep 0.1
+done
+curl -sS "${BILLING[@]}" -d "$ASK" "$API/v1/memory/assemble"; echo
+say "the key is destroyed, the read model dropped the rows, and the hash chain still verifies (it covers the ciphertext)"
+"$FL" audit checkpoint >/dev/null
+"$FL" audit verify | grep -E '"(ok|to_seq|signed_up_to)"'
+
 cat <<'TXT'
 
 What you just saw: commands became immutable, hash-chained events in a
@@ -220,6 +259,9 @@ its bearer token (a repeat answered the same, a changed body got 409), and
 the job handler ran its two solver steps in parallel and recorded every
 attempt. Billing then read its API key from OpenBao through flowledger:
 each read (from Vault, from the cache, and a denied one) became an access
-event, listed for auditors without the value. Everything ran on a throw-away server that is now
+event, listed for auditors without the value. Last, billing wrote back a
+conversation turn (sealed with the customer's own key), assembled it for
+the next inference, and erased the customer: the key was destroyed, the
+rows dropped, and the log still verified. Everything ran on a throw-away server that is now
 stopped and deleted. See README.md and docs/ for more.
 TXT
