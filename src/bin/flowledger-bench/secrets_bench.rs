@@ -354,6 +354,8 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
     tokio::spawn(flowledger::api::nats::serve(
         bus.clone(),
         Some(intake_service),
+        None,
+        None,
         service_nats.clone(),
         sub,
         Arc::new(accounts),
