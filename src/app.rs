@@ -266,6 +266,18 @@ impl Application {
         if let Some(d) = database {
             let p = db::connect(&d.url, d.max_connections).await?;
             db::migrate(&p).await?;
+            if let (true, Some(m)) = (d.projections, &memory) {
+                if let Some(schedule) = m.cleanup_schedule() {
+                    tasks.push(tokio::spawn(crate::memory::cleanup::run_scheduled(
+                        bus.clone(),
+                        m.clone(),
+                        p.clone(),
+                        log.clone(),
+                        schedule.clone(),
+                        stop_rx.clone(),
+                    )));
+                }
+            }
             if d.projections {
                 for model in projections::ReadModel::ALL {
                     let run =

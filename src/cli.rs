@@ -291,6 +291,24 @@ pub(crate) enum Command {
     /// Auditor tools: replay, digest, checkpoint, export, verify.
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// Conversation memory (docs/MEMORY.md).
+    #[command(subcommand)]
+    Memory(MemoryCommand),
+}
+
+/// `flowledger memory ...`.
+#[derive(Subcommand, Debug)]
+pub(crate) enum MemoryCommand {
+    /// Record the expiry of every working-state value past its expiry now
+    /// (what `serve` does at `[memory] cleanup_cron`); prints the counts as
+    /// JSON. Needs `[memory]` with `[secrets]` in the configuration file.
+    Cleanup {
+        #[command(flatten)]
+        db: DbArgs,
+        /// The configuration file (TOML) with `[memory]` and `[secrets]`.
+        #[arg(long, env = "FLOWLEDGER_CONFIG")]
+        config: PathBuf,
+    },
 }
 
 /// Where the read-model database is.
@@ -853,6 +871,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Projections(p) => projections(g, p).await,
+        Command::Memory(MemoryCommand::Cleanup { db, config }) => {
+            memory_cleanup(g, db, &config).await
+        }
         Command::Init {
             db,
             replicas,
@@ -970,7 +991,7 @@ fn memory_service(
         &m.key_path,
         Duration::from_secs(m.key_cache_seconds),
     );
-    Some(Arc::new(MemoryService::new(
+    let service = MemoryService::new(
         Arc::new(keys),
         Chunking {
             max_chars: m.chunk_chars,
@@ -980,7 +1001,13 @@ fn memory_service(
             recent_episodes: m.recent_episodes,
             budget_ms: m.assemble_budget_ms,
         },
-    )))
+    );
+    // checked with the configuration: a set expression parses
+    let service = match crate::memory::cleanup::parse_schedule(&m.cleanup_cron) {
+        Ok(schedule) if !m.cleanup_cron.is_empty() => service.with_cleanup(schedule),
+        _ => service,
+    };
+    Some(Arc::new(service))
 }
 
 /// Secret access from `[secrets]`: logs in to Vault now, so a bad token or
@@ -1102,6 +1129,55 @@ impl OwnKeyValues {
         }
         Ok(())
     }
+}
+
+/// `flowledger memory cleanup`: one cleanup run, progress on stderr.
+async fn memory_cleanup(
+    g: &Global,
+    db: DbArgs,
+    path: &std::path::Path,
+) -> anyhow::Result<ExitCode> {
+    let config = Config::load(path).context(UsageError)?;
+    if !config.memory.enabled {
+        return Err(anyhow::anyhow!(
+            "memory is not enabled in {}: set [memory] enabled = true (docs/MEMORY.md)",
+            path.display()
+        )
+        .context(UsageError));
+    }
+    let secrets = secrets_service(&config).await?;
+    let memory = memory_service(&config, secrets.as_ref()).ok_or_else(|| {
+        anyhow::anyhow!("[memory] needs [secrets] vault_addr: the subjects' keys are in Vault")
+            .context(UsageError)
+    })?;
+    let pool = crate::projections::db::connect(db.require()?, 2)
+        .await
+        .context(Unreachable)?;
+    let (_c, log) = open_log(g).await?;
+    // this bus records memory commands only: no workflow is needed
+    let bus = CommandBus::new(
+        log,
+        JobServices {
+            registry: Arc::new(Registry::with_keys(std::iter::empty())),
+            max_timeout_seconds: 1,
+            callback_sealer: None,
+        },
+    );
+    let report =
+        crate::memory::cleanup::run_once(&bus, &memory, &pool, chrono::Utc::now(), &mut |r| {
+            eprintln!(
+                "flowledger: memory cleanup: {} expired, {} skipped, {} failed ({} ms)",
+                r.expired, r.skipped, r.failed, r.took_ms
+            )
+        })
+        .await
+        .context(Unreachable)?;
+    println!("{}", serde_json::to_string(&report)?);
+    Ok(if report.failed > 0 {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
 }
 
 async fn serve(g: &Global, args: ServeArgs) -> anyhow::Result<ExitCode> {

@@ -63,6 +63,9 @@ pub struct MemorySection {
     pub top_k: u32,
     /// `assemble`'s time budget by default, milliseconds.
     pub assemble_budget_ms: u64,
+    /// When `serve` runs the cleanup (expired working state), a cron
+    /// expression in UTC; one instance runs it at a time. Empty: never.
+    pub cleanup_cron: String,
 }
 
 impl Default for MemorySection {
@@ -75,6 +78,7 @@ impl Default for MemorySection {
             recent_episodes: 5,
             top_k: 5,
             assemble_budget_ms: 2_000,
+            cleanup_cron: "0 2 * * *".into(),
         }
     }
 }
@@ -101,6 +105,10 @@ impl MemorySection {
         }
         if !(10..=60_000).contains(&self.assemble_budget_ms) {
             return Err("memory.assemble_budget_ms must be 10 to 60000".into());
+        }
+        if !self.cleanup_cron.is_empty() {
+            crate::memory::cleanup::parse_schedule(&self.cleanup_cron)
+                .map_err(|e| format!("memory.cleanup_cron: {e}"))?;
         }
         Ok(())
     }

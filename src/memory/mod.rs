@@ -4,5 +4,6 @@
 //! Depends on commands, events, bus, secrets and crypto; the API doors
 //! depend on it.
 
+pub mod cleanup;
 pub mod keys;
 pub mod service;

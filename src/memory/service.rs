@@ -159,6 +159,7 @@ pub struct MemoryService {
     keys: Arc<SubjectKeys>,
     chunking: Chunking,
     defaults: AssembleDefaults,
+    cleanup: Option<croner::Cron>,
 }
 
 fn invalid(field: &str, message: impl Into<String>) -> CommandError {
@@ -278,7 +279,19 @@ impl MemoryService {
             keys,
             chunking,
             defaults,
+            cleanup: None,
         }
+    }
+
+    /// `serve` runs the cleanup at the times `schedule` names.
+    pub fn with_cleanup(mut self, schedule: croner::Cron) -> Self {
+        self.cleanup = Some(schedule);
+        self
+    }
+
+    /// When `serve` runs the cleanup (`[memory] cleanup_cron`), if ever.
+    pub fn cleanup_schedule(&self) -> Option<&croner::Cron> {
+        self.cleanup.as_ref()
     }
 
     /// `assemble`'s defaults (`[memory]`).
