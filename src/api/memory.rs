@@ -121,6 +121,15 @@ pub async fn command(
     let what = format!("memory.{command}");
     caller.require_may_command(&what)?;
     owner_role(caller, &what)?;
+    if command == "assemble" || !COMMANDS.contains(&command) {
+        return Err(CommandError::validation(
+            None,
+            format!(
+                "no memory command {command:?}; the memory commands are {}",
+                COMMANDS.join(", ")
+            ),
+        ));
+    }
     let fields = parse_object(body, false)?;
     let memory = memory.ok_or_else(not_configured)?;
     let owner = caller.client_id.as_str();

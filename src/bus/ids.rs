@@ -83,6 +83,17 @@ pub fn auto_approve(job_id: &str) -> String {
     format!("auto-approve:{job_id}")
 }
 
+/// A writeback of turn `turn_id` to the memory subject `subject` (its
+/// aggregate id): the same turn id and body answer the first receipt.
+pub fn memory_writeback(subject: &str, turn_id: &str) -> String {
+    format!("memory-writeback:{subject}:{turn_id}")
+}
+
+/// The erasure of the memory subject `subject` (its aggregate id): once.
+pub fn memory_erase(subject: &str) -> String {
+    format!("memory-erase:{subject}")
+}
+
 /// A command id a caller chooses: 1-128 characters, no `:` (reserved for
 /// the ids above) and no control character.
 pub fn caller_chosen_is_valid(id: &str) -> bool {
@@ -110,6 +121,7 @@ mod tests {
                 ("approval_expire", approval_expire),
                 ("auto_approval_count", auto_approval_count),
                 ("auto_approve", auto_approve),
+                ("memory_erase", memory_erase),
             ] {
                 out.push((f(j), format!("{kind}({j})")));
             }
@@ -124,6 +136,9 @@ mod tests {
                         out.push((f(j, s, a), format!("{kind}({j},{s},{a})")));
                     }
                 }
+            }
+            for t in steps {
+                out.push((memory_writeback(j, t), format!("memory_writeback({j},{t})")));
             }
             for seq in [1u64, 12, u64::MAX] {
                 out.push((projection_skip(j, seq), format!("skip({j},{seq})")));

@@ -5,8 +5,9 @@
 //! every version that held it: from then on nobody can open the subject's
 //! events, while the hash chain over their ciphertext still verifies.
 //!
-//! Keys are cached in memory for a short time (`[memory] key_cache_seconds`)
-//! and dropped from the cache when the subject's erasure is seen.
+//! Keys are cached in memory for a short time (`[memory] key_cache_seconds`);
+//! the instance that erases a subject drops its key at once, the others
+//! when their cache time runs out (docs/MEMORY.md, "Limits").
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -21,27 +22,33 @@ use crate::crypto::{OpenError, SealKeys, Sealed};
 use crate::secrets::service::SecretService;
 use crate::secrets::vault::VaultError;
 
-/// The id every subject's (only) key has in its events.
-pub const KEY_ID: &str = "m1";
-
 /// One subject's key. `Debug` shows its id only.
 pub struct SubjectKey {
+    id: String,
     raw: Zeroizing<[u8; 32]>,
     ring: SealKeys,
 }
 
 impl std::fmt::Debug for SubjectKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "SubjectKey({KEY_ID})")
+        write!(f, "SubjectKey({})", self.id)
     }
 }
 
 impl SubjectKey {
-    fn new(raw: [u8; 32]) -> Self {
+    fn new(id: String, raw: [u8; 32]) -> Self {
         SubjectKey {
-            ring: SealKeys::single(KEY_ID, raw),
+            ring: SealKeys::single(&id, raw),
+            id,
             raw: Zeroizing::new(raw),
         }
+    }
+
+    /// The key's id (`m-` and 16 random hex digits, made with the key): the
+    /// subject's events name it, so content sealed with any other key (one
+    /// made anew after the first was lost) is refused, never mixed in.
+    pub fn id(&self) -> &str {
+        &self.id
     }
 
     /// Seals `plaintext` (deterministically: equal values seal equally).
@@ -186,7 +193,15 @@ impl SubjectKeys {
             .and_then(|h| hex::decode(h).ok())
             .and_then(|b| <[u8; 32]>::try_from(b).ok())
             .ok_or_else(|| KeyError::Damaged(path.clone()))?;
-        Ok(Some(Stored::Key(Arc::new(SubjectKey::new(raw)))))
+        let id = v
+            .get("key_id")
+            .and_then(Value::as_str)
+            .filter(|id| id.starts_with("m-"))
+            .ok_or_else(|| KeyError::Damaged(path.clone()))?;
+        Ok(Some(Stored::Key(Arc::new(SubjectKey::new(
+            id.to_string(),
+            raw,
+        )))))
     }
 
     /// The subject's key, to open its events.
@@ -204,7 +219,10 @@ impl SubjectKeys {
         }
     }
 
-    /// The subject's key, made (and stored in Vault) if it has none yet.
+    /// The subject's key, made (and stored in Vault) if it has none yet. A
+    /// key lost from Vault for a subject that exists is made anew here too,
+    /// with a new id: the aggregate then refuses the command (the subject's
+    /// events name the old id), so the loss shows instead of mixing keys.
     /// Two instances making one at once agree: Vault's check-and-set lets
     /// one write, the other reads it.
     pub async fn get_or_create(&self, subject: &str) -> Result<Arc<SubjectKey>, KeyError> {
@@ -213,7 +231,11 @@ impl SubjectKeys {
             other => return other,
         }
         let raw = Zeroizing::new(random_key());
-        let data = json!({"key": hex::encode(*raw), "key_id": KEY_ID});
+        let mut id_bytes = [0u8; 8];
+        getrandom::fill(&mut id_bytes)
+            .expect("the operating system's random generator is available");
+        let id = format!("m-{}", hex::encode(id_bytes));
+        let data = json!({"key": hex::encode(*raw), "key_id": id});
         match self
             .secrets
             .vault()
@@ -221,7 +243,7 @@ impl SubjectKeys {
             .await
         {
             Ok(_) => {
-                let k = Arc::new(SubjectKey::new(*raw));
+                let k = Arc::new(SubjectKey::new(id, *raw));
                 self.remember(subject, k.clone());
                 Ok(k)
             }

@@ -30,7 +30,10 @@ use crate::commands::memory::{
 use crate::commands::ErrorCode;
 use crate::events::envelope::{Actor, CommandMeta};
 use crate::events::store::{ExecuteError, Receipt};
-use crate::memory::keys::{KeyError, SubjectKey, SubjectKeys, KEY_ID};
+use crate::memory::keys::{KeyError, SubjectKey, SubjectKeys};
+
+/// The actor of the cleanup's expiries (a reserved client id).
+pub const CLEANUP_ACTOR: &str = "flowledger";
 
 /// One message of a turn.
 #[derive(Debug, Clone, Deserialize)]
@@ -311,19 +314,20 @@ impl MemoryService {
             SubjectRef {
                 owner: owner.to_string(),
                 subject_id: subject_id.to_string(),
-                key_id: KEY_ID.to_string(),
+                // the id of the key that seals the content, set once it is had
+                key_id: String::new(),
             },
         ))
     }
 
     /// The meta of a memory command: the keyed hash of `body` tells a retry
     /// (same id, same body) from a reused id.
-    fn meta(key: &SubjectKey, owner: &str, command_id: String, body: &Value) -> CommandMeta {
+    fn meta(key: &SubjectKey, actor: &str, command_id: String, body: &Value) -> CommandMeta {
         let hash = key.keyed_id("command", &[&body.to_string()]);
         CommandMeta::originating(
             command_id,
             Actor {
-                client_id: owner.to_string(),
+                client_id: actor.to_string(),
                 user_id: None,
             },
             hash,
@@ -389,8 +393,15 @@ impl MemoryService {
             ));
         }
         if let Some(t) = &b.turn_id {
-            if !crate::bus::ids::caller_chosen_is_valid(t) {
-                return Err(invalid("turn_id", "must be 1-128 of A-Z a-z 0-9 _ -"));
+            let ok = (1..=128).contains(&t.len())
+                && t.bytes()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'-'));
+            if !ok {
+                return Err(invalid(
+                    "turn_id",
+                    "must be 1-128 of A-Z a-z 0-9 _ - (stored in plaintext: an id, never text \
+                     of the conversation)",
+                ));
             }
         }
         let mut parts = Vec::with_capacity(b.facts.len());
@@ -418,6 +429,10 @@ impl MemoryService {
             parts.push((s, k, f.value.clone(), confidence));
         }
         let key = self.keys.get_or_create(&id).await.map_err(key_error)?;
+        let subject = SubjectRef {
+            key_id: key.id().to_string(),
+            ..subject
+        };
         let turn_id = b
             .turn_id
             .clone()
@@ -429,7 +444,7 @@ impl MemoryService {
             "timestamp": b.timestamp,
             "facts": parts.iter().map(|(s, k, v, c)| json!([s, k, v, c])).collect::<Vec<_>>(),
         });
-        let command_id = format!("memory-writeback:{id}:{turn_id}");
+        let command_id = crate::bus::ids::memory_writeback(&id, &turn_id);
         let meta = Self::meta(&key, owner, command_id, &hashed);
         let episode = has_turn.then(|| {
             let mut chunks = Vec::new();
@@ -496,6 +511,10 @@ impl MemoryService {
         let fields = Value::Object(b.fields);
         check_chars("fields", &fields.to_string(), MAX_MEMORY_TEXT_CHARS)?;
         let key = self.keys.get_or_create(&id).await.map_err(key_error)?;
+        let subject = SubjectRef {
+            key_id: key.id().to_string(),
+            ..subject
+        };
         let meta = Self::meta(&key, owner, Uuid::now_v7().to_string(), &fields);
         let command = MemoryCommand::UpsertProfile {
             subject,
@@ -527,6 +546,10 @@ impl MemoryService {
         }
         check_chars("value", &b.value.to_string(), MAX_MEMORY_TEXT_CHARS)?;
         let key = self.keys.get_or_create(&id).await.map_err(key_error)?;
+        let subject = SubjectRef {
+            key_id: key.id().to_string(),
+            ..subject
+        };
         let meta = Self::meta(
             &key,
             owner,
@@ -549,6 +572,7 @@ impl MemoryService {
     }
 
     /// Removes a working-state value (`expired`: the cleanup's).
+    /// `expired`: the cleanup's, recorded under flowledger's own actor.
     pub async fn working_delete(
         &self,
         bus: &CommandBus,
@@ -562,9 +586,14 @@ impl MemoryService {
             KeyError::Missing(_) => not_found(&b.subject_id),
             other => key_error(other),
         })?;
+        let subject = SubjectRef {
+            key_id: key.id().to_string(),
+            ..subject
+        };
+        let actor = if expired { CLEANUP_ACTOR } else { owner };
         let meta = Self::meta(
             &key,
-            owner,
+            actor,
             Uuid::now_v7().to_string(),
             &json!([b.key, expired]),
         );
@@ -597,6 +626,10 @@ impl MemoryService {
             KeyError::Missing(_) => not_found(&b.subject_id),
             other => key_error(other),
         })?;
+        let subject = SubjectRef {
+            key_id: key.id().to_string(),
+            ..subject
+        };
         let meta = Self::meta(&key, owner, Uuid::now_v7().to_string(), &json!([s, k]));
         let command = MemoryCommand::ForgetFact {
             subject,
@@ -643,13 +676,17 @@ impl MemoryService {
         // the key is gone: the command hash cannot be keyed; the erasure's
         // body holds nothing personal
         let meta = CommandMeta::originating(
-            format!("memory-erase:{id}"),
+            crate::bus::ids::memory_erase(&id),
             Actor {
                 client_id: actor.to_string(),
                 user_id: None,
             },
             crate::events::chain::to_hex(&crate::events::chain::sha256(reason.as_bytes())),
         );
+        let subject = SubjectRef {
+            key_id: state.state.key_id.clone(),
+            ..subject
+        };
         let command = MemoryCommand::Erase { subject, reason };
         let receipt = self.run(bus, &id, command, &meta).await?;
         Ok(Written {
