@@ -268,8 +268,20 @@ impl Application {
             db::migrate(&p).await?;
             if d.projections {
                 for model in projections::ReadModel::ALL {
-                    let run =
-                        projections::runner::run(p.clone(), log.clone(), model, stop_rx.clone());
+                    // the memory read model opens sealed events with the
+                    // subjects' keys: it runs only where [memory] is on
+                    let keys = match (&memory, model.needs_subject_keys()) {
+                        (_, false) => None,
+                        (Some(m), true) => Some(m.keys().clone()),
+                        (None, true) => continue,
+                    };
+                    let run = projections::runner::run_with_keys(
+                        p.clone(),
+                        log.clone(),
+                        model,
+                        keys,
+                        stop_rx.clone(),
+                    );
                     tasks.push(tokio::spawn(run));
                 }
             }

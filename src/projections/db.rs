@@ -270,6 +270,91 @@ pub fn ddl(model: ReadModel, v: i32) -> Vec<String> {
                  ON secret_accesses_v{v} (occurred_at)"
             ),
         ],
+        ReadModel::Memory => vec![
+            format!(
+                "CREATE TABLE IF NOT EXISTS memory_subjects_v{v} (
+                    aggregate_id  TEXT PRIMARY KEY,          -- 32 hex of \
+                                                                sha256(owner NUL subject_id)
+                    owner         TEXT NOT NULL,             -- the client whose subject it is
+                    subject_id    TEXT NOT NULL,             -- the client's pseudonymous id
+                    opened_at     TIMESTAMPTZ NOT NULL,
+                    erased_at     TIMESTAMPTZ,
+                    erase_reason  TEXT,
+                    last_seq      BIGINT NOT NULL,
+                    UNIQUE (owner, subject_id)
+                )"
+            ),
+            format!(
+                "CREATE TABLE IF NOT EXISTS memory_profiles_v{v} (
+                    aggregate_id  TEXT PRIMARY KEY,
+                    fields        JSONB NOT NULL,            -- merged ProfileUpdated fields
+                    updated_at    TIMESTAMPTZ NOT NULL
+                )"
+            ),
+            format!(
+                "CREATE TABLE IF NOT EXISTS memory_episodes_v{v} (
+                    aggregate_id  TEXT NOT NULL,
+                    episode_id    TEXT NOT NULL,
+                    turn_at       TIMESTAMPTZ NOT NULL,      -- the caller's time of the turn
+                    recorded_at   TIMESTAMPTZ NOT NULL,      -- the event's occurred_at
+                    turn          JSONB NOT NULL,            -- the opened turn: messages \
+                                                                (role, content), response
+                    seq           BIGINT NOT NULL,
+                    PRIMARY KEY (aggregate_id, episode_id)
+                )"
+            ),
+            format!(
+                "CREATE TABLE IF NOT EXISTS memory_chunks_v{v} (
+                    aggregate_id  TEXT NOT NULL,
+                    episode_id    TEXT NOT NULL,
+                    idx           INT NOT NULL,              -- the chunk's place in the episode
+                    text          TEXT NOT NULL,
+                    turn_at       TIMESTAMPTZ NOT NULL,
+                    tsv           TSVECTOR GENERATED ALWAYS AS \
+                                  (to_tsvector('english', text)) STORED,
+                    PRIMARY KEY (aggregate_id, episode_id, idx)
+                )"
+            ),
+            format!(
+                "CREATE TABLE IF NOT EXISTS memory_facts_v{v} (
+                    aggregate_id  TEXT NOT NULL,
+                    fact_id       TEXT NOT NULL,
+                    version       INT NOT NULL,
+                    subject       TEXT NOT NULL,
+                    key           TEXT NOT NULL,
+                    value         JSONB NOT NULL,
+                    confidence    FLOAT8 NOT NULL,
+                    source        TEXT NOT NULL,             -- command|extractor
+                    episode_id    TEXT,
+                    valid_from    TIMESTAMPTZ NOT NULL,
+                    invalid_at    TIMESTAMPTZ,               -- superseded or forgotten
+                    seq           BIGINT NOT NULL,
+                    PRIMARY KEY (aggregate_id, fact_id, version)
+                )"
+            ),
+            format!(
+                "CREATE TABLE IF NOT EXISTS memory_working_state_v{v} (
+                    aggregate_id  TEXT NOT NULL,
+                    key           TEXT NOT NULL,
+                    value         JSONB NOT NULL,
+                    expires_at    TIMESTAMPTZ NOT NULL,
+                    updated_at    TIMESTAMPTZ NOT NULL,
+                    PRIMARY KEY (aggregate_id, key)
+                )"
+            ),
+            format!(
+                "CREATE INDEX IF NOT EXISTS memory_episodes_v{v}_recent \
+                 ON memory_episodes_v{v} (aggregate_id, turn_at DESC)"
+            ),
+            format!(
+                "CREATE INDEX IF NOT EXISTS memory_chunks_v{v}_tsv \
+                 ON memory_chunks_v{v} USING GIN (tsv)"
+            ),
+            format!(
+                "CREATE INDEX IF NOT EXISTS memory_chunks_v{v}_subject \
+                 ON memory_chunks_v{v} (aggregate_id)"
+            ),
+        ],
     }
 }
 
@@ -315,7 +400,7 @@ pub fn drop_tables(model: ReadModel, v: i32) -> Vec<String> {
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct CheckpointRow {
     /// The read model's name (`executions`, `audit`, `approvals`,
-    /// `secret_accesses`).
+    /// `secret_accesses`, `memory`).
     pub name: String,
     /// The schema version (its tables are `<table>_v<version>`).
     pub version: i32,
