@@ -13,6 +13,7 @@ mod handlers;
 mod hardening;
 mod helpers;
 mod http_api;
+mod memory_projection;
 mod nats_identity;
 mod openbao;
 mod peers;
