@@ -709,6 +709,7 @@ async fn event_log(args: Args) -> anyhow::Result<()> {
     tokio::spawn(flowledger::api::nats::serve(
         bus,
         None,
+        None,
         client.clone(),
         sub,
         Arc::new(accounts),

@@ -354,6 +354,7 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
     tokio::spawn(flowledger::api::nats::serve(
         bus.clone(),
         Some(intake_service),
+        None,
         service_nats.clone(),
         sub,
         Arc::new(accounts),
