@@ -320,7 +320,7 @@ pub(crate) enum ProjectionsCommand {
     },
     /// Continue a projection stopped on an event it could not apply.
     Resume {
-        /// executions, audit, approvals or secret_accesses
+        /// executions, audit, approvals, secret_accesses or memory
         name: String,
         /// Skip the event at this stream sequence (recorded as an event).
         #[arg(long, requires_all = ["reason", "by"])]

@@ -60,6 +60,16 @@ async fn rows_of(read: &ReadSide, aggregate_id: &str) -> Vec<(String, i64)> {
     out
 }
 
+/// version, value, valid_from, invalid_at, subject, confidence
+type FactVersion = (
+    i32,
+    Value,
+    DateTime<Utc>,
+    Option<DateTime<Utc>>,
+    String,
+    f64,
+);
+
 fn aggregate(owner: &str, subject_id: &str) -> String {
     flowledger::commands::memory::aggregate_id(owner, subject_id)
 }
@@ -248,14 +258,7 @@ async fn memory_read_model_rows_erasure_and_a_cli_rebuild_that_equals_live() {
     assert_eq!(hits, [(alice.clone(), 0), (alice.clone(), 2)]);
 
     // the car's colour: three versions, each valid until the next
-    let versions: Vec<(
-        i32,
-        Value,
-        DateTime<Utc>,
-        Option<DateTime<Utc>>,
-        String,
-        f64,
-    )> = sqlx::query_as(
+    let versions: Vec<FactVersion> = sqlx::query_as(
         "SELECT version, value, valid_from, invalid_at, subject, confidence FROM memory_facts \
              WHERE aggregate_id = $1 AND key = 'car_colour' ORDER BY version",
     )
