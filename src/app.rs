@@ -266,20 +266,24 @@ impl Application {
         if let Some(d) = database {
             let p = db::connect(&d.url, d.max_connections).await?;
             db::migrate(&p).await?;
+            if memory.is_some() {
+                // its views exist before the HTTP API reads them
+                db::migrate_model(&p, projections::ReadModel::Memory).await?;
+            }
             if d.projections {
                 for model in projections::ReadModel::ALL {
-                    // the memory read model opens sealed events with the
-                    // subjects' keys: it runs only where [memory] is on
-                    let keys = match (&memory, model.needs_subject_keys()) {
-                        (_, false) => None,
-                        (Some(m), true) => Some(m.keys().clone()),
-                        (None, true) => continue,
-                    };
+                    let run =
+                        projections::runner::run(p.clone(), log.clone(), model, stop_rx.clone());
+                    tasks.push(tokio::spawn(run));
+                }
+                // the memory read model opens sealed events with the
+                // subjects' keys: it runs only where [memory] is on
+                if let Some(m) = &memory {
                     let run = projections::runner::run_with_keys(
                         p.clone(),
                         log.clone(),
-                        model,
-                        keys,
+                        projections::ReadModel::Memory,
+                        Some(m.keys().clone()),
                         stop_rx.clone(),
                     );
                     tasks.push(tokio::spawn(run));

@@ -53,43 +53,50 @@ pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool, DbError>
         })
 }
 
-/// Applies the migrations and makes sure every read model has an active
-/// version with its tables and views. Idempotent.
+/// Applies the migrations and makes sure every read model of
+/// [`ReadModel::ALL`] has an active version with its tables and views
+/// (the memory read model is set up where it runs: [`migrate_model`]).
+/// Idempotent.
 pub async fn migrate(pool: &PgPool) -> Result<(), DbError> {
     MIGRATOR.run(pool).await?;
     for model in ReadModel::ALL {
-        let active = active_version(pool, model).await?;
-        if active.is_none() {
-            let mut tx = pool.begin().await?;
-            // Two processes may initialise at once: serialise on the model.
-            sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))")
-                .bind(format!("flowledger-init-{}", model.name()))
-                .execute(&mut *tx)
-                .await?;
-            let again: Option<i32> = sqlx::query_scalar(
-                "SELECT version FROM projection_checkpoints WHERE name = $1 AND active",
-            )
+        migrate_model(pool, model).await?;
+    }
+    Ok(())
+}
+
+/// Makes sure `model` has an active version with its tables and views
+/// (version 1 if it has none). Idempotent; needs [`MIGRATOR`]'s tables.
+pub async fn migrate_model(pool: &PgPool, model: ReadModel) -> Result<(), DbError> {
+    if active_version(pool, model).await?.is_some() {
+        return Ok(());
+    }
+    let mut tx = pool.begin().await?;
+    // Two processes may initialise at once: serialise on the model.
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))")
+        .bind(format!("flowledger-init-{}", model.name()))
+        .execute(&mut *tx)
+        .await?;
+    let again: Option<i32> =
+        sqlx::query_scalar("SELECT version FROM projection_checkpoints WHERE name = $1 AND active")
             .bind(model.name())
             .fetch_optional(&mut *tx)
             .await?;
-            if again.is_none() {
-                for stmt in ddl(model, 1) {
-                    sqlx::query(&stmt).execute(&mut *tx).await?;
-                }
-                sqlx::query(
-                    "INSERT INTO projection_checkpoints (name, version, active) \
-                     VALUES ($1, 1, TRUE)",
-                )
-                .bind(model.name())
-                .execute(&mut *tx)
-                .await?;
-                for stmt in switch_views(model, 1) {
-                    sqlx::query(&stmt).execute(&mut *tx).await?;
-                }
-            }
-            tx.commit().await?;
+    if again.is_none() {
+        for stmt in ddl(model, 1) {
+            sqlx::query(&stmt).execute(&mut *tx).await?;
+        }
+        sqlx::query(
+            "INSERT INTO projection_checkpoints (name, version, active) VALUES ($1, 1, TRUE)",
+        )
+        .bind(model.name())
+        .execute(&mut *tx)
+        .await?;
+        for stmt in switch_views(model, 1) {
+            sqlx::query(&stmt).execute(&mut *tx).await?;
         }
     }
+    tx.commit().await?;
     Ok(())
 }
 

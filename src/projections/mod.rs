@@ -44,8 +44,19 @@ pub enum ReadModel {
 }
 
 impl ReadModel {
-    /// Every read model; `migrate` and `serve` go through them all.
-    pub const ALL: [ReadModel; 5] = [
+    /// The read models that need nothing but PostgreSQL and the log:
+    /// `migrate` sets them all up and `serve` runs them all. The memory read
+    /// model is apart ([`ReadModel::needs_subject_keys`]): it is set up and
+    /// run only where `[memory]` is configured.
+    pub const ALL: [ReadModel; 4] = [
+        ReadModel::Executions,
+        ReadModel::Audit,
+        ReadModel::Approvals,
+        ReadModel::SecretAccesses,
+    ];
+
+    /// Every read model, for names on the command line.
+    pub const KNOWN: [ReadModel; 5] = [
         ReadModel::Executions,
         ReadModel::Audit,
         ReadModel::Approvals,
@@ -74,12 +85,12 @@ impl ReadModel {
 
     /// The read model called `name` (as [`ReadModel::name`] spells it).
     pub fn from_name(name: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|m| m.name() == name)
+        Self::KNOWN.into_iter().find(|m| m.name() == name)
     }
 
     /// The names, comma-separated, for error messages.
     pub fn known_names() -> String {
-        Self::ALL.map(|m| m.name()).join(", ")
+        Self::KNOWN.map(|m| m.name()).join(", ")
     }
 
     /// Whether the read model stores the hash of an event of

@@ -294,6 +294,10 @@ pub async fn rebuild_with_keys(
     model.check_keys(&keys)?;
     let started = Instant::now();
     let name = model.name().to_string();
+    if model.needs_subject_keys() {
+        // set up where `[memory]` runs, not by `migrate`: maybe never yet
+        db::migrate_model(pool, model).await?;
+    }
     let old = db::active_version(pool, model)
         .await?
         .ok_or_else(|| DbError::NotInitialised { name: name.clone() })?;
