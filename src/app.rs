@@ -278,10 +278,26 @@ impl Application {
                     )));
                 }
             }
+            if memory.is_some() {
+                // its views exist before the HTTP API reads them
+                db::migrate_model(&p, projections::ReadModel::Memory).await?;
+            }
             if d.projections {
                 for model in projections::ReadModel::ALL {
                     let run =
                         projections::runner::run(p.clone(), log.clone(), model, stop_rx.clone());
+                    tasks.push(tokio::spawn(run));
+                }
+                // the memory read model opens sealed events with the
+                // subjects' keys: it runs only where [memory] is on
+                if let Some(m) = &memory {
+                    let run = projections::runner::run_with_keys(
+                        p.clone(),
+                        log.clone(),
+                        projections::ReadModel::Memory,
+                        Some(m.keys().clone()),
+                        stop_rx.clone(),
+                    );
                     tasks.push(tokio::spawn(run));
                 }
             }

@@ -338,7 +338,7 @@ pub(crate) enum ProjectionsCommand {
     },
     /// Continue a projection stopped on an event it could not apply.
     Resume {
-        /// executions, audit, approvals or secret_accesses
+        /// executions, audit, approvals, secret_accesses or memory
         name: String,
         /// Skip the event at this stream sequence (recorded as an event).
         #[arg(long, requires_all = ["reason", "by"])]
@@ -355,9 +355,15 @@ pub(crate) enum ProjectionsCommand {
     /// Build a new version of a read model beside the old one from stream
     /// sequence 1, catch up, and switch readers atomically.
     Rebuild {
+        /// executions, audit, approvals, secret_accesses or memory
         name: String,
         #[command(flatten)]
         db: DbArgs,
+        /// Service configuration (TOML): `memory` opens its events with the
+        /// data subjects' keys, so its rebuild needs `[memory]` enabled and
+        /// `[secrets]` (Vault); the other read models do not read it.
+        #[arg(long, env = "FLOWLEDGER_CONFIG")]
+        config: Option<PathBuf>,
     },
 }
 
@@ -1010,6 +1016,38 @@ fn memory_service(
     Some(Arc::new(service))
 }
 
+/// The data subjects' keys for rebuilding `model` (the memory read model),
+/// from the configuration at `config`: `[memory]` enabled and `[secrets]`
+/// (logged in to Vault now). Refused, naming what is missing, otherwise.
+async fn rebuild_keys(
+    model: crate::projections::ReadModel,
+    config: Option<&std::path::Path>,
+) -> anyhow::Result<Arc<crate::memory::keys::SubjectKeys>> {
+    let refuse = |why: &str| {
+        anyhow::Error::new(crate::projections::ContextError::NoSubjectKeys { name: model.name() })
+            .context(format!("cannot rebuild {}: {why}", model.name()))
+            .context(UsageError)
+    };
+    let Some(path) = config else {
+        return Err(refuse("no configuration given"));
+    };
+    let config = Config::load(path).context(UsageError)?;
+    if !config.memory.enabled {
+        return Err(refuse(&format!(
+            "{} does not enable [memory]",
+            path.display()
+        )));
+    }
+    let secrets = secrets_service(&config).await?;
+    match memory_service(&config, secrets.as_ref()) {
+        Some(m) => Ok(m.keys().clone()),
+        None => Err(refuse(&format!(
+            "{} configures no [secrets] vault_addr",
+            path.display()
+        ))),
+    }
+}
+
 /// Secret access from `[secrets]`: logs in to Vault now, so a bad token or
 /// AppRole credential stops `serve` at start with a message naming it
 /// (exit 2), and an unreachable Vault exits 3.
@@ -1371,11 +1409,17 @@ async fn projections(g: &Global, p: ProjectionsCommand) -> anyhow::Result<ExitCo
             println!("{msg}");
             Ok(ExitCode::SUCCESS)
         }
-        ProjectionsCommand::Rebuild { name, db } => {
+        ProjectionsCommand::Rebuild { name, db, config } => {
             let model = model_of(&name)?;
+            let keys = if model.needs_subject_keys() {
+                Some(rebuild_keys(model, config.as_deref()).await?)
+            } else {
+                None
+            };
             let pool = pdb::connect(db.require()?, 4).await.context(Unreachable)?;
             let (_c, log) = open_log(g).await?;
-            let report = crate::projections::rebuild::rebuild(&pool, &log, model).await?;
+            let report =
+                crate::projections::rebuild::rebuild_with_keys(&pool, &log, model, keys).await?;
             print_json(&serde_json::to_value(&report)?);
             Ok(ExitCode::SUCCESS)
         }
@@ -1571,5 +1615,32 @@ mod tests {
         let a = auth(&["--user", "u", "--password", "s3cret-pw"]);
         let shown = format!("{a:?}");
         assert!(!shown.contains("s3cret-pw"), "{shown}");
+    }
+
+    #[tokio::test]
+    async fn a_memory_rebuild_without_memory_configured_is_refused_clearly() {
+        use crate::projections::ReadModel;
+        let refused = |r: anyhow::Result<_>| {
+            let e = r.expect_err("refused");
+            assert!(e.downcast_ref::<UsageError>().is_some(), "{e:#}");
+            format!("{e:#}")
+        };
+        let m = refused(rebuild_keys(ReadModel::Memory, None).await);
+        assert!(
+            m.contains("cannot rebuild memory") && m.contains("[memory]"),
+            "{m}"
+        );
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let path = dir.path().join("flowledger.toml");
+        std::fs::write(&path, "[memory]\nenabled = false\n").expect("write");
+        let m = refused(rebuild_keys(ReadModel::Memory, Some(&path)).await);
+        assert!(m.contains("does not enable [memory]"), "{m}");
+        // and the other read models are parsed without a configuration
+        let cli =
+            Cli::try_parse_from(["flowledger", "projections", "rebuild", "audit"]).expect("parses");
+        assert!(matches!(
+            cli.command,
+            Command::Projections(ProjectionsCommand::Rebuild { config: None, .. })
+        ));
     }
 }

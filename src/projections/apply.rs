@@ -12,13 +12,14 @@ use std::collections::HashMap;
 use chrono::{DateTime, Utc};
 use sqlx::{Postgres, Transaction};
 
+use crate::memory::keys::SubjectKeys;
 use crate::projections::copy::CopyRows;
 use crate::projections::event::{Fields, ProjectedEvent};
-use crate::projections::{ApplyError, Msg, ReadModel};
+use crate::projections::{memory, ApplyError, Msg, ReadModel};
 
 type Tx<'a> = Transaction<'a, Postgres>;
 
-fn time_of(seq: u64, r: &ProjectedEvent) -> Result<DateTime<Utc>, ApplyError> {
+pub(crate) fn time_of(seq: u64, r: &ProjectedEvent) -> Result<DateTime<Utc>, ApplyError> {
     DateTime::parse_from_rfc3339(&r.occurred_at)
         .map(|t| t.with_timezone(&Utc))
         .map_err(|e| ApplyError::Poison {
@@ -41,11 +42,13 @@ fn required<'a>(
 
 /// Applies `batch` to version `v` of `model`. The caller owns the
 /// transaction and the checkpoint.
+/// `keys`: the data subjects' keys, which only the memory read model uses.
 pub async fn apply(
     model: ReadModel,
     tx: &mut Tx<'_>,
     v: i32,
     batch: &[Msg],
+    keys: Option<&SubjectKeys>,
 ) -> Result<(), ApplyError> {
     let last = batch.last().map_or(0, |m| m.seq);
     let res = match model {
@@ -53,6 +56,7 @@ pub async fn apply(
         ReadModel::Audit => audit(tx, v, batch).await,
         ReadModel::Approvals => approvals(tx, v, batch).await,
         ReadModel::SecretAccesses => secret_accesses(tx, v, batch).await,
+        ReadModel::Memory => memory::apply(tx, v, batch, keys).await,
     };
     res.map_err(|e| match e {
         Failure::Apply(a) => a,
@@ -60,7 +64,9 @@ pub async fn apply(
     })
 }
 
-enum Failure {
+/// A read model's failure: its own, or the database's (classified by
+/// [`ApplyError::from_sqlx`]).
+pub(crate) enum Failure {
     Apply(ApplyError),
     Sql(sqlx::Error),
 }

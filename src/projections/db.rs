@@ -53,43 +53,50 @@ pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool, DbError>
         })
 }
 
-/// Applies the migrations and makes sure every read model has an active
-/// version with its tables and views. Idempotent.
+/// Applies the migrations and makes sure every read model of
+/// [`ReadModel::ALL`] has an active version with its tables and views
+/// (the memory read model is set up where it runs: [`migrate_model`]).
+/// Idempotent.
 pub async fn migrate(pool: &PgPool) -> Result<(), DbError> {
     MIGRATOR.run(pool).await?;
     for model in ReadModel::ALL {
-        let active = active_version(pool, model).await?;
-        if active.is_none() {
-            let mut tx = pool.begin().await?;
-            // Two processes may initialise at once: serialise on the model.
-            sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))")
-                .bind(format!("flowledger-init-{}", model.name()))
-                .execute(&mut *tx)
-                .await?;
-            let again: Option<i32> = sqlx::query_scalar(
-                "SELECT version FROM projection_checkpoints WHERE name = $1 AND active",
-            )
+        migrate_model(pool, model).await?;
+    }
+    Ok(())
+}
+
+/// Makes sure `model` has an active version with its tables and views
+/// (version 1 if it has none). Idempotent; needs [`MIGRATOR`]'s tables.
+pub async fn migrate_model(pool: &PgPool, model: ReadModel) -> Result<(), DbError> {
+    if active_version(pool, model).await?.is_some() {
+        return Ok(());
+    }
+    let mut tx = pool.begin().await?;
+    // Two processes may initialise at once: serialise on the model.
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))")
+        .bind(format!("flowledger-init-{}", model.name()))
+        .execute(&mut *tx)
+        .await?;
+    let again: Option<i32> =
+        sqlx::query_scalar("SELECT version FROM projection_checkpoints WHERE name = $1 AND active")
             .bind(model.name())
             .fetch_optional(&mut *tx)
             .await?;
-            if again.is_none() {
-                for stmt in ddl(model, 1) {
-                    sqlx::query(&stmt).execute(&mut *tx).await?;
-                }
-                sqlx::query(
-                    "INSERT INTO projection_checkpoints (name, version, active) \
-                     VALUES ($1, 1, TRUE)",
-                )
-                .bind(model.name())
-                .execute(&mut *tx)
-                .await?;
-                for stmt in switch_views(model, 1) {
-                    sqlx::query(&stmt).execute(&mut *tx).await?;
-                }
-            }
-            tx.commit().await?;
+    if again.is_none() {
+        for stmt in ddl(model, 1) {
+            sqlx::query(&stmt).execute(&mut *tx).await?;
+        }
+        sqlx::query(
+            "INSERT INTO projection_checkpoints (name, version, active) VALUES ($1, 1, TRUE)",
+        )
+        .bind(model.name())
+        .execute(&mut *tx)
+        .await?;
+        for stmt in switch_views(model, 1) {
+            sqlx::query(&stmt).execute(&mut *tx).await?;
         }
     }
+    tx.commit().await?;
     Ok(())
 }
 
@@ -270,6 +277,91 @@ pub fn ddl(model: ReadModel, v: i32) -> Vec<String> {
                  ON secret_accesses_v{v} (occurred_at)"
             ),
         ],
+        ReadModel::Memory => vec![
+            format!(
+                "CREATE TABLE IF NOT EXISTS memory_subjects_v{v} (
+                    aggregate_id  TEXT PRIMARY KEY,          -- 32 hex of \
+                                                                sha256(owner NUL subject_id)
+                    owner         TEXT NOT NULL,             -- the client whose subject it is
+                    subject_id    TEXT NOT NULL,             -- the client's pseudonymous id
+                    opened_at     TIMESTAMPTZ NOT NULL,
+                    erased_at     TIMESTAMPTZ,
+                    erase_reason  TEXT,
+                    last_seq      BIGINT NOT NULL,
+                    UNIQUE (owner, subject_id)
+                )"
+            ),
+            format!(
+                "CREATE TABLE IF NOT EXISTS memory_profiles_v{v} (
+                    aggregate_id  TEXT PRIMARY KEY,
+                    fields        JSONB NOT NULL,            -- merged ProfileUpdated fields
+                    updated_at    TIMESTAMPTZ NOT NULL
+                )"
+            ),
+            format!(
+                "CREATE TABLE IF NOT EXISTS memory_episodes_v{v} (
+                    aggregate_id  TEXT NOT NULL,
+                    episode_id    TEXT NOT NULL,
+                    turn_at       TIMESTAMPTZ NOT NULL,      -- the caller's time of the turn
+                    recorded_at   TIMESTAMPTZ NOT NULL,      -- the event's occurred_at
+                    turn          JSONB NOT NULL,            -- the opened turn: messages \
+                                                                (role, content), response
+                    seq           BIGINT NOT NULL,
+                    PRIMARY KEY (aggregate_id, episode_id)
+                )"
+            ),
+            format!(
+                "CREATE TABLE IF NOT EXISTS memory_chunks_v{v} (
+                    aggregate_id  TEXT NOT NULL,
+                    episode_id    TEXT NOT NULL,
+                    idx           INT NOT NULL,              -- the chunk's place in the episode
+                    text          TEXT NOT NULL,
+                    turn_at       TIMESTAMPTZ NOT NULL,
+                    tsv           TSVECTOR GENERATED ALWAYS AS \
+                                  (to_tsvector('english', text)) STORED,
+                    PRIMARY KEY (aggregate_id, episode_id, idx)
+                )"
+            ),
+            format!(
+                "CREATE TABLE IF NOT EXISTS memory_facts_v{v} (
+                    aggregate_id  TEXT NOT NULL,
+                    fact_id       TEXT NOT NULL,
+                    version       INT NOT NULL,
+                    subject       TEXT NOT NULL,
+                    key           TEXT NOT NULL,
+                    value         JSONB NOT NULL,
+                    confidence    FLOAT8 NOT NULL,
+                    source        TEXT NOT NULL,             -- command|extractor
+                    episode_id    TEXT,
+                    valid_from    TIMESTAMPTZ NOT NULL,
+                    invalid_at    TIMESTAMPTZ,               -- superseded or forgotten
+                    seq           BIGINT NOT NULL,
+                    PRIMARY KEY (aggregate_id, fact_id, version)
+                )"
+            ),
+            format!(
+                "CREATE TABLE IF NOT EXISTS memory_working_state_v{v} (
+                    aggregate_id  TEXT NOT NULL,
+                    key           TEXT NOT NULL,
+                    value         JSONB NOT NULL,
+                    expires_at    TIMESTAMPTZ NOT NULL,
+                    updated_at    TIMESTAMPTZ NOT NULL,
+                    PRIMARY KEY (aggregate_id, key)
+                )"
+            ),
+            format!(
+                "CREATE INDEX IF NOT EXISTS memory_episodes_v{v}_recent \
+                 ON memory_episodes_v{v} (aggregate_id, turn_at DESC)"
+            ),
+            format!(
+                "CREATE INDEX IF NOT EXISTS memory_chunks_v{v}_tsv \
+                 ON memory_chunks_v{v} USING GIN (tsv)"
+            ),
+            format!(
+                "CREATE INDEX IF NOT EXISTS memory_chunks_v{v}_subject \
+                 ON memory_chunks_v{v} (aggregate_id)"
+            ),
+        ],
     }
 }
 
@@ -315,7 +407,7 @@ pub fn drop_tables(model: ReadModel, v: i32) -> Vec<String> {
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct CheckpointRow {
     /// The read model's name (`executions`, `audit`, `approvals`,
-    /// `secret_accesses`).
+    /// `secret_accesses`, `memory`).
     pub name: String,
     /// The schema version (its tables are `<table>_v<version>`).
     pub version: i32,

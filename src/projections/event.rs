@@ -16,6 +16,7 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 use uuid::Uuid;
 
+use crate::commands::memory::events::MemoryEvent;
 use crate::events::envelope::Actor;
 
 /// One event of a commit, as projections read it (see docs/EVENTS.md for
@@ -42,6 +43,11 @@ pub struct ProjectedEvent {
     /// The `data` fields the read models use; absent or `null`: all none.
     #[serde(default, deserialize_with = "fields")]
     pub data: Fields,
+    /// The typed event of a `memory` aggregate, decoded whole (upcasters
+    /// applied) for the memory read model only ([`crate::projections::memory`]);
+    /// `None` for every other read model and event.
+    #[serde(skip)]
+    pub memory: Option<Box<MemoryEvent>>,
 }
 
 /// The `data` fields the read models use. Absent, `null` or of another

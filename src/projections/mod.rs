@@ -15,9 +15,13 @@ pub mod db;
 pub mod event;
 #[cfg(test)]
 mod event_contract;
+pub mod memory;
 pub mod rebuild;
 pub mod runner;
 
+use std::sync::Arc;
+
+use crate::memory::keys::SubjectKeys;
 use crate::projections::event::ProjectedEvent;
 
 /// The read models flowledger maintains.
@@ -32,15 +36,32 @@ pub enum ReadModel {
     /// `secret_accesses`: one row per secret access request (granted,
     /// denied or failed), for auditors.
     SecretAccesses,
+    /// `memory_*`: conversation memory in plaintext (subjects, profiles,
+    /// episodes and their chunks, facts with their versions, working
+    /// state), opened with each data subject's key. Runs only where
+    /// `[memory]` is configured ([`ReadModel::needs_subject_keys`]).
+    Memory,
 }
 
 impl ReadModel {
-    /// Every read model; `migrate` and `serve` go through them all.
+    /// The read models that need nothing but PostgreSQL and the log:
+    /// `migrate` sets them all up and `serve` runs them all. The memory read
+    /// model is apart ([`ReadModel::needs_subject_keys`]): it is set up and
+    /// run only where `[memory]` is configured.
     pub const ALL: [ReadModel; 4] = [
         ReadModel::Executions,
         ReadModel::Audit,
         ReadModel::Approvals,
         ReadModel::SecretAccesses,
+    ];
+
+    /// Every read model, for names on the command line.
+    pub const KNOWN: [ReadModel; 5] = [
+        ReadModel::Executions,
+        ReadModel::Audit,
+        ReadModel::Approvals,
+        ReadModel::SecretAccesses,
+        ReadModel::Memory,
     ];
 
     /// The projection's name: in `projection_checkpoints`, its consumer's
@@ -51,17 +72,25 @@ impl ReadModel {
             ReadModel::Audit => "audit",
             ReadModel::Approvals => "approvals",
             ReadModel::SecretAccesses => "secret_accesses",
+            ReadModel::Memory => "memory",
         }
+    }
+
+    /// Whether applying events needs the data subjects' keys
+    /// ([`SubjectKeys`]): only the memory read model, which opens sealed
+    /// values. Without them it is neither run nor rebuilt.
+    pub fn needs_subject_keys(self) -> bool {
+        matches!(self, ReadModel::Memory)
     }
 
     /// The read model called `name` (as [`ReadModel::name`] spells it).
     pub fn from_name(name: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|m| m.name() == name)
+        Self::KNOWN.into_iter().find(|m| m.name() == name)
     }
 
     /// The names, comma-separated, for error messages.
     pub fn known_names() -> String {
-        Self::ALL.map(|m| m.name()).join(", ")
+        Self::KNOWN.map(|m| m.name()).join(", ")
     }
 
     /// Whether the read model stores the hash of an event of
@@ -71,7 +100,7 @@ impl ReadModel {
         match self {
             ReadModel::Audit => true,
             ReadModel::SecretAccesses => aggregate_type == "secret_access",
-            ReadModel::Executions | ReadModel::Approvals => false,
+            ReadModel::Executions | ReadModel::Approvals | ReadModel::Memory => false,
         }
     }
 
@@ -82,6 +111,14 @@ impl ReadModel {
             ReadModel::Audit => &["audit_trail"],
             ReadModel::Approvals => &["approvals"],
             ReadModel::SecretAccesses => &["secret_accesses"],
+            ReadModel::Memory => &[
+                "memory_subjects",
+                "memory_profiles",
+                "memory_episodes",
+                "memory_chunks",
+                "memory_facts",
+                "memory_working_state",
+            ],
         }
     }
 }
@@ -107,9 +144,38 @@ pub enum ApplyError {
         /// Why (the database's message, or what the event lacks).
         reason: String,
     },
-    /// PostgreSQL is unreachable or timed out: retry.
+    /// PostgreSQL (or, for the memory read model, Vault) is unreachable or
+    /// timed out: retry.
     #[error("read-model database unavailable: {0}")]
     Unavailable(String),
+}
+
+/// What a read model is applied with beyond its database and the log:
+/// the data subjects' keys, for the memory read model
+/// ([`ReadModel::needs_subject_keys`]); `None` where `[memory]` is not
+/// configured.
+pub type Keys = Option<Arc<SubjectKeys>>;
+
+/// Why a read model cannot run or be rebuilt here.
+#[derive(Debug, thiserror::Error)]
+pub enum ContextError {
+    /// The memory read model opens sealed events with the subjects' keys:
+    /// without `[memory]` (and `[secrets]`) it has none.
+    #[error("the {name} read model opens sealed events with the data subjects' keys in Vault: configure [memory] enabled = true and [secrets] (pass the configuration with --config / FLOWLEDGER_CONFIG)")]
+    NoSubjectKeys {
+        /// The read model's name.
+        name: &'static str,
+    },
+}
+
+impl ReadModel {
+    /// Checks that `keys` has what this read model needs.
+    pub fn check_keys(self, keys: &Keys) -> Result<(), ContextError> {
+        if self.needs_subject_keys() && keys.is_none() {
+            return Err(ContextError::NoSubjectKeys { name: self.name() });
+        }
+        Ok(())
+    }
 }
 
 impl ApplyError {

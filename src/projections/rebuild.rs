@@ -14,7 +14,7 @@ use sqlx::PgPool;
 use crate::events::log::{EventLog, EVENT_SUBJECT_PREFIX};
 use crate::projections::db::{self, DbError};
 use crate::projections::runner::{decode, Projector, REBUILD_BATCH};
-use crate::projections::{ApplyError, ReadModel};
+use crate::projections::{ApplyError, ContextError, Keys, ReadModel};
 
 /// Why a rebuild did not switch readers; running it again resumes it.
 #[derive(Debug, thiserror::Error)]
@@ -22,6 +22,10 @@ pub enum RebuildError {
     /// Creating, switching or dropping the versioned tables failed.
     #[error(transparent)]
     Db(#[from] DbError),
+    /// The read model cannot be built here (the memory read model without
+    /// `[memory]`): nothing was written.
+    #[error(transparent)]
+    Context(#[from] ContextError),
     /// An event cannot be applied to the new version: fix the cause and run
     /// again, or skip it.
     #[error("rebuild of {name} v{version} stopped at stream sequence {seq}: {reason}; fix the cause and run the rebuild again (it resumes), or skip with `flowledger projections resume {name} --skip {seq}`")]
@@ -267,14 +271,33 @@ async fn catch_up_retrying(
     }
 }
 
-/// Rebuilds `model` into a new version and switches readers to it.
+/// Rebuilds `model` into a new version and switches readers to it. A read
+/// model that needs the subjects' keys is refused
+/// ([`RebuildError::Context`]): use [`rebuild_with_keys`].
 pub async fn rebuild(
     pool: &PgPool,
     log: &EventLog,
     model: ReadModel,
 ) -> Result<RebuildReport, RebuildError> {
+    rebuild_with_keys(pool, log, model, None).await
+}
+
+/// [`rebuild`] with the data subjects' keys (`[memory]`), which the memory
+/// read model opens its events with; it is refused without them, before
+/// anything is written.
+pub async fn rebuild_with_keys(
+    pool: &PgPool,
+    log: &EventLog,
+    model: ReadModel,
+    keys: Keys,
+) -> Result<RebuildReport, RebuildError> {
+    model.check_keys(&keys)?;
     let started = Instant::now();
     let name = model.name().to_string();
+    if model.needs_subject_keys() {
+        // set up where `[memory]` runs, not by `migrate`: maybe never yet
+        db::migrate_model(pool, model).await?;
+    }
     let old = db::active_version(pool, model)
         .await?
         .ok_or_else(|| DbError::NotInitialised { name: name.clone() })?;
@@ -312,6 +335,7 @@ pub async fn rebuild(
         log: log.clone(),
         model,
         version: new,
+        keys,
     };
     let mut progress = Progress::new(format!("rebuild {name} v{new}"));
     let fail = |e: ApplyError| match e {

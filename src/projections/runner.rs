@@ -15,7 +15,7 @@ use crate::events::envelope::decode_commit_as;
 use crate::events::log::{EventLog, EVENT_SUBJECT_PREFIX};
 use crate::projections::db::{self, DbError};
 use crate::projections::event::ProjectedEvent;
-use crate::projections::{apply, ApplyError, Msg, ReadModel};
+use crate::projections::{apply, memory, ApplyError, Keys, Msg, ReadModel};
 
 /// Most messages a live projection pulls and applies in one transaction.
 pub const LIVE_BATCH: usize = 500;
@@ -34,11 +34,15 @@ pub struct Projector {
     pub model: ReadModel,
     /// The schema version it writes (tables `<table>_v<version>`).
     pub version: i32,
+    /// The data subjects' keys (the memory read model opens sealed values
+    /// with them; the others do not use them).
+    pub keys: Keys,
 }
 
 /// Turns a JetStream message into what projections read; a message that is
 /// not a valid commit is a poison at its sequence. Event hashes are computed
-/// only for read models that store them.
+/// only for read models that store them; `memory` events are decoded whole
+/// only for the memory read model.
 pub fn decode(m: &jetstream::Message, model: ReadModel) -> Result<Msg, ApplyError> {
     let info = m
         .info()
@@ -49,7 +53,10 @@ pub fn decode(m: &jetstream::Message, model: ReadModel) -> Result<Msg, ApplyErro
         decode_commit_as::<ProjectedEvent>(&m.payload).map_err(|e| poison(e.to_string()))?;
     let events = lines
         .into_iter()
-        .map(|(line, r)| {
+        .map(|(line, mut r)| {
+            if model == ReadModel::Memory && r.aggregate_type == "memory" {
+                r.memory = memory::decode(seq, line, &r)?;
+            }
             let hash = if model.needs_hash(&r.aggregate_type) {
                 let prev = chain::from_hex(&r.prev_hash).ok_or_else(|| {
                     poison(format!("prev_hash {:?} is not 64 hex digits", r.prev_hash))
@@ -156,7 +163,14 @@ impl Projector {
         let Some(end) = fresh.last().map(|m| m.seq) else {
             return Ok(last as u64);
         };
-        apply::apply(self.model, &mut tx, self.version, &fresh).await?;
+        apply::apply(
+            self.model,
+            &mut tx,
+            self.version,
+            &fresh,
+            self.keys.as_deref(),
+        )
+        .await?;
         sqlx::query(
             "UPDATE projection_checkpoints SET last_seq = $3, \
              updated_at = now() WHERE name = $1 AND version = $2",
@@ -406,13 +420,26 @@ enum Exit {
 /// Runs the active version of `model` for as long as the process lives:
 /// follows version switches (rebuilds), waits while stopped, retries when
 /// PostgreSQL or NATS are unavailable. One process runs a projection at a
-/// time (a PostgreSQL advisory lock); others wait as hot standbys.
-pub async fn run(
+/// time (a PostgreSQL advisory lock); others wait as hot standbys. A read
+/// model that needs the subjects' keys ([`ReadModel::needs_subject_keys`])
+/// does not run here: use [`run_with_keys`].
+pub async fn run(pool: PgPool, log: EventLog, model: ReadModel, shutdown: watch::Receiver<bool>) {
+    run_with_keys(pool, log, model, None, shutdown).await
+}
+
+/// [`run`] with the data subjects' keys (`[memory]`), which the memory read
+/// model needs; without them it logs why and returns at once.
+pub async fn run_with_keys(
     pool: PgPool,
     log: EventLog,
     model: ReadModel,
+    keys: Keys,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    if let Err(e) = model.check_keys(&keys) {
+        tracing::error!(projection = model.name(), error = %e, "projection not started");
+        return;
+    }
     let label = model.name().to_string();
     let mut lock_conn = None;
     loop {
@@ -446,6 +473,7 @@ pub async fn run(
                 log: log.clone(),
                 model,
                 version,
+                keys: keys.clone(),
             };
             // Create what this version's DDL adds (idempotent), holding its
             // checkpoint row: a rebuild that switched away from it meanwhile

@@ -959,8 +959,20 @@ pub(crate) async fn spawn_api_with(
     url: String,
     secrets: Option<Arc<flowledger::secrets::service::SecretService>>,
 ) -> ReadSide {
+    build_read_side(app, runners, registry, url, secrets, None).await
+}
+
+async fn build_read_side(
+    app: &TestApp,
+    runners: bool,
+    registry: Arc<Registry>,
+    url: String,
+    secrets: Option<Arc<flowledger::secrets::service::SecretService>>,
+    memory: Option<Arc<flowledger::memory::service::MemoryService>>,
+) -> ReadSide {
     let mut s = settings(app, registry);
     s.secrets = secrets;
+    s.memory = memory;
     s.database = Some(DatabaseSettings {
         url: url.clone(),
         max_connections: 20,
@@ -1305,4 +1317,73 @@ impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Captured {
     fn make_writer(&'a self) -> Self::Writer {
         self.clone()
     }
+}
+
+/// Where the test memory services keep the subjects' keys (KV v2 at
+/// `secret/`, as `[memory] key_path` defaults).
+pub(crate) const MEMORY_KEY_PATH: &str = "secret/data/flowledger/memory-keys";
+
+/// Secret access to `bao` with its root token (a dev server: no Vault
+/// policy to write) and no `[[secrets.rules]]`; 2 s per request.
+pub(crate) async fn root_secret_service(
+    bao: &crate::openbao::OpenBao,
+) -> Arc<flowledger::secrets::service::SecretService> {
+    use flowledger::commands::secret_access::policy::SecretPolicy;
+    use flowledger::secrets::service::{SecretRules, SecretService};
+    use flowledger::secrets::vault::{VaultAuth, VaultClient, VaultConfig};
+    let vault = VaultClient::connect(VaultConfig {
+        addr: bao.addr(),
+        auth: VaultAuth::Token(bao.root_token().to_string()),
+        timeout: Duration::from_secs(2),
+    })
+    .await
+    .expect("connect to OpenBao");
+    Arc::new(SecretService::new(
+        vault,
+        SecretPolicy::new(Vec::new()).expect("no rules is a valid policy"),
+        SecretRules {
+            cache_ttl: Duration::from_secs(0),
+            max_staleness: Duration::from_secs(0),
+            retry_attempts: 1,
+            retry_base: Duration::from_millis(50),
+        },
+    ))
+}
+
+/// A memory service as `[memory]` with its defaults builds it: subject
+/// keys in `bao` under [`MEMORY_KEY_PATH`] (root token), cached 300 s,
+/// chunks of at most 800 characters. Each call has its own key cache (as
+/// another process would).
+pub(crate) async fn memory_service(
+    bao: &crate::openbao::OpenBao,
+) -> Arc<flowledger::memory::service::MemoryService> {
+    use flowledger::memory::keys::SubjectKeys;
+    use flowledger::memory::service::{AssembleDefaults, Chunking, MemoryService};
+    let keys = SubjectKeys::new(
+        root_secret_service(bao).await,
+        MEMORY_KEY_PATH,
+        Duration::from_secs(300),
+    );
+    Arc::new(MemoryService::new(
+        Arc::new(keys),
+        Chunking { max_chars: 800 },
+        AssembleDefaults {
+            top_k: 5,
+            recent_episodes: 5,
+            budget_ms: 2_000,
+        },
+    ))
+}
+
+/// The read side (HTTP API with `memory`'s doors; with `runners`, every
+/// projection including the memory read model, opened with `memory`'s
+/// keys) on the database at `url` (memory wants PostgreSQL 18:
+/// [`pgvector_database`]).
+pub(crate) async fn spawn_api_with_memory(
+    app: &TestApp,
+    runners: bool,
+    url: String,
+    memory: Arc<flowledger::memory::service::MemoryService>,
+) -> ReadSide {
+    build_read_side(app, runners, registry(), url, None, Some(memory)).await
 }
