@@ -3,57 +3,18 @@
 //! one client cannot reach another's subjects, and erasure destroys the
 //! subject's key while `audit verify` still passes, live and on an export.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use flowledger::audit::verify::{self, Options};
 use flowledger::audit::{export, read::Filter};
 use flowledger::commands::memory::aggregate_id;
-use flowledger::commands::secret_access::policy::SecretPolicy;
 use flowledger::crypto::Sealed;
-use flowledger::memory::keys::{KeyError, SubjectKeys};
-use flowledger::memory::service::{AssembleDefaults, Chunking, MemoryService};
-use flowledger::secrets::service::{SecretRules, SecretService};
-use flowledger::secrets::vault::{VaultAuth, VaultClient, VaultConfig};
+use flowledger::memory::keys::KeyError;
 use serde_json::{json, Value};
 
 use crate::helpers::*;
 use crate::openbao::OpenBao;
 use crate::secrets::{contains, files_under};
-
-const KEY_PATH: &str = "secret/data/flowledger/memory-keys";
-
-/// The memory service on `bao` (root token), sealing with keys under
-/// [`KEY_PATH`].
-async fn memory_on(bao: &OpenBao) -> Arc<MemoryService> {
-    let vault = VaultClient::connect(VaultConfig {
-        addr: bao.addr(),
-        auth: VaultAuth::Token(bao.root_token().to_string()),
-        timeout: Duration::from_secs(2),
-    })
-    .await
-    .expect("connect to OpenBao");
-    let secrets = Arc::new(SecretService::new(
-        vault,
-        SecretPolicy::new(vec![]).expect("no rules is a valid policy"),
-        SecretRules {
-            cache_ttl: Duration::from_secs(60),
-            max_staleness: Duration::from_secs(600),
-            retry_attempts: 2,
-            retry_base: Duration::from_millis(50),
-        },
-    ));
-    let keys = SubjectKeys::new(secrets, KEY_PATH, Duration::from_secs(60));
-    Arc::new(MemoryService::new(
-        Arc::new(keys),
-        Chunking { max_chars: 200 },
-        AssembleDefaults {
-            top_k: 5,
-            recent_episodes: 5,
-            budget_ms: 2000,
-        },
-    ))
-}
 
 fn sealed_in(data: &Value, field: &str) -> Sealed {
     serde_json::from_value(data[field].clone()).expect("a sealed field")
@@ -78,7 +39,7 @@ async fn personal_text_is_sealed_facts_keep_history_and_erasure_leaves_a_verifia
     let _guard = tracing::subscriber::set_default(subscriber);
 
     let bao = OpenBao::start().await;
-    let memory = memory_on(&bao).await;
+    let memory = memory_service(&bao).await;
     let app = spawn_app_with_memory(
         crate::helpers::NatsServer::start(),
         flowledger::events::log::LogConfig::default(),
@@ -315,4 +276,221 @@ async fn personal_text_is_sealed_facts_keep_history_and_erasure_leaves_a_verifia
             assert!(!contains(bytes, planted), "{planted} is in {place}");
         }
     }
+}
+
+/// Polls `assemble` until `done` holds for its answer.
+async fn assemble_until(api: &ReadSide, body: Value, done: impl Fn(&Value) -> bool) -> Value {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let a = api
+            .post("/v1/memory/assemble", BILLING_TOKEN, body.clone())
+            .await;
+        if a.status == 200 && done(&a.body) {
+            return a.body;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "assemble never answered as expected: {} {}",
+            a.status,
+            a.body
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn over_http_writeback_then_assemble_returns_the_turns_facts_and_live_working_state_to_its_client_only(
+) {
+    let app = spawn_app().await;
+    let bao = OpenBao::start().await;
+    let memory = memory_service(&bao).await;
+    let api = spawn_api_with_memory(&app, true, fresh_database().await, memory.clone()).await;
+    let post = |path: &'static str, token: &'static str, body: Value| {
+        let api = &api;
+        async move { api.post(path, token, body).await }
+    };
+    let turns = [
+        (
+            "My car is a red Volvo estate, bought in 2019.",
+            "A red Volvo, noted.",
+        ),
+        (
+            "We spend every summer holiday in Portugal.",
+            "Portugal in summer, lovely.",
+        ),
+        (
+            "I am allergic to peanuts, please remember.",
+            "No peanuts, understood.",
+        ),
+    ];
+    for (i, (said, answered)) in turns.iter().enumerate() {
+        let city = ["Lyon", "Paris", "Porto"][i];
+        let a = post(
+            "/v1/memory/writeback",
+            BILLING_TOKEN,
+            json!({
+                "subject_id": "cust-1",
+                "turn_id": format!("t{i}"),
+                "timestamp": format!("2026-12-0{}T10:00:00Z", i + 1),
+                "messages": [{"role": "user", "content": said}],
+                "response": answered,
+                "facts": [{"subject": "user", "key": "city", "value": city}],
+            }),
+        )
+        .await;
+        assert_eq!(a.status, 200, "{}", a.body);
+    }
+    // the same turn again answers the first receipt; another body under its id is a conflict
+    let again = post(
+        "/v1/memory/writeback",
+        BILLING_TOKEN,
+        json!({"subject_id": "cust-1", "turn_id": "t0", "timestamp": "2026-12-01T10:00:00Z",
+               "messages": [{"role": "user", "content": turns[0].0}], "response": turns[0].1,
+               "facts": [{"subject": "user", "key": "city", "value": "Lyon"}]}),
+    )
+    .await;
+    assert_eq!(again.body["duplicate"], true, "{}", again.body);
+    let reused = post(
+        "/v1/memory/writeback",
+        BILLING_TOKEN,
+        json!({"subject_id": "cust-1", "turn_id": "t0", "response": "something else"}),
+    )
+    .await;
+    assert_eq!(reused.status, 409, "{}", reused.body);
+    for (key, ttl) in [("intent", 600), ("flash", 1)] {
+        let a = post(
+            "/v1/memory/working-state-set",
+            BILLING_TOKEN,
+            json!({"subject_id": "cust-1", "key": key, "value": {"k": key}, "ttl_seconds": ttl}),
+        )
+        .await;
+        assert_eq!(a.status, 200, "{}", a.body);
+    }
+    let a = post(
+        "/v1/memory/profile",
+        BILLING_TOKEN,
+        json!({"subject_id": "cust-1", "fields": {"full_name": "Ann Example", "tags": ["vip"]}}),
+    )
+    .await;
+    assert_eq!(a.status, 200, "{}", a.body);
+    let ask = json!({"subject_id": "cust-1", "query": "which car does the customer drive"});
+    let got = assemble_until(&api, ask.clone(), |b| {
+        b["chunks"].as_array().is_some_and(|c| !c.is_empty()) && !b["profile"].is_null()
+    })
+    .await;
+    let top = got["chunks"][0]["text"].as_str().unwrap();
+    assert!(top.contains("Volvo"), "{got}");
+    assert!(got["chunks"][0]["score"].as_f64().unwrap() > 0.0, "{got}");
+    assert!(
+        got["chunks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|c| !c["text"].as_str().unwrap().contains("peanuts")),
+        "a chunk that shares no word with the query is not returned: {got}"
+    );
+    assert_eq!(got["retrieval"], "full_text");
+    assert_eq!(got["recent_episodes"].as_array().unwrap().len(), 3, "{got}");
+    assert_eq!(
+        got["recent_episodes"][0]["episode_id"], "t2",
+        "newest first: {got}"
+    );
+    assert_eq!(got["profile"]["full_name"], "Ann Example", "{got}");
+    let facts = got["facts"].as_array().unwrap();
+    assert_eq!(facts.len(), 1, "only the valid version: {got}");
+    assert_eq!(
+        (facts[0]["value"].clone(), facts[0]["version"].clone()),
+        (json!("Porto"), json!(3))
+    );
+    // the fact's history: three versions, each closed by the next
+    let h = api
+        .call(
+            "GET",
+            "/v1/memory/subjects/cust-1/facts?history=true",
+            Some(BILLING_TOKEN),
+            None,
+        )
+        .await;
+    let versions = h.body["items"].as_array().unwrap();
+    assert_eq!(versions.len(), 3, "{}", h.body);
+    for w in versions.windows(2) {
+        assert_eq!(w[0]["invalid_at"], w[1]["valid_from"], "{}", h.body);
+    }
+    assert!(versions[2]["invalid_at"].is_null(), "{}", h.body);
+    // expired working state is never returned, before any cleanup
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let got = assemble_until(&api, ask.clone(), |_| true).await;
+    assert!(got["working_state"].get("intent").is_some(), "{got}");
+    assert!(got["working_state"].get("flash").is_none(), "{got}");
+
+    // another client, the same subject id: not its subject; an auditor reads no memory
+    for (token, status) in [(OTHER_TOKEN, 404), (AUDITOR_TOKEN, 403)] {
+        let a = api.post("/v1/memory/assemble", token, ask.clone()).await;
+        assert_eq!(a.status, status, "{}", a.body);
+        let r = api
+            .call(
+                "GET",
+                "/v1/memory/subjects/cust-1/episodes",
+                Some(token),
+                None,
+            )
+            .await;
+        assert_eq!(r.status, status, "{}", r.body);
+    }
+    let a = api
+        .post("/v1/memory/assemble", OTHER_TOKEN, ask.clone())
+        .await;
+    assert_eq!(a.body["error"]["reason"], "client_not_found", "{}", a.body);
+    // bad input names its field
+    let a = api
+        .post(
+            "/v1/memory/assemble",
+            BILLING_TOKEN,
+            json!({"subject_id": "cust-1", "query": "x", "top_k": 0}),
+        )
+        .await;
+    assert_eq!(
+        (a.status, a.body["error"]["param"].clone()),
+        (400, json!("top_k")),
+        "{}",
+        a.body
+    );
+
+    // the cleanup records the expiry of the due value only, as flowledger
+    let report = flowledger::memory::cleanup::run_once(
+        &api.bus,
+        &memory,
+        &api.pool,
+        chrono::Utc::now(),
+        &mut |_| {},
+    )
+    .await
+    .expect("cleanup");
+    assert_eq!((report.expired, report.failed), (1, 0), "{report:?}");
+    let expired: Vec<_> = log_events(&app)
+        .await
+        .into_iter()
+        .filter(|e| e.event_type == "WorkingStateDeleted")
+        .collect();
+    assert_eq!(expired.len(), 1);
+    assert_eq!(expired[0].data["key"], "flash");
+    assert_eq!(expired[0].data["reason"], "expired");
+    assert_eq!(expired[0].actor.client_id, "flowledger");
+    api.caught_up(&app.log).await;
+    let left: Vec<String> = sqlx::query_scalar("SELECT key FROM memory_working_state ORDER BY key")
+        .fetch_all(&api.pool)
+        .await
+        .unwrap();
+    assert_eq!(left, ["intent"]);
+    // a second run finds nothing due
+    let report = flowledger::memory::cleanup::run_once(
+        &api.bus,
+        &memory,
+        &api.pool,
+        chrono::Utc::now(),
+        &mut |_| {},
+    )
+    .await
+    .unwrap();
+    assert_eq!(report.expired, 0, "{report:?}");
 }
