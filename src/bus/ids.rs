@@ -94,6 +94,12 @@ pub fn memory_erase(subject: &str) -> String {
     format!("memory-erase:{subject}")
 }
 
+/// The embedding handler's outcome (embeddings or their failure) for
+/// episode `episode_id` of the memory subject `subject`: once per episode.
+pub fn memory_embeddings(subject: &str, episode_id: &str) -> String {
+    format!("memory-embeddings:{subject}:{episode_id}")
+}
+
 /// A command id a caller chooses: 1-128 characters, no `:` (reserved for
 /// the ids above) and no control character.
 pub fn caller_chosen_is_valid(id: &str) -> bool {
@@ -139,6 +145,10 @@ mod tests {
             }
             for t in steps {
                 out.push((memory_writeback(j, t), format!("memory_writeback({j},{t})")));
+                out.push((
+                    memory_embeddings(j, t),
+                    format!("memory_embeddings({j},{t})"),
+                ));
             }
             for seq in [1u64, 12, u64::MAX] {
                 out.push((projection_skip(j, seq), format!("skip({j},{seq})")));

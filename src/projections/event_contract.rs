@@ -391,8 +391,9 @@ fn every_secret_event_decodes_through_the_projection_parser() {
 #[test]
 fn every_memory_event_decodes_whole_for_the_memory_read_model() {
     use crate::commands::memory::events::{
-        ChunkSpan, EpisodeRecorded, FactForgotten, FactRecorded, MemoryEvent, MemorySubjectErased,
-        MemorySubjectOpened, ProfileUpdated, WorkingStateDeleted, WorkingStateSet,
+        ChunkSpan, EpisodeEmbedded, EpisodeEmbeddingFailed, EpisodeRecorded, FactForgotten,
+        FactRecorded, MemoryEvent, MemorySubjectErased, MemorySubjectOpened, ProfileUpdated,
+        WorkingStateDeleted, WorkingStateSet,
     };
     use crate::projections::memory;
     let ring = crate::crypto::SealKeys::single("m1", [7u8; 32]);
@@ -443,6 +444,17 @@ fn every_memory_event_decodes_whole_for_the_memory_read_model() {
             key: "draft".into(),
             reason: "deleted".into(),
         }),
+        MemoryEvent::EpisodeEmbedded(EpisodeEmbedded {
+            episode_id: "t1".into(),
+            model: "embed-1".into(),
+            dimensions: 2,
+            vectors: vec![ring.seal(&[0u8; 8])],
+        }),
+        MemoryEvent::EpisodeEmbeddingFailed(EpisodeEmbeddingFailed {
+            episode_id: "t1".into(),
+            model: "embed-1".into(),
+            reason: "status 500".into(),
+        }),
         MemoryEvent::MemorySubjectErased(MemorySubjectErased {
             key_id: "m1".into(),
             reason: "data_subject_request".into(),
@@ -464,6 +476,8 @@ fn every_memory_event_decodes_whole_for_the_memory_read_model() {
             | MemoryEvent::ProfileUpdated(_)
             | MemoryEvent::WorkingStateSet(_)
             | MemoryEvent::WorkingStateDeleted(_)
+            | MemoryEvent::EpisodeEmbedded(_)
+            | MemoryEvent::EpisodeEmbeddingFailed(_)
             | MemoryEvent::MemorySubjectErased(_) => {}
         }
         let mut records = [OutgoingRecord {

@@ -34,7 +34,7 @@ type Tx<'a> = Transaction<'a, Postgres>;
 
 /// The memory event types this build knows; any other (a later one) is
 /// passed over, as the other read models pass over what they do not use.
-pub const EVENT_TYPES: [&str; 8] = [
+pub const EVENT_TYPES: [&str; 10] = [
     "MemorySubjectOpened",
     "EpisodeRecorded",
     "FactRecorded",
@@ -43,6 +43,8 @@ pub const EVENT_TYPES: [&str; 8] = [
     "WorkingStateSet",
     "WorkingStateDeleted",
     "MemorySubjectErased",
+    "EpisodeEmbedded",
+    "EpisodeEmbeddingFailed",
 ];
 
 /// The typed event of the stored `line` of a `memory` aggregate (upcasters
@@ -483,6 +485,9 @@ async fn apply_event(
             .bind(&w.key)
             .execute(&mut **tx)
             .await?;
+        }
+        MemoryEvent::EpisodeEmbedded(_) | MemoryEvent::EpisodeEmbeddingFailed(_) => {
+            // the vectors table exists only with [memory.embedder]
         }
         MemoryEvent::MemorySubjectErased(e) => {
             sqlx::query(&format!(

@@ -38,6 +38,13 @@ pub enum MemoryEvent {
     /// `MemorySubjectErased`: the subject's key was destroyed; its sealed
     /// content can no longer be opened by anyone. Final.
     MemorySubjectErased(MemorySubjectErased),
+    /// `EpisodeEmbedded`: the embeddings of an episode's chunks, one sealed
+    /// vector per chunk, as the configured embedder answered (recorded by
+    /// the embedding handler, so a rebuild never calls the embedder).
+    EpisodeEmbedded(EpisodeEmbedded),
+    /// `EpisodeEmbeddingFailed`: the embedder could not embed an episode
+    /// (retries exhausted); its chunks are found by full text only.
+    EpisodeEmbeddingFailed(EpisodeEmbeddingFailed),
 }
 
 /// A subject's first event.
@@ -152,6 +159,34 @@ pub struct MemorySubjectErased {
     pub reason: String,
 }
 
+/// An episode's chunk embeddings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EpisodeEmbedded {
+    /// The episode (an `EpisodeRecorded` of this subject).
+    pub episode_id: String,
+    /// The embedder's model.
+    pub model: String,
+    /// Every vector's length.
+    pub dimensions: u32,
+    /// One per chunk, in the episode's chunk order: the vector's `f32`
+    /// values as little-endian bytes, sealed with the subject's key
+    /// (an embedding can be inverted to approximate its text: it is
+    /// personal data).
+    pub vectors: Vec<Sealed>,
+}
+
+/// An episode the embedder could not embed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EpisodeEmbeddingFailed {
+    /// The episode.
+    pub episode_id: String,
+    /// The embedder's model.
+    pub model: String,
+    /// What went wrong (the kind of failure and the peer's status; never
+    /// any text of the conversation).
+    pub reason: String,
+}
+
 impl DomainEvent for MemoryEvent {
     fn event_type(&self) -> String {
         match self {
@@ -163,6 +198,8 @@ impl DomainEvent for MemoryEvent {
             MemoryEvent::WorkingStateSet(_) => "WorkingStateSet",
             MemoryEvent::WorkingStateDeleted(_) => "WorkingStateDeleted",
             MemoryEvent::MemorySubjectErased(_) => "MemorySubjectErased",
+            MemoryEvent::EpisodeEmbedded(_) => "EpisodeEmbedded",
+            MemoryEvent::EpisodeEmbeddingFailed(_) => "EpisodeEmbeddingFailed",
         }
         .to_string()
     }

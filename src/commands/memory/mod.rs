@@ -23,8 +23,9 @@ use crate::commands::limits::{MAX_APPROVAL_WINDOW_SECONDS, MAX_MEMORY_FACTS};
 use crate::commands::{write_decided, DomainError, ErrorCode};
 use crate::crypto::Sealed;
 use events::{
-    ChunkSpan, EpisodeRecorded, FactForgotten, FactRecorded, MemoryEvent, MemorySubjectErased,
-    MemorySubjectOpened, ProfileUpdated, WorkingStateDeleted, WorkingStateSet,
+    ChunkSpan, EpisodeEmbedded, EpisodeEmbeddingFailed, EpisodeRecorded, FactForgotten,
+    FactRecorded, MemoryEvent, MemorySubjectErased, MemorySubjectOpened, ProfileUpdated,
+    WorkingStateDeleted, WorkingStateSet,
 };
 
 /// A subject id is the client's name for a person: the aggregate id is the
@@ -108,6 +109,12 @@ pub struct Memory {
     pub has_profile: bool,
     /// Erased: final, every command is refused.
     pub erased: bool,
+    /// Episode id -> its chunk count, for the episodes recorded.
+    #[serde(default)]
+    pub episode_chunks: BTreeMap<String, u32>,
+    /// Episodes whose embeddings (or embedding failure) are recorded.
+    #[serde(default)]
+    pub embedded: BTreeSet<String>,
 }
 
 /// Whose subject a command is for; the key that sealed its content.
@@ -206,6 +213,32 @@ pub enum MemoryCommand {
         /// Now.
         at: DateTime<Utc>,
     },
+    /// `memory.record_embeddings` (the embedding handler): the sealed
+    /// vectors of an episode's chunks, one per chunk.
+    RecordEmbeddings {
+        /// Whose.
+        subject: SubjectRef,
+        /// The episode.
+        episode_id: String,
+        /// The embedder's model.
+        model: String,
+        /// Every vector's length.
+        dimensions: u32,
+        /// One sealed vector per chunk, in order.
+        vectors: Vec<Sealed>,
+    },
+    /// `memory.record_embedding_failure` (the embedding handler): the
+    /// embedder could not embed the episode.
+    RecordEmbeddingFailure {
+        /// Whose.
+        subject: SubjectRef,
+        /// The episode.
+        episode_id: String,
+        /// The embedder's model.
+        model: String,
+        /// What went wrong (no conversation text).
+        reason: String,
+    },
     /// `memory.erase`: recorded after the subject's key was destroyed.
     Erase {
         /// Whose.
@@ -223,6 +256,8 @@ impl MemoryCommand {
             | MemoryCommand::SetWorkingState { subject, .. }
             | MemoryCommand::DeleteWorkingState { subject, .. }
             | MemoryCommand::ForgetFact { subject, .. }
+            | MemoryCommand::RecordEmbeddings { subject, .. }
+            | MemoryCommand::RecordEmbeddingFailure { subject, .. }
             | MemoryCommand::Erase { subject, .. } => subject,
         }
     }
@@ -264,6 +299,10 @@ pub enum MemoryError {
         /// The subject's key.
         expected: String,
     },
+    /// The episode's embeddings (or their failure) are already recorded
+    /// (`conflict`): an episode is embedded once.
+    #[error("the embeddings of episode {0:?} are already recorded")]
+    AlreadyEmbedded(String),
 }
 
 impl DomainError for MemoryError {
@@ -275,6 +314,7 @@ impl DomainError for MemoryError {
             MemoryError::NotOwner => ErrorCode::Forbidden,
             MemoryError::WrongKey { .. } => ErrorCode::Conflict,
             MemoryError::NothingChanged => ErrorCode::Rejected,
+            MemoryError::AlreadyEmbedded(_) => ErrorCode::Conflict,
         }
     }
 
@@ -297,6 +337,21 @@ impl Memory {
     /// Whether the subject exists (was opened and not erased).
     pub fn exists(&self) -> bool {
         self.owner.is_some() && !self.erased
+    }
+
+    /// The chunk count of episode `episode_id`, when its embeddings may be
+    /// recorded: the episode exists and has none yet.
+    fn embeddable(&self, subject: &SubjectRef, episode_id: &str) -> Result<u32, MemoryError> {
+        if !self.episodes.contains(episode_id) {
+            return Err(MemoryError::NotFound(format!(
+                "subject {:?} has no episode {episode_id:?}",
+                subject.subject_id
+            )));
+        }
+        if self.embedded.contains(episode_id) {
+            return Err(MemoryError::AlreadyEmbedded(episode_id.to_string()));
+        }
+        Ok(self.episode_chunks.get(episode_id).copied().unwrap_or(0))
     }
 
     /// Pure decision over a subject's memory.
@@ -463,6 +518,51 @@ impl Memory {
                     )))
                 }
             },
+            MemoryCommand::RecordEmbeddings {
+                episode_id,
+                model,
+                dimensions,
+                vectors,
+                ..
+            } => {
+                let chunks = self.embeddable(&subject, &episode_id)?;
+                if vectors.len() != chunks as usize {
+                    return Err(invalid(
+                        "vectors",
+                        format!(
+                            "episode {episode_id:?} has {chunks} chunks, {} vectors were given",
+                            vectors.len()
+                        ),
+                    ));
+                }
+                if dimensions == 0 || model.is_empty() {
+                    return Err(invalid(
+                        "dimensions",
+                        "embeddings need a model and at least one dimension",
+                    ));
+                }
+                out.push(MemoryEvent::EpisodeEmbedded(EpisodeEmbedded {
+                    episode_id,
+                    model,
+                    dimensions,
+                    vectors,
+                }));
+            }
+            MemoryCommand::RecordEmbeddingFailure {
+                episode_id,
+                model,
+                reason,
+                ..
+            } => {
+                self.embeddable(&subject, &episode_id)?;
+                out.push(MemoryEvent::EpisodeEmbeddingFailed(
+                    EpisodeEmbeddingFailed {
+                        episode_id,
+                        model,
+                        reason,
+                    },
+                ));
+            }
             MemoryCommand::Erase { reason, .. } => {
                 if !ERASE_REASONS.contains(&reason.as_str()) {
                     return Err(invalid(
@@ -505,7 +605,15 @@ impl Aggregate for Memory {
                 self.key_id = e.key_id;
             }
             MemoryEvent::EpisodeRecorded(e) => {
+                let chunks = u32::try_from(e.chunks.len()).unwrap_or(u32::MAX);
+                self.episode_chunks.insert(e.episode_id.clone(), chunks);
                 self.episodes.insert(e.episode_id);
+            }
+            MemoryEvent::EpisodeEmbedded(e) => {
+                self.embedded.insert(e.episode_id);
+            }
+            MemoryEvent::EpisodeEmbeddingFailed(e) => {
+                self.embedded.insert(e.episode_id);
             }
             MemoryEvent::FactRecorded(e) => {
                 self.facts.insert(
@@ -532,6 +640,8 @@ impl Aggregate for Memory {
             MemoryEvent::MemorySubjectErased(_) => {
                 self.erased = true;
                 self.episodes.clear();
+                self.episode_chunks.clear();
+                self.embedded.clear();
                 self.facts.clear();
                 self.working.clear();
             }
@@ -671,6 +781,81 @@ mod tests {
         for c in [erase, forget, writeback(vec![fact("f1", "y")], 1)] {
             assert_eq!(m.decide(c).unwrap_err().code(), ErrorCode::Rejected);
         }
+    }
+
+    #[test]
+    fn embeddings_only_for_a_known_episode_once_and_never_after_erasure() {
+        let mut m = Memory::default();
+        let episode = EpisodeInput {
+            episode_id: "e1".into(),
+            turn_at: at(0),
+            turn: sealed("{}"),
+            chunks: vec![
+                ChunkSpan {
+                    message: 0,
+                    start: 0,
+                    end: 3,
+                },
+                ChunkSpan {
+                    message: 0,
+                    start: 4,
+                    end: 9,
+                },
+            ],
+            messages: 1,
+        };
+        run(
+            &mut m,
+            MemoryCommand::Writeback {
+                subject: who(),
+                episode: Some(episode),
+                facts: vec![],
+                at: at(0),
+            },
+        )
+        .unwrap();
+        let embed = |episode: &str, n: usize| MemoryCommand::RecordEmbeddings {
+            subject: who(),
+            episode_id: episode.into(),
+            model: "m".into(),
+            dimensions: 4,
+            vectors: (0..n).map(|i| sealed(&format!("v{i}"))).collect(),
+        };
+        assert_eq!(
+            m.decide(embed("e2", 2)).unwrap_err().code(),
+            ErrorCode::NotFound
+        );
+        assert_eq!(
+            m.decide(embed("e1", 1)).unwrap_err().field(),
+            Some("vectors")
+        );
+        let evs = run(&mut m, embed("e1", 2)).unwrap();
+        assert!(
+            matches!(&evs[..], [MemoryEvent::EpisodeEmbedded(e)] if e.vectors.len() == 2 && e.dimensions == 4)
+        );
+        assert_eq!(
+            m.decide(embed("e1", 2)).unwrap_err(),
+            MemoryError::AlreadyEmbedded("e1".into())
+        );
+        let failed = MemoryCommand::RecordEmbeddingFailure {
+            subject: who(),
+            episode_id: "e1".into(),
+            model: "m".into(),
+            reason: "status 500".into(),
+        };
+        assert_eq!(m.decide(failed).unwrap_err().code(), ErrorCode::Conflict);
+        run(
+            &mut m,
+            MemoryCommand::Erase {
+                subject: who(),
+                reason: "retention".into(),
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            m.decide(embed("e1", 2)).unwrap_err().code(),
+            ErrorCode::Rejected
+        );
     }
 
     #[test]
