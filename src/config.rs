@@ -66,6 +66,111 @@ pub struct MemorySection {
     /// When `serve` runs the cleanup (expired working state), a cron
     /// expression in UTC; one instance runs it at a time. Empty: never.
     pub cleanup_cron: String,
+    /// `[memory.embedder]`: similarity search by embeddings; without it,
+    /// assemble ranks chunks by full text.
+    pub embedder: Option<EmbedderSection>,
+}
+
+/// What `assemble` does when the embedder cannot embed its query.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum EmbedderFallback {
+    /// Rank by full text instead (`retrieval: "full_text_fallback"`).
+    #[default]
+    FullText,
+    /// Answer `embeddings_failed` (503).
+    Error,
+}
+
+/// `[memory.embedder]`: an OpenAI-compatible embeddings endpoint
+/// (`POST <url>/embeddings`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EmbedderSection {
+    /// The API's base URL, e.g. `https://openrouter.ai/api/v1` or
+    /// `http://localhost:11434/v1`.
+    pub url: String,
+    /// The model asked for.
+    pub model: String,
+    /// Every vector's length (1 to 16000); an answer with another length
+    /// is refused. Sent as `dimensions` when `send_dimensions`.
+    pub dimensions: u32,
+    /// Send `dimensions` in the request (models that can shorten their
+    /// vectors accept it; others may refuse it).
+    #[serde(default)]
+    pub send_dimensions: bool,
+    /// One request's time limit, milliseconds (10 to 120000).
+    #[serde(default = "default_embedder_timeout_ms")]
+    pub timeout_ms: u64,
+    /// Attempts the embedding handler makes per episode before recording
+    /// `EpisodeEmbeddingFailed` (1 to 20).
+    #[serde(default = "default_embedder_attempts")]
+    pub max_attempts: u32,
+    /// The API key, `<kv path>#<field>`, read through the secrets
+    /// capability as `flowledger-handler` (role `handler`); sent only as
+    /// `Authorization: Bearer`.
+    pub api_key_secret: Option<String>,
+    /// assemble when the query cannot be embedded: `full_text` (default)
+    /// or `error`.
+    #[serde(default)]
+    pub on_failure: EmbedderFallback,
+}
+
+fn default_embedder_timeout_ms() -> u64 {
+    5_000
+}
+
+fn default_embedder_attempts() -> u32 {
+    5
+}
+
+/// The most dimensions of a vector (pgvector's `vector` type).
+pub const MAX_EMBEDDING_DIMENSIONS: u32 = 16_000;
+
+impl EmbedderSection {
+    /// Checks every setting; the message names it.
+    pub fn check(&self) -> Result<(), String> {
+        let url = reqwest::Url::parse(&self.url)
+            .map_err(|e| format!("memory.embedder.url is not a URL: {e}"))?;
+        if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
+            return Err("memory.embedder.url must be an http or https URL with a host".into());
+        }
+        if url.query().is_some() || url.fragment().is_some() {
+            return Err("memory.embedder.url must have no query or fragment".into());
+        }
+        if self.model.trim().is_empty() || self.model.len() > 200 {
+            return Err("memory.embedder.model must be 1 to 200 characters".into());
+        }
+        if !(1..=MAX_EMBEDDING_DIMENSIONS).contains(&self.dimensions) {
+            return Err(format!(
+                "memory.embedder.dimensions must be 1 to {MAX_EMBEDDING_DIMENSIONS}"
+            ));
+        }
+        if !(10..=120_000).contains(&self.timeout_ms) {
+            return Err("memory.embedder.timeout_ms must be 10 to 120000".into());
+        }
+        if !(1..=20).contains(&self.max_attempts) {
+            return Err("memory.embedder.max_attempts must be 1 to 20".into());
+        }
+        if let Some(s) = &self.api_key_secret {
+            self.api_key_ref()
+                .ok_or_else(|| "memory.embedder.api_key_secret: missing".to_string())?
+                .map_err(|e| format!("memory.embedder.api_key_secret {s:?}: {e}"))?;
+        }
+        Ok(())
+    }
+
+    /// The API key's secret, parsed.
+    pub fn api_key_ref(&self) -> Option<Result<crate::commands::registry::SecretRef, String>> {
+        self.api_key_secret
+            .as_deref()
+            .map(crate::commands::registry::SecretRef::parse)
+    }
+
+    /// `<url>/embeddings`.
+    pub fn endpoint(&self) -> String {
+        format!("{}/embeddings", self.url.trim_end_matches('/'))
+    }
 }
 
 impl Default for MemorySection {
@@ -79,6 +184,7 @@ impl Default for MemorySection {
             top_k: 5,
             assemble_budget_ms: 2_000,
             cleanup_cron: "0 2 * * *".into(),
+            embedder: None,
         }
     }
 }
@@ -109,6 +215,9 @@ impl MemorySection {
         if !self.cleanup_cron.is_empty() {
             crate::memory::cleanup::parse_schedule(&self.cleanup_cron)
                 .map_err(|e| format!("memory.cleanup_cron: {e}"))?;
+        }
+        if let Some(e) = &self.embedder {
+            e.check()?;
         }
         Ok(())
     }
@@ -699,6 +808,48 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("nats.handler_accounts"), "{e}");
+    }
+
+    #[test]
+    fn the_embedder_is_checked_naming_the_setting() {
+        let base = "[memory]\n[memory.embedder]\nurl = \"http://127.0.0.1:9/v1\"\nmodel = \"m\"\n";
+        let c = Config::parse(Path::new("c.toml"), &format!("{base}dimensions = 8\n"))
+            .expect("a minimal embedder");
+        let e = c.memory.embedder.expect("configured");
+        assert_eq!(e.on_failure, EmbedderFallback::FullText);
+        assert_eq!(e.endpoint(), "http://127.0.0.1:9/v1/embeddings");
+        assert_eq!(e.timeout_ms, 5_000);
+        assert!(Config::parse(Path::new("c.toml"), "").expect("defaults").memory.embedder.is_none());
+        for (extra, setting) in [
+            ("dimensions = 0\n", "memory.embedder.dimensions"),
+            ("dimensions = 16001\n", "memory.embedder.dimensions"),
+            ("dimensions = 8\ntimeout_ms = 1\n", "memory.embedder.timeout_ms"),
+            ("dimensions = 8\nmax_attempts = 0\n", "memory.embedder.max_attempts"),
+            ("dimensions = 8\non_failure = \"maybe\"\n", "on_failure"),
+            ("dimensions = 8\napi_key_secret = \"secret/data/x\"\n", "memory.embedder.api_key_secret"),
+            ("dimensions = 8\nmodle = \"x\"\n", "modle"),
+        ] {
+            let err = Config::parse(Path::new("c.toml"), &format!("{base}{extra}"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(setting), "{extra}: {err}");
+        }
+        let err = Config::parse(
+            Path::new("c.toml"),
+            "[memory.embedder]\nurl = \"ftp://x\"\nmodel = \"m\"\ndimensions = 8\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("memory.embedder.url"), "{err}");
+        let ok = Config::parse(
+            Path::new("c.toml"),
+            &format!("{base}dimensions = 8\non_failure = \"error\"\napi_key_secret = \"secret/data/embed#api_key\"\n"),
+        )
+        .expect("with a key and on_failure = error");
+        let e = ok.memory.embedder.expect("configured");
+        assert_eq!(e.on_failure, EmbedderFallback::Error);
+        let r = e.api_key_ref().expect("named").expect("parses");
+        assert_eq!((r.path.as_str(), r.field.as_str()), ("secret/data/embed", "api_key"));
     }
 
     #[test]

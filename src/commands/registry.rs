@@ -247,8 +247,9 @@ impl HeaderTemplate {
 }
 
 impl SecretRef {
-    /// Parses the inside of a placeholder, `<path>#<field>`.
-    fn parse(inner: &str) -> Result<Self, String> {
+    /// Parses the inside of a placeholder, `<path>#<field>` (also the form
+    /// of a secret named in configuration).
+    pub fn parse(inner: &str) -> Result<Self, String> {
         let Some((path, field)) = inner.split_once('#') else {
             return Err(format!(
                 "placeholder {{{inner}}} names no field: write {{<path>#<field>}}, e.g. \
