@@ -819,14 +819,27 @@ mod tests {
         assert_eq!(e.on_failure, EmbedderFallback::FullText);
         assert_eq!(e.endpoint(), "http://127.0.0.1:9/v1/embeddings");
         assert_eq!(e.timeout_ms, 5_000);
-        assert!(Config::parse(Path::new("c.toml"), "").expect("defaults").memory.embedder.is_none());
+        assert!(Config::parse(Path::new("c.toml"), "")
+            .expect("defaults")
+            .memory
+            .embedder
+            .is_none());
         for (extra, setting) in [
             ("dimensions = 0\n", "memory.embedder.dimensions"),
             ("dimensions = 16001\n", "memory.embedder.dimensions"),
-            ("dimensions = 8\ntimeout_ms = 1\n", "memory.embedder.timeout_ms"),
-            ("dimensions = 8\nmax_attempts = 0\n", "memory.embedder.max_attempts"),
+            (
+                "dimensions = 8\ntimeout_ms = 1\n",
+                "memory.embedder.timeout_ms",
+            ),
+            (
+                "dimensions = 8\nmax_attempts = 0\n",
+                "memory.embedder.max_attempts",
+            ),
             ("dimensions = 8\non_failure = \"maybe\"\n", "on_failure"),
-            ("dimensions = 8\napi_key_secret = \"secret/data/x\"\n", "memory.embedder.api_key_secret"),
+            (
+                "dimensions = 8\napi_key_secret = \"secret/data/x\"\n",
+                "memory.embedder.api_key_secret",
+            ),
             ("dimensions = 8\nmodle = \"x\"\n", "modle"),
         ] {
             let err = Config::parse(Path::new("c.toml"), &format!("{base}{extra}"))
@@ -849,7 +862,10 @@ mod tests {
         let e = ok.memory.embedder.expect("configured");
         assert_eq!(e.on_failure, EmbedderFallback::Error);
         let r = e.api_key_ref().expect("named").expect("parses");
-        assert_eq!((r.path.as_str(), r.field.as_str()), ("secret/data/embed", "api_key"));
+        assert_eq!(
+            (r.path.as_str(), r.field.as_str()),
+            ("secret/data/embed", "api_key")
+        );
     }
 
     #[test]

@@ -1,9 +1,11 @@
 //! Conversation memory (seed 001, docs/MEMORY.md): the service that seals a
 //! client's memory commands with the data subject's key and sends them
-//! over the bus ([`service`]), the subjects' keys in Vault ([`keys`]).
+//! over the bus ([`service`]), the subjects' keys in Vault ([`keys`]), the
+//! embeddings peer and its vectors' encoding ([`embedder`]).
 //! Depends on commands, events, bus, secrets and crypto; the API doors
 //! depend on it.
 
 pub mod cleanup;
+pub mod embedder;
 pub mod keys;
 pub mod service;
