@@ -282,6 +282,16 @@ impl Application {
                 // its views exist before the HTTP API reads them
                 db::migrate_model(&p, projections::ReadModel::Memory).await?;
             }
+            if let (true, Some(m)) = (d.projections, &memory) {
+                if let Some(embedder) = m.embedder() {
+                    let handler = crate::memory::embedding::EmbeddingHandler {
+                        bus: bus.clone(),
+                        keys: m.keys().clone(),
+                        embedder: embedder.clone(),
+                    };
+                    tasks.push(tokio::spawn(handler.run(log.clone(), stop_rx.clone())));
+                }
+            }
             if d.projections {
                 for model in projections::ReadModel::ALL {
                     let run =

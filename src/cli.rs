@@ -1013,6 +1013,19 @@ fn memory_service(
         Ok(schedule) if !m.cleanup_cron.is_empty() => service.with_cleanup(schedule),
         _ => service,
     };
+    // checked with the configuration: the embedder's settings hold
+    let service = match m
+        .embedder
+        .clone()
+        .map(|e| crate::memory::embedder::Embedder::new(e, Some(secrets.clone())))
+    {
+        Some(Ok(e)) => service.with_embedder(Arc::new(e)),
+        Some(Err(why)) => {
+            tracing::error!(%why, "memory: the embedder is not usable; assemble ranks by full text");
+            service
+        }
+        None => service,
+    };
     Some(Arc::new(service))
 }
 

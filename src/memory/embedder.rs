@@ -66,12 +66,11 @@ impl EmbedError {
 struct KeySource {
     secret: SecretRef,
     secrets: Arc<SecretService>,
-    bus: Arc<CommandBus>,
     held: Mutex<Option<Zeroizing<String>>>,
 }
 
 impl KeySource {
-    async fn get(&self, fresh: bool) -> Result<Zeroizing<String>, EmbedError> {
+    async fn get(&self, bus: &CommandBus, fresh: bool) -> Result<Zeroizing<String>, EmbedError> {
         let mut held = self.held.lock().await;
         if !fresh {
             if let Some(k) = held.as_ref() {
@@ -97,7 +96,7 @@ impl KeySource {
         );
         let served = self
             .secrets
-            .read(&self.bus, request, KEY_ROLE, &meta)
+            .read(bus, request, KEY_ROLE, &meta)
             .await
             .map_err(|e| EmbedError::Key(format!("{}: {}", self.secret, e.message)))?;
         let key = served
@@ -140,18 +139,15 @@ struct Item {
 }
 
 impl Embedder {
-    /// An embedder for `cfg` (checked); `secrets` and `bus` read its API
-    /// key, when it has one.
-    pub fn new(
-        cfg: EmbedderSection,
-        secrets: Option<(Arc<SecretService>, Arc<CommandBus>)>,
-    ) -> Result<Self, String> {
+    /// An embedder for `cfg` (checked); `secrets` reads its API key, when
+    /// it has one.
+    pub fn new(cfg: EmbedderSection, secrets: Option<Arc<SecretService>>) -> Result<Self, String> {
         cfg.check()?;
         let key = match cfg.api_key_ref() {
             None => None,
             Some(r) => {
                 let secret = r.map_err(|e| format!("memory.embedder.api_key_secret: {e}"))?;
-                let (secrets, bus) = secrets.ok_or_else(|| {
+                let secrets = secrets.ok_or_else(|| {
                     "memory.embedder.api_key_secret needs [secrets] (the key is read through \
                      the secrets capability)"
                         .to_string()
@@ -159,7 +155,6 @@ impl Embedder {
                 Some(KeySource {
                     secret,
                     secrets,
-                    bus,
                     held: Mutex::new(None),
                 })
             }
@@ -176,9 +171,10 @@ impl Embedder {
     }
 
     /// One vector per text, within `limit` (at most the configured
-    /// `timeout_ms`).
+    /// `timeout_ms`); a read of the API key is recorded on `bus`.
     pub async fn embed(
         &self,
+        bus: &CommandBus,
         texts: &[String],
         limit: Option<Duration>,
     ) -> Result<Vec<Vec<f32>>, EmbedError> {
@@ -187,7 +183,7 @@ impl Embedder {
         }
         let configured = Duration::from_millis(self.cfg.timeout_ms);
         let limit = limit.map_or(configured, |l| l.min(configured));
-        match tokio::time::timeout(limit, self.embed_once(texts, limit)).await {
+        match tokio::time::timeout(limit, self.embed_once(bus, texts, limit)).await {
             Ok(r) => r,
             Err(_) => Err(EmbedError::Timeout(limit.as_millis() as u64)),
         }
@@ -195,6 +191,7 @@ impl Embedder {
 
     async fn embed_once(
         &self,
+        bus: &CommandBus,
         texts: &[String],
         limit: Duration,
     ) -> Result<Vec<Vec<f32>>, EmbedError> {
@@ -210,7 +207,7 @@ impl Embedder {
                 .timeout(limit)
                 .json(&body);
             if let Some(k) = &self.key {
-                let key = k.get(fresh_key).await?;
+                let key = k.get(bus, fresh_key).await?;
                 let mut value = reqwest::header::HeaderValue::from_str(&format!("Bearer {}", *key))
                     .map_err(|_| EmbedError::Key("not a valid header value".into()))?;
                 value.set_sensitive(true);

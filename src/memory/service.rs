@@ -163,6 +163,7 @@ pub struct MemoryService {
     chunking: Chunking,
     defaults: AssembleDefaults,
     cleanup: Option<croner::Cron>,
+    embedder: Option<Arc<crate::memory::embedder::Embedder>>,
 }
 
 fn invalid(field: &str, message: impl Into<String>) -> CommandError {
@@ -283,6 +284,7 @@ impl MemoryService {
             chunking,
             defaults,
             cleanup: None,
+            embedder: None,
         }
     }
 
@@ -295,6 +297,18 @@ impl MemoryService {
     /// When `serve` runs the cleanup (`[memory] cleanup_cron`), if ever.
     pub fn cleanup_schedule(&self) -> Option<&croner::Cron> {
         self.cleanup.as_ref()
+    }
+
+    /// With `[memory.embedder]`: episodes are embedded, assemble searches
+    /// by vector.
+    pub fn with_embedder(mut self, embedder: Arc<crate::memory::embedder::Embedder>) -> Self {
+        self.embedder = Some(embedder);
+        self
+    }
+
+    /// The embedder, when configured.
+    pub fn embedder(&self) -> Option<&Arc<crate::memory::embedder::Embedder>> {
+        self.embedder.as_ref()
     }
 
     /// `assemble`'s defaults (`[memory]`).
