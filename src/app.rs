@@ -98,6 +98,10 @@ pub enum BuildError {
     /// PostgreSQL could not be reached or migrated.
     #[error(transparent)]
     Database(#[from] db::DbError),
+    /// `[memory.embedder]` is configured and the chunk vectors cannot be
+    /// set up (no pgvector, or vectors of other dimensions).
+    #[error(transparent)]
+    Vectors(#[from] db::VectorSetupError),
     /// The HTTP address cannot be bound (in use, not local, no permission);
     /// choose another `--http` address.
     #[error("cannot listen on {addr}: {source} (choose another --http address)")]
@@ -281,6 +285,9 @@ impl Application {
             if memory.is_some() {
                 // its views exist before the HTTP API reads them
                 db::migrate_model(&p, projections::ReadModel::Memory).await?;
+                if let Some(e) = memory.as_ref().and_then(|m| m.embedder()) {
+                    db::setup_active_vectors(&p, e.config().dimensions).await?;
+                }
             }
             if let (true, Some(m)) = (d.projections, &memory) {
                 if let Some(embedder) = m.embedder() {

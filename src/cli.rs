@@ -1325,6 +1325,7 @@ async fn serve(g: &Global, args: ServeArgs) -> anyhow::Result<ExitCode> {
     let app = Application::build(settings).await.map_err(|e| match e {
         BuildError::Database(_) => anyhow::Error::new(e).context(Unreachable),
         BuildError::Listen { .. }
+        | BuildError::Vectors(_)
         | BuildError::CommandsNotVouched
         | BuildError::StepSecretsNotConfigured { .. } => anyhow::Error::new(e).context(UsageError),
         BuildError::Subscribe(_) | BuildError::Unconfirmed(_) => {

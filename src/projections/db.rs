@@ -394,13 +394,132 @@ pub fn switch_views(model: ReadModel, v: i32) -> Vec<String> {
 }
 
 /// Statements that drop version `v`'s tables (after a rebuild switched
-/// away from it).
+/// away from it); the memory read model's vectors too, if it has them.
 pub fn drop_tables(model: ReadModel, v: i32) -> Vec<String> {
-    model
+    let mut out: Vec<String> = model
         .tables()
         .iter()
         .map(|t| format!("DROP TABLE IF EXISTS {t}_v{v}"))
-        .collect()
+        .collect();
+    if model == ReadModel::Memory {
+        out.push(format!("DROP TABLE IF EXISTS {VECTORS_TABLE}_v{v}"));
+    }
+    out
+}
+
+/// The memory read model's chunk vectors (only with `[memory.embedder]`).
+pub const VECTORS_TABLE: &str = "memory_chunk_vectors";
+
+/// The chunk vectors of memory version `v`, `dimensions` long, with their
+/// HNSW index (cosine distance); needs the `vector` extension.
+pub fn vector_ddl(v: i32, dimensions: u32) -> Vec<String> {
+    vec![
+        format!(
+            "CREATE TABLE IF NOT EXISTS {VECTORS_TABLE}_v{v} (
+                aggregate_id  TEXT NOT NULL,
+                episode_id    TEXT NOT NULL,
+                idx           INT NOT NULL,              -- the chunk's idx in memory_chunks
+                model         TEXT NOT NULL,
+                embedding     vector({dimensions}) NOT NULL,
+                PRIMARY KEY (aggregate_id, episode_id, idx)
+            )"
+        ),
+        format!(
+            "CREATE INDEX IF NOT EXISTS {VECTORS_TABLE}_v{v}_hnsw              ON {VECTORS_TABLE}_v{v} USING hnsw (embedding vector_cosine_ops)"
+        ),
+        format!(
+            "CREATE INDEX IF NOT EXISTS {VECTORS_TABLE}_v{v}_subject              ON {VECTORS_TABLE}_v{v} (aggregate_id)"
+        ),
+    ]
+}
+
+/// Why the chunk vectors cannot be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum VectorSetupError {
+    /// `CREATE EXTENSION vector` failed: pgvector is not installed, or the
+    /// role may not create it.
+    #[error(
+        "[memory.embedder] needs the pgvector extension: CREATE EXTENSION IF NOT EXISTS vector          failed: {0} (install pgvector, or have a superuser create the extension in this          database)"
+    )]
+    Extension(sqlx::Error),
+    /// The memory read model's vectors table has other dimensions than
+    /// configured.
+    #[error(
+        "{VECTORS_TABLE}_v{version} holds vectors of {found} dimensions,          memory.embedder.dimensions is {configured}: rebuild the memory read model          (flowledger projections rebuild memory) after changing the model"
+    )]
+    Dimensions {
+        /// The version.
+        version: i32,
+        /// The table's.
+        found: i32,
+        /// The configuration's.
+        configured: u32,
+    },
+    /// Another database error.
+    #[error(transparent)]
+    Db(#[from] DbError),
+}
+
+impl From<sqlx::Error> for VectorSetupError {
+    fn from(e: sqlx::Error) -> Self {
+        VectorSetupError::Db(DbError::from(e))
+    }
+}
+
+/// The dimensions of version `v`'s vectors table; `None`: it does not exist.
+pub async fn vector_dimensions<'e, E>(db: E, v: i32) -> Result<Option<i32>, sqlx::Error>
+where
+    E: sqlx::PgExecutor<'e>,
+{
+    sqlx::query_scalar(
+        "SELECT a.atttypmod FROM pg_attribute a          WHERE a.attrelid = to_regclass($1) AND a.attname = 'embedding'",
+    )
+    .bind(format!("{VECTORS_TABLE}_v{v}"))
+    .fetch_optional(db)
+    .await
+}
+
+/// Sets up the chunk vectors of memory version `v` (the extension, the
+/// table and its index); with `view`, points `memory_chunk_vectors` at it.
+pub async fn setup_vectors(
+    pool: &PgPool,
+    v: i32,
+    dimensions: u32,
+    view: bool,
+) -> Result<(), VectorSetupError> {
+    sqlx::query("CREATE EXTENSION IF NOT EXISTS vector")
+        .execute(pool)
+        .await
+        .map_err(VectorSetupError::Extension)?;
+    if let Some(found) = vector_dimensions(pool, v).await? {
+        if found != dimensions as i32 {
+            return Err(VectorSetupError::Dimensions {
+                version: v,
+                found,
+                configured: dimensions,
+            });
+        }
+    }
+    for stmt in vector_ddl(v, dimensions) {
+        sqlx::query(&stmt).execute(pool).await?;
+    }
+    if view {
+        sqlx::query(&format!(
+            "CREATE OR REPLACE VIEW {VECTORS_TABLE} AS SELECT * FROM {VECTORS_TABLE}_v{v}"
+        ))
+        .execute(pool)
+        .await?;
+    }
+    Ok(())
+}
+
+/// Sets up the chunk vectors of the active memory version
+/// ([`setup_vectors`]); after [`migrate_model`].
+pub async fn setup_active_vectors(pool: &PgPool, dimensions: u32) -> Result<(), VectorSetupError> {
+    let v = active_version(pool, ReadModel::Memory)
+        .await?
+        .ok_or_else(|| DbError::from(sqlx::Error::RowNotFound))?;
+    setup_vectors(pool, v, dimensions, true).await
 }
 
 /// One projection's row in `projection_checkpoints`.

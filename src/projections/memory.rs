@@ -25,8 +25,10 @@ use crate::commands::memory::events::{ChunkSpan, MemoryEvent};
 use crate::crypto::Sealed;
 use crate::events::envelope::EventRecord;
 use crate::events::store::decode_event;
+use crate::memory::embedder::vector_from_bytes;
 use crate::memory::keys::{KeyError, SubjectKey, SubjectKeys};
 use crate::projections::apply::{time_of, Failure};
+use crate::projections::db::VECTORS_TABLE;
 use crate::projections::event::ProjectedEvent;
 use crate::projections::{ApplyError, Msg};
 
@@ -186,6 +188,21 @@ fn char_range(text: &str, start: usize, end: usize) -> Option<String> {
 struct BatchKeys<'k> {
     keys: Option<&'k SubjectKeys>,
     got: HashMap<String, Option<Arc<SubjectKey>>>,
+    /// The dimensions of this version's chunk vectors, once asked (`None`
+    /// inside: no vectors table, no `[memory.embedder]`).
+    vectors: Option<Option<i32>>,
+}
+
+impl BatchKeys<'_> {
+    /// The vectors table's dimensions (asked once per batch).
+    async fn vectors(&mut self, tx: &mut Tx<'_>, v: i32) -> Result<Option<i32>, sqlx::Error> {
+        if let Some(d) = self.vectors {
+            return Ok(d);
+        }
+        let d = crate::projections::db::vector_dimensions(&mut **tx, v).await?;
+        self.vectors = Some(d);
+        Ok(d)
+    }
 }
 
 impl BatchKeys<'_> {
@@ -272,6 +289,7 @@ pub(crate) async fn apply(
     let mut keys = BatchKeys {
         keys,
         got: HashMap::new(),
+        vectors: None,
     };
     for m in batch {
         let mut subject: Option<&str> = None;
@@ -486,8 +504,57 @@ async fn apply_event(
             .execute(&mut **tx)
             .await?;
         }
-        MemoryEvent::EpisodeEmbedded(_) | MemoryEvent::EpisodeEmbeddingFailed(_) => {
+        MemoryEvent::EpisodeEmbedded(e) => {
             // the vectors table exists only with [memory.embedder]
+            let Some(dims) = keys.vectors(tx, v).await? else {
+                return Ok(());
+            };
+            if i64::from(dims) != i64::from(e.dimensions) {
+                tracing::warn!(
+                    seq,
+                    subject = id,
+                    episode = %e.episode_id,
+                    event_dimensions = e.dimensions,
+                    table_dimensions = dims,
+                    "memory: embeddings of other dimensions than the vectors table; not indexed"
+                );
+                return Ok(());
+            }
+            let Some(key) = keys.get(seq, id, &r.event_type).await? else {
+                return Ok(());
+            };
+            for (idx, sealed) in e.vectors.iter().enumerate() {
+                let bytes = key.open(sealed).map_err(|x| {
+                    poison(
+                        seq,
+                        r,
+                        format_args!(
+                            "vector {idx} of episode {} does not open: {x}",
+                            e.episode_id
+                        ),
+                    )
+                })?;
+                let vector = vector_from_bytes(&bytes, e.dimensions).map_err(|x| {
+                    poison(
+                        seq,
+                        r,
+                        format_args!("vector {idx} of episode {}: {x}", e.episode_id),
+                    )
+                })?;
+                sqlx::query(&format!(
+                    "INSERT INTO {VECTORS_TABLE}_v{v} (aggregate_id, episode_id, idx, model,                      embedding) VALUES ($1, $2, $3, $4, $5)                      ON CONFLICT (aggregate_id, episode_id, idx) DO NOTHING"
+                ))
+                .bind(id)
+                .bind(&e.episode_id)
+                .bind(idx as i32)
+                .bind(&e.model)
+                .bind(pgvector::Vector::from(vector))
+                .execute(&mut **tx)
+                .await?;
+            }
+        }
+        MemoryEvent::EpisodeEmbeddingFailed(_) => {
+            // its chunks stay findable by full text only
         }
         MemoryEvent::MemorySubjectErased(e) => {
             sqlx::query(&format!(
@@ -504,6 +571,14 @@ async fn apply_event(
                     .bind(id)
                     .execute(&mut **tx)
                     .await?;
+            }
+            if keys.vectors(tx, v).await?.is_some() {
+                sqlx::query(&format!(
+                    "DELETE FROM {VECTORS_TABLE}_v{v} WHERE aggregate_id = $1"
+                ))
+                .bind(id)
+                .execute(&mut **tx)
+                .await?;
             }
             // nothing of it opens any more: drop the key this instance holds
             if let Some(k) = keys.keys {

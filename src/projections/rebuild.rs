@@ -319,6 +319,23 @@ pub async fn rebuild_with_keys(
             .await
             .map_err(DbError::from)?;
     }
+    // the memory read model's chunk vectors ([memory.embedder]): the new
+    // version has them when the active one has, with its dimensions; they
+    // come from the EpisodeEmbedded events, never from the embedder
+    let vectors = match model {
+        ReadModel::Memory => db::vector_dimensions(pool, old)
+            .await
+            .map_err(DbError::from)?,
+        _ => None,
+    };
+    if let Some(dims) = vectors {
+        for stmt in db::vector_ddl(new, dims.max(1) as u32) {
+            sqlx::query(&stmt)
+                .execute(pool)
+                .await
+                .map_err(DbError::from)?;
+        }
+    }
     sqlx::query(
         "INSERT INTO projection_checkpoints (name, version, state, active) \
          VALUES ($1, $2, 'building', FALSE)
@@ -396,6 +413,15 @@ pub async fn rebuild_with_keys(
             .execute(&mut *tx)
             .await
             .map_err(DbError::from)?;
+    }
+    if vectors.is_some() {
+        sqlx::query(&format!(
+            "CREATE OR REPLACE VIEW {t} AS SELECT * FROM {t}_v{new}",
+            t = db::VECTORS_TABLE
+        ))
+        .execute(&mut *tx)
+        .await
+        .map_err(DbError::from)?;
     }
     sqlx::query(
         "UPDATE projection_checkpoints SET active = (version = $2),
