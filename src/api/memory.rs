@@ -24,6 +24,7 @@ use super::http::{ApiError, AppState};
 use crate::bus::{CommandBus, CommandError};
 use crate::commands::memory::{aggregate_id, check_subject_id};
 use crate::commands::ErrorCode;
+use crate::config::EmbedderFallback;
 use crate::memory::service::{
     EraseBody, ForgetBody, MemoryService, ProfileBody, WorkingDeleteBody, WorkingSetBody,
     WritebackBody,
@@ -205,6 +206,7 @@ fn database_error(e: sqlx::Error) -> DoorError {
 /// the top-k chunks by text rank (with scores), the recent episodes, the
 /// valid facts and the working state not expired, within a time budget.
 pub async fn assemble(
+    bus: &CommandBus,
     pool: Option<&PgPool>,
     memory: Option<&MemoryService>,
     caller: &Caller,
@@ -246,7 +248,39 @@ pub async fn assemble(
     }
     let id = aggregate_id(&caller.client_id, &b.subject_id);
     let started = Instant::now();
-    let work = gather(pool, &id, &b.query, top_k, recent);
+    let work = async {
+        // with an embedder: the query's vector, within three quarters of
+        // the budget (the rest leaves room for the full-text fallback)
+        let (vector, retrieval) = match memory.embedder() {
+            Some(e) if !b.query.trim().is_empty() => {
+                let limit = Duration::from_millis((budget * 3 / 4).max(1));
+                match e
+                    .embed(bus, std::slice::from_ref(&b.query), Some(limit))
+                    .await
+                {
+                    Ok(mut v) => (v.pop(), "vector"),
+                    Err(x) => match e.config().on_failure {
+                        EmbedderFallback::Error => {
+                            tracing::warn!(error = %x, "memory: assemble: the query could not be embedded");
+                            return Err(DoorError::reasoned(
+                                ErrorCode::Unavailable,
+                                "embeddings_failed",
+                                format!("the query could not be embedded: {x}; retry later"),
+                            ));
+                        }
+                        EmbedderFallback::FullText => {
+                            tracing::warn!(error = %x, "memory: assemble: the query could not be \
+                                embedded; ranking by full text");
+                            (None, "full_text_fallback")
+                        }
+                    },
+                }
+            }
+            _ => (None, "full_text"),
+        };
+        let g = gather(pool, &id, &b.query, vector, top_k, recent).await?;
+        Ok::<_, DoorError>(g.map(|g| (g, retrieval)))
+    };
     let Ok(gathered) = tokio::time::timeout(Duration::from_millis(budget), work).await else {
         return Err(DoorError::reasoned(
             ErrorCode::Unavailable,
@@ -254,7 +288,7 @@ pub async fn assemble(
             format!("assemble took longer than its budget of {budget} ms; retry, or give a larger budget_ms"),
         ));
     };
-    let mut v = gathered?.ok_or_else(|| {
+    let (mut v, retrieval) = gathered?.ok_or_else(|| {
         DoorError::reasoned(
             ErrorCode::NotFound,
             "client_not_found",
@@ -265,7 +299,7 @@ pub async fn assemble(
         )
     })?;
     v["subject_id"] = json!(b.subject_id);
-    v["retrieval"] = json!("full_text");
+    v["retrieval"] = json!(retrieval);
     v["took_ms"] = json!(started.elapsed().as_millis() as u64);
     Ok(v)
 }
@@ -276,6 +310,7 @@ async fn gather(
     pool: &PgPool,
     id: &str,
     query: &str,
+    vector: Option<Vec<f32>>,
     top_k: u32,
     recent: u32,
 ) -> Result<Option<Value>, DoorError> {
@@ -283,13 +318,48 @@ async fn gather(
         sqlx::query("SELECT 1 FROM memory_subjects WHERE aggregate_id = $1 AND erased_at IS NULL");
     let profile = sqlx::query("SELECT fields FROM memory_profiles WHERE aggregate_id = $1");
     // any query word may match (OR), ranked by cover density
-    let chunks = sqlx::query(
-        "SELECT c.episode_id, c.idx, c.text, c.turn_at, ts_rank_cd(c.tsv, q) AS score \
-         FROM memory_chunks c, \
-              (SELECT NULLIF(replace(plainto_tsquery('english', $2)::text, ' & ', ' | '), '')::tsquery AS q) w \
-         WHERE c.aggregate_id = $1 AND w.q IS NOT NULL AND c.tsv @@ w.q \
-         ORDER BY score DESC, c.turn_at DESC, c.idx LIMIT $3",
-    );
+    let by_vector = vector.is_some();
+    let chunks = match vector {
+        // the nearest chunk vectors of the subject by cosine distance
+        // (HNSW); score = 1 - distance
+        Some(v) => sqlx::query(
+            "SELECT c.episode_id, c.idx, c.text, c.turn_at, \
+                    (1 - (e.embedding <=> $2))::real AS score \
+             FROM memory_chunk_vectors e \
+             JOIN memory_chunks c USING (aggregate_id, episode_id, idx) \
+             WHERE e.aggregate_id = $1 \
+             ORDER BY e.embedding <=> $2 LIMIT $3",
+        )
+        .bind(id)
+        .bind(pgvector::Vector::from(v)),
+        None => sqlx::query(
+            "SELECT c.episode_id, c.idx, c.text, c.turn_at, ts_rank_cd(c.tsv, q) AS score \
+             FROM memory_chunks c, \
+                  (SELECT NULLIF(replace(plainto_tsquery('english', $2)::text, ' & ', ' | '), '')::tsquery AS q) w \
+             WHERE c.aggregate_id = $1 AND w.q IS NOT NULL AND c.tsv @@ w.q \
+             ORDER BY score DESC, c.turn_at DESC, c.idx LIMIT $3",
+        )
+        .bind(id)
+        .bind(query),
+    };
+    let chunks = async {
+        chunks
+            .bind(i64::from(top_k))
+            .fetch_all(pool)
+            .await
+            .map_err(|e| {
+                if by_vector {
+                    tracing::error!(error = %e, "memory: assemble: the vector query failed");
+                    DoorError::reasoned(
+                        ErrorCode::Unavailable,
+                        "vector_search_failed",
+                        "the similarity search failed; retry later".into(),
+                    )
+                } else {
+                    database_error(e)
+                }
+            })
+    };
     let episodes = sqlx::query(
         "SELECT episode_id, turn_at, turn FROM memory_episodes WHERE aggregate_id = $1 \
          ORDER BY turn_at DESC, episode_id DESC LIMIT $2",
@@ -302,19 +372,17 @@ async fn gather(
         "SELECT key, value, expires_at FROM memory_working_state \
          WHERE aggregate_id = $1 AND expires_at > now() ORDER BY key",
     );
-    let (subject, profile, chunks, episodes, facts, working) = tokio::try_join!(
-        subject.bind(id).fetch_optional(pool),
-        profile.bind(id).fetch_optional(pool),
-        chunks
-            .bind(id)
-            .bind(query)
-            .bind(i64::from(top_k))
-            .fetch_all(pool),
-        episodes.bind(id).bind(i64::from(recent)).fetch_all(pool),
-        facts.bind(id).fetch_all(pool),
-        working.bind(id).fetch_all(pool),
-    )
-    .map_err(database_error)?;
+    let others = async {
+        tokio::try_join!(
+            subject.bind(id).fetch_optional(pool),
+            profile.bind(id).fetch_optional(pool),
+            episodes.bind(id).bind(i64::from(recent)).fetch_all(pool),
+            facts.bind(id).fetch_all(pool),
+            working.bind(id).fetch_all(pool),
+        )
+        .map_err(database_error)
+    };
+    let (chunks, (subject, profile, episodes, facts, working)) = tokio::try_join!(chunks, others)?;
     if subject.is_none() {
         return Ok(None);
     }
@@ -419,13 +487,13 @@ pub(crate) async fn memory_command(
     responses((status = 200, description = "profile, chunks [{episode_id, index, text, turn_at, score}], recent_episodes, facts, working_state, retrieval, took_ms", body = Object),
               (status = 400, description = "bad body; error.param names the field"),
               (status = 404, description = "error.reason client_not_found: no memory for the subject"),
-              (status = 503, description = "error.reason timeout (over the budget) or database_error")))]
+              (status = 503, description = "error.reason timeout (over the budget), database_error, embeddings_failed (the query could not be embedded, with on_failure = error) or vector_search_failed")))]
 pub(crate) async fn memory_assemble(
     State(s): State<AppState>,
     Extension(caller): Extension<Caller>,
     body: Bytes,
 ) -> Result<Response, DoorError> {
-    let reply = assemble(Some(&s.pool), s.memory.as_deref(), &caller, &body).await?;
+    let reply = assemble(&s.bus, Some(&s.pool), s.memory.as_deref(), &caller, &body).await?;
     Ok(Json(reply).into_response())
 }
 

@@ -440,7 +440,7 @@ pub async fn serve(
                     let name = &subject[MEMORY_SUBJECT_PREFIX.len()..];
                     let service = memory.as_deref();
                     if name == "assemble" {
-                        super::memory::assemble(pool.as_ref(), service, &caller, &msg.payload)
+                        super::memory::assemble(&bus, pool.as_ref(), service, &caller, &msg.payload)
                             .await
                             .or_else(|e| Ok(e.to_json()))
                     } else {
