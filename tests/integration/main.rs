@@ -14,6 +14,7 @@ mod hardening;
 mod helpers;
 mod http_api;
 mod memory;
+mod memory_embeddings;
 mod memory_projection;
 mod nats_identity;
 mod openbao;
