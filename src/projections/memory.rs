@@ -12,6 +12,11 @@
 //! * No plaintext goes into an error or a log line: reasons name the event
 //!   type, the subject's aggregate id and what is wrong, never a value.
 //!
+//! * With `[memory.embedder]` (the vectors table exists for this version),
+//!   `EpisodeEmbedded`'s sealed vectors are opened into
+//!   `memory_chunk_vectors`; without it they are passed over, so a database
+//!   without pgvector keeps working.
+//!
 //! One statement per row (chunks: one per episode). Every value comes from
 //! the events (times are the events' own), so a rebuild makes the same rows.
 

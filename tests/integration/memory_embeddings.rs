@@ -368,3 +368,30 @@ async fn the_embedder_down_answers_embeddings_failed_or_the_full_text_fallback_n
     assert_eq!(a.status, 200, "{}", a.body);
     assert_eq!(a.body["retrieval"], "full_text_fallback", "{}", a.body);
 }
+
+#[tokio::test]
+async fn with_an_embedder_a_database_without_pgvector_is_a_clear_start_error() {
+    let app = spawn_app().await;
+    let bao = OpenBao::start().await;
+    let peer = EmbedPeer::start().await;
+    let memory = service_with(keys(&bao).await, &peer, EmbedderFallback::FullText);
+    // PostgreSQL 15 of the rest of the suite: no pgvector
+    let mut s = settings(&app, registry());
+    s.memory = Some(memory);
+    s.database = Some(flowledger::app::DatabaseSettings {
+        url: fresh_database().await,
+        max_connections: 5,
+        projections: true,
+        handler: None,
+        http: None,
+    });
+    let err = match flowledger::app::Application::build(s).await {
+        Ok(_) => panic!("started without pgvector"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        err.contains("pgvector") && err.contains("CREATE EXTENSION IF NOT EXISTS vector"),
+        "{err}"
+    );
+    assert_eq!(peer.calls(), 0);
+}
