@@ -193,6 +193,17 @@ struct AssembleBody {
 }
 
 fn database_error(e: sqlx::Error) -> DoorError {
+    // 57014: query_canceled, here the statement_timeout of the budget
+    if let sqlx::Error::Database(d) = &e {
+        if d.code().as_deref() == Some("57014") {
+            return DoorError::reasoned(
+                ErrorCode::Unavailable,
+                "timeout",
+                "assemble's queries took longer than its budget; retry, or give a larger budget_ms"
+                    .into(),
+            );
+        }
+    }
     tracing::error!(error = %e, "memory: assemble query failed");
     DoorError::reasoned(
         ErrorCode::Unavailable,
@@ -246,7 +257,7 @@ pub async fn assemble(
     }
     let id = aggregate_id(&caller.client_id, &b.subject_id);
     let started = Instant::now();
-    let work = gather(pool, &id, &b.query, top_k, recent);
+    let work = gather(pool, &id, &b.query, top_k, recent, budget);
     let Ok(gathered) = tokio::time::timeout(Duration::from_millis(budget), work).await else {
         return Err(DoorError::reasoned(
             ErrorCode::Unavailable,
@@ -270,14 +281,15 @@ pub async fn assemble(
     Ok(v)
 }
 
-/// Everything `assemble` returns, in parallel queries; `None`: no such
-/// (live) subject.
+/// Everything `assemble` returns, read in one snapshot with each statement
+/// bounded by `budget_ms`; `None`: no such (live) subject.
 async fn gather(
     pool: &PgPool,
     id: &str,
     query: &str,
     top_k: u32,
     recent: u32,
+    budget_ms: u64,
 ) -> Result<Option<Value>, DoorError> {
     let subject =
         sqlx::query("SELECT 1 FROM memory_subjects WHERE aggregate_id = $1 AND erased_at IS NULL");
@@ -302,19 +314,58 @@ async fn gather(
         "SELECT key, value, expires_at FROM memory_working_state \
          WHERE aggregate_id = $1 AND expires_at > now() ORDER BY key",
     );
-    let (subject, profile, chunks, episodes, facts, working) = tokio::try_join!(
-        subject.bind(id).fetch_optional(pool),
-        profile.bind(id).fetch_optional(pool),
-        chunks
-            .bind(id)
-            .bind(query)
-            .bind(i64::from(top_k))
-            .fetch_all(pool),
-        episodes.bind(id).bind(i64::from(recent)).fetch_all(pool),
-        facts.bind(id).fetch_all(pool),
-        working.bind(id).fetch_all(pool),
-    )
+    // one connection, one read-only snapshot; PostgreSQL itself stops a
+    // statement past the budget, so a timed-out assemble leaves no work behind
+    let mut tx = pool.begin().await.map_err(database_error)?;
+    sqlx::query("SET TRANSACTION READ ONLY")
+        .execute(&mut *tx)
+        .await
+        .map_err(database_error)?;
+    sqlx::query(&format!(
+        "SET LOCAL statement_timeout = {}",
+        budget_ms.max(1)
+    ))
+    .execute(&mut *tx)
+    .await
     .map_err(database_error)?;
+    let subject = subject
+        .bind(id)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(database_error)?;
+    if subject.is_none() {
+        return Ok(None);
+    }
+    let profile = profile
+        .bind(id)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(database_error)?;
+    let chunks = chunks
+        .bind(id)
+        .bind(query)
+        .bind(i64::from(top_k))
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(database_error)?;
+    let episodes = episodes
+        .bind(id)
+        .bind(i64::from(recent))
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(database_error)?;
+    let facts = facts
+        .bind(id)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(database_error)?;
+    let working = working
+        .bind(id)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(database_error)?;
+    // read only: nothing to keep
+    tx.rollback().await.map_err(database_error)?;
     if subject.is_none() {
         return Ok(None);
     }
@@ -429,8 +480,11 @@ pub(crate) async fn memory_assemble(
     Ok(Json(reply).into_response())
 }
 
-fn subject_of(caller: &Caller, subject_id: &str) -> Result<String, ApiError> {
+fn subject_of(s: &AppState, caller: &Caller, subject_id: &str) -> Result<String, ApiError> {
     owner_role(caller, "reading memory")?;
+    if s.memory.is_none() {
+        return Err(ApiError::Command(not_configured()));
+    }
     check_subject_id(subject_id).map_err(|e| super::http::bad("subject_id", e.to_string()))?;
     Ok(aggregate_id(&caller.client_id, subject_id))
 }
@@ -460,7 +514,7 @@ pub(crate) async fn memory_episodes(
     Path(subject_id): Path<String>,
     Query(raw): Query<HashMap<String, String>>,
 ) -> Result<Json<Value>, ApiError> {
-    let id = subject_of(&caller, &subject_id)?;
+    let id = subject_of(&s, &caller, &subject_id)?;
     let limit = match raw.get("limit") {
         None => 100,
         Some(v) => v
@@ -503,7 +557,7 @@ pub(crate) async fn memory_facts(
     Path(subject_id): Path<String>,
     Query(raw): Query<HashMap<String, String>>,
 ) -> Result<Json<Value>, ApiError> {
-    let id = subject_of(&caller, &subject_id)?;
+    let id = subject_of(&s, &caller, &subject_id)?;
     let history = match raw.get("history").map(String::as_str) {
         None | Some("false") => false,
         Some("true") => true,
@@ -535,7 +589,7 @@ pub(crate) async fn memory_profile(
     Extension(caller): Extension<Caller>,
     Path(subject_id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    let id = subject_of(&caller, &subject_id)?;
+    let id = subject_of(&s, &caller, &subject_id)?;
     live_subject(&s.pool, &id, &subject_id).await?;
     let row = sqlx::query("SELECT fields, updated_at FROM memory_profiles WHERE aggregate_id = $1")
         .bind(&id)

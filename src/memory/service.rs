@@ -10,6 +10,7 @@
 //! commands never record a `user_id`.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use chrono::{DateTime, TimeDelta, Utc};
 use serde::Deserialize;
@@ -334,6 +335,39 @@ impl MemoryService {
         )
     }
 
+    /// The subject's key to seal a write with: made for a new subject only.
+    /// A subject the log has whose key is missing from Vault is an error
+    /// (restore Vault), never a new key that would leave its earlier events
+    /// unreadable.
+    async fn key_for_write(
+        &self,
+        bus: &CommandBus,
+        id: &str,
+    ) -> Result<Arc<SubjectKey>, CommandError> {
+        match self.keys.get(id).await {
+            Ok(k) => Ok(k),
+            Err(KeyError::Missing(path)) => {
+                let loaded = bus.load_memory(id).await.map_err(CommandError::from)?;
+                if loaded.state.owner.is_some() {
+                    tracing::error!(
+                        aggregate_id = id,
+                        "memory: the subject exists but its key is missing from Vault"
+                    );
+                    return Err(CommandError {
+                        code: ErrorCode::Internal,
+                        message: format!(
+                            "the subject's key is missing from Vault at {path}; restore it from \
+                             a Vault backup (nothing was recorded)"
+                        ),
+                        field: None,
+                    });
+                }
+                self.keys.get_or_create(id).await.map_err(key_error)
+            }
+            Err(e) => Err(key_error(e)),
+        }
+    }
+
     async fn run(
         &self,
         bus: &CommandBus,
@@ -428,7 +462,7 @@ impl MemoryService {
             }
             parts.push((s, k, f.value.clone(), confidence));
         }
-        let key = self.keys.get_or_create(&id).await.map_err(key_error)?;
+        let key = self.key_for_write(bus, &id).await?;
         let subject = SubjectRef {
             key_id: key.id().to_string(),
             ..subject
@@ -510,7 +544,7 @@ impl MemoryService {
         }
         let fields = Value::Object(b.fields);
         check_chars("fields", &fields.to_string(), MAX_MEMORY_TEXT_CHARS)?;
-        let key = self.keys.get_or_create(&id).await.map_err(key_error)?;
+        let key = self.key_for_write(bus, &id).await?;
         let subject = SubjectRef {
             key_id: key.id().to_string(),
             ..subject
@@ -545,7 +579,7 @@ impl MemoryService {
             ));
         }
         check_chars("value", &b.value.to_string(), MAX_MEMORY_TEXT_CHARS)?;
-        let key = self.keys.get_or_create(&id).await.map_err(key_error)?;
+        let key = self.key_for_write(bus, &id).await?;
         let subject = SubjectRef {
             key_id: key.id().to_string(),
             ..subject
@@ -673,22 +707,34 @@ impl MemoryService {
             return Err(not_found(subject_id));
         }
         self.keys.destroy(&id).await.map_err(key_error)?;
-        // the key is gone: the command hash cannot be keyed; the erasure's
-        // body holds nothing personal
+        // the key is gone: the command hash cannot be keyed, and need not
+        // be: one erasure per subject, whatever its reason
         let meta = CommandMeta::originating(
             crate::bus::ids::memory_erase(&id),
             Actor {
                 client_id: actor.to_string(),
                 user_id: None,
             },
-            crate::events::chain::to_hex(&crate::events::chain::sha256(reason.as_bytes())),
+            crate::events::chain::to_hex(&crate::events::chain::sha256(b"memory-erase")),
         );
         let subject = SubjectRef {
             key_id: state.state.key_id.clone(),
             ..subject
         };
         let command = MemoryCommand::Erase { subject, reason };
-        let receipt = self.run(bus, &id, command, &meta).await?;
+        // the key is already destroyed: record it now if at all possible
+        // (a repeated erase finishes it otherwise)
+        let mut wait = Duration::from_millis(200);
+        let receipt = loop {
+            match self.run(bus, &id, command.clone(), &meta).await {
+                Err(e) if e.code == ErrorCode::Unavailable && wait < Duration::from_secs(3) => {
+                    tracing::warn!(error = %e.message, "memory: erasure not recorded yet; retrying");
+                    tokio::time::sleep(wait).await;
+                    wait *= 2;
+                }
+                other => break other?,
+            }
+        };
         Ok(Written {
             subject_id: subject_id.to_string(),
             receipt,

@@ -87,6 +87,12 @@ pub struct FactState {
     pub value_seal: Sealed,
     /// Whether the latest version is valid (not forgotten).
     pub active: bool,
+    /// The latest version's confidence.
+    pub confidence: f64,
+    /// When the latest version became valid: a later version or a
+    /// forgetting is never dated before it (clocks of two instances may
+    /// differ), so validity intervals never run backwards.
+    pub valid_from: DateTime<Utc>,
 }
 
 /// One subject's memory, as the decisions need it.
@@ -380,10 +386,17 @@ impl Memory {
                             format!("fact {i}: confidence must be 0 to 1"),
                         ));
                     }
-                    let version = match self.facts.get(&f.fact_id) {
-                        Some(s) if s.active && s.value_seal == f.value_seal => continue,
-                        Some(s) => s.version + 1,
-                        None => 1,
+                    let (version, valid_from) = match self.facts.get(&f.fact_id) {
+                        // the same value with the same confidence: NONE
+                        Some(s)
+                            if s.active
+                                && s.value_seal == f.value_seal
+                                && s.confidence == f.confidence =>
+                        {
+                            continue
+                        }
+                        Some(s) => (s.version + 1, at.max(s.valid_from)),
+                        None => (1, at),
                     };
                     out.push(MemoryEvent::FactRecorded(FactRecorded {
                         fact_id: f.fact_id,
@@ -393,7 +406,7 @@ impl Memory {
                         confidence: f.confidence,
                         source: f.source,
                         episode_id: episode_id.clone(),
-                        valid_from: at,
+                        valid_from,
                     }));
                 }
                 if out.is_empty() {
@@ -454,7 +467,7 @@ impl Memory {
                 Some(s) if s.active => out.push(MemoryEvent::FactForgotten(FactForgotten {
                     fact_id,
                     version: s.version,
-                    invalid_at: at,
+                    invalid_at: at.max(s.valid_from),
                 })),
                 _ => {
                     return Err(MemoryError::NotFound(format!(
@@ -514,6 +527,8 @@ impl Aggregate for Memory {
                         version: e.version,
                         value_seal: e.value_seal,
                         active: true,
+                        confidence: e.confidence,
+                        valid_from: e.valid_from,
                     },
                 );
             }
@@ -636,6 +651,26 @@ mod tests {
         // forgotten, then the same value again: a new version
         let evs = run(&mut m, writeback(vec![fact("f1", "green")], 4)).unwrap();
         assert!(matches!(&evs[0], MemoryEvent::FactRecorded(f) if f.version == 3));
+        // a new confidence for the same value is a new version
+        let mut surer = fact("f1", "green");
+        surer.confidence = 0.5;
+        let evs = run(&mut m, writeback(vec![surer], 5)).unwrap();
+        assert!(matches!(&evs[0], MemoryEvent::FactRecorded(f) if f.version == 4));
+        // an instance whose clock is behind never dates a change before the last one
+        let evs = run(&mut m, writeback(vec![fact("f1", "blue")], 1)).unwrap();
+        assert!(
+            matches!(&evs[0], MemoryEvent::FactRecorded(f) if f.version == 5 && f.valid_from == at(5))
+        );
+        let evs = run(
+            &mut m,
+            MemoryCommand::ForgetFact {
+                subject: who(),
+                fact_id: "f1".into(),
+                at: at(0),
+            },
+        )
+        .unwrap();
+        assert!(matches!(&evs[0], MemoryEvent::FactForgotten(f) if f.invalid_at == at(5)));
         let dup = writeback(vec![fact("f2", "a"), fact("f2", "b")], 5);
         assert_eq!(m.decide(dup).unwrap_err().field(), Some("facts"));
     }
