@@ -388,15 +388,7 @@ async fn gather(
         .map_err(database_error)?;
     let episodes = episodes
         .iter()
-        .map(|r| {
-            let turn: Value = r.try_get("turn")?;
-            Ok(json!({
-                "episode_id": r.try_get::<String, _>("episode_id")?,
-                "turn_at": r.try_get::<DateTime<Utc>, _>("turn_at")?,
-                "messages": turn.get("messages").cloned().unwrap_or(Value::Null),
-                "response": turn.get("response").cloned().unwrap_or(Value::Null),
-            }))
-        })
+        .map(episode_json)
         .collect::<Result<Vec<_>, sqlx::Error>>()
         .map_err(database_error)?;
     let facts = facts
@@ -419,6 +411,16 @@ async fn gather(
         "facts": facts,
         "working_state": state,
     })))
+}
+
+fn episode_json(r: &sqlx::postgres::PgRow) -> Result<Value, sqlx::Error> {
+    let turn: Value = r.try_get("turn")?;
+    Ok(json!({
+        "episode_id": r.try_get::<String, _>("episode_id")?,
+        "turn_at": r.try_get::<DateTime<Utc>, _>("turn_at")?,
+        "messages": turn.get("messages").cloned().unwrap_or(Value::Null),
+        "response": turn.get("response").cloned().unwrap_or(Value::Null),
+    }))
 }
 
 fn fact_json(r: &sqlx::postgres::PgRow) -> Result<Value, sqlx::Error> {
@@ -532,17 +534,14 @@ pub(crate) async fn memory_episodes(
     .bind(limit)
     .fetch_all(&s.pool)
     .await?;
-    let mut items = Vec::with_capacity(rows.len());
-    for r in &rows {
-        let turn: Value = r.try_get("turn")?;
-        items.push(json!({
-            "episode_id": r.try_get::<String, _>("episode_id")?,
-            "turn_at": r.try_get::<DateTime<Utc>, _>("turn_at")?,
-            "recorded_at": r.try_get::<DateTime<Utc>, _>("recorded_at")?,
-            "messages": turn.get("messages").cloned().unwrap_or(Value::Null),
-            "response": turn.get("response").cloned().unwrap_or(Value::Null),
-        }));
-    }
+    let items = rows
+        .iter()
+        .map(|r| {
+            let mut e = episode_json(r)?;
+            e["recorded_at"] = json!(r.try_get::<DateTime<Utc>, _>("recorded_at")?);
+            Ok(e)
+        })
+        .collect::<Result<Vec<_>, sqlx::Error>>()?;
     Ok(Json(json!({ "items": items })))
 }
 

@@ -252,6 +252,14 @@ pub struct Written {
 }
 
 impl Written {
+    fn of(subject_id: String, receipt: Option<Arc<Receipt>>) -> Self {
+        Written {
+            subject_id,
+            receipt,
+            episode_id: None,
+        }
+    }
+
     /// The reply body.
     pub fn to_json(&self) -> Value {
         let mut v = match &self.receipt {
@@ -368,6 +376,18 @@ impl MemoryService {
         }
     }
 
+    /// The key of a subject that must exist already (a delete, a forget).
+    async fn key_for_read(
+        &self,
+        id: &str,
+        subject_id: &str,
+    ) -> Result<Arc<SubjectKey>, CommandError> {
+        self.keys.get(id).await.map_err(|e| match e {
+            KeyError::Missing(_) => not_found(subject_id),
+            other => key_error(other),
+        })
+    }
+
     async fn run(
         &self,
         bus: &CommandBus,
@@ -463,10 +483,7 @@ impl MemoryService {
             parts.push((s, k, f.value.clone(), confidence));
         }
         let key = self.key_for_write(bus, &id).await?;
-        let subject = SubjectRef {
-            key_id: key.id().to_string(),
-            ..subject
-        };
+        let subject = subject.sealed_with(key.id());
         let turn_id = b
             .turn_id
             .clone()
@@ -545,21 +562,14 @@ impl MemoryService {
         let fields = Value::Object(b.fields);
         check_chars("fields", &fields.to_string(), MAX_MEMORY_TEXT_CHARS)?;
         let key = self.key_for_write(bus, &id).await?;
-        let subject = SubjectRef {
-            key_id: key.id().to_string(),
-            ..subject
-        };
+        let subject = subject.sealed_with(key.id());
         let meta = Self::meta(&key, owner, Uuid::now_v7().to_string(), &fields);
         let command = MemoryCommand::UpsertProfile {
             subject,
             fields: key.seal_json(&fields),
         };
         let receipt = self.run(bus, &id, command, &meta).await?;
-        Ok(Written {
-            subject_id: b.subject_id,
-            receipt,
-            episode_id: None,
-        })
+        Ok(Written::of(b.subject_id, receipt))
     }
 
     /// A working-state value by `owner`.
@@ -580,10 +590,7 @@ impl MemoryService {
         }
         check_chars("value", &b.value.to_string(), MAX_MEMORY_TEXT_CHARS)?;
         let key = self.key_for_write(bus, &id).await?;
-        let subject = SubjectRef {
-            key_id: key.id().to_string(),
-            ..subject
-        };
+        let subject = subject.sealed_with(key.id());
         let meta = Self::meta(
             &key,
             owner,
@@ -598,11 +605,7 @@ impl MemoryService {
             at: now,
         };
         let receipt = self.run(bus, &id, command, &meta).await?;
-        Ok(Written {
-            subject_id: b.subject_id,
-            receipt,
-            episode_id: None,
-        })
+        Ok(Written::of(b.subject_id, receipt))
     }
 
     /// Removes a working-state value (`expired`: the cleanup's).
@@ -616,14 +619,8 @@ impl MemoryService {
         now: DateTime<Utc>,
     ) -> Result<Written, CommandError> {
         let (id, subject) = Self::subject(owner, &b.subject_id)?;
-        let key = self.keys.get(&id).await.map_err(|e| match e {
-            KeyError::Missing(_) => not_found(&b.subject_id),
-            other => key_error(other),
-        })?;
-        let subject = SubjectRef {
-            key_id: key.id().to_string(),
-            ..subject
-        };
+        let key = self.key_for_read(&id, &b.subject_id).await?;
+        let subject = subject.sealed_with(key.id());
         let actor = if expired { CLEANUP_ACTOR } else { owner };
         let meta = Self::meta(
             &key,
@@ -638,11 +635,7 @@ impl MemoryService {
             at: now,
         };
         let receipt = self.run(bus, &id, command, &meta).await?;
-        Ok(Written {
-            subject_id: b.subject_id,
-            receipt,
-            episode_id: None,
-        })
+        Ok(Written::of(b.subject_id, receipt))
     }
 
     /// A fact stops being valid.
@@ -656,14 +649,8 @@ impl MemoryService {
         let (id, subject) = Self::subject(owner, &b.subject_id)?;
         let s = fact_part("subject", &b.subject)?;
         let k = fact_part("key", &b.key)?;
-        let key = self.keys.get(&id).await.map_err(|e| match e {
-            KeyError::Missing(_) => not_found(&b.subject_id),
-            other => key_error(other),
-        })?;
-        let subject = SubjectRef {
-            key_id: key.id().to_string(),
-            ..subject
-        };
+        let key = self.key_for_read(&id, &b.subject_id).await?;
+        let subject = subject.sealed_with(key.id());
         let meta = Self::meta(&key, owner, Uuid::now_v7().to_string(), &json!([s, k]));
         let command = MemoryCommand::ForgetFact {
             subject,
@@ -671,11 +658,7 @@ impl MemoryService {
             at: now,
         };
         let receipt = self.run(bus, &id, command, &meta).await?;
-        Ok(Written {
-            subject_id: b.subject_id,
-            receipt,
-            episode_id: None,
-        })
+        Ok(Written::of(b.subject_id, receipt))
     }
 
     /// Erases `owner`'s subject: destroys its key in Vault, then records
@@ -717,10 +700,7 @@ impl MemoryService {
             },
             crate::events::chain::to_hex(&crate::events::chain::sha256(b"memory-erase")),
         );
-        let subject = SubjectRef {
-            key_id: state.state.key_id.clone(),
-            ..subject
-        };
+        let subject = subject.sealed_with(&state.state.key_id);
         let command = MemoryCommand::Erase { subject, reason };
         // the key is already destroyed: record it now if at all possible
         // (a repeated erase finishes it otherwise)
@@ -735,11 +715,7 @@ impl MemoryService {
                 other => break other?,
             }
         };
-        Ok(Written {
-            subject_id: subject_id.to_string(),
-            receipt,
-            episode_id: None,
-        })
+        Ok(Written::of(subject_id.to_string(), receipt))
     }
 }
 

@@ -30,13 +30,7 @@ async fn personal_text_is_sealed_facts_keep_history_and_erasure_leaves_a_verifia
         "PLANTED-alice-intent-77",
     ];
     const BOB: &str = "PLANTED-bob-turn-9051";
-    let logs = Captured::default();
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::DEBUG)
-        .with_writer(logs.clone())
-        .with_ansi(false)
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let (logs, _guard) = capture_logs(tracing::Level::DEBUG);
 
     let bao = OpenBao::start().await;
     let memory = memory_service(&bao).await;

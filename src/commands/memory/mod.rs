@@ -221,6 +221,16 @@ pub enum MemoryCommand {
     },
 }
 
+impl SubjectRef {
+    /// The same subject, its content sealed with the key `key_id`.
+    pub fn sealed_with(self, key_id: &str) -> Self {
+        SubjectRef {
+            key_id: key_id.to_string(),
+            ..self
+        }
+    }
+}
+
 impl MemoryCommand {
     fn subject(&self) -> &SubjectRef {
         match self {
