@@ -14,13 +14,11 @@ pub mod events;
 use std::collections::{BTreeMap, BTreeSet};
 
 use chrono::{DateTime, TimeDelta, Utc};
-use cqrs_es::event_sink::EventSink;
-use cqrs_es::Aggregate;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::commands::limits::{MAX_APPROVAL_WINDOW_SECONDS, MAX_MEMORY_FACTS};
-use crate::commands::{write_decided, DomainError, ErrorCode};
+use crate::commands::{DomainError, ErrorCode};
 use crate::crypto::Sealed;
 use events::{
     ChunkSpan, EpisodeRecorded, FactForgotten, FactRecorded, MemoryEvent, MemorySubjectErased,
@@ -503,24 +501,11 @@ impl Memory {
     }
 }
 
-impl Aggregate for Memory {
-    const TYPE: &'static str = "memory";
-    type Command = MemoryCommand;
-    type Event = MemoryEvent;
-    type Error = MemoryError;
-    type Services = ();
+crate::commands::aggregate!(Memory, "memory", MemoryCommand, MemoryEvent, MemoryError);
 
-    async fn handle(
-        &mut self,
-        command: Self::Command,
-        _: &Self::Services,
-        sink: &EventSink<Self>,
-    ) -> Result<(), Self::Error> {
-        let decided = self.decide(command);
-        write_decided(self, decided, sink).await
-    }
-
-    fn apply(&mut self, event: Self::Event) {
+impl Memory {
+    /// Folds one stored event into the state (cqrs-es `apply`).
+    fn fold(&mut self, event: MemoryEvent) {
         match event {
             MemoryEvent::MemorySubjectOpened(e) => {
                 self.owner = Some(e.owner);
@@ -601,7 +586,7 @@ mod tests {
     fn run(m: &mut Memory, c: MemoryCommand) -> Result<Vec<MemoryEvent>, MemoryError> {
         let evs = m.decide(c)?;
         for e in evs.clone() {
-            m.apply(e);
+            m.fold(e);
         }
         Ok(evs)
     }
