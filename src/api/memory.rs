@@ -194,6 +194,17 @@ struct AssembleBody {
 }
 
 fn database_error(e: sqlx::Error) -> DoorError {
+    // 57014: query_canceled, here the statement_timeout of the budget
+    if let sqlx::Error::Database(d) = &e {
+        if d.code().as_deref() == Some("57014") {
+            return DoorError::reasoned(
+                ErrorCode::Unavailable,
+                "timeout",
+                "assemble's queries took longer than its budget; retry, or give a larger budget_ms"
+                    .into(),
+            );
+        }
+    }
     tracing::error!(error = %e, "memory: assemble query failed");
     DoorError::reasoned(
         ErrorCode::Unavailable,
@@ -278,7 +289,11 @@ pub async fn assemble(
             }
             _ => (None, "full_text"),
         };
-        let g = gather(pool, &id, &b.query, vector, top_k, recent).await?;
+        // the queries get what is left of the budget
+        let left = budget
+            .saturating_sub(started.elapsed().as_millis() as u64)
+            .max(1);
+        let g = gather(pool, &id, &b.query, vector, top_k, recent, left).await?;
         Ok::<_, DoorError>(g.map(|g| (g, retrieval)))
     };
     let Ok(gathered) = tokio::time::timeout(Duration::from_millis(budget), work).await else {
@@ -304,8 +319,8 @@ pub async fn assemble(
     Ok(v)
 }
 
-/// Everything `assemble` returns, in parallel queries; `None`: no such
-/// (live) subject.
+/// Everything `assemble` returns, read in one snapshot with each statement
+/// bounded by `budget_ms`; `None`: no such (live) subject.
 async fn gather(
     pool: &PgPool,
     id: &str,
@@ -313,11 +328,11 @@ async fn gather(
     vector: Option<Vec<f32>>,
     top_k: u32,
     recent: u32,
+    budget_ms: u64,
 ) -> Result<Option<Value>, DoorError> {
     let subject =
         sqlx::query("SELECT 1 FROM memory_subjects WHERE aggregate_id = $1 AND erased_at IS NULL");
     let profile = sqlx::query("SELECT fields FROM memory_profiles WHERE aggregate_id = $1");
-    // any query word may match (OR), ranked by cover density
     let by_vector = vector.is_some();
     let chunks = match vector {
         // the nearest chunk vectors of the subject by cosine distance
@@ -332,6 +347,7 @@ async fn gather(
         )
         .bind(id)
         .bind(pgvector::Vector::from(v)),
+        // any query word may match (OR), ranked by cover density
         None => sqlx::query(
             "SELECT c.episode_id, c.idx, c.text, c.turn_at, ts_rank_cd(c.tsv, q) AS score \
              FROM memory_chunks c, \
@@ -342,23 +358,20 @@ async fn gather(
         .bind(id)
         .bind(query),
     };
-    let chunks = async {
-        chunks
-            .bind(i64::from(top_k))
-            .fetch_all(pool)
-            .await
-            .map_err(|e| {
-                if by_vector {
-                    tracing::error!(error = %e, "memory: assemble: the vector query failed");
-                    DoorError::reasoned(
-                        ErrorCode::Unavailable,
-                        "vector_search_failed",
-                        "the similarity search failed; retry later".into(),
-                    )
-                } else {
-                    database_error(e)
-                }
-            })
+    // a failed vector query is vector_search_failed (past the budget: timeout)
+    let chunk_error = |e: sqlx::Error| {
+        let timed_out =
+            matches!(&e, sqlx::Error::Database(d) if d.code().as_deref() == Some("57014"));
+        if by_vector && !timed_out {
+            tracing::error!(error = %e, "memory: assemble: the vector query failed");
+            DoorError::reasoned(
+                ErrorCode::Unavailable,
+                "vector_search_failed",
+                "the similarity search failed; retry later".into(),
+            )
+        } else {
+            database_error(e)
+        }
     };
     let episodes = sqlx::query(
         "SELECT episode_id, turn_at, turn FROM memory_episodes WHERE aggregate_id = $1 \
@@ -372,17 +385,56 @@ async fn gather(
         "SELECT key, value, expires_at FROM memory_working_state \
          WHERE aggregate_id = $1 AND expires_at > now() ORDER BY key",
     );
-    let others = async {
-        tokio::try_join!(
-            subject.bind(id).fetch_optional(pool),
-            profile.bind(id).fetch_optional(pool),
-            episodes.bind(id).bind(i64::from(recent)).fetch_all(pool),
-            facts.bind(id).fetch_all(pool),
-            working.bind(id).fetch_all(pool),
-        )
-        .map_err(database_error)
-    };
-    let (chunks, (subject, profile, episodes, facts, working)) = tokio::try_join!(chunks, others)?;
+    // one connection, one read-only snapshot; PostgreSQL itself stops a
+    // statement past the budget, so a timed-out assemble leaves no work behind
+    let mut tx = pool.begin().await.map_err(database_error)?;
+    sqlx::query("SET TRANSACTION READ ONLY")
+        .execute(&mut *tx)
+        .await
+        .map_err(database_error)?;
+    sqlx::query(&format!(
+        "SET LOCAL statement_timeout = {}",
+        budget_ms.max(1)
+    ))
+    .execute(&mut *tx)
+    .await
+    .map_err(database_error)?;
+    let subject = subject
+        .bind(id)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(database_error)?;
+    if subject.is_none() {
+        return Ok(None);
+    }
+    let profile = profile
+        .bind(id)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(database_error)?;
+    let chunks = chunks
+        .bind(i64::from(top_k))
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(chunk_error)?;
+    let episodes = episodes
+        .bind(id)
+        .bind(i64::from(recent))
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(database_error)?;
+    let facts = facts
+        .bind(id)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(database_error)?;
+    let working = working
+        .bind(id)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(database_error)?;
+    // read only: nothing to keep
+    tx.rollback().await.map_err(database_error)?;
     if subject.is_none() {
         return Ok(None);
     }
@@ -405,15 +457,7 @@ async fn gather(
         .map_err(database_error)?;
     let episodes = episodes
         .iter()
-        .map(|r| {
-            let turn: Value = r.try_get("turn")?;
-            Ok(json!({
-                "episode_id": r.try_get::<String, _>("episode_id")?,
-                "turn_at": r.try_get::<DateTime<Utc>, _>("turn_at")?,
-                "messages": turn.get("messages").cloned().unwrap_or(Value::Null),
-                "response": turn.get("response").cloned().unwrap_or(Value::Null),
-            }))
-        })
+        .map(episode_json)
         .collect::<Result<Vec<_>, sqlx::Error>>()
         .map_err(database_error)?;
     let facts = facts
@@ -436,6 +480,16 @@ async fn gather(
         "facts": facts,
         "working_state": state,
     })))
+}
+
+fn episode_json(r: &sqlx::postgres::PgRow) -> Result<Value, sqlx::Error> {
+    let turn: Value = r.try_get("turn")?;
+    Ok(json!({
+        "episode_id": r.try_get::<String, _>("episode_id")?,
+        "turn_at": r.try_get::<DateTime<Utc>, _>("turn_at")?,
+        "messages": turn.get("messages").cloned().unwrap_or(Value::Null),
+        "response": turn.get("response").cloned().unwrap_or(Value::Null),
+    }))
 }
 
 fn fact_json(r: &sqlx::postgres::PgRow) -> Result<Value, sqlx::Error> {
@@ -497,8 +551,11 @@ pub(crate) async fn memory_assemble(
     Ok(Json(reply).into_response())
 }
 
-fn subject_of(caller: &Caller, subject_id: &str) -> Result<String, ApiError> {
+fn subject_of(s: &AppState, caller: &Caller, subject_id: &str) -> Result<String, ApiError> {
     owner_role(caller, "reading memory")?;
+    if s.memory.is_none() {
+        return Err(ApiError::Command(not_configured()));
+    }
     check_subject_id(subject_id).map_err(|e| super::http::bad("subject_id", e.to_string()))?;
     Ok(aggregate_id(&caller.client_id, subject_id))
 }
@@ -528,7 +585,7 @@ pub(crate) async fn memory_episodes(
     Path(subject_id): Path<String>,
     Query(raw): Query<HashMap<String, String>>,
 ) -> Result<Json<Value>, ApiError> {
-    let id = subject_of(&caller, &subject_id)?;
+    let id = subject_of(&s, &caller, &subject_id)?;
     let limit = match raw.get("limit") {
         None => 100,
         Some(v) => v
@@ -546,17 +603,14 @@ pub(crate) async fn memory_episodes(
     .bind(limit)
     .fetch_all(&s.pool)
     .await?;
-    let mut items = Vec::with_capacity(rows.len());
-    for r in &rows {
-        let turn: Value = r.try_get("turn")?;
-        items.push(json!({
-            "episode_id": r.try_get::<String, _>("episode_id")?,
-            "turn_at": r.try_get::<DateTime<Utc>, _>("turn_at")?,
-            "recorded_at": r.try_get::<DateTime<Utc>, _>("recorded_at")?,
-            "messages": turn.get("messages").cloned().unwrap_or(Value::Null),
-            "response": turn.get("response").cloned().unwrap_or(Value::Null),
-        }));
-    }
+    let items = rows
+        .iter()
+        .map(|r| {
+            let mut e = episode_json(r)?;
+            e["recorded_at"] = json!(r.try_get::<DateTime<Utc>, _>("recorded_at")?);
+            Ok(e)
+        })
+        .collect::<Result<Vec<_>, sqlx::Error>>()?;
     Ok(Json(json!({ "items": items })))
 }
 
@@ -571,7 +625,7 @@ pub(crate) async fn memory_facts(
     Path(subject_id): Path<String>,
     Query(raw): Query<HashMap<String, String>>,
 ) -> Result<Json<Value>, ApiError> {
-    let id = subject_of(&caller, &subject_id)?;
+    let id = subject_of(&s, &caller, &subject_id)?;
     let history = match raw.get("history").map(String::as_str) {
         None | Some("false") => false,
         Some("true") => true,
@@ -603,7 +657,7 @@ pub(crate) async fn memory_profile(
     Extension(caller): Extension<Caller>,
     Path(subject_id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    let id = subject_of(&caller, &subject_id)?;
+    let id = subject_of(&s, &caller, &subject_id)?;
     live_subject(&s.pool, &id, &subject_id).await?;
     let row = sqlx::query("SELECT fields, updated_at FROM memory_profiles WHERE aggregate_id = $1")
         .bind(&id)

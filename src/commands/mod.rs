@@ -21,6 +21,36 @@ use cqrs_es::event_sink::EventSink;
 use cqrs_es::Aggregate;
 use serde::Serialize;
 
+/// Implements cqrs-es `Aggregate` for an aggregate of the one shape every
+/// aggregate but `Job` (which decides with services) has: no services, a
+/// pure `decide(&self, command)` and a `fold(&mut self, event)`.
+macro_rules! aggregate {
+    ($agg:ty, $type:literal, $cmd:ty, $event:ty, $err:ty) => {
+        impl cqrs_es::Aggregate for $agg {
+            const TYPE: &'static str = $type;
+            type Command = $cmd;
+            type Event = $event;
+            type Error = $err;
+            type Services = ();
+
+            async fn handle(
+                &mut self,
+                command: Self::Command,
+                _: &Self::Services,
+                sink: &cqrs_es::event_sink::EventSink<Self>,
+            ) -> Result<(), Self::Error> {
+                let decided = self.decide(command);
+                $crate::commands::write_decided(self, decided, sink).await
+            }
+
+            fn apply(&mut self, event: Self::Event) {
+                self.fold(event)
+            }
+        }
+    };
+}
+pub(crate) use aggregate;
+
 /// The body of every aggregate's cqrs-es `handle`: writes the events its
 /// pure `decide` returned (applying each to the state), or the refusal.
 pub(crate) async fn write_decided<A: Aggregate>(

@@ -22,6 +22,9 @@ use crate::crypto::{OpenError, SealKeys, Sealed};
 use crate::secrets::service::SecretService;
 use crate::secrets::vault::VaultError;
 
+/// Keys one instance holds in memory at most.
+const MAX_CACHED_KEYS: usize = 10_000;
+
 /// One subject's key. `Debug` shows its id only.
 pub struct SubjectKey {
     id: String,
@@ -163,9 +166,14 @@ impl SubjectKeys {
 
     fn remember(&self, subject: &str, key: Arc<SubjectKey>) {
         let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-        if cache.len() >= 100_000 {
+        if cache.len() >= MAX_CACHED_KEYS {
             let ttl = self.ttl;
             cache.retain(|_, (at, _)| at.elapsed() < ttl);
+            // still full of live keys (a rebuild over many subjects): start
+            // over rather than scan a full cache at every insert
+            if cache.len() >= MAX_CACHED_KEYS / 2 {
+                cache.clear();
+            }
         }
         cache.insert(subject.to_string(), (Instant::now(), key));
     }
@@ -254,24 +262,26 @@ impl SubjectKeys {
     }
 
     /// Destroys the subject's key: a tombstone becomes the latest version
-    /// and every version that held the key is destroyed. Repeating it is
-    /// harmless (an already erased key is destroyed again).
+    /// and every version before it is destroyed. It always completes for a
+    /// reachable Vault: an already erased key is destroyed again, and a key
+    /// that is missing or damaged gets its tombstone all the same (so an
+    /// erasure is never stuck on a broken key).
     pub async fn destroy(&self, subject: &str) -> Result<(), KeyError> {
         self.forget(subject);
         let path = self.path(subject);
         let vault = self.secrets.vault();
         let current = match vault.latest_version(&path).await {
             Ok(v) => v,
-            Err(VaultError::NotFound { .. }) => return Err(KeyError::Missing(path)),
+            Err(VaultError::NotFound { .. }) => 0,
             Err(e) => return Err(e.into()),
         };
-        let tomb = match self.read(subject).await? {
-            Some(Stored::Erased) => current,
-            _ => {
-                vault
-                    .write(&path, &json!({"erased": true}), Some(current))
-                    .await?
-            }
+        let erased = current > 0 && matches!(self.read(subject).await, Ok(Some(Stored::Erased)));
+        let tomb = if erased {
+            current
+        } else {
+            vault
+                .write(&path, &json!({"erased": true}), Some(current))
+                .await?
         };
         let versions: Vec<u64> = (1..tomb).collect();
         if !versions.is_empty() {

@@ -10,6 +10,7 @@
 //! commands never record a `user_id`.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use chrono::{DateTime, TimeDelta, Utc};
 use serde::Deserialize;
@@ -252,6 +253,14 @@ pub struct Written {
 }
 
 impl Written {
+    fn of(subject_id: String, receipt: Option<Arc<Receipt>>) -> Self {
+        Written {
+            subject_id,
+            receipt,
+            episode_id: None,
+        }
+    }
+
     /// The reply body.
     pub fn to_json(&self) -> Value {
         let mut v = match &self.receipt {
@@ -348,6 +357,51 @@ impl MemoryService {
         )
     }
 
+    /// The subject's key to seal a write with: made for a new subject only.
+    /// A subject the log has whose key is missing from Vault is an error
+    /// (restore Vault), never a new key that would leave its earlier events
+    /// unreadable.
+    async fn key_for_write(
+        &self,
+        bus: &CommandBus,
+        id: &str,
+    ) -> Result<Arc<SubjectKey>, CommandError> {
+        match self.keys.get(id).await {
+            Ok(k) => Ok(k),
+            Err(KeyError::Missing(path)) => {
+                let loaded = bus.load_memory(id).await.map_err(CommandError::from)?;
+                if loaded.state.owner.is_some() {
+                    tracing::error!(
+                        aggregate_id = id,
+                        "memory: the subject exists but its key is missing from Vault"
+                    );
+                    return Err(CommandError {
+                        code: ErrorCode::Internal,
+                        message: format!(
+                            "the subject's key is missing from Vault at {path}; restore it from \
+                             a Vault backup (nothing was recorded)"
+                        ),
+                        field: None,
+                    });
+                }
+                self.keys.get_or_create(id).await.map_err(key_error)
+            }
+            Err(e) => Err(key_error(e)),
+        }
+    }
+
+    /// The key of a subject that must exist already (a delete, a forget).
+    async fn key_for_read(
+        &self,
+        id: &str,
+        subject_id: &str,
+    ) -> Result<Arc<SubjectKey>, CommandError> {
+        self.keys.get(id).await.map_err(|e| match e {
+            KeyError::Missing(_) => not_found(subject_id),
+            other => key_error(other),
+        })
+    }
+
     async fn run(
         &self,
         bus: &CommandBus,
@@ -442,11 +496,8 @@ impl MemoryService {
             }
             parts.push((s, k, f.value.clone(), confidence));
         }
-        let key = self.keys.get_or_create(&id).await.map_err(key_error)?;
-        let subject = SubjectRef {
-            key_id: key.id().to_string(),
-            ..subject
-        };
+        let key = self.key_for_write(bus, &id).await?;
+        let subject = subject.sealed_with(key.id());
         let turn_id = b
             .turn_id
             .clone()
@@ -524,22 +575,15 @@ impl MemoryService {
         }
         let fields = Value::Object(b.fields);
         check_chars("fields", &fields.to_string(), MAX_MEMORY_TEXT_CHARS)?;
-        let key = self.keys.get_or_create(&id).await.map_err(key_error)?;
-        let subject = SubjectRef {
-            key_id: key.id().to_string(),
-            ..subject
-        };
+        let key = self.key_for_write(bus, &id).await?;
+        let subject = subject.sealed_with(key.id());
         let meta = Self::meta(&key, owner, Uuid::now_v7().to_string(), &fields);
         let command = MemoryCommand::UpsertProfile {
             subject,
             fields: key.seal_json(&fields),
         };
         let receipt = self.run(bus, &id, command, &meta).await?;
-        Ok(Written {
-            subject_id: b.subject_id,
-            receipt,
-            episode_id: None,
-        })
+        Ok(Written::of(b.subject_id, receipt))
     }
 
     /// A working-state value by `owner`.
@@ -559,11 +603,8 @@ impl MemoryService {
             ));
         }
         check_chars("value", &b.value.to_string(), MAX_MEMORY_TEXT_CHARS)?;
-        let key = self.keys.get_or_create(&id).await.map_err(key_error)?;
-        let subject = SubjectRef {
-            key_id: key.id().to_string(),
-            ..subject
-        };
+        let key = self.key_for_write(bus, &id).await?;
+        let subject = subject.sealed_with(key.id());
         let meta = Self::meta(
             &key,
             owner,
@@ -578,11 +619,7 @@ impl MemoryService {
             at: now,
         };
         let receipt = self.run(bus, &id, command, &meta).await?;
-        Ok(Written {
-            subject_id: b.subject_id,
-            receipt,
-            episode_id: None,
-        })
+        Ok(Written::of(b.subject_id, receipt))
     }
 
     /// Removes a working-state value (`expired`: the cleanup's).
@@ -596,14 +633,8 @@ impl MemoryService {
         now: DateTime<Utc>,
     ) -> Result<Written, CommandError> {
         let (id, subject) = Self::subject(owner, &b.subject_id)?;
-        let key = self.keys.get(&id).await.map_err(|e| match e {
-            KeyError::Missing(_) => not_found(&b.subject_id),
-            other => key_error(other),
-        })?;
-        let subject = SubjectRef {
-            key_id: key.id().to_string(),
-            ..subject
-        };
+        let key = self.key_for_read(&id, &b.subject_id).await?;
+        let subject = subject.sealed_with(key.id());
         let actor = if expired { CLEANUP_ACTOR } else { owner };
         let meta = Self::meta(
             &key,
@@ -618,11 +649,7 @@ impl MemoryService {
             at: now,
         };
         let receipt = self.run(bus, &id, command, &meta).await?;
-        Ok(Written {
-            subject_id: b.subject_id,
-            receipt,
-            episode_id: None,
-        })
+        Ok(Written::of(b.subject_id, receipt))
     }
 
     /// A fact stops being valid.
@@ -636,14 +663,8 @@ impl MemoryService {
         let (id, subject) = Self::subject(owner, &b.subject_id)?;
         let s = fact_part("subject", &b.subject)?;
         let k = fact_part("key", &b.key)?;
-        let key = self.keys.get(&id).await.map_err(|e| match e {
-            KeyError::Missing(_) => not_found(&b.subject_id),
-            other => key_error(other),
-        })?;
-        let subject = SubjectRef {
-            key_id: key.id().to_string(),
-            ..subject
-        };
+        let key = self.key_for_read(&id, &b.subject_id).await?;
+        let subject = subject.sealed_with(key.id());
         let meta = Self::meta(&key, owner, Uuid::now_v7().to_string(), &json!([s, k]));
         let command = MemoryCommand::ForgetFact {
             subject,
@@ -651,11 +672,7 @@ impl MemoryService {
             at: now,
         };
         let receipt = self.run(bus, &id, command, &meta).await?;
-        Ok(Written {
-            subject_id: b.subject_id,
-            receipt,
-            episode_id: None,
-        })
+        Ok(Written::of(b.subject_id, receipt))
     }
 
     /// Erases `owner`'s subject: destroys its key in Vault, then records
@@ -687,27 +704,32 @@ impl MemoryService {
             return Err(not_found(subject_id));
         }
         self.keys.destroy(&id).await.map_err(key_error)?;
-        // the key is gone: the command hash cannot be keyed; the erasure's
-        // body holds nothing personal
+        // the key is gone: the command hash cannot be keyed, and need not
+        // be: one erasure per subject, whatever its reason
         let meta = CommandMeta::originating(
             crate::bus::ids::memory_erase(&id),
             Actor {
                 client_id: actor.to_string(),
                 user_id: None,
             },
-            crate::events::chain::to_hex(&crate::events::chain::sha256(reason.as_bytes())),
+            crate::events::chain::to_hex(&crate::events::chain::sha256(b"memory-erase")),
         );
-        let subject = SubjectRef {
-            key_id: state.state.key_id.clone(),
-            ..subject
-        };
+        let subject = subject.sealed_with(&state.state.key_id);
         let command = MemoryCommand::Erase { subject, reason };
-        let receipt = self.run(bus, &id, command, &meta).await?;
-        Ok(Written {
-            subject_id: subject_id.to_string(),
-            receipt,
-            episode_id: None,
-        })
+        // the key is already destroyed: record it now if at all possible
+        // (a repeated erase finishes it otherwise)
+        let mut wait = Duration::from_millis(200);
+        let receipt = loop {
+            match self.run(bus, &id, command.clone(), &meta).await {
+                Err(e) if e.code == ErrorCode::Unavailable && wait < Duration::from_secs(3) => {
+                    tracing::warn!(error = %e.message, "memory: erasure not recorded yet; retrying");
+                    tokio::time::sleep(wait).await;
+                    wait *= 2;
+                }
+                other => break other?,
+            }
+        };
+        Ok(Written::of(subject_id.to_string(), receipt))
     }
 }
 

@@ -1295,6 +1295,19 @@ pub(crate) async fn log_events<N>(
     out
 }
 
+/// Keeps every log line at `level` and above of this thread (the tests'
+/// runtime is single-threaded: the service's tasks log here too) in the
+/// returned [`Captured`] while the guard lives.
+pub(crate) fn capture_logs(level: tracing::Level) -> (Captured, tracing::subscriber::DefaultGuard) {
+    let logs = Captured::default();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(level)
+        .with_writer(logs.clone())
+        .with_ansi(false)
+        .finish();
+    (logs, tracing::subscriber::set_default(subscriber))
+}
+
 /// A `MakeWriter` keeping every log line in memory.
 #[derive(Clone, Default)]
 pub(crate) struct Captured(pub(crate) Arc<std::sync::Mutex<Vec<u8>>>);

@@ -30,13 +30,7 @@ async fn personal_text_is_sealed_facts_keep_history_and_erasure_leaves_a_verifia
         "PLANTED-alice-intent-77",
     ];
     const BOB: &str = "PLANTED-bob-turn-9051";
-    let logs = Captured::default();
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::DEBUG)
-        .with_writer(logs.clone())
-        .with_ansi(false)
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let (logs, _guard) = capture_logs(tracing::Level::DEBUG);
 
     let bao = OpenBao::start().await;
     let memory = memory_service(&bao).await;
@@ -84,7 +78,7 @@ async fn personal_text_is_sealed_facts_keep_history_and_erasure_leaves_a_verifia
             .send_as(
                 Who::Billing,
                 "memory.writeback",
-                json!({"subject_id": "u-alice", "facts": [{"subject": " User", "key": "Colour", "value": value, "confidence": 0.8}]}),
+                json!({"subject_id": "u-alice", "facts": [{"subject": " User", "key": "Colour", "value": value}]}),
             )
             .await;
         assert_eq!(r["ok"], true, "{r}");
@@ -493,4 +487,84 @@ async fn over_http_writeback_then_assemble_returns_the_turns_facts_and_live_work
     .await
     .unwrap();
     assert_eq!(report.expired, 0, "{report:?}");
+
+    // erasure over HTTP: only the owner or an operator; it completes after
+    // a crash between destroying the key and recording it, and for a key
+    // lost from Vault; the read model then holds nothing of either subject
+    const PLANTED: &str = "PLANTED-cust2-turn-5521";
+    let a = post(
+        "/v1/memory/writeback",
+        BILLING_TOKEN,
+        json!({"subject_id": "cust-2", "messages": [{"role": "user", "content": PLANTED}], "response": "ok"}),
+    )
+    .await;
+    assert_eq!(a.status, 200, "{}", a.body);
+    let erase = |owner: Option<&str>| {
+        let mut b = json!({"subject_id": "cust-2", "reason": "legal"});
+        if let Some(o) = owner {
+            b["owner"] = json!(o);
+        }
+        b
+    };
+    let a = post("/v1/memory/erase", OTHER_TOKEN, erase(Some("billing"))).await;
+    assert_eq!(a.status, 403, "{}", a.body);
+    let cust2 = aggregate_id("billing", "cust-2");
+    memory
+        .keys()
+        .destroy(&cust2)
+        .await
+        .expect("the key destroyed, then a crash");
+    let a = post("/v1/memory/erase", OPERATOR_TOKEN, erase(Some("billing"))).await;
+    assert_eq!(a.status, 200, "{}", a.body);
+    assert_eq!(
+        a.body["events"],
+        json!(["MemorySubjectErased"]),
+        "{}",
+        a.body
+    );
+    // cust-1's key disappears from Vault: no new key is made for it
+    let cust1 = aggregate_id("billing", "cust-1");
+    let (status, _) = bao
+        .api(
+            "DELETE",
+            &format!("secret/metadata/flowledger/memory-keys/{cust1}"),
+            None,
+        )
+        .await;
+    assert!(status < 300, "{status}");
+    memory.keys().forget(&cust1);
+    let a = post(
+        "/v1/memory/writeback",
+        BILLING_TOKEN,
+        json!({"subject_id": "cust-1", "response": "after the loss"}),
+    )
+    .await;
+    assert_eq!(a.status, 500, "{}", a.body);
+    assert!(
+        a.body.to_string().contains("missing from Vault"),
+        "{}",
+        a.body
+    );
+    let a = post(
+        "/v1/memory/erase",
+        BILLING_TOKEN,
+        json!({"subject_id": "cust-1", "reason": "data_subject_request"}),
+    )
+    .await;
+    assert_eq!(a.status, 200, "{}", a.body);
+    api.caught_up(&app.log).await;
+    let erased: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM memory_subjects WHERE erased_at IS NOT NULL")
+            .fetch_one(&api.pool)
+            .await
+            .unwrap();
+    assert_eq!(erased, 2);
+    let dump = crate::secrets::pg_dump(&api.url);
+    assert!(
+        contains(&dump, "memory_subjects"),
+        "the dump holds the memory tables"
+    );
+    for planted in [PLANTED, "Volvo", "Ann Example", "Porto"] {
+        assert!(!contains(&dump, planted), "{planted} is in pg_dump");
+    }
 }

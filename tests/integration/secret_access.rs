@@ -614,13 +614,7 @@ async fn a_planted_value_is_found_only_in_the_replies_meant_for_it() {
     const PLANTED: &str = "PLANTED-zq8x-value-7731";
     // every log line of the service at debug level (the runtime is this
     // thread's: the service's tasks log here too)
-    let logs = Captured::default();
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::DEBUG)
-        .with_writer(logs.clone())
-        .with_ansi(false)
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let (logs, _guard) = capture_logs(tracing::Level::DEBUG);
 
     let app = spawn_app().await;
     let (mut bao, token) = vault_with_secrets(PLANTED).await;

@@ -7,7 +7,7 @@ use std::time::Duration;
 use flowledger::secrets::vault::{AuthKind, VaultAuth, VaultClient, VaultConfig, VaultError};
 use serde_json::json;
 
-use crate::helpers::Captured;
+use crate::helpers::capture_logs;
 use crate::openbao::OpenBao;
 
 const OCR: &str = "secret/data/external_apis/ocr";
@@ -382,15 +382,7 @@ async fn an_audit_device_that_cannot_write_fails_every_read_with_500() {
 
 #[tokio::test]
 async fn no_value_token_or_secret_id_in_the_logs_at_trace_level() {
-    let logs = Captured::default();
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::TRACE)
-        .with_writer(logs.clone())
-        .with_ansi(false)
-        .finish();
-    // this test's thread only (the runtime is single-threaded: the
-    // renewal task logs here too)
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let (logs, _guard) = capture_logs(tracing::Level::TRACE);
 
     let (bao, token) = seeded().await;
     bao.enable_approle().await;

@@ -3,14 +3,12 @@
 //! arrives inside each command (`at`), so the aggregate reads no clock.
 
 use chrono::{DateTime, TimeDelta, Utc};
-use cqrs_es::event_sink::EventSink;
-use cqrs_es::Aggregate;
 use serde::{Deserialize, Serialize};
 
 pub mod events;
 
 use crate::commands::limits::MAX_APPROVAL_WINDOW_SECONDS;
-use crate::commands::{write_decided, DomainError, ErrorCode};
+use crate::commands::{DomainError, ErrorCode};
 use events::{ApprovalDecided, ApprovalEvent, ApprovalExpired, ApprovalRequested};
 
 /// Where an approval is, as its events leave it.
@@ -300,24 +298,17 @@ impl Approval {
     }
 }
 
-impl Aggregate for Approval {
-    const TYPE: &'static str = "approval";
-    type Command = ApprovalCommand;
-    type Event = ApprovalEvent;
-    type Error = ApprovalError;
-    type Services = ();
+crate::commands::aggregate!(
+    Approval,
+    "approval",
+    ApprovalCommand,
+    ApprovalEvent,
+    ApprovalError
+);
 
-    async fn handle(
-        &mut self,
-        command: Self::Command,
-        _services: &Self::Services,
-        sink: &EventSink<Self>,
-    ) -> Result<(), Self::Error> {
-        let decided = self.decide(command);
-        write_decided(self, decided, sink).await
-    }
-
-    fn apply(&mut self, event: Self::Event) {
+impl Approval {
+    /// Folds one stored event into the state (cqrs-es `apply`).
+    fn fold(&mut self, event: ApprovalEvent) {
         match event {
             ApprovalEvent::ApprovalRequested(e) => {
                 self.status = ApprovalStatus::Pending;

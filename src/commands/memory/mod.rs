@@ -14,13 +14,11 @@ pub mod events;
 use std::collections::{BTreeMap, BTreeSet};
 
 use chrono::{DateTime, TimeDelta, Utc};
-use cqrs_es::event_sink::EventSink;
-use cqrs_es::Aggregate;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::commands::limits::{MAX_APPROVAL_WINDOW_SECONDS, MAX_MEMORY_FACTS};
-use crate::commands::{write_decided, DomainError, ErrorCode};
+use crate::commands::{DomainError, ErrorCode};
 use crate::crypto::Sealed;
 use events::{
     ChunkSpan, EpisodeEmbedded, EpisodeEmbeddingFailed, EpisodeRecorded, FactForgotten,
@@ -88,6 +86,12 @@ pub struct FactState {
     pub value_seal: Sealed,
     /// Whether the latest version is valid (not forgotten).
     pub active: bool,
+    /// The latest version's confidence.
+    pub confidence: f64,
+    /// When the latest version became valid: a later version or a
+    /// forgetting is never dated before it (clocks of two instances may
+    /// differ), so validity intervals never run backwards.
+    pub valid_from: DateTime<Utc>,
 }
 
 /// One subject's memory, as the decisions need it.
@@ -246,6 +250,16 @@ pub enum MemoryCommand {
         /// One of [`ERASE_REASONS`].
         reason: String,
     },
+}
+
+impl SubjectRef {
+    /// The same subject, its content sealed with the key `key_id`.
+    pub fn sealed_with(self, key_id: &str) -> Self {
+        SubjectRef {
+            key_id: key_id.to_string(),
+            ..self
+        }
+    }
 }
 
 impl MemoryCommand {
@@ -435,10 +449,17 @@ impl Memory {
                             format!("fact {i}: confidence must be 0 to 1"),
                         ));
                     }
-                    let version = match self.facts.get(&f.fact_id) {
-                        Some(s) if s.active && s.value_seal == f.value_seal => continue,
-                        Some(s) => s.version + 1,
-                        None => 1,
+                    let (version, valid_from) = match self.facts.get(&f.fact_id) {
+                        // the same value with the same confidence: NONE
+                        Some(s)
+                            if s.active
+                                && s.value_seal == f.value_seal
+                                && s.confidence == f.confidence =>
+                        {
+                            continue
+                        }
+                        Some(s) => (s.version + 1, at.max(s.valid_from)),
+                        None => (1, at),
                     };
                     out.push(MemoryEvent::FactRecorded(FactRecorded {
                         fact_id: f.fact_id,
@@ -448,7 +469,7 @@ impl Memory {
                         confidence: f.confidence,
                         source: f.source,
                         episode_id: episode_id.clone(),
-                        valid_from: at,
+                        valid_from,
                     }));
                 }
                 if out.is_empty() {
@@ -509,7 +530,7 @@ impl Memory {
                 Some(s) if s.active => out.push(MemoryEvent::FactForgotten(FactForgotten {
                     fact_id,
                     version: s.version,
-                    invalid_at: at,
+                    invalid_at: at.max(s.valid_from),
                 })),
                 _ => {
                     return Err(MemoryError::NotFound(format!(
@@ -580,24 +601,11 @@ impl Memory {
     }
 }
 
-impl Aggregate for Memory {
-    const TYPE: &'static str = "memory";
-    type Command = MemoryCommand;
-    type Event = MemoryEvent;
-    type Error = MemoryError;
-    type Services = ();
+crate::commands::aggregate!(Memory, "memory", MemoryCommand, MemoryEvent, MemoryError);
 
-    async fn handle(
-        &mut self,
-        command: Self::Command,
-        _: &Self::Services,
-        sink: &EventSink<Self>,
-    ) -> Result<(), Self::Error> {
-        let decided = self.decide(command);
-        write_decided(self, decided, sink).await
-    }
-
-    fn apply(&mut self, event: Self::Event) {
+impl Memory {
+    /// Folds one stored event into the state (cqrs-es `apply`).
+    fn fold(&mut self, event: MemoryEvent) {
         match event {
             MemoryEvent::MemorySubjectOpened(e) => {
                 self.owner = Some(e.owner);
@@ -622,6 +630,8 @@ impl Aggregate for Memory {
                         version: e.version,
                         value_seal: e.value_seal,
                         active: true,
+                        confidence: e.confidence,
+                        valid_from: e.valid_from,
                     },
                 );
             }
@@ -686,7 +696,7 @@ mod tests {
     fn run(m: &mut Memory, c: MemoryCommand) -> Result<Vec<MemoryEvent>, MemoryError> {
         let evs = m.decide(c)?;
         for e in evs.clone() {
-            m.apply(e);
+            m.fold(e);
         }
         Ok(evs)
     }
@@ -746,6 +756,26 @@ mod tests {
         // forgotten, then the same value again: a new version
         let evs = run(&mut m, writeback(vec![fact("f1", "green")], 4)).unwrap();
         assert!(matches!(&evs[0], MemoryEvent::FactRecorded(f) if f.version == 3));
+        // a new confidence for the same value is a new version
+        let mut surer = fact("f1", "green");
+        surer.confidence = 0.5;
+        let evs = run(&mut m, writeback(vec![surer], 5)).unwrap();
+        assert!(matches!(&evs[0], MemoryEvent::FactRecorded(f) if f.version == 4));
+        // an instance whose clock is behind never dates a change before the last one
+        let evs = run(&mut m, writeback(vec![fact("f1", "blue")], 1)).unwrap();
+        assert!(
+            matches!(&evs[0], MemoryEvent::FactRecorded(f) if f.version == 5 && f.valid_from == at(5))
+        );
+        let evs = run(
+            &mut m,
+            MemoryCommand::ForgetFact {
+                subject: who(),
+                fact_id: "f1".into(),
+                at: at(0),
+            },
+        )
+        .unwrap();
+        assert!(matches!(&evs[0], MemoryEvent::FactForgotten(f) if f.invalid_at == at(5)));
         let dup = writeback(vec![fact("f2", "a"), fact("f2", "b")], 5);
         assert_eq!(m.decide(dup).unwrap_err().field(), Some("facts"));
     }

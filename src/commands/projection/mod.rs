@@ -3,11 +3,9 @@
 
 pub mod events;
 
-use cqrs_es::event_sink::EventSink;
-use cqrs_es::Aggregate;
 use serde::{Deserialize, Serialize};
 
-use crate::commands::{write_decided, DomainError, ErrorCode};
+use crate::commands::{DomainError, ErrorCode};
 use events::{ProjectionEvent, ProjectionEventSkipped};
 
 /// The `ProjectionOps` aggregate (type `projection`, id = the read model's
@@ -83,24 +81,17 @@ impl ProjectionOps {
     }
 }
 
-impl Aggregate for ProjectionOps {
-    const TYPE: &'static str = "projection";
-    type Command = ProjectionCommand;
-    type Event = ProjectionEvent;
-    type Error = ProjectionOpsError;
-    type Services = ();
+crate::commands::aggregate!(
+    ProjectionOps,
+    "projection",
+    ProjectionCommand,
+    ProjectionEvent,
+    ProjectionOpsError
+);
 
-    async fn handle(
-        &mut self,
-        command: Self::Command,
-        _services: &Self::Services,
-        sink: &EventSink<Self>,
-    ) -> Result<(), Self::Error> {
-        let decided = self.decide(command);
-        write_decided(self, decided, sink).await
-    }
-
-    fn apply(&mut self, event: Self::Event) {
+impl ProjectionOps {
+    /// Folds one stored event into the state (cqrs-es `apply`).
+    fn fold(&mut self, event: ProjectionEvent) {
         let ProjectionEvent::ProjectionEventSkipped(e) = event;
         self.skipped.push(e.seq);
     }

@@ -5,11 +5,9 @@
 
 pub mod events;
 
-use cqrs_es::event_sink::EventSink;
-use cqrs_es::Aggregate;
 use serde::{Deserialize, Serialize};
 
-use crate::commands::{write_decided, DomainError, ErrorCode};
+use crate::commands::{DomainError, ErrorCode};
 use events::{CallbackEvent, CallbackRejected};
 
 /// One refused incoming callback.
@@ -46,24 +44,17 @@ impl RejectedCallback {
     }
 }
 
-impl Aggregate for RejectedCallback {
-    const TYPE: &'static str = "callback";
-    type Command = CallbackRejected;
-    type Event = CallbackEvent;
-    type Error = RejectedCallbackError;
-    type Services = ();
+crate::commands::aggregate!(
+    RejectedCallback,
+    "callback",
+    CallbackRejected,
+    CallbackEvent,
+    RejectedCallbackError
+);
 
-    async fn handle(
-        &mut self,
-        command: Self::Command,
-        _: &Self::Services,
-        sink: &EventSink<Self>,
-    ) -> Result<(), Self::Error> {
-        let decided = self.decide(command);
-        write_decided(self, decided, sink).await
-    }
-
-    fn apply(&mut self, _: Self::Event) {
+impl RejectedCallback {
+    /// Folds one stored event into the state (cqrs-es `apply`).
+    fn fold(&mut self, _: CallbackEvent) {
         self.rejected = true;
     }
 }

@@ -9,14 +9,12 @@
 pub mod events;
 pub mod policy;
 
-use cqrs_es::event_sink::EventSink;
-use cqrs_es::Aggregate;
 use serde::{Deserialize, Serialize};
 
 use crate::commands::limits::{
     MAX_SECRET_FIELD_LEN, MAX_SECRET_PATH_LEN, MAX_SECRET_PURPOSE_LEN, MAX_SECRET_VERSION,
 };
-use crate::commands::{write_decided, DomainError, ErrorCode};
+use crate::commands::{DomainError, ErrorCode};
 use events::{AccessRequest, SecretAccessEvent};
 
 /// One secret access request, once recorded.
@@ -190,24 +188,17 @@ impl SecretAccess {
     }
 }
 
-impl Aggregate for SecretAccess {
-    const TYPE: &'static str = "secret_access";
-    type Command = RecordAccess;
-    type Event = SecretAccessEvent;
-    type Error = SecretAccessError;
-    type Services = ();
+crate::commands::aggregate!(
+    SecretAccess,
+    "secret_access",
+    RecordAccess,
+    SecretAccessEvent,
+    SecretAccessError
+);
 
-    async fn handle(
-        &mut self,
-        command: Self::Command,
-        _: &Self::Services,
-        sink: &EventSink<Self>,
-    ) -> Result<(), Self::Error> {
-        let decided = self.decide(command);
-        write_decided(self, decided, sink).await
-    }
-
-    fn apply(&mut self, _: Self::Event) {
+impl SecretAccess {
+    /// Folds one stored event into the state (cqrs-es `apply`).
+    fn fold(&mut self, _: SecretAccessEvent) {
         self.recorded = true;
     }
 }
@@ -246,7 +237,7 @@ mod tests {
         let mut a = SecretAccess::default();
         let events = a.decide(granted("secret/data/ocr")).unwrap();
         assert_eq!(events.len(), 1);
-        a.apply(events[0].clone());
+        a.fold(events[0].clone());
         assert_eq!(
             a.decide(granted("secret/data/ocr")),
             Err(SecretAccessError::AlreadyRecorded)

@@ -5,13 +5,11 @@
 
 pub mod events;
 
-use cqrs_es::event_sink::EventSink;
-use cqrs_es::Aggregate;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::commands::secret_access::{check_path, SecretAccessError};
-use crate::commands::{write_decided, DomainError, ErrorCode};
+use crate::commands::{DomainError, ErrorCode};
 use events::{SecretCacheEvent, SecretCacheInvalidated};
 
 /// A path holds '/', which aggregate ids (NATS subject tokens) may not:
@@ -76,24 +74,17 @@ impl SecretCache {
     }
 }
 
-impl Aggregate for SecretCache {
-    const TYPE: &'static str = "secret_cache";
-    type Command = Invalidate;
-    type Event = SecretCacheEvent;
-    type Error = SecretCacheError;
-    type Services = ();
+crate::commands::aggregate!(
+    SecretCache,
+    "secret_cache",
+    Invalidate,
+    SecretCacheEvent,
+    SecretCacheError
+);
 
-    async fn handle(
-        &mut self,
-        command: Self::Command,
-        _: &Self::Services,
-        sink: &EventSink<Self>,
-    ) -> Result<(), Self::Error> {
-        let decided = self.decide(command);
-        write_decided(self, decided, sink).await
-    }
-
-    fn apply(&mut self, _: Self::Event) {
+impl SecretCache {
+    /// Folds one stored event into the state (cqrs-es `apply`).
+    fn fold(&mut self, _: SecretCacheEvent) {
         self.invalidations += 1;
     }
 }

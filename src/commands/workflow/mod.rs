@@ -5,11 +5,9 @@
 pub mod events;
 
 use chrono::NaiveDate;
-use cqrs_es::event_sink::EventSink;
-use cqrs_es::Aggregate;
 use serde::{Deserialize, Serialize};
 
-use crate::commands::{write_decided, DomainError, ErrorCode};
+use crate::commands::{DomainError, ErrorCode};
 use events::{AutoApprovalCounted, WorkflowEvent, WorkflowSwitched};
 
 /// Workflow keys may hold '.', which aggregate ids (NATS subject tokens)
@@ -169,24 +167,17 @@ impl Workflow {
     }
 }
 
-impl Aggregate for Workflow {
-    const TYPE: &'static str = "workflow";
-    type Command = WorkflowCommand;
-    type Event = WorkflowEvent;
-    type Error = WorkflowError;
-    type Services = ();
+crate::commands::aggregate!(
+    Workflow,
+    "workflow",
+    WorkflowCommand,
+    WorkflowEvent,
+    WorkflowError
+);
 
-    async fn handle(
-        &mut self,
-        command: Self::Command,
-        _: &Self::Services,
-        sink: &EventSink<Self>,
-    ) -> Result<(), Self::Error> {
-        let decided = self.decide(command);
-        write_decided(self, decided, sink).await
-    }
-
-    fn apply(&mut self, event: Self::Event) {
+impl Workflow {
+    /// Folds one stored event into the state (cqrs-es `apply`).
+    fn fold(&mut self, event: WorkflowEvent) {
         match event {
             WorkflowEvent::WorkflowDisabled(_) => self.disabled = true,
             WorkflowEvent::WorkflowEnabled(_) => self.disabled = false,
