@@ -92,7 +92,8 @@ pub struct EmbedderSection {
     pub url: String,
     /// The model asked for.
     pub model: String,
-    /// Every vector's length (1 to 16000); an answer with another length
+    /// Every vector's length (1 to 2000: pgvector's HNSW index takes at
+    /// most 2000 dimensions); an answer with another length
     /// is refused. Sent as `dimensions` when `send_dimensions`.
     pub dimensions: u32,
     /// Send `dimensions` in the request (models that can shorten their
@@ -125,7 +126,7 @@ fn default_embedder_attempts() -> u32 {
 }
 
 /// The most dimensions of a vector (pgvector's `vector` type).
-pub const MAX_EMBEDDING_DIMENSIONS: u32 = 16_000;
+pub const MAX_EMBEDDING_DIMENSIONS: u32 = 2_000;
 
 impl EmbedderSection {
     /// Checks every setting; the message names it.
@@ -134,6 +135,13 @@ impl EmbedderSection {
             .map_err(|e| format!("memory.embedder.url is not a URL: {e}"))?;
         if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
             return Err("memory.embedder.url must be an http or https URL with a host".into());
+        }
+        if !url.username().is_empty() || url.password().is_some() {
+            return Err(
+                "memory.embedder.url must hold no credentials: give the key as \
+                 memory.embedder.api_key_secret"
+                    .into(),
+            );
         }
         if url.query().is_some() || url.fragment().is_some() {
             return Err("memory.embedder.url must have no query or fragment".into());
@@ -826,7 +834,7 @@ mod tests {
             .is_none());
         for (extra, setting) in [
             ("dimensions = 0\n", "memory.embedder.dimensions"),
-            ("dimensions = 16001\n", "memory.embedder.dimensions"),
+            ("dimensions = 2001\n", "memory.embedder.dimensions"),
             (
                 "dimensions = 8\ntimeout_ms = 1\n",
                 "memory.embedder.timeout_ms",

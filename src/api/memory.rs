@@ -276,7 +276,8 @@ pub async fn assemble(
                             return Err(DoorError::reasoned(
                                 ErrorCode::Unavailable,
                                 "embeddings_failed",
-                                format!("the query could not be embedded: {x}; retry later"),
+                                // the detail (a secret's path, the peer's status) is logged
+                                "the query could not be embedded; retry later".into(),
                             ));
                         }
                         EmbedderFallback::FullText => {

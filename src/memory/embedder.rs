@@ -45,9 +45,12 @@ pub enum EmbedError {
     /// The answer is not one vector of `dimensions` numbers per text.
     #[error("the embedder's answer is refused: {0}")]
     BadAnswer(String),
-    /// The API key could not be read.
+    /// The API key could not be read (refused, missing, not a string).
     #[error("the embedder's API key: {0}")]
     Key(String),
+    /// The API key could not be read now (Vault or the log unavailable).
+    #[error("the embedder's API key cannot be read now: {0}")]
+    KeyUnavailable(String),
 }
 
 impl EmbedError {
@@ -55,12 +58,18 @@ impl EmbedError {
     /// errors, 429 and 5xx).
     pub fn is_retryable(&self) -> bool {
         match self {
-            EmbedError::Timeout(_) | EmbedError::Connect => true,
+            EmbedError::Timeout(_) | EmbedError::Connect | EmbedError::KeyUnavailable(_) => true,
             EmbedError::Status(s) => *s == 429 || *s >= 500,
             EmbedError::BadAnswer(_) | EmbedError::Key(_) => false,
         }
     }
 }
+
+/// Texts sent in one request; more are sent in several.
+const MAX_INPUTS_PER_REQUEST: usize = 32;
+
+/// The largest answer read.
+const MAX_ANSWER_BYTES: usize = 64 << 20;
 
 /// Where the API key comes from.
 struct KeySource {
@@ -98,7 +107,14 @@ impl KeySource {
             .secrets
             .read(bus, request, KEY_ROLE, &meta)
             .await
-            .map_err(|e| EmbedError::Key(format!("{}: {}", self.secret, e.message)))?;
+            .map_err(|e| {
+                let why = format!("{}: {}", self.secret, e.message);
+                if e.code == crate::commands::ErrorCode::Unavailable {
+                    EmbedError::KeyUnavailable(why)
+                } else {
+                    EmbedError::Key(why)
+                }
+            })?;
         let key = served
             .value
             .expose_str()
@@ -159,7 +175,9 @@ impl Embedder {
                 })
             }
         };
+        // the bearer key is never replayed to another address
         let http = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
             .build()
             .map_err(|e| format!("memory.embedder: the HTTP client: {e}"))?;
         Ok(Embedder { cfg, http, key })
@@ -183,7 +201,15 @@ impl Embedder {
         }
         let configured = Duration::from_millis(self.cfg.timeout_ms);
         let limit = limit.map_or(configured, |l| l.min(configured));
-        match tokio::time::timeout(limit, self.embed_once(bus, texts, limit)).await {
+        // servers cap the inputs of one request (TEI: 32 by default)
+        let all = async {
+            let mut out = Vec::with_capacity(texts.len());
+            for batch in texts.chunks(MAX_INPUTS_PER_REQUEST) {
+                out.extend(self.embed_once(bus, batch, limit).await?);
+            }
+            Ok(out)
+        };
+        match tokio::time::timeout(limit, all).await {
             Ok(r) => r,
             Err(_) => Err(EmbedError::Timeout(limit.as_millis() as u64)),
         }
@@ -223,7 +249,16 @@ impl Embedder {
             if !status.is_success() {
                 return Err(EmbedError::Status(status.as_u16()));
             }
+            if resp
+                .content_length()
+                .is_some_and(|n| n > MAX_ANSWER_BYTES as u64)
+            {
+                return Err(EmbedError::BadAnswer("larger than 64 MiB".into()));
+            }
             let bytes = resp.bytes().await.map_err(|e| transport(&e, limit))?;
+            if bytes.len() > MAX_ANSWER_BYTES {
+                return Err(EmbedError::BadAnswer("larger than 64 MiB".into()));
+            }
             return parse_answer(&bytes, texts.len(), self.cfg.dimensions);
         }
     }

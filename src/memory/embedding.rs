@@ -109,6 +109,7 @@ impl EmbeddingHandler {
             key_id: state.key_id.clone(),
         };
         let cfg = self.embedder.config();
+        let failed_subject = subject.clone();
         let texts = key
             .open_json(&e.turn)
             .map_err(|x| x.to_string())
@@ -182,6 +183,29 @@ impl EmbeddingHandler {
             Err(ExecuteError::Conflict { .. }) | Err(ExecuteError::Store(_)) => Err(
                 Later::Unavailable(format!("record the embeddings of subject {aggregate_id}")),
             ),
+            // too many chunks for one event: recorded as a failure, not lost
+            Err(ExecuteError::TooLarge(_)) if matches!(done, Outcome::Embedded) => {
+                let reason = format!(
+                    "the vectors of {} chunks of {} dimensions are too large for one event",
+                    e.chunks.len(),
+                    cfg.dimensions
+                );
+                tracing::warn!(subject = aggregate_id, episode = %e.episode_id, %reason,
+                    "memory embeddings: recording the failure");
+                let failure = MemoryCommand::RecordEmbeddingFailure {
+                    subject: failed_subject,
+                    episode_id: e.episode_id.clone(),
+                    model: cfg.model.clone(),
+                    reason,
+                };
+                match self.bus.memory(aggregate_id, failure, &meta).await {
+                    Ok(_) => Ok(Outcome::Failed),
+                    Err(ExecuteError::Rejected(_)) => Ok(Outcome::Skipped),
+                    Err(_) => Err(Later::Unavailable(format!(
+                        "record the embedding failure of subject {aggregate_id}"
+                    ))),
+                }
+            }
             Err(x) => {
                 tracing::error!(subject = aggregate_id, episode = %e.episode_id, error = %x,
                     "memory embeddings: not recorded; episode skipped");

@@ -439,13 +439,13 @@ pub enum VectorSetupError {
     /// `CREATE EXTENSION vector` failed: pgvector is not installed, or the
     /// role may not create it.
     #[error(
-        "[memory.embedder] needs the pgvector extension: CREATE EXTENSION IF NOT EXISTS vector          failed: {0} (install pgvector, or have a superuser create the extension in this          database)"
+        "[memory.embedder] needs the pgvector extension: CREATE EXTENSION IF NOT EXISTS vector failed: {0} (install pgvector, or have a superuser create the extension in this database)"
     )]
     Extension(sqlx::Error),
     /// The memory read model's vectors table has other dimensions than
     /// configured.
     #[error(
-        "{VECTORS_TABLE}_v{version} holds vectors of {found} dimensions,          memory.embedder.dimensions is {configured}: rebuild the memory read model          (flowledger projections rebuild memory) after changing the model"
+        "{VECTORS_TABLE}_v{version} holds vectors of {found} dimensions, memory.embedder.dimensions is {configured}: changing the dimensions of a deployment is not supported yet (the recorded vectors keep theirs); set them back"
     )]
     Dimensions {
         /// The version.
