@@ -306,6 +306,10 @@ pub fn parse_answer(bytes: &[u8], n: usize, dimensions: u32) -> Result<Vec<Vec<f
                 "a value is not a finite number".into(),
             ));
         }
+        // no direction: its cosine distance to anything is undefined (NaN)
+        if v.iter().all(|x| *x == 0.0) {
+            return Err(EmbedError::BadAnswer("an embedding is all zeros".into()));
+        }
         out[i] = Some(v);
     }
     // n items, n distinct indexes below n: every slot is filled
@@ -425,6 +429,10 @@ mod tests {
                 "repeated",
             ),
             (json!({"error": "the secret words"}), "not {"),
+            (
+                json!({"data": [{"index": 0, "embedding": [1.0, 0.0]}, {"index": 1, "embedding": [0.0, 0.0]}]}),
+                "all zeros",
+            ),
         ] {
             let e = parse_answer(bad.to_string().as_bytes(), 2, 2).unwrap_err();
             assert!(e.to_string().contains(why), "{bad}: {e}");
