@@ -21,6 +21,7 @@ use sqlx::{PgPool, Row};
 use super::body::{from_fields, parse_object};
 use super::caller::{Caller, Role};
 use super::http::{ApiError, AppState};
+use super::read::Params;
 use crate::bus::{CommandBus, CommandError};
 use crate::commands::memory::{aggregate_id, check_subject_id};
 use crate::commands::ErrorCode;
@@ -552,23 +553,23 @@ pub(crate) async fn memory_assemble(
     Ok(Json(reply).into_response())
 }
 
-fn subject_of(s: &AppState, caller: &Caller, subject_id: &str) -> Result<String, ApiError> {
+/// The aggregate id of the caller's live subject `subject_id`: refused
+/// for auditors and when memory is not configured; 404 when never
+/// written or erased.
+async fn live_subject(s: &AppState, caller: &Caller, subject_id: &str) -> Result<String, ApiError> {
     owner_role(caller, "reading memory")?;
     if s.memory.is_none() {
         return Err(ApiError::Command(not_configured()));
     }
     check_subject_id(subject_id).map_err(|e| super::http::bad("subject_id", e.to_string()))?;
-    Ok(aggregate_id(&caller.client_id, subject_id))
-}
-
-async fn live_subject(pool: &PgPool, id: &str, subject_id: &str) -> Result<(), ApiError> {
+    let id = aggregate_id(&caller.client_id, subject_id);
     let found =
         sqlx::query("SELECT 1 FROM memory_subjects WHERE aggregate_id = $1 AND erased_at IS NULL")
-            .bind(id)
-            .fetch_optional(pool)
+            .bind(&id)
+            .fetch_optional(&s.pool)
             .await?;
     match found {
-        Some(_) => Ok(()),
+        Some(_) => Ok(id),
         None => Err(ApiError::NotFound(format!(
             "memory of subject {subject_id:?}"
         ))),
@@ -586,16 +587,8 @@ pub(crate) async fn memory_episodes(
     Path(subject_id): Path<String>,
     Query(raw): Query<HashMap<String, String>>,
 ) -> Result<Json<Value>, ApiError> {
-    let id = subject_of(&s, &caller, &subject_id)?;
-    let limit = match raw.get("limit") {
-        None => 100,
-        Some(v) => v
-            .parse::<i64>()
-            .ok()
-            .filter(|n| (1..=1000).contains(n))
-            .ok_or_else(|| super::http::bad("limit", "must be 1 to 1000"))?,
-    };
-    live_subject(&s.pool, &id, &subject_id).await?;
+    let id = live_subject(&s, &caller, &subject_id).await?;
+    let limit = Params::new(raw, &["limit"])?.limit()?;
     let rows = sqlx::query(
         "SELECT episode_id, turn_at, recorded_at, turn FROM memory_episodes \
          WHERE aggregate_id = $1 ORDER BY turn_at DESC, episode_id DESC LIMIT $2",
@@ -626,13 +619,11 @@ pub(crate) async fn memory_facts(
     Path(subject_id): Path<String>,
     Query(raw): Query<HashMap<String, String>>,
 ) -> Result<Json<Value>, ApiError> {
-    let id = subject_of(&s, &caller, &subject_id)?;
-    let history = match raw.get("history").map(String::as_str) {
-        None | Some("false") => false,
-        Some("true") => true,
-        Some(_) => return Err(super::http::bad("history", "must be true or false")),
-    };
-    live_subject(&s.pool, &id, &subject_id).await?;
+    let id = live_subject(&s, &caller, &subject_id).await?;
+    let history = Params::new(raw, &["history"])?
+        .one_of("history", &["true", "false"])?
+        .as_deref()
+        == Some("true");
     let rows = sqlx::query(
         "SELECT subject, key, value, confidence, source, version, valid_from, invalid_at \
          FROM memory_facts WHERE aggregate_id = $1 AND ($2 OR invalid_at IS NULL) \
@@ -658,8 +649,7 @@ pub(crate) async fn memory_profile(
     Extension(caller): Extension<Caller>,
     Path(subject_id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    let id = subject_of(&s, &caller, &subject_id)?;
-    live_subject(&s.pool, &id, &subject_id).await?;
+    let id = live_subject(&s, &caller, &subject_id).await?;
     let row = sqlx::query("SELECT fields, updated_at FROM memory_profiles WHERE aggregate_id = $1")
         .bind(&id)
         .fetch_optional(&s.pool)

@@ -34,10 +34,10 @@ fn only_own_jobs(q: &mut QueryBuilder<'_, sqlx::Postgres>, caller: &Caller) {
 }
 
 /// Query parameters, checked against the names an endpoint accepts.
-struct Params(HashMap<String, String>);
+pub(crate) struct Params(HashMap<String, String>);
 
 impl Params {
-    fn new(raw: HashMap<String, String>, allowed: &[&str]) -> Result<Self, ApiError> {
+    pub(crate) fn new(raw: HashMap<String, String>, allowed: &[&str]) -> Result<Self, ApiError> {
         // PostgreSQL takes no NUL in a text parameter: refuse it by name
         if let Some((k, _)) = raw
             .iter()
@@ -61,7 +61,7 @@ impl Params {
         }
     }
 
-    fn one_of(&self, name: &str, allowed: &[&str]) -> Result<Option<String>, ApiError> {
+    pub(crate) fn one_of(&self, name: &str, allowed: &[&str]) -> Result<Option<String>, ApiError> {
         match self.0.get(name) {
             Some(v) if !allowed.contains(&v.as_str()) => Err(bad(
                 name,
@@ -89,7 +89,7 @@ impl Params {
             .transpose()
     }
 
-    fn limit(&self) -> Result<i64, ApiError> {
+    pub(crate) fn limit(&self) -> Result<i64, ApiError> {
         match self.0.get("limit") {
             None => Ok(100),
             Some(v) => match v.parse::<i64>() {

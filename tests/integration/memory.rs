@@ -411,6 +411,24 @@ async fn over_http_writeback_then_assemble_returns_the_turns_facts_and_live_work
         assert_eq!(w[0]["invalid_at"], w[1]["valid_from"], "{}", h.body);
     }
     assert!(versions[2]["invalid_at"].is_null(), "{}", h.body);
+    // an unknown or malformed parameter is named, not ignored
+    for q in ["history=yes", "histroy=true"] {
+        let a = api
+            .call(
+                "GET",
+                &format!("/v1/memory/subjects/cust-1/facts?{q}"),
+                Some(BILLING_TOKEN),
+                None,
+            )
+            .await;
+        assert_eq!(a.status, 400, "{q}: {}", a.body);
+        assert_eq!(
+            a.body["error"]["param"],
+            q.split('=').next().unwrap(),
+            "{}",
+            a.body
+        );
+    }
     // expired working state is never returned, before any cleanup
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let got = assemble_until(&api, ask.clone(), |_| true).await;
