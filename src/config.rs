@@ -66,6 +66,9 @@ pub struct MemorySection {
     /// When `serve` runs the cleanup (expired working state), a cron
     /// expression in UTC; one instance runs it at a time. Empty: never.
     pub cleanup_cron: String,
+    /// The cleanup retires episodes whose turn is older than this many
+    /// days (`EpisodeRetired`); 0: episodes are kept.
+    pub episode_retention_days: u32,
     /// `[memory.embedder]`: similarity search by embeddings; without it,
     /// assemble ranks chunks by full text.
     pub embedder: Option<EmbedderSection>,
@@ -181,6 +184,9 @@ impl EmbedderSection {
     }
 }
 
+/// The longest retention period, days.
+const MAX_RETENTION_DAYS: u32 = 36_600;
+
 impl Default for MemorySection {
     fn default() -> Self {
         MemorySection {
@@ -192,6 +198,7 @@ impl Default for MemorySection {
             top_k: 5,
             assemble_budget_ms: 2_000,
             cleanup_cron: "0 2 * * *".into(),
+            episode_retention_days: 0,
             embedder: None,
         }
     }
@@ -223,6 +230,11 @@ impl MemorySection {
         if !self.cleanup_cron.is_empty() {
             crate::memory::cleanup::parse_schedule(&self.cleanup_cron)
                 .map_err(|e| format!("memory.cleanup_cron: {e}"))?;
+        }
+        if self.episode_retention_days > MAX_RETENTION_DAYS {
+            return Err(format!(
+                "memory.episode_retention_days must be at most {MAX_RETENTION_DAYS} (100 years); 0 keeps episodes"
+            ));
         }
         if let Some(e) = &self.embedder {
             e.check()?;

@@ -1,6 +1,8 @@
 //! The memory cleanup (seed 001's nightly job): expired working state is
 //! removed by recording `WorkingStateDeleted` (reason `expired`) for each
-//! value past its expiry, so the log stays the truth and the read model
+//! value past its expiry, and, with `[memory] episode_retention_days`,
+//! each episode whose turn is older is retired by recording
+//! `EpisodeRetired`, so the log stays the truth and the read model
 //! follows. `serve` runs it on a cron schedule (`[memory] cleanup_cron`,
 //! default `0 2 * * *`, UTC), one instance at a time (a JetStream KV
 //! leadership, as the checkpoint signer's); `flowledger memory cleanup`
@@ -30,10 +32,12 @@ const BATCH: i64 = 1_000;
 pub struct CleanupReport {
     /// Working-state values recorded as expired.
     pub expired: u64,
-    /// Due values the aggregate no longer had or did not find expired
-    /// (removed or set anew meanwhile): nothing recorded.
+    /// Episodes recorded as retired (`[memory] episode_retention_days`).
+    pub retired: u64,
+    /// Due items the aggregate no longer had or did not find due (removed
+    /// or set anew meanwhile): nothing recorded.
     pub skipped: u64,
-    /// Values whose command failed (Vault or the log unavailable): tried
+    /// Items whose command failed (Vault or the log unavailable): tried
     /// again next run.
     pub failed: u64,
     /// Wall time, milliseconds.
@@ -48,7 +52,55 @@ pub enum CleanupError {
     Database(#[from] sqlx::Error),
 }
 
-/// Records the expiry of every working-state value due at `now`.
+/// One kind of due item: how it is found in the read model and removed.
+#[derive(Debug, Clone, Copy)]
+enum Sweep {
+    /// Working-state values past their expiry at `now`.
+    Expire,
+    /// Episodes whose turn was before the cut-off.
+    Retire(DateTime<Utc>),
+}
+
+impl Sweep {
+    /// Due items after the cursor (`$2`, `$3`), `$4` at a time, each as
+    /// (aggregate_id, item, owner, subject_id); `$1` is the time they are
+    /// due at. Erased subjects have no rows to find.
+    fn query(self) -> &'static str {
+        match self {
+            Sweep::Expire => {
+                "SELECT w.aggregate_id, w.key AS item, s.owner, s.subject_id \
+                 FROM memory_working_state w JOIN memory_subjects s USING (aggregate_id) \
+                 WHERE w.expires_at <= $1 AND s.erased_at IS NULL \
+                   AND (w.aggregate_id, w.key) > ($2, $3) \
+                 ORDER BY w.aggregate_id, w.key LIMIT $4"
+            }
+            Sweep::Retire(_) => {
+                "SELECT e.aggregate_id, e.episode_id AS item, s.owner, s.subject_id \
+                 FROM memory_episodes e JOIN memory_subjects s USING (aggregate_id) \
+                 WHERE e.turn_at < $1 AND s.erased_at IS NULL \
+                   AND (e.aggregate_id, e.episode_id) > ($2, $3) \
+                 ORDER BY e.aggregate_id, e.episode_id LIMIT $4"
+            }
+        }
+    }
+
+    fn due_at(self, now: DateTime<Utc>) -> DateTime<Utc> {
+        match self {
+            Sweep::Expire => now,
+            Sweep::Retire(before) => before,
+        }
+    }
+
+    fn done(self, report: &mut CleanupReport) -> &mut u64 {
+        match self {
+            Sweep::Expire => &mut report.expired,
+            Sweep::Retire(_) => &mut report.retired,
+        }
+    }
+}
+
+/// Records the expiry of every working-state value due at `now` and, with
+/// an episode retention, the retirement of every episode older than it.
 /// `progress` is told the counts after each batch.
 pub async fn run_once(
     bus: &CommandBus,
@@ -59,52 +111,62 @@ pub async fn run_once(
 ) -> Result<CleanupReport, CleanupError> {
     let started = Instant::now();
     let mut report = CleanupReport::default();
-    // keyset paging: rows whose command failed stay due, so the cursor moves
-    let mut after = (String::new(), String::new());
-    loop {
-        let rows = sqlx::query(
-            "SELECT w.aggregate_id, w.key, s.owner, s.subject_id \
-             FROM memory_working_state w JOIN memory_subjects s USING (aggregate_id) \
-             WHERE w.expires_at <= $1 AND s.erased_at IS NULL \
-               AND (w.aggregate_id, w.key) > ($2, $3) \
-             ORDER BY w.aggregate_id, w.key LIMIT $4",
-        )
-        .bind(now)
-        .bind(&after.0)
-        .bind(&after.1)
-        .bind(BATCH)
-        .fetch_all(pool)
-        .await?;
-        if rows.is_empty() {
-            break;
-        }
-        for r in &rows {
-            let (id, key): (String, String) = (r.try_get("aggregate_id")?, r.try_get("key")?);
-            let (owner, subject_id): (String, String) =
-                (r.try_get("owner")?, r.try_get("subject_id")?);
-            let body = WorkingDeleteBody {
-                subject_id,
-                key: key.clone(),
-            };
-            match memory.working_delete(bus, &owner, body, true, now).await {
-                Ok(_) => report.expired += 1,
-                Err(e)
-                    if matches!(
-                        e.code,
-                        ErrorCode::NotFound | ErrorCode::Validation | ErrorCode::Rejected
-                    ) =>
-                {
-                    report.skipped += 1
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e.message, "memory cleanup: a value could not be expired; next run");
-                    report.failed += 1;
-                }
+    let mut sweeps = vec![Sweep::Expire];
+    if let Some(keep) = memory.retention().episodes {
+        sweeps.push(Sweep::Retire(now - keep));
+    }
+    for sweep in sweeps {
+        // keyset paging: rows whose command failed stay due, so the cursor moves
+        let mut after = (String::new(), String::new());
+        loop {
+            let rows = sqlx::query(sweep.query())
+                .bind(sweep.due_at(now))
+                .bind(&after.0)
+                .bind(&after.1)
+                .bind(BATCH)
+                .fetch_all(pool)
+                .await?;
+            if rows.is_empty() {
+                break;
             }
-            after = (id, key);
+            for r in &rows {
+                let (id, item): (String, String) = (r.try_get("aggregate_id")?, r.try_get("item")?);
+                let (owner, subject_id): (String, String) =
+                    (r.try_get("owner")?, r.try_get("subject_id")?);
+                let done = match sweep {
+                    Sweep::Expire => {
+                        let body = WorkingDeleteBody {
+                            subject_id,
+                            key: item.clone(),
+                        };
+                        memory.working_delete(bus, &owner, body, true, now).await
+                    }
+                    Sweep::Retire(before) => {
+                        memory
+                            .retire_episode(bus, &owner, &subject_id, item.clone(), before)
+                            .await
+                    }
+                };
+                match done {
+                    Ok(_) => *sweep.done(&mut report) += 1,
+                    Err(e)
+                        if matches!(
+                            e.code,
+                            ErrorCode::NotFound | ErrorCode::Validation | ErrorCode::Rejected
+                        ) =>
+                    {
+                        report.skipped += 1
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e.message, ?sweep, "memory cleanup: an item could not be removed; next run");
+                        report.failed += 1;
+                    }
+                }
+                after = (id, item);
+            }
+            report.took_ms = started.elapsed().as_millis() as u64;
+            progress(&report);
         }
-        report.took_ms = started.elapsed().as_millis() as u64;
-        progress(&report);
     }
     report.took_ms = started.elapsed().as_millis() as u64;
     Ok(report)
@@ -167,6 +229,7 @@ pub async fn run_scheduled(
         match run_once(&bus, &memory, &pool, Utc::now(), &mut |_| {}).await {
             Ok(r) => tracing::info!(
                 expired = r.expired,
+                retired = r.retired,
                 skipped = r.skipped,
                 failed = r.failed,
                 took_ms = r.took_ms,

@@ -157,6 +157,23 @@ pub struct AssembleDefaults {
     pub budget_ms: u64,
 }
 
+/// What the cleanup removes besides expired working state
+/// (`[memory] episode_retention_days`); `None`: kept.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Retention {
+    /// Episodes whose turn is older than this are retired.
+    pub episodes: Option<chrono::TimeDelta>,
+}
+
+impl Retention {
+    /// From the setting's days (0: kept).
+    pub fn from_days(episode_days: u32) -> Self {
+        Retention {
+            episodes: (episode_days > 0).then(|| chrono::TimeDelta::days(i64::from(episode_days))),
+        }
+    }
+}
+
 /// The memory commands of every door.
 #[derive(Debug)]
 pub struct MemoryService {
@@ -164,6 +181,7 @@ pub struct MemoryService {
     chunking: Chunking,
     defaults: AssembleDefaults,
     cleanup: Option<croner::Cron>,
+    retention: Retention,
     embedder: Option<Arc<crate::memory::embedder::Embedder>>,
 }
 
@@ -293,8 +311,20 @@ impl MemoryService {
             chunking,
             defaults,
             cleanup: None,
+            retention: Retention::default(),
             embedder: None,
         }
+    }
+
+    /// The cleanup also applies `retention`.
+    pub fn with_retention(mut self, retention: Retention) -> Self {
+        self.retention = retention;
+        self
+    }
+
+    /// What the cleanup retires besides expired working state.
+    pub fn retention(&self) -> Retention {
+        self.retention
     }
 
     /// `serve` runs the cleanup at the times `schedule` names.
@@ -650,6 +680,34 @@ impl MemoryService {
         };
         let receipt = self.run(bus, &id, command, &meta).await?;
         Ok(Written::of(b.subject_id, receipt))
+    }
+
+    /// Retires `owner`'s episode whose turn was before `before` (the
+    /// cleanup's retention), recorded under flowledger's own actor.
+    pub async fn retire_episode(
+        &self,
+        bus: &CommandBus,
+        owner: &str,
+        subject_id: &str,
+        episode_id: String,
+        before: DateTime<Utc>,
+    ) -> Result<Written, CommandError> {
+        let (id, subject) = Self::subject(owner, subject_id)?;
+        let key = self.key_for_read(&id, subject_id).await?;
+        let subject = subject.sealed_with(key.id());
+        let meta = Self::meta(
+            &key,
+            CLEANUP_ACTOR,
+            Uuid::now_v7().to_string(),
+            &json!([episode_id, "retention"]),
+        );
+        let command = MemoryCommand::RetireEpisode {
+            subject,
+            episode_id,
+            before,
+        };
+        let receipt = self.run(bus, &id, command, &meta).await?;
+        Ok(Written::of(subject_id.to_string(), receipt))
     }
 
     /// A fact stops being valid.

@@ -391,9 +391,9 @@ fn every_secret_event_decodes_through_the_projection_parser() {
 #[test]
 fn every_memory_event_decodes_whole_for_the_memory_read_model() {
     use crate::commands::memory::events::{
-        ChunkSpan, EpisodeEmbedded, EpisodeEmbeddingFailed, EpisodeRecorded, FactForgotten,
-        FactRecorded, MemoryEvent, MemorySubjectErased, MemorySubjectOpened, ProfileUpdated,
-        WorkingStateDeleted, WorkingStateSet,
+        ChunkSpan, EpisodeEmbedded, EpisodeEmbeddingFailed, EpisodeRecorded, EpisodeRetired,
+        FactForgotten, FactRecorded, MemoryEvent, MemorySubjectErased, MemorySubjectOpened,
+        ProfileUpdated, WorkingStateDeleted, WorkingStateSet,
     };
     use crate::projections::memory;
     let ring = crate::crypto::SealKeys::single("m1", [7u8; 32]);
@@ -455,6 +455,11 @@ fn every_memory_event_decodes_whole_for_the_memory_read_model() {
             model: "embed-1".into(),
             reason: "status 500".into(),
         }),
+        MemoryEvent::EpisodeRetired(EpisodeRetired {
+            episode_id: "t1".into(),
+            reason: "retention".into(),
+            before: at(),
+        }),
         MemoryEvent::MemorySubjectErased(MemorySubjectErased {
             key_id: "m1".into(),
             reason: "data_subject_request".into(),
@@ -478,6 +483,7 @@ fn every_memory_event_decodes_whole_for_the_memory_read_model() {
             | MemoryEvent::WorkingStateDeleted(_)
             | MemoryEvent::EpisodeEmbedded(_)
             | MemoryEvent::EpisodeEmbeddingFailed(_)
+            | MemoryEvent::EpisodeRetired(_)
             | MemoryEvent::MemorySubjectErased(_) => {}
         }
         let mut records = [OutgoingRecord {

@@ -41,7 +41,7 @@ type Tx<'a> = Transaction<'a, Postgres>;
 
 /// The memory event types this build knows; any other (a later one) is
 /// passed over, as the other read models pass over what they do not use.
-pub const EVENT_TYPES: [&str; 10] = [
+pub const EVENT_TYPES: [&str; 11] = [
     "MemorySubjectOpened",
     "EpisodeRecorded",
     "FactRecorded",
@@ -52,6 +52,7 @@ pub const EVENT_TYPES: [&str; 10] = [
     "MemorySubjectErased",
     "EpisodeEmbedded",
     "EpisodeEmbeddingFailed",
+    "EpisodeRetired",
 ];
 
 /// The typed event of the stored `line` of a `memory` aggregate (upcasters
@@ -560,6 +561,26 @@ async fn apply_event(
         }
         MemoryEvent::EpisodeEmbeddingFailed(_) => {
             // its chunks stay findable by full text only
+        }
+        MemoryEvent::EpisodeRetired(e) => {
+            for table in ["memory_episodes", "memory_chunks"] {
+                sqlx::query(&format!(
+                    "DELETE FROM {table}_v{v} WHERE aggregate_id = $1 AND episode_id = $2"
+                ))
+                .bind(id)
+                .bind(&e.episode_id)
+                .execute(&mut **tx)
+                .await?;
+            }
+            if keys.vectors(tx, v).await?.is_some() {
+                sqlx::query(&format!(
+                    "DELETE FROM {VECTORS_TABLE}_v{v} WHERE aggregate_id = $1 AND episode_id = $2"
+                ))
+                .bind(id)
+                .bind(&e.episode_id)
+                .execute(&mut **tx)
+                .await?;
+            }
         }
         MemoryEvent::MemorySubjectErased(e) => {
             sqlx::query(&format!(

@@ -506,6 +506,74 @@ async fn over_http_writeback_then_assemble_returns_the_turns_facts_and_live_work
     .unwrap();
     assert_eq!(report.expired, 0, "{report:?}");
 
+    // with a retention of one day, the cleanup at 2026-12-03T00:00Z retires
+    // the turn of 12-01 only, as flowledger; the read model drops it, its
+    // chunks and nothing else
+    let retaining = flowledger::memory::service::MemoryService::new(
+        memory.keys().clone(),
+        flowledger::memory::service::Chunking { max_chars: 800 },
+        memory.defaults(),
+    )
+    .with_retention(flowledger::memory::service::Retention::from_days(1));
+    let midnight = "2026-12-03T00:00:00Z".parse().unwrap();
+    let report = flowledger::memory::cleanup::run_once(
+        &api.bus,
+        &retaining,
+        &api.pool,
+        midnight,
+        &mut |_| {},
+    )
+    .await
+    .expect("cleanup");
+    assert_eq!((report.retired, report.failed), (1, 0), "{report:?}");
+    let retired: Vec<_> = log_events(&app)
+        .await
+        .into_iter()
+        .filter(|e| e.event_type == "EpisodeRetired")
+        .collect();
+    assert_eq!(retired.len(), 1);
+    assert_eq!(retired[0].data["episode_id"], "t0");
+    assert_eq!(retired[0].data["reason"], "retention");
+    assert_eq!(retired[0].actor.client_id, "flowledger");
+    api.caught_up(&app.log).await;
+    let e = api
+        .call(
+            "GET",
+            "/v1/memory/subjects/cust-1/episodes",
+            Some(BILLING_TOKEN),
+            None,
+        )
+        .await;
+    let ids: Vec<&str> = e.body["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["episode_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["t2", "t1"], "{}", e.body);
+    let volvo: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM memory_chunks WHERE text LIKE '%Volvo%'")
+            .fetch_one(&api.pool)
+            .await
+            .unwrap();
+    assert_eq!(volvo, 0);
+    // the facts it carried keep their history (retention is of turns)
+    let facts: i64 = sqlx::query_scalar("SELECT count(*) FROM memory_facts")
+        .fetch_one(&api.pool)
+        .await
+        .unwrap();
+    assert_eq!(facts, 3);
+    let report = flowledger::memory::cleanup::run_once(
+        &api.bus,
+        &retaining,
+        &api.pool,
+        midnight,
+        &mut |_| {},
+    )
+    .await
+    .unwrap();
+    assert_eq!((report.retired, report.skipped), (0, 0), "{report:?}");
+
     // erasure over HTTP: only the owner or an operator; it completes after
     // a crash between destroying the key and recording it, and for a key
     // lost from Vault; the read model then holds nothing of either subject

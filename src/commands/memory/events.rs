@@ -45,6 +45,10 @@ pub enum MemoryEvent {
     /// `EpisodeEmbeddingFailed`: the embedder could not embed an episode
     /// (retries exhausted); its chunks are found by full text only.
     EpisodeEmbeddingFailed(EpisodeEmbeddingFailed),
+    /// `EpisodeRetired`: an episode past the retention period
+    /// (`[memory] episode_retention_days`) leaves the read models; its
+    /// sealed turn stays in the log, readable only with the subject's key.
+    EpisodeRetired(EpisodeRetired),
 }
 
 /// A subject's first event.
@@ -187,6 +191,17 @@ pub struct EpisodeEmbeddingFailed {
     pub reason: String,
 }
 
+/// An episode retired by the cleanup.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EpisodeRetired {
+    /// The episode (an `EpisodeRecorded` of this subject).
+    pub episode_id: String,
+    /// Why, as a code: `retention`.
+    pub reason: String,
+    /// The retention cut-off: the episode's turn was before it.
+    pub before: DateTime<Utc>,
+}
+
 impl DomainEvent for MemoryEvent {
     fn event_type(&self) -> String {
         match self {
@@ -200,6 +215,7 @@ impl DomainEvent for MemoryEvent {
             MemoryEvent::MemorySubjectErased(_) => "MemorySubjectErased",
             MemoryEvent::EpisodeEmbedded(_) => "EpisodeEmbedded",
             MemoryEvent::EpisodeEmbeddingFailed(_) => "EpisodeEmbeddingFailed",
+            MemoryEvent::EpisodeRetired(_) => "EpisodeRetired",
         }
         .to_string()
     }

@@ -21,9 +21,9 @@ use crate::commands::limits::{MAX_APPROVAL_WINDOW_SECONDS, MAX_MEMORY_FACTS};
 use crate::commands::{DomainError, ErrorCode};
 use crate::crypto::Sealed;
 use events::{
-    ChunkSpan, EpisodeEmbedded, EpisodeEmbeddingFailed, EpisodeRecorded, FactForgotten,
-    FactRecorded, MemoryEvent, MemorySubjectErased, MemorySubjectOpened, ProfileUpdated,
-    WorkingStateDeleted, WorkingStateSet,
+    ChunkSpan, EpisodeEmbedded, EpisodeEmbeddingFailed, EpisodeRecorded, EpisodeRetired,
+    FactForgotten, FactRecorded, MemoryEvent, MemorySubjectErased, MemorySubjectOpened,
+    ProfileUpdated, WorkingStateDeleted, WorkingStateSet,
 };
 
 /// A subject id is the client's name for a person: the aggregate id is the
@@ -119,6 +119,13 @@ pub struct Memory {
     /// Episodes whose embeddings (or embedding failure) are recorded.
     #[serde(default)]
     pub embedded: BTreeSet<String>,
+    /// Episode id -> the time of its turn, for the episodes recorded.
+    #[serde(default)]
+    pub episode_turn_at: BTreeMap<String, DateTime<Utc>>,
+    /// Episodes retired by the retention (no longer in `episodes`; their
+    /// ids are never recorded again).
+    #[serde(default)]
+    pub retired: BTreeSet<String>,
 }
 
 /// Whose subject a command is for; the key that sealed its content.
@@ -243,6 +250,16 @@ pub enum MemoryCommand {
         /// What went wrong (no conversation text).
         reason: String,
     },
+    /// `memory.retire_episode` (the cleanup): an episode whose turn was
+    /// before `before` leaves the read models.
+    RetireEpisode {
+        /// Whose.
+        subject: SubjectRef,
+        /// The episode.
+        episode_id: String,
+        /// The retention cut-off.
+        before: DateTime<Utc>,
+    },
     /// `memory.erase`: recorded after the subject's key was destroyed.
     Erase {
         /// Whose.
@@ -272,6 +289,7 @@ impl MemoryCommand {
             | MemoryCommand::ForgetFact { subject, .. }
             | MemoryCommand::RecordEmbeddings { subject, .. }
             | MemoryCommand::RecordEmbeddingFailure { subject, .. }
+            | MemoryCommand::RetireEpisode { subject, .. }
             | MemoryCommand::Erase { subject, .. } => subject,
         }
     }
@@ -421,7 +439,8 @@ impl Memory {
                 }
                 let episode_id = episode.as_ref().map(|e| e.episode_id.clone());
                 if let Some(e) = episode {
-                    if self.episodes.contains(&e.episode_id) {
+                    if self.episodes.contains(&e.episode_id) || self.retired.contains(&e.episode_id)
+                    {
                         return Err(invalid(
                             "episode_id",
                             format!("episode {:?} is already recorded", e.episode_id),
@@ -584,6 +603,34 @@ impl Memory {
                     },
                 ));
             }
+            MemoryCommand::RetireEpisode {
+                episode_id, before, ..
+            } => {
+                if !self.episodes.contains(&episode_id) {
+                    return Err(MemoryError::NotFound(format!(
+                        "subject {:?} has no episode {episode_id:?}",
+                        subject.subject_id
+                    )));
+                }
+                // an episode recorded before its turn time was tracked has
+                // none here: it is not known to be old, so it stays
+                match self.episode_turn_at.get(&episode_id) {
+                    Some(t) if *t < before => {}
+                    _ => {
+                        return Err(invalid(
+                            "episode_id",
+                            format!(
+                                "episode {episode_id:?} is not older than the retention cut-off"
+                            ),
+                        ))
+                    }
+                }
+                out.push(MemoryEvent::EpisodeRetired(EpisodeRetired {
+                    episode_id,
+                    reason: "retention".into(),
+                    before,
+                }));
+            }
             MemoryCommand::Erase { reason, .. } => {
                 if !ERASE_REASONS.contains(&reason.as_str()) {
                     return Err(invalid(
@@ -615,6 +662,7 @@ impl Memory {
             MemoryEvent::EpisodeRecorded(e) => {
                 let chunks = u32::try_from(e.chunks.len()).unwrap_or(u32::MAX);
                 self.episode_chunks.insert(e.episode_id.clone(), chunks);
+                self.episode_turn_at.insert(e.episode_id.clone(), e.turn_at);
                 self.episodes.insert(e.episode_id);
             }
             MemoryEvent::EpisodeEmbedded(e) => {
@@ -647,9 +695,17 @@ impl Memory {
             MemoryEvent::WorkingStateDeleted(e) => {
                 self.working.remove(&e.key);
             }
+            MemoryEvent::EpisodeRetired(e) => {
+                self.episodes.remove(&e.episode_id);
+                self.episode_chunks.remove(&e.episode_id);
+                self.episode_turn_at.remove(&e.episode_id);
+                self.embedded.remove(&e.episode_id);
+                self.retired.insert(e.episode_id);
+            }
             MemoryEvent::MemorySubjectErased(_) => {
                 self.erased = true;
                 self.episodes.clear();
+                self.episode_turn_at.clear();
                 self.episode_chunks.clear();
                 self.embedded.clear();
                 self.facts.clear();
@@ -886,6 +942,61 @@ mod tests {
             m.decide(embed("e1", 2)).unwrap_err().code(),
             ErrorCode::Rejected
         );
+    }
+
+    #[test]
+    fn only_an_episode_older_than_the_cut_off_is_retired_once_and_its_id_stays_taken() {
+        let mut m = Memory::default();
+        let turn = |id: &str, t: i64| MemoryCommand::Writeback {
+            subject: who(),
+            episode: Some(EpisodeInput {
+                episode_id: id.into(),
+                turn_at: at(t),
+                turn: sealed("{}"),
+                chunks: vec![],
+                messages: 1,
+            }),
+            facts: vec![],
+            at: at(t),
+        };
+        run(&mut m, turn("old", 0)).unwrap();
+        run(&mut m, turn("new", 100)).unwrap();
+        let retire = |id: &str, before: i64| MemoryCommand::RetireEpisode {
+            subject: who(),
+            episode_id: id.into(),
+            before: at(before),
+        };
+        // not older than the cut-off: kept (a turn at the cut-off included)
+        assert_eq!(
+            m.decide(retire("new", 100)).unwrap_err().field(),
+            Some("episode_id")
+        );
+        assert_eq!(
+            m.decide(retire("none", 100)).unwrap_err().code(),
+            ErrorCode::NotFound
+        );
+        let evs = run(&mut m, retire("old", 50)).unwrap();
+        assert!(
+            matches!(&evs[..], [MemoryEvent::EpisodeRetired(e)] if e.episode_id == "old" && e.reason == "retention" && e.before == at(50))
+        );
+        // once; no embeddings for it after; its id is not recorded again
+        assert_eq!(
+            m.decide(retire("old", 50)).unwrap_err().code(),
+            ErrorCode::NotFound
+        );
+        let embed = MemoryCommand::RecordEmbeddings {
+            subject: who(),
+            episode_id: "old".into(),
+            model: "m".into(),
+            dimensions: 4,
+            vectors: vec![],
+        };
+        assert_eq!(m.decide(embed).unwrap_err().code(), ErrorCode::NotFound);
+        assert_eq!(
+            m.decide(turn("old", 200)).unwrap_err().field(),
+            Some("episode_id")
+        );
+        assert!(m.episodes.contains("new") && !m.episodes.contains("old"));
     }
 
     #[test]
