@@ -15,5 +15,8 @@ export FLOWLEDGER_PG18_BIN="$PG18_BIN"
 echo "== all tests (nats-server: $("$NATS_SERVER_DEBIAN" --version))"
 FLOWLEDGER_NATS_SERVER="$NATS_SERVER_DEBIAN" cargo test --all-targets
 
+echo "== the README's 'Using it' block, as written"
+scripts/readme-check.sh
+
 echo "== event-store and audit integration tests (nats-server: $("$NATS_SERVER_CURRENT" --version))"
 FLOWLEDGER_NATS_SERVER="$NATS_SERVER_CURRENT" cargo test --test integration

@@ -281,7 +281,10 @@ pub(crate) enum Command {
         #[arg(long)]
         command_id: Option<String>,
     },
-    /// Send any command: `flowledger send job.start '{"job_id":"..."}'`.
+    /// Send any command as the NATS user, e.g. `flowledger send job.cancel
+    /// '{"job_id":"j-1","reason":"duplicate"}'` (docs/EVENTS.md lists them;
+    /// the handler's own commands, such as `job.start`, are refused to
+    /// other users).
     Send {
         /// `<aggregate_type>.<command>`
         command: String,
@@ -398,6 +401,11 @@ pub(crate) struct ServeArgs {
     pub(crate) checkpoint_every_secs: u64,
     #[command(flatten)]
     pub(crate) key: KeyArgs,
+    /// Check the configuration, the registry and the keys in the
+    /// environment, print what would run, and exit (0: fine, 2: the first
+    /// error) without connecting to anything.
+    #[arg(long)]
+    pub(crate) check_config: bool,
 }
 
 /// The Ed25519 key that signs checkpoints and export manifests, and its id.
@@ -576,41 +584,95 @@ pub(crate) enum AuditCommand {
 #[error("invalid usage")]
 struct UsageError;
 
-/// Marks a server that could not be reached (exit code 3).
-#[derive(Debug, thiserror::Error)]
-#[error("server unreachable")]
-struct Unreachable;
+/// Marks a server that could not be reached; each has its exit code
+/// (README, "Exit codes").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+enum Down {
+    /// NATS (exit code 3).
+    #[error("NATS unreachable")]
+    Nats,
+    /// PostgreSQL (exit code 4).
+    #[error("PostgreSQL unreachable")]
+    Database,
+    /// Vault / OpenBao (exit code 5).
+    #[error("Vault unreachable")]
+    Vault,
+}
+
+/// The exit code of a failed command, by the markers its error carries
+/// (a database error left unmarked is PostgreSQL's); a broken pipe (the
+/// reader went away, as `| head` does) is success.
+fn exit_code(e: &anyhow::Error) -> ExitCode {
+    let broken_pipe = e.chain().any(|c| {
+        let kind = c.downcast_ref::<std::io::Error>().map(std::io::Error::kind);
+        // serde_json's error does not show its io error as its source
+        let json = c
+            .downcast_ref::<serde_json::Error>()
+            .and_then(|j| j.io_error_kind());
+        kind.or(json) == Some(std::io::ErrorKind::BrokenPipe)
+    });
+    if broken_pipe {
+        return ExitCode::SUCCESS;
+    }
+    if e.downcast_ref::<UsageError>().is_some() {
+        return ExitCode::from(2);
+    }
+    match e.downcast_ref::<Down>() {
+        Some(Down::Nats) => ExitCode::from(3),
+        Some(Down::Database) => ExitCode::from(4),
+        Some(Down::Vault) => ExitCode::from(5),
+        None if e.chain().any(|c| {
+            c.downcast_ref::<sqlx::Error>().is_some()
+                || c.downcast_ref::<crate::projections::db::DbError>()
+                    .is_some()
+        }) =>
+        {
+            ExitCode::from(4)
+        }
+        None => ExitCode::from(1),
+    }
+}
+
+/// The error's causes, each once: the markers left out, and a cause
+/// whose text the message before it already shows (an error that prints
+/// its source) not repeated.
+fn causes(e: &anyhow::Error) -> String {
+    let markers = [
+        UsageError.to_string(),
+        Down::Nats.to_string(),
+        Down::Database.to_string(),
+        Down::Vault.to_string(),
+    ];
+    let mut out: Vec<String> = Vec::new();
+    for c in e.chain().map(|c| c.to_string()) {
+        if markers.contains(&c) || c.is_empty() {
+            continue;
+        }
+        if out.last().is_some_and(|prev| prev.contains(&c)) {
+            continue;
+        }
+        out.push(c);
+    }
+    out.join(": ")
+}
 
 /// The `flowledger` program: parses the command line, sets up logging to
-/// stderr (filter in `FLOWLEDGER_LOG`), runs the subcommand and maps its
+/// stderr (`crate::logging`: `FLOWLEDGER_LOG`, `FLOWLEDGER_LOG_FORMAT`), runs the subcommand and maps its
 /// error to the exit code.
 pub async fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("FLOWLEDGER_LOG").unwrap_or_else(|_| {
-                tracing_subscriber::EnvFilter::new("info,async_nats=warn,sqlx=warn")
-            }),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    if let Err(e) = crate::logging::init() {
+        eprintln!("flowledger: {e}");
+        return ExitCode::from(2);
+    }
     match run(cli).await {
         Ok(code) => code,
         Err(e) => {
-            let markers = [UsageError.to_string(), Unreachable.to_string()];
-            let chain: Vec<String> = e
-                .chain()
-                .map(|c| c.to_string())
-                .filter(|m| !markers.contains(m))
-                .collect();
-            eprintln!("flowledger: {}", chain.join(": "));
-            if e.downcast_ref::<UsageError>().is_some() {
-                ExitCode::from(2)
-            } else if e.downcast_ref::<Unreachable>().is_some() {
-                ExitCode::from(3)
-            } else {
-                ExitCode::from(1)
+            let code = exit_code(&e);
+            if code != ExitCode::SUCCESS {
+                eprintln!("flowledger: {}", causes(&e));
             }
+            code
         }
     }
 }
@@ -755,7 +817,7 @@ async fn connect_as(g: &Global, service: bool) -> anyhow::Result<async_nats::Cli
             let e = anyhow::Error::new(e);
             // a refused credential is the caller's to fix (exit 2)
             if unreachable {
-                e.context(Unreachable)
+                e.context(Down::Nats)
             } else {
                 e.context(UsageError)
             }
@@ -863,7 +925,7 @@ async fn request(
 async fn migrate(url: &str) -> anyhow::Result<()> {
     let pool = crate::projections::db::connect(url, 2)
         .await
-        .context(Unreachable)?;
+        .context(Down::Database)?;
     crate::projections::db::migrate(&pool).await?;
     println!("read-model schema: up to date");
     Ok(())
@@ -902,7 +964,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             .await
             .map_err(|e| match e {
                 log::LogError::NotReady { .. } => anyhow::Error::new(e)
-                    .context(Unreachable)
+                    .context(Down::Nats)
                     .context("flowledger init gave up (--wait-secs)"),
                 other => anyhow::Error::new(other),
             })?;
@@ -989,7 +1051,7 @@ fn memory_service(
     secrets: Option<&Arc<SecretService>>,
 ) -> Option<Arc<crate::memory::service::MemoryService>> {
     use crate::memory::keys::SubjectKeys;
-    use crate::memory::service::{AssembleDefaults, Chunking, MemoryService};
+    use crate::memory::service::{AssembleDefaults, Chunking, MemoryService, Retention};
     let m = &config.memory;
     let secrets = secrets.filter(|_| m.enabled)?;
     let keys = SubjectKeys::new(
@@ -1007,7 +1069,8 @@ fn memory_service(
             recent_episodes: m.recent_episodes,
             budget_ms: m.assemble_budget_ms,
         },
-    );
+    )
+    .with_retention(Retention::from_days(m.episode_retention_days));
     // checked with the configuration: a set expression parses
     let service = match crate::memory::cleanup::parse_schedule(&m.cleanup_cron) {
         Ok(schedule) if !m.cleanup_cron.is_empty() => service.with_cleanup(schedule),
@@ -1081,7 +1144,7 @@ async fn secrets_service(config: &Config) -> anyhow::Result<Option<Arc<SecretSer
     let vault = match VaultClient::connect(vault).await {
         Ok(v) => v,
         Err(e @ VaultError::Unreachable { .. }) => {
-            return Err(anyhow::Error::new(e).context(Unreachable))
+            return Err(anyhow::Error::new(e).context(Down::Vault))
         }
         Err(e) => return Err(anyhow::Error::new(e).context(UsageError)),
     };
@@ -1152,7 +1215,7 @@ impl OwnKeyValues {
             let served = match secrets.read_own_key(bus, request, &meta).await {
                 Ok(s) => s,
                 Err(e) if e.code == ErrorCode::Unavailable => {
-                    return Err(anyhow::anyhow!("{setting}: {e}").context(Unreachable))
+                    return Err(anyhow::anyhow!("{setting}: {e}").context(Down::Vault))
                 }
                 Err(e) => return Err(anyhow::anyhow!("{setting}: {e}").context(UsageError)),
             };
@@ -1203,7 +1266,7 @@ async fn memory_cleanup(
     })?;
     let pool = crate::projections::db::connect(db.require()?, 2)
         .await
-        .context(Unreachable)?;
+        .context(Down::Database)?;
     let (_c, log) = open_log(g).await?;
     // this bus records memory commands only: no workflow is needed
     let bus = CommandBus::new(
@@ -1217,18 +1280,74 @@ async fn memory_cleanup(
     let report =
         crate::memory::cleanup::run_once(&bus, &memory, &pool, chrono::Utc::now(), &mut |r| {
             eprintln!(
-                "flowledger: memory cleanup: {} expired, {} skipped, {} failed ({} ms)",
-                r.expired, r.skipped, r.failed, r.took_ms
+                "flowledger: memory cleanup: {} expired, {} retired, {} skipped, {} failed ({} ms)",
+                r.expired, r.retired, r.skipped, r.failed, r.took_ms
             )
         })
         .await
-        .context(Unreachable)?;
+        .context(Down::Database)?;
     println!("{}", serde_json::to_string(&report)?);
     Ok(if report.failed > 0 {
         ExitCode::from(1)
     } else {
         ExitCode::SUCCESS
     })
+}
+
+/// What `serve --check-config` prints: what would run, no secret.
+fn check_config_summary(
+    args: &ServeArgs,
+    config: &Config,
+    registry: &Registry,
+    keys: &OwnKeyValues,
+) -> String {
+    let on = |b: bool| if b { "on" } else { "off" };
+    let mut lines = vec![
+        format!(
+            "configuration ok: {}",
+            args.config
+                .as_ref()
+                .map_or("(defaults, no file)".to_string(), |p| p
+                    .display()
+                    .to_string())
+        ),
+        format!(
+            "registry: {} ({} workflows)",
+            args.registry.display(),
+            registry.keys().len()
+        ),
+        format!("clients: {}", config.clients.len()),
+        format!(
+            "database: {}",
+            if args.db.database_url.is_some() {
+                "given (projections, HTTP API on ".to_string() + &args.http.to_string() + ")"
+            } else {
+                "none (projections, the job handler and the HTTP API are off)".to_string()
+            }
+        ),
+        format!(
+            "job handler: {}",
+            on(config.handler.enabled && args.db.database_url.is_some())
+        ),
+        format!("checkpoint signing key: {}", on(keys.checkpoint.is_some())),
+        format!(
+            "callback signing key: {}",
+            on(keys.callback_signing.is_some())
+        ),
+        format!("n8n callback key: {}", on(keys.n8n.is_some())),
+        format!(
+            "secrets (Vault): {}",
+            on(config.secrets.vault_addr.is_some())
+        ),
+        format!("memory: {}", on(config.memory.enabled)),
+    ];
+    if config.secrets.vault_addr.is_some() {
+        lines.push(
+            "not checked: Vault itself, and keys read from it (secrets.keys), which need a connection"
+                .into(),
+        );
+    }
+    lines.join("\n")
 }
 
 async fn serve(g: &Global, args: ServeArgs) -> anyhow::Result<ExitCode> {
@@ -1244,9 +1363,6 @@ async fn serve(g: &Global, args: ServeArgs) -> anyhow::Result<ExitCode> {
         )
         .context(UsageError));
     }
-    let secrets = secrets_service(&config).await?;
-    let client = connect_service(g, Duration::from_secs(args.nats_connect_wait_secs)).await?;
-    let log = EventLog::open(client.clone(), log_config(g, 1, Duration::from_secs(120))).await?;
     let mut keys = OwnKeyValues {
         checkpoint: args.key.key()?,
         callback_signing: Config::key(
@@ -1257,6 +1373,16 @@ async fn serve(g: &Global, args: ServeArgs) -> anyhow::Result<ExitCode> {
         n8n: config.n8n_key().context(UsageError)?,
         seal: config.seal_keys().context(UsageError)?,
     };
+    if config.handler.enabled {
+        HandlerConfig::from_config(&config).context(UsageError)?;
+    }
+    if args.check_config {
+        println!("{}", check_config_summary(&args, &config, &registry, &keys));
+        return Ok(ExitCode::SUCCESS);
+    }
+    let secrets = secrets_service(&config).await?;
+    let client = connect_service(g, Duration::from_secs(args.nats_connect_wait_secs)).await?;
+    let log = EventLog::open(client.clone(), log_config(g, 1, Duration::from_secs(120))).await?;
     if let Some(service) = &secrets {
         // the reads are recorded like any other secret access
         let bus = CommandBus::new(
@@ -1323,13 +1449,13 @@ async fn serve(g: &Global, args: ServeArgs) -> anyhow::Result<ExitCode> {
         secrets,
     };
     let app = Application::build(settings).await.map_err(|e| match e {
-        BuildError::Database(_) => anyhow::Error::new(e).context(Unreachable),
+        BuildError::Database(_) => anyhow::Error::new(e).context(Down::Database),
         BuildError::Listen { .. }
         | BuildError::Vectors(_)
         | BuildError::CommandsNotVouched
         | BuildError::StepSecretsNotConfigured { .. } => anyhow::Error::new(e).context(UsageError),
         BuildError::Subscribe(_) | BuildError::Unconfirmed(_) => {
-            anyhow::Error::new(e).context(Unreachable)
+            anyhow::Error::new(e).context(Down::Nats)
         }
     })?;
     app.run_until(async {
@@ -1365,7 +1491,9 @@ async fn projections(g: &Global, p: ProjectionsCommand) -> anyhow::Result<ExitCo
     };
     match p {
         ProjectionsCommand::Status { db } => {
-            let pool = pdb::connect(db.require()?, 2).await.context(Unreachable)?;
+            let pool = pdb::connect(db.require()?, 2)
+                .await
+                .context(Down::Database)?;
             let rows = pdb::checkpoints(&pool).await?;
             let last = match open_log(g).await {
                 Ok((_c, log)) => log.last_seq().await.ok(),
@@ -1409,7 +1537,9 @@ async fn projections(g: &Global, p: ProjectionsCommand) -> anyhow::Result<ExitCo
             db,
         } => {
             let model = model_of(&name)?;
-            let pool = pdb::connect(db.require()?, 2).await.context(Unreachable)?;
+            let pool = pdb::connect(db.require()?, 2)
+                .await
+                .context(Down::Database)?;
             let (_c, log) = open_log(g).await?;
             // this bus records projection operations only: no workflow is needed
             let services = JobServices {
@@ -1430,7 +1560,9 @@ async fn projections(g: &Global, p: ProjectionsCommand) -> anyhow::Result<ExitCo
             } else {
                 None
             };
-            let pool = pdb::connect(db.require()?, 4).await.context(Unreachable)?;
+            let pool = pdb::connect(db.require()?, 4)
+                .await
+                .context(Down::Database)?;
             let (_c, log) = open_log(g).await?;
             let report =
                 crate::projections::rebuild::rebuild_with_keys(&pool, &log, model, keys).await?;

@@ -11,6 +11,7 @@ pub mod config;
 pub mod crypto;
 pub mod events;
 pub mod handlers;
+pub mod logging;
 pub mod memory;
 pub mod projections;
 pub mod secrets;

@@ -268,6 +268,38 @@ async fn healthz(State(s): State<AppState>) -> Response {
     (status, Json(body)).into_response()
 }
 
+#[utoipa::path(get, path = "/livez",
+    responses((status = 200, description = "the process is alive and answering (a liveness probe: it says nothing of NATS, PostgreSQL or the read models)", body = Object)))]
+async fn livez() -> Response {
+    Json(json!({"ok": true})).into_response()
+}
+
+#[utoipa::path(get, path = "/readyz",
+    responses((status = 200, description = "it can take commands: NATS connected and the event stream answering", body = Object),
+              (status = 503, description = "it cannot take commands now; `nats` says why", body = Object)))]
+async fn readyz(State(s): State<AppState>) -> Response {
+    let connected = matches!(
+        s.nats.connection_state(),
+        async_nats::connection::State::Connected
+    );
+    // the stream answers: it exists and has a leader (bounded, as /healthz)
+    let last = if connected {
+        tokio::time::timeout(HEALTH_PROBE_TIMEOUT, s.log.last_seq())
+            .await
+            .ok()
+            .and_then(Result::ok)
+    } else {
+        None
+    };
+    let (status, nats) = match (connected, last) {
+        (true, Some(_)) => (StatusCode::OK, "ok"),
+        (true, None) => (StatusCode::SERVICE_UNAVAILABLE, "stream_unavailable"),
+        (false, _) => (StatusCode::SERVICE_UNAVAILABLE, "disconnected"),
+    };
+    let body = json!({"ok": status == StatusCode::OK, "nats": nats, "stream_last_seq": last});
+    (status, Json(body)).into_response()
+}
+
 #[utoipa::path(get, path = "/metrics", responses((status = 200, description = "Prometheus text format")))]
 async fn metrics_get(State(s): State<AppState>) -> String {
     s.metrics.render()
@@ -304,6 +336,8 @@ async fn metrics_get(State(s): State<AppState>) -> String {
         memory::memory_profile,
         secrets::secrets_invalidate,
         healthz,
+        livez,
+        readyz,
         metrics_get
     ),
     modifiers(&BearerAuth),
@@ -397,6 +431,8 @@ pub fn app(state: AppState) -> Router {
         .merge(authenticated)
         .route("/v1/callbacks/n8n", post(n8n::callbacks_n8n))
         .route("/healthz", get(healthz))
+        .route("/livez", get(livez))
+        .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_get))
         .route("/openapi.json", get(openapi_get))
         .fallback(not_found)

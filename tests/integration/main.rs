@@ -6,6 +6,7 @@
 //! with pgvector (FLOWLEDGER_PG18_BIN; see helpers::pgvector_database).
 
 mod audit;
+mod cli;
 mod cluster;
 mod cluster_harness;
 mod event_store;

@@ -249,6 +249,11 @@ async fn a_poison_event_stops_the_projection_until_fixed_or_skipped() {
     assert_eq!(audit.state, "running", "other projections are not affected");
     let (s, health) = read.get("/healthz").await;
     assert_eq!(s, 503, "{health}");
+    // a stopped projection is a degraded read model, not a process to
+    // restart nor one that cannot take commands
+    assert_eq!(read.get("/livez").await.0, 200);
+    let (s, ready) = read.get("/readyz").await;
+    assert_eq!(s, 200, "{ready}");
     // the metrics recorder is shared by the tests of this process, and a
     // runner of another test may set this gauge to 0 at its start; the
     // stopped runner sets it to 1 again every second

@@ -172,6 +172,8 @@ async fn healthz_reports_the_handler_and_an_unreachable_nats() {
                 (a["ok"].clone(), b["ok"].clone()),
                 (json!(true), json!(true))
             );
+            let ready = health(&first.replace("/healthz", "/readyz")).await;
+            assert_eq!(ready.0, 200, "{}", ready.1);
             break;
         }
         assert!(Instant::now() < deadline, "handler states: {a} {b}");
@@ -193,6 +195,12 @@ async fn healthz_reports_the_handler_and_an_unreachable_nats() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    // not ready to take commands, yet alive: a liveness probe leaves it be
+    let (status, body) = health(&first.replace("/healthz", "/readyz")).await;
+    assert_eq!((status, body["ok"].clone()), (503, json!(false)), "{body}");
+    assert_ne!(body["nats"], "ok", "{body}");
+    let (status, body) = health(&first.replace("/healthz", "/livez")).await;
+    assert_eq!((status, body["ok"].clone()), (200, json!(true)), "{body}");
 }
 
 #[tokio::test]

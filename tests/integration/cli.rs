@@ -1,0 +1,136 @@
+//! The command line's contract with scripts: exit codes by what failed,
+//! a broken pipe as success, each cause printed once, logging refused
+//! when its variables are malformed.
+
+use std::io::{BufRead, BufReader};
+use std::process::Stdio;
+
+use crate::helpers::*;
+
+#[tokio::test]
+async fn exit_codes_say_what_failed_and_each_cause_is_printed_once() {
+    let app = spawn_app().await;
+    // PostgreSQL down: its own code, 4 (not NATS's 3)
+    let port = free_port();
+    let out = app
+        .nats
+        .cli(Who::Service)
+        .args(["projections", "status", "--database-url"])
+        .arg(format!("postgres://flowledger@127.0.0.1:{port}/none"))
+        .output()
+        .expect("flowledger runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(4), "{stderr}");
+    let message = stderr
+        .lines()
+        .find(|l| l.starts_with("flowledger: "))
+        .unwrap_or_else(|| panic!("an error line: {stderr}"));
+    let parts: Vec<&str> = message["flowledger: ".len()..].split(": ").collect();
+    for (i, p) in parts.iter().enumerate() {
+        assert!(
+            !parts[..i].iter().any(|q| q.contains(p)),
+            "{p:?} is printed twice: {message}"
+        );
+    }
+    assert!(!message.contains("PostgreSQL unreachable"), "{message}");
+
+    // NATS down: 3
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_flowledger"))
+        .args(["--nats-url", &format!("nats://127.0.0.1:{}", free_port())])
+        .args(["--user", "flowledger", "--password", "x", "audit", "digest"])
+        .output()
+        .expect("flowledger runs");
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // a malformed log filter or format: usage, 2, naming the variable
+    for (var, value) in [
+        ("FLOWLEDGER_LOG", "info,flowledger=loud"),
+        ("FLOWLEDGER_LOG_FORMAT", "xml"),
+    ] {
+        let out = app
+            .nats
+            .cli(Who::Service)
+            .args(["audit", "digest"])
+            .env(var, value)
+            .output()
+            .expect("flowledger runs");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{var}: {stderr}");
+        assert!(stderr.contains(var), "{stderr}");
+    }
+}
+
+#[tokio::test]
+async fn a_reader_that_stops_early_is_not_a_failure() {
+    let app = spawn_app().await;
+    for i in 0..200 {
+        app.submit(&format!("pipe-{i}"), &format!("pipe-cmd-{i}"))
+            .await;
+    }
+    let mut child = app
+        .nats
+        .cli(Who::Service)
+        .args(["audit", "replay"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("flowledger runs");
+    // `| head -1`: read one line, then close the pipe
+    let mut first = String::new();
+    let stdout = child.stdout.take().expect("piped");
+    BufReader::new(stdout)
+        .read_line(&mut first)
+        .expect("a line");
+    assert!(first.contains("\"stream_seq\""), "{first}");
+    let out = child.wait_with_output().expect("it ends");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(!stderr.contains("Broken pipe"), "{stderr}");
+}
+
+#[test]
+fn serve_check_config_connects_to_nothing_and_names_the_bad_setting() {
+    let dir = tempfile::tempdir().expect("a temp dir");
+    let run = |config: &std::path::Path| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_flowledger"))
+            // nothing listens there: a connection would fail
+            .args(["--nats-url", &format!("nats://127.0.0.1:{}", free_port())])
+            .args(["serve", "--check-config", "--registry"])
+            .arg(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/workflows/registry.json"
+            ))
+            .arg("--config")
+            .arg(config)
+            .env("FLOWLEDGER_CALLBACK_KEY", "ab".repeat(32))
+            .env_remove("FLOWLEDGER_CHECKPOINT_SIGNING_KEY")
+            .output()
+            .expect("flowledger runs")
+    };
+    let good = run(std::path::Path::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/config/example.toml"
+    )));
+    let stdout = String::from_utf8_lossy(&good.stdout);
+    assert_eq!(
+        good.status.code(),
+        Some(0),
+        "{stdout}{}",
+        String::from_utf8_lossy(&good.stderr)
+    );
+    assert!(stdout.contains("configuration ok"), "{stdout}");
+    assert!(stdout.contains("(3 workflows)"), "{stdout}");
+    assert!(stdout.contains("callback signing key: on"), "{stdout}");
+    assert!(!stdout.contains(&"ab".repeat(32)), "{stdout}");
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "[memory]\nchunk_chars = 7\n").unwrap();
+    let out = run(&bad);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("memory.chunk_chars"), "{stderr}");
+}
