@@ -8,6 +8,7 @@
 mod audit;
 mod cluster;
 mod cluster_harness;
+mod drain;
 mod event_store;
 mod handlers;
 mod hardening;
