@@ -719,9 +719,15 @@ impl Keeper {
         for c in changes.drain(..) {
             let _ = out.send(c);
         }
-        if self.leases.draining() {
+        let grace = *self.leases.drain.grace.borrow();
+        if let Some(grace) = grace {
             // a draining instance takes nothing and is not counted in the
             // others' fair share; its leases are renewed until given away
+            for p in 0..PARTITIONS {
+                self.drain(p, grace);
+            }
+        }
+        if self.leases.draining() {
             self.withdraw().await;
             self.leases.check_drained();
             return;
@@ -1128,7 +1134,9 @@ impl Keeper {
                         // no command goes out under this lease from here on
                         self.leases.set(p, Hold::Free);
                         let _ = changes.send(Change::Lost(p));
-                        self.let_go(p).await;
+                        // bounded: an unreachable NATS must not hold up the
+                        // other drains (the key lapses)
+                        let _ = tokio::time::timeout(KV_CALL, self.let_go(p)).await;
                     }
                     drop(guard);
                     self.leases.check_drained();
