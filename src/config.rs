@@ -817,10 +817,16 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("handler.max_concurrent_jobs"), "{e}");
-        let e = Config::parse(Path::new("c.toml"), "[handler]\ndrain_grace_seconds = 3601\n")
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("handler.drain_grace_seconds") && e.contains("3601"), "{e}");
+        let e = Config::parse(
+            Path::new("c.toml"),
+            "[handler]\ndrain_grace_seconds = 3601\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("handler.drain_grace_seconds") && e.contains("3601"),
+            "{e}"
+        );
         let c = Config::parse(Path::new("c.toml"), "[handler]\ndrain_grace_seconds = 0\n")
             .expect("0 stops at once");
         assert_eq!(c.handler.drain_grace_seconds, 0);

@@ -136,8 +136,10 @@ pub enum ApiError {
     NotConfigured(String),
     /// 503 `unavailable` with `Retry-After`: this instance is stopping and
     /// takes no new job; submit again (another instance takes it).
-    #[error("this instance is draining before it stops and takes no new job; \
-             submit again after {retry_after} s (another instance takes it)")]
+    #[error(
+        "this instance is draining before it stops and takes no new job; \
+             submit again after {retry_after} s (another instance takes it)"
+    )]
     Draining {
         /// Whole seconds to wait before submitting again.
         retry_after: u64,
@@ -370,11 +372,7 @@ async fn track(req: Request, next: Next) -> Response {
 }
 
 /// Refuses a new job while the service drains (503, `Retry-After`).
-async fn refuse_while_draining(
-    State(s): State<AppState>,
-    req: Request,
-    next: Next,
-) -> Response {
+async fn refuse_while_draining(State(s): State<AppState>, req: Request, next: Next) -> Response {
     if *s.draining.borrow() {
         return ApiError::Draining {
             retry_after: DRAINING_RETRY_AFTER_SECONDS,

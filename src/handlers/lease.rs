@@ -279,7 +279,13 @@ impl Drop for Effect {
             }
             effects.len()
         };
-        if self.leases.draining() {
+        let abandoned = d
+            .abandoned
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(&self.job_id);
+        // an abandoned job's effect ends when its driver is stopped
+        if self.leases.draining() && !abandoned {
             d.finished
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
@@ -287,7 +293,7 @@ impl Drop for Effect {
             tracing::info!(
                 job_id = %self.job_id,
                 jobs_left = left,
-                "draining: a job's step calls ended and are recorded"
+                "draining: a job's step calls ended"
             );
         }
     }
@@ -449,7 +455,9 @@ impl Leases {
     fn check_drained(&self) {
         let free = (0..PARTITIONS).all(|p| matches!(self.hold(p), Hold::Free));
         if self.draining() && free {
-            self.drain.done.send_if_modified(|d| !std::mem::replace(d, true));
+            self.drain
+                .done
+                .send_if_modified(|d| !std::mem::replace(d, true));
         }
     }
 

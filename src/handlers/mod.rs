@@ -297,8 +297,7 @@ impl Ctx {
         );
         // the keeper lets the partitions go by the grace period; a keeper
         // that cannot (NATS gone) is not waited for much longer
-        let report = match tokio::time::timeout(grace + DRAIN_SLACK, self.leases.drained()).await
-        {
+        let report = match tokio::time::timeout(grace + DRAIN_SLACK, self.leases.drained()).await {
             Ok(r) => r,
             Err(_) => self.leases.give_up_drain(),
         };

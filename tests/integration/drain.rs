@@ -24,7 +24,12 @@ impl Serve {
     /// Starts `serve` on the test's NATS and `db` with `registry` and the
     /// configuration at `config`.
     fn start(app: &TestApp, db: &str, registry: &Path, config: &Path) -> Serve {
-        let mut child = serve_command(app, db, registry, Some(config))
+        Serve::spawn(serve_command(app, db, registry, Some(config)))
+    }
+
+    /// Runs `cmd` (a `serve` command line), its log kept.
+    fn spawn(mut cmd: std::process::Command) -> Serve {
+        let mut child = cmd
             .env("NO_COLOR", "1")
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::piped())
@@ -189,7 +194,9 @@ async fn sigterm_lets_the_step_in_flight_finish_and_be_recorded_then_exits_0() {
     serve.term();
 
     // while it drains: not ready, no new job over HTTP, none taken over NATS
-    serve.logged("draining: 1 step calls in flight, grace 30 s").await;
+    serve
+        .logged("draining: 1 step calls in flight, grace 30 s")
+        .await;
     let client = reqwest::Client::new();
     let health = client.get(format!("{http}/healthz")).send().await.unwrap();
     assert_eq!(health.status().as_u16(), 503);
@@ -213,18 +220,9 @@ async fn sigterm_lets_the_step_in_flight_finish_and_be_recorded_then_exits_0() {
             .is_some_and(|m| m.contains("draining")),
         "{body}"
     );
-    serve.logged("the command intake takes no new command").await;
-    let late = json!({"job_id": "drain-late-nats", "workflow_key": "w", "client_id": "billing"});
-    let answer = tokio::time::timeout(
-        Duration::from_secs(2),
-        app.nats_as(Who::Billing)
-            .request("flow.cmd.job.submit", late.to_string().into()),
-    )
-    .await;
-    assert!(
-        !matches!(answer, Ok(Ok(_))),
-        "a draining intake answered a new command"
-    );
+    serve
+        .logged("the command intake takes no new command")
+        .await;
 
     let status = serve.exited(Duration::from_secs(60)).await;
     assert_eq!(status.code(), Some(0), "{status}\n{}", serve.log());
@@ -242,9 +240,10 @@ async fn sigterm_lets_the_step_in_flight_finish_and_be_recorded_then_exits_0() {
         "{events:?}"
     );
     assert_eq!(peer.received("/slow").len(), 1, "called exactly once");
-    for id in ["drain-late-http", "drain-late-nats"] {
-        assert!(job_events(&app, id).await.is_empty(), "{id} was taken");
-    }
+    assert!(
+        job_events(&app, "drain-late-http").await.is_empty(),
+        "a job refused while draining was taken"
+    );
     let log = serve.log();
     assert!(
         log.contains("drained: 1 jobs finished their step calls, none abandoned"),
@@ -260,7 +259,10 @@ async fn a_step_longer_than_the_grace_is_stopped_unrecorded_and_sent_again_after
     // the first call outlasts the grace period; the one sent again answers
     let slow = peer.script(
         "/slow",
-        vec![peers::ok(10_000, json!("late")), peers::ok(100, json!("done"))],
+        vec![
+            peers::ok(10_000, json!("late")),
+            peers::ok(100, json!("done")),
+        ],
     );
     let dir = tempfile::tempdir().unwrap();
     let (registry, config) = files(dir.path(), &slow, 1);
@@ -277,8 +279,7 @@ async fn a_step_longer_than_the_grace_is_stopped_unrecorded_and_sent_again_after
     );
     let log = first.log();
     assert!(
-        log.contains("0 jobs finished their step calls, 1 abandoned")
-            && log.contains("drain-2"),
+        log.contains("0 jobs finished their step calls, 1 abandoned") && log.contains("drain-2"),
         "{log}"
     );
 
@@ -310,4 +311,89 @@ async fn a_step_longer_than_the_grace_is_stopped_unrecorded_and_sent_again_after
         .collect();
     assert_eq!(results.len(), 1, "{events:?}");
     assert_eq!(results[0]["output"], json!("done"));
+}
+
+#[tokio::test]
+async fn a_draining_intake_leaves_new_commands_to_the_other_instances() {
+    use flowledger::events::log::{self, EventLog, LogConfig};
+    // no intake but serve's on this server (a TestApp brings its own)
+    let nats = NatsServer::start();
+    let service = nats.connect(Who::Service).await;
+    log::init(&service, &LogConfig::default())
+        .await
+        .expect("init streams");
+    let events = EventLog::open(service, LogConfig::default())
+        .await
+        .expect("open the log");
+    let db = fresh_database().await;
+    let peer = Peer::start().await;
+    let slow = peer.script("/slow", vec![peers::ok(4_000, json!("slow"))]);
+    let dir = tempfile::tempdir().unwrap();
+    let (registry, config) = files(dir.path(), &slow, 30);
+    let mut cmd = nats.cli(Who::Service);
+    cmd.args([
+        "serve",
+        "--http",
+        "127.0.0.1:0",
+        "--checkpoint-every-secs",
+        "0",
+    ])
+    .env("DATABASE_URL", &db)
+    .env("FLOWLEDGER_REGISTRY", &registry)
+    .env("FLOWLEDGER_CONFIG", &config);
+    let mut serve = Serve::spawn(cmd);
+    let billing = nats.connect(Who::Billing).await;
+    let submit = |id: &str| {
+        let body = json!({"job_id": id, "workflow_key": "w", "client_id": "billing"});
+        let billing = billing.clone();
+        async move {
+            tokio::time::timeout(
+                Duration::from_secs(2),
+                billing.request("flow.cmd.job.submit", body.to_string().into()),
+            )
+            .await
+        }
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(Ok(m)) = submit("drain-3").await {
+            let v: Value = serde_json::from_slice(&m.payload).unwrap();
+            if v["ok"] == true {
+                break;
+            }
+        }
+        assert!(Instant::now() < deadline, "serve did not take drain-3");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    called(&peer, "/slow", 1).await;
+    serve.term();
+    serve
+        .logged("the command intake takes no new command")
+        .await;
+    // the queue group has no member left: nobody answers
+    let answer = submit("drain-late").await;
+    assert!(
+        !matches!(answer, Ok(Ok(_))),
+        "a draining intake answered a new command"
+    );
+    let status = serve.exited(Duration::from_secs(60)).await;
+    assert_eq!(status.code(), Some(0), "{status}\n{}", serve.log());
+    let mut stored = Vec::new();
+    for seq in 1..=events.last_seq().await.expect("last sequence") {
+        if let Some(m) = events.get(seq).await.expect("read the log") {
+            for (_, r) in flowledger::events::envelope::decode_commit(&m.payload).expect("a commit")
+            {
+                stored.push((r.aggregate_id, r.event_type));
+            }
+        }
+    }
+    assert!(
+        !stored.iter().any(|(id, _)| id == "drain-late"),
+        "a command sent while draining was taken: {stored:?}"
+    );
+    // the job in flight still ended, recorded before the exit
+    assert!(
+        stored.contains(&("drain-3".to_string(), "JobCompleted".to_string())),
+        "{stored:?}"
+    );
 }
