@@ -397,3 +397,73 @@ async fn a_draining_intake_leaves_new_commands_to_the_other_instances() {
         "{stored:?}"
     );
 }
+
+#[tokio::test]
+async fn a_retry_wait_does_not_hold_the_drain_but_the_other_step_in_flight_is_recorded() {
+    let app = spawn_app().await;
+    let db = fresh_database().await;
+    let peer = Peer::start().await;
+    let slow = peer.script("/slow", vec![peers::ok(3_000, json!("slow"))]);
+    // fails at once, retried only after a long backoff
+    let flaky = peer.script(
+        "/flaky",
+        vec![peers::status(5, 503), peers::ok(5, json!("ok"))],
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let (registry, config) = files(dir.path(), &slow, 30);
+    let mut retried = solver("flaky", &flaky, 30_000, 2);
+    retried["backoff_ms"] = json!(600_000);
+    std::fs::write(
+        &registry,
+        one_workflow(
+            json!([solver("slow", &slow, 30_000, 1), retried]),
+            json!({}),
+        )
+        .to_string(),
+    )
+    .unwrap();
+    let mut serve = Serve::start(&app, &db, &registry, &config);
+    submit(&app, "drain-4").await;
+    called(&peer, "/slow", 1).await;
+    // the failed attempt is recorded with its retry: flaky waits
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let events = job_events(&app, "drain-4").await;
+        let waiting = events.iter().any(|(t, d)| {
+            t == "StepResultRecorded" && d["step"] == "flaky" && d["status"] == "failed"
+        });
+        if waiting {
+            break;
+        }
+        assert!(Instant::now() < deadline, "flaky's failure: {events:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    serve.term();
+    let status = serve.exited(Duration::from_secs(60)).await;
+    assert_eq!(status.code(), Some(0), "{status}\n{}", serve.log());
+    let events = job_events(&app, "drain-4").await;
+    let slow_results: Vec<&Value> = events
+        .iter()
+        .filter(|(t, d)| t == "StepResultRecorded" && d["step"] == "slow")
+        .map(|(_, d)| d)
+        .collect();
+    assert_eq!(slow_results.len(), 1, "{events:?}");
+    assert_eq!(slow_results[0]["status"], "succeeded");
+    assert!(
+        !events
+            .iter()
+            .any(|(t, _)| t == "JobCompleted" || t == "JobFailed"),
+        "the job ends after flaky's retry, elsewhere: {events:?}"
+    );
+    assert_eq!(peer.received("/slow").len(), 1);
+    assert_eq!(
+        peer.received("/flaky").len(),
+        1,
+        "no new attempt while draining"
+    );
+    let log = serve.log();
+    assert!(
+        log.contains("drained: 1 jobs finished their step calls, none abandoned"),
+        "{log}"
+    );
+}
