@@ -162,6 +162,8 @@ pub struct Application {
     pool: Option<PgPool>,
     handler: Option<Arc<handlers::Ctx>>,
     http_addr: Option<SocketAddr>,
+    /// True once the service drains (the first phase of a stop).
+    drain: watch::Sender<bool>,
     stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
     intake: Option<JoinHandle<()>>,
@@ -249,6 +251,7 @@ impl Application {
             },
         ));
         let (stop, stop_rx) = watch::channel(false);
+        let (drain, drain_rx) = watch::channel(false);
         let mut tasks = Vec::new();
         if let Some(service) = &secrets {
             tasks.push(tokio::spawn(
@@ -374,6 +377,7 @@ impl Application {
                     }),
                     secrets: secrets.clone(),
                     memory: memory.clone(),
+                    draining: drain_rx.clone(),
                 };
                 let mut stop = stop_rx.clone();
                 tasks.push(tokio::spawn(async move {
@@ -403,6 +407,7 @@ impl Application {
                     pool.clone(),
                     nats,
                     accounts,
+                    drain_rx.clone(),
                 )
                 .await?,
             )
@@ -414,6 +419,7 @@ impl Application {
             pool,
             handler,
             http_addr,
+            drain,
             stop,
             tasks,
             intake,
@@ -440,11 +446,18 @@ impl Application {
         self.http_addr
     }
 
-    /// Runs until `shutdown` resolves (then stops every part, waiting up to
-    /// 5 s each) or the intake stops on its own (an error).
+    /// Runs until `shutdown` resolves or the intake stops on its own (an
+    /// error), then stops in two phases. First it drains (after
+    /// `shutdown` only, and with a handler whose `drain_grace` is not
+    /// zero): the intake takes no new command, `POST /v1/jobs` answers 503
+    /// and `/healthz` 503 `draining`, the handler starts nothing new and
+    /// waits for the step calls in flight to end and be recorded, at most
+    /// the grace period, or until `again` resolves (a second signal). Then
+    /// it stops every part, waiting up to 5 s each.
     pub async fn run_until(
         mut self,
         shutdown: impl std::future::Future<Output = ()>,
+        again: impl std::future::Future<Output = ()>,
     ) -> Result<(), RunError> {
         let intake = self.intake.take();
         let ended = async {
@@ -459,11 +472,38 @@ impl Application {
             _ = ended => Err(RunError::IntakeEnded),
             _ = shutdown => Ok(()),
         };
+        if result.is_ok() {
+            self.drain(again).await;
+        }
         let _ = self.stop.send(true);
         for t in std::mem::take(&mut self.tasks) {
             let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
         }
         result
+    }
+}
+
+impl Application {
+    /// The first phase of a stop: takes no new work and lets the handler's
+    /// step calls in flight end and be recorded (see [`Self::run_until`]);
+    /// returns what the handler drained (none: no handler, or no grace).
+    pub async fn drain(
+        &self,
+        again: impl std::future::Future<Output = ()>,
+    ) -> Option<handlers::lease::DrainReport> {
+        let _ = self.drain.send(true);
+        let ctx = self
+            .handler
+            .as_ref()
+            .filter(|h| !h.config.drain_grace.is_zero())?;
+        tokio::select! {
+            r = ctx.drain() => Some(r),
+            _ = again => {
+                tracing::warn!("told again to stop: the drain ends now, the step calls \
+                    in flight are stopped (the next holder sends them again)");
+                None
+            }
+        }
     }
 }
 
@@ -485,14 +525,22 @@ async fn start_intake(
     pool: Option<sqlx::PgPool>,
     nats: async_nats::Client,
     accounts: Arc<api::broker_identity::Accounts>,
+    drain: watch::Receiver<bool>,
 ) -> Result<JoinHandle<()>, BuildError> {
     check_commands_are_vouched(&nats).await?;
     let sub = api::nats::subscribe(&nats).await?;
     // once the server has the subscription, a command another connection
     // sends finds the intake
     round_trip(&nats).await.map_err(BuildError::Unconfirmed)?;
-    Ok(tokio::spawn(api::nats::serve(
-        bus, secrets, memory, pool, nats, sub, accounts,
+    Ok(tokio::spawn(api::nats::serve_until_drained(
+        bus,
+        secrets,
+        memory,
+        pool,
+        nats,
+        sub,
+        accounts,
+        Some(drain),
     )))
 }
 

@@ -1458,10 +1458,14 @@ async fn serve(g: &Global, args: ServeArgs) -> anyhow::Result<ExitCode> {
             anyhow::Error::new(e).context(Down::Nats)
         }
     })?;
-    app.run_until(async {
-        shutdown_signal().await;
-        tracing::info!("shutting down");
-    })
+    app.run_until(
+        async {
+            shutdown_signal().await;
+            tracing::info!("shutting down");
+        },
+        // a second signal while draining stops at once
+        shutdown_signal(),
+    )
     .await?;
     Ok(ExitCode::SUCCESS)
 }

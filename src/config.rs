@@ -509,7 +509,14 @@ pub struct HandlerSection {
     /// Base URL n8n calls back on, e.g. `https://flowledger.internal`; n8n
     /// steps are told `<public_url>/v1/callbacks/n8n`.
     pub public_url: Option<String>,
+    /// Seconds a stopping `serve` (SIGTERM, Ctrl-C) waits for the step
+    /// calls in flight to end and be recorded before it stops them, 0 to
+    /// [`MAX_DRAIN_GRACE_SECONDS`]; 0: stop them at once.
+    pub drain_grace_seconds: u64,
 }
+
+/// The longest `handler.drain_grace_seconds`: an hour.
+pub const MAX_DRAIN_GRACE_SECONDS: u64 = 3_600;
 
 impl Default for HandlerSection {
     /// Retries as seed 002 has them: 5 s, then 15 s, ... at most 5 min, ±20%.
@@ -522,6 +529,7 @@ impl Default for HandlerSection {
             retry_max_ms: 300_000,
             retry_jitter: 0.2,
             public_url: None,
+            drain_grace_seconds: 30,
         }
     }
 }
@@ -676,6 +684,13 @@ impl Config {
                  {MAX_RETRY_DELAY_MS} (one day)"
             )));
         }
+        if h.drain_grace_seconds > MAX_DRAIN_GRACE_SECONDS {
+            return Err(invalid(format!(
+                "handler.drain_grace_seconds must be 0 to {MAX_DRAIN_GRACE_SECONDS} (an hour), \
+                 got {}",
+                h.drain_grace_seconds
+            )));
+        }
         if c.callbacks.max_attempts == 0 || c.callbacks.max_attempts > MAX_CALLBACK_ATTEMPTS {
             return Err(invalid(format!(
                 "callbacks.max_attempts must be 1 to {MAX_CALLBACK_ATTEMPTS}, got {}",
@@ -814,6 +829,20 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("handler.max_concurrent_jobs"), "{e}");
+        let e = Config::parse(
+            Path::new("c.toml"),
+            "[handler]\ndrain_grace_seconds = 3601\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("handler.drain_grace_seconds") && e.contains("3601"),
+            "{e}"
+        );
+        let c = Config::parse(Path::new("c.toml"), "[handler]\ndrain_grace_seconds = 0\n")
+            .expect("0 stops at once");
+        assert_eq!(c.handler.drain_grace_seconds, 0);
+        assert_eq!(Config::default().handler.drain_grace_seconds, 30);
         let e = Config::parse(
             Path::new("c.toml"),
             "[nats]\nclient_accounts = [\"A\"]\noperator_accounts = [\"A\"]\n",

@@ -61,7 +61,16 @@ pub struct AppState {
     pub secrets: Option<Arc<SecretService>>,
     /// Conversation memory (`[memory]`); none: `/v1/memory/*` answer 503.
     pub memory: Option<Arc<MemoryService>>,
+    /// True while the service drains before it stops: `/healthz` answers
+    /// 503 `draining` and `POST /v1/jobs` 503 with `Retry-After`; the rest
+    /// (reads, cancels, approvals, n8n results of the steps in flight)
+    /// is served until the stop.
+    pub draining: tokio::sync::watch::Receiver<bool>,
 }
+
+/// Seconds a job submitted to a draining instance is told to wait
+/// (`Retry-After`) before it is sent again, to another instance.
+pub const DRAINING_RETRY_AFTER_SECONDS: u64 = 5;
 
 /// Reports the job handler's state: its name, and why when it is not
 /// running as it should.
@@ -125,6 +134,16 @@ pub enum ApiError {
     /// (the n8n key).
     #[error("{0}")]
     NotConfigured(String),
+    /// 503 `unavailable` with `Retry-After`: this instance is stopping and
+    /// takes no new job; submit again (another instance takes it).
+    #[error(
+        "this instance is draining before it stops and takes no new job; \
+             submit again after {retry_after} s (another instance takes it)"
+    )]
+    Draining {
+        /// Whole seconds to wait before submitting again.
+        retry_after: u64,
+    },
 }
 
 impl ApiError {
@@ -144,6 +163,7 @@ impl ApiError {
             }
             ApiError::Signature(e) => (StatusCode::UNAUTHORIZED, e.code()),
             ApiError::NotConfigured(_) => (StatusCode::SERVICE_UNAVAILABLE, "not_configured"),
+            ApiError::Draining { .. } => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             ApiError::Command(e) | ApiError::Reasoned(e, _) => {
                 let status = match e.code {
                     ErrorCode::Validation => StatusCode::BAD_REQUEST,
@@ -185,7 +205,8 @@ impl IntoResponse for ApiError {
                     .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
             }
             ApiError::RateLimited { retry_after, .. }
-            | ApiError::SourceRateLimited { retry_after, .. } => {
+            | ApiError::SourceRateLimited { retry_after, .. }
+            | ApiError::Draining { retry_after } => {
                 res.headers_mut()
                     .insert(header::RETRY_AFTER, HeaderValue::from(*retry_after));
             }
@@ -216,7 +237,7 @@ pub(crate) fn bad(param: &str, message: impl Into<String>) -> ApiError {
 
 #[utoipa::path(get, path = "/healthz",
     responses((status = 200, description = "NATS and PostgreSQL reachable, no projection stopped", body = Object),
-              (status = 503, description = "something is down or a projection is stopped; details in the body", body = Object)))]
+              (status = 503, description = "something is down, a projection is stopped or the instance is draining before it stops; details in the body", body = Object)))]
 async fn healthz(State(s): State<AppState>) -> Response {
     let nats_ok = matches!(
         s.nats.connection_state(),
@@ -251,9 +272,12 @@ async fn healthz(State(s): State<AppState>) -> Response {
     let handler_ok = handler
         .as_ref()
         .is_none_or(|(state, _)| *state != "restarting");
-    let ok = nats_ok && last.is_some() && pg.is_ok() && !stopped && handler_ok;
+    // a draining instance is not ready: a load balancer sends new work elsewhere
+    let draining = *s.draining.borrow();
+    let ok = nats_ok && last.is_some() && pg.is_ok() && !stopped && handler_ok && !draining;
     let body = json!({
         "ok": ok,
+        "draining": draining,
         "handler": handler.map(|(state, reason)| json!({"state": state, "reason": reason})),
         "nats": if nats_ok && last.is_some() { "ok" } else { "unreachable" },
         "postgres": if pg.is_ok() { "ok" } else { "unreachable" },
@@ -276,7 +300,7 @@ async fn livez() -> Response {
 
 #[utoipa::path(get, path = "/readyz",
     responses((status = 200, description = "it can take commands: NATS connected and the event stream answering", body = Object),
-              (status = 503, description = "it cannot take commands now; `nats` says why", body = Object)))]
+              (status = 503, description = "it cannot take commands now: `nats` says why, or `draining` is true (it is stopping)", body = Object)))]
 async fn readyz(State(s): State<AppState>) -> Response {
     let connected = matches!(
         s.nats.connection_state(),
@@ -291,12 +315,20 @@ async fn readyz(State(s): State<AppState>) -> Response {
     } else {
         None
     };
-    let (status, nats) = match (connected, last) {
-        (true, Some(_)) => (StatusCode::OK, "ok"),
-        (true, None) => (StatusCode::SERVICE_UNAVAILABLE, "stream_unavailable"),
-        (false, _) => (StatusCode::SERVICE_UNAVAILABLE, "disconnected"),
+    let nats = match (connected, last) {
+        (true, Some(_)) => "ok",
+        (true, None) => "stream_unavailable",
+        (false, _) => "disconnected",
     };
-    let body = json!({"ok": status == StatusCode::OK, "nats": nats, "stream_last_seq": last});
+    // a draining instance takes no new work: a load balancer sends it elsewhere
+    let draining = *s.draining.borrow();
+    let status = if nats == "ok" && !draining {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let body = json!({"ok": status == StatusCode::OK, "nats": nats, "draining": draining,
+                      "stream_last_seq": last});
     (status, Json(body)).into_response()
 }
 
@@ -381,6 +413,17 @@ async fn track(req: Request, next: Next) -> Response {
     res
 }
 
+/// Refuses a new job while the service drains (503, `Retry-After`).
+async fn refuse_while_draining(State(s): State<AppState>, req: Request, next: Next) -> Response {
+    if *s.draining.borrow() {
+        return ApiError::Draining {
+            retry_after: DRAINING_RETRY_AFTER_SECONDS,
+        }
+        .into_response();
+    }
+    next.run(req).await
+}
+
 async fn not_found() -> ApiError {
     ApiError::NotFound("route (see /openapi.json)".into())
 }
@@ -390,7 +433,13 @@ async fn not_found() -> ApiError {
 pub fn app(state: AppState) -> Router {
     // every /v1 route but the n8n callback needs a bearer token
     let authenticated = Router::new()
-        .route("/v1/jobs", post(write::jobs_submit))
+        .route(
+            "/v1/jobs",
+            post(write::jobs_submit).route_layer(middleware::from_fn_with_state(
+                state.clone(),
+                refuse_while_draining,
+            )),
+        )
         .route("/v1/jobs/{id}", get(read::jobs_get))
         .route("/v1/jobs/{id}/status", get(read::jobs_status))
         .route("/v1/jobs/{id}/cancel", post(write::jobs_cancel))

@@ -415,10 +415,58 @@ pub async fn serve(
     memory: Option<Arc<MemoryService>>,
     pool: Option<sqlx::PgPool>,
     client: async_nats::Client,
-    mut sub: async_nats::Subscriber,
+    sub: async_nats::Subscriber,
     accounts: Arc<Accounts>,
 ) {
-    while let Some(msg) = sub.next().await {
+    serve_until_drained(bus, secrets, memory, pool, client, sub, accounts, None).await
+}
+
+/// [`serve`], and when `drain` turns true (the service is stopping), the
+/// subscription is drained: the server sends this queue group's next
+/// commands to the other instances (none left: the sender gets "no
+/// responders" at once), the ones already delivered here are still
+/// answered, then the loop ends.
+#[allow(clippy::too_many_arguments)]
+pub async fn serve_until_drained(
+    bus: Arc<CommandBus>,
+    secrets: Option<Arc<SecretService>>,
+    memory: Option<Arc<MemoryService>>,
+    pool: Option<sqlx::PgPool>,
+    client: async_nats::Client,
+    mut sub: async_nats::Subscriber,
+    accounts: Arc<Accounts>,
+    mut drain: Option<tokio::sync::watch::Receiver<bool>>,
+) {
+    loop {
+        let drained = async {
+            match drain.as_mut() {
+                Some(d) => {
+                    let _ = d.wait_for(|d| *d).await;
+                }
+                None => std::future::pending().await,
+            }
+        };
+        let msg = tokio::select! {
+            m = sub.next() => match m {
+                Some(m) => m,
+                None => break,
+            },
+            () = drained => {
+                drain = None;
+                match sub.drain().await {
+                    Ok(()) => {
+                        // said once the server has the unsubscribe: an echo
+                        // sent after it comes back after it was processed
+                        let _ = echo(&client).await;
+                        tracing::info!("draining: the command intake takes no new command \
+                            (the other instances of its queue group do)");
+                    }
+                    Err(e) => tracing::warn!(error = %e, "cannot drain the command \
+                        subscription; the intake stops with the service"),
+                }
+                continue;
+            }
+        };
         let bus = bus.clone();
         let secrets = secrets.clone();
         let memory = memory.clone();
@@ -473,6 +521,16 @@ pub async fn serve(
             }
         });
     }
+}
+
+/// Returns once the server has processed what `client` sent before (or
+/// after 10 s): a message to its own inbox comes back only after them.
+async fn echo(client: &async_nats::Client) -> Result<(), async_nats::Error> {
+    let inbox = client.new_inbox();
+    let mut back = client.subscribe(inbox.clone()).await?;
+    client.publish(inbox, bytes::Bytes::new()).await?;
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(10), back.next()).await;
+    Ok(())
 }
 
 #[cfg(test)]

@@ -123,7 +123,15 @@ pub async fn deliver(ctx: &Ctx, view: &JobView) {
             "callback not delivered"
         );
         if attempt < max {
-            tokio::time::sleep(ctx.config.retry.delay(attempt, None)).await;
+            let wait = ctx.config.retry.delay(attempt, None);
+            // a drain does not wait for a backoff: the partition's next
+            // holder delivers again (same Idempotency-Key)
+            if super::executor::pause_unless_given_away(ctx, &view.job_id, wait)
+                .await
+                .is_err()
+            {
+                return;
+            }
         }
     }
     metrics::counter!("flowledger_callbacks_total", "outcome" => "failed").increment(1);

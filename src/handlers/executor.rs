@@ -498,18 +498,32 @@ async fn run(
     let sleep = tokio::time::sleep(until_deadline);
     tokio::pin!(sleep);
     let mut records_open = true;
+    // steps that stopped before a new call or retry wait (their partition
+    // is being given away, the instance drains): still open, and the
+    // others' calls in flight end and are recorded before the driver stops
+    let mut released = false;
     loop {
         let succeeded = ends.values().filter(|e| e.succeeded()).count();
         let open = total - ends.len();
         if open == 0 || succeeded + open < needed {
             break;
         }
+        if released && tasks.is_empty() {
+            return Err(Halt::Released);
+        }
         tokio::select! {
             Some(joined) = tasks.join_next() => {
                 let (name, end) = joined.map_err(|e| {
                     Halt::Park(format!("a step's task ended abnormally: {e}"))
                 })?;
-                let end = step_ended(ctx, &job_id, end?, succeeded, open, needed).await?;
+                let end = match end {
+                    Err(Halt::Released) => {
+                        released = true;
+                        continue;
+                    }
+                    end => end?,
+                };
+                let end = step_ended(ctx, &job_id, end, succeeded, open, needed).await?;
                 ends.insert(name, end);
             }
             r = rx.recv(), if records_open => match r {
@@ -707,7 +721,8 @@ async fn run_step(
                 let delay = schedule_retry(ctx, &job.id, step, sv.started).await?;
                 pause_unless_given_away(ctx, &job.id, delay).await?;
             } else if let Some((_, due)) = sv.retry {
-                tokio::time::sleep((due - Utc::now()).to_std().unwrap_or_default()).await;
+                let wait = (due - Utc::now()).to_std().unwrap_or_default();
+                pause_unless_given_away(ctx, &job.id, wait).await?;
             }
             (sv.started + 1, true)
         }
@@ -719,11 +734,12 @@ async fn run_step(
         .map(|u| format!("{u}/v1/callbacks/n8n"));
     loop {
         let key = ids::idempotency_key(&job.id, &step.name, attempt);
+        // a partition being given away (or a draining instance) sends no
+        // new call: the next holder sends it, with the same key
+        if !ctx.leases.may_start(lease::partition(&job.id)) {
+            return Err(Halt::Released);
+        }
         if need_start {
-            // a partition being given away starts no new attempt
-            if !ctx.leases.may_start(lease::partition(&job.id)) {
-                return Err(Halt::Released);
-            }
             let cmd = JobCommand::StartAttempt(StartAttempt {
                 step: step.name.clone(),
                 attempt,
@@ -738,6 +754,8 @@ async fn run_step(
             "solver"
         };
         metrics::counter!("flowledger_handler_step_attempts_total", "kind" => kind).increment(1);
+        // counted until its result is known (a drain logs the calls in flight)
+        let calling = ctx.leases.calling(&job.id);
         let t0 = Instant::now();
         // the headers' secrets, read for this attempt; without them the
         // attempt fails unsent
@@ -801,6 +819,7 @@ async fn run_step(
                 _ => outcome = CallOutcome::TimedOut,
             }
         }
+        drop(calling);
         let duration_ms = t0.elapsed().as_millis() as u64;
         let (status, output, error_code, error_message, retryable) = match outcome {
             CallOutcome::Succeeded { output } => (StepStatus::Succeeded, output, None, None, false),
@@ -865,9 +884,14 @@ async fn run_step(
 }
 
 /// Sleeps `delay` (a retry's backoff), ending early with `Released` when
-/// the job's partition is being given away: a drain does not wait for a
-/// backoff, and the next holder resumes the retry when it is due.
-async fn pause_unless_given_away(ctx: &Ctx, job_id: &str, delay: Duration) -> Result<(), Halt> {
+/// the job's partition is being given away or the instance drains: a drain
+/// does not wait for a backoff, and the next holder resumes the retry when
+/// it is due.
+pub(crate) async fn pause_unless_given_away(
+    ctx: &Ctx,
+    job_id: &str,
+    delay: Duration,
+) -> Result<(), Halt> {
     let until = Instant::now() + delay;
     let p = lease::partition(job_id);
     loop {

@@ -23,7 +23,7 @@
 //! commands are not fenced, each has one id).
 //! docs/adr/0010-handler-leases.md has the reasoning.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -221,11 +221,106 @@ struct Health {
     up: watch::Sender<bool>,
 }
 
+/// The drain of the whole instance (`serve` told to stop): no partition
+/// is taken, every held one is given away once its effects end.
+struct Drain {
+    /// The grace period once the drain started; none: not draining.
+    grace: watch::Sender<Option<Duration>>,
+    /// True once the drain began and no partition is held any more.
+    done: watch::Sender<bool>,
+    /// Effects (a job's run of its steps, a callback) in flight, by job.
+    effects: Mutex<BTreeMap<String, usize>>,
+    /// Step calls in flight, by job.
+    calls: Mutex<BTreeMap<String, usize>>,
+    /// Jobs whose effects ended while draining.
+    finished: Mutex<BTreeSet<String>>,
+    /// Jobs whose effects were still running when their partition's
+    /// drain deadline passed.
+    abandoned: Mutex<BTreeSet<String>>,
+}
+
+/// How a drain of the instance ended ([`Leases::drained`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DrainReport {
+    /// Jobs whose step calls (or callback) ended and were recorded.
+    pub finished: Vec<String>,
+    /// Jobs still calling a peer when the grace period ended: stopped, the
+    /// next holder of their partition sends the call again (same
+    /// `Idempotency-Key`).
+    pub abandoned: Vec<String>,
+}
+
 /// The partitions this instance holds, as the drivers see them.
 pub struct Leases {
     holder: String,
     parts: Vec<Part>,
     health: Health,
+    drain: Drain,
+}
+
+/// An effect on a job admitted by [`Leases::effect`]: its partition is not
+/// given away while this lives.
+pub struct Effect {
+    leases: Arc<Leases>,
+    job_id: String,
+    _work: OwnedRwLockReadGuard<()>,
+}
+
+impl Drop for Effect {
+    fn drop(&mut self) {
+        let d = &self.leases.drain;
+        let left = {
+            let mut effects = d.effects.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(n) = effects.get_mut(&self.job_id) {
+                *n -= 1;
+                if *n == 0 {
+                    effects.remove(&self.job_id);
+                }
+            }
+            effects.len()
+        };
+        let abandoned = d
+            .abandoned
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(&self.job_id);
+        // an abandoned job's effect ends when its driver is stopped
+        if self.leases.draining() && !abandoned {
+            d.finished
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(self.job_id.clone());
+            tracing::info!(
+                job_id = %self.job_id,
+                jobs_left = left,
+                "draining: a job's step calls ended"
+            );
+        }
+    }
+}
+
+/// A step call in flight ([`Leases::calling`]), counted for the drain's
+/// log lines.
+pub struct Calling {
+    leases: Arc<Leases>,
+    job_id: String,
+}
+
+impl Drop for Calling {
+    fn drop(&mut self) {
+        let mut calls = self
+            .leases
+            .drain
+            .calls
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = calls.get_mut(&self.job_id) {
+            *n -= 1;
+            if *n == 0 {
+                calls.remove(&self.job_id);
+            }
+        }
+    }
 }
 
 impl Leases {
@@ -244,6 +339,140 @@ impl Leases {
                 beat: Mutex::new(None),
                 up: watch::Sender::new(false),
             },
+            drain: Drain {
+                grace: watch::Sender::new(None),
+                done: watch::Sender::new(false),
+                effects: Mutex::default(),
+                calls: Mutex::default(),
+                finished: Mutex::default(),
+                abandoned: Mutex::default(),
+            },
+        }
+    }
+
+    /// The instance is draining (`serve` told to stop): no driver, no
+    /// attempt, no retry wait and no effect starts; held partitions are
+    /// given away as their effects end.
+    pub fn draining(&self) -> bool {
+        self.drain.grace.borrow().is_some()
+    }
+
+    /// Starts draining the instance: the keeper takes no partition, stops
+    /// announcing this instance and gives every held partition away once
+    /// its effects end, at the latest after `grace`. Returns the step calls
+    /// and the jobs in flight now. A second call changes nothing.
+    pub fn begin_drain(&self, grace: Duration) -> (usize, usize) {
+        self.drain.grace.send_if_modified(|g| {
+            let first = g.is_none();
+            if first {
+                *g = Some(grace);
+            }
+            first
+        });
+        let steps = self
+            .drain
+            .calls
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .sum();
+        let jobs = self
+            .drain
+            .effects
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .len();
+        (steps, jobs)
+    }
+
+    /// Waits until the drain begun by [`Leases::begin_drain`] ended: no
+    /// partition is held any more. Returns the jobs whose effects ended
+    /// meanwhile and those given up at the deadline.
+    pub async fn drained(&self) -> DrainReport {
+        let mut done = self.drain.done.subscribe();
+        let _ = done.wait_for(|d| *d).await;
+        self.drain_report()
+    }
+
+    /// The drain's outcome so far (an abandoned job is not also counted
+    /// as finished).
+    pub fn drain_report(&self) -> DrainReport {
+        let abandoned: Vec<String> = self
+            .drain
+            .abandoned
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .cloned()
+            .collect();
+        let finished = self
+            .drain
+            .finished
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter(|j| !abandoned.contains(j))
+            .cloned()
+            .collect();
+        DrainReport {
+            finished,
+            abandoned,
+        }
+    }
+
+    /// Ends a drain the keeper did not finish in time: every effect still
+    /// in flight is abandoned.
+    pub fn give_up_drain(&self) -> DrainReport {
+        let late: Vec<String> = self
+            .drain
+            .effects
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .keys()
+            .cloned()
+            .collect();
+        self.drain
+            .abandoned
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend(late);
+        self.drain_report()
+    }
+
+    /// The jobs of partition `p` with effects in flight.
+    fn effects_in(&self, p: usize) -> Vec<String> {
+        self.drain
+            .effects
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .keys()
+            .filter(|j| partition(j) == p)
+            .cloned()
+            .collect()
+    }
+
+    /// Says the drain ended when it runs and no partition is held.
+    fn check_drained(&self) {
+        let free = (0..PARTITIONS).all(|p| matches!(self.hold(p), Hold::Free));
+        if self.draining() && free {
+            self.drain
+                .done
+                .send_if_modified(|d| !std::mem::replace(d, true));
+        }
+    }
+
+    /// Counts a step call of `job_id` in flight while the guard lives.
+    pub fn calling(self: &Arc<Self>, job_id: &str) -> Calling {
+        *self
+            .drain
+            .calls
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(job_id.to_string())
+            .or_default() += 1;
+        Calling {
+            leases: self.clone(),
+            job_id: job_id.to_string(),
         }
     }
 
@@ -316,16 +545,17 @@ impl Leases {
         }
     }
 
-    /// Drivers may start in partition `p`: it is held and not being given
-    /// away.
+    /// Drivers may start in partition `p`: it is held, not being given
+    /// away, and the instance is not draining.
     pub fn may_start(&self, p: usize) -> bool {
-        matches!(self.hold(p), Hold::Held { until, draining: false, .. } if Instant::now() < until)
+        !self.draining()
+            && matches!(self.hold(p), Hold::Held { until, draining: false, .. } if Instant::now() < until)
     }
 
     /// Admits an effect on `job_id` (a run of its steps, a callback); the
     /// partition is not given away while the guard lives. None: the
-    /// partition is not held (any more).
-    pub async fn effect(&self, job_id: &str) -> Option<OwnedRwLockReadGuard<()>> {
+    /// partition is not held (any more), or it or the instance drains.
+    pub async fn effect(self: &Arc<Self>, job_id: &str) -> Option<Effect> {
         let p = partition(job_id);
         let part = self.parts.get(p)?;
         if !self.may_start(p) {
@@ -333,7 +563,21 @@ impl Leases {
         }
         let guard = part.work.clone().read_owned().await;
         // a drain may have run while this waited
-        self.may_start(p).then_some(guard)
+        if !self.may_start(p) {
+            return None;
+        }
+        *self
+            .drain
+            .effects
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(job_id.to_string())
+            .or_default() += 1;
+        Some(Effect {
+            leases: self.clone(),
+            job_id: job_id.to_string(),
+            _work: guard,
+        })
     }
 
     /// Partitions held now (draining ones included).
@@ -483,6 +727,19 @@ impl Keeper {
         for c in changes.drain(..) {
             let _ = out.send(c);
         }
+        let grace = *self.leases.drain.grace.borrow();
+        if let Some(grace) = grace {
+            // a draining instance takes nothing and is not counted in the
+            // others' fair share; its leases are renewed until given away
+            for p in 0..PARTITIONS {
+                self.drain(p, grace);
+            }
+        }
+        if self.leases.draining() {
+            self.withdraw().await;
+            self.leases.check_drained();
+            return;
+        }
         // bounded, so the next renewal comes in time whatever the broker's
         // load (a key taken but not recorded when this is cut short lapses)
         let budget = self.period() / 2;
@@ -514,6 +771,13 @@ impl Keeper {
             let _ = out.send(Change::Lost(p));
             let _ = tokio::time::timeout(KV_CALL, self.let_go(p)).await;
         }
+        self.withdraw().await;
+        self.leases.check_drained();
+    }
+
+    /// Withdraws this instance's announcement, if it is (or may be) in the
+    /// bucket.
+    async fn withdraw(&mut self) {
         if self.announced {
             match tokio::time::timeout(KV_CALL, self.kv.delete(&self.member_key)).await {
                 Ok(Ok(_)) => self.announced = false,
@@ -521,6 +785,16 @@ impl Keeper {
                 _ => tracing::debug!("cannot withdraw this handler instance's announcement"),
             }
         }
+    }
+
+    /// The instance drains: every held partition is given away once its
+    /// effects end, at the latest after `grace`.
+    async fn drain_all(&mut self, grace: Duration) {
+        for p in 0..PARTITIONS {
+            self.drain(p, grace);
+        }
+        self.withdraw().await;
+        self.leases.check_drained();
     }
 
     /// Announces this instance, takes free partitions up to the fair
@@ -580,7 +854,7 @@ impl Keeper {
             }
         } else if active.len() > fair {
             for &p in active.iter().rev().take(active.len() - fair) {
-                self.drain(p);
+                self.drain(p, DRAIN_DEADLINE);
             }
         }
     }
@@ -763,9 +1037,11 @@ impl Keeper {
     }
 
     /// Starts giving `p` away: no new driver or effect starts there; once
-    /// the running effects end (or [`DRAIN_DEADLINE`] passes) [`Keeper::run`]
-    /// lets it go.
-    fn drain(&self, p: usize) {
+    /// the running effects end (or `deadline` passes: [`DRAIN_DEADLINE`]
+    /// for a rebalance, the grace period for the instance's drain)
+    /// [`Keeper::run`] lets it go. A partition draining already keeps its
+    /// deadline.
+    fn drain(&self, p: usize, deadline: Duration) {
         let Hold::Held {
             fence,
             until,
@@ -784,11 +1060,22 @@ impl Keeper {
         );
         tracing::info!(partition = p, "giving a job partition to another instance");
         let work = self.leases.parts[p].work.clone();
-        let tx = self.drained_tx.clone();
+        let (tx, leases) = (self.drained_tx.clone(), self.leases.clone());
         tokio::spawn(async move {
-            let guard = tokio::time::timeout(DRAIN_DEADLINE, work.write_owned())
+            let guard = tokio::time::timeout(deadline, work.write_owned())
                 .await
                 .ok();
+            if guard.is_none() && leases.draining() {
+                // stopped when the partition is let go: the next holder
+                // sends their calls again
+                let late = leases.effects_in(p);
+                leases
+                    .drain
+                    .abandoned
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .extend(late);
+            }
             let _ = tx.send((p, fence, guard));
         });
     }
@@ -837,20 +1124,30 @@ impl Keeper {
         let mut round = tokio::time::interval(self.period());
         round.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut health = self.leases.health.up.subscribe();
+        let mut drain = self.leases.drain.grace.subscribe();
         loop {
             tokio::select! {
                 _ = round.tick() => self.tick(&changes).await,
                 // the handler's loop started or failed: act now, not next round
                 Ok(()) = health.changed() => self.tick(&changes).await,
+                Ok(()) = drain.changed() => {
+                    let grace = *drain.borrow_and_update();
+                    if let Some(grace) = grace {
+                        self.drain_all(grace).await;
+                    }
+                }
                 Some((p, fence, guard)) = self.drained_rx.recv() => {
                     // a drain of a lease lost and taken again meanwhile is stale
                     if matches!(self.leases.hold(p), Hold::Held { fence: f, .. } if f == fence) {
                         // no command goes out under this lease from here on
                         self.leases.set(p, Hold::Free);
                         let _ = changes.send(Change::Lost(p));
-                        self.let_go(p).await;
+                        // bounded: an unreachable NATS must not hold up the
+                        // other drains (the key lapses)
+                        let _ = tokio::time::timeout(KV_CALL, self.let_go(p)).await;
                     }
                     drop(guard);
+                    self.leases.check_drained();
                 }
                 _ = stop.changed() => break,
             }
@@ -974,7 +1271,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_free_partition_gives_no_lease_and_admits_no_effect() {
-        let l = Leases::new("me".into());
+        let l = Arc::new(Leases::new("me".into()));
         assert!(l.lease("job-1").is_none());
         assert!(l.effect("job-1").await.is_none());
         let p = partition("job-1");
@@ -1010,5 +1307,65 @@ mod tests {
         );
         assert!(l.lease("job-1").is_none());
         assert_eq!(l.held(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_draining_instance_starts_nothing_and_counts_what_ends() {
+        let l = Arc::new(Leases::new("me".into()));
+        for job in ["job-1", "job-2"] {
+            l.set(
+                partition(job),
+                Hold::Held {
+                    fence: 7,
+                    until: Instant::now() + Duration::from_secs(60),
+                    draining: false,
+                },
+            );
+        }
+        let running = l.effect("job-1").await.expect("held: admitted");
+        let call = l.calling("job-1");
+        assert_eq!(l.begin_drain(Duration::from_secs(30)), (1, 1));
+        // a second signal changes nothing
+        assert_eq!(l.begin_drain(Duration::from_secs(1)), (1, 1));
+        assert_eq!(*l.drain.grace.borrow(), Some(Duration::from_secs(30)));
+        assert!(l.draining());
+        assert!(!l.may_start(partition("job-2")), "no new driver or attempt");
+        assert!(l.effect("job-2").await.is_none(), "no new effect");
+        assert!(l.lease("job-1").is_some(), "the running one still records");
+        drop(call);
+        drop(running);
+        assert_eq!(
+            l.drain_report(),
+            DrainReport {
+                finished: vec!["job-1".into()],
+                abandoned: vec![],
+            }
+        );
+        // not done while a partition is held; done once none is
+        l.check_drained();
+        assert!(!*l.drain.done.borrow());
+        for job in ["job-1", "job-2"] {
+            l.set(partition(job), Hold::Free);
+        }
+        l.check_drained();
+        assert_eq!(l.drained().await.finished, vec!["job-1".to_string()]);
+    }
+
+    #[tokio::test]
+    async fn a_drain_that_runs_out_abandons_what_still_runs() {
+        let l = Arc::new(Leases::new("me".into()));
+        l.set(
+            partition("job-9"),
+            Hold::Held {
+                fence: 1,
+                until: Instant::now() + Duration::from_secs(60),
+                draining: false,
+            },
+        );
+        let _running = l.effect("job-9").await.expect("held: admitted");
+        l.begin_drain(Duration::from_secs(1));
+        let r = l.give_up_drain();
+        assert_eq!(r.abandoned, vec!["job-9".to_string()]);
+        assert!(r.finished.is_empty());
     }
 }

@@ -41,6 +41,10 @@ use view::{JobView, StoryRecord};
 /// The identity on every command a handler issues.
 pub const HANDLER_ACTOR: &str = "flowledger-handler";
 
+/// How much longer than the grace period a drain waits for the lease
+/// keeper to give its partitions away (a keeper that cannot reach NATS).
+const DRAIN_SLACK: Duration = Duration::from_secs(3);
+
 /// Exponential backoff with jitter: attempt n waits
 /// `min(base * multiplier^(n-1), max) * (1 ± jitter)`.
 #[derive(Debug, Clone)]
@@ -111,6 +115,10 @@ pub struct HandlerConfig {
     /// Opens the sealed credentials of a job's `callback_url`
     /// (`callbacks.seal_keys_env`).
     pub callback_sealer: Option<Arc<SealKeys>>,
+    /// How long a stopping `serve` waits for the step calls in flight to
+    /// end and be recorded (`handler.drain_grace_seconds`); zero: it stops
+    /// them at once.
+    pub drain_grace: Duration,
 }
 
 impl HandlerConfig {
@@ -129,6 +137,7 @@ impl HandlerConfig {
             callback_max_attempts: c.callbacks.max_attempts,
             callback_timeout: Duration::from_millis(c.callbacks.timeout_ms),
             callback_sealer: c.seal_keys()?,
+            drain_grace: Duration::from_secs(h.drain_grace_seconds),
         })
     }
 }
@@ -143,6 +152,7 @@ impl Default for HandlerConfig {
             callback_max_attempts: 5,
             callback_timeout: delivery::DEFAULT_TIMEOUT,
             callback_sealer: None,
+            drain_grace: Duration::from_secs(HandlerSection::default().drain_grace_seconds),
         }
     }
 }
@@ -202,16 +212,20 @@ pub enum HandlerStatus {
     Running,
     /// Its loop failed and restarts shortly; the reason says why.
     Restarting(String),
+    /// The instance is stopping: it starts nothing new and waits for the
+    /// step calls in flight to end (`handler.drain_grace_seconds`).
+    Draining,
 }
 
 impl HandlerStatus {
-    /// `starting`, `no_lease`, `running` or `restarting`.
+    /// `starting`, `no_lease`, `running`, `restarting` or `draining`.
     pub fn as_str(&self) -> &'static str {
         match self {
             HandlerStatus::Starting => "starting",
             HandlerStatus::NoLease => "no_lease",
             HandlerStatus::Running => "running",
             HandlerStatus::Restarting(_) => "restarting",
+            HandlerStatus::Draining => "draining",
         }
     }
 }
@@ -250,6 +264,9 @@ impl Ctx {
 
     /// Where the handler stands now: running only while it holds a lease.
     pub fn status(&self) -> HandlerStatus {
+        if self.leases.draining() {
+            return HandlerStatus::Draining;
+        }
         let s = self
             .status
             .lock()
@@ -259,6 +276,50 @@ impl Ctx {
             HandlerStatus::Running if self.leases.held() == 0 => HandlerStatus::NoLease,
             other => other,
         }
+    }
+
+    /// Drains the handler (`serve` told to stop): no new driver, attempt,
+    /// retry wait or callback starts, and the step calls in flight are
+    /// awaited until their results are recorded, at most
+    /// `config.drain_grace`; their partitions are given away as they end.
+    /// Logs the start, each job that finishes and the end; returns which
+    /// jobs finished and which were abandoned (their calls are sent again,
+    /// with the same `Idempotency-Key`, by the partition's next holder).
+    pub async fn drain(&self) -> lease::DrainReport {
+        let grace = self.config.drain_grace;
+        let (steps, jobs) = self.leases.begin_drain(grace);
+        tracing::info!(
+            steps_in_flight = steps,
+            jobs_in_flight = jobs,
+            grace_s = grace.as_secs(),
+            "draining: {steps} step calls in flight, grace {} s",
+            grace.as_secs()
+        );
+        // the keeper lets the partitions go by the grace period; a keeper
+        // that cannot (NATS gone) is not waited for much longer
+        let report = match tokio::time::timeout(grace + DRAIN_SLACK, self.leases.drained()).await {
+            Ok(r) => r,
+            Err(_) => self.leases.give_up_drain(),
+        };
+        if report.abandoned.is_empty() {
+            tracing::info!(
+                finished = report.finished.len(),
+                abandoned = 0,
+                "drained: {} jobs finished their step calls, none abandoned",
+                report.finished.len()
+            );
+        } else {
+            tracing::warn!(
+                finished = report.finished.len(),
+                abandoned = report.abandoned.len(),
+                job_ids = ?report.abandoned,
+                "drained: {} jobs finished their step calls, {} abandoned at the end of the \
+                 grace period (their calls are sent again by the next holder)",
+                report.finished.len(),
+                report.abandoned.len()
+            );
+        }
+        report
     }
 
     pub(crate) fn set_status(&self, s: HandlerStatus) {

@@ -9,6 +9,7 @@ mod audit;
 mod cli;
 mod cluster;
 mod cluster_harness;
+mod drain;
 mod event_store;
 mod handlers;
 mod hardening;
