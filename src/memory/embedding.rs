@@ -22,16 +22,18 @@ use tokio::sync::watch;
 
 use crate::bus::CommandBus;
 use crate::commands::memory::events::EpisodeRecorded;
-use crate::commands::memory::{MemoryCommand, MemoryError, SubjectRef};
+use crate::commands::memory::{Memory, MemoryCommand, MemoryError};
 use crate::crypto::Sealed;
 use crate::events::envelope::{Actor, CommandMeta};
 use crate::events::log::EventLog;
 use crate::events::store::ExecuteError;
 use crate::handlers::HANDLER_ACTOR;
 use crate::memory::embedder::{failure_reason, vector_bytes, Embedder};
-use crate::memory::keys::{KeyError, SubjectKeys};
+use crate::memory::keys::SubjectKeys;
 pub use crate::memory::peer::Later;
-use crate::memory::peer::{ack_wait, run_episode_consumer, with_retries, ConsumerSpec, OnEpisode};
+use crate::memory::peer::{
+    ack_wait, episode_subject, run_episode_consumer, with_retries, ConsumerSpec, OnEpisode,
+};
 use crate::projections::memory::chunk_texts;
 
 /// The durable consumer's name.
@@ -61,39 +63,11 @@ pub struct EmbeddingHandler {
 impl EmbeddingHandler {
     /// Embeds episode `e` of subject `aggregate_id` and records the outcome.
     pub async fn handle(&self, aggregate_id: &str, e: &EpisodeRecorded) -> Result<Outcome, Later> {
-        let loaded =
-            self.bus.load_memory(aggregate_id).await.map_err(|x| {
-                Later::Unavailable(format!("load memory subject {aggregate_id}: {x}"))
-            })?;
-        let state = loaded.state;
-        if state.erased
-            || state.embedded.contains(&e.episode_id)
-            || !state.episodes.contains(&e.episode_id)
-        {
+        let wanted =
+            |m: &Memory| m.episodes.contains(&e.episode_id) && !m.embedded.contains(&e.episode_id);
+        let found = episode_subject(&self.bus, &self.keys, aggregate_id, &e.episode_id, wanted);
+        let Some((subject, key)) = found.await? else {
             return Ok(Outcome::Skipped);
-        }
-        let Some(owner) = state.owner.clone() else {
-            return Ok(Outcome::Skipped);
-        };
-        let key = match self.keys.get(aggregate_id).await {
-            Ok(k) => k,
-            Err(KeyError::Erased) => return Ok(Outcome::Skipped),
-            Err(x) if x.is_retryable() => {
-                return Err(Later::Unavailable(format!(
-                    "the key of memory subject {aggregate_id}: {x}"
-                )))
-            }
-            Err(x) => {
-                // cannot open: nothing can be embedded, and retrying will not help
-                tracing::error!(subject = aggregate_id, episode = %e.episode_id, error = %x,
-                    "memory embeddings: the subject's key cannot be used; episode skipped");
-                return Ok(Outcome::Skipped);
-            }
-        };
-        let subject = SubjectRef {
-            owner,
-            subject_id: state.subject_id.clone(),
-            key_id: state.key_id.clone(),
         };
         let cfg = self.embedder.config();
         let failed_subject = subject.clone();

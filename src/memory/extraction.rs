@@ -23,14 +23,14 @@ use tokio::sync::watch;
 
 use crate::bus::CommandBus;
 use crate::commands::memory::events::EpisodeRecorded;
-use crate::commands::memory::{MemoryError, SubjectRef};
+use crate::commands::memory::{Memory, MemoryError};
 use crate::events::envelope::format_time;
 use crate::events::log::EventLog;
 use crate::events::store::ExecuteError;
 use crate::memory::extractor::{request, Extractor};
-use crate::memory::keys::KeyError;
 use crate::memory::peer::{
-    ack_wait, run_episode_consumer, with_retries, ConsumerSpec, Later, OnEpisode, PeerError,
+    ack_wait, episode_subject, run_episode_consumer, with_retries, ConsumerSpec, Later, OnEpisode,
+    PeerError,
 };
 use crate::memory::service::{ExtractionOutcome, MemoryService};
 
@@ -76,35 +76,11 @@ impl ExtractionHandler {
         if !e.extract {
             return Ok(Outcome::Skipped);
         }
-        let loaded =
-            self.bus.load_memory(aggregate_id).await.map_err(|x| {
-                Later::Unavailable(format!("load memory subject {aggregate_id}: {x}"))
-            })?;
-        let state = loaded.state;
-        if state.erased || !state.to_extract.contains(&e.episode_id) {
+        let wanted = |m: &Memory| m.to_extract.contains(&e.episode_id);
+        let keys = self.memory.keys();
+        let found = episode_subject(&self.bus, keys, aggregate_id, &e.episode_id, wanted);
+        let Some((subject, key)) = found.await? else {
             return Ok(Outcome::Skipped);
-        }
-        let Some(owner) = state.owner.clone() else {
-            return Ok(Outcome::Skipped);
-        };
-        let key = match self.memory.keys().get(aggregate_id).await {
-            Ok(k) => k,
-            Err(KeyError::Erased) => return Ok(Outcome::Skipped),
-            Err(x) if x.is_retryable() => {
-                return Err(Later::Unavailable(format!(
-                    "the key of memory subject {aggregate_id}: {x}"
-                )))
-            }
-            Err(x) => {
-                tracing::error!(subject = aggregate_id, episode = %e.episode_id, error = %x,
-                    "memory extraction: the subject's key cannot be used; episode skipped");
-                return Ok(Outcome::Skipped);
-            }
-        };
-        let subject = SubjectRef {
-            owner,
-            subject_id: state.subject_id.clone(),
-            key_id: state.key_id.clone(),
         };
         let turn = key
             .open_json(&e.turn)

@@ -23,12 +23,14 @@ use zeroize::Zeroizing;
 
 use crate::bus::CommandBus;
 use crate::commands::memory::events::{EpisodeRecorded, MemoryEvent};
+use crate::commands::memory::{Memory, SubjectRef};
 use crate::commands::registry::SecretRef;
 use crate::commands::secret_access::events::AccessRequest;
 use crate::events::envelope::{decode_commit, Actor, CommandMeta};
 use crate::events::log::{EventLog, EVENT_SUBJECT_PREFIX};
 use crate::events::store::decode_event;
 use crate::handlers::HANDLER_ACTOR;
+use crate::memory::keys::{KeyError, SubjectKey, SubjectKeys};
 use crate::secrets::service::SecretService;
 
 /// The role a peer's API key is read with (as step headers' secrets are).
@@ -263,6 +265,51 @@ pub enum Later {
     /// Vault, the log or the store could not be used.
     #[error("{0}")]
     Unavailable(String),
+}
+
+/// The subject `aggregate_id` and its key, to handle its episode
+/// `episode_id` when `wanted` holds for its state; `None` (skip the
+/// episode): erased, never opened, not wanted, or a key that cannot be used
+/// (logged: retrying will not help). Vault or the log unavailable: `Later`.
+pub async fn episode_subject(
+    bus: &CommandBus,
+    keys: &SubjectKeys,
+    aggregate_id: &str,
+    episode_id: &str,
+    wanted: impl Fn(&Memory) -> bool,
+) -> Result<Option<(SubjectRef, Arc<SubjectKey>)>, Later> {
+    let loaded = bus
+        .load_memory(aggregate_id)
+        .await
+        .map_err(|x| Later::Unavailable(format!("load memory subject {aggregate_id}: {x}")))?;
+    let state = loaded.state;
+    let Some(owner) = state
+        .owner
+        .clone()
+        .filter(|_| !state.erased && wanted(&state))
+    else {
+        return Ok(None);
+    };
+    let key = match keys.get(aggregate_id).await {
+        Ok(k) => k,
+        Err(KeyError::Erased) => return Ok(None),
+        Err(x) if x.is_retryable() => {
+            return Err(Later::Unavailable(format!(
+                "the key of memory subject {aggregate_id}: {x}"
+            )))
+        }
+        Err(x) => {
+            tracing::error!(subject = aggregate_id, episode = episode_id, error = %x,
+                "memory peer: the subject's key cannot be used; episode skipped");
+            return Ok(None);
+        }
+    };
+    let subject = SubjectRef {
+        owner,
+        subject_id: state.subject_id.clone(),
+        key_id: state.key_id.clone(),
+    };
+    Ok(Some((subject, key)))
 }
 
 /// A handler of recorded episodes (the embedding and the extraction
