@@ -301,6 +301,14 @@ impl Application {
                     };
                     tasks.push(tokio::spawn(handler.run(log.clone(), stop_rx.clone())));
                 }
+                if let Some(extractor) = m.extractor() {
+                    let handler = crate::memory::extraction::ExtractionHandler {
+                        bus: bus.clone(),
+                        memory: m.clone(),
+                        extractor: extractor.clone(),
+                    };
+                    tasks.push(tokio::spawn(handler.run(log.clone(), stop_rx.clone())));
+                }
             }
             if d.projections {
                 for model in projections::ReadModel::ALL {

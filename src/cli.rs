@@ -1089,6 +1089,19 @@ fn memory_service(
         }
         None => service,
     };
+    // checked with the configuration: the extractor's settings hold
+    let service = match m
+        .extractor
+        .clone()
+        .map(|e| crate::memory::extractor::Extractor::new(e, Some(secrets.clone())))
+    {
+        Some(Ok(e)) => service.with_extractor(Arc::new(e)),
+        Some(Err(why)) => {
+            tracing::error!(%why, "memory: the extractor is not usable; no facts are extracted");
+            service
+        }
+        None => service,
+    };
     Some(Arc::new(service))
 }
 

@@ -72,6 +72,106 @@ pub struct MemorySection {
     /// `[memory.embedder]`: similarity search by embeddings; without it,
     /// assemble ranks chunks by full text.
     pub embedder: Option<EmbedderSection>,
+    /// `[memory.extractor]`: facts extracted from the turns by an HTTP
+    /// peer; without it, facts come only in writebacks.
+    pub extractor: Option<ExtractorSection>,
+}
+
+/// Which episodes the extractor is asked about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum ExtractMode {
+    /// Only a writeback with `"extract": true`.
+    #[default]
+    OnRequest,
+    /// Every writeback with a turn, unless it says `"extract": false`.
+    Always,
+}
+
+/// `[memory.extractor]`: the fact extractor, an HTTP peer (`POST <url>`,
+/// docs/MEMORY.md "Extraction") where the language model lives.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExtractorSection {
+    /// The endpoint, POSTed as is, e.g. `http://extractor:8000/v1/extract`.
+    pub url: String,
+    /// One request's time limit, milliseconds (10 to 120000).
+    #[serde(default = "default_extractor_timeout_ms")]
+    pub timeout_ms: u64,
+    /// Attempts the extraction handler makes per episode before recording
+    /// `EpisodeExtractionFailed` (1 to 20).
+    #[serde(default = "default_embedder_attempts")]
+    pub max_attempts: u32,
+    /// The API key, `<kv path>#<field>`, read through the secrets
+    /// capability as `flowledger-handler` (role `handler`); sent only as
+    /// `Authorization: Bearer`.
+    pub api_key_secret: Option<String>,
+    /// `on_request` (default: a writeback with `"extract": true`) or
+    /// `always` (every turn, unless the writeback says `"extract": false`).
+    #[serde(default)]
+    pub extract: ExtractMode,
+}
+
+fn default_extractor_timeout_ms() -> u64 {
+    30_000
+}
+
+/// Checks the settings every memory peer has (`setting` names its
+/// section): an http(s) URL with a host and no credentials, query or
+/// fragment; the time limit; the attempts; the API key's reference.
+fn check_peer(
+    setting: &str,
+    url: &str,
+    timeout_ms: u64,
+    max_attempts: u32,
+    api_key_secret: Option<&str>,
+) -> Result<(), String> {
+    let parsed =
+        reqwest::Url::parse(url).map_err(|e| format!("{setting}.url is not a URL: {e}"))?;
+    if !matches!(parsed.scheme(), "http" | "https") || parsed.host_str().is_none() {
+        return Err(format!(
+            "{setting}.url must be an http or https URL with a host"
+        ));
+    }
+    if !parsed.username().is_empty() || parsed.password().is_some() {
+        return Err(format!(
+            "{setting}.url must hold no credentials: give the key as {setting}.api_key_secret"
+        ));
+    }
+    if parsed.query().is_some() || parsed.fragment().is_some() {
+        return Err(format!("{setting}.url must have no query or fragment"));
+    }
+    if !(10..=120_000).contains(&timeout_ms) {
+        return Err(format!("{setting}.timeout_ms must be 10 to 120000"));
+    }
+    if !(1..=20).contains(&max_attempts) {
+        return Err(format!("{setting}.max_attempts must be 1 to 20"));
+    }
+    if let Some(s) = api_key_secret {
+        crate::commands::registry::SecretRef::parse(s)
+            .map_err(|e| format!("{setting}.api_key_secret {s:?}: {e}"))?;
+    }
+    Ok(())
+}
+
+impl ExtractorSection {
+    /// Checks every setting; the message names it.
+    pub fn check(&self) -> Result<(), String> {
+        check_peer(
+            "memory.extractor",
+            &self.url,
+            self.timeout_ms,
+            self.max_attempts,
+            self.api_key_secret.as_deref(),
+        )
+    }
+
+    /// The API key's secret, parsed.
+    pub fn api_key_ref(&self) -> Option<Result<crate::commands::registry::SecretRef, String>> {
+        self.api_key_secret
+            .as_deref()
+            .map(crate::commands::registry::SecretRef::parse)
+    }
 }
 
 /// What `assemble` does when the embedder cannot embed its query.
@@ -134,21 +234,13 @@ pub const MAX_EMBEDDING_DIMENSIONS: u32 = 2_000;
 impl EmbedderSection {
     /// Checks every setting; the message names it.
     pub fn check(&self) -> Result<(), String> {
-        let url = reqwest::Url::parse(&self.url)
-            .map_err(|e| format!("memory.embedder.url is not a URL: {e}"))?;
-        if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
-            return Err("memory.embedder.url must be an http or https URL with a host".into());
-        }
-        if !url.username().is_empty() || url.password().is_some() {
-            return Err(
-                "memory.embedder.url must hold no credentials: give the key as \
-                 memory.embedder.api_key_secret"
-                    .into(),
-            );
-        }
-        if url.query().is_some() || url.fragment().is_some() {
-            return Err("memory.embedder.url must have no query or fragment".into());
-        }
+        check_peer(
+            "memory.embedder",
+            &self.url,
+            self.timeout_ms,
+            self.max_attempts,
+            self.api_key_secret.as_deref(),
+        )?;
         if self.model.trim().is_empty() || self.model.len() > 200 {
             return Err("memory.embedder.model must be 1 to 200 characters".into());
         }
@@ -156,17 +248,6 @@ impl EmbedderSection {
             return Err(format!(
                 "memory.embedder.dimensions must be 1 to {MAX_EMBEDDING_DIMENSIONS}"
             ));
-        }
-        if !(10..=120_000).contains(&self.timeout_ms) {
-            return Err("memory.embedder.timeout_ms must be 10 to 120000".into());
-        }
-        if !(1..=20).contains(&self.max_attempts) {
-            return Err("memory.embedder.max_attempts must be 1 to 20".into());
-        }
-        if let Some(s) = &self.api_key_secret {
-            self.api_key_ref()
-                .ok_or_else(|| "memory.embedder.api_key_secret: missing".to_string())?
-                .map_err(|e| format!("memory.embedder.api_key_secret {s:?}: {e}"))?;
         }
         Ok(())
     }
@@ -200,6 +281,7 @@ impl Default for MemorySection {
             cleanup_cron: "0 2 * * *".into(),
             episode_retention_days: 0,
             embedder: None,
+            extractor: None,
         }
     }
 }
@@ -237,6 +319,9 @@ impl MemorySection {
             ));
         }
         if let Some(e) = &self.embedder {
+            e.check()?;
+        }
+        if let Some(e) = &self.extractor {
             e.check()?;
         }
         Ok(())
@@ -914,6 +999,63 @@ mod tests {
         assert_eq!(
             (r.path.as_str(), r.field.as_str()),
             ("secret/data/embed", "api_key")
+        );
+    }
+
+    #[test]
+    fn the_extractor_is_checked_naming_the_setting() {
+        let base = "[memory.extractor]\nurl = \"http://127.0.0.1:9/v1/extract\"\n";
+        let c = Config::parse(Path::new("c.toml"), base).expect("a minimal extractor");
+        let e = c.memory.extractor.expect("configured");
+        assert_eq!(e.extract, ExtractMode::OnRequest);
+        assert_eq!((e.timeout_ms, e.max_attempts), (30_000, 5));
+        assert!(e.api_key_ref().is_none());
+        assert!(Config::parse(Path::new("c.toml"), "")
+            .expect("defaults")
+            .memory
+            .extractor
+            .is_none());
+        for (extra, setting) in [
+            ("timeout_ms = 5\n", "memory.extractor.timeout_ms"),
+            ("max_attempts = 21\n", "memory.extractor.max_attempts"),
+            ("extract = \"sometimes\"\n", "extract"),
+            (
+                "api_key_secret = \"secret/data/x\"\n",
+                "memory.extractor.api_key_secret",
+            ),
+            ("model = \"x\"\n", "model"),
+        ] {
+            let err = Config::parse(Path::new("c.toml"), &format!("{base}{extra}"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(setting), "{extra}: {err}");
+        }
+        for url in [
+            "ftp://x/extract",
+            "http://user:pw@x/extract",
+            "http://x/extract?key=1",
+            "not a url",
+        ] {
+            let err = Config::parse(
+                Path::new("c.toml"),
+                &format!("[memory.extractor]\nurl = \"{url}\"\n"),
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(err.contains("memory.extractor.url"), "{url}: {err}");
+            assert!(!err.contains("pw@"), "{err}");
+        }
+        let ok = Config::parse(
+            Path::new("c.toml"),
+            &format!("{base}extract = \"always\"\napi_key_secret = \"secret/data/llm#key\"\n"),
+        )
+        .expect("always, with a key");
+        let e = ok.memory.extractor.expect("configured");
+        assert_eq!(e.extract, ExtractMode::Always);
+        let r = e.api_key_ref().expect("named").expect("parses");
+        assert_eq!(
+            (r.path.as_str(), r.field.as_str()),
+            ("secret/data/llm", "key")
         );
     }
 

@@ -375,10 +375,11 @@ async fn gather(
             database_error(e)
         }
     };
-    let episodes = sqlx::query(
-        "SELECT episode_id, turn_at, turn FROM memory_episodes WHERE aggregate_id = $1 \
-         ORDER BY turn_at DESC, episode_id DESC LIMIT $2",
+    let episodes_sql = format!(
+        "SELECT episode_id, turn_at, turn, {EXTRACTION} FROM memory_episodes e \
+         WHERE aggregate_id = $1 ORDER BY turn_at DESC, episode_id DESC LIMIT $2"
     );
+    let episodes = sqlx::query(&episodes_sql);
     let facts = sqlx::query(
         "SELECT subject, key, value, confidence, source, version, valid_from FROM memory_facts \
          WHERE aggregate_id = $1 AND invalid_at IS NULL ORDER BY subject, key",
@@ -484,14 +485,26 @@ async fn gather(
     })))
 }
 
+/// An episode's extraction status and reason, as columns `extraction` and
+/// `extraction_reason` of `memory_episodes e`; read through `to_jsonb` so a
+/// version made before the extractor (without the columns) gives nulls.
+const EXTRACTION: &str = "to_jsonb(e) ->> 'extraction' AS extraction, \
+                          to_jsonb(e) ->> 'extraction_reason' AS extraction_reason";
+
 fn episode_json(r: &sqlx::postgres::PgRow) -> Result<Value, sqlx::Error> {
     let turn: Value = r.try_get("turn")?;
-    Ok(json!({
+    let mut v = json!({
         "episode_id": r.try_get::<String, _>("episode_id")?,
         "turn_at": r.try_get::<DateTime<Utc>, _>("turn_at")?,
         "messages": turn.get("messages").cloned().unwrap_or(Value::Null),
         "response": turn.get("response").cloned().unwrap_or(Value::Null),
-    }))
+        "extraction": r.try_get::<Option<String>, _>("extraction")?,
+    });
+    // seed 001's writeback error, once the extractor gave up
+    if let Some(reason) = r.try_get::<Option<String>, _>("extraction_reason")? {
+        v["extraction_error"] = json!({"code": "extraction_failed", "reason": reason});
+    }
+    Ok(v)
 }
 
 fn fact_json(r: &sqlx::postgres::PgRow) -> Result<Value, sqlx::Error> {
@@ -516,7 +529,7 @@ fn http_command_name(path: &str) -> String {
 
 #[utoipa::path(post, path = "/v1/memory/{command}",
     params(("command" = String, Path, description = "writeback | profile | working-state-set | working-state-delete | forget | erase")),
-    request_body(content = Object, description = "writeback: subject_id, messages [{role, content}], response, timestamp?, turn_id?, facts [{subject, key, value, confidence?}]; profile: subject_id, fields; working-state-set: subject_id, key, value, ttl_seconds; working-state-delete: subject_id, key; forget: subject_id, subject, key; erase: subject_id, reason, owner? (operators)"),
+    request_body(content = Object, description = "writeback: subject_id, messages [{role, content}], response, timestamp?, turn_id?, facts [{subject, key, value, confidence?}], extract? (ask the configured extractor for the turn's facts); profile: subject_id, fields; working-state-set: subject_id, key, value, ttl_seconds; working-state-delete: subject_id, key; forget: subject_id, subject, key; erase: subject_id, reason, owner? (operators)"),
     responses((status = 200, description = "recorded: subject_id, stream_seq, duplicate, events, episode_id?", body = Object),
               (status = 400, description = "bad body; error.param names the field"),
               (status = 401, description = "no or unknown bearer token"),
@@ -579,7 +592,7 @@ async fn live_subject(s: &AppState, caller: &Caller, subject_id: &str) -> Result
 #[utoipa::path(get, path = "/v1/memory/subjects/{subject_id}/episodes",
     params(("subject_id" = String, Path, description = "the caller's subject"),
            ("limit" = Option<i64>, Query, description = "1..1000, default 100")),
-    responses((status = 200, description = "episodes, newest first: {items: [{episode_id, turn_at, recorded_at, messages, response}]}", body = Object),
+    responses((status = 200, description = "episodes, newest first: {items: [{episode_id, turn_at, recorded_at, messages, response, extraction (null, pending, done or failed), extraction_error? {code: extraction_failed, reason}}]}", body = Object),
               (status = 404, description = "no memory for the subject")))]
 pub(crate) async fn memory_episodes(
     State(s): State<AppState>,
@@ -589,10 +602,10 @@ pub(crate) async fn memory_episodes(
 ) -> Result<Json<Value>, ApiError> {
     let id = live_subject(&s, &caller, &subject_id).await?;
     let limit = Params::new(raw, &["limit"])?.limit()?;
-    let rows = sqlx::query(
-        "SELECT episode_id, turn_at, recorded_at, turn FROM memory_episodes \
-         WHERE aggregate_id = $1 ORDER BY turn_at DESC, episode_id DESC LIMIT $2",
-    )
+    let rows = sqlx::query(&format!(
+        "SELECT episode_id, turn_at, recorded_at, turn, {EXTRACTION} FROM memory_episodes e \
+         WHERE aggregate_id = $1 ORDER BY turn_at DESC, episode_id DESC LIMIT $2"
+    ))
     .bind(&id)
     .bind(limit)
     .fetch_all(&s.pool)

@@ -100,6 +100,13 @@ pub fn memory_embeddings(subject: &str, episode_id: &str) -> String {
     format!("memory-embeddings:{subject}:{episode_id}")
 }
 
+/// The extraction handler's outcome (extracted facts or their failure)
+/// for episode `episode_id` of the memory subject `subject`: once per
+/// episode.
+pub fn memory_extraction(subject: &str, episode_id: &str) -> String {
+    format!("memory-extraction:{subject}:{episode_id}")
+}
+
 /// A command id a caller chooses: 1-128 characters, no `:` (reserved for
 /// the ids above) and no control character.
 pub fn caller_chosen_is_valid(id: &str) -> bool {
@@ -148,6 +155,10 @@ mod tests {
                 out.push((
                     memory_embeddings(j, t),
                     format!("memory_embeddings({j},{t})"),
+                ));
+                out.push((
+                    memory_extraction(j, t),
+                    format!("memory_extraction({j},{t})"),
                 ));
             }
             for seq in [1u64, 12, u64::MAX] {

@@ -16,54 +16,12 @@ use std::time::Duration;
 
 use serde::Deserialize;
 use serde_json::{json, Value};
-use tokio::sync::Mutex;
-use zeroize::Zeroizing;
 
 use crate::bus::CommandBus;
-use crate::commands::registry::SecretRef;
-use crate::commands::secret_access::events::AccessRequest;
 use crate::config::EmbedderSection;
-use crate::events::envelope::{Actor, CommandMeta};
-use crate::handlers::HANDLER_ACTOR;
+use crate::memory::peer::PeerClient;
+pub use crate::memory::peer::{PeerError as EmbedError, KEY_ROLE};
 use crate::secrets::service::SecretService;
-
-/// The role the API key is read with (as step headers' secrets are).
-pub const KEY_ROLE: &str = "handler";
-
-/// Why texts could not be embedded. No text, vector or key in it.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum EmbedError {
-    /// No answer within the time limit.
-    #[error("the embedder did not answer within {0} ms")]
-    Timeout(u64),
-    /// The peer could not be reached (connection refused, reset, DNS).
-    #[error("the embedder could not be reached")]
-    Connect,
-    /// The peer answered with an error status.
-    #[error("the embedder answered status {0}")]
-    Status(u16),
-    /// The answer is not one vector of `dimensions` numbers per text.
-    #[error("the embedder's answer is refused: {0}")]
-    BadAnswer(String),
-    /// The API key could not be read (refused, missing, not a string).
-    #[error("the embedder's API key: {0}")]
-    Key(String),
-    /// The API key could not be read now (Vault or the log unavailable).
-    #[error("the embedder's API key cannot be read now: {0}")]
-    KeyUnavailable(String),
-}
-
-impl EmbedError {
-    /// Whether the same request may succeed later (timeouts, connection
-    /// errors, 429 and 5xx).
-    pub fn is_retryable(&self) -> bool {
-        match self {
-            EmbedError::Timeout(_) | EmbedError::Connect | EmbedError::KeyUnavailable(_) => true,
-            EmbedError::Status(s) => *s == 429 || *s >= 500,
-            EmbedError::BadAnswer(_) | EmbedError::Key(_) => false,
-        }
-    }
-}
 
 /// Texts sent in one request; more are sent in several.
 const MAX_INPUTS_PER_REQUEST: usize = 32;
@@ -71,65 +29,10 @@ const MAX_INPUTS_PER_REQUEST: usize = 32;
 /// The largest answer read.
 const MAX_ANSWER_BYTES: usize = 64 << 20;
 
-/// Where the API key comes from.
-struct KeySource {
-    secret: SecretRef,
-    secrets: Arc<SecretService>,
-    held: Mutex<Option<Zeroizing<String>>>,
-}
-
-impl KeySource {
-    async fn get(&self, bus: &CommandBus, fresh: bool) -> Result<Zeroizing<String>, EmbedError> {
-        let mut held = self.held.lock().await;
-        if !fresh {
-            if let Some(k) = held.as_ref() {
-                return Ok(k.clone());
-            }
-        }
-        let request = AccessRequest {
-            path: self.secret.path.clone(),
-            field: Some(self.secret.field.clone()),
-            version: None,
-            purpose: "memory.embedder.api_key_secret".into(),
-            job_id: None,
-            step: None,
-        };
-        let id = uuid::Uuid::now_v7().to_string();
-        let meta = CommandMeta::originating(
-            id.clone(),
-            Actor {
-                client_id: HANDLER_ACTOR.into(),
-                user_id: None,
-            },
-            crate::events::chain::to_hex(&crate::events::chain::sha256(id.as_bytes())),
-        );
-        let served = self
-            .secrets
-            .read(bus, request, KEY_ROLE, &meta)
-            .await
-            .map_err(|e| {
-                let why = format!("{}: {}", self.secret, e.message);
-                if e.code == crate::commands::ErrorCode::Unavailable {
-                    EmbedError::KeyUnavailable(why)
-                } else {
-                    EmbedError::Key(why)
-                }
-            })?;
-        let key = served
-            .value
-            .expose_str()
-            .map(|s| Zeroizing::new(s.to_string()))
-            .ok_or_else(|| EmbedError::Key(format!("{} is not a string", self.secret)))?;
-        *held = Some(key.clone());
-        Ok(key)
-    }
-}
-
 /// The configured embedder.
 pub struct Embedder {
     cfg: EmbedderSection,
-    http: reqwest::Client,
-    key: Option<KeySource>,
+    client: PeerClient,
 }
 
 impl std::fmt::Debug for Embedder {
@@ -138,7 +41,7 @@ impl std::fmt::Debug for Embedder {
             .field("endpoint", &self.cfg.endpoint())
             .field("model", &self.cfg.model)
             .field("dimensions", &self.cfg.dimensions)
-            .field("api_key", &self.key.as_ref().map(|k| k.secret.to_string()))
+            .field("api_key", &self.client.key_name())
             .finish()
     }
 }
@@ -159,28 +62,13 @@ impl Embedder {
     /// it has one.
     pub fn new(cfg: EmbedderSection, secrets: Option<Arc<SecretService>>) -> Result<Self, String> {
         cfg.check()?;
-        let key = match cfg.api_key_ref() {
-            None => None,
-            Some(r) => {
-                let secret = r.map_err(|e| format!("memory.embedder.api_key_secret: {e}"))?;
-                let secrets = secrets.ok_or_else(|| {
-                    "memory.embedder.api_key_secret needs [secrets] (the key is read through \
-                     the secrets capability)"
-                        .to_string()
-                })?;
-                Some(KeySource {
-                    secret,
-                    secrets,
-                    held: Mutex::new(None),
-                })
-            }
-        };
-        // the bearer key is never replayed to another address
-        let http = reqwest::Client::builder()
-            .redirect(reqwest::redirect::Policy::none())
-            .build()
-            .map_err(|e| format!("memory.embedder: the HTTP client: {e}"))?;
-        Ok(Embedder { cfg, http, key })
+        let client = PeerClient::new(
+            "memory.embedder",
+            "memory.embedder.api_key_secret",
+            cfg.api_key_ref(),
+            secrets,
+        )?;
+        Ok(Embedder { cfg, client })
     }
 
     /// The configuration.
@@ -225,50 +113,11 @@ impl Embedder {
         if self.cfg.send_dimensions {
             body["dimensions"] = json!(self.cfg.dimensions);
         }
-        let mut fresh_key = false;
-        loop {
-            let mut req = self
-                .http
-                .post(self.cfg.endpoint())
-                .timeout(limit)
-                .json(&body);
-            if let Some(k) = &self.key {
-                let key = k.get(bus, fresh_key).await?;
-                let mut value = reqwest::header::HeaderValue::from_str(&format!("Bearer {}", *key))
-                    .map_err(|_| EmbedError::Key("not a valid header value".into()))?;
-                value.set_sensitive(true);
-                req = req.header(reqwest::header::AUTHORIZATION, value);
-            }
-            let resp = req.send().await.map_err(|e| transport(&e, limit))?;
-            let status = resp.status();
-            if status == reqwest::StatusCode::UNAUTHORIZED && self.key.is_some() && !fresh_key {
-                // the key may have been rotated: read it again, once
-                fresh_key = true;
-                continue;
-            }
-            if !status.is_success() {
-                return Err(EmbedError::Status(status.as_u16()));
-            }
-            if resp
-                .content_length()
-                .is_some_and(|n| n > MAX_ANSWER_BYTES as u64)
-            {
-                return Err(EmbedError::BadAnswer("larger than 64 MiB".into()));
-            }
-            let bytes = resp.bytes().await.map_err(|e| transport(&e, limit))?;
-            if bytes.len() > MAX_ANSWER_BYTES {
-                return Err(EmbedError::BadAnswer("larger than 64 MiB".into()));
-            }
-            return parse_answer(&bytes, texts.len(), self.cfg.dimensions);
-        }
-    }
-}
-
-fn transport(e: &reqwest::Error, limit: Duration) -> EmbedError {
-    if e.is_timeout() {
-        EmbedError::Timeout(limit.as_millis() as u64)
-    } else {
-        EmbedError::Connect
+        let bytes = self
+            .client
+            .post_json(bus, &self.cfg.endpoint(), &body, limit, MAX_ANSWER_BYTES)
+            .await?;
+        parse_answer(&bytes, texts.len(), self.cfg.dimensions)
     }
 }
 
@@ -359,7 +208,7 @@ pub fn vector_from_bytes(bytes: &[u8], dimensions: u32) -> Result<Vec<f32>, Vect
 
 /// A reason for `EpisodeEmbeddingFailed`: the error's kind and status.
 pub fn failure_reason(e: &EmbedError, attempts: u32) -> String {
-    format!("{e} (after {attempts} attempts)")
+    format!("the embedder {e} (after {attempts} attempts)")
 }
 
 /// The JSON an embeddings answer has (for tests and tools).

@@ -26,9 +26,10 @@ use crate::commands::memory::events::ChunkSpan;
 use crate::commands::memory::MemoryError;
 use crate::commands::memory::{
     aggregate_id, check_subject_id, check_working_key, EpisodeInput, FactInput, MemoryCommand,
-    SubjectRef,
+    SubjectRef, SOURCE_COMMAND, SOURCE_EXTRACTOR,
 };
 use crate::commands::ErrorCode;
+use crate::config::ExtractMode;
 use crate::events::envelope::{Actor, CommandMeta};
 use crate::events::store::{ExecuteError, Receipt};
 use crate::memory::keys::{KeyError, SubjectKey, SubjectKeys};
@@ -79,6 +80,10 @@ pub struct WritebackBody {
     /// Facts to upsert.
     #[serde(default)]
     pub facts: Vec<FactBody>,
+    /// Ask the configured extractor for the turn's facts (`true`), or not
+    /// (`false`); default: `[memory.extractor] extract` (`on_request`: no,
+    /// `always`: yes).
+    pub extract: Option<bool>,
 }
 
 /// `memory.profile`: fields merged over the earlier ones.
@@ -183,6 +188,7 @@ pub struct MemoryService {
     cleanup: Option<croner::Cron>,
     retention: Retention,
     embedder: Option<Arc<crate::memory::embedder::Embedder>>,
+    extractor: Option<Arc<crate::memory::extractor::Extractor>>,
 }
 
 fn invalid(field: &str, message: impl Into<String>) -> CommandError {
@@ -227,6 +233,85 @@ fn fact_part(field: &str, text: &str) -> Result<String, CommandError> {
     }
     check_chars(field, &t, MAX_MEMORY_FACT_KEY_CHARS)?;
     Ok(t)
+}
+
+/// A fact checked with a writeback's bounds: subject and key normalised
+/// (trimmed, lower case, 1 to 256 characters), the value any JSON but
+/// `null` (at most 4096 characters as JSON), the confidence 0 to 1.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CheckedFact {
+    /// What it is about, normalised.
+    pub subject: String,
+    /// Which attribute, normalised.
+    pub key: String,
+    /// Its value.
+    pub value: Value,
+    /// 0 to 1.
+    pub confidence: f64,
+}
+
+/// Checks one fact; `field` (e.g. `facts[3]`) prefixes the field an error
+/// names. No value is quoted in an error.
+pub fn checked_fact(
+    field: &str,
+    subject: &str,
+    key: &str,
+    value: &Value,
+    confidence: f64,
+) -> Result<CheckedFact, CommandError> {
+    let subject = fact_part(&format!("{field}.subject"), subject)?;
+    let key = fact_part(&format!("{field}.key"), key)?;
+    if value.is_null() {
+        return Err(invalid(
+            &format!("{field}.value"),
+            "must not be null (forget a fact with memory.forget)",
+        ));
+    }
+    check_chars(
+        &format!("{field}.value"),
+        &value.to_string(),
+        MAX_MEMORY_FACT_VALUE_CHARS,
+    )?;
+    if !(0.0..=1.0).contains(&confidence) {
+        return Err(invalid(
+            &format!("{field}.confidence"),
+            "must be between 0 and 1",
+        ));
+    }
+    Ok(CheckedFact {
+        subject,
+        key,
+        value: value.clone(),
+        confidence,
+    })
+}
+
+/// `f` sealed with the subject's key, from `source`.
+fn seal_fact(key: &SubjectKey, f: &CheckedFact, source: &str) -> FactInput {
+    FactInput {
+        fact_id: key.keyed_id("fact", &[&f.subject, &f.key]),
+        fact: key.seal_json(&json!({"subject": f.subject, "key": f.key, "value": f.value})),
+        value_seal: key.seal_json(&f.value),
+        confidence: f.confidence,
+        source: source.into(),
+    }
+}
+
+/// What the extraction handler records for an episode.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ExtractionOutcome {
+    /// The extractor's facts (checked) and the model it named.
+    Facts(crate::memory::extractor::Extracted),
+    /// No facts: why (one of `EXTRACTION_FAILURES`), the peer's status,
+    /// the attempts made.
+    Failed {
+        /// The code.
+        reason: &'static str,
+        /// The HTTP status, for `status`.
+        status: Option<u16>,
+        /// Calls made.
+        attempts: u32,
+    },
 }
 
 /// Cuts `text` into spans of at most `max` characters, at whitespace where
@@ -313,6 +398,7 @@ impl MemoryService {
             cleanup: None,
             retention: Retention::default(),
             embedder: None,
+            extractor: None,
         }
     }
 
@@ -348,6 +434,18 @@ impl MemoryService {
     /// The embedder, when configured.
     pub fn embedder(&self) -> Option<&Arc<crate::memory::embedder::Embedder>> {
         self.embedder.as_ref()
+    }
+
+    /// With `[memory.extractor]`: the turns that ask for it have their facts
+    /// extracted by the peer.
+    pub fn with_extractor(mut self, extractor: Arc<crate::memory::extractor::Extractor>) -> Self {
+        self.extractor = Some(extractor);
+        self
+    }
+
+    /// The extractor, when configured.
+    pub fn extractor(&self) -> Option<&Arc<crate::memory::extractor::Extractor>> {
+        self.extractor.as_ref()
     }
 
     /// `assemble`'s defaults (`[memory]`).
@@ -502,43 +600,54 @@ impl MemoryService {
                 ));
             }
         }
-        let mut parts = Vec::with_capacity(b.facts.len());
-        for (i, f) in b.facts.iter().enumerate() {
-            let s = fact_part(&format!("facts[{i}].subject"), &f.subject)?;
-            let k = fact_part(&format!("facts[{i}].key"), &f.key)?;
-            if f.value.is_null() {
+        let parts = b
+            .facts
+            .iter()
+            .enumerate()
+            .map(|(i, f)| {
+                checked_fact(
+                    &format!("facts[{i}]"),
+                    &f.subject,
+                    &f.key,
+                    &f.value,
+                    f.confidence.unwrap_or(1.0),
+                )
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let has_text = b.messages.iter().any(|m| !m.content.trim().is_empty())
+            || b.response.as_ref().is_some_and(|r| !r.trim().is_empty());
+        let extract = match (&self.extractor, b.extract) {
+            (None, Some(true)) => {
                 return Err(invalid(
-                    &format!("facts[{i}].value"),
-                    "must not be null (forget a fact with memory.forget)",
-                ));
+                    "extract",
+                    "no extractor is configured ([memory.extractor]); give the facts in the \
+                     writeback",
+                ))
             }
-            check_chars(
-                &format!("facts[{i}].value"),
-                &f.value.to_string(),
-                MAX_MEMORY_FACT_VALUE_CHARS,
-            )?;
-            let confidence = f.confidence.unwrap_or(1.0);
-            if !(0.0..=1.0).contains(&confidence) {
-                return Err(invalid(
-                    &format!("facts[{i}].confidence"),
-                    "must be between 0 and 1",
-                ));
+            (_, Some(true)) if !has_text => {
+                return Err(invalid("extract", "extraction needs a turn with some text"))
             }
-            parts.push((s, k, f.value.clone(), confidence));
-        }
+            (None, _) | (_, Some(false)) => false,
+            (Some(_), Some(true)) => true,
+            (Some(x), None) => has_text && x.config().extract == ExtractMode::Always,
+        };
         let key = self.key_for_write(bus, &id).await?;
         let subject = subject.sealed_with(key.id());
         let turn_id = b
             .turn_id
             .clone()
             .unwrap_or_else(|| Uuid::now_v7().simple().to_string());
-        let hashed = json!({
+        let mut hashed = json!({
             "turn_id": turn_id,
             "messages": b.messages.iter().map(|m| json!({"role": m.role, "content": m.content})).collect::<Vec<_>>(),
             "response": b.response,
             "timestamp": b.timestamp,
-            "facts": parts.iter().map(|(s, k, v, c)| json!([s, k, v, c])).collect::<Vec<_>>(),
+            "facts": parts.iter().map(|f| json!([f.subject, f.key, f.value, f.confidence])).collect::<Vec<_>>(),
         });
+        if extract {
+            // only when asked, so the hashes of earlier writebacks stay theirs
+            hashed["extract"] = json!(true);
+        }
         let command_id = crate::bus::ids::memory_writeback(&id, &turn_id);
         let meta = Self::meta(&key, owner, command_id, &hashed);
         let episode = has_turn.then(|| {
@@ -562,17 +671,12 @@ impl MemoryService {
                 })),
                 chunks,
                 messages: b.messages.len() as u32,
+                extract,
             }
         });
         let facts = parts
-            .into_iter()
-            .map(|(s, k, v, confidence)| FactInput {
-                fact_id: key.keyed_id("fact", &[&s, &k]),
-                fact: key.seal_json(&json!({"subject": s, "key": k, "value": v})),
-                value_seal: key.seal_json(&v),
-                confidence,
-                source: "command".into(),
-            })
+            .iter()
+            .map(|f| seal_fact(&key, f, SOURCE_COMMAND))
             .collect();
         let episode_id = episode.as_ref().map(|e| e.episode_id.clone());
         let command = MemoryCommand::Writeback {
@@ -731,6 +835,57 @@ impl MemoryService {
         };
         let receipt = self.run(bus, &id, command, &meta).await?;
         Ok(Written::of(b.subject_id, receipt))
+    }
+
+    /// Records the outcome of episode `episode_id`'s extraction on
+    /// `subject` (whose key `key` is): the facts sealed like a writeback's
+    /// (source `extractor`), or the failure's code; as
+    /// `flowledger-handler`, under the command id
+    /// [`crate::bus::ids::memory_extraction`], so a second delivery answers
+    /// the first receipt.
+    pub async fn record_extraction(
+        &self,
+        bus: &CommandBus,
+        subject: SubjectRef,
+        key: &SubjectKey,
+        episode_id: &str,
+        outcome: ExtractionOutcome,
+        now: DateTime<Utc>,
+    ) -> Result<Arc<Receipt>, ExecuteError<MemoryError>> {
+        let id = aggregate_id(&subject.owner, &subject.subject_id);
+        let meta = CommandMeta::originating(
+            crate::bus::ids::memory_extraction(&id, episode_id),
+            Actor {
+                client_id: crate::handlers::HANDLER_ACTOR.into(),
+                user_id: None,
+            },
+            key.keyed_id("command", &["extraction", episode_id]),
+        );
+        let command = match outcome {
+            ExtractionOutcome::Facts(x) => MemoryCommand::RecordExtractedFacts {
+                subject,
+                episode_id: episode_id.to_string(),
+                model: x.model,
+                facts: x
+                    .facts
+                    .iter()
+                    .map(|f| seal_fact(key, f, SOURCE_EXTRACTOR))
+                    .collect(),
+                at: now,
+            },
+            ExtractionOutcome::Failed {
+                reason,
+                status,
+                attempts,
+            } => MemoryCommand::RecordExtractionFailure {
+                subject,
+                episode_id: episode_id.to_string(),
+                reason: reason.to_string(),
+                status,
+                attempts,
+            },
+        };
+        bus.memory(&id, command, &meta).await
     }
 
     /// Erases `owner`'s subject: destroys its key in Vault, then records

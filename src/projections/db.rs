@@ -307,6 +307,10 @@ pub fn ddl(model: ReadModel, v: i32) -> Vec<String> {
                     turn          JSONB NOT NULL,            -- the opened turn: messages \
                                                                 (role, content), response
                     seq           BIGINT NOT NULL,
+                    extraction    TEXT,                      -- pending|done|failed; null: \
+                                                                not asked (or a version made \
+                                                                before the extractor)
+                    extraction_reason TEXT,                  -- failed: the reason code
                     PRIMARY KEY (aggregate_id, episode_id)
                 )"
             ),

@@ -391,9 +391,10 @@ fn every_secret_event_decodes_through_the_projection_parser() {
 #[test]
 fn every_memory_event_decodes_whole_for_the_memory_read_model() {
     use crate::commands::memory::events::{
-        ChunkSpan, EpisodeEmbedded, EpisodeEmbeddingFailed, EpisodeRecorded, EpisodeRetired,
-        FactForgotten, FactRecorded, MemoryEvent, MemorySubjectErased, MemorySubjectOpened,
-        ProfileUpdated, WorkingStateDeleted, WorkingStateSet,
+        ChunkSpan, EpisodeEmbedded, EpisodeEmbeddingFailed, EpisodeExtracted,
+        EpisodeExtractionFailed, EpisodeRecorded, EpisodeRetired, FactForgotten, FactRecorded,
+        MemoryEvent, MemorySubjectErased, MemorySubjectOpened, ProfileUpdated,
+        WorkingStateDeleted, WorkingStateSet,
     };
     use crate::projections::memory;
     let ring = crate::crypto::SealKeys::single("m1", [7u8; 32]);
@@ -416,6 +417,7 @@ fn every_memory_event_decodes_whole_for_the_memory_read_model() {
                 end: 2,
             }],
             messages: 1,
+            extract: true,
         }),
         MemoryEvent::FactRecorded(FactRecorded {
             fact_id: "f1".into(),
@@ -460,6 +462,17 @@ fn every_memory_event_decodes_whole_for_the_memory_read_model() {
             reason: "retention".into(),
             before: at(),
         }),
+        MemoryEvent::EpisodeExtracted(EpisodeExtracted {
+            episode_id: "t1".into(),
+            model: Some("extract-1".into()),
+            facts: 1,
+        }),
+        MemoryEvent::EpisodeExtractionFailed(EpisodeExtractionFailed {
+            episode_id: "t1".into(),
+            reason: "status".into(),
+            status: Some(503),
+            attempts: 5,
+        }),
         MemoryEvent::MemorySubjectErased(MemorySubjectErased {
             key_id: "m1".into(),
             reason: "data_subject_request".into(),
@@ -484,6 +497,8 @@ fn every_memory_event_decodes_whole_for_the_memory_read_model() {
             | MemoryEvent::EpisodeEmbedded(_)
             | MemoryEvent::EpisodeEmbeddingFailed(_)
             | MemoryEvent::EpisodeRetired(_)
+            | MemoryEvent::EpisodeExtracted(_)
+            | MemoryEvent::EpisodeExtractionFailed(_)
             | MemoryEvent::MemorySubjectErased(_) => {}
         }
         let mut records = [OutgoingRecord {

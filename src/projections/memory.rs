@@ -12,6 +12,11 @@
 //! * No plaintext goes into an error or a log line: reasons name the event
 //!   type, the subject's aggregate id and what is wrong, never a value.
 //!
+//! * An episode's extraction status (`memory_episodes.extraction`:
+//!   `pending` from an `EpisodeRecorded` that asked, then `done` or
+//!   `failed` with its reason code) is written where the version has the
+//!   column (versions made before the extractor have not: rebuild to get
+//!   it).
 //! * With `[memory.embedder]` (the vectors table exists for this version),
 //!   `EpisodeEmbedded`'s sealed vectors are opened into
 //!   `memory_chunk_vectors`; without it they are passed over, so a database
@@ -41,7 +46,7 @@ type Tx<'a> = Transaction<'a, Postgres>;
 
 /// The memory event types this build knows; any other (a later one) is
 /// passed over, as the other read models pass over what they do not use.
-pub const EVENT_TYPES: [&str; 11] = [
+pub const EVENT_TYPES: [&str; 13] = [
     "MemorySubjectOpened",
     "EpisodeRecorded",
     "FactRecorded",
@@ -53,6 +58,8 @@ pub const EVENT_TYPES: [&str; 11] = [
     "EpisodeEmbedded",
     "EpisodeEmbeddingFailed",
     "EpisodeRetired",
+    "EpisodeExtracted",
+    "EpisodeExtractionFailed",
 ];
 
 /// The typed event of the stored `line` of a `memory` aggregate (upcasters
@@ -197,6 +204,9 @@ struct BatchKeys<'k> {
     /// The dimensions of this version's chunk vectors, once asked (`None`
     /// inside: no vectors table, no `[memory.embedder]`).
     vectors: Option<Option<i32>>,
+    /// Whether this version's episodes have the extraction columns, once
+    /// asked.
+    extraction: Option<bool>,
 }
 
 impl BatchKeys<'_> {
@@ -208,6 +218,23 @@ impl BatchKeys<'_> {
         let d = crate::projections::db::vector_dimensions(&mut **tx, v).await?;
         self.vectors = Some(d);
         Ok(d)
+    }
+
+    /// Whether version `v`'s episodes have the `extraction` column (asked
+    /// once per batch).
+    async fn extraction(&mut self, tx: &mut Tx<'_>, v: i32) -> Result<bool, sqlx::Error> {
+        if let Some(x) = self.extraction {
+            return Ok(x);
+        }
+        let x: bool = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass($1) \
+             AND attname = 'extraction' AND NOT attisdropped)",
+        )
+        .bind(format!("memory_episodes_v{v}"))
+        .fetch_one(&mut **tx)
+        .await?;
+        self.extraction = Some(x);
+        Ok(x)
     }
 }
 
@@ -296,6 +323,7 @@ pub(crate) async fn apply(
         keys,
         got: HashMap::new(),
         vectors: None,
+        extraction: None,
     };
     for m in batch {
         let mut subject: Option<&str> = None;
@@ -377,6 +405,16 @@ async fn apply_event(
             .bind(seq_i)
             .execute(&mut **tx)
             .await?;
+            if e.extract && keys.extraction(tx, v).await? {
+                sqlx::query(&format!(
+                    "UPDATE memory_episodes_v{v} SET extraction = 'pending' \
+                     WHERE aggregate_id = $1 AND episode_id = $2 AND extraction IS NULL"
+                ))
+                .bind(id)
+                .bind(&e.episode_id)
+                .execute(&mut **tx)
+                .await?;
+            }
             if !texts.is_empty() {
                 sqlx::query(&format!(
                     "INSERT INTO memory_chunks_v{v} (aggregate_id, episode_id, idx, text, \
@@ -582,6 +620,14 @@ async fn apply_event(
                 .await?;
             }
         }
+        // the facts themselves follow as FactRecorded
+        MemoryEvent::EpisodeExtracted(x) => {
+            set_extraction(tx, v, id, &x.episode_id, "done", None, keys).await?;
+        }
+        MemoryEvent::EpisodeExtractionFailed(x) => {
+            let reason = Some(x.reason.as_str());
+            set_extraction(tx, v, id, &x.episode_id, "failed", reason, keys).await?;
+        }
         MemoryEvent::MemorySubjectErased(e) => {
             sqlx::query(&format!(
                 "UPDATE memory_subjects_v{v} SET erased_at = $2, erase_reason = $3 \
@@ -613,6 +659,33 @@ async fn apply_event(
             keys.got.insert(id.to_string(), None);
         }
     }
+    Ok(())
+}
+
+/// Sets episode `episode_id`'s extraction status where the version has the
+/// column (an erased subject has no episode row: nothing changes).
+async fn set_extraction(
+    tx: &mut Tx<'_>,
+    v: i32,
+    id: &str,
+    episode_id: &str,
+    status: &str,
+    reason: Option<&str>,
+    keys: &mut BatchKeys<'_>,
+) -> Result<(), sqlx::Error> {
+    if !keys.extraction(tx, v).await? {
+        return Ok(());
+    }
+    sqlx::query(&format!(
+        "UPDATE memory_episodes_v{v} SET extraction = $3, extraction_reason = $4 \
+         WHERE aggregate_id = $1 AND episode_id = $2"
+    ))
+    .bind(id)
+    .bind(episode_id)
+    .bind(status)
+    .bind(reason)
+    .execute(&mut **tx)
+    .await?;
     Ok(())
 }
 

@@ -17,6 +17,7 @@ mod helpers;
 mod http_api;
 mod memory;
 mod memory_embeddings;
+mod memory_extractor;
 mod memory_projection;
 mod nats_identity;
 mod openbao;

@@ -49,6 +49,15 @@ pub enum MemoryEvent {
     /// (`[memory] episode_retention_days`) leaves the read models; its
     /// sealed turn stays in the log, readable only with the subject's key.
     EpisodeRetired(EpisodeRetired),
+    /// `EpisodeExtracted`: the configured extractor answered for an episode
+    /// that asked for extraction; its new or changed facts follow as
+    /// `FactRecorded` (source `extractor`) in the same commit (recorded by
+    /// the extraction handler, so a rebuild never calls the extractor).
+    EpisodeExtracted(EpisodeExtracted),
+    /// `EpisodeExtractionFailed`: the extractor could not extract facts from
+    /// an episode (retries exhausted, or an answer refused): seed 001's
+    /// `extraction_failed`.
+    EpisodeExtractionFailed(EpisodeExtractionFailed),
 }
 
 /// A subject's first event.
@@ -89,6 +98,10 @@ pub struct EpisodeRecorded {
     pub chunks: Vec<ChunkSpan>,
     /// Messages in the turn (not counting the response).
     pub messages: u32,
+    /// The writeback asked for its facts to be extracted by the configured
+    /// extractor (`[memory.extractor]`); absent (false) in earlier events.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub extract: bool,
 }
 
 /// A fact's version.
@@ -202,6 +215,34 @@ pub struct EpisodeRetired {
     pub before: DateTime<Utc>,
 }
 
+/// The extractor's answer for an episode.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EpisodeExtracted {
+    /// The episode (an `EpisodeRecorded` of this subject that asked for
+    /// extraction).
+    pub episode_id: String,
+    /// The model the extractor said it used, if it said.
+    pub model: Option<String>,
+    /// The facts the extractor answered (the `FactRecorded` events that
+    /// follow are the new or changed ones among them).
+    pub facts: u32,
+}
+
+/// An episode the extractor could not extract facts from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EpisodeExtractionFailed {
+    /// The episode.
+    pub episode_id: String,
+    /// A code, never text of the conversation or of the answer: `timeout`,
+    /// `unreachable`, `status` (see `status`), `bad_answer`, `api_key`,
+    /// `unreadable_turn`, `too_large` (the facts do not fit in one event).
+    pub reason: String,
+    /// The extractor's HTTP status, for `status`.
+    pub status: Option<u16>,
+    /// The calls made (0: the turn could not be read).
+    pub attempts: u32,
+}
+
 impl DomainEvent for MemoryEvent {
     fn event_type(&self) -> String {
         match self {
@@ -216,6 +257,8 @@ impl DomainEvent for MemoryEvent {
             MemoryEvent::EpisodeEmbedded(_) => "EpisodeEmbedded",
             MemoryEvent::EpisodeEmbeddingFailed(_) => "EpisodeEmbeddingFailed",
             MemoryEvent::EpisodeRetired(_) => "EpisodeRetired",
+            MemoryEvent::EpisodeExtracted(_) => "EpisodeExtracted",
+            MemoryEvent::EpisodeExtractionFailed(_) => "EpisodeExtractionFailed",
         }
         .to_string()
     }

@@ -21,9 +21,9 @@ use crate::commands::limits::{MAX_APPROVAL_WINDOW_SECONDS, MAX_MEMORY_FACTS};
 use crate::commands::{DomainError, ErrorCode};
 use crate::crypto::Sealed;
 use events::{
-    ChunkSpan, EpisodeEmbedded, EpisodeEmbeddingFailed, EpisodeRecorded, EpisodeRetired,
-    FactForgotten, FactRecorded, MemoryEvent, MemorySubjectErased, MemorySubjectOpened,
-    ProfileUpdated, WorkingStateDeleted, WorkingStateSet,
+    ChunkSpan, EpisodeEmbedded, EpisodeEmbeddingFailed, EpisodeExtracted, EpisodeExtractionFailed,
+    EpisodeRecorded, EpisodeRetired, FactForgotten, FactRecorded, MemoryEvent, MemorySubjectErased,
+    MemorySubjectOpened, ProfileUpdated, WorkingStateDeleted, WorkingStateSet,
 };
 
 /// A subject id is the client's name for a person: the aggregate id is the
@@ -77,6 +77,24 @@ pub fn check_working_key(key: &str) -> Result<(), MemoryError> {
 /// plaintext).
 pub const ERASE_REASONS: [&str; 3] = ["data_subject_request", "retention", "legal"];
 
+/// Why an episode's facts could not be extracted (a code, never text: it is
+/// stored in plaintext in `EpisodeExtractionFailed`).
+pub const EXTRACTION_FAILURES: [&str; 7] = [
+    "timeout",
+    "unreachable",
+    "status",
+    "bad_answer",
+    "api_key",
+    "unreadable_turn",
+    "too_large",
+];
+
+/// Where a fact came from: given in a writeback.
+pub const SOURCE_COMMAND: &str = "command";
+
+/// Where a fact came from: the configured extractor (`[memory.extractor]`).
+pub const SOURCE_EXTRACTOR: &str = "extractor";
+
 /// A fact as the aggregate tracks it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct FactState {
@@ -126,6 +144,12 @@ pub struct Memory {
     /// ids are never recorded again).
     #[serde(default)]
     pub retired: BTreeSet<String>,
+    /// Episodes that asked for extraction and have no outcome yet.
+    #[serde(default)]
+    pub to_extract: BTreeSet<String>,
+    /// Episodes whose extraction (or its failure) is recorded.
+    #[serde(default)]
+    pub extracted: BTreeSet<String>,
 }
 
 /// Whose subject a command is for; the key that sealed its content.
@@ -152,6 +176,8 @@ pub struct EpisodeInput {
     pub chunks: Vec<ChunkSpan>,
     /// Messages in it.
     pub messages: u32,
+    /// Its facts are to be extracted by the configured extractor.
+    pub extract: bool,
 }
 
 /// A sealed fact to upsert.
@@ -260,6 +286,35 @@ pub enum MemoryCommand {
         /// The retention cut-off.
         before: DateTime<Utc>,
     },
+    /// `memory.record_extracted_facts` (the extraction handler): the
+    /// extractor's facts for an episode that asked for extraction, sealed
+    /// (source `extractor`); unchanged ones record nothing, the outcome is
+    /// recorded all the same.
+    RecordExtractedFacts {
+        /// Whose.
+        subject: SubjectRef,
+        /// The episode.
+        episode_id: String,
+        /// The model the extractor named, if any.
+        model: Option<String>,
+        /// The facts, checked and sealed by the memory service.
+        facts: Vec<FactInput>,
+        /// Now.
+        at: DateTime<Utc>,
+    },
+    /// `memory.record_extraction_failure` (the extraction handler): the
+    /// extractor could not extract facts from the episode.
+    RecordExtractionFailure {
+        /// Whose.
+        subject: SubjectRef,
+        /// The episode.
+        episode_id: String,
+        /// One of [`EXTRACTION_FAILURES`].
+        reason: String,
+        /// The extractor's HTTP status, for `status`.
+        status: Option<u16>,
+        /// The calls made (0: the turn could not be read).
+        attempts: u32,    },
     /// `memory.erase`: recorded after the subject's key was destroyed.
     Erase {
         /// Whose.
@@ -290,6 +345,8 @@ impl MemoryCommand {
             | MemoryCommand::RecordEmbeddings { subject, .. }
             | MemoryCommand::RecordEmbeddingFailure { subject, .. }
             | MemoryCommand::RetireEpisode { subject, .. }
+            | MemoryCommand::RecordExtractedFacts { subject, .. }
+            | MemoryCommand::RecordExtractionFailure { subject, .. }
             | MemoryCommand::Erase { subject, .. } => subject,
         }
     }
@@ -335,6 +392,10 @@ pub enum MemoryError {
     /// (`conflict`): an episode is embedded once.
     #[error("the embeddings of episode {0:?} are already recorded")]
     AlreadyEmbedded(String),
+    /// The episode's extraction (or its failure) is already recorded
+    /// (`conflict`): an episode is extracted once.
+    #[error("the extraction of episode {0:?} is already recorded")]
+    AlreadyExtracted(String),
 }
 
 impl DomainError for MemoryError {
@@ -346,7 +407,9 @@ impl DomainError for MemoryError {
             MemoryError::NotOwner => ErrorCode::Forbidden,
             MemoryError::WrongKey { .. } => ErrorCode::Conflict,
             MemoryError::NothingChanged => ErrorCode::Rejected,
-            MemoryError::AlreadyEmbedded(_) => ErrorCode::Conflict,
+            MemoryError::AlreadyEmbedded(_) | MemoryError::AlreadyExtracted(_) => {
+                ErrorCode::Conflict
+            }
         }
     }
 
@@ -384,6 +447,83 @@ impl Memory {
             return Err(MemoryError::AlreadyEmbedded(episode_id.to_string()));
         }
         Ok(self.episode_chunks.get(episode_id).copied().unwrap_or(0))
+    }
+
+    /// Whether the outcome of episode `episode_id`'s extraction may be
+    /// recorded: the episode exists, asked for extraction, and has none yet.
+    fn extractable(&self, subject: &SubjectRef, episode_id: &str) -> Result<(), MemoryError> {
+        if self.extracted.contains(episode_id) {
+            return Err(MemoryError::AlreadyExtracted(episode_id.to_string()));
+        }
+        if !self.episodes.contains(episode_id) {
+            return Err(MemoryError::NotFound(format!(
+                "subject {:?} has no episode {episode_id:?}",
+                subject.subject_id
+            )));
+        }
+        if !self.to_extract.contains(episode_id) {
+            return Err(invalid(
+                "episode_id",
+                format!("episode {episode_id:?} did not ask for extraction"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The `FactRecorded` events of `facts` learnt at `at` (from
+    /// `episode_id`), onto `out`: a new fact is version 1, a changed value
+    /// or confidence the next version, an unchanged one nothing.
+    fn upsert_facts(
+        &self,
+        facts: Vec<FactInput>,
+        episode_id: Option<&str>,
+        at: DateTime<Utc>,
+        out: &mut Vec<MemoryEvent>,
+    ) -> Result<(), MemoryError> {
+        if facts.len() > MAX_MEMORY_FACTS {
+            return Err(invalid(
+                "facts",
+                format!("at most {MAX_MEMORY_FACTS} facts per writeback"),
+            ));
+        }
+        let mut seen = BTreeSet::new();
+        for (i, f) in facts.into_iter().enumerate() {
+            if !seen.insert(f.fact_id.clone()) {
+                return Err(invalid(
+                    "facts",
+                    format!(
+                        "fact {i} has the subject and key of an earlier fact of this writeback"
+                    ),
+                ));
+            }
+            if !(0.0..=1.0).contains(&f.confidence) {
+                return Err(invalid(
+                    "facts",
+                    format!("fact {i}: confidence must be 0 to 1"),
+                ));
+            }
+            let (version, valid_from) = match self.facts.get(&f.fact_id) {
+                // the same value with the same confidence: NONE
+                Some(s)
+                    if s.active && s.value_seal == f.value_seal && s.confidence == f.confidence =>
+                {
+                    continue
+                }
+                Some(s) => (s.version + 1, at.max(s.valid_from)),
+                None => (1, at),
+            };
+            out.push(MemoryEvent::FactRecorded(FactRecorded {
+                fact_id: f.fact_id,
+                version,
+                fact: f.fact,
+                value_seal: f.value_seal,
+                confidence: f.confidence,
+                source: f.source,
+                episode_id: episode_id.map(str::to_string),
+                valid_from,
+            }));
+        }
+        Ok(())
     }
 
     /// Pure decision over a subject's memory.
@@ -431,11 +571,11 @@ impl Memory {
                         "a writeback needs a turn (messages and response) or facts",
                     ));
                 }
-                if facts.len() > MAX_MEMORY_FACTS {
-                    return Err(invalid(
-                        "facts",
-                        format!("at most {MAX_MEMORY_FACTS} facts per writeback"),
-                    ));
+                if episode
+                    .as_ref()
+                    .is_some_and(|e| e.extract && e.chunks.is_empty())
+                {
+                    return Err(invalid("extract", "extraction needs a turn with some text"));
                 }
                 let episode_id = episode.as_ref().map(|e| e.episode_id.clone());
                 if let Some(e) = episode {
@@ -452,45 +592,10 @@ impl Memory {
                         turn: e.turn,
                         chunks: e.chunks,
                         messages: e.messages,
+                        extract: e.extract,
                     }));
                 }
-                let mut seen = BTreeSet::new();
-                for (i, f) in facts.into_iter().enumerate() {
-                    if !seen.insert(f.fact_id.clone()) {
-                        return Err(invalid(
-                            "facts",
-                            format!("fact {i} has the subject and key of an earlier fact of this writeback"),
-                        ));
-                    }
-                    if !(0.0..=1.0).contains(&f.confidence) {
-                        return Err(invalid(
-                            "facts",
-                            format!("fact {i}: confidence must be 0 to 1"),
-                        ));
-                    }
-                    let (version, valid_from) = match self.facts.get(&f.fact_id) {
-                        // the same value with the same confidence: NONE
-                        Some(s)
-                            if s.active
-                                && s.value_seal == f.value_seal
-                                && s.confidence == f.confidence =>
-                        {
-                            continue
-                        }
-                        Some(s) => (s.version + 1, at.max(s.valid_from)),
-                        None => (1, at),
-                    };
-                    out.push(MemoryEvent::FactRecorded(FactRecorded {
-                        fact_id: f.fact_id,
-                        version,
-                        fact: f.fact,
-                        value_seal: f.value_seal,
-                        confidence: f.confidence,
-                        source: f.source,
-                        episode_id: episode_id.clone(),
-                        valid_from,
-                    }));
-                }
+                self.upsert_facts(facts, episode_id.as_deref(), at, &mut out)?;
                 if out.is_empty() {
                     return Err(MemoryError::NothingChanged);
                 }
@@ -631,6 +736,58 @@ impl Memory {
                     before,
                 }));
             }
+            MemoryCommand::RecordExtractedFacts {
+                episode_id,
+                model,
+                facts,
+                at,
+                ..
+            } => {
+                self.extractable(&subject, &episode_id)?;
+                if model.as_ref().is_some_and(|m| {
+                    m.is_empty() || m.chars().count() > 200 || m.chars().any(char::is_control)
+                }) {
+                    return Err(invalid(
+                        "model",
+                        "a model name is 1 to 200 printable characters",
+                    ));
+                }
+                if facts.iter().any(|f| f.source != SOURCE_EXTRACTOR) {
+                    return Err(invalid(
+                        "facts",
+                        "extracted facts have the source extractor",
+                    ));
+                }
+                out.push(MemoryEvent::EpisodeExtracted(EpisodeExtracted {
+                    episode_id: episode_id.clone(),
+                    model,
+                    facts: u32::try_from(facts.len()).unwrap_or(u32::MAX),
+                }));
+                self.upsert_facts(facts, Some(&episode_id), at, &mut out)?;
+            }
+            MemoryCommand::RecordExtractionFailure {
+                episode_id,
+                reason,
+                status,
+                attempts,
+                ..
+            } => {
+                self.extractable(&subject, &episode_id)?;
+                if !EXTRACTION_FAILURES.contains(&reason.as_str()) {
+                    return Err(invalid(
+                        "reason",
+                        format!("must be one of {}", EXTRACTION_FAILURES.join(", ")),
+                    ));
+                }
+                out.push(MemoryEvent::EpisodeExtractionFailed(
+                    EpisodeExtractionFailed {
+                        episode_id,
+                        reason,
+                        status,
+                        attempts,
+                    },
+                ));
+            }
             MemoryCommand::Erase { reason, .. } => {
                 if !ERASE_REASONS.contains(&reason.as_str()) {
                     return Err(invalid(
@@ -663,6 +820,9 @@ impl Memory {
                 let chunks = u32::try_from(e.chunks.len()).unwrap_or(u32::MAX);
                 self.episode_chunks.insert(e.episode_id.clone(), chunks);
                 self.episode_turn_at.insert(e.episode_id.clone(), e.turn_at);
+                if e.extract {
+                    self.to_extract.insert(e.episode_id.clone());
+                }
                 self.episodes.insert(e.episode_id);
             }
             MemoryEvent::EpisodeEmbedded(e) => {
@@ -670,6 +830,13 @@ impl Memory {
             }
             MemoryEvent::EpisodeEmbeddingFailed(e) => {
                 self.embedded.insert(e.episode_id);
+            }
+            MemoryEvent::EpisodeExtracted(EpisodeExtracted { episode_id, .. })
+            | MemoryEvent::EpisodeExtractionFailed(EpisodeExtractionFailed {
+                episode_id, ..
+            }) => {
+                self.to_extract.remove(&episode_id);
+                self.extracted.insert(episode_id);
             }
             MemoryEvent::FactRecorded(e) => {
                 self.facts.insert(
@@ -700,6 +867,8 @@ impl Memory {
                 self.episode_chunks.remove(&e.episode_id);
                 self.episode_turn_at.remove(&e.episode_id);
                 self.embedded.remove(&e.episode_id);
+                self.to_extract.remove(&e.episode_id);
+                self.extracted.remove(&e.episode_id);
                 self.retired.insert(e.episode_id);
             }
             MemoryEvent::MemorySubjectErased(_) => {
@@ -708,6 +877,8 @@ impl Memory {
                 self.episode_turn_at.clear();
                 self.episode_chunks.clear();
                 self.embedded.clear();
+                self.to_extract.clear();
+                self.extracted.clear();
                 self.facts.clear();
                 self.working.clear();
             }
@@ -889,6 +1060,7 @@ mod tests {
                 },
             ],
             messages: 1,
+            extract: false,
         };
         run(
             &mut m,
@@ -944,6 +1116,138 @@ mod tests {
         );
     }
 
+    fn turn(id: &str, extract: bool) -> MemoryCommand {
+        MemoryCommand::Writeback {
+            subject: who(),
+            episode: Some(EpisodeInput {
+                episode_id: id.into(),
+                turn_at: at(0),
+                turn: sealed("{}"),
+                chunks: vec![ChunkSpan {
+                    message: 0,
+                    start: 0,
+                    end: 3,
+                }],
+                messages: 1,
+                extract,
+            }),
+            facts: vec![],
+            at: at(0),
+        }
+    }
+
+    fn extracted(episode: &str, facts: Vec<FactInput>, t: i64) -> MemoryCommand {
+        MemoryCommand::RecordExtractedFacts {
+            subject: who(),
+            episode_id: episode.into(),
+            model: Some("extract-1".into()),
+            facts: facts
+                .into_iter()
+                .map(|mut f| {
+                    f.source = SOURCE_EXTRACTOR.into();
+                    f
+                })
+                .collect(),
+            at: at(t),
+        }
+    }
+
+    fn extraction_failed(episode: &str, reason: &str) -> MemoryCommand {
+        MemoryCommand::RecordExtractionFailure {
+            subject: who(),
+            episode_id: episode.into(),
+            reason: reason.into(),
+            status: None,
+            attempts: 3,
+        }
+    }
+
+    #[test]
+    fn extracted_facts_only_for_an_episode_that_asked_once_and_never_after_erasure() {
+        let mut m = Memory::default();
+        let evs = run(&mut m, turn("e1", true)).unwrap();
+        assert!(matches!(&evs[1], MemoryEvent::EpisodeRecorded(e) if e.extract));
+        run(&mut m, turn("e2", false)).unwrap();
+        run(&mut m, writeback(vec![fact("f1", "blue")], 0)).unwrap();
+        assert_eq!(
+            m.decide(extracted("e9", vec![], 1)).unwrap_err().code(),
+            ErrorCode::NotFound
+        );
+        assert_eq!(
+            m.decide(extracted("e2", vec![], 1)).unwrap_err().field(),
+            Some("episode_id"),
+            "e2 did not ask for extraction"
+        );
+        // a fact given with another source is not the extractor's
+        let mut wrong = extracted("e1", vec![fact("f2", "x")], 1);
+        if let MemoryCommand::RecordExtractedFacts { facts, .. } = &mut wrong {
+            facts[0].source = SOURCE_COMMAND.into();
+        }
+        assert_eq!(m.decide(wrong).unwrap_err().field(), Some("facts"));
+        // f1 unchanged records nothing, f3 is new: the outcome is recorded
+        // with the one new fact, from its episode
+        let evs = run(
+            &mut m,
+            extracted("e1", vec![fact("f1", "blue"), fact("f3", "Lyon")], 2),
+        )
+        .unwrap();
+        assert!(
+            matches!(&evs[..], [MemoryEvent::EpisodeExtracted(x), MemoryEvent::FactRecorded(f)]
+                if x.facts == 2 && x.model.as_deref() == Some("extract-1")
+                    && f.fact_id == "f3" && f.version == 1 && f.source == SOURCE_EXTRACTOR
+                    && f.episode_id.as_deref() == Some("e1")),
+            "{evs:?}"
+        );
+        assert!(m.to_extract.is_empty());
+        assert_eq!(
+            m.decide(extracted("e1", vec![], 3)).unwrap_err(),
+            MemoryError::AlreadyExtracted("e1".into())
+        );
+        assert_eq!(
+            m.decide(extraction_failed("e1", "timeout"))
+                .unwrap_err()
+                .code(),
+            ErrorCode::Conflict
+        );
+        // a failure: a reason code only
+        run(&mut m, turn("e3", true)).unwrap();
+        assert_eq!(
+            m.decide(extraction_failed("e3", "the model said: Jane"))
+                .unwrap_err()
+                .field(),
+            Some("reason")
+        );
+        let evs = run(&mut m, extraction_failed("e3", "bad_answer")).unwrap();
+        assert!(
+            matches!(&evs[..], [MemoryEvent::EpisodeExtractionFailed(x)] if x.reason == "bad_answer" && x.attempts == 3)
+        );
+        assert!(m.extracted.contains("e3"));
+        // an episode without text cannot ask for extraction
+        let mut empty = turn("e4", true);
+        if let MemoryCommand::Writeback {
+            episode: Some(e), ..
+        } = &mut empty
+        {
+            e.chunks.clear();
+        }
+        assert_eq!(m.decide(empty).unwrap_err().field(), Some("extract"));
+        run(&mut m, turn("e5", true)).unwrap();
+        run(
+            &mut m,
+            MemoryCommand::Erase {
+                subject: who(),
+                reason: "retention".into(),
+            },
+        )
+        .unwrap();
+        for c in [
+            extracted("e5", vec![], 4),
+            extraction_failed("e5", "timeout"),
+        ] {
+            assert_eq!(m.decide(c).unwrap_err().code(), ErrorCode::Rejected);
+        }
+    }
+
     #[test]
     fn only_an_episode_older_than_the_cut_off_is_retired_once_and_its_id_stays_taken() {
         let mut m = Memory::default();
@@ -955,6 +1259,7 @@ mod tests {
                 turn: sealed("{}"),
                 chunks: vec![],
                 messages: 1,
+                extract: false,
             }),
             facts: vec![],
             at: at(t),
