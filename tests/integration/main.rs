@@ -16,6 +16,7 @@ mod http_api;
 mod memory;
 mod memory_embeddings;
 mod memory_projection;
+mod memory_retrieval;
 mod nats_identity;
 mod openbao;
 mod peers;
