@@ -3,12 +3,12 @@
 //!
 //! A seeded generator writes 1,100 episodes through the real writeback
 //! path (the memory service on the bus; the projection and the embedding
-//! handler of the read side follow the log): ten subjects of client
-//! `billing` with 100 episodes each, and two subjects of client `other`
+//! handler of the read side follow the log): twenty subjects of client
+//! `billing` with 50 episodes each, and two subjects of client `other`
 //! under the same subject ids (50 each) for the scoping check. Every
-//! episode's user message names a product (of 14), a place (8 of 20 per
+//! episode's user message names a product (of 14), a place (4 of 20 per
 //! subject) and a price; within a subject each (product, place) pair occurs
-//! once, each product about 7 times and each place about 12 times. The relevant chunk of an episode is its message (chunk
+//! once, each product about 3.6 times and each place about 12 times. The relevant chunk of an episode is its message (chunk
 //! 0). Each query paraphrases it: the product by a synonym, other verbs and
 //! nouns, the place by its name (lexical overlap that full text may use).
 //!
@@ -50,10 +50,10 @@ use crate::openbao::OpenBao;
 const DIMS: usize = 256;
 const SEED: u64 = 14_001;
 /// Billing's subjects and their episodes; the other client's.
-const SUBJECTS: usize = 10;
-const EPISODES: usize = 100;
+const SUBJECTS: usize = 20;
+const EPISODES: usize = 50;
 /// The places of one subject (of [`PLACES`]): each occurs about 12 times.
-const SUBJECT_PLACES: usize = 8;
+const SUBJECT_PLACES: usize = 4;
 const OTHER_SUBJECTS: usize = 2;
 const OTHER_EPISODES: usize = 50;
 
