@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Benchmarks on local defaults: `scripts/bench.sh event-log [...]`,
-# `scripts/bench.sh projections [...]`, `scripts/bench.sh handlers [...]`
-# or `scripts/bench.sh secrets [...]`. Starts a throw-away nats-server
-# (Debian 2.9.10 by default; NATS=current for the pip build) and PostgreSQL
-# (and, for `secrets`, an OpenBao dev server: scripts/bao.sh), runs
+# `scripts/bench.sh projections [...]`, `scripts/bench.sh handlers [...]`,
+# `scripts/bench.sh secrets [...]` or `scripts/bench.sh memory [...]`.
+# Starts a throw-away nats-server (Debian 2.9.10 by default; NATS=current
+# for the pip build) and PostgreSQL (for `memory`, PostgreSQL 18 with
+# pgvector from PG18_BIN; for `secrets` and `memory`, an OpenBao dev
+# server: scripts/bao.sh), runs
 # flowledger-bench (release build), prints the figures, stops them.
 # SYNC=always runs nats-server with `sync_interval: always` (strict
 # durability: fsync before every ack; needs NATS=current, 2.10 or later).
@@ -34,9 +36,11 @@ export FLOWLEDGER_NATS_USER=flowledger FLOWLEDGER_NATS_PASSWORD=dev-flowledger-p
 export FLOWLEDGER_BENCH_CLIENT_USER=billing FLOWLEDGER_BENCH_CLIENT_PASSWORD=dev-billing-password
 export FLOWLEDGER_NATS_URL DATABASE_URL
 FLOWLEDGER_NATS_URL=$(scripts/nats.sh start "$WORK" "$NATS_BIN")
+if [ "${1:-}" = memory ]; then PG_BIN=$PG18_BIN; fi
 DATABASE_URL=$(PG_BIN=$PG_BIN scripts/pg.sh start "$WORK")
-if [ "${1:-}" = secrets ]; then
-  # the secret-access bench reads an OpenBao dev server as its root
+if [ "${1:-}" = secrets ] || [ "${1:-}" = memory ]; then
+  # the secret-access bench reads an OpenBao dev server as its root (the
+  # memory bench keeps the subjects' keys in it)
   export FLOWLEDGER_BENCH_VAULT_ADDR FLOWLEDGER_BENCH_VAULT_TOKEN=flowledger-bench-root
   FLOWLEDGER_BENCH_VAULT_ADDR=$(BAO_ROOT_TOKEN=$FLOWLEDGER_BENCH_VAULT_TOKEN scripts/bao.sh start "$WORK" "$BAO_BIN")
 fi

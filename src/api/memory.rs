@@ -322,8 +322,11 @@ pub async fn assemble(
 }
 
 /// Everything `assemble` returns, read in one snapshot with each statement
-/// bounded by `budget_ms`; `None`: no such (live) subject.
-async fn gather(
+/// bounded by `budget_ms`; `None`: no such (live) subject. `vector`: the
+/// query's embedding (ranked by cosine distance); none: full text. Public
+/// so the memory benchmark times assemble's own queries, without the
+/// embedder's call.
+pub async fn gather(
     pool: &PgPool,
     id: &str,
     query: &str,

@@ -19,6 +19,7 @@ mod memory;
 mod memory_embeddings;
 mod memory_extractor;
 mod memory_projection;
+mod memory_retrieval;
 mod nats_identity;
 mod openbao;
 mod peers;

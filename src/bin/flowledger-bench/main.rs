@@ -45,9 +45,13 @@ enum Bench {
     /// Secret reads: cache hit and miss beside a direct Vault read and a
     /// command round trip; reads/s with 100 concurrent callers.
     Secrets(secrets_bench::Args),
+    /// Memory: assemble's queries with HNSW beside an exact pgvector scan,
+    /// writeback to visible in assemble, the cleanup.
+    Memory(memory_bench::Args),
 }
 
 mod handlers_bench;
+mod memory_bench;
 mod projections_bench;
 mod secrets_bench;
 mod verify_bench;
@@ -513,6 +517,7 @@ async fn main() -> anyhow::Result<()> {
         Bench::Handlers(args) => handlers_bench::run(args).await,
         Bench::Verify(args) => verify_bench::run(args).await,
         Bench::Secrets(args) => secrets_bench::run(args).await,
+        Bench::Memory(args) => memory_bench::run(args).await,
     }
 }
 
