@@ -393,8 +393,8 @@ fn every_memory_event_decodes_whole_for_the_memory_read_model() {
     use crate::commands::memory::events::{
         ChunkSpan, EpisodeEmbedded, EpisodeEmbeddingFailed, EpisodeExtracted,
         EpisodeExtractionFailed, EpisodeRecorded, EpisodeRetired, FactForgotten, FactRecorded,
-        MemoryEvent, MemorySubjectErased, MemorySubjectOpened, ProfileUpdated,
-        WorkingStateDeleted, WorkingStateSet,
+        MemoryEvent, MemorySubjectErased, MemorySubjectOpened, ProfileUpdated, WorkingStateDeleted,
+        WorkingStateSet,
     };
     use crate::projections::memory;
     let ring = crate::crypto::SealKeys::single("m1", [7u8; 32]);

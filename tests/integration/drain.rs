@@ -206,7 +206,11 @@ async fn sigterm_lets_the_step_in_flight_finish_and_be_recorded_then_exits_0() {
     let ready = client.get(format!("{http}/readyz")).send().await.unwrap();
     assert_eq!(ready.status().as_u16(), 503);
     let body: Value = ready.json().await.unwrap();
-    assert_eq!((body["draining"].clone(), body["nats"].clone()), (json!(true), json!("ok")), "{body}");
+    assert_eq!(
+        (body["draining"].clone(), body["nats"].clone()),
+        (json!(true), json!("ok")),
+        "{body}"
+    );
     let live = client.get(format!("{http}/livez")).send().await.unwrap();
     assert_eq!(live.status().as_u16(), 200);
     let refused = client

@@ -468,6 +468,7 @@ async fn the_relevant_chunk_is_in_the_top_5_for_90_percent_of_1000_paraphrased_q
                     timestamp: Some(base + chrono::TimeDelta::minutes(i as i64)),
                     turn_id: Some(format!("t{i}")),
                     facts: Vec::new(),
+                    extract: None,
                 };
                 let w = memory
                     .writeback(&bus, owner, body, chrono::Utc::now())

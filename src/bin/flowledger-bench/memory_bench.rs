@@ -615,6 +615,7 @@ async fn writeback_visible(
             timestamp: None,
             turn_id: None,
             facts: Vec::new(),
+            extract: None,
         };
         (text, body)
     };

@@ -314,7 +314,8 @@ pub enum MemoryCommand {
         /// The extractor's HTTP status, for `status`.
         status: Option<u16>,
         /// The calls made (0: the turn could not be read).
-        attempts: u32,    },
+        attempts: u32,
+    },
     /// `memory.erase`: recorded after the subject's key was destroyed.
     Erase {
         /// Whose.
