@@ -75,11 +75,11 @@ impl Serve {
         self.logged("HTTP API on http://").await;
         let log = self.log();
         let at = log.find("HTTP API on ").expect("logged") + "HTTP API on ".len();
+        // the log is JSON lines (not a terminal): the URL ends at its quote
         log[at..]
-            .split_whitespace()
-            .next()
-            .expect("an address")
-            .to_string()
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || ":/.[]".contains(*c))
+            .collect()
     }
 
     fn term(&self) {
