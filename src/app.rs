@@ -4,10 +4,9 @@
 //! the integration tests build the service through this one function.
 
 use std::net::SocketAddr;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 
-use metrics_exporter_prometheus::PrometheusHandle;
 use sqlx::PgPool;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -203,26 +202,6 @@ fn check_step_secrets(
     Ok(())
 }
 
-/// The process's one Prometheus recorder (installed on first use).
-pub fn metrics_handle() -> PrometheusHandle {
-    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
-    HANDLE
-        .get_or_init(|| {
-            let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
-            let handle = recorder.handle();
-            // another recorder installed first (a library user's) keeps
-            // working; ours then only renders what it records
-            if metrics::set_global_recorder(recorder).is_err() {
-                tracing::warn!(
-                    "a metrics recorder was already installed; \
-                     /metrics shows only flowledger's own view"
-                );
-            }
-            handle
-        })
-        .clone()
-}
-
 impl Application {
     /// Builds and starts every part `settings` asks for.
     pub async fn build(settings: Settings) -> Result<Self, BuildError> {
@@ -336,6 +315,8 @@ impl Application {
                          never sent unsigned"
                     );
                 }
+                // the per-workflow outcome counters exist (at 0) from the start
+                crate::metrics::register_workflows(&registry);
                 let ctx =
                     handlers::Ctx::new(bus.clone(), registry.clone(), config, secrets.clone());
                 let run = handlers::manager::run(ctx.clone(), p.clone(), stop_rx.clone());
@@ -358,7 +339,7 @@ impl Application {
                     pool: p.clone(),
                     nats: nats.clone(),
                     log: log.clone(),
-                    metrics: metrics_handle(),
+                    metrics: crate::metrics::handle(),
                     bus: bus.clone(),
                     registry: registry.clone(),
                     clients: Arc::new(api::auth::Clients::new(&h.clients)),

@@ -580,6 +580,25 @@ pub(crate) enum AuditCommand {
 }
 
 /// Marks an error as the user's to fix (exit code 2).
+/// `println!` for the command's output: a reader that went away (`| head`)
+/// ends the program with 0 (its work is done, the rest is not wanted); any
+/// other failure to write ends it with 1 and says so.
+macro_rules! outln {
+    ($($t:tt)*) => { write_out(format_args!($($t)*)) };
+}
+
+fn write_out(args: std::fmt::Arguments) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = out.write_fmt(args).and_then(|_| out.write_all(b"\n")) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        eprintln!("flowledger: cannot write the output: {e}");
+        std::process::exit(1);
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 #[error("invalid usage")]
 struct UsageError;
@@ -603,15 +622,13 @@ enum Down {
 /// (a database error left unmarked is PostgreSQL's); a broken pipe (the
 /// reader went away, as `| head` does) is success.
 fn exit_code(e: &anyhow::Error) -> ExitCode {
-    let broken_pipe = e.chain().any(|c| {
-        let kind = c.downcast_ref::<std::io::Error>().map(std::io::Error::kind);
-        // serde_json's error does not show its io error as its source
-        let json = c
-            .downcast_ref::<serde_json::Error>()
-            .and_then(|j| j.io_error_kind());
-        kind.or(json) == Some(std::io::ErrorKind::BrokenPipe)
+    // only a failed write of the output: a socket's broken pipe (NATS,
+    // PostgreSQL) is a failure like any other
+    let output_closed = e.chain().any(|c| {
+        c.downcast_ref::<crate::audit::read::OutputError>()
+            .is_some_and(|o| o.kind() == Some(std::io::ErrorKind::BrokenPipe))
     });
-    if broken_pipe {
+    if output_closed {
         return ExitCode::SUCCESS;
     }
     if e.downcast_ref::<UsageError>().is_some() {
@@ -837,7 +854,7 @@ async fn open_log(g: &Global) -> anyhow::Result<(async_nats::Client, EventLog)> 
 }
 
 fn print_json(v: &Value) {
-    println!(
+    outln!(
         "{}",
         serde_json::to_string_pretty(v).unwrap_or_else(|_| v.to_string())
     );
@@ -927,7 +944,7 @@ async fn migrate(url: &str) -> anyhow::Result<()> {
         .await
         .context(Down::Database)?;
     crate::projections::db::migrate(&pool).await?;
-    println!("read-model schema: up to date");
+    outln!("read-model schema: up to date");
     Ok(())
 }
 
@@ -969,11 +986,11 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 other => anyhow::Error::new(other),
             })?;
             for r in &reports {
-                println!("stream {}: {}", r.stream, r.action);
+                outln!("stream {}: {}", r.stream, r.action);
             }
             let js = async_nats::jetstream::new(client.clone());
             crate::handlers::lease::init(&js, replicas).await?;
-            println!(
+            outln!(
                 "buckets {} and {}: ready",
                 crate::handlers::lease::LEASE_BUCKET,
                 crate::handlers::lease::STATE_BUCKET
@@ -1299,7 +1316,7 @@ async fn memory_cleanup(
         })
         .await
         .context(Down::Database)?;
-    println!("{}", serde_json::to_string(&report)?);
+    outln!("{}", serde_json::to_string(&report)?);
     Ok(if report.failed > 0 {
         ExitCode::from(1)
     } else {
@@ -1390,7 +1407,7 @@ async fn serve(g: &Global, args: ServeArgs) -> anyhow::Result<ExitCode> {
         HandlerConfig::from_config(&config).context(UsageError)?;
     }
     if args.check_config {
-        println!("{}", check_config_summary(&args, &config, &registry, &keys));
+        outln!("{}", check_config_summary(&args, &config, &registry, &keys));
         return Ok(ExitCode::SUCCESS);
     }
     let secrets = secrets_service(&config).await?;
@@ -1516,9 +1533,13 @@ async fn projections(g: &Global, p: ProjectionsCommand) -> anyhow::Result<ExitCo
                 Ok((_c, log)) => log.last_seq().await.ok(),
                 Err(_) => None,
             };
-            println!(
+            outln!(
                 "{:<12} {:>7} {:>7} {:>12} {:>10}  state",
-                "projection", "version", "active", "checkpoint", "lag"
+                "projection",
+                "version",
+                "active",
+                "checkpoint",
+                "lag"
             );
             let mut any_stopped = false;
             for r in rows {
@@ -1535,9 +1556,13 @@ async fn projections(g: &Global, p: ProjectionsCommand) -> anyhow::Result<ExitCo
                     }
                     (s, _) => s.to_string(),
                 };
-                println!(
+                outln!(
                     "{:<12} {:>7} {:>7} {:>12} {:>10}  {state}",
-                    r.name, r.version, r.active, r.last_seq, lag
+                    r.name,
+                    r.version,
+                    r.active,
+                    r.last_seq,
+                    lag
                 );
             }
             Ok(if any_stopped {
@@ -1567,7 +1592,7 @@ async fn projections(g: &Global, p: ProjectionsCommand) -> anyhow::Result<ExitCo
             let bus = CommandBus::new(log, services);
             let skip = skip.map(|s| (s, reason.unwrap_or_default(), by.unwrap_or_default()));
             let msg = crate::app::resume_projection(&bus, &pool, model, skip).await?;
-            println!("{msg}");
+            outln!("{msg}");
             Ok(ExitCode::SUCCESS)
         }
         ProjectionsCommand::Rebuild { name, db, config } => {
@@ -1597,14 +1622,14 @@ async fn audit(g: &Global, a: AuditCommand) -> anyhow::Result<ExitCode> {
             let stdout = std::io::stdout();
             let mut out = std::io::BufWriter::new(stdout.lock());
             let n = read::replay(&log, &filter, &mut out).await?;
-            std::io::Write::flush(&mut out)?;
+            std::io::Write::flush(&mut out).map_err(read::OutputError::Io)?;
             eprintln!("flowledger: replayed {n} events");
             Ok(ExitCode::SUCCESS)
         }
         AuditCommand::Digest => {
             let (_client, log) = open_log(g).await?;
             let d = checkpoint::stream_digest(&log, None, None).await?;
-            println!("{d}");
+            outln!("{d}");
             Ok(ExitCode::SUCCESS)
         }
         AuditCommand::Checkpoint { seq, key } => {

@@ -13,5 +13,6 @@ pub mod events;
 pub mod handlers;
 pub mod logging;
 pub mod memory;
+pub mod metrics;
 pub mod projections;
 pub mod secrets;

@@ -334,6 +334,18 @@ async fn readyz(State(s): State<AppState>) -> Response {
 
 #[utoipa::path(get, path = "/metrics", responses((status = 200, description = "Prometheus text format")))]
 async fn metrics_get(State(s): State<AppState>) -> String {
+    // read when asked, bounded: PostgreSQL down leaves the gauge out, not
+    // /metrics waiting
+    let pending = tokio::time::timeout(
+        HEALTH_PROBE_TIMEOUT,
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM approvals WHERE status = 'pending'")
+            .fetch_one(&s.pool),
+    )
+    .await;
+    match pending {
+        Ok(Ok(n)) => metrics::gauge!("flowledger_approvals_pending").set(n as f64),
+        _ => metrics::gauge!("flowledger_approvals_pending").set(f64::NAN),
+    }
     s.metrics.render()
 }
 

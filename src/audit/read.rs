@@ -303,6 +303,29 @@ fn show_erased(v: &mut serde_json::Value) {
     }
 }
 
+/// The replay's output could not be written (the caller tells a reader
+/// that went away, `| head`, from a real failure by [`OutputError::kind`]).
+#[derive(Debug, thiserror::Error)]
+pub enum OutputError {
+    /// Writing failed.
+    #[error("cannot write the output: {0}")]
+    Io(#[source] std::io::Error),
+    /// Serialising to the output failed (serde_json's error hides its io
+    /// error from `source`).
+    #[error("cannot write the output: {0}")]
+    Json(#[source] serde_json::Error),
+}
+
+impl OutputError {
+    /// The io error's kind, if it was one.
+    pub fn kind(&self) -> Option<std::io::ErrorKind> {
+        match self {
+            OutputError::Io(e) => Some(e.kind()),
+            OutputError::Json(e) => e.io_error_kind(),
+        }
+    }
+}
+
 /// Writes the filtered events as JSON lines; returns how many. Events of
 /// an erased memory subject show their sealed fields as erased.
 pub async fn replay(
@@ -345,8 +368,9 @@ pub async fn replay(
                             record,
                         };
                         let res = serde_json::to_writer(&mut *out, &line)
-                            .map_err(anyhow::Error::from)
-                            .and_then(|_| out.write_all(b"\n").map_err(Into::into));
+                            .map_err(OutputError::Json)
+                            .and_then(|_| out.write_all(b"\n").map_err(OutputError::Io))
+                            .map_err(anyhow::Error::from);
                         if let Err(e) = res {
                             write_err = Some(e);
                             return Ok(());

@@ -404,8 +404,27 @@ impl EventLog {
     }
 
     /// Appends one commit. `expected` is the stream sequence of the last
-    /// message on `subject` this writer saw (0: none).
+    /// message on `subject` this writer saw (0: none). Its time is recorded
+    /// in `flowledger_append_duration_seconds`.
     pub async fn append(
+        &self,
+        subject: String,
+        body: Vec<u8>,
+        message_id: &str,
+        expected: u64,
+        extra_headers: &[(&'static str, String)],
+    ) -> Result<jetstream::publish::PublishAck, AppendError> {
+        let started = std::time::Instant::now();
+        let appended = self
+            .append_unmeasured(subject, body, message_id, expected, extra_headers)
+            .await;
+        let outcome = if appended.is_ok() { "ok" } else { "error" };
+        metrics::histogram!("flowledger_append_duration_seconds", "outcome" => outcome)
+            .record(started.elapsed().as_secs_f64());
+        appended
+    }
+
+    async fn append_unmeasured(
         &self,
         subject: String,
         body: Vec<u8>,

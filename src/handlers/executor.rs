@@ -351,7 +351,16 @@ async fn fail(
         error_message: message,
         step_results,
     });
-    job_result(ctx, job_id, cmd, &ids::job_end(job_id)).await
+    job_result(ctx, job_id, cmd, &ids::job_end(job_id)).await?;
+    job_ended(view, "failed");
+    Ok(())
+}
+
+/// Counts a job this instance ended.
+fn job_ended(view: &JobView, outcome: &'static str) {
+    metrics::counter!("flowledger_jobs_ended_total",
+        "workflow" => view.workflow_key.clone(), "outcome" => outcome)
+    .increment(1);
 }
 
 /// Runs a job command whose failure means the job moved on without us.
@@ -576,7 +585,9 @@ async fn run(
             outputs: Value::Object(outputs),
             step_results,
         });
-        job_result(ctx, &job_id, cmd, &ids::job_end(&job_id)).await
+        job_result(ctx, &job_id, cmd, &ids::job_end(&job_id)).await?;
+        job_ended(view, "completed");
+        Ok(())
     } else {
         let msg = format!(
             "{n_ok} of {total} steps succeeded; {}. Failed: {}",
@@ -845,6 +856,10 @@ async fn run_step(
                 true,
             ),
         };
+        metrics::counter!("flowledger_step_attempt_results_total",
+            "workflow" => job.workflow_key.clone(), "step" => step.name.clone(),
+            "status" => status.as_str())
+        .increment(1);
         let mut result = RecordStepResult {
             step: step.name.clone(),
             attempt,

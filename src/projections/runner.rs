@@ -185,7 +185,7 @@ impl Projector {
         let applied = "flowledger_projection_events_applied_total";
         metrics::counter!(applied, "projection" => self.label())
             .increment(fresh.iter().map(|m| m.events.len() as u64).sum());
-        metrics::gauge!("flowledger_projection_checkpoint", "projection" => self.label())
+        metrics::gauge!("flowledger_projection_checkpoint_seq", "projection" => self.label())
             .set(end as f64);
         Ok(end)
     }
@@ -378,7 +378,7 @@ impl Projector {
         match self.apply_all(items).await {
             Ok(_) => {
                 let _ = last.ack_with(AckKind::Ack).await;
-                metrics::gauge!("flowledger_projection_lag", "projection" => self.label())
+                metrics::gauge!("flowledger_projection_lag_events", "projection" => self.label())
                     .set(pending as f64);
                 Ok(None)
             }
@@ -403,9 +403,9 @@ impl Projector {
 
     async fn report_lag(&self) {
         if let (Ok(last), Ok(cp)) = (self.log.last_seq().await, self.checkpoint().await) {
-            metrics::gauge!("flowledger_projection_lag", "projection" => self.label())
+            metrics::gauge!("flowledger_projection_lag_events", "projection" => self.label())
                 .set(last.saturating_sub(cp) as f64);
-            metrics::gauge!("flowledger_projection_checkpoint", "projection" => self.label())
+            metrics::gauge!("flowledger_projection_checkpoint_seq", "projection" => self.label())
                 .set(cp as f64);
         }
     }

@@ -91,6 +91,26 @@ async fn a_reader_that_stops_early_is_not_a_failure() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(0), "{stderr}");
     assert!(!stderr.contains("Broken pipe"), "{stderr}");
+
+    // any command's output: the reader is gone before it prints
+    let mut c = app.nats.cli(Who::Service);
+    let envs: Vec<(String, String)> = c
+        .get_envs()
+        .filter_map(|(k, v)| Some((k.to_str()?.to_string(), v?.to_str()?.to_string())))
+        .collect();
+    c = std::process::Command::new("bash");
+    c.arg("-c").arg(format!(
+        "(sleep 0.5; exec {} audit digest) | true; echo \"status=${{PIPESTATUS[0]}}\"",
+        env!("CARGO_BIN_EXE_flowledger")
+    ));
+    for (k, v) in envs {
+        c.env(k, v);
+    }
+    let out = c.output().expect("bash runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stdout.contains("status=0"), "{stdout}{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
 }
 
 #[test]

@@ -173,6 +173,18 @@ async fn read_models_and_the_api_show_each_jobs_story() {
     );
     let (_, metrics) = read.get("/metrics").await;
     let metrics = metrics.as_str().unwrap_or_default().to_string();
+    promtool_accepts(&metrics);
+    // described, histograms not summaries, outcomes present before use
+    for line in [
+        "# HELP flowledger_http_request_duration_seconds",
+        "# TYPE flowledger_http_request_duration_seconds histogram",
+        "flowledger_build_info{version=",
+        "flowledger_callbacks_total{outcome=\"failed\"}",
+        "# TYPE flowledger_projection_lag_events gauge",
+        "flowledger_approvals_pending ",
+    ] {
+        assert!(metrics.contains(line), "no {line:?} in:\n{metrics}");
+    }
     assert!(
         metrics.contains("flowledger_projection_events_applied_total"),
         "{metrics}"
@@ -539,4 +551,31 @@ async fn readers_see_no_error_and_no_gap_during_a_rebuild() {
             .await
             .unwrap();
     assert_eq!(old, None, "the old version is dropped after the switch");
+}
+
+/// `promtool check metrics` (Debian's prometheus package; FLOWLEDGER_PROMTOOL,
+/// else `promtool`) accepts the exposition: a check that cannot run fails.
+fn promtool_accepts(text: &str) {
+    use std::io::Write;
+    let tool = std::env::var("FLOWLEDGER_PROMTOOL").unwrap_or_else(|_| "promtool".into());
+    let mut child = std::process::Command::new(&tool)
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{tool} cannot run ({e}): scripts/install-deps.sh installs it"));
+    child
+        .stdin
+        .take()
+        .expect("piped")
+        .write_all(text.as_bytes())
+        .expect("promtool reads");
+    let out = child.wait_with_output().expect("promtool ends");
+    assert!(
+        out.status.success(),
+        "promtool check metrics: {}{}\n{text}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
