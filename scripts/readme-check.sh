@@ -13,25 +13,40 @@ awk '/^## Using it/ {inside=1; next}
      code && /^```/ {exit}
      code {print}' README.md | sed "s#/tmp/fl#$WORK#g" > "$BLOCK"
 [ -s "$BLOCK" ] || { echo "readme-check: no sh block under '## Using it' in README.md" >&2; exit 1; }
+# the block binds fixed ports: another flowledger or peer there would be
+# tested instead of this one
+for port in 8080 9101 9102 5678; do
+  if ! python3 -c 'import socket,sys; s=socket.socket(); s.bind(("127.0.0.1", int(sys.argv[1])))' "$port" 2>/dev/null; then
+    echo "readme-check: 127.0.0.1:$port is in use; the README's block needs it free" >&2
+    exit 1
+  fi
+done
+BLOCK_PID=""
 cleanup() {
-  # whatever the block left running: its jobs, then its servers
-  pkill -f "flowledger serve --config config/example.toml" 2>/dev/null || true
-  pkill -f "demo-peer.py --listen 9101" 2>/dev/null || true
+  # whatever the block left running (its process group), then its servers
+  if [ -n "$BLOCK_PID" ]; then kill -- "-$BLOCK_PID" 2>/dev/null || true; fi
   scripts/nats.sh stop "$WORK" >/dev/null 2>&1 || true
   scripts/pg.sh stop "$WORK" >/dev/null 2>&1 || true
-  rm -rf "$WORK" "$WORK-export"
+  rm -rf "$WORK"
 }
 trap cleanup EXIT
 echo "== README 'Using it' ($(wc -l < "$BLOCK") lines), in $WORK"
-# each command echoed before it runs; the first failure stops the check, and
-# a wait that never ends (a job that never completes) fails it after 10 min
-# (the block's `cargo build` may build from scratch)
-timeout 600 bash -euo pipefail -x "$BLOCK" > "$WORK.log" 2>&1 || {
-  status=$?
+# in its own process group (setsid), each command echoed before it runs;
+# the first failure stops it, and a wait that never ends (a job that never
+# completes) fails it after 10 min (its `cargo build` may build from scratch)
+setsid bash -euo pipefail -x "$BLOCK" > "$WORK.log" 2>&1 &
+BLOCK_PID=$!
+# the watchdog holds no output open (a reader of ours would wait for it)
+( sleep 600 && kill -- "-$BLOCK_PID" ) >/dev/null 2>&1 & WATCHDOG=$!
+status=0
+wait "$BLOCK_PID" || status=$?
+pkill -P "$WATCHDOG" 2>/dev/null || true
+kill "$WATCHDOG" 2>/dev/null || true
+if [ "$status" != 0 ]; then
   tail -40 "$WORK.log" >&2
   echo "readme-check: the README's 'Using it' block failed (exit $status); the log above ends at the failing command" >&2
   rm -f "$WORK.log"
   exit 1
-}
+fi
 rm -f "$WORK.log"
 echo "readme-check: the README's 'Using it' block ran through"

@@ -1406,6 +1406,17 @@ async fn serve(g: &Global, args: ServeArgs) -> anyhow::Result<ExitCode> {
     if config.handler.enabled {
         HandlerConfig::from_config(&config).context(UsageError)?;
     }
+    if config.secrets.vault_addr.is_none() {
+        // what `Application::build` refuses without [secrets]: a step whose
+        // headers read secrets (every attempt would fail)
+        if let Some((workflow, step, _)) = registry.secret_steps().into_iter().next() {
+            return Err(anyhow::anyhow!(
+                "workflow {workflow:?}, step {:?}: its headers read secrets, and secret access is not configured ([secrets] vault_addr)",
+                step.name
+            )
+            .context(UsageError));
+        }
+    }
     if args.check_config {
         outln!("{}", check_config_summary(&args, &config, &registry, &keys));
         return Ok(ExitCode::SUCCESS);

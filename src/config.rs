@@ -241,8 +241,11 @@ impl EmbedderSection {
             self.max_attempts,
             self.api_key_secret.as_deref(),
         )?;
-        if self.model.trim().is_empty() || self.model.len() > 200 {
-            return Err("memory.embedder.model must be 1 to 200 characters".into());
+        if !crate::commands::memory::is_model_name(&self.model) {
+            return Err(
+                "memory.embedder.model must be 1 to 200 characters of A-Z a-z 0-9 . _ : / @ + - (it is recorded in every EpisodeEmbedded)"
+                    .into(),
+            );
         }
         if !(1..=MAX_EMBEDDING_DIMENSIONS).contains(&self.dimensions) {
             return Err(format!(

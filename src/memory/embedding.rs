@@ -32,7 +32,8 @@ use crate::memory::embedder::{failure_reason, vector_bytes, Embedder};
 use crate::memory::keys::SubjectKeys;
 pub use crate::memory::peer::Later;
 use crate::memory::peer::{
-    ack_wait, episode_subject, run_episode_consumer, with_retries, ConsumerSpec, OnEpisode,
+    ack_wait, episode_subject, key_outage, run_episode_consumer, with_retries, ConsumerSpec,
+    OnEpisode,
 };
 use crate::projections::memory::chunk_texts;
 
@@ -83,6 +84,7 @@ impl EmbeddingHandler {
                         self.embedder.embed(&self.bus, &texts, None)
                     })
                     .await;
+                key_outage(&r, "embedder")?;
                 r.map_err(|x| failure_reason(&x, attempts))
             }
         };

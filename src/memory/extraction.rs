@@ -29,8 +29,8 @@ use crate::events::log::EventLog;
 use crate::events::store::ExecuteError;
 use crate::memory::extractor::{request, Extractor};
 use crate::memory::peer::{
-    ack_wait, episode_subject, run_episode_consumer, with_retries, ConsumerSpec, Later, OnEpisode,
-    PeerError,
+    ack_wait, episode_subject, key_outage, run_episode_consumer, with_retries, ConsumerSpec, Later,
+    OnEpisode, PeerError,
 };
 use crate::memory::service::{ExtractionOutcome, MemoryService};
 
@@ -98,6 +98,7 @@ impl ExtractionHandler {
                     self.extractor.extract(&self.bus, &body)
                 })
                 .await;
+                key_outage(&r, "extractor")?;
                 match r {
                     Ok(x) => ExtractionOutcome::Facts(x),
                     Err(x) => {

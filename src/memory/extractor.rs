@@ -127,10 +127,14 @@ pub fn parse_answer(bytes: &[u8]) -> Result<Extracted, PeerError> {
             answer.facts.len()
         )));
     }
-    if let Some(m) = &answer.model {
-        if m.is_empty() || m.chars().count() > 200 || m.chars().any(char::is_control) {
-            return Err(bad("model must be 1 to 200 printable characters".into()));
-        }
+    if answer
+        .model
+        .as_deref()
+        .is_some_and(|m| !crate::commands::memory::is_model_name(m))
+    {
+        return Err(bad(
+            "model must be 1 to 200 characters of A-Z a-z 0-9 . _ : / @ + -".into(),
+        ));
     }
     let mut facts: Vec<CheckedFact> = Vec::with_capacity(answer.facts.len());
     for (i, raw) in answer.facts.into_iter().enumerate() {

@@ -267,6 +267,18 @@ pub enum Later {
     Unavailable(String),
 }
 
+/// A failure that outlasted the retries but is Vault's, not the peer's
+/// (its API key could not be read): the episode is handled again later,
+/// never recorded as failed for it.
+pub fn key_outage<T>(r: &Result<T, PeerError>, peer: &str) -> Result<(), Later> {
+    match r {
+        Err(PeerError::KeyUnavailable(why)) => Err(Later::Unavailable(format!(
+            "the {peer}'s API key cannot be read now ({why}); the episode is handled again later"
+        ))),
+        _ => Ok(()),
+    }
+}
+
 /// The subject `aggregate_id` and its key, to handle its episode
 /// `episode_id` when `wanted` holds for its state; `None` (skip the
 /// episode): erased, never opened, not wanted, or a key that cannot be used
@@ -383,7 +395,10 @@ pub async fn run_episode_consumer<H: OnEpisode>(
                     filter_subject: format!("{EVENT_SUBJECT_PREFIX}.memory.*"),
                     ack_policy: AckPolicy::Explicit,
                     ack_wait: spec.ack_wait,
-                    max_ack_pending: 64,
+                    // one at a time, as they are handled: a message waiting
+                    // in this instance's buffer would pass its ack wait and
+                    // be sent (with its personal text) to the peer twice
+                    max_ack_pending: 1,
                     ..Default::default()
                 },
             )

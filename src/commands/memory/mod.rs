@@ -422,6 +422,17 @@ impl DomainError for MemoryError {
     }
 }
 
+/// Whether `name` may be recorded as a model's name: 1 to 200 characters
+/// of `A-Z a-z 0-9 . _ : / @ + -` (an identifier such as
+/// `openai/text-embedding-3-small` or `llama-3.1-8b@q4`). It is stored in
+/// plaintext and outlives an erasure, so it can hold no free text.
+pub fn is_model_name(name: &str) -> bool {
+    (1..=200).contains(&name.len())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._:/@+-".contains(c))
+}
+
 fn invalid(field: &'static str, message: impl Into<String>) -> MemoryError {
     MemoryError::Invalid {
         field,
@@ -745,12 +756,10 @@ impl Memory {
                 ..
             } => {
                 self.extractable(&subject, &episode_id)?;
-                if model.as_ref().is_some_and(|m| {
-                    m.is_empty() || m.chars().count() > 200 || m.chars().any(char::is_control)
-                }) {
+                if model.as_deref().is_some_and(|m| !is_model_name(m)) {
                     return Err(invalid(
                         "model",
-                        "a model name is 1 to 200 printable characters",
+                        "a model name is 1 to 200 characters of A-Z a-z 0-9 . _ : / @ + -",
                     ));
                 }
                 if facts.iter().any(|f| f.source != SOURCE_EXTRACTOR) {
