@@ -415,23 +415,6 @@ impl EventLog {
         extra_headers: &[(&'static str, String)],
     ) -> Result<jetstream::publish::PublishAck, AppendError> {
         let started = std::time::Instant::now();
-        let appended = self
-            .append_unmeasured(subject, body, message_id, expected, extra_headers)
-            .await;
-        let outcome = if appended.is_ok() { "ok" } else { "error" };
-        metrics::histogram!("flowledger_append_duration_seconds", "outcome" => outcome)
-            .record(started.elapsed().as_secs_f64());
-        appended
-    }
-
-    async fn append_unmeasured(
-        &self,
-        subject: String,
-        body: Vec<u8>,
-        message_id: &str,
-        expected: u64,
-        extra_headers: &[(&'static str, String)],
-    ) -> Result<jetstream::publish::PublishAck, AppendError> {
         let size = body.len();
         let payload = Bytes::from(body);
         let wait = self
@@ -440,7 +423,7 @@ impl EventLog {
             .min(self.config.duplicate_window / 2);
         let until = std::time::Instant::now() + wait;
         let mut attempt: u32 = 0;
-        loop {
+        let appended = loop {
             let mut msg = PublishMessage::build()
                 .payload(payload.clone())
                 .message_id(message_id)
@@ -469,9 +452,13 @@ impl EventLog {
                     tracing::debug!(%subject, attempt, "append not acknowledged ({why}); retrying");
                     tokio::time::sleep(delay).await;
                 }
-                other => return other,
+                other => break other,
             }
-        }
+        };
+        let outcome = if appended.is_ok() { "ok" } else { "error" };
+        metrics::histogram!("flowledger_append_duration_seconds", "outcome" => outcome)
+            .record(started.elapsed().as_secs_f64());
+        appended
     }
 
     /// The message at `seq`, or `None` past the end.
