@@ -448,21 +448,36 @@ impl Application {
         shutdown: impl std::future::Future<Output = ()>,
         again: impl std::future::Future<Output = ()>,
     ) -> Result<(), RunError> {
-        let intake = self.intake.take();
-        let ended = async {
-            match intake {
-                Some(t) => {
-                    let _ = t.await;
+        let mut intake = self.intake.take();
+        let result = {
+            let ended = async {
+                match intake.as_mut() {
+                    Some(t) => {
+                        let _ = t.await;
+                    }
+                    None => std::future::pending().await,
                 }
-                None => std::future::pending().await,
+            };
+            tokio::select! {
+                _ = ended => Err(RunError::IntakeEnded),
+                _ = shutdown => Ok(()),
             }
-        };
-        let result = tokio::select! {
-            _ = ended => Err(RunError::IntakeEnded),
-            _ = shutdown => Ok(()),
         };
         if result.is_ok() {
             self.drain(again).await;
+            // the commands delivered before the drain are answered (the
+            // intake returns once its replies are sent)
+            if let Some(t) = intake {
+                if tokio::time::timeout(Duration::from_secs(5), t)
+                    .await
+                    .is_err()
+                {
+                    tracing::warn!(
+                        "the command intake did not answer every command it \
+                        had within 5 s; their senders retry them"
+                    );
+                }
+            }
         }
         let _ = self.stop.send(true);
         for t in std::mem::take(&mut self.tasks) {

@@ -425,7 +425,7 @@ pub async fn serve(
 /// subscription is drained: the server sends this queue group's next
 /// commands to the other instances (none left: the sender gets "no
 /// responders" at once), the ones already delivered here are still
-/// answered, then the loop ends.
+/// answered, and the function returns once every reply is sent.
 #[allow(clippy::too_many_arguments)]
 pub async fn serve_until_drained(
     bus: Arc<CommandBus>,
@@ -437,7 +437,11 @@ pub async fn serve_until_drained(
     accounts: Arc<Accounts>,
     mut drain: Option<tokio::sync::watch::Receiver<bool>>,
 ) {
+    // every command delivered here is answered before the loop returns,
+    // a drain's included: the stop awaits this function
+    let mut running = tokio::task::JoinSet::new();
     loop {
+        while running.try_join_next().is_some() {}
         let drained = async {
             match drain.as_mut() {
                 Some(d) => {
@@ -473,7 +477,7 @@ pub async fn serve_until_drained(
         let pool = pool.clone();
         let client = client.clone();
         let accounts = accounts.clone();
-        tokio::spawn(async move {
+        running.spawn(async move {
             let subject = msg.subject.as_str();
             let handled = match accounts.caller(msg.headers.as_ref()) {
                 // the secrets door answers with the value, not a receipt
@@ -520,6 +524,11 @@ pub async fn serve_until_drained(
                 }
             }
         });
+    }
+    while running.join_next().await.is_some() {}
+    // the replies are in the client's buffer: out before the process ends
+    if let Err(e) = client.flush().await {
+        tracing::warn!(error = %e, "could not send the last command replies");
     }
 }
 

@@ -389,6 +389,10 @@ impl Broker for NatsCluster {
     async fn connect(&self, who: Who) -> async_nats::Client {
         NatsCluster::connect(self, who).await
     }
+
+    fn cli(&self, who: Who) -> Command {
+        NatsCluster::cli(self, who)
+    }
 }
 
 impl Drop for NatsCluster {

@@ -4,115 +4,13 @@
 //! the grace period is stopped unrecorded and the next instance sends it
 //! again with the same `Idempotency-Key`.
 
-use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
 use crate::helpers::*;
 use crate::peers::{self, Peer};
-
-/// A `serve` process whose stderr (its log) is kept.
-struct Serve {
-    child: std::process::Child,
-    log: Arc<Mutex<String>>,
-}
-
-impl Serve {
-    /// Starts `serve` on the test's NATS and `db` with `registry` and the
-    /// configuration at `config`.
-    fn start(app: &TestApp, db: &str, registry: &Path, config: &Path) -> Serve {
-        Serve::spawn(serve_command(app, db, registry, Some(config)))
-    }
-
-    /// Runs `cmd` (a `serve` command line), its log kept.
-    fn spawn(mut cmd: std::process::Command) -> Serve {
-        let mut child = cmd
-            .env("NO_COLOR", "1")
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .expect("start flowledger serve");
-        let log = Arc::new(Mutex::new(String::new()));
-        let mut err = child.stderr.take().expect("stderr is piped");
-        let kept = log.clone();
-        // read on as it comes, so the pipe never fills
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 4096];
-            while let Ok(n) = err.read(&mut buf) {
-                if n == 0 {
-                    break;
-                }
-                kept.lock()
-                    .unwrap()
-                    .push_str(&String::from_utf8_lossy(&buf[..n]));
-            }
-        });
-        Serve { child, log }
-    }
-
-    fn log(&self) -> String {
-        self.log.lock().unwrap().clone()
-    }
-
-    /// Waits for a line of the log holding `text`.
-    async fn logged(&self, text: &str) {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !self.log().contains(text) {
-            assert!(
-                Instant::now() < deadline,
-                "serve did not log {text:?} within 30 s:\n{}",
-                self.log()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    /// The HTTP API's base URL, from the log line saying where it listens.
-    async fn http(&self) -> String {
-        self.logged("HTTP API on http://").await;
-        let log = self.log();
-        let at = log.find("HTTP API on ").expect("logged") + "HTTP API on ".len();
-        // the log is JSON lines (not a terminal): the URL ends at its quote
-        log[at..]
-            .chars()
-            .take_while(|c| c.is_ascii_alphanumeric() || ":/.[]".contains(*c))
-            .collect()
-    }
-
-    fn term(&self) {
-        let status = std::process::Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()
-            .expect("run kill");
-        assert!(status.success(), "kill -TERM failed");
-    }
-
-    /// Waits for the process to exit (a hang fails after `bound`).
-    async fn exited(&mut self, bound: Duration) -> std::process::ExitStatus {
-        let deadline = Instant::now() + bound;
-        loop {
-            if let Some(status) = self.child.try_wait().expect("poll serve") {
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "serve did not exit within {bound:?} after SIGTERM:\n{}",
-                self.log()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-}
-
-impl Drop for Serve {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// A registry of workflow `w` with the one solver step `slow` at `url`,
 /// and a configuration with `drain_grace_seconds` and billing's token.
@@ -323,36 +221,165 @@ async fn a_step_longer_than_the_grace_is_stopped_unrecorded_and_sent_again_after
     assert_eq!(results[0]["output"], json!("done"));
 }
 
+/// `serve` alone on a NATS server of its own (a [`TestApp`] brings an
+/// intake of its own, and a command must find serve's or none), with the
+/// registry of [`files`] and a 30 s grace; without `database`, `serve`
+/// runs its intake only (no handler, no projections, no HTTP API).
+struct Lone {
+    _nats: NatsServer,
+    events: flowledger::events::log::EventLog,
+    serve: Serve,
+    billing: async_nats::Client,
+}
+
+impl Lone {
+    async fn start(dir: &Path, url: &str, database: bool) -> Lone {
+        use flowledger::events::log::{self, EventLog, LogConfig};
+        let nats = NatsServer::start();
+        let service = nats.connect(Who::Service).await;
+        log::init(&service, &LogConfig::default())
+            .await
+            .expect("init streams");
+        let events = EventLog::open(service, LogConfig::default())
+            .await
+            .expect("open the log");
+        let (registry, config) = files(dir, url, 30);
+        let mut cmd = nats.cli(Who::Service);
+        cmd.args([
+            "serve",
+            "--http",
+            "127.0.0.1:0",
+            "--checkpoint-every-secs",
+            "0",
+        ])
+        .env("FLOWLEDGER_REGISTRY", &registry)
+        .env("FLOWLEDGER_CONFIG", &config);
+        if database {
+            cmd.env("DATABASE_URL", fresh_database().await);
+        } else {
+            cmd.env_remove("DATABASE_URL");
+        }
+        let serve = Serve::spawn(cmd);
+        let billing = nats.connect(Who::Billing).await;
+        Lone {
+            _nats: nats,
+            events,
+            serve,
+            billing,
+        }
+    }
+}
+
+/// (aggregate id, event type) of every event in `events`.
+async fn stored(events: &flowledger::events::log::EventLog) -> Vec<(String, String)> {
+    let mut stored = Vec::new();
+    for seq in 1..=events.last_seq().await.expect("last sequence") {
+        if let Some(m) = events.get(seq).await.expect("read the log") {
+            for (_, r) in flowledger::events::envelope::decode_commit(&m.payload).expect("a commit")
+            {
+                stored.push((r.aggregate_id, r.event_type));
+            }
+        }
+    }
+    stored
+}
+
+#[tokio::test]
+async fn every_command_delivered_before_the_drain_is_answered_before_the_exit() {
+    // no handler runs: the step is never called
+    let dir = tempfile::tempdir().unwrap();
+    let Lone {
+        _nats,
+        events,
+        mut serve,
+        billing,
+    } = Lone::start(dir.path(), "http://127.0.0.1:9/never", false).await;
+    let submit = |id: String| {
+        let body = json!({"job_id": id, "workflow_key": "w", "client_id": "billing"});
+        let billing = billing.clone();
+        async move {
+            let r = tokio::time::timeout(
+                Duration::from_secs(5),
+                billing.request("flow.cmd.job.submit", body.to_string().into()),
+            )
+            .await;
+            (id, r)
+        }
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let (_, Ok(Ok(m))) = submit("burst-first".into()).await {
+            let v: Value = serde_json::from_slice(&m.payload).unwrap();
+            if v["ok"] == true {
+                break;
+            }
+        }
+        assert!(Instant::now() < deadline, "serve did not take burst-first");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // a burst, and the stop while the intake works through it
+    let n = 1000;
+    let before = events.last_seq().await.expect("last sequence");
+    let burst = tokio::spawn(futures::future::join_all(
+        (0..n).map(|i| submit(format!("burst-{i}"))),
+    ));
+    // the stop once the intake has stored the burst's first commands
+    while events.last_seq().await.expect("last sequence") == before {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    serve.term();
+    let answers = burst.await.unwrap();
+    let status = serve.exited(Duration::from_secs(60)).await;
+    assert_eq!(status.code(), Some(0), "{status}\n{}", serve.log());
+    let mut acked = Vec::new();
+    for (id, r) in answers {
+        match r {
+            Ok(Ok(m)) => {
+                let v: Value = serde_json::from_slice(&m.payload).unwrap();
+                assert_eq!(v["ok"], true, "{id}: {v}");
+                acked.push(id);
+            }
+            // no intake left: refused at once, or (across the accounts'
+            // import) no answer; either way the sender sends it again
+            Ok(Err(_)) | Err(_) => {}
+        }
+    }
+    let stored = stored(&events).await;
+    let submitted: Vec<&String> = stored
+        .iter()
+        .filter(|(a, t)| a.starts_with("burst-") && a != "burst-first" && t == "JobSubmitted")
+        .map(|(a, _)| a)
+        .collect();
+    // a command stored is a command answered: the intake's tasks and the
+    // replies in the client's buffer outlive the drain
+    let unanswered: Vec<_> = submitted.iter().filter(|id| !acked.contains(id)).collect();
+    assert_eq!(
+        unanswered,
+        Vec::<&&String>::new(),
+        "stored, but the sender got no answer before serve exited"
+    );
+    assert!(!acked.is_empty(), "the stop came before any command");
+    for id in &acked {
+        let times = submitted.iter().filter(|a| *a == &id).count();
+        assert_eq!(times, 1, "{id} was acknowledged; stored {times} times");
+    }
+    eprintln!(
+        "{} of {n} acknowledged before the exit, the rest refused at once",
+        acked.len()
+    );
+}
+
 #[tokio::test]
 async fn a_draining_intake_leaves_new_commands_to_the_other_instances() {
-    use flowledger::events::log::{self, EventLog, LogConfig};
-    // no intake but serve's on this server (a TestApp brings its own)
-    let nats = NatsServer::start();
-    let service = nats.connect(Who::Service).await;
-    log::init(&service, &LogConfig::default())
-        .await
-        .expect("init streams");
-    let events = EventLog::open(service, LogConfig::default())
-        .await
-        .expect("open the log");
-    let db = fresh_database().await;
     let peer = Peer::start().await;
     let slow = peer.script("/slow", vec![peers::ok(4_000, json!("slow"))]);
     let dir = tempfile::tempdir().unwrap();
-    let (registry, config) = files(dir.path(), &slow, 30);
-    let mut cmd = nats.cli(Who::Service);
-    cmd.args([
-        "serve",
-        "--http",
-        "127.0.0.1:0",
-        "--checkpoint-every-secs",
-        "0",
-    ])
-    .env("DATABASE_URL", &db)
-    .env("FLOWLEDGER_REGISTRY", &registry)
-    .env("FLOWLEDGER_CONFIG", &config);
-    let mut serve = Serve::spawn(cmd);
-    let billing = nats.connect(Who::Billing).await;
+    let Lone {
+        _nats,
+        events,
+        mut serve,
+        billing,
+    } = Lone::start(dir.path(), &slow, true).await;
     let submit = |id: &str| {
         let body = json!({"job_id": id, "workflow_key": "w", "client_id": "billing"});
         let billing = billing.clone();
@@ -388,15 +415,7 @@ async fn a_draining_intake_leaves_new_commands_to_the_other_instances() {
     );
     let status = serve.exited(Duration::from_secs(60)).await;
     assert_eq!(status.code(), Some(0), "{status}\n{}", serve.log());
-    let mut stored = Vec::new();
-    for seq in 1..=events.last_seq().await.expect("last sequence") {
-        if let Some(m) = events.get(seq).await.expect("read the log") {
-            for (_, r) in flowledger::events::envelope::decode_commit(&m.payload).expect("a commit")
-            {
-                stored.push((r.aggregate_id, r.event_type));
-            }
-        }
-    }
+    let stored = stored(&events).await;
     assert!(
         !stored.iter().any(|(id, _)| id == "drain-late"),
         "a command sent while draining was taken: {stored:?}"

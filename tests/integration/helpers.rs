@@ -347,11 +347,17 @@ impl NatsServer {
 pub(crate) trait Broker {
     /// A connection as `who`.
     fn connect(&self, who: Who) -> impl std::future::Future<Output = async_nats::Client>;
+    /// A `flowledger` command line that connects as `who`.
+    fn cli(&self, who: Who) -> std::process::Command;
 }
 
 impl Broker for NatsServer {
     async fn connect(&self, who: Who) -> async_nats::Client {
         NatsServer::connect(self, who).await
+    }
+
+    fn cli(&self, who: Who) -> std::process::Command {
+        NatsServer::cli(self, who)
     }
 }
 
@@ -1241,8 +1247,8 @@ pub(crate) async fn eventually(what: &str, mut done: impl FnMut() -> bool) {
 /// `database_url`, with `registry` and the configuration `config` (none:
 /// the defaults, handler on); no checkpoints, HTTP on a free port. The
 /// caller kills it (tests use SIGKILL).
-pub(crate) fn start_serve(
-    app: &TestApp,
+pub(crate) fn start_serve<N: Broker>(
+    app: &TestApp<N>,
     database_url: &str,
     registry: &std::path::Path,
     config: Option<&std::path::Path>,
@@ -1256,8 +1262,8 @@ pub(crate) fn start_serve(
 
 /// The `serve` command [`start_serve`] runs (HTTP on a free port, no
 /// checkpoints), for a test that adds to it or reads its output.
-pub(crate) fn serve_command(
-    app: &TestApp,
+pub(crate) fn serve_command<N: Broker>(
+    app: &TestApp<N>,
     database_url: &str,
     registry: &std::path::Path,
     config: Option<&std::path::Path>,
@@ -1399,4 +1405,122 @@ pub(crate) async fn spawn_api_with_memory(
     memory: Arc<flowledger::memory::service::MemoryService>,
 ) -> ReadSide {
     build_read_side(app, runners, registry(), url, None, Some(memory)).await
+}
+
+/// A `serve` process whose stderr (its log) is kept.
+pub(crate) struct Serve {
+    child: std::process::Child,
+    log: Arc<std::sync::Mutex<String>>,
+}
+
+impl Serve {
+    /// Starts `serve` on the test's NATS and `db` with `registry` and the
+    /// configuration at `config`.
+    pub(crate) fn start<N: Broker>(
+        app: &TestApp<N>,
+        db: &str,
+        registry: &std::path::Path,
+        config: &std::path::Path,
+    ) -> Serve {
+        Serve::spawn(serve_command(app, db, registry, Some(config)))
+    }
+
+    /// Runs `cmd` (a `serve` command line), its log kept.
+    pub(crate) fn spawn(mut cmd: std::process::Command) -> Serve {
+        let mut child = cmd
+            .env("NO_COLOR", "1")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("start flowledger serve");
+        let log = Arc::new(std::sync::Mutex::new(String::new()));
+        let mut err = child.stderr.take().expect("stderr is piped");
+        let kept = log.clone();
+        // read on as it comes, so the pipe never fills
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = std::io::Read::read(&mut err, &mut buf) {
+                if n == 0 {
+                    break;
+                }
+                kept.lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        });
+        Serve { child, log }
+    }
+
+    pub(crate) fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// Waits for a line of the log holding `text`.
+    pub(crate) async fn logged(&self, text: &str) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !self.log().contains(text) {
+            assert!(
+                Instant::now() < deadline,
+                "serve did not log {text:?} within 30 s:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// The HTTP API's base URL, from the log line saying where it listens.
+    pub(crate) async fn http(&self) -> String {
+        self.logged("HTTP API on http://").await;
+        let log = self.log();
+        let at = log.find("HTTP API on ").expect("logged") + "HTTP API on ".len();
+        // the log is JSON lines (not a terminal): the URL ends at its quote
+        log[at..]
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || ":/.[]".contains(*c))
+            .collect()
+    }
+
+    /// SIGKILL, and reaped.
+    pub(crate) fn kill(&mut self) {
+        // SAFETY: kill(2) on our own child's pid, which is not reaped yet.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGKILL) };
+        let _ = self.child.wait();
+    }
+
+    /// Whether the process has not exited.
+    pub(crate) fn running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// SIGTERM: the stop that drains first.
+    pub(crate) fn term(&self) {
+        let status = std::process::Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -TERM failed");
+    }
+
+    /// Waits for the process to exit (a hang fails after `bound`).
+    pub(crate) async fn exited(&mut self, bound: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + bound;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("poll serve") {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "serve did not exit within {bound:?} after SIGTERM:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
