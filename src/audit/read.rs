@@ -2,7 +2,6 @@
 
 use std::collections::{BTreeMap, HashSet};
 
-use async_nats::jetstream::consumer::{pull, DeliverPolicy};
 use chrono::{DateTime, Utc};
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
@@ -175,17 +174,7 @@ pub async fn for_each_message<E: From<LogError>>(
         _ => return Ok(to),
     }
     let unavailable = |e: &dyn std::fmt::Display| LogError::Unavailable(format!("replay: {e}"));
-    let consumer = log
-        .stream()
-        .create_consumer(pull::OrderedConfig {
-            filter_subject: subject_filter.to_string(),
-            deliver_policy: DeliverPolicy::ByStartSequence {
-                start_sequence: from,
-            },
-            ..Default::default()
-        })
-        .await
-        .map_err(|e| unavailable(&e))?;
+    let consumer = log.ordered_consumer(subject_filter, from).await?;
     let mut messages = consumer.messages().await.map_err(|e| unavailable(&e))?;
     while let Some(m) = messages.next().await {
         let m = m.map_err(|e| unavailable(&e))?;

@@ -516,6 +516,43 @@ impl EventLog {
         }
     }
 
+    /// An ordered consumer of the stream from `from`, on `filter` (empty:
+    /// every subject). A create the server does not answer within
+    /// [`CONSUMER_CREATE_WAIT`] is sent again, [`CONSUMER_CREATE_TRIES`]
+    /// times in all: on a cluster with a node down, nats-server 2.9 places
+    /// about every second such consumer on the missing node and never
+    /// answers (the one left behind goes once inactive).
+    pub async fn ordered_consumer(
+        &self,
+        filter: &str,
+        from: u64,
+    ) -> Result<jetstream::consumer::Consumer<jetstream::consumer::pull::OrderedConfig>, LogError>
+    {
+        let mut last = String::new();
+        for attempt in 1..=CONSUMER_CREATE_TRIES {
+            let config = jetstream::consumer::pull::OrderedConfig {
+                filter_subject: filter.to_string(),
+                deliver_policy: jetstream::consumer::DeliverPolicy::ByStartSequence {
+                    start_sequence: from.max(1),
+                },
+                ..Default::default()
+            };
+            match tokio::time::timeout(CONSUMER_CREATE_WAIT, self.stream.create_consumer(config))
+                .await
+            {
+                Ok(Ok(c)) => return Ok(c),
+                Ok(Err(e)) => last = e.to_string(),
+                Err(_) => last = format!("no answer within {} s", CONSUMER_CREATE_WAIT.as_secs()),
+            }
+            tracing::debug!(attempt, error = %last, "creating a reader of the log again");
+            tokio::time::sleep(retry_delay(attempt)).await;
+        }
+        Err(LogError::Unavailable(format!(
+            "cannot start a reader of stream {} ({CONSUMER_CREATE_TRIES} tries): {last}",
+            self.config.stream
+        )))
+    }
+
     /// The stream's last sequence right now (0 when empty).
     pub async fn last_seq(&self) -> Result<u64, LogError> {
         let info = self
@@ -526,6 +563,13 @@ impl EventLog {
         Ok(info.state.last_sequence)
     }
 }
+
+/// How long [`EventLog::ordered_consumer`] waits for the server to answer
+/// one create.
+pub const CONSUMER_CREATE_WAIT: Duration = Duration::from_secs(3);
+
+/// How many creates [`EventLog::ordered_consumer`] sends before it gives up.
+pub const CONSUMER_CREATE_TRIES: u32 = 5;
 
 /// The pause before retry `attempt` (1, 2, ...) of a read or an append:
 /// 100 ms doubling to 500 ms, so a command answers soon after a new stream

@@ -25,7 +25,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream;
-use async_nats::jetstream::consumer::{pull, DeliverPolicy};
 use futures::StreamExt;
 use sqlx::PgPool;
 use tokio::sync::{mpsc, watch};
@@ -197,13 +196,7 @@ async fn run_once(
         "job handler reading the log"
     );
     let consumer = log
-        .stream()
-        .create_consumer(pull::OrderedConfig {
-            deliver_policy: DeliverPolicy::ByStartSequence {
-                start_sequence: from,
-            },
-            ..Default::default()
-        })
+        .ordered_consumer("", from)
         .await
         .map_err(|e| format!("cannot read the log: {e}"))?;
     let mut messages = consumer.messages().await.map_err(|e| e.to_string())?;

@@ -98,6 +98,9 @@ pub(crate) enum ServerConf {
     Dev,
     /// No configuration file: no accounts, no authentication.
     Open,
+    /// nats/production.conf in strict durability mode (`sync_interval:
+    /// always`, the line it carries commented out; nats-server 2.10+).
+    Strict,
 }
 
 /// A nats-server with JetStream in a temporary directory, running one of
@@ -193,7 +196,9 @@ pub(crate) fn make_certificates(dir: &std::path::Path) {
 pub(crate) fn password(conf: ServerConf, who: Who) -> String {
     match conf {
         ServerConf::Dev => format!("dev-{}-password", who.user()),
-        ServerConf::Production | ServerConf::Open => format!("test-{}-password", who.user()),
+        ServerConf::Production | ServerConf::Strict | ServerConf::Open => {
+            format!("test-{}-password", who.user())
+        }
     }
 }
 
@@ -250,12 +255,23 @@ impl NatsServer {
             .stdout(Stdio::null())
             .stderr(Stdio::null());
         let ca = match conf {
-            ServerConf::Production => {
+            ServerConf::Production | ServerConf::Strict => {
                 if !dir.join("ca.pem").exists() {
                     make_certificates(dir);
                 }
+                let production = concat!(env!("CARGO_MANIFEST_DIR"), "/nats/production.conf");
+                let file = if conf == ServerConf::Strict {
+                    let text = std::fs::read_to_string(production).expect("read production.conf");
+                    let strict = text.replace("# sync_interval: always", "sync_interval: always");
+                    assert_ne!(strict, text, "production.conf carries the strict line");
+                    let file = dir.join("strict-production.conf");
+                    std::fs::write(&file, strict).expect("write the strict configuration");
+                    file
+                } else {
+                    std::path::PathBuf::from(production)
+                };
                 cmd.arg("-c")
-                    .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/nats/production.conf"))
+                    .arg(file)
                     .env("FLOWLEDGER_NATS_STORE_DIR", &store)
                     .env("FLOWLEDGER_NATS_TLS_CERT", dir.join("server.pem"))
                     .env("FLOWLEDGER_NATS_TLS_KEY", dir.join("server.key"));
@@ -948,8 +964,8 @@ pub(crate) async fn spawn_api(app: &TestApp, runners: bool, registry: Arc<Regist
 
 /// The HTTP API (and, with `runners`, the projections) on the database at
 /// `url`.
-pub(crate) async fn spawn_api_on(
-    app: &TestApp,
+pub(crate) async fn spawn_api_on<N>(
+    app: &TestApp<N>,
     runners: bool,
     registry: Arc<Registry>,
     url: String,
@@ -958,8 +974,8 @@ pub(crate) async fn spawn_api_on(
 }
 
 /// [`spawn_api_on`] with secret access (`/v1/secrets/*`) through `secrets`.
-pub(crate) async fn spawn_api_with(
-    app: &TestApp,
+pub(crate) async fn spawn_api_with<N>(
+    app: &TestApp<N>,
     runners: bool,
     registry: Arc<Registry>,
     url: String,
@@ -968,8 +984,8 @@ pub(crate) async fn spawn_api_with(
     build_read_side(app, runners, registry, url, secrets, None).await
 }
 
-async fn build_read_side(
-    app: &TestApp,
+async fn build_read_side<N>(
+    app: &TestApp<N>,
     runners: bool,
     registry: Arc<Registry>,
     url: String,

@@ -11,6 +11,8 @@ mod cluster;
 mod cluster_harness;
 mod drain;
 mod event_store;
+mod fault_checks;
+mod faults;
 mod handlers;
 mod hardening;
 mod helpers;

@@ -9,107 +9,11 @@ use std::time::{Duration, Instant};
 use flowledger::handlers::lease::PARTITIONS;
 use serde_json::{json, Value};
 
+use crate::fault_checks::{
+    all_ended, audit_verifies, called_back_twice, read_models_equal_a_rebuild, sent_twice, Facts,
+};
 use crate::helpers::*;
 use crate::peers::{self, Peer};
-
-/// What the log says about a set of jobs, and the checks every fault test
-/// makes: each job ended exactly once, no step succeeded twice, no attempt
-/// was recorded twice.
-struct Facts {
-    ended: HashMap<String, Vec<String>>,
-    holders: HashMap<String, Vec<String>>,
-}
-
-impl Facts {
-    async fn read(app: &TestApp, prefix: &str) -> Facts {
-        let mut ended: HashMap<String, Vec<String>> = HashMap::new();
-        let mut holders: HashMap<String, Vec<String>> = HashMap::new();
-        let mut succeeded: HashMap<(String, String), usize> = HashMap::new();
-        let mut results: HashMap<(String, String, u64), usize> = HashMap::new();
-        for r in log_events(app).await {
-            if r.aggregate_type != "job" || !r.aggregate_id.starts_with(prefix) {
-                continue;
-            }
-            let id = r.aggregate_id.clone();
-            match r.event_type.as_str() {
-                "JobCompleted" | "JobFailed" | "JobCancelled" => {
-                    ended.entry(id).or_default().push(r.event_type.clone())
-                }
-                "JobHandlerChanged" => holders
-                    .entry(id)
-                    .or_default()
-                    .push(r.data["holder"].as_str().unwrap_or("?").to_string()),
-                "StepResultRecorded" => {
-                    let step = r.data["step"].as_str().unwrap_or("?").to_string();
-                    let attempt = r.data["attempt"].as_u64().unwrap_or(0);
-                    *results
-                        .entry((id.clone(), step.clone(), attempt))
-                        .or_default() += 1;
-                    if r.data["status"] == "succeeded" {
-                        *succeeded.entry((id, step)).or_default() += 1;
-                    }
-                }
-                _ => {}
-            }
-        }
-        let twice: Vec<_> = succeeded.iter().filter(|(_, n)| **n > 1).collect();
-        assert!(twice.is_empty(), "steps that succeeded twice: {twice:?}");
-        let twice: Vec<_> = results.iter().filter(|(_, n)| **n > 1).collect();
-        assert!(twice.is_empty(), "attempts recorded twice: {twice:?}");
-        let twice: Vec<_> = ended.iter().filter(|(_, e)| e.len() > 1).collect();
-        assert!(twice.is_empty(), "jobs that ended twice: {twice:?}");
-        Facts { ended, holders }
-    }
-
-    fn completed(&self) -> usize {
-        self.ended
-            .values()
-            .filter(|e| e[0] == "JobCompleted")
-            .count()
-    }
-}
-
-/// Waits until `n` jobs named `<prefix><i>` have ended (per the log).
-async fn all_ended(app: &TestApp, prefix: &str, n: usize, within: Duration) -> Facts {
-    let deadline = Instant::now() + within;
-    loop {
-        let facts = Facts::read(app, prefix).await;
-        if facts.ended.len() >= n {
-            return facts;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{} of {n} jobs ended within {} s",
-            facts.ended.len(),
-            within.as_secs()
-        );
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-}
-
-/// The requests to `path` per `Idempotency-Key`, for keys sent more than once.
-fn sent_twice(peer: &Peer, path: &str) -> Vec<(String, usize)> {
-    let mut per_key: HashMap<String, usize> = HashMap::new();
-    for r in peer.received(path) {
-        let key = r
-            .headers
-            .get("idempotency-key")
-            .cloned()
-            .unwrap_or_default();
-        *per_key.entry(key).or_default() += 1;
-    }
-    per_key.into_iter().filter(|(_, n)| *n > 1).collect()
-}
-
-/// Callbacks per job id, for jobs called back more than once.
-fn called_back_twice(peer: &Peer) -> Vec<(String, usize)> {
-    let mut per_job: HashMap<String, usize> = HashMap::new();
-    for r in peer.received("/cb") {
-        let id = r.body["job_id"].as_str().unwrap_or("?").to_string();
-        *per_job.entry(id).or_default() += 1;
-    }
-    per_job.into_iter().filter(|(_, n)| *n > 1).collect()
-}
 
 fn callback_config() -> flowledger::handlers::HandlerConfig {
     let mut c = test_handler_config();
@@ -357,6 +261,8 @@ async fn killing_either_instance_under_load_completes_every_job() {
         "{} of {n} jobs moved to the surviving instance",
         moved.len()
     );
+    read_models_equal_a_rebuild(&app, &read.url).await;
+    audit_verifies(&app).await;
 }
 
 /// The projection consumers and when each was (re)created.
@@ -428,6 +334,8 @@ async fn after_a_postgresql_restart_one_process_runs_each_projection() {
     );
     let (_, rows) = a.get("/v1/executions?limit=100").await;
     assert_eq!(rows["items"].as_array().map(Vec::len), Some(40), "{rows}");
+    read_models_equal_a_rebuild(&app, &a.url).await;
+    audit_verifies(&app).await;
 }
 
 #[tokio::test]
