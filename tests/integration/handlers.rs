@@ -1057,3 +1057,68 @@ async fn a_failed_or_timed_out_n8n_result_is_retried_while_attempts_are_left() {
     assert!(!v.audit.iter().any(|a| a.action == "StepRetryScheduled"));
     drop(api);
 }
+
+#[tokio::test]
+async fn a_handler_restarted_between_an_n8n_failure_and_its_retry_still_retries() {
+    let app = spawn_app().await;
+    let peer = Peer::start().await;
+    // attempt 1 is accepted, and reported failed 1.5 s later, when its
+    // handler is gone; attempt 2 succeeds
+    let url = peer.script(
+        "/hook",
+        vec![
+            peers::n8n_accepts_then_reports(1_500, N8N_KEY, "failed"),
+            peers::n8n_accepts(20, N8N_KEY, json!({"summary": "second time"})),
+        ],
+    );
+    let registry = json!({"version": 1, "workflows": {
+        "w": {"steps": [{"name": "flow", "kind": "n8n", "url": url, "timeout_ms": 20_000,
+                         "max_attempts": 2, "backoff_ms": 50}]},
+    }});
+    let (first, api) = handler_with_api(&app, registry.clone()).await;
+    first.submit("n8n-restart", "w", json!({})).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while peer.received("/hook").is_empty() {
+        assert!(Instant::now() < deadline, "attempt 1 was not sent");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let db = first.url.clone();
+    drop(first);
+    // the failure comes in through the API while no handler runs
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let failed = log_events(&app).await.into_iter().any(|r| {
+            r.aggregate_id == "n8n-restart"
+                && r.event_type == "StepResultRecorded"
+                && r.data["status"] == "failed"
+        });
+        if failed {
+            break;
+        }
+        assert!(Instant::now() < deadline, "n8n's failure was not recorded");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(peer.received("/hook").len(), 1, "no retry without a handler");
+    let mut config = test_handler_config();
+    config.public_url = Some(api.http.clone());
+    config.callback_key = Some(
+        flowledger::crypto::SigningKey::new(b"test-callback-secret-0123").expect("a long key"),
+    );
+    let second = start_handler_on(&app, parse_registry(registry), config, db).await;
+    let v = second.settled("n8n-restart").await;
+    assert_eq!(v.status, JobStatus::Completed, "{:?}", v.error_message);
+    assert_eq!(v.outputs, json!({"flow": {"summary": "second time"}}));
+    let attempts: Vec<u64> = peer
+        .received("/hook")
+        .iter()
+        .map(|c| c.body["attempt"].as_u64().unwrap_or(0))
+        .collect();
+    assert_eq!(attempts, [1, 2], "attempt 2 sent once, by the new handler");
+    let retries: Vec<u64> = v
+        .audit
+        .iter()
+        .filter(|a| a.action == "StepRetryScheduled")
+        .map(|a| a.details["attempt"].as_u64().unwrap_or(0))
+        .collect();
+    assert_eq!(retries, [2], "{:?}", v.audit);
+}
