@@ -1504,6 +1504,15 @@ async fn serve(g: &Global, args: ServeArgs) -> anyhow::Result<ExitCode> {
         outln!("{}", check_config_summary(&args, &config, &registry, &keys));
         return Ok(ExitCode::SUCCESS);
     }
+    // from here a SIGHUP reloads, never stops, the process
+    let hangups = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot handle SIGHUP: the configuration cannot be reloaded");
+            None
+        }
+    };
+    let started = config.clone();
     let secrets = secrets_service(&config).await?;
     let client = connect_service(g, Duration::from_secs(args.nats_connect_wait_secs)).await?;
     let log = EventLog::open(client.clone(), log_config(g, 1, Duration::from_secs(120))).await?;
@@ -1582,16 +1591,91 @@ async fn serve(g: &Global, args: ServeArgs) -> anyhow::Result<ExitCode> {
             anyhow::Error::new(e).context(Down::Nats)
         }
     })?;
-    app.run_until(
-        async {
-            shutdown_signal().await;
-            tracing::info!("shutting down");
-        },
-        // a second signal while draining stops at once
-        shutdown_signal(),
-    )
-    .await?;
+    let reloading = hangups.map(|h| {
+        tokio::spawn(reload_on_hangup(
+            h,
+            args.config.clone(),
+            started,
+            app.reloader(),
+        ))
+    });
+    let ran = app
+        .run_until(
+            async {
+                shutdown_signal().await;
+                tracing::info!("shutting down");
+            },
+            // a second signal while draining stops at once
+            shutdown_signal(),
+        )
+        .await;
+    if let Some(r) = reloading {
+        r.abort();
+    }
+    ran?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// On each SIGHUP: reads the configuration again (the file at `path`, then
+/// the environment's overrides) and, when the whole of it is valid,
+/// applies what changes without a restart (the HTTP clients, the NATS
+/// accounts' roles: [`crate::app::Reloader`]), logging the client ids
+/// and accounts changed; an invalid configuration changes nothing and the
+/// reason is logged. Sections that need a restart and changed (compared
+/// with `started`, what runs) are named in a warning.
+async fn reload_on_hangup(
+    mut hangups: tokio::signal::unix::Signal,
+    path: Option<PathBuf>,
+    started: Config,
+    reloader: crate::app::Reloader,
+) {
+    while hangups.recv().await.is_some() {
+        let Some(path) = &path else {
+            tracing::warn!(
+                "SIGHUP: no configuration file (--config, FLOWLEDGER_CONFIG): nothing to reload"
+            );
+            continue;
+        };
+        let config = match Config::load_layered(Some(path), &Environment::process()) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!("SIGHUP: configuration not reloaded, the running one is kept: {e}");
+                continue;
+            }
+        };
+        let done = reloader.apply(&config);
+        match &done.clients {
+            Some(c) if c.is_empty() => tracing::info!("SIGHUP: [[clients]] unchanged"),
+            Some(c) => tracing::info!(
+                added = ?c.added,
+                removed = ?c.removed,
+                changed = ?c.changed,
+                "SIGHUP: [[clients]] reloaded"
+            ),
+            None => tracing::info!("SIGHUP: no HTTP API runs here: [[clients]] not used"),
+        }
+        match &done.accounts {
+            Some(a) if !a.is_empty() => {
+                tracing::info!(accounts = ?a, "SIGHUP: [nats] account roles reloaded")
+            }
+            _ => {}
+        }
+        let restart: Vec<&str> = [
+            ("[handler]", config.handler != started.handler),
+            ("[callbacks]", config.callbacks != started.callbacks),
+            ("[secrets]", config.secrets != started.secrets),
+            ("[memory]", config.memory != started.memory),
+        ]
+        .into_iter()
+        .filter_map(|(name, changed)| changed.then_some(name))
+        .collect();
+        if !restart.is_empty() {
+            tracing::warn!(
+                "SIGHUP: {} changed and not reloaded: they take effect at the next restart",
+                restart.join(", ")
+            );
+        }
+    }
 }
 
 async fn shutdown_signal() {

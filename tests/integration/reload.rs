@@ -1,0 +1,190 @@
+//! SIGHUP reloads the configuration of a running `serve`: a client added
+//! to `[[clients]]` is let in at once, a removed one gets 401, and a file
+//! that is not valid changes nothing (the reason is logged).
+
+use std::io::Read;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+use crate::helpers::*;
+
+/// A second client's token, added and removed while `serve` runs.
+const SHOP_TOKEN: &str = "test-shop-token-reloaded";
+
+/// A running `serve` (started by [`serve_command`]) with its log kept.
+struct Running {
+    child: std::process::Child,
+    log: Arc<Mutex<String>>,
+}
+
+impl Running {
+    fn start(app: &TestApp, db: &str, registry: &Path, config: &Path) -> Running {
+        let mut child = serve_command(app, db, registry, Some(config))
+            .env("NO_COLOR", "1")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("start flowledger serve");
+        let log = Arc::new(Mutex::new(String::new()));
+        let mut err = child.stderr.take().expect("stderr is piped");
+        let kept = log.clone();
+        // read on as it comes, so the pipe never fills
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = err.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                kept.lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        });
+        Running { child, log }
+    }
+
+    fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// Waits until the log holds `text` `n` times.
+    async fn logged(&self, text: &str, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.log().matches(text).count() < n {
+            assert!(
+                Instant::now() < deadline,
+                "serve did not log {text:?} {n} times within 30 s:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// The HTTP API's base URL, from the log line saying where it listens.
+    async fn http(&self) -> String {
+        self.logged("HTTP API on http://", 1).await;
+        let log = self.log();
+        let at = log.find("HTTP API on ").expect("logged") + "HTTP API on ".len();
+        log[at..]
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || ":/.[]".contains(*c))
+            .collect()
+    }
+
+    fn hangup(&self) {
+        let status = std::process::Command::new("kill")
+            .args(["-HUP", &self.child.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -HUP failed");
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A configuration with billing and `more` `[[clients]]` tables; the
+/// handler off (the jobs submitted here need no step to run).
+fn config(more: &str) -> String {
+    let hash = |t: &str| hex::encode(flowledger::events::chain::sha256(t.as_bytes()));
+    format!(
+        "[handler]\nenabled = false\n\n\
+         [[clients]]\nid = \"billing\"\ntoken_sha256 = \"{}\"\n\n{more}",
+        hash(BILLING_TOKEN)
+    )
+}
+
+fn shop() -> String {
+    let hash = hex::encode(flowledger::events::chain::sha256(SHOP_TOKEN.as_bytes()));
+    format!("[[clients]]\nid = \"shop\"\ntoken_sha256 = \"{hash}\"\n")
+}
+
+/// `POST /v1/jobs` as the holder of `token`: the status.
+async fn submit(http: &str, token: &str, job_id: &str) -> u16 {
+    reqwest::Client::new()
+        .post(format!("{http}/v1/jobs"))
+        .bearer_auth(token)
+        .json(&json!({"job_id": job_id, "workflow_key": "w"}))
+        .send()
+        .await
+        .expect("the HTTP API answers")
+        .status()
+        .as_u16()
+}
+
+#[tokio::test]
+async fn sighup_adds_and_removes_clients_and_keeps_the_old_ones_when_the_file_is_bad() {
+    let app = spawn_app().await;
+    let db = fresh_database().await;
+    let dir = tempfile::tempdir().unwrap();
+    let registry = dir.path().join("registry.json");
+    std::fs::write(
+        &registry,
+        one_workflow(
+            json!([solver("s", "http://127.0.0.1:9/s", 1_000, 1)]),
+            json!({}),
+        )
+        .to_string(),
+    )
+    .unwrap();
+    let file = dir.path().join("flowledger.toml");
+    std::fs::write(&file, config("")).unwrap();
+    let serve = Running::start(&app, &db, &registry, &file);
+    let http = serve.http().await;
+    assert_eq!(submit(&http, BILLING_TOKEN, "reload-1").await, 202);
+    assert_eq!(
+        submit(&http, SHOP_TOKEN, "reload-2").await,
+        401,
+        "not yet a client"
+    );
+
+    // added: its token works at once, no restart
+    std::fs::write(&file, config(&shop())).unwrap();
+    serve.hangup();
+    serve.logged("SIGHUP: [[clients]] reloaded", 1).await;
+    assert_eq!(submit(&http, SHOP_TOKEN, "reload-3").await, 202);
+    assert_eq!(submit(&http, BILLING_TOKEN, "reload-4").await, 202);
+
+    // removed: refused
+    std::fs::write(&file, config("")).unwrap();
+    serve.hangup();
+    serve.logged("SIGHUP: [[clients]] reloaded", 2).await;
+    assert_eq!(submit(&http, SHOP_TOKEN, "reload-5").await, 401);
+
+    // a bad file: nothing applied (shop is not let in), the reason logged
+    std::fs::write(
+        &file,
+        config(&format!(
+            "{}\n[[clients]]\nid = \"x\"\ntoken_sha256 = \"abc\"\n",
+            shop()
+        )),
+    )
+    .unwrap();
+    serve.hangup();
+    serve
+        .logged(
+            "SIGHUP: configuration not reloaded, the running one is kept",
+            1,
+        )
+        .await;
+    assert_eq!(submit(&http, BILLING_TOKEN, "reload-6").await, 202);
+    assert_eq!(
+        submit(&http, SHOP_TOKEN, "reload-7").await,
+        401,
+        "never half-applied"
+    );
+    let log = serve.log();
+    assert!(log.contains("clients[2].token_sha256"), "the reason: {log}");
+    assert!(log.contains("shop"), "the client id is logged: {log}");
+    assert!(
+        !log.contains(SHOP_TOKEN) && !log.contains(BILLING_TOKEN),
+        "no token is logged: {log}"
+    );
+}
