@@ -1512,7 +1512,11 @@ async fn serve(g: &Global, args: ServeArgs) -> anyhow::Result<ExitCode> {
             None
         }
     };
-    let started = config.clone();
+    let started = Started {
+        config: config.clone(),
+        registry_path: args.registry.clone(),
+        registry_sha256: file_sha256(&args.registry),
+    };
     let secrets = secrets_service(&config).await?;
     let client = connect_service(g, Duration::from_secs(args.nats_connect_wait_secs)).await?;
     let log = EventLog::open(client.clone(), log_config(g, 1, Duration::from_secs(120))).await?;
@@ -1616,20 +1620,43 @@ async fn serve(g: &Global, args: ServeArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// What `serve` started with, to say on a reload what needs a restart.
+struct Started {
+    config: Config,
+    registry_path: PathBuf,
+    /// `None`: the file could not be read again.
+    registry_sha256: Option<[u8; 32]>,
+}
+
+/// The SHA-256 of the file at `path`, `None` when it cannot be read.
+fn file_sha256(path: &std::path::Path) -> Option<[u8; 32]> {
+    std::fs::read(path)
+        .ok()
+        .map(|bytes| crate::events::chain::sha256(&bytes))
+}
+
 /// On each SIGHUP: reads the configuration again (the file at `path`, then
 /// the environment's overrides) and, when the whole of it is valid,
 /// applies what changes without a restart (the HTTP clients, the NATS
 /// accounts' roles: [`crate::app::Reloader`]), logging the client ids
 /// and accounts changed; an invalid configuration changes nothing and the
 /// reason is logged. Sections that need a restart and changed (compared
-/// with `started`, what runs) are named in a warning.
+/// with `started`, what runs), and a changed workflow registry file, are
+/// named in a warning.
 async fn reload_on_hangup(
     mut hangups: tokio::signal::unix::Signal,
     path: Option<PathBuf>,
-    started: Config,
+    started: Started,
     reloader: crate::app::Reloader,
 ) {
     while hangups.recv().await.is_some() {
+        if file_sha256(&started.registry_path) != started.registry_sha256 {
+            tracing::warn!(
+                registry = %started.registry_path.display(),
+                "SIGHUP: the workflow registry file changed and is not reloaded: it takes \
+                 effect at the next restart"
+            );
+        }
         let Some(path) = &path else {
             tracing::warn!(
                 "SIGHUP: no configuration file (--config, FLOWLEDGER_CONFIG): nothing to reload"
@@ -1660,11 +1687,12 @@ async fn reload_on_hangup(
             }
             _ => {}
         }
+        let was = &started.config;
         let restart: Vec<&str> = [
-            ("[handler]", config.handler != started.handler),
-            ("[callbacks]", config.callbacks != started.callbacks),
-            ("[secrets]", config.secrets != started.secrets),
-            ("[memory]", config.memory != started.memory),
+            ("[handler]", config.handler != was.handler),
+            ("[callbacks]", config.callbacks != was.callbacks),
+            ("[secrets]", config.secrets != was.secrets),
+            ("[memory]", config.memory != was.memory),
         ]
         .into_iter()
         .filter_map(|(name, changed)| changed.then_some(name))

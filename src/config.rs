@@ -987,7 +987,17 @@ fn set_path(table: &mut toml::Table, path: &[String], value: toml::Value) -> Res
 /// position in a document that does not exist.
 fn override_message(e: toml::de::Error) -> String {
     let m = e.message().trim().to_string();
-    format!("{m}; the value is read as TOML (10, true, [\"A\", \"B\"], \"text\") or else as text")
+    if m.starts_with("invalid type") || m.starts_with("invalid value") {
+        format!(
+            "{m}; the value is read as TOML (10, true, [\"A\", \"B\"], \"text\") or else as text"
+        )
+    } else if m.starts_with("missing field") {
+        format!(
+            "{m}: the section it makes needs that setting too (in the file, or its own variable)"
+        )
+    } else {
+        m
+    }
 }
 
 impl Config {
@@ -1509,6 +1519,11 @@ mod tests {
         .expect_err("a list of tables")
         .to_string();
         assert!(e.contains("clients is not a section"), "{e}");
+        let e = refused(&[("FLOWLEDGER_MEMORY__EMBEDDER__URL", "http://x/v1")]);
+        assert!(
+            e.contains("FLOWLEDGER_MEMORY__EMBEDDER__URL") && e.contains("missing field `model`"),
+            "{e}"
+        );
         let e = refused(&[("FLOWLEDGER_HANDLER____ENABLED", "true")]);
         assert!(e.contains("empty"), "{e}");
         // the file's own errors still point into the file

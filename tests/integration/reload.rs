@@ -180,6 +180,32 @@ async fn sighup_adds_and_removes_clients_and_keeps_the_old_ones_when_the_file_is
         401,
         "never half-applied"
     );
+
+    // what a reload does not apply is named
+    std::fs::write(
+        &file,
+        config("").replace(
+            "enabled = false",
+            "enabled = false\ndrain_grace_seconds = 7",
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        &registry,
+        one_workflow(
+            json!([solver("s2", "http://127.0.0.1:9/s2", 1_000, 1)]),
+            json!({}),
+        )
+        .to_string(),
+    )
+    .unwrap();
+    serve.hangup();
+    serve.logged("[handler] changed and not reloaded", 1).await;
+    serve
+        .logged("the workflow registry file changed and is not reloaded", 1)
+        .await;
+    assert_eq!(submit(&http, BILLING_TOKEN, "reload-8").await, 202);
+
     let log = serve.log();
     assert!(log.contains("clients[2].token_sha256"), "the reason: {log}");
     assert!(log.contains("shop"), "the client id is logged: {log}");
