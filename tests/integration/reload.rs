@@ -2,9 +2,6 @@
 //! to `[[clients]]` is let in at once, a removed one gets 401, and a file
 //! that is not valid changes nothing (the reason is logged).
 
-use std::io::Read;
-use std::path::Path;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
@@ -14,79 +11,16 @@ use crate::helpers::*;
 /// A second client's token, added and removed while `serve` runs.
 const SHOP_TOKEN: &str = "test-shop-token-reloaded";
 
-/// A running `serve` (started by [`serve_command`]) with its log kept.
-struct Running {
-    child: std::process::Child,
-    log: Arc<Mutex<String>>,
-}
-
-impl Running {
-    fn start(app: &TestApp, db: &str, registry: &Path, config: &Path) -> Running {
-        let mut child = serve_command(app, db, registry, Some(config))
-            .env("NO_COLOR", "1")
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .expect("start flowledger serve");
-        let log = Arc::new(Mutex::new(String::new()));
-        let mut err = child.stderr.take().expect("stderr is piped");
-        let kept = log.clone();
-        // read on as it comes, so the pipe never fills
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 4096];
-            while let Ok(n) = err.read(&mut buf) {
-                if n == 0 {
-                    break;
-                }
-                kept.lock()
-                    .unwrap()
-                    .push_str(&String::from_utf8_lossy(&buf[..n]));
-            }
-        });
-        Running { child, log }
-    }
-
-    fn log(&self) -> String {
-        self.log.lock().unwrap().clone()
-    }
-
-    /// Waits until the log holds `text` `n` times.
-    async fn logged(&self, text: &str, n: usize) {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while self.log().matches(text).count() < n {
-            assert!(
-                Instant::now() < deadline,
-                "serve did not log {text:?} {n} times within 30 s:\n{}",
-                self.log()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    /// The HTTP API's base URL, from the log line saying where it listens.
-    async fn http(&self) -> String {
-        self.logged("HTTP API on http://", 1).await;
-        let log = self.log();
-        let at = log.find("HTTP API on ").expect("logged") + "HTTP API on ".len();
-        log[at..]
-            .chars()
-            .take_while(|c| c.is_ascii_alphanumeric() || ":/.[]".contains(*c))
-            .collect()
-    }
-
-    fn hangup(&self) {
-        let status = std::process::Command::new("kill")
-            .args(["-HUP", &self.child.id().to_string()])
-            .status()
-            .expect("run kill");
-        assert!(status.success(), "kill -HUP failed");
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+/// Waits until the log of `serve` holds `text` `n` times.
+async fn logged_times(serve: &Serve, text: &str, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while serve.log().matches(text).count() < n {
+        assert!(
+            Instant::now() < deadline,
+            "serve did not log {text:?} {n} times within 30 s:\n{}",
+            serve.log()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
@@ -136,7 +70,7 @@ async fn sighup_adds_and_removes_clients_and_keeps_the_old_ones_when_the_file_is
     .unwrap();
     let file = dir.path().join("flowledger.toml");
     std::fs::write(&file, config("")).unwrap();
-    let serve = Running::start(&app, &db, &registry, &file);
+    let serve = Serve::start(&app, &db, &registry, &file);
     let http = serve.http().await;
     assert_eq!(submit(&http, BILLING_TOKEN, "reload-1").await, 202);
     assert_eq!(
@@ -148,14 +82,14 @@ async fn sighup_adds_and_removes_clients_and_keeps_the_old_ones_when_the_file_is
     // added: its token works at once, no restart
     std::fs::write(&file, config(&shop())).unwrap();
     serve.hangup();
-    serve.logged("SIGHUP: [[clients]] reloaded", 1).await;
+    logged_times(&serve, "SIGHUP: [[clients]] reloaded", 1).await;
     assert_eq!(submit(&http, SHOP_TOKEN, "reload-3").await, 202);
     assert_eq!(submit(&http, BILLING_TOKEN, "reload-4").await, 202);
 
     // removed: refused
     std::fs::write(&file, config("")).unwrap();
     serve.hangup();
-    serve.logged("SIGHUP: [[clients]] reloaded", 2).await;
+    logged_times(&serve, "SIGHUP: [[clients]] reloaded", 2).await;
     assert_eq!(submit(&http, SHOP_TOKEN, "reload-5").await, 401);
 
     // a bad file: nothing applied (shop is not let in), the reason logged
@@ -169,10 +103,7 @@ async fn sighup_adds_and_removes_clients_and_keeps_the_old_ones_when_the_file_is
     .unwrap();
     serve.hangup();
     serve
-        .logged(
-            "SIGHUP: configuration not reloaded, the running one is kept",
-            1,
-        )
+        .logged("SIGHUP: configuration not reloaded, the running one is kept")
         .await;
     assert_eq!(submit(&http, BILLING_TOKEN, "reload-6").await, 202);
     assert_eq!(
@@ -200,9 +131,9 @@ async fn sighup_adds_and_removes_clients_and_keeps_the_old_ones_when_the_file_is
     )
     .unwrap();
     serve.hangup();
-    serve.logged("[handler] changed and not reloaded", 1).await;
+    serve.logged("[handler] changed and not reloaded").await;
     serve
-        .logged("the workflow registry file changed and is not reloaded", 1)
+        .logged("the workflow registry file changed and is not reloaded")
         .await;
     assert_eq!(submit(&http, BILLING_TOKEN, "reload-8").await, 202);
 
