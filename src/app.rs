@@ -18,7 +18,7 @@ use crate::commands::job::JobServices;
 use crate::commands::projection::ProjectionCommand;
 use crate::commands::registry::Registry;
 use crate::commands::secret_access::policy::{Decision, SecretPolicy};
-use crate::config::{ClientEntry, NatsSection};
+use crate::config::{ClientEntry, Config, NatsSection};
 use crate::crypto::{SealKeys, SigningKey};
 use crate::events::chain;
 use crate::events::envelope::{Actor, CommandMeta};
@@ -166,6 +166,37 @@ pub struct Application {
     stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
     intake: Option<JoinHandle<()>>,
+    reloader: Reloader,
+}
+
+/// Replaces, in the running service, what a reload of the configuration
+/// may change without a restart (SIGHUP, docs/OPERATIONS.md "Reload"): the
+/// HTTP API's `[[clients]]` and the intake's `[nats]` account roles. Each
+/// is swapped whole: a request sees the old table or the new one.
+#[derive(Clone, Default)]
+pub struct Reloader {
+    clients: Option<Arc<api::auth::Clients>>,
+    accounts: Option<Arc<api::broker_identity::Accounts>>,
+}
+
+/// What [`Reloader::apply`] changed; `None`: that part does not run here.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Reloaded {
+    /// The HTTP clients added, removed and changed, by id.
+    pub clients: Option<api::auth::ClientChanges>,
+    /// The NATS accounts whose role changed.
+    pub accounts: Option<Vec<String>>,
+}
+
+impl Reloader {
+    /// Applies the clients and the NATS accounts of `config` (a whole,
+    /// checked configuration: [`Config::parse`] refused anything less).
+    pub fn apply(&self, config: &Config) -> Reloaded {
+        Reloaded {
+            clients: self.clients.as_ref().map(|c| c.replace(&config.clients)),
+            accounts: self.accounts.as_ref().map(|a| a.replace(&config.nats)),
+        }
+    }
 }
 
 /// Checks the steps whose headers read secrets before the handler starts
@@ -249,6 +280,7 @@ impl Application {
             )));
         }
         let (mut pool, mut handler, mut http_addr) = (None, None, None);
+        let mut reloader = Reloader::default();
         if let Some(d) = database {
             let p = db::connect(&d.url, d.max_connections).await?;
             db::migrate(&p).await?;
@@ -335,6 +367,8 @@ impl Application {
                     source,
                 })?;
                 tracing::info!("HTTP API on http://{addr}");
+                let clients = Arc::new(api::auth::Clients::new(&h.clients));
+                reloader.clients = Some(clients.clone());
                 let state = api::http::AppState {
                     pool: p.clone(),
                     nats: nats.clone(),
@@ -342,7 +376,7 @@ impl Application {
                     metrics: crate::metrics::handle(),
                     bus: bus.clone(),
                     registry: registry.clone(),
-                    clients: Arc::new(api::auth::Clients::new(&h.clients)),
+                    clients: clients.clone(),
                     n8n_key: h.n8n_key,
                     callback_window_secs: h.callback_window_secs,
                     callback_limits: Arc::new(api::n8n::CallbackLimits::new(
@@ -388,6 +422,7 @@ impl Application {
         }
         let intake = if intake {
             let accounts = Arc::new(api::broker_identity::Accounts::new(&nats_accounts));
+            reloader.accounts = Some(accounts.clone());
             Some(
                 start_intake(
                     bus.clone(),
@@ -412,7 +447,14 @@ impl Application {
             stop,
             tasks,
             intake,
+            reloader,
         })
+    }
+
+    /// What replaces the reloadable parts of the running service (see
+    /// [`Reloader`]); usable while [`Self::run_until`] runs.
+    pub fn reloader(&self) -> Reloader {
+        self.reloader.clone()
     }
 
     /// The command bus every part issues commands through.

@@ -24,7 +24,7 @@ use crate::commands::limits::MAX_JOB_TIMEOUT_SECONDS;
 use crate::commands::registry::{Registry, DEFAULT_REGISTRY_PATH};
 use crate::commands::secret_access::events::AccessRequest;
 use crate::commands::ErrorCode;
-use crate::config::{Config, OwnKeys};
+use crate::config::{Config, Environment, OwnKeys};
 use crate::crypto::{SealKeys, SigningKey};
 use crate::events::envelope::{Actor, CommandMeta};
 use crate::events::log::{self, EventLog, LogConfig};
@@ -44,6 +44,63 @@ pub(crate) struct Cli {
     pub(crate) global: Global,
     #[command(subcommand)]
     pub(crate) command: Command,
+}
+
+impl Cli {
+    /// Fills each secret the command line takes from the environment
+    /// (`FLOWLEDGER_NATS_PASSWORD`, `FLOWLEDGER_CHECKPOINT_SIGNING_KEY`,
+    /// `FLOWLEDGER_CHECKPOINT_KEY`, `DATABASE_URL`) from the file its
+    /// `_FILE` variant names, when that is set; the value given twice (the
+    /// flag or the variable, and the file) is a usage error naming both.
+    pub(crate) fn read_secret_files(&mut self, env: &Environment) -> anyhow::Result<()> {
+        let auth = &mut self.global.nats_auth;
+        let mut password = auth.password.take().map(|Password(p)| p);
+        from_secret_file(env, &mut password, "FLOWLEDGER_NATS_PASSWORD", "--password")?;
+        auth.password = password.map(Password);
+        if let Command::Serve(args) = &mut self.command {
+            let key = &mut args.key;
+            from_secret_file(
+                env,
+                &mut key.signing_key,
+                "FLOWLEDGER_CHECKPOINT_SIGNING_KEY",
+                "--checkpoint-signing-key",
+            )?;
+            from_secret_file(
+                env,
+                &mut key.legacy_hmac_key,
+                "FLOWLEDGER_CHECKPOINT_KEY",
+                "--checkpoint-key",
+            )?;
+        }
+        if let Some(db) = self.command.db_mut() {
+            from_secret_file(env, &mut db.database_url, "DATABASE_URL", "--database-url")?;
+        }
+        Ok(())
+    }
+}
+
+/// Reads `slot` from the file `<var>_FILE` names when that is set and
+/// neither `flag` nor `var` gave it (both: a usage error naming them).
+fn from_secret_file(
+    env: &Environment,
+    slot: &mut Option<String>,
+    var: &str,
+    flag: &str,
+) -> anyhow::Result<()> {
+    let file_var = format!("{var}_FILE");
+    if !env.is_set(&file_var) {
+        return Ok(());
+    }
+    if slot.is_some() && !env.is_set(var) {
+        return Err(anyhow::anyhow!(
+            "{flag} and {file_var} are both given: give the secret one way"
+        )
+        .context(UsageError));
+    }
+    *slot = env
+        .secret(var)
+        .map_err(|e| anyhow::Error::new(e).context(UsageError))?;
+    Ok(())
 }
 
 /// Options every subcommand takes: where NATS and the streams are.
@@ -297,6 +354,23 @@ pub(crate) enum Command {
     /// Conversation memory (docs/MEMORY.md).
     #[command(subcommand)]
     Memory(MemoryCommand),
+}
+
+impl Command {
+    /// The read-model database options, for the subcommands that take them.
+    fn db_mut(&mut self) -> Option<&mut DbArgs> {
+        match self {
+            Command::Init { db, .. } | Command::Migrate { db } => Some(db),
+            Command::Serve(args) => Some(&mut args.db),
+            Command::Memory(MemoryCommand::Cleanup { db, .. }) => Some(db),
+            Command::Projections(
+                ProjectionsCommand::Status { db }
+                | ProjectionsCommand::Resume { db, .. }
+                | ProjectionsCommand::Rebuild { db, .. },
+            ) => Some(db),
+            Command::Submit { .. } | Command::Send { .. } | Command::Audit(_) => None,
+        }
+    }
 }
 
 /// `flowledger memory ...`.
@@ -677,10 +751,14 @@ fn causes(e: &anyhow::Error) -> String {
 /// stderr (`crate::logging`: `FLOWLEDGER_LOG`, `FLOWLEDGER_LOG_FORMAT`), runs the subcommand and maps its
 /// error to the exit code.
 pub async fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let mut cli = Cli::parse();
     if let Err(e) = crate::logging::init() {
         eprintln!("flowledger: {e}");
         return ExitCode::from(2);
+    }
+    if let Err(e) = cli.read_secret_files(&Environment::process()) {
+        eprintln!("flowledger: {}", causes(&e));
+        return exit_code(&e);
     }
     match run(cli).await {
         Ok(code) => code,
@@ -1346,6 +1424,13 @@ fn check_config_summary(
             args.registry.display(),
             registry.keys().len()
         ),
+        format!(
+            "environment overrides: {}",
+            match Environment::process().override_names() {
+                names if names.is_empty() => "none".to_string(),
+                names => names.join(", "),
+            }
+        ),
         format!("clients: {}", config.clients.len()),
         format!(
             "database: {}",
@@ -1382,10 +1467,8 @@ fn check_config_summary(
 
 async fn serve(g: &Global, args: ServeArgs) -> anyhow::Result<ExitCode> {
     let registry = Arc::new(Registry::load(&args.registry).context(UsageError)?);
-    let config = match &args.config {
-        Some(path) => Config::load(path).context(UsageError)?,
-        None => Config::default(),
-    };
+    let env = Environment::process();
+    let config = Config::load_layered(args.config.as_deref(), &env).context(UsageError)?;
     if args.max_timeout_seconds == 0 || args.max_timeout_seconds > MAX_JOB_TIMEOUT_SECONDS {
         return Err(anyhow::anyhow!(
             "--max-timeout-seconds must be 1 to {MAX_JOB_TIMEOUT_SECONDS} (30 days), got {}",
@@ -1421,6 +1504,19 @@ async fn serve(g: &Global, args: ServeArgs) -> anyhow::Result<ExitCode> {
         outln!("{}", check_config_summary(&args, &config, &registry, &keys));
         return Ok(ExitCode::SUCCESS);
     }
+    // from here a SIGHUP reloads, never stops, the process
+    let hangups = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot handle SIGHUP: the configuration cannot be reloaded");
+            None
+        }
+    };
+    let started = Started {
+        config: config.clone(),
+        registry_path: args.registry.clone(),
+        registry_sha256: file_sha256(&args.registry),
+    };
     let secrets = secrets_service(&config).await?;
     let client = connect_service(g, Duration::from_secs(args.nats_connect_wait_secs)).await?;
     let log = EventLog::open(client.clone(), log_config(g, 1, Duration::from_secs(120))).await?;
@@ -1499,16 +1595,115 @@ async fn serve(g: &Global, args: ServeArgs) -> anyhow::Result<ExitCode> {
             anyhow::Error::new(e).context(Down::Nats)
         }
     })?;
-    app.run_until(
-        async {
-            shutdown_signal().await;
-            tracing::info!("shutting down");
-        },
-        // a second signal while draining stops at once
-        shutdown_signal(),
-    )
-    .await?;
+    let reloading = hangups.map(|h| {
+        tokio::spawn(reload_on_hangup(
+            h,
+            args.config.clone(),
+            started,
+            app.reloader(),
+        ))
+    });
+    let ran = app
+        .run_until(
+            async {
+                shutdown_signal().await;
+                tracing::info!("shutting down");
+            },
+            // a second signal while draining stops at once
+            shutdown_signal(),
+        )
+        .await;
+    if let Some(r) = reloading {
+        r.abort();
+    }
+    ran?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// What `serve` started with, to say on a reload what needs a restart.
+struct Started {
+    config: Config,
+    registry_path: PathBuf,
+    /// `None`: the file could not be read again.
+    registry_sha256: Option<[u8; 32]>,
+}
+
+/// The SHA-256 of the file at `path`, `None` when it cannot be read.
+fn file_sha256(path: &std::path::Path) -> Option<[u8; 32]> {
+    std::fs::read(path)
+        .ok()
+        .map(|bytes| crate::events::chain::sha256(&bytes))
+}
+
+/// On each SIGHUP: reads the configuration again (the file at `path`, then
+/// the environment's overrides) and, when the whole of it is valid,
+/// applies what changes without a restart (the HTTP clients, the NATS
+/// accounts' roles: [`crate::app::Reloader`]), logging the client ids
+/// and accounts changed; an invalid configuration changes nothing and the
+/// reason is logged. Sections that need a restart and changed (compared
+/// with `started`, what runs), and a changed workflow registry file, are
+/// named in a warning.
+async fn reload_on_hangup(
+    mut hangups: tokio::signal::unix::Signal,
+    path: Option<PathBuf>,
+    started: Started,
+    reloader: crate::app::Reloader,
+) {
+    while hangups.recv().await.is_some() {
+        if file_sha256(&started.registry_path) != started.registry_sha256 {
+            tracing::warn!(
+                registry = %started.registry_path.display(),
+                "SIGHUP: the workflow registry file changed and is not reloaded: it takes \
+                 effect at the next restart"
+            );
+        }
+        let Some(path) = &path else {
+            tracing::warn!(
+                "SIGHUP: no configuration file (--config, FLOWLEDGER_CONFIG): nothing to reload"
+            );
+            continue;
+        };
+        let config = match Config::load_layered(Some(path), &Environment::process()) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!("SIGHUP: configuration not reloaded, the running one is kept: {e}");
+                continue;
+            }
+        };
+        let done = reloader.apply(&config);
+        match &done.clients {
+            Some(c) if c.is_empty() => tracing::info!("SIGHUP: [[clients]] unchanged"),
+            Some(c) => tracing::info!(
+                added = ?c.added,
+                removed = ?c.removed,
+                changed = ?c.changed,
+                "SIGHUP: [[clients]] reloaded"
+            ),
+            None => tracing::info!("SIGHUP: no HTTP API runs here: [[clients]] not used"),
+        }
+        match &done.accounts {
+            Some(a) if !a.is_empty() => {
+                tracing::info!(accounts = ?a, "SIGHUP: [nats] account roles reloaded")
+            }
+            _ => {}
+        }
+        let was = &started.config;
+        let restart: Vec<&str> = [
+            ("[handler]", config.handler != was.handler),
+            ("[callbacks]", config.callbacks != was.callbacks),
+            ("[secrets]", config.secrets != was.secrets),
+            ("[memory]", config.memory != was.memory),
+        ]
+        .into_iter()
+        .filter_map(|(name, changed)| changed.then_some(name))
+        .collect();
+        if !restart.is_empty() {
+            tracing::warn!(
+                "SIGHUP: {} changed and not reloaded: they take effect at the next restart",
+                restart.join(", ")
+            );
+        }
+    }
 }
 
 async fn shutdown_signal() {

@@ -1,8 +1,14 @@
 //! The service configuration file (`--config FILE`, env `FLOWLEDGER_CONFIG`),
-//! TOML. Every setting is documented in docs/CONFIGURATION.md. Secrets are
-//! never in the file: it names the environment variables that hold them,
-//! and clients' tokens appear only as SHA-256 hashes.
+//! TOML, in layers: the file (or the defaults without one), then the
+//! `FLOWLEDGER_<SECTION>__<KEY>` environment variables, each overriding one
+//! setting ([`Environment`]). Every setting is documented in
+//! docs/CONFIGURATION.md. Secrets are never in the file: it names the
+//! environment variables that hold them (each also readable from a file
+//! named by `<VAR>_FILE`), and clients' tokens appear only as SHA-256
+//! hashes.
 
+use std::collections::BTreeMap;
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
@@ -44,7 +50,7 @@ pub struct Config {
 
 /// `[memory]`: conversation memory. Off unless `enabled`; needs
 /// `[secrets] vault_addr`, where each data subject's key is kept.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MemorySection {
     /// Accept memory commands and build the memory read model.
@@ -90,7 +96,7 @@ pub enum ExtractMode {
 
 /// `[memory.extractor]`: the fact extractor, an HTTP peer (`POST <url>`,
 /// docs/MEMORY.md "Extraction") where the language model lives.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ExtractorSection {
     /// The endpoint, POSTed as is, e.g. `http://extractor:8000/v1/extract`.
@@ -187,7 +193,7 @@ pub enum EmbedderFallback {
 
 /// `[memory.embedder]`: an OpenAI-compatible embeddings endpoint
 /// (`POST <url>/embeddings`).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EmbedderSection {
     /// The API's base URL, e.g. `https://openrouter.ai/api/v1` or
@@ -346,7 +352,7 @@ pub enum VaultAuthKind {
 /// `[secrets]`: secret access through Vault (OpenBao). Without
 /// `vault_addr`, secret access is off: reads answer `unavailable` and no
 /// step may use a secret.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SecretsSection {
     /// Vault's base URL, e.g. `https://vault.internal:8200`.
@@ -487,18 +493,22 @@ impl SecretsSection {
     }
 
     /// The Vault client's settings, credentials read from the variables
-    /// named; `None` when `vault_addr` is unset. A variable that is unset
-    /// or empty is an error naming it.
+    /// named (or the files their `_FILE` variants name); `None` when
+    /// `vault_addr` is unset. A variable that is unset or empty is an error
+    /// naming it.
     pub fn vault_config(&self) -> Result<Option<VaultConfig>, ConfigError> {
         let Some(addr) = &self.vault_addr else {
             return Ok(None);
         };
-        let var = |name: &String, field: &'static str| match std::env::var(name) {
-            Ok(v) if !v.is_empty() => Ok(v),
+        let env = Environment::process();
+        let var = |name: &String, field: &'static str| match env.secret(name)? {
+            Some(v) if !v.is_empty() => Ok(v),
             _ => Err(ConfigError::Secret {
                 var: name.clone(),
                 field,
-                message: "is unset or empty; set it to flowledger's Vault credential".into(),
+                message: format!(
+                    "is unset or empty; set it (or {name}_FILE) to flowledger's Vault credential"
+                ),
             }),
         };
         let auth = match self.auth {
@@ -578,7 +588,7 @@ impl NatsSection {
 
 /// `[handler]`: how the job handler runs and retries failed attempts
 /// (every key optional, defaults below).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct HandlerSection {
     /// Run the job handler in this process (it also needs a database).
@@ -624,7 +634,7 @@ impl Default for HandlerSection {
 
 /// `[callbacks]`: the keys (by environment variable) and limits of signed
 /// callbacks, outgoing and from n8n (docs/CALLBACKS.md).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct CallbackSection {
     /// Environment variable holding the key that signs outgoing callbacks.
@@ -701,8 +711,8 @@ fn default_rate() -> u32 {
     600
 }
 
-/// Why the configuration cannot be used; each message names the file or
-/// the setting to fix.
+/// Why the configuration cannot be used; each message names the file, the
+/// setting or the environment variable to fix.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// The file cannot be read; fix the path or its permissions.
@@ -722,6 +732,17 @@ pub enum ConfigError {
         /// The setting at fault and what it must be.
         message: String,
     },
+    /// A `FLOWLEDGER_<SECTION>__<KEY>` variable names no setting, or holds
+    /// a value of the wrong type; fix or unset the variable.
+    #[error("environment variable {var} (setting {setting}): {message}")]
+    Override {
+        /// The variable.
+        var: String,
+        /// The setting it overrides, dotted (`handler.drain_grace_seconds`).
+        setting: String,
+        /// What is wrong and what is expected.
+        message: String,
+    },
     /// The environment variable a `callbacks.*_env` or `secrets.*_env`
     /// setting names holds an unusable key (shorter than 16 bytes), or is
     /// unset where a credential is required; set it.
@@ -735,106 +756,440 @@ pub enum ConfigError {
         /// Why the key is refused (never the key itself).
         message: String,
     },
+    /// A secret's variable, or the file its `_FILE` variant names, cannot
+    /// be used (see [`SecretVarError`]).
+    #[error(transparent)]
+    SecretVar(#[from] SecretVarError),
+}
+
+/// Why a secret given in the environment (`VAR`, or `VAR_FILE` naming a
+/// file that holds it) cannot be read; never says the value.
+#[derive(Debug, thiserror::Error)]
+pub enum SecretVarError {
+    /// Both `VAR` and `VAR_FILE` are set: unset one of them.
+    #[error("both {var} and {file_var} are set: give the secret one way, unset one of them")]
+    Both {
+        /// The variable holding the value.
+        var: String,
+        /// The variable naming a file that holds it.
+        file_var: String,
+    },
+    /// The file `VAR_FILE` names cannot be read, or is not UTF-8 text.
+    #[error("{file_var}={path}: cannot read the secret from the file: {reason} (point {file_var} at a readable UTF-8 text file, or unset it)")]
+    File {
+        /// The variable naming the file.
+        file_var: String,
+        /// The file.
+        path: PathBuf,
+        /// What failed (the operating system's reason; never the content).
+        reason: String,
+    },
+    /// The variable's value is not UTF-8.
+    #[error("{var} is not UTF-8 text: set it to the value as text")]
+    NotUnicode {
+        /// The variable.
+        var: String,
+    },
+}
+
+/// Where settings and secrets are read from: the process's environment, or
+/// a fixed set of variables (tests, a reload that must see what the start
+/// saw).
+///
+/// Two rules (docs/CONFIGURATION.md, "Layers"):
+/// - `FLOWLEDGER_<SECTION>__<KEY>` (a double underscore between the
+///   levels, any case) overrides the setting `<section>.<key>` of the file,
+///   e.g. `FLOWLEDGER_HANDLER__DRAIN_GRACE_SECONDS=10` for `[handler]
+///   drain_grace_seconds`, `FLOWLEDGER_MEMORY__EMBEDDER__URL` for
+///   `[memory.embedder] url`. The value is read as a TOML value (`10`,
+///   `true`, `["A", "B"]`, `"quoted"`), or as a string when it is not one
+///   (`https://x`, `0 2 * * *`).
+/// - every secret given in a variable `VAR` may instead be in a file named
+///   by `VAR_FILE` (trailing newlines trimmed); both set is refused.
+#[derive(Debug, Clone, Default)]
+pub struct Environment {
+    /// `None`: the process's environment, read when asked.
+    fixed: Option<BTreeMap<String, OsString>>,
+}
+
+/// The prefix of the variables that override settings of the file.
+pub const OVERRIDE_PREFIX: &str = "FLOWLEDGER_";
+
+/// What separates the levels in an override's name (`SECTION__KEY`).
+pub const OVERRIDE_SEPARATOR: &str = "__";
+
+/// One `FLOWLEDGER_<SECTION>__<KEY>` variable, parsed.
+#[derive(Debug, Clone)]
+struct Override {
+    var: String,
+    path: Vec<String>,
+    value: toml::Value,
+}
+
+impl Override {
+    fn setting(&self) -> String {
+        self.path.join(".")
+    }
+}
+
+impl Environment {
+    /// The process's environment.
+    pub fn process() -> Self {
+        Environment { fixed: None }
+    }
+
+    /// Exactly these variables (and no other).
+    pub fn from_vars<K: Into<String>, V: Into<OsString>>(
+        vars: impl IntoIterator<Item = (K, V)>,
+    ) -> Self {
+        Environment {
+            fixed: Some(
+                vars.into_iter()
+                    .map(|(k, v)| (k.into(), v.into()))
+                    .collect(),
+            ),
+        }
+    }
+
+    fn get(&self, name: &str) -> Option<OsString> {
+        match &self.fixed {
+            Some(vars) => vars.get(name).cloned(),
+            None => std::env::var_os(name),
+        }
+    }
+
+    fn names(&self) -> Vec<String> {
+        match &self.fixed {
+            Some(vars) => vars.keys().cloned().collect(),
+            // a variable whose name is not Unicode is no flowledger setting
+            None => std::env::vars_os()
+                .filter_map(|(k, _)| k.into_string().ok())
+                .collect(),
+        }
+    }
+
+    /// Whether `name` is set (to anything).
+    pub fn is_set(&self, name: &str) -> bool {
+        self.get(name).is_some()
+    }
+
+    /// The secret in `var`, or in the file `<var>_FILE` names (trailing
+    /// `\n`/`\r\n` trimmed); `None` when neither is set. Both set, an
+    /// unreadable file and a value that is not UTF-8 are errors naming the
+    /// variables, never the value.
+    pub fn secret(&self, var: &str) -> Result<Option<String>, SecretVarError> {
+        let file_var = format!("{var}_FILE");
+        match (self.get(var), self.get(&file_var)) {
+            (Some(_), Some(_)) => Err(SecretVarError::Both {
+                var: var.into(),
+                file_var,
+            }),
+            (Some(v), None) => v
+                .into_string()
+                .map(Some)
+                .map_err(|_| SecretVarError::NotUnicode { var: var.into() }),
+            (None, Some(path)) => {
+                let path = PathBuf::from(path);
+                let file = |reason: String| SecretVarError::File {
+                    file_var: file_var.clone(),
+                    path: path.clone(),
+                    reason,
+                };
+                let bytes = std::fs::read(&path).map_err(|e| file(e.to_string()))?;
+                let text = String::from_utf8(bytes).map_err(|_| file("not UTF-8 text".into()))?;
+                Ok(Some(text.trim_end_matches(['\n', '\r']).to_string()))
+            }
+            (None, None) => Ok(None),
+        }
+    }
+
+    /// The names of the variables that override settings, sorted.
+    pub fn override_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .names()
+            .into_iter()
+            .filter(|n| is_override(n))
+            .collect();
+        names.sort();
+        names
+    }
+
+    /// Every override, parsed, in name order.
+    fn overrides(&self) -> Result<Vec<Override>, ConfigError> {
+        let mut out = Vec::new();
+        for var in self.override_names() {
+            let rest = &var[OVERRIDE_PREFIX.len()..];
+            let path: Vec<String> = rest
+                .split(OVERRIDE_SEPARATOR)
+                .map(str::to_ascii_lowercase)
+                .collect();
+            let refuse = |message: String| ConfigError::Override {
+                var: var.clone(),
+                setting: path.join("."),
+                message,
+            };
+            if path.iter().any(|p| p.is_empty()) {
+                return Err(refuse(
+                    "a level of the name is empty; the rule is FLOWLEDGER_<SECTION>__<KEY> \
+                     with one double underscore between levels"
+                        .into(),
+                ));
+            }
+            let raw = self
+                .get(&var)
+                .unwrap_or_default()
+                .into_string()
+                .map_err(|_| refuse("the value is not UTF-8 text".into()))?;
+            // a TOML value when it is one, else the text as a string
+            let value = raw
+                .trim()
+                .parse::<toml::Value>()
+                .unwrap_or(toml::Value::String(raw));
+            out.push(Override { var, path, value });
+        }
+        Ok(out)
+    }
+}
+
+/// `FLOWLEDGER_<SECTION>__<KEY>`: the prefix and at least one separator
+/// (`FLOWLEDGER_NATS_URL` and the other flags' variables have none).
+fn is_override(name: &str) -> bool {
+    name.strip_prefix(OVERRIDE_PREFIX)
+        .is_some_and(|rest| rest.contains(OVERRIDE_SEPARATOR))
+}
+
+/// Sets `value` at `path` in `table`, making the tables on the way; a
+/// level that is there and is no table (a list, a value) is an error.
+fn set_path(table: &mut toml::Table, path: &[String], value: toml::Value) -> Result<(), String> {
+    let Some((last, parents)) = path.split_last() else {
+        return Err("names no setting".into());
+    };
+    let mut at = table;
+    for (i, p) in parents.iter().enumerate() {
+        let entry = at
+            .entry(p.clone())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        at = match entry {
+            toml::Value::Table(t) => t,
+            _ => {
+                return Err(format!(
+                    "{} is not a section (it is a list or a value): set it in the file",
+                    path[..=i].join(".")
+                ))
+            }
+        };
+    }
+    at.insert(last.clone(), value);
+    Ok(())
+}
+
+/// Where an override's value is refused: what serde says, without the
+/// position in a document that does not exist.
+fn override_message(e: toml::de::Error) -> String {
+    let m = e.message().trim().to_string();
+    if m.starts_with("invalid type") || m.starts_with("invalid value") {
+        format!(
+            "{m}; the value is read as TOML (10, true, [\"A\", \"B\"], \"text\") or else as text"
+        )
+    } else if m.starts_with("missing field") {
+        format!(
+            "{m}: the section it makes needs that setting too (in the file, or its own variable)"
+        )
+    } else {
+        m
+    }
 }
 
 impl Config {
-    /// Reads and checks the file at `path` (see [`Config::parse`]).
+    /// Reads and checks the file at `path` with the overrides in the
+    /// process's environment (see [`Config::load_layered`]).
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
-        Self::parse(path, &text)
+        Self::load_layered(Some(path), &Environment::process())
+    }
+
+    /// The layered configuration: the file at `path` (none: the defaults),
+    /// then the `FLOWLEDGER_<SECTION>__<KEY>` overrides in `env`; every
+    /// bound checked.
+    pub fn load_layered(path: Option<&Path>, env: &Environment) -> Result<Self, ConfigError> {
+        let (path, text) = match path {
+            Some(path) => (
+                path.to_owned(),
+                std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.to_owned(),
+                    source,
+                })?,
+            ),
+            None => (PathBuf::from("(no file: the defaults)"), String::new()),
+        };
+        Self::parse_layered(&path, &text, env)
     }
 
     /// Parses TOML `text` and checks every bound; `path` only names the file
-    /// in errors.
+    /// in errors. No environment variable is read.
     pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
+        Self::parse_layered(path, text, &Environment::from_vars::<String, OsString>([]))
+    }
+
+    /// Parses TOML `text`, applies the overrides in `env`, and checks every
+    /// bound; an error a variable causes names it.
+    pub fn parse_layered(path: &Path, text: &str, env: &Environment) -> Result<Self, ConfigError> {
         let invalid = |message: String| ConfigError::Invalid {
             path: path.to_owned(),
             message,
         };
+        // the file alone first: its errors point into it
         let c: Config = toml::from_str(text).map_err(|e| invalid(e.to_string()))?;
+        let overrides = env.overrides()?;
+        if overrides.is_empty() {
+            return c.check().map(|()| c).map_err(invalid);
+        }
+        let file: toml::Table = toml::from_str(text).map_err(|e| invalid(e.to_string()))?;
+        let with = |skip: Option<usize>| -> Result<Config, toml::de::Error> {
+            let mut t = file.clone();
+            for (i, o) in overrides.iter().enumerate() {
+                if Some(i) != skip {
+                    // checked to apply below
+                    let _ = set_path(&mut t, &o.path, o.value.clone());
+                }
+            }
+            toml::Value::Table(t).try_into::<Config>()
+        };
+        for o in &overrides {
+            set_path(&mut file.clone(), &o.path, o.value.clone()).map_err(|message| {
+                ConfigError::Override {
+                    var: o.var.clone(),
+                    setting: o.setting(),
+                    message,
+                }
+            })?;
+        }
+        let c = match with(None) {
+            Ok(c) => c,
+            Err(e) => {
+                // the variable without which the rest is fine is at fault
+                let culprit = (0..overrides.len()).find(|&i| with(Some(i)).is_ok());
+                return Err(match culprit {
+                    Some(i) => ConfigError::Override {
+                        var: overrides[i].var.clone(),
+                        setting: overrides[i].setting(),
+                        message: override_message(e),
+                    },
+                    None => invalid(format!(
+                        "{} (with the overrides {})",
+                        override_message(e),
+                        overrides
+                            .iter()
+                            .map(|o| o.var.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    )),
+                });
+            }
+        };
+        c.check().map(|()| c).map_err(|message| {
+            // a bound broken by an override: say which variable set it
+            let set_by: Vec<String> = overrides
+                .iter()
+                .filter(|o| message.contains(&o.setting()))
+                .map(|o| format!("{} sets {}", o.var, o.setting()))
+                .collect();
+            if set_by.is_empty() {
+                invalid(message)
+            } else {
+                invalid(format!("{message} ({})", set_by.join(", ")))
+            }
+        })
+    }
+
+    /// Checks every bound; the message names the setting.
+    fn check(&self) -> Result<(), String> {
+        let c = self;
         let h = &c.handler;
         if !(1..=100_000).contains(&h.max_concurrent_jobs) {
-            return Err(invalid(
-                "handler.max_concurrent_jobs must be 1 to 100000".into(),
-            ));
+            return Err("handler.max_concurrent_jobs must be 1 to 100000".into());
         }
         if !(1.0..=1000.0).contains(&h.retry_multiplier) || !(0.0..=1.0).contains(&h.retry_jitter) {
-            return Err(invalid(
+            return Err(
                 "handler.retry_multiplier must be 1 to 1000 and handler.retry_jitter 0 to 1".into(),
-            ));
+            );
         }
         if h.retry_base_ms > MAX_RETRY_DELAY_MS || h.retry_max_ms > MAX_RETRY_DELAY_MS {
-            return Err(invalid(format!(
+            return Err(format!(
                 "handler.retry_base_ms and handler.retry_max_ms must be at most \
                  {MAX_RETRY_DELAY_MS} (one day)"
-            )));
+            ));
         }
         if h.drain_grace_seconds > MAX_DRAIN_GRACE_SECONDS {
-            return Err(invalid(format!(
+            return Err(format!(
                 "handler.drain_grace_seconds must be 0 to {MAX_DRAIN_GRACE_SECONDS} (an hour), \
                  got {}",
                 h.drain_grace_seconds
-            )));
+            ));
         }
         if c.callbacks.max_attempts == 0 || c.callbacks.max_attempts > MAX_CALLBACK_ATTEMPTS {
-            return Err(invalid(format!(
+            return Err(format!(
                 "callbacks.max_attempts must be 1 to {MAX_CALLBACK_ATTEMPTS}, got {}",
                 c.callbacks.max_attempts
-            )));
+            ));
         }
         if c.callbacks.rate_limit_per_minute == 0 || c.callbacks.refusals_per_minute == 0 {
-            return Err(invalid(
+            return Err(
                 "callbacks.rate_limit_per_minute and callbacks.refusals_per_minute must be at least 1"
                     .into(),
-            ));
+            );
         }
         if !(1..=86_400).contains(&c.callbacks.timestamp_window_seconds) {
-            return Err(invalid(
-                "callbacks.timestamp_window_seconds must be 1 to 86400 (a day)".into(),
-            ));
+            return Err("callbacks.timestamp_window_seconds must be 1 to 86400 (a day)".into());
         }
-        c.nats.check().map_err(invalid)?;
-        c.secrets.check().map_err(invalid)?;
-        c.memory.check(&c.secrets).map_err(invalid)?;
+        c.nats.check()?;
+        c.secrets.check()?;
+        c.memory.check(&c.secrets)?;
         let mut ids = std::collections::BTreeSet::new();
         for (i, client) in c.clients.iter().enumerate() {
             // the actors flowledger itself records under
             if ["flowledger", "flowledger-handler", "operator", "n8n"].contains(&client.id.as_str())
             {
-                return Err(invalid(format!(
+                return Err(format!(
                     "clients[{i}].id {:?} is the actor flowledger records its own commands \
                      under; choose another id",
                     client.id
-                )));
+                ));
             }
             if client.id.trim().is_empty() || !ids.insert(client.id.as_str()) {
-                return Err(invalid(format!(
+                return Err(format!(
                     "clients[{i}].id must be non-empty and unique, got {:?}",
                     client.id
-                )));
+                ));
             }
             if client.token_sha256.len() != 64 || hex::decode(&client.token_sha256).is_err() {
-                return Err(invalid(format!(
+                return Err(format!(
                     "clients[{i}].token_sha256 must be 64 hex digits (printf %s TOKEN | sha256sum)"
-                )));
+                ));
             }
             if client.rate_limit_per_minute == 0 {
-                return Err(invalid(format!(
+                return Err(format!(
                     "clients[{i}].rate_limit_per_minute must be at least 1"
-                )));
+                ));
             }
         }
-        Ok(c)
+        Ok(())
     }
 
-    /// The key in the environment variable `var` (named by `callbacks.<field>`).
+    /// The key in the environment variable `var` (named by `callbacks.<field>`),
+    /// or in the file `<var>_FILE` names.
     pub fn key(var: &str, field: &'static str) -> Result<Option<SigningKey>, ConfigError> {
-        match std::env::var(var) {
-            Err(_) => Ok(None),
-            Ok(v) => {
+        Self::key_in(&Environment::process(), var, field)
+    }
+
+    /// [`Config::key`] from `env`.
+    pub fn key_in(
+        env: &Environment,
+        var: &str,
+        field: &'static str,
+    ) -> Result<Option<SigningKey>, ConfigError> {
+        match env.secret(var)? {
+            None => Ok(None),
+            Some(v) => {
                 SigningKey::new(v.as_bytes())
                     .map(Some)
                     .map_err(|message| ConfigError::Secret {
@@ -847,12 +1202,13 @@ impl Config {
     }
 
     /// The ring of keys that seal and open a `callback_url`'s credentials,
-    /// from the variable `callbacks.seal_keys_env` names; `None` when unset.
+    /// from the variable `callbacks.seal_keys_env` names (or its `_FILE`);
+    /// `None` when unset.
     pub fn seal_keys(&self) -> Result<Option<std::sync::Arc<SealKeys>>, ConfigError> {
         let var = &self.callbacks.seal_keys_env;
-        match std::env::var(var) {
-            Err(_) => Ok(None),
-            Ok(v) => SealKeys::parse(&v)
+        match Environment::process().secret(var)? {
+            None => Ok(None),
+            Some(v) => SealKeys::parse(&v)
                 .map(|k| Some(std::sync::Arc::new(k)))
                 .map_err(|message| ConfigError::Secret {
                     var: var.clone(),
@@ -863,8 +1219,7 @@ impl Config {
     }
 
     /// The key n8n signs its results with, from the variable
-    /// `callbacks.n8n_key_env` names; `None` when that variable is unset (or
-    /// not Unicode).
+    /// `callbacks.n8n_key_env` names (or its `_FILE`); `None` when unset.
     pub fn n8n_key(&self) -> Result<Option<SigningKey>, ConfigError> {
         Self::key(&self.callbacks.n8n_key_env, "callbacks.n8n_key_env")
     }
@@ -1059,6 +1414,173 @@ mod tests {
         assert_eq!(
             (r.path.as_str(), r.field.as_str()),
             ("secret/data/llm", "key")
+        );
+    }
+
+    fn env(vars: &[(&str, &str)]) -> Environment {
+        Environment::from_vars(vars.iter().map(|(k, v)| (k.to_string(), v.to_string())))
+    }
+
+    #[test]
+    fn an_override_sets_the_setting_its_name_says_over_the_file() {
+        let file = "[handler]\ndrain_grace_seconds = 5\nmax_concurrent_jobs = 7\n";
+        let c = Config::parse_layered(
+            Path::new("c.toml"),
+            file,
+            &env(&[
+                ("FLOWLEDGER_HANDLER__DRAIN_GRACE_SECONDS", "10"),
+                (
+                    "FLOWLEDGER_HANDLER__PUBLIC_URL",
+                    "https://flowledger.internal",
+                ),
+                ("flowledger_ignored", "x"),
+                ("FLOWLEDGER_MEMORY__EMBEDDER__URL", "http://127.0.0.1:9/v1"),
+                ("FLOWLEDGER_MEMORY__EMBEDDER__MODEL", "m"),
+                ("FLOWLEDGER_MEMORY__EMBEDDER__DIMENSIONS", "8"),
+                ("FLOWLEDGER_NATS__CLIENT_ACCOUNTS", "[\"ACME\", \"GLOBEX\"]"),
+                ("FLOWLEDGER_MEMORY__CLEANUP_CRON", "0 3 * * *"),
+                ("FLOWLEDGER_CALLBACKS__SIGNING_KEY_ENV", "\"MY_KEY\""),
+                // the flags' variables have no double underscore: not overrides
+                ("FLOWLEDGER_NATS_URL", "nats://x:4222"),
+            ]),
+        )
+        .expect("overrides apply");
+        assert_eq!(c.handler.drain_grace_seconds, 10, "the variable wins");
+        assert_eq!(
+            c.handler.max_concurrent_jobs, 7,
+            "the file's other keys stay"
+        );
+        assert_eq!(
+            c.handler.public_url.as_deref(),
+            Some("https://flowledger.internal")
+        );
+        assert_eq!(c.memory.embedder.expect("made by variables").dimensions, 8);
+        assert_eq!(c.nats.client_accounts, ["ACME", "GLOBEX"]);
+        assert_eq!(c.memory.cleanup_cron, "0 3 * * *");
+        assert_eq!(c.callbacks.signing_key_env, "MY_KEY");
+        let no_file = Config::parse_layered(
+            Path::new("(none)"),
+            "",
+            &env(&[("flowledger_handler__enabled", "false")]),
+        )
+        .expect("defaults");
+        assert!(no_file.handler.enabled, "only the upper-case prefix counts");
+        let no_file = Config::parse_layered(
+            Path::new("(none)"),
+            "",
+            &env(&[("FLOWLEDGER_handler__Enabled", "false")]),
+        )
+        .expect("the levels' case does not matter");
+        assert!(!no_file.handler.enabled);
+    }
+
+    #[test]
+    fn a_bad_override_names_its_variable_and_what_is_expected() {
+        let refused = |vars: &[(&str, &str)]| {
+            Config::parse_layered(
+                Path::new("c.toml"),
+                "[handler]\nenabled = true\n",
+                &env(vars),
+            )
+            .expect_err("refused")
+            .to_string()
+        };
+        let e = refused(&[("FLOWLEDGER_HANDLER__DRAIN_GRACE_SECONDS", "soon")]);
+        assert!(
+            e.contains("FLOWLEDGER_HANDLER__DRAIN_GRACE_SECONDS")
+                && e.contains("handler.drain_grace_seconds")
+                && e.contains("u64"),
+            "{e}"
+        );
+        let e = refused(&[("FLOWLEDGER_HANDLER__DRAIN_GRACE_SECOND", "5")]);
+        assert!(
+            e.contains("FLOWLEDGER_HANDLER__DRAIN_GRACE_SECOND") && e.contains("unknown field"),
+            "{e}"
+        );
+        let e = refused(&[("FLOWLEDGER_HANDLR__ENABLED", "true")]);
+        assert!(
+            e.contains("FLOWLEDGER_HANDLR__ENABLED") && e.contains("handlr"),
+            "{e}"
+        );
+        // a bound: the file's message, and which variable set the value
+        let e = refused(&[("FLOWLEDGER_HANDLER__DRAIN_GRACE_SECONDS", "4000")]);
+        assert!(
+            e.contains("handler.drain_grace_seconds must be 0 to 3600")
+                && e.contains("FLOWLEDGER_HANDLER__DRAIN_GRACE_SECONDS sets"),
+            "{e}"
+        );
+        let e = refused(&[("FLOWLEDGER_CLIENTS__ID", "x")]);
+        assert!(e.contains("FLOWLEDGER_CLIENTS__ID"), "{e}");
+        let e = Config::parse_layered(
+            Path::new("c.toml"),
+            "[[clients]]\nid = \"a\"\ntoken_sha256 = \"{}\"\n",
+            &env(&[("FLOWLEDGER_CLIENTS__ID", "x")]),
+        )
+        .expect_err("a list of tables")
+        .to_string();
+        assert!(e.contains("clients is not a section"), "{e}");
+        let e = refused(&[("FLOWLEDGER_MEMORY__EMBEDDER__URL", "http://x/v1")]);
+        assert!(
+            e.contains("FLOWLEDGER_MEMORY__EMBEDDER__URL") && e.contains("missing field `model`"),
+            "{e}"
+        );
+        let e = refused(&[("FLOWLEDGER_HANDLER____ENABLED", "true")]);
+        assert!(e.contains("empty"), "{e}");
+        // the file's own errors still point into the file
+        let e = Config::parse_layered(
+            Path::new("c.toml"),
+            "[handler]\nenabeld = true\n",
+            &env(&[("FLOWLEDGER_HANDLER__ENABLED", "true")]),
+        )
+        .expect_err("the file is wrong")
+        .to_string();
+        assert!(e.contains("c.toml") && e.contains("enabeld"), "{e}");
+    }
+
+    #[test]
+    fn a_secret_comes_from_its_variable_or_the_file_its_file_variant_names() {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let file = dir.path().join("key");
+        std::fs::write(&file, "0123456789abcdef0123\n").expect("write");
+        let path = file.to_str().expect("a UTF-8 path");
+        let key =
+            |vars: &[(&str, &str)]| Config::key_in(&env(vars), "K", "callbacks.signing_key_env");
+        assert!(key(&[]).expect("unset").is_none());
+        let from_file = key(&[("K_FILE", path)]).expect("read").expect("set");
+        let direct = key(&[("K", "0123456789abcdef0123")])
+            .expect("read")
+            .expect("set");
+        let (a, b) = (from_file.sign(1, b"m"), direct.sign(1, b"m"));
+        assert_eq!(a, b, "the trailing newline is not part of the key");
+        let e = key(&[("K", "0123456789abcdef0123"), ("K_FILE", path)])
+            .expect_err("both")
+            .to_string();
+        assert!(e.contains("K_FILE") && e.contains("both"), "{e}");
+        assert!(!e.contains("0123456789"), "{e}");
+        let e = key(&[("K_FILE", "/nonexistent/key")])
+            .expect_err("no file")
+            .to_string();
+        assert!(e.contains("K_FILE=/nonexistent/key"), "{e}");
+        std::fs::write(&file, "short\r\n").expect("write");
+        let e = key(&[("K_FILE", path)]).expect_err("too short").to_string();
+        assert!(
+            e.contains("callbacks.signing_key_env") && !e.contains("short\r"),
+            "{e}"
+        );
+        std::fs::write(&file, [0xff, 0xfe]).expect("write");
+        let e = env(&[("K_FILE", path)])
+            .secret("K")
+            .expect_err("not UTF-8")
+            .to_string();
+        assert!(e.contains("not UTF-8"), "{e}");
+        std::fs::write(&file, "line one\nline two\n\n").expect("write");
+        assert_eq!(
+            env(&[("K_FILE", path)])
+                .secret("K")
+                .expect("read")
+                .as_deref(),
+            Some("line one\nline two"),
+            "only the trailing newlines are trimmed"
         );
     }
 

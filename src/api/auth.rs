@@ -3,11 +3,13 @@
 //! `caller`), and the per-client rate limit on job submission.
 //!
 //! Tokens are never stored: the configuration holds their SHA-256, and a
-//! request's token is hashed and looked up. Neither a token nor its hash is
+//! request's token is hashed and looked up. SIGHUP replaces the table
+//! ([`Clients::replace`]) without a restart. Neither a token nor its hash is
 //! logged or echoed in an error.
 
 use std::collections::HashMap;
 use std::num::NonZeroU32;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use axum::extract::{Request, State};
@@ -21,17 +23,43 @@ use super::caller::Caller;
 use super::http::{ApiError, AppState};
 use crate::config::ClientEntry;
 
-/// The configured clients, by token hash, and their submission allowances.
+/// The configured clients, by token hash, and their submission allowances;
+/// replaced whole by [`Clients::replace`] (SIGHUP), so a request sees the
+/// old table or the new one, never a mix.
 pub struct Clients {
-    by_hash: HashMap<[u8; 32], Caller>,
-    limiters: HashMap<String, DefaultDirectRateLimiter>,
+    table: RwLock<Arc<Table>>,
 }
 
-impl Clients {
-    /// `entries` were validated by [`crate::config::Config::parse`]
-    /// (64 hex digits, a positive rate).
-    pub fn new(entries: &[ClientEntry]) -> Self {
-        let (mut by_hash, mut limiters) = (HashMap::new(), HashMap::new());
+/// One version of the `[[clients]]` table.
+struct Table {
+    by_hash: HashMap<[u8; 32], Caller>,
+    /// By client id: the entry it was built from and its allowance.
+    clients: HashMap<String, (ClientEntry, Arc<DefaultDirectRateLimiter>)>,
+}
+
+/// What a [`Clients::replace`] changed, by client id (never a token).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ClientChanges {
+    /// Clients that are new.
+    pub added: Vec<String>,
+    /// Clients that are gone: their tokens are refused from now on.
+    pub removed: Vec<String>,
+    /// Clients whose token, role or rate limit changed.
+    pub changed: Vec<String>,
+}
+
+impl ClientChanges {
+    /// Whether nothing changed.
+    pub fn is_empty(&self) -> bool {
+        self.added.is_empty() && self.removed.is_empty() && self.changed.is_empty()
+    }
+}
+
+impl Table {
+    /// `entries` were validated by [`crate::config::Config::parse`]; an
+    /// unchanged client (same id and rate) keeps its allowance from `old`.
+    fn new(entries: &[ClientEntry], old: Option<&Table>) -> Self {
+        let (mut by_hash, mut clients) = (HashMap::new(), HashMap::new());
         for e in entries {
             let Some(hash) = hex::decode(&e.token_sha256)
                 .ok()
@@ -43,7 +71,6 @@ impl Clients {
                 );
                 continue;
             };
-            let per_minute = NonZeroU32::new(e.rate_limit_per_minute).unwrap_or(NonZeroU32::MIN);
             by_hash.insert(
                 hash,
                 Caller {
@@ -51,17 +78,84 @@ impl Clients {
                     role: e.role.into(),
                 },
             );
-            limiters.insert(
-                e.id.clone(),
-                RateLimiter::direct(Quota::per_minute(per_minute)),
-            );
+            let kept = old
+                .and_then(|t| t.clients.get(&e.id))
+                .filter(|(was, _)| was.rate_limit_per_minute == e.rate_limit_per_minute)
+                .map(|(_, limiter)| limiter.clone());
+            let limiter = kept.unwrap_or_else(|| {
+                let per_minute =
+                    NonZeroU32::new(e.rate_limit_per_minute).unwrap_or(NonZeroU32::MIN);
+                Arc::new(RateLimiter::direct(Quota::per_minute(per_minute)))
+            });
+            clients.insert(e.id.clone(), (e.clone(), limiter));
         }
         if by_hash.is_empty() {
             tracing::warn!(
                 "no [[clients]] configured: every /v1 request except n8n callbacks gets 401"
             );
         }
-        Clients { by_hash, limiters }
+        Table { by_hash, clients }
+    }
+}
+
+impl Clients {
+    /// `entries` were validated by [`crate::config::Config::parse`]
+    /// (64 hex digits, a positive rate).
+    pub fn new(entries: &[ClientEntry]) -> Self {
+        Clients {
+            table: RwLock::new(Arc::new(Table::new(entries, None))),
+        }
+    }
+
+    /// The table now; the lock is held only to clone the `Arc`.
+    fn table(&self) -> Arc<Table> {
+        // a panic while holding the lock cannot leave a half-written table:
+        // the only write is one assignment
+        self.table
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Replaces the whole table by `entries` (validated by
+    /// [`crate::config::Config::parse`]); a client whose id and rate limit
+    /// are unchanged keeps its allowance used so far. Requests already
+    /// identified finish as they were.
+    pub fn replace(&self, entries: &[ClientEntry]) -> ClientChanges {
+        let old = self.table();
+        let new = Arc::new(Table::new(entries, Some(&old)));
+        let mut changes = ClientChanges::default();
+        for (id, (entry, _)) in &new.clients {
+            match old.clients.get(id) {
+                None => changes.added.push(id.clone()),
+                Some((was, _))
+                    if was.token_sha256 != entry.token_sha256
+                        || was.role != entry.role
+                        || was.rate_limit_per_minute != entry.rate_limit_per_minute =>
+                {
+                    changes.changed.push(id.clone())
+                }
+                Some(_) => {}
+            }
+        }
+        changes.removed = old
+            .clients
+            .keys()
+            .filter(|id| !new.clients.contains_key(*id))
+            .cloned()
+            .collect();
+        for v in [
+            &mut changes.added,
+            &mut changes.removed,
+            &mut changes.changed,
+        ] {
+            v.sort();
+        }
+        *self
+            .table
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = new;
+        changes
     }
 
     /// The caller a bearer token belongs to.
@@ -80,7 +174,7 @@ impl Clients {
                 ApiError::Unauthenticated("Authorization header is not `Bearer <token>`".into())
             })?;
         let hash: [u8; 32] = crate::events::chain::sha256(token.as_bytes());
-        self.by_hash.get(&hash).cloned().ok_or_else(|| {
+        self.table().by_hash.get(&hash).cloned().ok_or_else(|| {
             ApiError::Unauthenticated(
                 "unknown bearer token; ask an operator for a token listed in [[clients]]".into(),
             )
@@ -90,7 +184,8 @@ impl Clients {
     /// Takes one job submission from `caller`'s allowance, or says when
     /// the next one is allowed.
     pub fn take_submission(&self, caller: &Caller) -> Result<(), ApiError> {
-        let Some(limiter) = self.limiters.get(&caller.client_id) else {
+        let table = self.table();
+        let Some((_, limiter)) = table.clients.get(&caller.client_id) else {
             return Ok(());
         };
         limiter.check().map_err(|not_until| {
@@ -188,6 +283,62 @@ mod tests {
         }
         c.take_submission(&o)
             .expect("another client's allowance is its own");
+    }
+
+    #[test]
+    fn a_replaced_table_takes_new_tokens_refuses_removed_ones_and_keeps_unchanged_allowances() {
+        let hash = |t: &str| hex::encode(crate::events::chain::sha256(t.as_bytes()));
+        let entry = |id: &str, token: &str, rate: u32| ClientEntry {
+            id: id.into(),
+            token_sha256: hash(token),
+            role: Role::Client,
+            rate_limit_per_minute: rate,
+        };
+        let c = clients();
+        let b = c.identify(Some("Bearer tok-b")).expect("billing");
+        c.take_submission(&b).expect("first");
+        c.take_submission(&b).expect("second");
+        let changes = c.replace(&[
+            entry("billing", "tok-b", 2),
+            entry("shop", "tok-s", 5),
+            ClientEntry {
+                role: Role::Auditor,
+                ..entry("ops", "tok-o", 60)
+            },
+        ]);
+        assert_eq!(
+            changes,
+            ClientChanges {
+                added: vec!["shop".into()],
+                removed: vec![],
+                changed: vec!["ops".into()],
+            }
+        );
+        let s = c
+            .identify(Some("Bearer tok-s"))
+            .expect("the new client's token works");
+        assert_eq!(s.client_id, "shop");
+        assert_eq!(
+            c.identify(Some("Bearer tok-o")).expect("ops").role,
+            CallerRole::Auditor
+        );
+        assert!(
+            matches!(c.take_submission(&b), Err(ApiError::RateLimited { .. })),
+            "an unchanged client keeps the allowance it used"
+        );
+        let changes = c.replace(&[entry("billing", "tok-b2", 3)]);
+        assert_eq!(changes.removed, ["ops", "shop"]);
+        assert_eq!(changes.changed, ["billing"]);
+        for gone in ["Bearer tok-s", "Bearer tok-o", "Bearer tok-b"] {
+            assert!(
+                matches!(c.identify(Some(gone)), Err(ApiError::Unauthenticated(_))),
+                "{gone} is refused"
+            );
+        }
+        let b = c.identify(Some("Bearer tok-b2")).expect("the new token");
+        c.take_submission(&b)
+            .expect("a changed rate limit starts a fresh allowance");
+        assert!(c.replace(&[entry("billing", "tok-b2", 3)]).is_empty());
     }
 
     #[test]

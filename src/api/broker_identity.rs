@@ -11,6 +11,7 @@
 //! refused `unauthenticated`: a check that cannot be completed fails.
 
 use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
 
 use serde::Deserialize;
 
@@ -26,10 +27,12 @@ pub const REQUEST_INFO_HEADER: &str = "Nats-Request-Info";
 /// Longest user name accepted as a client id.
 pub const MAX_CLIENT_ID_LEN: usize = 128;
 
-/// The role of each NATS account's users.
-#[derive(Debug, Clone)]
+/// The role of each NATS account's users; replaced whole by
+/// [`Accounts::replace`] (SIGHUP), so a command sees the old roles or the
+/// new ones, never a mix.
+#[derive(Debug)]
 pub struct Accounts {
-    roles: HashMap<String, Role>,
+    roles: RwLock<Arc<HashMap<String, Role>>>,
 }
 
 /// The fields of `Nats-Request-Info` the intake reads; the others (host,
@@ -55,6 +58,12 @@ impl Accounts {
     /// The roles `[nats]` gives (checked by [`NatsSection::check`]: no
     /// account has two roles).
     pub fn new(section: &NatsSection) -> Self {
+        Accounts {
+            roles: RwLock::new(Arc::new(Self::roles_of(section))),
+        }
+    }
+
+    fn roles_of(section: &NatsSection) -> HashMap<String, Role> {
         let mut roles = HashMap::new();
         for (role, accounts) in [
             (Role::Client, &section.client_accounts),
@@ -65,7 +74,37 @@ impl Accounts {
                 roles.insert(a.clone(), role);
             }
         }
-        Accounts { roles }
+        roles
+    }
+
+    /// The roles now; the lock is held only to clone the `Arc`.
+    fn roles(&self) -> Arc<HashMap<String, Role>> {
+        // the only write is one assignment: a poisoned lock holds a whole map
+        self.roles
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Replaces the roles by those `section` gives (checked by
+    /// [`NatsSection::check`]); returns the accounts whose role changed
+    /// (added, removed or moved), sorted.
+    pub fn replace(&self, section: &NatsSection) -> Vec<String> {
+        let old = self.roles();
+        let new = Self::roles_of(section);
+        let mut changed: Vec<String> = old
+            .keys()
+            .chain(new.keys())
+            .filter(|a| old.get(*a) != new.get(*a))
+            .cloned()
+            .collect();
+        changed.sort();
+        changed.dedup();
+        *self
+            .roles
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(new);
+        changed
     }
 
     /// The caller the broker names in a command's headers.
@@ -94,8 +133,9 @@ impl Accounts {
                 "the {REQUEST_INFO_HEADER} header is not the broker's JSON: {e}"
             ))
         })?;
-        let Some(role) = self.roles.get(&info.acc).copied() else {
-            let mut known: Vec<&str> = self.roles.keys().map(String::as_str).collect();
+        let roles = self.roles();
+        let Some(role) = roles.get(&info.acc).copied() else {
+            let mut known: Vec<&str> = roles.keys().map(String::as_str).collect();
             known.sort_unstable();
             return Err(unauthenticated(format!(
                 "NATS account {:?} has no role here (known: {}); list it in [nats] of the \
@@ -177,6 +217,29 @@ mod tests {
         refused(Some(&headers(&[r#"{"acc":"CLIENTS","user":"a\u0000b"}"#])));
         let long = format!(r#"{{"acc":"CLIENTS","user":"{}"}}"#, "u".repeat(129));
         refused(Some(&headers(&[&long])));
+    }
+
+    #[test]
+    fn replaced_accounts_take_effect_and_say_which_changed() {
+        let a = accounts();
+        let globex = headers(&[r#"{"acc":"GLOBEX","user":"globex"}"#]);
+        assert!(a.caller(Some(&globex)).is_err(), "GLOBEX is not listed yet");
+        let changed = a.replace(&NatsSection {
+            client_accounts: vec!["CLIENTS".into(), "GLOBEX".into()],
+            operator_accounts: vec![],
+            handler_accounts: vec!["HANDLER".into(), "OPERATORS".into()],
+        });
+        assert_eq!(changed, ["GLOBEX", "OPERATORS"]);
+        assert_eq!(a.caller(Some(&globex)).expect("vouched").role, Role::Client);
+        let ops = headers(&[r#"{"acc":"OPERATORS","user":"ops"}"#]);
+        assert_eq!(a.caller(Some(&ops)).expect("vouched").role, Role::Handler);
+        assert!(a
+            .replace(&NatsSection {
+                client_accounts: vec!["CLIENTS".into(), "GLOBEX".into()],
+                operator_accounts: vec![],
+                handler_accounts: vec!["HANDLER".into(), "OPERATORS".into()],
+            })
+            .is_empty());
     }
 
     #[test]

@@ -154,3 +154,138 @@ fn serve_check_config_connects_to_nothing_and_names_the_bad_setting() {
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("memory.chunk_chars"), "{stderr}");
 }
+
+#[test]
+fn serve_check_config_layers_environment_overrides_and_reads_secrets_from_files() {
+    let dir = tempfile::tempdir().expect("a temp dir");
+    let key_file = dir.path().join("callback-key");
+    std::fs::write(&key_file, format!("{}\n", "cd".repeat(32))).unwrap();
+    let seed_file = dir.path().join("checkpoint-seed");
+    std::fs::write(&seed_file, format!("{}\n", "9".repeat(64))).unwrap();
+    let db_file = dir.path().join("database-url");
+    std::fs::write(&db_file, "postgres://flowledger:pw@127.0.0.1:1/none\n").unwrap();
+    let run = |envs: &[(&str, &std::ffi::OsStr)]| {
+        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_flowledger"));
+        // nothing listens there: a connection would fail
+        c.args(["--nats-url", &format!("nats://127.0.0.1:{}", free_port())])
+            .args(["serve", "--check-config", "--registry"])
+            .arg(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/workflows/registry.json"
+            ))
+            .arg("--config")
+            .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/config/example.toml"))
+            .env_remove("FLOWLEDGER_CALLBACK_KEY")
+            .env_remove("DATABASE_URL")
+            .env_remove("FLOWLEDGER_CHECKPOINT_SIGNING_KEY");
+        for (k, v) in envs {
+            c.env(k, v);
+        }
+        let out = c.output().expect("flowledger runs");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    let (code, stdout, stderr) = run(&[
+        ("FLOWLEDGER_HANDLER__ENABLED", "false".as_ref()),
+        ("FLOWLEDGER_CALLBACK_KEY_FILE", key_file.as_os_str()),
+        ("DATABASE_URL_FILE", db_file.as_os_str()),
+        (
+            "FLOWLEDGER_CHECKPOINT_SIGNING_KEY_FILE",
+            seed_file.as_os_str(),
+        ),
+    ]);
+    assert_eq!(code, Some(0), "{stdout}{stderr}");
+    assert!(stdout.contains("checkpoint signing key: on"), "{stdout}");
+    assert!(
+        stdout.contains("environment overrides: FLOWLEDGER_HANDLER__ENABLED"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("job handler: off"),
+        "the override turned the handler of the file off: {stdout}"
+    );
+    assert!(stdout.contains("callback signing key: on"), "{stdout}");
+    assert!(stdout.contains("database: given"), "{stdout}");
+    assert!(
+        !stdout.contains("cdcd") && !stdout.contains("pw@"),
+        "{stdout}"
+    );
+
+    // a bad value names the variable and what is expected
+    let (code, _, stderr) = run(&[("FLOWLEDGER_HANDLER__DRAIN_GRACE_SECONDS", "4000".as_ref())]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(
+        stderr.contains("FLOWLEDGER_HANDLER__DRAIN_GRACE_SECONDS") && stderr.contains("0 to 3600"),
+        "{stderr}"
+    );
+    let (code, _, stderr) = run(&[("FLOWLEDGER_HANDLER__ENABLED", "maybe".as_ref())]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(
+        stderr.contains("FLOWLEDGER_HANDLER__ENABLED") && stderr.contains("bool"),
+        "{stderr}"
+    );
+    // a secret given twice is refused naming both variables, never the value
+    let (code, _, stderr) = run(&[
+        ("FLOWLEDGER_CALLBACK_KEY", "ef".repeat(32).as_ref()),
+        ("FLOWLEDGER_CALLBACK_KEY_FILE", key_file.as_os_str()),
+    ]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(
+        stderr.contains("FLOWLEDGER_CALLBACK_KEY and FLOWLEDGER_CALLBACK_KEY_FILE"),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains("efef") && !stderr.contains("cdcd"),
+        "{stderr}"
+    );
+    let (code, _, stderr) = run(&[
+        ("DATABASE_URL", "postgres://x@127.0.0.1:1/y".as_ref()),
+        ("DATABASE_URL_FILE", db_file.as_os_str()),
+    ]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(
+        stderr.contains("DATABASE_URL and DATABASE_URL_FILE"),
+        "{stderr}"
+    );
+    let (code, _, stderr) = run(&[(
+        "FLOWLEDGER_CALLBACK_KEY_FILE",
+        dir.path().join("missing").as_os_str(),
+    )]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("FLOWLEDGER_CALLBACK_KEY_FILE="), "{stderr}");
+}
+
+#[tokio::test]
+async fn the_nats_password_may_come_from_the_file_its_file_variable_names() {
+    let app = spawn_app().await;
+    let dir = tempfile::tempdir().expect("a temp dir");
+    let file = dir.path().join("nats-password");
+    let digest = |password: &str| {
+        std::fs::write(&file, format!("{password}\n")).unwrap();
+        let mut cmd = app.nats.cli(Who::Service);
+        cmd.args(["audit", "digest"])
+            .env_remove("FLOWLEDGER_NATS_PASSWORD")
+            .env("FLOWLEDGER_NATS_PASSWORD_FILE", &file);
+        let out = cmd.output().expect("flowledger runs");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    let password = app
+        .nats
+        .cli(Who::Service)
+        .get_envs()
+        .find(|(k, _)| *k == "FLOWLEDGER_NATS_PASSWORD")
+        .and_then(|(_, v)| v)
+        .map(|v| v.to_string_lossy().to_string())
+        .expect("the harness gives the service a password");
+    let (code, stderr) = digest(&password);
+    assert_eq!(code, Some(0), "the file's password connects: {stderr}");
+    let (code, stderr) = digest("not-the-password");
+    assert_eq!(code, Some(2), "a refused credential: {stderr}");
+    assert!(!stderr.contains("not-the-password"), "{stderr}");
+}

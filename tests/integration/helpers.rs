@@ -1517,6 +1517,15 @@ impl Serve {
         assert!(status.success(), "kill -TERM failed");
     }
 
+    /// SIGHUP: reload the configuration.
+    pub(crate) fn hangup(&self) {
+        let status = std::process::Command::new("kill")
+            .args(["-HUP", &self.child.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -HUP failed");
+    }
+
     /// Waits for the process to exit (a hang fails after `bound`).
     pub(crate) async fn exited(&mut self, bound: Duration) -> std::process::ExitStatus {
         let deadline = Instant::now() + bound;

@@ -27,6 +27,7 @@ mod openbao;
 mod peers;
 mod pgvector;
 mod projections;
+mod reload;
 mod scale_out;
 mod secret_access;
 mod secret_audit;
