@@ -244,6 +244,7 @@ async fn run_once(
     if follow.caught_up {
         tracing::info!("job handler caught up");
     }
+    let mut reader = ReaderWatch::new(follow.last_seq);
     loop {
         tokio::select! {
             m = messages.next() => follow.on_message(m)?,
@@ -252,6 +253,7 @@ async fn run_once(
                 ctx.leases.handler_running();
                 follow.save(positions).await;
                 follow.restart_stopped();
+                reader.check(&log, follow.last_seq).await?;
             }
             Some(change) = changes.recv() => match change {
                 Change::Acquired(p) => follow.start_partition(p),
@@ -259,6 +261,66 @@ async fn run_once(
             },
             _ = stop.changed() => return Ok(()),
         }
+    }
+}
+
+/// How long the handler's reader of the log may make no progress while the
+/// stream holds later messages before the handler reads the log again.
+pub const READER_STALL: Duration = Duration::from_secs(10);
+
+/// Notices a reader of the log that stopped delivering without an error:
+/// an ordered consumer whose server died can stay silent (seen with
+/// nats-server 2.9 on a cluster losing the stream leader), while the loop
+/// around it still ticks and keeps its leases.
+struct ReaderWatch {
+    /// The last sequence read when the stream was last seen ahead of it.
+    seen: u64,
+    /// Since when the reader has been behind without moving.
+    since: Option<tokio::time::Instant>,
+    /// When the stream's end was last asked.
+    asked: tokio::time::Instant,
+}
+
+impl ReaderWatch {
+    fn new(read: u64) -> Self {
+        ReaderWatch {
+            seen: read,
+            since: None,
+            asked: tokio::time::Instant::now(),
+        }
+    }
+
+    /// Fails when the reader has been at `read` for [`READER_STALL`] while
+    /// the stream has later messages; asks the stream's end at most every
+    /// few seconds, and an unanswered question proves nothing.
+    async fn check(&mut self, log: &crate::events::log::EventLog, read: u64) -> Result<(), String> {
+        if read != self.seen {
+            self.seen = read;
+            self.since = None;
+            return Ok(());
+        }
+        if self.asked.elapsed() < READER_STALL / 4 {
+            return Ok(());
+        }
+        self.asked = tokio::time::Instant::now();
+        let last = match tokio::time::timeout(Duration::from_secs(2), log.last_seq()).await {
+            Ok(Ok(last)) => last,
+            _ => return Ok(()),
+        };
+        if last <= read {
+            self.since = None;
+            return Ok(());
+        }
+        let since = *self.since.get_or_insert_with(tokio::time::Instant::now);
+        if since.elapsed() >= READER_STALL {
+            return Err(format!(
+                "the log's reader delivered nothing for {} s while the stream holds \
+                 sequences {}..={last}: reading the log again",
+                since.elapsed().as_secs(),
+                read + 1
+            ));
+        }
+        Ok(())
     }
 }
 

@@ -225,7 +225,7 @@ pub(crate) async fn read_models_equal_a_rebuild<N>(app: &TestApp<N>, url: &str) 
     );
     let live = read_models(&read.pool).await;
     assert!(
-        live["workflows_executions"].len() > 0,
+        !live["workflows_executions"].is_empty(),
         "no job in the read model"
     );
     for model in ReadModel::ALL {

@@ -309,7 +309,7 @@ async fn three_instances_losing_two_under_load_complete_every_job() {
     let app = spawn_app().await;
     let n = 180;
     let fleet = Fleet::start(n).await;
-    let mut serves = vec![fleet.serve(&app), fleet.serve(&app), fleet.serve(&app)];
+    let mut serves = [fleet.serve(&app), fleet.serve(&app), fleet.serve(&app)];
     let load = tokio::spawn(submit_all(
         app.nats_as(Who::Billing).clone(),
         "three-",
@@ -402,6 +402,11 @@ async fn serve_on_a_three_node_cluster_rides_through_its_stream_leader_dying() {
     let facts = fleet
         .all_done(&app, "cluster-", n, &[&serves[0], &serves[1]])
         .await;
+    let stalled: usize = serves
+        .iter()
+        .map(|s| s.log().matches("reading the log again").count())
+        .sum();
+    eprintln!("the handlers read the log again {stalled} times after their reader stalled");
     for mut s in serves {
         assert!(
             s.running(),
