@@ -137,3 +137,203 @@ async fn every_error_answer_is_the_json_envelope() {
         assert_envelope(&a, 404, "not_found");
     }
 }
+
+/// POSTs the JSON `body` with `token` and `Idempotency-Key: key`.
+async fn post_keyed(api: &ReadSide, path: &str, token: &str, key: &str, body: Value) -> Answer {
+    send(
+        api,
+        "POST",
+        path,
+        Some(token),
+        Some(body.to_string().into_bytes()),
+        &[
+            ("content-type", "application/json"),
+            ("idempotency-key", key),
+        ],
+    )
+    .await
+}
+
+/// Requests an approval for `job_id` (submitted) over NATS, as the
+/// handler does.
+async fn request_approval(app: &TestApp, job_id: &str) {
+    let expires = (chrono::Utc::now() + chrono::Duration::days(1)).to_rfc3339();
+    let body = serde_json::json!({"approval_id": job_id, "job_id": job_id,
+        "workflow_key": "invoice.extract", "requested_by": "flowledger-handler",
+        "expires_at": expires});
+    app.handle("flow.cmd.approval.request", body.to_string().as_bytes())
+        .await
+        .expect("approval requested");
+}
+
+#[tokio::test]
+async fn an_idempotency_key_answers_the_first_answer_on_every_instance() {
+    use serde_json::json;
+    let app = spawn_app().await;
+    // two instances on one log, each with its own database and caches: the
+    // second one has never seen the first one's requests (as after a restart)
+    let one = spawn_read_side(&app, false).await;
+    let two = spawn_api_on(&app, false, registry(), fresh_database().await).await;
+    let job = json!({"workflow_key": "invoice.extract", "inputs": {"n": 1}});
+
+    // a submission without job_id: the key names the job
+    let first = post_keyed(&one, "/v1/jobs", BILLING_TOKEN, "sub-1", job.clone()).await;
+    assert_eq!(first.status, 202, "{}", first.body);
+    for api in [&one, &two] {
+        let again = post_keyed(api, "/v1/jobs", BILLING_TOKEN, "sub-1", job.clone()).await;
+        assert_eq!((again.status, &again.body), (202, &first.body));
+    }
+    let job_id = first.body["job_id"].as_str().expect("a job id").to_string();
+    // the same key with another body: 409 naming the header, nothing new
+    let changed = json!({"workflow_key": "invoice.extract", "inputs": {"n": 2}});
+    let conflict = post_keyed(&two, "/v1/jobs", BILLING_TOKEN, "sub-1", changed).await;
+    assert_eq!(conflict.status, 409, "{}", conflict.body);
+    assert_eq!(conflict.body["error"]["param"], "Idempotency-Key");
+    assert_eq!(conflict.body["error"]["code"], "conflict");
+    // another client's same key is its own: another job
+    let theirs = post_keyed(&two, "/v1/jobs", OTHER_TOKEN, "sub-1", job.clone()).await;
+    assert_eq!(theirs.status, 202, "{}", theirs.body);
+    assert_ne!(theirs.body["job_id"], first.body["job_id"]);
+    // without the key, the same body is a new job each time
+    let fresh = one.post("/v1/jobs", BILLING_TOKEN, job.clone()).await;
+    assert_ne!(fresh.body["job_id"], first.body["job_id"]);
+
+    // cancel: the repeat, on the other instance, answers the first answer
+    let path = format!("/v1/jobs/{job_id}/cancel");
+    let cancel = json!({"reason": "not needed"});
+    let cancelled = post_keyed(&one, &path, BILLING_TOKEN, "can-1", cancel.clone()).await;
+    assert_eq!(cancelled.status, 200, "{}", cancelled.body);
+    let again = post_keyed(&two, &path, BILLING_TOKEN, "can-1", cancel.clone()).await;
+    assert_eq!((again.status, &again.body), (200, &cancelled.body));
+    // the key of the cancel reused on another route: 409
+    let reused = post_keyed(&two, "/v1/jobs", BILLING_TOKEN, "can-1", job.clone()).await;
+    assert_eq!(reused.status, 409, "{}", reused.body);
+    assert_eq!(reused.body["error"]["param"], "Idempotency-Key");
+
+    // approve, reject, bulk
+    for id in ["k-1", "k-2", "k-3"] {
+        app.submit(id, &format!("submit-{id}")).await;
+        request_approval(&app, id).await;
+    }
+    let ok = json!({"reason": "checked"});
+    let approved = post_keyed(
+        &one,
+        "/v1/approvals/k-1/approve",
+        OPERATOR_TOKEN,
+        "ap-1",
+        ok.clone(),
+    )
+    .await;
+    assert_eq!(approved.status, 200, "{}", approved.body);
+    let again = post_keyed(
+        &two,
+        "/v1/approvals/k-1/approve",
+        OPERATOR_TOKEN,
+        "ap-1",
+        ok.clone(),
+    )
+    .await;
+    assert_eq!((again.status, &again.body), (200, &approved.body));
+    // the same key and body on reject (another route): 409
+    let other_route = post_keyed(
+        &two,
+        "/v1/approvals/k-1/reject",
+        OPERATOR_TOKEN,
+        "ap-1",
+        ok.clone(),
+    )
+    .await;
+    assert_eq!(other_route.status, 409, "{}", other_route.body);
+    assert_eq!(other_route.body["error"]["param"], "Idempotency-Key");
+    let bulk = json!({"approval_ids": ["k-2", "k-3"], "decision": "reject", "reason": "no"});
+    let decided = post_keyed(
+        &one,
+        "/v1/approvals/bulk",
+        OPERATOR_TOKEN,
+        "bulk-1",
+        bulk.clone(),
+    )
+    .await;
+    assert_eq!(decided.status, 200, "{}", decided.body);
+    assert_eq!(decided.body["decided"], 2, "{}", decided.body);
+    let again = post_keyed(
+        &two,
+        "/v1/approvals/bulk",
+        OPERATOR_TOKEN,
+        "bulk-1",
+        bulk.clone(),
+    )
+    .await;
+    assert_eq!((again.status, &again.body), (200, &decided.body));
+
+    // the kill-switch
+    let why = json!({"reason": "maintenance"});
+    let off = post_keyed(
+        &one,
+        "/v1/workflows/invoice.extract/disable",
+        OPERATOR_TOKEN,
+        "off-1",
+        why.clone(),
+    )
+    .await;
+    assert_eq!(off.status, 200, "{}", off.body);
+    let again = post_keyed(
+        &two,
+        "/v1/workflows/invoice.extract/disable",
+        OPERATOR_TOKEN,
+        "off-1",
+        why.clone(),
+    )
+    .await;
+    assert_eq!((again.status, &again.body), (200, &off.body));
+    let on = post_keyed(
+        &two,
+        "/v1/workflows/invoice.extract/enable",
+        OPERATOR_TOKEN,
+        "on-1",
+        why.clone(),
+    )
+    .await;
+    assert_eq!(on.status, 200, "{}", on.body);
+    let again = post_keyed(
+        &one,
+        "/v1/workflows/invoice.extract/enable",
+        OPERATOR_TOKEN,
+        "on-1",
+        why.clone(),
+    )
+    .await;
+    assert_eq!((again.status, &again.body), (200, &on.body));
+
+    // each command once in the log: one submission under the key, one cancel
+    let loaded = one.bus.load_job(&job_id).await.expect("the job");
+    assert_eq!(loaded.version, 2, "submitted and cancelled, once each");
+    assert!(loaded.commits.keys().all(|id| id.starts_with("idem:")));
+}
+
+#[tokio::test]
+async fn a_bad_idempotency_key_is_refused_naming_the_header() {
+    let app = spawn_app().await;
+    let api = spawn_read_side(&app, false).await;
+    let job = serde_json::json!({"job_id": "bk-1", "workflow_key": "invoice.extract"});
+    let long = "k".repeat(129);
+    for key in ["a:b", "with space", long.as_str()] {
+        let a = post_keyed(&api, "/v1/jobs", BILLING_TOKEN, key, job.clone()).await;
+        assert_envelope(&a, 400, "validation");
+        assert_eq!(a.body["error"]["param"], "Idempotency-Key");
+        assert!(!a.body.to_string().contains(key), "the key is not echoed");
+    }
+    // sent twice
+    let twice = send(
+        &api,
+        "POST",
+        "/v1/jobs",
+        Some(BILLING_TOKEN),
+        Some(job.to_string().into_bytes()),
+        &[("idempotency-key", "a"), ("idempotency-key", "b")],
+    )
+    .await;
+    assert_envelope(&twice, 400, "validation");
+    let job = api.bus.load_job("bk-1").await.expect("the log answers");
+    assert_eq!(job.version, 0, "nothing was submitted");
+}
