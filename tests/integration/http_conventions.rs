@@ -337,3 +337,131 @@ async fn a_bad_idempotency_key_is_refused_naming_the_header() {
     let job = api.bus.load_job("bk-1").await.expect("the log answers");
     assert_eq!(job.version, 0, "nothing was submitted");
 }
+
+#[tokio::test]
+async fn a_repeated_decision_answers_the_first_answer_and_another_stays_409() {
+    use serde_json::json;
+    let app = spawn_app().await;
+    let one = spawn_read_side(&app, false).await;
+    // another instance: the repeat is recognised from the log, not a cache
+    let two = spawn_api_on(&app, false, registry(), fresh_database().await).await;
+    for id in ["d-1", "d-2", "d-3"] {
+        app.submit(id, &format!("submit-{id}")).await;
+        request_approval(&app, id).await;
+    }
+
+    // approve: the same body again answers the first answer
+    let ok = json!({"reason": "checked", "user_id": "olga"});
+    let first = one
+        .post("/v1/approvals/d-1/approve", OPERATOR_TOKEN, ok.clone())
+        .await;
+    assert_eq!(first.status, 200, "{}", first.body);
+    let again = two
+        .post("/v1/approvals/d-1/approve", OPERATOR_TOKEN, ok.clone())
+        .await;
+    assert_eq!((again.status, &again.body), (200, &first.body));
+    // another decision, or the same with another body: 409 saying what was decided
+    for (path, body) in [
+        ("/v1/approvals/d-1/reject", ok.clone()),
+        ("/v1/approvals/d-1/approve", json!({"reason": "other"})),
+    ] {
+        let refused = two.post(path, OPERATOR_TOKEN, body).await;
+        assert_eq!(refused.status, 409, "{}", refused.body);
+        let message = refused.body["error"]["message"].as_str().unwrap_or("");
+        assert!(
+            message.contains("approved") && message.contains("by ops"),
+            "{message}"
+        );
+    }
+    // requested and decided: two commits, whatever was sent again
+    assert_eq!(app.messages_on("flow.ev.approval.d-1").await, 2);
+
+    // the NATS door: the same body twice is one decision
+    let body = json!({"approval_id": "d-2", "reason": "fine"}).to_string();
+    let nats_first = app
+        .handle("flow.cmd.approval.approve", body.as_bytes())
+        .await
+        .expect("approved over NATS");
+    let nats_again = app
+        .handle("flow.cmd.approval.approve", body.as_bytes())
+        .await
+        .expect("the repeat answers the first receipt");
+    assert!(nats_again.duplicate);
+    assert_eq!(nats_again.stream_seq, nats_first.stream_seq);
+    let other = json!({"approval_id": "d-2", "reason": "changed"}).to_string();
+    let refused = app
+        .handle("flow.cmd.approval.reject", other.as_bytes())
+        .await
+        .expect_err("another decision is refused");
+    assert_eq!(refused.code.as_str(), "rejected");
+    assert!(refused.message.contains("approved"), "{}", refused.message);
+
+    // cancel
+    for id in ["x-1"] {
+        let a = one
+            .post(
+                "/v1/jobs",
+                BILLING_TOKEN,
+                json!({"job_id": id, "workflow_key": "invoice.extract"}),
+            )
+            .await;
+        assert_eq!(a.status, 202, "{}", a.body);
+    }
+    let why = json!({"reason": "not needed"});
+    let cancelled = one
+        .post("/v1/jobs/x-1/cancel", BILLING_TOKEN, why.clone())
+        .await;
+    assert_eq!(cancelled.status, 200, "{}", cancelled.body);
+    let again = two
+        .post("/v1/jobs/x-1/cancel", BILLING_TOKEN, why.clone())
+        .await;
+    assert_eq!((again.status, &again.body), (200, &cancelled.body));
+    let by_ops = two
+        .post("/v1/jobs/x-1/cancel", OPERATOR_TOKEN, why.clone())
+        .await;
+    assert_eq!(by_ops.status, 409, "another caller: {}", by_ops.body);
+    assert!(by_ops.body["error"]["message"]
+        .as_str()
+        .is_some_and(|m| m.contains("cancelled")));
+    let job = one.bus.load_job("x-1").await.expect("the job");
+    assert_eq!(job.version, 2, "submitted and cancelled once");
+
+    // the kill-switch: the same disable again answers the first; after an
+    // enable the same body disables anew
+    let path = "/v1/workflows/invoice.extract/disable";
+    let off = json!({"reason": "maintenance"});
+    let first = one.post(path, OPERATOR_TOKEN, off.clone()).await;
+    assert_eq!(first.status, 200, "{}", first.body);
+    let again = two.post(path, OPERATOR_TOKEN, off.clone()).await;
+    assert_eq!((again.status, &again.body), (200, &first.body));
+    let changed = two
+        .post(path, OPERATOR_TOKEN, json!({"reason": "again"}))
+        .await;
+    assert_eq!(changed.status, 409, "{}", changed.body);
+    assert!(changed.body["error"]["message"]
+        .as_str()
+        .is_some_and(|m| m.contains("already disabled")));
+    let on = json!({"reason": "fixed"});
+    let enabled = one
+        .post(
+            "/v1/workflows/invoice.extract/enable",
+            OPERATOR_TOKEN,
+            on.clone(),
+        )
+        .await;
+    assert_eq!(enabled.status, 200, "{}", enabled.body);
+    let again = two
+        .post(
+            "/v1/workflows/invoice.extract/enable",
+            OPERATOR_TOKEN,
+            on.clone(),
+        )
+        .await;
+    assert_eq!((again.status, &again.body), (200, &enabled.body));
+    let anew = two.post(path, OPERATOR_TOKEN, off.clone()).await;
+    assert_eq!(anew.status, 200, "{}", anew.body);
+    assert_ne!(
+        anew.body["at"], first.body["at"],
+        "a new disable, not the first one"
+    );
+}
