@@ -190,7 +190,7 @@ fn valid_id(param: &str, id: &str) -> Result<(), ApiError> {
 }
 
 #[utoipa::path(get, path = "/v1/jobs/{id}", params(("id" = String, Path, description = "job id")),
-    responses((status = 200, description = "the job's execution row (workflows_executions)", body = Object),
+    responses((status = 200, description = "the job's execution row (workflows_executions); status pending, awaiting_approval (its approval is requested and undecided), running, completed, failed or cancelled", body = Object),
               (status = 404, description = "no such job"), (status = 400, description = "bad id")))]
 pub(crate) async fn jobs_get(
     State(s): State<AppState>,
@@ -211,7 +211,7 @@ pub(crate) async fn jobs_get(
 }
 
 #[utoipa::path(get, path = "/v1/jobs/{id}/status", params(("id" = String, Path, description = "job id")),
-    responses((status = 200, description = "status of the job; `parked` (reason, seq, parked_at) when the job handler parked it, else null", body = Object), (status = 404, description = "no such job")))]
+    responses((status = 200, description = "status of the job (pending, awaiting_approval, running, completed, failed, cancelled); `parked` (reason, seq, parked_at) when the job handler parked it, else null", body = Object), (status = 404, description = "no such job")))]
 pub(crate) async fn jobs_status(
     State(s): State<AppState>,
     Extension(caller): Extension<Caller>,
@@ -236,11 +236,18 @@ pub(crate) async fn jobs_status(
         .ok_or_else(|| ApiError::NotFound(format!("job {id}")))
 }
 
-const STATUSES: &[&str] = &["pending", "running", "completed", "failed", "cancelled"];
+const STATUSES: &[&str] = &[
+    "pending",
+    "awaiting_approval",
+    "running",
+    "completed",
+    "failed",
+    "cancelled",
+];
 
 #[utoipa::path(get, path = "/v1/executions",
     params(("workflow_id" = Option<String>, Query, description = "workflow key"),
-           ("status" = Option<String>, Query, description = "pending|running|completed|failed|cancelled"),
+           ("status" = Option<String>, Query, description = "pending|awaiting_approval|running|completed|failed|cancelled (awaiting_approval: its approval is requested and undecided)"),
            ("since" = Option<String>, Query, description = "created at or after (RFC 3339)"),
            ("until" = Option<String>, Query, description = "created before (RFC 3339)"),
            ("limit" = Option<i64>, Query, description = "1..1000, default 100"),

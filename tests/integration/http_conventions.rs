@@ -465,3 +465,76 @@ async fn a_repeated_decision_answers_the_first_answer_and_another_stays_409() {
         "a new disable, not the first one"
     );
 }
+
+#[tokio::test]
+async fn a_job_awaits_approval_in_its_status_while_its_approval_is_pending() {
+    use serde_json::json;
+    let app = spawn_app().await;
+    let api = spawn_read_side(&app, true).await;
+    for id in ["w-1", "w-2"] {
+        let a = api
+            .post(
+                "/v1/jobs",
+                BILLING_TOKEN,
+                json!({"job_id": id, "workflow_key": "invoice.extract"}),
+            )
+            .await;
+        assert_eq!(a.status, 202, "{}", a.body);
+        request_approval(&app, id).await;
+    }
+    api.caught_up(&app.log).await;
+    let status_of = |id: &'static str| {
+        let api = &api;
+        async move {
+            let (_, row) = api.get(&format!("/v1/jobs/{id}")).await;
+            let (_, status) = api.get(&format!("/v1/jobs/{id}/status")).await;
+            assert_eq!(row["status"], status["status"], "{row} {status}");
+            row["status"].as_str().unwrap_or("").to_string()
+        }
+    };
+    assert_eq!(status_of("w-1").await, "awaiting_approval");
+    let (code, list) = api.get("/v1/executions?status=awaiting_approval").await;
+    assert_eq!(code, 200, "{list}");
+    let mut ids: Vec<_> = list["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .map(|r| r["execution_id"].as_str().unwrap_or("").to_string())
+        .collect();
+    ids.sort();
+    assert_eq!(ids, ["w-1", "w-2"]);
+
+    // approved: pending again, until the handler starts it
+    let ok = api
+        .post(
+            "/v1/approvals/w-1/approve",
+            OPERATOR_TOKEN,
+            json!({"reason": "ok"}),
+        )
+        .await;
+    assert_eq!(ok.status, 200, "{}", ok.body);
+    // cancelled while awaiting, then rejected: it stays cancelled
+    let cancel = api
+        .post(
+            "/v1/jobs/w-2/cancel",
+            BILLING_TOKEN,
+            json!({"reason": "gone"}),
+        )
+        .await;
+    assert_eq!(cancel.status, 200, "{}", cancel.body);
+    api.caught_up(&app.log).await;
+    assert_eq!(status_of("w-2").await, "cancelled");
+    let no = api
+        .post(
+            "/v1/approvals/w-2/reject",
+            OPERATOR_TOKEN,
+            json!({"reason": "late"}),
+        )
+        .await;
+    assert_eq!(no.status, 200, "{}", no.body);
+    api.caught_up(&app.log).await;
+    assert_eq!(status_of("w-1").await, "pending");
+    assert_eq!(status_of("w-2").await, "cancelled");
+    let (_, list) = api.get("/v1/executions?status=awaiting_approval").await;
+    assert_eq!(list["items"], json!([]), "{list}");
+}
