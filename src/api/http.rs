@@ -434,6 +434,7 @@ async fn metrics_get(State(s): State<AppState>) -> String {
         read::audit_list,
         read::secret_accesses_list,
         read::approvals_list,
+        read::approvals_get,
         secrets::secrets_read,
         memory::memory_command,
         memory::memory_assemble,
@@ -626,6 +627,7 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/audit/secret-accesses", get(read::secret_accesses_list))
         .route("/v1/approvals", get(read::approvals_list))
         .route("/v1/approvals/bulk", post(write::approvals_bulk))
+        .route("/v1/approvals/{id}", get(read::approvals_get))
         .route("/v1/approvals/{id}/approve", post(write::approvals_approve))
         .route("/v1/approvals/{id}/reject", post(write::approvals_reject))
         .route_layer(middleware::from_fn(require_json))

@@ -524,6 +524,32 @@ pub(crate) async fn approvals_list(
     })
 }
 
+#[utoipa::path(get, path = "/v1/approvals/{id}", params(("id" = String, Path, description = "approval id (the job id)")),
+    responses((status = 200, description = "the approval (approvals row: approval_id, job_id, workflow_key, status, requested_by, request_reason, expires_at, decided_by, decision_reason, decided_at, ...) with `job`: the job's execution_id, status, client_id, priority, created_at and `inputs` (its input_data); `job` is null until the executions read model has the job", body = Object),
+              (status = 400, description = "bad id"),
+              (status = 404, description = "no such approval, or another client's (the two answer alike)")))]
+pub(crate) async fn approvals_get(
+    State(s): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    valid_id("id", &id)?;
+    // a client sees only the approvals of its own jobs, as in the list
+    let mut q = QueryBuilder::new(
+        "SELECT to_jsonb(a) || jsonb_build_object('job', \
+           (SELECT jsonb_build_object('execution_id', e.execution_id, 'status', e.status, \
+                   'workflow_key', e.workflow_id, 'client_id', e.client_id, \
+                   'priority', e.priority, 'created_at', e.created_at, 'inputs', e.input_data) \
+            FROM workflows_executions e WHERE e.execution_id = a.job_id)) \
+         FROM approvals a WHERE approval_id = ",
+    );
+    q.push_bind(&id);
+    only_own_jobs(&mut q, &caller);
+    let row: Option<Value> = q.build_query_scalar().fetch_optional(&s.pool).await?;
+    row.map(Json)
+        .ok_or_else(|| ApiError::NotFound(format!("approval {id}")))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -538,3 +538,73 @@ async fn a_job_awaits_approval_in_its_status_while_its_approval_is_pending() {
     let (_, list) = api.get("/v1/executions?status=awaiting_approval").await;
     assert_eq!(list["items"], json!([]), "{list}");
 }
+
+#[tokio::test]
+async fn an_approval_is_read_with_its_jobs_inputs_by_those_who_may() {
+    use serde_json::json;
+    let app = spawn_app().await;
+    let api = spawn_read_side(&app, true).await;
+    let job = json!({"job_id": "g-1", "workflow_key": "invoice.extract",
+                     "inputs": {"invoice": 7, "amount": "120.50"}});
+    assert_eq!(api.post("/v1/jobs", BILLING_TOKEN, job).await.status, 202);
+    request_approval(&app, "g-1").await;
+    api.caught_up(&app.log).await;
+
+    let read = |token: &'static str, path: &'static str| {
+        let api = &api;
+        async move { api.call("GET", path, Some(token), None).await }
+    };
+    // its client, an operator and an auditor read it
+    for token in [BILLING_TOKEN, OPERATOR_TOKEN, AUDITOR_TOKEN] {
+        let a = read(token, "/v1/approvals/g-1").await;
+        assert_eq!(a.status, 200, "{}", a.body);
+        assert_eq!(a.body["approval_id"], "g-1");
+        assert_eq!(a.body["status"], "pending");
+        assert_eq!(a.body["requested_by"], "flowledger-handler");
+        assert_eq!(
+            a.body["job"]["inputs"],
+            json!({"invoice": 7, "amount": "120.50"})
+        );
+        assert_eq!(a.body["job"]["status"], "awaiting_approval");
+        assert_eq!(a.body["job"]["client_id"], "billing");
+    }
+    // another client: as a missing one
+    let theirs = read(OTHER_TOKEN, "/v1/approvals/g-1").await;
+    let missing = read(OPERATOR_TOKEN, "/v1/approvals/g-9").await;
+    for a in [&theirs, &missing] {
+        assert_envelope(a, 404, "not_found");
+    }
+    assert_eq!(
+        theirs.body["error"]["message"]
+            .as_str()
+            .map(|m| m.replace("g-1", "g-9")),
+        missing.body["error"]["message"]
+            .as_str()
+            .map(str::to_string)
+    );
+    let bad = read(OPERATOR_TOKEN, "/v1/approvals/a%20b").await;
+    assert_envelope(&bad, 400, "validation");
+    assert_eq!(bad.body["error"]["param"], "id");
+
+    // decided: who and why
+    let ok = api
+        .post(
+            "/v1/approvals/g-1/approve",
+            OPERATOR_TOKEN,
+            json!({"reason": "fine"}),
+        )
+        .await;
+    assert_eq!(ok.status, 200, "{}", ok.body);
+    api.caught_up(&app.log).await;
+    let a = read(BILLING_TOKEN, "/v1/approvals/g-1").await;
+    assert_eq!(
+        (
+            &a.body["status"],
+            &a.body["decided_by"],
+            &a.body["decision_reason"]
+        ),
+        (&json!("approved"), &json!("ops"), &json!("fine")),
+        "{}",
+        a.body
+    );
+}
