@@ -542,10 +542,7 @@ async fn envelope(req: Request, next: Next) -> Response {
     if !(status.is_client_error() || status.is_server_error()) {
         return res;
     }
-    let json = res
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .is_some_and(|ct| is_json(ct));
+    let json = res.headers().get(header::CONTENT_TYPE).is_some_and(is_json);
     if json {
         return res;
     }

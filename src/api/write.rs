@@ -38,7 +38,7 @@ pub const MAX_BULK: usize = 100;
 pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
 
 /// The checked `Idempotency-Key` of a request, if it has one.
-fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+pub(crate) fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
     let bad = |message: &str| {
         ApiError::Command(CommandError::validation(
             Some("Idempotency-Key"),
@@ -86,17 +86,22 @@ impl Identity<'_> {
     fn reused<E: DomainError>(&self, e: &ExecuteError<E>) -> Option<ApiError> {
         match (self.key, e) {
             (Some(_), ExecuteError::CommandIdReused { .. }) => {
-                Some(ApiError::Command(CommandError {
-                    code: crate::commands::ErrorCode::Conflict,
-                    message: "header `Idempotency-Key`: this client already used the key for \
-                              another request (another route, id or body); send that same \
-                              request to get its answer, or use a new key"
-                        .into(),
-                    field: Some("Idempotency-Key".into()),
-                }))
+                Some(ApiError::Command(key_reused()))
             }
             _ => None,
         }
+    }
+}
+
+/// The 409 of an `Idempotency-Key` this client used for another request.
+pub(crate) fn key_reused() -> CommandError {
+    CommandError {
+        code: crate::commands::ErrorCode::Conflict,
+        message: "header `Idempotency-Key`: this client already used the key for another \
+                  request (another route, id or body); send that same request to get its \
+                  answer, or use a new key"
+            .into(),
+        field: Some("Idempotency-Key".into()),
     }
 }
 

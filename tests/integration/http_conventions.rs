@@ -608,3 +608,27 @@ async fn an_approval_is_read_with_its_jobs_inputs_by_those_who_may() {
         a.body
     );
 }
+
+#[tokio::test]
+async fn an_idempotency_key_makes_a_secret_invalidation_once() {
+    use crate::secret_access::{api_with_secrets, secrets_settings, vault_with_secrets};
+    use serde_json::json;
+    let app = spawn_app().await;
+    let (bao, token) = vault_with_secrets("sk-1").await;
+    let one = api_with_secrets(&app, secrets_settings(&bao, &token, 300, 3600).await, false).await;
+    let two = api_with_secrets(&app, secrets_settings(&bao, &token, 300, 3600).await, false).await;
+    let body = json!({"path": "secret/data/billing/stripe", "reason": "rotated"});
+    let path = "/v1/secrets/invalidate";
+    let first = post_keyed(&one, path, OPERATOR_TOKEN, "inv-1", body.clone()).await;
+    assert_eq!(first.status, 200, "{}", first.body);
+    let again = post_keyed(&two, path, OPERATOR_TOKEN, "inv-1", body.clone()).await;
+    assert_eq!((again.status, &again.body), (200, &first.body));
+    let other = json!({"path": "secret/data/billing/stripe", "reason": "again"});
+    let reused = post_keyed(&two, path, OPERATOR_TOKEN, "inv-1", other.clone()).await;
+    assert_eq!(reused.status, 409, "{}", reused.body);
+    assert_eq!(reused.body["error"]["param"], "Idempotency-Key");
+    // without a key each invalidation is recorded anew
+    let fresh = one.post(path, OPERATOR_TOKEN, other).await;
+    assert_eq!(fresh.status, 200, "{}", fresh.body);
+    assert_ne!(fresh.body["event_seq"], first.body["event_seq"]);
+}
