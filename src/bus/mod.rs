@@ -120,6 +120,10 @@ where
     A: cqrs_es::Aggregate + Clone,
     A::Command: Clone,
 {
+    // a command without a hash (one a process issues) is never "the same"
+    if meta.command_hash.is_empty() {
+        return Ok(None);
+    }
     let loaded = store.cached_or_load(aggregate_id).await?;
     let holds = |r: &Receipt, types: &[&str]| {
         r.events
