@@ -632,3 +632,53 @@ async fn an_idempotency_key_makes_a_secret_invalidation_once() {
     assert_eq!(fresh.status, 200, "{}", fresh.body);
     assert_ne!(fresh.body["event_seq"], first.body["event_seq"]);
 }
+
+#[tokio::test]
+async fn an_idempotency_key_makes_a_memory_writeback_once() {
+    use serde_json::json;
+    let app = spawn_app().await;
+    let bao = crate::openbao::OpenBao::start().await;
+    let one = spawn_api_with_memory(
+        &app,
+        false,
+        fresh_database().await,
+        memory_service(&bao).await,
+    )
+    .await;
+    // another instance with its own key cache
+    let two = spawn_api_with_memory(
+        &app,
+        false,
+        fresh_database().await,
+        memory_service(&bao).await,
+    )
+    .await;
+    let turn = json!({"subject_id": "cust-1",
+        "messages": [{"role": "user", "content": "I moved to Lyon."}], "response": "Noted."});
+    let path = "/v1/memory/writeback";
+    let first = post_keyed(&one, path, BILLING_TOKEN, "turn-1", turn.clone()).await;
+    assert_eq!(first.status, 200, "{}", first.body);
+    let again = post_keyed(&two, path, BILLING_TOKEN, "turn-1", turn.clone()).await;
+    assert_eq!(again.status, 200, "{}", again.body);
+    assert_eq!(again.body["episode_id"], first.body["episode_id"]);
+    assert_eq!(again.body["stream_seq"], first.body["stream_seq"]);
+    assert_eq!(again.body["duplicate"], true, "{}", again.body);
+    // another body under the key: 409 naming the header
+    let other = json!({"subject_id": "cust-1",
+        "messages": [{"role": "user", "content": "I moved to Porto."}], "response": "Noted."});
+    let reused = post_keyed(&two, path, BILLING_TOKEN, "turn-1", other.clone()).await;
+    assert_eq!(reused.status, 409, "{}", reused.body);
+    assert_eq!(reused.body["error"]["param"], "Idempotency-Key");
+    assert!(
+        !reused.body.to_string().contains("Porto"),
+        "no personal text in the error"
+    );
+    // without the key the same turn is another episode
+    let fresh = one.post(path, BILLING_TOKEN, turn).await;
+    assert_eq!(fresh.status, 200, "{}", fresh.body);
+    assert_ne!(fresh.body["episode_id"], first.body["episode_id"]);
+    // a bad key is refused before anything is recorded
+    let bad = post_keyed(&one, path, BILLING_TOKEN, "a:b", other).await;
+    assert_envelope(&bad, 400, "validation");
+    assert_eq!(bad.body["error"]["param"], "Idempotency-Key");
+}
