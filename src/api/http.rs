@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use axum::extract::{MatchedPath, Request, State};
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -68,6 +68,9 @@ pub struct AppState {
     pub draining: tokio::sync::watch::Receiver<bool>,
 }
 
+/// The largest request body accepted (413 `payload_too_large` above).
+pub const MAX_BODY_BYTES: usize = 2 * 1024 * 1024;
+
 /// Seconds a job submitted to a draining instance is told to wait
 /// (`Retry-After`) before it is sent again, to another instance.
 pub const DRAINING_RETRY_AFTER_SECONDS: u64 = 5;
@@ -95,6 +98,32 @@ pub enum ApiError {
     /// exist.
     #[error("{0} not found")]
     NotFound(String),
+    /// 405 `method_not_allowed` with `Allow`: the route exists, the method
+    /// does not; use one of `allowed`.
+    #[error("method {method} is not allowed on this route; use {allowed} (see /openapi.json)")]
+    MethodNotAllowed {
+        /// The method sent.
+        method: String,
+        /// The route's methods, as the `Allow` header lists them.
+        allowed: String,
+    },
+    /// 413 `payload_too_large`: the body is over [`MAX_BODY_BYTES`]; send a
+    /// smaller one.
+    #[error("request body is larger than {MAX_BODY_BYTES} bytes; send a smaller body")]
+    PayloadTooLarge,
+    /// 415 `unsupported_media_type` (`error.param`: `Content-Type`): a
+    /// command body is JSON; send `Content-Type: application/json` (or none).
+    #[error("Content-Type {0:?} is not accepted: command bodies are JSON, send `Content-Type: application/json`")]
+    UnsupportedMediaType(String),
+    /// Any other refusal made before a handler ran (a malformed path, ...),
+    /// with its status; the code follows the status.
+    #[error("{message}")]
+    Request {
+        /// The status to answer.
+        status: StatusCode,
+        /// What was wrong.
+        message: String,
+    },
     /// 503 `unavailable`: the read-model query failed; retry later.
     #[error("read models unavailable, retry later")]
     Unavailable(#[source] sqlx::Error),
@@ -156,6 +185,14 @@ impl ApiError {
         match self {
             ApiError::BadParam { .. } => (StatusCode::BAD_REQUEST, "validation"),
             ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+            ApiError::MethodNotAllowed { .. } => {
+                (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed")
+            }
+            ApiError::PayloadTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
+            ApiError::UnsupportedMediaType(_) => {
+                (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type")
+            }
+            ApiError::Request { status, .. } => (*status, code_of_status(*status)),
             ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             ApiError::Unauthenticated(_) => (StatusCode::UNAUTHORIZED, "unauthenticated"),
             ApiError::RateLimited { .. } | ApiError::SourceRateLimited { .. } => {
@@ -189,6 +226,7 @@ impl IntoResponse for ApiError {
         let mut error = json!({"code": code, "message": self.to_string()});
         match &self {
             ApiError::BadParam { param, .. } => error["param"] = json!(param),
+            ApiError::UnsupportedMediaType(_) => error["param"] = json!("Content-Type"),
             ApiError::Command(CommandError { field: Some(f), .. })
             | ApiError::Reasoned(CommandError { field: Some(f), .. }, _) => {
                 error["param"] = json!(f)
@@ -204,6 +242,11 @@ impl IntoResponse for ApiError {
                 res.headers_mut()
                     .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
             }
+            ApiError::MethodNotAllowed { allowed, .. } => {
+                if let Ok(v) = HeaderValue::from_str(allowed) {
+                    res.headers_mut().insert(header::ALLOW, v);
+                }
+            }
             ApiError::RateLimited { retry_after, .. }
             | ApiError::SourceRateLimited { retry_after, .. }
             | ApiError::Draining { retry_after } => {
@@ -213,6 +256,25 @@ impl IntoResponse for ApiError {
             _ => {}
         }
         res
+    }
+}
+
+/// The `error.code` of a status no variant names.
+fn code_of_status(status: StatusCode) -> &'static str {
+    match status.as_u16() {
+        400 | 422 => "validation",
+        401 => "unauthenticated",
+        403 => "forbidden",
+        404 => "not_found",
+        405 => "method_not_allowed",
+        408 => "timeout",
+        409 => "conflict",
+        413 => "payload_too_large",
+        415 => "unsupported_media_type",
+        429 => "rate_limited",
+        503 => "unavailable",
+        s if s >= 500 => "internal",
+        _ => "invalid_request",
     }
 }
 
@@ -354,7 +416,7 @@ async fn metrics_get(State(s): State<AppState>) -> String {
 #[openapi(
     info(
         title = "flowledger API",
-        description = "Commands (jobs, approvals, the kill-switch) and read models built from the flowledger event log. /v1 routes need `Authorization: Bearer <token>` except /v1/callbacks/n8n, which is signed (docs/CALLBACKS.md)."
+        description = "Commands (jobs, approvals, the kill-switch) and read models built from the flowledger event log. /v1 routes need `Authorization: Bearer <token>` except /v1/callbacks/n8n, which is signed (docs/CALLBACKS.md). Every error answer (400, 401, 403, 404, 405, 409, 413, 415, 429, 503) is `{\"error\": {\"code\", \"message\", \"param\"?}}`; a POST body is JSON (415 otherwise) of at most 2 MiB (413)."
     ),
     paths(
         write::jobs_submit,
@@ -372,6 +434,7 @@ async fn metrics_get(State(s): State<AppState>) -> String {
         read::audit_list,
         read::secret_accesses_list,
         read::approvals_list,
+        read::approvals_get,
         secrets::secrets_read,
         memory::memory_command,
         memory::memory_assemble,
@@ -436,12 +499,91 @@ async fn refuse_while_draining(State(s): State<AppState>, req: Request, next: Ne
     next.run(req).await
 }
 
+/// Refuses a POST whose `Content-Type` is not JSON (415); no
+/// `Content-Type` is taken as JSON. Not on the n8n callback, whose signed
+/// bytes are checked as sent.
+async fn require_json(req: Request, next: Next) -> Response {
+    if req.method() == axum::http::Method::POST {
+        if let Some(ct) = req.headers().get(header::CONTENT_TYPE) {
+            if !is_json(ct) {
+                let shown = String::from_utf8_lossy(ct.as_bytes())
+                    .chars()
+                    .take(100)
+                    .collect();
+                return ApiError::UnsupportedMediaType(shown).into_response();
+            }
+        }
+    }
+    next.run(req).await
+}
+
+/// `application/json` or `application/<x>+json`, any parameters.
+fn is_json(ct: &HeaderValue) -> bool {
+    let Ok(ct) = ct.to_str() else { return false };
+    let essence = ct
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    essence == "application/json"
+        || essence
+            .strip_prefix("application/")
+            .is_some_and(|sub| sub.ends_with("+json"))
+}
+
+/// Puts every error answer made outside the handlers (axum's 405, the 413
+/// of the body limit, a malformed path's 400) in the JSON envelope; an
+/// answer that is JSON already passes unchanged.
+async fn envelope(req: Request, next: Next) -> Response {
+    let method = req.method().to_string();
+    let res = next.run(req).await;
+    let status = res.status();
+    if !(status.is_client_error() || status.is_server_error()) {
+        return res;
+    }
+    let json = res.headers().get(header::CONTENT_TYPE).is_some_and(is_json);
+    if json {
+        return res;
+    }
+    match status {
+        StatusCode::METHOD_NOT_ALLOWED => {
+            let allowed = res
+                .headers()
+                .get(header::ALLOW)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .to_string();
+            ApiError::MethodNotAllowed { method, allowed }.into_response()
+        }
+        StatusCode::PAYLOAD_TOO_LARGE => ApiError::PayloadTooLarge.into_response(),
+        _ => {
+            // axum's rejections say what failed in a short text
+            let text = axum::body::to_bytes(res.into_body(), 4096)
+                .await
+                .map(|b| String::from_utf8_lossy(&b).trim().to_string())
+                .unwrap_or_default();
+            let message = if text.is_empty() {
+                status
+                    .canonical_reason()
+                    .unwrap_or("request refused")
+                    .to_lowercase()
+            } else {
+                text
+            };
+            ApiError::Request { status, message }.into_response()
+        }
+    }
+}
+
 async fn not_found() -> ApiError {
     ApiError::NotFound("route (see /openapi.json)".into())
 }
 
 /// The HTTP API's router: every route, bearer authentication on `/v1`
-/// (but the n8n callback), the latency metric, the JSON 404 fallback.
+/// (but the n8n callback), JSON bodies only on its POSTs (415), the body
+/// limit (413), the latency metric, the JSON 404 fallback, and the error
+/// envelope on every error answer.
 pub fn app(state: AppState) -> Router {
     // every /v1 route but the n8n callback needs a bearer token
     let authenticated = Router::new()
@@ -482,13 +624,15 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/audit/secret-accesses", get(read::secret_accesses_list))
         .route("/v1/approvals", get(read::approvals_list))
         .route("/v1/approvals/bulk", post(write::approvals_bulk))
+        .route("/v1/approvals/{id}", get(read::approvals_get))
         .route("/v1/approvals/{id}/approve", post(write::approvals_approve))
         .route("/v1/approvals/{id}/reject", post(write::approvals_reject))
+        .route_layer(middleware::from_fn(require_json))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             auth::authenticate,
         ));
-    Router::new()
+    let routes = Router::new()
         .merge(authenticated)
         .route("/v1/callbacks/n8n", post(n8n::callbacks_n8n))
         .route("/healthz", get(healthz))
@@ -497,6 +641,36 @@ pub fn app(state: AppState) -> Router {
         .route("/metrics", get(metrics_get))
         .route("/openapi.json", get(openapi_get))
         .fallback(not_found)
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(middleware::from_fn(track))
-        .with_state(state)
+        .with_state(state);
+    // outside the routes, so their answers are complete (axum adds `Allow`
+    // to a 405 as the route answers) before the envelope is put on
+    Router::new()
+        .fallback_service(routes)
+        .layer(middleware::from_fn(envelope))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_content_types_are_told_from_others() {
+        for ok in [
+            "application/json",
+            "Application/JSON; charset=utf-8",
+            "application/merge-patch+json",
+        ] {
+            assert!(is_json(&HeaderValue::from_static(ok)), "{ok}");
+        }
+        for no in [
+            "text/plain",
+            "application/x-www-form-urlencoded",
+            "json",
+            "",
+        ] {
+            assert!(!is_json(&HeaderValue::from_static(no)), "{no}");
+        }
+    }
 }

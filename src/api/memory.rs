@@ -120,6 +120,33 @@ pub async fn command(
     command: &str,
     body: &[u8],
 ) -> Result<Value, CommandError> {
+    command_keyed(bus, memory, caller, command, body, None).await
+}
+
+/// The `turn_id` a writeback sent with `Idempotency-Key` `key` and without
+/// a `turn_id` gets: the same for every repeat (from a hash of the client
+/// and the key), so the repeat is the same command and answers the first
+/// answer.
+fn keyed_turn_id(client_id: &str, key: &str) -> String {
+    let digest = crate::events::chain::sha256(
+        format!("turn-id:{}:{key}", hex::encode(client_id)).as_bytes(),
+    );
+    format!("idem-{}", hex::encode(&digest[..16]))
+}
+
+/// [`command`] with an HTTP `Idempotency-Key`: a writeback without
+/// `turn_id` takes [`keyed_turn_id`] (another body under the key is a 409
+/// naming the header); the other memory commands are idempotent by value
+/// (a repeat records nothing) or once per subject (erase) and take the key
+/// as it is.
+async fn command_keyed(
+    bus: &CommandBus,
+    memory: Option<&MemoryService>,
+    caller: &Caller,
+    command: &str,
+    body: &[u8],
+    key: Option<&str>,
+) -> Result<Value, CommandError> {
     let what = format!("memory.{command}");
     caller.require_may_command(&what)?;
     owner_role(caller, &what)?;
@@ -138,8 +165,22 @@ pub async fn command(
     let now = Utc::now();
     let written = match command {
         "writeback" => {
-            let b: WritebackBody = from_fields(fields)?;
-            memory.writeback(bus, owner, b, now).await?
+            let mut b: WritebackBody = from_fields(fields)?;
+            let keyed = match (key, &b.turn_id) {
+                (Some(key), None) => {
+                    b.turn_id = Some(keyed_turn_id(owner, key));
+                    true
+                }
+                _ => false,
+            };
+            match memory.writeback(bus, owner, b, now).await {
+                Ok(w) => w,
+                // the turn id is the key's: its reuse is the key's
+                Err(e) if keyed && e.code == ErrorCode::Conflict => {
+                    return Err(super::write::key_reused())
+                }
+                Err(e) => return Err(e),
+            }
         }
         "profile" => {
             let b: ProfileBody = from_fields(fields)?;
@@ -531,7 +572,8 @@ fn http_command_name(path: &str) -> String {
 }
 
 #[utoipa::path(post, path = "/v1/memory/{command}",
-    params(("command" = String, Path, description = "writeback | profile | working-state-set | working-state-delete | forget | erase")),
+    params(("command" = String, Path, description = "writeback | profile | working-state-set | working-state-delete | forget | erase"),
+           ("Idempotency-Key" = Option<String>, Header, description = "1-128 of A-Z a-z 0-9 _ - .; a writeback without turn_id takes a turn_id derived from the client and the key, so the same key and body answer the first answer and another body is a 409 with error.param Idempotency-Key; the other commands record nothing when repeated with the same value (erase: once per subject)")),
     request_body(content = Object, description = "writeback: subject_id, messages [{role, content}], response, timestamp?, turn_id?, facts [{subject, key, value, confidence?}], extract? (ask the configured extractor for the turn's facts); profile: subject_id, fields; working-state-set: subject_id, key, value, ttl_seconds; working-state-delete: subject_id, key; forget: subject_id, subject, key; erase: subject_id, reason, owner? (operators)"),
     responses((status = 200, description = "recorded: subject_id, stream_seq, duplicate, events, episode_id?", body = Object),
               (status = 400, description = "bad body; error.param names the field"),
@@ -544,13 +586,16 @@ pub(crate) async fn memory_command(
     State(s): State<AppState>,
     Extension(caller): Extension<Caller>,
     Path(name): Path<String>,
+    headers: axum::http::HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let name = http_command_name(&name);
     if name == "assemble" || !COMMANDS.contains(&name.as_str()) {
         return Err(ApiError::NotFound(format!("memory command {name:?}")));
     }
-    let reply = command(&s.bus, s.memory.as_deref(), &caller, &name, &body).await?;
+    let key = super::write::idempotency_key(&headers)?;
+    let memory = s.memory.as_deref();
+    let reply = command_keyed(&s.bus, memory, &caller, &name, &body, key.as_deref()).await?;
     Ok(Json(reply).into_response())
 }
 

@@ -190,7 +190,7 @@ fn valid_id(param: &str, id: &str) -> Result<(), ApiError> {
 }
 
 #[utoipa::path(get, path = "/v1/jobs/{id}", params(("id" = String, Path, description = "job id")),
-    responses((status = 200, description = "the job's execution row (workflows_executions)", body = Object),
+    responses((status = 200, description = "the job's execution row (workflows_executions); status pending, awaiting_approval (its approval is requested and undecided), running, completed, failed or cancelled", body = Object),
               (status = 404, description = "no such job"), (status = 400, description = "bad id")))]
 pub(crate) async fn jobs_get(
     State(s): State<AppState>,
@@ -211,7 +211,7 @@ pub(crate) async fn jobs_get(
 }
 
 #[utoipa::path(get, path = "/v1/jobs/{id}/status", params(("id" = String, Path, description = "job id")),
-    responses((status = 200, description = "status of the job; `parked` (reason, seq, parked_at) when the job handler parked it, else null", body = Object), (status = 404, description = "no such job")))]
+    responses((status = 200, description = "status of the job (pending, awaiting_approval, running, completed, failed, cancelled); `parked` (reason, seq, parked_at) when the job handler parked it, else null", body = Object), (status = 404, description = "no such job")))]
 pub(crate) async fn jobs_status(
     State(s): State<AppState>,
     Extension(caller): Extension<Caller>,
@@ -236,11 +236,18 @@ pub(crate) async fn jobs_status(
         .ok_or_else(|| ApiError::NotFound(format!("job {id}")))
 }
 
-const STATUSES: &[&str] = &["pending", "running", "completed", "failed", "cancelled"];
+const STATUSES: &[&str] = &[
+    "pending",
+    "awaiting_approval",
+    "running",
+    "completed",
+    "failed",
+    "cancelled",
+];
 
 #[utoipa::path(get, path = "/v1/executions",
     params(("workflow_id" = Option<String>, Query, description = "workflow key"),
-           ("status" = Option<String>, Query, description = "pending|running|completed|failed|cancelled"),
+           ("status" = Option<String>, Query, description = "pending|awaiting_approval|running|completed|failed|cancelled (awaiting_approval: its approval is requested and undecided)"),
            ("since" = Option<String>, Query, description = "created at or after (RFC 3339)"),
            ("until" = Option<String>, Query, description = "created before (RFC 3339)"),
            ("limit" = Option<i64>, Query, description = "1..1000, default 100"),
@@ -515,6 +522,32 @@ pub(crate) async fn approvals_list(
             &r.try_get::<String, _>("approval_id")?,
         ))
     })
+}
+
+#[utoipa::path(get, path = "/v1/approvals/{id}", params(("id" = String, Path, description = "approval id (the job id)")),
+    responses((status = 200, description = "the approval (approvals row: approval_id, job_id, workflow_key, status, requested_by, request_reason, expires_at, decided_by, decision_reason, decided_at, ...) with `job`: the job's execution_id, status, client_id, priority, created_at and `inputs` (its input_data); `job` is null until the executions read model has the job", body = Object),
+              (status = 400, description = "bad id"),
+              (status = 404, description = "no such approval, or another client's (the two answer alike)")))]
+pub(crate) async fn approvals_get(
+    State(s): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    valid_id("id", &id)?;
+    // a client sees only the approvals of its own jobs, as in the list
+    let mut q = QueryBuilder::new(
+        "SELECT to_jsonb(a) || jsonb_build_object('job', \
+           (SELECT jsonb_build_object('execution_id', e.execution_id, 'status', e.status, \
+                   'workflow_key', e.workflow_id, 'client_id', e.client_id, \
+                   'priority', e.priority, 'created_at', e.created_at, 'inputs', e.input_data) \
+            FROM workflows_executions e WHERE e.execution_id = a.job_id)) \
+         FROM approvals a WHERE approval_id = ",
+    );
+    q.push_bind(&id);
+    only_own_jobs(&mut q, &caller);
+    let row: Option<Value> = q.build_query_scalar().fetch_optional(&s.pool).await?;
+    row.map(Json)
+        .ok_or_else(|| ApiError::NotFound(format!("approval {id}")))
 }
 
 #[cfg(test)]

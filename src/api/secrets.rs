@@ -109,12 +109,45 @@ pub async fn invalidate(
     caller: &Caller,
     body: &[u8],
 ) -> Result<Value, CommandError> {
+    invalidate_keyed(bus, secrets, caller, body, None).await
+}
+
+/// [`invalidate`] with an HTTP `Idempotency-Key`: the command id is the
+/// key's (per client) and its hash covers the body, so a repeat answers
+/// the first `event_seq` and another body under the key is a 409.
+async fn invalidate_keyed(
+    bus: &CommandBus,
+    secrets: Option<&SecretService>,
+    caller: &Caller,
+    body: &[u8],
+    key: Option<&str>,
+) -> Result<Value, CommandError> {
     caller.require(&[Role::Operator], "secret.invalidate")?;
-    let b: InvalidateBody = from_fields(parse_object(body, false)?)?;
+    let value = parse_object(body, false)?;
+    let b: InvalidateBody = from_fields(value.clone())?;
     let secrets = secrets.ok_or_else(not_configured)?;
-    let meta = meta(caller, b.user_id);
+    let meta = match key {
+        None => meta(caller, b.user_id),
+        Some(key) => CommandMeta::originating(
+            crate::bus::ids::http_idempotent(&caller.client_id, key),
+            caller.actor(b.user_id),
+            crate::events::chain::to_hex(&crate::events::chain::sha256(
+                json!({"client_id": caller.client_id,
+                       "request": "POST /v1/secrets/invalidate", "body": value})
+                .to_string()
+                .as_bytes(),
+            )),
+        ),
+    };
     let path = b.path.clone();
-    let seq = secrets.invalidate(bus, b.path, b.reason, &meta).await?;
+    let seq = match secrets.invalidate(bus, b.path, b.reason, &meta).await {
+        Ok(seq) => seq,
+        // the key's id already holds another request: the store says reused
+        Err(e) if key.is_some() && e.code == ErrorCode::Conflict && e.field.is_none() => {
+            return Err(super::write::key_reused())
+        }
+        Err(e) => return Err(e),
+    };
     Ok(json!({"ok": true, "path": path, "event_seq": seq}))
 }
 
@@ -146,6 +179,7 @@ pub(crate) async fn secrets_read(
 }
 
 #[utoipa::path(post, path = "/v1/secrets/invalidate",
+    params(("Idempotency-Key" = Option<String>, Header, description = "1-128 of A-Z a-z 0-9 _ - .; the same key and body from the same client answer the first answer (the first event_seq); the same key with another route or body: 409 with error.param Idempotency-Key")),
     request_body(content = Object, description = "path, reason, user_id?"),
     responses((status = 200, description = "recorded (SecretCacheInvalidated); every instance drops the path", body = Object),
               (status = 400, description = "bad body; error.param names the field"),
@@ -154,8 +188,11 @@ pub(crate) async fn secrets_read(
 pub(crate) async fn secrets_invalidate(
     State(s): State<AppState>,
     Extension(caller): Extension<Caller>,
+    headers: axum::http::HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let reply = invalidate(&s.bus, s.secrets.as_deref(), &caller, &body).await?;
+    let key = super::write::idempotency_key(&headers)?;
+    let reply =
+        invalidate_keyed(&s.bus, s.secrets.as_deref(), &caller, &body, key.as_deref()).await?;
     Ok(Json(reply).into_response())
 }

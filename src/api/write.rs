@@ -7,7 +7,7 @@
 
 use axum::body::Bytes;
 use axum::extract::{Path, State};
-use axum::http::{header, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use chrono::{DateTime, Utc};
@@ -32,6 +32,95 @@ use crate::events::store::{ExecuteError, Receipt};
 
 /// Most approvals one bulk request decides.
 pub const MAX_BULK: usize = 100;
+
+/// The header that makes a command idempotent per client: the same key and
+/// request answer the first answer; the same key with another request 409.
+pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
+
+/// The checked `Idempotency-Key` of a request, if it has one.
+pub(crate) fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    let bad = |message: &str| {
+        ApiError::Command(CommandError::validation(
+            Some("Idempotency-Key"),
+            format!("header `Idempotency-Key`: {message}"),
+        ))
+    };
+    let mut values = headers.get_all(IDEMPOTENCY_KEY).iter();
+    let Some(value) = values.next() else {
+        return Ok(None);
+    };
+    if values.next().is_some() {
+        return Err(bad("send it once, not several times"));
+    }
+    match value.to_str() {
+        Ok(key) if ids::idempotency_key_is_valid(key) => Ok(Some(key.to_string())),
+        _ => Err(bad(
+            "must be 1 to 128 of A-Z a-z 0-9 _ - . (a UUID fits); send a new key",
+        )),
+    }
+}
+
+/// How one HTTP command is told from another: by its `Idempotency-Key`
+/// when it has one (the key names the command; its hash covers the route
+/// and body), else by the command's own rule (`default`: a job id, a
+/// decision, a fresh id).
+struct Identity<'a> {
+    key: Option<&'a str>,
+    request: String,
+}
+
+impl Identity<'_> {
+    /// The command id, and what its hash is taken of.
+    fn of(&self, caller: &Caller, default: String, body: &Value) -> (String, Value) {
+        match self.key {
+            Some(key) => (
+                ids::http_idempotent(&caller.client_id, key),
+                json!({"request": self.request, "body": body}),
+            ),
+            None => (default, body.clone()),
+        }
+    }
+
+    /// The 409 of a key used before for another request; `None`: `e` is
+    /// something else.
+    fn reused<E: DomainError>(&self, e: &ExecuteError<E>) -> Option<ApiError> {
+        match (self.key, e) {
+            (Some(_), ExecuteError::CommandIdReused { .. }) => {
+                Some(ApiError::Command(key_reused()))
+            }
+            _ => None,
+        }
+    }
+}
+
+/// The 409 of an `Idempotency-Key` this client used for another request.
+pub(crate) fn key_reused() -> CommandError {
+    CommandError {
+        code: crate::commands::ErrorCode::Conflict,
+        message: "header `Idempotency-Key`: this client already used the key for another \
+                  request (another route, id or body); send that same request to get its \
+                  answer, or use a new key"
+            .into(),
+        field: Some("Idempotency-Key".into()),
+    }
+}
+
+/// The 409 of a reused `Idempotency-Key`, else `e` as it is.
+fn reused_or<E: DomainError>(identity: &Identity<'_>, e: ExecuteError<E>) -> ApiError {
+    identity.reused(&e).unwrap_or_else(|| command_error(e))
+}
+
+/// The job id of a submission without `job_id` sent with `Idempotency-Key`
+/// `key` by `client_id`: the same for every repeat (a UUID v8 from a hash of
+/// both), so the repeat finds its first answer.
+fn keyed_job_id(client_id: &str, key: &str) -> String {
+    let digest = chain::sha256(format!("job-id:{}:{key}", hex::encode(client_id)).as_bytes());
+    let mut bytes = [0u8; 16];
+    bytes.copy_from_slice(&digest[..16]);
+    uuid::Builder::from_custom_bytes(bytes)
+        .into_uuid()
+        .to_string()
+}
 
 /// Parses a JSON object body (an empty body is `{}`) into `T`, naming the
 /// offending field; returns the parsed value too, for hashing.
@@ -118,39 +207,47 @@ fn estimated_completion(
 }
 
 #[utoipa::path(post, path = "/v1/jobs",
+    params(("Idempotency-Key" = Option<String>, Header, description = "1-128 of A-Z a-z 0-9 _ - .; the same key, route and body from the same client answer the first answer (on any instance, after restarts); the same key with another route or body: 409 with error.param Idempotency-Key")),
     request_body(content = Object, description = "job_id?, client_id?, workflow_key, inputs, callback_url?, priority (1-10, default 5), timeout_seconds (default 300), metadata"),
     responses((status = 202, description = "accepted: job_id, status, message, accepted_at, estimated_completion; the same job_id and body answer the same", body = Object),
-              (status = 400, description = "bad body; error.param names the field"),
+              (status = 400, description = "bad body or Idempotency-Key; error.param names the field or header"),
               (status = 401, description = "no or unknown bearer token"),
               (status = 403, description = "client_id is not the caller's, or the caller is an auditor (read-only)"),
-              (status = 409, description = "job_id already used with a different body, or the workflow is disabled"),
+              (status = 409, description = "job_id already used with a different body, an Idempotency-Key used for another request, or the workflow is disabled"),
               (status = 429, description = "over the client's rate limit; see Retry-After")))]
 pub(crate) async fn jobs_submit(
     State(s): State<AppState>,
     Extension(caller): Extension<Caller>,
+    headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
     // an auditor is refused before it uses any allowance
     caller.require_may_command("submitting a job")?;
+    let key = idempotency_key(&headers)?;
     s.clients.take_submission(&caller)?;
     let (value, b) = parse_body::<SubmitBody>(&body)?;
     caller.check_names_self("client_id", b.client_id.as_deref())?;
-    let job_id = match &b.job_id {
-        Some(id) => {
+    let job_id = match (&b.job_id, &key) {
+        (Some(id), _) => {
             check_id("job_id", id)?;
             id.clone()
         }
-        None => Uuid::now_v7().to_string(),
+        (None, Some(key)) => keyed_job_id(&caller.client_id, key),
+        (None, None) => Uuid::now_v7().to_string(),
     };
     // the same job_id and body are the same command: the store answers the
     // original receipt; a different body is a reused command id (409)
-    let command_id = ids::http_submit(&job_id);
+    let identity = Identity {
+        key: key.as_deref(),
+        request: "POST /v1/jobs".into(),
+    };
+    let (command_id, hash_of) = identity.of(&caller, ids::http_submit(&job_id), &value);
     let user_id = b
         .metadata
         .get("user_id")
         .and_then(Value::as_str)
         .map(str::to_string);
-    let meta = meta(&caller, user_id, command_id, &value);
+    let meta = meta(&caller, user_id, command_id, &hash_of);
     let submit = SubmitJob {
         workflow_key: b.workflow_key,
         client_id: caller.client_id.clone(),
@@ -165,6 +262,11 @@ pub(crate) async fn jobs_submit(
         .timeout_seconds
         .unwrap_or(crate::commands::job::DEFAULT_TIMEOUT_SECONDS);
     let submitted = s.bus.job(&job_id, JobCommand::Submit(submit), &meta).await;
+    if let Err(e) = &submitted {
+        if let Some(refusal) = identity.reused(e) {
+            return Err(refusal);
+        }
+    }
     let receipt = match submitted.map_err(CommandError::from) {
         Ok(r) => r,
         Err(e) if e.code == crate::commands::ErrorCode::Conflict => {
@@ -215,7 +317,7 @@ struct ReasonBody {
     user_id: Option<String>,
 }
 
-#[utoipa::path(post, path = "/v1/jobs/{id}/cancel", params(("id" = String, Path, description = "job id")),
+#[utoipa::path(post, path = "/v1/jobs/{id}/cancel", params(("id" = String, Path, description = "job id"), ("Idempotency-Key" = Option<String>, Header, description = "1-128 of A-Z a-z 0-9 _ - .; the same key, route and body from the same client answer the first answer (on any instance, after restarts); the same key with another route or body: 409 with error.param Idempotency-Key")),
     request_body(content = Object, description = "reason?, user_id?"),
     responses((status = 200, description = "cancelled; in-flight calls are aborted", body = Object),
               (status = 403, description = "the caller is an auditor (read-only)"),
@@ -225,14 +327,21 @@ pub(crate) async fn jobs_cancel(
     State(s): State<AppState>,
     Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
+    headers: HeaderMap,
     body: Bytes,
 ) -> Result<Json<Value>, ApiError> {
     caller.require_may_command("cancelling a job")?;
+    let key = idempotency_key(&headers)?;
     check_id("id", &id)?;
     let (value, b) = parse_body::<ReasonBody>(&body)?;
     // another client's job answers as a missing one does
     caller.check_job(&s.bus, &id).await?;
-    let meta = meta(&caller, b.user_id, Uuid::now_v7().to_string(), &value);
+    let identity = Identity {
+        key: key.as_deref(),
+        request: format!("POST /v1/jobs/{id}/cancel"),
+    };
+    let (command_id, hash_of) = identity.of(&caller, Uuid::now_v7().to_string(), &value);
+    let meta = meta(&caller, b.user_id, command_id, &hash_of);
     let receipt = s
         .bus
         .job(
@@ -241,7 +350,7 @@ pub(crate) async fn jobs_cancel(
             &meta,
         )
         .await
-        .map_err(command_error)?;
+        .map_err(|e| reused_or(&identity, e))?;
     Ok(Json(json!({
         "job_id": id, "status": "cancelled", "cancelled_at": receipt.occurred_at,
         "cancelled_by": caller.client_id,
@@ -252,10 +361,12 @@ async fn switch_workflow(
     s: &AppState,
     caller: &Caller,
     key: &str,
+    headers: &HeaderMap,
     body: &[u8],
     disable: bool,
 ) -> Result<Json<Value>, ApiError> {
     caller.require_operator("the kill-switch")?;
+    let idempotency = idempotency_key(headers)?;
     if !s.registry.workflows.contains_key(key) {
         return Err(ApiError::NotFound(format!(
             "workflow {key:?} (GET /v1/meta lists the registry)"
@@ -273,12 +384,21 @@ async fn switch_workflow(
             reason: b.reason,
         }
     };
-    let meta = meta(caller, b.user_id, Uuid::now_v7().to_string(), &value);
+    let identity = Identity {
+        key: idempotency.as_deref(),
+        request: format!(
+            "POST /v1/workflows/{key}/{}",
+            if disable { "disable" } else { "enable" }
+        ),
+    };
+    let (command_id, hash_of) = identity.of(caller, Uuid::now_v7().to_string(), &value);
+    let meta = meta(caller, b.user_id, command_id, &hash_of);
     let receipt = s
         .bus
         .workflow(key, command, &meta)
         .await
         .map_err(|e| match e {
+            e if identity.reused(&e).is_some() => reused_or(&identity, e),
             ExecuteError::Rejected(WorkflowError::NoReason) => {
                 ApiError::Command(CommandError::validation(
                     Some("reason"),
@@ -292,7 +412,7 @@ async fn switch_workflow(
     })))
 }
 
-#[utoipa::path(post, path = "/v1/workflows/{key}/disable", params(("key" = String, Path, description = "workflow key")),
+#[utoipa::path(post, path = "/v1/workflows/{key}/disable", params(("key" = String, Path, description = "workflow key"), ("Idempotency-Key" = Option<String>, Header, description = "1-128 of A-Z a-z 0-9 _ - .; the same key, route and body from the same client answer the first answer (on any instance, after restarts); the same key with another route or body: 409 with error.param Idempotency-Key")),
     request_body(content = Object, description = "reason (required), user_id?"),
     responses((status = 200, description = "disabled: new jobs are refused, running ones continue", body = Object),
               (status = 403, description = "needs the operator role"), (status = 404, description = "not in the registry"),
@@ -301,12 +421,13 @@ pub(crate) async fn workflows_disable(
     State(s): State<AppState>,
     Extension(caller): Extension<Caller>,
     Path(key): Path<String>,
+    headers: HeaderMap,
     body: Bytes,
 ) -> Result<Json<Value>, ApiError> {
-    switch_workflow(&s, &caller, &key, &body, true).await
+    switch_workflow(&s, &caller, &key, &headers, &body, true).await
 }
 
-#[utoipa::path(post, path = "/v1/workflows/{key}/enable", params(("key" = String, Path, description = "workflow key")),
+#[utoipa::path(post, path = "/v1/workflows/{key}/enable", params(("key" = String, Path, description = "workflow key"), ("Idempotency-Key" = Option<String>, Header, description = "1-128 of A-Z a-z 0-9 _ - .; the same key, route and body from the same client answer the first answer (on any instance, after restarts); the same key with another route or body: 409 with error.param Idempotency-Key")),
     request_body(content = Object, description = "reason (required), user_id?"),
     responses((status = 200, description = "enabled again", body = Object),
               (status = 403, description = "needs the operator role"), (status = 404, description = "not in the registry"),
@@ -315,9 +436,10 @@ pub(crate) async fn workflows_enable(
     State(s): State<AppState>,
     Extension(caller): Extension<Caller>,
     Path(key): Path<String>,
+    headers: HeaderMap,
     body: Bytes,
 ) -> Result<Json<Value>, ApiError> {
-    switch_workflow(&s, &caller, &key, &body, false).await
+    switch_workflow(&s, &caller, &key, &headers, &body, false).await
 }
 
 #[utoipa::path(get, path = "/v1/meta",
@@ -364,6 +486,7 @@ enum Decision {
     Reject,
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn decide(
     s: &AppState,
     caller: &Caller,
@@ -371,6 +494,8 @@ async fn decide(
     decision: Decision,
     reason: String,
     user_id: Option<String>,
+    identity: &Identity<'_>,
+    command_id: Option<String>,
     hash_of: &Value,
 ) -> Result<std::sync::Arc<Receipt>, ApiError> {
     check_id("approval_id", id)?;
@@ -383,11 +508,13 @@ async fn decide(
         Decision::Approve => ApprovalCommand::Approve { decision: d, at },
         Decision::Reject => ApprovalCommand::Reject { decision: d, at },
     };
-    let meta = meta(caller, user_id, Uuid::now_v7().to_string(), hash_of);
+    let command_id = command_id.unwrap_or_else(|| Uuid::now_v7().to_string());
+    let meta = meta(caller, user_id, command_id, hash_of);
     s.bus
         .approval(id, command, &meta)
         .await
         .map_err(|e| match e {
+            e if identity.reused(&e).is_some() => reused_or(identity, e),
             ExecuteError::Rejected(ApprovalError::NotFound) => {
                 ApiError::NotFound(format!("approval {id}"))
             }
@@ -399,12 +526,35 @@ async fn approvals_decide(
     s: AppState,
     caller: Caller,
     id: String,
+    headers: HeaderMap,
     body: Bytes,
     decision: Decision,
 ) -> Result<Json<Value>, ApiError> {
     caller.require_operator("deciding an approval")?;
+    let key = idempotency_key(&headers)?;
     let (value, b) = parse_body::<ReasonBody>(&body)?;
-    let r = decide(&s, &caller, &id, decision, b.reason, b.user_id, &value).await?;
+    let verb = if decision == Decision::Approve {
+        "approve"
+    } else {
+        "reject"
+    };
+    let identity = Identity {
+        key: key.as_deref(),
+        request: format!("POST /v1/approvals/{id}/{verb}"),
+    };
+    let (command_id, hash_of) = identity.of(&caller, Uuid::now_v7().to_string(), &value);
+    let r = decide(
+        &s,
+        &caller,
+        &id,
+        decision,
+        b.reason,
+        b.user_id,
+        &identity,
+        Some(command_id),
+        &hash_of,
+    )
+    .await?;
     Ok(Json(decided(&id, decision, &caller, &r)))
 }
 
@@ -417,7 +567,7 @@ fn decided(id: &str, decision: Decision, caller: &Caller, r: &Receipt) -> Value 
     })
 }
 
-#[utoipa::path(post, path = "/v1/approvals/{id}/approve", params(("id" = String, Path, description = "approval id (the job id)")),
+#[utoipa::path(post, path = "/v1/approvals/{id}/approve", params(("id" = String, Path, description = "approval id (the job id)"), ("Idempotency-Key" = Option<String>, Header, description = "1-128 of A-Z a-z 0-9 _ - .; the same key, route and body from the same client answer the first answer (on any instance, after restarts); the same key with another route or body: 409 with error.param Idempotency-Key")),
     request_body(content = Object, description = "reason?, user_id?"),
     responses((status = 200, description = "approved; who and why are on the event", body = Object),
               (status = 403, description = "needs the operator role"), (status = 404, description = "no such approval"),
@@ -426,12 +576,13 @@ pub(crate) async fn approvals_approve(
     State(s): State<AppState>,
     Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
+    headers: HeaderMap,
     body: Bytes,
 ) -> Result<Json<Value>, ApiError> {
-    approvals_decide(s, caller, id, body, Decision::Approve).await
+    approvals_decide(s, caller, id, headers, body, Decision::Approve).await
 }
 
-#[utoipa::path(post, path = "/v1/approvals/{id}/reject", params(("id" = String, Path, description = "approval id (the job id)")),
+#[utoipa::path(post, path = "/v1/approvals/{id}/reject", params(("id" = String, Path, description = "approval id (the job id)"), ("Idempotency-Key" = Option<String>, Header, description = "1-128 of A-Z a-z 0-9 _ - .; the same key, route and body from the same client answer the first answer (on any instance, after restarts); the same key with another route or body: 409 with error.param Idempotency-Key")),
     request_body(content = Object, description = "reason (required), user_id?"),
     responses((status = 200, description = "rejected; the job fails with approval_rejected", body = Object),
               (status = 403, description = "needs the operator role"), (status = 404, description = "no such approval"),
@@ -440,9 +591,10 @@ pub(crate) async fn approvals_reject(
     State(s): State<AppState>,
     Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
+    headers: HeaderMap,
     body: Bytes,
 ) -> Result<Json<Value>, ApiError> {
-    approvals_decide(s, caller, id, body, Decision::Reject).await
+    approvals_decide(s, caller, id, headers, body, Decision::Reject).await
 }
 
 #[derive(Deserialize)]
@@ -456,15 +608,18 @@ struct BulkBody {
 }
 
 #[utoipa::path(post, path = "/v1/approvals/bulk",
+    params(("Idempotency-Key" = Option<String>, Header, description = "1-128 of A-Z a-z 0-9 _ - .; the same key, route and body from the same client answer the first answer (on any instance, after restarts); the same key with another route or body: 409 with error.param Idempotency-Key")),
     request_body(content = Object, description = "approval_ids (1-100), decision approve|reject, reason, user_id?"),
     responses((status = 200, description = "one result per id, in order: each decided on its own (not all-or-nothing)", body = Object),
               (status = 400, description = "bad body"), (status = 403, description = "needs the operator role")))]
 pub(crate) async fn approvals_bulk(
     State(s): State<AppState>,
     Extension(caller): Extension<Caller>,
+    headers: HeaderMap,
     body: Bytes,
 ) -> Result<Json<Value>, ApiError> {
     caller.require_operator("deciding approvals")?;
+    let key = idempotency_key(&headers)?;
     let (value, b) = parse_body::<BulkBody>(&body)?;
     if b.approval_ids.is_empty() || b.approval_ids.len() > MAX_BULK {
         return Err(ApiError::Command(CommandError::validation(
@@ -478,8 +633,16 @@ pub(crate) async fn approvals_bulk(
     let mut results = Vec::with_capacity(b.approval_ids.len());
     let mut done = 0;
     for id in &b.approval_ids {
-        // one hash per id: the bulk body plus the id it decides
+        // one hash per id: the bulk body plus the id it decides; with a
+        // key, one command id per id under it
         let hash_of = json!({"bulk": value, "approval_id": id});
+        let identity = Identity {
+            key: key.as_deref(),
+            request: "POST /v1/approvals/bulk".into(),
+        };
+        let command_id = key
+            .as_deref()
+            .map(|k| ids::http_idempotent_part(&caller.client_id, k, id));
         match decide(
             &s,
             &caller,
@@ -487,6 +650,8 @@ pub(crate) async fn approvals_bulk(
             b.decision,
             b.reason.clone(),
             b.user_id.clone(),
+            &identity,
+            command_id,
             &hash_of,
         )
         .await

@@ -16,6 +16,31 @@ pub fn http_submit(job_id: &str) -> String {
     format!("http-submit:{job_id}")
 }
 
+/// The command id of an HTTP command sent with `Idempotency-Key: key` by
+/// the client `client_id`: the same client and key name the same command
+/// (the store answers its first receipt; another body is a reused id, 409),
+/// and two clients' keys never meet (the client id is hex-encoded, so it
+/// holds no `:`). `key` is valid ([`idempotency_key_is_valid`]: no `:`).
+pub fn http_idempotent(client_id: &str, key: &str) -> String {
+    format!("idem:{}:{key}", hex::encode(client_id))
+}
+
+/// [`http_idempotent`] for one of the aggregates one request commands
+/// (each approval of a bulk decision), `part` its aggregate id.
+pub fn http_idempotent_part(client_id: &str, key: &str, part: &str) -> String {
+    format!("{}:{part}", http_idempotent(client_id, key))
+}
+
+/// An `Idempotency-Key` header value: 1-128 of `A-Z a-z 0-9 _ - .` (a UUID
+/// fits), so it joins a command id as one part.
+pub fn idempotency_key_is_valid(key: &str) -> bool {
+    !key.is_empty()
+        && key.len() <= 128
+        && key
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
+}
+
 /// The result of `attempt` of `step` posted by n8n to `/v1/callbacks/n8n`.
 pub fn n8n_result(job_id: &str, step: &str, attempt: u32) -> String {
     format!("n8n:{job_id}:{step}:{attempt}")
@@ -161,6 +186,15 @@ mod tests {
                     format!("memory_extraction({j},{t})"),
                 ));
             }
+            for k in ["k", "k-1", "0193a0f2-7c1e-7000-8000-000000000000", "a.b"] {
+                out.push((http_idempotent(j, k), format!("http_idempotent({j},{k})")));
+                for p in steps {
+                    out.push((
+                        http_idempotent_part(j, k, p),
+                        format!("http_idempotent_part({j},{k},{p})"),
+                    ));
+                }
+            }
             for seq in [1u64, 12, u64::MAX] {
                 out.push((projection_skip(j, seq), format!("skip({j},{seq})")));
             }
@@ -176,6 +210,20 @@ mod tests {
                 panic!("{id:?} is made by both {other} and {made_by}");
             }
         }
+    }
+
+    #[test]
+    fn idempotency_keys_are_checked_and_scoped_per_client() {
+        assert!(idempotency_key_is_valid(
+            "0193a0f2-7c1e-7000-8000-000000000000"
+        ));
+        assert!(idempotency_key_is_valid("order_42.v2"));
+        for bad in ["", "a:b", "a b", "é", "a\n", &"k".repeat(129)] {
+            assert!(!idempotency_key_is_valid(bad), "{bad:?}");
+        }
+        // a client id holding `:` cannot pass for another client's key
+        assert_ne!(http_idempotent("a:b", "c"), http_idempotent("a", "b:c"));
+        assert_ne!(http_idempotent("a", "k"), http_idempotent("b", "k"));
     }
 
     #[test]

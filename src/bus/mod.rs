@@ -10,7 +10,12 @@
 //!   only for a job that exists (so no approval can be made up for a job
 //!   under another id);
 //! - every string that becomes a subject token is checked first, so no input
-//!   reads or writes another subject than the one it names.
+//!   reads or writes another subject than the one it names;
+//! - a repeated decision answers the first one: an approve, reject, cancel,
+//!   disable or enable refused because it is already so answers the receipt
+//!   of the commit that made it so when that commit is the same command
+//!   (same event type, same command hash: same caller and body), whichever
+//!   door either came through ([`repeated`]).
 //!
 //! Command ids the system derives itself are built in [`ids`].
 
@@ -98,6 +103,48 @@ impl<E: DomainError> From<ExecuteError<E>> for CommandError {
     }
 }
 
+/// The first answer to a command refused because its aggregate is already
+/// where the command would take it: the latest commit holding one of
+/// `events` (the events that set that state: a decision, an end, a
+/// switch) is the same command as `meta`'s when it holds `event_type` and
+/// carries `meta`'s command hash (the same caller and body). Its receipt,
+/// marked duplicate; `None`: the refusal stands.
+async fn repeated<A>(
+    store: &AggregateStore<A>,
+    aggregate_id: &str,
+    meta: &CommandMeta,
+    events: &[&str],
+    event_type: &str,
+) -> Result<Option<Arc<Receipt>>, StoreError>
+where
+    A: cqrs_es::Aggregate + Clone,
+    A::Command: Clone,
+{
+    // a command without a hash (one a process issues) is never "the same"
+    if meta.command_hash.is_empty() {
+        return Ok(None);
+    }
+    let loaded = store.cached_or_load(aggregate_id).await?;
+    let holds = |r: &Receipt, types: &[&str]| {
+        r.events
+            .iter()
+            .any(|e| types.contains(&e.event_type.as_str()))
+    };
+    let last = loaded
+        .commits
+        .values()
+        .filter(|r| holds(r, events))
+        .max_by_key(|r| r.stream_seq);
+    Ok(last
+        .filter(|r| holds(r, &[event_type]) && r.command_hash == meta.command_hash)
+        .map(|r| {
+            Arc::new(Receipt {
+                duplicate: true,
+                ..Receipt::clone(r)
+            })
+        }))
+}
+
 /// The request field that carries an aggregate's id.
 fn id_field(aggregate_type: &str) -> &'static str {
     match aggregate_type {
@@ -159,6 +206,7 @@ impl CommandBus {
         command: JobCommand,
         meta: &CommandMeta,
     ) -> Result<Arc<Receipt>, ExecuteError<JobError>> {
+        let cancel = matches!(command, JobCommand::Cancel(_));
         if let JobCommand::Submit(submit) = &command {
             // an unknown key is the aggregate's to refuse (it lists the known
             // ones); only a registry key names a workflow aggregate
@@ -170,7 +218,16 @@ impl CommandBus {
                 }));
             }
         }
-        self.jobs.execute(job_id, command, meta).await
+        let result = self.jobs.execute(job_id, command, meta).await;
+        if let (true, Err(ExecuteError::Rejected(JobError::InvalidTransition { .. }))) =
+            (cancel, &result)
+        {
+            let ended = ["JobCancelled", "JobCompleted", "JobFailed"];
+            if let Some(first) = repeated(&self.jobs, job_id, meta, &ended, "JobCancelled").await? {
+                return Ok(first);
+            }
+        }
+        result
     }
 
     /// Runs an approval command. A job's approval has the job's id and is
@@ -195,7 +252,25 @@ impl CommandBus {
                 )));
             }
         }
-        self.approvals.execute(approval_id, command, meta).await
+        let decided = match &command {
+            ApprovalCommand::Approve { .. } => Some("ApprovalGranted"),
+            ApprovalCommand::Reject { .. } => Some("ApprovalRejected"),
+            _ => None,
+        };
+        let result = self.approvals.execute(approval_id, command, meta).await;
+        if let (
+            Some(event_type),
+            Err(ExecuteError::Rejected(ApprovalError::AlreadyDecided { .. })),
+        ) = (decided, &result)
+        {
+            let finals = ["ApprovalGranted", "ApprovalRejected", "ApprovalExpired"];
+            if let Some(first) =
+                repeated(&self.approvals, approval_id, meta, &finals, event_type).await?
+            {
+                return Ok(first);
+            }
+        }
+        result
     }
 
     /// Runs a command on the workflow `workflow_key` (kill-switch, daily
@@ -211,9 +286,27 @@ impl CommandBus {
                 key: workflow_key.to_string(),
             }));
         }
-        self.workflows
-            .execute(&workflow::aggregate_id(workflow_key), command, meta)
-            .await
+        let switched = match &command {
+            WorkflowCommand::Disable { .. } => Some("WorkflowDisabled"),
+            WorkflowCommand::Enable { .. } => Some("WorkflowEnabled"),
+            WorkflowCommand::CountAutoApproval { .. } => None,
+        };
+        let id = workflow::aggregate_id(workflow_key);
+        let result = self.workflows.execute(&id, command, meta).await;
+        if let (
+            Some(event_type),
+            Err(ExecuteError::Rejected(
+                WorkflowError::AlreadyDisabled | WorkflowError::NotDisabled,
+            )),
+        ) = (switched, &result)
+        {
+            let switches = ["WorkflowDisabled", "WorkflowEnabled"];
+            if let Some(first) = repeated(&self.workflows, &id, meta, &switches, event_type).await?
+            {
+                return Ok(first);
+            }
+        }
+        result
     }
 
     /// Records an operator's action on projection `projection`.

@@ -143,6 +143,32 @@ impl<'a> ExecDelta<'a> {
             _ => {} // step results only touch updated_at / last_seq
         }
     }
+
+    /// Folds an event of the job's approval (same id): `awaiting_approval`
+    /// while it is requested and undecided, `pending` again once decided
+    /// or expired (until the job starts or fails); never over a status the
+    /// job's own events set after `pending`.
+    fn fold_approval(&mut self, status: &'static str, at: DateTime<Utc>, seq: u64) {
+        self.updated_at = Some(at);
+        self.last_seq = seq as i64;
+        if matches!(self.status, None | Some(PENDING | AWAITING_APPROVAL)) {
+            self.status = Some(status);
+        }
+    }
+}
+
+/// A job's status before it starts.
+const PENDING: &str = "pending";
+/// A job's status while its approval is requested and undecided.
+const AWAITING_APPROVAL: &str = "awaiting_approval";
+
+/// The job status an event of its approval leaves, if any.
+fn status_of_approval_event(event_type: &str) -> Option<&'static str> {
+    match event_type {
+        "ApprovalRequested" => Some(AWAITING_APPROVAL),
+        "ApprovalGranted" | "ApprovalRejected" | "ApprovalExpired" => Some(PENDING),
+        _ => None,
+    }
 }
 
 /// A job submitted in this batch, with whatever later events of the same
@@ -182,12 +208,18 @@ async fn executions(tx: &mut Tx<'_>, v: i32, batch: &[Msg]) -> Result<(), Failur
     let mut order: Vec<&str> = Vec::new();
     for m in batch {
         for (_, r) in &m.events {
-            if r.aggregate_type != "job" {
-                continue;
-            }
+            // a job's approval has the job's id
+            let approval = match r.aggregate_type.as_str() {
+                "job" => None,
+                "approval" => match status_of_approval_event(&r.event_type) {
+                    Some(status) => Some(status),
+                    None => continue,
+                },
+                _ => continue,
+            };
             let at = time_of(m.seq, r)?;
             let d = &r.data;
-            if r.event_type == "JobSubmitted" {
+            if approval.is_none() && r.event_type == "JobSubmitted" {
                 new_index.insert(&r.aggregate_id, new.len());
                 new.push(NewExec {
                     id: m.seq as i64,
@@ -211,7 +243,10 @@ async fn executions(tx: &mut Tx<'_>, v: i32, batch: &[Msg]) -> Result<(), Failur
                     ExecDelta::default()
                 }),
             };
-            delta.fold(r, at, m.seq);
+            match approval {
+                Some(status) => delta.fold_approval(status, at, m.seq),
+                None => delta.fold(r, at, m.seq),
+            }
         }
     }
     if !new.is_empty() {
@@ -258,7 +293,9 @@ async fn executions(tx: &mut Tx<'_>, v: i32, batch: &[Msg]) -> Result<(), Failur
         }
         sqlx::query(&format!(
             "UPDATE workflows_executions_v{v} AS t SET
-                status        = COALESCE(d.status, t.status),
+                status        = CASE WHEN d.status IN ('pending', 'awaiting_approval') \
+                                AND t.status NOT IN ('pending', 'awaiting_approval') \
+                                THEN t.status ELSE COALESCE(d.status, t.status) END,
                 started_at    = COALESCE(d.started_at, t.started_at),
                 completed_at  = COALESCE(d.completed_at, t.completed_at),
                 output_data   = COALESCE(d.output::jsonb, t.output_data),

@@ -127,8 +127,8 @@ pub fn ddl(model: ReadModel, v: i32) -> Vec<String> {
                                                               JobSubmitted commit
                     workflow_id   VARCHAR(255) NOT NULL,   -- the workflow_key
                     execution_id  VARCHAR(255) NOT NULL UNIQUE, -- the job id
-                    status        VARCHAR(50)  NOT NULL,   -- pending|running|completed|\
-                                                              failed|cancelled
+                    status        VARCHAR(50)  NOT NULL,   -- pending|awaiting_approval|\
+                                                              running|completed|failed|cancelled
                     input_data    JSONB,
                     output_data   JSONB,
                     error_code    TEXT,

@@ -17,6 +17,7 @@ mod handlers;
 mod hardening;
 mod helpers;
 mod http_api;
+mod http_conventions;
 mod memory;
 mod memory_embeddings;
 mod memory_extractor;

@@ -48,7 +48,7 @@ fn rules() -> Vec<PolicyRule> {
 }
 
 /// OpenBao with billing/stripe (v1), ops/root, and flowledger's token.
-async fn vault_with_secrets(stripe_key: &str) -> (OpenBao, String) {
+pub(crate) async fn vault_with_secrets(stripe_key: &str) -> (OpenBao, String) {
     let bao = OpenBao::start().await;
     bao.put_secret(
         "billing/stripe",
@@ -63,7 +63,12 @@ async fn vault_with_secrets(stripe_key: &str) -> (OpenBao, String) {
     (bao, token)
 }
 
-async fn secrets_settings(bao: &OpenBao, token: &str, ttl: u64, stale: u64) -> Arc<SecretService> {
+pub(crate) async fn secrets_settings(
+    bao: &OpenBao,
+    token: &str,
+    ttl: u64,
+    stale: u64,
+) -> Arc<SecretService> {
     let vault = VaultClient::connect(VaultConfig {
         addr: bao.addr(),
         auth: VaultAuth::Token(token.to_string()),
@@ -83,7 +88,11 @@ async fn secrets_settings(bao: &OpenBao, token: &str, ttl: u64, stale: u64) -> A
     ))
 }
 
-async fn api_with_secrets(app: &TestApp, s: Arc<SecretService>, runners: bool) -> ReadSide {
+pub(crate) async fn api_with_secrets(
+    app: &TestApp,
+    s: Arc<SecretService>,
+    runners: bool,
+) -> ReadSide {
     spawn_api_with(app, runners, registry(), fresh_database().await, Some(s)).await
 }
 

@@ -405,7 +405,10 @@ async fn an_auditor_reads_every_clients_jobs_and_sends_no_command() {
     }
     assert_eq!(app.last_seq().await, before, "an auditor wrote nothing");
     let (_, status) = read.get("/v1/jobs/b-1/status").await;
-    assert_eq!(status["status"], "pending", "the job is not cancelled");
+    assert_eq!(
+        status["status"], "awaiting_approval",
+        "the job is not cancelled and its approval not decided"
+    );
 }
 
 #[tokio::test]

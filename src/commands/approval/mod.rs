@@ -53,6 +53,10 @@ pub struct Approval {
     pub workflow_key: String,
     /// When it expires; `None` until requested.
     pub expires_at: Option<DateTime<Utc>>,
+    /// Who approved or rejected it, and when; `None` until decided (and
+    /// for an expired one).
+    #[serde(default)]
+    pub decided: Option<(String, DateTime<Utc>)>,
 }
 
 /// `approval.request`: open a job's approval (its id must be the job's id,
@@ -162,9 +166,15 @@ pub enum ApprovalError {
     #[error("job {0:?} does not exist; an approval is requested for a submitted job")]
     NoSuchJob(String),
 
-    /// The approval is final already, in the given status (`rejected`).
-    #[error("approval was already decided: it is {0}")]
-    AlreadyDecided(&'static str),
+    /// The approval is final already (`rejected`): its status, and who
+    /// decided it when someone did.
+    #[error("approval was already decided: it is {status}{}", by(decided))]
+    AlreadyDecided {
+        /// `approved`, `rejected` or `expired`.
+        status: &'static str,
+        /// Who decided and when (none for an expired approval).
+        decided: Option<(String, DateTime<Utc>)>,
+    },
     /// A decision at or after the expiry (the time given); it can no longer
     /// be approved or rejected.
     #[error("approval expired at {0}; it can no longer be approved")]
@@ -172,6 +182,16 @@ pub enum ApprovalError {
     /// `expire` before the expiry (the time given); try again then.
     #[error("approval does not expire before {0}")]
     NotYetDue(DateTime<Utc>),
+}
+
+fn by(decided: &Option<(String, DateTime<Utc>)>) -> String {
+    match decided {
+        Some((who, at)) => format!(
+            " (by {who} at {}); only the same decision by the same caller with the same body answers its first answer again",
+            at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+        ),
+        None => String::new(),
+    }
 }
 
 impl DomainError for ApprovalError {
@@ -184,7 +204,7 @@ impl DomainError for ApprovalError {
             | ApprovalError::EmptyField { .. }
             | ApprovalError::NotTheJobsId { .. } => ErrorCode::Validation,
             ApprovalError::NoSuchJob(_) => ErrorCode::NotFound,
-            ApprovalError::AlreadyDecided(_)
+            ApprovalError::AlreadyDecided { .. }
             | ApprovalError::Expired(_)
             | ApprovalError::NotYetDue(_) => ErrorCode::Rejected,
         }
@@ -208,7 +228,10 @@ impl Approval {
             (ApprovalStatus::None, _) | (_, None) => Err(ApprovalError::NotFound),
             (ApprovalStatus::Pending, Some(exp)) => Ok(exp),
             (ApprovalStatus::Expired, Some(exp)) => Err(ApprovalError::Expired(exp)),
-            (s, _) => Err(ApprovalError::AlreadyDecided(s.as_str())),
+            (s, _) => Err(ApprovalError::AlreadyDecided {
+                status: s.as_str(),
+                decided: self.decided.clone(),
+            }),
         }
     }
 
@@ -281,7 +304,10 @@ impl Approval {
             ApprovalCommand::Expire { at } => {
                 let expires_at = match self.open() {
                     Err(ApprovalError::Expired(_)) => {
-                        return Err(ApprovalError::AlreadyDecided("expired"))
+                        return Err(ApprovalError::AlreadyDecided {
+                            status: "expired",
+                            decided: None,
+                        })
                     }
                     other => other?,
                 };
@@ -316,8 +342,14 @@ impl Approval {
                 self.workflow_key = e.workflow_key;
                 self.expires_at = Some(e.expires_at);
             }
-            ApprovalEvent::ApprovalGranted(_) => self.status = ApprovalStatus::Approved,
-            ApprovalEvent::ApprovalRejected(_) => self.status = ApprovalStatus::Rejected,
+            ApprovalEvent::ApprovalGranted(e) => {
+                self.status = ApprovalStatus::Approved;
+                self.decided = Some((e.decided_by, e.decided_at));
+            }
+            ApprovalEvent::ApprovalRejected(e) => {
+                self.status = ApprovalStatus::Rejected;
+                self.decided = Some((e.decided_by, e.decided_at));
+            }
             ApprovalEvent::ApprovalExpired(_) => self.status = ApprovalStatus::Expired,
         }
     }
@@ -432,14 +464,20 @@ mod tests {
                 decision: decide("bob"),
                 at: t(6),
             })
-            .then_expect_error(ApprovalError::AlreadyDecided("approved"));
+            .then_expect_error(ApprovalError::AlreadyDecided {
+                status: "approved",
+                decided: Some(("alice".into(), t(5))),
+            });
         framework()
             .given(vec![requested(), granted(t(5))])
             .when(ApprovalCommand::Approve {
                 decision: decide("alice"),
                 at: t(6),
             })
-            .then_expect_error(ApprovalError::AlreadyDecided("approved"));
+            .then_expect_error(ApprovalError::AlreadyDecided {
+                status: "approved",
+                decided: Some(("alice".into(), t(5))),
+            });
     }
 
     #[test]
@@ -496,7 +534,10 @@ mod tests {
         framework()
             .given(vec![requested(), granted(t(5))])
             .when(ApprovalCommand::Expire { at: t(31) })
-            .then_expect_error(ApprovalError::AlreadyDecided("approved"));
+            .then_expect_error(ApprovalError::AlreadyDecided {
+                status: "approved",
+                decided: Some(("alice".into(), t(5))),
+            });
     }
 
     #[test]

@@ -1,0 +1,684 @@
+//! HTTP API conventions on real nats-server and PostgreSQL: the error
+//! envelope on every error answer (405, 413, 415, an unknown route).
+
+use serde_json::Value;
+
+use crate::helpers::*;
+
+/// Sends `body` with `headers` (and no other header but the bearer token).
+async fn send(
+    api: &ReadSide,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<Vec<u8>>,
+    headers: &[(&str, &str)],
+) -> Answer {
+    let method = reqwest::Method::from_bytes(method.as_bytes()).expect("a method");
+    let mut req = flowledger::handlers::http_client_builder()
+        .build()
+        .expect("an HTTP client")
+        .request(method, format!("{}{path}", api.http));
+    if let Some(t) = token {
+        req = req.bearer_auth(t);
+    }
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    if let Some(b) = body {
+        req = req.body(b);
+    }
+    let r = req.send().await.expect("HTTP request");
+    let (status, headers) = (r.status().as_u16(), r.headers().clone());
+    let text = r.text().await.expect("body");
+    Answer {
+        status,
+        headers,
+        body: serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    }
+}
+
+/// The envelope `{"error": {"code", "message", ...}}` with `code`.
+fn assert_envelope(a: &Answer, status: u16, code: &str) {
+    assert_eq!(a.status, status, "{}", a.body);
+    assert_eq!(a.headers["content-type"], "application/json", "{}", a.body);
+    assert_eq!(a.body["error"]["code"], code, "{}", a.body);
+    assert!(
+        a.body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty()),
+        "{}",
+        a.body
+    );
+}
+
+#[tokio::test]
+async fn every_error_answer_is_the_json_envelope() {
+    let app = spawn_app().await;
+    let api = spawn_read_side(&app, false).await;
+    let json = [("content-type", "application/json")];
+
+    // 405: the route exists, the method does not; Allow says which do
+    let wrong = send(&api, "GET", "/v1/jobs", Some(BILLING_TOKEN), None, &[]).await;
+    assert_envelope(&wrong, 405, "method_not_allowed");
+    assert_eq!(wrong.headers["allow"], "POST");
+    assert!(wrong.body["error"]["message"]
+        .as_str()
+        .is_some_and(|m| m.contains("GET") && m.contains("POST")));
+    let delete = send(
+        &api,
+        "DELETE",
+        "/v1/jobs/j-1",
+        Some(BILLING_TOKEN),
+        None,
+        &[],
+    )
+    .await;
+    assert_envelope(&delete, 405, "method_not_allowed");
+
+    // 413: a body over the limit
+    let big = format!(
+        r#"{{"workflow_key":"invoice.extract","inputs":{{"x":"{}"}}}}"#,
+        "a".repeat(flowledger::api::http::MAX_BODY_BYTES)
+    );
+    let large = send(
+        &api,
+        "POST",
+        "/v1/jobs",
+        Some(BILLING_TOKEN),
+        Some(big.into_bytes()),
+        &json,
+    )
+    .await;
+    assert_envelope(&large, 413, "payload_too_large");
+
+    // 415: a command body that says it is not JSON, with the header named
+    let job = br#"{"job_id":"ct-1","workflow_key":"invoice.extract"}"#.to_vec();
+    for ct in ["text/plain", "application/x-www-form-urlencoded"] {
+        let a = send(
+            &api,
+            "POST",
+            "/v1/jobs",
+            Some(BILLING_TOKEN),
+            Some(job.clone()),
+            &[("content-type", ct)],
+        )
+        .await;
+        assert_envelope(&a, 415, "unsupported_media_type");
+        assert_eq!(a.body["error"]["param"], "Content-Type");
+    }
+    // nothing was submitted by the refused ones; JSON with a charset, and
+    // no Content-Type at all, are taken
+    assert_eq!(api.get("/v1/jobs/ct-1/status").await.0, 404);
+    let charset = send(
+        &api,
+        "POST",
+        "/v1/jobs",
+        Some(BILLING_TOKEN),
+        Some(job.clone()),
+        &[("content-type", "application/json; charset=utf-8")],
+    )
+    .await;
+    assert_eq!(charset.status, 202, "{}", charset.body);
+    let none = send(
+        &api,
+        "POST",
+        "/v1/jobs",
+        Some(BILLING_TOKEN),
+        Some(br#"{"job_id":"ct-2","workflow_key":"invoice.extract"}"#.to_vec()),
+        &[],
+    )
+    .await;
+    assert_eq!(none.status, 202, "{}", none.body);
+
+    // 404: an unknown route, with or without a token
+    for token in [None, Some(BILLING_TOKEN)] {
+        let a = send(&api, "GET", "/v1/no-such-thing", token, None, &[]).await;
+        assert_envelope(&a, 404, "not_found");
+    }
+}
+
+/// POSTs the JSON `body` with `token` and `Idempotency-Key: key`.
+async fn post_keyed(api: &ReadSide, path: &str, token: &str, key: &str, body: Value) -> Answer {
+    send(
+        api,
+        "POST",
+        path,
+        Some(token),
+        Some(body.to_string().into_bytes()),
+        &[
+            ("content-type", "application/json"),
+            ("idempotency-key", key),
+        ],
+    )
+    .await
+}
+
+/// Requests an approval for `job_id` (submitted) over NATS, as the
+/// handler does.
+async fn request_approval(app: &TestApp, job_id: &str) {
+    let expires = (chrono::Utc::now() + chrono::Duration::days(1)).to_rfc3339();
+    let body = serde_json::json!({"approval_id": job_id, "job_id": job_id,
+        "workflow_key": "invoice.extract", "requested_by": "flowledger-handler",
+        "expires_at": expires});
+    app.handle("flow.cmd.approval.request", body.to_string().as_bytes())
+        .await
+        .expect("approval requested");
+}
+
+#[tokio::test]
+async fn an_idempotency_key_answers_the_first_answer_on_every_instance() {
+    use serde_json::json;
+    let app = spawn_app().await;
+    // two instances on one log, each with its own database and caches: the
+    // second one has never seen the first one's requests (as after a restart)
+    let one = spawn_read_side(&app, false).await;
+    let two = spawn_api_on(&app, false, registry(), fresh_database().await).await;
+    let job = json!({"workflow_key": "invoice.extract", "inputs": {"n": 1}});
+
+    // a submission without job_id: the key names the job
+    let first = post_keyed(&one, "/v1/jobs", BILLING_TOKEN, "sub-1", job.clone()).await;
+    assert_eq!(first.status, 202, "{}", first.body);
+    for api in [&one, &two] {
+        let again = post_keyed(api, "/v1/jobs", BILLING_TOKEN, "sub-1", job.clone()).await;
+        assert_eq!((again.status, &again.body), (202, &first.body));
+    }
+    let job_id = first.body["job_id"].as_str().expect("a job id").to_string();
+    // the same key with another body: 409 naming the header, nothing new
+    let changed = json!({"workflow_key": "invoice.extract", "inputs": {"n": 2}});
+    let conflict = post_keyed(&two, "/v1/jobs", BILLING_TOKEN, "sub-1", changed).await;
+    assert_eq!(conflict.status, 409, "{}", conflict.body);
+    assert_eq!(conflict.body["error"]["param"], "Idempotency-Key");
+    assert_eq!(conflict.body["error"]["code"], "conflict");
+    // another client's same key is its own: another job
+    let theirs = post_keyed(&two, "/v1/jobs", OTHER_TOKEN, "sub-1", job.clone()).await;
+    assert_eq!(theirs.status, 202, "{}", theirs.body);
+    assert_ne!(theirs.body["job_id"], first.body["job_id"]);
+    // without the key, the same body is a new job each time
+    let fresh = one.post("/v1/jobs", BILLING_TOKEN, job.clone()).await;
+    assert_ne!(fresh.body["job_id"], first.body["job_id"]);
+
+    // cancel: the repeat, on the other instance, answers the first answer
+    let path = format!("/v1/jobs/{job_id}/cancel");
+    let cancel = json!({"reason": "not needed"});
+    let cancelled = post_keyed(&one, &path, BILLING_TOKEN, "can-1", cancel.clone()).await;
+    assert_eq!(cancelled.status, 200, "{}", cancelled.body);
+    let again = post_keyed(&two, &path, BILLING_TOKEN, "can-1", cancel.clone()).await;
+    assert_eq!((again.status, &again.body), (200, &cancelled.body));
+    // the key of the cancel reused on another route: 409
+    let reused = post_keyed(&two, "/v1/jobs", BILLING_TOKEN, "can-1", job.clone()).await;
+    assert_eq!(reused.status, 409, "{}", reused.body);
+    assert_eq!(reused.body["error"]["param"], "Idempotency-Key");
+
+    // approve, reject, bulk
+    for id in ["k-1", "k-2", "k-3"] {
+        app.submit(id, &format!("submit-{id}")).await;
+        request_approval(&app, id).await;
+    }
+    let ok = json!({"reason": "checked"});
+    let approved = post_keyed(
+        &one,
+        "/v1/approvals/k-1/approve",
+        OPERATOR_TOKEN,
+        "ap-1",
+        ok.clone(),
+    )
+    .await;
+    assert_eq!(approved.status, 200, "{}", approved.body);
+    let again = post_keyed(
+        &two,
+        "/v1/approvals/k-1/approve",
+        OPERATOR_TOKEN,
+        "ap-1",
+        ok.clone(),
+    )
+    .await;
+    assert_eq!((again.status, &again.body), (200, &approved.body));
+    // the same key and body on reject (another route): 409
+    let other_route = post_keyed(
+        &two,
+        "/v1/approvals/k-1/reject",
+        OPERATOR_TOKEN,
+        "ap-1",
+        ok.clone(),
+    )
+    .await;
+    assert_eq!(other_route.status, 409, "{}", other_route.body);
+    assert_eq!(other_route.body["error"]["param"], "Idempotency-Key");
+    let bulk = json!({"approval_ids": ["k-2", "k-3"], "decision": "reject", "reason": "no"});
+    let decided = post_keyed(
+        &one,
+        "/v1/approvals/bulk",
+        OPERATOR_TOKEN,
+        "bulk-1",
+        bulk.clone(),
+    )
+    .await;
+    assert_eq!(decided.status, 200, "{}", decided.body);
+    assert_eq!(decided.body["decided"], 2, "{}", decided.body);
+    let again = post_keyed(
+        &two,
+        "/v1/approvals/bulk",
+        OPERATOR_TOKEN,
+        "bulk-1",
+        bulk.clone(),
+    )
+    .await;
+    assert_eq!((again.status, &again.body), (200, &decided.body));
+
+    // the kill-switch
+    let why = json!({"reason": "maintenance"});
+    let off = post_keyed(
+        &one,
+        "/v1/workflows/invoice.extract/disable",
+        OPERATOR_TOKEN,
+        "off-1",
+        why.clone(),
+    )
+    .await;
+    assert_eq!(off.status, 200, "{}", off.body);
+    let again = post_keyed(
+        &two,
+        "/v1/workflows/invoice.extract/disable",
+        OPERATOR_TOKEN,
+        "off-1",
+        why.clone(),
+    )
+    .await;
+    assert_eq!((again.status, &again.body), (200, &off.body));
+    let on = post_keyed(
+        &two,
+        "/v1/workflows/invoice.extract/enable",
+        OPERATOR_TOKEN,
+        "on-1",
+        why.clone(),
+    )
+    .await;
+    assert_eq!(on.status, 200, "{}", on.body);
+    let again = post_keyed(
+        &one,
+        "/v1/workflows/invoice.extract/enable",
+        OPERATOR_TOKEN,
+        "on-1",
+        why.clone(),
+    )
+    .await;
+    assert_eq!((again.status, &again.body), (200, &on.body));
+
+    // each command once in the log: one submission under the key, one cancel
+    let loaded = one.bus.load_job(&job_id).await.expect("the job");
+    assert_eq!(loaded.version, 2, "submitted and cancelled, once each");
+    assert!(loaded.commits.keys().all(|id| id.starts_with("idem:")));
+}
+
+#[tokio::test]
+async fn a_bad_idempotency_key_is_refused_naming_the_header() {
+    let app = spawn_app().await;
+    let api = spawn_read_side(&app, false).await;
+    let job = serde_json::json!({"job_id": "bk-1", "workflow_key": "invoice.extract"});
+    let long = "k".repeat(129);
+    for key in ["a:b", "with space", long.as_str()] {
+        let a = post_keyed(&api, "/v1/jobs", BILLING_TOKEN, key, job.clone()).await;
+        assert_envelope(&a, 400, "validation");
+        assert_eq!(a.body["error"]["param"], "Idempotency-Key");
+        assert!(!a.body.to_string().contains(key), "the key is not echoed");
+    }
+    // sent twice
+    let twice = send(
+        &api,
+        "POST",
+        "/v1/jobs",
+        Some(BILLING_TOKEN),
+        Some(job.to_string().into_bytes()),
+        &[("idempotency-key", "a"), ("idempotency-key", "b")],
+    )
+    .await;
+    assert_envelope(&twice, 400, "validation");
+    let job = api.bus.load_job("bk-1").await.expect("the log answers");
+    assert_eq!(job.version, 0, "nothing was submitted");
+}
+
+#[tokio::test]
+async fn a_repeated_decision_answers_the_first_answer_and_another_stays_409() {
+    use serde_json::json;
+    let app = spawn_app().await;
+    let one = spawn_read_side(&app, false).await;
+    // another instance: the repeat is recognised from the log, not a cache
+    let two = spawn_api_on(&app, false, registry(), fresh_database().await).await;
+    for id in ["d-1", "d-2", "d-3"] {
+        app.submit(id, &format!("submit-{id}")).await;
+        request_approval(&app, id).await;
+    }
+
+    // approve: the same body again answers the first answer
+    let ok = json!({"reason": "checked", "user_id": "olga"});
+    let first = one
+        .post("/v1/approvals/d-1/approve", OPERATOR_TOKEN, ok.clone())
+        .await;
+    assert_eq!(first.status, 200, "{}", first.body);
+    let again = two
+        .post("/v1/approvals/d-1/approve", OPERATOR_TOKEN, ok.clone())
+        .await;
+    assert_eq!((again.status, &again.body), (200, &first.body));
+    // another decision, or the same with another body: 409 saying what was decided
+    for (path, body) in [
+        ("/v1/approvals/d-1/reject", ok.clone()),
+        ("/v1/approvals/d-1/approve", json!({"reason": "other"})),
+    ] {
+        let refused = two.post(path, OPERATOR_TOKEN, body).await;
+        assert_eq!(refused.status, 409, "{}", refused.body);
+        let message = refused.body["error"]["message"].as_str().unwrap_or("");
+        assert!(
+            message.contains("approved") && message.contains("by ops"),
+            "{message}"
+        );
+    }
+    // requested and decided: two commits, whatever was sent again
+    assert_eq!(app.messages_on("flow.ev.approval.d-1").await, 2);
+
+    // the NATS door: the same body twice is one decision
+    let body = json!({"approval_id": "d-2", "reason": "fine"}).to_string();
+    let nats_first = app
+        .handle("flow.cmd.approval.approve", body.as_bytes())
+        .await
+        .expect("approved over NATS");
+    let nats_again = app
+        .handle("flow.cmd.approval.approve", body.as_bytes())
+        .await
+        .expect("the repeat answers the first receipt");
+    assert!(nats_again.duplicate);
+    assert_eq!(nats_again.stream_seq, nats_first.stream_seq);
+    let other = json!({"approval_id": "d-2", "reason": "changed"}).to_string();
+    let refused = app
+        .handle("flow.cmd.approval.reject", other.as_bytes())
+        .await
+        .expect_err("another decision is refused");
+    assert_eq!(refused.code.as_str(), "rejected");
+    assert!(refused.message.contains("approved"), "{}", refused.message);
+
+    // cancel
+    for id in ["x-1"] {
+        let a = one
+            .post(
+                "/v1/jobs",
+                BILLING_TOKEN,
+                json!({"job_id": id, "workflow_key": "invoice.extract"}),
+            )
+            .await;
+        assert_eq!(a.status, 202, "{}", a.body);
+    }
+    let why = json!({"reason": "not needed"});
+    let cancelled = one
+        .post("/v1/jobs/x-1/cancel", BILLING_TOKEN, why.clone())
+        .await;
+    assert_eq!(cancelled.status, 200, "{}", cancelled.body);
+    let again = two
+        .post("/v1/jobs/x-1/cancel", BILLING_TOKEN, why.clone())
+        .await;
+    assert_eq!((again.status, &again.body), (200, &cancelled.body));
+    let by_ops = two
+        .post("/v1/jobs/x-1/cancel", OPERATOR_TOKEN, why.clone())
+        .await;
+    assert_eq!(by_ops.status, 409, "another caller: {}", by_ops.body);
+    assert!(by_ops.body["error"]["message"]
+        .as_str()
+        .is_some_and(|m| m.contains("cancelled")));
+    let job = one.bus.load_job("x-1").await.expect("the job");
+    assert_eq!(job.version, 2, "submitted and cancelled once");
+
+    // the kill-switch: the same disable again answers the first; after an
+    // enable the same body disables anew
+    let path = "/v1/workflows/invoice.extract/disable";
+    let off = json!({"reason": "maintenance"});
+    let first = one.post(path, OPERATOR_TOKEN, off.clone()).await;
+    assert_eq!(first.status, 200, "{}", first.body);
+    let again = two.post(path, OPERATOR_TOKEN, off.clone()).await;
+    assert_eq!((again.status, &again.body), (200, &first.body));
+    let changed = two
+        .post(path, OPERATOR_TOKEN, json!({"reason": "again"}))
+        .await;
+    assert_eq!(changed.status, 409, "{}", changed.body);
+    assert!(changed.body["error"]["message"]
+        .as_str()
+        .is_some_and(|m| m.contains("already disabled")));
+    let on = json!({"reason": "fixed"});
+    let enabled = one
+        .post(
+            "/v1/workflows/invoice.extract/enable",
+            OPERATOR_TOKEN,
+            on.clone(),
+        )
+        .await;
+    assert_eq!(enabled.status, 200, "{}", enabled.body);
+    let again = two
+        .post(
+            "/v1/workflows/invoice.extract/enable",
+            OPERATOR_TOKEN,
+            on.clone(),
+        )
+        .await;
+    assert_eq!((again.status, &again.body), (200, &enabled.body));
+    let anew = two.post(path, OPERATOR_TOKEN, off.clone()).await;
+    assert_eq!(anew.status, 200, "{}", anew.body);
+    assert_ne!(
+        anew.body["at"], first.body["at"],
+        "a new disable, not the first one"
+    );
+}
+
+#[tokio::test]
+async fn a_job_awaits_approval_in_its_status_while_its_approval_is_pending() {
+    use serde_json::json;
+    let app = spawn_app().await;
+    let api = spawn_read_side(&app, true).await;
+    for id in ["w-1", "w-2"] {
+        let a = api
+            .post(
+                "/v1/jobs",
+                BILLING_TOKEN,
+                json!({"job_id": id, "workflow_key": "invoice.extract"}),
+            )
+            .await;
+        assert_eq!(a.status, 202, "{}", a.body);
+        request_approval(&app, id).await;
+    }
+    api.caught_up(&app.log).await;
+    let status_of = |id: &'static str| {
+        let api = &api;
+        async move {
+            let (_, row) = api.get(&format!("/v1/jobs/{id}")).await;
+            let (_, status) = api.get(&format!("/v1/jobs/{id}/status")).await;
+            assert_eq!(row["status"], status["status"], "{row} {status}");
+            row["status"].as_str().unwrap_or("").to_string()
+        }
+    };
+    assert_eq!(status_of("w-1").await, "awaiting_approval");
+    let (code, list) = api.get("/v1/executions?status=awaiting_approval").await;
+    assert_eq!(code, 200, "{list}");
+    let mut ids: Vec<_> = list["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .map(|r| r["execution_id"].as_str().unwrap_or("").to_string())
+        .collect();
+    ids.sort();
+    assert_eq!(ids, ["w-1", "w-2"]);
+
+    // approved: pending again, until the handler starts it
+    let ok = api
+        .post(
+            "/v1/approvals/w-1/approve",
+            OPERATOR_TOKEN,
+            json!({"reason": "ok"}),
+        )
+        .await;
+    assert_eq!(ok.status, 200, "{}", ok.body);
+    // cancelled while awaiting, then rejected: it stays cancelled
+    let cancel = api
+        .post(
+            "/v1/jobs/w-2/cancel",
+            BILLING_TOKEN,
+            json!({"reason": "gone"}),
+        )
+        .await;
+    assert_eq!(cancel.status, 200, "{}", cancel.body);
+    api.caught_up(&app.log).await;
+    assert_eq!(status_of("w-2").await, "cancelled");
+    let no = api
+        .post(
+            "/v1/approvals/w-2/reject",
+            OPERATOR_TOKEN,
+            json!({"reason": "late"}),
+        )
+        .await;
+    assert_eq!(no.status, 200, "{}", no.body);
+    api.caught_up(&app.log).await;
+    assert_eq!(status_of("w-1").await, "pending");
+    assert_eq!(status_of("w-2").await, "cancelled");
+    let (_, list) = api.get("/v1/executions?status=awaiting_approval").await;
+    assert_eq!(list["items"], json!([]), "{list}");
+}
+
+#[tokio::test]
+async fn an_approval_is_read_with_its_jobs_inputs_by_those_who_may() {
+    use serde_json::json;
+    let app = spawn_app().await;
+    let api = spawn_read_side(&app, true).await;
+    let job = json!({"job_id": "g-1", "workflow_key": "invoice.extract",
+                     "inputs": {"invoice": 7, "amount": "120.50"}});
+    assert_eq!(api.post("/v1/jobs", BILLING_TOKEN, job).await.status, 202);
+    request_approval(&app, "g-1").await;
+    api.caught_up(&app.log).await;
+
+    let read = |token: &'static str, path: &'static str| {
+        let api = &api;
+        async move { api.call("GET", path, Some(token), None).await }
+    };
+    // its client, an operator and an auditor read it
+    for token in [BILLING_TOKEN, OPERATOR_TOKEN, AUDITOR_TOKEN] {
+        let a = read(token, "/v1/approvals/g-1").await;
+        assert_eq!(a.status, 200, "{}", a.body);
+        assert_eq!(a.body["approval_id"], "g-1");
+        assert_eq!(a.body["status"], "pending");
+        assert_eq!(a.body["requested_by"], "flowledger-handler");
+        assert_eq!(
+            a.body["job"]["inputs"],
+            json!({"invoice": 7, "amount": "120.50"})
+        );
+        assert_eq!(a.body["job"]["status"], "awaiting_approval");
+        assert_eq!(a.body["job"]["client_id"], "billing");
+    }
+    // another client: as a missing one
+    let theirs = read(OTHER_TOKEN, "/v1/approvals/g-1").await;
+    let missing = read(OPERATOR_TOKEN, "/v1/approvals/g-9").await;
+    for a in [&theirs, &missing] {
+        assert_envelope(a, 404, "not_found");
+    }
+    assert_eq!(
+        theirs.body["error"]["message"]
+            .as_str()
+            .map(|m| m.replace("g-1", "g-9")),
+        missing.body["error"]["message"]
+            .as_str()
+            .map(str::to_string)
+    );
+    let bad = read(OPERATOR_TOKEN, "/v1/approvals/a%20b").await;
+    assert_envelope(&bad, 400, "validation");
+    assert_eq!(bad.body["error"]["param"], "id");
+
+    // decided: who and why
+    let ok = api
+        .post(
+            "/v1/approvals/g-1/approve",
+            OPERATOR_TOKEN,
+            json!({"reason": "fine"}),
+        )
+        .await;
+    assert_eq!(ok.status, 200, "{}", ok.body);
+    api.caught_up(&app.log).await;
+    let a = read(BILLING_TOKEN, "/v1/approvals/g-1").await;
+    assert_eq!(
+        (
+            &a.body["status"],
+            &a.body["decided_by"],
+            &a.body["decision_reason"]
+        ),
+        (&json!("approved"), &json!("ops"), &json!("fine")),
+        "{}",
+        a.body
+    );
+}
+
+#[tokio::test]
+async fn an_idempotency_key_makes_a_secret_invalidation_once() {
+    use crate::secret_access::{api_with_secrets, secrets_settings, vault_with_secrets};
+    use serde_json::json;
+    let app = spawn_app().await;
+    let (bao, token) = vault_with_secrets("sk-1").await;
+    let one = api_with_secrets(&app, secrets_settings(&bao, &token, 300, 3600).await, false).await;
+    let two = api_with_secrets(&app, secrets_settings(&bao, &token, 300, 3600).await, false).await;
+    let body = json!({"path": "secret/data/billing/stripe", "reason": "rotated"});
+    let path = "/v1/secrets/invalidate";
+    let first = post_keyed(&one, path, OPERATOR_TOKEN, "inv-1", body.clone()).await;
+    assert_eq!(first.status, 200, "{}", first.body);
+    let again = post_keyed(&two, path, OPERATOR_TOKEN, "inv-1", body.clone()).await;
+    assert_eq!((again.status, &again.body), (200, &first.body));
+    let other = json!({"path": "secret/data/billing/stripe", "reason": "again"});
+    let reused = post_keyed(&two, path, OPERATOR_TOKEN, "inv-1", other.clone()).await;
+    assert_eq!(reused.status, 409, "{}", reused.body);
+    assert_eq!(reused.body["error"]["param"], "Idempotency-Key");
+    // without a key each invalidation is recorded anew
+    let fresh = one.post(path, OPERATOR_TOKEN, other).await;
+    assert_eq!(fresh.status, 200, "{}", fresh.body);
+    assert_ne!(fresh.body["event_seq"], first.body["event_seq"]);
+}
+
+#[tokio::test]
+async fn an_idempotency_key_makes_a_memory_writeback_once() {
+    use serde_json::json;
+    let app = spawn_app().await;
+    let bao = crate::openbao::OpenBao::start().await;
+    let one = spawn_api_with_memory(
+        &app,
+        false,
+        fresh_database().await,
+        memory_service(&bao).await,
+    )
+    .await;
+    // another instance with its own key cache
+    let two = spawn_api_with_memory(
+        &app,
+        false,
+        fresh_database().await,
+        memory_service(&bao).await,
+    )
+    .await;
+    let turn = json!({"subject_id": "cust-1",
+        "messages": [{"role": "user", "content": "I moved to Lyon."}], "response": "Noted."});
+    let path = "/v1/memory/writeback";
+    let first = post_keyed(&one, path, BILLING_TOKEN, "turn-1", turn.clone()).await;
+    assert_eq!(first.status, 200, "{}", first.body);
+    let again = post_keyed(&two, path, BILLING_TOKEN, "turn-1", turn.clone()).await;
+    assert_eq!(again.status, 200, "{}", again.body);
+    assert_eq!(again.body["episode_id"], first.body["episode_id"]);
+    assert_eq!(again.body["stream_seq"], first.body["stream_seq"]);
+    assert_eq!(again.body["duplicate"], true, "{}", again.body);
+    // another body under the key: 409 naming the header
+    let other = json!({"subject_id": "cust-1",
+        "messages": [{"role": "user", "content": "I moved to Porto."}], "response": "Noted."});
+    let reused = post_keyed(&two, path, BILLING_TOKEN, "turn-1", other.clone()).await;
+    assert_eq!(reused.status, 409, "{}", reused.body);
+    assert_eq!(reused.body["error"]["param"], "Idempotency-Key");
+    assert!(
+        !reused.body.to_string().contains("Porto"),
+        "no personal text in the error"
+    );
+    // without the key the same turn is another episode
+    let fresh = one.post(path, BILLING_TOKEN, turn).await;
+    assert_eq!(fresh.status, 200, "{}", fresh.body);
+    assert_ne!(fresh.body["episode_id"], first.body["episode_id"]);
+    // a bad key is refused before anything is recorded
+    let bad = post_keyed(&one, path, BILLING_TOKEN, "a:b", other).await;
+    assert_envelope(&bad, 400, "validation");
+    assert_eq!(bad.body["error"]["param"], "Idempotency-Key");
+}
