@@ -1098,7 +1098,11 @@ async fn a_handler_restarted_between_an_n8n_failure_and_its_retry_still_retries(
         assert!(Instant::now() < deadline, "n8n's failure was not recorded");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert_eq!(peer.received("/hook").len(), 1, "no retry without a handler");
+    assert_eq!(
+        peer.received("/hook").len(),
+        1,
+        "no retry without a handler"
+    );
     let mut config = test_handler_config();
     config.public_url = Some(api.http.clone());
     config.callback_key = Some(
