@@ -176,7 +176,7 @@ async fn command_keyed(
             match memory.writeback(bus, owner, b, now).await {
                 Ok(w) => w,
                 // the turn id is the key's: its reuse is the key's
-                Err(e) if keyed && e.code == ErrorCode::Conflict => {
+                Err(e) if keyed && e.is_command_id_reused() => {
                     return Err(super::write::key_reused())
                 }
                 Err(e) => return Err(e),

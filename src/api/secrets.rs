@@ -143,7 +143,7 @@ async fn invalidate_keyed(
     let seq = match secrets.invalidate(bus, b.path, b.reason, &meta).await {
         Ok(seq) => seq,
         // the key's id already holds another request: the store says reused
-        Err(e) if key.is_some() && e.code == ErrorCode::Conflict && e.field.is_none() => {
+        Err(e) if key.is_some() && e.is_command_id_reused() => {
             return Err(super::write::key_reused())
         }
         Err(e) => return Err(e),

@@ -207,7 +207,7 @@ fn estimated_completion(
 }
 
 #[utoipa::path(post, path = "/v1/jobs",
-    params(("Idempotency-Key" = Option<String>, Header, description = "1-128 of A-Z a-z 0-9 _ - .; the same key, route and body from the same client answer the first answer (on any instance, after restarts); the same key with another route or body: 409 with error.param Idempotency-Key")),
+    params(("Idempotency-Key" = Option<String>, Header, description = "1-128 of A-Z a-z 0-9 _ - .; the same key, route and body from the same client answer the first answer (on any instance, after restarts); the same key with another body for the same job, approval or workflow: 409 with error.param Idempotency-Key; for another job, approval or workflow only within the stream's 2-minute duplicate window (docs/EVENTS.md 7.4)")),
     request_body(content = Object, description = "job_id?, client_id?, workflow_key, inputs, callback_url?, priority (1-10, default 5), timeout_seconds (default 300), metadata"),
     responses((status = 202, description = "accepted: job_id, status, message, accepted_at, estimated_completion; the same job_id and body answer the same", body = Object),
               (status = 400, description = "bad body or Idempotency-Key; error.param names the field or header"),
@@ -317,7 +317,7 @@ struct ReasonBody {
     user_id: Option<String>,
 }
 
-#[utoipa::path(post, path = "/v1/jobs/{id}/cancel", params(("id" = String, Path, description = "job id"), ("Idempotency-Key" = Option<String>, Header, description = "1-128 of A-Z a-z 0-9 _ - .; the same key, route and body from the same client answer the first answer (on any instance, after restarts); the same key with another route or body: 409 with error.param Idempotency-Key")),
+#[utoipa::path(post, path = "/v1/jobs/{id}/cancel", params(("id" = String, Path, description = "job id"), ("Idempotency-Key" = Option<String>, Header, description = "1-128 of A-Z a-z 0-9 _ - .; the same key, route and body from the same client answer the first answer (on any instance, after restarts); the same key with another body for the same job, approval or workflow: 409 with error.param Idempotency-Key; for another job, approval or workflow only within the stream's 2-minute duplicate window (docs/EVENTS.md 7.4)")),
     request_body(content = Object, description = "reason?, user_id?"),
     responses((status = 200, description = "cancelled; in-flight calls are aborted", body = Object),
               (status = 403, description = "the caller is an auditor (read-only)"),
@@ -412,7 +412,7 @@ async fn switch_workflow(
     })))
 }
 
-#[utoipa::path(post, path = "/v1/workflows/{key}/disable", params(("key" = String, Path, description = "workflow key"), ("Idempotency-Key" = Option<String>, Header, description = "1-128 of A-Z a-z 0-9 _ - .; the same key, route and body from the same client answer the first answer (on any instance, after restarts); the same key with another route or body: 409 with error.param Idempotency-Key")),
+#[utoipa::path(post, path = "/v1/workflows/{key}/disable", params(("key" = String, Path, description = "workflow key"), ("Idempotency-Key" = Option<String>, Header, description = "1-128 of A-Z a-z 0-9 _ - .; the same key, route and body from the same client answer the first answer (on any instance, after restarts); the same key with another body for the same job, approval or workflow: 409 with error.param Idempotency-Key; for another job, approval or workflow only within the stream's 2-minute duplicate window (docs/EVENTS.md 7.4)")),
     request_body(content = Object, description = "reason (required), user_id?"),
     responses((status = 200, description = "disabled: new jobs are refused, running ones continue", body = Object),
               (status = 403, description = "needs the operator role"), (status = 404, description = "not in the registry"),
@@ -427,7 +427,7 @@ pub(crate) async fn workflows_disable(
     switch_workflow(&s, &caller, &key, &headers, &body, true).await
 }
 
-#[utoipa::path(post, path = "/v1/workflows/{key}/enable", params(("key" = String, Path, description = "workflow key"), ("Idempotency-Key" = Option<String>, Header, description = "1-128 of A-Z a-z 0-9 _ - .; the same key, route and body from the same client answer the first answer (on any instance, after restarts); the same key with another route or body: 409 with error.param Idempotency-Key")),
+#[utoipa::path(post, path = "/v1/workflows/{key}/enable", params(("key" = String, Path, description = "workflow key"), ("Idempotency-Key" = Option<String>, Header, description = "1-128 of A-Z a-z 0-9 _ - .; the same key, route and body from the same client answer the first answer (on any instance, after restarts); the same key with another body for the same job, approval or workflow: 409 with error.param Idempotency-Key; for another job, approval or workflow only within the stream's 2-minute duplicate window (docs/EVENTS.md 7.4)")),
     request_body(content = Object, description = "reason (required), user_id?"),
     responses((status = 200, description = "enabled again", body = Object),
               (status = 403, description = "needs the operator role"), (status = 404, description = "not in the registry"),
@@ -567,7 +567,7 @@ fn decided(id: &str, decision: Decision, caller: &Caller, r: &Receipt) -> Value 
     })
 }
 
-#[utoipa::path(post, path = "/v1/approvals/{id}/approve", params(("id" = String, Path, description = "approval id (the job id)"), ("Idempotency-Key" = Option<String>, Header, description = "1-128 of A-Z a-z 0-9 _ - .; the same key, route and body from the same client answer the first answer (on any instance, after restarts); the same key with another route or body: 409 with error.param Idempotency-Key")),
+#[utoipa::path(post, path = "/v1/approvals/{id}/approve", params(("id" = String, Path, description = "approval id (the job id)"), ("Idempotency-Key" = Option<String>, Header, description = "1-128 of A-Z a-z 0-9 _ - .; the same key, route and body from the same client answer the first answer (on any instance, after restarts); the same key with another body for the same job, approval or workflow: 409 with error.param Idempotency-Key; for another job, approval or workflow only within the stream's 2-minute duplicate window (docs/EVENTS.md 7.4)")),
     request_body(content = Object, description = "reason?, user_id?"),
     responses((status = 200, description = "approved; who and why are on the event", body = Object),
               (status = 403, description = "needs the operator role"), (status = 404, description = "no such approval"),
@@ -582,7 +582,7 @@ pub(crate) async fn approvals_approve(
     approvals_decide(s, caller, id, headers, body, Decision::Approve).await
 }
 
-#[utoipa::path(post, path = "/v1/approvals/{id}/reject", params(("id" = String, Path, description = "approval id (the job id)"), ("Idempotency-Key" = Option<String>, Header, description = "1-128 of A-Z a-z 0-9 _ - .; the same key, route and body from the same client answer the first answer (on any instance, after restarts); the same key with another route or body: 409 with error.param Idempotency-Key")),
+#[utoipa::path(post, path = "/v1/approvals/{id}/reject", params(("id" = String, Path, description = "approval id (the job id)"), ("Idempotency-Key" = Option<String>, Header, description = "1-128 of A-Z a-z 0-9 _ - .; the same key, route and body from the same client answer the first answer (on any instance, after restarts); the same key with another body for the same job, approval or workflow: 409 with error.param Idempotency-Key; for another job, approval or workflow only within the stream's 2-minute duplicate window (docs/EVENTS.md 7.4)")),
     request_body(content = Object, description = "reason (required), user_id?"),
     responses((status = 200, description = "rejected; the job fails with approval_rejected", body = Object),
               (status = 403, description = "needs the operator role"), (status = 404, description = "no such approval"),
@@ -608,7 +608,7 @@ struct BulkBody {
 }
 
 #[utoipa::path(post, path = "/v1/approvals/bulk",
-    params(("Idempotency-Key" = Option<String>, Header, description = "1-128 of A-Z a-z 0-9 _ - .; the same key, route and body from the same client answer the first answer (on any instance, after restarts); the same key with another route or body: 409 with error.param Idempotency-Key")),
+    params(("Idempotency-Key" = Option<String>, Header, description = "1-128 of A-Z a-z 0-9 _ - .; the same key, route and body from the same client answer the first answer (on any instance, after restarts); the same key with another body for the same job, approval or workflow: 409 with error.param Idempotency-Key; for another job, approval or workflow only within the stream's 2-minute duplicate window (docs/EVENTS.md 7.4)")),
     request_body(content = Object, description = "approval_ids (1-100), decision approve|reject, reason, user_id?"),
     responses((status = 200, description = "one result per id, in order: each decided on its own (not all-or-nothing)", body = Object),
               (status = 400, description = "bad body"), (status = 403, description = "needs the operator role")))]

@@ -14,8 +14,9 @@
 //! - a repeated decision answers the first one: an approve, reject, cancel,
 //!   disable or enable refused because it is already so answers the receipt
 //!   of the commit that made it so when that commit is the same command
-//!   (same event type, same command hash: same caller and body), whichever
-//!   door either came through ([`repeated`]).
+//!   (same event type, same command hash: same caller and body) and came
+//!   through the same door: HTTP and NATS hash different bodies, so a
+//!   decision repeated over the other door is a conflict ([`repeated`]).
 //!
 //! Command ids the system derives itself are built in [`ids`].
 
@@ -51,6 +52,17 @@ pub struct CommandError {
 }
 
 impl CommandError {
+    /// Whether this is the store's refusal of a command id already used
+    /// for another command ([`ExecuteError::CommandIdReused`]), not a
+    /// conflict that a retry can clear (contention, a wrong key).
+    pub fn is_command_id_reused(&self) -> bool {
+        self.code == ErrorCode::Conflict
+            && self.message.starts_with("command id ")
+            && self
+                .message
+                .ends_with("was already used for a different command; use a new command id")
+    }
+
     /// Bad input: `field` (if one is to blame) and what is wrong with it.
     pub fn validation(field: Option<&str>, message: impl Into<String>) -> Self {
         CommandError {
@@ -379,5 +391,27 @@ impl CommandBus {
             .load(&workflow::aggregate_id(workflow_key))
             .await?;
         Ok(wf.state.disabled)
+    }
+}
+
+#[cfg(test)]
+mod command_error_tests {
+    use super::*;
+    use crate::commands::job::JobError;
+
+    #[test]
+    fn a_reused_command_id_is_told_from_other_conflicts() {
+        let reused: CommandError = ExecuteError::<JobError>::CommandIdReused {
+            command_id: "idem:00:k".into(),
+        }
+        .into();
+        assert!(reused.is_command_id_reused(), "{}", reused.message);
+        let contention: CommandError = ExecuteError::<JobError>::Conflict {
+            aggregate_id: "j".into(),
+            attempts: 5,
+        }
+        .into();
+        assert_eq!(contention.code, ErrorCode::Conflict);
+        assert!(!contention.is_command_id_reused(), "{}", contention.message);
     }
 }

@@ -244,21 +244,12 @@ impl Lone {
             .await
             .expect("open the log");
         let (registry, config) = files(dir, url, 30);
-        let mut cmd = nats.cli(Who::Service);
-        cmd.args([
-            "serve",
-            "--http",
-            "127.0.0.1:0",
-            "--checkpoint-every-secs",
-            "0",
-        ])
-        .env("FLOWLEDGER_REGISTRY", &registry)
-        .env("FLOWLEDGER_CONFIG", &config);
-        if database {
-            cmd.env("DATABASE_URL", fresh_database().await);
+        let db = if database {
+            Some(fresh_database().await)
         } else {
-            cmd.env_remove("DATABASE_URL");
-        }
+            None
+        };
+        let cmd = serve_command_on(&nats, db.as_deref(), &registry, Some(&config));
         let serve = Serve::spawn(cmd);
         let billing = nats.connect(Who::Billing).await;
         Lone {
@@ -284,6 +275,37 @@ async fn stored(events: &flowledger::events::log::EventLog) -> Vec<(String, Stri
     stored
 }
 
+/// Sends the submission of job `id` (workflow `w`) once as `billing`;
+/// `None`: no answer within `wait`.
+async fn submit_once(
+    billing: &async_nats::Client,
+    id: &str,
+    wait: Duration,
+) -> Option<Result<async_nats::Message, async_nats::RequestError>> {
+    let body = json!({"job_id": id, "workflow_key": "w", "client_id": "billing"});
+    tokio::time::timeout(
+        wait,
+        billing.request("flow.cmd.job.submit", body.to_string().into()),
+    )
+    .await
+    .ok()
+}
+
+/// Submits job `id` until the intake takes it (30 s at most).
+async fn submit_until_taken(billing: &async_nats::Client, id: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(Ok(m)) = submit_once(billing, id, Duration::from_secs(2)).await {
+            let v: Value = serde_json::from_slice(&m.payload).unwrap();
+            if v["ok"] == true {
+                return;
+            }
+        }
+        assert!(Instant::now() < deadline, "serve did not take {id}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 #[tokio::test]
 async fn every_command_delivered_before_the_drain_is_answered_before_the_exit() {
     // no handler runs: the step is never called
@@ -294,35 +316,17 @@ async fn every_command_delivered_before_the_drain_is_answered_before_the_exit() 
         mut serve,
         billing,
     } = Lone::start(dir.path(), "http://127.0.0.1:9/never", false).await;
-    let submit = |id: String| {
-        let body = json!({"job_id": id, "workflow_key": "w", "client_id": "billing"});
-        let billing = billing.clone();
-        async move {
-            let r = tokio::time::timeout(
-                Duration::from_secs(5),
-                billing.request("flow.cmd.job.submit", body.to_string().into()),
-            )
-            .await;
-            (id, r)
-        }
-    };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let (_, Ok(Ok(m))) = submit("burst-first".into()).await {
-            let v: Value = serde_json::from_slice(&m.payload).unwrap();
-            if v["ok"] == true {
-                break;
-            }
-        }
-        assert!(Instant::now() < deadline, "serve did not take burst-first");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    submit_until_taken(&billing, "burst-first").await;
     // a burst, and the stop while the intake works through it
     let n = 1000;
     let before = events.last_seq().await.expect("last sequence");
-    let burst = tokio::spawn(futures::future::join_all(
-        (0..n).map(|i| submit(format!("burst-{i}"))),
-    ));
+    let burst = tokio::spawn(futures::future::join_all((0..n).map(|i| {
+        let (billing, id) = (billing.clone(), format!("burst-{i}"));
+        async move {
+            let r = submit_once(&billing, &id, Duration::from_secs(10)).await;
+            (id, r)
+        }
+    })));
     // the stop once the intake has stored the burst's first commands
     while events.last_seq().await.expect("last sequence") == before {
         tokio::time::sleep(Duration::from_millis(1)).await;
@@ -335,7 +339,7 @@ async fn every_command_delivered_before_the_drain_is_answered_before_the_exit() 
     for (id, r) in answers {
         // the others: no intake left, refused at once or (across the
         // accounts' import) no answer; either way the sender sends it again
-        if let Ok(Ok(m)) = r {
+        if let Some(Ok(m)) = r {
             let v: Value = serde_json::from_slice(&m.payload).unwrap();
             assert_eq!(v["ok"], true, "{id}: {v}");
             acked.push(id);
@@ -377,37 +381,16 @@ async fn a_draining_intake_leaves_new_commands_to_the_other_instances() {
         mut serve,
         billing,
     } = Lone::start(dir.path(), &slow, true).await;
-    let submit = |id: &str| {
-        let body = json!({"job_id": id, "workflow_key": "w", "client_id": "billing"});
-        let billing = billing.clone();
-        async move {
-            tokio::time::timeout(
-                Duration::from_secs(2),
-                billing.request("flow.cmd.job.submit", body.to_string().into()),
-            )
-            .await
-        }
-    };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Ok(Ok(m)) = submit("drain-3").await {
-            let v: Value = serde_json::from_slice(&m.payload).unwrap();
-            if v["ok"] == true {
-                break;
-            }
-        }
-        assert!(Instant::now() < deadline, "serve did not take drain-3");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    submit_until_taken(&billing, "drain-3").await;
     called(&peer, "/slow", 1).await;
     serve.term();
     serve
         .logged("the command intake takes no new command")
         .await;
     // the queue group has no member left: nobody answers
-    let answer = submit("drain-late").await;
+    let answer = submit_once(&billing, "drain-late", Duration::from_secs(2)).await;
     assert!(
-        !matches!(answer, Ok(Ok(_))),
+        !matches!(answer, Some(Ok(_))),
         "a draining intake answered a new command"
     );
     let status = serve.exited(Duration::from_secs(60)).await;

@@ -630,12 +630,19 @@ async fn sigkill_mid_job_loses_nothing_and_repeats_nothing() {
 async fn handler_with_api(app: &TestApp, registry: Value) -> (HandlerSide, ReadSide) {
     let registry = parse_registry(registry);
     let api = spawn_api(app, true, registry.clone()).await;
+    let config = config_with_api(&api);
+    (start_handler(app, registry, config).await, api)
+}
+
+/// The handler configuration of [`handler_with_api`]: n8n posts results to
+/// `api`, callbacks are signed.
+fn config_with_api(api: &ReadSide) -> flowledger::handlers::HandlerConfig {
     let mut config = test_handler_config();
     config.public_url = Some(api.http.clone());
     config.callback_key = Some(
         flowledger::crypto::SigningKey::new(b"test-callback-secret-0123").expect("a long key"),
     );
-    (start_handler(app, registry, config).await, api)
+    config
 }
 
 #[tokio::test]
@@ -1083,9 +1090,14 @@ async fn a_handler_restarted_between_an_n8n_failure_and_its_retry_still_retries(
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let db = first.url.clone();
-    drop(first);
+    first.stop().await;
     // the failure comes in through the API while no handler runs
-    let deadline = Instant::now() + Duration::from_secs(20);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while peer.sent().is_empty() {
+        assert!(Instant::now() < deadline, "n8n did not post its result");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(peer.sent()[0].status, 200, "{:?}", peer.sent());
     loop {
         let failed = log_events(&app).await.into_iter().any(|r| {
             r.aggregate_id == "n8n-restart"
@@ -1103,12 +1115,7 @@ async fn a_handler_restarted_between_an_n8n_failure_and_its_retry_still_retries(
         1,
         "no retry without a handler"
     );
-    let mut config = test_handler_config();
-    config.public_url = Some(api.http.clone());
-    config.callback_key = Some(
-        flowledger::crypto::SigningKey::new(b"test-callback-secret-0123").expect("a long key"),
-    );
-    let second = start_handler_on(&app, parse_registry(registry), config, db).await;
+    let second = start_handler_on(&app, parse_registry(registry), config_with_api(&api), db).await;
     let v = second.settled("n8n-restart").await;
     assert_eq!(v.status, JobStatus::Completed, "{:?}", v.error_message);
     assert_eq!(v.outputs, json!({"flow": {"summary": "second time"}}));

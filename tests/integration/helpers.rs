@@ -1040,12 +1040,29 @@ impl ReadSide {
             .await
     }
 
+    /// Sends `body` as JSON (with its content type) with `token`.
     pub(crate) async fn call(
         &self,
         method: &str,
         path: &str,
         token: Option<&str>,
         body: Option<String>,
+    ) -> Answer {
+        let json = [("content-type", "application/json")];
+        let headers: &[(&str, &str)] = if body.is_some() { &json } else { &[] };
+        self.send(method, path, token, body.map(String::into_bytes), headers)
+            .await
+    }
+
+    /// Sends `body` with `headers` and no other header but the bearer
+    /// token.
+    pub(crate) async fn send(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: Option<Vec<u8>>,
+        headers: &[(&str, &str)],
     ) -> Answer {
         let method = reqwest::Method::from_bytes(method.as_bytes()).expect("a method");
         let mut req = flowledger::handlers::http_client_builder()
@@ -1055,8 +1072,11 @@ impl ReadSide {
         if let Some(t) = token {
             req = req.bearer_auth(t);
         }
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
         if let Some(b) = body {
-            req = req.header("content-type", "application/json").body(b);
+            req = req.body(b);
         }
         let r = req.send().await.expect("HTTP request");
         let (status, headers) = (r.status().as_u16(), r.headers().clone());
@@ -1200,6 +1220,16 @@ pub(crate) async fn start_handler_with_secrets(
 }
 
 impl HandlerSide {
+    /// Stops the service as `serve` does, waiting for its parts (the job
+    /// handler's loop and drivers, its lease keeper) to end: nothing of it
+    /// acts after this returns.
+    pub(crate) async fn stop(self) {
+        self._service
+            .run_until(async {}, std::future::pending())
+            .await
+            .expect("the service stops");
+    }
+
     /// Submits a job through the command side; `extra` adds fields.
     pub(crate) async fn submit(&self, job_id: &str, workflow_key: &str, extra: Value) -> Value {
         let mut body =
@@ -1284,7 +1314,18 @@ pub(crate) fn serve_command<N: Broker>(
     registry: &std::path::Path,
     config: Option<&std::path::Path>,
 ) -> std::process::Command {
-    let mut cmd = app.nats.cli(Who::Service);
+    serve_command_on(&app.nats, Some(database_url), registry, config)
+}
+
+/// [`serve_command`] on any broker; without `database_url`, `serve` runs
+/// its NATS intake only.
+pub(crate) fn serve_command_on(
+    nats: &impl Broker,
+    database_url: Option<&str>,
+    registry: &std::path::Path,
+    config: Option<&std::path::Path>,
+) -> std::process::Command {
+    let mut cmd = nats.cli(Who::Service);
     cmd.args([
         "serve",
         "--http",
@@ -1292,9 +1333,12 @@ pub(crate) fn serve_command<N: Broker>(
         "--checkpoint-every-secs",
         "0",
     ])
-    .env("DATABASE_URL", database_url)
     .env("FLOWLEDGER_REGISTRY", registry)
     .env_remove("FLOWLEDGER_CONFIG");
+    match database_url {
+        Some(url) => cmd.env("DATABASE_URL", url),
+        None => cmd.env_remove("DATABASE_URL"),
+    };
     if let Some(c) = config {
         cmd.env("FLOWLEDGER_CONFIG", c);
     }
@@ -1498,8 +1542,9 @@ impl Serve {
 
     /// SIGKILL, and reaped.
     pub(crate) fn kill(&mut self) {
-        // SAFETY: kill(2) on our own child's pid, which is not reaped yet.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGKILL) };
+        // SIGKILL through std: no signal once the child is reaped (its pid
+        // may be another process's by then)
+        let _ = self.child.kill();
         let _ = self.child.wait();
     }
 
@@ -1510,20 +1555,23 @@ impl Serve {
 
     /// SIGTERM: the stop that drains first.
     pub(crate) fn term(&self) {
-        let status = std::process::Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()
-            .expect("run kill");
-        assert!(status.success(), "kill -TERM failed");
+        self.signal("TERM");
     }
 
     /// SIGHUP: reload the configuration.
     pub(crate) fn hangup(&self) {
+        self.signal("HUP");
+    }
+
+    /// Sends signal `name` with kill(1). Only before the child is reaped
+    /// ([`Self::exited`], [`Self::running`] turning false): its pid is its
+    /// own until then.
+    fn signal(&self, name: &str) {
         let status = std::process::Command::new("kill")
-            .args(["-HUP", &self.child.id().to_string()])
+            .args([&format!("-{name}"), &self.child.id().to_string()])
             .status()
             .expect("run kill");
-        assert!(status.success(), "kill -HUP failed");
+        assert!(status.success(), "kill -{name} failed");
     }
 
     /// Waits for the process to exit (a hang fails after `bound`).

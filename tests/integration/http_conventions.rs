@@ -5,39 +5,6 @@ use serde_json::Value;
 
 use crate::helpers::*;
 
-/// Sends `body` with `headers` (and no other header but the bearer token).
-async fn send(
-    api: &ReadSide,
-    method: &str,
-    path: &str,
-    token: Option<&str>,
-    body: Option<Vec<u8>>,
-    headers: &[(&str, &str)],
-) -> Answer {
-    let method = reqwest::Method::from_bytes(method.as_bytes()).expect("a method");
-    let mut req = flowledger::handlers::http_client_builder()
-        .build()
-        .expect("an HTTP client")
-        .request(method, format!("{}{path}", api.http));
-    if let Some(t) = token {
-        req = req.bearer_auth(t);
-    }
-    for (k, v) in headers {
-        req = req.header(*k, *v);
-    }
-    if let Some(b) = body {
-        req = req.body(b);
-    }
-    let r = req.send().await.expect("HTTP request");
-    let (status, headers) = (r.status().as_u16(), r.headers().clone());
-    let text = r.text().await.expect("body");
-    Answer {
-        status,
-        headers,
-        body: serde_json::from_str(&text).unwrap_or(Value::String(text)),
-    }
-}
-
 /// The envelope `{"error": {"code", "message", ...}}` with `code`.
 fn assert_envelope(a: &Answer, status: u16, code: &str) {
     assert_eq!(a.status, status, "{}", a.body);
@@ -59,21 +26,17 @@ async fn every_error_answer_is_the_json_envelope() {
     let json = [("content-type", "application/json")];
 
     // 405: the route exists, the method does not; Allow says which do
-    let wrong = send(&api, "GET", "/v1/jobs", Some(BILLING_TOKEN), None, &[]).await;
+    let wrong = api
+        .send("GET", "/v1/jobs", Some(BILLING_TOKEN), None, &[])
+        .await;
     assert_envelope(&wrong, 405, "method_not_allowed");
     assert_eq!(wrong.headers["allow"], "POST");
     assert!(wrong.body["error"]["message"]
         .as_str()
         .is_some_and(|m| m.contains("GET") && m.contains("POST")));
-    let delete = send(
-        &api,
-        "DELETE",
-        "/v1/jobs/j-1",
-        Some(BILLING_TOKEN),
-        None,
-        &[],
-    )
-    .await;
+    let delete = api
+        .send("DELETE", "/v1/jobs/j-1", Some(BILLING_TOKEN), None, &[])
+        .await;
     assert_envelope(&delete, 405, "method_not_allowed");
 
     // 413: a body over the limit
@@ -81,67 +44,66 @@ async fn every_error_answer_is_the_json_envelope() {
         r#"{{"workflow_key":"invoice.extract","inputs":{{"x":"{}"}}}}"#,
         "a".repeat(flowledger::api::http::MAX_BODY_BYTES)
     );
-    let large = send(
-        &api,
-        "POST",
-        "/v1/jobs",
-        Some(BILLING_TOKEN),
-        Some(big.into_bytes()),
-        &json,
-    )
-    .await;
+    let large = api
+        .send(
+            "POST",
+            "/v1/jobs",
+            Some(BILLING_TOKEN),
+            Some(big.into_bytes()),
+            &json,
+        )
+        .await;
     assert_envelope(&large, 413, "payload_too_large");
 
     // 415: a command body that says it is not JSON, with the header named
     let job = br#"{"job_id":"ct-1","workflow_key":"invoice.extract"}"#.to_vec();
     for ct in ["text/plain", "application/x-www-form-urlencoded"] {
-        let a = send(
-            &api,
-            "POST",
-            "/v1/jobs",
-            Some(BILLING_TOKEN),
-            Some(job.clone()),
-            &[("content-type", ct)],
-        )
-        .await;
+        let a = api
+            .send(
+                "POST",
+                "/v1/jobs",
+                Some(BILLING_TOKEN),
+                Some(job.clone()),
+                &[("content-type", ct)],
+            )
+            .await;
         assert_envelope(&a, 415, "unsupported_media_type");
         assert_eq!(a.body["error"]["param"], "Content-Type");
     }
     // nothing was submitted by the refused ones; JSON with a charset, and
     // no Content-Type at all, are taken
     assert_eq!(api.get("/v1/jobs/ct-1/status").await.0, 404);
-    let charset = send(
-        &api,
-        "POST",
-        "/v1/jobs",
-        Some(BILLING_TOKEN),
-        Some(job.clone()),
-        &[("content-type", "application/json; charset=utf-8")],
-    )
-    .await;
+    let charset = api
+        .send(
+            "POST",
+            "/v1/jobs",
+            Some(BILLING_TOKEN),
+            Some(job.clone()),
+            &[("content-type", "application/json; charset=utf-8")],
+        )
+        .await;
     assert_eq!(charset.status, 202, "{}", charset.body);
-    let none = send(
-        &api,
-        "POST",
-        "/v1/jobs",
-        Some(BILLING_TOKEN),
-        Some(br#"{"job_id":"ct-2","workflow_key":"invoice.extract"}"#.to_vec()),
-        &[],
-    )
-    .await;
+    let none = api
+        .send(
+            "POST",
+            "/v1/jobs",
+            Some(BILLING_TOKEN),
+            Some(br#"{"job_id":"ct-2","workflow_key":"invoice.extract"}"#.to_vec()),
+            &[],
+        )
+        .await;
     assert_eq!(none.status, 202, "{}", none.body);
 
     // 404: an unknown route, with or without a token
     for token in [None, Some(BILLING_TOKEN)] {
-        let a = send(&api, "GET", "/v1/no-such-thing", token, None, &[]).await;
+        let a = api.send("GET", "/v1/no-such-thing", token, None, &[]).await;
         assert_envelope(&a, 404, "not_found");
     }
 }
 
 /// POSTs the JSON `body` with `token` and `Idempotency-Key: key`.
 async fn post_keyed(api: &ReadSide, path: &str, token: &str, key: &str, body: Value) -> Answer {
-    send(
-        api,
+    api.send(
         "POST",
         path,
         Some(token),
@@ -152,6 +114,29 @@ async fn post_keyed(api: &ReadSide, path: &str, token: &str, key: &str, body: Va
         ],
     )
     .await
+}
+
+/// POSTs `body` with `Idempotency-Key: key` to `first`, which answers
+/// `status`, then the same to `second`, which answers the same; returns
+/// the first answer.
+async fn once_on_both(
+    first: &ReadSide,
+    second: &ReadSide,
+    path: &str,
+    token: &str,
+    key: &str,
+    body: &Value,
+    status: u16,
+) -> Answer {
+    let answer = post_keyed(first, path, token, key, body.clone()).await;
+    assert_eq!(answer.status, status, "{path}: {}", answer.body);
+    let again = post_keyed(second, path, token, key, body.clone()).await;
+    assert_eq!(
+        (again.status, &again.body),
+        (status, &answer.body),
+        "{path}: the repeat answers the first answer"
+    );
+    answer
 }
 
 /// Requests an approval for `job_id` (submitted) over NATS, as the
@@ -201,10 +186,7 @@ async fn an_idempotency_key_answers_the_first_answer_on_every_instance() {
     // cancel: the repeat, on the other instance, answers the first answer
     let path = format!("/v1/jobs/{job_id}/cancel");
     let cancel = json!({"reason": "not needed"});
-    let cancelled = post_keyed(&one, &path, BILLING_TOKEN, "can-1", cancel.clone()).await;
-    assert_eq!(cancelled.status, 200, "{}", cancelled.body);
-    let again = post_keyed(&two, &path, BILLING_TOKEN, "can-1", cancel.clone()).await;
-    assert_eq!((again.status, &again.body), (200, &cancelled.body));
+    once_on_both(&one, &two, &path, BILLING_TOKEN, "can-1", &cancel, 200).await;
     // the key of the cancel reused on another route: 409
     let reused = post_keyed(&two, "/v1/jobs", BILLING_TOKEN, "can-1", job.clone()).await;
     assert_eq!(reused.status, 409, "{}", reused.body);
@@ -216,24 +198,16 @@ async fn an_idempotency_key_answers_the_first_answer_on_every_instance() {
         request_approval(&app, id).await;
     }
     let ok = json!({"reason": "checked"});
-    let approved = post_keyed(
+    once_on_both(
         &one,
-        "/v1/approvals/k-1/approve",
-        OPERATOR_TOKEN,
-        "ap-1",
-        ok.clone(),
-    )
-    .await;
-    assert_eq!(approved.status, 200, "{}", approved.body);
-    let again = post_keyed(
         &two,
         "/v1/approvals/k-1/approve",
         OPERATOR_TOKEN,
         "ap-1",
-        ok.clone(),
+        &ok,
+        200,
     )
     .await;
-    assert_eq!((again.status, &again.body), (200, &approved.body));
     // the same key and body on reject (another route): 409
     let other_route = post_keyed(
         &two,
@@ -268,42 +242,26 @@ async fn an_idempotency_key_answers_the_first_answer_on_every_instance() {
 
     // the kill-switch
     let why = json!({"reason": "maintenance"});
-    let off = post_keyed(
+    once_on_both(
         &one,
-        "/v1/workflows/invoice.extract/disable",
-        OPERATOR_TOKEN,
-        "off-1",
-        why.clone(),
-    )
-    .await;
-    assert_eq!(off.status, 200, "{}", off.body);
-    let again = post_keyed(
         &two,
         "/v1/workflows/invoice.extract/disable",
         OPERATOR_TOKEN,
         "off-1",
-        why.clone(),
+        &why,
+        200,
     )
     .await;
-    assert_eq!((again.status, &again.body), (200, &off.body));
-    let on = post_keyed(
+    once_on_both(
         &two,
-        "/v1/workflows/invoice.extract/enable",
-        OPERATOR_TOKEN,
-        "on-1",
-        why.clone(),
-    )
-    .await;
-    assert_eq!(on.status, 200, "{}", on.body);
-    let again = post_keyed(
         &one,
         "/v1/workflows/invoice.extract/enable",
         OPERATOR_TOKEN,
         "on-1",
-        why.clone(),
+        &why,
+        200,
     )
     .await;
-    assert_eq!((again.status, &again.body), (200, &on.body));
 
     // each command once in the log: one submission under the key, one cancel
     let loaded = one.bus.load_job(&job_id).await.expect("the job");
@@ -324,15 +282,15 @@ async fn a_bad_idempotency_key_is_refused_naming_the_header() {
         assert!(!a.body.to_string().contains(key), "the key is not echoed");
     }
     // sent twice
-    let twice = send(
-        &api,
-        "POST",
-        "/v1/jobs",
-        Some(BILLING_TOKEN),
-        Some(job.to_string().into_bytes()),
-        &[("idempotency-key", "a"), ("idempotency-key", "b")],
-    )
-    .await;
+    let twice = api
+        .send(
+            "POST",
+            "/v1/jobs",
+            Some(BILLING_TOKEN),
+            Some(job.to_string().into_bytes()),
+            &[("idempotency-key", "a"), ("idempotency-key", "b")],
+        )
+        .await;
     assert_envelope(&twice, 400, "validation");
     let job = api.bus.load_job("bk-1").await.expect("the log answers");
     assert_eq!(job.version, 0, "nothing was submitted");
@@ -619,10 +577,7 @@ async fn an_idempotency_key_makes_a_secret_invalidation_once() {
     let two = api_with_secrets(&app, secrets_settings(&bao, &token, 300, 3600).await, false).await;
     let body = json!({"path": "secret/data/billing/stripe", "reason": "rotated"});
     let path = "/v1/secrets/invalidate";
-    let first = post_keyed(&one, path, OPERATOR_TOKEN, "inv-1", body.clone()).await;
-    assert_eq!(first.status, 200, "{}", first.body);
-    let again = post_keyed(&two, path, OPERATOR_TOKEN, "inv-1", body.clone()).await;
-    assert_eq!((again.status, &again.body), (200, &first.body));
+    let first = once_on_both(&one, &two, path, OPERATOR_TOKEN, "inv-1", &body, 200).await;
     let other = json!({"path": "secret/data/billing/stripe", "reason": "again"});
     let reused = post_keyed(&two, path, OPERATOR_TOKEN, "inv-1", other.clone()).await;
     assert_eq!(reused.status, 409, "{}", reused.body);
