@@ -128,10 +128,8 @@ pub async fn command(
 /// and the key), so the repeat is the same command and answers the first
 /// answer.
 fn keyed_turn_id(client_id: &str, key: &str) -> String {
-    let digest = crate::events::chain::sha256(
-        format!("turn-id:{}:{key}", hex::encode(client_id)).as_bytes(),
-    );
-    format!("idem-{}", hex::encode(&digest[..16]))
+    let digest = crate::bus::ids::keyed_digest("turn-id", client_id, key);
+    format!("idem-{}", hex::encode(digest))
 }
 
 /// [`command`] with an HTTP `Idempotency-Key`: a writeback without

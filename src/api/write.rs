@@ -114,10 +114,7 @@ fn reused_or<E: DomainError>(identity: &Identity<'_>, e: ExecuteError<E>) -> Api
 /// `key` by `client_id`: the same for every repeat (a UUID v8 from a hash of
 /// both), so the repeat finds its first answer.
 fn keyed_job_id(client_id: &str, key: &str) -> String {
-    let digest = chain::sha256(format!("job-id:{}:{key}", hex::encode(client_id)).as_bytes());
-    let mut bytes = [0u8; 16];
-    bytes.copy_from_slice(&digest[..16]);
-    uuid::Builder::from_custom_bytes(bytes)
+    uuid::Builder::from_custom_bytes(ids::keyed_digest("job-id", client_id, key))
         .into_uuid()
         .to_string()
 }

@@ -31,6 +31,19 @@ pub fn http_idempotent_part(client_id: &str, key: &str, part: &str) -> String {
     format!("{}:{part}", http_idempotent(client_id, key))
 }
 
+/// 16 bytes naming what the client `client_id` sent with `Idempotency-Key:
+/// key` for `purpose` (`job-id`, `turn-id`): the first half of SHA-256 over
+/// `<purpose>:<hex client id>:<key>`, for an id a keyed request without
+/// one gets, the same on every repeat.
+pub fn keyed_digest(purpose: &str, client_id: &str, key: &str) -> [u8; 16] {
+    let digest = crate::events::chain::sha256(
+        format!("{purpose}:{}:{key}", hex::encode(client_id)).as_bytes(),
+    );
+    let mut half = [0u8; 16];
+    half.copy_from_slice(&digest[..16]);
+    half
+}
+
 /// An `Idempotency-Key` header value: 1-128 of `A-Z a-z 0-9 _ - .` (a UUID
 /// fits), so it joins a command id as one part.
 pub fn idempotency_key_is_valid(key: &str) -> bool {
