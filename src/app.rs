@@ -57,6 +57,9 @@ pub struct Settings {
     /// Conversation memory (`[memory]`); none: memory commands answer
     /// `unavailable` and no memory read model is built.
     pub memory: Option<Arc<MemoryService>>,
+    /// Without `database`: serve `/livez`, `/readyz` and `/metrics` on this
+    /// address (port 0: a free port); with one, the HTTP API serves them.
+    pub probes: Option<SocketAddr>,
 }
 
 /// The parts that need PostgreSQL.
@@ -248,6 +251,7 @@ impl Application {
             database,
             secrets,
             memory,
+            probes,
         } = settings;
         if database.as_ref().is_some_and(|d| d.handler.is_some()) {
             check_step_secrets(&registry, secrets.as_ref().map(|s| s.policy()))?;
@@ -419,6 +423,34 @@ impl Application {
                 http_addr = Some(addr);
             }
             pool = Some(p);
+        } else if let Some(at) = probes {
+            let listener = tokio::net::TcpListener::bind(at)
+                .await
+                .map_err(|source| BuildError::Listen { addr: at, source })?;
+            let addr = listener
+                .local_addr()
+                .map_err(|source| BuildError::Listen { addr: at, source })?;
+            tracing::info!(
+                "HTTP API on http://{addr} (no database: /livez, /readyz and /metrics only)"
+            );
+            let state = api::http::ProbeState {
+                nats: nats.clone(),
+                log: log.clone(),
+                metrics: crate::metrics::handle(),
+                draining: drain_rx.clone(),
+            };
+            let mut stop = stop_rx.clone();
+            tasks.push(tokio::spawn(async move {
+                let served = axum::serve(listener, api::http::probes(state))
+                    .with_graceful_shutdown(async move {
+                        let _ = stop.changed().await;
+                    })
+                    .await;
+                if let Err(e) = served {
+                    tracing::error!(error = %e, "the probes' HTTP server stopped");
+                }
+            }));
+            http_addr = Some(addr);
         }
         let intake = if intake {
             let accounts = Arc::new(api::broker_identity::Accounts::new(&nats_accounts));

@@ -453,13 +453,11 @@ pub(crate) struct ServeArgs {
     /// (exit 3); once connected, reconnects are retried without limit.
     #[arg(long, env = "FLOWLEDGER_NATS_CONNECT_WAIT_SECS", default_value_t = 60)]
     pub(crate) nats_connect_wait_secs: u64,
-    /// Listen address of the HTTP API (with --database-url).
-    #[arg(
-        long = "http",
-        env = "FLOWLEDGER_HTTP_ADDR",
-        default_value = "127.0.0.1:8080"
-    )]
-    pub(crate) http: std::net::SocketAddr,
+    /// Listen address of the HTTP API (with --database-url; default
+    /// 127.0.0.1:8080). Without a database, given: /livez, /readyz and
+    /// /metrics only; not given: no HTTP listener.
+    #[arg(long = "http", env = "FLOWLEDGER_HTTP_ADDR")]
+    pub(crate) http: Option<std::net::SocketAddr>,
     /// Workflow registry file.
     #[arg(long, env = "FLOWLEDGER_REGISTRY", default_value = DEFAULT_REGISTRY_PATH)]
     pub(crate) registry: PathBuf,
@@ -1435,9 +1433,17 @@ fn check_config_summary(
         format!(
             "database: {}",
             if args.db.database_url.is_some() {
-                "given (projections, HTTP API on ".to_string() + &args.http.to_string() + ")"
+                format!("given (projections, HTTP API on {})", api_addr(args))
             } else {
-                "none (projections, the job handler and the HTTP API are off)".to_string()
+                match args.http {
+                    Some(at) => format!(
+                        "none (projections, the job handler and the HTTP API are off; \
+                         /livez, /readyz and /metrics on {at})"
+                    ),
+                    None => {
+                        "none (projections, the job handler and the HTTP API are off)".to_string()
+                    }
+                }
             }
         ),
         format!(
@@ -1463,6 +1469,12 @@ fn check_config_summary(
         );
     }
     lines.join("\n")
+}
+
+/// Where the HTTP API listens: `--http`, else 127.0.0.1:8080.
+fn api_addr(args: &ServeArgs) -> std::net::SocketAddr {
+    args.http
+        .unwrap_or(std::net::SocketAddr::from(([127, 0, 0, 1], 8080)))
 }
 
 async fn serve(g: &Global, args: ServeArgs) -> anyhow::Result<ExitCode> {
@@ -1557,7 +1569,7 @@ async fn serve(g: &Global, args: ServeArgs) -> anyhow::Result<ExitCode> {
                 None
             },
             http: Some(HttpSettings {
-                addr: args.http,
+                addr: api_addr(&args),
                 clients: config.clients.clone(),
                 n8n_key: keys.n8n,
                 callback_window_secs: config.callbacks.timestamp_window_seconds as i64,
@@ -1584,6 +1596,7 @@ async fn serve(g: &Global, args: ServeArgs) -> anyhow::Result<ExitCode> {
         database,
         memory: memory_service(&config, secrets.as_ref()),
         secrets,
+        probes: args.http,
     };
     let app = Application::build(settings).await.map_err(|e| match e {
         BuildError::Database(_) => anyhow::Error::new(e).context(Down::Database),

@@ -364,13 +364,21 @@ async fn livez() -> Response {
     responses((status = 200, description = "it can take commands: NATS connected and the event stream answering", body = Object),
               (status = 503, description = "it cannot take commands now: `nats` says why, or `draining` is true (it is stopping)", body = Object)))]
 async fn readyz(State(s): State<AppState>) -> Response {
+    // read before the await: the watch's guard is not held across it
+    let draining = *s.draining.borrow();
+    readiness(&s.nats, &s.log, draining).await
+}
+
+/// `/readyz`'s answer: 200 when NATS is connected, the event stream answers
+/// and the service is not draining, else 503 saying which.
+async fn readiness(nats: &async_nats::Client, log: &EventLog, draining: bool) -> Response {
     let connected = matches!(
-        s.nats.connection_state(),
+        nats.connection_state(),
         async_nats::connection::State::Connected
     );
     // the stream answers: it exists and has a leader (bounded, as /healthz)
     let last = if connected {
-        tokio::time::timeout(HEALTH_PROBE_TIMEOUT, s.log.last_seq())
+        tokio::time::timeout(HEALTH_PROBE_TIMEOUT, log.last_seq())
             .await
             .ok()
             .and_then(Result::ok)
@@ -383,7 +391,6 @@ async fn readyz(State(s): State<AppState>) -> Response {
         (false, _) => "disconnected",
     };
     // a draining instance takes no new work: a load balancer sends it elsewhere
-    let draining = *s.draining.borrow();
     let status = if nats == "ok" && !draining {
         StatusCode::OK
     } else {
@@ -409,6 +416,48 @@ async fn metrics_get(State(s): State<AppState>) -> String {
         _ => metrics::gauge!("flowledger_approvals_pending").set(f64::NAN),
     }
     s.metrics.render()
+}
+
+/// What the probes of a `serve` without a database read ([`probes`]).
+#[derive(Clone)]
+pub struct ProbeState {
+    /// The NATS connection `/readyz` reports.
+    pub nats: async_nats::Client,
+    /// The event stream `/readyz` asks for its last sequence.
+    pub log: EventLog,
+    /// Renders `GET /metrics`.
+    pub metrics: PrometheusHandle,
+    /// True while the service drains: `/readyz` answers 503.
+    pub draining: tokio::sync::watch::Receiver<bool>,
+}
+
+/// The routes of a `serve` without a database (its NATS intake only):
+/// `/livez`, `/readyz` and `/metrics`, as the HTTP API answers them (no
+/// read-model gauge); anything else is the 404 envelope.
+pub fn probes(state: ProbeState) -> Router {
+    Router::new()
+        .route("/livez", get(livez))
+        .route(
+            "/readyz",
+            get(|State(p): State<ProbeState>| async move {
+                let draining = *p.draining.borrow();
+                readiness(&p.nats, &p.log, draining).await
+            }),
+        )
+        .route(
+            "/metrics",
+            get(|State(p): State<ProbeState>| async move { p.metrics.render() }),
+        )
+        .fallback(|| async {
+            ApiError::Command(CommandError {
+                code: crate::commands::ErrorCode::NotFound,
+                message: "no such route: this serve runs without a database, only /livez, \
+                          /readyz and /metrics are served"
+                    .into(),
+                field: None,
+            })
+        })
+        .with_state(state)
 }
 
 /// The OpenAPI document of the HTTP API, served at `GET /openapi.json`.

@@ -442,6 +442,7 @@ pub(crate) fn intake_settings(client: async_nats::Client, log: EventLog) -> Sett
         database: None,
         secrets: None,
         memory: None,
+        probes: None,
     }
 }
 

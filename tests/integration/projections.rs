@@ -555,7 +555,7 @@ async fn readers_see_no_error_and_no_gap_during_a_rebuild() {
 
 /// `promtool check metrics` (Debian's prometheus package; FLOWLEDGER_PROMTOOL,
 /// else `promtool`) accepts the exposition: a check that cannot run fails.
-fn promtool_accepts(text: &str) {
+pub(crate) fn promtool_accepts(text: &str) {
     use std::io::Write;
     let tool = std::env::var("FLOWLEDGER_PROMTOOL").unwrap_or_else(|_| "promtool".into());
     let mut child = std::process::Command::new(&tool)

@@ -263,3 +263,66 @@ async fn a_command_waits_through_a_short_nats_outage_instead_of_failing() {
     assert_eq!(answer["ok"], json!(true), "{answer}");
     assert_eq!(app.last_seq().await, 2, "stored once");
 }
+
+#[tokio::test]
+async fn serve_without_a_database_answers_its_probes_and_metrics() {
+    let mut nats = NatsServer::start();
+    let service = nats.connect(Who::Service).await;
+    log::init(&service, &LogConfig::default())
+        .await
+        .expect("init streams");
+    let mut cmd = nats.cli(Who::Service);
+    cmd.args([
+        "serve",
+        "--checkpoint-every-secs",
+        "0",
+        "--http",
+        "127.0.0.1:0",
+    ])
+    .env_remove("DATABASE_URL")
+    .env_remove("FLOWLEDGER_CONFIG");
+    let serve = Serve::spawn(cmd);
+    let url = serve.http().await;
+    let get = |path: &str| {
+        let url = format!("{url}{path}");
+        async move {
+            let r = reqwest::get(&url).await.expect("GET");
+            let status = r.status().as_u16();
+            (status, r.text().await.expect("a body"))
+        }
+    };
+    assert_eq!(get("/livez").await.0, 200);
+    let (status, body) = get("/readyz").await;
+    assert_eq!(status, 200, "{body}");
+    let ready: Value = serde_json::from_str(&body).expect("JSON");
+    assert_eq!(ready["nats"], "ok", "{ready}");
+    let (status, metrics) = get("/metrics").await;
+    assert_eq!(status, 200);
+    assert!(
+        metrics.contains("# HELP flowledger_build_info"),
+        "{metrics}"
+    );
+    crate::projections::promtool_accepts(&metrics);
+    // nothing else here: the error envelope says why
+    let (status, body) = get("/v1/jobs").await;
+    assert_eq!(status, 404, "{body}");
+    let refused: Value = serde_json::from_str(&body).expect("JSON");
+    assert_eq!(refused["error"]["code"], "not_found", "{refused}");
+    // NATS gone: not ready, and still alive
+    nats.kill();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (status, body) = get("/readyz").await;
+        if status == 503 {
+            let ready: Value = serde_json::from_str(&body).expect("JSON");
+            assert_eq!(ready["nats"], "disconnected", "{ready}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still ready without NATS: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(get("/livez").await.0, 200);
+}

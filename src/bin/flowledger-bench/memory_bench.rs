@@ -1028,6 +1028,7 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
         }),
         secrets: None,
         memory: Some(memory.clone()),
+        probes: None,
     })
     .await
     .map_err(|e| anyhow::anyhow!("build the service: {e}"))?;
