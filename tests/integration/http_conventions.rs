@@ -116,7 +116,7 @@ async fn post_keyed(api: &ReadSide, path: &str, token: &str, key: &str, body: Va
     .await
 }
 
-/// POSTs `body` with `Idempotency-Key: key` to `first`, which answers
+/// POSTs `body` (with `Idempotency-Key: key`, if any) to `first`, which answers
 /// `status`, then the same to `second`, which answers the same; returns
 /// the first answer.
 async fn once_on_both(
@@ -124,13 +124,19 @@ async fn once_on_both(
     second: &ReadSide,
     path: &str,
     token: &str,
-    key: &str,
+    key: Option<&str>,
     body: &Value,
     status: u16,
 ) -> Answer {
-    let answer = post_keyed(first, path, token, key, body.clone()).await;
+    let send = |api, body| async move {
+        match key {
+            Some(key) => post_keyed(api, path, token, key, body).await,
+            None => api.post(path, token, body).await,
+        }
+    };
+    let answer = send(first, body.clone()).await;
     assert_eq!(answer.status, status, "{path}: {}", answer.body);
-    let again = post_keyed(second, path, token, key, body.clone()).await;
+    let again = send(second, body.clone()).await;
     assert_eq!(
         (again.status, &again.body),
         (status, &answer.body),
@@ -186,7 +192,16 @@ async fn an_idempotency_key_answers_the_first_answer_on_every_instance() {
     // cancel: the repeat, on the other instance, answers the first answer
     let path = format!("/v1/jobs/{job_id}/cancel");
     let cancel = json!({"reason": "not needed"});
-    once_on_both(&one, &two, &path, BILLING_TOKEN, "can-1", &cancel, 200).await;
+    once_on_both(
+        &one,
+        &two,
+        &path,
+        BILLING_TOKEN,
+        Some("can-1"),
+        &cancel,
+        200,
+    )
+    .await;
     // the key of the cancel reused on another route: 409
     let reused = post_keyed(&two, "/v1/jobs", BILLING_TOKEN, "can-1", job.clone()).await;
     assert_eq!(reused.status, 409, "{}", reused.body);
@@ -203,7 +218,7 @@ async fn an_idempotency_key_answers_the_first_answer_on_every_instance() {
         &two,
         "/v1/approvals/k-1/approve",
         OPERATOR_TOKEN,
-        "ap-1",
+        Some("ap-1"),
         &ok,
         200,
     )
@@ -247,7 +262,7 @@ async fn an_idempotency_key_answers_the_first_answer_on_every_instance() {
         &two,
         "/v1/workflows/invoice.extract/disable",
         OPERATOR_TOKEN,
-        "off-1",
+        Some("off-1"),
         &why,
         200,
     )
@@ -257,7 +272,7 @@ async fn an_idempotency_key_answers_the_first_answer_on_every_instance() {
         &one,
         "/v1/workflows/invoice.extract/enable",
         OPERATOR_TOKEN,
-        "on-1",
+        Some("on-1"),
         &why,
         200,
     )
@@ -310,14 +325,16 @@ async fn a_repeated_decision_answers_the_first_answer_and_another_stays_409() {
 
     // approve: the same body again answers the first answer
     let ok = json!({"reason": "checked", "user_id": "olga"});
-    let first = one
-        .post("/v1/approvals/d-1/approve", OPERATOR_TOKEN, ok.clone())
-        .await;
-    assert_eq!(first.status, 200, "{}", first.body);
-    let again = two
-        .post("/v1/approvals/d-1/approve", OPERATOR_TOKEN, ok.clone())
-        .await;
-    assert_eq!((again.status, &again.body), (200, &first.body));
+    once_on_both(
+        &one,
+        &two,
+        "/v1/approvals/d-1/approve",
+        OPERATOR_TOKEN,
+        None,
+        &ok,
+        200,
+    )
+    .await;
     // another decision, or the same with another body: 409 saying what was decided
     for (path, body) in [
         ("/v1/approvals/d-1/reject", ok.clone()),
@@ -366,14 +383,16 @@ async fn a_repeated_decision_answers_the_first_answer_and_another_stays_409() {
         assert_eq!(a.status, 202, "{}", a.body);
     }
     let why = json!({"reason": "not needed"});
-    let cancelled = one
-        .post("/v1/jobs/x-1/cancel", BILLING_TOKEN, why.clone())
-        .await;
-    assert_eq!(cancelled.status, 200, "{}", cancelled.body);
-    let again = two
-        .post("/v1/jobs/x-1/cancel", BILLING_TOKEN, why.clone())
-        .await;
-    assert_eq!((again.status, &again.body), (200, &cancelled.body));
+    once_on_both(
+        &one,
+        &two,
+        "/v1/jobs/x-1/cancel",
+        BILLING_TOKEN,
+        None,
+        &why,
+        200,
+    )
+    .await;
     let by_ops = two
         .post("/v1/jobs/x-1/cancel", OPERATOR_TOKEN, why.clone())
         .await;
@@ -388,10 +407,7 @@ async fn a_repeated_decision_answers_the_first_answer_and_another_stays_409() {
     // enable the same body disables anew
     let path = "/v1/workflows/invoice.extract/disable";
     let off = json!({"reason": "maintenance"});
-    let first = one.post(path, OPERATOR_TOKEN, off.clone()).await;
-    assert_eq!(first.status, 200, "{}", first.body);
-    let again = two.post(path, OPERATOR_TOKEN, off.clone()).await;
-    assert_eq!((again.status, &again.body), (200, &first.body));
+    let first = once_on_both(&one, &two, path, OPERATOR_TOKEN, None, &off, 200).await;
     let changed = two
         .post(path, OPERATOR_TOKEN, json!({"reason": "again"}))
         .await;
@@ -577,7 +593,7 @@ async fn an_idempotency_key_makes_a_secret_invalidation_once() {
     let two = api_with_secrets(&app, secrets_settings(&bao, &token, 300, 3600).await, false).await;
     let body = json!({"path": "secret/data/billing/stripe", "reason": "rotated"});
     let path = "/v1/secrets/invalidate";
-    let first = once_on_both(&one, &two, path, OPERATOR_TOKEN, "inv-1", &body, 200).await;
+    let first = once_on_both(&one, &two, path, OPERATOR_TOKEN, Some("inv-1"), &body, 200).await;
     let other = json!({"path": "secret/data/billing/stripe", "reason": "again"});
     let reused = post_keyed(&two, path, OPERATOR_TOKEN, "inv-1", other.clone()).await;
     assert_eq!(reused.status, 409, "{}", reused.body);
