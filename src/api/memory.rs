@@ -111,33 +111,16 @@ fn owner_role(caller: &Caller, what: &str) -> Result<(), CommandError> {
 }
 
 /// Runs memory command `command` (one of [`COMMANDS`] but `assemble`) for
-/// `caller`: the reply `{ok, subject_id, stream_seq, duplicate, events,
+/// `caller`, with the request's `Idempotency-Key` if it had one (an HTTP or
+/// NATS header): the reply `{ok, subject_id, stream_seq, duplicate, events,
 /// episode_id?}`.
+///
+/// A writeback without `turn_id` takes [`keyed_turn_id`]; profile, working
+/// state and forget take the key as their command id
+/// (`MemoryService::profile`); erase is once per subject and takes none.
+/// Another body or command under a key the client used is a 409 naming the
+/// header.
 pub async fn command(
-    bus: &CommandBus,
-    memory: Option<&MemoryService>,
-    caller: &Caller,
-    command: &str,
-    body: &[u8],
-) -> Result<Value, CommandError> {
-    command_keyed(bus, memory, caller, command, body, None).await
-}
-
-/// The `turn_id` a writeback sent with `Idempotency-Key` `key` and without
-/// a `turn_id` gets: the same for every repeat (from a hash of the client
-/// and the key), so the repeat is the same command and answers the first
-/// answer.
-fn keyed_turn_id(client_id: &str, key: &str) -> String {
-    let digest = crate::bus::ids::keyed_digest("turn-id", client_id, key);
-    format!("idem-{}", hex::encode(digest))
-}
-
-/// [`command`] with an HTTP `Idempotency-Key`: a writeback without
-/// `turn_id` takes [`keyed_turn_id`] (another body under the key is a 409
-/// naming the header); the other memory commands are idempotent by value
-/// (a repeat records nothing) or once per subject (erase) and take the key
-/// as it is.
-async fn command_keyed(
     bus: &CommandBus,
     memory: Option<&MemoryService>,
     caller: &Caller,
@@ -164,37 +147,44 @@ async fn command_keyed(
     let written = match command {
         "writeback" => {
             let mut b: WritebackBody = from_fields(fields)?;
-            let keyed = match (key, &b.turn_id) {
-                (Some(key), None) => {
-                    b.turn_id = Some(keyed_turn_id(owner, key));
-                    true
-                }
-                _ => false,
-            };
-            match memory.writeback(bus, owner, b, now).await {
-                Ok(w) => w,
-                // the turn id is the key's: its reuse is the key's
-                Err(e) if keyed && e.is_command_id_reused() => {
-                    return Err(super::write::key_reused())
-                }
-                Err(e) => return Err(e),
+            // the caller's own turn id names the command: a reuse is the
+            // turn id's, not the key's
+            let keyed = key.is_some() && b.turn_id.is_none();
+            if let (Some(key), None) = (key, &b.turn_id) {
+                b.turn_id = Some(keyed_turn_id(owner, key));
             }
+            memory
+                .writeback(bus, owner, b, now)
+                .await
+                .map_err(|e| by_key(keyed, e))?
         }
         "profile" => {
             let b: ProfileBody = from_fields(fields)?;
-            memory.profile(bus, owner, b).await?
+            memory
+                .profile(bus, owner, b, key)
+                .await
+                .map_err(|e| by_key(key.is_some(), e))?
         }
         "working_state_set" => {
             let b: WorkingSetBody = from_fields(fields)?;
-            memory.working_set(bus, owner, b, now).await?
+            memory
+                .working_set(bus, owner, b, key, now)
+                .await
+                .map_err(|e| by_key(key.is_some(), e))?
         }
         "working_state_delete" => {
             let b: WorkingDeleteBody = from_fields(fields)?;
-            memory.working_delete(bus, owner, b, false, now).await?
+            memory
+                .working_delete(bus, owner, b, false, key, now)
+                .await
+                .map_err(|e| by_key(key.is_some(), e))?
         }
         "forget" => {
             let b: ForgetBody = from_fields(fields)?;
-            memory.forget(bus, owner, b, now).await?
+            memory
+                .forget(bus, owner, b, key, now)
+                .await
+                .map_err(|e| by_key(key.is_some(), e))?
         }
         "erase" => {
             let b: EraseBody = from_fields(fields)?;
@@ -221,6 +211,25 @@ async fn command_keyed(
         }
     };
     Ok(written.to_json())
+}
+
+/// `e`, or the 409 of a reused `Idempotency-Key` when the key named the
+/// command (`keyed`) and the store found its id used for another one.
+fn by_key(keyed: bool, e: CommandError) -> CommandError {
+    if keyed && e.is_command_id_reused() {
+        super::write::key_reused()
+    } else {
+        e
+    }
+}
+
+/// The `turn_id` a writeback sent with `Idempotency-Key` `key` and without
+/// a `turn_id` gets: the same for every repeat (from a hash of the client
+/// and the key), so the repeat is the same command and answers the first
+/// answer.
+fn keyed_turn_id(client_id: &str, key: &str) -> String {
+    let digest = crate::bus::ids::keyed_digest("turn-id", client_id, key);
+    format!("idem-{}", hex::encode(digest))
 }
 
 #[derive(Deserialize)]
@@ -392,15 +401,7 @@ pub async fn gather(
         .bind(id)
         .bind(pgvector::Vector::from(v)),
         // any query word may match (OR), ranked by cover density
-        None => sqlx::query(
-            "SELECT c.episode_id, c.idx, c.text, c.turn_at, ts_rank_cd(c.tsv, q) AS score \
-             FROM memory_chunks c, \
-                  (SELECT NULLIF(replace(plainto_tsquery('english', $2)::text, ' & ', ' | '), '')::tsquery AS q) w \
-             WHERE c.aggregate_id = $1 AND w.q IS NOT NULL AND c.tsv @@ w.q \
-             ORDER BY score DESC, c.turn_at DESC, c.idx LIMIT $3",
-        )
-        .bind(id)
-        .bind(query),
+        None => sqlx::query(CHUNKS_BY_TEXT).bind(id).bind(query),
     };
     // a failed vector query is vector_search_failed (past the budget: timeout)
     let chunk_error = |e: sqlx::Error| {
@@ -527,6 +528,40 @@ pub async fn gather(
     })))
 }
 
+/// The query words of text parameter `$2`, any of which may match (OR),
+/// as `w.q` (NULL when it has none, e.g. only stop words).
+macro_rules! any_word_of_2 {
+    () => {
+        "(SELECT NULLIF(replace(plainto_tsquery('english', $2)::text, ' & ', ' | '), '')::tsquery AS q) w"
+    };
+}
+
+/// The subject's (`$1`) chunks matching any word of `$2`, ranked by cover
+/// density, `$3` at most.
+const CHUNKS_BY_TEXT: &str = concat!(
+    "SELECT c.episode_id, c.idx, c.text, c.turn_at, ts_rank_cd(c.tsv, q) AS score \
+     FROM memory_chunks c, ",
+    any_word_of_2!(),
+    " WHERE c.aggregate_id = $1 AND w.q IS NOT NULL AND c.tsv @@ w.q \
+     ORDER BY score DESC, c.turn_at DESC, c.idx LIMIT $3"
+);
+
+/// The subject's (`$1`) facts (with `$3`: every version, else the valid
+/// ones) whose subject, key or value has any word of `$2`, best first.
+/// A subject's facts are few (each key one row per version), so the text
+/// is matched as it is read, without an index.
+const FACTS_BY_TEXT: &str = concat!(
+    "SELECT f.subject, f.key, f.value, f.confidence, f.source, f.version, f.valid_from, \
+            f.invalid_at, ts_rank_cd(t.tsv, w.q) AS score \
+     FROM memory_facts f, ",
+    any_word_of_2!(),
+    ", LATERAL (SELECT to_tsvector('english', f.subject || ' ' || replace(f.key, '_', ' ') \
+                 || ' ' || coalesce(f.value #>> '{}', '')) AS tsv) t \
+     WHERE f.aggregate_id = $1 AND ($3 OR f.invalid_at IS NULL) \
+       AND w.q IS NOT NULL AND t.tsv @@ w.q \
+     ORDER BY score DESC, f.subject, f.key, f.version"
+);
+
 /// An episode's extraction status and reason, as columns `extraction` and
 /// `extraction_reason` of `memory_episodes e`; read through `to_jsonb` so a
 /// version made before the extractor (without the columns) gives nulls.
@@ -571,7 +606,7 @@ fn http_command_name(path: &str) -> String {
 
 #[utoipa::path(post, path = "/v1/memory/{command}",
     params(("command" = String, Path, description = "writeback | profile | working-state-set | working-state-delete | forget | erase"),
-           ("Idempotency-Key" = Option<String>, Header, description = "1-128 of A-Z a-z 0-9 _ - .; a writeback without turn_id takes a turn_id derived from the client and the key, so the same key and body answer the first answer and another body is a 409 with error.param Idempotency-Key; the other commands record nothing when repeated with the same value (erase: once per subject)")),
+           ("Idempotency-Key" = Option<String>, Header, description = "1-128 of A-Z a-z 0-9 _ - .; a writeback without turn_id takes a turn_id derived from the client and the key; profile, working-state-set, working-state-delete and forget take the key as their command id; the same key and body answer the first answer (duplicate: true) and record nothing, another body or command under the key is a 409 with error.param Idempotency-Key (docs/MEMORY.md); erase is once per subject")),
     request_body(content = Object, description = "writeback: subject_id, messages [{role, content}], response, timestamp?, turn_id?, facts [{subject, key, value, confidence?}], extract? (ask the configured extractor for the turn's facts); profile: subject_id, fields; working-state-set: subject_id, key, value, ttl_seconds; working-state-delete: subject_id, key; forget: subject_id, subject, key; erase: subject_id, reason, owner? (operators)"),
     responses((status = 200, description = "recorded: subject_id, stream_seq, duplicate, events, episode_id?", body = Object),
               (status = 400, description = "bad body; error.param names the field"),
@@ -593,7 +628,7 @@ pub(crate) async fn memory_command(
     }
     let key = super::write::idempotency_key(&headers)?;
     let memory = s.memory.as_deref();
-    let reply = command_keyed(&s.bus, memory, &caller, &name, &body, key.as_deref()).await?;
+    let reply = command(&s.bus, memory, &caller, &name, &body, key.as_deref()).await?;
     Ok(Json(reply).into_response())
 }
 
@@ -669,8 +704,9 @@ pub(crate) async fn memory_episodes(
 
 #[utoipa::path(get, path = "/v1/memory/subjects/{subject_id}/facts",
     params(("subject_id" = String, Path, description = "the caller's subject"),
-           ("history" = Option<bool>, Query, description = "true: every version with its validity interval; default: the valid ones")),
-    responses((status = 200, description = "facts: {items: [{subject, key, value, confidence, source, version, valid_from, invalid_at}]}", body = Object),
+           ("history" = Option<bool>, Query, description = "true: every version with its validity interval; default: the valid ones"),
+           ("q" = Option<String>, Query, description = "1-255 characters: only the facts whose subject, key or value has any of its words (English stemming, stop words ignored), best first, each with a score; no searchable word: no fact")),
+    responses((status = 200, description = "facts: {items: [{subject, key, value, confidence, source, version, valid_from, invalid_at, score?}]}", body = Object),
               (status = 404, description = "no memory for the subject")))]
 pub(crate) async fn memory_facts(
     State(s): State<AppState>,
@@ -679,22 +715,38 @@ pub(crate) async fn memory_facts(
     Query(raw): Query<HashMap<String, String>>,
 ) -> Result<Json<Value>, ApiError> {
     let id = live_subject(&s, &caller, &subject_id).await?;
-    let history = Params::new(raw, &["history"])?
-        .one_of("history", &["true", "false"])?
-        .as_deref()
-        == Some("true");
-    let rows = sqlx::query(
-        "SELECT subject, key, value, confidence, source, version, valid_from, invalid_at \
-         FROM memory_facts WHERE aggregate_id = $1 AND ($2 OR invalid_at IS NULL) \
-         ORDER BY subject, key, version",
-    )
-    .bind(&id)
-    .bind(history)
-    .fetch_all(&s.pool)
-    .await?;
+    let params = Params::new(raw, &["history", "q"])?;
+    let history = params.one_of("history", &["true", "false"])?.as_deref() == Some("true");
+    let text = params.text("q")?;
+    let rows =
+        match &text {
+            Some(q) => {
+                sqlx::query(FACTS_BY_TEXT)
+                    .bind(&id)
+                    .bind(q)
+                    .bind(history)
+                    .fetch_all(&s.pool)
+                    .await?
+            }
+            None => sqlx::query(
+                "SELECT subject, key, value, confidence, source, version, valid_from, invalid_at \
+                 FROM memory_facts WHERE aggregate_id = $1 AND ($2 OR invalid_at IS NULL) \
+                 ORDER BY subject, key, version",
+            )
+            .bind(&id)
+            .bind(history)
+            .fetch_all(&s.pool)
+            .await?,
+        };
     let items = rows
         .iter()
-        .map(fact_json)
+        .map(|r| {
+            let mut f = fact_json(r)?;
+            if text.is_some() {
+                f["score"] = json!(r.try_get::<f32, _>("score")?);
+            }
+            Ok(f)
+        })
         .collect::<Result<Vec<_>, sqlx::Error>>()?;
     Ok(Json(json!({ "items": items })))
 }

@@ -496,7 +496,31 @@ pub async fn serve_until_drained(
                             .await
                             .or_else(|e| Ok(e.to_json()))
                     } else {
-                        super::memory::command(&bus, service, &caller, name, &msg.payload).await
+                        // header names as HTTP's: in any case
+                        let values = msg.headers.iter().flat_map(|h| h.iter()).flat_map(
+                            |(name, values)| {
+                                let ours = AsRef::<str>::as_ref(name)
+                                    .eq_ignore_ascii_case(super::write::IDEMPOTENCY_KEY);
+                                values
+                                    .iter()
+                                    .filter(move |_| ours)
+                                    .map(|v| Some(v.as_str()))
+                            },
+                        );
+                        match super::write::checked_idempotency_key(values) {
+                            Ok(key) => {
+                                super::memory::command(
+                                    &bus,
+                                    service,
+                                    &caller,
+                                    name,
+                                    &msg.payload,
+                                    key.as_deref(),
+                                )
+                                .await
+                            }
+                            Err(e) => Err(e),
+                        }
                     }
                 }
                 Ok(caller) => handle(&bus, &caller, subject, &msg.payload)

@@ -54,7 +54,7 @@ impl Params {
         Ok(Params(raw))
     }
 
-    fn text(&self, name: &str) -> Result<Option<String>, ApiError> {
+    pub(crate) fn text(&self, name: &str) -> Result<Option<String>, ApiError> {
         match self.0.get(name) {
             Some(v) if v.is_empty() || v.len() > 255 => Err(bad(name, "must be 1-255 characters")),
             other => Ok(other.cloned()),

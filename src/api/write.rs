@@ -39,21 +39,32 @@ pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
 
 /// The checked `Idempotency-Key` of a request, if it has one.
 pub(crate) fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    let values = headers
+        .get_all(IDEMPOTENCY_KEY)
+        .iter()
+        .map(|v| v.to_str().ok());
+    checked_idempotency_key(values).map_err(ApiError::Command)
+}
+
+/// The checked `Idempotency-Key` among a message's header values (`None`
+/// for one that is not text), HTTP's or NATS's: at most one, valid.
+pub(crate) fn checked_idempotency_key<'a>(
+    mut values: impl Iterator<Item = Option<&'a str>>,
+) -> Result<Option<String>, CommandError> {
     let bad = |message: &str| {
-        ApiError::Command(CommandError::validation(
+        CommandError::validation(
             Some("Idempotency-Key"),
             format!("header `Idempotency-Key`: {message}"),
-        ))
+        )
     };
-    let mut values = headers.get_all(IDEMPOTENCY_KEY).iter();
     let Some(value) = values.next() else {
         return Ok(None);
     };
     if values.next().is_some() {
         return Err(bad("send it once, not several times"));
     }
-    match value.to_str() {
-        Ok(key) if ids::idempotency_key_is_valid(key) => Ok(Some(key.to_string())),
+    match value {
+        Some(key) if ids::idempotency_key_is_valid(key) => Ok(Some(key.to_string())),
         _ => Err(bad(
             "must be 1 to 128 of A-Z a-z 0-9 _ - . (a UUID fits); send a new key",
         )),

@@ -139,7 +139,9 @@ pub async fn run_once(
                             subject_id,
                             key: item.clone(),
                         };
-                        memory.working_delete(bus, &owner, body, true, now).await
+                        memory
+                            .working_delete(bus, &owner, body, true, None, now)
+                            .await
                     }
                     Sweep::Retire(before) => {
                         memory

@@ -17,7 +17,7 @@ use serde::Deserialize;
 use serde_json::{json, Map, Value};
 use uuid::Uuid;
 
-use crate::bus::{CommandBus, CommandError};
+use crate::bus::{ids, CommandBus, CommandError};
 use crate::commands::limits::{
     MAX_APPROVAL_WINDOW_SECONDS, MAX_MEMORY_FACTS, MAX_MEMORY_FACT_KEY_CHARS,
     MAX_MEMORY_FACT_VALUE_CHARS, MAX_MEMORY_MESSAGES, MAX_MEMORY_TEXT_CHARS,
@@ -485,6 +485,28 @@ impl MemoryService {
         )
     }
 
+    /// The meta of memory command `name` sent by `owner` with an
+    /// `Idempotency-Key` or without: with one, its id is the client's key
+    /// ([`ids::http_idempotent`]), so a repeat answers the first receipt
+    /// and the same key for another command or body is a reused id; the
+    /// hash covers the command's name and its body. Without one, a fresh
+    /// id: a repeat is a new command (idempotent by value where the
+    /// aggregate finds nothing changed).
+    fn keyed_meta(
+        key: &SubjectKey,
+        owner: &str,
+        idempotency_key: Option<&str>,
+        name: &str,
+        body: &Value,
+    ) -> CommandMeta {
+        let command_id = match idempotency_key {
+            Some(k) => ids::http_idempotent(owner, k),
+            None => Uuid::now_v7().to_string(),
+        };
+        let hashed = json!({"command": name, "body": body});
+        Self::meta(key, owner, command_id, &hashed)
+    }
+
     /// The subject's key to seal a write with: made for a new subject only.
     /// A subject the log has whose key is missing from Vault is an error
     /// (restore Vault), never a new key that would leave its earlier events
@@ -644,8 +666,11 @@ impl MemoryService {
             "timestamp": b.timestamp,
             "facts": parts.iter().map(|f| json!([f.subject, f.key, f.value, f.confidence])).collect::<Vec<_>>(),
         });
-        if extract {
-            // only when asked, so the hashes of earlier writebacks stay theirs
+        if b.extract == Some(true) {
+            // what the caller asked, not what this instance's default made
+            // of it: a retry on an instance with another `extract` default
+            // is the same request (the first one decided the turn's
+            // extraction); only when asked, so earlier hashes stay theirs
             hashed["extract"] = json!(true);
         }
         let command_id = crate::bus::ids::memory_writeback(&id, &turn_id);
@@ -699,6 +724,7 @@ impl MemoryService {
         bus: &CommandBus,
         owner: &str,
         b: ProfileBody,
+        idempotency_key: Option<&str>,
     ) -> Result<Written, CommandError> {
         let (id, subject) = Self::subject(owner, &b.subject_id)?;
         if b.fields.is_empty() {
@@ -711,7 +737,7 @@ impl MemoryService {
         check_chars("fields", &fields.to_string(), MAX_MEMORY_TEXT_CHARS)?;
         let key = self.key_for_write(bus, &id).await?;
         let subject = subject.sealed_with(key.id());
-        let meta = Self::meta(&key, owner, Uuid::now_v7().to_string(), &fields);
+        let meta = Self::keyed_meta(&key, owner, idempotency_key, "profile", &fields);
         let command = MemoryCommand::UpsertProfile {
             subject,
             fields: key.seal_json(&fields),
@@ -726,6 +752,7 @@ impl MemoryService {
         bus: &CommandBus,
         owner: &str,
         b: WorkingSetBody,
+        idempotency_key: Option<&str>,
         now: DateTime<Utc>,
     ) -> Result<Written, CommandError> {
         let (id, subject) = Self::subject(owner, &b.subject_id)?;
@@ -739,10 +766,11 @@ impl MemoryService {
         check_chars("value", &b.value.to_string(), MAX_MEMORY_TEXT_CHARS)?;
         let key = self.key_for_write(bus, &id).await?;
         let subject = subject.sealed_with(key.id());
-        let meta = Self::meta(
+        let meta = Self::keyed_meta(
             &key,
             owner,
-            Uuid::now_v7().to_string(),
+            idempotency_key,
+            "working_state_set",
             &json!([b.key, b.value, b.ttl_seconds]),
         );
         let command = MemoryCommand::SetWorkingState {
@@ -756,26 +784,36 @@ impl MemoryService {
         Ok(Written::of(b.subject_id, receipt))
     }
 
-    /// Removes a working-state value (`expired`: the cleanup's).
-    /// `expired`: the cleanup's, recorded under flowledger's own actor.
+    /// Removes a working-state value. `expired`: the cleanup's, recorded
+    /// under flowledger's own actor (and never keyed).
     pub async fn working_delete(
         &self,
         bus: &CommandBus,
         owner: &str,
         b: WorkingDeleteBody,
         expired: bool,
+        idempotency_key: Option<&str>,
         now: DateTime<Utc>,
     ) -> Result<Written, CommandError> {
         let (id, subject) = Self::subject(owner, &b.subject_id)?;
         let key = self.key_for_read(&id, &b.subject_id).await?;
         let subject = subject.sealed_with(key.id());
-        let actor = if expired { CLEANUP_ACTOR } else { owner };
-        let meta = Self::meta(
-            &key,
-            actor,
-            Uuid::now_v7().to_string(),
-            &json!([b.key, expired]),
-        );
+        let meta = if expired {
+            Self::meta(
+                &key,
+                CLEANUP_ACTOR,
+                Uuid::now_v7().to_string(),
+                &json!([b.key, expired]),
+            )
+        } else {
+            Self::keyed_meta(
+                &key,
+                owner,
+                idempotency_key,
+                "working_state_delete",
+                &json!([b.key]),
+            )
+        };
         let command = MemoryCommand::DeleteWorkingState {
             subject,
             key: b.key,
@@ -820,6 +858,7 @@ impl MemoryService {
         bus: &CommandBus,
         owner: &str,
         b: ForgetBody,
+        idempotency_key: Option<&str>,
         now: DateTime<Utc>,
     ) -> Result<Written, CommandError> {
         let (id, subject) = Self::subject(owner, &b.subject_id)?;
@@ -827,7 +866,7 @@ impl MemoryService {
         let k = fact_part("key", &b.key)?;
         let key = self.key_for_read(&id, &b.subject_id).await?;
         let subject = subject.sealed_with(key.id());
-        let meta = Self::meta(&key, owner, Uuid::now_v7().to_string(), &json!([s, k]));
+        let meta = Self::keyed_meta(&key, owner, idempotency_key, "forget", &json!([s, k]));
         let command = MemoryCommand::ForgetFact {
             subject,
             fact_id: key.keyed_id("fact", &[&s, &k]),

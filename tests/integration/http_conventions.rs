@@ -653,3 +653,136 @@ async fn an_idempotency_key_makes_a_memory_writeback_once() {
     assert_envelope(&bad, 400, "validation");
     assert_eq!(bad.body["error"]["param"], "Idempotency-Key");
 }
+
+/// Sends memory command `name` over NATS as billing, with
+/// `Idempotency-Key: key` (in the header's usual case) when given.
+async fn memory_over_nats(app: &TestApp, name: &str, key: Option<&str>, body: &Value) -> Value {
+    let mut headers = async_nats::HeaderMap::new();
+    if let Some(k) = key {
+        headers.insert("Idempotency-Key", k);
+    }
+    let reply = app
+        .nats_as(Who::Billing)
+        .request_with_headers(
+            format!("flow.cmd.memory.{name}"),
+            headers,
+            body.to_string().into(),
+        )
+        .await
+        .expect("a reply from the intake");
+    serde_json::from_slice(&reply.payload).expect("replies are JSON")
+}
+
+#[tokio::test]
+async fn an_idempotency_key_makes_every_memory_command_once_on_both_doors() {
+    use serde_json::json;
+    let bao = crate::openbao::OpenBao::start().await;
+    let memory = memory_service(&bao).await;
+    let app = spawn_app_with_memory(
+        NatsServer::start(),
+        flowledger::events::log::LogConfig::default(),
+        None,
+        Some(memory.clone()),
+    )
+    .await;
+    let api = spawn_api_with_memory(&app, false, fresh_database().await, memory).await;
+    let email = |e: &str| json!({"subject_id": "cust-1", "fields": {"email": e}});
+
+    // a profile sent with a key over NATS, then another value without one
+    let first = memory_over_nats(&app, "profile", Some("p-1"), &email("a@example.test")).await;
+    assert_eq!(first["ok"], true, "{first}");
+    assert_eq!(first["duplicate"], false, "{first}");
+    let later = api
+        .post("/v1/memory/profile", BILLING_TOKEN, email("b@example.test"))
+        .await;
+    assert_eq!(later.status, 200, "{}", later.body);
+    let end = app.last_seq().await;
+    // the keyed profile repeated, on either door, answers its first receipt
+    // and records nothing: the later value is not overwritten by the retry
+    let again = memory_over_nats(&app, "profile", Some("p-1"), &email("a@example.test")).await;
+    assert_eq!(again["stream_seq"], first["stream_seq"], "{again}");
+    assert_eq!(again["duplicate"], true, "{again}");
+    let http = post_keyed(
+        &api,
+        "/v1/memory/profile",
+        BILLING_TOKEN,
+        "p-1",
+        email("a@example.test"),
+    )
+    .await;
+    assert_eq!(http.status, 200, "{}", http.body);
+    assert_eq!(
+        http.body["stream_seq"], first["stream_seq"],
+        "{}",
+        http.body
+    );
+    assert_eq!(app.last_seq().await, end, "a repeat records nothing");
+
+    // the same key with another body, or for another command: 409 naming it
+    let other = memory_over_nats(&app, "profile", Some("p-1"), &email("c@example.test")).await;
+    assert_eq!(other["error"]["code"], "conflict", "{other}");
+    assert_eq!(other["error"]["field"], "Idempotency-Key", "{other}");
+    assert!(!other.to_string().contains("c@example"), "no personal text");
+    let state = json!({"subject_id": "cust-1", "key": "cart", "value": [1], "ttl_seconds": 600});
+    let misused = post_keyed(
+        &api,
+        "/v1/memory/working-state-set",
+        BILLING_TOKEN,
+        "p-1",
+        state.clone(),
+    )
+    .await;
+    assert_eq!(misused.status, 409, "{}", misused.body);
+    assert_eq!(misused.body["error"]["param"], "Idempotency-Key");
+
+    // working state set, deleted, and a fact forgotten: each once by key
+    let fact = json!({"subject_id": "cust-1",
+        "facts": [{"subject": "user", "key": "city", "value": "Lyon"}]});
+    let wrote = api.post("/v1/memory/writeback", BILLING_TOKEN, fact).await;
+    assert_eq!(wrote.status, 200, "{}", wrote.body);
+    for (name, key, body) in [
+        ("working_state_set", "w-1", state),
+        (
+            "working_state_delete",
+            "d-1",
+            json!({"subject_id": "cust-1", "key": "cart"}),
+        ),
+        (
+            "forget",
+            "f-1",
+            json!({"subject_id": "cust-1", "subject": "user", "key": "city"}),
+        ),
+    ] {
+        let once = memory_over_nats(&app, name, Some(key), &body).await;
+        assert_eq!(once["ok"], true, "{name}: {once}");
+        assert_eq!(once["duplicate"], false, "{name}: {once}");
+        let end = app.last_seq().await;
+        let path = format!("/v1/memory/{}", name.replace('_', "-"));
+        let twice = post_keyed(&api, &path, BILLING_TOKEN, key, body.clone()).await;
+        assert_eq!(twice.status, 200, "{name}: {}", twice.body);
+        assert_eq!(twice.body["stream_seq"], once["stream_seq"], "{name}");
+        assert_eq!(twice.body["duplicate"], true, "{name}: {}", twice.body);
+        assert_eq!(
+            app.last_seq().await,
+            end,
+            "{name}: a repeat records nothing"
+        );
+    }
+    // without a key, deleting what is gone is refused: the key is what
+    // made the repeat above an answer
+    let gone = memory_over_nats(
+        &app,
+        "working_state_delete",
+        None,
+        &json!({"subject_id": "cust-1", "key": "cart"}),
+    )
+    .await;
+    assert_eq!(gone["ok"], false, "{gone}");
+
+    // a bad key over NATS is refused naming the header, before anything
+    let end = app.last_seq().await;
+    let bad = memory_over_nats(&app, "profile", Some("a:b"), &email("d@example.test")).await;
+    assert_eq!(bad["error"]["code"], "validation", "{bad}");
+    assert_eq!(bad["error"]["field"], "Idempotency-Key", "{bad}");
+    assert_eq!(app.last_seq().await, end);
+}

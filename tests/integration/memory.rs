@@ -411,8 +411,68 @@ async fn over_http_writeback_then_assemble_returns_the_turns_facts_and_live_work
         assert_eq!(w[0]["invalid_at"], w[1]["valid_from"], "{}", h.body);
     }
     assert!(versions[2]["invalid_at"].is_null(), "{}", h.body);
+    // facts by text: subject, key and value, any word, best first
+    let a = post(
+        "/v1/memory/writeback",
+        BILLING_TOKEN,
+        json!({"subject_id": "cust-1", "facts": [
+            {"subject": "user", "key": "favourite_drink", "value": "green tea"},
+            {"subject": "user", "key": "pet", "value": "a dog named Rex"}]}),
+    )
+    .await;
+    assert_eq!(a.status, 200, "{}", a.body);
+    let facts_by = |q: &'static str| {
+        let api = &api;
+        async move {
+            let path = format!("/v1/memory/subjects/cust-1/facts?{q}");
+            let deadline = std::time::Instant::now() + Duration::from_secs(20);
+            loop {
+                let a = api.call("GET", &path, Some(BILLING_TOKEN), None).await;
+                assert_eq!(a.status, 200, "{q}: {}", a.body);
+                let items = a.body["items"].as_array().cloned().unwrap_or_default();
+                if !items.is_empty() || std::time::Instant::now() > deadline {
+                    return items;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    let tea = facts_by("q=teas").await;
+    assert_eq!(tea.len(), 1, "{tea:?}");
+    assert_eq!(tea[0]["key"], "favourite_drink");
+    assert!(tea[0]["score"].as_f64().unwrap() > 0.0, "{tea:?}");
+    let by_key = facts_by("q=drinks%20dog").await;
+    let keys: Vec<&str> = by_key.iter().map(|f| f["key"].as_str().unwrap()).collect();
+    assert_eq!(keys.len(), 2, "a key's words match too: {by_key:?}");
+    assert!(keys.contains(&"favourite_drink") && keys.contains(&"pet"));
+    let lyon = facts_by("q=Lyon&history=true").await;
+    assert_eq!(lyon.len(), 1, "{lyon:?}");
+    assert_eq!(
+        (&lyon[0]["version"], &lyon[0]["value"]),
+        (&json!(1), &json!("Lyon"))
+    );
+    assert!(
+        !lyon[0]["invalid_at"].is_null(),
+        "a superseded version: {lyon:?}"
+    );
+    for q in ["q=Lyon", "q=the"] {
+        let a = api
+            .call(
+                "GET",
+                &format!("/v1/memory/subjects/cust-1/facts?{q}"),
+                Some(BILLING_TOKEN),
+                None,
+            )
+            .await;
+        assert_eq!(a.status, 200, "{q}: {}", a.body);
+        assert_eq!(
+            a.body["items"],
+            json!([]),
+            "{q}: no valid fact has the word (or it is only a stop word)"
+        );
+    }
     // an unknown or malformed parameter is named, not ignored
-    for q in ["history=yes", "histroy=true"] {
+    for q in ["history=yes", "histroy=true", "q="] {
         let a = api
             .call(
                 "GET",
@@ -557,12 +617,13 @@ async fn over_http_writeback_then_assemble_returns_the_turns_facts_and_live_work
             .await
             .unwrap();
     assert_eq!(volvo, 0);
-    // the facts it carried keep their history (retention is of turns)
+    // the facts it carried keep their history (retention is of turns):
+    // the city's three versions, the drink and the pet
     let facts: i64 = sqlx::query_scalar("SELECT count(*) FROM memory_facts")
         .fetch_one(&api.pool)
         .await
         .unwrap();
-    assert_eq!(facts, 3);
+    assert_eq!(facts, 5);
     let report = flowledger::memory::cleanup::run_once(
         &api.bus,
         &retaining,

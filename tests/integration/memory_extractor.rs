@@ -180,12 +180,23 @@ async fn keys(bao: &OpenBao) -> Arc<SubjectKeys> {
 }
 
 fn service_with(keys: Arc<SubjectKeys>, peer: &ExtractPeer, timeout_ms: u64) -> Arc<MemoryService> {
+    service_extracting(keys, peer, timeout_ms, ExtractMode::OnRequest)
+}
+
+/// [`service_with`] whose writebacks without `extract` are extracted or
+/// not as `extract` says.
+fn service_extracting(
+    keys: Arc<SubjectKeys>,
+    peer: &ExtractPeer,
+    timeout_ms: u64,
+    extract: ExtractMode,
+) -> Arc<MemoryService> {
     let cfg = ExtractorSection {
         url: peer.url.clone(),
         timeout_ms,
         max_attempts: 3,
         api_key_secret: None,
-        extract: ExtractMode::OnRequest,
+        extract,
     };
     let extractor = Extractor::new(cfg, None).expect("a valid extractor");
     Arc::new(
@@ -493,4 +504,36 @@ async fn a_held_extractor_never_holds_a_writeback() {
     .await;
     assert_eq!(facts["items"][0]["key"], "city", "{facts}");
     assert_eq!(facts["items"][1]["value"], "the lions", "{facts}");
+}
+
+#[tokio::test]
+async fn a_writeback_retried_on_an_instance_with_another_extract_default_answers_its_first_receipt()
+{
+    let app = spawn_app().await;
+    let bao = OpenBao::start().await;
+    let peer = ExtractPeer::start(vec![], Mode::Garbage).await;
+    let keys = keys(&bao).await;
+    let url = pgvector_database().await;
+    let always = service_extracting(keys.clone(), &peer, 500, ExtractMode::Always);
+    let asked = service_extracting(keys, &peer, 500, ExtractMode::OnRequest);
+    let one = spawn_api_with_memory(&app, false, url.clone(), always).await;
+    let two = spawn_api_with_memory(&app, false, url, asked).await;
+    // no `extract` in the body: each instance's default would differ
+    let turn = json!({"subject_id": "cust-x", "turn_id": "t1",
+        "messages": [{"role": "user", "content": "My city is Lyon."}], "response": "Noted."});
+    let first = one
+        .post("/v1/memory/writeback", BILLING_TOKEN, turn.clone())
+        .await;
+    assert_eq!(first.status, 200, "{}", first.body);
+    let again = two.post("/v1/memory/writeback", BILLING_TOKEN, turn).await;
+    assert_eq!(again.status, 200, "the same request: {}", again.body);
+    assert_eq!(again.body["stream_seq"], first.body["stream_seq"]);
+    assert_eq!(again.body["duplicate"], true, "{}", again.body);
+    // asking for extraction is another request under the same turn id
+    let asking = json!({"subject_id": "cust-x", "turn_id": "t1", "extract": true,
+        "messages": [{"role": "user", "content": "My city is Lyon."}], "response": "Noted."});
+    let other = two
+        .post("/v1/memory/writeback", BILLING_TOKEN, asking)
+        .await;
+    assert_eq!(other.status, 409, "{}", other.body);
 }

@@ -120,6 +120,7 @@ async fn write_memories(memory: &MemoryService, bus: &flowledger::bus::CommandBu
             bus,
             "billing",
             body(json!({"subject_id": "alice", "subject": "user", "key": "pet"})),
+            None,
             t0 + TimeDelta::hours(3),
         )
         .await
@@ -130,7 +131,7 @@ async fn write_memories(memory: &MemoryService, bus: &flowledger::bus::CommandBu
         json!({"subject_id": "alice", "fields": {"full_name": null, "tags": ["vip", "volvo"]}}),
     ] {
         memory
-            .profile(bus, "billing", body(fields))
+            .profile(bus, "billing", body(fields), None)
             .await
             .expect("a profile update");
     }
@@ -143,6 +144,7 @@ async fn write_memories(memory: &MemoryService, bus: &flowledger::bus::CommandBu
                     json!({"subject_id": "alice", "key": key, "value": {"items": [key]},
                     "ttl_seconds": 3600}),
                 ),
+                None,
                 t0,
             )
             .await
@@ -154,6 +156,7 @@ async fn write_memories(memory: &MemoryService, bus: &flowledger::bus::CommandBu
             "billing",
             body(json!({"subject_id": "alice", "key": "cart"})),
             false,
+            None,
             t0,
         )
         .await
@@ -178,6 +181,7 @@ async fn write_memories(memory: &MemoryService, bus: &flowledger::bus::CommandBu
             bus,
             "billing",
             body(json!({"subject_id": "bob", "fields": {"email": "bob@example.org"}})),
+            None,
         )
         .await
         .expect("bob's profile");
@@ -186,6 +190,7 @@ async fn write_memories(memory: &MemoryService, bus: &flowledger::bus::CommandBu
             bus,
             "billing",
             body(json!({"subject_id": "bob", "key": "draft", "value": "x", "ttl_seconds": 60})),
+            None,
             t0,
         )
         .await
@@ -397,6 +402,7 @@ async fn memory_read_model_rows_erasure_and_a_cli_rebuild_that_equals_live() {
             &read.bus,
             "billing",
             body(json!({"subject_id": "bob", "fields": {"full_name": "Bob"}})),
+            None,
         )
         .await
         .expect("bob's profile again");

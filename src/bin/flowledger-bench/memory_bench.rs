@@ -709,7 +709,7 @@ async fn cleanup(
                     ttl_seconds: 1,
                 };
                 memory
-                    .working_set(&bus, OWNER, body, chrono::Utc::now())
+                    .working_set(&bus, OWNER, body, None, chrono::Utc::now())
                     .await
                     .map_err(refused)?;
             }
