@@ -304,7 +304,7 @@ impl Application {
                 // its views exist before the HTTP API reads them
                 db::migrate_model(&p, projections::ReadModel::Memory).await?;
                 if let Some(e) = memory.as_ref().and_then(|m| m.embedder()) {
-                    db::setup_active_vectors(&p, e.config().dimensions).await?;
+                    db::setup_active_vectors(&p, &e.space()).await?;
                 }
             }
             if let (true, Some(m)) = (d.projections, &memory) {

@@ -438,7 +438,9 @@ pub(crate) enum ProjectionsCommand {
         db: DbArgs,
         /// Service configuration (TOML): `memory` opens its events with the
         /// data subjects' keys, so its rebuild needs `[memory]` enabled and
-        /// `[secrets]` (Vault); the other read models do not read it.
+        /// `[secrets]` (Vault); with `[memory.embedder]`, the new version
+        /// indexes the vectors of its model and dimensions (the way to
+        /// change them); the other read models do not read it.
         #[arg(long, env = "FLOWLEDGER_CONFIG")]
         config: Option<PathBuf>,
     },
@@ -1201,10 +1203,15 @@ fn memory_service(
 /// The data subjects' keys for rebuilding `model` (the memory read model),
 /// from the configuration at `config`: `[memory]` enabled and `[secrets]`
 /// (logged in to Vault now). Refused, naming what is missing, otherwise.
+/// The subjects' keys a rebuild of `model` opens its events with, and the
+/// vector space of `[memory.embedder]` if configured, from `config`.
 async fn rebuild_keys(
     model: crate::projections::ReadModel,
     config: Option<&std::path::Path>,
-) -> anyhow::Result<Arc<crate::memory::keys::SubjectKeys>> {
+) -> anyhow::Result<(
+    Arc<crate::memory::keys::SubjectKeys>,
+    Option<crate::projections::db::VectorSpace>,
+)> {
     let refuse = |why: &str| {
         anyhow::Error::new(crate::projections::ContextError::NoSubjectKeys { name: model.name() })
             .context(format!("cannot rebuild {}: {why}", model.name()))
@@ -1221,8 +1228,13 @@ async fn rebuild_keys(
         )));
     }
     let secrets = secrets_service(&config).await?;
+    let space = config
+        .memory
+        .embedder
+        .as_ref()
+        .map(crate::memory::embedder::space_of);
     match memory_service(&config, secrets.as_ref()) {
-        Some(m) => Ok(m.keys().clone()),
+        Some(m) => Ok((m.keys().clone(), space)),
         None => Err(refuse(&format!(
             "{} configures no [secrets] vault_addr",
             path.display()
@@ -1816,17 +1828,19 @@ async fn projections(g: &Global, p: ProjectionsCommand) -> anyhow::Result<ExitCo
         }
         ProjectionsCommand::Rebuild { name, db, config } => {
             let model = model_of(&name)?;
-            let keys = if model.needs_subject_keys() {
-                Some(rebuild_keys(model, config.as_deref()).await?)
+            let (keys, space) = if model.needs_subject_keys() {
+                let (keys, space) = rebuild_keys(model, config.as_deref()).await?;
+                (Some(keys), space)
             } else {
-                None
+                (None, None)
             };
             let pool = pdb::connect(db.require()?, 4)
                 .await
                 .context(Down::Database)?;
             let (_c, log) = open_log(g).await?;
             let report =
-                crate::projections::rebuild::rebuild_with_keys(&pool, &log, model, keys).await?;
+                crate::projections::rebuild::rebuild_in_space(&pool, &log, model, keys, space)
+                    .await?;
             print_json(&serde_json::to_value(&report)?);
             Ok(ExitCode::SUCCESS)
         }

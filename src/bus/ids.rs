@@ -133,9 +133,16 @@ pub fn memory_erase(subject: &str) -> String {
 }
 
 /// The embedding handler's outcome (embeddings or their failure) for
-/// episode `episode_id` of the memory subject `subject`: once per episode.
-pub fn memory_embeddings(subject: &str, episode_id: &str) -> String {
-    format!("memory-embeddings:{subject}:{episode_id}")
+/// episode `episode_id` of the memory subject `subject` in vector space
+/// `space` (`commands::memory::vector_space`: model and dimensions): once
+/// per episode and space. The space is named by 16 hex digits of its
+/// SHA-256 (a model name may hold a `:`).
+pub fn memory_embeddings(subject: &str, episode_id: &str, space: &str) -> String {
+    let digest = crate::events::chain::sha256(space.as_bytes());
+    format!(
+        "memory-embeddings:{subject}:{episode_id}:{}",
+        hex::encode(&digest[..8])
+    )
 }
 
 /// The extraction handler's outcome (extracted facts or their failure)
@@ -190,10 +197,12 @@ mod tests {
             }
             for t in steps {
                 out.push((memory_writeback(j, t), format!("memory_writeback({j},{t})")));
-                out.push((
-                    memory_embeddings(j, t),
-                    format!("memory_embeddings({j},{t})"),
-                ));
+                for space in ["m/4", "m/8", "a:b/4"] {
+                    out.push((
+                        memory_embeddings(j, t, space),
+                        format!("memory_embeddings({j},{t},{space})"),
+                    ));
+                }
                 out.push((
                     memory_extraction(j, t),
                     format!("memory_extraction({j},{t})"),

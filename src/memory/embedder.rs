@@ -21,6 +21,7 @@ use crate::bus::CommandBus;
 use crate::config::EmbedderSection;
 use crate::memory::peer::PeerClient;
 pub use crate::memory::peer::{PeerError as EmbedError, KEY_ROLE};
+use crate::projections::db::VectorSpace;
 use crate::secrets::service::SecretService;
 
 /// Texts sent in one request; more are sent in several.
@@ -74,6 +75,11 @@ impl Embedder {
     /// The configuration.
     pub fn config(&self) -> &EmbedderSection {
         &self.cfg
+    }
+
+    /// The vector space its vectors are of ([`space_of`]).
+    pub fn space(&self) -> VectorSpace {
+        space_of(self.config())
     }
 
     /// One vector per text, within `limit` (at most the configured
@@ -220,6 +226,15 @@ pub fn answer_json(vectors: &[Vec<f32>], model: &str) -> Value {
             "object": "embedding", "index": i, "embedding": v,
         })).collect::<Vec<_>>(),
     })
+}
+
+/// The vector space of the embeddings `cfg` makes: its model and
+/// dimensions.
+pub fn space_of(cfg: &EmbedderSection) -> VectorSpace {
+    VectorSpace {
+        model: cfg.model.clone(),
+        dimensions: cfg.dimensions,
+    }
 }
 
 #[cfg(test)]

@@ -22,7 +22,7 @@ use tokio::sync::watch;
 
 use crate::bus::CommandBus;
 use crate::commands::memory::events::EpisodeRecorded;
-use crate::commands::memory::{Memory, MemoryCommand, MemoryError};
+use crate::commands::memory::{vector_space, Memory, MemoryCommand, MemoryError};
 use crate::crypto::Sealed;
 use crate::events::envelope::{Actor, CommandMeta};
 use crate::events::log::EventLog;
@@ -37,8 +37,18 @@ use crate::memory::peer::{
 };
 use crate::projections::memory::chunk_texts;
 
-/// The durable consumer's name.
+/// The durable consumers' names begin with this.
 pub const CONSUMER: &str = "flowledger-memory-embedder";
+
+/// The durable consumer of vector space `space` ([`vector_space`]):
+/// [`CONSUMER`], `-` and 16 hex digits of the space's SHA-256. One per
+/// model and dimensions, so a new one (a change of either) reads the log
+/// from its start and embeds every episode again in the new space;
+/// episodes already embedded in it are skipped without calling the peer.
+pub fn consumer_name(space: &str) -> String {
+    let digest = crate::events::chain::sha256(space.as_bytes());
+    format!("{CONSUMER}-{}", hex::encode(&digest[..8]))
+}
 
 /// What became of one episode.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -64,13 +74,15 @@ pub struct EmbeddingHandler {
 impl EmbeddingHandler {
     /// Embeds episode `e` of subject `aggregate_id` and records the outcome.
     pub async fn handle(&self, aggregate_id: &str, e: &EpisodeRecorded) -> Result<Outcome, Later> {
-        let wanted =
-            |m: &Memory| m.episodes.contains(&e.episode_id) && !m.embedded.contains(&e.episode_id);
+        let cfg = self.embedder.config();
+        let wanted = |m: &Memory| {
+            m.episodes.contains(&e.episode_id)
+                && !m.is_embedded(&e.episode_id, &cfg.model, cfg.dimensions)
+        };
         let found = episode_subject(&self.bus, &self.keys, aggregate_id, &e.episode_id, wanted);
         let Some((subject, key)) = found.await? else {
             return Ok(Outcome::Skipped);
         };
-        let cfg = self.embedder.config();
         let failed_subject = subject.clone();
         let texts = key
             .open_json(&e.turn)
@@ -88,14 +100,15 @@ impl EmbeddingHandler {
                 r.map_err(|x| failure_reason(&x, attempts))
             }
         };
-        let command_id = crate::bus::ids::memory_embeddings(aggregate_id, &e.episode_id);
+        let space = vector_space(&cfg.model, Some(cfg.dimensions));
+        let command_id = crate::bus::ids::memory_embeddings(aggregate_id, &e.episode_id, &space);
         let meta = CommandMeta::originating(
             command_id,
             Actor {
                 client_id: HANDLER_ACTOR.into(),
                 user_id: None,
             },
-            key.keyed_id("command", &["embeddings", &e.episode_id]),
+            key.keyed_id("command", &["embeddings", &e.episode_id, &space]),
         );
         let (command, done) = match outcome {
             Ok(vectors) => {
@@ -120,6 +133,7 @@ impl EmbeddingHandler {
                         subject,
                         episode_id: e.episode_id.clone(),
                         model: cfg.model.clone(),
+                        dimensions: cfg.dimensions,
                         reason,
                     },
                     Outcome::Failed,
@@ -152,6 +166,7 @@ impl EmbeddingHandler {
                     subject: failed_subject,
                     episode_id: e.episode_id.clone(),
                     model: cfg.model.clone(),
+                    dimensions: cfg.dimensions,
                     reason,
                 };
                 match self.bus.memory(aggregate_id, failure, &meta).await {
@@ -173,9 +188,10 @@ impl EmbeddingHandler {
     /// Consumes the memory events until `stop`.
     pub async fn run(self, log: EventLog, stop: watch::Receiver<bool>) {
         let cfg = self.embedder.config();
+        let space = vector_space(&cfg.model, Some(cfg.dimensions));
         let spec = ConsumerSpec {
-            name: CONSUMER,
-            description: "flowledger memory embeddings",
+            name: consumer_name(&space),
+            description: format!("flowledger memory embeddings, {space}"),
             ack_wait: ack_wait(cfg.timeout_ms, cfg.max_attempts),
         };
         run_episode_consumer(self, spec, log, stop).await

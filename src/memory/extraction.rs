@@ -166,8 +166,8 @@ impl ExtractionHandler {
     pub async fn run(self, log: EventLog, stop: watch::Receiver<bool>) {
         let cfg = self.extractor.config();
         let spec = ConsumerSpec {
-            name: CONSUMER,
-            description: "flowledger memory fact extraction",
+            name: CONSUMER.into(),
+            description: "flowledger memory fact extraction".into(),
             ack_wait: ack_wait(cfg.timeout_ms, cfg.max_attempts),
         };
         run_episode_consumer(self, spec, log, stop).await

@@ -337,12 +337,12 @@ pub trait OnEpisode: Send + Sync {
 }
 
 /// A durable consumer of the memory events.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct ConsumerSpec {
     /// Its durable name.
-    pub name: &'static str,
+    pub name: String,
     /// Its description on the server.
-    pub description: &'static str,
+    pub description: String,
     /// How long one commit may take before it is redelivered.
     pub ack_wait: Duration,
 }
@@ -365,7 +365,7 @@ async fn on_message<H: OnEpisode>(h: &H, spec: &ConsumerSpec, payload: &[u8]) ->
         match decode_event::<MemoryEvent>(&r) {
             Ok(MemoryEvent::EpisodeRecorded(e)) => h.on_episode(&r.aggregate_id, &e).await?,
             Ok(_) => {}
-            Err(x) => tracing::error!(consumer = spec.name, subject = %r.aggregate_id, error = %x,
+            Err(x) => tracing::error!(consumer = %spec.name, subject = %r.aggregate_id, error = %x,
                 "memory peer: an EpisodeRecorded does not decode; skipped"),
         }
     }
@@ -388,10 +388,10 @@ pub async fn run_episode_consumer<H: OnEpisode>(
         let consumer = log
             .stream()
             .get_or_create_consumer(
-                spec.name,
+                spec.name.as_str(),
                 pull::Config {
-                    durable_name: Some(spec.name.into()),
-                    description: Some(spec.description.into()),
+                    durable_name: Some(spec.name.clone()),
+                    description: Some(spec.description.clone()),
                     filter_subject: format!("{EVENT_SUBJECT_PREFIX}.memory.*"),
                     ack_policy: AckPolicy::Explicit,
                     ack_wait: spec.ack_wait,
@@ -410,7 +410,7 @@ pub async fn run_episode_consumer<H: OnEpisode>(
         let mut messages = match messages {
             Ok(m) => m,
             Err(e) => {
-                tracing::warn!(consumer = spec.name, error = %e, "memory peer: the consumer; retrying");
+                tracing::warn!(consumer = %spec.name, error = %e, "memory peer: the consumer; retrying");
                 if sleep_or_stop(&mut stop, Duration::from_secs(2)).await {
                     return;
                 }
@@ -425,7 +425,7 @@ pub async fn run_episode_consumer<H: OnEpisode>(
             let m: jetstream::Message = match next {
                 Some(Ok(m)) => m,
                 Some(Err(e)) => {
-                    tracing::warn!(consumer = spec.name, error = %e, "memory peer: a message; reconnecting");
+                    tracing::warn!(consumer = %spec.name, error = %e, "memory peer: a message; reconnecting");
                     break;
                 }
                 None => break,
@@ -433,12 +433,12 @@ pub async fn run_episode_consumer<H: OnEpisode>(
             let kind = match on_message(&h, &spec, &m.payload).await {
                 Ok(()) => AckKind::Ack,
                 Err(Later::Unavailable(why)) => {
-                    tracing::warn!(consumer = spec.name, %why, "memory peer: later");
+                    tracing::warn!(consumer = %spec.name, %why, "memory peer: later");
                     AckKind::Nak(Some(Duration::from_secs(2)))
                 }
             };
             if let Err(e) = m.ack_with(kind).await {
-                tracing::warn!(consumer = spec.name, error = %e, "memory peer: ack");
+                tracing::warn!(consumer = %spec.name, error = %e, "memory peer: ack");
             }
         }
         if sleep_or_stop(&mut stop, Duration::from_millis(500)).await {

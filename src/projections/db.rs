@@ -278,6 +278,14 @@ pub fn ddl(model: ReadModel, v: i32) -> Vec<String> {
             ),
         ],
         ReadModel::Memory => vec![
+            // each version's vector space (made once, for every version)
+            format!(
+                "CREATE TABLE IF NOT EXISTS {SPACES_TABLE} (
+                    version       INT PRIMARY KEY,           -- the memory version
+                    model         TEXT NOT NULL,             -- the embedder's model
+                    dimensions    INT NOT NULL               -- its vectors' length
+                )"
+            ),
             format!(
                 "CREATE TABLE IF NOT EXISTS memory_subjects_v{v} (
                     aggregate_id  TEXT PRIMARY KEY,          -- 32 hex of \
@@ -414,6 +422,83 @@ pub fn drop_tables(model: ReadModel, v: i32) -> Vec<String> {
 /// The memory read model's chunk vectors (only with `[memory.embedder]`).
 pub const VECTORS_TABLE: &str = "memory_chunk_vectors";
 
+/// The vector space of each memory version's chunk vectors.
+pub const SPACES_TABLE: &str = "memory_vector_spaces";
+
+/// The vector space of a version's chunk vectors: the embedder's model and
+/// dimensions. Vectors of two spaces are not comparable: a version indexes
+/// the `EpisodeEmbedded` of its own space only.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VectorSpace {
+    /// The embedder's model.
+    pub model: String,
+    /// The vectors' length.
+    pub dimensions: u32,
+}
+
+impl std::fmt::Display for VectorSpace {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "model {:?} in {} dimensions",
+            self.model, self.dimensions
+        )
+    }
+}
+
+/// What version `v`'s vectors table holds: its dimensions, and the model
+/// recorded for it (`None`: a table made before spaces were recorded,
+/// adopted by the next [`setup_vectors`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TableSpace {
+    /// The `embedding` column's dimensions.
+    pub dimensions: i32,
+    /// The recorded model.
+    pub model: Option<String>,
+}
+
+impl TableSpace {
+    /// Whether embeddings by `model` in `dimensions` are indexed here.
+    pub fn holds(&self, model: &str, dimensions: u32) -> bool {
+        i64::from(self.dimensions) == i64::from(dimensions)
+            && self.model.as_deref().is_none_or(|m| m == model)
+    }
+
+    /// The space as recorded, when its model is.
+    pub fn space(&self) -> Option<VectorSpace> {
+        Some(VectorSpace {
+            model: self.model.clone()?,
+            dimensions: u32::try_from(self.dimensions).ok()?,
+        })
+    }
+}
+
+impl std::fmt::Display for TableSpace {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.model {
+            Some(m) => write!(f, "model {m:?} in {} dimensions", self.dimensions),
+            None => write!(f, "{} dimensions (model not recorded)", self.dimensions),
+        }
+    }
+}
+
+/// Version `v`'s [`TableSpace`]; `None`: it has no vectors table.
+pub async fn table_space<'e, E>(db: E, v: i32) -> Result<Option<TableSpace>, sqlx::Error>
+where
+    E: sqlx::PgExecutor<'e>,
+{
+    let row: Option<(i32, Option<String>)> = sqlx::query_as(&format!(
+        "SELECT a.atttypmod, s.model FROM pg_attribute a \
+         LEFT JOIN {SPACES_TABLE} s ON s.version = $2 \
+         WHERE a.attrelid = to_regclass($1) AND a.attname = 'embedding'"
+    ))
+    .bind(format!("{VECTORS_TABLE}_v{v}"))
+    .bind(v)
+    .fetch_optional(db)
+    .await?;
+    Ok(row.map(|(dimensions, model)| TableSpace { dimensions, model }))
+}
+
 /// The chunk vectors of memory version `v`, `dimensions` long, with their
 /// HNSW index (cosine distance); needs the `vector` extension.
 pub fn vector_ddl(v: i32, dimensions: u32) -> Vec<String> {
@@ -446,18 +531,18 @@ pub enum VectorSetupError {
         "[memory.embedder] needs the pgvector extension: CREATE EXTENSION IF NOT EXISTS vector failed: {0} (install pgvector, or have a superuser create the extension in this database)"
     )]
     Extension(sqlx::Error),
-    /// The memory read model's vectors table has other dimensions than
-    /// configured.
+    /// The memory read model's vectors are of another model or other
+    /// dimensions than configured.
     #[error(
-        "{VECTORS_TABLE}_v{version} holds vectors of {found} dimensions, memory.embedder.dimensions is {configured}: changing the dimensions of a deployment is not supported yet (the recorded vectors keep theirs); set them back"
+        "{VECTORS_TABLE}_v{version} holds vectors of {found}, [memory.embedder] says {configured}: vectors of two models or dimensions are not comparable. To change to the configured ones, rebuild the memory read model with this configuration (`flowledger projections rebuild memory --config <file>`): its new version indexes the configured space, and serve's embedding handler then embeds every episode of the log again with the configured embedder (each episode's text is sent to it; until it is done, vector search finds only the episodes embedded so far). To keep the recorded vectors, set [memory.embedder] model and dimensions back"
     )]
-    Dimensions {
+    Space {
         /// The version.
         version: i32,
         /// The table's.
-        found: i32,
+        found: TableSpace,
         /// The configuration's.
-        configured: u32,
+        configured: VectorSpace,
     },
     /// Another database error.
     #[error(transparent)]
@@ -470,60 +555,71 @@ impl From<sqlx::Error> for VectorSetupError {
     }
 }
 
-/// The dimensions of version `v`'s vectors table; `None`: it does not exist.
-pub async fn vector_dimensions<'e, E>(db: E, v: i32) -> Result<Option<i32>, sqlx::Error>
-where
-    E: sqlx::PgExecutor<'e>,
-{
-    sqlx::query_scalar(
-        "SELECT a.atttypmod FROM pg_attribute a          WHERE a.attrelid = to_regclass($1) AND a.attname = 'embedding'",
-    )
-    .bind(format!("{VECTORS_TABLE}_v{v}"))
-    .fetch_optional(db)
-    .await
-}
-
 /// Sets up the chunk vectors of memory version `v` (the extension, the
 /// table and its index); with `view`, points `memory_chunk_vectors` at it.
 pub async fn setup_vectors(
     pool: &PgPool,
     v: i32,
-    dimensions: u32,
+    space: &VectorSpace,
     view: bool,
 ) -> Result<(), VectorSetupError> {
     sqlx::query("CREATE EXTENSION IF NOT EXISTS vector")
         .execute(pool)
         .await
         .map_err(VectorSetupError::Extension)?;
-    if let Some(found) = vector_dimensions(pool, v).await? {
-        if found != dimensions as i32 {
-            return Err(VectorSetupError::Dimensions {
+    if let Some(found) = table_space(pool, v).await? {
+        if !found.holds(&space.model, space.dimensions) {
+            return Err(VectorSetupError::Space {
                 version: v,
                 found,
-                configured: dimensions,
+                configured: space.clone(),
             });
         }
     }
-    for stmt in vector_ddl(v, dimensions) {
+    for stmt in vector_ddl(v, space.dimensions) {
         sqlx::query(&stmt).execute(pool).await?;
     }
+    // a table made before spaces were recorded is adopted by the
+    // configured model (its dimensions agree)
+    sqlx::query(&format!(
+        "INSERT INTO {SPACES_TABLE} (version, model, dimensions) VALUES ($1, $2, $3) \
+         ON CONFLICT (version) DO NOTHING"
+    ))
+    .bind(v)
+    .bind(&space.model)
+    .bind(space.dimensions as i32)
+    .execute(pool)
+    .await?;
     if view {
-        sqlx::query(&format!(
-            "CREATE OR REPLACE VIEW {VECTORS_TABLE} AS SELECT * FROM {VECTORS_TABLE}_v{v}"
-        ))
-        .execute(pool)
-        .await?;
+        let mut tx = pool.begin().await?;
+        for stmt in vectors_view(v) {
+            sqlx::query(&stmt).execute(&mut *tx).await?;
+        }
+        tx.commit().await?;
     }
     Ok(())
 }
 
+/// Statements (for one transaction) that point the `memory_chunk_vectors`
+/// view at version `v`'s table: dropped and made again, as its vectors
+/// may have other dimensions than the version it pointed at.
+pub fn vectors_view(v: i32) -> [String; 2] {
+    [
+        format!("DROP VIEW IF EXISTS {VECTORS_TABLE}"),
+        format!("CREATE VIEW {VECTORS_TABLE} AS SELECT * FROM {VECTORS_TABLE}_v{v}"),
+    ]
+}
+
 /// Sets up the chunk vectors of the active memory version
 /// ([`setup_vectors`]); after [`migrate_model`].
-pub async fn setup_active_vectors(pool: &PgPool, dimensions: u32) -> Result<(), VectorSetupError> {
+pub async fn setup_active_vectors(
+    pool: &PgPool,
+    space: &VectorSpace,
+) -> Result<(), VectorSetupError> {
     let v = active_version(pool, ReadModel::Memory)
         .await?
         .ok_or_else(|| DbError::from(sqlx::Error::RowNotFound))?;
-    setup_vectors(pool, v, dimensions, true).await
+    setup_vectors(pool, v, space, true).await
 }
 
 /// One projection's row in `projection_checkpoints`.

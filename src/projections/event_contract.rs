@@ -455,6 +455,7 @@ fn every_memory_event_decodes_whole_for_the_memory_read_model() {
         MemoryEvent::EpisodeEmbeddingFailed(EpisodeEmbeddingFailed {
             episode_id: "t1".into(),
             model: "embed-1".into(),
+            dimensions: Some(2),
             reason: "status 500".into(),
         }),
         MemoryEvent::EpisodeRetired(EpisodeRetired {

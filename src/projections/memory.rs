@@ -201,22 +201,26 @@ fn char_range(text: &str, start: usize, end: usize) -> Option<String> {
 struct BatchKeys<'k> {
     keys: Option<&'k SubjectKeys>,
     got: HashMap<String, Option<Arc<SubjectKey>>>,
-    /// The dimensions of this version's chunk vectors, once asked (`None`
+    /// The space of this version's chunk vectors, once asked (`None`
     /// inside: no vectors table, no `[memory.embedder]`).
-    vectors: Option<Option<i32>>,
+    vectors: Option<Option<crate::projections::db::TableSpace>>,
     /// Whether this version's episodes have the extraction columns, once
     /// asked.
     extraction: Option<bool>,
 }
 
 impl BatchKeys<'_> {
-    /// The vectors table's dimensions (asked once per batch).
-    async fn vectors(&mut self, tx: &mut Tx<'_>, v: i32) -> Result<Option<i32>, sqlx::Error> {
-        if let Some(d) = self.vectors {
-            return Ok(d);
+    /// The vectors table's space (asked once per batch).
+    async fn vectors(
+        &mut self,
+        tx: &mut Tx<'_>,
+        v: i32,
+    ) -> Result<Option<crate::projections::db::TableSpace>, sqlx::Error> {
+        if let Some(d) = &self.vectors {
+            return Ok(d.clone());
         }
-        let d = crate::projections::db::vector_dimensions(&mut **tx, v).await?;
-        self.vectors = Some(d);
+        let d = crate::projections::db::table_space(&mut **tx, v).await?;
+        self.vectors = Some(d.clone());
         Ok(d)
     }
 
@@ -550,17 +554,19 @@ async fn apply_event(
         }
         MemoryEvent::EpisodeEmbedded(e) => {
             // the vectors table exists only with [memory.embedder]
-            let Some(dims) = keys.vectors(tx, v).await? else {
+            let Some(space) = keys.vectors(tx, v).await? else {
                 return Ok(());
             };
-            if i64::from(dims) != i64::from(e.dimensions) {
-                tracing::warn!(
+            // another model's or other dimensions' vectors are not
+            // comparable: the version indexes its own space only (another
+            // version may index those, docs/MEMORY.md)
+            if !space.holds(&e.model, e.dimensions) {
+                tracing::debug!(
                     seq,
                     subject = id,
                     episode = %e.episode_id,
                     event_dimensions = e.dimensions,
-                    table_dimensions = dims,
-                    "memory: embeddings of other dimensions than the vectors table; not indexed"
+                    "memory: embeddings of another space than the vectors table's ({space}); not indexed"
                 );
                 return Ok(());
             }

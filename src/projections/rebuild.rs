@@ -39,6 +39,9 @@ pub enum RebuildError {
         /// The database's reason.
         reason: String,
     },
+    /// The new version's chunk vectors cannot be set up (pgvector missing).
+    #[error(transparent)]
+    Vectors(#[from] db::VectorSetupError),
     /// The stream or the database stayed unavailable (the reason, then the
     /// read model's name): run it again to resume.
     #[error("rebuild of {name} interrupted: {0}; run it again to resume", name = .1)]
@@ -284,12 +287,27 @@ pub async fn rebuild(
 
 /// [`rebuild`] with the data subjects' keys (`[memory]`), which the memory
 /// read model opens its events with; it is refused without them, before
-/// anything is written.
+/// anything is written. The memory read model's new version keeps the
+/// active one's vector space ([`rebuild_in_space`] to change it).
 pub async fn rebuild_with_keys(
     pool: &PgPool,
     log: &EventLog,
     model: ReadModel,
     keys: Keys,
+) -> Result<RebuildReport, RebuildError> {
+    rebuild_in_space(pool, log, model, keys, None).await
+}
+
+/// [`rebuild_with_keys`] whose new memory version indexes the vectors of
+/// `space` (`[memory.embedder]`'s model and dimensions) when given, else
+/// those of the active version's space: the way to change the embedder's
+/// model or dimensions (docs/MEMORY.md).
+pub async fn rebuild_in_space(
+    pool: &PgPool,
+    log: &EventLog,
+    model: ReadModel,
+    keys: Keys,
+    space: Option<db::VectorSpace>,
 ) -> Result<RebuildReport, RebuildError> {
     model.check_keys(&keys)?;
     let started = Instant::now();
@@ -320,21 +338,32 @@ pub async fn rebuild_with_keys(
             .map_err(DbError::from)?;
     }
     // the memory read model's chunk vectors ([memory.embedder]): the new
-    // version has them when the active one has, with its dimensions; they
-    // come from the EpisodeEmbedded events, never from the embedder
+    // version has them in `space` or when the active one has, in its
+    // space; they come from the EpisodeEmbedded events of that space,
+    // never from the embedder
     let vectors = match model {
-        ReadModel::Memory => db::vector_dimensions(pool, old)
-            .await
-            .map_err(DbError::from)?,
+        ReadModel::Memory => match (
+            space,
+            db::table_space(pool, old).await.map_err(DbError::from)?,
+        ) {
+            (Some(s), _) => Some(Ok(s)),
+            (None, Some(t)) => Some(t.space().ok_or(t.dimensions)),
+            (None, None) => None,
+        },
         _ => None,
     };
-    if let Some(dims) = vectors {
-        for stmt in db::vector_ddl(new, dims.max(1) as u32) {
-            sqlx::query(&stmt)
-                .execute(pool)
-                .await
-                .map_err(DbError::from)?;
+    match &vectors {
+        Some(Ok(space)) => db::setup_vectors(pool, new, space, false).await?,
+        // a table made before spaces were recorded: its dimensions
+        Some(Err(dims)) => {
+            for stmt in db::vector_ddl(new, (*dims).max(1) as u32) {
+                sqlx::query(&stmt)
+                    .execute(pool)
+                    .await
+                    .map_err(DbError::from)?;
+            }
         }
+        None => {}
     }
     sqlx::query(
         "INSERT INTO projection_checkpoints (name, version, state, active) \
@@ -415,13 +444,12 @@ pub async fn rebuild_with_keys(
             .map_err(DbError::from)?;
     }
     if vectors.is_some() {
-        sqlx::query(&format!(
-            "CREATE OR REPLACE VIEW {t} AS SELECT * FROM {t}_v{new}",
-            t = db::VECTORS_TABLE
-        ))
-        .execute(&mut *tx)
-        .await
-        .map_err(DbError::from)?;
+        for stmt in db::vectors_view(new) {
+            sqlx::query(&stmt)
+                .execute(&mut *tx)
+                .await
+                .map_err(DbError::from)?;
+        }
     }
     sqlx::query(
         "UPDATE projection_checkpoints SET active = (version = $2),

@@ -47,15 +47,16 @@ const STOP: [&str; 16] = [
     "please", "every",
 ];
 
-fn bag_of_words(text: &str) -> Vec<f32> {
-    let mut v = vec![0f32; DIMS as usize];
+/// `text`'s vector of `dims` dimensions.
+fn bag_of_words(text: &str, dims: usize) -> Vec<f32> {
+    let mut v = vec![0f32; dims];
     for w in text
         .split(|c: char| !c.is_alphanumeric())
         .map(str::to_lowercase)
         .filter(|w| !w.is_empty() && !STOP.contains(&w.as_str()))
     {
         let h = Sha256::digest(w.as_bytes());
-        v[u16::from_le_bytes([h[0], h[1]]) as usize % DIMS as usize] += 1.0;
+        v[u16::from_le_bytes([h[0], h[1]]) as usize % dims] += 1.0;
     }
     let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
     if norm > 0.0 {
@@ -88,12 +89,18 @@ async fn embeddings(
                 .collect()
         })
         .unwrap_or_default();
+    // as OpenAI's text-embedding-3 models: `dimensions` shortens them
+    let dims = body["dimensions"]
+        .as_u64()
+        .map_or(DIMS as usize, |d| d as usize);
     // answered in reverse order: the client orders by index
     let data: Vec<Value> = texts
         .iter()
         .enumerate()
         .rev()
-        .map(|(i, t)| json!({"object": "embedding", "index": i, "embedding": bag_of_words(t)}))
+        .map(
+            |(i, t)| json!({"object": "embedding", "index": i, "embedding": bag_of_words(t, dims)}),
+        )
         .collect();
     Json(json!({"object": "list", "model": body["model"], "data": data})).into_response()
 }
@@ -140,10 +147,21 @@ fn service_with(
     peer: &EmbedPeer,
     on_failure: EmbedderFallback,
 ) -> Arc<MemoryService> {
+    service_in(keys, peer, on_failure, "bag-of-words-512", DIMS)
+}
+
+/// [`service_with`] whose embedder is `model` in `dimensions`.
+fn service_in(
+    keys: Arc<SubjectKeys>,
+    peer: &EmbedPeer,
+    on_failure: EmbedderFallback,
+    model: &str,
+    dimensions: u32,
+) -> Arc<MemoryService> {
     let cfg = EmbedderSection {
         url: peer.url.clone(),
-        model: "bag-of-words-512".into(),
-        dimensions: DIMS,
+        model: model.into(),
+        dimensions,
         send_dimensions: true,
         timeout_ms: 2_000,
         max_attempts: 2,
@@ -394,4 +412,128 @@ async fn with_an_embedder_a_database_without_pgvector_is_a_clear_start_error() {
         "{err}"
     );
     assert_eq!(peer.calls(), 0);
+}
+
+#[tokio::test]
+async fn a_new_model_and_dimensions_are_refused_until_a_rebuild_then_the_history_is_embedded_again()
+{
+    use flowledger::projections::db::{table_space, VectorSpace};
+    let app = spawn_app().await;
+    let bao = OpenBao::start().await;
+    let peer = EmbedPeer::start().await;
+    let keys = keys(&bao).await;
+    let url = pgvector_database().await;
+    let id = aggregate_id("billing", "cust-m");
+    let vectors_of = "SELECT count(*) FROM memory_chunk_vectors WHERE model = $1";
+    let old = service_with(keys.clone(), &peer, EmbedderFallback::Error);
+    let api = spawn_api_with_memory(&app, true, url.clone(), old).await;
+    write_turns(&api, "cust-m").await;
+    until_count(&api.pool, vectors_of, "bag-of-words-512", 6).await;
+    let pool = api.pool.clone();
+    drop(api);
+
+    // the new configuration: another model, 64 dimensions
+    let new = || {
+        service_in(
+            keys.clone(),
+            &peer,
+            EmbedderFallback::Error,
+            "bag-of-words-64",
+            64,
+        )
+    };
+    let mut s = settings(&app, registry());
+    s.memory = Some(new());
+    s.database = Some(flowledger::app::DatabaseSettings {
+        url: url.clone(),
+        max_connections: 5,
+        projections: true,
+        handler: None,
+        http: None,
+    });
+    let err = match flowledger::app::Application::build(s).await {
+        Ok(_) => panic!("started with vectors of another space"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(
+        err.contains("bag-of-words-512")
+            && err.contains("bag-of-words-64")
+            && err.contains("flowledger projections rebuild memory --config"),
+        "the refusal says what is recorded, what is configured and what to do: {err}"
+    );
+
+    // the rebuild with the new configuration: a version of the new space,
+    // which indexes none of the recorded vectors (not comparable)
+    let calls = peer.calls();
+    let space = VectorSpace {
+        model: "bag-of-words-64".into(),
+        dimensions: 64,
+    };
+    let report = rebuild::rebuild_in_space(
+        &pool,
+        &app.log,
+        ReadModel::Memory,
+        Some(keys.clone()),
+        Some(space.clone()),
+    )
+    .await
+    .expect("rebuild memory in the new space");
+    let v = report.new_version;
+    let recorded = table_space(&pool, v)
+        .await
+        .expect("the new version's space")
+        .expect("a vectors table");
+    assert_eq!(recorded.space(), Some(space));
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM memory_chunk_vectors")
+        .fetch_one(&pool)
+        .await
+        .expect("count");
+    assert_eq!(n, 0, "no vector of the old space is indexed");
+    assert_eq!(peer.calls(), calls, "the rebuild never calls the embedder");
+
+    // serve starts; its handler embeds the history again in the new space
+    let api = spawn_api_with_memory(&app, true, url, new()).await;
+    until_count(&api.pool, vectors_of, "bag-of-words-64", 6).await;
+    let dims: Vec<i32> = sqlx::query_scalar(
+        "SELECT DISTINCT vector_dims(embedding) FROM memory_chunk_vectors WHERE aggregate_id = $1",
+    )
+    .bind(&id)
+    .fetch_all(&api.pool)
+    .await
+    .expect("the dimensions");
+    assert_eq!(dims, [64]);
+    assert_eq!(peer.calls(), calls + 3, "one call per episode, once");
+    let a = api
+        .post(
+            "/v1/memory/assemble",
+            BILLING_TOKEN,
+            json!({"subject_id": "cust-m", "query": "a red Volvo car", "top_k": 1}),
+        )
+        .await;
+    assert_eq!(a.status, 200, "{}", a.body);
+    assert_eq!(a.body["retrieval"], "vector", "{}", a.body);
+    assert!(
+        a.body["chunks"][0]["text"]
+            .as_str()
+            .is_some_and(|t| t.contains("Volvo")),
+        "{}",
+        a.body
+    );
+    // both spaces are in the log: a rebuild in the new one equals live and
+    // calls no one
+    until_count(
+        &api.pool,
+        "SELECT count(*) FROM audit_trail WHERE action = $1",
+        "EpisodeEmbedded",
+        6,
+    )
+    .await;
+    let live = vector_rows(&api.pool).await;
+    // (assemble embedded its query: one call)
+    let calls = peer.calls();
+    rebuild::rebuild_with_keys(&api.pool, &app.log, ReadModel::Memory, Some(keys.clone()))
+        .await
+        .expect("rebuild memory");
+    assert_eq!(vector_rows(&api.pool).await, live);
+    assert_eq!(peer.calls(), calls);
 }

@@ -253,6 +253,10 @@ const WORDS: [&str; 16] = [
     "meeting",
 ];
 
+/// The model of the bench's vectors (filled and embedded by its peer): the
+/// read model's vector space.
+const MODEL: &str = "bench-bag-of-words";
+
 /// Fills the memory read model of version `v` with the subjects' rows.
 async fn fill(
     pool: &PgPool,
@@ -337,7 +341,13 @@ async fn fill(
         place.len(),
         |c, b| {
             let (s, i) = place[c];
-            let _ = write!(b, "{}\te{s}-{}\t{}\tbench\t", subjects[s].id, i / 2, i % 2);
+            let _ = write!(
+                b,
+                "{}\te{s}-{}\t{}\t{MODEL}\t",
+                subjects[s].id,
+                i / 2,
+                i % 2
+            );
             vector_text(&vectors.chunk(s, i), b);
         },
     )
@@ -564,7 +574,7 @@ async fn memory_service(args: &Args, peer: &str) -> anyhow::Result<Arc<MemorySer
     let embedder = Embedder::new(
         EmbedderSection {
             url: peer.into(),
-            model: "bench-bag-of-words".into(),
+            model: MODEL.into(),
             dimensions: args.dimensions as u32,
             send_dimensions: false,
             timeout_ms: 5_000,
@@ -849,7 +859,11 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
             );
         }
     }
-    db::setup_vectors(&pool, v, args.dimensions as u32, true).await?;
+    let space = db::VectorSpace {
+        model: MODEL.into(),
+        dimensions: args.dimensions as u32,
+    };
+    db::setup_vectors(&pool, v, &space, true).await?;
     for stmt in db::analyze(ReadModel::Memory, v) {
         sqlx::query(&stmt).execute(&pool).await?;
     }

@@ -199,6 +199,11 @@ pub struct EpisodeEmbeddingFailed {
     pub episode_id: String,
     /// The embedder's model.
     pub model: String,
+    /// The dimensions asked of the model; absent in failures recorded
+    /// before they were named, which stand for every dimension of the
+    /// model.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dimensions: Option<u32>,
     /// What went wrong (the kind of failure and the peer's status; never
     /// any text of the conversation).
     pub reason: String,

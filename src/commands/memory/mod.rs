@@ -134,9 +134,11 @@ pub struct Memory {
     /// Episode id -> its chunk count, for the episodes recorded.
     #[serde(default)]
     pub episode_chunks: BTreeMap<String, u32>,
-    /// Episodes whose embeddings (or embedding failure) are recorded.
+    /// Episode id -> the vector spaces ([`vector_space`]) its embeddings
+    /// (or their failure) are recorded in: one per model and dimensions,
+    /// so a change of either embeds the episode again.
     #[serde(default)]
-    pub embedded: BTreeSet<String>,
+    pub embedded: BTreeMap<String, BTreeSet<String>>,
     /// Episode id -> the time of its turn, for the episodes recorded.
     #[serde(default)]
     pub episode_turn_at: BTreeMap<String, DateTime<Utc>>,
@@ -273,6 +275,8 @@ pub enum MemoryCommand {
         episode_id: String,
         /// The embedder's model.
         model: String,
+        /// The dimensions asked of it.
+        dimensions: u32,
         /// What went wrong (no conversation text).
         reason: String,
     },
@@ -440,22 +444,48 @@ fn invalid(field: &'static str, message: impl Into<String>) -> MemoryError {
     }
 }
 
+/// The name of the vector space of embeddings by `model` in `dimensions`:
+/// vectors of two spaces are not comparable. `None`: every dimension of
+/// the model (a failure recorded before failures named their dimensions).
+pub fn vector_space(model: &str, dimensions: Option<u32>) -> String {
+    match dimensions {
+        Some(d) => format!("{model}/{d}"),
+        None => format!("{model}/*"),
+    }
+}
+
 impl Memory {
     /// Whether the subject exists (was opened and not erased).
     pub fn exists(&self) -> bool {
         self.owner.is_some() && !self.erased
     }
 
-    /// The chunk count of episode `episode_id`, when its embeddings may be
-    /// recorded: the episode exists and has none yet.
-    fn embeddable(&self, subject: &SubjectRef, episode_id: &str) -> Result<u32, MemoryError> {
+    /// Whether episode `episode_id`'s embeddings by `model` in `dimensions`
+    /// (or their failure) are recorded.
+    pub fn is_embedded(&self, episode_id: &str, model: &str, dimensions: u32) -> bool {
+        self.embedded.get(episode_id).is_some_and(|spaces| {
+            spaces.contains(&vector_space(model, Some(dimensions)))
+                || spaces.contains(&vector_space(model, None))
+        })
+    }
+
+    /// The chunk count of episode `episode_id`, when its embeddings by
+    /// `model` in `dimensions` may be recorded: the episode exists and has
+    /// none in that space yet.
+    fn embeddable(
+        &self,
+        subject: &SubjectRef,
+        episode_id: &str,
+        model: &str,
+        dimensions: u32,
+    ) -> Result<u32, MemoryError> {
         if !self.episodes.contains(episode_id) {
             return Err(MemoryError::NotFound(format!(
                 "subject {:?} has no episode {episode_id:?}",
                 subject.subject_id
             )));
         }
-        if self.embedded.contains(episode_id) {
+        if self.is_embedded(episode_id, model, dimensions) {
             return Err(MemoryError::AlreadyEmbedded(episode_id.to_string()));
         }
         Ok(self.episode_chunks.get(episode_id).copied().unwrap_or(0))
@@ -682,7 +712,7 @@ impl Memory {
                 vectors,
                 ..
             } => {
-                let chunks = self.embeddable(&subject, &episode_id)?;
+                let chunks = self.embeddable(&subject, &episode_id, &model, dimensions)?;
                 if vectors.len() != chunks as usize {
                     return Err(invalid(
                         "vectors",
@@ -708,14 +738,16 @@ impl Memory {
             MemoryCommand::RecordEmbeddingFailure {
                 episode_id,
                 model,
+                dimensions,
                 reason,
                 ..
             } => {
-                self.embeddable(&subject, &episode_id)?;
+                self.embeddable(&subject, &episode_id, &model, dimensions)?;
                 out.push(MemoryEvent::EpisodeEmbeddingFailed(
                     EpisodeEmbeddingFailed {
                         episode_id,
                         model,
+                        dimensions: Some(dimensions),
                         reason,
                     },
                 ));
@@ -836,10 +868,16 @@ impl Memory {
                 self.episodes.insert(e.episode_id);
             }
             MemoryEvent::EpisodeEmbedded(e) => {
-                self.embedded.insert(e.episode_id);
+                self.embedded
+                    .entry(e.episode_id)
+                    .or_default()
+                    .insert(vector_space(&e.model, Some(e.dimensions)));
             }
             MemoryEvent::EpisodeEmbeddingFailed(e) => {
-                self.embedded.insert(e.episode_id);
+                self.embedded
+                    .entry(e.episode_id)
+                    .or_default()
+                    .insert(vector_space(&e.model, e.dimensions));
             }
             MemoryEvent::EpisodeExtracted(EpisodeExtracted { episode_id, .. })
             | MemoryEvent::EpisodeExtractionFailed(EpisodeExtractionFailed {
@@ -1105,13 +1143,46 @@ mod tests {
             m.decide(embed("e1", 2)).unwrap_err(),
             MemoryError::AlreadyEmbedded("e1".into())
         );
-        let failed = MemoryCommand::RecordEmbeddingFailure {
+        let failed = |model: &str, dimensions| MemoryCommand::RecordEmbeddingFailure {
             subject: who(),
             episode_id: "e1".into(),
-            model: "m".into(),
+            model: model.into(),
+            dimensions,
             reason: "status 500".into(),
         };
-        assert_eq!(m.decide(failed).unwrap_err().code(), ErrorCode::Conflict);
+        assert_eq!(
+            m.decide(failed("m", 4)).unwrap_err().code(),
+            ErrorCode::Conflict
+        );
+        // another model, or other dimensions, is another space: the episode
+        // is embedded again there, once
+        let mut other = embed("e1", 2);
+        if let MemoryCommand::RecordEmbeddings { dimensions, .. } = &mut other {
+            *dimensions = 8;
+        }
+        let evs = run(&mut m, other.clone()).unwrap();
+        assert!(matches!(&evs[..], [MemoryEvent::EpisodeEmbedded(e)] if e.dimensions == 8));
+        assert_eq!(
+            m.decide(other).unwrap_err(),
+            MemoryError::AlreadyEmbedded("e1".into())
+        );
+        assert!(m.is_embedded("e1", "m", 4) && m.is_embedded("e1", "m", 8));
+        assert!(!m.is_embedded("e1", "m2", 4));
+        let evs = run(&mut m, failed("m2", 4)).unwrap();
+        assert!(
+            matches!(&evs[..], [MemoryEvent::EpisodeEmbeddingFailed(e)] if e.dimensions == Some(4))
+        );
+        assert!(m.is_embedded("e1", "m2", 4) && !m.is_embedded("e1", "m2", 8));
+        // a failure recorded before failures named dimensions covers them all
+        m.fold(MemoryEvent::EpisodeEmbeddingFailed(
+            EpisodeEmbeddingFailed {
+                episode_id: "e1".into(),
+                model: "m3".into(),
+                dimensions: None,
+                reason: "status 500".into(),
+            },
+        ));
+        assert!(m.is_embedded("e1", "m3", 4) && m.is_embedded("e1", "m3", 1536));
         run(
             &mut m,
             MemoryCommand::Erase {
