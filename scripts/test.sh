@@ -11,6 +11,9 @@ export FLOWLEDGER_BAO="$BAO_BIN"
 # PostgreSQL 18 with pgvector and pg_trgm (tests/integration/pgvector.rs);
 # every other test stays on Debian's PostgreSQL 15
 export FLOWLEDGER_PG18_BIN="$PG18_BIN"
+# the embeddings peer's Python: scripts/embed-peer.py runs the real model
+# for the retrieval evaluation (tests/integration/memory_retrieval.rs)
+export FLOWLEDGER_EMBED_PYTHON="$EMBED_PEER_PYTHON"
 # promtool checks GET /metrics (tests/integration/projections.rs)
 export FLOWLEDGER_PROMTOOL="$PROMTOOL"
 

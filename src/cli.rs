@@ -1165,7 +1165,8 @@ fn memory_service(
             budget_ms: m.assemble_budget_ms,
         },
     )
-    .with_retention(Retention::from_days(m.episode_retention_days));
+    .with_retention(Retention::from_days(m.episode_retention_days))
+    .with_hnsw(m.hnsw());
     // checked with the configuration: a set expression parses
     let service = match crate::memory::cleanup::parse_schedule(&m.cleanup_cron) {
         Ok(schedule) if !m.cleanup_cron.is_empty() => service.with_cleanup(schedule),

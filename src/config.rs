@@ -75,12 +75,78 @@ pub struct MemorySection {
     /// The cleanup retires episodes whose turn is older than this many
     /// days (`EpisodeRetired`); 0: episodes are kept.
     pub episode_retention_days: u32,
+    /// pgvector's `hnsw.ef_search` for assemble's similarity search (1 to
+    /// 1000): the candidates the HNSW scan keeps; more find more of the
+    /// true nearest chunks, slower. Raised to the request's `top_k` when
+    /// lower.
+    pub hnsw_ef_search: u32,
+    /// pgvector's `hnsw.iterative_scan` for assemble's similarity search:
+    /// `relaxed_order` (default), `strict_order` or `off`. On, a scan that
+    /// found too few of the subject's chunks among its candidates goes on
+    /// scanning (needs pgvector 0.8).
+    pub hnsw_iterative_scan: IterativeScan,
     /// `[memory.embedder]`: similarity search by embeddings; without it,
     /// assemble ranks chunks by full text.
     pub embedder: Option<EmbedderSection>,
     /// `[memory.extractor]`: facts extracted from the turns by an HTTP
     /// peer; without it, facts come only in writebacks.
     pub extractor: Option<ExtractorSection>,
+}
+
+/// pgvector's `hnsw.iterative_scan`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum IterativeScan {
+    /// One scan of `ef_search` candidates (pgvector's default).
+    Off,
+    /// Scans on until enough rows pass the filter; results may be slightly
+    /// out of distance order (assemble orders them again).
+    #[default]
+    RelaxedOrder,
+    /// Scans on, results in exact distance order.
+    StrictOrder,
+}
+
+impl IterativeScan {
+    /// The setting's value as pgvector names it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            IterativeScan::Off => "off",
+            IterativeScan::RelaxedOrder => "relaxed_order",
+            IterativeScan::StrictOrder => "strict_order",
+        }
+    }
+}
+
+/// How assemble's similarity search scans the HNSW index (`[memory]
+/// hnsw_ef_search`, `hnsw_iterative_scan`), set per snapshot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HnswSearch {
+    /// `hnsw.ef_search`, 1 to [`MAX_HNSW_EF_SEARCH`].
+    pub ef_search: u32,
+    /// `hnsw.iterative_scan`.
+    pub iterative_scan: IterativeScan,
+}
+
+/// pgvector's bound on `hnsw.ef_search`.
+pub const MAX_HNSW_EF_SEARCH: u32 = 1_000;
+
+impl Default for HnswSearch {
+    fn default() -> Self {
+        HnswSearch {
+            ef_search: 100,
+            iterative_scan: IterativeScan::RelaxedOrder,
+        }
+    }
+}
+
+impl HnswSearch {
+    /// pgvector's own defaults (ef_search 40, no iterative scan): what
+    /// assemble had before the settings existed.
+    pub const PGVECTOR_DEFAULTS: HnswSearch = HnswSearch {
+        ef_search: 40,
+        iterative_scan: IterativeScan::Off,
+    };
 }
 
 /// Which episodes the extractor is asked about.
@@ -289,6 +355,8 @@ impl Default for MemorySection {
             assemble_budget_ms: 2_000,
             cleanup_cron: "0 2 * * *".into(),
             episode_retention_days: 0,
+            hnsw_ef_search: HnswSearch::default().ef_search,
+            hnsw_iterative_scan: HnswSearch::default().iterative_scan,
             embedder: None,
             extractor: None,
         }
@@ -296,6 +364,14 @@ impl Default for MemorySection {
 }
 
 impl MemorySection {
+    /// assemble's HNSW scan settings.
+    pub fn hnsw(&self) -> HnswSearch {
+        HnswSearch {
+            ef_search: self.hnsw_ef_search,
+            iterative_scan: self.hnsw_iterative_scan,
+        }
+    }
+
     /// Checks every bound; the message names the setting.
     pub fn check(&self, secrets: &SecretsSection) -> Result<(), String> {
         if self.enabled && secrets.vault_addr.is_none() {
@@ -325,6 +401,11 @@ impl MemorySection {
         if self.episode_retention_days > MAX_RETENTION_DAYS {
             return Err(format!(
                 "memory.episode_retention_days must be at most {MAX_RETENTION_DAYS} (100 years); 0 keeps episodes"
+            ));
+        }
+        if !(1..=MAX_HNSW_EF_SEARCH).contains(&self.hnsw_ef_search) {
+            return Err(format!(
+                "memory.hnsw_ef_search must be 1 to {MAX_HNSW_EF_SEARCH} (pgvector's bounds)"
             ));
         }
         if let Some(e) = &self.embedder {
@@ -1300,6 +1381,47 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("nats.handler_accounts"), "{e}");
+    }
+
+    #[test]
+    fn the_hnsw_search_settings_parse_and_are_bounded() {
+        let d = Config::parse(Path::new("c.toml"), "").expect("defaults");
+        assert_eq!(
+            d.memory.hnsw(),
+            HnswSearch {
+                ef_search: 100,
+                iterative_scan: IterativeScan::RelaxedOrder
+            }
+        );
+        let c = Config::parse(
+            Path::new("c.toml"),
+            "[memory]\nhnsw_ef_search = 1000\nhnsw_iterative_scan = \"strict_order\"\n",
+        )
+        .expect("in bounds");
+        assert_eq!(c.memory.hnsw().ef_search, 1000);
+        assert_eq!(c.memory.hnsw().iterative_scan.as_str(), "strict_order");
+        let off = Config::parse(
+            Path::new("c.toml"),
+            "[memory]\nhnsw_iterative_scan = \"off\"\n",
+        )
+        .expect("off");
+        assert_eq!(off.memory.hnsw().iterative_scan, IterativeScan::Off);
+        for (bad, says) in [
+            (
+                "hnsw_ef_search = 0",
+                "memory.hnsw_ef_search must be 1 to 1000",
+            ),
+            (
+                "hnsw_ef_search = 1001",
+                "memory.hnsw_ef_search must be 1 to 1000",
+            ),
+            ("hnsw_iterative_scan = \"relaxed\"", "hnsw_iterative_scan"),
+        ] {
+            let err = Config::parse(Path::new("c.toml"), &format!("[memory]\n{bad}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(says), "{bad}: {err}");
+        }
     }
 
     #[test]

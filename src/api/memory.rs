@@ -343,7 +343,17 @@ pub async fn assemble(
         let left = budget
             .saturating_sub(started.elapsed().as_millis() as u64)
             .max(1);
-        let g = gather(pool, &id, &b.query, vector, top_k, recent, left).await?;
+        let g = gather(
+            pool,
+            &id,
+            &b.query,
+            vector,
+            top_k,
+            recent,
+            left,
+            memory.hnsw(),
+        )
+        .await?;
         Ok::<_, DoorError>(g.map(|g| (g, retrieval)))
     };
     let Ok(gathered) = tokio::time::timeout(Duration::from_millis(budget), work).await else {
@@ -369,11 +379,51 @@ pub async fn assemble(
     Ok(v)
 }
 
-/// Everything `assemble` returns, read in one snapshot with each statement
-/// bounded by `budget_ms`; `None`: no such (live) subject. `vector`: the
-/// query's embedding (ranked by cosine distance); none: full text. Public
-/// so the memory benchmark times assemble's own queries, without the
-/// embedder's call.
+/// The read-only transaction assemble reads in: one connection, one
+/// snapshot, each statement bounded by `budget_ms` (PostgreSQL itself stops
+/// a statement past it, so a timed-out assemble leaves no work behind);
+/// with `hnsw` (the vector path: pgvector is there), its scan settings,
+/// `SET LOCAL` to this transaction. Public so a test can look at the
+/// settings inside it.
+pub async fn snapshot(
+    pool: &PgPool,
+    budget_ms: u64,
+    hnsw: Option<crate::config::HnswSearch>,
+) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, DoorError> {
+    let mut tx = pool.begin().await.map_err(database_error)?;
+    sqlx::query("SET TRANSACTION READ ONLY")
+        .execute(&mut *tx)
+        .await
+        .map_err(database_error)?;
+    sqlx::query(&format!(
+        "SET LOCAL statement_timeout = {}",
+        budget_ms.max(1)
+    ))
+    .execute(&mut *tx)
+    .await
+    .map_err(database_error)?;
+    if let Some(h) = hnsw {
+        // set_config(.., true): SET LOCAL, with the values bound
+        sqlx::query(
+            "SELECT set_config('hnsw.ef_search', $1, true), \
+                    set_config('hnsw.iterative_scan', $2, true)",
+        )
+        .bind(h.ef_search.to_string())
+        .bind(h.iterative_scan.as_str())
+        .execute(&mut *tx)
+        .await
+        .map_err(database_error)?;
+    }
+    Ok(tx)
+}
+
+/// Everything `assemble` returns, read in one [`snapshot`] with each
+/// statement bounded by `budget_ms`; `None`: no such (live) subject.
+/// `vector`: the query's embedding (ranked by cosine distance, the HNSW
+/// index scanned with `hnsw`, its `ef_search` at least `top_k`); none: full
+/// text. Public so the memory benchmark times assemble's own queries,
+/// without the embedder's call.
+#[allow(clippy::too_many_arguments)]
 pub async fn gather(
     pool: &PgPool,
     id: &str,
@@ -382,6 +432,7 @@ pub async fn gather(
     top_k: u32,
     recent: u32,
     budget_ms: u64,
+    hnsw: crate::config::HnswSearch,
 ) -> Result<Option<Value>, DoorError> {
     let subject =
         sqlx::query("SELECT 1 FROM memory_subjects WHERE aggregate_id = $1 AND erased_at IS NULL");
@@ -431,20 +482,12 @@ pub async fn gather(
         "SELECT key, value, expires_at FROM memory_working_state \
          WHERE aggregate_id = $1 AND expires_at > now() ORDER BY key",
     );
-    // one connection, one read-only snapshot; PostgreSQL itself stops a
-    // statement past the budget, so a timed-out assemble leaves no work behind
-    let mut tx = pool.begin().await.map_err(database_error)?;
-    sqlx::query("SET TRANSACTION READ ONLY")
-        .execute(&mut *tx)
-        .await
-        .map_err(database_error)?;
-    sqlx::query(&format!(
-        "SET LOCAL statement_timeout = {}",
-        budget_ms.max(1)
-    ))
-    .execute(&mut *tx)
-    .await
-    .map_err(database_error)?;
+    let hnsw = by_vector.then(|| crate::config::HnswSearch {
+        // fewer candidates than top_k would cut the answer short
+        ef_search: hnsw.ef_search.max(top_k),
+        ..hnsw
+    });
+    let mut tx = snapshot(pool, budget_ms, hnsw).await?;
     let subject = subject
         .bind(id)
         .fetch_optional(&mut *tx)

@@ -187,6 +187,7 @@ pub struct MemoryService {
     defaults: AssembleDefaults,
     cleanup: Option<croner::Cron>,
     retention: Retention,
+    hnsw: crate::config::HnswSearch,
     embedder: Option<Arc<crate::memory::embedder::Embedder>>,
     extractor: Option<Arc<crate::memory::extractor::Extractor>>,
 }
@@ -397,9 +398,22 @@ impl MemoryService {
             defaults,
             cleanup: None,
             retention: Retention::default(),
+            hnsw: crate::config::HnswSearch::default(),
             embedder: None,
             extractor: None,
         }
+    }
+
+    /// assemble's similarity search scans the HNSW index with `hnsw`
+    /// (`[memory] hnsw_ef_search`, `hnsw_iterative_scan`).
+    pub fn with_hnsw(mut self, hnsw: crate::config::HnswSearch) -> Self {
+        self.hnsw = hnsw;
+        self
+    }
+
+    /// How assemble's similarity search scans the HNSW index.
+    pub fn hnsw(&self) -> crate::config::HnswSearch {
+        self.hnsw
     }
 
     /// The cleanup also applies `retention`.

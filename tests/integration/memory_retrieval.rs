@@ -207,6 +207,8 @@ fn embed(text: &str) -> Vec<f32> {
 struct Peer {
     url: String,
     requests: Arc<AtomicU64>,
+    /// The 429s answered.
+    refused: Arc<AtomicU64>,
     busy: Arc<AtomicBool>,
 }
 
@@ -222,6 +224,7 @@ async fn embeddings(State(p): State<Peer>, Json(body): Json<Value>) -> axum::res
         .unwrap_or_default();
     tokio::time::sleep(Duration::from_micros(1_000 + 200 * texts.len() as u64)).await;
     if p.busy.load(Ordering::SeqCst) && n % 150 == 0 {
+        p.refused.fetch_add(1, Ordering::SeqCst);
         return (
             StatusCode::TOO_MANY_REQUESTS,
             [("retry-after", "1")],
@@ -246,6 +249,7 @@ impl Peer {
         let peer = Peer {
             url: format!("http://{addr}/v1"),
             requests: Arc::new(AtomicU64::new(0)),
+            refused: Arc::new(AtomicU64::new(0)),
             busy: Arc::new(AtomicBool::new(true)),
         };
         let app = axum::Router::new()
@@ -255,6 +259,66 @@ impl Peer {
             let _ = axum::serve(listener, app).await;
         });
         peer
+    }
+}
+
+/// The real model the second evaluation asks for, and its vectors' length.
+const MODEL: &str = "all-MiniLM-L6-v2";
+const MODEL_DIMS: usize = 384;
+
+/// Where scripts/install-deps.sh makes the embeddings peer's venv.
+const EMBED_PYTHON_DEFAULT: &str = "/opt/flowledger/embed-peer/bin/python";
+
+/// scripts/embed-peer.py (the model all-MiniLM-L6-v2 on the CPU) run by
+/// `FLOWLEDGER_EMBED_PYTHON` (scripts/test.sh sets it from install-deps'
+/// `EMBED_PEER_PYTHON`), else [`EMBED_PYTHON_DEFAULT`]; stopped when dropped.
+/// Panics, naming install-deps, when neither is there: the evaluation
+/// fails, never skips.
+struct ModelPeer {
+    child: std::process::Child,
+    url: String,
+}
+
+impl ModelPeer {
+    fn start() -> Self {
+        use std::io::BufRead;
+        let (python, from) = match std::env::var("FLOWLEDGER_EMBED_PYTHON") {
+            Ok(p) if !p.is_empty() => (p, "FLOWLEDGER_EMBED_PYTHON"),
+            _ => (EMBED_PYTHON_DEFAULT.to_string(), "the default"),
+        };
+        assert!(
+            std::path::Path::new(&python).is_file(),
+            "no Python for the embeddings peer: {from} {python} does not exist; run \
+             scripts/install-deps.sh and set FLOWLEDGER_EMBED_PYTHON to the EMBED_PEER_PYTHON \
+             it prints (scripts/test.sh does)"
+        );
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/embed-peer.py");
+        let mut child = std::process::Command::new(&python)
+            .args([script, "--port", "0"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::inherit())
+            .spawn()
+            .unwrap_or_else(|e| panic!("start {script} with {python}: {e}"));
+        let mut line = String::new();
+        let stdout = child.stdout.take().expect("stdout is piped");
+        std::io::BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("read the peer's first line");
+        let url = line
+            .trim()
+            .strip_prefix("embed-peer: listening on ")
+            .unwrap_or_else(|| {
+                panic!("{script} did not start (its first line: {line:?}; its log is above)")
+            })
+            .to_string();
+        ModelPeer { child, url }
+    }
+}
+
+impl Drop for ModelPeer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
@@ -306,7 +370,7 @@ fn generate(
     out
 }
 
-fn memory(keys: Arc<SubjectKeys>, embedder: Option<&Peer>) -> Arc<MemoryService> {
+fn memory(keys: Arc<SubjectKeys>, embedder: Option<EmbedderSection>) -> Arc<MemoryService> {
     let service = MemoryService::new(
         keys,
         Chunking { max_chars: 800 },
@@ -316,22 +380,28 @@ fn memory(keys: Arc<SubjectKeys>, embedder: Option<&Peer>) -> Arc<MemoryService>
             budget_ms: 5_000,
         },
     );
-    let Some(peer) = embedder else {
+    let Some(cfg) = embedder else {
         return Arc::new(service);
     };
-    let cfg = EmbedderSection {
-        url: peer.url.clone(),
-        model: "stand-in-stems-trigrams-256".into(),
-        dimensions: DIMS as u32,
+    let embedder = Embedder::new(cfg, None).expect("a valid embedder");
+    Arc::new(service.with_embedder(Arc::new(embedder)))
+}
+
+/// `[memory.embedder]` for the peer at `url` serving `model` of `dimensions`.
+fn embedder_section(url: &str, model: &str, dimensions: usize) -> EmbedderSection {
+    EmbedderSection {
+        url: url.into(),
+        model: model.into(),
+        dimensions: dimensions as u32,
         send_dimensions: false,
-        timeout_ms: 2_000,
+        // a CPU model on two shared cores: a query waits for the episodes'
+        // batches ahead of it
+        timeout_ms: 30_000,
         max_attempts: 5,
         api_key_secret: None,
         // a query that cannot be embedded fails the evaluation loudly
         on_failure: EmbedderFallback::Error,
-    };
-    let embedder = Embedder::new(cfg, None).expect("a valid embedder");
-    Arc::new(service.with_embedder(Arc::new(embedder)))
+    }
 }
 
 /// hit@5 of `memory`'s assemble over `queries` (episode index, subject,
@@ -418,19 +488,30 @@ async fn evaluate(
     hits.load(Ordering::SeqCst) as f64 / queries.len() as f64
 }
 
-#[tokio::test]
-async fn the_relevant_chunk_is_in_the_top_5_for_90_percent_of_1000_paraphrased_queries() {
+/// What one evaluation measured.
+struct Figures {
+    vector_hit: f64,
+    text_hit: f64,
+    /// From the start to every episode embedded and projected.
+    embedded: Duration,
+}
+
+/// The evaluation against the embeddings peer `embedder`: the episodes
+/// written, embedded and projected (then `ingested` is called), the
+/// queries asked by vector and by the full-text default; every answer
+/// checked to hold only the subject's own chunks.
+async fn run(embedder: EmbedderSection, ingested: impl FnOnce()) -> Figures {
     let started = Instant::now();
+    let dimensions = embedder.dimensions;
     let app = spawn_app().await;
     let bao = OpenBao::start().await;
-    let peer = Peer::start().await;
     let keys = Arc::new(SubjectKeys::new(
         root_secret_service(&bao).await,
         MEMORY_KEY_PATH,
         Duration::from_secs(300),
     ));
     let url = pgvector_database().await;
-    let vector = memory(keys.clone(), Some(&peer));
+    let vector = memory(keys.clone(), Some(embedder));
     let api = spawn_api_with_memory(&app, true, url.clone(), vector.clone()).await;
 
     let mut rng = fastrand::Rng::with_seed(SEED);
@@ -489,7 +570,7 @@ async fn the_relevant_chunk_is_in_the_top_5_for_90_percent_of_1000_paraphrased_q
     // every episode embedded (two chunks each: the message, the response)
     // and projected
     let chunks = 2 * episodes.len() as i64;
-    let deadline = Instant::now() + Duration::from_secs(180);
+    let deadline = Instant::now() + Duration::from_secs(300);
     loop {
         let n: i64 = sqlx::query_scalar("SELECT count(*) FROM memory_chunk_vectors")
             .fetch_one(&api.pool)
@@ -500,7 +581,7 @@ async fn the_relevant_chunk_is_in_the_top_5_for_90_percent_of_1000_paraphrased_q
         }
         assert!(
             Instant::now() < deadline,
-            "{n} of {chunks} chunk vectors after 180 s"
+            "{n} of {chunks} chunk vectors after 300 s"
         );
         if std::env::var_os("TEST_LOG").is_some() {
             eprintln!(
@@ -516,10 +597,21 @@ async fn the_relevant_chunk_is_in_the_top_5_for_90_percent_of_1000_paraphrased_q
     .fetch_one(&api.pool)
     .await
     .expect("count the failures");
-    assert_eq!(failed, 0, "the handler's retries ride through the 429s");
-    let retried = peer.requests.load(Ordering::SeqCst);
-    peer.busy.store(false, Ordering::SeqCst);
+    assert_eq!(
+        failed, 0,
+        "every episode embedded (the handler retries what may pass)"
+    );
+    // the read model's vector column has the configured dimensions
+    let column: String = sqlx::query_scalar(
+        "SELECT format_type(atttypid, atttypmod) FROM pg_attribute \
+         WHERE attrelid = 'memory_chunk_vectors'::regclass AND attname = 'embedding'",
+    )
+    .fetch_one(&api.pool)
+    .await
+    .expect("the vector column's type");
+    assert_eq!(column, format!("vector({dimensions})"));
     let embedded = started.elapsed();
+    ingested();
 
     // each billing subject's own episodes: what its answers may hold
     let mut own: HashMap<String, HashSet<String>> = HashMap::new();
@@ -528,7 +620,9 @@ async fn the_relevant_chunk_is_in_the_top_5_for_90_percent_of_1000_paraphrased_q
             own.entry(e.subject.clone()).or_default().insert(id.clone());
         }
     }
+    let asking = Instant::now();
     let vector_hit = evaluate(&api, &vector, &episodes, &ids, &own, "vector").await;
+    let asked = asking.elapsed();
     // the full-text default: the same data, read by a second read side
     // whose memory has no embedder
     let plain = memory(keys, None);
@@ -536,18 +630,65 @@ async fn the_relevant_chunk_is_in_the_top_5_for_90_percent_of_1000_paraphrased_q
     let text_hit = evaluate(&text_side, &plain, &episodes, &ids, &own, "full_text").await;
     eprintln!(
         "memory retrieval: {} episodes ({} billing queries), hit@5 vector {:.3}, full text {:.3}; \
-         written in {:.1} s, embedded by {:.1} s ({} peer requests), total {:.1} s",
+         written in {:.1} s, embedded by {:.1} s, the vector queries in {:.1} s, total {:.1} s",
         episodes.len(),
         own.values().map(HashSet::len).sum::<usize>(),
         vector_hit,
         text_hit,
         wrote.as_secs_f64(),
         embedded.as_secs_f64(),
-        retried,
+        asked.as_secs_f64(),
         started.elapsed().as_secs_f64()
     );
+    Figures {
+        vector_hit,
+        text_hit,
+        embedded,
+    }
+}
+
+/// The pipeline's figure: the stand-in peer (hashed stems and trigrams with
+/// a synonym table), 429s while the episodes are written.
+#[tokio::test]
+async fn the_relevant_chunk_is_in_the_top_5_for_90_percent_of_1000_paraphrased_queries() {
+    let peer = Peer::start().await;
+    let busy = peer.busy.clone();
+    let f = run(
+        embedder_section(&peer.url, "stand-in-stems-trigrams-256", DIMS),
+        move || busy.store(false, Ordering::SeqCst),
+    )
+    .await;
+    // every 150th request of the ingest was refused, and asked again (no
+    // episode's embedding failed)
+    let refused = peer.refused.load(Ordering::SeqCst);
     assert!(
-        vector_hit >= 0.90,
-        "vector hit@5 {vector_hit:.3} is under 0.90 (full text {text_hit:.3})"
+        refused > 0,
+        "no 429 was answered while the episodes were written"
+    );
+    assert!(
+        f.vector_hit >= 0.90,
+        "vector hit@5 {:.3} is under 0.90 (full text {:.3})",
+        f.vector_hit,
+        f.text_hit
+    );
+}
+
+/// The retrieval figure with a real model: all-MiniLM-L6-v2 (384
+/// dimensions) served by scripts/embed-peer.py.
+#[tokio::test]
+async fn with_a_real_model_the_relevant_chunk_is_in_the_top_5_for_90_percent_of_queries() {
+    let peer = ModelPeer::start();
+    let f = run(embedder_section(&peer.url, MODEL, MODEL_DIMS), || ()).await;
+    eprintln!(
+        "memory retrieval, {MODEL}: hit@5 vector {:.3}, full text {:.3}; ingest embedded by {:.1} s",
+        f.vector_hit,
+        f.text_hit,
+        f.embedded.as_secs_f64()
+    );
+    assert!(
+        f.vector_hit >= 0.90,
+        "vector hit@5 with {MODEL} {:.3} is under 0.90 (full text {:.3})",
+        f.vector_hit,
+        f.text_hit
     );
 }

@@ -231,3 +231,57 @@ async fn an_hnsw_index_finds_the_nearest_vector_and_trigrams_match_a_misspelling
         .expect("similarity");
     assert!(unrelated < 0.1, "similarity of unrelated words {unrelated}");
 }
+
+/// `SHOW name` on `conn`.
+async fn show(conn: &mut sqlx::PgConnection, name: &str) -> String {
+    sqlx::query_scalar::<_, String>(&format!("SHOW {name}"))
+        .fetch_one(conn)
+        .await
+        .unwrap_or_else(|e| panic!("SHOW {name}: {e}"))
+}
+
+/// assemble's snapshot (`api::memory::snapshot`, what `gather` reads in)
+/// sets the HNSW scan settings it is given for its own transaction only:
+/// inside it `SHOW` gives them; after it, on the same connection, pgvector's
+/// defaults are back; without settings (the full-text path) it sets none.
+#[tokio::test]
+async fn the_snapshot_sets_the_hnsw_scan_settings_for_its_transaction_only() {
+    use flowledger::config::{HnswSearch, IterativeScan};
+    let url = pgvector_database().await;
+    // one connection: what a snapshot left behind would show in the next
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect(&url)
+        .await
+        .expect("connect");
+    // the vector library loaded in the session, so its settings are defined
+    sqlx::query("SELECT '[1,2]'::vector <=> '[2,1]'::vector")
+        .execute(&pool)
+        .await
+        .expect("pgvector");
+    for (ef_search, scan) in [
+        (7, IterativeScan::StrictOrder),
+        (1000, IterativeScan::RelaxedOrder),
+        (100, IterativeScan::Off),
+    ] {
+        let set = HnswSearch {
+            ef_search,
+            iterative_scan: scan,
+        };
+        let mut tx = flowledger::api::memory::snapshot(&pool, 2_000, Some(set))
+            .await
+            .unwrap_or_else(|e| panic!("snapshot: {}", e.error.message));
+        assert_eq!(show(&mut tx, "hnsw.ef_search").await, ef_search.to_string());
+        assert_eq!(show(&mut tx, "hnsw.iterative_scan").await, scan.as_str());
+        assert_eq!(show(&mut tx, "transaction_read_only").await, "on");
+        tx.rollback().await.expect("rollback");
+        let mut conn = pool.acquire().await.expect("the connection again");
+        assert_eq!(show(&mut conn, "hnsw.ef_search").await, "40");
+        assert_eq!(show(&mut conn, "hnsw.iterative_scan").await, "off");
+    }
+    let mut tx = flowledger::api::memory::snapshot(&pool, 2_000, None)
+        .await
+        .unwrap_or_else(|e| panic!("snapshot: {}", e.error.message));
+    assert_eq!(show(&mut tx, "hnsw.ef_search").await, "40");
+    tx.rollback().await.expect("rollback");
+}

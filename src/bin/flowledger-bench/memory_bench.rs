@@ -49,7 +49,7 @@ use flowledger::app::{Application, DatabaseSettings, Settings};
 use flowledger::commands::memory::aggregate_id;
 use flowledger::commands::registry::Registry;
 use flowledger::commands::secret_access::policy::SecretPolicy;
-use flowledger::config::{EmbedderFallback, EmbedderSection};
+use flowledger::config::{EmbedderFallback, EmbedderSection, HnswSearch, IterativeScan};
 use flowledger::events::log::{self, EventLog, LogConfig};
 use flowledger::memory::embedder::Embedder;
 use flowledger::memory::keys::SubjectKeys;
@@ -430,25 +430,35 @@ struct Timed {
     answers: Vec<Vec<(String, i64)>>,
 }
 
-/// assemble's queries for one query vector: `api::memory::gather`.
-async fn ask(pool: &PgPool, q: &Query) -> anyhow::Result<Value> {
-    flowledger::api::memory::gather(pool, &q.id, "", Some(q.vector.clone()), TOP_K, 5, 60_000)
-        .await
-        .map_err(|e| anyhow::anyhow!("gather: {}", e.error.message))?
-        .context("a filled subject is live")
+/// assemble's queries for one query vector: `api::memory::gather`, the
+/// HNSW index scanned with `hnsw`.
+async fn ask(pool: &PgPool, q: &Query, hnsw: HnswSearch) -> anyhow::Result<Value> {
+    flowledger::api::memory::gather(
+        pool,
+        &q.id,
+        "",
+        Some(q.vector.clone()),
+        TOP_K,
+        5,
+        60_000,
+        hnsw,
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("gather: {}", e.error.message))?
+    .context("a filled subject is live")
 }
 
 /// `gather` for every query on `pool` (after one untimed pass over the
 /// first few, to warm the caches).
-async fn run_gather(pool: &PgPool, queries: &[Query]) -> anyhow::Result<Timed> {
+async fn run_gather(pool: &PgPool, queries: &[Query], hnsw: HnswSearch) -> anyhow::Result<Timed> {
     for q in queries.iter().take(10) {
-        ask(pool, q).await?;
+        ask(pool, q, hnsw).await?;
     }
     let mut latencies = Vec::with_capacity(queries.len());
     let mut answers = Vec::with_capacity(queries.len());
     for q in queries {
         let t = Instant::now();
-        let a = ask(pool, q).await?;
+        let a = ask(pool, q, hnsw).await?;
         latencies.push(t.elapsed());
         answers.push(chunk_ids(&a));
     }
@@ -664,6 +674,7 @@ async fn writeback_visible(
                     TOP_K,
                     5,
                     2_000,
+                    memory.hnsw(),
                 )
                 .await
                 .map_err(|e| anyhow::anyhow!("{}", e.error.message))?;
@@ -680,6 +691,7 @@ async fn writeback_visible(
                     TOP_K,
                     5,
                     2_000,
+                    memory.hnsw(),
                 )
                 .await
                 .map_err(|e| anyhow::anyhow!("{}", e.error.message))?;
@@ -919,11 +931,16 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
     let mut exact_answers = Vec::new();
     for (name, qs) in &sets {
         let exact = pool_with(&url, &["SET enable_indexscan = off"]).await?;
-        let e = run_gather(&exact, qs).await?;
+        let e = run_gather(&exact, qs, HnswSearch::default()).await?;
         exact.close().await;
+        // pgvector's own scan settings, which assemble had before [memory]
+        // hnsw_ef_search and hnsw_iterative_scan
+        let before_settings = pool_with(&url, &[]).await?;
+        let o = run_gather(&before_settings, qs, HnswSearch::PGVECTOR_DEFAULTS).await?;
+        before_settings.close().await;
         let before = index_scans(&pool, v).await?;
         let deployed = pool_with(&url, &[]).await?;
-        let d = run_gather(&deployed, qs).await?;
+        let d = run_gather(&deployed, qs, HnswSearch::default()).await?;
         deployed.close().await;
         tokio::time::sleep(Duration::from_millis(300)).await;
         let after = index_scans(&pool, v).await?;
@@ -934,10 +951,13 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
             .map(|(a, b)| format!("{} x{}", a.0, a.1 - b.1))
             .collect();
         let (rd, sd) = recall(&d.answers, &e.answers);
+        let (ro, so) = recall(&o.answers, &e.answers);
         let ((d50, d95), (e50, e95)) = (p(&d.latencies), p(&e.latencies));
+        let (o50, o95) = p(&o.latencies);
         println!(
             "  {name:>22}: as deployed {d50:.2} / {d95:.2} (recall {rd:.3}, short {sd}; \
-             indexes used: {}) | exact {e50:.2} / {e95:.2} | ratio p95 {:.2}",
+             indexes used: {}) | pgvector's defaults {o50:.2} / {o95:.2} (recall {ro:.3}, \
+             short {so}) | exact {e50:.2} / {e95:.2} | ratio p95 {:.2}",
             if used.is_empty() {
                 "none".to_string()
             } else {
@@ -961,25 +981,28 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
         .execute(&pool)
         .await?;
     for (n, (name, qs)) in sets.iter().enumerate() {
-        let plain = pool_with(&url, &["SET enable_seqscan = off"]).await?;
-        let h = run_gather(&plain, qs).await?;
-        plain.close().await;
-        let iterative = pool_with(
-            &url,
-            &[
-                "SET enable_seqscan = off",
-                "SET hnsw.iterative_scan = relaxed_order",
-            ],
-        )
-        .await?;
-        let i = run_gather(&iterative, qs).await?;
-        iterative.close().await;
+        let hnsw_only = pool_with(&url, &["SET enable_seqscan = off"]).await?;
+        let h = run_gather(&hnsw_only, qs, HnswSearch::PGVECTOR_DEFAULTS).await?;
+        let relaxed_40 = HnswSearch {
+            iterative_scan: IterativeScan::RelaxedOrder,
+            ..HnswSearch::PGVECTOR_DEFAULTS
+        };
+        let i = run_gather(&hnsw_only, qs, relaxed_40).await?;
+        let c = run_gather(&hnsw_only, qs, HnswSearch::default()).await?;
+        hnsw_only.close().await;
         let (rh, sh) = recall(&h.answers, &exact_answers[n]);
         let (ri, si) = recall(&i.answers, &exact_answers[n]);
+        let (rc, sc) = recall(&c.answers, &exact_answers[n]);
         let ((h50, h95), (i50, i95)) = (p(&h.latencies), p(&i.latencies));
+        let (c50, c95) = p(&c.latencies);
+        let d = HnswSearch::default();
         println!(
             "  {name:>22}: ef_search 40 {h50:.2} / {h95:.2} (recall {rh:.3}, short {sh}) | \
-             iterative_scan relaxed_order {i50:.2} / {i95:.2} (recall {ri:.3}, short {si})"
+             ef_search 40 + iterative_scan relaxed_order {i50:.2} / {i95:.2} (recall {ri:.3}, \
+             short {si}) | the defaults (ef_search {}, {}) {c50:.2} / {c95:.2} (recall {rc:.3}, \
+             short {sc})",
+            d.ef_search,
+            d.iterative_scan.as_str()
         );
     }
     // back as the projection's DDL has them
