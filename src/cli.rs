@@ -1396,15 +1396,17 @@ async fn memory_cleanup(
             callback_sealer: None,
         },
     );
-    let report =
-        crate::memory::cleanup::run_once(&bus, &memory, &pool, chrono::Utc::now(), &mut |r| {
-            eprintln!(
-                "flowledger: memory cleanup: {} expired, {} retired, {} skipped, {} failed ({} ms)",
-                r.expired, r.retired, r.skipped, r.failed, r.took_ms
-            )
-        })
+    let now = chrono::Utc::now();
+    let due = crate::memory::cleanup::due(&memory, &pool, now)
         .await
         .context(Down::Database)?;
+    let mut bar = crate::projections::rebuild::Progress::counting("memory cleanup".into(), "items");
+    let report = crate::memory::cleanup::run_once(&bus, &memory, &pool, now, &mut |r| {
+        bar.update(r.expired + r.retired + r.skipped + r.failed, due, 0)
+    })
+    .await
+    .context(Down::Database)?;
+    bar.finish();
     outln!("{}", serde_json::to_string(&report)?);
     Ok(if report.failed > 0 {
         ExitCode::from(1)

@@ -28,6 +28,7 @@ use serde_json::{json, Value};
 
 use crate::commands::approval::{Approval, ApprovalCommand, ApprovalError};
 use crate::commands::job::{Job, JobCommand, JobError, JobServices};
+use crate::commands::memory::events::MemoryEvent;
 use crate::commands::memory::{Memory, MemoryCommand, MemoryError};
 use crate::commands::projection::{ProjectionCommand, ProjectionOps, ProjectionOpsError};
 use crate::commands::registry::Registry;
@@ -365,6 +366,41 @@ impl CommandBus {
         meta: &CommandMeta,
     ) -> Result<Arc<Receipt>, ExecuteError<MemoryError>> {
         self.memories.execute(aggregate_id, command, meta).await
+    }
+
+    /// [`memory`](Self::memory), answering the commit's events too (the
+    /// cleanup's commands leave out what is no longer due and count what
+    /// was recorded).
+    pub async fn memory_with_events(
+        &self,
+        aggregate_id: &str,
+        command: MemoryCommand,
+        meta: &CommandMeta,
+    ) -> Result<(Arc<Receipt>, Vec<MemoryEvent>), ExecuteError<MemoryError>> {
+        self.memories
+            .execute_with_events(aggregate_id, command, meta)
+            .await
+    }
+
+    /// Appends memory `events` to `aggregate_id` in one commit without a
+    /// decision ([`AggregateStore::append_undecided`]): for the benchmark
+    /// program's setups only.
+    #[cfg(feature = "bench")]
+    pub async fn memory_undecided(
+        &self,
+        aggregate_id: &str,
+        events: Vec<MemoryEvent>,
+        meta: &CommandMeta,
+    ) -> Result<Arc<Receipt>, ExecuteError<MemoryError>> {
+        self.memories
+            .append_undecided(aggregate_id, events, meta)
+            .await
+    }
+
+    /// Drops every cached memory aggregate, so the next command on each
+    /// loads it from the log (as a fresh process does): for benchmarks.
+    pub fn clear_memory_cache(&self) {
+        self.memories.clear_cache();
     }
 
     /// A subject's memory as the log has it.

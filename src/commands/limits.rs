@@ -67,3 +67,10 @@ pub const MAX_MEMORY_FACT_KEY_CHARS: usize = 256;
 
 /// A fact's value, in characters.
 pub const MAX_MEMORY_FACT_VALUE_CHARS: usize = 4096;
+
+/// Items (working-state keys, episode ids) one cleanup command and its
+/// event carry: at most 64 bytes a key and 128 an episode id, so an event
+/// stays near 170 KB, well inside the stream's maximum message size
+/// (1 MiB, NATS's default `max_payload`); a subject with more due items
+/// gets one event per this many.
+pub const MAX_CLEANUP_ITEMS: usize = 1_000;

@@ -549,6 +549,80 @@ where
         command: A::Command,
         meta: &CommandMeta,
     ) -> Result<Arc<Receipt>, ExecuteError<A::Error>> {
+        Ok(self.run(aggregate_id, command, meta).await?.0)
+    }
+
+    /// [`execute`](Self::execute), answering the commit's events beside its
+    /// receipt (those of the original commit for a repeated command id, read
+    /// back from the log): for a caller whose command's decision leaves
+    /// items out and needs to know which.
+    pub async fn execute_with_events(
+        &self,
+        aggregate_id: &str,
+        command: A::Command,
+        meta: &CommandMeta,
+    ) -> Result<(Arc<Receipt>, Vec<A::Event>), ExecuteError<A::Error>> {
+        let (receipt, events) = self.run(aggregate_id, command, meta).await?;
+        if let Some(events) = events {
+            return Ok((receipt, events));
+        }
+        let seq = receipt.stream_seq;
+        let msg = self
+            .log
+            .get(seq)
+            .await?
+            .ok_or_else(|| StoreError::Corrupt {
+                seq,
+                reason: "a committed command's message cannot be read".into(),
+            })?;
+        let corrupt = |reason: String| StoreError::Corrupt { seq, reason };
+        let events = envelope::decode_commit(&msg.payload)
+            .map_err(|e| corrupt(e.to_string()))?
+            .into_iter()
+            .map(|(_, record)| {
+                decode_event(&record)
+                    .map_err(|e| corrupt(format!("event {}: {e}", record.event_type)))
+            })
+            .collect::<Result<Vec<A::Event>, _>>()?;
+        Ok((receipt, events))
+    }
+
+    /// Appends `events` to `aggregate_id` in one commit as if a command had
+    /// decided them: applied to the cached (or loaded) state, chained,
+    /// checked against the subject's last sequence, exactly as
+    /// [`execute`](Self::execute) stores a decision. Nothing decides them:
+    /// only the benchmark program's setups use it, to write in one commit
+    /// what many commands would (the feature `bench`).
+    #[cfg(feature = "bench")]
+    pub async fn append_undecided(
+        &self,
+        aggregate_id: &str,
+        events: Vec<A::Event>,
+        meta: &CommandMeta,
+    ) -> Result<Arc<Receipt>, ExecuteError<A::Error>> {
+        let slot = self.slot(aggregate_id);
+        let mut guard = slot.lock().await;
+        let mut loaded = match guard.take() {
+            Some(l) => l,
+            None => self.load(aggregate_id).await?,
+        };
+        for e in &events {
+            loaded.state.apply(e.clone());
+        }
+        let receipt = match self.append(&mut loaded, &events, meta).await? {
+            Appended::New(r) | Appended::Duplicate(r) => r,
+        };
+        *guard = Some(loaded);
+        Ok(receipt)
+    }
+
+    /// The receipt and, when this call appended them, the events.
+    async fn run(
+        &self,
+        aggregate_id: &str,
+        command: A::Command,
+        meta: &CommandMeta,
+    ) -> Result<(Arc<Receipt>, Option<Vec<A::Event>>), ExecuteError<A::Error>> {
         self.subject(aggregate_id)?;
         let slot = self.slot(aggregate_id);
         let mut guard = slot.lock().await;
@@ -573,7 +647,7 @@ where
                     ..Receipt::clone(previous)
                 });
                 *guard = Some(loaded);
-                return Ok(receipt);
+                return Ok((receipt, None));
             }
             // The aggregate decides on the cached state itself (no copy):
             // events are applied to it through the sink, and whenever the
@@ -624,7 +698,7 @@ where
             match self.append(&mut loaded, &events, meta).await {
                 Ok(Appended::New(receipt)) => {
                     *guard = Some(loaded);
-                    return Ok(receipt);
+                    return Ok((receipt, Some(events)));
                 }
                 Ok(Appended::Duplicate(receipt)) => {
                     if receipt.command_hash != meta.command_hash {
@@ -634,10 +708,13 @@ where
                         });
                     }
                     *guard = Some(loaded);
-                    return Ok(Arc::new(Receipt {
-                        duplicate: true,
-                        ..Receipt::clone(&receipt)
-                    }));
+                    return Ok((
+                        Arc::new(Receipt {
+                            duplicate: true,
+                            ..Receipt::clone(&receipt)
+                        }),
+                        None,
+                    ));
                 }
                 Err(ExecuteError::Conflict { .. }) => {
                     loaded = self.load(aggregate_id).await?;

@@ -22,7 +22,7 @@ use crate::commands::limits::{
     MAX_APPROVAL_WINDOW_SECONDS, MAX_MEMORY_FACTS, MAX_MEMORY_FACT_KEY_CHARS,
     MAX_MEMORY_FACT_VALUE_CHARS, MAX_MEMORY_MESSAGES, MAX_MEMORY_TEXT_CHARS,
 };
-use crate::commands::memory::events::ChunkSpan;
+use crate::commands::memory::events::{ChunkSpan, MemoryEvent};
 use crate::commands::memory::MemoryError;
 use crate::commands::memory::{
     aggregate_id, check_subject_id, check_working_key, EpisodeInput, FactInput, MemoryCommand,
@@ -36,6 +36,15 @@ use crate::memory::keys::{KeyError, SubjectKey, SubjectKeys};
 
 /// The actor of the cleanup's expiries (a reserved client id).
 pub const CLEANUP_ACTOR: &str = "flowledger";
+
+/// What one cleanup command did on one subject.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Swept {
+    /// Items recorded (expired, retired).
+    pub recorded: usize,
+    /// Items the aggregate left out (no longer there, or not due).
+    pub skipped: usize,
+}
 
 /// One message of a turn.
 #[derive(Debug, Clone, Deserialize)]
@@ -838,32 +847,91 @@ impl MemoryService {
         Ok(Written::of(b.subject_id, receipt))
     }
 
-    /// Retires `owner`'s episode whose turn was before `before` (the
-    /// cleanup's retention), recorded under flowledger's own actor.
-    pub async fn retire_episode(
+    /// Records the expiry of those of `keys` (working-state values of
+    /// `owner`'s subject `subject_id`, at most
+    /// [`MAX_CLEANUP_ITEMS`](crate::commands::limits::MAX_CLEANUP_ITEMS))
+    /// that have expired at `now`, in one `WorkingStateExpired` (the cleanup's,
+    /// under flowledger's own actor); the aggregate leaves out the others.
+    pub async fn expire_working_state(
         &self,
         bus: &CommandBus,
         owner: &str,
         subject_id: &str,
-        episode_id: String,
+        keys: Vec<String>,
+        now: DateTime<Utc>,
+    ) -> Result<Swept, CommandError> {
+        let hashed = json!(["expire", keys, now]);
+        self.sweep(bus, owner, subject_id, keys.len(), &hashed, |subject| {
+            MemoryCommand::ExpireWorkingState {
+                subject,
+                keys,
+                at: now,
+            }
+        })
+        .await
+    }
+
+    /// Retires those of `episode_ids` (of `owner`'s subject `subject_id`,
+    /// at most
+    /// [`MAX_CLEANUP_ITEMS`](crate::commands::limits::MAX_CLEANUP_ITEMS))
+    /// whose turn was before `before`, in one `EpisodesRetired`
+    /// (the cleanup's retention, under flowledger's own actor); the
+    /// aggregate leaves out the others.
+    pub async fn retire_episodes(
+        &self,
+        bus: &CommandBus,
+        owner: &str,
+        subject_id: &str,
+        episode_ids: Vec<String>,
         before: DateTime<Utc>,
-    ) -> Result<Written, CommandError> {
+    ) -> Result<Swept, CommandError> {
+        let hashed = json!(["retention", episode_ids, before]);
+        self.sweep(
+            bus,
+            owner,
+            subject_id,
+            episode_ids.len(),
+            &hashed,
+            |subject| MemoryCommand::RetireEpisodes {
+                subject,
+                episode_ids,
+                before,
+            },
+        )
+        .await
+    }
+
+    /// Runs a cleanup command of `items` items on `owner`'s subject: what
+    /// its event recorded, the rest skipped (none due: nothing recorded).
+    async fn sweep(
+        &self,
+        bus: &CommandBus,
+        owner: &str,
+        subject_id: &str,
+        items: usize,
+        hashed: &Value,
+        command: impl FnOnce(SubjectRef) -> MemoryCommand,
+    ) -> Result<Swept, CommandError> {
         let (id, subject) = Self::subject(owner, subject_id)?;
         let key = self.key_for_read(&id, subject_id).await?;
-        let subject = subject.sealed_with(key.id());
-        let meta = Self::meta(
-            &key,
-            CLEANUP_ACTOR,
-            Uuid::now_v7().to_string(),
-            &json!([episode_id, "retention"]),
-        );
-        let command = MemoryCommand::RetireEpisode {
-            subject,
-            episode_id,
-            before,
+        let meta = Self::meta(&key, CLEANUP_ACTOR, Uuid::now_v7().to_string(), hashed);
+        let command = command(subject.sealed_with(key.id()));
+        let recorded = match bus.memory_with_events(&id, command, &meta).await {
+            Ok((_, events)) => events
+                .iter()
+                .map(|e| match e {
+                    MemoryEvent::WorkingStateExpired(x) => x.keys.len(),
+                    MemoryEvent::EpisodesRetired(x) => x.episode_ids.len(),
+                    _ => 0,
+                })
+                .sum(),
+            Err(ExecuteError::Rejected(MemoryError::NothingDue(_))) => 0,
+            Err(e) => return Err(e.into()),
         };
-        let receipt = self.run(bus, &id, command, &meta).await?;
-        Ok(Written::of(subject_id.to_string(), receipt))
+        Ok(Swept {
+            recorded,
+            skipped: items.saturating_sub(recorded),
+        })
     }
 
     /// A fact stops being valid.

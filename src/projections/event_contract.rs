@@ -392,9 +392,9 @@ fn every_secret_event_decodes_through_the_projection_parser() {
 fn every_memory_event_decodes_whole_for_the_memory_read_model() {
     use crate::commands::memory::events::{
         ChunkSpan, EpisodeEmbedded, EpisodeEmbeddingFailed, EpisodeExtracted,
-        EpisodeExtractionFailed, EpisodeRecorded, EpisodeRetired, FactForgotten, FactRecorded,
-        MemoryEvent, MemorySubjectErased, MemorySubjectOpened, ProfileUpdated, WorkingStateDeleted,
-        WorkingStateSet,
+        EpisodeExtractionFailed, EpisodeRecorded, EpisodeRetired, EpisodesRetired, FactForgotten,
+        FactRecorded, MemoryEvent, MemorySubjectErased, MemorySubjectOpened, ProfileUpdated,
+        WorkingStateDeleted, WorkingStateExpired, WorkingStateSet,
     };
     use crate::projections::memory;
     let ring = crate::crypto::SealKeys::single("m1", [7u8; 32]);
@@ -463,6 +463,15 @@ fn every_memory_event_decodes_whole_for_the_memory_read_model() {
             reason: "retention".into(),
             before: at(),
         }),
+        MemoryEvent::WorkingStateExpired(WorkingStateExpired {
+            keys: vec!["draft".into(), "cart".into()],
+            expired_at: at(),
+        }),
+        MemoryEvent::EpisodesRetired(EpisodesRetired {
+            episode_ids: vec!["t1".into(), "t2".into()],
+            reason: "retention".into(),
+            before: at(),
+        }),
         MemoryEvent::EpisodeExtracted(EpisodeExtracted {
             episode_id: "t1".into(),
             model: Some("extract-1".into()),
@@ -498,6 +507,8 @@ fn every_memory_event_decodes_whole_for_the_memory_read_model() {
             | MemoryEvent::EpisodeEmbedded(_)
             | MemoryEvent::EpisodeEmbeddingFailed(_)
             | MemoryEvent::EpisodeRetired(_)
+            | MemoryEvent::EpisodesRetired(_)
+            | MemoryEvent::WorkingStateExpired(_)
             | MemoryEvent::EpisodeExtracted(_)
             | MemoryEvent::EpisodeExtractionFailed(_)
             | MemoryEvent::MemorySubjectErased(_) => {}

@@ -22,7 +22,9 @@
 //!   `memory_chunk_vectors`; without it they are passed over, so a database
 //!   without pgvector keeps working.
 //!
-//! One statement per row (chunks: one per episode). Every value comes from
+//! One statement per row (chunks: one per episode; the cleanup's
+//! `WorkingStateExpired` and `EpisodesRetired`: one per event and table, for
+//! all their items). Every value comes from
 //! the events (times are the events' own), so a rebuild makes the same rows.
 
 use std::collections::HashMap;
@@ -46,7 +48,7 @@ type Tx<'a> = Transaction<'a, Postgres>;
 
 /// The memory event types this build knows; any other (a later one) is
 /// passed over, as the other read models pass over what they do not use.
-pub const EVENT_TYPES: [&str; 13] = [
+pub const EVENT_TYPES: [&str; 15] = [
     "MemorySubjectOpened",
     "EpisodeRecorded",
     "FactRecorded",
@@ -60,6 +62,8 @@ pub const EVENT_TYPES: [&str; 13] = [
     "EpisodeRetired",
     "EpisodeExtracted",
     "EpisodeExtractionFailed",
+    "WorkingStateExpired",
+    "EpisodesRetired",
 ];
 
 /// The typed event of the stored `line` of a `memory` aggregate (upcasters
@@ -544,13 +548,10 @@ async fn apply_event(
             .await?;
         }
         MemoryEvent::WorkingStateDeleted(w) => {
-            sqlx::query(&format!(
-                "DELETE FROM memory_working_state_v{v} WHERE aggregate_id = $1 AND key = $2"
-            ))
-            .bind(id)
-            .bind(&w.key)
-            .execute(&mut **tx)
-            .await?;
+            expire_working_state(tx, v, id, std::slice::from_ref(&w.key)).await?;
+        }
+        MemoryEvent::WorkingStateExpired(w) => {
+            expire_working_state(tx, v, id, &w.keys).await?;
         }
         MemoryEvent::EpisodeEmbedded(e) => {
             // the vectors table exists only with [memory.embedder]
@@ -607,24 +608,10 @@ async fn apply_event(
             // its chunks stay findable by full text only
         }
         MemoryEvent::EpisodeRetired(e) => {
-            for table in ["memory_episodes", "memory_chunks"] {
-                sqlx::query(&format!(
-                    "DELETE FROM {table}_v{v} WHERE aggregate_id = $1 AND episode_id = $2"
-                ))
-                .bind(id)
-                .bind(&e.episode_id)
-                .execute(&mut **tx)
-                .await?;
-            }
-            if keys.vectors(tx, v).await?.is_some() {
-                sqlx::query(&format!(
-                    "DELETE FROM {VECTORS_TABLE}_v{v} WHERE aggregate_id = $1 AND episode_id = $2"
-                ))
-                .bind(id)
-                .bind(&e.episode_id)
-                .execute(&mut **tx)
-                .await?;
-            }
+            retire_episodes(tx, v, id, std::slice::from_ref(&e.episode_id), keys).await?;
+        }
+        MemoryEvent::EpisodesRetired(e) => {
+            retire_episodes(tx, v, id, &e.episode_ids, keys).await?;
         }
         // the facts themselves follow as FactRecorded
         MemoryEvent::EpisodeExtracted(x) => {
@@ -664,6 +651,46 @@ async fn apply_event(
             }
             keys.got.insert(id.to_string(), None);
         }
+    }
+    Ok(())
+}
+
+/// Removes subject `id`'s working-state values `keys` (one statement).
+async fn expire_working_state(
+    tx: &mut Tx<'_>,
+    v: i32,
+    id: &str,
+    keys: &[String],
+) -> Result<(), sqlx::Error> {
+    sqlx::query(&format!(
+        "DELETE FROM memory_working_state_v{v} WHERE aggregate_id = $1 AND key = ANY($2)"
+    ))
+    .bind(id)
+    .bind(keys)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+/// Removes subject `id`'s episodes `episode_ids` with their chunks and
+/// vectors (one statement a table).
+async fn retire_episodes(
+    tx: &mut Tx<'_>,
+    v: i32,
+    id: &str,
+    episode_ids: &[String],
+    keys: &mut BatchKeys<'_>,
+) -> Result<(), sqlx::Error> {
+    let vectors = keys.vectors(tx, v).await?.is_some();
+    let tables = ["memory_episodes", "memory_chunks", VECTORS_TABLE];
+    for table in &tables[..if vectors { 3 } else { 2 }] {
+        sqlx::query(&format!(
+            "DELETE FROM {table}_v{v} WHERE aggregate_id = $1 AND episode_id = ANY($2)"
+        ))
+        .bind(id)
+        .bind(episode_ids)
+        .execute(&mut **tx)
+        .await?;
     }
     Ok(())
 }

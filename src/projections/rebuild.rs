@@ -70,17 +70,24 @@ pub struct Progress {
     started: Instant,
     last_line: Instant,
     label: String,
+    unit: &'static str,
 }
 
 impl Progress {
-    /// A progress report named `label` (e.g. `rebuild executions v2`).
+    /// A progress report named `label` (e.g. `rebuild executions v2`), in
+    /// stream sequences.
     pub fn new(label: String) -> Self {
+        Self::counting(label, "seq")
+    }
+
+    /// A progress report named `label` that counts `unit`s (e.g. `items`).
+    pub fn counting(label: String, unit: &'static str) -> Self {
         let bar = std::io::stderr().is_terminal().then(|| {
             let b = indicatif::ProgressBar::new(0);
             b.set_style(
-                indicatif::ProgressStyle::with_template(
-                    "{msg} [{bar:40}] {pos}/{len} seq  {per_sec}  ETA {eta}",
-                )
+                indicatif::ProgressStyle::with_template(&format!(
+                    "{{msg}} [{{bar:40}}] {{pos}}/{{len}} {unit}  {{per_sec}}  ETA {{eta}}"
+                ))
                 .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
                 .progress_chars("=> "),
             );
@@ -92,6 +99,7 @@ impl Progress {
             started: Instant::now(),
             last_line: Instant::now(),
             label,
+            unit,
         }
     }
 
@@ -115,8 +123,9 @@ impl Progress {
             "?".into()
         };
         eprintln!(
-            "flowledger: {}: {done}/{target} ({:.0}%), {rate:.0} seq/s, ETA {eta}",
+            "flowledger: {}: {done}/{target} ({:.0}%), {rate:.0} {}/s, ETA {eta}",
             self.label,
+            self.unit,
             100.0 * done as f64 / target.max(1) as f64
         );
     }

@@ -1029,6 +1029,16 @@ pub(crate) struct Answer {
 }
 
 impl ReadSide {
+    /// Stops the service (its projections with it), keeping its database
+    /// pool: a read model that stays where it was.
+    pub(crate) async fn stop(self) -> sqlx::PgPool {
+        self._service
+            .run_until(async {}, std::future::pending())
+            .await
+            .expect("the read side stops");
+        self.pool
+    }
+
     /// GET as the operator.
     pub(crate) async fn get(&self, path: &str) -> (u16, Value) {
         let a = self.call("GET", path, Some(OPERATOR_TOKEN), None).await;
@@ -1350,8 +1360,16 @@ pub(crate) fn serve_command_on(
 pub(crate) async fn log_events<N>(
     app: &TestApp<N>,
 ) -> Vec<flowledger::events::envelope::EventRecord> {
+    log_events_after(app, 0).await
+}
+
+/// The events of the log's messages after stream sequence `seq`, in order.
+pub(crate) async fn log_events_after<N>(
+    app: &TestApp<N>,
+    seq: u64,
+) -> Vec<flowledger::events::envelope::EventRecord> {
     let mut out = Vec::new();
-    for seq in 1..=app.last_seq().await {
+    for seq in seq + 1..=app.last_seq().await {
         let Some(m) = app.log.get(seq).await.expect("read the log") else {
             continue;
         };

@@ -7,9 +7,12 @@ use std::time::Duration;
 
 use flowledger::audit::verify::{self, Options};
 use flowledger::audit::{export, read::Filter};
+use flowledger::commands::limits::MAX_CLEANUP_ITEMS;
 use flowledger::commands::memory::aggregate_id;
 use flowledger::crypto::Sealed;
 use flowledger::memory::keys::KeyError;
+use flowledger::memory::service::{Chunking, MemoryService, Retention};
+use flowledger::projections::{rebuild, ReadModel};
 use serde_json::{json, Value};
 
 use crate::helpers::*;
@@ -542,11 +545,10 @@ async fn over_http_writeback_then_assemble_returns_the_turns_facts_and_live_work
     let expired: Vec<_> = log_events(&app)
         .await
         .into_iter()
-        .filter(|e| e.event_type == "WorkingStateDeleted")
+        .filter(|e| e.event_type == "WorkingStateExpired")
         .collect();
     assert_eq!(expired.len(), 1);
-    assert_eq!(expired[0].data["key"], "flash");
-    assert_eq!(expired[0].data["reason"], "expired");
+    assert_eq!(expired[0].data["keys"], json!(["flash"]));
     assert_eq!(expired[0].actor.client_id, "flowledger");
     api.caught_up(&app.log).await;
     let left: Vec<String> = sqlx::query_scalar("SELECT key FROM memory_working_state ORDER BY key")
@@ -589,10 +591,10 @@ async fn over_http_writeback_then_assemble_returns_the_turns_facts_and_live_work
     let retired: Vec<_> = log_events(&app)
         .await
         .into_iter()
-        .filter(|e| e.event_type == "EpisodeRetired")
+        .filter(|e| e.event_type == "EpisodesRetired")
         .collect();
     assert_eq!(retired.len(), 1);
-    assert_eq!(retired[0].data["episode_id"], "t0");
+    assert_eq!(retired[0].data["episode_ids"], json!(["t0"]));
     assert_eq!(retired[0].data["reason"], "retention");
     assert_eq!(retired[0].actor.client_id, "flowledger");
     api.caught_up(&app.log).await;
@@ -714,4 +716,193 @@ async fn over_http_writeback_then_assemble_returns_the_turns_facts_and_live_work
     for planted in [PLANTED, "Volvo", "Ann Example", "Porto"] {
         assert!(!contains(&dump, planted), "{planted} is in pg_dump");
     }
+}
+
+fn body<T: serde::de::DeserializeOwned>(v: Value) -> T {
+    serde_json::from_value(v).expect("a valid memory request body")
+}
+
+/// The working-state rows of the read model as (subject_id, key).
+async fn working_rows(pool: &sqlx::PgPool) -> Vec<(String, String)> {
+    sqlx::query_as(
+        "SELECT s.subject_id, w.key FROM memory_working_state w JOIN memory_subjects s \
+         USING (aggregate_id) ORDER BY 1, 2",
+    )
+    .fetch_all(pool)
+    .await
+    .expect("the working-state rows")
+}
+
+#[tokio::test]
+async fn a_cleanup_records_one_event_per_subject_splits_a_large_one_leaves_out_a_value_set_anew_and_equals_a_rebuild(
+) {
+    let bao = OpenBao::start().await;
+    let app = spawn_app().await;
+    let memory = memory_service(&bao).await;
+    let live = spawn_api_with_memory(&app, true, pgvector_database().await, memory.clone()).await;
+    let t0: chrono::DateTime<chrono::Utc> = "2026-12-01T10:00:00Z".parse().unwrap();
+    let set = |subject: &str, key: &str, ttl: i64, at| {
+        let (memory, bus) = (memory.clone(), live.bus.clone());
+        let b = body(
+            json!({"subject_id": subject, "key": key, "value": {"k": key},
+            "ttl_seconds": ttl}),
+        );
+        async move {
+            memory
+                .working_set(&bus, "billing", b, None, at)
+                .await
+                .expect("set a working-state value")
+        }
+    };
+    // "large": more due values than one event carries; "s0".."s3": five
+    // due values and one not due; "s0" also "renewed", due when read
+    let large = MAX_CLEANUP_ITEMS + 3;
+    for i in 0..large {
+        set("large", &format!("k{i:04}"), 60, t0).await;
+    }
+    for s in ["s0", "s1", "s2", "s3"] {
+        for i in 0..5 {
+            set(s, &format!("k{i}"), 60, t0).await;
+        }
+        set(s, "keep", 3600, t0).await;
+    }
+    set("s0", "renewed", 60, t0).await;
+    // "s1" has two turns older than a day before the run and one not
+    let now = t0 + chrono::TimeDelta::seconds(120);
+    for (turn, at) in [
+        ("old-a", "2026-11-28"),
+        ("old-b", "2026-11-29"),
+        ("new", "2026-12-01"),
+    ] {
+        memory
+            .writeback(
+                &live.bus,
+                "billing",
+                body(json!({"subject_id": "s1", "turn_id": turn,
+                    "timestamp": format!("{at}T09:00:00Z"),
+                    "messages": [{"role": "user", "content": format!("turn {turn}")}],
+                    "response": "ok"})),
+                t0,
+            )
+            .await
+            .expect("a writeback");
+    }
+    // what the cleanup reads: a read model that stops here
+    let stale = spawn_api_with_memory(&app, true, pgvector_database().await, memory.clone()).await;
+    stale.caught_up(&app.log).await;
+    let stale = stale.stop().await;
+    // "renewed" is set anew after that read: it expires an hour later
+    set("s0", "renewed", 3600, t0 + chrono::TimeDelta::seconds(30)).await;
+    let retaining = MemoryService::new(
+        memory.keys().clone(),
+        Chunking { max_chars: 800 },
+        memory.defaults(),
+    )
+    .with_retention(Retention::from_days(1));
+    let before = app.last_seq().await;
+    let mut pages = 0;
+    let report =
+        flowledger::memory::cleanup::run_once(&live.bus, &retaining, &stale, now, &mut |_| {
+            pages += 1
+        })
+        .await
+        .expect("cleanup");
+    assert_eq!(
+        (
+            report.expired,
+            report.retired,
+            report.skipped,
+            report.failed
+        ),
+        (large as u64 + 20, 2, 1, 0),
+        "{report:?}"
+    );
+    assert!(pages >= 2, "one page per sweep at least: {pages}");
+    // one event per subject, "large" in two; "renewed" is in none
+    let events = log_events_after(&app, before).await;
+    let mut expired: Vec<(String, usize)> = events
+        .iter()
+        .filter(|e| e.event_type == "WorkingStateExpired")
+        .map(|e| {
+            let keys = e.data["keys"].as_array().expect("keys").clone();
+            assert!(!keys.contains(&json!("renewed")), "{keys:?}");
+            assert_eq!(e.data["expired_at"], json!("2026-12-01T10:02:00Z"));
+            assert_eq!(e.actor.client_id, "flowledger");
+            (e.aggregate_id.clone(), keys.len())
+        })
+        .collect();
+    expired.sort();
+    let mut want: Vec<(String, usize)> = vec![
+        (aggregate_id("billing", "large"), MAX_CLEANUP_ITEMS),
+        (aggregate_id("billing", "large"), 3),
+    ];
+    for s in ["s0", "s1", "s2", "s3"] {
+        want.push((aggregate_id("billing", s), 5));
+    }
+    want.sort();
+    assert_eq!(expired, want);
+    let retired: Vec<_> = events
+        .iter()
+        .filter(|e| e.event_type == "EpisodesRetired")
+        .collect();
+    assert_eq!(retired.len(), 1);
+    assert_eq!(retired[0].data["episode_ids"], json!(["old-a", "old-b"]));
+    assert!(
+        events
+            .iter()
+            .all(|e| e.event_type == "WorkingStateExpired" || e.event_type == "EpisodesRetired"),
+        "no other event: {:?}",
+        events.iter().map(|e| &e.event_type).collect::<Vec<_>>()
+    );
+    // the live read model follows: what is not due, and the value set anew
+    live.caught_up(&app.log).await;
+    let mut left = vec![("s0".to_string(), "keep".to_string())];
+    left.push(("s0".into(), "renewed".into()));
+    for s in ["s1", "s2", "s3"] {
+        left.push((s.into(), "keep".into()));
+    }
+    assert_eq!(working_rows(&live.pool).await, left);
+    let episodes: Vec<String> =
+        sqlx::query_scalar("SELECT episode_id FROM memory_episodes ORDER BY 1")
+            .fetch_all(&live.pool)
+            .await
+            .unwrap();
+    assert_eq!(episodes, ["new"]);
+    let views = [
+        ("memory_subjects", "aggregate_id"),
+        ("memory_episodes", "aggregate_id, episode_id"),
+        ("memory_chunks", "aggregate_id, episode_id, idx"),
+        ("memory_working_state", "aggregate_id, key"),
+    ];
+    let mut rows = Vec::new();
+    for (view, order) in views {
+        rows.push(live.snapshot(view, order).await);
+    }
+    // a rebuild from the log makes the same rows
+    rebuild::rebuild_with_keys(
+        &live.pool,
+        &app.log,
+        ReadModel::Memory,
+        Some(memory.keys().clone()),
+    )
+    .await
+    .expect("rebuild the memory read model");
+    for ((view, order), rows) in views.iter().zip(&rows) {
+        assert_eq!(
+            &live.snapshot(view, order).await,
+            rows,
+            "{view} differs from its rebuild"
+        );
+    }
+    // a second run over the stale read finds nothing due any more
+    let report =
+        flowledger::memory::cleanup::run_once(&live.bus, &retaining, &stale, now, &mut |_| {})
+            .await
+            .expect("cleanup");
+    assert_eq!(
+        (report.expired, report.retired, report.failed),
+        (0, 0, 0),
+        "{report:?}"
+    );
+    assert_eq!(report.skipped, large as u64 + 21 + 2, "{report:?}");
 }

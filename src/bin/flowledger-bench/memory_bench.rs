@@ -30,10 +30,20 @@
 //!    hashed bag of words) on the same database; each writeback through the
 //!    memory service and the bus, then `gather` polled until the episode's
 //!    chunk is found by full text and by vector.
-//! 4. **cleanup**: `--cleanup-values` working-state values set through the
-//!    bus and projected, then `memory::cleanup::run_once` past their
-//!    expiry, beside the `--working-rows` rows that are not due; one event
-//!    per value, so its rate extrapolates to 1M values (said as such).
+//! 4. **cleanup**: `--cleanup-values` working-state values due at once, on
+//!    `--cleanup-subjects` subjects, written into the log as the bus writes
+//!    them (`MemorySubjectOpened`, then `WorkingStateSet`s sealed with each
+//!    subject's key, chained on the subject's last sequence;
+//!    `--cleanup-per-commit` of them a commit, 1 being what one
+//!    `working_state_set` each writes) and projected by the memory
+//!    projection; then, on a fresh bus cache and key cache (as a
+//!    `flowledger memory cleanup` process has), the real
+//!    `memory::cleanup::run_once` past their expiry, beside the
+//!    `--working-rows` rows not due. Before it, in the same run, the old
+//!    per-value path (one `working_state_delete` marked expired per value,
+//!    one at a time, as the cleanup did before `WorkingStateExpired`) over
+//!    `--cleanup-single` values written the same way. `--only cleanup`
+//!    skips parts 1 to 3 (no chunks, vectors or HNSW build).
 
 use std::collections::HashSet;
 use std::fmt::Write as _;
@@ -41,6 +51,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use futures::StreamExt;
 use serde_json::{json, Value};
 use sqlx::postgres::{PgPool, PgPoolOptions};
 use sqlx::Executor;
@@ -54,7 +65,7 @@ use flowledger::events::log::{self, EventLog, LogConfig};
 use flowledger::memory::embedder::Embedder;
 use flowledger::memory::keys::SubjectKeys;
 use flowledger::memory::service::{
-    AssembleDefaults, Chunking, MemoryService, Message, WorkingSetBody, WritebackBody,
+    AssembleDefaults, Chunking, MemoryService, Message, WorkingDeleteBody, WritebackBody,
 };
 use flowledger::projections::db::{self, VECTORS_TABLE};
 use flowledger::projections::ReadModel;
@@ -88,15 +99,36 @@ pub(crate) struct Args {
     /// Writebacks timed to "visible in assemble".
     #[arg(long, default_value_t = 200)]
     writebacks: usize,
-    /// Working-state values set through the bus and expired by the cleanup.
+    /// Working-state values due at once, expired by the cleanup.
     #[arg(long, default_value_t = 2_000)]
     cleanup_values: usize,
+    /// The subjects they are spread over (default: one per 100 values).
+    #[arg(long)]
+    cleanup_subjects: Option<usize>,
+    /// Values a setup commit holds (1: one commit per value, as the bus
+    /// writes one `working_state_set` each).
+    #[arg(long, default_value_t = 1)]
+    cleanup_per_commit: usize,
+    /// Values expired by the old per-value path first, for comparison (0:
+    /// not run).
+    #[arg(long, default_value_t = 2_000)]
+    cleanup_single: usize,
+    /// Run one part only: `cleanup` (no chunks, vectors or index build).
+    #[arg(long, value_enum)]
+    only: Option<Only>,
     /// Working-state rows not due, filled beside them (default: --chunks).
     #[arg(long)]
     working_rows: Option<usize>,
     /// maintenance_work_mem for the index builds.
     #[arg(long, default_value = "4GB")]
     maintenance_work_mem: String,
+}
+
+/// The one part `--only` runs.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Only {
+    /// The cleanup (part 4).
+    Cleanup,
 }
 
 const SEED: u64 = 0x6d65_6d6f_7279;
@@ -267,21 +299,7 @@ async fn fill(
 ) -> anyhow::Result<()> {
     let base =
         chrono::DateTime::parse_from_rfc3339("2026-01-01T00:00:00Z")?.with_timezone(&chrono::Utc);
-    copy_rows(
-        pool,
-        &format!("memory_subjects_v{v}"),
-        "aggregate_id, owner, subject_id, opened_at, last_seq",
-        subjects.len(),
-        |i, b| {
-            let _ = write!(
-                b,
-                "{}\t{OWNER}\ts{i}\t{}\t0",
-                subjects[i].id,
-                base.to_rfc3339()
-            );
-        },
-    )
-    .await?;
+    fill_subjects(pool, v, subjects).await?;
     // (subject, chunk within it) of each chunk, in order
     let place: Vec<(usize, usize)> = subjects
         .iter()
@@ -353,6 +371,19 @@ async fn fill(
     )
     .await?;
     eprintln!("  filled {} vectors", place.len());
+    fill_working(pool, v, subjects, working_rows).await
+}
+
+/// Fills `working_rows` working-state rows, not due, of `subjects` (their
+/// `memory_subjects` rows written already).
+async fn fill_working(
+    pool: &PgPool,
+    v: i32,
+    subjects: &[Subject],
+    working_rows: usize,
+) -> anyhow::Result<()> {
+    let base =
+        chrono::DateTime::parse_from_rfc3339("2026-01-01T00:00:00Z")?.with_timezone(&chrono::Utc);
     let until = (chrono::Utc::now() + chrono::TimeDelta::days(365)).to_rfc3339();
     copy_rows(
         pool,
@@ -373,6 +404,27 @@ async fn fill(
     .await?;
     eprintln!("  filled {working_rows} working-state rows (not due)");
     Ok(())
+}
+
+/// The `memory_subjects` rows of `subjects`.
+async fn fill_subjects(pool: &PgPool, v: i32, subjects: &[Subject]) -> anyhow::Result<()> {
+    let base =
+        chrono::DateTime::parse_from_rfc3339("2026-01-01T00:00:00Z")?.with_timezone(&chrono::Utc);
+    copy_rows(
+        pool,
+        &format!("memory_subjects_v{v}"),
+        "aggregate_id, owner, subject_id, opened_at, last_seq",
+        subjects.len(),
+        |i, b| {
+            let _ = write!(
+                b,
+                "{}\t{OWNER}\ts{i}\t{}\t0",
+                subjects[i].id,
+                base.to_rfc3339()
+            );
+        },
+    )
+    .await
 }
 
 /// A pool whose sessions run `settings` first.
@@ -558,7 +610,9 @@ async fn embeddings_peer(dims: usize) -> anyhow::Result<String> {
     Ok(format!("http://{addr}/v1"))
 }
 
-async fn memory_service(args: &Args, peer: &str) -> anyhow::Result<Arc<MemoryService>> {
+/// The memory service of the bench's keys (a key cache of its own), with
+/// the bag-of-words embedder at `peer` if given.
+async fn memory_service(args: &Args, peer: Option<&str>) -> anyhow::Result<Arc<MemoryService>> {
     let vault = VaultClient::connect(VaultConfig {
         addr: args.vault_addr.clone(),
         auth: VaultAuth::Token(args.vault_token.clone()),
@@ -581,6 +635,18 @@ async fn memory_service(args: &Args, peer: &str) -> anyhow::Result<Arc<MemorySer
         KEY_PATH,
         Duration::from_secs(300),
     ));
+    let service = MemoryService::new(
+        keys,
+        Chunking { max_chars: 800 },
+        AssembleDefaults {
+            top_k: TOP_K,
+            recent_episodes: 5,
+            budget_ms: 2_000,
+        },
+    );
+    let Some(peer) = peer else {
+        return Ok(Arc::new(service));
+    };
     let embedder = Embedder::new(
         EmbedderSection {
             url: peer.into(),
@@ -595,18 +661,7 @@ async fn memory_service(args: &Args, peer: &str) -> anyhow::Result<Arc<MemorySer
         None,
     )
     .map_err(|e| anyhow::anyhow!("the embedder: {e}"))?;
-    Ok(Arc::new(
-        MemoryService::new(
-            keys,
-            Chunking { max_chars: 800 },
-            AssembleDefaults {
-                top_k: TOP_K,
-                recent_episodes: 5,
-                budget_ms: 2_000,
-            },
-        )
-        .with_embedder(Arc::new(embedder)),
-    ))
+    Ok(Arc::new(service.with_embedder(Arc::new(embedder))))
 }
 
 fn refused(e: flowledger::bus::CommandError) -> anyhow::Error {
@@ -709,93 +764,207 @@ async fn writeback_visible(
     Ok((text, vector))
 }
 
-/// Sets `values` working-state values (1 s to live) through the bus on 20
-/// subjects, waits until they are projected, then times the cleanup.
-async fn cleanup(
+/// Working-state rows of the subjects named `<prefix>-*` in the read model.
+async fn rows_of(pool: &PgPool, prefix: &str) -> anyhow::Result<usize> {
+    let n: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM memory_working_state w JOIN memory_subjects s \
+         USING (aggregate_id) WHERE s.subject_id LIKE $1",
+    )
+    .bind(format!("{prefix}-%"))
+    .fetch_one(pool)
+    .await?;
+    Ok(n as usize)
+}
+
+/// Polls until `rows_of(prefix)` is `want` (at most 30 minutes).
+async fn until_rows(pool: &PgPool, prefix: &str, want: usize) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(1800);
+    loop {
+        let n = rows_of(pool, prefix).await?;
+        if n == want {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "{prefix}: {n} working-state rows, not {want}, after 30 minutes"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Writes `values` working-state values, all expiring one second after
+/// `at`, of the subjects `<prefix>-0` .. `<prefix>-<subjects - 1>` into the
+/// log as the bus writes them (the subject's `MemorySubjectOpened` first,
+/// each value sealed with the subject's key, every commit chained on the
+/// subject's last sequence), `per_commit` values a commit, 16 subjects at
+/// a time; then waits until the memory projection has them all. Answers
+/// the time to write and the time until projected.
+async fn write_due(
     app: &Application,
     memory: &Arc<MemoryService>,
     pool: &PgPool,
-    values: usize,
-) -> anyhow::Result<()> {
-    let subjects = 20usize;
+    prefix: &str,
+    (values, subjects, per_commit): (usize, usize, usize),
+    at: chrono::DateTime<chrono::Utc>,
+) -> anyhow::Result<(Duration, Duration)> {
+    use flowledger::commands::memory::events::{MemoryEvent, MemorySubjectOpened, WorkingStateSet};
+    use flowledger::events::envelope::{Actor, CommandMeta};
     let started = Instant::now();
-    let mut tasks = Vec::new();
-    for s in 0..subjects {
-        let (bus, memory) = (app.bus().clone(), memory.clone());
-        tasks.push(tokio::spawn(async move {
-            for k in (s..values).step_by(subjects) {
-                let body = WorkingSetBody {
-                    subject_id: format!("clean-{s}"),
+    let bus = app.bus();
+    let mut writes = futures::stream::iter(0..subjects)
+        .map(|s| async move {
+            let subject_id = format!("{prefix}-{s}");
+            let id = aggregate_id(OWNER, &subject_id);
+            let key = memory
+                .keys()
+                .get_or_create(&id)
+                .await
+                .map_err(|e| anyhow::anyhow!("the key of {subject_id}: {e}"))?;
+            let n = values / subjects + usize::from(s < values % subjects);
+            let mut events = vec![MemoryEvent::MemorySubjectOpened(MemorySubjectOpened {
+                owner: OWNER.into(),
+                subject_id: subject_id.clone(),
+                key_id: key.id().to_string(),
+            })];
+            for k in 0..n {
+                events.push(MemoryEvent::WorkingStateSet(WorkingStateSet {
                     key: format!("k{k}"),
-                    value: json!({"step": k, "cart": ["a", "b"]}),
-                    ttl_seconds: 1,
-                };
-                memory
-                    .working_set(&bus, OWNER, body, None, chrono::Utc::now())
-                    .await
-                    .map_err(refused)?;
+                    value: key.seal_json(&json!({"step": k, "cart": ["a", "b"]})),
+                    expires_at: at + chrono::TimeDelta::seconds(1),
+                }));
+                // the opening rides with the first value, as a first set's does
+                if (k + 1) % per_commit == 0 || k + 1 == n {
+                    let command_id = uuid::Uuid::now_v7().to_string();
+                    let meta = CommandMeta::originating(
+                        command_id.clone(),
+                        Actor {
+                            client_id: OWNER.into(),
+                            user_id: None,
+                        },
+                        key.keyed_id("command", &[&command_id]),
+                    );
+                    bus.memory_undecided(&id, std::mem::take(&mut events), &meta)
+                        .await
+                        .map_err(|e| anyhow::anyhow!("append for {subject_id}: {e}"))?;
+                }
             }
             anyhow::Ok(())
-        }));
+        })
+        .buffer_unordered(16);
+    while let Some(r) = writes.next().await {
+        r?;
     }
-    for t in tasks {
-        t.await??;
+    drop(writes);
+    let written = started.elapsed();
+    until_rows(pool, prefix, values).await?;
+    Ok((written, started.elapsed()))
+}
+
+/// The cleanup's old path, for comparison: one `working_state_delete`
+/// marked expired (a `WorkingStateDeleted` command) per due value of the
+/// `<prefix>-*` subjects, one at a time, as `run_once` did before
+/// `WorkingStateExpired`. Answers the values expired and the time.
+async fn single_path(
+    app: &Application,
+    memory: &Arc<MemoryService>,
+    pool: &PgPool,
+    prefix: &str,
+    now: chrono::DateTime<chrono::Utc>,
+) -> anyhow::Result<(usize, Duration)> {
+    let started = Instant::now();
+    let due: Vec<(String, String)> = sqlx::query_as(
+        "SELECT s.subject_id, w.key FROM memory_working_state w JOIN memory_subjects s \
+         USING (aggregate_id) WHERE s.subject_id LIKE $1 AND w.expires_at <= $2 \
+         ORDER BY w.aggregate_id, w.key",
+    )
+    .bind(format!("{prefix}-%"))
+    .bind(now)
+    .fetch_all(pool)
+    .await?;
+    for (subject_id, key) in &due {
+        let body = WorkingDeleteBody {
+            subject_id: subject_id.clone(),
+            key: key.clone(),
+        };
+        memory
+            .working_delete(app.bus(), OWNER, body, true, None, now)
+            .await
+            .map_err(refused)?;
     }
-    let set = started.elapsed();
-    let due = |pool: PgPool| async move {
-        let n: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM memory_working_state w JOIN memory_subjects s \
-             USING (aggregate_id) WHERE s.subject_id LIKE 'clean-%'",
-        )
-        .fetch_one(&pool)
-        .await?;
-        anyhow::Ok(n as usize)
-    };
-    let deadline = Instant::now() + Duration::from_secs(600);
-    while due(pool.clone()).await? < values {
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "the values not projected in 600 s"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let total: i64 = sqlx::query_scalar("SELECT count(*) FROM memory_working_state")
-        .fetch_one(pool)
-        .await?;
+    Ok((due.len(), started.elapsed()))
+}
+
+/// Part 4: the old path over `--cleanup-single` values, then `run_once`
+/// over `--cleanup-values`, each set up by [`write_due`].
+async fn cleanup(
+    app: &Application,
+    args: &Args,
+    pool: &PgPool,
+    working_rows: usize,
+) -> anyhow::Result<()> {
+    let values = args.cleanup_values;
+    let subjects = args
+        .cleanup_subjects
+        .unwrap_or(values / 100)
+        .clamp(1, values.max(1));
+    let per_commit = args.cleanup_per_commit.max(1);
+    let setup = memory_service(args, None).await?;
+    let at = chrono::Utc::now();
+    let now = at + chrono::TimeDelta::seconds(5);
     println!(
-        "  set {values} values through the bus in {:.1} s ({:.0}/s); read model: {total} \
-         working-state rows",
-        set.as_secs_f64(),
-        values as f64 / set.as_secs_f64()
+        "\ncleanup ({values} due values on {subjects} subjects, {per_commit} a setup commit, \
+         beside {working_rows} rows not due):"
     );
-    let now = chrono::Utc::now() + chrono::TimeDelta::seconds(5);
-    let report = flowledger::memory::cleanup::run_once(app.bus(), memory, pool, now, &mut |_| {})
+    if args.cleanup_single > 0 {
+        let n = args.cleanup_single;
+        let shape = (n, (n / 100).max(1), per_commit);
+        let (written, projected) = write_due(app, &setup, pool, "single", shape, at).await?;
+        println!(
+            "  old path's {n} values written in {:.1} s, projected after {:.1} s",
+            written.as_secs_f64(),
+            projected.as_secs_f64()
+        );
+        app.bus().clear_memory_cache();
+        let fresh = memory_service(args, None).await?;
+        let (done, took) = single_path(app, &fresh, pool, "single", now).await?;
+        anyhow::ensure!(done == n, "the old path found {done} of {n} values due");
+        until_rows(pool, "single", 0).await?;
+        println!(
+            "  old path (one WorkingStateDeleted command per value, one at a time): {done} \
+             values in {:.2} s, {:.0} values/s",
+            took.as_secs_f64(),
+            done as f64 / took.as_secs_f64().max(1e-9)
+        );
+    }
+    let shape = (values, subjects, per_commit);
+    let (written, projected) = write_due(app, &setup, pool, "clean", shape, at).await?;
+    println!(
+        "  {values} values written into the log in {:.1} s ({:.0}/s), projected after {:.1} s",
+        written.as_secs_f64(),
+        values as f64 / written.as_secs_f64().max(1e-9),
+        projected.as_secs_f64()
+    );
+    // as a `flowledger memory cleanup` process: nothing cached
+    app.bus().clear_memory_cache();
+    let fresh = memory_service(args, None).await?;
+    let now = chrono::Utc::now().max(now);
+    let report = flowledger::memory::cleanup::run_once(app.bus(), &fresh, pool, now, &mut |_| {})
         .await
         .context("the cleanup")?;
     let took = Duration::from_millis(report.took_ms);
     let t = Instant::now();
-    while due(pool.clone()).await? > 0 {
-        anyhow::ensure!(
-            t.elapsed() < Duration::from_secs(600),
-            "expiries not projected"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let projected = took + t.elapsed();
+    until_rows(pool, "clean", 0).await?;
     let rate = report.expired as f64 / took.as_secs_f64().max(1e-9);
     println!(
-        "  cleanup::run_once: {} expired, {} skipped, {} failed in {:.2} s ({rate:.0} values/s, \
-         one WorkingStateDeleted each); read model empty of them after {:.2} s",
+        "  cleanup::run_once (one WorkingStateExpired per subject and 1,000 values, {} subjects \
+         at a time): {} expired, {} skipped, {} failed in {:.2} s, {rate:.0} values/s; read \
+         model empty of them {:.2} s later",
+        flowledger::memory::cleanup::CONCURRENCY,
         report.expired,
         report.skipped,
         report.failed,
         took.as_secs_f64(),
-        projected.as_secs_f64()
-    );
-    println!(
-        "  extrapolated, not measured: 1,000,000 due values at this rate take {:.0} s ({:.1} min)",
-        1e6 / rate,
-        1e6 / rate / 60.0
+        t.elapsed().as_secs_f64()
     );
     anyhow::ensure!(
         report.expired as usize == values && report.failed == 0,
@@ -830,6 +999,87 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
         .fetch_one(&pool)
         .await?;
     anyhow::ensure!(filled == 0, "the database is not empty: give a fresh one");
+    let only_cleanup = args.only == Some(Only::Cleanup);
+    if only_cleanup {
+        // subjects holding the rows not due, without chunks
+        let idle: Vec<Subject> = (0..1_000)
+            .map(|n| Subject {
+                n,
+                id: aggregate_id(OWNER, &format!("s{n}")),
+                size: 0,
+            })
+            .collect();
+        fill_subjects(&pool, v, &idle).await?;
+        fill_working(&pool, v, &idle, working_rows).await?;
+    } else {
+        search(&args, &pool, v, working_rows).await?;
+    }
+
+    // the live parts: the bus, the projection, the embedding handler
+    let client = connect_service(&args.nats_url).await?;
+    log::init(&client, &LogConfig::default()).await?;
+    let event_log = EventLog::open(client.clone(), LogConfig::default()).await?;
+    let peer = match only_cleanup {
+        true => None,
+        false => Some(embeddings_peer(args.dimensions).await?),
+    };
+    let memory = memory_service(&args, peer.as_deref()).await?;
+    let app = Application::build(Settings {
+        nats: client,
+        log: event_log,
+        registry: Arc::new(Registry::with_keys(["bench.workflow"])),
+        max_timeout_seconds: 3600,
+        callback_sealer: None,
+        intake: false,
+        nats_accounts: Default::default(),
+        checkpoints: None,
+        database: Some(DatabaseSettings {
+            url: args.database_url.clone(),
+            max_connections: 10,
+            projections: true,
+            handler: None,
+            http: None,
+        }),
+        secrets: None,
+        memory: Some(memory.clone()),
+        probes: None,
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("build the service: {e}"))?;
+    if !only_cleanup {
+        writebacks(&app, &memory, &pool, &args).await?;
+    }
+    cleanup(&app, &args, &pool, working_rows).await?;
+    drop(app);
+    Ok(())
+}
+
+/// Part 3: writebacks timed until visible in assemble.
+async fn writebacks(
+    app: &Application,
+    memory: &Arc<MemoryService>,
+    pool: &PgPool,
+    args: &Args,
+) -> anyhow::Result<()> {
+    let (text, vector) =
+        writeback_visible(app, memory, pool, args.writebacks, args.dimensions).await?;
+    println!(
+        "\nwriteback -> visible in assemble ({} writebacks, one at a time, memory service + bus + \
+         projection; by vector also the embedding handler and its peer), ms p50 / p95: full text \
+         {:.1} / {:.1} | vector {:.1} / {:.1}",
+        args.writebacks,
+        ms(percentile(&text, 0.5)),
+        ms(percentile(&text, 0.95)),
+        ms(percentile(&vector, 0.5)),
+        ms(percentile(&vector, 0.95))
+    );
+    Ok(())
+}
+
+/// Parts 1 and 2: the fill with chunks and vectors, the index build, and
+/// assemble's queries.
+async fn search(args: &Args, pool: &PgPool, v: i32, working_rows: usize) -> anyhow::Result<()> {
+    let pool = pool.clone();
     // the projection's own DDL: the table first, its indexes after the load
     let (indexes, tables): (Vec<String>, Vec<String>) = db::vector_ddl(v, args.dimensions as u32)
         .into_iter()
@@ -1041,51 +1291,5 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
         e95 / h95
     );
 
-    // the live parts: the bus, the projection, the embedding handler
-    let client = connect_service(&args.nats_url).await?;
-    log::init(&client, &LogConfig::default()).await?;
-    let event_log = EventLog::open(client.clone(), LogConfig::default()).await?;
-    let peer = embeddings_peer(args.dimensions).await?;
-    let memory = memory_service(&args, &peer).await?;
-    let app = Application::build(Settings {
-        nats: client,
-        log: event_log,
-        registry: Arc::new(Registry::with_keys(["bench.workflow"])),
-        max_timeout_seconds: 3600,
-        callback_sealer: None,
-        intake: false,
-        nats_accounts: Default::default(),
-        checkpoints: None,
-        database: Some(DatabaseSettings {
-            url: args.database_url.clone(),
-            max_connections: 10,
-            projections: true,
-            handler: None,
-            http: None,
-        }),
-        secrets: None,
-        memory: Some(memory.clone()),
-        probes: None,
-    })
-    .await
-    .map_err(|e| anyhow::anyhow!("build the service: {e}"))?;
-    let (text, vector) =
-        writeback_visible(&app, &memory, &pool, args.writebacks, args.dimensions).await?;
-    println!(
-        "\nwriteback -> visible in assemble ({} writebacks, one at a time, memory service + bus + \
-         projection; by vector also the embedding handler and its peer), ms p50 / p95: full text \
-         {:.1} / {:.1} | vector {:.1} / {:.1}",
-        args.writebacks,
-        ms(percentile(&text, 0.5)),
-        ms(percentile(&text, 0.95)),
-        ms(percentile(&vector, 0.5)),
-        ms(percentile(&vector, 0.95))
-    );
-    println!(
-        "\ncleanup ({} values through the bus, beside {working_rows} rows not due):",
-        args.cleanup_values
-    );
-    cleanup(&app, &memory, &pool, args.cleanup_values).await?;
-    drop(app);
     Ok(())
 }

@@ -58,6 +58,17 @@ pub enum MemoryEvent {
     /// an episode (retries exhausted, or an answer refused): seed 001's
     /// `extraction_failed`.
     EpisodeExtractionFailed(EpisodeExtractionFailed),
+    /// `WorkingStateExpired`: working-state values of one subject removed
+    /// by the cleanup, all past their expiry at `expired_at`, in one event
+    /// (a cleanup run records one per subject, or per
+    /// [`MAX_CLEANUP_ITEMS`](crate::commands::limits::MAX_CLEANUP_ITEMS)
+    /// of its values).
+    WorkingStateExpired(WorkingStateExpired),
+    /// `EpisodesRetired`: episodes of one subject past the retention period
+    /// leave the read models, in one event (as `EpisodeRetired` each did;
+    /// their sealed turns stay in the log, readable only with the
+    /// subject's key).
+    EpisodesRetired(EpisodesRetired),
 }
 
 /// A subject's first event.
@@ -220,6 +231,28 @@ pub struct EpisodeRetired {
     pub before: DateTime<Utc>,
 }
 
+/// Working-state values expired by the cleanup.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkingStateExpired {
+    /// Their names (as `WorkingStateDeleted.key`: not personal), each once,
+    /// in order; never empty.
+    pub keys: Vec<String>,
+    /// The cleanup's time: every value had expired by then.
+    pub expired_at: DateTime<Utc>,
+}
+
+/// Episodes retired by the cleanup.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EpisodesRetired {
+    /// The episodes (`EpisodeRecorded` of this subject), each once, in
+    /// order; never empty.
+    pub episode_ids: Vec<String>,
+    /// Why, as a code: `retention`.
+    pub reason: String,
+    /// The retention cut-off: every episode's turn was before it.
+    pub before: DateTime<Utc>,
+}
+
 /// The extractor's answer for an episode.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EpisodeExtracted {
@@ -264,6 +297,8 @@ impl DomainEvent for MemoryEvent {
             MemoryEvent::EpisodeRetired(_) => "EpisodeRetired",
             MemoryEvent::EpisodeExtracted(_) => "EpisodeExtracted",
             MemoryEvent::EpisodeExtractionFailed(_) => "EpisodeExtractionFailed",
+            MemoryEvent::WorkingStateExpired(_) => "WorkingStateExpired",
+            MemoryEvent::EpisodesRetired(_) => "EpisodesRetired",
         }
         .to_string()
     }

@@ -17,13 +17,14 @@ use chrono::{DateTime, TimeDelta, Utc};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::commands::limits::{MAX_APPROVAL_WINDOW_SECONDS, MAX_MEMORY_FACTS};
+use crate::commands::limits::{MAX_APPROVAL_WINDOW_SECONDS, MAX_CLEANUP_ITEMS, MAX_MEMORY_FACTS};
 use crate::commands::{DomainError, ErrorCode};
 use crate::crypto::Sealed;
 use events::{
     ChunkSpan, EpisodeEmbedded, EpisodeEmbeddingFailed, EpisodeExtracted, EpisodeExtractionFailed,
-    EpisodeRecorded, EpisodeRetired, FactForgotten, FactRecorded, MemoryEvent, MemorySubjectErased,
-    MemorySubjectOpened, ProfileUpdated, WorkingStateDeleted, WorkingStateSet,
+    EpisodeRecorded, EpisodesRetired, FactForgotten, FactRecorded, MemoryEvent,
+    MemorySubjectErased, MemorySubjectOpened, ProfileUpdated, WorkingStateDeleted,
+    WorkingStateExpired, WorkingStateSet,
 };
 
 /// A subject id is the client's name for a person: the aggregate id is the
@@ -280,13 +281,27 @@ pub enum MemoryCommand {
         /// What went wrong (no conversation text).
         reason: String,
     },
-    /// `memory.retire_episode` (the cleanup): an episode whose turn was
-    /// before `before` leaves the read models.
-    RetireEpisode {
+    /// `memory.expire_working_state` (the cleanup): the values of `keys`
+    /// that have expired at `at` leave the subject in one event; a key no
+    /// longer there or set anew since (not expired) is left out.
+    ExpireWorkingState {
         /// Whose.
         subject: SubjectRef,
-        /// The episode.
-        episode_id: String,
+        /// The due values' names, at most
+        /// [`MAX_CLEANUP_ITEMS`](crate::commands::limits::MAX_CLEANUP_ITEMS).
+        keys: Vec<String>,
+        /// Now.
+        at: DateTime<Utc>,
+    },
+    /// `memory.retire_episodes` (the cleanup): the episodes of
+    /// `episode_ids` whose turn was before `before` leave the read models
+    /// in one event; one no longer there or not older is left out.
+    RetireEpisodes {
+        /// Whose.
+        subject: SubjectRef,
+        /// The due episodes, at most
+        /// [`MAX_CLEANUP_ITEMS`](crate::commands::limits::MAX_CLEANUP_ITEMS).
+        episode_ids: Vec<String>,
         /// The retention cut-off.
         before: DateTime<Utc>,
     },
@@ -349,7 +364,8 @@ impl MemoryCommand {
             | MemoryCommand::ForgetFact { subject, .. }
             | MemoryCommand::RecordEmbeddings { subject, .. }
             | MemoryCommand::RecordEmbeddingFailure { subject, .. }
-            | MemoryCommand::RetireEpisode { subject, .. }
+            | MemoryCommand::ExpireWorkingState { subject, .. }
+            | MemoryCommand::RetireEpisodes { subject, .. }
             | MemoryCommand::RecordExtractedFacts { subject, .. }
             | MemoryCommand::RecordExtractionFailure { subject, .. }
             | MemoryCommand::Erase { subject, .. } => subject,
@@ -401,6 +417,11 @@ pub enum MemoryError {
     /// (`conflict`): an episode is extracted once.
     #[error("the extraction of episode {0:?} is already recorded")]
     AlreadyExtracted(String),
+    /// A cleanup command none of whose items is due any more (removed, or
+    /// set anew, since the read model was read): nothing to record
+    /// (`rejected`).
+    #[error("none of the {0} items is due any more (removed or set anew since they were read)")]
+    NothingDue(usize),
 }
 
 impl DomainError for MemoryError {
@@ -411,7 +432,7 @@ impl DomainError for MemoryError {
             MemoryError::Erased(_) => ErrorCode::Rejected,
             MemoryError::NotOwner => ErrorCode::Forbidden,
             MemoryError::WrongKey { .. } => ErrorCode::Conflict,
-            MemoryError::NothingChanged => ErrorCode::Rejected,
+            MemoryError::NothingChanged | MemoryError::NothingDue(_) => ErrorCode::Rejected,
             MemoryError::AlreadyEmbedded(_) | MemoryError::AlreadyExtracted(_) => {
                 ErrorCode::Conflict
             }
@@ -452,6 +473,24 @@ pub fn vector_space(model: &str, dimensions: Option<u32>) -> String {
         Some(d) => format!("{model}/{d}"),
         None => format!("{model}/*"),
     }
+}
+
+/// Checks a cleanup command's items: 1 to [`MAX_CLEANUP_ITEMS`]; their
+/// count.
+fn cleanup_items(field: &'static str, items: &[String]) -> Result<usize, MemoryError> {
+    if items.is_empty() || items.len() > MAX_CLEANUP_ITEMS {
+        return Err(invalid(
+            field,
+            format!("a cleanup command carries 1 to {MAX_CLEANUP_ITEMS} items"),
+        ));
+    }
+    Ok(items.len())
+}
+
+/// `items` in their order, each once.
+fn dedup(items: Vec<String>) -> impl Iterator<Item = String> {
+    let mut seen = BTreeSet::new();
+    items.into_iter().filter(move |i| seen.insert(i.clone()))
 }
 
 impl Memory {
@@ -752,30 +791,38 @@ impl Memory {
                     },
                 ));
             }
-            MemoryCommand::RetireEpisode {
-                episode_id, before, ..
-            } => {
-                if !self.episodes.contains(&episode_id) {
-                    return Err(MemoryError::NotFound(format!(
-                        "subject {:?} has no episode {episode_id:?}",
-                        subject.subject_id
-                    )));
+            MemoryCommand::ExpireWorkingState { keys, at, .. } => {
+                let sent = cleanup_items("keys", &keys)?;
+                let due: Vec<String> = dedup(keys)
+                    .filter(|k| self.working.get(k).is_some_and(|exp| *exp <= at))
+                    .collect();
+                if due.is_empty() {
+                    return Err(MemoryError::NothingDue(sent));
                 }
+                out.push(MemoryEvent::WorkingStateExpired(WorkingStateExpired {
+                    keys: due,
+                    expired_at: at,
+                }));
+            }
+            MemoryCommand::RetireEpisodes {
+                episode_ids,
+                before,
+                ..
+            } => {
+                let sent = cleanup_items("episode_ids", &episode_ids)?;
                 // an episode recorded before its turn time was tracked has
                 // none here: it is not known to be old, so it stays
-                match self.episode_turn_at.get(&episode_id) {
-                    Some(t) if *t < before => {}
-                    _ => {
-                        return Err(invalid(
-                            "episode_id",
-                            format!(
-                                "episode {episode_id:?} is not older than the retention cut-off"
-                            ),
-                        ))
-                    }
+                let due: Vec<String> = dedup(episode_ids)
+                    .filter(|e| {
+                        self.episodes.contains(e)
+                            && self.episode_turn_at.get(e).is_some_and(|t| *t < before)
+                    })
+                    .collect();
+                if due.is_empty() {
+                    return Err(MemoryError::NothingDue(sent));
                 }
-                out.push(MemoryEvent::EpisodeRetired(EpisodeRetired {
-                    episode_id,
+                out.push(MemoryEvent::EpisodesRetired(EpisodesRetired {
+                    episode_ids: due,
                     reason: "retention".into(),
                     before,
                 }));
@@ -850,6 +897,17 @@ impl Memory {
 crate::commands::aggregate!(Memory, "memory", MemoryCommand, MemoryEvent, MemoryError);
 
 impl Memory {
+    /// Episode `id` leaves the state; its id stays taken.
+    fn retire(&mut self, id: String) {
+        self.episodes.remove(&id);
+        self.episode_chunks.remove(&id);
+        self.episode_turn_at.remove(&id);
+        self.embedded.remove(&id);
+        self.to_extract.remove(&id);
+        self.extracted.remove(&id);
+        self.retired.insert(id);
+    }
+
     /// Folds one stored event into the state (cqrs-es `apply`).
     fn fold(&mut self, event: MemoryEvent) {
         match event {
@@ -910,14 +968,16 @@ impl Memory {
             MemoryEvent::WorkingStateDeleted(e) => {
                 self.working.remove(&e.key);
             }
-            MemoryEvent::EpisodeRetired(e) => {
-                self.episodes.remove(&e.episode_id);
-                self.episode_chunks.remove(&e.episode_id);
-                self.episode_turn_at.remove(&e.episode_id);
-                self.embedded.remove(&e.episode_id);
-                self.to_extract.remove(&e.episode_id);
-                self.extracted.remove(&e.episode_id);
-                self.retired.insert(e.episode_id);
+            MemoryEvent::WorkingStateExpired(e) => {
+                for k in &e.keys {
+                    self.working.remove(k);
+                }
+            }
+            MemoryEvent::EpisodeRetired(e) => self.retire(e.episode_id),
+            MemoryEvent::EpisodesRetired(e) => {
+                for id in e.episode_ids {
+                    self.retire(id);
+                }
             }
             MemoryEvent::MemorySubjectErased(_) => {
                 self.erased = true;
@@ -1329,10 +1389,8 @@ mod tests {
         }
     }
 
-    #[test]
-    fn only_an_episode_older_than_the_cut_off_is_retired_once_and_its_id_stays_taken() {
-        let mut m = Memory::default();
-        let turn = |id: &str, t: i64| MemoryCommand::Writeback {
+    fn episode_at(id: &str, t: i64) -> MemoryCommand {
+        MemoryCommand::Writeback {
             subject: who(),
             episode: Some(EpisodeInput {
                 episode_id: id.into(),
@@ -1344,31 +1402,44 @@ mod tests {
             }),
             facts: vec![],
             at: at(t),
-        };
-        run(&mut m, turn("old", 0)).unwrap();
-        run(&mut m, turn("new", 100)).unwrap();
-        let retire = |id: &str, before: i64| MemoryCommand::RetireEpisode {
+        }
+    }
+
+    fn retire(ids: &[&str], before: i64) -> MemoryCommand {
+        MemoryCommand::RetireEpisodes {
             subject: who(),
-            episode_id: id.into(),
+            episode_ids: ids.iter().map(|i| i.to_string()).collect(),
             before: at(before),
-        };
-        // not older than the cut-off: kept (a turn at the cut-off included)
+        }
+    }
+
+    #[test]
+    fn only_episodes_older_than_the_cut_off_are_retired_once_in_one_event_and_their_ids_stay_taken()
+    {
+        let mut m = Memory::default();
+        for (id, t) in [("old", 0), ("older", -10), ("new", 100)] {
+            run(&mut m, episode_at(id, t)).unwrap();
+        }
+        // not older than the cut-off (a turn at the cut-off included), or
+        // unknown: left out; nothing left: nothing recorded
         assert_eq!(
-            m.decide(retire("new", 100)).unwrap_err().field(),
-            Some("episode_id")
+            m.decide(retire(&["new", "none"], 100)).unwrap_err(),
+            MemoryError::NothingDue(2)
         );
         assert_eq!(
-            m.decide(retire("none", 100)).unwrap_err().code(),
-            ErrorCode::NotFound
+            m.decide(retire(&["new"], 100)).unwrap_err().code(),
+            ErrorCode::Rejected
         );
-        let evs = run(&mut m, retire("old", 50)).unwrap();
+        let evs = run(&mut m, retire(&["old", "new", "none", "older", "old"], 50)).unwrap();
         assert!(
-            matches!(&evs[..], [MemoryEvent::EpisodeRetired(e)] if e.episode_id == "old" && e.reason == "retention" && e.before == at(50))
+            matches!(&evs[..], [MemoryEvent::EpisodesRetired(e)]
+                if e.episode_ids == ["old", "older"] && e.reason == "retention" && e.before == at(50)),
+            "{evs:?}"
         );
-        // once; no embeddings for it after; its id is not recorded again
+        // once; no embeddings for them after; their ids are not recorded again
         assert_eq!(
-            m.decide(retire("old", 50)).unwrap_err().code(),
-            ErrorCode::NotFound
+            m.decide(retire(&["old", "older"], 50)).unwrap_err(),
+            MemoryError::NothingDue(2)
         );
         let embed = MemoryCommand::RecordEmbeddings {
             subject: who(),
@@ -1379,10 +1450,45 @@ mod tests {
         };
         assert_eq!(m.decide(embed).unwrap_err().code(), ErrorCode::NotFound);
         assert_eq!(
-            m.decide(turn("old", 200)).unwrap_err().field(),
+            m.decide(episode_at("older", 200)).unwrap_err().field(),
             Some("episode_id")
         );
         assert!(m.episodes.contains("new") && !m.episodes.contains("old"));
+        assert!(m.episode_turn_at.len() == 1 && m.retired.len() == 2);
+        // an empty command, or one over the bound, is malformed
+        assert_eq!(
+            m.decide(retire(&[], 500)).unwrap_err().field(),
+            Some("episode_ids")
+        );
+        let many: Vec<String> = (0..=MAX_CLEANUP_ITEMS).map(|i| format!("e{i}")).collect();
+        let many: Vec<&str> = many.iter().map(String::as_str).collect();
+        assert_eq!(
+            m.decide(retire(&many, 500)).unwrap_err().field(),
+            Some("episode_ids")
+        );
+    }
+
+    #[test]
+    fn an_episode_retired_by_the_earlier_single_event_still_leaves_the_state() {
+        let mut m = Memory::default();
+        run(&mut m, episode_at("old", 0)).unwrap();
+        run(&mut m, episode_at("new", 100)).unwrap();
+        m.fold(MemoryEvent::EpisodeRetired(
+            crate::commands::memory::events::EpisodeRetired {
+                episode_id: "old".into(),
+                reason: "retention".into(),
+                before: at(50),
+            },
+        ));
+        assert!(!m.episodes.contains("old") && m.retired.contains("old"));
+        assert_eq!(
+            m.decide(retire(&["old"], 50)).unwrap_err(),
+            MemoryError::NothingDue(1)
+        );
+        assert_eq!(
+            m.decide(episode_at("old", 200)).unwrap_err().field(),
+            Some("episode_id")
+        );
     }
 
     #[test]
@@ -1435,6 +1541,83 @@ mod tests {
         assert_eq!(
             m.decide(expire(61)).unwrap_err().code(),
             ErrorCode::NotFound
+        );
+    }
+
+    fn set_working(key: &str, exp: i64, t: i64) -> MemoryCommand {
+        MemoryCommand::SetWorkingState {
+            subject: who(),
+            key: key.into(),
+            value: sealed("1"),
+            expires_at: at(exp),
+            at: at(t),
+        }
+    }
+
+    fn expire(keys: &[&str], t: i64) -> MemoryCommand {
+        MemoryCommand::ExpireWorkingState {
+            subject: who(),
+            keys: keys.iter().map(|k| k.to_string()).collect(),
+            at: at(t),
+        }
+    }
+
+    #[test]
+    fn the_due_values_expire_in_one_event_and_a_value_set_anew_is_left_out() {
+        let mut m = Memory::default();
+        assert_eq!(
+            m.decide(expire(&["a"], 10)).unwrap_err().code(),
+            ErrorCode::NotFound,
+            "no subject"
+        );
+        for (k, exp) in [("a", 5), ("b", 10), ("c", 60), ("d", 5)] {
+            run(&mut m, set_working(k, exp, 0)).unwrap();
+        }
+        // "d" was read as due, then set anew (to expire later)
+        run(&mut m, set_working("d", 100, 8)).unwrap();
+        let evs = run(&mut m, expire(&["b", "a", "c", "d", "gone", "a"], 10)).unwrap();
+        assert!(
+            matches!(&evs[..], [MemoryEvent::WorkingStateExpired(e)]
+                if e.keys == ["b", "a"] && e.expired_at == at(10)),
+            "{evs:?}"
+        );
+        assert_eq!(
+            m.working.keys().collect::<Vec<_>>(),
+            ["c", "d"],
+            "the values not due stay"
+        );
+        // all left out: nothing recorded
+        assert_eq!(
+            m.decide(expire(&["a", "b", "c", "d"], 10)).unwrap_err(),
+            MemoryError::NothingDue(4)
+        );
+        assert_eq!(m.decide(expire(&[], 10)).unwrap_err().field(), Some("keys"));
+        let many: Vec<String> = (0..=MAX_CLEANUP_ITEMS).map(|i| format!("k{i}")).collect();
+        let many: Vec<&str> = many.iter().map(String::as_str).collect();
+        assert_eq!(
+            m.decide(expire(&many, 10)).unwrap_err().field(),
+            Some("keys")
+        );
+        // the earlier single event still removes a value
+        m.fold(MemoryEvent::WorkingStateDeleted(WorkingStateDeleted {
+            key: "c".into(),
+            reason: "expired".into(),
+        }));
+        assert_eq!(m.working.keys().collect::<Vec<_>>(), ["d"]);
+        let evs = run(&mut m, expire(&["d"], 100)).unwrap();
+        assert!(matches!(&evs[..], [MemoryEvent::WorkingStateExpired(e)] if e.keys == ["d"]));
+        // after erasure: refused
+        run(
+            &mut m,
+            MemoryCommand::Erase {
+                subject: who(),
+                reason: "retention".into(),
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            m.decide(expire(&["d"], 100)).unwrap_err().code(),
+            ErrorCode::Rejected
         );
     }
 }
