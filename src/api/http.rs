@@ -223,20 +223,26 @@ impl IntoResponse for ApiError {
         if let ApiError::Unavailable(e) = &self {
             tracing::error!(error = %e, "read query failed");
         }
-        let mut error = json!({"code": code, "message": self.to_string()});
-        match &self {
-            ApiError::BadParam { param, .. } => error["param"] = json!(param),
-            ApiError::UnsupportedMediaType(_) => error["param"] = json!("Content-Type"),
+        let param = match &self {
+            ApiError::BadParam { param, .. } => Some(param.clone()),
+            ApiError::UnsupportedMediaType(_) => Some("Content-Type".to_string()),
             ApiError::Command(CommandError { field: Some(f), .. })
-            | ApiError::Reasoned(CommandError { field: Some(f), .. }, _) => {
-                error["param"] = json!(f)
-            }
-            _ => {}
-        }
-        if let ApiError::Reasoned(_, reason) = &self {
-            error["reason"] = json!(reason);
-        }
-        let mut res = (status, Json(json!({ "error": error }))).into_response();
+            | ApiError::Reasoned(CommandError { field: Some(f), .. }, _) => Some(f.clone()),
+            _ => None,
+        };
+        let reason = match &self {
+            ApiError::Reasoned(_, reason) => Some(reason.to_string()),
+            _ => None,
+        };
+        let body = ErrorBody {
+            error: ErrorDetail {
+                code: code.to_string(),
+                message: self.to_string(),
+                param,
+                reason,
+            },
+        };
+        let mut res = (status, Json(body)).into_response();
         match &self {
             ApiError::Unauthenticated(_) => {
                 res.headers_mut()
@@ -257,6 +263,36 @@ impl IntoResponse for ApiError {
         }
         res
     }
+}
+
+/// The body of every error answer: `{"error": {code, message, param?,
+/// reason?}}` (keys in this order, as serde_json writes a map's).
+#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
+pub struct ErrorBody {
+    /// What went wrong.
+    pub error: ErrorDetail,
+}
+
+/// What went wrong, in an [`ErrorBody`] (and per id in a bulk decision,
+/// there without `param` and `reason`).
+#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
+pub struct ErrorDetail {
+    /// The stable code: `validation`, `unauthenticated`, `forbidden`,
+    /// `not_found`, `method_not_allowed`, `conflict`, `rejected`,
+    /// `payload_too_large`, `unsupported_media_type`, `rate_limited`,
+    /// `unavailable`, `not_configured`, a signature's code
+    /// (`signature_missing`, ...), ...
+    #[schema(example = "validation")]
+    pub code: String,
+    /// What failed and how to fix it.
+    pub message: String,
+    /// The field, query parameter or header at fault.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub param: Option<String>,
+    /// A memory refusal's reason (`client_not_found`, `timeout`,
+    /// `database_error`, ...).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
 /// The `error.code` of a status no variant names.
@@ -298,9 +334,9 @@ pub(crate) fn bad(param: &str, message: impl Into<String>) -> ApiError {
 }
 
 #[utoipa::path(get, path = "/healthz",
-    responses((status = 200, description = "NATS and PostgreSQL reachable, no projection stopped", body = Object),
-              (status = 503, description = "something is down, a projection is stopped or the instance is draining before it stops; details in the body", body = Object)))]
-async fn healthz(State(s): State<AppState>) -> Response {
+    responses((status = 200, description = "NATS and PostgreSQL reachable, no projection stopped", body = super::openapi::Health),
+              (status = 503, description = "something is down, a projection is stopped or the instance is draining before it stops; details in the body", body = super::openapi::Health)))]
+pub(crate) async fn healthz(State(s): State<AppState>) -> Response {
     let nats_ok = matches!(
         s.nats.connection_state(),
         async_nats::connection::State::Connected
@@ -355,15 +391,15 @@ async fn healthz(State(s): State<AppState>) -> Response {
 }
 
 #[utoipa::path(get, path = "/livez",
-    responses((status = 200, description = "the process is alive and answering (a liveness probe: it says nothing of NATS, PostgreSQL or the read models)", body = Object)))]
-async fn livez() -> Response {
+    responses((status = 200, description = "the process is alive and answering (a liveness probe: it says nothing of NATS, PostgreSQL or the read models)", body = super::openapi::Live)))]
+pub(crate) async fn livez() -> Response {
     Json(json!({"ok": true})).into_response()
 }
 
 #[utoipa::path(get, path = "/readyz",
-    responses((status = 200, description = "it can take commands: NATS connected and the event stream answering", body = Object),
-              (status = 503, description = "it cannot take commands now: `nats` says why, or `draining` is true (it is stopping)", body = Object)))]
-async fn readyz(State(s): State<AppState>) -> Response {
+    responses((status = 200, description = "it can take commands: NATS connected and the event stream answering", body = super::openapi::Ready),
+              (status = 503, description = "it cannot take commands now: `nats` says why, or `draining` is true (it is stopping)", body = super::openapi::Ready)))]
+pub(crate) async fn readyz(State(s): State<AppState>) -> Response {
     // read before the await: the watch's guard is not held across it
     let draining = *s.draining.borrow();
     readiness(&s.nats, &s.log, draining).await
@@ -401,8 +437,8 @@ async fn readiness(nats: &async_nats::Client, log: &EventLog, draining: bool) ->
     (status, Json(body)).into_response()
 }
 
-#[utoipa::path(get, path = "/metrics", responses((status = 200, description = "Prometheus text format")))]
-async fn metrics_get(State(s): State<AppState>) -> String {
+#[utoipa::path(get, path = "/metrics", responses((status = 200, description = "Prometheus text format", body = String, content_type = "text/plain")))]
+pub(crate) async fn metrics_get(State(s): State<AppState>) -> String {
     // read when asked, bounded: PostgreSQL down leaves the gauge out, not
     // /metrics waiting
     let pending = tokio::time::timeout(
@@ -460,65 +496,8 @@ pub fn probes(state: ProbeState) -> Router {
         .with_state(state)
 }
 
-/// The OpenAPI document of the HTTP API, served at `GET /openapi.json`.
-#[derive(OpenApi)]
-#[openapi(
-    info(
-        title = "flowledger API",
-        description = "Commands (jobs, approvals, the kill-switch) and read models built from the flowledger event log. /v1 routes need `Authorization: Bearer <token>` except /v1/callbacks/n8n, which is signed (docs/CALLBACKS.md). Every error answer (400, 401, 403, 404, 405, 409, 413, 415, 429, 503) is `{\"error\": {\"code\", \"message\", \"param\"?}}`; a POST body is JSON (415 otherwise) of at most 2 MiB (413)."
-    ),
-    paths(
-        write::jobs_submit,
-        write::jobs_cancel,
-        write::workflows_disable,
-        write::workflows_enable,
-        write::meta_get,
-        write::approvals_approve,
-        write::approvals_reject,
-        write::approvals_bulk,
-        n8n::callbacks_n8n,
-        read::jobs_get,
-        read::jobs_status,
-        read::executions_list,
-        read::audit_list,
-        read::secret_accesses_list,
-        read::approvals_list,
-        read::approvals_get,
-        secrets::secrets_read,
-        memory::memory_command,
-        memory::memory_assemble,
-        memory::memory_episodes,
-        memory::memory_facts,
-        memory::memory_profile,
-        secrets::secrets_invalidate,
-        healthz,
-        livez,
-        readyz,
-        metrics_get
-    ),
-    modifiers(&BearerAuth),
-    security(("bearer" = []))
-)]
-pub struct ApiDoc;
-
-/// Declares the bearer-token scheme the `/v1` routes use.
-struct BearerAuth;
-
-impl utoipa::Modify for BearerAuth {
-    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
-        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
-        openapi
-            .components
-            .get_or_insert_with(Default::default)
-            .add_security_scheme(
-                "bearer",
-                SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
-            );
-    }
-}
-
 async fn openapi_get() -> Json<utoipa::openapi::OpenApi> {
-    Json(ApiDoc::openapi())
+    Json(super::openapi::ApiDoc::openapi())
 }
 
 /// Records request latency per route.

@@ -232,13 +232,23 @@ fn keyed_turn_id(client_id: &str, key: &str) -> String {
     format!("idem-{}", hex::encode(digest))
 }
 
-#[derive(Deserialize)]
+/// The body of `memory.assemble`.
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct AssembleBody {
+    /// The caller's subject.
     subject_id: String,
+    /// What the prompt is about (at most 4096 characters).
+    #[schema(max_length = 4096)]
     query: String,
+    /// Chunks, 1 to 100; default `[memory] top_k`.
+    #[schema(minimum = 1, maximum = 100)]
     top_k: Option<u32>,
+    /// Recent episodes, 0 to 100; default `[memory] recent_episodes`.
+    #[schema(maximum = 100)]
     recent_episodes: Option<u32>,
+    /// The time budget, 10 to 60000 ms; default `[memory] budget_ms`.
+    #[schema(minimum = 10, maximum = 60000)]
     budget_ms: Option<u64>,
 }
 
@@ -648,10 +658,11 @@ fn http_command_name(path: &str) -> String {
 }
 
 #[utoipa::path(post, path = "/v1/memory/{command}",
-    params(("command" = String, Path, description = "writeback | profile | working-state-set | working-state-delete | forget | erase"),
+    params(("command" = inline(super::openapi::MemoryCommandName), Path, description = "writeback | profile | working-state-set | working-state-delete | forget | erase"),
            ("Idempotency-Key" = Option<String>, Header, description = "1-128 of A-Z a-z 0-9 _ - .; a writeback without turn_id takes a turn_id derived from the client and the key; profile, working-state-set, working-state-delete and forget take the key as their command id; the same key and body answer the first answer (duplicate: true) and record nothing, another body or command under the key is a 409 with error.param Idempotency-Key (docs/MEMORY.md); erase is once per subject")),
-    request_body(content = Object, description = "writeback: subject_id, messages [{role, content}], response, timestamp?, turn_id?, facts [{subject, key, value, confidence?}], extract? (ask the configured extractor for the turn's facts); profile: subject_id, fields; working-state-set: subject_id, key, value, ttl_seconds; working-state-delete: subject_id, key; forget: subject_id, subject, key; erase: subject_id, reason, owner? (operators)"),
-    responses((status = 200, description = "recorded: subject_id, stream_seq, duplicate, events, episode_id?", body = Object),
+    request_body(content = super::openapi::MemoryCommandBody, description = "writeback: subject_id, messages [{role, content}], response, timestamp?, turn_id?, facts [{subject, key, value, confidence?}], extract? (ask the configured extractor for the turn's facts); profile: subject_id, fields; working-state-set: subject_id, key, value, ttl_seconds; working-state-delete: subject_id, key; forget: subject_id, subject, key; erase: subject_id, reason, owner? (operators)"),
+    security(("bearer" = [])),
+    responses((status = 200, description = "recorded: subject_id, stream_seq, duplicate, events, episode_id?", body = super::openapi::MemoryWritten),
               (status = 400, description = "bad body; error.param names the field"),
               (status = 401, description = "no or unknown bearer token"),
               (status = 403, description = "an auditor, or erasing another client's subject without the operator role"),
@@ -676,8 +687,9 @@ pub(crate) async fn memory_command(
 }
 
 #[utoipa::path(post, path = "/v1/memory/assemble",
-    request_body(content = Object, description = "subject_id, query, top_k? (1-100), recent_episodes? (0-100), budget_ms? (10-60000)"),
-    responses((status = 200, description = "profile, chunks [{episode_id, index, text, turn_at, score}], recent_episodes, facts, working_state, retrieval, took_ms", body = Object),
+    request_body(content = AssembleBody, description = "subject_id, query, top_k? (1-100), recent_episodes? (0-100), budget_ms? (10-60000)"),
+    security(("bearer" = [])),
+    responses((status = 200, description = "profile, chunks [{episode_id, index, text, turn_at, score}], recent_episodes, facts, working_state, retrieval, took_ms", body = super::openapi::Assembled),
               (status = 400, description = "bad body; error.param names the field"),
               (status = 404, description = "error.reason client_not_found: no memory for the subject"),
               (status = 503, description = "error.reason timeout (over the budget), database_error, embeddings_failed (the query could not be embedded, with on_failure = error) or vector_search_failed")))]
@@ -714,9 +726,9 @@ async fn live_subject(s: &AppState, caller: &Caller, subject_id: &str) -> Result
 }
 
 #[utoipa::path(get, path = "/v1/memory/subjects/{subject_id}/episodes",
-    params(("subject_id" = String, Path, description = "the caller's subject"),
-           ("limit" = Option<i64>, Query, description = "1..1000, default 100")),
-    responses((status = 200, description = "episodes, newest first: {items: [{episode_id, turn_at, recorded_at, messages, response, extraction (null, pending, done or failed), extraction_error? {code: extraction_failed, reason}}]}", body = Object),
+    params(("subject_id" = String, Path, description = "the caller's subject"), super::openapi::EpisodesQuery),
+    security(("bearer" = [])),
+    responses((status = 200, description = "episodes, newest first: {items: [{episode_id, turn_at, recorded_at, messages, response, extraction (null, pending, done or failed), extraction_error? {code: extraction_failed, reason}}]}", body = super::openapi::EpisodesPage),
               (status = 404, description = "no memory for the subject")))]
 pub(crate) async fn memory_episodes(
     State(s): State<AppState>,
@@ -725,7 +737,7 @@ pub(crate) async fn memory_episodes(
     Query(raw): Query<HashMap<String, String>>,
 ) -> Result<Json<Value>, ApiError> {
     let id = live_subject(&s, &caller, &subject_id).await?;
-    let limit = Params::new(raw, &["limit"])?.limit()?;
+    let limit = Params::of::<super::openapi::EpisodesQuery>(raw)?.limit()?;
     let rows = sqlx::query(&format!(
         "SELECT episode_id, turn_at, recorded_at, turn, {EXTRACTION} FROM memory_episodes e \
          WHERE aggregate_id = $1 ORDER BY turn_at DESC, episode_id DESC LIMIT $2"
@@ -746,10 +758,9 @@ pub(crate) async fn memory_episodes(
 }
 
 #[utoipa::path(get, path = "/v1/memory/subjects/{subject_id}/facts",
-    params(("subject_id" = String, Path, description = "the caller's subject"),
-           ("history" = Option<bool>, Query, description = "true: every version with its validity interval; default: the valid ones"),
-           ("q" = Option<String>, Query, description = "1-255 characters: only the facts whose subject, key or value has any of its words (English stemming, stop words ignored), best first, each with a score; no searchable word: no fact")),
-    responses((status = 200, description = "facts: {items: [{subject, key, value, confidence, source, version, valid_from, invalid_at, score?}]}", body = Object),
+    params(("subject_id" = String, Path, description = "the caller's subject"), super::openapi::FactsQuery),
+    security(("bearer" = [])),
+    responses((status = 200, description = "facts: {items: [{subject, key, value, confidence, source, version, valid_from, invalid_at, score? (with q)}]}", body = super::openapi::FactsPage),
               (status = 404, description = "no memory for the subject")))]
 pub(crate) async fn memory_facts(
     State(s): State<AppState>,
@@ -758,7 +769,7 @@ pub(crate) async fn memory_facts(
     Query(raw): Query<HashMap<String, String>>,
 ) -> Result<Json<Value>, ApiError> {
     let id = live_subject(&s, &caller, &subject_id).await?;
-    let params = Params::new(raw, &["history", "q"])?;
+    let params = Params::of::<super::openapi::FactsQuery>(raw)?;
     let history = params.one_of("history", &["true", "false"])?.as_deref() == Some("true");
     let text = params.text("q")?;
     let rows =
@@ -796,7 +807,8 @@ pub(crate) async fn memory_facts(
 
 #[utoipa::path(get, path = "/v1/memory/subjects/{subject_id}/profile",
     params(("subject_id" = String, Path, description = "the caller's subject")),
-    responses((status = 200, description = "{subject_id, fields, updated_at}; fields null when never set", body = Object),
+    security(("bearer" = [])),
+    responses((status = 200, description = "{subject_id, fields, updated_at}; fields null when never set", body = super::openapi::Profile),
               (status = 404, description = "no memory for the subject")))]
 pub(crate) async fn memory_profile(
     State(s): State<AppState>,

@@ -11,6 +11,7 @@ pub mod http;
 pub mod memory;
 pub mod n8n;
 pub mod nats;
+pub mod openapi;
 #[cfg(test)]
 mod proptests;
 pub mod read;

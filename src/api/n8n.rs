@@ -35,20 +35,31 @@ use crate::events::log::valid_aggregate_id;
 /// The actor recorded on results n8n posts.
 pub const N8N_ACTOR: &str = "n8n";
 
-/// The body n8n posts.
-#[derive(Debug, Deserialize)]
+/// The body n8n posts: one step result.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct N8nResult {
+    /// The job (1-128 of A-Z a-z 0-9 _ -).
     job_id: String,
+    /// The step that answered 202.
     step: String,
+    /// The attempt in flight.
     attempt: u32,
-    /// Unique per callback; covered by the signature because it is in the body.
+    /// Unique per callback (8-200 characters); covered by the signature
+    /// because it is in the body.
+    #[schema(min_length = 8, max_length = 200)]
     nonce: String,
+    /// How the attempt ended.
+    #[schema(value_type = super::openapi::StepOutcome)]
     status: StepStatus,
+    /// The step's output.
     #[serde(default)]
     output: Value,
+    /// Failed: the error's code.
     error_code: Option<String>,
+    /// Failed: what failed.
     error_message: Option<String>,
+    /// How long the attempt took.
     #[serde(default)]
     duration_ms: u64,
 }
@@ -124,8 +135,10 @@ fn reject(s: &AppState, source: IpAddr, job_id: Option<&str>, why: SignatureErro
 }
 
 #[utoipa::path(post, path = "/v1/callbacks/n8n",
-    request_body(content = Object, description = "job_id, step, attempt, nonce, status (succeeded|failed|timed_out), output?, error_code?, error_message?, duration_ms?; headers X-Flowledger-Timestamp and X-Flowledger-Signature"),
-    responses((status = 200, description = "the step result is recorded", body = Object),
+    params(("X-Flowledger-Timestamp" = String, Header, description = "Unix seconds when signed; within callbacks.timestamp_window_seconds of now (docs/CALLBACKS.md)"),
+           ("X-Flowledger-Signature" = String, Header, description = "`v1=` and the hex HMAC-SHA256, with the n8n key, of `<timestamp>.<body>` as sent (docs/CALLBACKS.md); no bearer token")),
+    request_body(content = N8nResult, description = "one step result, signed"),
+    responses((status = 200, description = "the step result is recorded", body = super::openapi::CallbackRecorded),
               (status = 400, description = "signed, but the body is not a step result"),
               (status = 401, description = "missing, bad, stale or replayed signature; counted and logged, nothing is written to the event log"),
               (status = 429, description = "too many posts, or refused posts, from this address; see Retry-After"),

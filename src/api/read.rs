@@ -18,6 +18,10 @@ use sqlx::{QueryBuilder, Row};
 
 use super::caller::{Caller, Role};
 use super::http::{bad, ApiError, AppState};
+use super::openapi::{
+    ApprovalView, ApprovalsPage, ApprovalsQuery, AuditPage, AuditQuery, Execution, ExecutionsPage,
+    ExecutionsQuery, JobStatus, SecretAccessPage, SecretAccessesQuery,
+};
 
 /// The client whose jobs `caller` may read; `None`: all (operators).
 fn own_client(caller: &Caller) -> Option<String> {
@@ -52,6 +56,16 @@ impl Params {
             ));
         }
         Ok(Params(raw))
+    }
+
+    /// [`Params::new`] accepting the names `P` declares in the OpenAPI
+    /// document.
+    pub(crate) fn of<P: utoipa::IntoParams>(
+        raw: HashMap<String, String>,
+    ) -> Result<Self, ApiError> {
+        let names = super::openapi::param_names::<P>();
+        let names: Vec<&str> = names.iter().map(String::as_str).collect();
+        Params::new(raw, &names)
     }
 
     pub(crate) fn text(&self, name: &str) -> Result<Option<String>, ApiError> {
@@ -190,7 +204,8 @@ fn valid_id(param: &str, id: &str) -> Result<(), ApiError> {
 }
 
 #[utoipa::path(get, path = "/v1/jobs/{id}", params(("id" = String, Path, description = "job id")),
-    responses((status = 200, description = "the job's execution row (workflows_executions); status pending, awaiting_approval (its approval is requested and undecided), running, completed, failed or cancelled", body = Object),
+    security(("bearer" = [])),
+    responses((status = 200, description = "the job's execution row (workflows_executions); status pending, awaiting_approval (its approval is requested and undecided), running, completed, failed or cancelled", body = Execution),
               (status = 404, description = "no such job"), (status = 400, description = "bad id")))]
 pub(crate) async fn jobs_get(
     State(s): State<AppState>,
@@ -211,7 +226,9 @@ pub(crate) async fn jobs_get(
 }
 
 #[utoipa::path(get, path = "/v1/jobs/{id}/status", params(("id" = String, Path, description = "job id")),
-    responses((status = 200, description = "status of the job (pending, awaiting_approval, running, completed, failed, cancelled); `parked` (reason, seq, parked_at) when the job handler parked it, else null", body = Object), (status = 404, description = "no such job")))]
+    security(("bearer" = [])),
+    responses((status = 200, description = "status of the job (pending, awaiting_approval, running, completed, failed, cancelled); `parked` (reason, seq, parked_at) when the job handler parked it, else null", body = JobStatus),
+              (status = 404, description = "no such job"), (status = 400, description = "bad id")))]
 pub(crate) async fn jobs_status(
     State(s): State<AppState>,
     Extension(caller): Extension<Caller>,
@@ -245,24 +262,16 @@ const STATUSES: &[&str] = &[
     "cancelled",
 ];
 
-#[utoipa::path(get, path = "/v1/executions",
-    params(("workflow_id" = Option<String>, Query, description = "workflow key"),
-           ("status" = Option<String>, Query, description = "pending|awaiting_approval|running|completed|failed|cancelled (awaiting_approval: its approval is requested and undecided)"),
-           ("since" = Option<String>, Query, description = "created at or after (RFC 3339)"),
-           ("until" = Option<String>, Query, description = "created before (RFC 3339)"),
-           ("limit" = Option<i64>, Query, description = "1..1000, default 100"),
-           ("cursor" = Option<String>, Query, description = "next_cursor of the previous page")),
-    responses((status = 200, description = "executions, newest first: {items, next_cursor}", body = Object),
+#[utoipa::path(get, path = "/v1/executions", params(ExecutionsQuery),
+    security(("bearer" = [])),
+    responses((status = 200, description = "executions, newest first: {items, next_cursor}", body = ExecutionsPage),
               (status = 400, description = "a bad parameter, named in error.param")))]
 pub(crate) async fn executions_list(
     State(s): State<AppState>,
     Extension(caller): Extension<Caller>,
     Query(raw): Query<HashMap<String, String>>,
 ) -> Result<Json<Value>, ApiError> {
-    let p = Params::new(
-        raw,
-        &["workflow_id", "status", "since", "until", "limit", "cursor"],
-    )?;
+    let p = Params::of::<ExecutionsQuery>(raw)?;
     let (workflow, status) = (p.text("workflow_id")?, p.one_of("status", STATUSES)?);
     let (since, until, limit, cursor) =
         (p.time("since")?, p.time("until")?, p.limit()?, p.cursor()?);
@@ -309,33 +318,16 @@ pub(crate) async fn executions_list(
     })
 }
 
-#[utoipa::path(get, path = "/v1/audit",
-    params(("job_id" = Option<String>, Query, description = "only this job"),
-           ("client_id" = Option<String>, Query, description = "only this client"),
-           ("action" = Option<String>, Query, description = "event type, e.g. JobCompleted"),
-           ("since" = Option<String>, Query, description = "at or after (RFC 3339)"),
-           ("until" = Option<String>, Query, description = "before (RFC 3339)"),
-           ("limit" = Option<i64>, Query, description = "1..1000, default 100"),
-           ("cursor" = Option<String>, Query, description = "next_cursor of the previous page")),
-    responses((status = 200, description = "audit rows in stream order: {items, next_cursor}", body = Object),
+#[utoipa::path(get, path = "/v1/audit", params(AuditQuery),
+    security(("bearer" = [])),
+    responses((status = 200, description = "audit rows in stream order: {items, next_cursor}", body = AuditPage),
               (status = 400, description = "a bad parameter, named in error.param")))]
 pub(crate) async fn audit_list(
     State(s): State<AppState>,
     Extension(caller): Extension<Caller>,
     Query(raw): Query<HashMap<String, String>>,
 ) -> Result<Json<Value>, ApiError> {
-    let p = Params::new(
-        raw,
-        &[
-            "job_id",
-            "client_id",
-            "action",
-            "since",
-            "until",
-            "limit",
-            "cursor",
-        ],
-    )?;
+    let p = Params::of::<AuditQuery>(raw)?;
     let (job, client, action) = (p.text("job_id")?, p.text("client_id")?, p.text("action")?);
     let (since, until, limit) = (p.time("since")?, p.time("until")?, p.limit()?);
     let after = p.seq_cursor()?;
@@ -410,29 +402,9 @@ fn like_prefix(prefix: &str) -> String {
     p
 }
 
-const SECRET_PARAMS: &[&str] = &[
-    "path",
-    "path_prefix",
-    "client_id",
-    "job_id",
-    "decision",
-    "since",
-    "until",
-    "limit",
-    "cursor",
-];
-
-#[utoipa::path(get, path = "/v1/audit/secret-accesses",
-    params(("path" = Option<String>, Query, description = "only this KV v2 path, exactly (e.g. secret/data/external_apis/ocr)"),
-           ("path_prefix" = Option<String>, Query, description = "only paths starting with this (e.g. secret/data/external_apis/)"),
-           ("client_id" = Option<String>, Query, description = "only this reader (the actor's client id)"),
-           ("job_id" = Option<String>, Query, description = "only reads on behalf of this job"),
-           ("decision" = Option<String>, Query, description = "granted|denied|failed"),
-           ("since" = Option<String>, Query, description = "at or after (RFC 3339)"),
-           ("until" = Option<String>, Query, description = "before (RFC 3339)"),
-           ("limit" = Option<i64>, Query, description = "1..1000, default 100"),
-           ("cursor" = Option<String>, Query, description = "next_cursor of the previous page")),
-    responses((status = 200, description = "secret accesses (secret_accesses rows, never a value) in stream order: {items, next_cursor}", body = Object),
+#[utoipa::path(get, path = "/v1/audit/secret-accesses", params(SecretAccessesQuery),
+    security(("bearer" = [])),
+    responses((status = 200, description = "secret accesses (secret_accesses rows, never a value) in stream order: {items, next_cursor}", body = SecretAccessPage),
               (status = 400, description = "a bad parameter, named in error.param"),
               (status = 403, description = "needs the operator or auditor role")))]
 pub(crate) async fn secret_accesses_list(
@@ -442,7 +414,7 @@ pub(crate) async fn secret_accesses_list(
 ) -> Result<Json<Value>, ApiError> {
     // another client's reads are not a client's to see: the role first
     caller.require(&[Role::Operator, Role::Auditor], "listing secret accesses")?;
-    let p = Params::new(raw, SECRET_PARAMS)?;
+    let p = Params::of::<SecretAccessesQuery>(raw)?;
     let path = p.secret_path("path")?;
     if let Some(v) = &path {
         crate::commands::secret_access::check_path(v).map_err(|e| bad("path", e.to_string()))?;
@@ -485,18 +457,16 @@ pub(crate) async fn secret_accesses_list(
     stream_page(q, &s.pool, limit).await
 }
 
-#[utoipa::path(get, path = "/v1/approvals",
-    params(("status" = Option<String>, Query, description = "pending|approved|rejected|expired"),
-           ("limit" = Option<i64>, Query, description = "1..1000, default 100"),
-           ("cursor" = Option<String>, Query, description = "next_cursor of the previous page")),
-    responses((status = 200, description = "approvals, newest first: {items, next_cursor}", body = Object),
+#[utoipa::path(get, path = "/v1/approvals", params(ApprovalsQuery),
+    security(("bearer" = [])),
+    responses((status = 200, description = "approvals, newest first: {items, next_cursor}", body = ApprovalsPage),
               (status = 400, description = "a bad parameter, named in error.param")))]
 pub(crate) async fn approvals_list(
     State(s): State<AppState>,
     Extension(caller): Extension<Caller>,
     Query(raw): Query<HashMap<String, String>>,
 ) -> Result<Json<Value>, ApiError> {
-    let p = Params::new(raw, &["status", "limit", "cursor"])?;
+    let p = Params::of::<ApprovalsQuery>(raw)?;
     let status = p.one_of("status", &["pending", "approved", "rejected", "expired"])?;
     let (limit, cursor) = (p.limit()?, p.cursor()?);
     let mut q = QueryBuilder::new(
@@ -525,7 +495,8 @@ pub(crate) async fn approvals_list(
 }
 
 #[utoipa::path(get, path = "/v1/approvals/{id}", params(("id" = String, Path, description = "approval id (the job id)")),
-    responses((status = 200, description = "the approval (approvals row: approval_id, job_id, workflow_key, status, requested_by, request_reason, expires_at, decided_by, decision_reason, decided_at, ...) with `job`: the job's execution_id, status, client_id, priority, created_at and `inputs` (its input_data); `job` is null until the executions read model has the job", body = Object),
+    security(("bearer" = [])),
+    responses((status = 200, description = "the approval (approvals row: approval_id, job_id, workflow_key, status, requested_by, request_reason, expires_at, decided_by, decision_reason, decided_at, ...) with `job`: the job's execution_id, status, client_id, priority, created_at and `inputs` (its input_data); `job` is null until the executions read model has the job", body = ApprovalView),
               (status = 400, description = "bad id"),
               (status = 404, description = "no such approval, or another client's (the two answer alike)")))]
 pub(crate) async fn approvals_get(

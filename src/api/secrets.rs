@@ -25,21 +25,31 @@ use crate::commands::ErrorCode;
 use crate::events::envelope::CommandMeta;
 use crate::secrets::service::SecretService;
 
-#[derive(Deserialize)]
+/// The body of a secret read.
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct ReadBody {
+    /// A KV v2 path: `<mount>/data/<name>`.
     path: String,
+    /// One field of the secret; default: the whole secret's data.
     field: Option<String>,
+    /// A KV version; default: the current one.
     version: Option<u64>,
+    /// Why it is read (recorded).
     purpose: String,
+    /// The person behind the client (recorded).
     user_id: Option<String>,
 }
 
-#[derive(Deserialize)]
+/// The body of a cache invalidation.
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct InvalidateBody {
+    /// The KV v2 path whose cached values every instance drops.
     path: String,
+    /// Why (recorded).
     reason: String,
+    /// The person behind the client (recorded).
     user_id: Option<String>,
 }
 
@@ -162,8 +172,9 @@ fn no_store(body: Value) -> Response {
 }
 
 #[utoipa::path(post, path = "/v1/secrets/read",
-    request_body(content = Object, description = "path (KV v2: <mount>/data/<name>), field?, version?, purpose, user_id?"),
-    responses((status = 200, description = "the value, after its SecretAccessGranted was stored: request_id, path, field, kv_version, source (vault, cache, last_known_good), event_seq, value", body = Object),
+    request_body(content = ReadBody, description = "path (KV v2: <mount>/data/<name>), field?, version?, purpose, user_id?"),
+    security(("bearer" = [])),
+    responses((status = 200, description = "the value, after its SecretAccessGranted was stored: request_id, path, field, kv_version, source (vault, cache, last_known_good), event_seq, value; `Cache-Control: no-store`", body = super::openapi::SecretRead),
               (status = 400, description = "bad body; error.param names the field"),
               (status = 401, description = "no or unknown bearer token"),
               (status = 403, description = "denied by flowledger's policy or by Vault (recorded)"),
@@ -180,11 +191,13 @@ pub(crate) async fn secrets_read(
 
 #[utoipa::path(post, path = "/v1/secrets/invalidate",
     params(("Idempotency-Key" = Option<String>, Header, description = "1-128 of A-Z a-z 0-9 _ - .; the same key and body from the same client answer the first answer (the first event_seq); the same key with another route or body: 409 with error.param Idempotency-Key")),
-    request_body(content = Object, description = "path, reason, user_id?"),
-    responses((status = 200, description = "recorded (SecretCacheInvalidated); every instance drops the path", body = Object),
+    request_body(content = InvalidateBody, description = "path, reason, user_id?"),
+    security(("bearer" = [])),
+    responses((status = 200, description = "recorded (SecretCacheInvalidated); every instance drops the path", body = super::openapi::SecretInvalidated),
               (status = 400, description = "bad body; error.param names the field"),
               (status = 401, description = "no or unknown bearer token"),
-              (status = 403, description = "not an operator")))]
+              (status = 403, description = "not an operator"),
+              (status = 409, description = "the Idempotency-Key was used by this client for another request; error.param Idempotency-Key")))]
 pub(crate) async fn secrets_invalidate(
     State(s): State<AppState>,
     Extension(caller): Extension<Caller>,

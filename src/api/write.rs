@@ -14,6 +14,7 @@ use chrono::{DateTime, Utc};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::{json, Value};
+use utoipa::ToSchema;
 use uuid::Uuid;
 
 use super::body::{from_fields, parse_object};
@@ -169,18 +170,32 @@ fn command_error<E: DomainError>(e: ExecuteError<E>) -> ApiError {
     ApiError::Command(e.into())
 }
 
-#[derive(Deserialize)]
+/// The body of `POST /v1/jobs` (seed 002).
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct SubmitBody {
+    /// The job's id (1-128 of A-Z a-z 0-9 _ -); default: a new one (with
+    /// `Idempotency-Key`: one derived from the key).
     job_id: Option<String>,
+    /// The caller's own client id, if named (another is refused).
     client_id: Option<String>,
+    /// A key of the workflow registry (`GET /v1/meta`).
     workflow_key: String,
+    /// The job's inputs: a JSON object (null: `{}`).
     #[serde(default)]
+    #[schema(value_type = Option<Object>)]
     inputs: Value,
+    /// Where the job's outcome is posted (signed, docs/CALLBACKS.md).
     callback_url: Option<String>,
+    /// 1 (low) to 10 (high); default 5.
+    #[schema(minimum = 1, maximum = 10)]
     priority: Option<u8>,
+    /// The job's deadline in seconds; default 300.
     timeout_seconds: Option<u32>,
+    /// Free-form: a JSON object (null: `{}`); `user_id` is recorded as the
+    /// actor's person, `confidence` feeds auto-approval.
     #[serde(default)]
+    #[schema(value_type = Option<Object>)]
     metadata: Value,
 }
 
@@ -216,8 +231,10 @@ fn estimated_completion(
 
 #[utoipa::path(post, path = "/v1/jobs",
     params(("Idempotency-Key" = Option<String>, Header, description = "1-128 of A-Z a-z 0-9 _ - .; the same key, route and body from the same client answer the first answer (on any instance, after restarts); the same key with another body for the same job, approval or workflow: 409 with error.param Idempotency-Key; for another job, approval or workflow only within the stream's 2-minute duplicate window (docs/EVENTS.md 7.4)")),
-    request_body(content = Object, description = "job_id?, client_id?, workflow_key, inputs, callback_url?, priority (1-10, default 5), timeout_seconds (default 300), metadata"),
-    responses((status = 202, description = "accepted: job_id, status, message, accepted_at, estimated_completion; the same job_id and body answer the same", body = Object),
+    request_body(content = SubmitBody, description = "the job"),
+    security(("bearer" = [])),
+    responses((status = 202, description = "accepted: job_id, status, message, accepted_at, estimated_completion; the same job_id and body answer the same", body = super::openapi::JobAccepted,
+               headers(("Location" = String, description = "/v1/jobs/{job_id}"))),
               (status = 400, description = "bad body or Idempotency-Key; error.param names the field or header"),
               (status = 401, description = "no or unknown bearer token"),
               (status = 403, description = "client_id is not the caller's, or the caller is an auditor (read-only)"),
@@ -316,9 +333,11 @@ pub(crate) async fn jobs_submit(
         .into_response())
 }
 
-#[derive(Deserialize)]
+/// The body of a cancel, a kill-switch or an approval decision.
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct ReasonBody {
+    /// Why (required, not empty, for the kill-switch and a rejection).
     #[serde(default)]
     reason: String,
     /// The person behind the client, recorded as the actor's user_id.
@@ -326,8 +345,9 @@ struct ReasonBody {
 }
 
 #[utoipa::path(post, path = "/v1/jobs/{id}/cancel", params(("id" = String, Path, description = "job id"), ("Idempotency-Key" = Option<String>, Header, description = "1-128 of A-Z a-z 0-9 _ - .; the same key, route and body from the same client answer the first answer (on any instance, after restarts); the same key with another body for the same job, approval or workflow: 409 with error.param Idempotency-Key; for another job, approval or workflow only within the stream's 2-minute duplicate window (docs/EVENTS.md 7.4)")),
-    request_body(content = Object, description = "reason?, user_id?"),
-    responses((status = 200, description = "cancelled; in-flight calls are aborted", body = Object),
+    request_body(content = ReasonBody, description = "reason?, user_id?"),
+    security(("bearer" = [])),
+    responses((status = 200, description = "cancelled; in-flight calls are aborted", body = super::openapi::JobCancelled),
               (status = 403, description = "the caller is an auditor (read-only)"),
               (status = 404, description = "no such job, or another client's (the two answer alike)"),
               (status = 409, description = "the job already ended")))]
@@ -421,8 +441,9 @@ async fn switch_workflow(
 }
 
 #[utoipa::path(post, path = "/v1/workflows/{key}/disable", params(("key" = String, Path, description = "workflow key"), ("Idempotency-Key" = Option<String>, Header, description = "1-128 of A-Z a-z 0-9 _ - .; the same key, route and body from the same client answer the first answer (on any instance, after restarts); the same key with another body for the same job, approval or workflow: 409 with error.param Idempotency-Key; for another job, approval or workflow only within the stream's 2-minute duplicate window (docs/EVENTS.md 7.4)")),
-    request_body(content = Object, description = "reason (required), user_id?"),
-    responses((status = 200, description = "disabled: new jobs are refused, running ones continue", body = Object),
+    request_body(content = ReasonBody, description = "reason (required), user_id?"),
+    security(("bearer" = [])),
+    responses((status = 200, description = "disabled: new jobs are refused, running ones continue", body = super::openapi::WorkflowSwitched),
               (status = 403, description = "needs the operator role"), (status = 404, description = "not in the registry"),
               (status = 409, description = "already disabled")))]
 pub(crate) async fn workflows_disable(
@@ -436,8 +457,9 @@ pub(crate) async fn workflows_disable(
 }
 
 #[utoipa::path(post, path = "/v1/workflows/{key}/enable", params(("key" = String, Path, description = "workflow key"), ("Idempotency-Key" = Option<String>, Header, description = "1-128 of A-Z a-z 0-9 _ - .; the same key, route and body from the same client answer the first answer (on any instance, after restarts); the same key with another body for the same job, approval or workflow: 409 with error.param Idempotency-Key; for another job, approval or workflow only within the stream's 2-minute duplicate window (docs/EVENTS.md 7.4)")),
-    request_body(content = Object, description = "reason (required), user_id?"),
-    responses((status = 200, description = "enabled again", body = Object),
+    request_body(content = ReasonBody, description = "reason (required), user_id?"),
+    security(("bearer" = [])),
+    responses((status = 200, description = "enabled again", body = super::openapi::WorkflowSwitched),
               (status = 403, description = "needs the operator role"), (status = 404, description = "not in the registry"),
               (status = 409, description = "not disabled")))]
 pub(crate) async fn workflows_enable(
@@ -451,7 +473,8 @@ pub(crate) async fn workflows_enable(
 }
 
 #[utoipa::path(get, path = "/v1/meta",
-    responses((status = 200, description = "the workflow registry: keys, steps (no URLs), approval rules, success policy, kill-switch state", body = Object)))]
+    security(("bearer" = [])),
+    responses((status = 200, description = "the workflow registry: keys, steps (no URLs), approval rules, success policy, kill-switch state", body = super::openapi::Meta)))]
 pub(crate) async fn meta_get(State(s): State<AppState>) -> Result<Json<Value>, ApiError> {
     let mut workflows = Vec::new();
     for (key, def) in &s.registry.workflows {
@@ -487,10 +510,13 @@ pub(crate) async fn meta_get(State(s): State<AppState>) -> Result<Json<Value>, A
     })))
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+/// What a bulk request decides.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 enum Decision {
+    /// Approve every id.
     Approve,
+    /// Reject every id.
     Reject,
 }
 
@@ -576,8 +602,9 @@ fn decided(id: &str, decision: Decision, caller: &Caller, r: &Receipt) -> Value 
 }
 
 #[utoipa::path(post, path = "/v1/approvals/{id}/approve", params(("id" = String, Path, description = "approval id (the job id)"), ("Idempotency-Key" = Option<String>, Header, description = "1-128 of A-Z a-z 0-9 _ - .; the same key, route and body from the same client answer the first answer (on any instance, after restarts); the same key with another body for the same job, approval or workflow: 409 with error.param Idempotency-Key; for another job, approval or workflow only within the stream's 2-minute duplicate window (docs/EVENTS.md 7.4)")),
-    request_body(content = Object, description = "reason?, user_id?"),
-    responses((status = 200, description = "approved; who and why are on the event", body = Object),
+    request_body(content = ReasonBody, description = "reason?, user_id?"),
+    security(("bearer" = [])),
+    responses((status = 200, description = "approved; who and why are on the event", body = super::openapi::Decided),
               (status = 403, description = "needs the operator role"), (status = 404, description = "no such approval"),
               (status = 409, description = "already decided or expired")))]
 pub(crate) async fn approvals_approve(
@@ -591,8 +618,9 @@ pub(crate) async fn approvals_approve(
 }
 
 #[utoipa::path(post, path = "/v1/approvals/{id}/reject", params(("id" = String, Path, description = "approval id (the job id)"), ("Idempotency-Key" = Option<String>, Header, description = "1-128 of A-Z a-z 0-9 _ - .; the same key, route and body from the same client answer the first answer (on any instance, after restarts); the same key with another body for the same job, approval or workflow: 409 with error.param Idempotency-Key; for another job, approval or workflow only within the stream's 2-minute duplicate window (docs/EVENTS.md 7.4)")),
-    request_body(content = Object, description = "reason (required), user_id?"),
-    responses((status = 200, description = "rejected; the job fails with approval_rejected", body = Object),
+    request_body(content = ReasonBody, description = "reason (required), user_id?"),
+    security(("bearer" = [])),
+    responses((status = 200, description = "rejected; the job fails with approval_rejected", body = super::openapi::Decided),
               (status = 403, description = "needs the operator role"), (status = 404, description = "no such approval"),
               (status = 409, description = "already decided or expired")))]
 pub(crate) async fn approvals_reject(
@@ -605,20 +633,27 @@ pub(crate) async fn approvals_reject(
     approvals_decide(s, caller, id, headers, body, Decision::Reject).await
 }
 
-#[derive(Deserialize)]
+/// The body of `POST /v1/approvals/bulk`.
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct BulkBody {
+    /// 1 to 100 approval ids, each decided on its own.
+    #[schema(min_items = 1, max_items = 100)]
     approval_ids: Vec<String>,
+    /// Approve or reject them all.
     decision: Decision,
+    /// Why (required, not empty, to reject).
     #[serde(default)]
     reason: String,
+    /// The person behind the client, recorded as the actor's user_id.
     user_id: Option<String>,
 }
 
 #[utoipa::path(post, path = "/v1/approvals/bulk",
     params(("Idempotency-Key" = Option<String>, Header, description = "1-128 of A-Z a-z 0-9 _ - .; the same key, route and body from the same client answer the first answer (on any instance, after restarts); the same key with another body for the same job, approval or workflow: 409 with error.param Idempotency-Key; for another job, approval or workflow only within the stream's 2-minute duplicate window (docs/EVENTS.md 7.4)")),
-    request_body(content = Object, description = "approval_ids (1-100), decision approve|reject, reason, user_id?"),
-    responses((status = 200, description = "one result per id, in order: each decided on its own (not all-or-nothing)", body = Object),
+    request_body(content = BulkBody, description = "approval_ids (1-100), decision approve|reject, reason, user_id?"),
+    security(("bearer" = [])),
+    responses((status = 200, description = "one result per id, in order: each decided on its own (not all-or-nothing)", body = super::openapi::BulkDecided),
               (status = 400, description = "bad body"), (status = 403, description = "needs the operator role")))]
 pub(crate) async fn approvals_bulk(
     State(s): State<AppState>,

@@ -47,7 +47,7 @@ pub struct Swept {
 }
 
 /// One message of a turn.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Message {
     /// `user`, `assistant`, `system` or `tool`.
@@ -57,7 +57,7 @@ pub struct Message {
 }
 
 /// A fact as a client gives it.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct FactBody {
     /// What it is about (e.g. `user`, `user.car`).
@@ -71,7 +71,7 @@ pub struct FactBody {
 }
 
 /// `memory.writeback`: a turn and/or facts.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct WritebackBody {
     /// The client's id for the person.
@@ -96,17 +96,18 @@ pub struct WritebackBody {
 }
 
 /// `memory.profile`: fields merged over the earlier ones.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ProfileBody {
     /// The client's id for the person.
     pub subject_id: String,
     /// `email`, `full_name`, `tags`, ... (a `null` removes a field).
+    #[schema(value_type = Object)]
     pub fields: Map<String, Value>,
 }
 
 /// `memory.working_state.set`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct WorkingSetBody {
     /// The client's id for the person.
@@ -120,7 +121,7 @@ pub struct WorkingSetBody {
 }
 
 /// `memory.working_state.delete`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct WorkingDeleteBody {
     /// The client's id for the person.
@@ -130,7 +131,7 @@ pub struct WorkingDeleteBody {
 }
 
 /// `memory.forget`: a fact stops being valid.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ForgetBody {
     /// The client's id for the person.
@@ -142,7 +143,7 @@ pub struct ForgetBody {
 }
 
 /// `memory.erase`: destroy the subject's key, then record it.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct EraseBody {
     /// The client's id for the person.
