@@ -424,13 +424,19 @@ async fn over_http_writeback_then_assemble_returns_the_turns_facts_and_live_work
     )
     .await;
     assert_eq!(a.status, 200, "{}", a.body);
-    let facts_by = |q: &'static str| {
+    let facts_get = |q: &'static str| {
         let api = &api;
         async move {
             let path = format!("/v1/memory/subjects/cust-1/facts?{q}");
+            api.call("GET", &path, Some(BILLING_TOKEN), None).await
+        }
+    };
+    let facts_by = |q: &'static str| {
+        let facts_get = &facts_get;
+        async move {
             let deadline = std::time::Instant::now() + Duration::from_secs(20);
             loop {
-                let a = api.call("GET", &path, Some(BILLING_TOKEN), None).await;
+                let a = facts_get(q).await;
                 assert_eq!(a.status, 200, "{q}: {}", a.body);
                 let items = a.body["items"].as_array().cloned().unwrap_or_default();
                 if !items.is_empty() || std::time::Instant::now() > deadline {
@@ -459,14 +465,7 @@ async fn over_http_writeback_then_assemble_returns_the_turns_facts_and_live_work
         "a superseded version: {lyon:?}"
     );
     for q in ["q=Lyon", "q=the"] {
-        let a = api
-            .call(
-                "GET",
-                &format!("/v1/memory/subjects/cust-1/facts?{q}"),
-                Some(BILLING_TOKEN),
-                None,
-            )
-            .await;
+        let a = facts_get(q).await;
         assert_eq!(a.status, 200, "{q}: {}", a.body);
         assert_eq!(
             a.body["items"],
@@ -476,14 +475,7 @@ async fn over_http_writeback_then_assemble_returns_the_turns_facts_and_live_work
     }
     // an unknown or malformed parameter is named, not ignored
     for q in ["history=yes", "histroy=true", "q="] {
-        let a = api
-            .call(
-                "GET",
-                &format!("/v1/memory/subjects/cust-1/facts?{q}"),
-                Some(BILLING_TOKEN),
-                None,
-            )
-            .await;
+        let a = facts_get(q).await;
         assert_eq!(a.status, 400, "{q}: {}", a.body);
         assert_eq!(
             a.body["error"]["param"],
