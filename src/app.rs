@@ -16,7 +16,7 @@ use crate::audit::checkpoint::{self, CheckpointKey};
 use crate::bus::{ids, CommandBus, CommandError};
 use crate::commands::job::JobServices;
 use crate::commands::projection::ProjectionCommand;
-use crate::commands::registry::Registry;
+use crate::commands::registry::{Registry, RegistryChanges, SharedRegistry};
 use crate::commands::secret_access::policy::{Decision, SecretPolicy};
 use crate::config::{ClientEntry, Config, NatsSection};
 use crate::crypto::{SealKeys, SigningKey};
@@ -180,6 +180,25 @@ pub struct Application {
 pub struct Reloader {
     clients: Option<Arc<api::auth::Clients>>,
     accounts: Option<Arc<api::broker_identity::Accounts>>,
+    /// The registry the bus, the handler and the HTTP API share.
+    registry: Option<SharedRegistry>,
+    /// The secret policy a new registry's step headers are checked with.
+    secrets: Option<Arc<SecretService>>,
+    /// True when a job handler runs here: a new registry's steps are
+    /// checked as at start, and their outcome counters are created.
+    handler: bool,
+}
+
+/// Why [`Reloader::replace_registry`] kept the running registry.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryReloadError {
+    /// The file does not load or is not a valid registry.
+    #[error(transparent)]
+    Invalid(#[from] crate::commands::registry::RegistryError),
+    /// A step header of the new registry reads secrets and this instance
+    /// has no `[secrets]` (as at start, every attempt would fail).
+    #[error(transparent)]
+    Steps(#[from] BuildError),
 }
 
 /// What [`Reloader::apply`] changed; `None`: that part does not run here.
@@ -199,6 +218,26 @@ impl Reloader {
             clients: self.clients.as_ref().map(|c| c.replace(&config.clients)),
             accounts: self.accounts.as_ref().map(|a| a.replace(&config.nats)),
         }
+    }
+
+    /// Loads the registry at `path` and, when it is valid (and, with a
+    /// handler here, its steps' secrets can be read as at start), puts it
+    /// in use for the jobs decided and started from now on; a job whose
+    /// driver runs keeps the definition it started with. `Ok(None)`: no
+    /// part that uses a registry runs here.
+    pub fn replace_registry(
+        &self,
+        path: &std::path::Path,
+    ) -> Result<Option<RegistryChanges>, RegistryReloadError> {
+        let Some(shared) = &self.registry else {
+            return Ok(None);
+        };
+        let new = Registry::load(path)?;
+        if self.handler {
+            check_step_secrets(&new, self.secrets.as_ref().map(|s| s.policy()))?;
+            crate::metrics::register_workflows(&new);
+        }
+        Ok(Some(shared.replace(new)))
     }
 }
 
@@ -256,6 +295,12 @@ impl Application {
         if database.as_ref().is_some_and(|d| d.handler.is_some()) {
             check_step_secrets(&registry, secrets.as_ref().map(|s| s.policy()))?;
         }
+        let registry = SharedRegistry::from(registry);
+        let mut reloader = Reloader {
+            registry: Some(registry.clone()),
+            secrets: secrets.clone(),
+            ..Reloader::default()
+        };
         let bus = Arc::new(CommandBus::new(
             log.clone(),
             JobServices {
@@ -284,7 +329,6 @@ impl Application {
             )));
         }
         let (mut pool, mut handler, mut http_addr) = (None, None, None);
-        let mut reloader = Reloader::default();
         if let Some(d) = database {
             let p = db::connect(&d.url, d.max_connections).await?;
             db::migrate(&p).await?;
@@ -352,7 +396,8 @@ impl Application {
                     );
                 }
                 // the per-workflow outcome counters exist (at 0) from the start
-                crate::metrics::register_workflows(&registry);
+                crate::metrics::register_workflows(&registry.current());
+                reloader.handler = true;
                 let ctx =
                     handlers::Ctx::new(bus.clone(), registry.clone(), config, secrets.clone());
                 let run = handlers::manager::run(ctx.clone(), p.clone(), stop_rx.clone());

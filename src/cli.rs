@@ -1391,7 +1391,7 @@ async fn memory_cleanup(
     let bus = CommandBus::new(
         log,
         JobServices {
-            registry: Arc::new(Registry::with_keys(std::iter::empty())),
+            registry: Registry::with_keys(std::iter::empty()).into(),
             max_timeout_seconds: 1,
             callback_sealer: None,
         },
@@ -1552,7 +1552,7 @@ async fn serve(g: &Global, args: ServeArgs) -> anyhow::Result<ExitCode> {
         let bus = CommandBus::new(
             log.clone(),
             JobServices {
-                registry: registry.clone(),
+                registry: registry.clone().into(),
                 max_timeout_seconds: args.max_timeout_seconds,
                 callback_sealer: None,
             },
@@ -1663,27 +1663,49 @@ fn file_sha256(path: &std::path::Path) -> Option<[u8; 32]> {
         .map(|bytes| crate::events::chain::sha256(&bytes))
 }
 
-/// On each SIGHUP: reads the configuration again (the file at `path`, then
-/// the environment's overrides) and, when the whole of it is valid,
-/// applies what changes without a restart (the HTTP clients, the NATS
-/// accounts' roles: [`crate::app::Reloader`]), logging the client ids
-/// and accounts changed; an invalid configuration changes nothing and the
-/// reason is logged. Sections that need a restart and changed (compared
-/// with `started`, what runs), and a changed workflow registry file, are
-/// named in a warning.
+/// On each SIGHUP: loads the workflow registry file again when it changed
+/// and, when it is valid, puts it in use ([`crate::app::Reloader::replace_registry`];
+/// an invalid one is logged and the running one kept); then reads the
+/// configuration again (the file at `path`, then the environment's
+/// overrides) and, when the whole of it is valid, applies what changes
+/// without a restart (the HTTP clients, the NATS accounts' roles),
+/// logging the client ids and accounts changed; an invalid configuration
+/// changes nothing and the reason is logged. Sections that need a restart
+/// and changed (compared with `started`, what runs) are named in a warning.
 async fn reload_on_hangup(
     mut hangups: tokio::signal::unix::Signal,
     path: Option<PathBuf>,
-    started: Started,
+    mut started: Started,
     reloader: crate::app::Reloader,
 ) {
     while hangups.recv().await.is_some() {
-        if file_sha256(&started.registry_path) != started.registry_sha256 {
-            tracing::warn!(
-                registry = %started.registry_path.display(),
-                "SIGHUP: the workflow registry file changed and is not reloaded: it takes \
-                 effect at the next restart"
-            );
+        let registry_sha256 = file_sha256(&started.registry_path);
+        if registry_sha256 != started.registry_sha256 {
+            let file = started.registry_path.display();
+            match reloader.replace_registry(&started.registry_path) {
+                Ok(Some(c)) => {
+                    started.registry_sha256 = registry_sha256;
+                    tracing::info!(
+                        registry = %file,
+                        added = ?c.added,
+                        removed = ?c.removed,
+                        changed = ?c.changed,
+                        "SIGHUP: workflow registry reloaded"
+                    );
+                    if !c.removed.is_empty() {
+                        tracing::warn!(
+                            removed = ?c.removed,
+                            "SIGHUP: workflows removed from the registry: their jobs that \
+                             have not started running fail unknown_workflow"
+                        );
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => tracing::error!(
+                    registry = %file,
+                    "SIGHUP: workflow registry not reloaded, the running one is kept: {e}"
+                ),
+            }
         }
         let Some(path) = &path else {
             tracing::warn!(
@@ -1819,7 +1841,7 @@ async fn projections(g: &Global, p: ProjectionsCommand) -> anyhow::Result<ExitCo
             let (_c, log) = open_log(g).await?;
             // this bus records projection operations only: no workflow is needed
             let services = JobServices {
-                registry: Arc::new(Registry::with_keys(std::iter::empty())),
+                registry: Registry::with_keys(std::iter::empty()).into(),
                 max_timeout_seconds: 1,
                 callback_sealer: None,
             };

@@ -114,8 +114,10 @@ fn describe() {
     }
 }
 
-/// Sets the per-workflow counters to 0 for every workflow and step of the
-/// registry (the handler's instance calls it at start).
+/// Creates, at 0, the per-workflow counters of every workflow and step of
+/// the registry (the handler's instance calls it at start and on a
+/// registry reload; `absolute` only raises a counter, so one that counts
+/// already keeps its value).
 pub fn register_workflows(registry: &crate::commands::registry::Registry) {
     for key in registry.keys() {
         let Some(def) = registry.get(key) else {

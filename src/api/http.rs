@@ -20,7 +20,7 @@ use utoipa::OpenApi;
 use super::auth::{self, Clients};
 use super::{memory, n8n, read, secrets, write};
 use crate::bus::{CommandBus, CommandError};
-use crate::commands::registry::Registry;
+use crate::commands::registry::SharedRegistry;
 use crate::commands::ErrorCode;
 use crate::crypto::{SignatureError, SigningKey};
 use crate::events::log::EventLog;
@@ -44,7 +44,7 @@ pub struct AppState {
     pub bus: Arc<CommandBus>,
     /// The workflow registry: which keys jobs may name, and what
     /// `GET /v1/meta` lists.
-    pub registry: Arc<Registry>,
+    pub registry: SharedRegistry,
     /// The bearer tokens and rate limits of the `[[clients]]` table.
     pub clients: Arc<Clients>,
     /// Verifies `POST /v1/callbacks/n8n`; none: that endpoint answers 503.

@@ -9,7 +9,7 @@
 //! the shrunk input; paste it into a plain `#[test]` to keep it.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
+
 use std::time::Duration;
 
 use chrono::{DateTime, Datelike, NaiveDate, TimeDelta, Utc};
@@ -896,7 +896,7 @@ fn check_parse(
 
 fn services(max_timeout_seconds: u32) -> JobServices {
     JobServices {
-        registry: Arc::new(Registry::with_keys(["invoice.extract", "report.daily"])),
+        registry: Registry::with_keys(["invoice.extract", "report.daily"]).into(),
         max_timeout_seconds,
         callback_sealer: None,
     }

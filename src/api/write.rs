@@ -282,7 +282,7 @@ pub(crate) async fn jobs_submit(
         callback_url: b.callback_url,
         metadata: object_or_empty("metadata", b.metadata)?,
     };
-    let def = s.registry.workflows.get(&submit.workflow_key).cloned();
+    let def = s.registry.current().get(&submit.workflow_key).cloned();
     let timeout = submit
         .timeout_seconds
         .unwrap_or(crate::commands::job::DEFAULT_TIMEOUT_SECONDS);
@@ -395,7 +395,7 @@ async fn switch_workflow(
 ) -> Result<Json<Value>, ApiError> {
     caller.require_operator("the kill-switch")?;
     let idempotency = idempotency_key(headers)?;
-    if !s.registry.workflows.contains_key(key) {
+    if !s.registry.current().contains(key) {
         return Err(ApiError::NotFound(format!(
             "workflow {key:?} (GET /v1/meta lists the registry)"
         )));
@@ -476,8 +476,9 @@ pub(crate) async fn workflows_enable(
     security(("bearer" = [])),
     responses((status = 200, description = "the workflow registry: keys, steps (no URLs), approval rules, success policy, kill-switch state", body = super::openapi::Meta)))]
 pub(crate) async fn meta_get(State(s): State<AppState>) -> Result<Json<Value>, ApiError> {
+    let registry = s.registry.current();
     let mut workflows = Vec::new();
-    for (key, def) in &s.registry.workflows {
+    for (key, def) in &registry.workflows {
         let disabled = s
             .bus
             .workflow_disabled(key)
@@ -505,7 +506,7 @@ pub(crate) async fn meta_get(State(s): State<AppState>) -> Result<Json<Value>, A
     Ok(Json(json!({
         "service": "flowledger",
         "version": env!("CARGO_PKG_VERSION"),
-        "registry_version": s.registry.version,
+        "registry_version": registry.version,
         "workflows": workflows,
     })))
 }

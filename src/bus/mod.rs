@@ -31,7 +31,7 @@ use crate::commands::job::{Job, JobCommand, JobError, JobServices};
 use crate::commands::memory::events::MemoryEvent;
 use crate::commands::memory::{Memory, MemoryCommand, MemoryError};
 use crate::commands::projection::{ProjectionCommand, ProjectionOps, ProjectionOpsError};
-use crate::commands::registry::Registry;
+use crate::commands::registry::SharedRegistry;
 use crate::commands::secret_access::{RecordAccess, SecretAccess, SecretAccessError};
 use crate::commands::secret_cache::{self, Invalidate, SecretCache, SecretCacheError};
 use crate::commands::workflow::{self, Workflow, WorkflowCommand, WorkflowError};
@@ -187,7 +187,7 @@ pub struct CommandBus {
     secret_accesses: AggregateStore<SecretAccess>,
     secret_caches: AggregateStore<SecretCache>,
     memories: AggregateStore<Memory>,
-    registry: Arc<Registry>,
+    registry: SharedRegistry,
 }
 
 impl CommandBus {
@@ -223,7 +223,7 @@ impl CommandBus {
         if let JobCommand::Submit(submit) = &command {
             // an unknown key is the aggregate's to refuse (it lists the known
             // ones); only a registry key names a workflow aggregate
-            if self.registry.contains(&submit.workflow_key)
+            if self.registry.current().contains(&submit.workflow_key)
                 && self.workflow_disabled(&submit.workflow_key).await?
             {
                 return Err(ExecuteError::Rejected(JobError::WorkflowDisabled {
@@ -294,7 +294,7 @@ impl CommandBus {
         command: WorkflowCommand,
         meta: &CommandMeta,
     ) -> Result<Arc<Receipt>, ExecuteError<WorkflowError>> {
-        if !self.registry.contains(workflow_key) {
+        if !self.registry.current().contains(workflow_key) {
             return Err(ExecuteError::Rejected(WorkflowError::UnknownWorkflow {
                 key: workflow_key.to_string(),
             }));

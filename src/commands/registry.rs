@@ -548,6 +548,96 @@ impl Registry {
     }
 }
 
+/// The registry a running service decides and runs jobs with, replaced
+/// whole by a reload (SIGHUP, docs/OPERATIONS.md "Reload"): each reader
+/// takes [`SharedRegistry::current`] once and sees the old registry or the
+/// new one, never a mix. A job's driver keeps the definition it started
+/// with until it next re-reads the job.
+#[derive(Clone)]
+pub struct SharedRegistry(std::sync::Arc<arc_swap::ArcSwap<Registry>>);
+
+impl SharedRegistry {
+    /// The registry now in use.
+    pub fn current(&self) -> std::sync::Arc<Registry> {
+        self.0.load_full()
+    }
+
+    /// Puts `new` in use and says what changed against the one before.
+    pub fn replace(&self, new: Registry) -> RegistryChanges {
+        let new = std::sync::Arc::new(new);
+        let old = self.0.swap(new.clone());
+        RegistryChanges::between(&old, &new)
+    }
+}
+
+impl std::fmt::Debug for SharedRegistry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("SharedRegistry")
+            .field(&self.current())
+            .finish()
+    }
+}
+
+impl From<std::sync::Arc<Registry>> for SharedRegistry {
+    fn from(registry: std::sync::Arc<Registry>) -> Self {
+        SharedRegistry(std::sync::Arc::new(arc_swap::ArcSwap::new(registry)))
+    }
+}
+
+impl From<Registry> for SharedRegistry {
+    fn from(registry: Registry) -> Self {
+        std::sync::Arc::new(registry).into()
+    }
+}
+
+/// The workflow keys a reload added, removed and changed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RegistryChanges {
+    /// Keys only the new registry has.
+    pub added: Vec<String>,
+    /// Keys only the old registry had: their jobs that have not started
+    /// running fail `unknown_workflow`.
+    pub removed: Vec<String>,
+    /// Keys whose definition differs.
+    pub changed: Vec<String>,
+}
+
+impl RegistryChanges {
+    /// What differs from `old` to `new`, each list sorted.
+    pub fn between(old: &Registry, new: &Registry) -> Self {
+        let mut changes = RegistryChanges::default();
+        for (key, def) in &new.workflows {
+            match old.workflows.get(key) {
+                None => changes.added.push(key.clone()),
+                Some(was) if !same_definition(was, def) => changes.changed.push(key.clone()),
+                Some(_) => {}
+            }
+        }
+        changes.removed = old
+            .workflows
+            .keys()
+            .filter(|k| !new.workflows.contains_key(*k))
+            .cloned()
+            .collect();
+        changes
+    }
+
+    /// True when nothing changed.
+    pub fn is_empty(&self) -> bool {
+        self.added.is_empty() && self.removed.is_empty() && self.changed.is_empty()
+    }
+}
+
+/// Two definitions are the same when they serialize alike (the file's
+/// fields, in their canonical order).
+fn same_definition(a: &WorkflowDefinition, b: &WorkflowDefinition) -> bool {
+    match (serde_json::to_value(a), serde_json::to_value(b)) {
+        (Ok(a), Ok(b)) => a == b,
+        // not serializable (cannot happen for parsed data): call it changed
+        _ => false,
+    }
+}
+
 impl WorkflowDefinition {
     /// The first problem found, as (field path, message).
     fn check(&self) -> Result<(), (String, String)> {
@@ -675,6 +765,44 @@ pub fn valid_key(key: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_replaced_registry_is_seen_whole_and_its_changes_are_named() {
+        let parse =
+            |text: &str| Registry::parse(Path::new("r.json"), text).expect("a valid registry");
+        let step =
+            |url: &str| format!(r#"{{"steps":[{{"name":"s","kind":"solver","url":"{url}"}}]}}"#);
+        let old = parse(&format!(
+            r#"{{"version":1,"workflows":{{"a":{},"b":{},"c":{}}}}}"#,
+            step("http://h/a"),
+            step("http://h/b"),
+            step("http://h/c")
+        ));
+        let new = parse(&format!(
+            r#"{{"version":1,"workflows":{{"a":{},"b":{},"d":{}}}}}"#,
+            step("http://h/a"),
+            step("http://h/b2"),
+            step("http://h/d")
+        ));
+        let shared = SharedRegistry::from(old);
+        let before = shared.current();
+        let changes = shared.replace(new);
+        assert_eq!(changes.added, ["d"]);
+        assert_eq!(changes.removed, ["c"]);
+        assert_eq!(changes.changed, ["b"]);
+        assert!(!changes.is_empty());
+        assert_eq!(shared.current().keys(), ["a", "b", "d"]);
+        assert_eq!(
+            before.keys(),
+            ["a", "b", "c"],
+            "a reader keeps what it took"
+        );
+        let same = (*shared.current()).clone();
+        assert!(
+            shared.replace(same).is_empty(),
+            "the same registry changes nothing"
+        );
+    }
 
     #[test]
     fn a_step_url_with_credentials_is_refused_without_showing_them() {

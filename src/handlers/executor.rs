@@ -150,7 +150,7 @@ fn fold(view: &mut JobView, r: &StoryRecord) -> Result<(), Halt> {
 /// Moves a job that has not ended as far as it goes; returns when it ended
 /// or when its state has to be re-read.
 async fn advance(ctx: &Arc<Ctx>, mut view: JobView, rx: &mut Records) -> Result<(), Halt> {
-    let Some(def) = ctx.registry.get(&view.workflow_key).cloned() else {
+    let Some(def) = ctx.registry.current().get(&view.workflow_key).cloned() else {
         let msg = format!(
             "workflow {:?} is no longer in the registry; the job cannot run",
             view.workflow_key

@@ -27,7 +27,7 @@ use tokio::sync::{oneshot, Notify, OwnedSemaphorePermit, Semaphore};
 use crate::bus::CommandBus;
 use crate::commands::approval::{ApprovalCommand, ApprovalError};
 use crate::commands::job::{JobCommand, JobError};
-use crate::commands::registry::Registry;
+use crate::commands::registry::SharedRegistry;
 use crate::config::{Config, ConfigError, HandlerSection};
 use crate::crypto::{SealKeys, SigningKey};
 use crate::events::chain;
@@ -172,7 +172,7 @@ pub struct Ctx {
     pub bus: Arc<CommandBus>,
     /// The workflow registry: each job's steps, approval rule and success
     /// policy.
-    pub registry: Arc<Registry>,
+    pub registry: SharedRegistry,
     /// One client (one connection pool) for peer calls and result callbacks.
     pub http: reqwest::Client,
     /// The handler's settings.
@@ -236,7 +236,7 @@ impl Ctx {
     /// reads the secrets step headers name.
     pub fn new(
         bus: Arc<CommandBus>,
-        registry: Arc<Registry>,
+        registry: SharedRegistry,
         config: HandlerConfig,
         secrets: Option<Arc<SecretService>>,
     ) -> Arc<Self> {

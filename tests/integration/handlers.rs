@@ -548,7 +548,8 @@ async fn sigkill_mid_job_loses_nothing_and_repeats_nothing() {
         registry_of(&one_workflow(
             json!([solver("x", &fast, 1000, 1)]),
             json!({}),
-        )),
+        ))
+        .into(),
         test_handler_config(),
         None,
     );

@@ -411,7 +411,7 @@ pub(crate) fn seal_keys() -> Arc<SealKeys> {
 
 pub(crate) fn services() -> JobServices {
     JobServices {
-        registry: registry(),
+        registry: registry().into(),
         max_timeout_seconds: 3600,
         callback_sealer: Some(seal_keys()),
     }

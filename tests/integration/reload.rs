@@ -42,10 +42,15 @@ fn shop() -> String {
 
 /// `POST /v1/jobs` as the holder of `token`: the status.
 async fn submit(http: &str, token: &str, job_id: &str) -> u16 {
+    submit_to(http, token, job_id, "w").await
+}
+
+/// `POST /v1/jobs` of workflow `key` as the holder of `token`: the status.
+async fn submit_to(http: &str, token: &str, job_id: &str, key: &str) -> u16 {
     reqwest::Client::new()
         .post(format!("{http}/v1/jobs"))
         .bearer_auth(token)
-        .json(&json!({"job_id": job_id, "workflow_key": "w"}))
+        .json(&json!({"job_id": job_id, "workflow_key": key}))
         .send()
         .await
         .expect("the HTTP API answers")
@@ -121,27 +126,95 @@ async fn sighup_adds_and_removes_clients_and_keeps_the_old_ones_when_the_file_is
         ),
     )
     .unwrap();
-    std::fs::write(
-        &registry,
-        one_workflow(
-            json!([solver("s2", "http://127.0.0.1:9/s2", 1_000, 1)]),
-            json!({}),
-        )
-        .to_string(),
-    )
-    .unwrap();
     serve.hangup();
     serve.logged("[handler] changed and not reloaded").await;
-    serve
-        .logged("the workflow registry file changed and is not reloaded")
-        .await;
     assert_eq!(submit(&http, BILLING_TOKEN, "reload-8").await, 202);
 
     let log = serve.log();
+    assert!(
+        !log.contains("SIGHUP: workflow registry"),
+        "an unchanged registry file is not loaded again: {log}"
+    );
     assert!(log.contains("clients[2].token_sha256"), "the reason: {log}");
     assert!(log.contains("shop"), "the client id is logged: {log}");
     assert!(
         !log.contains(SHOP_TOKEN) && !log.contains(BILLING_TOKEN),
         "no token is logged: {log}"
     );
+}
+
+#[tokio::test]
+async fn sighup_reloads_the_workflow_registry_and_keeps_it_when_the_new_file_is_bad() {
+    let app = spawn_app().await;
+    let db = fresh_database().await;
+    let dir = tempfile::tempdir().unwrap();
+    let registry = dir.path().join("registry.json");
+    let step = || json!([solver("s", "http://127.0.0.1:9/s", 1_000, 1)]);
+    std::fs::write(&registry, one_workflow(step(), json!({})).to_string()).unwrap();
+    let file = dir.path().join("flowledger.toml");
+    std::fs::write(&file, config("")).unwrap();
+    let serve = Serve::start(&app, &db, &registry, &file);
+    let http = serve.http().await;
+    assert_eq!(
+        submit_to(&http, BILLING_TOKEN, "registry-1", "w2").await,
+        400,
+        "w2 is not in the registry yet"
+    );
+
+    // w2 added, w kept: both are taken at once, no restart
+    let two = json!({"version": 1, "workflows": {"w": {"steps": step()}, "w2": {"steps": step()}}});
+    std::fs::write(&registry, two.to_string()).unwrap();
+    serve.hangup();
+    logged_times(&serve, "SIGHUP: workflow registry reloaded", 1).await;
+    assert_eq!(
+        submit_to(&http, BILLING_TOKEN, "registry-2", "w2").await,
+        202
+    );
+    assert_eq!(submit(&http, BILLING_TOKEN, "registry-3").await, 202);
+    let meta: serde_json::Value = reqwest::Client::new()
+        .get(format!("{http}/v1/meta"))
+        .bearer_auth(BILLING_TOKEN)
+        .send()
+        .await
+        .expect("the HTTP API answers")
+        .json()
+        .await
+        .expect("GET /v1/meta answers JSON");
+    let keys: Vec<&str> = meta["workflows"]
+        .as_array()
+        .expect("workflows is a list")
+        .iter()
+        .filter_map(|w| w["workflow_key"].as_str())
+        .collect();
+    assert_eq!(keys, ["w", "w2"], "GET /v1/meta lists the new registry");
+
+    // a bad file: the running registry is kept whole, the reason logged
+    std::fs::write(
+        &registry,
+        r#"{"version": 1, "workflows": {"w3": {"steps": []}}}"#,
+    )
+    .unwrap();
+    serve.hangup();
+    serve
+        .logged("SIGHUP: workflow registry not reloaded, the running one is kept")
+        .await;
+    assert_eq!(
+        submit_to(&http, BILLING_TOKEN, "registry-4", "w2").await,
+        202
+    );
+    assert_eq!(
+        submit_to(&http, BILLING_TOKEN, "registry-5", "w3").await,
+        400,
+        "never half-applied"
+    );
+
+    // w2 removed: refused from now on, and the removal is warned about
+    std::fs::write(&registry, one_workflow(step(), json!({})).to_string()).unwrap();
+    serve.hangup();
+    logged_times(&serve, "SIGHUP: workflow registry reloaded", 2).await;
+    assert_eq!(
+        submit_to(&http, BILLING_TOKEN, "registry-6", "w2").await,
+        400
+    );
+    serve.logged("workflows removed from the registry").await;
 }

@@ -30,7 +30,7 @@ use tokio::sync::oneshot;
 
 use flowledger::bus::CommandBus;
 use flowledger::commands::job::{JobCommand, JobServices, SubmitJob};
-use flowledger::commands::registry::Registry;
+use flowledger::commands::registry::{Registry, SharedRegistry};
 use flowledger::events::envelope::{decode_commit, Actor, CommandMeta};
 use flowledger::events::log::{self, EventLog, LogConfig};
 use flowledger::handlers::{lease, manager, Ctx, HandlerConfig};
@@ -361,7 +361,7 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
                    "timeout_ms": 10_000, "max_attempts": 1})
         })
         .collect();
-    let registry = Arc::new(Registry::parse(
+    let registry = SharedRegistry::from(Registry::parse(
         std::path::Path::new("bench-registry.json"),
         &json!({"version": 1, "workflows": {WORKFLOW: {"steps": steps}}}).to_string(),
     )?);

@@ -123,7 +123,7 @@ struct Args {
 
 fn services() -> JobServices {
     JobServices {
-        registry: Arc::new(Registry::with_keys(["bench.workflow"])),
+        registry: Registry::with_keys(["bench.workflow"]).into(),
         max_timeout_seconds: 3600,
         callback_sealer: None,
     }

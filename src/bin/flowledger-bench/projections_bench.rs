@@ -187,7 +187,7 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
     db::migrate(&pool).await?;
     let keys: Vec<String> = (0..KEYS).map(key).collect();
     let services = JobServices {
-        registry: Arc::new(Registry::with_keys(keys.iter().map(String::as_str))),
+        registry: Registry::with_keys(keys.iter().map(String::as_str)).into(),
         max_timeout_seconds: 3600,
         callback_sealer: None,
     };

@@ -341,7 +341,7 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
     log::init(&service_nats, &config).await?;
     let event_log = EventLog::open(service_nats.clone(), config).await?;
     let services = JobServices {
-        registry: Arc::new(Registry::with_keys(["bench.workflow"])),
+        registry: Registry::with_keys(["bench.workflow"]).into(),
         max_timeout_seconds: 3600,
         callback_sealer: None,
     };

@@ -15,7 +15,7 @@ use crate::commands::limits::{
     MAX_ATTEMPTS, MAX_CALLBACK_ATTEMPTS, MAX_DURATION_MS, MAX_JOB_TIMEOUT_SECONDS,
     MAX_RETRY_DELAY_MS, PRIORITY_RANGE,
 };
-use crate::commands::registry::Registry;
+use crate::commands::registry::SharedRegistry;
 use crate::commands::{redact, write_decided, DomainError, ErrorCode};
 use crate::crypto::SealKeys;
 use events::{
@@ -33,7 +33,7 @@ pub const DEFAULT_TIMEOUT_SECONDS: u32 = 300;
 #[derive(Debug, Clone)]
 pub struct JobServices {
     /// The workflow registry; a submission's `workflow_key` must be in it.
-    pub registry: Arc<Registry>,
+    pub registry: SharedRegistry,
     /// The configured largest `timeout_seconds` (`--max-timeout-seconds`);
     /// [`MAX_JOB_TIMEOUT_SECONDS`] caps it.
     pub max_timeout_seconds: u32,
@@ -784,10 +784,11 @@ impl Job {
                         }
                     }
                 };
-                if !services.registry.contains(&c.workflow_key) {
+                let registry = services.registry.current();
+                if !registry.contains(&c.workflow_key) {
                     return Err(JobError::UnknownWorkflow {
                         key: c.workflow_key,
-                        known: services.registry.keys().join(", "),
+                        known: registry.keys().join(", "),
                     });
                 }
                 Ok(vec![JobEvent::JobSubmitted(JobSubmitted {
@@ -984,7 +985,11 @@ mod tests {
 
     fn services() -> JobServices {
         JobServices {
-            registry: Arc::new(Registry::with_keys(["invoice.extract", "report.daily"])),
+            registry: crate::commands::registry::Registry::with_keys([
+                "invoice.extract",
+                "report.daily",
+            ])
+            .into(),
             max_timeout_seconds: 3600,
             callback_sealer: None,
         }
