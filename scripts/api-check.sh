@@ -43,6 +43,9 @@ FLOWLEDGER_CALLBACK_KEY=$(openssl rand -hex 32)
 # config/example.toml's clients (dev-operator-token), the handler off,
 # secret access and memory on
 sed 's/^enabled = true/enabled = false/' config/example.toml >"$WORK/api.toml"
+# a live job stream ends within a second: api-job-2 waits for an approval
+# that never comes, and schemathesis reads each answer to its end
+export FLOWLEDGER_CONSOLE__STREAM_MAX_SECONDS=1
 cat >>"$WORK/api.toml" <<TOML
 
 [secrets]

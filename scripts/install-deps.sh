@@ -21,6 +21,11 @@
 #                       dependency, which brings torch and CUDA: ~3 GB of
 #                       wheels, 5.9 GB installed), tokenizers, numpy
 #                       -> EMBED_PEER_PYTHON, which runs scripts/embed-peer.py
+#   chromium            Debian package  -> /usr/bin/chromium (the web console's
+#                       test, tests/integration/console.rs, headless)
+#   node 20+, npm       Debian packages when missing (playwright-core needs 20)
+#   playwright-core 1.65.2  npm ci of scripts/console-check/package-lock.json
+#                       -> /opt/flowledger/console-check (PLAYWRIGHT_DIR)
 # Output (stdout): shell assignments, e.g. `eval "$(scripts/install-deps.sh)"`.
 set -euo pipefail
 
@@ -165,7 +170,27 @@ if [ "$(cat "$EMBED_VENV/PINS" 2>/dev/null)" != "$EMBED_PINS" ] \
 fi
 EMBED_PEER_PYTHON="$EMBED_VENV/bin/python"
 
-for b in "$EMBED_PEER_PYTHON" "$NATS_DEBIAN" "$NATS_PIP" "$PROMTOOL" "$BAO_BIN" "$OPENAPI_SPEC_VALIDATOR" "$SCHEMATHESIS" "$PG18_BIN/initdb" "$PG18_BIN/postgres" "$PG18_BIN/pg_ctl"; do
+# headless Chromium and playwright-core, which drives it: the web
+# console's test (tests/integration/console.rs runs
+# scripts/console-check/check.mjs); remade when the lock file changes
+CHROMIUM=/usr/bin/chromium
+if [ ! -x "$CHROMIUM" ]; then apt_install --no-install-recommends chromium; fi
+if ! command -v node >/dev/null || ! command -v npm >/dev/null; then apt_install nodejs npm; fi
+NODE=$(command -v node)
+node_major=$("$NODE" -p 'process.versions.node.split(".")[0]')
+[ "$node_major" -ge 20 ] || { log "node $("$NODE" --version) is too old for playwright-core (20 or later)"; exit 1; }
+CONSOLE_CHECK_SRC="$(cd "$(dirname "$0")" && pwd)/console-check"
+PLAYWRIGHT_DIR=/opt/flowledger/console-check
+if ! cmp -s "$CONSOLE_CHECK_SRC/package-lock.json" "$PLAYWRIGHT_DIR/package-lock.json" \
+  || [ ! -f "$PLAYWRIGHT_DIR/node_modules/playwright-core/package.json" ]; then
+  log "npm ci playwright-core in $PLAYWRIGHT_DIR"
+  rm -rf "$PLAYWRIGHT_DIR"
+  mkdir -p "$PLAYWRIGHT_DIR"
+  cp "$CONSOLE_CHECK_SRC/package.json" "$CONSOLE_CHECK_SRC/package-lock.json" "$PLAYWRIGHT_DIR/"
+  (cd "$PLAYWRIGHT_DIR" && npm ci --silent --no-audit --no-fund) >&2
+fi
+
+for b in "$CHROMIUM" "$NODE" "$EMBED_PEER_PYTHON" "$NATS_DEBIAN" "$NATS_PIP" "$PROMTOOL" "$BAO_BIN" "$OPENAPI_SPEC_VALIDATOR" "$SCHEMATHESIS" "$PG18_BIN/initdb" "$PG18_BIN/postgres" "$PG18_BIN/pg_ctl"; do
   [ -x "$b" ] || { log "expected $b after install, not found"; exit 1; }
 done
 echo "NATS_SERVER_DEBIAN=$NATS_DEBIAN"
@@ -177,3 +202,6 @@ echo "PROMTOOL=$PROMTOOL"
 echo "EMBED_PEER_PYTHON=$EMBED_PEER_PYTHON"
 echo "OPENAPI_SPEC_VALIDATOR=$OPENAPI_SPEC_VALIDATOR"
 echo "SCHEMATHESIS=$SCHEMATHESIS"
+echo "CHROMIUM=$CHROMIUM"
+echo "NODE=$NODE"
+echo "PLAYWRIGHT_DIR=$PLAYWRIGHT_DIR"

@@ -16,6 +16,8 @@ export FLOWLEDGER_PG18_BIN="$PG18_BIN"
 export FLOWLEDGER_EMBED_PYTHON="$EMBED_PEER_PYTHON"
 # promtool checks GET /metrics (tests/integration/projections.rs)
 export FLOWLEDGER_PROMTOOL="$PROMTOOL"
+# the web console in headless Chromium (tests/integration/console.rs)
+export FLOWLEDGER_CHROMIUM="$CHROMIUM" FLOWLEDGER_NODE="$NODE" FLOWLEDGER_PLAYWRIGHT_DIR="$PLAYWRIGHT_DIR"
 
 echo "== all tests (nats-server: $("$NATS_SERVER_DEBIAN" --version))"
 FLOWLEDGER_NATS_SERVER="$NATS_SERVER_DEBIAN" cargo test --all-targets

@@ -92,6 +92,8 @@ pub struct HttpSettings {
     pub callback_posts_per_minute: u32,
     /// Refused n8n posts per minute from one source address.
     pub callback_refusals_per_minute: u32,
+    /// The web console and the live job streams (`[console]`).
+    pub console: crate::config::ConsoleSection,
 }
 
 /// Why the service could not be built; each names what to fix.
@@ -450,6 +452,11 @@ impl Application {
                     secrets: secrets.clone(),
                     memory: memory.clone(),
                     draining: drain_rx.clone(),
+                    live: Arc::new(api::live::LiveStreams::new(
+                        h.console.streams_per_client,
+                        std::time::Duration::from_secs(h.console.stream_max_seconds),
+                    )),
+                    console: h.console.enabled,
                 };
                 let mut stop = stop_rx.clone();
                 tasks.push(tokio::spawn(async move {

@@ -1476,6 +1476,12 @@ fn check_config_summary(
             on(config.secrets.vault_addr.is_some())
         ),
         format!("memory: {}", on(config.memory.enabled)),
+        format!(
+            "web console (/console): {}; live job streams: {} per client, {} s at most",
+            on(config.console.enabled),
+            config.console.streams_per_client,
+            config.console.stream_max_seconds
+        ),
     ];
     if config.secrets.vault_addr.is_some() {
         lines.push(
@@ -1590,6 +1596,7 @@ async fn serve(g: &Global, args: ServeArgs) -> anyhow::Result<ExitCode> {
                 callback_window_secs: config.callbacks.timestamp_window_seconds as i64,
                 callback_posts_per_minute: config.callbacks.rate_limit_per_minute,
                 callback_refusals_per_minute: config.callbacks.refusals_per_minute,
+                console: config.console.clone(),
             }),
         }),
         None => {

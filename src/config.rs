@@ -46,6 +46,54 @@ pub struct Config {
     /// for the data subjects' keys.
     #[serde(default)]
     pub memory: MemorySection,
+    /// `[console]`: the web console at `/console` and the live job streams
+    /// it reads.
+    #[serde(default)]
+    pub console: ConsoleSection,
+}
+
+/// `[console]`: the web console `serve` answers at `/console`, and the
+/// live job streams (`GET /v1/jobs/{id}/events`) it and other clients read.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConsoleSection {
+    /// Serve the console's page at `/console` (the `/v1` API it uses is
+    /// there either way).
+    pub enabled: bool,
+    /// Live job streams one client may hold open at once, 1 to 1000;
+    /// past it, 429.
+    pub streams_per_client: usize,
+    /// Seconds a live stream stays open at most, 1 to 86400; it then ends
+    /// with `end` `time_limit` and the viewer connects again.
+    pub stream_max_seconds: u64,
+}
+
+impl Default for ConsoleSection {
+    fn default() -> Self {
+        ConsoleSection {
+            enabled: true,
+            streams_per_client: 4,
+            stream_max_seconds: 900,
+        }
+    }
+}
+
+impl ConsoleSection {
+    fn check(&self) -> Result<(), String> {
+        if !(1..=1000).contains(&self.streams_per_client) {
+            return Err(format!(
+                "console.streams_per_client must be 1 to 1000, got {}",
+                self.streams_per_client
+            ));
+        }
+        if !(1..=86_400).contains(&self.stream_max_seconds) {
+            return Err(format!(
+                "console.stream_max_seconds must be 1 to 86400 (a day), got {}",
+                self.stream_max_seconds
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// `[memory]`: conversation memory. Off unless `enabled`; needs
@@ -1225,6 +1273,7 @@ impl Config {
         c.nats.check()?;
         c.secrets.check()?;
         c.memory.check(&c.secrets)?;
+        c.console.check()?;
         let mut ids = std::collections::BTreeSet::new();
         for (i, client) in c.clients.iter().enumerate() {
             // the actors flowledger itself records under

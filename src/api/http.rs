@@ -66,10 +66,18 @@ pub struct AppState {
     /// (reads, cancels, approvals, n8n results of the steps in flight)
     /// is served until the stop.
     pub draining: tokio::sync::watch::Receiver<bool>,
+    /// The live job streams (`GET /v1/jobs/{id}/events`) open now, per
+    /// client, and their limits (`[console]`).
+    pub live: Arc<super::live::LiveStreams>,
+    /// Serve the web console at `/console` (`[console] enabled`).
+    pub console: bool,
 }
 
 /// The largest request body accepted (413 `payload_too_large` above).
 pub const MAX_BODY_BYTES: usize = 2 * 1024 * 1024;
+
+/// Seconds a client with all its live streams open is told to wait.
+pub const STREAM_RETRY_AFTER_SECONDS: u64 = 5;
 
 /// Seconds a job submitted to a draining instance is told to wait
 /// (`Retry-After`) before it is sent again, to another instance.
@@ -148,6 +156,17 @@ pub enum ApiError {
         /// Whole seconds until the next post is allowed.
         retry_after: u64,
     },
+    /// 429 `rate_limited` with `Retry-After`: the client has its
+    /// `[console] streams_per_client` live streams open; close one.
+    #[error(
+        "client {client_id:?} has {max} live streams open, the most it may; close one and retry"
+    )]
+    TooManyStreams {
+        /// The client whose streams are all in use.
+        client_id: String,
+        /// `[console] streams_per_client`.
+        max: usize,
+    },
     /// A command was refused or failed; the code says which.
     #[error("{}", .0.message)]
     Command(CommandError),
@@ -195,9 +214,9 @@ impl ApiError {
             ApiError::Request { status, .. } => (*status, code_of_status(*status)),
             ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             ApiError::Unauthenticated(_) => (StatusCode::UNAUTHORIZED, "unauthenticated"),
-            ApiError::RateLimited { .. } | ApiError::SourceRateLimited { .. } => {
-                (StatusCode::TOO_MANY_REQUESTS, "rate_limited")
-            }
+            ApiError::RateLimited { .. }
+            | ApiError::SourceRateLimited { .. }
+            | ApiError::TooManyStreams { .. } => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
             ApiError::Signature(e) => (StatusCode::UNAUTHORIZED, e.code()),
             ApiError::NotConfigured(_) => (StatusCode::SERVICE_UNAVAILABLE, "not_configured"),
             ApiError::Draining { .. } => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
@@ -258,6 +277,12 @@ impl IntoResponse for ApiError {
             | ApiError::Draining { retry_after } => {
                 res.headers_mut()
                     .insert(header::RETRY_AFTER, HeaderValue::from(*retry_after));
+            }
+            ApiError::TooManyStreams { .. } => {
+                res.headers_mut().insert(
+                    header::RETRY_AFTER,
+                    HeaderValue::from(STREAM_RETRY_AFTER_SECONDS),
+                );
             }
             _ => {}
         }
@@ -624,6 +649,8 @@ pub fn app(state: AppState) -> Router {
         )
         .route("/v1/jobs/{id}", get(read::jobs_get))
         .route("/v1/jobs/{id}/status", get(read::jobs_status))
+        .route("/v1/jobs/{id}/events", get(super::live::jobs_events))
+        .route("/v1/me", get(read::me_get))
         .route("/v1/jobs/{id}/cancel", post(write::jobs_cancel))
         .route(
             "/v1/workflows/{key}/disable",
@@ -660,8 +687,14 @@ pub fn app(state: AppState) -> Router {
             state.clone(),
             auth::authenticate,
         ));
+    let console = if state.console {
+        super::console::routes()
+    } else {
+        Router::new()
+    };
     let routes = Router::new()
         .merge(authenticated)
+        .merge(console)
         .route("/v1/callbacks/n8n", post(n8n::callbacks_n8n))
         .route("/healthz", get(healthz))
         .route("/livez", get(livez))

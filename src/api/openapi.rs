@@ -20,7 +20,7 @@ use utoipa::openapi::{ContentBuilder, Ref, RefOr, ResponseBuilder};
 use utoipa::{IntoParams, OpenApi, ToSchema};
 
 use super::http::{ErrorBody, ErrorDetail, MAX_BODY_BYTES};
-use super::{http, memory, n8n, read, secrets, write};
+use super::{console, http, live, memory, n8n, read, secrets, write};
 
 /// The OpenAPI document of the HTTP API, served at `GET /openapi.json`.
 #[derive(OpenApi)]
@@ -46,6 +46,9 @@ use super::{http, memory, n8n, read, secrets, write};
         read::secret_accesses_list,
         read::approvals_list,
         read::approvals_get,
+        read::me_get,
+        live::jobs_events,
+        console::console_page,
         secrets::secrets_read,
         memory::memory_command,
         memory::memory_assemble,
@@ -1021,6 +1024,55 @@ pub struct Health {
     pub stream_last_seq: Option<u64>,
     /// The projections.
     pub projections: Vec<ProjectionHealth>,
+}
+
+/// `GET /v1/me`: who the bearer token is.
+#[derive(ToSchema)]
+pub struct Me {
+    /// The `[[clients]]` id the token belongs to: the actor of its commands.
+    pub client_id: String,
+    /// Its role.
+    #[schema(inline)]
+    pub role: MeRole,
+}
+
+/// A caller's role over HTTP.
+#[derive(ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum MeRole {
+    /// Submits, reads and cancels its own jobs.
+    Client,
+    /// Also decides approvals, flips the kill-switch, acts on any job.
+    Operator,
+    /// Reads everything, commands nothing.
+    Auditor,
+}
+
+/// One Server-Sent Event of `GET /v1/jobs/{id}/events`, as a reader
+/// parses it.
+#[derive(ToSchema)]
+pub struct LiveEvent {
+    /// `job_event` per stored event of the job, then `end`.
+    #[schema(inline)]
+    pub event: LiveEventName,
+    /// JSON text. `job_event`: seq, index, event_type, version,
+    /// occurred_at, and step, attempt, status, error_code, duration_ms where
+    /// the event has them. `end`: reason (`final` with the final
+    /// event_type, `time_limit`, `draining`, `log_unavailable`).
+    #[schema(content_media_type = "application/json")]
+    pub data: String,
+    /// `<stream seq>-<index in its commit>` (a `job_event` only).
+    pub id: Option<String>,
+}
+
+/// The name of a live event.
+#[derive(ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum LiveEventName {
+    /// A stored event of the job.
+    JobEvent,
+    /// The stream's last event.
+    End,
 }
 
 /// `GET /livez`.

@@ -195,7 +195,7 @@ fn page(
     Ok(Json(json!({"items": items, "next_cursor": next})))
 }
 
-fn valid_id(param: &str, id: &str) -> Result<(), ApiError> {
+pub(crate) fn valid_id(param: &str, id: &str) -> Result<(), ApiError> {
     if crate::events::log::valid_aggregate_id(id) {
         Ok(())
     } else {
@@ -223,6 +223,13 @@ pub(crate) async fn jobs_get(
     .await?;
     row.map(Json)
         .ok_or_else(|| ApiError::NotFound(format!("job {id}")))
+}
+
+#[utoipa::path(get, path = "/v1/me",
+    security(("bearer" = [])),
+    responses((status = 200, description = "who the bearer token is: its client id and role", body = super::openapi::Me)))]
+pub(crate) async fn me_get(Extension(caller): Extension<Caller>) -> Json<Value> {
+    Json(json!({"client_id": caller.client_id, "role": caller.role.as_str()}))
 }
 
 #[utoipa::path(get, path = "/v1/jobs/{id}/status", params(("id" = String, Path, description = "job id")),

@@ -974,6 +974,18 @@ pub(crate) async fn spawn_api_on<N>(
     spawn_api_with(app, runners, registry, url, None).await
 }
 
+/// The whole service as `serve` runs it, in one process: the HTTP API,
+/// the projections and the job handler with `registry`, on a fresh
+/// database (what the web console shows).
+pub(crate) async fn spawn_service(
+    app: &TestApp,
+    registry: Arc<Registry>,
+    handler: HandlerConfig,
+) -> ReadSide {
+    let url = fresh_database().await;
+    build_read_side(app, true, registry, url, None, None, Some(handler)).await
+}
+
 /// [`spawn_api_on`] with secret access (`/v1/secrets/*`) through `secrets`.
 pub(crate) async fn spawn_api_with<N>(
     app: &TestApp<N>,
@@ -982,7 +994,7 @@ pub(crate) async fn spawn_api_with<N>(
     url: String,
     secrets: Option<Arc<flowledger::secrets::service::SecretService>>,
 ) -> ReadSide {
-    build_read_side(app, runners, registry, url, secrets, None).await
+    build_read_side(app, runners, registry, url, secrets, None, None).await
 }
 
 async fn build_read_side<N>(
@@ -992,6 +1004,7 @@ async fn build_read_side<N>(
     url: String,
     secrets: Option<Arc<flowledger::secrets::service::SecretService>>,
     memory: Option<Arc<flowledger::memory::service::MemoryService>>,
+    handler: Option<HandlerConfig>,
 ) -> ReadSide {
     let mut s = settings(app, registry);
     s.secrets = secrets;
@@ -1000,7 +1013,7 @@ async fn build_read_side<N>(
         url: url.clone(),
         max_connections: 20,
         projections: runners,
-        handler: None,
+        handler,
         http: Some(HttpSettings {
             addr: "127.0.0.1:0".parse().expect("an address"),
             clients: test_clients(),
@@ -1008,6 +1021,7 @@ async fn build_read_side<N>(
             callback_window_secs: 300,
             callback_posts_per_minute: 10_000,
             callback_refusals_per_minute: REFUSALS_PER_MINUTE,
+            console: Default::default(),
         }),
     });
     let service = Application::build(s).await.expect("build the read side");
@@ -1483,7 +1497,7 @@ pub(crate) async fn spawn_api_with_memory(
     url: String,
     memory: Arc<flowledger::memory::service::MemoryService>,
 ) -> ReadSide {
-    build_read_side(app, runners, registry(), url, None, Some(memory)).await
+    build_read_side(app, runners, registry(), url, None, Some(memory), None).await
 }
 
 /// A `serve` process whose stderr (its log) is kept.

@@ -9,6 +9,7 @@ mod audit;
 mod cli;
 mod cluster;
 mod cluster_harness;
+mod console;
 mod drain;
 mod event_store;
 mod fault_checks;
