@@ -25,6 +25,9 @@ FLOWLEDGER_NATS_SERVER="$NATS_SERVER_DEBIAN" cargo test --all-targets
 echo "== the README's 'Using it' block, as written"
 scripts/readme-check.sh
 
+echo "== docker-compose.yml: docker-compose config, healthchecks, init before serve (no engine needed)"
+scripts/compose-check.sh
+
 echo "== the OpenAPI document: openapi-spec-validator, then schemathesis against serve"
 scripts/api-check.sh
 
