@@ -57,8 +57,7 @@ impl Cli {
         let mut password = auth.password.take().map(|Password(p)| p);
         from_secret_file(env, &mut password, "FLOWLEDGER_NATS_PASSWORD", "--password")?;
         auth.password = password.map(Password);
-        if let Command::Serve(args) = &mut self.command {
-            let key = &mut args.key;
+        if let Some(key) = self.command.key_mut() {
             from_secret_file(
                 env,
                 &mut key.signing_key,
@@ -358,6 +357,18 @@ pub(crate) enum Command {
 
 impl Command {
     /// The read-model database options, for the subcommands that take them.
+    /// The checkpoint keys of the commands that sign (`serve`, `audit
+    /// checkpoint`, `audit export`).
+    fn key_mut(&mut self) -> Option<&mut KeyArgs> {
+        match self {
+            Command::Serve(args) => Some(&mut args.key),
+            Command::Audit(
+                AuditCommand::Checkpoint { key, .. } | AuditCommand::Export { key, .. },
+            ) => Some(key),
+            _ => None,
+        }
+    }
+
     fn db_mut(&mut self) -> Option<&mut DbArgs> {
         match self {
             Command::Init { db, .. } | Command::Migrate { db } => Some(db),

@@ -893,7 +893,39 @@ async fn the_cli_exits_1_names_the_sequence_and_says_it_in_words() {
         "{}",
         String::from_utf8_lossy(&exported.stderr)
     );
+    // the seed read from the file its `_FILE` variable names signs alike
+    let from_file = dir.path().join("export-from-file");
+    let by_file = run(
+        &["audit", "export", "--out", from_file.to_str().unwrap()],
+        &[
+            (
+                "FLOWLEDGER_CHECKPOINT_SIGNING_KEY_FILE",
+                seed.to_str().unwrap(),
+            ),
+            ("FLOWLEDGER_CHECKPOINT_KEY_ID", "2026-12"),
+        ],
+    );
+    assert_eq!(
+        by_file.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&by_file.stderr)
+    );
     let ring_arg = ["--keys", ring.to_str().unwrap()];
+    let verified = run(
+        &[
+            &["audit", "verify", "--export", from_file.to_str().unwrap()][..],
+            &ring_arg,
+        ]
+        .concat(),
+        &[],
+    );
+    assert_eq!(
+        verified.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&verified.stderr)
+    );
     let good = run(
         &[
             &["audit", "verify", "--export", out.to_str().unwrap()][..],
