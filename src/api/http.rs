@@ -710,6 +710,7 @@ pub fn app(state: AppState) -> Router {
     Router::new()
         .fallback_service(routes)
         .layer(middleware::from_fn(envelope))
+        .layer(middleware::from_fn(super::time::one_time_format))
 }
 
 #[cfg(test)]

@@ -18,4 +18,5 @@ pub mod openapi;
 mod proptests;
 pub mod read;
 pub mod secrets;
+mod time;
 pub mod write;

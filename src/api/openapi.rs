@@ -208,6 +208,10 @@ pub enum ExecutionStatus {
 pub struct ExecutionsQuery {
     /// Only this workflow key (1-255 characters).
     #[param(min_length = 1, max_length = 255)]
+    pub workflow_key: Option<String>,
+    /// `workflow_key`'s deprecated alias, for one release (not with it).
+    #[param(min_length = 1, max_length = 255)]
+    #[deprecated = "workflow_key's alias, for one release"]
     pub workflow_id: Option<String>,
     /// Only this status (awaiting_approval: its approval is requested and undecided).
     #[param(inline)]
@@ -546,16 +550,28 @@ pub struct CallbackRecorded {
 pub struct Execution {
     /// The stream sequence of the job's first event.
     pub id: i64,
-    /// The workflow key.
+    /// The job id, as submitted.
+    pub job_id: String,
+    /// The workflow key, as submitted.
+    pub workflow_key: String,
+    /// The job's inputs, as submitted.
+    pub inputs: Option<Value>,
+    /// Its outputs, once completed (step name -> the step's output).
+    pub outputs: Option<Value>,
+    /// `workflow_key`'s deprecated alias, for one release.
+    #[schema(deprecated)]
     pub workflow_id: String,
-    /// The job id.
+    /// `job_id`'s deprecated alias, for one release.
+    #[schema(deprecated)]
     pub execution_id: String,
     /// Its status.
     #[schema(inline)]
     pub status: ExecutionStatus,
-    /// The job's inputs.
+    /// `inputs`' deprecated alias, for one release.
+    #[schema(deprecated)]
     pub input_data: Option<Value>,
-    /// Its outputs, once completed.
+    /// `outputs`' deprecated alias, for one release.
+    #[schema(deprecated)]
     pub output_data: Option<Value>,
     /// Why it failed.
     pub error_code: Option<String>,
@@ -777,6 +793,9 @@ pub struct ApprovalsPage {
 #[derive(ToSchema)]
 pub struct ApprovalJob {
     /// The job id.
+    pub job_id: String,
+    /// The job id: the deprecated alias of `job_id`, for one release.
+    #[schema(deprecated)]
     pub execution_id: String,
     /// Its status.
     #[schema(inline)]

@@ -23,6 +23,13 @@ use super::openapi::{
     ExecutionsQuery, JobStatus, SecretAccessPage, SecretAccessesQuery,
 };
 
+/// A `workflows_executions e` row as JSON in the job contract's names
+/// (`job_id`, `workflow_key`, `inputs`, `outputs`, as `POST /v1/jobs`
+/// takes them), with the read model's own column names beside them for one
+/// release (`execution_id`, `workflow_id`, `input_data`, `output_data`:
+/// deprecated, docs/OPERATIONS.md "One vocabulary").
+pub(crate) const JOB_ROW: &str = "(to_jsonb(e) || jsonb_build_object('job_id', e.execution_id,      'workflow_key', e.workflow_id, 'inputs', e.input_data, 'outputs', e.output_data))";
+
 /// The client whose jobs `caller` may read; `None`: all (operators).
 fn own_client(caller: &Caller) -> Option<String> {
     caller.job_scope().map(str::to_string)
@@ -213,10 +220,10 @@ pub(crate) async fn jobs_get(
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     valid_id("id", &id)?;
-    let row: Option<Value> = sqlx::query_scalar(
-        "SELECT to_jsonb(e) FROM workflows_executions e
-         WHERE execution_id = $1 AND ($2::text IS NULL OR client_id = $2)",
-    )
+    let row: Option<Value> = sqlx::query_scalar(&format!(
+        "SELECT {JOB_ROW} FROM workflows_executions e
+             WHERE execution_id = $1 AND ($2::text IS NULL OR client_id = $2)"
+    ))
     .bind(&id)
     .bind(own_client(&caller))
     .fetch_optional(&s.pool)
@@ -279,7 +286,16 @@ pub(crate) async fn executions_list(
     Query(raw): Query<HashMap<String, String>>,
 ) -> Result<Json<Value>, ApiError> {
     let p = Params::of::<ExecutionsQuery>(raw)?;
-    let (workflow, status) = (p.text("workflow_id")?, p.one_of("status", STATUSES)?);
+    let workflow = match (p.text("workflow_key")?, p.text("workflow_id")?) {
+        (Some(_), Some(_)) => {
+            return Err(bad(
+                "workflow_id",
+                "give workflow_key alone (workflow_id is its deprecated alias)",
+            ))
+        }
+        (key, alias) => key.or(alias),
+    };
+    let status = p.one_of("status", STATUSES)?;
     let (since, until, limit, cursor) =
         (p.time("since")?, p.time("until")?, p.limit()?, p.cursor()?);
     let cursor_id = match &cursor {
@@ -289,9 +305,9 @@ pub(crate) async fn executions_list(
         ),
         None => None,
     };
-    let mut q = QueryBuilder::new(
-        "SELECT to_jsonb(e) AS row, created_at, id FROM workflows_executions e WHERE TRUE",
-    );
+    let mut q = QueryBuilder::new(format!(
+        "SELECT {JOB_ROW} AS row, created_at, id FROM workflows_executions e WHERE TRUE"
+    ));
     if let Some(c) = own_client(&caller) {
         q.push(" AND client_id = ").push_bind(c);
     }
@@ -503,7 +519,7 @@ pub(crate) async fn approvals_list(
 
 #[utoipa::path(get, path = "/v1/approvals/{id}", params(("id" = String, Path, description = "approval id (the job id)")),
     security(("bearer" = [])),
-    responses((status = 200, description = "the approval (approvals row: approval_id, job_id, workflow_key, status, requested_by, request_reason, expires_at, decided_by, decision_reason, decided_at, ...) with `job`: the job's execution_id, status, client_id, priority, created_at and `inputs` (its input_data); `job` is null until the executions read model has the job", body = ApprovalView),
+    responses((status = 200, description = "the approval (approvals row: approval_id, job_id, workflow_key, status, requested_by, request_reason, expires_at, decided_by, decision_reason, decided_at, ...) with `job`: the job's job_id (and its deprecated alias execution_id), status, client_id, priority, created_at and `inputs` (its input_data); `job` is null until the executions read model has the job", body = ApprovalView),
               (status = 400, description = "bad id"),
               (status = 404, description = "no such approval, or another client's (the two answer alike)")))]
 pub(crate) async fn approvals_get(
@@ -515,7 +531,8 @@ pub(crate) async fn approvals_get(
     // a client sees only the approvals of its own jobs, as in the list
     let mut q = QueryBuilder::new(
         "SELECT to_jsonb(a) || jsonb_build_object('job', \
-           (SELECT jsonb_build_object('execution_id', e.execution_id, 'status', e.status, \
+           (SELECT jsonb_build_object('job_id', e.execution_id, \
+                   'execution_id', e.execution_id, 'status', e.status, \
                    'workflow_key', e.workflow_id, 'client_id', e.client_id, \
                    'priority', e.priority, 'created_at', e.created_at, 'inputs', e.input_data) \
             FROM workflows_executions e WHERE e.execution_id = a.job_id)) \
