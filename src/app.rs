@@ -92,6 +92,9 @@ pub struct HttpSettings {
     pub callback_posts_per_minute: u32,
     /// Refused n8n posts per minute from one source address.
     pub callback_refusals_per_minute: u32,
+    /// The origins browsers may call the API from (`[http]
+    /// cors_allowed_origins`, checked by the configuration); empty: no CORS.
+    pub cors_allowed_origins: Vec<String>,
 }
 
 /// Why the service could not be built; each names what to fix.
@@ -450,6 +453,7 @@ impl Application {
                     secrets: secrets.clone(),
                     memory: memory.clone(),
                     draining: drain_rx.clone(),
+                    cors_allowed_origins: h.cors_allowed_origins,
                 };
                 let mut stop = stop_rx.clone();
                 tasks.push(tokio::spawn(async move {

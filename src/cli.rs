@@ -1590,6 +1590,7 @@ async fn serve(g: &Global, args: ServeArgs) -> anyhow::Result<ExitCode> {
                 callback_window_secs: config.callbacks.timestamp_window_seconds as i64,
                 callback_posts_per_minute: config.callbacks.rate_limit_per_minute,
                 callback_refusals_per_minute: config.callbacks.refusals_per_minute,
+                cors_allowed_origins: config.http.cors_allowed_origins.clone(),
             }),
         }),
         None => {

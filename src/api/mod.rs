@@ -15,5 +15,6 @@ pub mod openapi;
 #[cfg(test)]
 mod proptests;
 pub mod read;
+pub mod request;
 pub mod secrets;
 pub mod write;

@@ -982,7 +982,23 @@ pub(crate) async fn spawn_api_with<N>(
     url: String,
     secrets: Option<Arc<flowledger::secrets::service::SecretService>>,
 ) -> ReadSide {
-    build_read_side(app, runners, registry, url, secrets, None).await
+    build_read_side(app, runners, registry, url, secrets, None, vec![]).await
+}
+
+/// The HTTP API of [`spawn_read_side`] answering browsers from
+/// `cors_allowed_origins` (`[http]`).
+pub(crate) async fn spawn_api_with_cors(app: &TestApp, cors_allowed_origins: &[&str]) -> ReadSide {
+    let origins = cors_allowed_origins.iter().map(|o| o.to_string()).collect();
+    build_read_side(
+        app,
+        false,
+        registry(),
+        fresh_database().await,
+        None,
+        None,
+        origins,
+    )
+    .await
 }
 
 async fn build_read_side<N>(
@@ -992,6 +1008,7 @@ async fn build_read_side<N>(
     url: String,
     secrets: Option<Arc<flowledger::secrets::service::SecretService>>,
     memory: Option<Arc<flowledger::memory::service::MemoryService>>,
+    cors_allowed_origins: Vec<String>,
 ) -> ReadSide {
     let mut s = settings(app, registry);
     s.secrets = secrets;
@@ -1008,6 +1025,7 @@ async fn build_read_side<N>(
             callback_window_secs: 300,
             callback_posts_per_minute: 10_000,
             callback_refusals_per_minute: REFUSALS_PER_MINUTE,
+            cors_allowed_origins,
         }),
     });
     let service = Application::build(s).await.expect("build the read side");
@@ -1483,7 +1501,7 @@ pub(crate) async fn spawn_api_with_memory(
     url: String,
     memory: Arc<flowledger::memory::service::MemoryService>,
 ) -> ReadSide {
-    build_read_side(app, runners, registry(), url, None, Some(memory)).await
+    build_read_side(app, runners, registry(), url, None, Some(memory), vec![]).await
 }
 
 /// A `serve` process whose stderr (its log) is kept.

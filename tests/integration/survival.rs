@@ -130,6 +130,7 @@ async fn handler_with_health(
             callback_window_secs: 300,
             callback_posts_per_minute: 100,
             callback_refusals_per_minute: 10,
+            cors_allowed_origins: vec![],
         }),
     });
     let service = Application::build(s).await.expect("build the service");
