@@ -709,10 +709,8 @@ pub fn app(state: AppState) -> Router {
     let api = Router::new()
         .fallback_service(routes)
         .layer(middleware::from_fn(envelope))
-        // outside the envelope, which reads the bodies it replaces; the
-        // default predicate leaves small bodies, images and
-        // `text/event-stream` uncompressed
-        .layer(CompressionLayer::new().gzip(true));
+        // outside the envelope, which reads the bodies it replaces
+        .layer(compression());
     // a preflight is answered here, before authentication; the envelope's
     // answers carry the CORS headers too, so a browser can read them
     let api = match cors {
@@ -722,6 +720,13 @@ pub fn app(state: AppState) -> Router {
     // outermost: every answer (a preflight, a 404, 405 or 413, the
     // envelope) has its request id and its access line
     api.layer(middleware::from_fn(request::conventions))
+}
+
+/// gzip when the client accepts it (no other encoding is built in); the
+/// default predicate leaves bodies under 32 bytes, images and
+/// `text/event-stream` uncompressed.
+fn compression() -> CompressionLayer {
+    CompressionLayer::new().gzip(true)
 }
 
 /// The CORS layer for `origins` (checked by the configuration: `["*"]`, or
@@ -785,5 +790,60 @@ mod tests {
         ] {
             assert!(!is_json(&HeaderValue::from_static(no)), "{no}");
         }
+    }
+
+    #[tokio::test]
+    async fn gzip_compresses_json_when_accepted_and_never_an_event_stream() {
+        use tower::ServiceExt;
+        let big = "x".repeat(4096);
+        let body = big.clone();
+        let router: Router = Router::new()
+            .route(
+                "/json",
+                get(move || {
+                    let b = body.clone();
+                    async move { Json(json!({ "items": [b] })) }
+                }),
+            )
+            .route(
+                "/events",
+                get(move || {
+                    let b = big.clone();
+                    async move { ([(header::CONTENT_TYPE, "text/event-stream")], b) }
+                }),
+            )
+            .layer(compression());
+        let ask = |path: &str, gzip: bool| {
+            let mut req = Request::builder().uri(path);
+            if gzip {
+                req = req.header(header::ACCEPT_ENCODING, "gzip");
+            }
+            req.body(axum::body::Body::empty()).expect("a request")
+        };
+        let encoding = |res: &Response| res.headers().get(header::CONTENT_ENCODING).cloned();
+        let res = router
+            .clone()
+            .oneshot(ask("/json", true))
+            .await
+            .expect("an answer");
+        assert_eq!(
+            encoding(&res).as_ref().map(|v| v.as_bytes()),
+            Some(&b"gzip"[..])
+        );
+        let res = router
+            .clone()
+            .oneshot(ask("/json", false))
+            .await
+            .expect("an answer");
+        assert_eq!(encoding(&res), None, "not asked for");
+        let res = router
+            .oneshot(ask("/events", true))
+            .await
+            .expect("an answer");
+        assert_eq!(
+            encoding(&res),
+            None,
+            "an event stream is sent as it is written"
+        );
     }
 }
