@@ -94,6 +94,9 @@ pub struct HttpSettings {
     pub callback_refusals_per_minute: u32,
     /// The web console and the live job streams (`[console]`).
     pub console: crate::config::ConsoleSection,
+    /// The origins browsers may call the API from (`[http]
+    /// cors_allowed_origins`, checked by the configuration); empty: no CORS.
+    pub cors_allowed_origins: Vec<String>,
 }
 
 /// Why the service could not be built; each names what to fix.
@@ -457,6 +460,7 @@ impl Application {
                         std::time::Duration::from_secs(h.console.stream_max_seconds),
                     )),
                     console: h.console.enabled,
+                    cors_allowed_origins: h.cors_allowed_origins,
                 };
                 let mut stop = stop_rx.clone();
                 tasks.push(tokio::spawn(async move {

@@ -1608,6 +1608,7 @@ async fn serve(g: &Global, args: ServeArgs) -> anyhow::Result<ExitCode> {
                 callback_posts_per_minute: config.callbacks.rate_limit_per_minute,
                 callback_refusals_per_minute: config.callbacks.refusals_per_minute,
                 console: config.console.clone(),
+                cors_allowed_origins: config.http.cors_allowed_origins.clone(),
             }),
         }),
         None => {

@@ -50,6 +50,9 @@ pub struct Config {
     /// it reads.
     #[serde(default)]
     pub console: ConsoleSection,
+    /// `[http]`: conventions of the HTTP API (CORS).
+    #[serde(default)]
+    pub http: HttpSection,
 }
 
 /// `[console]`: the web console `serve` answers at `/console`, and the
@@ -94,6 +97,62 @@ impl ConsoleSection {
         }
         Ok(())
     }
+}
+
+/// `[http]`: how the HTTP API answers browsers.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpSection {
+    /// The origins (`scheme://host[:port]`) a browser may call the API
+    /// from (CORS); `["*"]`: any origin. Empty (the default): no CORS
+    /// header at all, so browsers refuse cross-origin calls.
+    pub cors_allowed_origins: Vec<String>,
+}
+
+impl HttpSection {
+    /// Refuses an origin that is not `http(s)://host[:port]` as a browser
+    /// sends it, and `"*"` together with other origins.
+    pub fn check(&self) -> Result<(), String> {
+        let origins = &self.cors_allowed_origins;
+        if origins.iter().any(|o| o == "*") {
+            if origins.len() > 1 {
+                return Err(
+                    "http.cors_allowed_origins: \"*\" (any origin) must be alone in the list; \
+                     remove it or the other origins"
+                        .into(),
+                );
+            }
+            return Ok(());
+        }
+        for o in origins {
+            check_origin(o).map_err(|why| {
+                let o = crate::commands::redact::display(o);
+                format!(
+                    "http.cors_allowed_origins: {o:?} is not an origin ({why}); write it as \
+                     scheme://host[:port] without a path, e.g. \"https://app.example.com\", \
+                     or use [\"*\"] alone"
+                )
+            })?;
+        }
+        Ok(())
+    }
+}
+
+/// `o` is an origin as a browser's `Origin` header names it: `http` or
+/// `https`, a host, a port only when not the scheme's default, nothing else.
+fn check_origin(o: &str) -> Result<(), &'static str> {
+    let url = url::Url::parse(o).map_err(|_| "not a URL")?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err("the scheme must be http or https");
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err("no host");
+    }
+    let serialized = url.origin().ascii_serialization();
+    if serialized != o {
+        return Err("it differs from its origin as browsers send it (lower case, no path, no trailing slash, no default port, no credentials)");
+    }
+    Ok(())
 }
 
 /// `[memory]`: conversation memory. Off unless `enabled`; needs
@@ -1274,6 +1333,7 @@ impl Config {
         c.secrets.check()?;
         c.memory.check(&c.secrets)?;
         c.console.check()?;
+        c.http.check()?;
         let mut ids = std::collections::BTreeSet::new();
         for (i, client) in c.clients.iter().enumerate() {
             // the actors flowledger itself records under
@@ -1767,5 +1827,70 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn cors_origins_are_browser_origins_and_the_wildcard_stands_alone() {
+        let c = Config::parse(Path::new("c.toml"), "").expect("defaults");
+        assert!(c.http.cors_allowed_origins.is_empty(), "no CORS by default");
+        let c = Config::parse(
+            Path::new("c.toml"),
+            "[http]\ncors_allowed_origins = [\"https://app.example.com\", \"http://localhost:3000\"]\n",
+        )
+        .expect("two origins");
+        assert_eq!(c.http.cors_allowed_origins.len(), 2);
+        Config::parse(
+            Path::new("c.toml"),
+            "[http]\ncors_allowed_origins = [\"*\"]\n",
+        )
+        .expect("the wildcard alone");
+        for bad in [
+            "[\"*\", \"https://a.example\"]",
+            "[\"https://a.example/\"]",
+            "[\"https://a.example/app\"]",
+            "[\"ftp://a.example\"]",
+            "[\"a.example\"]",
+            "[\"https://A.example\"]",
+            "[\"https://a.example:443\"]",
+            "[\"https://u:p@a.example\"]",
+        ] {
+            let e = Config::parse(
+                Path::new("c.toml"),
+                &format!("[http]\ncors_allowed_origins = {bad}\n"),
+            )
+            .expect_err(bad)
+            .to_string();
+            assert!(e.contains("http.cors_allowed_origins"), "{bad}: {e}");
+            assert!(!e.contains("u:p@"), "no credentials echoed: {e}");
+        }
+    }
+
+    #[test]
+    fn cors_origins_are_overridden_by_their_variable_as_a_list() {
+        let c = Config::parse_layered(
+            Path::new("c.toml"),
+            "[http]\ncors_allowed_origins = [\"https://a.example\"]\n",
+            &env(&[(
+                "FLOWLEDGER_HTTP__CORS_ALLOWED_ORIGINS",
+                "[\"https://b.example\", \"https://c.example\"]",
+            )]),
+        )
+        .expect("a list in the variable");
+        assert_eq!(
+            c.http.cors_allowed_origins,
+            ["https://b.example", "https://c.example"]
+        );
+        let e = Config::parse_layered(
+            Path::new("(none)"),
+            "",
+            &env(&[("FLOWLEDGER_HTTP__CORS_ALLOWED_ORIGINS", "[\"b.example\"]")]),
+        )
+        .expect_err("not an origin")
+        .to_string();
+        assert!(
+            e.contains("http.cors_allowed_origins")
+                && e.contains("FLOWLEDGER_HTTP__CORS_ALLOWED_ORIGINS"),
+            "{e}"
+        );
     }
 }

@@ -14,14 +14,81 @@ use std::time::Duration;
 
 use axum::extract::{Request, State};
 use axum::http::header::AUTHORIZATION;
+use axum::http::{HeaderMap, HeaderName, HeaderValue};
 use axum::middleware::Next;
 use axum::response::Response;
 use governor::clock::{Clock, DefaultClock};
+use governor::middleware::StateInformationMiddleware;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 
 use super::caller::Caller;
 use super::http::{ApiError, AppState};
+use super::request::RequestFacts;
 use crate::config::ClientEntry;
+
+/// A client's submission allowance: GCRA (governor), `rate_limit_per_minute`
+/// submissions at once at most, one more every `60 / rate` seconds.
+type Limiter = DefaultDirectRateLimiter<StateInformationMiddleware>;
+
+/// `RateLimit-Limit`: submissions a client may make in a minute.
+pub const RATELIMIT_LIMIT: HeaderName = HeaderName::from_static("ratelimit-limit");
+/// `RateLimit-Remaining`: submissions it may make now.
+pub const RATELIMIT_REMAINING: HeaderName = HeaderName::from_static("ratelimit-remaining");
+/// `RateLimit-Reset`: seconds until its whole allowance is back.
+pub const RATELIMIT_RESET: HeaderName = HeaderName::from_static("ratelimit-reset");
+
+/// A client's submission allowance after a submission was taken from it
+/// (or refused), as the `RateLimit-*` headers of `POST /v1/jobs` say it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Allowance {
+    /// The client's `rate_limit_per_minute`: the most it may submit at once.
+    pub limit: u32,
+    /// Submissions it may make now without a 429.
+    pub remaining: u32,
+    /// Whole seconds (rounded up) until `remaining` is back at `limit` if it
+    /// submits nothing more.
+    pub reset_secs: u64,
+}
+
+impl Allowance {
+    /// Writes the `RateLimit-Limit`, `RateLimit-Remaining` and
+    /// `RateLimit-Reset` headers.
+    pub fn put(&self, headers: &mut HeaderMap) {
+        headers.insert(RATELIMIT_LIMIT, HeaderValue::from(self.limit));
+        headers.insert(RATELIMIT_REMAINING, HeaderValue::from(self.remaining));
+        headers.insert(RATELIMIT_RESET, HeaderValue::from(self.reset_secs));
+    }
+
+    /// After an accepted submission: governor's remaining burst capacity;
+    /// each missing unit comes back one replenish interval after the
+    /// other, so the whole allowance is back at most `(limit - remaining)`
+    /// intervals from now (the first unit may come back sooner).
+    fn after_taken(quota: Quota, remaining: u32) -> Self {
+        let limit = quota.burst_size().get();
+        let missing = limit.saturating_sub(remaining);
+        Allowance {
+            limit,
+            remaining,
+            reset_secs: ceil_secs(quota.replenish_interval() * missing),
+        }
+    }
+
+    /// After a refused one: nothing remains; the next unit comes back in
+    /// `wait`, the other `limit - 1` one interval after the other.
+    fn after_refused(quota: Quota, wait: Duration) -> Self {
+        let limit = quota.burst_size().get();
+        Allowance {
+            limit,
+            remaining: 0,
+            reset_secs: ceil_secs(wait + quota.replenish_interval() * (limit - 1)),
+        }
+    }
+}
+
+/// Whole seconds, rounded up.
+fn ceil_secs(d: Duration) -> u64 {
+    d.as_nanos().div_ceil(1_000_000_000) as u64
+}
 
 /// The configured clients, by token hash, and their submission allowances;
 /// replaced whole by [`Clients::replace`] (SIGHUP), so a request sees the
@@ -34,7 +101,7 @@ pub struct Clients {
 struct Table {
     by_hash: HashMap<[u8; 32], Caller>,
     /// By client id: the entry it was built from and its allowance.
-    clients: HashMap<String, (ClientEntry, Arc<DefaultDirectRateLimiter>)>,
+    clients: HashMap<String, (ClientEntry, Arc<Limiter>)>,
 }
 
 /// What a [`Clients::replace`] changed, by client id (never a token).
@@ -85,7 +152,10 @@ impl Table {
             let limiter = kept.unwrap_or_else(|| {
                 let per_minute =
                     NonZeroU32::new(e.rate_limit_per_minute).unwrap_or(NonZeroU32::MIN);
-                Arc::new(RateLimiter::direct(Quota::per_minute(per_minute)))
+                Arc::new(
+                    RateLimiter::direct(Quota::per_minute(per_minute))
+                        .with_middleware::<StateInformationMiddleware>(),
+                )
             });
             clients.insert(e.id.clone(), (e.clone(), limiter));
         }
@@ -181,20 +251,28 @@ impl Clients {
         })
     }
 
-    /// Takes one job submission from `caller`'s allowance, or says when
-    /// the next one is allowed.
-    pub fn take_submission(&self, caller: &Caller) -> Result<(), ApiError> {
+    /// Takes one job submission from `caller`'s allowance and says what is
+    /// left of it, or says when the next one is allowed. None: the caller
+    /// is in no table (it was removed by a reload while its request ran).
+    pub fn take_submission(&self, caller: &Caller) -> Result<Option<Allowance>, ApiError> {
         let table = self.table();
         let Some((_, limiter)) = table.clients.get(&caller.client_id) else {
-            return Ok(());
+            return Ok(None);
         };
-        limiter.check().map_err(|not_until| {
-            let wait = not_until.wait_time_from(DefaultClock::default().now());
-            ApiError::RateLimited {
-                client_id: caller.client_id.clone(),
-                retry_after: retry_after_secs(wait),
+        match limiter.check() {
+            Ok(state) => Ok(Some(Allowance::after_taken(
+                state.quota(),
+                state.remaining_burst_capacity(),
+            ))),
+            Err(not_until) => {
+                let wait = not_until.wait_time_from(DefaultClock::default().now());
+                Err(ApiError::RateLimited {
+                    client_id: caller.client_id.clone(),
+                    retry_after: retry_after_secs(wait),
+                    allowance: Allowance::after_refused(not_until.quota(), wait),
+                })
             }
-        })
+        }
     }
 }
 
@@ -216,6 +294,11 @@ pub async fn authenticate(
         .get(AUTHORIZATION)
         .map(|v| v.to_str().unwrap_or(""));
     let caller = s.clients.identify(header)?;
+    // the request's log lines and its access line name the client
+    tracing::Span::current().record("client_id", caller.client_id.as_str());
+    if let Some(facts) = req.extensions().get::<RequestFacts>() {
+        facts.set_client_id(&caller.client_id);
+    }
     req.extensions_mut().insert(caller);
     Ok(next.run(req).await)
 }
@@ -273,11 +356,27 @@ mod tests {
         let c = clients();
         let b = c.identify(Some("Bearer tok-b")).expect("billing");
         let o = c.identify(Some("Bearer tok-o")).expect("ops");
-        c.take_submission(&b).expect("first");
-        c.take_submission(&b).expect("second");
+        let first = c.take_submission(&b).expect("first").expect("a client");
+        assert_eq!((first.limit, first.remaining), (2, 1));
+        assert!((1..=30).contains(&first.reset_secs), "{first:?}");
+        let second = c.take_submission(&b).expect("second").expect("a client");
+        assert_eq!((second.limit, second.remaining), (2, 0));
+        assert!(
+            second.reset_secs > first.reset_secs && second.reset_secs <= 60,
+            "{second:?}"
+        );
         match c.take_submission(&b) {
-            Err(ApiError::RateLimited { retry_after, .. }) => {
-                assert!((1..=30).contains(&retry_after), "{retry_after}")
+            Err(ApiError::RateLimited {
+                retry_after,
+                allowance,
+                ..
+            }) => {
+                assert!((1..=30).contains(&retry_after), "{retry_after}");
+                assert_eq!((allowance.limit, allowance.remaining), (2, 0));
+                assert!(
+                    allowance.reset_secs >= retry_after && allowance.reset_secs <= 60,
+                    "{allowance:?}"
+                );
             }
             other => panic!("third submission in a minute: {other:?}"),
         }

@@ -15,9 +15,12 @@ use axum::{Json, Router};
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde_json::json;
 use sqlx::PgPool;
+use tower_http::compression::CompressionLayer;
+use tower_http::cors::{AllowOrigin, CorsLayer};
 use utoipa::OpenApi;
 
-use super::auth::{self, Clients};
+use super::auth::{self, Allowance, Clients};
+use super::request::{self, RequestFacts};
 use super::{memory, n8n, read, secrets, write};
 use crate::bus::{CommandBus, CommandError};
 use crate::commands::registry::SharedRegistry;
@@ -71,6 +74,9 @@ pub struct AppState {
     pub live: Arc<super::live::LiveStreams>,
     /// Serve the web console at `/console` (`[console] enabled`).
     pub console: bool,
+    /// The origins browsers may call from (`http.cors_allowed_origins`,
+    /// checked by the configuration); empty: no CORS header at all.
+    pub cors_allowed_origins: Vec<String>,
 }
 
 /// The largest request body accepted (413 `payload_too_large` above).
@@ -139,13 +145,16 @@ pub enum ApiError {
     /// bearer token.
     #[error("{0}")]
     Unauthenticated(String),
-    /// 429 `rate_limited` with `Retry-After`: wait, then submit again.
+    /// 429 `rate_limited` with `Retry-After` and the `RateLimit-*`
+    /// headers: wait, then submit again.
     #[error("client {client_id:?} is over its rate limit for job submissions; retry after {retry_after} s")]
     RateLimited {
         /// The client whose submission allowance is used up.
         client_id: String,
         /// Whole seconds until the next submission is allowed.
         retry_after: u64,
+        /// The allowance as it stands (`remaining` 0).
+        allowance: Allowance,
     },
     /// Too many callback posts (or refused ones) from one address: wait
     /// `retry_after` seconds.
@@ -259,6 +268,7 @@ impl IntoResponse for ApiError {
                 message: self.to_string(),
                 param,
                 reason,
+                request_id: super::request::current_id(),
             },
         };
         let mut res = (status, Json(body)).into_response();
@@ -272,8 +282,16 @@ impl IntoResponse for ApiError {
                     res.headers_mut().insert(header::ALLOW, v);
                 }
             }
-            ApiError::RateLimited { retry_after, .. }
-            | ApiError::SourceRateLimited { retry_after, .. }
+            ApiError::RateLimited {
+                retry_after,
+                allowance,
+                ..
+            } => {
+                res.headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from(*retry_after));
+                allowance.put(res.headers_mut());
+            }
+            ApiError::SourceRateLimited { retry_after, .. }
             | ApiError::Draining { retry_after } => {
                 res.headers_mut()
                     .insert(header::RETRY_AFTER, HeaderValue::from(*retry_after));
@@ -318,6 +336,12 @@ pub struct ErrorDetail {
     /// `database_error`, ...).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// The request's id, as its `x-request-id` answer header says (the
+    /// client's own when it sent a well-formed one): quote it to an
+    /// operator, who finds the request's log lines by it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(example = "0193a5c2-7e51-7c3a-9f0e-2b1d4c5e6f70")]
+    pub request_id: Option<String>,
 }
 
 /// The `error.code` of a status no variant names.
@@ -509,6 +533,7 @@ pub fn probes(state: ProbeState) -> Router {
             "/metrics",
             get(|State(p): State<ProbeState>| async move { p.metrics.render() }),
         )
+        .layer(middleware::from_fn(track))
         .fallback(|| async {
             ApiError::Command(CommandError {
                 code: crate::commands::ErrorCode::NotFound,
@@ -519,19 +544,24 @@ pub fn probes(state: ProbeState) -> Router {
             })
         })
         .with_state(state)
+        .layer(middleware::from_fn(request::conventions))
 }
 
 async fn openapi_get() -> Json<utoipa::openapi::OpenApi> {
     Json(super::openapi::ApiDoc::openapi())
 }
 
-/// Records request latency per route.
+/// Records request latency per route, and the route template for the
+/// access log.
 async fn track(req: Request, next: Next) -> Response {
     let route = req
         .extensions()
         .get::<MatchedPath>()
         .map(|p| p.as_str().to_string())
         .unwrap_or_else(|| "unmatched".into());
+    if let Some(facts) = req.extensions().get::<RequestFacts>() {
+        facts.set_route(&route);
+    }
     let method = req.method().to_string();
     let start = Instant::now();
     let res = next.run(req).await;
@@ -635,9 +665,11 @@ async fn not_found() -> ApiError {
 
 /// The HTTP API's router: every route, bearer authentication on `/v1`
 /// (but the n8n callback), JSON bodies only on its POSTs (415), the body
-/// limit (413), the latency metric, the JSON 404 fallback, and the error
-/// envelope on every error answer.
+/// limit (413), the latency metric, the JSON 404 fallback, the error
+/// envelope on every error answer, gzip, CORS when configured, and outside
+/// them all the request id and the access log.
 pub fn app(state: AppState) -> Router {
+    let cors = cors_layer(&state.cors_allowed_origins);
     // every /v1 route but the n8n callback needs a bearer token
     let authenticated = Router::new()
         .route(
@@ -707,10 +739,68 @@ pub fn app(state: AppState) -> Router {
         .with_state(state);
     // outside the routes, so their answers are complete (axum adds `Allow`
     // to a 405 as the route answers) before the envelope is put on
-    Router::new()
+    let api = Router::new()
         .fallback_service(routes)
         .layer(middleware::from_fn(envelope))
         .layer(middleware::from_fn(super::time::one_time_format))
+        // outside the envelope, which reads the bodies it replaces
+        .layer(compression());
+    // a preflight is answered here, before authentication; the envelope's
+    // answers carry the CORS headers too, so a browser can read them
+    let api = match cors {
+        Some(cors) => api.layer(cors),
+        None => api,
+    };
+    // outermost: every answer (a preflight, a 404, 405 or 413, the
+    // envelope) has its request id and its access line
+    api.layer(middleware::from_fn(request::conventions))
+}
+
+/// gzip when the client accepts it (no other encoding is built in); the
+/// default predicate leaves bodies under 32 bytes, images and
+/// `text/event-stream` uncompressed.
+fn compression() -> CompressionLayer {
+    CompressionLayer::new().gzip(true)
+}
+
+/// The CORS layer for `origins` (checked by the configuration: `["*"]`, or
+/// origins as browsers send them); none when the list is empty.
+fn cors_layer(origins: &[String]) -> Option<CorsLayer> {
+    use axum::http::{HeaderName, Method};
+    if origins.is_empty() {
+        return None;
+    }
+    let allow = if origins.iter().any(|o| o == "*") {
+        AllowOrigin::any()
+    } else {
+        AllowOrigin::list(origins.iter().filter_map(|o| {
+            HeaderValue::from_str(o)
+                .inspect_err(|_| {
+                    tracing::error!("CORS origin {o:?} is not a header value; left out")
+                })
+                .ok()
+        }))
+    };
+    Some(
+        CorsLayer::new()
+            .allow_origin(allow)
+            .allow_methods([Method::GET, Method::POST])
+            .allow_headers([
+                header::AUTHORIZATION,
+                header::CONTENT_TYPE,
+                HeaderName::from_static("idempotency-key"),
+                HeaderName::from_static("traceparent"),
+                request::REQUEST_ID_HEADER,
+            ])
+            .expose_headers([
+                request::REQUEST_ID_HEADER,
+                header::RETRY_AFTER,
+                auth::RATELIMIT_LIMIT,
+                auth::RATELIMIT_REMAINING,
+                auth::RATELIMIT_RESET,
+            ])
+            .max_age(std::time::Duration::from_secs(600)),
+    )
 }
 
 #[cfg(test)]
@@ -734,5 +824,60 @@ mod tests {
         ] {
             assert!(!is_json(&HeaderValue::from_static(no)), "{no}");
         }
+    }
+
+    #[tokio::test]
+    async fn gzip_compresses_json_when_accepted_and_never_an_event_stream() {
+        use tower::ServiceExt;
+        let big = "x".repeat(4096);
+        let body = big.clone();
+        let router: Router = Router::new()
+            .route(
+                "/json",
+                get(move || {
+                    let b = body.clone();
+                    async move { Json(json!({ "items": [b] })) }
+                }),
+            )
+            .route(
+                "/events",
+                get(move || {
+                    let b = big.clone();
+                    async move { ([(header::CONTENT_TYPE, "text/event-stream")], b) }
+                }),
+            )
+            .layer(compression());
+        let ask = |path: &str, gzip: bool| {
+            let mut req = Request::builder().uri(path);
+            if gzip {
+                req = req.header(header::ACCEPT_ENCODING, "gzip");
+            }
+            req.body(axum::body::Body::empty()).expect("a request")
+        };
+        let encoding = |res: &Response| res.headers().get(header::CONTENT_ENCODING).cloned();
+        let res = router
+            .clone()
+            .oneshot(ask("/json", true))
+            .await
+            .expect("an answer");
+        assert_eq!(
+            encoding(&res).as_ref().map(|v| v.as_bytes()),
+            Some(&b"gzip"[..])
+        );
+        let res = router
+            .clone()
+            .oneshot(ask("/json", false))
+            .await
+            .expect("an answer");
+        assert_eq!(encoding(&res), None, "not asked for");
+        let res = router
+            .oneshot(ask("/events", true))
+            .await
+            .expect("an answer");
+        assert_eq!(
+            encoding(&res),
+            None,
+            "an event stream is sent as it is written"
+        );
     }
 }

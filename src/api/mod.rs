@@ -17,6 +17,7 @@ pub mod openapi;
 #[cfg(test)]
 mod proptests;
 pub mod read;
+pub mod request;
 pub mod secrets;
 mod time;
 pub mod write;

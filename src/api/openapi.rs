@@ -27,7 +27,7 @@ use super::{console, http, live, memory, n8n, read, secrets, write};
 #[openapi(
     info(
         title = "flowledger API",
-        description = "Commands (jobs, approvals, the kill-switch, memory, secrets) and read models built from the flowledger event log. /v1 routes need `Authorization: Bearer <token>` except /v1/callbacks/n8n, which is signed (X-Flowledger-Timestamp, X-Flowledger-Signature; docs/CALLBACKS.md); the probes, /metrics and /openapi.json need nothing. Every error answer is the ErrorBody `{\"error\": {\"code\", \"message\", \"param\"?, \"reason\"?}}`; a POST body is JSON (415 otherwise) of at most 2 MiB (413)."
+        description = "Commands (jobs, approvals, the kill-switch, memory, secrets) and read models built from the flowledger event log. /v1 routes need `Authorization: Bearer <token>` except /v1/callbacks/n8n, which is signed (X-Flowledger-Timestamp, X-Flowledger-Signature; docs/CALLBACKS.md); the probes, /metrics and /openapi.json need nothing. Every error answer is the ErrorBody `{\"error\": {\"code\", \"message\", \"param\"?, \"reason\"?, \"request_id\"?}}`; every answer carries `x-request-id` (a client's own, 1-64 of A-Za-z0-9._-, is kept; else a new UUID), which `error.request_id` quotes; a POST body is JSON (415 otherwise) of at most 2 MiB (413)."
     ),
     paths(
         write::jobs_submit,
@@ -1217,7 +1217,7 @@ mod tests {
             serde_json::json!(["code", "message"]),
             "{error}"
         );
-        for p in ["code", "message", "param", "reason"] {
+        for p in ["code", "message", "param", "reason", "request_id"] {
             assert!(error["properties"].get(p).is_some(), "ErrorDetail.{p}");
         }
     }

@@ -234,12 +234,19 @@ fn estimated_completion(
     request_body(content = SubmitBody, description = "the job"),
     security(("bearer" = [])),
     responses((status = 202, description = "accepted: job_id, status, message, accepted_at, estimated_completion; the same job_id and body answer the same", body = super::openapi::JobAccepted,
-               headers(("Location" = String, description = "/v1/jobs/{job_id}"))),
+               headers(("Location" = String, description = "/v1/jobs/{job_id}"),
+                       ("RateLimit-Limit" = u32, description = "the client's submissions per minute (rate_limit_per_minute): the most it may submit at once"),
+                       ("RateLimit-Remaining" = u32, description = "submissions the client may make now, after this one"),
+                       ("RateLimit-Reset" = u64, description = "whole seconds until the client's whole allowance is back if it submits nothing more"))),
               (status = 400, description = "bad body or Idempotency-Key; error.param names the field or header"),
               (status = 401, description = "no or unknown bearer token"),
               (status = 403, description = "client_id is not the caller's, or the caller is an auditor (read-only)"),
               (status = 409, description = "job_id already used with a different body, an Idempotency-Key used for another request, or the workflow is disabled"),
-              (status = 429, description = "over the client's rate limit; see Retry-After")))]
+              (status = 429, description = "over the client's rate limit; see Retry-After",
+               headers(("Retry-After" = u64, description = "whole seconds until the next submission is allowed"),
+                       ("RateLimit-Limit" = u32, description = "the client's submissions per minute"),
+                       ("RateLimit-Remaining" = u32, description = "0"),
+                       ("RateLimit-Reset" = u64, description = "whole seconds until the client's whole allowance is back")))))]
 pub(crate) async fn jobs_submit(
     State(s): State<AppState>,
     Extension(caller): Extension<Caller>,
@@ -249,8 +256,25 @@ pub(crate) async fn jobs_submit(
     // an auditor is refused before it uses any allowance
     caller.require_may_command("submitting a job")?;
     let key = idempotency_key(&headers)?;
-    s.clients.take_submission(&caller)?;
-    let (value, b) = parse_body::<SubmitBody>(&body)?;
+    let allowance = s.clients.take_submission(&caller)?;
+    // every answer after the allowance was used says what is left of it
+    let mut res = submit(&s, &caller, key, &body)
+        .await
+        .unwrap_or_else(IntoResponse::into_response);
+    if let Some(a) = allowance {
+        a.put(res.headers_mut());
+    }
+    Ok(res)
+}
+
+/// `POST /v1/jobs` once the caller may submit and its allowance is taken.
+async fn submit(
+    s: &AppState,
+    caller: &Caller,
+    key: Option<String>,
+    body: &Bytes,
+) -> Result<Response, ApiError> {
+    let (value, b) = parse_body::<SubmitBody>(body)?;
     caller.check_names_self("client_id", b.client_id.as_deref())?;
     let job_id = match (&b.job_id, &key) {
         (Some(id), _) => {
@@ -266,13 +290,13 @@ pub(crate) async fn jobs_submit(
         key: key.as_deref(),
         request: "POST /v1/jobs".into(),
     };
-    let (command_id, hash_of) = identity.of(&caller, ids::http_submit(&job_id), &value);
+    let (command_id, hash_of) = identity.of(caller, ids::http_submit(&job_id), &value);
     let user_id = b
         .metadata
         .get("user_id")
         .and_then(Value::as_str)
         .map(str::to_string);
-    let meta = meta(&caller, user_id, command_id, &hash_of);
+    let meta = meta(caller, user_id, command_id, &hash_of);
     let submit = SubmitJob {
         workflow_key: b.workflow_key,
         client_id: caller.client_id.clone(),

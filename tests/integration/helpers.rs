@@ -983,7 +983,7 @@ pub(crate) async fn spawn_service(
     handler: HandlerConfig,
 ) -> ReadSide {
     let url = fresh_database().await;
-    build_read_side(app, true, registry, url, None, None, Some(handler)).await
+    build_read_side(app, true, registry, url, None, None, Some(handler), vec![]).await
 }
 
 /// [`spawn_api_on`] with secret access (`/v1/secrets/*`) through `secrets`.
@@ -994,7 +994,24 @@ pub(crate) async fn spawn_api_with<N>(
     url: String,
     secrets: Option<Arc<flowledger::secrets::service::SecretService>>,
 ) -> ReadSide {
-    build_read_side(app, runners, registry, url, secrets, None, None).await
+    build_read_side(app, runners, registry, url, secrets, None, None, vec![]).await
+}
+
+/// The HTTP API of [`spawn_read_side`] answering browsers from
+/// `cors_allowed_origins` (`[http]`).
+pub(crate) async fn spawn_api_with_cors(app: &TestApp, cors_allowed_origins: &[&str]) -> ReadSide {
+    let origins = cors_allowed_origins.iter().map(|o| o.to_string()).collect();
+    build_read_side(
+        app,
+        false,
+        registry(),
+        fresh_database().await,
+        None,
+        None,
+        None,
+        origins,
+    )
+    .await
 }
 
 async fn build_read_side<N>(
@@ -1005,6 +1022,7 @@ async fn build_read_side<N>(
     secrets: Option<Arc<flowledger::secrets::service::SecretService>>,
     memory: Option<Arc<flowledger::memory::service::MemoryService>>,
     handler: Option<HandlerConfig>,
+    cors_allowed_origins: Vec<String>,
 ) -> ReadSide {
     let mut s = settings(app, registry);
     s.secrets = secrets;
@@ -1022,6 +1040,7 @@ async fn build_read_side<N>(
             callback_posts_per_minute: 10_000,
             callback_refusals_per_minute: REFUSALS_PER_MINUTE,
             console: Default::default(),
+            cors_allowed_origins,
         }),
     });
     let service = Application::build(s).await.expect("build the read side");
@@ -1497,7 +1516,17 @@ pub(crate) async fn spawn_api_with_memory(
     url: String,
     memory: Arc<flowledger::memory::service::MemoryService>,
 ) -> ReadSide {
-    build_read_side(app, runners, registry(), url, None, Some(memory), None).await
+    build_read_side(
+        app,
+        runners,
+        registry(),
+        url,
+        None,
+        Some(memory),
+        None,
+        vec![],
+    )
+    .await
 }
 
 /// A `serve` process whose stderr (its log) is kept.

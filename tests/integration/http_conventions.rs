@@ -786,3 +786,441 @@ async fn an_idempotency_key_makes_every_memory_command_once_on_both_doors() {
     assert_eq!(bad["error"]["field"], "Idempotency-Key", "{bad}");
     assert_eq!(app.last_seq().await, end);
 }
+
+// ---- request id, access log, CORS, gzip, rate-limit headers (issue 15) ----
+
+/// The `x-request-id` of an answer.
+fn request_id(a: &Answer) -> String {
+    a.headers
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_else(|| panic!("no x-request-id on a {} answer: {}", a.status, a.body))
+        .to_string()
+}
+
+/// A header of an answer as a number.
+fn number(a: &Answer, name: &str) -> u64 {
+    a.headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| {
+            panic!(
+                "no numeric {name} on a {} answer: {:?}",
+                a.status, a.headers
+            )
+        })
+}
+
+#[tokio::test]
+async fn every_answer_carries_a_request_id_kept_from_the_client_when_well_formed() {
+    let app = spawn_app().await;
+    let api = spawn_read_side(&app, false).await;
+    let (logs, _guard) = capture_logs(tracing::Level::INFO);
+
+    // a well-formed id is kept, on success and on every kind of error,
+    // and the envelope quotes it
+    let big = vec![b'a'; flowledger::api::http::MAX_BODY_BYTES + 1];
+    // method, path, token, body, status
+    type Case = (
+        &'static str,
+        &'static str,
+        Option<&'static str>,
+        Option<Vec<u8>>,
+        u16,
+    );
+    let cases: Vec<Case> = vec![
+        ("GET", "/livez", None, None, 200),
+        ("GET", "/v1/meta", Some(BILLING_TOKEN), None, 200),
+        ("GET", "/v1/no-such-route", Some(BILLING_TOKEN), None, 404),
+        ("GET", "/v1/jobs", Some(BILLING_TOKEN), None, 405),
+        ("POST", "/v1/jobs", Some(BILLING_TOKEN), Some(big), 413),
+        ("GET", "/v1/jobs/nope", None, None, 401),
+        ("GET", "/v1/jobs/nope", Some(BILLING_TOKEN), None, 404),
+    ];
+    for (i, (method, path, token, body, status)) in cases.into_iter().enumerate() {
+        let sent = format!("client-req.{i}_x");
+        let a = api
+            .send(method, path, token, body, &[("x-request-id", &sent)])
+            .await;
+        assert_eq!(a.status, status, "{method} {path}: {}", a.body);
+        assert_eq!(request_id(&a), sent, "{method} {path}");
+        if status >= 400 {
+            assert_envelope(&a, status, a.body["error"]["code"].as_str().unwrap_or(""));
+            assert_eq!(
+                a.body["error"]["request_id"],
+                sent.as_str(),
+                "{method} {path}"
+            );
+        }
+    }
+
+    // a malformed id (too long, a character outside A-Za-z0-9._-) or none:
+    // a fresh UUID, a different one each time, quoted by the envelope
+    let mut made = std::collections::BTreeSet::new();
+    for sent in [
+        Some("x".repeat(65)),
+        Some("has space".into()),
+        Some("a/b".into()),
+        None,
+    ] {
+        let headers: Vec<(&str, &str)> =
+            sent.iter().map(|s| ("x-request-id", s.as_str())).collect();
+        let a = api
+            .send("GET", "/v1/jobs/nope", Some(BILLING_TOKEN), None, &headers)
+            .await;
+        assert_eq!(a.status, 404);
+        let id = request_id(&a);
+        assert_ne!(Some(&id), sent.as_ref(), "a malformed id is replaced");
+        let uuid = uuid::Uuid::parse_str(&id).expect("a made id is a UUID");
+        assert!(matches!(uuid.get_version_num(), 4 | 7), "{id}");
+        assert_eq!(a.body["error"]["request_id"], id.as_str());
+        assert!(made.insert(id), "each request its own id");
+    }
+
+    // the id is in the request's span: a line a handler logs while it runs
+    // (an unsigned n8n callback's refusal) carries it
+    let refused = api
+        .send(
+            "POST",
+            "/v1/callbacks/n8n",
+            None,
+            Some(b"{}".to_vec()),
+            &[
+                ("x-request-id", "span-check-1"),
+                ("content-type", "application/json"),
+            ],
+        )
+        .await;
+    assert_eq!(refused.status, 401, "{}", refused.body);
+    let logged = String::from_utf8_lossy(&logs.0.lock().expect("logs")).to_string();
+    let line = logged
+        .lines()
+        .find(|l| l.contains("n8n callback refused"))
+        .unwrap_or_else(|| panic!("no refusal logged:\n{logged}"));
+    assert!(line.contains("request{request_id=span-check-1}"), "{line}");
+}
+
+/// Whether the log line `l` has the field `name=value` (`kv`) whole.
+fn field(l: &str, kv: &str) -> bool {
+    l.split_whitespace().any(|w| w == kv)
+}
+
+#[tokio::test]
+async fn the_access_log_has_one_line_per_request_with_the_route_template_and_no_query() {
+    let app = spawn_app().await;
+    let api = spawn_read_side(&app, false).await;
+    let (logs, _guard) = capture_logs(tracing::Level::INFO);
+    let planted = "PlantedPersonalText4711";
+
+    let a = api
+        .send(
+            "GET",
+            &format!("/v1/jobs/{planted}-job"),
+            Some(OPERATOR_TOKEN),
+            None,
+            &[("x-request-id", "access-1")],
+        )
+        .await;
+    assert_eq!(a.status, 404, "{}", a.body);
+    let b = api
+        .send(
+            "GET",
+            &format!("/v1/executions?workflow_id={planted}&limit=5"),
+            Some(BILLING_TOKEN),
+            None,
+            &[("x-request-id", "access-2")],
+        )
+        .await;
+    assert_eq!(b.status, 200, "{}", b.body);
+    let c = api
+        .send(
+            "POST",
+            "/v1/jobs",
+            Some(BILLING_TOKEN),
+            Some(
+                format!(r#"{{"workflow_key":"invoice.extract","inputs":{{"note":"{planted}"}}}}"#)
+                    .into_bytes(),
+            ),
+            &[
+                ("x-request-id", "access-3"),
+                ("content-type", "application/json"),
+            ],
+        )
+        .await;
+    assert_eq!(c.status, 202, "{}", c.body);
+    let d = api
+        .send(
+            "GET",
+            &format!("/nowhere?q={planted}"),
+            None,
+            None,
+            &[("x-request-id", "access-4")],
+        )
+        .await;
+    assert_eq!(d.status, 404, "{}", d.body);
+
+    let logged = String::from_utf8_lossy(&logs.0.lock().expect("logs")).to_string();
+    let access: Vec<&str> = logged
+        .lines()
+        .filter(|l| l.contains(" flowledger::access:"))
+        .collect();
+    let line = |id: &str| -> &str {
+        let found: Vec<&&str> = access
+            .iter()
+            .filter(|l| field(l, &format!("request_id={id}")))
+            .collect();
+        assert_eq!(found.len(), 1, "one access line for {id}:\n{logged}");
+        found[0]
+    };
+    for (id, method, route, status, client) in [
+        ("access-1", "GET", "/v1/jobs/{id}", 404, Some("ops")),
+        ("access-2", "GET", "/v1/executions", 200, Some("billing")),
+        ("access-3", "POST", "/v1/jobs", 202, Some("billing")),
+        ("access-4", "GET", "unmatched", 404, None),
+    ] {
+        let l = line(id);
+        assert!(l.contains(" INFO "), "{l}");
+        assert!(field(l, &format!("method={method}")), "{l}");
+        assert!(field(l, &format!("route=\"{route}\"")), "{l}");
+        assert!(field(l, &format!("status={status}")), "{l}");
+        let latency = l
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("latency_ms="))
+            .and_then(|v| v.parse::<f64>().ok());
+        assert!(latency.is_some_and(|ms| ms >= 0.0), "{l}");
+        match client {
+            Some(c) => assert!(field(l, &format!("client_id=\"{c}\"")), "{l}"),
+            None => assert!(!l.contains("client_id="), "{l}"),
+        }
+    }
+    // the planted value was in a path, a query and a body: in no log line;
+    // nor is a token
+    for secret in [planted, BILLING_TOKEN, OPERATOR_TOKEN, "Bearer"] {
+        assert!(!logged.contains(secret), "{secret} logged:\n{logged}");
+    }
+}
+
+#[tokio::test]
+async fn cors_answers_a_preflight_from_an_allowed_origin_only() {
+    let app = spawn_app().await;
+    let allowed = "https://app.example.com";
+    let api = spawn_api_with_cors(&app, &[allowed, "http://localhost:3000"]).await;
+    let preflight = |origin: &'static str| {
+        let api = &api;
+        async move {
+            api.send(
+                "OPTIONS",
+                "/v1/jobs",
+                None,
+                None,
+                &[
+                    ("origin", origin),
+                    ("access-control-request-method", "POST"),
+                    (
+                        "access-control-request-headers",
+                        "authorization,content-type,idempotency-key,traceparent,x-request-id",
+                    ),
+                ],
+            )
+            .await
+        }
+    };
+
+    // allowed: answered without a token, the origin, methods and headers said
+    let ok = preflight("https://app.example.com").await;
+    assert!(matches!(ok.status, 200 | 204), "{} {}", ok.status, ok.body);
+    let h = |a: &Answer, name: &str| {
+        a.headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_ascii_lowercase)
+    };
+    assert_eq!(
+        h(&ok, "access-control-allow-origin").as_deref(),
+        Some(allowed)
+    );
+    let methods = h(&ok, "access-control-allow-methods").expect("methods");
+    assert!(
+        methods.contains("get") && methods.contains("post"),
+        "{methods}"
+    );
+    let headers = h(&ok, "access-control-allow-headers").expect("headers");
+    for name in [
+        "authorization",
+        "content-type",
+        "idempotency-key",
+        "traceparent",
+        "x-request-id",
+    ] {
+        assert!(headers.contains(name), "{name} in {headers}");
+    }
+    request_id(&ok);
+
+    // another origin: no CORS header to let it in
+    let other = preflight("https://evil.example").await;
+    assert!(
+        other.headers.get("access-control-allow-origin").is_none(),
+        "{:?}",
+        other.headers
+    );
+
+    // an allowed origin's real request sees the headers it may read
+    let job = api
+        .send(
+            "POST",
+            "/v1/jobs",
+            Some(BILLING_TOKEN),
+            Some(br#"{"workflow_key":"invoice.extract"}"#.to_vec()),
+            &[("origin", allowed), ("content-type", "application/json")],
+        )
+        .await;
+    assert_eq!(job.status, 202, "{}", job.body);
+    assert_eq!(
+        h(&job, "access-control-allow-origin").as_deref(),
+        Some(allowed)
+    );
+    let exposed = h(&job, "access-control-expose-headers").expect("exposed");
+    for name in [
+        "x-request-id",
+        "retry-after",
+        "ratelimit-limit",
+        "ratelimit-remaining",
+        "ratelimit-reset",
+    ] {
+        assert!(exposed.contains(name), "{name} in {exposed}");
+    }
+
+    // without [http] cors_allowed_origins: no CORS header at all
+    let plain = spawn_read_side(&app, false).await;
+    let a = plain
+        .send(
+            "OPTIONS",
+            "/v1/jobs",
+            None,
+            None,
+            &[
+                ("origin", allowed),
+                ("access-control-request-method", "POST"),
+            ],
+        )
+        .await;
+    assert!(
+        !a.headers
+            .keys()
+            .any(|k| k.as_str().starts_with("access-control-")),
+        "{:?}",
+        a.headers
+    );
+}
+
+#[tokio::test]
+async fn a_list_answer_is_gzipped_when_asked_and_decodes_to_the_same_json() {
+    let app = spawn_app().await;
+    let api = spawn_read_side(&app, true).await;
+    for i in 0..3 {
+        let a = api
+            .post(
+                "/v1/jobs",
+                BILLING_TOKEN,
+                serde_json::json!({"job_id": format!("gz-{i}"), "workflow_key": "invoice.extract"}),
+            )
+            .await;
+        assert_eq!(a.status, 202, "{}", a.body);
+    }
+    api.caught_up(&app.log).await;
+    let client = flowledger::handlers::http_client_builder()
+        .build()
+        .expect("an HTTP client");
+    let get = |gzip: bool| {
+        let mut req = client
+            .get(format!("{}/v1/executions", api.http))
+            .bearer_auth(OPERATOR_TOKEN);
+        if gzip {
+            req = req.header("accept-encoding", "gzip");
+        }
+        async move { req.send().await.expect("HTTP request") }
+    };
+    let plain = get(false).await;
+    assert_eq!(plain.status(), 200);
+    assert!(plain.headers().get("content-encoding").is_none());
+    let plain: Value = serde_json::from_slice(&plain.bytes().await.expect("body")).expect("JSON");
+    assert_eq!(plain["items"].as_array().map(Vec::len), Some(3), "{plain}");
+
+    let zipped = get(true).await;
+    assert_eq!(zipped.status(), 200);
+    assert_eq!(zipped.headers()["content-encoding"], "gzip");
+    let bytes = zipped.bytes().await.expect("body");
+    assert!(
+        serde_json::from_slice::<Value>(&bytes).is_err(),
+        "the body is compressed"
+    );
+    let mut text = Vec::new();
+    std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&bytes[..]), &mut text)
+        .expect("gzip");
+    let decoded: Value = serde_json::from_slice(&text).expect("JSON inside");
+    assert_eq!(decoded, plain);
+}
+
+#[tokio::test]
+async fn job_submissions_carry_the_rate_limit_headers_counting_down_to_the_429() {
+    let app = spawn_app().await;
+    let api = spawn_read_side(&app, false).await;
+    // the `limited` client may submit 2 a minute
+    let submit = |id: &'static str| {
+        let api = &api;
+        async move {
+            api.post(
+                "/v1/jobs",
+                LIMITED_TOKEN,
+                serde_json::json!({"job_id": id, "workflow_key": "invoice.extract"}),
+            )
+            .await
+        }
+    };
+    let first = submit("rl-1").await;
+    assert_eq!(first.status, 202, "{}", first.body);
+    assert_eq!(number(&first, "ratelimit-limit"), 2);
+    assert_eq!(number(&first, "ratelimit-remaining"), 1);
+    let reset1 = number(&first, "ratelimit-reset");
+    assert!(
+        (1..=30).contains(&reset1),
+        "one of 2 a minute back within 30 s: {reset1}"
+    );
+
+    let second = submit("rl-2").await;
+    assert_eq!(second.status, 202, "{}", second.body);
+    assert_eq!(number(&second, "ratelimit-limit"), 2);
+    assert_eq!(number(&second, "ratelimit-remaining"), 0);
+    let reset2 = number(&second, "ratelimit-reset");
+    assert!(reset2 > reset1 && reset2 <= 60, "{reset1} then {reset2}");
+
+    let over = submit("rl-3").await;
+    assert_envelope(&over, 429, "rate_limited");
+    let retry = number(&over, "retry-after");
+    assert!((1..=30).contains(&retry), "{retry}");
+    assert_eq!(number(&over, "ratelimit-limit"), 2);
+    assert_eq!(number(&over, "ratelimit-remaining"), 0);
+    let reset3 = number(&over, "ratelimit-reset");
+    assert!(
+        reset3 >= retry && reset3 <= 60,
+        "Retry-After {retry}, reset {reset3}"
+    );
+    assert_eq!(over.body["error"]["request_id"], request_id(&over).as_str());
+
+    // other routes carry no RateLimit header
+    let read = api
+        .send(
+            "GET",
+            "/v1/jobs/rl-1/status",
+            Some(LIMITED_TOKEN),
+            None,
+            &[],
+        )
+        .await;
+    assert!(
+        read.headers.get("ratelimit-limit").is_none(),
+        "{:?}",
+        read.headers
+    );
+}

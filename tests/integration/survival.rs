@@ -131,6 +131,7 @@ async fn handler_with_health(
             callback_posts_per_minute: 100,
             callback_refusals_per_minute: 10,
             console: Default::default(),
+            cors_allowed_origins: vec![],
         }),
     });
     let service = Application::build(s).await.expect("build the service");
@@ -309,6 +310,22 @@ async fn serve_without_a_database_answers_its_probes_and_metrics() {
     assert_eq!(status, 404, "{body}");
     let refused: Value = serde_json::from_str(&body).expect("JSON");
     assert_eq!(refused["error"]["code"], "not_found", "{refused}");
+    // here too every answer has its request id, quoted by the envelope
+    let r = reqwest::Client::new()
+        .get(format!("{url}/v1/jobs"))
+        .header("x-request-id", "probe-check-1")
+        .send()
+        .await
+        .expect("GET");
+    assert_eq!(r.headers()["x-request-id"], "probe-check-1");
+    let refused: Value = r.json().await.expect("JSON");
+    assert_eq!(refused["error"]["request_id"], "probe-check-1", "{refused}");
+    let r = reqwest::get(format!("{url}/livez")).await.expect("GET");
+    assert!(
+        r.headers().get("x-request-id").is_some(),
+        "{:?}",
+        r.headers()
+    );
     // NATS gone: not ready, and still alive
     nats.kill();
     let deadline = Instant::now() + Duration::from_secs(30);
