@@ -1289,7 +1289,15 @@ mod tests {
         let names = super::param_names::<super::ExecutionsQuery>();
         assert_eq!(
             names,
-            ["workflow_id", "status", "since", "until", "limit", "cursor"]
+            [
+                "workflow_key",
+                "workflow_id",
+                "status",
+                "since",
+                "until",
+                "limit",
+                "cursor"
+            ]
         );
         let doc = doc();
         let params: Vec<_> = doc["paths"]["/v1/executions"]["get"]["parameters"]

@@ -1,11 +1,16 @@
 //! The command line's contract with scripts: exit codes by what failed,
 //! a broken pipe as success, each cause printed once, logging refused
-//! when its variables are malformed.
+//! when its variables are malformed; the commands over a running serve's
+//! HTTP API (jobs, approvals, the kill-switch) with their output formats,
+//! completions and the man page.
 
 use std::io::{BufRead, BufReader};
 use std::process::Stdio;
 
+use serde_json::{json, Value};
+
 use crate::helpers::*;
+use crate::peers::{self, Peer};
 
 #[tokio::test]
 async fn exit_codes_say_what_failed_and_each_cause_is_printed_once() {
@@ -288,4 +293,397 @@ async fn the_nats_password_may_come_from_the_file_its_file_variable_names() {
     let (code, stderr) = digest("not-the-password");
     assert_eq!(code, Some(2), "a refused credential: {stderr}");
     assert!(!stderr.contains("not-the-password"), "{stderr}");
+}
+
+/// `flowledger <args>` against the API at `api` with `token` in
+/// `FLOWLEDGER_TOKEN`, run without blocking the test's runtime (the API
+/// serves on it): exit code, stdout, stderr.
+async fn api_cli(api: &str, token: &str, args: &[&str]) -> (Option<i32>, String, String) {
+    let mut c = tokio::process::Command::new(env!("CARGO_BIN_EXE_flowledger"));
+    c.args(args)
+        .env("FLOWLEDGER_API_URL", api)
+        .env("FLOWLEDGER_TOKEN", token)
+        .env_remove("FLOWLEDGER_TOKEN_FILE")
+        .env_remove("FLOWLEDGER_OUTPUT");
+    let out = c.output().await.expect("flowledger runs");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).to_string(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    )
+}
+
+/// Each line of `stdout` as JSON.
+fn json_lines(stdout: &str) -> Vec<Value> {
+    stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l:?}")))
+        .collect()
+}
+
+#[tokio::test]
+async fn jobs_and_approvals_from_the_command_line_over_the_http_api() {
+    let app = spawn_app().await;
+    let peer = Peer::start().await;
+    let ok = peer.script("/s", vec![peers::ok(5, json!("done"))]);
+    let registry = parse_registry(json!({"version": 1, "workflows": {
+        "w": {"steps": [solver("s", &ok, 5000, 1)]},
+        "gate": {"steps": [solver("s", &ok, 5000, 1)], "requires_approval": true},
+    }}));
+    let api = spawn_api(&app, true, registry.clone()).await;
+    let h = start_handler(&app, registry, test_handler_config()).await;
+    let url = api.http.as_str();
+
+    let submitted = api
+        .post(
+            "/v1/jobs",
+            BILLING_TOKEN,
+            json!({"job_id": "cli-1", "workflow_key": "w"}),
+        )
+        .await;
+    assert_eq!(submitted.status, 202, "{}", submitted.body);
+    // watch: each change once, the last `completed`, exit 0
+    let (code, stdout, stderr) = api_cli(
+        url,
+        BILLING_TOKEN,
+        &["jobs", "watch", "cli-1", "--output", "jsonl"],
+    )
+    .await;
+    assert_eq!(code, Some(0), "{stdout}{stderr}");
+    let changes = json_lines(&stdout);
+    let statuses: Vec<&str> = changes
+        .iter()
+        .filter_map(|c| c["status"].as_str())
+        .collect();
+    assert_eq!(statuses.last(), Some(&"completed"), "{stdout}");
+    assert!(
+        statuses.windows(2).all(|w| w[0] != w[1]),
+        "a status printed twice in a row: {stdout}"
+    );
+    assert!(changes.iter().all(|c| c["job_id"] == "cli-1"), "{stdout}");
+
+    let (code, stdout, stderr) = api_cli(
+        url,
+        BILLING_TOKEN,
+        &["jobs", "show", "cli-1", "--output", "json"],
+    )
+    .await;
+    assert_eq!(code, Some(0), "{stderr}");
+    let job: Value = serde_json::from_str(&stdout).expect("one JSON document");
+    assert_eq!(job["execution_id"], "cli-1", "{job}");
+    assert_eq!(job["status"], "completed", "{job}");
+    assert_eq!(job["client_id"], "billing", "{job}");
+
+    // the approval: pending in the list, approved from the command line,
+    // then its job completes
+    let submitted = api
+        .post(
+            "/v1/jobs",
+            BILLING_TOKEN,
+            json!({"job_id": "cli-ap", "workflow_key": "gate"}),
+        )
+        .await;
+    assert_eq!(submitted.status, 202, "{}", submitted.body);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let (code, stdout, stderr) = api_cli(
+            url,
+            OPERATOR_TOKEN,
+            &[
+                "approvals",
+                "list",
+                "--status",
+                "pending",
+                "--output",
+                "jsonl",
+            ],
+        )
+        .await;
+        assert_eq!(code, Some(0), "{stderr}");
+        let items = json_lines(&stdout);
+        if items.iter().any(|a| a["approval_id"] == "cli-ap") {
+            assert!(items.iter().all(|a| a["status"] == "pending"), "{stdout}");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no pending approval cli-ap: {stdout}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let (code, stdout, stderr) = api_cli(
+        url,
+        OPERATOR_TOKEN,
+        &[
+            "approvals",
+            "approve",
+            "cli-ap",
+            "--reason",
+            "checked",
+            "--output",
+            "json",
+        ],
+    )
+    .await;
+    assert_eq!(code, Some(0), "{stderr}");
+    let decided: Value = serde_json::from_str(&stdout).expect("JSON");
+    assert_eq!(decided["status"], "approved", "{decided}");
+    assert_eq!(decided["decided_by"], "ops", "{decided}");
+    let (code, stdout, stderr) = api_cli(
+        url,
+        BILLING_TOKEN,
+        &["jobs", "watch", "cli-ap", "--output", "table"],
+    )
+    .await;
+    assert_eq!(code, Some(0), "{stdout}{stderr}");
+    assert!(
+        stdout
+            .lines()
+            .last()
+            .is_some_and(|l| l.starts_with("cli-ap  completed  ")),
+        "{stdout}"
+    );
+    assert_eq!(
+        h.settled("cli-ap").await.status,
+        flowledger::commands::job::JobStatus::Completed
+    );
+
+    // a rejected approval: its job fails, and watch says so with 1
+    api.post(
+        "/v1/jobs",
+        BILLING_TOKEN,
+        json!({"job_id": "cli-no", "workflow_key": "gate"}),
+    )
+    .await;
+    let rejected = loop {
+        let (code, stdout, stderr) = api_cli(
+            url,
+            OPERATOR_TOKEN,
+            &["approvals", "reject", "cli-no", "--reason", "wrong amount"],
+        )
+        .await;
+        // 404 until the handler has requested the approval
+        if code == Some(0) || !stderr.contains("error: not_found: ") {
+            break (code, stdout, stderr);
+        }
+        assert!(std::time::Instant::now() < deadline + std::time::Duration::from_secs(30));
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
+    assert_eq!(rejected.0, Some(0), "{}{}", rejected.1, rejected.2);
+    let (code, stdout, stderr) = api_cli(url, BILLING_TOKEN, &["jobs", "watch", "cli-no"]).await;
+    assert_eq!(code, Some(1), "{stdout}{stderr}");
+    let last: Value = serde_json::from_str(&stdout).expect("off a terminal: json");
+    assert_eq!(last["status"], "failed", "{last}");
+    assert_eq!(last["error_code"], "approval_rejected", "{last}");
+
+    // the list: one object a line, parsed; a table with its header
+    api.caught_up(&app.log).await;
+    let (code, stdout, stderr) =
+        api_cli(url, OPERATOR_TOKEN, &["jobs", "list", "--output", "jsonl"]).await;
+    assert_eq!(code, Some(0), "{stderr}");
+    let mut ids: Vec<String> = json_lines(&stdout)
+        .iter()
+        .map(|j| j["execution_id"].as_str().expect("an id").to_string())
+        .collect();
+    ids.sort();
+    assert_eq!(ids, ["cli-1", "cli-ap", "cli-no"], "{stdout}");
+    let (code, stdout, _) = api_cli(
+        url,
+        OPERATOR_TOKEN,
+        &[
+            "jobs",
+            "list",
+            "--status",
+            "failed",
+            "--workflow",
+            "gate",
+            "--output",
+            "table",
+        ],
+    )
+    .await;
+    assert_eq!(code, Some(0));
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert!(
+        lines[0].starts_with("EXECUTION_ID  WORKFLOW_ID  STATUS"),
+        "{stdout}"
+    );
+    assert_eq!(lines.len(), 2, "the header and cli-no: {stdout}");
+    assert!(
+        lines[1].starts_with("cli-no        gate         failed"),
+        "{stdout}"
+    );
+
+    // the kill-switch: the operator's; a client is refused (1)
+    let (code, _, stderr) = api_cli(
+        url,
+        BILLING_TOKEN,
+        &["workflows", "disable", "w", "--reason", "incident"],
+    )
+    .await;
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("error: forbidden: "), "{stderr}");
+    for verb in ["disable", "enable"] {
+        let (code, stdout, stderr) = api_cli(
+            url,
+            OPERATOR_TOKEN,
+            &[
+                "workflows",
+                verb,
+                "w",
+                "--reason",
+                "incident",
+                "--output",
+                "json",
+            ],
+        )
+        .await;
+        assert_eq!(code, Some(0), "{verb}: {stderr}");
+        let v: Value = serde_json::from_str(&stdout).expect("JSON");
+        assert_eq!(v["disabled"], verb == "disable", "{v}");
+    }
+
+    // refused by the server: 1 with the envelope once, its param named
+    let (code, _, stderr) = api_cli(url, BILLING_TOKEN, &["jobs", "show", "no-such-job"]).await;
+    assert_eq!(code, Some(1), "{stderr}");
+    assert_eq!(stderr.matches("error: not_found: ").count(), 1, "{stderr}");
+    let (code, _, stderr) = api_cli(url, BILLING_TOKEN, &["jobs", "show", "bad id"]).await;
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.contains("error: validation: ") && stderr.contains("(param: id)"),
+        "{stderr}"
+    );
+
+    // a bad token: 2, the server's message once, the token never shown
+    let (code, _, stderr) = api_cli(url, "not-a-known-token", &["jobs", "show", "cli-1"]).await;
+    assert_eq!(code, Some(2), "{stderr}");
+    assert_eq!(
+        stderr.matches("error: unauthenticated: ").count(),
+        1,
+        "{stderr}"
+    );
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(!stderr.contains("not-a-known-token"), "{stderr}");
+    // the same token from --token-file
+    let dir = tempfile::tempdir().expect("a temp dir");
+    let file = dir.path().join("token");
+    std::fs::write(&file, format!("{OPERATOR_TOKEN}\n")).unwrap();
+    let mut c = tokio::process::Command::new(env!("CARGO_BIN_EXE_flowledger"));
+    c.args(["jobs", "show", "cli-1", "--output", "json", "--token-file"])
+        .arg(&file)
+        .env("FLOWLEDGER_API_URL", url)
+        .env_remove("FLOWLEDGER_TOKEN")
+        .env_remove("FLOWLEDGER_TOKEN_FILE");
+    let out = c.output().await.expect("flowledger runs");
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // the existing data commands take --output too
+    let run = |args: Vec<String>| {
+        let mut c = app.nats.cli(Who::Service);
+        c.args(args).env_remove("FLOWLEDGER_OUTPUT");
+        async move {
+            let out = tokio::process::Command::from(c)
+                .output()
+                .await
+                .expect("flowledger runs");
+            let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+            assert_eq!(out.status.code(), Some(0), "{stderr}");
+            String::from_utf8_lossy(&out.stdout).to_string()
+        }
+    };
+    let strings = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    let status = run(strings(&[
+        "projections",
+        "status",
+        "--output",
+        "jsonl",
+        "--database-url",
+        &api.url,
+    ]))
+    .await;
+    let rows = json_lines(&status);
+    assert!(
+        rows.iter()
+            .any(|r| r["projection"] == "executions" && r["lag"].is_i64()),
+        "{status}"
+    );
+    let replay = run(strings(&[
+        "audit",
+        "replay",
+        "--aggregate",
+        "job",
+        "--type",
+        "JobSubmitted",
+        "--output",
+        "json",
+    ]))
+    .await;
+    let events: Value = serde_json::from_str(&replay).expect("one JSON array");
+    assert_eq!(events.as_array().map(Vec::len), Some(3), "{replay}");
+    let table = run(strings(&[
+        "audit",
+        "replay",
+        "--type",
+        "JobSubmitted",
+        "--output",
+        "table",
+    ]))
+    .await;
+    let lines: Vec<&str> = table.lines().collect();
+    assert!(lines[0].starts_with("STREAM_SEQ  STREAM_TIME"), "{table}");
+    assert_eq!(lines.len(), 4, "{table}");
+    assert!(
+        lines[1..].iter().all(|l| l.ends_with("JobSubmitted")),
+        "{table}"
+    );
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn an_unreachable_api_has_its_own_exit_code_and_a_missing_token_is_usage() {
+    let nowhere = format!("http://127.0.0.1:{}", free_port());
+    let (code, stdout, stderr) = api_cli(&nowhere, "some-token", &["jobs", "list"]).await;
+    assert_eq!(code, Some(6), "{stdout}{stderr}");
+    assert!(
+        stderr.contains("cannot reach the flowledger API at"),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains("API unreachable"),
+        "the marker is not printed: {stderr}"
+    );
+    assert!(!stderr.contains("some-token"), "{stderr}");
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_flowledger"))
+        .args(["approvals", "list", "--api-url", &nowhere])
+        .env_remove("FLOWLEDGER_TOKEN")
+        .env_remove("FLOWLEDGER_TOKEN_FILE")
+        .output()
+        .await
+        .expect("flowledger runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("--token-file"), "{stderr}");
+}
+
+#[test]
+fn completions_and_the_man_page_are_printed() {
+    for (args, expect) in [
+        (&["completions", "bash"][..], "jobs"),
+        (&["completions", "zsh"][..], "approvals"),
+        (&["completions", "fish"][..], "workflows"),
+        (&["man"][..], ".TH"),
+    ] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_flowledger"))
+            .args(args)
+            .output()
+            .expect("flowledger runs");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(out.status.code(), Some(0), "{args:?}");
+        assert!(stdout.contains(expect), "{args:?}: {stdout}");
+    }
 }

@@ -1014,6 +1014,7 @@ pub(crate) async fn spawn_api_with_cors(app: &TestApp, cors_allowed_origins: &[&
     .await
 }
 
+#[allow(clippy::too_many_arguments)] // the harness's one builder: each argument is a part of the service
 async fn build_read_side<N>(
     app: &TestApp<N>,
     runners: bool,

@@ -1,6 +1,12 @@
 //! The `flowledger` command line. Exit codes: 0 success, 1 verification
 //! failed or a command was refused, 2 usage or configuration error,
-//! 3 a server (NATS or PostgreSQL) could not be reached.
+//! 3 NATS, 4 PostgreSQL, 5 Vault, 6 the HTTP API could not be reached.
+//! The commands that call a running `serve` over HTTP are in [`api`], the
+//! output formats in [`output`], completions and the man page in [`docs`].
+
+mod api;
+mod docs;
+mod output;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -320,6 +326,7 @@ pub(crate) enum Command {
     Projections(ProjectionsCommand),
     /// Submit a job over NATS and print the reply.
     Submit {
+        /// The workflow key (a key of the registry), e.g. invoice.extract.
         #[arg(long)]
         workflow: String,
         /// The job's client: the NATS user's own id (its default); another
@@ -329,8 +336,10 @@ pub(crate) enum Command {
         /// Job input as JSON.
         #[arg(long, default_value = "{}")]
         input: String,
+        /// 1 to 10 (5 when not given).
         #[arg(long)]
         priority: Option<u8>,
+        /// The job id; a fresh one by default.
         #[arg(long)]
         job_id: Option<String>,
         /// Command id (makes a retry safe); a fresh one by default.
@@ -353,6 +362,20 @@ pub(crate) enum Command {
     /// Conversation memory (docs/MEMORY.md).
     #[command(subcommand)]
     Memory(MemoryCommand),
+    /// Jobs over a running serve's HTTP API: list, show, watch, cancel.
+    Jobs(api::Jobs),
+    /// Approvals over the HTTP API: list, approve, reject.
+    Approvals(api::Approvals),
+    /// The kill-switch over the HTTP API: disable, enable a workflow.
+    Workflows(api::Workflows),
+    /// Print a shell completion script, e.g. `flowledger completions bash
+    /// > /etc/bash_completion.d/flowledger`.
+    Completions {
+        /// The shell to complete for.
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff), e.g. `flowledger man | man -l -`.
+    Man,
 }
 
 impl Command {
@@ -375,11 +398,18 @@ impl Command {
             Command::Serve(args) => Some(&mut args.db),
             Command::Memory(MemoryCommand::Cleanup { db, .. }) => Some(db),
             Command::Projections(
-                ProjectionsCommand::Status { db }
+                ProjectionsCommand::Status { db, .. }
                 | ProjectionsCommand::Resume { db, .. }
                 | ProjectionsCommand::Rebuild { db, .. },
             ) => Some(db),
-            Command::Submit { .. } | Command::Send { .. } | Command::Audit(_) => None,
+            Command::Submit { .. }
+            | Command::Send { .. }
+            | Command::Audit(_)
+            | Command::Jobs(_)
+            | Command::Approvals(_)
+            | Command::Workflows(_)
+            | Command::Completions { .. }
+            | Command::Man => None,
         }
     }
 }
@@ -423,6 +453,8 @@ pub(crate) enum ProjectionsCommand {
     Status {
         #[command(flatten)]
         db: DbArgs,
+        #[command(flatten)]
+        out: output::OutputArgs,
     },
     /// Continue a projection stopped on an event it could not apply.
     Resume {
@@ -572,8 +604,10 @@ pub(crate) struct FilterArgs {
     /// Events that occurred at or before this time (RFC 3339; `occurred_at`).
     #[arg(long)]
     pub(crate) until: Option<DateTime<Utc>>,
+    /// Only messages at or after this stream sequence.
     #[arg(long)]
     pub(crate) from_seq: Option<u64>,
+    /// Only messages at or before this stream sequence.
     #[arg(long)]
     pub(crate) to_seq: Option<u64>,
 }
@@ -612,7 +646,14 @@ impl FilterArgs {
 #[derive(Subcommand, Debug)]
 pub(crate) enum AuditCommand {
     /// Print events as JSON lines, in stream order, with their envelope.
-    Replay(FilterArgs),
+    Replay {
+        #[command(flatten)]
+        filter: FilterArgs,
+        /// jsonl (the default: one event a line, streamed), json (one
+        /// array, pretty) or table (sequence, time, aggregate, type).
+        #[arg(long, value_enum, env = "FLOWLEDGER_OUTPUT")]
+        output: Option<output::Format>,
+    },
     /// Print the current stream digest (`SEQ:HEX`); keep it to check later.
     Digest,
     /// Sign and store a checkpoint at the current end of the stream (or at
@@ -626,6 +667,7 @@ pub(crate) enum AuditCommand {
     },
     /// Write a self-contained export for offline verification.
     Export {
+        /// The directory to write the export into (it must not exist yet).
         #[arg(long)]
         out: PathBuf,
         #[command(flatten)]
@@ -636,6 +678,7 @@ pub(crate) enum AuditCommand {
     /// Verify the live stream, or an export with --export DIR. Fails
     /// unless a valid signature (or --digest) covers the whole range.
     Verify {
+        /// Verify the export in this directory instead of the live stream.
         #[arg(long)]
         export: Option<PathBuf>,
         /// A digest kept earlier (`SEQ:HEX`) that history must still
@@ -664,7 +707,6 @@ pub(crate) enum AuditCommand {
     },
 }
 
-/// Marks an error as the user's to fix (exit code 2).
 /// `println!` for the command's output: a reader that went away (`| head`)
 /// ends the program with 0 (its work is done, the rest is not wanted); any
 /// other failure to write ends it with 1 and says so.
@@ -672,7 +714,7 @@ macro_rules! outln {
     ($($t:tt)*) => { write_out(format_args!($($t)*)) };
 }
 
-fn write_out(args: std::fmt::Arguments) {
+pub(crate) fn write_out(args: std::fmt::Arguments) {
     use std::io::Write;
     let mut out = std::io::stdout().lock();
     if let Err(e) = out.write_fmt(args).and_then(|_| out.write_all(b"\n")) {
@@ -684,6 +726,7 @@ fn write_out(args: std::fmt::Arguments) {
     }
 }
 
+/// Marks an error as the user's to fix (exit code 2).
 #[derive(Debug, thiserror::Error)]
 #[error("invalid usage")]
 struct UsageError;
@@ -701,6 +744,9 @@ enum Down {
     /// Vault / OpenBao (exit code 5).
     #[error("Vault unreachable")]
     Vault,
+    /// The HTTP API of a `serve` (exit code 6).
+    #[error("API unreachable")]
+    Api,
 }
 
 /// The exit code of a failed command, by the markers its error carries
@@ -723,6 +769,7 @@ fn exit_code(e: &anyhow::Error) -> ExitCode {
         Some(Down::Nats) => ExitCode::from(3),
         Some(Down::Database) => ExitCode::from(4),
         Some(Down::Vault) => ExitCode::from(5),
+        Some(Down::Api) => ExitCode::from(6),
         None if e.chain().any(|c| {
             c.downcast_ref::<sqlx::Error>().is_some()
                 || c.downcast_ref::<crate::projections::db::DbError>()
@@ -744,6 +791,7 @@ fn causes(e: &anyhow::Error) -> String {
         Down::Nats.to_string(),
         Down::Database.to_string(),
         Down::Vault.to_string(),
+        Down::Api.to_string(),
     ];
     let mut out: Vec<String> = Vec::new();
     for c in e.chain().map(|c| c.to_string()) {
@@ -1147,6 +1195,17 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             .await
         }
         Command::Audit(a) => audit(g, a).await,
+        Command::Jobs(j) => api::jobs(j).await,
+        Command::Approvals(a) => api::approvals(a).await,
+        Command::Workflows(w) => api::workflows(w).await,
+        Command::Completions { shell } => {
+            docs::print(&docs::completions(shell));
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Man => {
+            docs::print(&docs::man().context("cannot render the man page")?);
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 
@@ -1799,7 +1858,7 @@ async fn projections(g: &Global, p: ProjectionsCommand) -> anyhow::Result<ExitCo
         })
     };
     match p {
-        ProjectionsCommand::Status { db } => {
+        ProjectionsCommand::Status { db, out } => {
             let pool = pdb::connect(db.require()?, 2)
                 .await
                 .context(Down::Database)?;
@@ -1808,38 +1867,39 @@ async fn projections(g: &Global, p: ProjectionsCommand) -> anyhow::Result<ExitCo
                 Ok((_c, log)) => log.last_seq().await.ok(),
                 Err(_) => None,
             };
-            outln!(
-                "{:<12} {:>7} {:>7} {:>12} {:>10}  state",
-                "projection",
-                "version",
-                "active",
-                "checkpoint",
-                "lag"
-            );
             let mut any_stopped = false;
-            for r in rows {
-                let lag = last.map_or("?".to_string(), |l| {
-                    (l as i64 - r.last_seq).max(0).to_string()
-                });
-                let state = match (&r.state[..], r.error_seq) {
-                    ("stopped", Some(seq)) => {
-                        any_stopped = true;
-                        format!(
-                            "stopped at sequence {seq}: {}",
-                            r.error.clone().unwrap_or_default()
-                        )
-                    }
-                    (s, _) => s.to_string(),
-                };
-                outln!(
-                    "{:<12} {:>7} {:>7} {:>12} {:>10}  {state}",
-                    r.name,
-                    r.version,
-                    r.active,
-                    r.last_seq,
-                    lag
-                );
-            }
+            let items: Vec<Value> = rows
+                .into_iter()
+                .map(|r| {
+                    let lag = last.map(|l| (l as i64 - r.last_seq).max(0));
+                    let state = match (&r.state[..], r.error_seq) {
+                        ("stopped", Some(seq)) => {
+                            any_stopped = true;
+                            format!(
+                                "stopped at sequence {seq}: {}",
+                                r.error.clone().unwrap_or_default()
+                            )
+                        }
+                        (s, _) => s.to_string(),
+                    };
+                    json!({
+                        "projection": r.name, "version": r.version, "active": r.active,
+                        "checkpoint": r.last_seq, "lag": lag, "state": state,
+                    })
+                })
+                .collect();
+            output::list(
+                out.format(),
+                &Value::Array(items),
+                &[
+                    "projection",
+                    "version",
+                    "active",
+                    "checkpoint",
+                    "lag",
+                    "state",
+                ],
+            );
             Ok(if any_stopped {
                 ExitCode::from(1)
             } else {
@@ -1893,13 +1953,42 @@ async fn projections(g: &Global, p: ProjectionsCommand) -> anyhow::Result<ExitCo
 
 async fn audit(g: &Global, a: AuditCommand) -> anyhow::Result<ExitCode> {
     match a {
-        AuditCommand::Replay(f) => {
+        AuditCommand::Replay {
+            filter: f,
+            output: format,
+        } => {
             let filter = f.filter()?;
             let (_client, log) = open_log(g).await?;
-            let stdout = std::io::stdout();
-            let mut out = std::io::BufWriter::new(stdout.lock());
-            let n = read::replay(&log, &filter, &mut out).await?;
-            std::io::Write::flush(&mut out).map_err(read::OutputError::Io)?;
+            let n = match format.unwrap_or(output::Format::Jsonl) {
+                output::Format::Jsonl => {
+                    let stdout = std::io::stdout();
+                    let mut out = std::io::BufWriter::new(stdout.lock());
+                    let n = read::replay(&log, &filter, &mut out).await?;
+                    std::io::Write::flush(&mut out).map_err(read::OutputError::Io)?;
+                    n
+                }
+                format => {
+                    // the whole replay first: one document, or a table
+                    // whose columns fit every row
+                    let mut buf = Vec::new();
+                    let n = read::replay(&log, &filter, &mut buf).await?;
+                    let events = buf
+                        .split(|b| *b == b'\n')
+                        .filter(|l| !l.is_empty())
+                        .map(serde_json::from_slice::<Value>)
+                        .collect::<Result<Vec<_>, _>>()
+                        .context("a replayed line is not JSON")?;
+                    let columns = [
+                        "stream_seq",
+                        "stream_time",
+                        "aggregate_type",
+                        "aggregate_id",
+                        "event_type",
+                    ];
+                    output::list(format, &Value::Array(events), &columns);
+                    n
+                }
+            };
             eprintln!("flowledger: replayed {n} events");
             Ok(ExitCode::SUCCESS)
         }
