@@ -267,7 +267,9 @@ pub(crate) async fn jobs_status(
         .ok_or_else(|| ApiError::NotFound(format!("job {id}")))
 }
 
-const STATUSES: &[&str] = &[
+/// A job's statuses, as the executions list filters on them (and the
+/// command line's `jobs list --status`).
+pub(crate) const JOB_STATUSES: [&str; 6] = [
     "pending",
     "awaiting_approval",
     "running",
@@ -295,7 +297,7 @@ pub(crate) async fn executions_list(
         }
         (key, alias) => key.or(alias),
     };
-    let status = p.one_of("status", STATUSES)?;
+    let status = p.one_of("status", &JOB_STATUSES)?;
     let (since, until, limit, cursor) =
         (p.time("since")?, p.time("until")?, p.limit()?, p.cursor()?);
     let cursor_id = match &cursor {

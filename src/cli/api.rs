@@ -46,15 +46,7 @@ pub(crate) struct Jobs {
     pub(crate) command: JobsCommand,
 }
 
-/// The job statuses a list filters on.
-const JOB_STATUSES: [&str; 6] = [
-    "pending",
-    "awaiting_approval",
-    "running",
-    "completed",
-    "failed",
-    "cancelled",
-];
+use crate::api::read::JOB_STATUSES;
 
 /// `flowledger jobs` subcommands.
 #[derive(Subcommand, Debug)]
