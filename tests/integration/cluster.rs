@@ -5,7 +5,7 @@
 //! version is the suite's (FLOWLEDGER_NATS_SERVER: `scripts/test.sh` runs
 //! this on 2.9.10 and 2.15).
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -125,17 +125,21 @@ struct Outcome {
     latency: Duration,
     /// Sends after the first (same command id).
     resent: u32,
+    /// When it was first sent.
+    sent_at: Instant,
 }
 
 /// Sends job submissions as the client over NATS request/reply, one after
 /// another, until `stop`; each has its own job id. With `resend`, a
 /// request nobody answered (no responders: no intake subscribed; a time
 /// out: the request or its reply was lost with a node) is sent again with
-/// the same command id, as a careful client does, for up to 30 s.
+/// the same command id, as a careful client does, for up to 30 s. Counts
+/// each new command in `sent` as it is first sent.
 async fn submit_until(
     client: async_nats::Client,
     sender: usize,
     stop: Arc<AtomicBool>,
+    sent: Arc<AtomicUsize>,
     resend: bool,
 ) -> Vec<Outcome> {
     let mut out = Vec::new();
@@ -147,6 +151,7 @@ async fn submit_until(
         let body = json!({"job_id": job_id, "command_id": job_id,
                           "workflow_key": "invoice.extract", "input": {"n": n}});
         let started = Instant::now();
+        sent.fetch_add(1, Ordering::Relaxed);
         let mut resent = 0;
         let reply = loop {
             let r = client
@@ -179,6 +184,7 @@ async fn submit_until(
             reply,
             latency: started.elapsed(),
             resent,
+            sent_at: started,
         });
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -186,9 +192,11 @@ async fn submit_until(
 }
 
 /// Runs four senders on `client` for a second, kills node `kill`, waits
-/// for `stream` to have another leader, goes on for two seconds more, and
-/// checks every command: an `ok` reply, stored exactly once. Returns the
-/// outcomes and the new leader.
+/// for `stream` to have another leader, goes on for two seconds more and
+/// until the senders have sent new commands after the kill (a sender
+/// whose request was lost with the node waits out its request timeout
+/// first), and checks every command: an `ok` reply, stored exactly once.
+/// Returns the outcomes and the new leader.
 async fn load_through_a_kill(
     app: &mut TestApp<NatsCluster>,
     client: &async_nats::Client,
@@ -196,18 +204,41 @@ async fn load_through_a_kill(
     resend: bool,
     what: &str,
 ) -> (Vec<Outcome>, usize) {
+    const SENDERS: usize = 4;
     let stop = Arc::new(AtomicBool::new(false));
-    let senders: Vec<_> = (0..4)
-        .map(|s| tokio::spawn(submit_until(client.clone(), s, stop.clone(), resend)))
+    let sent = Arc::new(AtomicUsize::new(0));
+    let senders: Vec<_> = (0..SENDERS)
+        .map(|s| {
+            tokio::spawn(submit_until(
+                client.clone(),
+                s,
+                stop.clone(),
+                sent.clone(),
+                resend,
+            ))
+        })
         .collect();
     tokio::time::sleep(Duration::from_secs(1)).await;
     let stored_before_kill = app.last_seq().await;
+    let sent_at_kill = sent.load(Ordering::Relaxed);
     app.nats.kill(kill);
     let killed_at = Instant::now();
     let new_leader = app.nats.stream_leader(STREAM).await;
     let election = killed_at.elapsed();
-    // go on past the election, then stop
+    // go on past the election, and until each sender could have sent two
+    // commands of its own after the kill: those in flight at the kill may
+    // have been stored before it (their replies lost with the node)
     tokio::time::sleep(Duration::from_secs(2)).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while sent.load(Ordering::Relaxed) < sent_at_kill + 3 * SENDERS {
+        assert!(
+            Instant::now() < deadline,
+            "{what}: no new commands sent within 60 s of the kill ({} before it, {} now)",
+            sent_at_kill,
+            sent.load(Ordering::Relaxed)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     stop.store(true, Ordering::Relaxed);
     let mut outcomes = Vec::new();
     for s in senders {
@@ -229,7 +260,7 @@ async fn load_through_a_kill(
         outcomes.len() - failed.len(),
     );
     assert!(
-        outcomes.len() as u64 > stored_before_kill,
+        outcomes.iter().any(|o| o.sent_at > killed_at),
         "commands were sent after the kill"
     );
     assert!(failed.is_empty(), "commands failed: {failed:#?}");
