@@ -25,6 +25,9 @@ FLOWLEDGER_NATS_SERVER="$NATS_SERVER_DEBIAN" cargo test --all-targets
 echo "== the README's 'Using it' block, as written"
 scripts/readme-check.sh
 
+echo "== every sh block of docs/*.md, as written (or the reason it cannot run here)"
+scripts/docs-check.sh
+
 echo "== docker-compose.yml: docker-compose config, healthchecks, init before serve (no engine needed)"
 scripts/compose-check.sh
 

@@ -250,6 +250,45 @@ struct AssembleBody {
     /// The time budget, 10 to 60000 ms; default `[memory] budget_ms`.
     #[schema(minimum = 10, maximum = 60000)]
     budget_ms: Option<u64>,
+    /// Read your own write: wait, within the budget, until the memory
+    /// read model has applied this stream sequence (the `stream_seq` a
+    /// writeback or another memory command answered); past the budget,
+    /// `timeout`; past the end of the log, 400. Without it, assemble reads
+    /// the read model as it is.
+    #[schema(minimum = 1)]
+    after_seq: Option<u64>,
+}
+
+/// Waits until the active memory read model has applied stream sequence
+/// `seq` (the caller bounds the wait: assemble's budget). A stopped
+/// projection never gets there: that is an error at once.
+async fn applied(pool: &PgPool, seq: u64) -> Result<(), DoorError> {
+    let mut pause = Duration::from_millis(2);
+    loop {
+        let row: Option<(i64, String)> = sqlx::query_as(
+            "SELECT last_seq, state FROM projection_checkpoints \
+             WHERE name = 'memory' AND active",
+        )
+        .fetch_optional(pool)
+        .await
+        .map_err(database_error)?;
+        match row {
+            Some((last, _)) if last >= 0 && last as u64 >= seq => return Ok(()),
+            Some((_, state)) if state == "stopped" => {
+                return Err(DoorError::reasoned(
+                    ErrorCode::Unavailable,
+                    "database_error",
+                    format!(
+                        "the memory read model is stopped before stream sequence {seq} \
+                         (flowledger projections status); it cannot show that write yet"
+                    ),
+                ))
+            }
+            _ => {}
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(50));
+    }
 }
 
 fn database_error(e: sqlx::Error) -> DoorError {
@@ -316,9 +355,39 @@ pub async fn assemble(
     if !(10..=60_000).contains(&budget) {
         return Err(CommandError::validation(Some("budget_ms"), "must be 10 to 60000").into());
     }
+    if b.after_seq == Some(0) {
+        return Err(CommandError::validation(Some("after_seq"), "must be at least 1").into());
+    }
+    if let Some(seq) = b.after_seq {
+        // a receipt's sequence is in the log already: one past its end was
+        // never answered to anyone, and waiting for it would only run out
+        // the budget
+        let last = bus.log().last_seq().await.map_err(|e| {
+            tracing::warn!(error = %e, "memory: assemble: the stream's last sequence is unknown");
+            DoorError::reasoned(
+                ErrorCode::Unavailable,
+                "database_error",
+                "the event stream cannot be asked for its last sequence (after_seq); retry later"
+                    .into(),
+            )
+        })?;
+        if seq > last {
+            return Err(CommandError::validation(
+                Some("after_seq"),
+                format!(
+                    "{seq} is past the end of the log (its last sequence is {last}); give the \
+                     stream_seq a command answered"
+                ),
+            )
+            .into());
+        }
+    }
     let id = aggregate_id(&caller.client_id, &b.subject_id);
     let started = Instant::now();
     let work = async {
+        if let Some(seq) = b.after_seq {
+            applied(pool, seq).await?;
+        }
         // with an embedder: the query's vector, within three quarters of
         // the budget (the rest leaves room for the full-text fallback)
         let (vector, retrieval) = match memory.embedder() {

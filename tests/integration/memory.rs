@@ -371,6 +371,50 @@ async fn over_http_writeback_then_assemble_returns_the_turns_facts_and_live_work
     .await;
     assert_eq!(a.status, 200, "{}", a.body);
     let ask = json!({"subject_id": "cust-1", "query": "which car does the customer drive"});
+    // read your own write: with the last command's stream_seq, the first
+    // assemble already shows it (it waits for the read model, in its budget)
+    let last_seq = a.body["stream_seq"]
+        .as_u64()
+        .expect("a receipt's stream_seq");
+    let mut own = ask.clone();
+    own["after_seq"] = json!(last_seq);
+    let first = post("/v1/memory/assemble", BILLING_TOKEN, own).await;
+    assert_eq!(first.status, 200, "{}", first.body);
+    assert_eq!(
+        first.body["profile"]["full_name"], "Ann Example",
+        "{}",
+        first.body
+    );
+    assert_eq!(
+        first.body["working_state"]["intent"]["value"],
+        json!({"k": "intent"})
+    );
+    // a sequence no command was answered yet is past the end of the log
+    let mut ahead = ask.clone();
+    ahead["after_seq"] = json!(last_seq + 1_000);
+    let late = post("/v1/memory/assemble", BILLING_TOKEN, ahead).await;
+    assert_eq!(
+        (late.status, late.body["error"]["param"].clone()),
+        (400, json!("after_seq")),
+        "{}",
+        late.body
+    );
+    assert!(
+        late.body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("past the end of the log")),
+        "{}",
+        late.body
+    );
+    let mut zero = ask.clone();
+    zero["after_seq"] = json!(0);
+    let zero = post("/v1/memory/assemble", BILLING_TOKEN, zero).await;
+    assert_eq!(
+        (zero.status, zero.body["error"]["param"].clone()),
+        (400, json!("after_seq")),
+        "{}",
+        zero.body
+    );
     let got = assemble_until(&api, ask.clone(), |b| {
         b["chunks"].as_array().is_some_and(|c| !c.is_empty()) && !b["profile"].is_null()
     })
@@ -897,4 +941,42 @@ async fn a_cleanup_records_one_event_per_subject_splits_a_large_one_leaves_out_a
         "{report:?}"
     );
     assert_eq!(report.skipped, large as u64 + 21 + 2, "{report:?}");
+}
+
+#[tokio::test]
+async fn assemble_after_a_sequence_the_read_model_has_not_applied_times_out_within_its_budget() {
+    let app = spawn_app().await;
+    let bao = OpenBao::start().await;
+    let memory = memory_service(&bao).await;
+    // no projection runners: the read model never applies the writeback
+    let api = spawn_api_with_memory(&app, false, fresh_database().await, memory).await;
+    let w = api
+        .post(
+            "/v1/memory/writeback",
+            BILLING_TOKEN,
+            json!({"subject_id": "cust-9", "messages": [{"role": "user", "content": "hello"}],
+                   "response": "hi"}),
+        )
+        .await;
+    assert_eq!(w.status, 200, "{}", w.body);
+    let seq = w.body["stream_seq"]
+        .as_u64()
+        .expect("a receipt's stream_seq");
+    // the budget bounds the wait: without it, this would never answer
+    let a = tokio::time::timeout(
+        Duration::from_secs(60),
+        api.post(
+            "/v1/memory/assemble",
+            BILLING_TOKEN,
+            json!({"subject_id": "cust-9", "query": "hello", "after_seq": seq, "budget_ms": 300}),
+        ),
+    )
+    .await
+    .expect("assemble answers within its budget, not never");
+    assert_eq!(
+        (a.status, a.body["error"]["reason"].clone()),
+        (503, json!("timeout")),
+        "{}",
+        a.body
+    );
 }
