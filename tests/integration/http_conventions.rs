@@ -1224,3 +1224,92 @@ async fn job_submissions_carry_the_rate_limit_headers_counting_down_to_the_429()
         read.headers
     );
 }
+
+/// Every string under a time key (`*_at`, `valid_from`, `valid_to`,
+/// `estimated_completion`) in `v`, with its path.
+fn time_fields(v: &serde_json::Value, path: &str, out: &mut Vec<(String, String)>) {
+    match v {
+        serde_json::Value::Object(m) => {
+            for (k, x) in m {
+                let here = format!("{path}.{k}");
+                let timed = k.ends_with("_at")
+                    || matches!(
+                        k.as_str(),
+                        "valid_from" | "valid_to" | "estimated_completion"
+                    );
+                match x {
+                    serde_json::Value::String(s) if timed => out.push((here, s.clone())),
+                    _ => time_fields(x, &here, out),
+                }
+            }
+        }
+        serde_json::Value::Array(a) => {
+            for (i, x) in a.iter().enumerate() {
+                time_fields(x, &format!("{path}[{i}]"), out);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// UTC, microseconds, `Z`: `2026-12-07T15:04:05.123456Z`.
+fn one_format(s: &str) -> bool {
+    let b = s.as_bytes();
+    b.len() == 27
+        && chrono::NaiveDateTime::parse_from_str(&s[..26], "%Y-%m-%dT%H:%M:%S%.6f").is_ok()
+        && b[19] == b'.'
+        && b[26] == b'Z'
+}
+
+#[tokio::test]
+async fn every_read_endpoint_answers_its_timestamps_in_one_format() {
+    use serde_json::json;
+    let app = spawn_app().await;
+    let api = spawn_read_side(&app, true).await;
+    let job = json!({"job_id": "t-1", "workflow_key": "invoice.extract", "inputs": {"n": 1},
+                     "callback_url": "https://example.com/done"});
+    assert_eq!(api.post("/v1/jobs", BILLING_TOKEN, job).await.status, 202);
+    request_approval(&app, "t-1").await;
+    api.caught_up(&app.log).await;
+    let ok = api
+        .post(
+            "/v1/approvals/t-1/approve",
+            OPERATOR_TOKEN,
+            json!({"reason": "fine"}),
+        )
+        .await;
+    assert_eq!(ok.status, 200, "{}", ok.body);
+    api.caught_up(&app.log).await;
+    let mut checked = 0;
+    for path in [
+        "/v1/jobs/t-1",
+        "/v1/jobs/t-1/status",
+        "/v1/executions",
+        "/v1/audit?job_id=t-1",
+        "/v1/approvals",
+        "/v1/approvals/t-1",
+        "/v1/audit/secret-accesses",
+        "/v1/me",
+        "/v1/meta",
+        "/healthz",
+    ] {
+        let a = api.call("GET", path, Some(OPERATOR_TOKEN), None).await;
+        assert!(
+            a.status == 200 || path == "/healthz",
+            "{path}: {} {}",
+            a.status,
+            a.body
+        );
+        let mut fields = Vec::new();
+        time_fields(&a.body, "", &mut fields);
+        for (field, value) in &fields {
+            assert!(
+                one_format(value),
+                "{path} {field} = {value:?} is not UTC with microseconds and Z"
+            );
+        }
+        checked += fields.len();
+    }
+    // the job, its audit rows and its approval carry times: the walk saw them
+    assert!(checked >= 10, "only {checked} time fields seen");
+}
