@@ -143,9 +143,16 @@ impl Projector {
         )
         .bind(self.model.name())
         .bind(self.version)
-        .fetch_one(&mut *tx)
+        .fetch_optional(&mut *tx)
         .await
-        .map_err(unavailable)?;
+        .map_err(unavailable)?
+        .ok_or_else(|| {
+            ApplyError::Unavailable(format!(
+                "version {} was replaced by a rebuild (its checkpoint is gone); \
+                 taking up the active version",
+                self.version
+            ))
+        })?;
         // Redelivered messages (at or below the checkpoint) are dropped; the
         // common case borrows the batch as it is.
         let fresh: std::borrow::Cow<'_, [Msg]> =
