@@ -35,7 +35,15 @@ const FINAL_EVENTS: [&str; 3] = ["JobCompleted", "JobFailed", "JobCancelled"];
 
 /// The fields of an event's data a live event repeats: what step, which
 /// attempt, its outcome. Nothing a client sent or a peer answered.
-const SUMMARY_FIELDS: [&str; 5] = ["step", "attempt", "status", "error_code", "duration_ms"];
+/// (`n8n_execution_id`: which n8n execution answered, to find it in n8n.)
+const SUMMARY_FIELDS: [&str; 6] = [
+    "step",
+    "attempt",
+    "status",
+    "error_code",
+    "duration_ms",
+    "n8n_execution_id",
+];
 
 /// How often a comment is sent on a quiet stream, so proxies keep it open.
 const KEEP_ALIVE: Duration = Duration::from_secs(15);
@@ -122,7 +130,7 @@ fn sse(name: &str, id: Option<String>, data: &Value) -> Event {
 
 #[utoipa::path(get, path = "/v1/jobs/{id}/events", params(("id" = String, Path, description = "job id")),
     security(("bearer" = [])),
-    responses((status = 200, description = "Server-Sent Events: `job_event` per stored event of the job (data: seq, index, event_type, version, occurred_at, and step, attempt, status, error_code, duration_ms where the event has them; id: `<seq>-<index>`), from its first event; then `end` (data: reason `final` with the final event_type, `time_limit`, `draining` (this instance stops: connect again), or `log_unavailable`) and the stream closes", body = super::openapi::LiveEvent, content_type = "text/event-stream"),
+    responses((status = 200, description = "Server-Sent Events: `job_event` per stored event of the job (data: seq, index, event_type, version, occurred_at, and step, attempt, status, error_code, duration_ms, n8n_execution_id where the event has them; id: `<seq>-<index>`), from its first event; then `end` (data: reason `final` with the final event_type, `time_limit`, `draining` (this instance stops: connect again), or `log_unavailable`) and the stream closes", body = super::openapi::LiveEvent, content_type = "text/event-stream"),
               (status = 404, description = "no such job"), (status = 400, description = "bad id"),
               (status = 429, description = "this client has [console] streams_per_client streams open"),
               (status = 503, description = "the event log cannot be read")))]

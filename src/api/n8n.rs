@@ -62,6 +62,11 @@ struct N8nResult {
     /// How long the attempt took.
     #[serde(default)]
     duration_ms: u64,
+    /// The n8n execution that ran the step (`{{ $execution.id }}`):
+    /// recorded with the result; 1-128 of A-Z a-z 0-9 _ -.
+    #[schema(min_length = 1, max_length = 128)]
+    #[serde(default)]
+    n8n_execution_id: Option<String>,
 }
 
 fn meta(command_id: String, body: &[u8]) -> CommandMeta {
@@ -230,6 +235,7 @@ pub(crate) async fn callbacks_n8n(
         error_message: r.error_message,
         duration_ms: r.duration_ms,
         retry_in_ms: None,
+        n8n_execution_id: r.n8n_execution_id,
     };
     match s
         .bus

@@ -1075,8 +1075,8 @@ pub struct LiveEvent {
     #[schema(inline)]
     pub event: LiveEventName,
     /// JSON text. `job_event`: seq, index, event_type, version,
-    /// occurred_at, and step, attempt, status, error_code, duration_ms where
-    /// the event has them. `end`: reason (`final` with the final
+    /// occurred_at, and step, attempt, status, error_code, duration_ms,
+    /// n8n_execution_id where the event has them. `end`: reason (`final` with the final
     /// event_type, `time_limit`, `draining`, `log_unavailable`).
     #[schema(content_media_type = "application/json")]
     pub data: String,

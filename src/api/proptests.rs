@@ -687,8 +687,9 @@ fn texts_of(parsed: &Parsed, meta: &CommandMeta) -> Value {
             error_message,
             duration_ms: _,
             retry_in_ms: _,
+            n8n_execution_id,
         } = r;
-        json!([step, output, error_code, error_message])
+        json!([step, output, error_code, error_message, n8n_execution_id])
     }
     let CommandMeta {
         command_id,
@@ -1119,6 +1120,7 @@ fn arb_job() -> BoxedStrategy<Job> {
                             error_code: None,
                             error_message: None,
                             duration_ms: 1,
+                            n8n_execution_id: None,
                         }),
                         // a value an older version may have written
                         3 => JobEvent::StepAttemptStarted(StepAttemptStarted {
@@ -1183,6 +1185,7 @@ fn arb_step_result() -> BoxedStrategy<RecordStepResult> {
                 error_message: None,
                 duration_ms,
                 retry_in_ms,
+                n8n_execution_id: None,
             },
         )
         .boxed()
@@ -1414,6 +1417,7 @@ fn arb_story_event() -> BoxedStrategy<StoryEvent> {
                     error_code: None,
                     error_message: None,
                     duration_ms,
+                    n8n_execution_id: None,
                 }))
             }
         ),
@@ -1742,6 +1746,7 @@ proptest! {
             error_message: None,
             duration_ms,
             retry_in_ms,
+            n8n_execution_id: None,
         });
         let r = state.decide(command, &services);
         let retries = retry_in_ms.is_some() && status != StepStatus::Succeeded;
@@ -2174,6 +2179,7 @@ fn no_retry_is_scheduled_after_the_last_attempt() {
             error_message: None,
             duration_ms: 1,
             retry_in_ms: Some(1000),
+            n8n_execution_id: None,
         })
     };
     let e = job

@@ -104,6 +104,13 @@ pub struct StepDefinition {
     /// access service at each attempt.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub headers: BTreeMap<String, String>,
+    /// An n8n step only: the importable n8n workflow that serves its
+    /// webhook, a path relative to the registry file's directory (e.g.
+    /// `n8n/payment-release.json`, docs/CALLBACKS.md "The n8n kit").
+    /// [`Registry::load`] checks that the file exists; the handler never
+    /// reads it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template: Option<String>,
 }
 
 /// Headers flowledger sets itself (or that belong to the connection): a
@@ -457,13 +464,49 @@ pub enum RegistryError {
 }
 
 impl Registry {
-    /// Reads and checks the file at `path` (see [`Registry::parse`]).
+    /// Reads and checks the file at `path` (see [`Registry::parse`]), and
+    /// that every step's `template` is a file next to it.
     pub fn load(path: &Path) -> Result<Self, RegistryError> {
         let text = std::fs::read_to_string(path).map_err(|source| RegistryError::Read {
             path: path.to_owned(),
             source,
         })?;
-        Self::parse(path, &text)
+        let registry = Self::parse(path, &text)?;
+        let dir = path.parent().unwrap_or(Path::new(""));
+        for (key, wf) in &registry.workflows {
+            for (i, s) in wf.steps.iter().enumerate() {
+                let Some(template) = &s.template else {
+                    continue;
+                };
+                let file = dir.join(template);
+                if !file.is_file() {
+                    return Err(RegistryError::BadField {
+                        path: path.to_owned(),
+                        key: key.clone(),
+                        field: format!("steps[{i}].template"),
+                        message: format!(
+                            "{} is not a file (the path is relative to the registry's directory)",
+                            file.display()
+                        ),
+                    });
+                }
+            }
+        }
+        Ok(registry)
+    }
+
+    /// Every step's `template` as (workflow key, step, the file's path
+    /// relative to the registry file's directory).
+    pub fn templates(&self) -> Vec<(&str, &StepDefinition, &str)> {
+        let mut out = Vec::new();
+        for (key, wf) in &self.workflows {
+            for s in &wf.steps {
+                if let Some(t) = &s.template {
+                    out.push((key.as_str(), s, t.as_str()));
+                }
+            }
+        }
+        out
     }
 
     /// Parses JSON `text` and checks every workflow whole; `path` only
@@ -520,6 +563,7 @@ impl Registry {
                                 max_attempts: DEFAULT_MAX_ATTEMPTS,
                                 backoff_ms: None,
                                 headers: BTreeMap::new(),
+                                template: None,
                             }],
                             requires_approval: false,
                             approval_timeout_seconds: DEFAULT_APPROVAL_TIMEOUT_SECONDS,
@@ -678,6 +722,9 @@ impl WorkflowDefinition {
                     format!("must be at most {MAX_RETRY_DELAY_MS}, got {b}"),
                 ));
             }
+            if let Some(t) = &s.template {
+                check_template(s, t).map_err(|m| (at("template"), m))?;
+            }
             s.headers().map_err(|(header, message)| {
                 if header.is_empty() {
                     (at("headers"), format!("step {:?}: {message}", s.name))
@@ -727,6 +774,28 @@ impl WorkflowDefinition {
         }
         Ok(())
     }
+}
+
+/// A step's `template`: on an n8n step, a relative `.json` path that
+/// stays inside the registry's directory.
+fn check_template(step: &StepDefinition, template: &str) -> Result<(), String> {
+    if step.kind != StepKind::N8n {
+        return Err(format!(
+            "step {:?} is not an n8n step: only an n8n step names an n8n workflow template",
+            step.name
+        ));
+    }
+    let p = Path::new(template);
+    let inside = p
+        .components()
+        .all(|c| matches!(c, std::path::Component::Normal(_)));
+    if template.is_empty() || !inside || !template.ends_with(".json") {
+        return Err(format!(
+            "{template:?} is not a relative path to a .json file inside the registry's \
+             directory (e.g. \"n8n/payment-release.json\"; no '..', no leading '/')"
+        ));
+    }
+    Ok(())
 }
 
 fn check_url(url: &str) -> Result<(), String> {
@@ -825,6 +894,51 @@ mod tests {
         assert!(r
             .get("payment.release")
             .is_some_and(|w| w.requires_approval));
+    }
+
+    #[test]
+    fn shipped_n8n_steps_name_their_templates() {
+        let r = Registry::load(Path::new(DEFAULT_REGISTRY_PATH)).expect("shipped registry");
+        let templates: Vec<_> = r.templates().iter().map(|(k, _, t)| (*k, *t)).collect();
+        assert_eq!(
+            templates,
+            [
+                ("payment.release", "n8n/payment-release.json"),
+                ("report.daily", "n8n/report-daily.json")
+            ]
+        );
+    }
+
+    #[test]
+    fn a_template_is_an_n8n_steps_file_next_to_the_registry() {
+        let with = |kind: &str, template: &str| {
+            format!(
+                r#"{{"version":1,"workflows":{{"w":{{"steps":[{{"name":"s","kind":"{kind}","url":"http://h/x","template":"{template}"}}]}}}}}}"#
+            )
+        };
+        let e = parse(&with("solver", "n8n/a.json")).unwrap_err();
+        assert!(
+            e.contains("steps[0].template") && e.contains("not an n8n step"),
+            "{e}"
+        );
+        for bad in ["../a.json", "/etc/a.json", "n8n/a.txt", ""] {
+            let e = parse(&with("n8n", bad)).unwrap_err();
+            assert!(e.contains("steps[0].template"), "{bad}: {e}");
+        }
+        // parse checks the shape; load also finds the file
+        assert!(parse(&with("n8n", "n8n/missing.json")).is_ok());
+        let tmp = tempfile::tempdir().expect("a temporary directory");
+        let dir = tmp.path();
+        std::fs::create_dir_all(dir.join("n8n")).expect("a directory for templates");
+        let file = dir.join("registry.json");
+        std::fs::write(&file, with("n8n", "n8n/missing.json")).expect("write the registry");
+        let e = Registry::load(&file).unwrap_err().to_string();
+        assert!(
+            e.contains("steps[0].template") && e.contains("missing.json"),
+            "{e}"
+        );
+        std::fs::write(dir.join("n8n/missing.json"), "{}").expect("write the template");
+        assert!(Registry::load(&file).is_ok());
     }
 
     #[test]

@@ -832,8 +832,15 @@ async fn run_step(
         }
         drop(calling);
         let duration_ms = t0.elapsed().as_millis() as u64;
+        let mut n8n_execution_id = None;
         let (status, output, error_code, error_message, retryable) = match outcome {
-            CallOutcome::Succeeded { output } => (StepStatus::Succeeded, output, None, None, false),
+            CallOutcome::Succeeded {
+                output,
+                n8n_execution_id: execution,
+            } => {
+                n8n_execution_id = execution;
+                (StepStatus::Succeeded, output, None, None, false)
+            }
             CallOutcome::Failed {
                 code,
                 message,
@@ -869,6 +876,7 @@ async fn run_step(
             error_message,
             duration_ms,
             retry_in_ms: None,
+            n8n_execution_id,
         };
         if status == StepStatus::Succeeded || !retryable || attempt >= step.max_attempts {
             return Ok(StepEnd::Unrecorded(result));

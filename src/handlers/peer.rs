@@ -9,10 +9,14 @@ use serde_json::{json, Value};
 use crate::bus::ids;
 use crate::commands::registry::{StepDefinition, StepKind};
 use crate::events::envelope::holds_nul;
+use crate::events::log::valid_aggregate_id;
 
 /// The header carrying `<job>:<step>:<attempt>` (a result callback:
 /// `<job>:callback`), the same on every resend of one attempt.
 pub const HDR_IDEMPOTENCY_KEY: &str = "Idempotency-Key";
+/// The header an n8n step's synchronous answer may name its execution in
+/// (the templates in workflows/n8n/ set it to `{{ $execution.id }}`).
+pub const HDR_N8N_EXECUTION_ID: &str = "X-N8n-Execution-Id";
 /// Longest peer text quoted in an error message.
 const MAX_QUOTED: usize = 200;
 
@@ -23,6 +27,9 @@ pub enum CallOutcome {
     Succeeded {
         /// The peer's JSON answer; null for an empty body.
         output: Value,
+        /// An n8n step's execution, from its [`HDR_N8N_EXECUTION_ID`]
+        /// header (ignored unless 1-128 of `A-Z a-z 0-9 _ -`).
+        n8n_execution_id: Option<String>,
     },
     /// n8n answered 202: the result comes later on `POST /v1/callbacks/n8n`.
     Accepted,
@@ -114,8 +121,14 @@ pub async fn call(
             .send()
             .await?;
         let status = r.status();
+        let execution = r
+            .headers()
+            .get(HDR_N8N_EXECUTION_ID)
+            .and_then(|v| v.to_str().ok())
+            .filter(|id| valid_aggregate_id(id))
+            .map(str::to_string);
         let text = r.text().await?;
-        Ok::<_, reqwest::Error>((status, text))
+        Ok::<_, reqwest::Error>((status, execution, text))
     };
     match tokio::time::timeout(Duration::from_millis(step.timeout_ms), send).await {
         Err(_) => CallOutcome::TimedOut,
@@ -130,7 +143,15 @@ pub async fn call(
             message: format!("{}: {}", step.name, causes(&e.without_url())),
             retryable: true,
         },
-        Ok(Ok((status, text))) => classify(step, status.as_u16(), &text),
+        Ok(Ok((status, execution, text))) => match classify(step, status.as_u16(), &text) {
+            CallOutcome::Succeeded { output, .. } if step.kind == StepKind::N8n => {
+                CallOutcome::Succeeded {
+                    output,
+                    n8n_execution_id: execution,
+                }
+            }
+            outcome => outcome,
+        },
     }
 }
 
@@ -163,6 +184,7 @@ fn classify(step: &StepDefinition, status: u16, text: &str) -> CallOutcome {
             if text.trim().is_empty() {
                 return CallOutcome::Succeeded {
                     output: Value::Null,
+                    n8n_execution_id: None,
                 };
             }
             match serde_json::from_str::<Value>(text) {
@@ -175,7 +197,10 @@ fn classify(step: &StepDefinition, status: u16, text: &str) -> CallOutcome {
                     ),
                     retryable: false,
                 },
-                Ok(output) => CallOutcome::Succeeded { output },
+                Ok(output) => CallOutcome::Succeeded {
+                    output,
+                    n8n_execution_id: None,
+                },
                 Err(e) => CallOutcome::Failed {
                     code: "bad_response".into(),
                     message: format!(
@@ -217,6 +242,7 @@ mod tests {
             max_attempts: 3,
             backoff_ms: None,
             headers: Default::default(),
+            template: None,
         }
     }
 
@@ -226,7 +252,8 @@ mod tests {
         assert_eq!(
             classify(&solver, 200, r#"{"a":1}"#),
             CallOutcome::Succeeded {
-                output: json!({"a":1})
+                output: json!({"a":1}),
+                n8n_execution_id: None,
             }
         );
         assert!(matches!(
@@ -306,7 +333,8 @@ mod tests {
         assert_eq!(
             classify(&solver, 200, r#"{"a":"\\u0000"}"#),
             CallOutcome::Succeeded {
-                output: json!({"a": "\\u0000"})
+                output: json!({"a": "\\u0000"}),
+                n8n_execution_id: None,
             }
         );
     }

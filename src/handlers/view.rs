@@ -362,12 +362,15 @@ impl JobView {
                     error_message: s.error_message.clone(),
                     duration_ms: s.duration_ms,
                 };
-                let details = json!({
+                let mut details = json!({
                     "attempt": s.attempt,
                     "status": s.status,
                     "error_code": s.error_code,
                     "error_message": s.error_message,
                 });
+                if let Some(id) = &s.n8n_execution_id {
+                    details["n8n_execution_id"] = json!(id);
+                }
                 let sv = self.steps.entry(s.step.clone()).or_default();
                 sv.started = sv.started.max(s.attempt);
                 sv.results.insert(s.attempt, result);

@@ -103,6 +103,7 @@ fn job_events() -> Vec<JobEvent> {
             error_code: Some("step_timeout".into()),
             error_message: Some("no answer".into()),
             duration_ms: 1234,
+            n8n_execution_id: Some("4711".into()),
         }),
         JobEvent::StepRetryScheduled(StepRetryScheduled {
             workflow_key: k(),

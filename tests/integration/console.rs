@@ -39,7 +39,7 @@ async fn submit(api: &ReadSide, job_id: &str, workflow: &str, inputs: Value) {
     assert_eq!(a.status, 202, "submit {job_id}: {}", a.body);
 }
 
-async fn open_stream(api: &ReadSide, job_id: &str, token: &str) -> reqwest::Response {
+pub(crate) async fn open_stream(api: &ReadSide, job_id: &str, token: &str) -> reqwest::Response {
     reqwest::Client::new()
         .get(format!("{}/v1/jobs/{job_id}/events", api.http))
         .bearer_auth(token)
@@ -50,7 +50,9 @@ async fn open_stream(api: &ReadSide, job_id: &str, token: &str) -> reqwest::Resp
 
 /// Reads a live stream to its `end` event: the events before it (name,
 /// data) and the end's data. Fails if it does not end within 30 s.
-async fn read_to_end(mut res: reqwest::Response) -> (Vec<(String, Value)>, Value, String) {
+pub(crate) async fn read_to_end(
+    mut res: reqwest::Response,
+) -> (Vec<(String, Value)>, Value, String) {
     let deadline = Instant::now() + Duration::from_secs(30);
     let (mut buf, mut raw, mut events) = (String::new(), String::new(), Vec::new());
     loop {

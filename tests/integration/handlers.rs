@@ -628,7 +628,7 @@ async fn sigkill_mid_job_loses_nothing_and_repeats_nothing() {
 
 /// An HTTP API (with the test clients) and a job handler on `registry`;
 /// n8n peers call back on the API.
-async fn handler_with_api(app: &TestApp, registry: Value) -> (HandlerSide, ReadSide) {
+pub(crate) async fn handler_with_api(app: &TestApp, registry: Value) -> (HandlerSide, ReadSide) {
     let registry = parse_registry(registry);
     let api = spawn_api(app, true, registry.clone()).await;
     let config = config_with_api(&api);

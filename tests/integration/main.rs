@@ -24,6 +24,7 @@ mod memory_embeddings;
 mod memory_extractor;
 mod memory_projection;
 mod memory_retrieval;
+mod n8n_kit;
 mod nats_identity;
 mod openbao;
 mod peers;

@@ -22,6 +22,8 @@ pub(crate) struct Reply {
     pub(crate) status: u16,
     pub(crate) body: Value,
     pub(crate) then: Option<LaterResult>,
+    /// Headers of the answer (an n8n execution id).
+    pub(crate) headers: Vec<(&'static str, String)>,
 }
 
 /// A result an n8n peer posts to the request's `callback_url`.
@@ -47,6 +49,16 @@ pub(crate) fn n8n_accepts(after_ms: u64, key: &[u8], output: Value) -> Reply {
             output,
             status: "succeeded",
         }),
+        headers: vec![],
+    }
+}
+
+/// n8n answering synchronously (the Respond to Webhook node), naming its
+/// execution in the `X-N8n-Execution-Id` header as the kit's templates do.
+pub(crate) fn n8n_answers(body: Value, execution_id: &str) -> Reply {
+    Reply {
+        headers: vec![("x-n8n-execution-id", execution_id.to_string())],
+        ..ok(5, body)
     }
 }
 
@@ -101,26 +113,21 @@ pub(crate) fn ok(delay_ms: u64, body: Value) -> Reply {
         status: 200,
         body,
         then: None,
+        headers: vec![],
     }
 }
 
 pub(crate) fn status(delay_ms: u64, status: u16) -> Reply {
     Reply {
-        delay_ms,
-        status,
         body: json!({"error": format!("peer says {status}")}),
-        then: None,
+        status,
+        ..ok(delay_ms, json!(null))
     }
 }
 
 /// Never answers in time.
 pub(crate) fn hang() -> Reply {
-    Reply {
-        delay_ms: 60_000,
-        status: 200,
-        body: json!({}),
-        then: None,
-    }
+    ok(60_000, json!({}))
 }
 
 #[derive(Debug, Clone)]
@@ -211,8 +218,13 @@ async fn answer(
             s.sent.lock().unwrap().push(sent);
         });
     }
+    let mut headers = HeaderMap::new();
+    for (name, value) in &reply.headers {
+        headers.insert(*name, value.parse().expect("a header value"));
+    }
     (
         StatusCode::from_u16(reply.status).unwrap(),
+        headers,
         axum::Json(reply.body),
     )
 }

@@ -217,6 +217,7 @@ function describe(ev) {
   if (ev.status) s += `  ${ev.status}`;
   if (ev.error_code) s += `  ${ev.error_code}`;
   if (ev.duration_ms !== undefined) s += `  ${ev.duration_ms} ms`;
+  if (ev.n8n_execution_id) s += `  n8n execution ${ev.n8n_execution_id}`;
   return s;
 }
 

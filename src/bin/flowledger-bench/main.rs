@@ -152,6 +152,7 @@ fn step(attempt: u32) -> JobCommand {
         error_message: None,
         duration_ms: 2300,
         retry_in_ms: None,
+        n8n_execution_id: None,
     })
 }
 

@@ -135,6 +135,11 @@ pub struct StepResultRecorded {
     pub error_message: Option<String>,
     /// How long the attempt took, in ms; at most one week.
     pub duration_ms: u64,
+    /// The n8n execution that answered (an n8n step whose answer, or
+    /// result callback, named it; docs/CALLBACKS.md); absent otherwise and
+    /// in events written before it existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub n8n_execution_id: Option<String>,
 }
 
 /// The job ended well: its workflow's success policy was met.

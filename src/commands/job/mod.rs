@@ -209,6 +209,10 @@ pub struct RecordStepResult {
     /// next one (so not on attempt [`MAX_ATTEMPTS`]).
     #[serde(default)]
     pub retry_in_ms: Option<u64>,
+    /// The n8n execution that answered, when n8n named it: 1-128 of
+    /// `A-Z a-z 0-9 _ -`.
+    #[serde(default)]
+    pub n8n_execution_id: Option<String>,
 }
 
 /// Retry a step whose latest attempt's result, recorded without a retry
@@ -469,6 +473,9 @@ pub enum JobError {
     /// `duration_ms` (the value sent) is above [`MAX_DURATION_MS`].
     #[error("duration_ms must be at most {MAX_DURATION_MS} (one week), got {0}")]
     InvalidDuration(u64),
+    /// `n8n_execution_id` (its start) is not 1-128 of `A-Z a-z 0-9 _ -`.
+    #[error("n8n_execution_id must be 1-128 characters of A-Z, a-z, 0-9, '_' and '-', got {0:?}")]
+    InvalidN8nExecutionId(String),
     /// `retry_in_ms` on a failed attempt [`MAX_ATTEMPTS`] (the value): no
     /// attempt can follow; record it without a retry.
     #[error(
@@ -538,6 +545,7 @@ impl DomainError for JobError {
             | JobError::InvalidRetryDelay(_)
             | JobError::RetryAfterLastAttempt(_)
             | JobError::InvalidDuration(_)
+            | JobError::InvalidN8nExecutionId(_)
             | JobError::InvalidCallbackAttempts(_)
             | JobError::InvalidStatusCode(_) => ErrorCode::Validation,
             JobError::WorkflowDisabled { .. }
@@ -570,6 +578,7 @@ impl DomainError for JobError {
             | JobError::AttemptOutOfOrder { .. } => "attempt",
             JobError::InvalidRetryDelay(_) | JobError::RetryAfterLastAttempt(_) => "retry_in_ms",
             JobError::InvalidDuration(_) => "duration_ms",
+            JobError::InvalidN8nExecutionId(_) => "n8n_execution_id",
             JobError::InvalidCallbackAttempts(_) => "attempts",
             JobError::InvalidStatusCode(_) => "status_code",
             _ => return None,
@@ -687,6 +696,15 @@ impl Job {
         if r.duration_ms > MAX_DURATION_MS {
             return Err(JobError::InvalidDuration(r.duration_ms));
         }
+        if let Some(id) = r
+            .n8n_execution_id
+            .as_deref()
+            .filter(|id| !crate::events::log::valid_aggregate_id(id))
+        {
+            return Err(JobError::InvalidN8nExecutionId(
+                id.chars().take(40).collect(),
+            ));
+        }
         if let Some(delay) = r.retry_in_ms.filter(|d| *d > MAX_RETRY_DELAY_MS) {
             return Err(JobError::InvalidRetryDelay(delay));
         }
@@ -736,6 +754,7 @@ impl Job {
             error_code: r.error_code,
             error_message: r.error_message,
             duration_ms: r.duration_ms,
+            n8n_execution_id: r.n8n_execution_id,
         })];
         events.extend(retry);
         Ok(events)
@@ -1034,6 +1053,7 @@ mod tests {
             error_message: None,
             duration_ms: 12,
             retry_in_ms: None,
+            n8n_execution_id: None,
         }
     }
 
@@ -1047,6 +1067,7 @@ mod tests {
             error_code: None,
             error_message: None,
             duration_ms: 12,
+            n8n_execution_id: None,
         })
     }
 
@@ -1541,6 +1562,7 @@ mod tests {
                     error_code: Some("HTTP_503".into()),
                     error_message: None,
                     duration_ms: 12,
+                    n8n_execution_id: None,
                 }),
                 JobEvent::StepRetryScheduled(StepRetryScheduled {
                     workflow_key: "invoice.extract".into(),
@@ -1563,6 +1585,7 @@ mod tests {
                 error_code: Some("n8n_failed".into()),
                 error_message: None,
                 duration_ms: 12,
+                n8n_execution_id: None,
             })
         };
         let retry = |attempt, delay_ms| ScheduleRetry {
@@ -1742,6 +1765,32 @@ mod tests {
             .given(given())
             .when(JobCommand::RecordStepResult(r))
             .then_expect_error(JobError::InvalidDuration(u64::MAX));
+        for bad in ["", "has space", "x".repeat(129).as_str()] {
+            let r = RecordStepResult {
+                n8n_execution_id: Some(bad.into()),
+                ..step("ocr", 1)
+            };
+            framework()
+                .given(given())
+                .when(JobCommand::RecordStepResult(r))
+                .then_expect_error(JobError::InvalidN8nExecutionId(
+                    bad.chars().take(40).collect(),
+                ));
+        }
+        let named = RecordStepResult {
+            n8n_execution_id: Some("4711".into()),
+            ..step("ocr", 1)
+        };
+        let JobEvent::StepResultRecorded(recorded) = step_event("ocr", 1) else {
+            unreachable!("step_event is a StepResultRecorded")
+        };
+        framework()
+            .given(given())
+            .when(JobCommand::RecordStepResult(named))
+            .then_expect_events(vec![JobEvent::StepResultRecorded(StepResultRecorded {
+                n8n_execution_id: Some("4711".into()),
+                ..recorded
+            })]);
         let e = Job::default()
             .decide(
                 JobCommand::Submit(SubmitJob {
