@@ -684,6 +684,7 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/jobs/{id}/events", get(super::live::jobs_events))
         .route("/v1/me", get(read::me_get))
         .route("/v1/jobs/{id}/cancel", post(write::jobs_cancel))
+        .route("/v1/jobs/{id}/retry", post(write::jobs_retry))
         .route(
             "/v1/workflows/{key}/disable",
             post(write::workflows_disable),

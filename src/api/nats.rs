@@ -54,6 +54,7 @@ pub const KNOWN_COMMANDS: &[&str] = &[
     "job.complete",
     "job.fail",
     "job.cancel",
+    "job.retry",
     "job.record_callback",
     "approval.request",
     "approval.approve",
@@ -68,7 +69,7 @@ pub const KNOWN_COMMANDS: &[&str] = &[
 /// handler's alone.
 pub fn roles(command: &str) -> Option<&'static [Role]> {
     Some(match command {
-        "job.submit" | "job.cancel" => &[Role::Client, Role::Operator],
+        "job.submit" | "job.cancel" | "job.retry" => &[Role::Client, Role::Operator],
         "job.start"
         | "job.start_attempt"
         | "job.record_step_result"
@@ -91,6 +92,9 @@ pub fn receipt_json(r: &Receipt) -> Value {
 pub(super) enum Parsed {
     Job(String, JobCommand),
     Approval(String, ApprovalCommand),
+    /// `job.retry` of the job: two commands, issued by
+    /// [`CommandBus::retry_job`].
+    Retry(String),
 }
 
 #[derive(Deserialize)]
@@ -254,6 +258,11 @@ pub(super) fn parse(
             let (id, v) = rest("job_id", true)?;
             Parsed::Job(id, JobCommand::Cancel(from_fields::<CancelJob>(v)?))
         }
+        ("job", "retry") => {
+            let (id, v) = rest("job_id", true)?;
+            from_fields::<NoFields>(v)?;
+            Parsed::Retry(id)
+        }
         ("approval", "request") => {
             // a job's approval has the job's id: approval_id defaults to job_id
             let Value::Object(mut m) = fields.clone() else {
@@ -348,8 +357,10 @@ fn unknown_command(aggregate_type: &str, command: &str) -> CommandError {
 
 /// Handles one request from `caller` addressed to `subject`: checks the
 /// caller's role for the command, parses, checks the body names no one
-/// else, and for `job.cancel` that the job is the caller's (another
-/// client's job answers `not_found`, like a missing one), then executes.
+/// else, and for `job.cancel` and `job.retry` that the job is the caller's
+/// (another client's job answers `not_found`, like a missing one), then
+/// executes. A retry answers the receipt of the new job's submission (its
+/// `aggregate_id` is the new job's id).
 /// Never panics on input.
 pub async fn handle(
     bus: &CommandBus,
@@ -380,12 +391,16 @@ pub async fn handle(
     })?;
     let (parsed, meta) = parse(caller, aggregate_type, command, body)?;
     check_caller(caller, &parsed)?;
-    if let Parsed::Job(id, JobCommand::Cancel(_)) = &parsed {
+    if let Parsed::Job(id, JobCommand::Cancel(_)) | Parsed::Retry(id) = &parsed {
         caller.check_job(bus, id).await?;
     }
     match parsed {
         Parsed::Job(id, c) => bus.job(&id, c, &meta).await.map_err(Into::into),
         Parsed::Approval(id, c) => bus.approval(&id, c, &meta).await.map_err(Into::into),
+        Parsed::Retry(id) => match bus.retry_job(&id, &meta).await {
+            Ok(r) => Ok(r.receipt),
+            Err(e) => Err(e.into()),
+        },
     }
 }
 

@@ -32,6 +32,7 @@ use super::{console, http, live, memory, n8n, read, secrets, write};
     paths(
         write::jobs_submit,
         write::jobs_cancel,
+        write::jobs_retry,
         write::workflows_disable,
         write::workflows_enable,
         write::meta_get,
@@ -420,6 +421,22 @@ pub struct JobCancelled {
     pub cancelled_by: String,
 }
 
+/// `POST /v1/jobs/{id}/retry`: the retry (a new job) is accepted, or was
+/// before (the same answer).
+#[derive(ToSchema)]
+pub struct JobRetryAccepted {
+    /// The new job's id (derived from the retried job's id: the same on
+    /// every repeat).
+    pub job_id: String,
+    /// The retried job (the one in the path).
+    pub retry_of: String,
+    /// `pending`: the status the new job was accepted in (read
+    /// `GET /v1/jobs/{job_id}` for where it is now).
+    pub status: String,
+    /// When the new job was recorded (RFC 3339).
+    pub accepted_at: String,
+}
+
 /// The kill-switch's answer.
 #[derive(ToSchema)]
 pub struct WorkflowSwitched {
@@ -593,6 +610,11 @@ pub struct Execution {
     pub updated_at: DateTime<Utc>,
     /// The stream sequence of the last event applied.
     pub last_seq: i64,
+    /// The failed or cancelled job this one retries (`POST
+    /// /v1/jobs/{id}/retry`); null when it is not a retry.
+    pub retry_of: Option<String>,
+    /// The job that retries this one; null when it was not retried.
+    pub retried_by: Option<String>,
 }
 
 /// Why the job handler parked a job it cannot drive.

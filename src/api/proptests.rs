@@ -520,6 +520,7 @@ const COMMANDS: &[(&str, &str, Fields)] = &[
         ],
     ),
     ("job", "cancel", &[("job_id", Id), ("reason", Text)]),
+    ("job", "retry", &[("job_id", Id)]),
     (
         "job",
         "record_callback",
@@ -758,6 +759,7 @@ fn texts_of(parsed: &Parsed, meta: &CommandMeta) -> Value {
                 // not NATS commands: the parser never yields them
                 JobCommand::Fenced { .. } => json!("fenced"),
                 JobCommand::ScheduleRetry(_) => json!("schedule_retry"),
+                JobCommand::Retry(_) | JobCommand::SubmitRetry(_) => json!("bus"),
             };
             json!([id, c])
         }
@@ -786,6 +788,7 @@ fn texts_of(parsed: &Parsed, meta: &CommandMeta) -> Value {
             };
             json!([id, c])
         }
+        Parsed::Retry(id) => json!([id]),
     };
     json!([meta, command])
 }
@@ -865,7 +868,7 @@ fn check_parse(
             let texts = texts_of(&parsed, &meta);
             prop_assert!(!contains_nul(&texts), "a NUL got through: {:?}", texts);
             let id = match &parsed {
-                Parsed::Job(id, _) | Parsed::Approval(id, _) => id,
+                Parsed::Job(id, _) | Parsed::Approval(id, _) | Parsed::Retry(id) => id,
             };
             prop_assert!(valid_aggregate_id(id), "id {:?}", id);
             prop_assert!(ids::caller_chosen_is_valid(&meta.command_id));
@@ -950,6 +953,10 @@ fn check_job_events(
             }
             JobEvent::CallbackFailed(c) => {
                 prop_assert!(c.attempts <= MAX_CALLBACK_ATTEMPTS, "{:?}", c);
+            }
+            JobEvent::JobRetried(r) => {
+                prop_assert!(before.status.is_final(), "{:?} of {:?}", r, before.status);
+                prop_assert!(!r.retry_job_id.is_empty(), "{:?}", r);
             }
             JobEvent::JobStarted(_)
             | JobEvent::JobCompleted(_)
@@ -1068,6 +1075,7 @@ fn submitted_event(priority: u8, timeout_seconds: u32, callback: bool) -> JobEve
         callback_url: callback.then(|| "http://receiver/cb".to_string()),
         callback_url_sealed: None,
         metadata: Value::Null,
+        retry_of: None,
     })
 }
 
@@ -1711,6 +1719,8 @@ proptest! {
                         check_approval(&state, &command, &state.decide(command.clone()))?;
                     }
                 }
+                // the bus decides a retry (its commands are decided above)
+                Parsed::Retry(_) => {}
             }
         }
     }

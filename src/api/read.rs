@@ -28,7 +28,9 @@ use super::openapi::{
 /// takes them), with the read model's own column names beside them for one
 /// release (`execution_id`, `workflow_id`, `input_data`, `output_data`:
 /// deprecated, docs/OPERATIONS.md "One vocabulary").
-pub(crate) const JOB_ROW: &str = "(to_jsonb(e) || jsonb_build_object('job_id', e.execution_id,      'workflow_key', e.workflow_id, 'inputs', e.input_data, 'outputs', e.output_data))";
+/// `retry_of` and `retried_by` (the retry links) are null when none, and
+/// on a read-model version made before them (a rebuild adds them).
+pub(crate) const JOB_ROW: &str = "(to_jsonb(e) || jsonb_build_object('job_id', e.execution_id,      'workflow_key', e.workflow_id, 'inputs', e.input_data, 'outputs', e.output_data,      'retry_of', to_jsonb(e) -> 'retry_of', 'retried_by', to_jsonb(e) -> 'retried_by'))";
 
 /// The client whose jobs `caller` may read; `None`: all (operators).
 fn own_client(caller: &Caller) -> Option<String> {

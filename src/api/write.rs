@@ -22,7 +22,7 @@ use super::caller::Caller;
 use super::http::{ApiError, AppState};
 use crate::bus::{ids, CommandError};
 use crate::commands::approval::{ApprovalCommand, ApprovalError, Decide};
-use crate::commands::job::{CancelJob, JobCommand, SubmitJob};
+use crate::commands::job::{CancelJob, JobCommand, JobError, SubmitJob};
 use crate::commands::registry::WorkflowDefinition;
 use crate::commands::workflow::{WorkflowCommand, WorkflowError};
 use crate::commands::DomainError;
@@ -407,6 +407,61 @@ pub(crate) async fn jobs_cancel(
         "job_id": id, "status": "cancelled", "cancelled_at": receipt.occurred_at,
         "cancelled_by": caller.client_id,
     })))
+}
+
+/// The body of a retry: nothing is needed (an empty body is `{}`).
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+struct RetryBody {
+    /// The person behind the client, recorded as the actor's user_id.
+    user_id: Option<String>,
+}
+
+#[utoipa::path(post, path = "/v1/jobs/{id}/retry", params(("id" = String, Path, description = "the failed or cancelled job's id"), ("Idempotency-Key" = Option<String>, Header, description = "1-128 of A-Z a-z 0-9 _ - .; the same key, route and body from the same client answer the first answer (on any instance, after restarts); the same key with another body for the same job, approval or workflow: 409 with error.param Idempotency-Key; for another job, approval or workflow only within the stream's 2-minute duplicate window (docs/EVENTS.md 7.4). A retry is idempotent without one too: every repeat answers the same new job")),
+    request_body(content = RetryBody, description = "user_id? (an empty body is fine)"),
+    security(("bearer" = [])),
+    responses((status = 202, description = "the retry is accepted: a new job (job_id) with the retried job's workflow, inputs, priority, timeout, callback and client, linked both ways (its retry_of, the old job's retried_by); a repeat, also after the new job ended, answers the same", body = super::openapi::JobRetryAccepted,
+               headers(("Location" = String, description = "/v1/jobs/{job_id} of the new job"))),
+              (status = 400, description = "bad id, body or Idempotency-Key; error.param names it"),
+              (status = 403, description = "the caller is an auditor (read-only)"),
+              (status = 404, description = "no such job, or another client's (the two answer alike)"),
+              (status = 409, description = "the job is pending, running or completed (error.code rejected, the message names its status; only a failed or cancelled job is retried), the workflow is disabled (kill-switch), or an Idempotency-Key used for another request")))]
+pub(crate) async fn jobs_retry(
+    State(s): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    caller.require_may_command("retrying a job")?;
+    let key = idempotency_key(&headers)?;
+    check_id("id", &id)?;
+    let (value, b) = parse_body::<RetryBody>(&body)?;
+    // another client's job answers as a missing one does
+    caller.check_job(&s.bus, &id).await?;
+    let identity = Identity {
+        key: key.as_deref(),
+        request: format!("POST /v1/jobs/{id}/retry"),
+    };
+    let (command_id, hash_of) = identity.of(&caller, ids::job_retry(&id), &value);
+    let meta = meta(&caller, b.user_id, command_id, &hash_of);
+    let retried = s.bus.retry_job(&id, &meta).await.map_err(|e| match e {
+        e if identity.reused(&e).is_some() => reused_or(&identity, e),
+        ExecuteError::Rejected(JobError::NotFound) => ApiError::NotFound(format!("job {id}")),
+        e => command_error(e),
+    })?;
+    let body = json!({
+        "job_id": retried.job_id,
+        "retry_of": id,
+        "status": "pending",
+        "accepted_at": retried.receipt.occurred_at,
+    });
+    Ok((
+        StatusCode::ACCEPTED,
+        [(header::LOCATION, format!("/v1/jobs/{}", retried.job_id))],
+        Json(body),
+    )
+        .into_response())
 }
 
 async fn switch_workflow(

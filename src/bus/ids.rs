@@ -96,6 +96,32 @@ pub fn job_end(job_id: &str) -> String {
     format!("end:{job_id}")
 }
 
+/// The id of the job that retries job `job_id` (`POST
+/// /v1/jobs/{id}/retry`, `flow.cmd.job.retry`): a UUID v8 from SHA-256
+/// over `retry-job-id:<job_id>`, the same for every repeat of the retry,
+/// so a repeat (or the completion of a retry cut short between its two
+/// commits) finds the same new job.
+pub fn retry_job_id(job_id: &str) -> String {
+    let digest = crate::events::chain::sha256(format!("retry-job-id:{job_id}").as_bytes());
+    let mut half = [0u8; 16];
+    half.copy_from_slice(&digest[..16]);
+    uuid::Builder::from_custom_bytes(half)
+        .into_uuid()
+        .to_string()
+}
+
+/// The retry of job `job_id` recorded on it (`JobRetried`), when the caller
+/// sent no `Idempotency-Key`.
+pub fn job_retry(job_id: &str) -> String {
+    format!("job-retry:{job_id}")
+}
+
+/// The submission of the job that retries job `job_id` (its `JobSubmitted`
+/// with `retry_of`): once per retried job.
+pub fn retry_submit(job_id: &str) -> String {
+    format!("retry-submit:{job_id}")
+}
+
 /// The handler records how the job's result callback went.
 pub fn callback_outcome(job_id: &str) -> String {
     format!("callback:{job_id}")
@@ -180,6 +206,8 @@ mod tests {
                 ("auto_approval_count", auto_approval_count),
                 ("auto_approve", auto_approve),
                 ("memory_erase", memory_erase),
+                ("job_retry", job_retry),
+                ("retry_submit", retry_submit),
             ] {
                 out.push((f(j), format!("{kind}({j})")));
             }
@@ -246,6 +274,17 @@ mod tests {
         // a client id holding `:` cannot pass for another client's key
         assert_ne!(http_idempotent("a:b", "c"), http_idempotent("a", "b:c"));
         assert_ne!(http_idempotent("a", "k"), http_idempotent("b", "k"));
+    }
+
+    #[test]
+    fn a_retried_job_always_gives_the_same_new_job_id_and_two_jobs_never_one() {
+        let a = retry_job_id("j-1");
+        assert_eq!(a, retry_job_id("j-1"));
+        assert!(crate::events::log::valid_aggregate_id(&a), "{a}");
+        assert_ne!(a, retry_job_id("j-2"));
+        // a chain: the retry of the retry is another job again
+        assert_ne!(retry_job_id(&a), a);
+        assert_ne!(retry_job_id(&a), retry_job_id("j-1"));
     }
 
     #[test]

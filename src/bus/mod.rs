@@ -16,7 +16,12 @@
 //!   of the commit that made it so when that commit is the same command
 //!   (same event type, same command hash: same caller and body) and came
 //!   through the same door: HTTP and NATS hash different bodies, so a
-//!   decision repeated over the other door is a conflict ([`repeated`]).
+//!   decision repeated over the other door is a conflict ([`repeated`]);
+//! - a retry is two commits ([`CommandBus::retry_job`]): `JobRetried` on the
+//!   failed job, then the new job's `JobSubmitted` with `retry_of`, the new
+//!   job's id and the submission's command id derived from the old job's
+//!   id, so a repeat answers the same new job and completes a retry cut
+//!   short between the two.
 //!
 //! Command ids the system derives itself are built in [`ids`].
 
@@ -27,7 +32,8 @@ use std::sync::Arc;
 use serde_json::{json, Value};
 
 use crate::commands::approval::{Approval, ApprovalCommand, ApprovalError};
-use crate::commands::job::{Job, JobCommand, JobError, JobServices};
+use crate::commands::job::events::{JobEvent, JobSubmitted};
+use crate::commands::job::{Job, JobCommand, JobError, JobServices, RetryJob, SubmitRetry};
 use crate::commands::memory::events::MemoryEvent;
 use crate::commands::memory::{Memory, MemoryCommand, MemoryError};
 use crate::commands::projection::{ProjectionCommand, ProjectionOps, ProjectionOpsError};
@@ -158,6 +164,16 @@ where
         }))
 }
 
+/// What a retry answers: the new job and its submission's receipt
+/// (`duplicate` when the retry was made before).
+#[derive(Debug, Clone)]
+pub struct Retried {
+    /// The new job's id ([`ids::retry_job_id`] of the retried job).
+    pub job_id: String,
+    /// The receipt of the new job's `JobSubmitted`.
+    pub receipt: Arc<Receipt>,
+}
+
 /// The request field that carries an aggregate's id.
 fn id_field(aggregate_type: &str) -> &'static str {
     match aggregate_type {
@@ -220,16 +236,12 @@ impl CommandBus {
         meta: &CommandMeta,
     ) -> Result<Arc<Receipt>, ExecuteError<JobError>> {
         let cancel = matches!(command, JobCommand::Cancel(_));
-        if let JobCommand::Submit(submit) = &command {
-            // an unknown key is the aggregate's to refuse (it lists the known
-            // ones); only a registry key names a workflow aggregate
-            if self.registry.current().contains(&submit.workflow_key)
-                && self.workflow_disabled(&submit.workflow_key).await?
-            {
-                return Err(ExecuteError::Rejected(JobError::WorkflowDisabled {
-                    key: submit.workflow_key.clone(),
-                }));
+        match &command {
+            JobCommand::Submit(submit) => self.refuse_disabled(&submit.workflow_key).await?,
+            JobCommand::SubmitRetry(retry) => {
+                self.refuse_disabled(&retry.submitted.workflow_key).await?
             }
+            _ => {}
         }
         let result = self.jobs.execute(job_id, command, meta).await;
         if let (true, Err(ExecuteError::Rejected(JobError::InvalidTransition { .. }))) =
@@ -241,6 +253,111 @@ impl CommandBus {
             }
         }
         result
+    }
+
+    /// The kill-switch: a new job of `workflow_key` is refused while it is
+    /// disabled. An unknown key is the aggregate's to refuse (it lists the
+    /// known ones); only a registry key names a workflow aggregate.
+    async fn refuse_disabled(&self, workflow_key: &str) -> Result<(), ExecuteError<JobError>> {
+        if self.registry.current().contains(workflow_key)
+            && self.workflow_disabled(workflow_key).await?
+        {
+            return Err(ExecuteError::Rejected(JobError::WorkflowDisabled {
+                key: workflow_key.to_string(),
+            }));
+        }
+        Ok(())
+    }
+
+    /// Retries the failed or cancelled job `job_id` as a new job (id
+    /// [`ids::retry_job_id`]) with the same submission (workflow, input,
+    /// priority, timeout, callback, client, metadata), in two commits:
+    /// `JobRetried` on the old job (under `meta`), then the new job's
+    /// `JobSubmitted` with `retry_of` (command id [`ids::retry_submit`],
+    /// the actor `meta`'s). A job already retried answers its retry: a
+    /// repeat gets the same new job (and submits it if a crash came
+    /// between the two commits), also after the new job failed in turn
+    /// (retrying the new job goes on with the chain). Who may retry is the
+    /// adapter's check (the job's client or an operator); the kill-switch
+    /// refuses a retry like a submission.
+    pub async fn retry_job(
+        &self,
+        job_id: &str,
+        meta: &CommandMeta,
+    ) -> Result<Retried, ExecuteError<JobError>> {
+        let old = self.jobs.cached_or_load(job_id).await?;
+        let retry_job_id = match old.state.retried_by {
+            Some(existing) => existing,
+            None => {
+                self.refuse_disabled(&old.state.workflow_key).await?;
+                let new_id = ids::retry_job_id(job_id);
+                let command = JobCommand::Retry(RetryJob {
+                    retry_job_id: new_id.clone(),
+                });
+                match self.jobs.execute(job_id, command, meta).await {
+                    Ok(_) => new_id,
+                    Err(ExecuteError::Rejected(JobError::AlreadyRetried { retry_job_id })) => {
+                        retry_job_id
+                    }
+                    // the derived id from another caller (its hash differs):
+                    // a concurrent retry of the same job, made or not
+                    Err(ExecuteError::CommandIdReused { .. })
+                        if meta.command_id == ids::job_retry(job_id) =>
+                    {
+                        match self.jobs.load(job_id).await?.state.retried_by {
+                            Some(existing) => existing,
+                            None => {
+                                return Err(ExecuteError::Conflict {
+                                    aggregate_id: job_id.to_string(),
+                                    attempts: 1,
+                                })
+                            }
+                        }
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+        };
+        let submitted = self.submission(job_id).await?;
+        let command_id = ids::retry_submit(job_id);
+        let submit_meta = CommandMeta {
+            command_hash: crate::events::chain::to_hex(&crate::events::chain::sha256(
+                command_id.as_bytes(),
+            )),
+            command_id,
+            actor: meta.actor.clone(),
+            correlation_id: meta.correlation_id.clone(),
+            causation_id: meta.command_id.clone(),
+        };
+        let command = JobCommand::SubmitRetry(SubmitRetry {
+            retry_of: job_id.to_string(),
+            submitted,
+        });
+        let receipt = match self.job(&retry_job_id, command, &submit_meta).await {
+            Err(ExecuteError::Rejected(JobError::AlreadyExists(_))) => {
+                return Err(ExecuteError::Rejected(JobError::RetryIdTaken {
+                    retry_job_id,
+                }))
+            }
+            r => r?,
+        };
+        Ok(Retried {
+            job_id: retry_job_id,
+            receipt,
+        })
+    }
+
+    /// The `JobSubmitted` of job `job_id`, as stored (upcast).
+    async fn submission(&self, job_id: &str) -> Result<JobSubmitted, ExecuteError<JobError>> {
+        self.jobs
+            .load_envelopes(job_id)
+            .await?
+            .into_iter()
+            .find_map(|e| match e.payload {
+                JobEvent::JobSubmitted(s) => Some(s),
+                _ => None,
+            })
+            .ok_or(ExecuteError::Rejected(JobError::NotFound))
     }
 
     /// Runs an approval command. A job's approval has the job's id and is

@@ -99,6 +99,16 @@ pub(crate) enum JobsCommand {
         #[command(flatten)]
         out: OutputArgs,
     },
+    /// Retry a failed or cancelled job (POST /v1/jobs/{id}/retry): a new
+    /// job with the same workflow, inputs, priority, timeout and callback,
+    /// linked to it; prints the new job. A repeat prints the same new job;
+    /// to retry a retry that failed, retry the new job.
+    Retry {
+        /// The failed or cancelled job's id.
+        id: String,
+        #[command(flatten)]
+        out: OutputArgs,
+    },
 }
 
 /// `flowledger approvals ...`.
@@ -520,6 +530,13 @@ pub(crate) async fn jobs(j: Jobs) -> anyhow::Result<ExitCode> {
         JobsCommand::Cancel { id, reason, out } => {
             let answer = api
                 .post(&["v1", "jobs", &id, "cancel"], &reason_body(reason))
+                .await
+                .map_err(ApiCallError::marked)?;
+            output::object(out.format(), &answer);
+        }
+        JobsCommand::Retry { id, out } => {
+            let answer = api
+                .post(&["v1", "jobs", &id, "retry"], &json!({}))
                 .await
                 .map_err(ApiCallError::marked)?;
             output::object(out.format(), &answer);

@@ -362,7 +362,7 @@ pub(crate) enum Command {
     /// Conversation memory (docs/MEMORY.md).
     #[command(subcommand)]
     Memory(MemoryCommand),
-    /// Jobs over a running serve's HTTP API: list, show, watch, cancel.
+    /// Jobs over a running serve's HTTP API: list, show, watch, cancel, retry.
     Jobs(api::Jobs),
     /// Approvals over the HTTP API: list, approve, reject.
     Approvals(api::Approvals),

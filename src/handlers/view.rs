@@ -240,6 +240,7 @@ impl JobView {
             callback_url,
             callback_url_sealed,
             metadata,
+            retry_of: _,
         } = s.clone();
         let mut v = JobView {
             job_id: r.job_id.clone(),
@@ -425,6 +426,11 @@ impl JobView {
                 let details = json!({"attempts": c.attempts, "error_message": c.error_message});
                 self.line(r, None, details, None);
             }
+            // the job stays as it ended; its timeline names the new job
+            JobEvent::JobRetried(e) => {
+                let details = json!({"retry_job_id": e.retry_job_id, "by": r.actor.client_id});
+                self.line(r, None, details, None);
+            }
         }
         Ok(())
     }
@@ -463,6 +469,7 @@ mod tests {
             callback_url: None,
             callback_url_sealed: None,
             metadata: Value::Null,
+            retry_of: None,
         });
         let v = JobView::submitted(1, &record(1, submitted)).expect("a submission");
         for delay_ms in [u64::MAX, i64::MAX as u64, 8_400_000_000_000_000] {

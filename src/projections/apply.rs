@@ -95,6 +95,7 @@ struct ExecUpdates {
     error_message: Vec<Option<String>>,
     updated_at: Vec<Option<DateTime<Utc>>>,
     last_seq: Vec<i64>,
+    retried_by: Vec<Option<String>>,
 }
 
 /// What the events of one batch change in one execution row.
@@ -108,6 +109,7 @@ struct ExecDelta<'a> {
     error_message: Option<Cow<'a, str>>,
     updated_at: Option<DateTime<Utc>>,
     last_seq: i64,
+    retried_by: Option<&'a str>,
 }
 
 impl<'a> ExecDelta<'a> {
@@ -140,6 +142,7 @@ impl<'a> ExecDelta<'a> {
                     .as_deref()
                     .map(|r| Cow::Owned(format!("cancelled: {r}")));
             }
+            "JobRetried" => self.retried_by = d.retry_job_id.as_deref(),
             _ => {} // step results only touch updated_at / last_seq
         }
     }
@@ -181,6 +184,7 @@ struct NewExec<'a> {
     client_id: &'a str,
     priority: i16,
     created_at: DateTime<Utc>,
+    retry_of: Option<&'a str>,
     delta: ExecDelta<'a>,
 }
 
@@ -200,7 +204,17 @@ const EXEC_COLUMNS: &str =
     "id, workflow_id, execution_id, status, input_data, output_data, error_code, error_message, \
      client_id, priority, started_at, completed_at, duration_ms, created_at, updated_at, last_seq";
 
+/// The columns of the retry links, last in the table: a table made by a
+/// build before retries has none and is kept without them (a rebuild adds
+/// them, docs/PROJECTIONS.md).
+const EXEC_COLUMNS_WITH_LINKS: &str =
+    "id, workflow_id, execution_id, status, input_data, output_data, error_code, error_message, \
+     client_id, priority, started_at, completed_at, duration_ms, created_at, updated_at, last_seq, \
+     retry_of, retried_by";
+
 async fn executions(tx: &mut Tx<'_>, v: i32, batch: &[Msg]) -> Result<(), Failure> {
+    let table = format!("workflows_executions_v{v}");
+    let links = crate::projections::db::has_column(&mut **tx, &table, "retried_by").await?;
     let mut new: Vec<NewExec> = Vec::new();
     let mut new_index: HashMap<&str, usize> = HashMap::new();
     // changes to rows written by earlier batches, in first-seen order
@@ -229,6 +243,7 @@ async fn executions(tx: &mut Tx<'_>, v: i32, batch: &[Msg]) -> Result<(), Failur
                     client_id: required(m.seq, &d.client_id, "client_id", "JobSubmitted")?,
                     priority: d.priority.unwrap_or(5) as i16,
                     created_at: at,
+                    retry_of: d.retry_of.as_deref(),
                     delta: ExecDelta {
                         last_seq: m.seq as i64,
                         ..Default::default()
@@ -250,7 +265,11 @@ async fn executions(tx: &mut Tx<'_>, v: i32, batch: &[Msg]) -> Result<(), Failur
         }
     }
     if !new.is_empty() {
-        let mut rows = CopyRows::new(EXEC_COLUMNS);
+        let mut rows = CopyRows::new(if links {
+            EXEC_COLUMNS_WITH_LINKS
+        } else {
+            EXEC_COLUMNS
+        });
         for n in &new {
             let d = &n.delta;
             let duration = d
@@ -273,9 +292,11 @@ async fn executions(tx: &mut Tx<'_>, v: i32, batch: &[Msg]) -> Result<(), Failur
                 .timestamptz(Some(n.created_at))
                 .timestamptz(Some(d.updated_at.unwrap_or(n.created_at)))
                 .i64(Some(d.last_seq));
+            if links {
+                rows.text(n.retry_of).text(d.retried_by);
+            }
         }
-        rows.copy_into(tx, &format!("workflows_executions_v{v}"))
-            .await?;
+        rows.copy_into(tx, &table).await?;
     }
     if !order.is_empty() {
         let mut u = ExecUpdates::default();
@@ -290,8 +311,18 @@ async fn executions(tx: &mut Tx<'_>, v: i32, batch: &[Msg]) -> Result<(), Failur
             u.error_message.push(d.error_message.map(Cow::into_owned));
             u.updated_at.push(d.updated_at);
             u.last_seq.push(d.last_seq);
+            u.retried_by.push(d.retried_by.map(str::to_string));
         }
-        sqlx::query(&format!(
+        let (set_link, link_param, link_column) = if links {
+            (
+                ",\n                retried_by    = COALESCE(d.retried_by, t.retried_by)",
+                ", $10::text[]",
+                ", retried_by",
+            )
+        } else {
+            ("", "", "")
+        };
+        let sql = format!(
             "UPDATE workflows_executions_v{v} AS t SET
                 status        = CASE WHEN d.status IN ('pending', 'awaiting_approval') \
                                 AND t.status NOT IN ('pending', 'awaiting_approval') \
@@ -306,24 +337,28 @@ async fn executions(tx: &mut Tx<'_>, v: i32, batch: &[Msg]) -> Result<(), Failur
                                 COALESCE(d.started_at, t.started_at, t.created_at))) * 1000)::int
                                 ELSE t.duration_ms END,
                 updated_at    = COALESCE(d.updated_at, t.updated_at),
-                last_seq      = d.last_seq
+                last_seq      = d.last_seq{set_link}
              FROM UNNEST($1::text[], $2::text[], $3::timestamptz[], $4::timestamptz[], \
-                         $5::text[], $6::text[], $7::text[], $8::timestamptz[], $9::bigint[])
+                         $5::text[], $6::text[], $7::text[], $8::timestamptz[], $9::bigint[]\
+                         {link_param})
                AS d(exec, status, started_at, completed_at, output, error_code, \
-                    error_message, updated_at, last_seq)
+                    error_message, updated_at, last_seq{link_column})
              WHERE t.execution_id = d.exec"
-        ))
-        .bind(&u.exec)
-        .bind(&u.status)
-        .bind(&u.started_at)
-        .bind(&u.completed_at)
-        .bind(&u.output)
-        .bind(&u.error_code)
-        .bind(&u.error_message)
-        .bind(&u.updated_at)
-        .bind(&u.last_seq)
-        .execute(&mut **tx)
-        .await?;
+        );
+        let mut query = sqlx::query(&sql)
+            .bind(&u.exec)
+            .bind(&u.status)
+            .bind(&u.started_at)
+            .bind(&u.completed_at)
+            .bind(&u.output)
+            .bind(&u.error_code)
+            .bind(&u.error_message)
+            .bind(&u.updated_at)
+            .bind(&u.last_seq);
+        if links {
+            query = query.bind(&u.retried_by);
+        }
+        query.execute(&mut **tx).await?;
     }
     Ok(())
 }
@@ -336,6 +371,7 @@ fn status_after<'a>(event_type: &str, data: &'a Fields) -> Option<&'a str> {
         "JobCompleted" => "completed",
         "JobFailed" => "failed",
         "JobCancelled" => "cancelled",
+        "JobRetried" => "retried",
         "StepResultRecorded" => return data.status.as_deref(),
         "ApprovalRequested" => "pending",
         "ApprovalGranted" => "approved",

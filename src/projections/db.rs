@@ -140,8 +140,10 @@ pub fn ddl(model: ReadModel, v: i32) -> Vec<String> {
                     duration_ms   INT,
                     created_at    TIMESTAMPTZ NOT NULL,
                     updated_at    TIMESTAMPTZ NOT NULL,
-                    last_seq      BIGINT NOT NULL           -- stream sequence of the last \
+                    last_seq      BIGINT NOT NULL,          -- stream sequence of the last \
                                                                event applied
+                    retry_of      TEXT,                     -- the job this one retries
+                    retried_by    TEXT                      -- the job that retries this one
                 )"
             ),
             format!(
@@ -480,6 +482,22 @@ impl std::fmt::Display for TableSpace {
             None => write!(f, "{} dimensions (model not recorded)", self.dimensions),
         }
     }
+}
+
+/// Whether `table` has the column `column`: a read-model version made by
+/// an older build may lack a column added later (docs/PROJECTIONS.md).
+pub async fn has_column<'e, E>(db: E, table: &str, column: &str) -> Result<bool, sqlx::Error>
+where
+    E: sqlx::PgExecutor<'e>,
+{
+    sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass($1) \
+         AND attname = $2 AND NOT attisdropped)",
+    )
+    .bind(table)
+    .bind(column)
+    .fetch_one(db)
+    .await
 }
 
 /// Version `v`'s [`TableSpace`]; `None`: it has no vectors table.

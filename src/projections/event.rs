@@ -100,6 +100,14 @@ pub struct Fields {
     /// A completed job's outputs, JSON text as stored
     /// (`workflows_executions.output_data`).
     pub outputs: Option<Box<RawValue>>,
+    /// The job a retry's submission retries (`JobSubmitted.retry_of`,
+    /// `workflows_executions.retry_of`).
+    #[serde(deserialize_with = "string")]
+    pub retry_of: Option<String>,
+    /// The new job of a retry (`JobRetried.retry_job_id`,
+    /// `workflows_executions.retried_by`).
+    #[serde(deserialize_with = "string")]
+    pub retry_job_id: Option<String>,
     /// `metadata.user_id` (seed 002: the user a submitting service names).
     #[serde(rename = "metadata", deserialize_with = "metadata_user_id")]
     pub metadata_user_id: Option<String>,

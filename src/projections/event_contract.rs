@@ -14,8 +14,8 @@ use crate::commands::approval::events::{
 };
 use crate::commands::job::events::{
     CallbackDelivered, CallbackFailed, JobCancelled, JobCompleted, JobEvent, JobFailed,
-    JobHandlerChanged, JobStarted, JobSubmitted, StepAttemptStarted, StepResultRecorded,
-    StepRetryScheduled, StepStatus,
+    JobHandlerChanged, JobRetried, JobStarted, JobSubmitted, StepAttemptStarted,
+    StepResultRecorded, StepRetryScheduled, StepStatus,
 };
 use crate::commands::projection::events::{ProjectionEvent, ProjectionEventSkipped};
 use crate::commands::rejected_callback::events::{CallbackEvent, CallbackRejected};
@@ -86,6 +86,7 @@ fn job_events() -> Vec<JobEvent> {
             callback_url: Some("https://example.com/cb".into()),
             callback_url_sealed: None,
             metadata: json!({"user_id": "bob", "trace": {"id": 1}}),
+            retry_of: Some("j-0".into()),
         }),
         JobEvent::JobStarted(JobStarted { workflow_key: k() }),
         JobEvent::StepAttemptStarted(StepAttemptStarted {
@@ -141,6 +142,10 @@ fn job_events() -> Vec<JobEvent> {
             fence: 12,
             holder: "host/42/abc".into(),
         }),
+        JobEvent::JobRetried(JobRetried {
+            workflow_key: k(),
+            retry_job_id: "j-2".into(),
+        }),
     ]
 }
 
@@ -157,6 +162,10 @@ fn every_job_event_decodes_through_the_projection_parser() {
                 let input = d.input.as_ref().map(|r| r.get().to_string());
                 assert_eq!(input, Some(s.input.to_string()));
                 assert_eq!(d.metadata_user_id.as_deref(), Some("bob"));
+                assert_eq!(d.retry_of, s.retry_of);
+            }
+            JobEvent::JobRetried(r) => {
+                assert_eq!(d.retry_job_id.as_deref(), Some(r.retry_job_id.as_str()));
             }
             JobEvent::StepResultRecorded(s) => {
                 assert_eq!(d.step.as_deref(), Some(s.step.as_str()));

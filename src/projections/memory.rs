@@ -234,12 +234,11 @@ impl BatchKeys<'_> {
         if let Some(x) = self.extraction {
             return Ok(x);
         }
-        let x: bool = sqlx::query_scalar(
-            "SELECT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass($1) \
-             AND attname = 'extraction' AND NOT attisdropped)",
+        let x = crate::projections::db::has_column(
+            &mut **tx,
+            &format!("memory_episodes_v{v}"),
+            "extraction",
         )
-        .bind(format!("memory_episodes_v{v}"))
-        .fetch_one(&mut **tx)
         .await?;
         self.extraction = Some(x);
         Ok(x)

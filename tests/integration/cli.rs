@@ -687,3 +687,67 @@ fn completions_and_the_man_page_are_printed() {
         assert!(stdout.contains(expect), "{args:?}: {stdout}");
     }
 }
+
+#[tokio::test]
+async fn jobs_retry_from_the_command_line_prints_the_new_job() {
+    let app = spawn_app().await;
+    let peer = Peer::start().await;
+    // the first job's one attempt fails; the retry's succeeds
+    let flaky = peer.script(
+        "/s",
+        vec![peers::status(5, 500), peers::ok(5, json!("done"))],
+    );
+    let registry = parse_registry(json!({"version": 1, "workflows": {
+        "w": {"steps": [solver("s", &flaky, 5000, 1)]},
+    }}));
+    let api = spawn_api(&app, true, registry.clone()).await;
+    let h = start_handler(&app, registry, test_handler_config()).await;
+    let url = api.http.as_str();
+    let submitted = api
+        .post(
+            "/v1/jobs",
+            BILLING_TOKEN,
+            json!({"job_id": "cli-rt", "workflow_key": "w"}),
+        )
+        .await;
+    assert_eq!(submitted.status, 202, "{}", submitted.body);
+    assert_eq!(
+        h.settled("cli-rt").await.status,
+        flowledger::commands::job::JobStatus::Failed
+    );
+
+    let (code, stdout, stderr) = api_cli(
+        url,
+        BILLING_TOKEN,
+        &["jobs", "retry", "cli-rt", "--output", "json"],
+    )
+    .await;
+    assert_eq!(code, Some(0), "{stdout}{stderr}");
+    let answer: Value = serde_json::from_str(&stdout).expect("one JSON document");
+    assert_eq!(answer["retry_of"], "cli-rt", "{answer}");
+    let new_id = answer["job_id"].as_str().expect("the new job").to_string();
+    assert_ne!(new_id, "cli-rt");
+    assert_eq!(
+        h.settled(&new_id).await.status,
+        flowledger::commands::job::JobStatus::Completed
+    );
+    // a repeat prints the same new job
+    let (code, again, stderr) = api_cli(
+        url,
+        BILLING_TOKEN,
+        &["jobs", "retry", "cli-rt", "--output", "json"],
+    )
+    .await;
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_eq!(serde_json::from_str::<Value>(&again).expect("JSON"), answer);
+    // the completed retry is refused: exit 1, the server's error printed once
+    let (code, stdout, stderr) = api_cli(url, BILLING_TOKEN, &["jobs", "retry", &new_id]).await;
+    assert_eq!(code, Some(1), "{stdout}{stderr}");
+    assert!(stdout.is_empty(), "{stdout}");
+    assert_eq!(stderr.matches("error: rejected:").count(), 1, "{stderr}");
+    assert!(stderr.contains("completed"), "{stderr}");
+    // another client's job: not found, exit 1
+    let (code, _, stderr) = api_cli(url, OTHER_TOKEN, &["jobs", "retry", "cli-rt"]).await;
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("not_found"), "{stderr}");
+}

@@ -511,3 +511,312 @@ async fn clients_read_only_their_own_jobs() {
     let all = read(OPERATOR_TOKEN, "/v1/executions").await;
     assert_eq!(ids(&all.body, "execution_id").len(), 2);
 }
+
+/// Waits until the read model shows job `id` in a final status; answers
+/// its row.
+async fn ended_row(api: &ReadSide, id: &str) -> Value {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let (status, row) = api.get(&format!("/v1/jobs/{id}")).await;
+        if status == 200
+            && ["completed", "failed", "cancelled"].contains(&row["status"].as_str().unwrap_or(""))
+        {
+            return row;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "job {id} did not end within 30 s: {row}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_failed_job_is_retried_over_http_as_one_new_linked_job() {
+    use crate::peers::{self, Peer};
+    let app = spawn_app().await;
+    let peer = Peer::start().await;
+    // the step answers 500 to the first job's two attempts, 200 after
+    let flaky = peer.script(
+        "/flaky",
+        vec![
+            peers::status(5, 500),
+            peers::status(5, 500),
+            peers::ok(5, json!({"total": 42})),
+        ],
+    );
+    let registry = parse_registry(json!({"version": 1, "workflows": {
+        "invoice.extract": {"steps": [solver("s", &flaky, 5000, 2)]},
+        "report.daily": {"steps": [solver("s", &flaky, 5000, 1)], "requires_approval": true},
+    }}));
+    let api = spawn_api(&app, true, registry.clone()).await;
+    let h = start_handler(&app, registry, test_handler_config()).await;
+
+    let submitted = api.post("/v1/jobs", BILLING_TOKEN, job("rt-1")).await;
+    assert_eq!(submitted.status, 202, "{}", submitted.body);
+    let old = ended_row(&api, "rt-1").await;
+    assert_eq!(old["status"], "failed", "{old}");
+    assert_eq!(old["retried_by"], Value::Null, "{old}");
+
+    // another client's job answers as a missing one; an auditor sends nothing
+    let theirs = api
+        .post("/v1/jobs/rt-1/retry", OTHER_TOKEN, json!({}))
+        .await;
+    assert_eq!(theirs.status, 404, "{}", theirs.body);
+    let missing = api
+        .post("/v1/jobs/rt-9/retry", OTHER_TOKEN, json!({}))
+        .await;
+    assert_eq!(missing.status, 404);
+    assert_eq!(
+        theirs.body["error"]["message"]
+            .as_str()
+            .map(|m| m.replace("rt-1", "rt-9")),
+        missing.body["error"]["message"]
+            .as_str()
+            .map(str::to_string)
+    );
+    assert_eq!(
+        api.post("/v1/jobs/rt-1/retry", AUDITOR_TOKEN, json!({}))
+            .await
+            .status,
+        403
+    );
+
+    // the retry: a new job, linked, that runs (the peer answers 200 now)
+    let retried = api
+        .call("POST", "/v1/jobs/rt-1/retry", Some(BILLING_TOKEN), None)
+        .await;
+    assert_eq!(retried.status, 202, "{}", retried.body);
+    let new_id = retried.body["job_id"]
+        .as_str()
+        .expect("the new job's id")
+        .to_string();
+    assert_ne!(new_id, "rt-1");
+    assert_eq!(retried.body["retry_of"], "rt-1");
+    assert_eq!(retried.body["status"], "pending");
+    assert_eq!(retried.headers["location"], format!("/v1/jobs/{new_id}"));
+    let new = ended_row(&api, &new_id).await;
+    assert_eq!(new["status"], "completed", "{new}");
+    assert_eq!(new["retry_of"], "rt-1", "{new}");
+    assert_eq!(new["retried_by"], Value::Null, "{new}");
+    // the same submission: workflow, inputs, priority, client
+    for field in ["workflow_key", "inputs", "priority", "client_id"] {
+        assert_eq!(new[field], old[field], "{field}: {new} vs {old}");
+    }
+    api.caught_up(&app.log).await;
+    let (_, old) = api.get("/v1/jobs/rt-1").await;
+    assert_eq!(old["retried_by"], new_id.as_str(), "{old}");
+    assert_eq!(old["status"], "failed", "the retried job stays as it ended");
+    assert_eq!(old["retry_of"], Value::Null, "{old}");
+    let (_, page) = api.get("/v1/executions?workflow_key=invoice.extract").await;
+    let listed = page["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .find(|r| r["job_id"] == new_id.as_str())
+        .cloned()
+        .unwrap_or_else(|| panic!("{new_id} in {page}"));
+    assert_eq!(listed["retry_of"], "rt-1", "{listed}");
+    // the old job's timeline shows the retry, by its client
+    let (_, audit) = api.get("/v1/audit?job_id=rt-1&action=JobRetried").await;
+    let rows = audit["items"].as_array().expect("items");
+    assert_eq!(rows.len(), 1, "{audit}");
+    assert_eq!(rows[0]["client_id"], "billing");
+    assert_eq!(rows[0]["status"], "retried");
+
+    // a repeat, by the client or an operator, answers the same new job
+    // (also now that it completed), and makes nothing new
+    let before = app.last_seq().await;
+    let again = api
+        .post("/v1/jobs/rt-1/retry", BILLING_TOKEN, json!({}))
+        .await;
+    assert_eq!((again.status, &again.body), (202, &retried.body));
+    let by_ops = api
+        .post("/v1/jobs/rt-1/retry", OPERATOR_TOKEN, json!({}))
+        .await;
+    assert_eq!((by_ops.status, &by_ops.body), (202, &retried.body));
+    assert_eq!(
+        app.last_seq().await,
+        before,
+        "a repeated retry appends nothing"
+    );
+
+    // a completed job is not retried: 409 naming its status
+    let done = api
+        .post(
+            &format!("/v1/jobs/{new_id}/retry"),
+            BILLING_TOKEN,
+            json!({}),
+        )
+        .await;
+    assert_eq!(done.status, 409, "{}", done.body);
+    assert_eq!(done.body["error"]["code"], "rejected");
+    let message = done.body["error"]["message"].as_str().unwrap_or("");
+    assert!(message.contains("completed"), "{message}");
+    // nor a pending one (this one waits for its approval)
+    let mut waiting = job("rt-2");
+    waiting["workflow_key"] = json!("report.daily");
+    assert_eq!(
+        api.post("/v1/jobs", BILLING_TOKEN, waiting).await.status,
+        202
+    );
+    let pending = api
+        .post("/v1/jobs/rt-2/retry", BILLING_TOKEN, json!({}))
+        .await;
+    assert_eq!(pending.status, 409, "{}", pending.body);
+    assert!(
+        pending.body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("pending")),
+        "{}",
+        pending.body
+    );
+    // a cancelled job is retried, but not while its workflow is disabled
+    assert_eq!(
+        api.post("/v1/jobs/rt-2/cancel", BILLING_TOKEN, json!({}))
+            .await
+            .status,
+        200
+    );
+    let off = api
+        .post(
+            "/v1/workflows/report.daily/disable",
+            OPERATOR_TOKEN,
+            json!({"reason": "maintenance"}),
+        )
+        .await;
+    assert_eq!(off.status, 200, "{}", off.body);
+    let refused = api
+        .post("/v1/jobs/rt-2/retry", BILLING_TOKEN, json!({}))
+        .await;
+    assert_eq!(refused.status, 409, "{}", refused.body);
+    assert_eq!(refused.body["error"]["param"], "workflow_key");
+    let (_, old) = api.get("/v1/jobs/rt-2").await;
+    assert_eq!(
+        old["retried_by"],
+        Value::Null,
+        "a refused retry records nothing"
+    );
+    // a body field the retry does not take is refused by name
+    let bad = api
+        .post(
+            "/v1/jobs/rt-1/retry",
+            BILLING_TOKEN,
+            json!({"client_id": "ops"}),
+        )
+        .await;
+    assert_eq!(bad.status, 400, "{}", bad.body);
+    assert_eq!(bad.body["error"]["param"], "client_id");
+    drop(h);
+}
+
+/// Cancels `job_id` over NATS as its client.
+async fn cancel_over_nats(app: &TestApp, job_id: &str) {
+    let r = app
+        .send("job.cancel", json!({"job_id": job_id, "reason": "stop"}))
+        .await;
+    assert_eq!(r["ok"], true, "{r}");
+}
+
+#[tokio::test]
+async fn a_retry_cut_short_between_its_two_commits_is_completed_by_repeating_it_over_nats() {
+    use flowledger::bus::ids;
+    use flowledger::commands::job::{JobCommand, RetryJob};
+    use flowledger::events::envelope::{Actor, CommandMeta};
+    let app = spawn_app().await;
+    assert_eq!(app.submit("nr-1", "nr-1-submit").await["ok"], true);
+    cancel_over_nats(&app, "nr-1").await;
+
+    // the first of the two commits only, as a crash would leave it
+    let new_id = ids::retry_job_id("nr-1");
+    let meta = CommandMeta::originating(
+        ids::job_retry("nr-1"),
+        Actor {
+            client_id: "billing".into(),
+            user_id: None,
+        },
+        "crashed-retry".into(),
+    );
+    app.bus
+        .job(
+            "nr-1",
+            JobCommand::Retry(RetryJob {
+                retry_job_id: new_id.clone(),
+            }),
+            &meta,
+        )
+        .await
+        .expect("JobRetried is recorded");
+    assert_eq!(
+        app.bus.load_job(&new_id).await.expect("read").version,
+        0,
+        "no new job yet"
+    );
+
+    // the retry asked again over NATS: it submits the new job
+    let r = app
+        .send_as(Who::Billing, "job.retry", json!({"job_id": "nr-1"}))
+        .await;
+    assert_eq!(r["ok"], true, "{r}");
+    assert_eq!(r["aggregate_id"], new_id.as_str(), "{r}");
+    assert_eq!(r["events"][0]["event_type"], "JobSubmitted", "{r}");
+    assert_eq!(r["duplicate"], false, "{r}");
+    let new = app.bus.load_job(&new_id).await.expect("read").state;
+    assert_eq!(new.retry_of.as_deref(), Some("nr-1"));
+    assert_eq!(new.client_id, "billing");
+    assert_eq!(new.workflow_key, "invoice.extract");
+    let old = app.bus.load_job("nr-1").await.expect("read").state;
+    assert_eq!(old.retried_by.as_deref(), Some(new_id.as_str()));
+    // one JobRetried on the old job, one JobSubmitted on the new one
+    assert_eq!(app.messages_on("flow.ev.job.nr-1").await, 3);
+    assert_eq!(app.messages_on(&format!("flow.ev.job.{new_id}")).await, 1);
+
+    // a repeat answers the same submission
+    let again = app
+        .send_as(Who::Billing, "job.retry", json!({"job_id": "nr-1"}))
+        .await;
+    assert_eq!(again["aggregate_id"], new_id.as_str(), "{again}");
+    assert_eq!(again["stream_seq"], r["stream_seq"], "{again}");
+    assert_eq!(again["duplicate"], true, "{again}");
+
+    // the new job is pending: not retried (the refusal names its status)
+    let pending = app
+        .send_as(Who::Billing, "job.retry", json!({"job_id": new_id}))
+        .await;
+    assert_eq!(pending["error"]["code"], "rejected", "{pending}");
+    assert!(
+        pending["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("pending")),
+        "{pending}"
+    );
+    // once it ended unsuccessfully, retrying it goes on with the chain,
+    // while the first job still answers its own retry
+    cancel_over_nats(&app, &new_id).await;
+    let third = app
+        .send_as(Who::Billing, "job.retry", json!({"job_id": new_id}))
+        .await;
+    assert_eq!(
+        third["aggregate_id"],
+        ids::retry_job_id(&new_id).as_str(),
+        "{third}"
+    );
+    let first_again = app
+        .send_as(Who::Billing, "job.retry", json!({"job_id": "nr-1"}))
+        .await;
+    assert_eq!(
+        first_again["aggregate_id"],
+        new_id.as_str(),
+        "{first_again}"
+    );
+
+    // a handler may not send it; an unknown job is not found
+    let handler = app
+        .send_as(Who::Handler, "job.retry", json!({"job_id": "nr-1"}))
+        .await;
+    assert_eq!(handler["error"]["code"], "forbidden", "{handler}");
+    let missing = app
+        .send_as(Who::Billing, "job.retry", json!({"job_id": "nr-404"}))
+        .await;
+    assert_eq!(missing["error"]["code"], "not_found", "{missing}");
+}

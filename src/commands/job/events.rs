@@ -34,6 +34,20 @@ pub enum JobEvent {
     /// `JobHandlerChanged`: a handler instance drives the job from here on,
     /// under a newer partition lease.
     JobHandlerChanged(JobHandlerChanged),
+    /// `JobRetried`: the ended job was retried as a new job.
+    JobRetried(JobRetried),
+}
+
+/// A failed or cancelled job was retried: a new job (`retry_job_id`, whose
+/// `JobSubmitted` has `retry_of` = this job) runs the same submission.
+/// Recorded once per job: a repeated retry answers the same new job.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobRetried {
+    /// The job's workflow key.
+    #[serde(default)]
+    pub workflow_key: String,
+    /// The new job's id (derived from this job's id, `bus::ids::retry_job_id`).
+    pub retry_job_id: String,
 }
 
 /// A handler instance took the job over under a newer partition lease:
@@ -77,6 +91,10 @@ pub struct JobSubmitted {
     /// The caller's free-form JSON (`confidence` feeds auto-approval).
     #[serde(default)]
     pub metadata: Value,
+    /// The failed or cancelled job this one retries (`POST
+    /// /v1/jobs/{id}/retry`); absent for a job submitted as such.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_of: Option<String>,
 }
 
 /// Every job event after submission repeats the job's `workflow_key`, so a
@@ -249,6 +267,7 @@ impl DomainEvent for JobEvent {
             JobEvent::CallbackDelivered(_) => "CallbackDelivered",
             JobEvent::CallbackFailed(_) => "CallbackFailed",
             JobEvent::JobHandlerChanged(_) => "JobHandlerChanged",
+            JobEvent::JobRetried(_) => "JobRetried",
         }
         .to_string()
     }

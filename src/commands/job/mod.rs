@@ -1,5 +1,8 @@
 //! The `Job` aggregate: submit, start, record a step result, complete, fail,
-//! cancel (seed 002). Final states are `completed`, `failed`, `cancelled`.
+//! cancel, retry (seed 002). Final states are `completed`, `failed`,
+//! `cancelled`; a failed or cancelled job may be retried once as a new job
+//! (`Retry` on it, then `SubmitRetry` on the new one, both issued by the
+//! command bus).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -20,8 +23,8 @@ use crate::commands::{redact, write_decided, DomainError, ErrorCode};
 use crate::crypto::SealKeys;
 use events::{
     CallbackDelivered, CallbackFailed, JobCancelled, JobCompleted, JobEvent, JobFailed,
-    JobHandlerChanged, JobStarted, JobSubmitted, StepAttemptStarted, StepResultRecorded,
-    StepRetryScheduled, StepStatus,
+    JobHandlerChanged, JobRetried, JobStarted, JobSubmitted, StepAttemptStarted,
+    StepResultRecorded, StepRetryScheduled, StepStatus,
 };
 
 /// The `priority` of a submission that gives none (range 1 to 10).
@@ -114,7 +117,18 @@ pub struct Job {
     /// The fence of the newest lease a handler drove the job under (0:
     /// none yet); fenced commands under an older one are refused.
     pub fence: u64,
+    /// The job this one retries (`JobSubmitted.retry_of`).
+    #[serde(default)]
+    pub retry_of: Option<String>,
+    /// The job that retries this one (`JobRetried.retry_job_id`).
+    #[serde(default)]
+    pub retried_by: Option<String>,
 }
+
+/// The statuses a job may be retried from: it ended without success.
+/// (A job past its deadline is `failed`, with `error_code`
+/// `job_timeout`: it may be retried too.)
+pub const RETRYABLE: &[JobStatus] = &[JobStatus::Failed, JobStatus::Cancelled];
 
 /// `job.submit`: create the job (the job id is the aggregate id).
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -268,6 +282,26 @@ pub struct CancelJob {
     pub reason: String,
 }
 
+/// `job.retry`: record that this failed or cancelled job is retried as the
+/// new job `retry_job_id` (the command bus derives it and submits it with
+/// [`SubmitRetry`] right after).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RetryJob {
+    /// The new job's id; not empty.
+    pub retry_job_id: String,
+}
+
+/// Submit the retry of job `retry_of`: the new job runs `submitted` (the
+/// retried job's own submission, its sealed callback included), with
+/// `retry_of` set. Issued by the command bus only, never a NATS command.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SubmitRetry {
+    /// The retried job's id; not empty.
+    pub retry_of: String,
+    /// The retried job's `JobSubmitted`, as stored.
+    pub submitted: JobSubmitted,
+}
+
 /// A command on a job; each is `flow.cmd.job.<name>` over NATS.
 #[derive(Debug, Clone, PartialEq)]
 pub enum JobCommand {
@@ -290,6 +324,11 @@ pub enum JobCommand {
     Cancel(CancelJob),
     /// `record_callback`: record the result callback's outcome.
     RecordCallback(RecordCallback),
+    /// `retry`: the ended job is retried as a new job (bus only: the
+    /// NATS `job.retry` and HTTP retry go through `CommandBus::retry_job`).
+    Retry(RetryJob),
+    /// `submit_retry`: create the new job of a retry (bus only).
+    SubmitRetry(SubmitRetry),
     /// A handler command issued under a partition lease: refused when a
     /// newer lease has driven the job (a stale owner), and it records
     /// `JobHandlerChanged` when its lease is newer than the last one. Never
@@ -325,6 +364,8 @@ impl JobCommand {
             JobCommand::Fail(_) => "fail",
             JobCommand::Cancel(_) => "cancel",
             JobCommand::RecordCallback(_) => "record_callback",
+            JobCommand::Retry(_) => "retry",
+            JobCommand::SubmitRetry(_) => "submit_retry",
             JobCommand::Fenced { command, .. } => command.name(),
         }
     }
@@ -401,6 +442,31 @@ pub enum JobError {
         command: &'static str,
         /// The job's status ([`JobStatus::as_str`]).
         status: &'static str,
+    },
+    /// A retry of a job that did not end unsuccessfully (`rejected`): only
+    /// a failed or cancelled job can be retried.
+    #[error("cannot retry a job that is {status}: only a failed or cancelled job can be retried")]
+    NotRetryable {
+        /// The job's status ([`JobStatus::as_str`]).
+        status: &'static str,
+    },
+    /// The job was already retried (`rejected`); the command bus answers
+    /// that retry. Retry the newest job of the chain to go on.
+    #[error("the job was already retried as job {retry_job_id}; retry that job to go on")]
+    AlreadyRetried {
+        /// The existing retry's job id.
+        retry_job_id: String,
+    },
+    /// The new job's id of a retry names a job that is not that retry (a
+    /// submission took the derived id first; `conflict`). Nothing was
+    /// written to the new job.
+    #[error(
+        "the retry's job id {retry_job_id} is taken by another job; the retry cannot be \
+         submitted (submit the job anew with POST /v1/jobs)"
+    )]
+    RetryIdTaken {
+        /// The derived id of the new job.
+        retry_job_id: String,
     },
     /// A handler command under a lease older than the one the job was last
     /// driven under: another instance owns the job now (`rejected`). The
@@ -532,7 +598,7 @@ impl DomainError for JobError {
     fn code(&self) -> ErrorCode {
         match self {
             JobError::NotFound => ErrorCode::NotFound,
-            JobError::AlreadyExists(_) => ErrorCode::Conflict,
+            JobError::AlreadyExists(_) | JobError::RetryIdTaken { .. } => ErrorCode::Conflict,
             JobError::InvalidPriority(_)
             | JobError::InvalidTimeout { .. }
             | JobError::UnknownWorkflow { .. }
@@ -558,6 +624,8 @@ impl DomainError for JobError {
             | JobError::NoCallback
             | JobError::StaleLease { .. }
             | JobError::NestedFence
+            | JobError::NotRetryable { .. }
+            | JobError::AlreadyRetried { .. }
             | JobError::CallbackAlreadyRecorded => ErrorCode::Rejected,
         }
     }
@@ -819,6 +887,50 @@ impl Job {
                     callback_url,
                     callback_url_sealed,
                     metadata: c.metadata,
+                    retry_of: None,
+                })])
+            }
+            JobCommand::Retry(c) => {
+                if self.status == JobStatus::None {
+                    return Err(JobError::NotFound);
+                }
+                if c.retry_job_id.is_empty() {
+                    return Err(JobError::EmptyField {
+                        field: "retry_job_id",
+                    });
+                }
+                if let Some(existing) = &self.retried_by {
+                    return Err(JobError::AlreadyRetried {
+                        retry_job_id: existing.clone(),
+                    });
+                }
+                if !RETRYABLE.contains(&self.status) {
+                    return Err(JobError::NotRetryable {
+                        status: self.status.as_str(),
+                    });
+                }
+                Ok(vec![JobEvent::JobRetried(JobRetried {
+                    workflow_key: self.workflow_key.clone(),
+                    retry_job_id: c.retry_job_id,
+                })])
+            }
+            JobCommand::SubmitRetry(c) => {
+                if self.status != JobStatus::None {
+                    return Err(JobError::AlreadyExists(self.status.as_str()));
+                }
+                if c.retry_of.is_empty() {
+                    return Err(JobError::EmptyField { field: "retry_of" });
+                }
+                let registry = services.registry.current();
+                if !registry.contains(&c.submitted.workflow_key) {
+                    return Err(JobError::UnknownWorkflow {
+                        key: c.submitted.workflow_key,
+                        known: registry.keys().join(", "),
+                    });
+                }
+                Ok(vec![JobEvent::JobSubmitted(JobSubmitted {
+                    retry_of: Some(c.retry_of),
+                    ..c.submitted
                 })])
             }
             JobCommand::Start(c) => {
@@ -971,7 +1083,9 @@ impl Aggregate for Job {
                 self.priority = e.priority;
                 self.timeout_seconds = e.timeout_seconds;
                 self.has_callback_url = e.callback_url.is_some();
+                self.retry_of = e.retry_of;
             }
+            JobEvent::JobRetried(e) => self.retried_by = Some(e.retry_job_id),
             JobEvent::JobStarted(_) => self.status = JobStatus::Running,
             JobEvent::StepAttemptStarted(e) => {
                 self.started.insert(e.step, e.attempt);
@@ -1040,6 +1154,7 @@ mod tests {
             callback_url: None,
             callback_url_sealed: None,
             metadata: Value::Null,
+            retry_of: None,
         })
     }
 
@@ -1810,5 +1925,174 @@ mod tests {
                 max: MAX_JOB_TIMEOUT_SECONDS
             }
         );
+    }
+
+    fn ended(status: JobStatus) -> Vec<JobEvent> {
+        let k = || "invoice.extract".to_string();
+        let end = match status {
+            JobStatus::Completed => JobEvent::JobCompleted(JobCompleted {
+                workflow_key: k(),
+                outputs: json!({}),
+            }),
+            JobStatus::Failed => JobEvent::JobFailed(JobFailed {
+                workflow_key: k(),
+                error_code: "steps_failed".into(),
+                error_message: "0 of 1 steps succeeded".into(),
+            }),
+            JobStatus::Cancelled => JobEvent::JobCancelled(JobCancelled {
+                workflow_key: k(),
+                reason: String::new(),
+            }),
+            JobStatus::Pending => return vec![submitted()],
+            JobStatus::Running => return vec![submitted(), started()],
+            JobStatus::None => return vec![],
+        };
+        vec![submitted(), started(), end]
+    }
+
+    fn retry(id: &str) -> JobCommand {
+        JobCommand::Retry(RetryJob {
+            retry_job_id: id.into(),
+        })
+    }
+
+    fn retried(id: &str) -> JobEvent {
+        JobEvent::JobRetried(JobRetried {
+            workflow_key: "invoice.extract".into(),
+            retry_job_id: id.into(),
+        })
+    }
+
+    #[test]
+    fn a_failed_or_cancelled_job_is_retried() {
+        for status in [JobStatus::Failed, JobStatus::Cancelled] {
+            framework()
+                .given(ended(status))
+                .when(retry("j-2"))
+                .then_expect_events(vec![retried("j-2")]);
+        }
+    }
+
+    #[test]
+    fn a_job_that_did_not_fail_is_not_retried_and_the_refusal_names_its_status() {
+        for status in [JobStatus::Pending, JobStatus::Running, JobStatus::Completed] {
+            let r = Job::default();
+            let mut job = r;
+            for e in ended(status) {
+                job.apply(e);
+            }
+            let err = job.decide(retry("j-2"), &services()).unwrap_err();
+            assert_eq!(
+                err,
+                JobError::NotRetryable {
+                    status: status.as_str()
+                }
+            );
+            assert_eq!(err.code(), ErrorCode::Rejected);
+            assert!(err.to_string().contains(status.as_str()), "{err}");
+        }
+        framework()
+            .given_no_previous_events()
+            .when(retry("j-2"))
+            .then_expect_error(JobError::NotFound);
+    }
+
+    #[test]
+    fn a_job_is_retried_once_and_a_second_retry_names_the_first() {
+        let mut given = ended(JobStatus::Failed);
+        given.push(retried("j-2"));
+        framework()
+            .given(given)
+            .when(retry("j-3"))
+            .then_expect_error(JobError::AlreadyRetried {
+                retry_job_id: "j-2".into(),
+            });
+        framework()
+            .given(ended(JobStatus::Failed))
+            .when(retry(""))
+            .then_expect_error(JobError::EmptyField {
+                field: "retry_job_id",
+            });
+    }
+
+    fn the_submission() -> JobSubmitted {
+        match submitted() {
+            JobEvent::JobSubmitted(s) => s,
+            _ => unreachable!("submitted() is a JobSubmitted"),
+        }
+    }
+
+    #[test]
+    fn a_retry_submission_copies_the_retried_job_and_links_it() {
+        let original = JobSubmitted {
+            priority: 9,
+            timeout_seconds: 60,
+            callback_url: Some("https://receiver.example/cb".into()),
+            input: json!({"invoice": 7}),
+            ..the_submission()
+        };
+        framework()
+            .given_no_previous_events()
+            .when(JobCommand::SubmitRetry(SubmitRetry {
+                retry_of: "j-1".into(),
+                submitted: original.clone(),
+            }))
+            .then_expect_events(vec![JobEvent::JobSubmitted(JobSubmitted {
+                retry_of: Some("j-1".into()),
+                ..original
+            })]);
+    }
+
+    #[test]
+    fn a_retry_submission_is_refused_on_an_existing_job_or_an_unknown_workflow() {
+        let submit = |key: &str| {
+            JobCommand::SubmitRetry(SubmitRetry {
+                retry_of: "j-1".into(),
+                submitted: JobSubmitted {
+                    workflow_key: key.into(),
+                    ..the_submission()
+                },
+            })
+        };
+        framework()
+            .given(vec![submitted()])
+            .when(submit("invoice.extract"))
+            .then_expect_error(JobError::AlreadyExists("pending"));
+        let r = Job::default().decide(submit("gone.workflow"), &services());
+        assert!(
+            matches!(r, Err(JobError::UnknownWorkflow { ref key, .. }) if key == "gone.workflow"),
+            "{r:?}"
+        );
+    }
+
+    #[test]
+    fn the_links_are_folded_both_ways() {
+        let mut old = Job::default();
+        for e in ended(JobStatus::Failed) {
+            old.apply(e);
+        }
+        old.apply(retried("j-2"));
+        assert_eq!(old.retried_by.as_deref(), Some("j-2"));
+        assert_eq!(old.status, JobStatus::Failed);
+        let mut new = Job::default();
+        new.apply(JobEvent::JobSubmitted(JobSubmitted {
+            retry_of: Some("j-1".into()),
+            ..the_submission()
+        }));
+        assert_eq!(new.retry_of.as_deref(), Some("j-1"));
+    }
+
+    #[test]
+    fn an_old_job_submission_without_retry_of_still_decodes() {
+        let e: JobEvent = serde_json::from_value(json!({
+            "event_type": "JobSubmitted",
+            "data": {"workflow_key": "invoice.extract", "client_id": "billing",
+                     "input": {}, "priority": 5, "timeout_seconds": 300}
+        }))
+        .expect("a JobSubmitted from before retries decodes");
+        assert!(matches!(e, JobEvent::JobSubmitted(s) if s.retry_of.is_none()));
+        // and one without a retry is stored as before: no `retry_of` key
+        let stored = serde_json::to_value(submitted()).expect("encodes");
+        assert!(stored["data"].get("retry_of").is_none(), "{stored}");
     }
 }
