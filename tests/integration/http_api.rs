@@ -707,7 +707,25 @@ async fn a_failed_job_is_retried_over_http_as_one_new_linked_job() {
         .await;
     assert_eq!(bad.status, 400, "{}", bad.body);
     assert_eq!(bad.body["error"]["param"], "client_id");
-    drop(h);
+
+    // a rebuild from the log gives the same rows, the links included (the
+    // old job's JobRetried and the new job's submission in one batch)
+    h.stop().await;
+    api.caught_up(&app.log).await;
+    let live = api.snapshot("workflows_executions", "id").await;
+    assert!(
+        live.iter()
+            .any(|r| r["execution_id"] == "rt-1" && r["retried_by"] == new_id.as_str()),
+        "{live:?}"
+    );
+    flowledger::projections::rebuild::rebuild(
+        &api.pool,
+        &app.log,
+        flowledger::projections::ReadModel::Executions,
+    )
+    .await
+    .expect("rebuild executions");
+    assert_eq!(api.snapshot("workflows_executions", "id").await, live);
 }
 
 /// Cancels `job_id` over NATS as its client.
