@@ -635,6 +635,29 @@ async fn a_failed_job_is_retried_over_http_as_one_new_linked_job() {
         .post("/v1/jobs/rt-1/retry", OPERATOR_TOKEN, json!({}))
         .await;
     assert_eq!((by_ops.status, &by_ops.body), (202, &retried.body));
+    // with an Idempotency-Key too; a bad key is refused by name
+    let json_body = ("content-type", "application/json");
+    let keyed = api
+        .send(
+            "POST",
+            "/v1/jobs/rt-1/retry",
+            Some(BILLING_TOKEN),
+            Some(b"{}".to_vec()),
+            &[json_body, ("idempotency-key", "rt-1-retry")],
+        )
+        .await;
+    assert_eq!((keyed.status, &keyed.body), (202, &retried.body));
+    let bad_key = api
+        .send(
+            "POST",
+            "/v1/jobs/rt-1/retry",
+            Some(BILLING_TOKEN),
+            Some(b"{}".to_vec()),
+            &[json_body, ("idempotency-key", "a:b")],
+        )
+        .await;
+    assert_eq!(bad_key.status, 400, "{}", bad_key.body);
+    assert_eq!(bad_key.body["error"]["param"], "Idempotency-Key");
     assert_eq!(
         app.last_seq().await,
         before,
