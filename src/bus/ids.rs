@@ -96,18 +96,12 @@ pub fn job_end(job_id: &str) -> String {
     format!("end:{job_id}")
 }
 
-/// The id of the job that retries job `job_id` (`POST
-/// /v1/jobs/{id}/retry`, `flow.cmd.job.retry`): a UUID v8 from SHA-256
-/// over `retry-job-id:<job_id>`, the same for every repeat of the retry,
-/// so a repeat (or the completion of a retry cut short between its two
-/// commits) finds the same new job.
-pub fn retry_job_id(job_id: &str) -> String {
-    let digest = crate::events::chain::sha256(format!("retry-job-id:{job_id}").as_bytes());
-    let mut half = [0u8; 16];
-    half.copy_from_slice(&digest[..16]);
-    uuid::Builder::from_custom_bytes(half)
-        .into_uuid()
-        .to_string()
+/// The id of a job's retry: a random UUID (v4), chosen once; the old
+/// job's `JobRetried` records it, and every repeat of the retry reads it
+/// from there. Not derived from the old id, so no one who knows that id can
+/// submit a job under the retry's id first.
+pub fn retry_job_id() -> String {
+    uuid::Uuid::new_v4().to_string()
 }
 
 /// The retry of job `job_id` recorded on it (`JobRetried`), when the caller
@@ -277,14 +271,10 @@ mod tests {
     }
 
     #[test]
-    fn a_retried_job_always_gives_the_same_new_job_id_and_two_jobs_never_one() {
-        let a = retry_job_id("j-1");
-        assert_eq!(a, retry_job_id("j-1"));
+    fn a_retry_id_is_a_valid_job_id_and_never_the_same_twice() {
+        let a = retry_job_id();
         assert!(crate::events::log::valid_aggregate_id(&a), "{a}");
-        assert_ne!(a, retry_job_id("j-2"));
-        // a chain: the retry of the retry is another job again
-        assert_ne!(retry_job_id(&a), a);
-        assert_ne!(retry_job_id(&a), retry_job_id("j-1"));
+        assert_ne!(a, retry_job_id());
     }
 
     #[test]

@@ -269,8 +269,8 @@ impl CommandBus {
         Ok(())
     }
 
-    /// Retries the failed or cancelled job `job_id` as a new job (id
-    /// [`ids::retry_job_id`]) with the same submission (workflow, input,
+    /// Retries the failed or cancelled job `job_id` as a new job (a random
+    /// id, [`ids::retry_job_id`], kept in `JobRetried`) with the same submission (workflow, input,
     /// priority, timeout, callback, client, metadata), in two commits:
     /// `JobRetried` on the old job (under `meta`), then the new job's
     /// `JobSubmitted` with `retry_of` (command id [`ids::retry_submit`],
@@ -290,12 +290,25 @@ impl CommandBus {
             Some(existing) => existing,
             None => {
                 self.refuse_disabled(&old.state.workflow_key).await?;
-                let new_id = ids::retry_job_id(job_id);
+                // random, not derived: nobody can take the new job's id
+                // before the retry submits it; `JobRetried` keeps it, so a
+                // repeat reads it from the old job
+                let new_id = ids::retry_job_id();
                 let command = JobCommand::Retry(RetryJob {
                     retry_job_id: new_id.clone(),
                 });
                 match self.jobs.execute(job_id, command, meta).await {
-                    Ok(_) => new_id,
+                    Ok(r) if !r.duplicate => new_id,
+                    // the same command stored before (its id then): as recorded
+                    Ok(_) => match self.jobs.load(job_id).await?.state.retried_by {
+                        Some(existing) => existing,
+                        None => {
+                            return Err(ExecuteError::Conflict {
+                                aggregate_id: job_id.to_string(),
+                                attempts: 1,
+                            })
+                        }
+                    },
                     Err(ExecuteError::Rejected(JobError::AlreadyRetried { retry_job_id })) => {
                         retry_job_id
                     }

@@ -46,7 +46,8 @@ pub struct JobRetried {
     /// The job's workflow key.
     #[serde(default)]
     pub workflow_key: String,
-    /// The new job's id (derived from this job's id, `bus::ids::retry_job_id`).
+    /// The new job's id (random, `bus::ids::retry_job_id`; every repeat of
+    /// the retry reads it from here).
     pub retry_job_id: String,
 }
 

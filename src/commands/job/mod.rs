@@ -283,7 +283,7 @@ pub struct CancelJob {
 }
 
 /// `job.retry`: record that this failed or cancelled job is retried as the
-/// new job `retry_job_id` (the command bus derives it and submits it with
+/// new job `retry_job_id` (the command bus picks it at random and submits it with
 /// [`SubmitRetry`] right after).
 #[derive(Debug, Clone, PartialEq)]
 pub struct RetryJob {
