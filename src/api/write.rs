@@ -14,6 +14,7 @@ use chrono::{DateTime, Utc};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::{json, Value};
+use tracing::Instrument;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
@@ -259,6 +260,7 @@ pub(crate) async fn jobs_submit(
     let allowance = s.clients.take_submission(&caller)?;
     // every answer after the allowance was used says what is left of it
     let mut res = submit(&s, &caller, key, &body)
+        .instrument(crate::telemetry::intake_span("http", "job.submit"))
         .await
         .unwrap_or_else(IntoResponse::into_response);
     if let Some(a) = allowance {
@@ -284,6 +286,7 @@ async fn submit(
         (None, Some(key)) => keyed_job_id(&caller.client_id, key),
         (None, None) => Uuid::now_v7().to_string(),
     };
+    tracing::Span::current().record("job_id", job_id.as_str());
     // the same job_id and body are the same command: the store answers the
     // original receipt; a different body is a reused command id (409)
     let identity = Identity {
