@@ -183,7 +183,8 @@ async fn one_job_is_one_trace_from_the_client_through_intake_commit_handler_and_
     .expect("an endpoint starts an exporter");
     // the subscriber `serve` installs, on this test's (single) thread
     let subscriber = logging::subscriber(
-        logging::filter(Some("warn")).expect("a filter"),
+        // no log line at all: the traces do not depend on the log filter
+        logging::filter(Some("off")).expect("a filter"),
         Format::Text { ansi: false },
         Some(&traces),
     );
@@ -329,28 +330,13 @@ async fn without_an_endpoint_no_exporter_starts_and_check_config_says_so() {
         .expect("no error")
         .is_none());
     let run = |envs: &[(&str, &str)]| {
-        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_flowledger"));
-        // nothing listens there: a connection would fail
-        c.args(["--nats-url", &format!("nats://127.0.0.1:{}", free_port())])
-            .args(["serve", "--check-config", "--registry"])
-            .arg(concat!(
-                env!("CARGO_MANIFEST_DIR"),
-                "/workflows/registry.json"
-            ))
-            .env("FLOWLEDGER_CALLBACK_KEY", "ab".repeat(32))
+        let mut c = check_config_command();
+        c.env("FLOWLEDGER_CALLBACK_KEY", "ab".repeat(32))
             .env_remove("FLOWLEDGER_CONFIG")
             .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
             .env_remove("OTEL_SERVICE_NAME")
             .env_remove("FLOWLEDGER_TELEMETRY__OTLP_ENDPOINT");
-        for (k, v) in envs {
-            c.env(k, v);
-        }
-        let out = c.output().expect("flowledger runs");
-        (
-            out.status.code(),
-            String::from_utf8_lossy(&out.stdout).to_string(),
-            String::from_utf8_lossy(&out.stderr).to_string(),
-        )
+        output_with(c, envs)
     };
     let (code, stdout, stderr) = run(&[]);
     assert_eq!(code, Some(0), "{stdout}{stderr}");
