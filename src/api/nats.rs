@@ -395,8 +395,8 @@ pub async fn handle(
     if let Parsed::Job(id, JobCommand::Cancel(_)) | Parsed::Retry(id) = &parsed {
         caller.check_job(bus, id).await?;
     }
-    // a job's approval has the job's id
-    let (Parsed::Job(id, _) | Parsed::Approval(id, _)) = &parsed;
+    // a job's approval has the job's id; a retry names the job retried
+    let (Parsed::Job(id, _) | Parsed::Approval(id, _) | Parsed::Retry(id)) = &parsed;
     tracing::Span::current().record("job_id", id.as_str());
     match parsed {
         Parsed::Job(id, c) => bus.job(&id, c, &meta).await.map_err(Into::into),
