@@ -53,6 +53,104 @@ pub struct Config {
     /// `[http]`: conventions of the HTTP API (CORS).
     #[serde(default)]
     pub http: HttpSection,
+    /// `[telemetry]`: OpenTelemetry traces over OTLP (off by default).
+    #[serde(default)]
+    pub telemetry: TelemetrySection,
+}
+
+/// `[telemetry]`: where `serve` sends its OpenTelemetry traces
+/// (docs/OPERATIONS.md "Traces"). Without an endpoint no exporter runs.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TelemetrySection {
+    /// The OTLP/HTTP collector's base URL, e.g. `http://127.0.0.1:4318`
+    /// (spans are POSTed to `<it>/v1/traces`, protobuf); none (the
+    /// default): no traces. When unset, the standard
+    /// `OTEL_EXPORTER_OTLP_ENDPOINT` variable is used.
+    pub otlp_endpoint: Option<String>,
+    /// The `service.name` of the traces; none: `OTEL_SERVICE_NAME`, else
+    /// `flowledger`.
+    pub service_name: Option<String>,
+}
+
+/// The standard variable naming the OTLP collector's base URL.
+pub const OTEL_ENDPOINT_VAR: &str = "OTEL_EXPORTER_OTLP_ENDPOINT";
+/// The standard variable naming the service in traces.
+pub const OTEL_SERVICE_NAME_VAR: &str = "OTEL_SERVICE_NAME";
+
+impl TelemetrySection {
+    /// Fills what the file and its overrides leave unset from the standard
+    /// OpenTelemetry variables (an empty one counts as unset).
+    fn with_standard_vars(mut self, env: &Environment) -> Self {
+        let var = |name: &str| {
+            env.get(name)
+                .and_then(|v| v.into_string().ok())
+                .map(|v| v.trim().to_string())
+                .filter(|v| !v.is_empty())
+        };
+        if self.otlp_endpoint.is_none() {
+            self.otlp_endpoint = var(OTEL_ENDPOINT_VAR);
+        }
+        if self.service_name.is_none() {
+            self.service_name = var(OTEL_SERVICE_NAME_VAR);
+        }
+        self
+    }
+
+    /// The service name the traces carry.
+    pub fn service_name(&self) -> &str {
+        self.service_name.as_deref().unwrap_or("flowledger")
+    }
+
+    /// The URL spans are POSTed to: the endpoint with `/v1/traces`.
+    pub fn traces_url(&self) -> Option<String> {
+        let base = self.otlp_endpoint.as_deref()?;
+        Some(format!("{}/v1/traces", base.trim_end_matches('/')))
+    }
+
+    /// Refuses an endpoint that is not an `http(s)` URL without a query,
+    /// and an empty service name.
+    pub fn check(&self) -> Result<(), String> {
+        if let Some(e) = &self.otlp_endpoint {
+            let shown = crate::commands::redact::display(e);
+            let url = url::Url::parse(e).map_err(|why| {
+                format!(
+                    "telemetry.otlp_endpoint {shown:?} is not a URL ({why}); write the \
+                     collector's base URL, e.g. \"http://127.0.0.1:4318\""
+                )
+            })?;
+            if !matches!(url.scheme(), "http" | "https") || url.host().is_none() {
+                return Err(format!(
+                    "telemetry.otlp_endpoint {shown:?} must be an http or https URL with a \
+                     host, e.g. \"http://127.0.0.1:4318\" (OTLP/HTTP)"
+                ));
+            }
+            if !url.username().is_empty() || url.password().is_some() {
+                return Err(format!(
+                    "telemetry.otlp_endpoint {shown:?} must not hold credentials: give the \
+                     collector's headers (e.g. authorization) in OTEL_EXPORTER_OTLP_HEADERS"
+                ));
+            }
+            if url.query().is_some() || url.fragment().is_some() {
+                return Err(format!(
+                    "telemetry.otlp_endpoint {shown:?} must have no query or fragment: give \
+                     the base URL, /v1/traces is appended"
+                ));
+            }
+        }
+        if self
+            .service_name
+            .as_deref()
+            .is_some_and(|n| n.trim().is_empty())
+        {
+            return Err(
+                "telemetry.service_name must not be empty; leave it out for \
+                        \"flowledger\""
+                    .into(),
+            );
+        }
+        Ok(())
+    }
 }
 
 /// `[console]`: the web console `serve` answers at `/console`, and the
@@ -1226,9 +1324,10 @@ impl Config {
             message,
         };
         // the file alone first: its errors point into it
-        let c: Config = toml::from_str(text).map_err(|e| invalid(e.to_string()))?;
+        let mut c: Config = toml::from_str(text).map_err(|e| invalid(e.to_string()))?;
         let overrides = env.overrides()?;
         if overrides.is_empty() {
+            c.telemetry = c.telemetry.with_standard_vars(env);
             return c.check().map(|()| c).map_err(invalid);
         }
         let file: toml::Table = toml::from_str(text).map_err(|e| invalid(e.to_string()))?;
@@ -1251,7 +1350,7 @@ impl Config {
                 }
             })?;
         }
-        let c = match with(None) {
+        let mut c = match with(None) {
             Ok(c) => c,
             Err(e) => {
                 // the variable without which the rest is fine is at fault
@@ -1274,6 +1373,7 @@ impl Config {
                 });
             }
         };
+        c.telemetry = c.telemetry.with_standard_vars(env);
         c.check().map(|()| c).map_err(|message| {
             // a bound broken by an override: say which variable set it
             let set_by: Vec<String> = overrides
@@ -1334,6 +1434,7 @@ impl Config {
         c.memory.check(&c.secrets)?;
         c.console.check()?;
         c.http.check()?;
+        c.telemetry.check()?;
         let mut ids = std::collections::BTreeSet::new();
         for (i, client) in c.clients.iter().enumerate() {
             // the actors flowledger itself records under

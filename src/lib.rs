@@ -16,3 +16,4 @@ pub mod memory;
 pub mod metrics;
 pub mod projections;
 pub mod secrets;
+pub mod telemetry;

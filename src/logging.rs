@@ -3,7 +3,9 @@
 //! `text` or `json`; `auto`: text with colours on a terminal, one JSON
 //! object per line otherwise, so a file or a log shipper gets no escape
 //! codes). A malformed value is an error naming the variable, never
-//! silently replaced by the default.
+//! silently replaced by the default. With traces on
+//! ([`crate::telemetry::Traces`]), the same subscriber also sends
+//! flowledger's spans to the OTLP collector, whatever the log filter.
 
 use std::io::IsTerminal;
 
@@ -67,22 +69,39 @@ pub fn format(value: Option<&str>, terminal: bool) -> Result<Format, LogSetupErr
     }
 }
 
-/// Installs the global subscriber from the environment.
-pub fn init() -> Result<(), LogSetupError> {
+/// The subscriber `serve` and every command run under: log lines to
+/// stderr through `filter` in `format`, and, with `traces`, flowledger's
+/// spans to the trace exporter (filtered on their own: a quiet log filter
+/// does not drop them).
+pub fn subscriber(
+    filter: tracing_subscriber::EnvFilter,
+    format: Format,
+    traces: Option<&crate::telemetry::Traces>,
+) -> impl tracing::Subscriber + Send + Sync + 'static {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::Layer;
+    let lines = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let lines = match format {
+        Format::Text { ansi } => lines.with_ansi(ansi).boxed(),
+        Format::Json => lines.json().with_ansi(false).boxed(),
+    };
+    tracing_subscriber::registry()
+        .with(traces.map(|t| t.layer()))
+        .with(lines.with_filter(filter))
+}
+
+/// Installs the global subscriber from the environment, with `traces`
+/// when they are on (see [`subscriber`]).
+pub fn init(traces: Option<&crate::telemetry::Traces>) -> Result<(), LogSetupError> {
+    use tracing_subscriber::util::SubscriberInitExt;
     let var = |name: &str| std::env::var(name).ok();
     let filter = filter(var("FLOWLEDGER_LOG").as_deref())?;
     let format = format(
         var("FLOWLEDGER_LOG_FORMAT").as_deref(),
         std::io::stderr().is_terminal(),
     )?;
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
     // a second init (a test that calls `cli::main` twice) keeps the first
-    let _ = match format {
-        Format::Text { ansi } => builder.with_ansi(ansi).try_init(),
-        Format::Json => builder.json().with_ansi(false).try_init(),
-    };
+    let _ = subscriber(filter, format, traces).try_init();
     Ok(())
 }
 

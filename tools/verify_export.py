@@ -48,6 +48,17 @@ H_CHAIN_HEAD = "Flowledger-Chain-Head"
 H_COMMAND_HASH = "Flowledger-Command-Hash"
 H_FORMAT = "Flowledger-Format"
 HEADERS = (H_MSG_ID, H_EXPECTED, H_CHAIN_HEAD, H_COMMAND_HASH, H_FORMAT)
+# and, optionally, a W3C trace context as flowledger writes it (covered by
+# no hash: trace ids are not history)
+H_TRACEPARENT = "traceparent"
+TRACEPARENT_RE = re.compile(r"00-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
+
+
+def is_written_traceparent(value):
+    if not isinstance(value, str) or not TRACEPARENT_RE.fullmatch(value):
+        return False
+    _, trace_id, span_id, _ = value.split("-")
+    return trace_id != "0" * 32 and span_id != "0" * 16
 
 NO_RING = "not checked: no key ring given"
 ZERO32 = bytes(32)
@@ -561,6 +572,8 @@ def check_message(seq, msg, chains):
     chains.events += len(lines)
 
     for name in headers:
+        if name == H_TRACEPARENT and is_written_traceparent(headers[name]):
+            continue
         if name not in HEADERS:
             raise Broken(seq, f"header {name!r} is not allowed (section 2)")
     for name in HEADERS:

@@ -6,6 +6,7 @@
 //! whole request is valid.
 
 use std::sync::Arc;
+use tracing::Instrument;
 
 use chrono::Utc;
 use futures::StreamExt;
@@ -394,6 +395,9 @@ pub async fn handle(
     if let Parsed::Job(id, JobCommand::Cancel(_)) | Parsed::Retry(id) = &parsed {
         caller.check_job(bus, id).await?;
     }
+    // a job's approval has the job's id; a retry names the job retried
+    let (Parsed::Job(id, _) | Parsed::Approval(id, _) | Parsed::Retry(id)) = &parsed;
+    tracing::Span::current().record("job_id", id.as_str());
     match parsed {
         Parsed::Job(id, c) => bus.job(&id, c, &meta).await.map_err(Into::into),
         Parsed::Approval(id, c) => bus.approval(&id, c, &meta).await.map_err(Into::into),
@@ -492,6 +496,16 @@ pub async fn serve_until_drained(
         let pool = pool.clone();
         let client = client.clone();
         let accounts = accounts.clone();
+        // the command's span, a child of a valid `traceparent` header
+        let span = crate::telemetry::intake_span(
+            "nats",
+            msg.subject
+                .as_str()
+                .strip_prefix(COMMAND_SUBJECT_PREFIX)
+                .map_or("", |s| s.trim_start_matches('.')),
+        );
+        let parent = crate::telemetry::header_of(msg.headers.as_ref());
+        crate::telemetry::adopt(&span, parent.as_deref());
         running.spawn(async move {
             let subject = msg.subject.as_str();
             let handled = match accounts.caller(msg.headers.as_ref()) {
@@ -562,7 +576,7 @@ pub async fn serve_until_drained(
                     tracing::warn!(error = %e, "could not send a command reply");
                 }
             }
-        });
+        }.instrument(span));
     }
     while running.join_next().await.is_some() {}
     // the replies are in the client's buffer: out before the process ends

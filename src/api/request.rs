@@ -1,6 +1,8 @@
 //! What every HTTP request gets, whatever its route: a request id
 //! (`x-request-id`, kept from the client when well formed, else made here),
-//! a tracing span holding it (so every log line of the request carries it),
+//! a tracing span holding it (so every log line of the request carries it;
+//! with traces on, the HTTP server span, a child of a valid client
+//! `traceparent`),
 //! and one access log line at target `flowledger::access` when it is
 //! answered. The access line names the matched route template, never the
 //! raw path or its query (which can hold personal text), and never a header
@@ -89,16 +91,24 @@ pub async fn conventions(mut req: Request, next: Next) -> Response {
         "request",
         request_id = %id,
         client_id = tracing::field::Empty,
+        // set when answered, for the trace only (no log line follows)
+        http.response.status_code = tracing::field::Empty,
     );
+    // a trace the client started goes on here (traces on, valid header)
+    let parent = req.headers().get(crate::telemetry::TRACEPARENT);
+    crate::telemetry::adopt(&span, parent.and_then(|v| v.to_str().ok()));
     let mut res = CURRENT
         .scope(id.clone(), next.run(req))
-        .instrument(span)
+        .instrument(span.clone())
         .await;
     if let Some(v) = value {
         res.headers_mut().insert(REQUEST_ID_HEADER, v);
     }
     let latency_ms = start.elapsed().as_secs_f64() * 1000.0;
     let route = facts.0.route.get().map_or("unmatched", String::as_str);
+    crate::telemetry::rename(&span, format!("{method} {route}"));
+    span.record("http.response.status_code", res.status().as_u16());
+    drop(span);
     tracing::info!(
         target: ACCESS_TARGET,
         method = %method,

@@ -14,6 +14,7 @@ use chrono::{DateTime, Utc};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::{json, Value};
+use tracing::Instrument;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
@@ -230,7 +231,8 @@ fn estimated_completion(
 }
 
 #[utoipa::path(post, path = "/v1/jobs",
-    params(("Idempotency-Key" = Option<String>, Header, description = "1-128 of A-Z a-z 0-9 _ - .; the same key, route and body from the same client answer the first answer (on any instance, after restarts); the same key with another body for the same job, approval or workflow: 409 with error.param Idempotency-Key; for another job, approval or workflow only within the stream's 2-minute duplicate window (docs/EVENTS.md 7.4)")),
+    params(("Idempotency-Key" = Option<String>, Header, description = "1-128 of A-Z a-z 0-9 _ - .; the same key, route and body from the same client answer the first answer (on any instance, after restarts); the same key with another body for the same job, approval or workflow: 409 with error.param Idempotency-Key; for another job, approval or workflow only within the stream's 2-minute duplicate window (docs/EVENTS.md 7.4)"),
+           ("traceparent" = Option<String>, Header, description = "a W3C trace context (00-<32 hex trace id>-<16 hex span id>-<2 hex flags>): with traces on, the job's trace continues the caller's (docs/OPERATIONS.md \"Traces\"); a malformed one is ignored, never refused")),
     request_body(content = SubmitBody, description = "the job"),
     security(("bearer" = [])),
     responses((status = 202, description = "accepted: job_id, status, message, accepted_at, estimated_completion; the same job_id and body answer the same", body = super::openapi::JobAccepted,
@@ -259,6 +261,7 @@ pub(crate) async fn jobs_submit(
     let allowance = s.clients.take_submission(&caller)?;
     // every answer after the allowance was used says what is left of it
     let mut res = submit(&s, &caller, key, &body)
+        .instrument(crate::telemetry::intake_span("http", "job.submit"))
         .await
         .unwrap_or_else(IntoResponse::into_response);
     if let Some(a) = allowance {
@@ -284,6 +287,7 @@ async fn submit(
         (None, Some(key)) => keyed_job_id(&caller.client_id, key),
         (None, None) => Uuid::now_v7().to_string(),
     };
+    tracing::Span::current().record("job_id", job_id.as_str());
     // the same job_id and body are the same command: the store answers the
     // original receipt; a different body is a reused command id (409)
     let identity = Identity {

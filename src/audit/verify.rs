@@ -23,7 +23,8 @@ use crate::events::envelope::{
 use crate::events::log::{subject_for, EventLog, LogError, EVENT_SUBJECT_PREFIX};
 
 /// The headers a commit carries (docs/EVENTS.md section 2); any other is
-/// refused.
+/// refused, but for an optional `traceparent` in the form flowledger writes
+/// (covered by no hash: trace ids are not history).
 pub const COMMIT_HEADERS: [&str; 5] = [
     HDR_MSG_ID,
     HDR_EXPECTED_LAST_SUBJECT_SEQ,
@@ -554,11 +555,11 @@ fn check_headers(
     command_hash: Option<&str>,
 ) -> Result<(), Broken> {
     let seq = m.seq;
-    if let Some(other) = m
-        .headers
-        .keys()
-        .find(|k| !COMMIT_HEADERS.contains(&k.as_str()))
-    {
+    if let Some(other) = m.headers.iter().find_map(|(k, v)| {
+        let allowed = COMMIT_HEADERS.contains(&k.as_str())
+            || (k == crate::telemetry::TRACEPARENT && crate::telemetry::is_written_form(v));
+        (!allowed).then_some(k)
+    }) {
         return Err(broken(
             seq,
             format!("header {other:?} is not one flowledger writes (added)"),

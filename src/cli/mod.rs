@@ -811,7 +811,10 @@ fn causes(e: &anyhow::Error) -> String {
 /// error to the exit code.
 pub async fn main() -> ExitCode {
     let mut cli = Cli::parse();
-    if let Err(e) = crate::logging::init() {
+    // `serve` sets up logging itself, once its configuration says whether
+    // its spans also go to a trace exporter
+    let serving = matches!(cli.command, Command::Serve(_));
+    if let Err(e) = (!serving).then(|| crate::logging::init(None)).transpose() {
         eprintln!("flowledger: {e}");
         return ExitCode::from(2);
     }
@@ -1547,6 +1550,17 @@ fn check_config_summary(
         ),
         format!("memory: {}", on(config.memory.enabled)),
         format!(
+            "traces (OTLP): {}",
+            match config.telemetry.traces_url() {
+                Some(url) => format!(
+                    "on, OTLP/HTTP protobuf to {} as service {:?}",
+                    crate::commands::redact::display(&url),
+                    config.telemetry.service_name()
+                ),
+                None => "off (no [telemetry] otlp_endpoint, no exporter started)".to_string(),
+            }
+        ),
+        format!(
             "web console (/console): {}; live job streams: {} per client, {} s at most",
             on(config.console.enabled),
             config.console.streams_per_client,
@@ -1603,9 +1617,18 @@ async fn serve(g: &Global, args: ServeArgs) -> anyhow::Result<ExitCode> {
             .context(UsageError));
         }
     }
+    // the exporter starts only where spans are made (not for a check)
+    let traces = match args.check_config {
+        true => None,
+        false => crate::telemetry::Traces::start(&config.telemetry).context(UsageError)?,
+    };
+    crate::logging::init(traces.as_ref()).context(UsageError)?;
     if args.check_config {
         outln!("{}", check_config_summary(&args, &config, &registry, &keys));
         return Ok(ExitCode::SUCCESS);
+    }
+    if let Some(t) = &traces {
+        tracing::info!(endpoint = t.endpoint(), "traces: OTLP/HTTP exporter on");
     }
     // from here a SIGHUP reloads, never stops, the process
     let hangups = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
@@ -1722,6 +1745,10 @@ async fn serve(g: &Global, args: ServeArgs) -> anyhow::Result<ExitCode> {
     if let Some(r) = reloading {
         r.abort();
     }
+    // the spans of the drain are exported before the process ends
+    if let Some(t) = traces {
+        t.shutdown().await;
+    }
     ran?;
     Ok(ExitCode::SUCCESS)
 }
@@ -1818,6 +1845,7 @@ async fn reload_on_hangup(
         let was = &started.config;
         let restart: Vec<&str> = [
             ("[handler]", config.handler != was.handler),
+            ("[telemetry]", config.telemetry != was.telemetry),
             ("[callbacks]", config.callbacks != was.callbacks),
             ("[secrets]", config.secrets != was.secrets),
             ("[memory]", config.memory != was.memory),

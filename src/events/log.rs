@@ -405,7 +405,9 @@ impl EventLog {
 
     /// Appends one commit. `expected` is the stream sequence of the last
     /// message on `subject` this writer saw (0: none). Its time is recorded
-    /// in `flowledger_append_duration_seconds`.
+    /// in `flowledger_append_duration_seconds`. With traces on, the current
+    /// span's context goes in a `traceparent` header (covered by no hash:
+    /// not business data).
     pub async fn append(
         &self,
         subject: String,
@@ -423,6 +425,9 @@ impl EventLog {
             .min(self.config.duplicate_window / 2);
         let until = std::time::Instant::now() + wait;
         let mut attempt: u32 = 0;
+        // with traces on, the span this append runs in: a reader of the
+        // message (the job handler) continues the trace from it
+        let trace = crate::telemetry::current_traceparent();
         let appended = loop {
             let mut msg = PublishMessage::build()
                 .payload(payload.clone())
@@ -430,6 +435,9 @@ impl EventLog {
                 .expected_last_subject_sequence(expected);
             for (k, v) in extra_headers {
                 msg = msg.header(*k, v.as_str());
+            }
+            if let Some(t) = &trace {
+                msg = msg.header(crate::telemetry::TRACEPARENT, t.as_str());
             }
             let publish = async {
                 match self.js.send_publish(subject.clone(), msg).await {

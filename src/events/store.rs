@@ -16,6 +16,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use tracing::Instrument;
 
 use async_nats::jetstream::message::StreamMessage;
 use chrono::Utc;
@@ -470,6 +471,15 @@ where
             (envelope::HDR_COMMAND_HASH, meta.command_hash.clone()),
             (envelope::HDR_FORMAT, envelope::FORMAT_VERSION.to_string()),
         ];
+        // the commit's span; the log puts its trace context in the
+        // message's `traceparent` header, outside the chained body
+        let span = tracing::info_span!(
+            "commit",
+            aggregate_type = A::TYPE,
+            aggregate_id = %loaded.aggregate_id,
+            events = events.len(),
+            seq = tracing::field::Empty,
+        );
         let ack = self
             .log
             .append(
@@ -479,7 +489,12 @@ where
                 loaded.subject_seq,
                 &headers,
             )
+            .instrument(span.clone())
             .await;
+        if let Ok(a) = &ack {
+            span.record("seq", a.sequence);
+        }
+        drop(span);
         match ack {
             Ok(ack) if ack.duplicate => {
                 let msg = self

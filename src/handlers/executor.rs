@@ -11,6 +11,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tracing::Instrument;
 
 use chrono::Utc;
 use serde_json::{json, Map, Value};
@@ -497,10 +498,14 @@ async fn run(
             inputs: view.inputs.clone(),
         };
         let (step, ctx) = (step.clone(), ctx.clone());
-        tasks.spawn(async move {
-            let end = run_step(&ctx, &job, &step, sv, notice_rx).await;
-            (step.name.clone(), end)
-        });
+        // a task of its own, in the job's span
+        tasks.spawn(
+            async move {
+                let end = run_step(&ctx, &job, &step, sv, notice_rx).await;
+                (step.name.clone(), end)
+            }
+            .instrument(tracing::Span::current()),
+        );
     }
     let total = def.steps.len();
     let needed = def.success.needed(total);
@@ -770,6 +775,15 @@ async fn run_step(
         let t0 = Instant::now();
         // the headers' secrets, read for this attempt; without them the
         // attempt fails unsent
+        // the attempt's span; the peer is sent its `traceparent`
+        let span = tracing::info_span!(
+            "step_call",
+            job_id = %job.id,
+            step = %step.name,
+            attempt,
+            kind,
+            outcome = tracing::field::Empty,
+        );
         let mut outcome = match step_secrets::resolve(ctx, &job.id, step).await {
             Ok(headers) => {
                 let call = StepCall {
@@ -780,7 +794,11 @@ async fn run_step(
                     callback_url: callback_url.as_deref(),
                     headers,
                 };
-                peer::call(&ctx.http, step, &call).await
+                let outcome = peer::call(&ctx.http, step, &call)
+                    .instrument(span.clone())
+                    .await;
+                span.record("outcome", outcome.as_str());
+                outcome
             }
             Err(e) => {
                 tracing::warn!(job_id = %job.id, step = %step.name, code = e.code(), error = %e,

@@ -30,6 +30,7 @@ use sqlx::PgPool;
 use tokio::sync::{mpsc, watch};
 
 use futures::FutureExt;
+use tracing::Instrument;
 
 use crate::events::envelope::{decode_commit, EventRecord};
 use crate::handlers::executor;
@@ -212,9 +213,18 @@ async fn run_once(
         job.driver = Some(tx);
         // the folded view is the log up to here; later records follow on `rx`
         let view = (!fresh).then(|| job.view.clone());
+        // the job's span continues the trace of its submission (traces on)
+        let span = tracing::info_span!(
+            parent: None,
+            "handler",
+            job_id,
+            workflow_key = %job.view.workflow_key,
+        );
+        crate::telemetry::adopt(&span, job.view.traceparent.as_deref());
         let (ctx, id, done) = (ctx.clone(), job_id.to_string(), done_tx.clone());
         let task = tokio::spawn(async move {
-            let driven = AssertUnwindSafe(executor::drive(ctx, id.clone(), view, rx));
+            let driving = executor::drive(ctx, id.clone(), view, rx).instrument(span);
+            let driven = AssertUnwindSafe(driving);
             let parked = match driven.catch_unwind().await {
                 Ok(parked) => parked,
                 Err(panic) => Some(format!(
@@ -357,12 +367,15 @@ impl<S: Fn(&str, &mut Job, bool)> Follow<'_, S> {
         self.last_seq = seq;
         let subject = m.subject.as_str();
         if subject.starts_with("flow.ev.job.") || subject.starts_with("flow.ev.approval.") {
+            // a submission's trace goes on in the job's handler span
+            let trace = crate::telemetry::header_of(m.headers.as_ref());
             match decode_commit(&m.payload) {
                 Ok(lines) => {
                     for (_, r) in lines {
                         let drive = self.caught_up
                             && self.leases.may_start(lease::partition(&r.aggregate_id));
-                        fold(&mut self.jobs, seq, r, drive, &self.spawn);
+                        let at = (seq, trace.as_deref());
+                        fold(&mut self.jobs, at, r, drive, &self.spawn);
                     }
                 }
                 Err(e) => {
@@ -555,7 +568,7 @@ impl<S: Fn(&str, &mut Job, bool)> Follow<'_, S> {
 /// that cannot be decoded or folded parks its job (and only that job).
 fn fold(
     jobs: &mut Jobs,
-    seq: u64,
+    (seq, trace): (u64, Option<&str>),
     r: EventRecord,
     caught_up: bool,
     spawn: &impl Fn(&str, &mut Job, bool),
@@ -578,7 +591,7 @@ fn fold(
     // the fold is pure and checked; a panic would still be a bug, and it
     // parks this job rather than stop the handler for every job
     let folded = std::panic::catch_unwind(AssertUnwindSafe(|| {
-        fold_one(&mut jobs.live, seq, r, caught_up, spawn)
+        fold_one(&mut jobs.live, (seq, trace), r, caught_up, spawn)
     }));
     match folded {
         Ok(Ok(())) => {}
@@ -592,13 +605,14 @@ fn fold(
 
 fn fold_one(
     jobs: &mut HashMap<String, Job>,
-    seq: u64,
+    (seq, trace): (u64, Option<&str>),
     r: StoryRecord,
     caught_up: bool,
     spawn: &impl Fn(&str, &mut Job, bool),
 ) -> Result<(), String> {
     let job_id = r.job_id.clone();
-    if let Some(view) = JobView::submitted(seq, &r) {
+    if let Some(mut view) = JobView::submitted(seq, &r) {
+        view.traceparent = trace.map(str::to_string);
         let job = jobs.entry(job_id.clone()).or_insert(Job {
             view,
             driver: None,

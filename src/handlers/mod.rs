@@ -161,9 +161,15 @@ impl Default for HandlerConfig {
 /// receivers), with TLS for `https` URLs: rustls on the `ring` provider,
 /// the platform's trusted roots. Use it for every outgoing client.
 pub fn http_client_builder() -> reqwest::ClientBuilder {
-    // installs once per process; a second call finds it installed
-    let _ = rustls::crypto::ring::default_provider().install_default();
+    install_tls_provider();
     reqwest::Client::builder()
+}
+
+/// Makes rustls's `ring` provider the process's default (the TLS stack of
+/// every outgoing client: reqwest is built without one); installs once
+/// per process, a second call finds it installed.
+pub fn install_tls_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
 /// What the drivers share.
@@ -401,7 +407,12 @@ impl Ctx {
                         reason: e.to_string(),
                     })?;
                     match &mut view {
-                        None => view = JobView::submitted(m.sequence, &r),
+                        None => {
+                            view = JobView::submitted(m.sequence, &r).map(|mut v| {
+                                v.traceparent = crate::telemetry::header_of(Some(&m.headers));
+                                v
+                            })
+                        }
                         Some(v) => v.apply(&r).map_err(|e| LoadError::Fold {
                             seq: m.sequence,
                             reason: e.to_string(),

@@ -95,7 +95,21 @@ fn quote(text: &str) -> String {
     }
 }
 
-/// Sends one attempt of `step`.
+impl CallOutcome {
+    /// The outcome's name in a trace: `succeeded`, `accepted`, `failed`,
+    /// `timed_out`.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            CallOutcome::Succeeded { .. } => "succeeded",
+            CallOutcome::Accepted => "accepted",
+            CallOutcome::Failed { .. } => "failed",
+            CallOutcome::TimedOut => "timed_out",
+        }
+    }
+}
+
+/// Sends one attempt of `step` (with a `traceparent` header when traces
+/// are on).
 pub async fn call(
     client: &reqwest::Client,
     step: &StepDefinition,
@@ -112,14 +126,16 @@ pub async fn call(
     if let (StepKind::N8n, Some(url)) = (step.kind, c.callback_url) {
         body["callback_url"] = json!(url);
     }
+    let mut request = client
+        .post(&step.url)
+        .headers(c.headers.clone())
+        .header(HDR_IDEMPOTENCY_KEY, &key);
+    // traces on: the attempt's span, so the peer's spans join the job's trace
+    if let Some(t) = crate::telemetry::current_traceparent() {
+        request = request.header(crate::telemetry::TRACEPARENT, t);
+    }
     let send = async {
-        let r = client
-            .post(&step.url)
-            .headers(c.headers.clone())
-            .header(HDR_IDEMPOTENCY_KEY, &key)
-            .json(&body)
-            .send()
-            .await?;
+        let r = request.json(&body).send().await?;
         let status = r.status();
         let execution = r
             .headers()

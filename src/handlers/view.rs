@@ -222,6 +222,10 @@ pub struct JobView {
     pub version: u64,
     /// Last approval aggregate version folded in.
     pub approval_version: u64,
+    /// The `traceparent` header of the message that submitted the job
+    /// (traces on): the job's handler span continues that trace. Never in
+    /// an event, not part of the job's story.
+    pub traceparent: Option<String>,
 }
 
 impl JobView {
@@ -266,6 +270,7 @@ impl JobView {
             audit: Vec::new(),
             version: r.aggregate_version,
             approval_version: 0,
+            traceparent: None,
         };
         v.line(r, None, json!({"client_id": r.actor.client_id}), None);
         Some(v)

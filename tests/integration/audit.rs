@@ -64,7 +64,7 @@ fn python_verdict(out: &Path, ring: Option<&Path>, allow_unsigned: bool) -> (Opt
 
 /// Verifies an export with both verifiers and checks that they agree: the
 /// same failing sequence, or the same end, digest and coverage.
-fn verify_both(
+pub(crate) fn verify_both(
     out: &Path,
     ring: Option<&Path>,
     allow_unsigned: bool,
@@ -128,7 +128,10 @@ async fn history(app: &TestApp) {
 }
 
 /// An export signed with the test key, and a key ring file beside it.
-async fn export_to(app: &TestApp, filter: &Filter) -> (tempfile::TempDir, PathBuf, PathBuf) {
+pub(crate) async fn export_to(
+    app: &TestApp,
+    filter: &Filter,
+) -> (tempfile::TempDir, PathBuf, PathBuf) {
     export_with(app, filter, Some(&key())).await
 }
 

@@ -170,28 +170,13 @@ fn serve_check_config_layers_environment_overrides_and_reads_secrets_from_files(
     let db_file = dir.path().join("database-url");
     std::fs::write(&db_file, "postgres://flowledger:pw@127.0.0.1:1/none\n").unwrap();
     let run = |envs: &[(&str, &std::ffi::OsStr)]| {
-        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_flowledger"));
-        // nothing listens there: a connection would fail
-        c.args(["--nats-url", &format!("nats://127.0.0.1:{}", free_port())])
-            .args(["serve", "--check-config", "--registry"])
-            .arg(concat!(
-                env!("CARGO_MANIFEST_DIR"),
-                "/workflows/registry.json"
-            ))
-            .arg("--config")
+        let mut c = check_config_command();
+        c.arg("--config")
             .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/config/example.toml"))
             .env_remove("FLOWLEDGER_CALLBACK_KEY")
             .env_remove("DATABASE_URL")
             .env_remove("FLOWLEDGER_CHECKPOINT_SIGNING_KEY");
-        for (k, v) in envs {
-            c.env(k, v);
-        }
-        let out = c.output().expect("flowledger runs");
-        (
-            out.status.code(),
-            String::from_utf8_lossy(&out.stdout).to_string(),
-            String::from_utf8_lossy(&out.stderr).to_string(),
-        )
+        output_with(c, envs)
     };
     let (code, stdout, stderr) = run(&[
         ("FLOWLEDGER_HANDLER__ENABLED", "false".as_ref()),

@@ -1390,6 +1390,35 @@ pub(crate) fn serve_command_on(
     cmd
 }
 
+/// `flowledger serve --check-config` with the repository's registry, on a
+/// NATS URL where nothing listens (a connection would fail).
+pub(crate) fn check_config_command() -> std::process::Command {
+    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_flowledger"));
+    c.args(["--nats-url", &format!("nats://127.0.0.1:{}", free_port())])
+        .args(["serve", "--check-config", "--registry"])
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/workflows/registry.json"
+        ));
+    c
+}
+
+/// Runs `c` with `envs` added: its exit code, stdout and stderr.
+pub(crate) fn output_with<V: AsRef<std::ffi::OsStr>>(
+    mut c: std::process::Command,
+    envs: &[(&str, V)],
+) -> (Option<i32>, String, String) {
+    for (k, v) in envs {
+        c.env(k, v);
+    }
+    let out = c.output().expect("flowledger runs");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).to_string(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    )
+}
+
 /// Every event in the log, in order.
 pub(crate) async fn log_events<N>(
     app: &TestApp<N>,

@@ -38,3 +38,4 @@ mod secrets;
 mod secrets_vault;
 mod step_secrets;
 mod survival;
+mod tracing;
