@@ -4,6 +4,7 @@
 pub mod api;
 pub mod app;
 pub mod audit;
+pub mod backoff;
 pub mod bus;
 pub mod cli;
 pub mod commands;

@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use backon::Retryable;
 use chrono::{DateTime, Utc};
 use clap::{Args, Parser, Subcommand};
 use serde_json::{json, Value};
@@ -24,6 +25,7 @@ use crate::audit::checkpoint::{self, CheckpointKey, Digest, KeyRing};
 use crate::audit::export;
 use crate::audit::read::{self, Filter};
 use crate::audit::verify::{self, VerifyError};
+use crate::backoff::Backoff;
 use crate::bus::CommandBus;
 use crate::commands::job::JobServices;
 use crate::commands::limits::MAX_JOB_TIMEOUT_SECONDS;
@@ -873,6 +875,10 @@ async fn connect_service(g: &Global, wait: Duration) -> anyhow::Result<async_nat
     connect_patiently(g, wait, "--nats-connect-wait-secs").await
 }
 
+/// The pauses between first connection tries: 250 ms doubling to 5 s.
+const CONNECT_RETRY: Backoff =
+    Backoff::doubling(Duration::from_millis(250), Duration::from_secs(5));
+
 /// The service's connection (see [`connect_service`]), first made within
 /// `wait`; `flag` names the setting in the error.
 async fn connect_patiently(
@@ -882,25 +888,25 @@ async fn connect_patiently(
 ) -> anyhow::Result<async_nats::Client> {
     let until = std::time::Instant::now() + wait;
     let mut attempt: u32 = 0;
-    loop {
-        match connect_as(g, true).await {
-            Ok(c) => return Ok(c),
-            Err(e) if e.downcast_ref::<UsageError>().is_some() => return Err(e),
-            Err(e) if std::time::Instant::now() >= until => {
-                return Err(e.context(format!("gave up after {} s ({flag})", wait.as_secs())))
+    (|| connect_as(g, true))
+        .retry(CONNECT_RETRY.until(until))
+        .when(|e| e.downcast_ref::<UsageError>().is_none())
+        .notify(|e, delay| {
+            attempt = attempt.saturating_add(1);
+            tracing::warn!(
+                attempt,
+                retry_in_ms = delay.as_millis() as u64,
+                "NATS is not reachable yet: {e:#}"
+            );
+        })
+        .await
+        .map_err(|e| {
+            if e.downcast_ref::<UsageError>().is_some() {
+                e
+            } else {
+                e.context(format!("gave up after {} s ({flag})", wait.as_secs()))
             }
-            Err(e) => {
-                attempt = attempt.saturating_add(1);
-                let delay = Duration::from_millis(250 * u64::from(attempt.min(20)));
-                tracing::warn!(
-                    attempt,
-                    retry_in_ms = delay.as_millis() as u64,
-                    "NATS is not reachable yet: {e:#}"
-                );
-                tokio::time::sleep(delay).await;
-            }
-        }
-    }
+        })
 }
 
 /// The servers of `--nats-url`: one URL or several separated by commas,

@@ -10,7 +10,10 @@ use async_nats::jetstream::{
     message::StreamMessage,
     stream::{DirectGetErrorKind, StorageType},
 };
+use backon::{BackoffBuilder, Retryable};
 use bytes::Bytes;
+
+use crate::backoff::Backoff;
 
 /// Where the log lives and how the stream is configured.
 #[derive(Debug, Clone)]
@@ -200,40 +203,39 @@ pub async fn init_patiently(
     let started = std::time::Instant::now();
     let until = started + wait;
     let mut attempt: u32 = 0;
-    loop {
+    let tried = (|| async {
         // each request of a try bounded by what is left of the wait (1-5 s):
         // a server without a meta leader does not answer at all
         let left = until.saturating_duration_since(std::time::Instant::now());
         let js = jetstream::ContextBuilder::new()
             .timeout(left.clamp(Duration::from_secs(1), INIT_REQUEST_TIMEOUT))
             .build(client.clone());
-        match try_init(&js, config).await {
-            Ok(reports) => return Ok(reports),
-            Err(InitFailure {
-                error,
-                transient: true,
-            }) => {
-                let now = std::time::Instant::now();
-                if now >= until {
-                    return Err(LogError::NotReady {
-                        waited_secs: now.duration_since(started).as_secs(),
-                        replicas: config.replicas,
-                        cause: cause(&error),
-                    });
-                }
-                attempt = attempt.saturating_add(1);
-                let delay = init_backoff(attempt).min(until - now);
-                tracing::warn!(
-                    attempt,
-                    retry_in_ms = delay.as_millis() as u64,
-                    replicas = config.replicas,
-                    "waiting for JetStream to place the streams: {}",
-                    cause(&error)
-                );
-                tokio::time::sleep(delay).await;
-            }
-            Err(InitFailure { error, .. }) => return Err(error),
-        }
+        try_init(&js, config).await
+    })
+    .retry(INIT_BACKOFF.until(until))
+    .when(|f| f.transient)
+    .notify(|f, delay| {
+        attempt = attempt.saturating_add(1);
+        tracing::warn!(
+            attempt,
+            retry_in_ms = delay.as_millis() as u64,
+            replicas = config.replicas,
+            "waiting for JetStream to place the streams: {}",
+            cause(&f.error)
+        );
+    })
+    .await;
+    match tried {
+        Ok(reports) => Ok(reports),
+        Err(InitFailure {
+            error,
+            transient: true,
+        }) => Err(LogError::NotReady {
+            waited_secs: started.elapsed().as_secs(),
+            replicas: config.replicas,
+            cause: cause(&error),
+        }),
+        Err(InitFailure { error, .. }) => Err(error),
     }
 }
 
@@ -248,11 +250,8 @@ fn cause(error: &LogError) -> String {
 /// The longest one JetStream request of [`init_patiently`] may take.
 const INIT_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// The pause before try `attempt` (1, 2, ...) of [`init_patiently`]:
-/// 250 ms doubling to 2 s.
-fn init_backoff(attempt: u32) -> Duration {
-    Duration::from_millis((125u64 << attempt.clamp(1, 5)).min(2_000))
-}
+/// The pauses between tries of [`init_patiently`]: 250 ms doubling to 2 s.
+const INIT_BACKOFF: Backoff = Backoff::doubling(Duration::from_millis(250), Duration::from_secs(2));
 
 /// Why one try of [`init`] failed, and whether another may succeed.
 struct InitFailure {
@@ -428,7 +427,7 @@ impl EventLog {
         // with traces on, the span this append runs in: a reader of the
         // message (the job handler) continues the trace from it
         let trace = crate::telemetry::current_traceparent();
-        let appended = loop {
+        let appended = (|| async {
             let mut msg = PublishMessage::build()
                 .payload(payload.clone())
                 .message_id(message_id)
@@ -446,23 +445,21 @@ impl EventLog {
                 }
                 .map_err(|e| classify_publish(e, &subject, size))
             };
-            let sent = bounded(until, publish)
+            bounded(until, publish)
                 .await
                 .map_err(|e| match e {
                     LogError::Unavailable(why) => AppendError::Unavailable(why),
                     other => AppendError::Unavailable(other.to_string()),
                 })
-                .and_then(|r| r);
-            match sent {
-                Err(AppendError::Unavailable(why)) if std::time::Instant::now() < until => {
-                    attempt = attempt.saturating_add(1);
-                    let delay = retry_delay(attempt);
-                    tracing::debug!(%subject, attempt, "append not acknowledged ({why}); retrying");
-                    tokio::time::sleep(delay).await;
-                }
-                other => break other,
-            }
-        };
+                .and_then(|r| r)
+        })
+        .retry(LOG_RETRY.until(until))
+        .when(|e| matches!(e, AppendError::Unavailable(_)))
+        .notify(|e, _| {
+            attempt = attempt.saturating_add(1);
+            tracing::debug!(%subject, attempt, "append not acknowledged ({e}); retrying");
+        })
+        .await;
         let outcome = if appended.is_ok() { "ok" } else { "error" };
         metrics::histogram!("flowledger_append_duration_seconds", "outcome" => outcome)
             .record(started.elapsed().as_secs_f64());
@@ -511,17 +508,14 @@ impl EventLog {
     {
         let until = std::time::Instant::now() + self.config.append_wait;
         let mut attempt: u32 = 0;
-        loop {
-            match bounded(until, read()).await.and_then(|r| r) {
-                Err(LogError::Unavailable(why)) if std::time::Instant::now() < until => {
-                    attempt = attempt.saturating_add(1);
-                    tracing::debug!(attempt, "read not answered ({why}); retrying");
-                    let delay = retry_delay(attempt);
-                    tokio::time::sleep(delay).await;
-                }
-                other => return other,
-            }
-        }
+        (|| async { bounded(until, read()).await.and_then(|r| r) })
+            .retry(LOG_RETRY.until(until))
+            .when(|e| matches!(e, LogError::Unavailable(_)))
+            .notify(|e, _| {
+                attempt = attempt.saturating_add(1);
+                tracing::debug!(attempt, "read not answered ({e}); retrying");
+            })
+            .await
     }
 
     /// An ordered consumer of the stream from `from`, on `filter` (empty:
@@ -536,8 +530,8 @@ impl EventLog {
         from: u64,
     ) -> Result<jetstream::consumer::Consumer<jetstream::consumer::pull::OrderedConfig>, LogError>
     {
-        let mut last = String::new();
-        for attempt in 1..=CONSUMER_CREATE_TRIES {
+        let mut attempt: u32 = 0;
+        (|| async {
             let config = jetstream::consumer::pull::OrderedConfig {
                 filter_subject: filter.to_string(),
                 deliver_policy: jetstream::consumer::DeliverPolicy::ByStartSequence {
@@ -548,17 +542,30 @@ impl EventLog {
             match tokio::time::timeout(CONSUMER_CREATE_WAIT, self.stream.create_consumer(config))
                 .await
             {
-                Ok(Ok(c)) => return Ok(c),
-                Ok(Err(e)) => last = e.to_string(),
-                Err(_) => last = format!("no answer within {} s", CONSUMER_CREATE_WAIT.as_secs()),
+                Ok(Ok(c)) => Ok(c),
+                Ok(Err(e)) => Err(e.to_string()),
+                Err(_) => Err(format!(
+                    "no answer within {} s",
+                    CONSUMER_CREATE_WAIT.as_secs()
+                )),
             }
+        })
+        .retry(
+            LOG_RETRY
+                .build()
+                .take(CONSUMER_CREATE_TRIES.saturating_sub(1) as usize),
+        )
+        .notify(|last, _| {
+            attempt = attempt.saturating_add(1);
             tracing::debug!(attempt, error = %last, "creating a reader of the log again");
-            tokio::time::sleep(retry_delay(attempt)).await;
-        }
-        Err(LogError::Unavailable(format!(
-            "cannot start a reader of stream {} ({CONSUMER_CREATE_TRIES} tries): {last}",
-            self.config.stream
-        )))
+        })
+        .await
+        .map_err(|last| {
+            LogError::Unavailable(format!(
+                "cannot start a reader of stream {} ({CONSUMER_CREATE_TRIES} tries): {last}",
+                self.config.stream
+            ))
+        })
     }
 
     /// The stream's last sequence right now (0 when empty).
@@ -579,12 +586,11 @@ pub const CONSUMER_CREATE_WAIT: Duration = Duration::from_secs(3);
 /// How many creates [`EventLog::ordered_consumer`] sends before it gives up.
 pub const CONSUMER_CREATE_TRIES: u32 = 5;
 
-/// The pause before retry `attempt` (1, 2, ...) of a read or an append:
-/// 100 ms doubling to 500 ms, so a command answers soon after a new stream
-/// leader is elected (each waiting command then asks twice a second).
-fn retry_delay(attempt: u32) -> Duration {
-    Duration::from_millis((50u64 << attempt.clamp(1, 4)).min(500))
-}
+/// The pauses between tries of a read or an append: 100 ms doubling to
+/// 500 ms, so a command answers soon after a new stream leader is elected
+/// (each waiting command then asks twice a second).
+const LOG_RETRY: Backoff =
+    Backoff::doubling(Duration::from_millis(100), Duration::from_millis(500));
 
 /// How long one attempt of a retried read or append may take while the
 /// wait allows another: a request sent just before a connection was lost
@@ -667,25 +673,10 @@ mod tests {
     }
 
     #[test]
-    fn reads_and_appends_retry_from_100_ms_to_half_a_second() {
-        assert_eq!(retry_delay(1), Duration::from_millis(100));
-        assert_eq!(retry_delay(3), Duration::from_millis(400));
-        for attempt in [4, 5, 60, u32::MAX] {
-            assert_eq!(retry_delay(attempt), Duration::from_millis(500));
-        }
-    }
-
-    #[test]
-    fn init_backs_off_from_250_ms_to_2_s() {
-        assert_eq!(init_backoff(1), Duration::from_millis(250));
-        assert_eq!(init_backoff(2), Duration::from_millis(500));
-        let mut last = Duration::ZERO;
-        for attempt in 1..100 {
-            let d = init_backoff(attempt);
-            assert!(d >= last && d <= Duration::from_secs(2), "{attempt}: {d:?}");
-            last = d;
-        }
-        assert_eq!(last, Duration::from_secs(2));
+    fn reads_and_appends_retry_from_100_ms_to_half_a_second_and_init_to_2_s() {
+        let ms = |p: Backoff| -> Vec<u128> { p.build().take(5).map(|d| d.as_millis()).collect() };
+        assert_eq!(ms(LOG_RETRY), [100, 200, 400, 500, 500]);
+        assert_eq!(ms(INIT_BACKOFF), [250, 500, 1000, 2000, 2000]);
     }
 
     #[test]

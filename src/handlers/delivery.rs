@@ -123,7 +123,7 @@ pub async fn deliver(ctx: &Ctx, view: &JobView) {
             "callback not delivered"
         );
         if attempt < max {
-            let wait = ctx.config.retry.delay(attempt, None);
+            let wait = ctx.config.retry.delay(attempt);
             // a drain does not wait for a backoff: the partition's next
             // holder delivers again (same Idempotency-Key)
             if super::executor::pause_unless_given_away(ctx, &view.job_id, wait)

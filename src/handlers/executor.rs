@@ -429,7 +429,11 @@ async fn schedule_retry(
     step: &StepDefinition,
     attempt: u32,
 ) -> Result<Duration, Halt> {
-    let delay = ctx.config.retry.delay(attempt, step.backoff_ms);
+    let delay = ctx
+        .config
+        .retry
+        .with_base_ms(step.backoff_ms)
+        .delay(attempt);
     let delay_ms = u64::try_from(delay.as_millis())
         .unwrap_or(u64::MAX)
         .min(MAX_RETRY_DELAY_MS);
@@ -899,7 +903,11 @@ async fn run_step(
         if status == StepStatus::Succeeded || !retryable || attempt >= step.max_attempts {
             return Ok(StepEnd::Unrecorded(result));
         }
-        let delay = ctx.config.retry.delay(attempt, step.backoff_ms);
+        let delay = ctx
+            .config
+            .retry
+            .with_base_ms(step.backoff_ms)
+            .delay(attempt);
         let delay_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
         result.retry_in_ms = Some(delay_ms.min(MAX_RETRY_DELAY_MS));
         let id = ids::attempt_result(&job.id, &step.name, attempt);

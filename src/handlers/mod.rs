@@ -24,6 +24,7 @@ use std::time::Duration;
 
 use tokio::sync::{oneshot, Notify, OwnedSemaphorePermit, Semaphore};
 
+use crate::backoff::Backoff;
 use crate::bus::CommandBus;
 use crate::commands::approval::{ApprovalCommand, ApprovalError};
 use crate::commands::job::{JobCommand, JobError};
@@ -45,51 +46,14 @@ pub const HANDLER_ACTOR: &str = "flowledger-handler";
 /// keeper to give its partitions away (a keeper that cannot reach NATS).
 const DRAIN_SLACK: Duration = Duration::from_secs(3);
 
-/// Exponential backoff with jitter: attempt n waits
-/// `min(base * multiplier^(n-1), max) * (1 ± jitter)`.
-#[derive(Debug, Clone)]
-pub struct RetryPolicy {
-    /// The wait after the first failed attempt (`handler.retry_base_ms`).
-    pub base: Duration,
-    /// What each further failed attempt multiplies the wait by
-    /// (`handler.retry_multiplier`).
-    pub multiplier: f64,
-    /// The longest wait before jitter (`handler.retry_max_ms`).
-    pub max: Duration,
-    /// 0.2 spreads each delay by ±20%.
-    pub jitter: f64,
-}
-
-impl Default for RetryPolicy {
-    /// The configuration's defaults (seed 002: 5 s, then 15 s).
-    fn default() -> Self {
-        RetryPolicy::from_section(&HandlerSection::default())
-    }
-}
-
-impl RetryPolicy {
-    fn from_section(h: &HandlerSection) -> Self {
-        RetryPolicy {
-            base: Duration::from_millis(h.retry_base_ms),
-            multiplier: h.retry_multiplier,
-            max: Duration::from_millis(h.retry_max_ms),
-            jitter: h.retry_jitter,
-        }
-    }
-
-    /// The wait after failed attempt `attempt` (1-based); `base_ms`
-    /// overrides the policy's base for one step.
-    pub fn delay(&self, attempt: u32, base_ms: Option<u64>) -> Duration {
-        let base = base_ms
-            .map_or(self.base, Duration::from_millis)
-            .as_secs_f64();
-        // attempts past i32::MAX keep the largest exponent (`as` would wrap
-        // to a negative one: a near-zero wait)
-        let exponent = i32::try_from(attempt.saturating_sub(1)).unwrap_or(i32::MAX);
-        let raw = (base * self.multiplier.powi(exponent)).min(self.max.as_secs_f64());
-        let spread = 1.0 + self.jitter * (2.0 * fastrand::f64() - 1.0);
-        // NaN or infinite settings give the maximum, never a panic
-        Duration::try_from_secs_f64((raw * spread).max(0.0)).unwrap_or(self.max)
+/// The step retry policy of the configuration's `[handler]` (seed 002's
+/// defaults: 5 s, then 15 s).
+pub fn retry_policy(h: &HandlerSection) -> Backoff {
+    Backoff {
+        base: Duration::from_millis(h.retry_base_ms),
+        multiplier: h.retry_multiplier,
+        max: Duration::from_millis(h.retry_max_ms),
+        jitter: h.retry_jitter,
     }
 }
 
@@ -101,7 +65,7 @@ pub struct HandlerConfig {
     pub max_concurrent_jobs: usize,
     /// The backoff between a step's attempts and between deliveries of a
     /// result callback.
-    pub retry: RetryPolicy,
+    pub retry: Backoff,
     /// Base URL peers reach this service on (n8n callbacks).
     pub public_url: Option<String>,
     /// Signs outgoing callbacks; without it none is sent.
@@ -128,7 +92,7 @@ impl HandlerConfig {
         let h = &c.handler;
         Ok(HandlerConfig {
             max_concurrent_jobs: h.max_concurrent_jobs,
-            retry: RetryPolicy::from_section(h),
+            retry: retry_policy(h),
             public_url: h
                 .public_url
                 .clone()
@@ -146,7 +110,7 @@ impl Default for HandlerConfig {
     fn default() -> Self {
         HandlerConfig {
             max_concurrent_jobs: 1000,
-            retry: RetryPolicy::default(),
+            retry: retry_policy(&HandlerSection::default()),
             public_url: None,
             callback_key: None,
             callback_max_attempts: 5,
@@ -531,17 +495,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn backoff_grows_and_stays_within_jitter() {
-        let p = RetryPolicy::default();
+    fn the_default_retry_policy_is_seed_002s() {
+        let p = retry_policy(&HandlerSection::default());
         for _ in 0..100 {
-            let d1 = p.delay(1, None).as_secs_f64();
-            let d2 = p.delay(2, None).as_secs_f64();
+            let d1 = p.delay(1).as_secs_f64();
+            let d2 = p.delay(2).as_secs_f64();
             assert!((4.0..=6.0).contains(&d1), "{d1}");
             assert!((12.0..=18.0).contains(&d2), "{d2}");
         }
-        assert!(p.delay(30, None) <= Duration::from_secs(360));
-        let d = p.delay(1, Some(10)).as_secs_f64();
-        assert!((0.008..=0.012).contains(&d), "{d}");
+        assert!(p.delay(30) <= Duration::from_secs(360));
     }
 
     #[tokio::test]

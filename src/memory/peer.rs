@@ -16,11 +16,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer::pull, consumer::AckPolicy, AckKind};
+use backon::{BackoffBuilder, Retryable};
 use futures::StreamExt;
 use serde_json::Value;
 use tokio::sync::{watch, Mutex};
 use zeroize::Zeroizing;
 
+use crate::backoff::Backoff;
 use crate::bus::CommandBus;
 use crate::commands::memory::events::{EpisodeRecorded, MemoryEvent};
 use crate::commands::memory::{Memory, SubjectRef};
@@ -227,13 +229,13 @@ fn transport(e: &reqwest::Error, limit: Duration) -> PeerError {
     }
 }
 
-/// The pause before attempt `attempt + 1`: 200 ms doubling, at most 5 s.
-pub fn backoff(attempt: u32) -> Duration {
-    Duration::from_millis((100u64 << attempt.min(7)).min(5_000))
-}
+/// The pauses between attempts of a memory peer call: 200 ms doubling, at
+/// most 5 s.
+pub const PEER_RETRY: Backoff =
+    Backoff::doubling(Duration::from_millis(200), Duration::from_secs(5));
 
 /// Calls `call` until it succeeds, fails for good, or `max_attempts` were
-/// made, pausing [`backoff`] between attempts; the outcome and the
+/// made, pausing [`PEER_RETRY`] between attempts; the outcome and the
 /// attempts made. `what` and `episode` name the work in the warnings.
 pub async fn with_retries<T, F, Fut>(
     what: &'static str,
@@ -246,17 +248,19 @@ where
     Fut: Future<Output = Result<T, PeerError>>,
 {
     let mut attempt = 0;
-    loop {
+    let outcome = (|| {
         attempt += 1;
-        match call().await {
-            Ok(v) => return (Ok(v), attempt),
-            Err(x) if x.is_retryable() && attempt < max_attempts => {
-                tracing::warn!(peer = what, episode, attempt, error = %x, "memory peer: retrying");
-                tokio::time::sleep(backoff(attempt)).await;
-            }
-            Err(x) => return (Err(x), attempt),
-        }
-    }
+        call()
+    })
+    .retry(
+        PEER_RETRY
+            .build()
+            .take(max_attempts.saturating_sub(1) as usize),
+    )
+    .when(PeerError::is_retryable)
+    .notify(|x, _| tracing::warn!(peer = what, episode, error = %x, "memory peer: retrying"))
+    .await;
+    (outcome, attempt)
 }
 
 /// Why an episode was not handled now; the message is redelivered.
@@ -469,8 +473,8 @@ mod tests {
         assert!(PeerError::KeyUnavailable("x".into()).is_retryable());
         assert!(!PeerError::BadAnswer("x".into()).is_retryable());
         assert!(!PeerError::Key("x".into()).is_retryable());
-        assert_eq!(backoff(1), Duration::from_millis(200));
-        assert_eq!(backoff(30), Duration::from_millis(5_000));
+        let waits: Vec<_> = PEER_RETRY.build().take(6).map(|d| d.as_millis()).collect();
+        assert_eq!(waits, [200, 400, 800, 1600, 3200, 5000]);
     }
 
     #[tokio::test]

@@ -12,11 +12,13 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use backon::{BackoffBuilder, Retryable};
 use chrono::{DateTime, TimeDelta, Utc};
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 use uuid::Uuid;
 
+use crate::backoff::Backoff;
 use crate::bus::{ids, CommandBus, CommandError};
 use crate::commands::limits::{
     MAX_APPROVAL_WINDOW_SECONDS, MAX_MEMORY_FACTS, MAX_MEMORY_FACT_KEY_CHARS,
@@ -398,6 +400,11 @@ impl Written {
         v
     }
 }
+
+/// The pauses before recording an erasure again while the log is
+/// unavailable (the key is already destroyed): 200 ms doubling, 4 of them.
+const ERASE_RECORD_RETRY: Backoff =
+    Backoff::doubling(Duration::from_millis(200), Duration::from_millis(1600));
 
 impl MemoryService {
     /// The service sealing with `keys`.
@@ -1053,17 +1060,13 @@ impl MemoryService {
         let command = MemoryCommand::Erase { subject, reason };
         // the key is already destroyed: record it now if at all possible
         // (a repeated erase finishes it otherwise)
-        let mut wait = Duration::from_millis(200);
-        let receipt = loop {
-            match self.run(bus, &id, command.clone(), &meta).await {
-                Err(e) if e.code == ErrorCode::Unavailable && wait < Duration::from_secs(3) => {
-                    tracing::warn!(error = %e.message, "memory: erasure not recorded yet; retrying");
-                    tokio::time::sleep(wait).await;
-                    wait *= 2;
-                }
-                other => break other?,
-            }
-        };
+        let receipt = (|| self.run(bus, &id, command.clone(), &meta))
+            .retry(ERASE_RECORD_RETRY.build().take(4))
+            .when(|e| e.code == ErrorCode::Unavailable)
+            .notify(|e, _| {
+                tracing::warn!(error = %e.message, "memory: erasure not recorded yet; retrying")
+            })
+            .await?;
         Ok(Written::of(subject_id.to_string(), receipt))
     }
 }

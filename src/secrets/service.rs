@@ -7,8 +7,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use backon::{BackoffBuilder, Retryable};
 use futures::StreamExt;
 
+use crate::backoff::Backoff;
 use crate::bus::{CommandBus, CommandError};
 use crate::commands::secret_access::events::{
     AccessRequest, DecidedBy, SecretAccessDenied, SecretAccessEvent, SecretAccessFailed,
@@ -318,27 +320,31 @@ impl SecretService {
         // an invalidation while this read is in flight wins over its value
         let epoch = self.cache.epoch();
         let mut attempt = 0;
-        let error = loop {
-            attempt += 1;
-            match self.vault.read(&r.path, None, r.version).await {
-                Ok(read) => {
-                    let cached = Cached {
-                        value: Arc::new(read.value),
-                        version: read.version,
-                        read_at: std::time::Instant::now(),
-                        read_at_utc: format_time(chrono::Utc::now()),
-                    };
-                    let latest = r.version.is_none();
-                    self.cache.insert(&r.path, epoch, latest, cached.clone());
-                    return Outcome::Value(cached, ValueSource::Vault, None);
-                }
-                Err(e) if e.is_retryable() && attempt < self.rules.retry_attempts => {
-                    let wait = self.rules.retry_base * 2u32.saturating_pow(attempt - 1);
-                    tracing::debug!(path = %r.path, attempt, error = %e, "Vault read failed; retrying");
-                    tokio::time::sleep(wait).await;
-                }
-                Err(e) => break e,
+        let read = (|| async { self.vault.read(&r.path, None, r.version).await })
+            .retry(
+                Backoff::doubling(self.rules.retry_base, Duration::MAX)
+                    .build()
+                    .take(self.rules.retry_attempts.saturating_sub(1) as usize),
+            )
+            .when(VaultError::is_retryable)
+            .notify(|e, _| {
+                attempt += 1;
+                tracing::debug!(path = %r.path, attempt, error = %e, "Vault read failed; retrying");
+            })
+            .await;
+        let error = match read {
+            Ok(read) => {
+                let cached = Cached {
+                    value: Arc::new(read.value),
+                    version: read.version,
+                    read_at: std::time::Instant::now(),
+                    read_at_utc: format_time(chrono::Utc::now()),
+                };
+                let latest = r.version.is_none();
+                self.cache.insert(&r.path, epoch, latest, cached.clone());
+                return Outcome::Value(cached, ValueSource::Vault, None);
             }
+            Err(e) => e,
         };
         match &error {
             VaultError::Refused { reason, status, .. } => {

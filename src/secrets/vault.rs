@@ -23,11 +23,14 @@ use std::fmt;
 use std::sync::{Arc, RwLock, Weak};
 use std::time::Duration;
 
+use backon::Retryable;
 use serde_json::Value;
 use vaultrs::api::kv2::requests::ReadSecretRequest;
 use vaultrs::client::{VaultClient as Api, VaultClientSettingsBuilder};
 use vaultrs::error::ClientError;
 use zeroize::Zeroize;
+
+use crate::backoff::Backoff;
 
 /// Where Vault is and how flowledger authenticates to it.
 pub struct VaultConfig {
@@ -632,12 +635,24 @@ impl Shared {
     }
 }
 
+/// The pauses between tries to keep the token after a failure: 1 s
+/// doubling to 30 s, without end while the client lives.
+const TOKEN_RETRY: Backoff = Backoff::doubling(Duration::from_secs(1), Duration::from_secs(30));
+
+/// Why one try to keep the token ended without a new lease.
+enum KeepFailure {
+    /// The client was dropped: nothing to keep.
+    Gone,
+    /// Vault refused a static token: it stays refused.
+    Refused(VaultError),
+    /// Worth another try after [`TOKEN_RETRY`].
+    Failed(VaultError),
+}
+
 /// Renews the token at 2/3 of its TTL until the client is gone; after a
-/// failure, tries again after 1 s, 2 s, ... at most 30 s.
+/// failure, tries again with [`TOKEN_RETRY`].
 async fn keep_token(shared: Weak<Shared>, mut lease: Lease) {
     let mut base_ttl = lease.ttl;
-    let mut backoff = Duration::from_secs(1);
-    let mut wait = lease.ttl * 2 / 3;
     loop {
         {
             let Some(s) = shared.upgrade() else { return };
@@ -654,33 +669,36 @@ async fn keep_token(shared: Weak<Shared>, mut lease: Lease) {
                 return;
             }
         }
-        tokio::time::sleep(wait.max(Duration::from_millis(200))).await;
-        let Some(s) = shared.upgrade() else { return };
-        match s.refresh(lease, base_ttl).await {
+        tokio::time::sleep((lease.ttl * 2 / 3).max(Duration::from_millis(200))).await;
+        let kept = (|| async {
+            let s = shared.upgrade().ok_or(KeepFailure::Gone)?;
+            s.refresh(lease, base_ttl).await.map_err(|e| {
+                let static_token = matches!(s.auth, VaultAuth::Token(_));
+                if static_token && matches!(e, VaultError::Auth { kind: AuthKind::Token, .. }) {
+                    KeepFailure::Refused(e)
+                } else {
+                    KeepFailure::Failed(e)
+                }
+            })
+        })
+        .retry(TOKEN_RETRY)
+        .when(|f| matches!(f, KeepFailure::Failed(_)))
+        .notify(|f, wait| {
+            if let KeepFailure::Failed(e) = f {
+                tracing::warn!(error = %e, retry_in_secs = wait.as_secs(), "keeping the Vault token failed");
+            }
+        })
+        .await;
+        match kept {
             Ok(next) => {
-                if next.ttl > base_ttl {
-                    base_ttl = next.ttl;
-                }
+                base_ttl = base_ttl.max(next.ttl);
                 lease = next;
-                backoff = Duration::from_secs(1);
-                wait = lease.ttl * 2 / 3;
             }
-            Err(e) => {
-                tracing::warn!(error = %e, retry_in_secs = backoff.as_secs(), "keeping the Vault token failed");
-                if matches!(
-                    e,
-                    VaultError::Auth {
-                        kind: AuthKind::Token,
-                        ..
-                    }
-                ) && matches!(s.auth, VaultAuth::Token(_))
-                {
-                    // a refused token stays refused
-                    return;
-                }
-                wait = backoff;
-                backoff = (backoff * 2).min(Duration::from_secs(30));
+            Err(KeepFailure::Refused(e)) => {
+                tracing::warn!(error = %e, "keeping the Vault token failed: Vault refuses the token; give a valid one (reads fail until then)");
+                return;
             }
+            Err(KeepFailure::Gone | KeepFailure::Failed(_)) => return,
         }
     }
 }

@@ -1186,7 +1186,7 @@ pub(crate) struct HandlerSide {
 /// Short delays for tests: 20 ms, then 60 ms, ...
 pub(crate) fn test_handler_config() -> HandlerConfig {
     HandlerConfig {
-        retry: flowledger::handlers::RetryPolicy {
+        retry: flowledger::backoff::Backoff {
             base: Duration::from_millis(20),
             multiplier: 3.0,
             max: Duration::from_secs(1),
