@@ -798,11 +798,13 @@ impl SecretsSection {
             }),
         };
         let auth = match self.auth {
-            VaultAuthKind::Token => VaultAuth::Token(var(&self.token_env, "secrets.token_env")?),
+            VaultAuthKind::Token => {
+                VaultAuth::Token(var(&self.token_env, "secrets.token_env")?.into())
+            }
             VaultAuthKind::Approle => VaultAuth::AppRole {
                 mount: self.approle_mount.clone(),
-                role_id: var(&self.role_id_env, "secrets.role_id_env")?,
-                secret_id: var(&self.secret_id_env, "secrets.secret_id_env")?,
+                role_id: var(&self.role_id_env, "secrets.role_id_env")?.into(),
+                secret_id: var(&self.secret_id_env, "secrets.secret_id_env")?.into(),
             },
         };
         Ok(Some(VaultConfig {

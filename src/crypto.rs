@@ -9,6 +9,7 @@
 //! compares in constant time, and refuses timestamps outside its window.
 
 use hmac::{Hmac, Mac};
+use secrecy::{ExposeSecret, SecretSlice};
 use sha2::Sha256;
 
 /// HTTP header carrying the signing time: Unix seconds as decimal digits.
@@ -16,13 +17,14 @@ pub const HDR_TIMESTAMP: &str = "X-Flowledger-Timestamp";
 /// HTTP header carrying the signature, `sha256=<64 lowercase hex digits>`.
 pub const HDR_SIGNATURE: &str = "X-Flowledger-Signature";
 
-/// A shared secret. Its `Debug` never shows the value.
+/// A shared secret: `Debug` shows its length only, and its bytes are
+/// zeroed when dropped.
 #[derive(Clone)]
-pub struct SigningKey(Vec<u8>);
+pub struct SigningKey(SecretSlice<u8>);
 
 impl std::fmt::Debug for SigningKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "SigningKey(<{} bytes>)", self.0.len())
+        write!(f, "SigningKey(<{} bytes>)", self.0.expose_secret().len())
     }
 }
 
@@ -35,12 +37,12 @@ impl SigningKey {
                 secret.len()
             ));
         }
-        Ok(SigningKey(secret.to_vec()))
+        Ok(SigningKey(secret.to_vec().into()))
     }
 
     fn mac(&self, timestamp: i64, body: &[u8]) -> Hmac<Sha256> {
         // Hmac accepts keys of any length: this cannot fail
-        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&self.0)
+        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(self.0.expose_secret())
             .expect("HMAC-SHA256 takes keys of any length");
         mac.update(timestamp.to_string().as_bytes());
         mac.update(b".");

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
+use secrecy::{ExposeSecret, SecretString};
 use serde_json::{json, Value};
 
 use super::output::{self, Format, OutputArgs};
@@ -245,18 +246,9 @@ impl ApiCallError {
     }
 }
 
-/// The bearer token: never shown by `Debug`.
-struct Token(String);
-
-impl std::fmt::Debug for Token {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Token(***)")
-    }
-}
-
 /// The token from `--token-file` or `FLOWLEDGER_TOKEN[_FILE]`; errors name
 /// the flag, variable or file, never the token.
-fn token(args: &ApiArgs, env: &Environment) -> anyhow::Result<Token> {
+fn token(args: &ApiArgs, env: &Environment) -> anyhow::Result<SecretString> {
     let usage = |m: String| anyhow::anyhow!(m).context(UsageError);
     let from_env = env
         .secret("FLOWLEDGER_TOKEN")
@@ -297,7 +289,7 @@ fn token(args: &ApiArgs, env: &Environment) -> anyhow::Result<Token> {
             "{source}: the token holds a space or a character a header cannot carry"
         )));
     }
-    Ok(Token(text))
+    Ok(text.into())
 }
 
 /// The one HTTP client of these commands: the base URL, the token, a
@@ -305,7 +297,7 @@ fn token(args: &ApiArgs, env: &Environment) -> anyhow::Result<Token> {
 pub(crate) struct Api {
     base: url::Url,
     shown: String,
-    token: Token,
+    token: SecretString,
     http: reqwest::Client,
 }
 
@@ -381,14 +373,14 @@ impl Api {
     }
 
     async fn call(&self, req: reqwest::RequestBuilder) -> Result<Value, ApiCallError> {
-        let res =
-            req.bearer_auth(&self.token.0)
-                .send()
-                .await
-                .map_err(|e| ApiCallError::Unreachable {
-                    url: self.shown.clone(),
-                    reason: reason(&e),
-                })?;
+        let res = req
+            .bearer_auth(self.token.expose_secret())
+            .send()
+            .await
+            .map_err(|e| ApiCallError::Unreachable {
+                url: self.shown.clone(),
+                reason: reason(&e),
+            })?;
         let status = res.status();
         let shown_url = crate::commands::redact::display(res.url().as_str()).to_string();
         let text = res.text().await.map_err(|e| ApiCallError::Unreachable {
@@ -688,7 +680,7 @@ mod tests {
         std::fs::write(&file, "from-file-token\n").unwrap();
         let none = Environment::from_vars(Vec::<(String, String)>::new());
         let t = token(&args("http://x", Some(file.clone())), &none).unwrap();
-        assert_eq!(t.0, "from-file-token");
+        assert_eq!(t.expose_secret(), "from-file-token");
         let env = Environment::from_vars([("FLOWLEDGER_TOKEN", "env-token")]);
         let both = token(&args("http://x", Some(file)), &env).unwrap_err();
         assert!(both.downcast_ref::<UsageError>().is_some());

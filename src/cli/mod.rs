@@ -17,6 +17,7 @@ use anyhow::Context;
 use backon::Retryable;
 use chrono::{DateTime, Utc};
 use clap::{Args, Parser, Subcommand};
+use secrecy::{ExposeSecret, SecretString};
 use serde_json::{json, Value};
 
 use crate::api::nats::COMMAND_SUBJECT_PREFIX;
@@ -62,9 +63,9 @@ impl Cli {
     /// flag or the variable, and the file) is a usage error naming both.
     pub(crate) fn read_secret_files(&mut self, env: &Environment) -> anyhow::Result<()> {
         let auth = &mut self.global.nats_auth;
-        let mut password = auth.password.take().map(|Password(p)| p);
+        let mut password = auth.password.take().map(|p| p.expose_secret().to_string());
         from_secret_file(env, &mut password, "FLOWLEDGER_NATS_PASSWORD", "--password")?;
-        auth.password = password.map(Password);
+        auth.password = password.map(SecretString::from);
         if let Some(key) = self.command.key_mut() {
             from_secret_file(
                 env,
@@ -174,9 +175,10 @@ pub(crate) struct NatsAuth {
         long,
         global = true,
         env = "FLOWLEDGER_NATS_PASSWORD",
-        hide_env_values = true
+        hide_env_values = true,
+        value_parser = secret_arg
     )]
-    pub(crate) password: Option<Password>,
+    pub(crate) password: Option<SecretString>,
     /// CA certificate (PEM) the NATS server's certificate must chain to;
     /// TLS is then required.
     #[arg(long, global = true, env = "FLOWLEDGER_NATS_CA", value_name = "FILE")]
@@ -188,20 +190,9 @@ pub(crate) struct NatsAuth {
     pub(crate) inbox_prefix: Option<String>,
 }
 
-/// A password: never shown by `Debug`.
-#[derive(Clone)]
-pub(crate) struct Password(String);
-
-impl From<String> for Password {
-    fn from(s: String) -> Self {
-        Password(s)
-    }
-}
-
-impl std::fmt::Debug for Password {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Password(***)")
-    }
+/// A secret flag's value: redacted by `Debug`, zeroed when dropped.
+fn secret_arg(s: &str) -> Result<SecretString, std::convert::Infallible> {
+    Ok(SecretString::from(s))
 }
 
 impl NatsAuth {
@@ -235,11 +226,11 @@ impl NatsAuth {
             o = o.nkey(read_nkey_seed(path).map_err(usage)?);
         }
         match (&self.user, &self.password) {
-            (Some(user), Some(Password(password))) => {
+            (Some(user), Some(password)) => {
                 if user.is_empty() {
                     return Err(usage("--user: the NATS user name is empty".into()));
                 }
-                o = o.user_and_password(user.clone(), password.clone());
+                o = o.user_and_password(user.clone(), password.expose_secret().to_string());
             }
             (Some(_), None) => {
                 return Err(usage(

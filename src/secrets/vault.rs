@@ -24,6 +24,7 @@ use std::sync::{Arc, RwLock, Weak};
 use std::time::Duration;
 
 use backon::Retryable;
+use secrecy::{ExposeSecret, SecretString};
 use serde_json::Value;
 use vaultrs::api::kv2::requests::ReadSecretRequest;
 use vaultrs::client::{VaultClient as Api, VaultClientSettingsBuilder};
@@ -32,7 +33,9 @@ use zeroize::Zeroize;
 
 use crate::backoff::Backoff;
 
-/// Where Vault is and how flowledger authenticates to it.
+/// Where Vault is and how flowledger authenticates to it (`Debug` shows
+/// no credential: they are `SecretString`s).
+#[derive(Debug)]
 pub struct VaultConfig {
     /// The server's base URL, e.g. `https://vault.example:8200`.
     pub addr: String,
@@ -42,58 +45,22 @@ pub struct VaultConfig {
     pub timeout: Duration,
 }
 
-impl fmt::Debug for VaultConfig {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("VaultConfig")
-            .field("addr", &self.addr)
-            .field("auth", &self.auth)
-            .field("timeout", &self.timeout)
-            .finish()
-    }
-}
-
-/// How flowledger authenticates to Vault.
+/// How flowledger authenticates to Vault. The credentials are
+/// `SecretString`s: redacted by `Debug`, zeroed when dropped.
+#[derive(Debug)]
 pub enum VaultAuth {
     /// A token given as is (looked up at start, renewed while renewable).
-    Token(String),
+    Token(SecretString),
     /// An AppRole login at `auth/<mount>/login`; logged in again whenever
     /// the token cannot be renewed.
     AppRole {
         /// The AppRole auth mount, usually `approle`.
         mount: String,
         /// The role's role_id.
-        role_id: String,
+        role_id: SecretString,
         /// A secret_id of the role.
-        secret_id: String,
+        secret_id: SecretString,
     },
-}
-
-impl fmt::Debug for VaultAuth {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            VaultAuth::Token(_) => f.write_str("Token(<redacted>)"),
-            VaultAuth::AppRole { mount, .. } => f
-                .debug_struct("AppRole")
-                .field("mount", mount)
-                .field("role_id", &format_args!("<redacted>"))
-                .field("secret_id", &format_args!("<redacted>"))
-                .finish(),
-        }
-    }
-}
-
-impl Drop for VaultAuth {
-    fn drop(&mut self) {
-        match self {
-            VaultAuth::Token(t) => t.zeroize(),
-            VaultAuth::AppRole {
-                role_id, secret_id, ..
-            } => {
-                role_id.zeroize();
-                secret_id.zeroize();
-            }
-        }
-    }
 }
 
 /// Which credential Vault refused.
@@ -423,7 +390,7 @@ impl VaultClient {
         };
         let lease = match &shared.auth {
             VaultAuth::Token(token) => {
-                let api = build_api(&shared.addr, shared.timeout, token)?;
+                let api = build_api(&shared.addr, shared.timeout, token.expose_secret())?;
                 let me = vaultrs::token::lookup_self(&api).await.map_err(|e| {
                     auth_error(e, &shared.addr, "auth/token/lookup-self", AuthKind::Token)
                 })?;
@@ -577,9 +544,14 @@ impl Shared {
         let kind = AuthKind::AppRole {
             mount: mount.clone(),
         };
-        let info = vaultrs::auth::approle::login(&anonymous, mount, role_id, secret_id)
-            .await
-            .map_err(|e| auth_error(e, &self.addr, &what, kind))?;
+        let info = vaultrs::auth::approle::login(
+            &anonymous,
+            mount,
+            role_id.expose_secret(),
+            secret_id.expose_secret(),
+        )
+        .await
+        .map_err(|e| auth_error(e, &self.addr, &what, kind))?;
         let mut token = info.client_token;
         let api = build_api(&self.addr, self.timeout, &token);
         token.zeroize();

@@ -1494,7 +1494,7 @@ pub(crate) async fn root_secret_service(
     use flowledger::secrets::vault::{VaultAuth, VaultClient, VaultConfig};
     let vault = VaultClient::connect(VaultConfig {
         addr: bao.addr(),
-        auth: VaultAuth::Token(bao.root_token().to_string()),
+        auth: VaultAuth::Token(bao.root_token().into()),
         timeout: Duration::from_secs(2),
     })
     .await

@@ -71,7 +71,7 @@ pub(crate) async fn secrets_settings(
 ) -> Arc<SecretService> {
     let vault = VaultClient::connect(VaultConfig {
         addr: bao.addr(),
-        auth: VaultAuth::Token(token.to_string()),
+        auth: VaultAuth::Token(token.into()),
         timeout: Duration::from_secs(2),
     })
     .await

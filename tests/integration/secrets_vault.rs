@@ -61,7 +61,7 @@ async fn connect(bao: &OpenBao, auth: VaultAuth) -> VaultClient {
 #[tokio::test]
 async fn a_token_reads_a_field_the_whole_secret_and_a_version() {
     let (bao, token) = seeded().await;
-    let vault = connect(&bao, VaultAuth::Token(token)).await;
+    let vault = connect(&bao, VaultAuth::Token(token.into())).await;
 
     let key = vault
         .read(OCR, Some("api_key"), None)
@@ -121,7 +121,7 @@ async fn a_token_reads_a_field_the_whole_secret_and_a_version() {
 #[tokio::test]
 async fn the_latest_version_follows_a_new_write() {
     let (bao, token) = seeded().await;
-    let vault = connect(&bao, VaultAuth::Token(token)).await;
+    let vault = connect(&bao, VaultAuth::Token(token.into())).await;
     assert_eq!(vault.latest_version(OCR).await.expect("metadata"), 2);
     bao.put_secret("external_apis/ocr", json!({"api_key": "k-three"}))
         .await;
@@ -136,7 +136,7 @@ async fn the_latest_version_follows_a_new_write() {
 #[tokio::test]
 async fn a_path_outside_the_policy_is_refused_with_vaults_reason() {
     let (bao, token) = seeded().await;
-    let vault = connect(&bao, VaultAuth::Token(token)).await;
+    let vault = connect(&bao, VaultAuth::Token(token.into())).await;
     let err = vault
         .read("secret/data/other/db", Some("password"), None)
         .await
@@ -192,8 +192,8 @@ async fn approle_logs_in_and_a_bad_secret_id_is_named() {
         &bao,
         VaultAuth::AppRole {
             mount: "approle".into(),
-            role_id: role_id.clone(),
-            secret_id: secret_id.clone(),
+            role_id: role_id.clone().into(),
+            secret_id: secret_id.clone().into(),
         },
     )
     .await;
@@ -208,7 +208,7 @@ async fn approle_logs_in_and_a_bad_secret_id_is_named() {
         &bao,
         VaultAuth::AppRole {
             mount: "approle".into(),
-            role_id: role_id.clone(),
+            role_id: role_id.clone().into(),
             secret_id: "not-the-secret-id".into(),
         },
     ))
@@ -246,8 +246,8 @@ async fn the_token_is_renewed_before_it_expires() {
         &bao,
         VaultAuth::AppRole {
             mount: "approle".into(),
-            role_id,
-            secret_id,
+            role_id: role_id.into(),
+            secret_id: secret_id.into(),
         },
     )
     .await;
@@ -290,8 +290,8 @@ async fn approle_logs_in_again_when_the_max_ttl_nears() {
         &bao,
         VaultAuth::AppRole {
             mount: "approle".into(),
-            role_id,
-            secret_id,
+            role_id: role_id.into(),
+            secret_id: secret_id.into(),
         },
     )
     .await;
@@ -347,7 +347,7 @@ async fn a_stopped_server_is_unreachable() {
 #[tokio::test]
 async fn an_audit_device_that_cannot_write_fails_every_read_with_500() {
     let (bao, token) = seeded().await;
-    let vault = connect(&bao, VaultAuth::Token(token.clone())).await;
+    let vault = connect(&bao, VaultAuth::Token(token.clone().into())).await;
     vault.read(OCR, None, None).await.expect("read");
 
     bao.break_audit().await;
@@ -364,7 +364,7 @@ async fn an_audit_device_that_cannot_write_fails_every_read_with_500() {
         other => panic!("not Failing: {other:?}"),
     }
     assert!(err.is_retryable());
-    let at_start = VaultClient::connect(config(&bao, VaultAuth::Token(token)))
+    let at_start = VaultClient::connect(config(&bao, VaultAuth::Token(token.into())))
         .await
         .expect_err("the token lookup is audited too");
     assert!(
@@ -389,7 +389,7 @@ async fn no_value_token_or_secret_id_in_the_logs_at_trace_level() {
     let (role_id, secret_id) = bao
         .approle("logged", &["apis"], Duration::from_secs(3))
         .await;
-    let vault = connect(&bao, VaultAuth::Token(token.clone())).await;
+    let vault = connect(&bao, VaultAuth::Token(token.clone().into())).await;
     vault.read(OCR, None, None).await.expect("read");
     vault
         .read(OCR, Some("api_key"), Some(1))
@@ -401,8 +401,8 @@ async fn no_value_token_or_secret_id_in_the_logs_at_trace_level() {
         &bao,
         VaultAuth::AppRole {
             mount: "approle".into(),
-            role_id: role_id.clone(),
-            secret_id: secret_id.clone(),
+            role_id: role_id.clone().into(),
+            secret_id: secret_id.clone().into(),
         },
     )
     .await;

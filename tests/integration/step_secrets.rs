@@ -44,7 +44,7 @@ async fn vault() -> (OpenBao, String) {
 async fn secrets(bao: &OpenBao, token: &str) -> std::sync::Arc<SecretService> {
     let vault = VaultClient::connect(VaultConfig {
         addr: bao.addr(),
-        auth: VaultAuth::Token(token.to_string()),
+        auth: VaultAuth::Token(token.into()),
         timeout: Duration::from_secs(2),
     })
     .await

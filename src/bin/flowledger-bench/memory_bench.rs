@@ -615,7 +615,7 @@ async fn embeddings_peer(dims: usize) -> anyhow::Result<String> {
 async fn memory_service(args: &Args, peer: Option<&str>) -> anyhow::Result<Arc<MemoryService>> {
     let vault = VaultClient::connect(VaultConfig {
         addr: args.vault_addr.clone(),
-        auth: VaultAuth::Token(args.vault_token.clone()),
+        auth: VaultAuth::Token(args.vault_token.clone().into()),
         timeout: Duration::from_secs(10),
     })
     .await
