@@ -694,6 +694,10 @@ pub struct AuditRow {
     pub duration_ms: Option<i64>,
     /// The event's hash in the chain.
     pub event_hash: String,
+    /// The n8n execution that answered a step (`StepResultRecorded` of an
+    /// n8n step that named it); absent in rows written before a rebuild
+    /// added the column.
+    pub n8n_execution_id: Option<String>,
 }
 
 /// A page of audit rows, in stream order.

@@ -396,10 +396,24 @@ const AUDIT_COLUMNS: &str =
      aggregate_id, job_id, workflow_key, action, step, status, error_code, error_message, \
      duration_ms, event_hash";
 
+/// [`AUDIT_COLUMNS`] and the n8n execution id, last in the table: a table
+/// made by a build before it has none and is kept without it (a rebuild
+/// adds it, docs/PROJECTIONS.md).
+const AUDIT_COLUMNS_WITH_N8N: &str =
+    "stream_seq, event_index, event_id, occurred_at, client_id, user_id, aggregate_type, \
+     aggregate_id, job_id, workflow_key, action, step, status, error_code, error_message, \
+     duration_ms, event_hash, n8n_execution_id";
+
 async fn audit(tx: &mut Tx<'_>, v: i32, batch: &[Msg]) -> Result<(), Failure> {
     // Every job and approval event names its job and workflow key, so each
     // row comes from its own event alone.
-    let mut rows = CopyRows::new(AUDIT_COLUMNS);
+    let table = format!("audit_trail_v{v}");
+    let n8n = crate::projections::db::has_column(&mut **tx, &table, "n8n_execution_id").await?;
+    let mut rows = CopyRows::new(if n8n {
+        AUDIT_COLUMNS_WITH_N8N
+    } else {
+        AUDIT_COLUMNS
+    });
     for m in batch {
         for (i, (hash, r)) in m.events.iter().enumerate() {
             let d = &r.data;
@@ -429,9 +443,12 @@ async fn audit(tx: &mut Tx<'_>, v: i32, batch: &[Msg]) -> Result<(), Failure> {
                 .text(d.error_message.as_deref())
                 .i64(d.duration_ms)
                 .text(Some(hash));
+            if n8n {
+                rows.text(d.n8n_execution_id.as_deref());
+            }
         }
     }
-    rows.copy_into(tx, &format!("audit_trail_v{v}")).await?;
+    rows.copy_into(tx, &table).await?;
     Ok(())
 }
 

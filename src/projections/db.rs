@@ -179,6 +179,7 @@ pub fn ddl(model: ReadModel, v: i32) -> Vec<String> {
                     error_message  TEXT,
                     duration_ms    BIGINT,
                     event_hash     CHAR(64) NOT NULL,
+                    n8n_execution_id TEXT,                  -- the n8n execution that answered
                     PRIMARY KEY (stream_seq, event_index)
                 )"
             ),

@@ -95,6 +95,10 @@ pub struct Fields {
     /// (`audit_trail.duration_ms`).
     #[serde(deserialize_with = "int")]
     pub duration_ms: Option<i64>,
+    /// The n8n execution that answered a step
+    /// (`StepResultRecorded.n8n_execution_id`, `audit_trail.n8n_execution_id`).
+    #[serde(deserialize_with = "string")]
+    pub n8n_execution_id: Option<String>,
     /// JSON text as stored; `null` is `None`.
     pub input: Option<Box<RawValue>>,
     /// A completed job's outputs, JSON text as stored

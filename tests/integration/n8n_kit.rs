@@ -194,7 +194,14 @@ async fn the_202_templates_signed_result_is_accepted() {
         })
         .collect();
     let fields = stringified_fields(&assigned["body"]);
-    for required in ["job_id", "step", "attempt", "nonce", "status"] {
+    for required in [
+        "job_id",
+        "step",
+        "attempt",
+        "nonce",
+        "status",
+        "duration_ms",
+    ] {
         assert!(
             fields.iter().any(|f| f == required),
             "{file} sends no {required}: {fields:?}"
@@ -298,6 +305,14 @@ async fn the_202_templates_signed_result_is_accepted() {
     assert_eq!(
         recorded[0]["n8n_execution_id"], "4711",
         "the timeline shows it"
+    );
+    api.caught_up(&app.log).await;
+    let (_, rows) = api
+        .get("/v1/audit?job_id=kit-202&action=StepResultRecorded")
+        .await;
+    assert_eq!(
+        rows["items"][0]["n8n_execution_id"], "4711",
+        "the audit trail shows it: {rows}"
     );
 }
 
