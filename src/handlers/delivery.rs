@@ -4,6 +4,8 @@
 
 use std::time::Duration;
 
+use tracing::Instrument;
+
 use crate::commands::job::RecordCallback;
 use crate::crypto::{HDR_SIGNATURE, HDR_TIMESTAMP};
 use crate::handlers::executor::{callback_body, record_callback};
@@ -81,11 +83,23 @@ pub async fn deliver(ctx: &Ctx, view: &JobView) {
     let body = callback_body(view).to_string();
     let max = ctx.config.callback_max_attempts.max(1);
     let mut last_error = String::new();
+    // the delivery's span, in the job's trace; the receiver is sent its
+    // `traceparent` (ids and the outcome only: no URL, no body)
+    let span = tracing::info_span!(
+        "callback",
+        job_id = %view.job_id,
+        attempts = tracing::field::Empty,
+        outcome = tracing::field::Empty,
+    );
+    let trace = crate::telemetry::traceparent(&span);
     for attempt in 1..=max {
+        span.record("attempts", attempt);
         let ts = chrono::Utc::now().timestamp();
-        let sent = ctx
-            .http
-            .post(url)
+        let mut request = ctx.http.post(url);
+        if let Some(t) = &trace {
+            request = request.header(crate::telemetry::TRACEPARENT, t);
+        }
+        let sent = request
             .header("Content-Type", "application/json")
             .header(HDR_TIMESTAMP, ts.to_string())
             .header(HDR_SIGNATURE, key.sign(ts, body.as_bytes()))
@@ -93,9 +107,11 @@ pub async fn deliver(ctx: &Ctx, view: &JobView) {
             .timeout(ctx.config.callback_timeout)
             .body(body.clone())
             .send()
+            .instrument(span.clone())
             .await;
         match sent {
             Ok(r) if r.status().is_success() => {
+                span.record("outcome", "delivered");
                 metrics::counter!("flowledger_callbacks_total", "outcome" => "delivered")
                     .increment(1);
                 let outcome = RecordCallback {
@@ -134,6 +150,7 @@ pub async fn deliver(ctx: &Ctx, view: &JobView) {
             }
         }
     }
+    span.record("outcome", "failed");
     metrics::counter!("flowledger_callbacks_total", "outcome" => "failed").increment(1);
     let outcome = RecordCallback {
         target,

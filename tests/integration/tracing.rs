@@ -171,8 +171,43 @@ async fn settled_status(api: &ReadSide, job_id: &str) -> String {
     }
 }
 
+/// Set in the child process that runs [`one_job_traced`] alone.
+const ALONE: &str = "FLOWLEDGER_TRACE_TEST_ALONE";
+
+/// Runs [`one_job_traced`] in a child process of this test binary, alone.
+/// In a process shared with other tests, the subscriber this test sets
+/// for its thread loses spans: `tracing` caches each callsite's interest
+/// process-wide, and callsites the other tests' threads reach first (with
+/// their own or no subscriber) come out disabled for it (the commit and
+/// step spans went missing whenever `handlers::` ran beside it). `serve`
+/// sets its subscriber for the whole process, as the child does.
 #[tokio::test]
 async fn one_job_is_one_trace_from_the_client_through_intake_commit_handler_and_each_step_call() {
+    if std::env::var_os(ALONE).is_some() {
+        return one_job_traced().await;
+    }
+    let exe = std::env::current_exe().expect("the test binary's path");
+    let name = "tracing::one_job_is_one_trace_from_the_client_through_intake_commit_handler_and_each_step_call";
+    let out = tokio::process::Command::new(exe)
+        .args([name, "--exact", "--test-threads=1", "--nocapture"])
+        .env(ALONE, "1")
+        .output()
+        .await
+        .expect("the test binary runs");
+    assert!(
+        out.status.success(),
+        "the traced job failed in its own process:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("1 passed"),
+        "the child ran no test: {stdout}"
+    );
+}
+
+async fn one_job_traced() {
     let dir = tempfile::tempdir().expect("a temp dir");
     let collector = Collector::start(dir.path()).await;
     let traces = Traces::start(&TelemetrySection {
@@ -188,7 +223,8 @@ async fn one_job_is_one_trace_from_the_client_through_intake_commit_handler_and_
         Format::Text { ansi: false },
         Some(&traces),
     );
-    let guard = tracing::subscriber::set_default(subscriber);
+    tracing::subscriber::set_global_default(subscriber)
+        .expect("the child process has no subscriber yet");
 
     let app = spawn_app().await;
     let peer = Peer::start().await;
@@ -204,10 +240,15 @@ async fn one_job_is_one_trace_from_the_client_through_intake_commit_handler_and_
         ]),
         json!({}),
     ));
-    let api = spawn_service(&app, registry, test_handler_config()).await;
+    let receiver = peer.script("/cb", vec![peers::ok(5, json!({}))]);
+    let mut config = test_handler_config();
+    config.callback_key = Some(
+        flowledger::crypto::SigningKey::new(b"test-callback-secret-0123").expect("a long key"),
+    );
+    let api = spawn_service(&app, registry, config).await;
     let client_traceparent = format!("00-{CLIENT_TRACE}-{CLIENT_SPAN}-01");
-    let body =
-        json!({"job_id": "traced-1", "workflow_key": "w", "inputs": {"card": "planted-4111"}});
+    let body = json!({"job_id": "traced-1", "workflow_key": "w",
+                      "inputs": {"card": "planted-4111"}, "callback_url": receiver});
     let a = api
         .send(
             "POST",
@@ -222,10 +263,10 @@ async fn one_job_is_one_trace_from_the_client_through_intake_commit_handler_and_
         .await;
     assert_eq!(a.status, 202, "{}", a.body);
     assert_eq!(settled_status(&api, "traced-1").await, "completed");
+    eventually("the result callback", || peer.received("/cb").len() == 1).await;
 
     // every span still batched is exported on shutdown, as `serve` stops
     traces.shutdown().await;
-    drop(guard);
     let spans = collector.spans();
     assert!(!spans.is_empty(), "the collector received no span");
     // the status polls above are requests of their own, with no traceparent
@@ -261,7 +302,7 @@ async fn one_job_is_one_trace_from_the_client_through_intake_commit_handler_and_
     let submitted = named("commit")
         .into_iter()
         .find(|c| c.parent == intake[0].span_id)
-        .expect("the submission's commit span");
+        .unwrap_or_else(|| panic!("the submission's commit span: {spans:#?}"));
     assert_eq!(submitted.attributes["aggregate_id"], "traced-1");
     // across JetStream: the handler continues from the commit's header
     let handler = named("handler");
@@ -312,6 +353,24 @@ async fn one_job_is_one_trace_from_the_client_through_intake_commit_handler_and_
             ("step_call", step)
         );
     }
+
+    // the result callback too, from its own span in the handler's
+    let got = peer.received("/cb");
+    let tp = got[0]
+        .headers
+        .get("traceparent")
+        .unwrap_or_else(|| panic!("the callback has no traceparent: {:?}", got[0].headers));
+    let parts: Vec<&str> = tp.split('-').collect();
+    assert_eq!(parts.get(1), Some(&CLIENT_TRACE), "{tp}");
+    let callback = by_id
+        .get(parts[2])
+        .expect("the callback's span is exported");
+    assert_eq!(callback.name, "callback");
+    assert_eq!(callback.attributes["outcome"], "delivered");
+    assert_eq!(
+        parent_of(callback).map(|p| p.name.as_str()),
+        Some("handler")
+    );
 
     // the context rode in the commit's header, outside the chained body:
     // the log still verifies, with the Rust verifier and the Python one
