@@ -8,6 +8,7 @@
 //   CLIENT_TOKEN     a client's token: submits the jobs, as a service would
 //   WORKFLOW         a workflow that completes on its own
 //   GATED_WORKFLOW   one that waits for an approval
+//   FLAKY_WORKFLOW   one whose first job fails and whose retry completes
 //   RUN              a suffix for the job ids
 //   CHROMIUM         the browser (default /usr/bin/chromium)
 //   PLAYWRIGHT_DIR   where playwright-core is installed (default
@@ -25,6 +26,7 @@ const OPERATOR = env("OPERATOR_TOKEN");
 const CLIENT = env("CLIENT_TOKEN");
 const WORKFLOW = env("WORKFLOW");
 const GATED = env("GATED_WORKFLOW");
+const FLAKY = env("FLAKY_WORKFLOW");
 const RUN = env("RUN", String(Date.now()));
 const require = createRequire(env("PLAYWRIGHT_DIR", "/opt/flowledger/console-check") + "/");
 const { chromium } = require("playwright-core");
@@ -110,13 +112,30 @@ try {
   await page.waitForSelector('#job-timeline li[data-event-type="JobCompleted"]');
   await page.waitForFunction(() => document.querySelector("#job-status").textContent === "completed");
 
+  step = "a failed job is retried from its page";
+  const flaky = `ui-flaky-${RUN}`;
+  await submit(flaky, FLAKY);
+  await page.goto(`${URL_}/console#/jobs/${flaky}`);
+  await page.waitForFunction(() => document.querySelector("#job-status").textContent === "failed");
+  await page.waitForSelector("#job-retry:not([hidden])");
+  await page.click("#job-retry");
+  await page.waitForFunction((id) => document.querySelector("#flash").textContent.includes(`job ${id}: retried as `), flaky);
+  const retried = (await page.textContent("#flash")).split("retried as ")[1].trim();
+  await page.waitForFunction((id) => document.querySelector("#job-id").textContent === id, retried);
+  await page.waitForSelector(`#job-fields a[data-job="${flaky}"]`);
+  await page.waitForFunction(() => document.querySelector("#job-status").textContent === "completed");
+  step = "the retried job links to its retry and offers no second one";
+  await page.click(`#job-fields a[data-job="${flaky}"]`);
+  await page.waitForSelector(`#job-fields a[data-job="${retried}"]`);
+  if (!(await page.$("#job-retry[hidden]"))) throw new Error("a retried job still offers Retry");
+
   step = "the projections' state";
   await page.goto(`${URL_}/console#/projections`);
   await page.waitForFunction(() => document.querySelectorAll("#projections-table tbody tr").length >= 1);
   await page.waitForFunction(() => document.querySelector("#health-summary").textContent.includes("ready: true"));
 
   if (problems.length) throw new Error(problems.join("; "));
-  console.log(`console-check: passed (jobs ${job}, ${gated})`);
+  console.log(`console-check: passed (jobs ${job}, ${gated}, ${flaky} retried as ${retried})`);
 } catch (e) {
   console.error(`console-check: failed at "${step}": ${e.message}`);
   if (problems.length) console.error(`console-check: also: ${problems.join("; ")}`);

@@ -13,18 +13,24 @@ use crate::helpers::*;
 use crate::peers::{self, Peer};
 
 /// A registry of `w` (one quick step), `gated` (the same after an
-/// approval) and `stuck` (a step that never answers within the test).
+/// approval), `stuck` (a step that never answers within the test) and
+/// `flaky` (its peer fails the first call and answers the next).
 async fn console_registry(peer: &Peer) -> std::sync::Arc<flowledger::commands::registry::Registry> {
     let quick = peer.script(
         "/quick",
         vec![peers::ok(300, json!({"total": "planted-output-99"}))],
     );
     let stuck = peer.script("/stuck", vec![peers::hang()]);
+    let flaky = peer.script(
+        "/flaky",
+        vec![peers::status(5, 503), peers::ok(5, json!({"ok": true}))],
+    );
     parse_registry(json!({"version": 1, "workflows": {
         "w": {"steps": [solver("quick", &quick, 5000, 1)]},
         "gated": {"steps": [solver("quick", &quick, 5000, 1)],
                   "requires_approval": true, "approval_timeout_seconds": 3600},
         "stuck": {"steps": [solver("stuck", &stuck, 120_000, 1)]},
+        "flaky": {"steps": [solver("flaky", &flaky, 5000, 1)]},
     }}))
 }
 
@@ -254,6 +260,7 @@ async fn an_operator_uses_the_console_in_headless_chromium() {
         .env("CLIENT_TOKEN", BILLING_TOKEN)
         .env("WORKFLOW", "w")
         .env("GATED_WORKFLOW", "gated")
+        .env("FLAKY_WORKFLOW", "flaky")
         .env("RUN", "t")
         .kill_on_drop(true);
     for var in ["CHROMIUM", "PLAYWRIGHT_DIR"] {
@@ -287,4 +294,22 @@ async fn an_operator_uses_the_console_in_headless_chromium() {
         let (_, j) = api.get(&format!("/v1/jobs/{job}")).await;
         assert_eq!(j["status"], "completed", "{job}: {j}");
     }
+    // the Retry button: the failed job linked to a new one that completed,
+    // retried by the operator
+    let (_, old) = api.get("/v1/jobs/ui-flaky-t").await;
+    assert_eq!(old["status"], "failed", "{old}");
+    let new = old["retried_by"]
+        .as_str()
+        .expect("the failed job was retried");
+    assert!(stdout.contains(&format!("retried as {new}")), "{stdout}");
+    let (_, retry) = api.get(&format!("/v1/jobs/{new}")).await;
+    assert_eq!(
+        (retry["status"].as_str(), retry["retry_of"].as_str()),
+        (Some("completed"), Some("ui-flaky-t")),
+        "{retry}"
+    );
+    let (_, audit) = api
+        .get("/v1/audit?job_id=ui-flaky-t&action=JobRetried")
+        .await;
+    assert_eq!(audit["items"][0]["client_id"], "ops", "{audit}");
 }

@@ -9,6 +9,7 @@ const VIEWS = ["login", "executions", "job", "approvals", "projections"];
 let me = null;            // {client_id, role} of the logged-in caller
 let live = null;          // the AbortController of the open live stream
 let execCursor = null;    // next_cursor of the executions list
+let notice = null;        // a message for the next view (after a retry)
 
 const $ = (id) => document.getElementById(id);
 
@@ -139,6 +140,34 @@ function field(dl, name, value) {
   dl.append(dt, dd);
 }
 
+function jobLink(dl, name, id) {
+  const dt = document.createElement("dt");
+  dt.textContent = name;
+  const dd = document.createElement("dd");
+  const a = document.createElement("a");
+  a.href = "#/jobs/" + encodeURIComponent(id);
+  a.textContent = id;
+  a.dataset.job = id;
+  dd.appendChild(a);
+  dl.append(dt, dd);
+}
+
+// `POST /v1/jobs/{id}/retry`: a new job linked to this one; then shows it.
+async function retryJob() {
+  const id = $("job-id").textContent;
+  $("job-retry").disabled = true;
+  try {
+    const r = await api(`/v1/jobs/${encodeURIComponent(id)}/retry`, { method: "POST", body: {} });
+    // shown by the route to the new job (a route clears older messages)
+    notice = `job ${id}: retried as ${r.job_id}`;
+    location.hash = "#/jobs/" + encodeURIComponent(r.job_id);
+  } catch (e) {
+    flash(`job ${id}: ${e.message}`);
+  } finally {
+    $("job-retry").disabled = false;
+  }
+}
+
 async function loadJob(id) {
   let x;
   try {
@@ -162,7 +191,12 @@ async function loadJob(id) {
     if (x.error_code) field(dl, "error", `${x.error_code}: ${x.error_message ?? ""}`);
     field(dl, "inputs", x.input_data);
     if (x.output_data) field(dl, "outputs", x.output_data);
+    if (x.retry_of) jobLink(dl, "retry of", x.retry_of);
+    if (x.retried_by) jobLink(dl, "retried by", x.retried_by);
   }
+  // a failed or cancelled job not yet retried can be, by its client or an
+  // operator (the API refuses anyone else)
+  $("job-retry").hidden = !(x && ["failed", "cancelled"].includes(x.status) && !x.retried_by);
   const audit = await api("/v1/audit?limit=200&job_id=" + encodeURIComponent(id));
   const tbody = $("job-audit").tBodies[0];
   tbody.replaceChildren();
@@ -339,7 +373,8 @@ let poll = null;
 
 async function route() {
   clearInterval(poll);
-  flash("");
+  flash(notice || "", true);
+  notice = null;
   const hash = location.hash || "#/executions";
   if (!token() || !me) {
     if (token() && !me) {
@@ -394,6 +429,7 @@ document.addEventListener("DOMContentLoaded", () => {
     if (job) { location.hash = "#/jobs/" + encodeURIComponent(job); return; }
     loadExecutions(false).catch((e) => flash(e.message));
   });
+  $("job-retry").addEventListener("click", retryJob);
   $("exec-more").addEventListener("click", () => loadExecutions(true).catch((e) => flash(e.message)));
   window.addEventListener("hashchange", route);
   route();
