@@ -17,17 +17,8 @@ eval "$(scripts/install-deps.sh)"
 cargo build --quiet --bin flowledger
 FL="${CARGO_TARGET_DIR:-$PWD/target}/debug/flowledger"
 
-WORK=$(mktemp -d /tmp/fl-api.XXXXXX)
-SERVE_PID=""
-cleanup() {
-  if [ -n "$SERVE_PID" ]; then kill "$SERVE_PID" 2>/dev/null || true; wait "$SERVE_PID" 2>/dev/null || true; fi
-  scripts/nats.sh stop "$WORK" >/dev/null 2>&1 || true
-  scripts/pg.sh stop "$WORK" >/dev/null 2>&1 || true
-  scripts/bao.sh stop "$WORK" >/dev/null 2>&1 || true
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+. scripts/lib.sh
+work_dir fl-api
 
 # the servers serve needs, as the demo starts them (nats/dev.conf's accounts)
 export FLOWLEDGER_NATS_URL FLOWLEDGER_NATS_USER=flowledger FLOWLEDGER_NATS_PASSWORD=dev-flowledger-password
@@ -62,7 +53,7 @@ TOML
 "$FL" init >"$WORK/init.log" 2>&1 || { cat "$WORK/init.log" >&2; exit 1; }
 API="http://127.0.0.1:$(free_port)"
 "$FL" serve --config "$WORK/api.toml" --http "${API#http://}" --checkpoint-every-secs 0 >"$WORK/serve.log" 2>&1 &
-SERVE_PID=$!
+SERVE_PID=$!; PIDS+=("$SERVE_PID")
 for _ in $(seq 1 100); do
   curl -sf "$API/readyz" >/dev/null 2>&1 && break
   kill -0 "$SERVE_PID" 2>/dev/null || { tail -20 "$WORK/serve.log" >&2; echo "api-check: serve stopped" >&2; exit 1; }

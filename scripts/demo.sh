@@ -9,18 +9,8 @@ eval "$(scripts/install-deps.sh)"
 cargo build --quiet
 FL="$PWD/target/debug/flowledger"
 
-WORK=$(mktemp -d -t flowledger-demo.XXXXXX)
-SERVE_PID=""
-PEER_PID=""
-cleanup() {
-  [ -n "$SERVE_PID" ] && kill "$SERVE_PID" 2>/dev/null || true
-  [ -n "$PEER_PID" ] && kill "$PEER_PID" 2>/dev/null || true
-  scripts/nats.sh stop "$WORK"
-  scripts/pg.sh stop "$WORK"
-  scripts/bao.sh stop "$WORK"
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
+. scripts/lib.sh
+work_dir flowledger-demo
 
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
@@ -57,7 +47,7 @@ sed 's/^enabled = true/enabled = false/' config/example.toml >"$WORK/manual.toml
 OPS=(-H "Authorization: Bearer dev-operator-token")
 BILLING=(-H "Authorization: Bearer dev-billing-token" -H "Content-Type: application/json")
 FLOWLEDGER_CONFIG="$WORK/manual.toml" "$FL" serve --checkpoint-every-secs 0 --http "$HTTP_ADDR" >"$WORK/serve.log" 2>&1 &
-SERVE_PID=$!
+SERVE_PID=$!; PIDS+=("$SERVE_PID")
 for _ in $(seq 1 50); do grep -q "listening" "$WORK/serve.log" && break; sleep 0.1; done
 
 JOB=$(python3 -c 'import uuid; print(uuid.uuid4())')
@@ -132,7 +122,7 @@ python3 tools/verify_export.py "$WORK/export" --keys "$WORK/ring.json" >/dev/nul
 echo "tools/verify_export.py (independent, Python standard library) agrees: broken"
 
 say "the job handler: a workflow of two solver steps (200 ms each) run in parallel"
-python3 scripts/demo-peer.py "$WORK/peer.port" & PEER_PID=$!
+python3 scripts/demo-peer.py "$WORK/peer.port" & PIDS+=($!)
 for _ in $(seq 1 50); do [ -s "$WORK/peer.port" ] && break; sleep 0.1; done
 PEER="http://127.0.0.1:$(cat "$WORK/peer.port")"
 cat >"$WORK/registry.json" <<JSON
@@ -144,35 +134,14 @@ JSON
 # Stripe key; flowledger's own Vault token may read billing/* only, and its
 # policy lets client billing read billing/*
 BAO_ADDR=$(scripts/bao.sh start "$WORK" "$BAO_BIN")
-bao_api() { curl -fsS -H "X-Vault-Token: dev-root-token" "$@"; }
 bao_api -X POST -d '{"data": {"api_key": "sk_demo_4242", "account": "acct_demo"}}' "$BAO_ADDR/v1/secret/data/billing/stripe" >/dev/null
 # ... and keeps the memory subjects' keys under flowledger/memory-keys (docs/MEMORY.md)
-python3 -c 'import json; print(json.dumps({"policy": """
-path "secret/data/billing/*" { capabilities = ["read"] }
-path "secret/data/flowledger/memory-keys/*" { capabilities = ["create", "read", "update"] }
-path "secret/metadata/flowledger/memory-keys/*" { capabilities = ["read"] }
-path "secret/destroy/flowledger/memory-keys/*" { capabilities = ["update"] }
-"""}))' >"$WORK/policy.json"
-bao_api -X PUT -d @"$WORK/policy.json" "$BAO_ADDR/v1/sys/policies/acl/flowledger" >/dev/null
 export FLOWLEDGER_VAULT_TOKEN
-FLOWLEDGER_VAULT_TOKEN=$(bao_api -X POST -d '{"policies": ["flowledger"]}' "$BAO_ADDR/v1/auth/token/create" | python3 -c 'import json,sys; print(json.load(sys.stdin)["auth"]["client_token"])')
-cp config/example.toml "$WORK/with-secrets.toml"
-cat >>"$WORK/with-secrets.toml" <<TOML
-
-[secrets]
-vault_addr = "$BAO_ADDR"
-
-[[secrets.rules]]
-name = "billing-reads-its-keys"
-clients = ["billing"]
-paths = ["secret/data/billing/*"]
-
-[memory]
-enabled = true
-TOML
+FLOWLEDGER_VAULT_TOKEN=$(bao_flowledger_token "$BAO_ADDR")
+config_with_secrets "$WORK/with-secrets.toml" "$BAO_ADDR"
 kill "$SERVE_PID"; wait "$SERVE_PID" 2>/dev/null || true
 "$FL" serve --checkpoint-every-secs 0 --http "$HTTP_ADDR" --registry "$WORK/registry.json" --config "$WORK/with-secrets.toml" >"$WORK/serve2.log" 2>&1 &
-SERVE_PID=$!
+SERVE_PID=$!; PIDS+=("$SERVE_PID")
 for _ in $(seq 1 50); do grep -q "listening" "$WORK/serve2.log" && break; sleep 0.1; done
 say "POST /v1/jobs as client billing (bearer token): 202 with the seed 002 answer; the same body again answers the same"
 SUBMIT='{"job_id": "demo-run-1", "workflow_key": "invoice.extract", "inputs": {"invoice_id": 4713}, "priority": 8}'

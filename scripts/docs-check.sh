@@ -22,60 +22,30 @@ eval "$(scripts/install-deps.sh)"
 cargo build --quiet
 export PATH="$ROOT/target/debug:$PATH"
 
-WORK=$(mktemp -d /tmp/fl-docs.XXXXXX)
-SERVE_PID=""
-cleanup() {
-  [ -n "$SERVE_PID" ] && kill "$SERVE_PID" 2>/dev/null && wait "$SERVE_PID" 2>/dev/null || true
-  scripts/nats.sh stop "$WORK" >/dev/null 2>&1 || true
-  scripts/pg.sh stop "$WORK" >/dev/null 2>&1 || true
-  scripts/bao.sh stop "$WORK" >/dev/null 2>&1 || true
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
+. scripts/lib.sh
+work_dir fl-docs
 
 export FLOWLEDGER_NATS_URL FLOWLEDGER_NATS_USER=flowledger FLOWLEDGER_NATS_PASSWORD=dev-flowledger-password
 FLOWLEDGER_NATS_URL=$(NATS_EXTRA_ARGS="-c $ROOT/nats/dev.conf" scripts/nats.sh start "$WORK" "$NATS_SERVER_DEBIAN")
 export DATABASE_URL
 DATABASE_URL=$(PG_BIN=$PG_BIN scripts/pg.sh start "$WORK")
 BAO_ADDR=$(scripts/bao.sh start "$WORK" "$BAO_BIN")
-bao_api() { curl -fsS -H "X-Vault-Token: dev-root-token" "$@"; }
 # what docs/SECRETS.md reads, and the policy scripts/demo.sh gives flowledger
 bao_api -X POST -d '{"data": {"api_key": "sk_docs_4242"}}' "$BAO_ADDR/v1/secret/data/billing/stripe" >/dev/null
-python3 -c 'import json; print(json.dumps({"policy": """
-path "secret/data/billing/*" { capabilities = ["read"] }
-path "secret/data/flowledger/memory-keys/*" { capabilities = ["create", "read", "update"] }
-path "secret/metadata/flowledger/memory-keys/*" { capabilities = ["read"] }
-path "secret/destroy/flowledger/memory-keys/*" { capabilities = ["update"] }
-"""}))' >"$WORK/policy.json"
-bao_api -X PUT -d @"$WORK/policy.json" "$BAO_ADDR/v1/sys/policies/acl/flowledger" >/dev/null
 export FLOWLEDGER_VAULT_TOKEN
-FLOWLEDGER_VAULT_TOKEN=$(bao_api -X POST -d '{"policies": ["flowledger"]}' "$BAO_ADDR/v1/auth/token/create" \
-  | python3 -c 'import json,sys; print(json.load(sys.stdin)["auth"]["client_token"])')
+FLOWLEDGER_VAULT_TOKEN=$(bao_flowledger_token "$BAO_ADDR")
 
 # the working directory of every block: flowledger.toml is the docs' config
 RUN="$WORK/run"
 mkdir -p "$RUN"
 export FLOWLEDGER_CONFIG="$RUN/flowledger.toml"
-cp config/example.toml "$FLOWLEDGER_CONFIG"
-cat >>"$FLOWLEDGER_CONFIG" <<TOML
-
-[secrets]
-vault_addr = "$BAO_ADDR"
-
-[[secrets.rules]]
-name = "billing-reads-its-keys"
-clients = ["billing"]
-paths = ["secret/data/billing/*"]
-
-[memory]
-enabled = true
-TOML
+config_with_secrets "$FLOWLEDGER_CONFIG" "$BAO_ADDR"
 export FLOWLEDGER_CALLBACK_KEY
 FLOWLEDGER_CALLBACK_KEY=$(openssl rand -hex 32)
-HTTP_ADDR=127.0.0.1:$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+HTTP_ADDR=127.0.0.1:$(free_port)
 flowledger init >/dev/null
 flowledger serve --http "$HTTP_ADDR" --registry "$ROOT/workflows/registry.json" >"$WORK/serve.log" 2>&1 &
-SERVE_PID=$!
+PIDS+=($!)
 for _ in $(seq 1 100); do curl -sf "http://$HTTP_ADDR/readyz" >/dev/null && break; sleep 0.2; done
 curl -sf "http://$HTTP_ADDR/readyz" >/dev/null || { tail -20 "$WORK/serve.log" >&2; echo "docs-check: serve did not get ready" >&2; exit 1; }
 export TOKEN=dev-billing-token BILLING_TOKEN=dev-billing-token OPERATOR_TOKEN=dev-operator-token

@@ -20,7 +20,6 @@ cargo build --quiet
 FL="${CARGO_TARGET_DIR:-$PWD/target}/debug/flowledger"
 
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
 if [ ! -x "$N8N_DIR/node_modules/.bin/n8n" ]; then
   say "installing n8n@$N8N_VERSION in $N8N_DIR (about 6 minutes, 2.3 GB)"
@@ -31,18 +30,8 @@ if [ ! -x "$N8N_DIR/node_modules/.bin/n8n" ]; then
 fi
 N8N="$N8N_DIR/node_modules/.bin/n8n"
 
-WORK=$(mktemp -d -t flowledger-n8n.XXXXXX)
-SERVE_PID=""
-N8N_PID=""
-cleanup() {
-  [ -n "$SERVE_PID" ] && kill "$SERVE_PID" 2>/dev/null || true
-  [ -n "$N8N_PID" ] && kill "$N8N_PID" 2>/dev/null || true
-  [ -n "$N8N_PID" ] && wait "$N8N_PID" 2>/dev/null || true
-  scripts/nats.sh stop "$WORK"
-  scripts/pg.sh stop "$WORK"
-  if [ -n "${KEEP:-}" ]; then echo "kept $WORK"; else rm -rf "$WORK"; fi
-}
-trap cleanup EXIT
+. scripts/lib.sh
+work_dir flowledger-n8n
 
 # the key n8n signs its results with: flowledger's FLOWLEDGER_N8N_KEY and
 # the Hmac Secret of n8n's Crypto credential
@@ -69,7 +58,7 @@ for t in workflows/n8n/*.json; do
   "$N8N" publish:workflow --id="$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["id"])' "$t")"
 done
 "$N8N" start >"$WORK/n8n.log" 2>&1 &
-N8N_PID=$!
+N8N_PID=$!; PIDS+=("$N8N_PID")
 # /healthz/readiness answers before the published workflows' webhooks are
 # registered (a call then gets 404, which flowledger retries): wait for
 # the line n8n logs after activating them
@@ -94,7 +83,7 @@ cp -r workflows/n8n "$WORK/n8n"
 sed "s#^public_url = .*#public_url = \"$API\"#" config/example.toml >"$WORK/config.toml"
 "$FL" serve --checkpoint-every-secs 0 --http "$HTTP_ADDR" --registry "$WORK/registry.json" \
   --config "$WORK/config.toml" >"$WORK/serve.log" 2>&1 &
-SERVE_PID=$!
+SERVE_PID=$!; PIDS+=("$SERVE_PID")
 for _ in $(seq 1 100); do grep -q "listening" "$WORK/serve.log" && break; sleep 0.1; done
 
 BILLING=(-H "Authorization: Bearer dev-billing-token" -H "Content-Type: application/json")

@@ -5,7 +5,8 @@
 # Part of scripts/test.sh. Run from anywhere: scripts/readme-check.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
-WORK=$(mktemp -d /tmp/fl-readme.XXXXXX)
+. scripts/lib.sh
+work_dir fl-readme
 BLOCK="$WORK/using-it.sh"
 # the first ```sh block after the "## Using it" heading
 awk '/^## Using it/ {inside=1; next}
@@ -21,21 +22,14 @@ for port in 8080 9101 9102 5678; do
     exit 1
   fi
 done
-BLOCK_PID=""
-cleanup() {
-  # whatever the block left running (its process group), then its servers
-  if [ -n "$BLOCK_PID" ]; then kill -- "-$BLOCK_PID" 2>/dev/null || true; fi
-  scripts/nats.sh stop "$WORK" >/dev/null 2>&1 || true
-  scripts/pg.sh stop "$WORK" >/dev/null 2>&1 || true
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
 echo "== README 'Using it' ($(wc -l < "$BLOCK") lines), in $WORK"
 # in its own process group (setsid), each command echoed before it runs;
 # the first failure stops it, and a wait that never ends (a job that never
 # completes) fails it after 10 min (its `cargo build` may build from scratch)
 setsid bash -euo pipefail -x "$BLOCK" > "$WORK.log" 2>&1 &
 BLOCK_PID=$!
+# at the end, whatever the block left running (its process group)
+PGIDS+=("$BLOCK_PID")
 # the watchdog holds no output open (a reader of ours would wait for it)
 ( sleep 600 && kill -- "-$BLOCK_PID" ) >/dev/null 2>&1 & WATCHDOG=$!
 status=0
