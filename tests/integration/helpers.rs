@@ -1443,17 +1443,60 @@ pub(crate) async fn log_events_after<N>(
     out
 }
 
-/// Keeps every log line at `level` and above of this thread (the tests'
-/// runtime is single-threaded: the service's tasks log here too) in the
-/// returned [`Captured`] while the guard lives.
-pub(crate) fn capture_logs(level: tracing::Level) -> (Captured, tracing::subscriber::DefaultGuard) {
+/// Set in the child process [`ran_alone`] starts: the name of the one
+/// test it runs.
+const ALONE: &str = "FLOWLEDGER_TEST_ALONE";
+
+/// Runs the test `name` (its path in this binary, e.g.
+/// `tracing::one_job_is_one_trace`) in a child process of the test
+/// binary, alone, and answers `true` in the parent once the child passed
+/// (the caller returns) and `false` in the child (the caller runs its
+/// body). A test that reads the service's log lines or spans needs its
+/// own process: `tracing` caches each callsite's interest process-wide,
+/// and callsites the other tests' threads reach first (with their own or
+/// no subscriber) came out disabled for a subscriber set for one thread:
+/// spans went missing (the request span of an access-log line, the
+/// commit and step spans of a trace), and a test that asserts a planted
+/// value is absent from the logs could pass on lines never written.
+/// `serve` sets its subscriber for the whole process, as the child does.
+pub(crate) async fn ran_alone(name: &str) -> bool {
+    if std::env::var(ALONE).as_deref() == Ok(name) {
+        return false;
+    }
+    let exe = std::env::current_exe().expect("the test binary's path");
+    let out = tokio::process::Command::new(exe)
+        .args([name, "--exact", "--test-threads=1", "--nocapture"])
+        .env(ALONE, name)
+        .output()
+        .await
+        .expect("the test binary runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{name} failed in its own process:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("1 passed"),
+        "the child ran no test named {name}: {stdout}"
+    );
+    true
+}
+
+/// Keeps every log line at `level` and above of the whole process in the
+/// returned [`Captured`]: the subscriber is the process's global one, so
+/// only a test running in its own process ([`ran_alone`]) may call it.
+pub(crate) fn capture_logs(level: tracing::Level) -> Captured {
     let logs = Captured::default();
     let subscriber = tracing_subscriber::fmt()
         .with_max_level(level)
         .with_writer(logs.clone())
         .with_ansi(false)
         .finish();
-    (logs, tracing::subscriber::set_default(subscriber))
+    tracing::subscriber::set_global_default(subscriber).expect(
+        "capture_logs runs in a test's own process (ran_alone), which has no subscriber yet",
+    );
+    logs
 }
 
 /// A `MakeWriter` keeping every log line in memory.

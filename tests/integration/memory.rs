@@ -25,6 +25,13 @@ fn sealed_in(data: &Value, field: &str) -> Sealed {
 
 #[tokio::test]
 async fn personal_text_is_sealed_facts_keep_history_and_erasure_leaves_a_verifiable_log() {
+    if ran_alone(
+        "memory::personal_text_is_sealed_facts_keep_history_and_erasure_leaves_a_verifiable_log",
+    )
+    .await
+    {
+        return;
+    }
     const ALICE: [&str; 5] = [
         "PLANTED-alice-turn-4411",
         "PLANTED-alice-reply-8123",
@@ -33,7 +40,7 @@ async fn personal_text_is_sealed_facts_keep_history_and_erasure_leaves_a_verifia
         "PLANTED-alice-intent-77",
     ];
     const BOB: &str = "PLANTED-bob-turn-9051";
-    let (logs, _guard) = capture_logs(tracing::Level::DEBUG);
+    let logs = capture_logs(tracing::Level::DEBUG);
 
     let bao = OpenBao::start().await;
     let memory = memory_service(&bao).await;

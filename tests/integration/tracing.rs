@@ -171,40 +171,14 @@ async fn settled_status(api: &ReadSide, job_id: &str) -> String {
     }
 }
 
-/// Set in the child process that runs [`one_job_traced`] alone.
-const ALONE: &str = "FLOWLEDGER_TRACE_TEST_ALONE";
-
-/// Runs [`one_job_traced`] in a child process of this test binary, alone.
-/// In a process shared with other tests, the subscriber this test sets
-/// for its thread loses spans: `tracing` caches each callsite's interest
-/// process-wide, and callsites the other tests' threads reach first (with
-/// their own or no subscriber) come out disabled for it (the commit and
-/// step spans went missing whenever `handlers::` ran beside it). `serve`
-/// sets its subscriber for the whole process, as the child does.
+/// One job's trace; in its own process ([`ran_alone`]: beside
+/// `handlers::` the commit and step spans went missing).
 #[tokio::test]
 async fn one_job_is_one_trace_from_the_client_through_intake_commit_handler_and_each_step_call() {
-    if std::env::var_os(ALONE).is_some() {
-        return one_job_traced().await;
+    if ran_alone("tracing::one_job_is_one_trace_from_the_client_through_intake_commit_handler_and_each_step_call").await {
+        return;
     }
-    let exe = std::env::current_exe().expect("the test binary's path");
-    let name = "tracing::one_job_is_one_trace_from_the_client_through_intake_commit_handler_and_each_step_call";
-    let out = tokio::process::Command::new(exe)
-        .args([name, "--exact", "--test-threads=1", "--nocapture"])
-        .env(ALONE, "1")
-        .output()
-        .await
-        .expect("the test binary runs");
-    assert!(
-        out.status.success(),
-        "the traced job failed in its own process:\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        stdout.contains("1 passed"),
-        "the child ran no test: {stdout}"
-    );
+    one_job_traced().await
 }
 
 async fn one_job_traced() {
