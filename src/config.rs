@@ -462,6 +462,19 @@ pub enum EmbedderFallback {
     Error,
 }
 
+/// How assemble ranks chunks with an embedder (`[memory.embedder] ranking`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Ranking {
+    /// By cosine distance to the query's vector (`retrieval: "vector"`).
+    #[default]
+    Vector,
+    /// The vector ranking and the full-text ranking fused by reciprocal
+    /// rank (`retrieval: "hybrid"`): a chunk either finds near the top
+    /// comes first, one both find before either alone.
+    Hybrid,
+}
+
 /// `[memory.embedder]`: an OpenAI-compatible embeddings endpoint
 /// (`POST <url>/embeddings`).
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -495,6 +508,9 @@ pub struct EmbedderSection {
     /// or `error`.
     #[serde(default)]
     pub on_failure: EmbedderFallback,
+    /// How assemble ranks chunks: `vector` (default) or `hybrid`.
+    #[serde(default)]
+    pub ranking: Ranking,
 }
 
 fn default_embedder_timeout_ms() -> u64 {
@@ -1643,6 +1659,7 @@ mod tests {
             .expect("a minimal embedder");
         let e = c.memory.embedder.expect("configured");
         assert_eq!(e.on_failure, EmbedderFallback::FullText);
+        assert_eq!(e.ranking, Ranking::Vector);
         assert_eq!(e.endpoint(), "http://127.0.0.1:9/v1/embeddings");
         assert_eq!(e.timeout_ms, 5_000);
         assert!(Config::parse(Path::new("c.toml"), "")
@@ -1662,6 +1679,7 @@ mod tests {
                 "memory.embedder.max_attempts",
             ),
             ("dimensions = 8\non_failure = \"maybe\"\n", "on_failure"),
+            ("dimensions = 8\nranking = \"fused\"\n", "ranking"),
             (
                 "dimensions = 8\napi_key_secret = \"secret/data/x\"\n",
                 "memory.embedder.api_key_secret",
@@ -1682,11 +1700,12 @@ mod tests {
         assert!(err.contains("memory.embedder.url"), "{err}");
         let ok = Config::parse(
             Path::new("c.toml"),
-            &format!("{base}dimensions = 8\non_failure = \"error\"\napi_key_secret = \"secret/data/embed#api_key\"\n"),
+            &format!("{base}dimensions = 8\non_failure = \"error\"\nranking = \"hybrid\"\napi_key_secret = \"secret/data/embed#api_key\"\n"),
         )
-        .expect("with a key and on_failure = error");
+        .expect("with a key, on_failure = error and ranking = hybrid");
         let e = ok.memory.embedder.expect("configured");
         assert_eq!(e.on_failure, EmbedderFallback::Error);
+        assert_eq!(e.ranking, Ranking::Hybrid);
         let r = e.api_key_ref().expect("named").expect("parses");
         assert_eq!(
             (r.path.as_str(), r.field.as_str()),

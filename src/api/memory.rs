@@ -25,7 +25,7 @@ use super::read::Params;
 use crate::bus::{CommandBus, CommandError};
 use crate::commands::memory::{aggregate_id, check_subject_id};
 use crate::commands::ErrorCode;
-use crate::config::EmbedderFallback;
+use crate::config::{EmbedderFallback, Ranking};
 use crate::memory::service::{
     EraseBody, ForgetBody, MemoryService, ProfileBody, WorkingDeleteBody, WorkingSetBody,
     WritebackBody,
@@ -390,14 +390,18 @@ pub async fn assemble(
         }
         // with an embedder: the query's vector, within three quarters of
         // the budget (the rest leaves room for the full-text fallback)
-        let (vector, retrieval) = match memory.embedder() {
+        let (rank, retrieval) = match memory.embedder() {
             Some(e) if !b.query.trim().is_empty() => {
                 let limit = Duration::from_millis((budget * 3 / 4).max(1));
                 match e
                     .embed(bus, std::slice::from_ref(&b.query), Some(limit))
                     .await
                 {
-                    Ok(mut v) => (v.pop(), "vector"),
+                    Ok(mut v) => match (v.pop(), e.config().ranking) {
+                        (Some(v), Ranking::Hybrid) => (Rank::Hybrid(v), "hybrid"),
+                        (Some(v), Ranking::Vector) => (Rank::Vector(v), "vector"),
+                        (None, _) => (Rank::Text, "full_text_fallback"),
+                    },
                     Err(x) => match e.config().on_failure {
                         EmbedderFallback::Error => {
                             tracing::warn!(error = %x, "memory: assemble: the query could not be embedded");
@@ -411,12 +415,12 @@ pub async fn assemble(
                         EmbedderFallback::FullText => {
                             tracing::warn!(error = %x, "memory: assemble: the query could not be \
                                 embedded; ranking by full text");
-                            (None, "full_text_fallback")
+                            (Rank::Text, "full_text_fallback")
                         }
                     },
                 }
             }
-            _ => (None, "full_text"),
+            _ => (Rank::Text, "full_text"),
         };
         // the queries get what is left of the budget
         let left = budget
@@ -426,7 +430,7 @@ pub async fn assemble(
             pool,
             &id,
             &b.query,
-            vector,
+            rank,
             top_k,
             recent,
             left,
@@ -496,18 +500,34 @@ pub async fn snapshot(
     Ok(tx)
 }
 
+/// How [`gather`] ranks a subject's chunks.
+#[derive(Debug, Clone)]
+pub enum Rank {
+    /// By full text (any word of the query, cover density).
+    Text,
+    /// By cosine distance to the query's vector (HNSW).
+    Vector(Vec<f32>),
+    /// Both, fused by reciprocal rank ([`CHUNKS_HYBRID`]).
+    Hybrid(Vec<f32>),
+}
+
+/// How many candidates each ranking of [`Rank::Hybrid`] gives the fusion
+/// per chunk asked for (at least [`HYBRID_MIN_CANDIDATES`]).
+const HYBRID_CANDIDATES_PER_CHUNK: u32 = 4;
+const HYBRID_MIN_CANDIDATES: u32 = 40;
+
 /// Everything `assemble` returns, read in one [`snapshot`] with each
 /// statement bounded by `budget_ms`; `None`: no such (live) subject.
-/// `vector`: the query's embedding (ranked by cosine distance, the HNSW
-/// index scanned with `hnsw`, its `ef_search` at least `top_k`); none: full
-/// text. Public so the memory benchmark times assemble's own queries,
-/// without the embedder's call.
+/// `rank`: by full text, by the query's embedding (cosine distance, the
+/// HNSW index scanned with `hnsw`, its `ef_search` at least the candidates
+/// asked for), or both fused. Public so the memory benchmark times
+/// assemble's own queries, without the embedder's call.
 #[allow(clippy::too_many_arguments)]
 pub async fn gather(
     pool: &PgPool,
     id: &str,
     query: &str,
-    vector: Option<Vec<f32>>,
+    rank: Rank,
     top_k: u32,
     recent: u32,
     budget_ms: u64,
@@ -516,11 +536,15 @@ pub async fn gather(
     let subject =
         sqlx::query("SELECT 1 FROM memory_subjects WHERE aggregate_id = $1 AND erased_at IS NULL");
     let profile = sqlx::query("SELECT fields FROM memory_profiles WHERE aggregate_id = $1");
-    let by_vector = vector.is_some();
-    let chunks = match vector {
+    let by_vector = !matches!(rank, Rank::Text);
+    let candidates = match rank {
+        Rank::Hybrid(_) => (top_k * HYBRID_CANDIDATES_PER_CHUNK).max(HYBRID_MIN_CANDIDATES),
+        _ => top_k,
+    };
+    let chunks = match rank {
         // the nearest chunk vectors of the subject by cosine distance
         // (HNSW); score = 1 - distance
-        Some(v) => sqlx::query(
+        Rank::Vector(v) => sqlx::query(
             "SELECT c.episode_id, c.idx, c.text, c.turn_at, \
                     (1 - (e.embedding <=> $2))::real AS score \
              FROM memory_chunk_vectors e \
@@ -530,8 +554,13 @@ pub async fn gather(
         )
         .bind(id)
         .bind(pgvector::Vector::from(v)),
+        Rank::Hybrid(v) => sqlx::query(CHUNKS_HYBRID)
+            .bind(id)
+            .bind(query)
+            .bind(pgvector::Vector::from(v))
+            .bind(i64::from(candidates)),
         // any query word may match (OR), ranked by cover density
-        None => sqlx::query(CHUNKS_BY_TEXT).bind(id).bind(query),
+        Rank::Text => sqlx::query(CHUNKS_BY_TEXT).bind(id).bind(query),
     };
     // a failed vector query is vector_search_failed (past the budget: timeout)
     let chunk_error = |e: sqlx::Error| {
@@ -562,8 +591,8 @@ pub async fn gather(
          WHERE aggregate_id = $1 AND expires_at > now() ORDER BY key",
     );
     let hnsw = by_vector.then(|| crate::config::HnswSearch {
-        // fewer candidates than top_k would cut the answer short
-        ef_search: hnsw.ef_search.max(top_k),
+        // fewer candidates than asked for would cut the answer short
+        ef_search: hnsw.ef_search.max(candidates),
         ..hnsw
     });
     let mut tx = snapshot(pool, budget_ms, hnsw).await?;
@@ -666,6 +695,30 @@ const CHUNKS_BY_TEXT: &str = concat!(
     any_word_of_2!(),
     " WHERE c.aggregate_id = $1 AND w.q IS NOT NULL AND c.tsv @@ w.q \
      ORDER BY score DESC, c.turn_at DESC, c.idx LIMIT $3"
+);
+
+/// The subject's (`$1`) chunks by reciprocal rank fusion (k = 60) of the
+/// `$4` nearest by cosine distance to `$3` and the `$4` best by full text
+/// of `$2` (any word, cover density), `$5` at most: score = the sum over
+/// both rankings of 1 / (60 + rank), so a chunk near the top of either
+/// comes first, and one both find before one either finds alone.
+const CHUNKS_HYBRID: &str = concat!(
+    "WITH v AS (SELECT episode_id, idx, row_number() OVER (ORDER BY d, episode_id, idx) AS r \
+       FROM (SELECT episode_id, idx, embedding <=> $3 AS d FROM memory_chunk_vectors \
+             WHERE aggregate_id = $1 ORDER BY embedding <=> $3 LIMIT $4) n), \
+     t AS (SELECT episode_id, idx, \
+             row_number() OVER (ORDER BY s DESC, turn_at DESC, idx) AS r \
+       FROM (SELECT c.episode_id, c.idx, c.turn_at, ts_rank_cd(c.tsv, w.q) AS s \
+             FROM memory_chunks c, ",
+    any_word_of_2!(),
+    "       WHERE c.aggregate_id = $1 AND w.q IS NOT NULL AND c.tsv @@ w.q \
+             ORDER BY s DESC, c.turn_at DESC, c.idx LIMIT $4) m), \
+     f AS (SELECT episode_id, idx, sum(1.0 / (60 + r)) AS score \
+       FROM (SELECT * FROM v UNION ALL SELECT * FROM t) u GROUP BY episode_id, idx) \
+     SELECT c.episode_id, c.idx, c.text, c.turn_at, f.score::real AS score \
+     FROM f JOIN memory_chunks c ON c.aggregate_id = $1 AND c.episode_id = f.episode_id \
+       AND c.idx = f.idx \
+     ORDER BY f.score DESC, c.turn_at DESC, c.idx LIMIT $5"
 );
 
 /// The subject's (`$1`) facts (with `$3`: every version, else the valid

@@ -991,7 +991,7 @@ pub struct Assembled {
     pub facts: Vec<Fact>,
     /// The working state not expired, by key.
     pub working_state: BTreeMap<String, WorkingValue>,
-    /// `vector`, `full_text` or `full_text_fallback`.
+    /// `vector`, `hybrid`, `full_text` or `full_text_fallback`.
     pub retrieval: String,
     /// How long it took.
     pub took_ms: u64,

@@ -167,6 +167,7 @@ fn service_in(
         max_attempts: 2,
         api_key_secret: None,
         on_failure,
+        ranking: Default::default(),
     };
     let embedder = Embedder::new(cfg, None).expect("a valid embedder");
     Arc::new(

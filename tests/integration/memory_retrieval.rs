@@ -35,7 +35,7 @@ use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::Json;
 use flowledger::api::caller::{Caller, Role};
-use flowledger::config::{EmbedderFallback, EmbedderSection};
+use flowledger::config::{EmbedderFallback, EmbedderSection, Ranking};
 use flowledger::memory::embedder::Embedder;
 use flowledger::memory::keys::SubjectKeys;
 use flowledger::memory::service::{
@@ -401,6 +401,7 @@ fn embedder_section(url: &str, model: &str, dimensions: usize) -> EmbedderSectio
         api_key_secret: None,
         // a query that cannot be embedded fails the evaluation loudly
         on_failure: EmbedderFallback::Error,
+        ranking: Ranking::Vector,
     }
 }
 
@@ -491,6 +492,7 @@ async fn evaluate(
 /// What one evaluation measured.
 struct Figures {
     vector_hit: f64,
+    hybrid_hit: f64,
     text_hit: f64,
     /// From the start to every episode embedded and projected.
     embedded: Duration,
@@ -511,6 +513,10 @@ async fn run(embedder: EmbedderSection, ingested: impl FnOnce()) -> Figures {
         Duration::from_secs(300),
     ));
     let url = pgvector_database().await;
+    let hybrid = EmbedderSection {
+        ranking: Ranking::Hybrid,
+        ..embedder.clone()
+    };
     let vector = memory(keys.clone(), Some(embedder));
     let api = spawn_api_with_memory(&app, true, url.clone(), vector.clone()).await;
 
@@ -623,17 +629,22 @@ async fn run(embedder: EmbedderSection, ingested: impl FnOnce()) -> Figures {
     let asking = Instant::now();
     let vector_hit = evaluate(&api, &vector, &episodes, &ids, &own, "vector").await;
     let asked = asking.elapsed();
-    // the full-text default: the same data, read by a second read side
+    // the vector and full-text rankings fused, on a second read side
+    let fused = memory(keys.clone(), Some(hybrid));
+    let fused_side = spawn_api_with_memory(&app, false, url.clone(), fused.clone()).await;
+    let hybrid_hit = evaluate(&fused_side, &fused, &episodes, &ids, &own, "hybrid").await;
+    // the full-text default: the same data, read by a third read side
     // whose memory has no embedder
     let plain = memory(keys, None);
     let text_side = spawn_api_with_memory(&app, false, url, plain.clone()).await;
     let text_hit = evaluate(&text_side, &plain, &episodes, &ids, &own, "full_text").await;
     eprintln!(
-        "memory retrieval: {} episodes ({} billing queries), hit@5 vector {:.3}, full text {:.3}; \
+        "memory retrieval: {} episodes ({} billing queries), hit@5 vector {:.3}, hybrid {:.3}, full text {:.3}; \
          written in {:.1} s, embedded by {:.1} s, the vector queries in {:.1} s, total {:.1} s",
         episodes.len(),
         own.values().map(HashSet::len).sum::<usize>(),
         vector_hit,
+        hybrid_hit,
         text_hit,
         wrote.as_secs_f64(),
         embedded.as_secs_f64(),
@@ -642,6 +653,7 @@ async fn run(embedder: EmbedderSection, ingested: impl FnOnce()) -> Figures {
     );
     Figures {
         vector_hit,
+        hybrid_hit,
         text_hit,
         embedded,
     }
@@ -680,8 +692,10 @@ async fn with_a_real_model_the_relevant_chunk_is_in_the_top_5_for_90_percent_of_
     let peer = ModelPeer::start();
     let f = run(embedder_section(&peer.url, MODEL, MODEL_DIMS), || ()).await;
     eprintln!(
-        "memory retrieval, {MODEL}: hit@5 vector {:.3}, full text {:.3}; ingest embedded by {:.1} s",
+        "memory retrieval, {MODEL}: hit@5 vector {:.3}, hybrid {:.3}, full text {:.3}; \
+         ingest embedded by {:.1} s",
         f.vector_hit,
+        f.hybrid_hit,
         f.text_hit,
         f.embedded.as_secs_f64()
     );
