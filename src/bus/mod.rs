@@ -533,9 +533,11 @@ impl CommandBus {
         self.memories.clear_cache();
     }
 
-    /// A subject's memory as the log has it.
+    /// A subject's memory as the log has it now: this bus's cached state
+    /// brought up to the log's end (only the commits since are read), or
+    /// loaded whole ([`AggregateStore::current`]).
     pub async fn load_memory(&self, aggregate_id: &str) -> Result<Loaded<Memory>, StoreError> {
-        self.memories.load(aggregate_id).await
+        self.memories.current(aggregate_id).await
     }
 
     /// The job as the log has it (version 0: no such job). For adapters

@@ -324,6 +324,43 @@ where
         Ok(loaded)
     }
 
+    /// The aggregate as the log has it now, read incrementally: the cached
+    /// state brought up to the log's end (only the commits after its last
+    /// sequence are read, and the cache keeps the result), or loaded whole
+    /// when not cached. What [`load`](Self::load) answers, at the cost of
+    /// the commits since the last read instead of the whole history (a
+    /// handler that reads a subject per event). A cached state that does
+    /// not continue into the log (a corrupt read) is dropped and the
+    /// aggregate loaded whole.
+    pub async fn current(&self, aggregate_id: &str) -> Result<Loaded<A>, StoreError> {
+        let subject = self.subject(aggregate_id)?;
+        let slot = self.slot(aggregate_id);
+        let mut guard = slot.lock().await;
+        let Some(mut loaded) = guard.take() else {
+            let loaded = self.load(aggregate_id).await?;
+            *guard = Some(loaded.clone());
+            return Ok(loaded);
+        };
+        let mut from = loaded.subject_seq + 1;
+        let caught_up: Result<(), StoreError> = async {
+            while let Some(msg) = self.log.next_for_subject(&subject, from).await? {
+                from = msg.sequence + 1;
+                self.apply_message(&mut loaded, &msg, |_| {})?;
+            }
+            Ok(())
+        }
+        .await;
+        // on an error the slot stays empty: the next command loads the
+        // aggregate from the log (the partly advanced state is discarded)
+        let loaded = match caught_up {
+            Ok(()) => loaded,
+            Err(StoreError::Corrupt { .. }) => self.load(aggregate_id).await?,
+            Err(e) => return Err(e),
+        };
+        *guard = Some(loaded.clone());
+        Ok(loaded)
+    }
+
     /// The aggregate as the cache holds it (what the next command is decided
     /// on), or read from the log when it is not cached.
     pub async fn cached_or_load(&self, aggregate_id: &str) -> Result<Loaded<A>, StoreError> {

@@ -141,6 +141,43 @@ async fn a_command_retried_after_another_writer_sees_the_new_state() {
 }
 
 #[tokio::test]
+async fn current_brings_a_cached_aggregate_up_to_the_log_another_writer_extended() {
+    // a reader with its own cache (as the memory handlers read subjects):
+    // after another writer's commit, `current` answers what a whole load
+    // does, from the cache plus the commits since
+    let app = spawn_app().await;
+    let reader = AggregateStore::<Job>::new(app.log.clone(), services());
+    app.submit("current-1", "c1").await;
+    let first = reader.current("current-1").await.expect("loaded whole");
+    assert_eq!((first.version, first.state.status), (1, JobStatus::Pending));
+    app.handle(
+        "flow.cmd.job.start",
+        br#"{"job_id":"current-1","command_id":"s"}"#,
+    )
+    .await
+    .expect("started by the other writer");
+    for _ in 0..2 {
+        // the second time nothing is newer: the same answer
+        let now = reader.current("current-1").await.expect("caught up");
+        let whole = reader.load("current-1").await.expect("a whole load");
+        assert_eq!(now.state.status, JobStatus::Running);
+        assert_eq!(
+            (now.version, now.subject_seq, now.head, now.commits.len()),
+            (
+                whole.version,
+                whole.subject_seq,
+                whole.head,
+                whole.commits.len()
+            )
+        );
+        assert!(now.version > first.version && now.subject_seq > first.subject_seq);
+    }
+    // an aggregate the log does not have: empty, as a whole load says
+    let unknown = reader.current("current-none").await.expect("no such job");
+    assert_eq!((unknown.version, unknown.subject_seq), (0, 0));
+}
+
+#[tokio::test]
 async fn a_duplicate_command_id_gives_the_same_reply_and_one_event() {
     let app = spawn_app().await;
     let first = app.submit("dup", "cmd-1").await;
