@@ -9,7 +9,9 @@
 //! compares in constant time, and refuses timestamps outside its window.
 
 use hmac::{Hmac, Mac};
-use secrecy::{ExposeSecret, SecretSlice};
+use std::sync::Arc;
+
+use secrecy::{ExposeSecret, SecretBox, SecretSlice};
 use sha2::Sha256;
 
 /// HTTP header carrying the signing time: Unix seconds as decimal digits.
@@ -163,7 +165,9 @@ pub struct Sealed {
 /// same event. It reveals only whether two sealed values are equal.
 #[derive(Clone)]
 pub struct SealKeys {
-    keys: Vec<(String, [u8; 32])>,
+    /// (id, key): the keys in a `SecretBox`, zeroed on drop, never in a
+    /// `Debug`.
+    keys: Vec<(String, Arc<SecretBox<[u8; 32]>>)>,
 }
 
 impl std::fmt::Debug for SealKeys {
@@ -194,7 +198,7 @@ impl SealKeys {
     /// seals. Ids are 1 to 64 characters of `[A-Za-z0-9._-]`, unique. The
     /// error names the entry by position, never its key.
     pub fn parse(text: &str) -> Result<Self, String> {
-        let mut keys: Vec<(String, [u8; 32])> = Vec::new();
+        let mut keys = Vec::new();
         for (i, entry) in text.split(',').map(str::trim).enumerate() {
             let Some((id, hex_key)) = entry.split_once(':') else {
                 return Err(format!("entry {} is not <key id>:<64 hex digits>", i + 1));
@@ -223,7 +227,7 @@ impl SealKeys {
             if keys.iter().any(|(k, _)| k == id) {
                 return Err(format!("entry {}: its key id appears twice", i + 1));
             }
-            keys.push((id.to_string(), key));
+            keys.push((id.to_string(), Arc::new(SecretBox::new(Box::new(key)))));
         }
         if keys.is_empty() {
             return Err("no key given".into());
@@ -235,7 +239,7 @@ impl SealKeys {
     /// docs/MEMORY.md).
     pub fn single(id: &str, key: [u8; 32]) -> Self {
         SealKeys {
-            keys: vec![(id.to_string(), key)],
+            keys: vec![(id.to_string(), Arc::new(SecretBox::new(Box::new(key))))],
         }
     }
 
@@ -262,6 +266,7 @@ impl SealKeys {
     pub fn seal(&self, plaintext: &[u8]) -> Sealed {
         use chacha20poly1305::aead::{Aead, KeyInit, Payload};
         let (id, key) = &self.keys[0];
+        let key = key.expose_secret();
         let nonce = Self::nonce_for(key, plaintext);
         let cipher = chacha20poly1305::XChaCha20Poly1305::new(key.into());
         let ciphertext = cipher
@@ -293,7 +298,7 @@ impl SealKeys {
             .and_then(|n| n.try_into().ok())
             .ok_or_else(damaged)?;
         let ciphertext = hex::decode(&sealed.ciphertext).map_err(|_| damaged())?;
-        let cipher = chacha20poly1305::XChaCha20Poly1305::new(key.into());
+        let cipher = chacha20poly1305::XChaCha20Poly1305::new(key.expose_secret().into());
         cipher
             .decrypt(
                 (&nonce).into(),
