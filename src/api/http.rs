@@ -659,6 +659,60 @@ async fn envelope(req: Request, next: Next) -> Response {
     }
 }
 
+/// What [`intake`] names `memory.<command>` after the path's last segment.
+const MEMORY_COMMAND: &str = "memory.*";
+
+/// The intake span (`telemetry::intake_span`, door `http`) around a write
+/// route's handler, as the NATS door opens one per command: the commits
+/// the command makes are its children. `command` names it
+/// (`<aggregate_type>.<command>`, or [`MEMORY_COMMAND`]); a job's routes
+/// record the job id of their path. `POST /v1/jobs` opens its own, once
+/// the caller's allowance is taken.
+fn intake(
+    command: &'static str,
+) -> middleware::FromFnLayer<
+    fn(
+        State<&'static str>,
+        Request,
+        Next,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Response> + Send>>,
+    &'static str,
+    (State<&'static str>, Request),
+> {
+    middleware::from_fn_with_state(command, |State(command), req, next| {
+        Box::pin(in_intake(command, req, next))
+    })
+}
+
+async fn in_intake(command: &'static str, req: Request, next: Next) -> Response {
+    use tracing::Instrument;
+    let path = req.uri().path();
+    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let span = if command == MEMORY_COMMAND {
+        // a command's name, or none (the route answers 404 for it)
+        let name = segments
+            .last()
+            .copied()
+            .filter(|n| n.len() <= 32 && n.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'))
+            .unwrap_or("unknown");
+        crate::telemetry::intake_span("http", &format!("memory.{name}"))
+    } else {
+        crate::telemetry::intake_span("http", command)
+    };
+    // /v1/jobs/{id}/<verb>, only a well-formed id (the command refuses
+    // any other, and the span keeps no junk from a path)
+    if let ["v1", "jobs", id, _] = segments.as_slice() {
+        let well_formed = (1..=128).contains(&id.len())
+            && id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-'));
+        if well_formed {
+            span.record("job_id", *id);
+        }
+    }
+    next.run(req).instrument(span).await
+}
+
 async fn not_found() -> ApiError {
     ApiError::NotFound("route (see /openapi.json)".into())
 }
@@ -683,16 +737,31 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/jobs/{id}/status", get(read::jobs_status))
         .route("/v1/jobs/{id}/events", get(super::live::jobs_events))
         .route("/v1/me", get(read::me_get))
-        .route("/v1/jobs/{id}/cancel", post(write::jobs_cancel))
-        .route("/v1/jobs/{id}/retry", post(write::jobs_retry))
+        .route(
+            "/v1/jobs/{id}/cancel",
+            post(write::jobs_cancel).route_layer(intake("job.cancel")),
+        )
+        .route(
+            "/v1/jobs/{id}/retry",
+            post(write::jobs_retry).route_layer(intake("job.retry")),
+        )
         .route(
             "/v1/workflows/{key}/disable",
-            post(write::workflows_disable),
+            post(write::workflows_disable).route_layer(intake("workflow.disable")),
         )
-        .route("/v1/workflows/{key}/enable", post(write::workflows_enable))
+        .route(
+            "/v1/workflows/{key}/enable",
+            post(write::workflows_enable).route_layer(intake("workflow.enable")),
+        )
         .route("/v1/meta", get(write::meta_get))
-        .route("/v1/memory/assemble", post(memory::memory_assemble))
-        .route("/v1/memory/{command}", post(memory::memory_command))
+        .route(
+            "/v1/memory/assemble",
+            post(memory::memory_assemble).route_layer(intake("memory.assemble")),
+        )
+        .route(
+            "/v1/memory/{command}",
+            post(memory::memory_command).route_layer(intake(MEMORY_COMMAND)),
+        )
         .route(
             "/v1/memory/subjects/{subject_id}/episodes",
             get(memory::memory_episodes),
@@ -705,16 +774,31 @@ pub fn app(state: AppState) -> Router {
             "/v1/memory/subjects/{subject_id}/profile",
             get(memory::memory_profile),
         )
-        .route("/v1/secrets/read", post(secrets::secrets_read))
-        .route("/v1/secrets/invalidate", post(secrets::secrets_invalidate))
+        .route(
+            "/v1/secrets/read",
+            post(secrets::secrets_read).route_layer(intake("secret.read")),
+        )
+        .route(
+            "/v1/secrets/invalidate",
+            post(secrets::secrets_invalidate).route_layer(intake("secret.invalidate")),
+        )
         .route("/v1/executions", get(read::executions_list))
         .route("/v1/audit", get(read::audit_list))
         .route("/v1/audit/secret-accesses", get(read::secret_accesses_list))
         .route("/v1/approvals", get(read::approvals_list))
-        .route("/v1/approvals/bulk", post(write::approvals_bulk))
+        .route(
+            "/v1/approvals/bulk",
+            post(write::approvals_bulk).route_layer(intake("approval.bulk")),
+        )
         .route("/v1/approvals/{id}", get(read::approvals_get))
-        .route("/v1/approvals/{id}/approve", post(write::approvals_approve))
-        .route("/v1/approvals/{id}/reject", post(write::approvals_reject))
+        .route(
+            "/v1/approvals/{id}/approve",
+            post(write::approvals_approve).route_layer(intake("approval.approve")),
+        )
+        .route(
+            "/v1/approvals/{id}/reject",
+            post(write::approvals_reject).route_layer(intake("approval.reject")),
+        )
         .route_layer(middleware::from_fn(require_json))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),

@@ -238,6 +238,21 @@ async fn one_job_traced() {
     assert_eq!(a.status, 202, "{}", a.body);
     assert_eq!(settled_status(&api, "traced-1").await, "completed");
     eventually("the result callback", || peer.received("/cb").len() == 1).await;
+    // another write route in the same trace: a cancel of the finished job
+    // (refused: it is final) still has its intake span, with the job's id
+    let cancel = api
+        .send(
+            "POST",
+            "/v1/jobs/traced-1/cancel",
+            Some(BILLING_TOKEN),
+            Some(br#"{"reason":"late"}"#.to_vec()),
+            &[
+                ("content-type", "application/json"),
+                ("traceparent", &client_traceparent),
+            ],
+        )
+        .await;
+    assert_eq!(cancel.status, 409, "{}", cancel.body);
 
     // every span still batched is exported on shutdown, as `serve` stops
     traces.shutdown().await;
@@ -269,8 +284,16 @@ async fn one_job_traced() {
         .expect("the request's span");
     assert_eq!(request.parent, CLIENT_SPAN);
     // the intake in the request, the submission's commit in the intake
-    let intake = named("intake");
+    let intake: Vec<&Span> = named("intake")
+        .into_iter()
+        .filter(|s| {
+            s.attributes
+                .get("command")
+                .is_some_and(|x| x == "job.submit")
+        })
+        .collect();
     assert_eq!(intake.len(), 1, "{intake:#?}");
+    assert_eq!(intake[0].attributes["door"], "http");
     assert_eq!(intake[0].parent, request.span_id);
     assert_eq!(intake[0].attributes["job_id"], "traced-1");
     let submitted = named("commit")
@@ -278,6 +301,23 @@ async fn one_job_traced() {
         .find(|c| c.parent == intake[0].span_id)
         .unwrap_or_else(|| panic!("the submission's commit span: {spans:#?}"));
     assert_eq!(submitted.attributes["aggregate_id"], "traced-1");
+    // the cancel's intake, in its request's span
+    let cancel_request = spans
+        .iter()
+        .find(|s| s.name == "POST /v1/jobs/{id}/cancel")
+        .unwrap_or_else(|| panic!("the cancel's request span: {spans:#?}"));
+    assert_eq!(cancel_request.parent, CLIENT_SPAN);
+    let cancel_intake: Vec<&Span> = named("intake")
+        .into_iter()
+        .filter(|s| {
+            s.attributes
+                .get("command")
+                .is_some_and(|x| x == "job.cancel")
+        })
+        .collect();
+    assert_eq!(cancel_intake.len(), 1, "{spans:#?}");
+    assert_eq!(cancel_intake[0].parent, cancel_request.span_id);
+    assert_eq!(cancel_intake[0].attributes["job_id"], "traced-1");
     // across JetStream: the handler continues from the commit's header
     let handler = named("handler");
     assert!(!handler.is_empty(), "no handler span in {spans:#?}");
