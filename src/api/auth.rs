@@ -2,8 +2,11 @@
 //! roles (docs/CONFIGURATION.md, `[[clients]]`; the roles' checks are in
 //! `caller`), and the per-client rate limit on job submission.
 //!
-//! Tokens are never stored: the configuration holds their SHA-256, and a
-//! request's token is hashed and looked up. SIGHUP replaces the table
+//! The token is read from `Authorization: Bearer <token>` by axum-extra's
+//! typed header (`headers::Authorization<Bearer>`; the scheme's case is
+//! not significant). Tokens are never stored: the configuration holds
+//! their SHA-256, and a request's token is hashed and looked up (by hash:
+//! no comparison of the token's own bytes). SIGHUP replaces the table
 //! ([`Clients::replace`]) without a restart. Neither a token nor its hash is
 //! logged or echoed in an error.
 
@@ -13,10 +16,12 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use axum::extract::{Request, State};
-use axum::http::header::AUTHORIZATION;
 use axum::http::{HeaderMap, HeaderName, HeaderValue};
 use axum::middleware::Next;
 use axum::response::Response;
+use axum_extra::headers::authorization::Bearer;
+use axum_extra::headers::Authorization;
+use axum_extra::typed_header::{TypedHeader, TypedHeaderRejection};
 use governor::clock::{Clock, DefaultClock};
 use governor::middleware::StateInformationMiddleware;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
@@ -228,21 +233,25 @@ impl Clients {
         changes
     }
 
-    /// The caller a bearer token belongs to.
-    pub fn identify(&self, authorization: Option<&str>) -> Result<Caller, ApiError> {
-        let header = authorization.ok_or_else(|| {
-            ApiError::Unauthenticated(
-                "missing Authorization header; send `Authorization: Bearer <token>`".into(),
-            )
-        })?;
-        let token = header
-            .strip_prefix("Bearer ")
-            .or_else(|| header.strip_prefix("bearer "))
-            .map(str::trim)
-            .filter(|t| !t.is_empty())
-            .ok_or_else(|| {
-                ApiError::Unauthenticated("Authorization header is not `Bearer <token>`".into())
-            })?;
+    /// The caller whose bearer token `authorization` holds: the
+    /// `Authorization` header as the typed-header extractor read it. 401
+    /// when it is missing, is not `Bearer <token>` (another scheme, no
+    /// token, not visible ASCII) or holds an unknown token.
+    pub fn identify(&self, authorization: &BearerHeader) -> Result<Caller, ApiError> {
+        let token = match authorization {
+            Ok(TypedHeader(bearer)) => bearer.token().trim(),
+            Err(rejection) if rejection.is_missing() => {
+                return Err(ApiError::Unauthenticated(
+                    "missing Authorization header; send `Authorization: Bearer <token>`".into(),
+                ))
+            }
+            Err(_) => "",
+        };
+        if token.is_empty() {
+            return Err(ApiError::Unauthenticated(
+                "Authorization header is not `Bearer <token>`".into(),
+            ));
+        }
         let hash: [u8; 32] = crate::events::chain::sha256(token.as_bytes());
         self.table().by_hash.get(&hash).cloned().ok_or_else(|| {
             ApiError::Unauthenticated(
@@ -276,6 +285,10 @@ impl Clients {
     }
 }
 
+/// The `Authorization` header as a bearer credential, or why it is none
+/// (missing, or not `Bearer <token>`): what [`Clients::identify`] takes.
+pub type BearerHeader = Result<TypedHeader<Authorization<Bearer>>, TypedHeaderRejection>;
+
 /// Whole seconds to wait, rounded up, at least 1 (`Retry-After` has no
 /// fractions).
 pub(crate) fn retry_after_secs(wait: Duration) -> u64 {
@@ -286,14 +299,11 @@ pub(crate) fn retry_after_secs(wait: Duration) -> u64 {
 /// 401 before the handler runs.
 pub async fn authenticate(
     State(s): State<AppState>,
+    authorization: BearerHeader,
     mut req: Request,
     next: Next,
 ) -> Result<Response, ApiError> {
-    let header = req
-        .headers()
-        .get(AUTHORIZATION)
-        .map(|v| v.to_str().unwrap_or(""));
-    let caller = s.clients.identify(header)?;
+    let caller = s.clients.identify(&authorization)?;
     // the request's log lines and its access line name the client
     tracing::Span::current().record("client_id", caller.client_id.as_str());
     if let Some(facts) = req.extensions().get::<RequestFacts>() {
@@ -308,6 +318,28 @@ mod tests {
     use super::*;
     use crate::api::caller::Role as CallerRole;
     use crate::config::Role;
+
+    /// The `Authorization` header `value` as the middleware's extractor
+    /// reads it.
+    fn header(value: Option<&[u8]>) -> BearerHeader {
+        use axum::extract::FromRequestParts;
+        let mut req = axum::http::Request::builder();
+        if let Some(v) = value {
+            req = req.header(
+                axum::http::header::AUTHORIZATION,
+                HeaderValue::from_bytes(v).expect("a header value"),
+            );
+        }
+        let (mut parts, ()) = req.body(()).expect("a request").into_parts();
+        futures::executor::block_on(<TypedHeader<Authorization<Bearer>> as FromRequestParts<
+            (),
+        >>::from_request_parts(&mut parts, &()))
+    }
+
+    /// `identify` with the header `value`.
+    fn identify(c: &Clients, value: &str) -> Result<Caller, ApiError> {
+        c.identify(&header(Some(value.as_bytes())))
+    }
 
     fn clients() -> Clients {
         let hash = |t: &str| hex::encode(crate::events::chain::sha256(t.as_bytes()));
@@ -330,12 +362,12 @@ mod tests {
     #[test]
     fn tokens_map_to_their_client_and_role() {
         let c = clients();
-        let b = c.identify(Some("Bearer tok-b")).expect("billing's token");
+        let b = identify(&c, "Bearer tok-b").expect("billing's token");
         assert_eq!(
             (b.client_id.as_str(), b.role),
             ("billing", CallerRole::Client)
         );
-        let o = c.identify(Some("Bearer tok-o")).expect("ops' token");
+        let o = identify(&c, "Bearer tok-o").expect("ops' token");
         assert_eq!(o.role, CallerRole::Operator);
         assert!(b.require_operator("approving").is_err());
         assert!(o.require_operator("approving").is_ok());
@@ -344,18 +376,50 @@ mod tests {
     #[test]
     fn missing_malformed_and_unknown_tokens_are_refused_without_echo() {
         let c = clients();
-        for h in [None, Some("tok-b"), Some("Bearer "), Some("Bearer tok-x")] {
-            let e = c.identify(h).expect_err("refused");
-            assert!(matches!(e, ApiError::Unauthenticated(_)), "{h:?}: {e}");
+        let cases: [(Option<&[u8]>, &str); 10] = [
+            (None, "missing Authorization header"),
+            (Some(b""), "is not `Bearer <token>`"),
+            (Some(b"tok-b"), "is not `Bearer <token>`"),
+            (Some(b"Bearer"), "is not `Bearer <token>`"),
+            (Some(b"Bearer "), "is not `Bearer <token>`"),
+            (Some(b"Bearer    "), "is not `Bearer <token>`"),
+            (Some(b"Bearertok-b"), "is not `Bearer <token>`"),
+            (Some(b"Basic dG9rLWI6"), "is not `Bearer <token>`"),
+            (Some(b"Bearer tok-\xff"), "is not `Bearer <token>`"),
+            (Some(b"Bearer tok-x"), "unknown bearer token"),
+        ];
+        for (h, message) in cases {
+            let e = c.identify(&header(h)).expect_err("refused");
+            let shown = h.map(String::from_utf8_lossy);
+            assert!(matches!(e, ApiError::Unauthenticated(_)), "{shown:?}: {e}");
+            assert!(e.to_string().contains(message), "{shown:?}: {e}");
             assert!(!e.to_string().contains("tok-"), "{e}");
         }
     }
 
     #[test]
+    fn the_scheme_is_case_insensitive_and_the_token_trimmed() {
+        let c = clients();
+        for h in [
+            "Bearer tok-b",
+            "bearer tok-b",
+            "BEARER tok-b",
+            "Bearer   tok-b  ",
+        ] {
+            let b = identify(&c, h).unwrap_or_else(|e| panic!("{h:?}: {e}"));
+            assert_eq!(b.client_id, "billing", "{h:?}");
+        }
+        assert!(
+            identify(&c, "Bearer tok-b2").is_err(),
+            "a prefix is not the token"
+        );
+    }
+
+    #[test]
     fn the_rate_limit_is_per_client_and_says_when_to_retry() {
         let c = clients();
-        let b = c.identify(Some("Bearer tok-b")).expect("billing");
-        let o = c.identify(Some("Bearer tok-o")).expect("ops");
+        let b = identify(&c, "Bearer tok-b").expect("billing");
+        let o = identify(&c, "Bearer tok-o").expect("ops");
         let first = c.take_submission(&b).expect("first").expect("a client");
         assert_eq!((first.limit, first.remaining), (2, 1));
         assert!((1..=30).contains(&first.reset_secs), "{first:?}");
@@ -394,7 +458,7 @@ mod tests {
             rate_limit_per_minute: rate,
         };
         let c = clients();
-        let b = c.identify(Some("Bearer tok-b")).expect("billing");
+        let b = identify(&c, "Bearer tok-b").expect("billing");
         c.take_submission(&b).expect("first");
         c.take_submission(&b).expect("second");
         let changes = c.replace(&[
@@ -413,12 +477,10 @@ mod tests {
                 changed: vec!["ops".into()],
             }
         );
-        let s = c
-            .identify(Some("Bearer tok-s"))
-            .expect("the new client's token works");
+        let s = identify(&c, "Bearer tok-s").expect("the new client's token works");
         assert_eq!(s.client_id, "shop");
         assert_eq!(
-            c.identify(Some("Bearer tok-o")).expect("ops").role,
+            identify(&c, "Bearer tok-o").expect("ops").role,
             CallerRole::Auditor
         );
         assert!(
@@ -430,11 +492,11 @@ mod tests {
         assert_eq!(changes.changed, ["billing"]);
         for gone in ["Bearer tok-s", "Bearer tok-o", "Bearer tok-b"] {
             assert!(
-                matches!(c.identify(Some(gone)), Err(ApiError::Unauthenticated(_))),
+                matches!(identify(&c, gone), Err(ApiError::Unauthenticated(_))),
                 "{gone} is refused"
             );
         }
-        let b = c.identify(Some("Bearer tok-b2")).expect("the new token");
+        let b = identify(&c, "Bearer tok-b2").expect("the new token");
         c.take_submission(&b)
             .expect("a changed rate limit starts a fresh allowance");
         assert!(c.replace(&[entry("billing", "tok-b2", 3)]).is_empty());

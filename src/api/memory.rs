@@ -6,11 +6,10 @@
 //! another client's subject, naming it as `owner`). Auditors read no
 //! memory: the audit trail shows memory commands with their content sealed.
 
-use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use chrono::{DateTime, Utc};
@@ -21,7 +20,7 @@ use sqlx::{PgPool, Row};
 use super::body::{from_fields, parse_object};
 use super::caller::{Caller, Role};
 use super::http::{ApiError, AppState};
-use super::read::Params;
+use super::query::{ApiQuery, DEFAULT_LIMIT};
 use crate::bus::{CommandBus, CommandError};
 use crate::commands::memory::{aggregate_id, check_subject_id};
 use crate::commands::ErrorCode;
@@ -856,10 +855,11 @@ pub(crate) async fn memory_episodes(
     State(s): State<AppState>,
     Extension(caller): Extension<Caller>,
     Path(subject_id): Path<String>,
-    Query(raw): Query<HashMap<String, String>>,
+    query: Result<ApiQuery<super::openapi::EpisodesQuery>, ApiError>,
 ) -> Result<Json<Value>, ApiError> {
+    // the subject (and the caller's role) before the query, as before
     let id = live_subject(&s, &caller, &subject_id).await?;
-    let limit = Params::of::<super::openapi::EpisodesQuery>(raw)?.limit()?;
+    let limit = query?.0.limit.unwrap_or(DEFAULT_LIMIT);
     let rows = sqlx::query(&format!(
         "SELECT episode_id, turn_at, recorded_at, turn, {EXTRACTION} FROM memory_episodes e \
          WHERE aggregate_id = $1 ORDER BY turn_at DESC, episode_id DESC LIMIT $2"
@@ -888,12 +888,12 @@ pub(crate) async fn memory_facts(
     State(s): State<AppState>,
     Extension(caller): Extension<Caller>,
     Path(subject_id): Path<String>,
-    Query(raw): Query<HashMap<String, String>>,
+    query: Result<ApiQuery<super::openapi::FactsQuery>, ApiError>,
 ) -> Result<Json<Value>, ApiError> {
     let id = live_subject(&s, &caller, &subject_id).await?;
-    let params = Params::of::<super::openapi::FactsQuery>(raw)?;
-    let history = params.one_of("history", &["true", "false"])?.as_deref() == Some("true");
-    let text = params.text("q")?;
+    let ApiQuery(params) = query?;
+    let history = params.history.unwrap_or(false);
+    let text = params.q;
     let rows =
         match &text {
             Some(q) => {

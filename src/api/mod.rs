@@ -16,6 +16,7 @@ pub mod nats;
 pub mod openapi;
 #[cfg(test)]
 mod proptests;
+mod query;
 pub mod read;
 pub mod request;
 pub mod secrets;

@@ -2,8 +2,9 @@
 //! the handlers declare with `#[utoipa::path]`, the schemas of their
 //! request bodies (the types the handlers parse), of their answers and of
 //! the one error body ([`ErrorBody`](super::http::ErrorBody)), the query
-//! parameters of the lists (the types [`Params`](super::read) checks names
-//! against), and per-route security.
+//! parameters of the lists (the `*Query` types the handlers receive, typed,
+//! through `query::ApiQuery`: one type for the document and the parsing),
+//! and per-route security.
 //!
 //! Most answers are rows PostgreSQL renders (`to_jsonb`) or JSON the
 //! handlers build; their schemas here describe them for the document only
@@ -14,6 +15,7 @@
 use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
+use serde::Deserialize;
 use serde_json::Value;
 use utoipa::openapi::path::{Operation, ParameterIn};
 use utoipa::openapi::{ContentBuilder, Ref, RefOr, ResponseBuilder};
@@ -174,19 +176,10 @@ impl utoipa::Modify for ErrorAnswers {
     }
 }
 
-/// The names of the query parameters `P` declares: the ones its endpoint
-/// accepts (any other is refused, naming it).
-pub(crate) fn param_names<P: IntoParams>() -> Vec<String> {
-    P::into_params(|| Some(ParameterIn::Query))
-        .into_iter()
-        .map(|p| p.name)
-        .collect()
-}
-
 // ---- query parameters ----------------------------------------------------
 
 /// A job's status in the executions read model.
-#[derive(ToSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ExecutionStatus {
     /// Submitted, not started.
@@ -203,57 +196,88 @@ pub enum ExecutionStatus {
     Cancelled,
 }
 
+impl ExecutionStatus {
+    /// Its name, as the query and the read model spell it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ExecutionStatus::Pending => "pending",
+            ExecutionStatus::AwaitingApproval => "awaiting_approval",
+            ExecutionStatus::Running => "running",
+            ExecutionStatus::Completed => "completed",
+            ExecutionStatus::Failed => "failed",
+            ExecutionStatus::Cancelled => "cancelled",
+        }
+    }
+}
+
 /// The query of `GET /v1/executions`.
-#[derive(IntoParams)]
+#[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
 pub struct ExecutionsQuery {
     /// Only this workflow key (1-255 characters).
     #[param(min_length = 1, max_length = 255)]
+    #[serde(default, deserialize_with = "super::query::text")]
     pub workflow_key: Option<String>,
     /// `workflow_key`'s deprecated alias, for one release (not with it).
     #[param(min_length = 1, max_length = 255)]
     #[deprecated = "workflow_key's alias, for one release"]
+    #[serde(default, deserialize_with = "super::query::text")]
     pub workflow_id: Option<String>,
     /// Only this status (awaiting_approval: its approval is requested and undecided).
     #[param(inline)]
     pub status: Option<ExecutionStatus>,
     /// Created at or after (RFC 3339).
+    #[serde(default, deserialize_with = "super::query::time")]
     pub since: Option<DateTime<Utc>>,
     /// Created before (RFC 3339).
+    #[serde(default, deserialize_with = "super::query::time")]
     pub until: Option<DateTime<Utc>>,
     /// Page size, 1 to 1000; default 100.
     #[param(minimum = 1, maximum = 1000)]
+    #[serde(default, deserialize_with = "super::query::limit")]
     pub limit: Option<i64>,
     /// `next_cursor` of the previous page, unchanged.
-    pub cursor: Option<String>,
+    #[param(value_type = Option<String>)]
+    #[serde(default, deserialize_with = "super::query::id_cursor")]
+    pub cursor: Option<(DateTime<Utc>, i64)>,
 }
 
 /// The query of `GET /v1/audit`.
-#[derive(IntoParams)]
+#[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
 pub struct AuditQuery {
     /// Only this job (1-255 characters).
     #[param(min_length = 1, max_length = 255)]
+    #[serde(default, deserialize_with = "super::query::text")]
     pub job_id: Option<String>,
     /// Only this client (1-255 characters).
     #[param(min_length = 1, max_length = 255)]
+    #[serde(default, deserialize_with = "super::query::text")]
     pub client_id: Option<String>,
     /// Only this event type, e.g. JobCompleted (1-255 characters).
     #[param(min_length = 1, max_length = 255)]
+    #[serde(default, deserialize_with = "super::query::text")]
     pub action: Option<String>,
     /// At or after (RFC 3339).
+    #[serde(default, deserialize_with = "super::query::time")]
     pub since: Option<DateTime<Utc>>,
     /// Before (RFC 3339).
+    #[serde(default, deserialize_with = "super::query::time")]
     pub until: Option<DateTime<Utc>>,
     /// Page size, 1 to 1000; default 100.
     #[param(minimum = 1, maximum = 1000)]
+    #[serde(default, deserialize_with = "super::query::limit")]
     pub limit: Option<i64>,
     /// `next_cursor` of the previous page, unchanged.
-    pub cursor: Option<String>,
+    #[param(value_type = Option<String>)]
+    #[serde(default, deserialize_with = "super::query::seq_cursor")]
+    pub cursor: Option<(i64, i16)>,
 }
 
 /// A secret access's decision.
-#[derive(ToSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum AccessDecision {
     /// The value was served.
@@ -264,38 +288,59 @@ pub enum AccessDecision {
     Failed,
 }
 
+impl AccessDecision {
+    /// Its name, as the query and the read model spell it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AccessDecision::Granted => "granted",
+            AccessDecision::Denied => "denied",
+            AccessDecision::Failed => "failed",
+        }
+    }
+}
+
 /// The query of `GET /v1/audit/secret-accesses`.
-#[derive(IntoParams)]
+#[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
 pub struct SecretAccessesQuery {
     /// Only this KV v2 path, exactly (e.g. secret/data/external_apis/ocr).
     #[param(min_length = 1, max_length = 512, pattern = "^[A-Za-z0-9_./-]+$")]
+    #[serde(default, deserialize_with = "super::query::secret_read_path")]
     pub path: Option<String>,
     /// Only paths starting with this (e.g. secret/data/external_apis/).
     #[param(min_length = 1, max_length = 512, pattern = "^[A-Za-z0-9_./-]+$")]
+    #[serde(default, deserialize_with = "super::query::secret_path")]
     pub path_prefix: Option<String>,
     /// Only this reader (the actor's client id).
     #[param(min_length = 1, max_length = 255)]
+    #[serde(default, deserialize_with = "super::query::text")]
     pub client_id: Option<String>,
     /// Only reads on behalf of this job.
     #[param(min_length = 1, max_length = 255)]
+    #[serde(default, deserialize_with = "super::query::text")]
     pub job_id: Option<String>,
     /// Only this decision.
     #[param(inline)]
     pub decision: Option<AccessDecision>,
     /// At or after (RFC 3339).
+    #[serde(default, deserialize_with = "super::query::time")]
     pub since: Option<DateTime<Utc>>,
     /// Before (RFC 3339); not before `since`.
+    #[serde(default, deserialize_with = "super::query::time")]
     pub until: Option<DateTime<Utc>>,
     /// Page size, 1 to 1000; default 100.
     #[param(minimum = 1, maximum = 1000)]
+    #[serde(default, deserialize_with = "super::query::limit")]
     pub limit: Option<i64>,
     /// `next_cursor` of the previous page, unchanged.
-    pub cursor: Option<String>,
+    #[param(value_type = Option<String>)]
+    #[serde(default, deserialize_with = "super::query::seq_cursor")]
+    pub cursor: Option<(i64, i16)>,
 }
 
 /// An approval's status.
-#[derive(ToSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ApprovalStatus {
     /// Requested, undecided.
@@ -308,38 +353,59 @@ pub enum ApprovalStatus {
     Expired,
 }
 
+impl ApprovalStatus {
+    /// Its name, as the query and the read model spell it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ApprovalStatus::Pending => "pending",
+            ApprovalStatus::Approved => "approved",
+            ApprovalStatus::Rejected => "rejected",
+            ApprovalStatus::Expired => "expired",
+        }
+    }
+}
+
 /// The query of `GET /v1/approvals`.
-#[derive(IntoParams)]
+#[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
 pub struct ApprovalsQuery {
     /// Only this status.
     #[param(inline)]
     pub status: Option<ApprovalStatus>,
     /// Page size, 1 to 1000; default 100.
     #[param(minimum = 1, maximum = 1000)]
+    #[serde(default, deserialize_with = "super::query::limit")]
     pub limit: Option<i64>,
     /// `next_cursor` of the previous page, unchanged.
-    pub cursor: Option<String>,
+    #[param(value_type = Option<String>)]
+    #[serde(default, deserialize_with = "super::query::time_cursor")]
+    pub cursor: Option<(DateTime<Utc>, String)>,
 }
 
 /// The query of `GET /v1/memory/subjects/{subject_id}/episodes`.
-#[derive(IntoParams)]
+#[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
 pub struct EpisodesQuery {
     /// How many, newest first: 1 to 1000; default 100.
     #[param(minimum = 1, maximum = 1000)]
+    #[serde(default, deserialize_with = "super::query::limit")]
     pub limit: Option<i64>,
 }
 
 /// The query of `GET /v1/memory/subjects/{subject_id}/facts`.
-#[derive(IntoParams)]
+#[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
 pub struct FactsQuery {
     /// true: every version with its validity interval; default: the valid ones.
+    #[serde(default, deserialize_with = "super::query::boolean")]
     pub history: Option<bool>,
     /// 1-255 characters: only the facts whose subject, key or value has any
     /// of its words (English stemming, stop words ignored), best first,
     /// each with a score; no searchable word: no fact.
+    #[serde(default, deserialize_with = "super::query::text")]
     pub q: Option<String>,
 }
 
@@ -1312,9 +1378,39 @@ mod tests {
 
     #[test]
     fn a_lists_documented_parameters_are_the_ones_it_accepts() {
-        let names = super::param_names::<super::ExecutionsQuery>();
+        use crate::api::query::accepted;
+        let doc = doc();
+        let documented = |path: &str| -> Vec<String> {
+            doc["paths"][path]["get"]["parameters"]
+                .as_array()
+                .unwrap_or_else(|| panic!("{path}: parameters"))
+                .iter()
+                .filter(|p| p["in"] == "query")
+                .map(|p| p["name"].as_str().unwrap_or_default().to_string())
+                .collect()
+        };
+        for (path, fields) in [
+            ("/v1/executions", accepted::<super::ExecutionsQuery>()),
+            ("/v1/audit", accepted::<super::AuditQuery>()),
+            (
+                "/v1/audit/secret-accesses",
+                accepted::<super::SecretAccessesQuery>(),
+            ),
+            ("/v1/approvals", accepted::<super::ApprovalsQuery>()),
+            (
+                "/v1/memory/subjects/{subject_id}/episodes",
+                accepted::<super::EpisodesQuery>(),
+            ),
+            (
+                "/v1/memory/subjects/{subject_id}/facts",
+                accepted::<super::FactsQuery>(),
+            ),
+        ] {
+            assert!(!fields.is_empty(), "{path}");
+            assert_eq!(documented(path), fields, "{path}");
+        }
         assert_eq!(
-            names,
+            documented("/v1/executions"),
             [
                 "workflow_key",
                 "workflow_id",
@@ -1325,13 +1421,42 @@ mod tests {
                 "cursor"
             ]
         );
+    }
+
+    #[test]
+    fn the_status_names_are_the_documented_ones() {
+        use super::{AccessDecision, ApprovalStatus, ExecutionStatus};
         let doc = doc();
-        let params: Vec<_> = doc["paths"]["/v1/executions"]["get"]["parameters"]
-            .as_array()
-            .expect("parameters")
-            .iter()
-            .map(|p| p["name"].as_str().unwrap_or_default().to_string())
-            .collect();
-        assert_eq!(params, names);
+        let names = |path: &str, param: &str| -> Vec<String> {
+            let p = doc["paths"][path]["get"]["parameters"]
+                .as_array()
+                .and_then(|ps| ps.iter().find(|p| p["name"] == param))
+                .unwrap_or_else(|| panic!("{path} {param}"));
+            serde_json::from_value(p["schema"]["enum"].clone())
+                .unwrap_or_else(|e| panic!("{path} {param}: {e}: {p}"))
+        };
+        use ExecutionStatus as E;
+        let exec: Vec<_> = [
+            E::Pending,
+            E::AwaitingApproval,
+            E::Running,
+            E::Completed,
+            E::Failed,
+            E::Cancelled,
+        ]
+        .map(E::as_str)
+        .to_vec();
+        assert_eq!(names("/v1/executions", "status"), exec);
+        assert_eq!(exec, crate::api::read::JOB_STATUSES);
+        use AccessDecision as D;
+        assert_eq!(
+            names("/v1/audit/secret-accesses", "decision"),
+            [D::Granted, D::Denied, D::Failed].map(D::as_str)
+        );
+        use ApprovalStatus as A;
+        assert_eq!(
+            names("/v1/approvals", "status"),
+            [A::Pending, A::Approved, A::Rejected, A::Expired].map(A::as_str)
+        );
     }
 }

@@ -8,9 +8,7 @@
 //! The secret-access list is the operators' and auditors' alone (403 for a
 //! client).
 
-use std::collections::HashMap;
-
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::{Extension, Json};
 use chrono::{DateTime, Utc};
 use serde_json::{json, Value};
@@ -22,6 +20,7 @@ use super::openapi::{
     ApprovalView, ApprovalsPage, ApprovalsQuery, AuditPage, AuditQuery, Execution, ExecutionsPage,
     ExecutionsQuery, JobStatus, SecretAccessPage, SecretAccessesQuery,
 };
+use super::query::{ApiQuery, DEFAULT_LIMIT};
 
 /// A `workflows_executions e` row as JSON in the job contract's names
 /// (`job_id`, `workflow_key`, `inputs`, `outputs`, as `POST /v1/jobs`
@@ -43,142 +42,6 @@ fn only_own_jobs(q: &mut QueryBuilder<'_, sqlx::Postgres>, caller: &Caller) {
         q.push(" AND job_id IN (SELECT execution_id FROM workflows_executions WHERE client_id = ")
             .push_bind(c)
             .push(")");
-    }
-}
-
-/// Query parameters, checked against the names an endpoint accepts.
-pub(crate) struct Params(HashMap<String, String>);
-
-impl Params {
-    pub(crate) fn new(raw: HashMap<String, String>, allowed: &[&str]) -> Result<Self, ApiError> {
-        // PostgreSQL takes no NUL in a text parameter: refuse it by name
-        if let Some((k, _)) = raw
-            .iter()
-            .find(|(k, v)| k.contains('\0') || v.contains('\0'))
-        {
-            return Err(bad(&k.replace('\0', "\\u0000"), "contains a NUL character"));
-        }
-        if let Some(k) = raw.keys().find(|k| !allowed.contains(&k.as_str())) {
-            return Err(bad(
-                k,
-                format!("unknown parameter; accepted: {}", allowed.join(", ")),
-            ));
-        }
-        Ok(Params(raw))
-    }
-
-    /// [`Params::new`] accepting the names `P` declares in the OpenAPI
-    /// document.
-    pub(crate) fn of<P: utoipa::IntoParams>(
-        raw: HashMap<String, String>,
-    ) -> Result<Self, ApiError> {
-        let names = super::openapi::param_names::<P>();
-        let names: Vec<&str> = names.iter().map(String::as_str).collect();
-        Params::new(raw, &names)
-    }
-
-    pub(crate) fn text(&self, name: &str) -> Result<Option<String>, ApiError> {
-        match self.0.get(name) {
-            Some(v) if v.is_empty() || v.len() > 255 => Err(bad(name, "must be 1-255 characters")),
-            other => Ok(other.cloned()),
-        }
-    }
-
-    pub(crate) fn one_of(&self, name: &str, allowed: &[&str]) -> Result<Option<String>, ApiError> {
-        match self.0.get(name) {
-            Some(v) if !allowed.contains(&v.as_str()) => Err(bad(
-                name,
-                format!("{v:?} is not one of {}", allowed.join(", ")),
-            )),
-            other => Ok(other.cloned()),
-        }
-    }
-
-    fn time(&self, name: &str) -> Result<Option<DateTime<Utc>>, ApiError> {
-        self.0
-            .get(name)
-            .map(|v| {
-                DateTime::parse_from_rfc3339(v)
-                    .map(|t| t.with_timezone(&Utc))
-                    .map_err(|e| {
-                        bad(
-                            name,
-                            format!(
-                                "{v:?} is not an RFC 3339 time ({e}), e.g. 2026-11-23T12:00:00Z"
-                            ),
-                        )
-                    })
-            })
-            .transpose()
-    }
-
-    pub(crate) fn limit(&self) -> Result<i64, ApiError> {
-        match self.0.get("limit") {
-            None => Ok(100),
-            Some(v) => match v.parse::<i64>() {
-                Ok(n) if (1..=1000).contains(&n) => Ok(n),
-                _ => Err(bad(
-                    "limit",
-                    format!("{v:?} is not a number from 1 to 1000"),
-                )),
-            },
-        }
-    }
-
-    /// A secret path or path prefix: 1 to 512 of `A-Z a-z 0-9 _ - . /`.
-    fn secret_path(&self, name: &str) -> Result<Option<String>, ApiError> {
-        use crate::commands::limits::MAX_SECRET_PATH_LEN;
-        match self.0.get(name) {
-            Some(v) if v.is_empty() || v.len() > MAX_SECRET_PATH_LEN => Err(bad(
-                name,
-                format!("must be 1-{MAX_SECRET_PATH_LEN} characters"),
-            )),
-            Some(v) if !v.chars().all(path_char) => Err(bad(
-                name,
-                "holds a character a secret path has not (A-Z a-z 0-9 _ - . and /)",
-            )),
-            other => Ok(other.cloned()),
-        }
-    }
-
-    /// A stream cursor `<seq>_<index>` as returned in `next_cursor` (lists
-    /// in stream order).
-    fn seq_cursor(&self) -> Result<Option<(i64, i16)>, ApiError> {
-        let Some(c) = self.0.get("cursor") else {
-            return Ok(None);
-        };
-        c.split_once('_')
-            .and_then(|(a, b)| Some((a.parse::<i64>().ok()?, b.parse::<i16>().ok()?)))
-            .map(Some)
-            .ok_or_else(|| {
-                bad(
-                    "cursor",
-                    "not a cursor returned by this endpoint (pass next_cursor unchanged)",
-                )
-            })
-    }
-
-    /// A keyset cursor `<micros>_<key>` as returned in `next_cursor`.
-    fn cursor(&self) -> Result<Option<(DateTime<Utc>, String)>, ApiError> {
-        let Some(v) = self.0.get("cursor") else {
-            return Ok(None);
-        };
-        let invalid = || {
-            bad(
-                "cursor",
-                "not a cursor returned by this endpoint (pass next_cursor unchanged)",
-            )
-        };
-        let (micros, key) = v.split_once('_').ok_or_else(invalid)?;
-        let t = micros
-            .parse::<i64>()
-            .ok()
-            .and_then(DateTime::from_timestamp_micros)
-            .ok_or_else(invalid)?;
-        if key.is_empty() {
-            return Err(invalid());
-        }
-        Ok(Some((t, key.to_string())))
     }
 }
 
@@ -287,10 +150,11 @@ pub(crate) const JOB_STATUSES: [&str; 6] = [
 pub(crate) async fn executions_list(
     State(s): State<AppState>,
     Extension(caller): Extension<Caller>,
-    Query(raw): Query<HashMap<String, String>>,
+    ApiQuery(p): ApiQuery<ExecutionsQuery>,
 ) -> Result<Json<Value>, ApiError> {
-    let p = Params::of::<ExecutionsQuery>(raw)?;
-    let workflow = match (p.text("workflow_key")?, p.text("workflow_id")?) {
+    #[allow(deprecated)] // the alias is read, for one release
+    let alias = p.workflow_id;
+    let workflow = match (p.workflow_key, alias) {
         (Some(_), Some(_)) => {
             return Err(bad(
                 "workflow_id",
@@ -299,16 +163,7 @@ pub(crate) async fn executions_list(
         }
         (key, alias) => key.or(alias),
     };
-    let status = p.one_of("status", &JOB_STATUSES)?;
-    let (since, until, limit, cursor) =
-        (p.time("since")?, p.time("until")?, p.limit()?, p.cursor()?);
-    let cursor_id = match &cursor {
-        Some((_, k)) => Some(
-            k.parse::<i64>()
-                .map_err(|_| bad("cursor", "not a cursor returned by this endpoint"))?,
-        ),
-        None => None,
-    };
+    let limit = p.limit.unwrap_or(DEFAULT_LIMIT);
     let mut q = QueryBuilder::new(format!(
         "SELECT {JOB_ROW} AS row, created_at, id FROM workflows_executions e WHERE TRUE"
     ));
@@ -318,16 +173,16 @@ pub(crate) async fn executions_list(
     if let Some(w) = workflow {
         q.push(" AND workflow_id = ").push_bind(w);
     }
-    if let Some(st) = status {
-        q.push(" AND status = ").push_bind(st);
+    if let Some(st) = p.status {
+        q.push(" AND status = ").push_bind(st.as_str());
     }
-    if let Some(t) = since {
+    if let Some(t) = p.since {
         q.push(" AND created_at >= ").push_bind(t);
     }
-    if let Some(t) = until {
+    if let Some(t) = p.until {
         q.push(" AND created_at < ").push_bind(t);
     }
-    if let (Some((t, _)), Some(id)) = (cursor, cursor_id) {
+    if let Some((t, id)) = p.cursor {
         q.push(" AND (created_at, id) < (")
             .push_bind(t)
             .push(", ")
@@ -352,33 +207,29 @@ pub(crate) async fn executions_list(
 pub(crate) async fn audit_list(
     State(s): State<AppState>,
     Extension(caller): Extension<Caller>,
-    Query(raw): Query<HashMap<String, String>>,
+    ApiQuery(p): ApiQuery<AuditQuery>,
 ) -> Result<Json<Value>, ApiError> {
-    let p = Params::of::<AuditQuery>(raw)?;
-    let (job, client, action) = (p.text("job_id")?, p.text("client_id")?, p.text("action")?);
-    let (since, until, limit) = (p.time("since")?, p.time("until")?, p.limit()?);
-    let after = p.seq_cursor()?;
     let mut q = QueryBuilder::new(
         "SELECT to_jsonb(a) AS row, stream_seq, event_index FROM audit_trail a WHERE TRUE",
     );
     only_own_jobs(&mut q, &caller);
-    if let Some(v) = job {
+    if let Some(v) = p.job_id {
         q.push(" AND job_id = ").push_bind(v);
     }
-    if let Some(v) = client {
+    if let Some(v) = p.client_id {
         q.push(" AND client_id = ").push_bind(v);
     }
-    if let Some(v) = action {
+    if let Some(v) = p.action {
         q.push(" AND action = ").push_bind(v);
     }
-    if let Some(t) = since {
+    if let Some(t) = p.since {
         q.push(" AND occurred_at >= ").push_bind(t);
     }
-    if let Some(t) = until {
+    if let Some(t) = p.until {
         q.push(" AND occurred_at < ").push_bind(t);
     }
-    after_cursor(&mut q, after);
-    stream_page(q, &s.pool, limit).await
+    after_cursor(&mut q, p.cursor);
+    stream_page(q, &s.pool, p.limit.unwrap_or(DEFAULT_LIMIT)).await
 }
 
 /// Runs a query over rows with `stream_seq` and `event_index` in stream
@@ -411,11 +262,6 @@ fn after_cursor(q: &mut QueryBuilder<'_, sqlx::Postgres>, after: Option<(i64, i1
     }
 }
 
-/// The characters of a secret path (`A-Z a-z 0-9 _ - .` and `/`).
-fn path_char(c: char) -> bool {
-    c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | '/')
-}
-
 /// `prefix` as a `LIKE` pattern: `\`, `%` and `_` escaped, `%` appended.
 fn like_prefix(prefix: &str) -> String {
     let mut p = String::with_capacity(prefix.len() + 4);
@@ -437,51 +283,42 @@ fn like_prefix(prefix: &str) -> String {
 pub(crate) async fn secret_accesses_list(
     State(s): State<AppState>,
     Extension(caller): Extension<Caller>,
-    Query(raw): Query<HashMap<String, String>>,
+    query: Result<ApiQuery<SecretAccessesQuery>, ApiError>,
 ) -> Result<Json<Value>, ApiError> {
     // another client's reads are not a client's to see: the role first
     caller.require(&[Role::Operator, Role::Auditor], "listing secret accesses")?;
-    let p = Params::of::<SecretAccessesQuery>(raw)?;
-    let path = p.secret_path("path")?;
-    if let Some(v) = &path {
-        crate::commands::secret_access::check_path(v).map_err(|e| bad("path", e.to_string()))?;
-    }
-    let prefix = p.secret_path("path_prefix")?;
-    let (client, job) = (p.text("client_id")?, p.text("job_id")?);
-    let decision = p.one_of("decision", &["granted", "denied", "failed"])?;
-    let (since, until, limit) = (p.time("since")?, p.time("until")?, p.limit()?);
-    if let (Some(a), Some(b)) = (since, until) {
+    let ApiQuery(p) = query?;
+    if let (Some(a), Some(b)) = (p.since, p.until) {
         if b < a {
             return Err(bad("until", "is before since"));
         }
     }
-    let after = p.seq_cursor()?;
     let mut q = QueryBuilder::new(
         "SELECT to_jsonb(a) AS row, stream_seq, event_index FROM secret_accesses a WHERE TRUE",
     );
-    if let Some(v) = path {
+    if let Some(v) = p.path {
         q.push(" AND path = ").push_bind(v);
     }
-    if let Some(v) = prefix {
+    if let Some(v) = p.path_prefix {
         q.push(" AND path LIKE ").push_bind(like_prefix(&v));
     }
-    if let Some(v) = client {
+    if let Some(v) = p.client_id {
         q.push(" AND client_id = ").push_bind(v);
     }
-    if let Some(v) = job {
+    if let Some(v) = p.job_id {
         q.push(" AND job_id = ").push_bind(v);
     }
-    if let Some(v) = decision {
-        q.push(" AND decision = ").push_bind(v);
+    if let Some(v) = p.decision {
+        q.push(" AND decision = ").push_bind(v.as_str());
     }
-    if let Some(t) = since {
+    if let Some(t) = p.since {
         q.push(" AND occurred_at >= ").push_bind(t);
     }
-    if let Some(t) = until {
+    if let Some(t) = p.until {
         q.push(" AND occurred_at < ").push_bind(t);
     }
-    after_cursor(&mut q, after);
-    stream_page(q, &s.pool, limit).await
+    after_cursor(&mut q, p.cursor);
+    stream_page(q, &s.pool, p.limit.unwrap_or(DEFAULT_LIMIT)).await
 }
 
 #[utoipa::path(get, path = "/v1/approvals", params(ApprovalsQuery),
@@ -491,19 +328,17 @@ pub(crate) async fn secret_accesses_list(
 pub(crate) async fn approvals_list(
     State(s): State<AppState>,
     Extension(caller): Extension<Caller>,
-    Query(raw): Query<HashMap<String, String>>,
+    ApiQuery(p): ApiQuery<ApprovalsQuery>,
 ) -> Result<Json<Value>, ApiError> {
-    let p = Params::of::<ApprovalsQuery>(raw)?;
-    let status = p.one_of("status", &["pending", "approved", "rejected", "expired"])?;
-    let (limit, cursor) = (p.limit()?, p.cursor()?);
+    let limit = p.limit.unwrap_or(DEFAULT_LIMIT);
     let mut q = QueryBuilder::new(
         "SELECT to_jsonb(a) AS row, created_at, approval_id FROM approvals a WHERE TRUE",
     );
     only_own_jobs(&mut q, &caller);
-    if let Some(st) = status {
-        q.push(" AND status = ").push_bind(st);
+    if let Some(st) = p.status {
+        q.push(" AND status = ").push_bind(st.as_str());
     }
-    if let Some((t, id)) = cursor {
+    if let Some((t, id)) = p.cursor {
         q.push(" AND (created_at, approval_id) < (")
             .push_bind(t)
             .push(", ")
@@ -560,7 +395,9 @@ mod tests {
             "secret/data/ext\\_apis/%"
         );
         assert_eq!(like_prefix("a%b\\"), "a\\%b\\\\%");
-        assert!("secret/data/a_b".chars().all(path_char));
-        assert!(!"secret/data/a%".chars().all(path_char));
+        assert!("secret/data/a_b"
+            .chars()
+            .all(super::super::query::path_char));
+        assert!(!"secret/data/a%".chars().all(super::super::query::path_char));
     }
 }

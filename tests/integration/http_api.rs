@@ -93,6 +93,50 @@ async fn bad_submissions_get_a_4xx_that_names_the_problem() {
         api.call("GET", "/v1/executions", None, None).await.status,
         401
     );
+    // a malformed Authorization header, on a read with a typed query: 401
+    // before the query is looked at, the header's problem said
+    for (header, message) in [
+        ("Basic YmlsbGluZzp4", "is not `Bearer <token>`"),
+        ("Bearer", "is not `Bearer <token>`"),
+        ("Bearer    ", "is not `Bearer <token>`"),
+        ("bearer not-a-token", "unknown bearer token"),
+    ] {
+        let a = api
+            .send(
+                "GET",
+                "/v1/executions?colour=red",
+                None,
+                None,
+                &[("authorization", header)],
+            )
+            .await;
+        assert_eq!(a.status, 401, "{header}: {}", a.body);
+        assert_eq!(a.headers["www-authenticate"], "Bearer");
+        assert_eq!(a.body["error"]["code"], "unauthenticated");
+        let said = a.body["error"]["message"].as_str().unwrap_or_default();
+        assert!(said.contains(message), "{header}: {}", a.body);
+        assert!(!said.contains("YmlsbGluZzp4") && !said.contains("not-a-token"));
+    }
+    // a known token, an unknown query parameter: 400 naming it and listing
+    // the accepted ones
+    let a = api
+        .call(
+            "GET",
+            "/v1/executions?limit=5&colour=red",
+            Some(BILLING_TOKEN),
+            None,
+        )
+        .await;
+    assert_eq!(a.status, 400, "{}", a.body);
+    assert_eq!(a.body["error"]["code"], "validation");
+    assert_eq!(a.body["error"]["param"], "colour");
+    assert!(
+        a.body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("unknown parameter; accepted: workflow_key, workflow_id")),
+        "{}",
+        a.body
+    );
     // acting as another client
     let mut as_other = job("b-1");
     as_other["client_id"] = json!("other");
