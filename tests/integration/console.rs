@@ -283,6 +283,7 @@ async fn an_operator_uses_the_console_in_headless_chromium() {
         "console check failed:\n{stdout}\n{stderr}"
     );
     assert!(stdout.contains("console-check: passed"), "{stdout}");
+    eprintln!("{}", stdout.trim());
 
     // what the browser did is in the read models, as the operator's
     let (status, approval) = api.get("/v1/approvals/ui-gated-t").await;
