@@ -659,6 +659,11 @@ async fn envelope(req: Request, next: Next) -> Response {
     }
 }
 
+/// [`intake`]'s middleware: the command's name as its state.
+type IntakeLayer = middleware::FromFnLayer<IntakeFn, &'static str, (State<&'static str>, Request)>;
+type IntakeFn = fn(State<&'static str>, Request, Next) -> BoxedResponse;
+type BoxedResponse = std::pin::Pin<Box<dyn std::future::Future<Output = Response> + Send>>;
+
 /// What [`intake`] names `memory.<command>` after the path's last segment.
 const MEMORY_COMMAND: &str = "memory.*";
 
@@ -668,17 +673,7 @@ const MEMORY_COMMAND: &str = "memory.*";
 /// (`<aggregate_type>.<command>`, or [`MEMORY_COMMAND`]); a job's routes
 /// record the job id of their path. `POST /v1/jobs` opens its own, once
 /// the caller's allowance is taken.
-fn intake(
-    command: &'static str,
-) -> middleware::FromFnLayer<
-    fn(
-        State<&'static str>,
-        Request,
-        Next,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Response> + Send>>,
-    &'static str,
-    (State<&'static str>, Request),
-> {
+fn intake(command: &'static str) -> IntakeLayer {
     middleware::from_fn_with_state(command, |State(command), req, next| {
         Box::pin(in_intake(command, req, next))
     })
