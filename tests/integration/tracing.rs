@@ -253,6 +253,23 @@ async fn one_job_traced() {
         )
         .await;
     assert_eq!(cancel.status, 409, "{}", cancel.body);
+    // a secret read and a memory command: this service has neither
+    // capability (an error answer), but each route opens its intake
+    for path in ["/v1/secrets/read", "/v1/memory/writeback"] {
+        let a = api
+            .send(
+                "POST",
+                path,
+                Some(BILLING_TOKEN),
+                Some(br#"{}"#.to_vec()),
+                &[
+                    ("content-type", "application/json"),
+                    ("traceparent", &client_traceparent),
+                ],
+            )
+            .await;
+        assert!(a.status >= 400, "{path}: {} {}", a.status, a.body);
+    }
 
     // every span still batched is exported on shutdown, as `serve` stops
     traces.shutdown().await;
@@ -318,6 +335,22 @@ async fn one_job_traced() {
     assert_eq!(cancel_intake.len(), 1, "{spans:#?}");
     assert_eq!(cancel_intake[0].parent, cancel_request.span_id);
     assert_eq!(cancel_intake[0].attributes["job_id"], "traced-1");
+    // the secret read's and the memory command's, in their requests' spans
+    for (route, command) in [
+        ("POST /v1/secrets/read", "secret.read"),
+        ("POST /v1/memory/{command}", "memory.writeback"),
+    ] {
+        let request = spans
+            .iter()
+            .find(|s| s.name == route)
+            .unwrap_or_else(|| panic!("the span of {route}: {spans:#?}"));
+        let theirs: Vec<&Span> = named("intake")
+            .into_iter()
+            .filter(|s| s.attributes.get("command").is_some_and(|c| c == command))
+            .collect();
+        assert_eq!(theirs.len(), 1, "{command}: {spans:#?}");
+        assert_eq!(theirs[0].parent, request.span_id, "{command}");
+    }
     // across JetStream: the handler continues from the commit's header
     let handler = named("handler");
     assert!(!handler.is_empty(), "no handler span in {spans:#?}");
