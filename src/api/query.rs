@@ -45,22 +45,29 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for ApiQuery<T> {
 /// `query` (without the `?`) as `T`; see the module's documentation.
 pub(crate) fn parse<T: DeserializeOwned>(query: &str) -> Result<T, ApiError> {
     let fields = accepted::<T>();
-    // a repeated parameter: its last value, in its first place
+    // a repeated parameter: its last value, in its first place; only the
+    // accepted names are kept (so at most as many pairs as fields, however
+    // long the query), the first NUL and the first unknown name noted
     let mut pairs: Vec<(String, String)> = Vec::new();
+    let (mut nul, mut unknown_name) = (None, None);
     for (k, v) in form_urlencoded::parse(query.as_bytes()) {
+        if nul.is_none() && (k.contains('\0') || v.contains('\0')) {
+            nul = Some(k.replace('\0', "\\u0000"));
+        }
+        if !fields.contains(&k.as_ref()) {
+            unknown_name.get_or_insert_with(|| k.into_owned());
+            continue;
+        }
         match pairs.iter_mut().find(|(name, _)| *name == k) {
             Some(pair) => pair.1 = v.into_owned(),
             None => pairs.push((k.into_owned(), v.into_owned())),
         }
     }
-    if let Some((k, _)) = pairs
-        .iter()
-        .find(|(k, v)| k.contains('\0') || v.contains('\0'))
-    {
-        return Err(bad(&k.replace('\0', "\\u0000"), "contains a NUL character"));
+    if let Some(k) = nul {
+        return Err(bad(&k, "contains a NUL character"));
     }
-    if let Some((k, _)) = pairs.iter().find(|(k, _)| !fields.contains(&k.as_str())) {
-        return Err(unknown(k, fields));
+    if let Some(k) = unknown_name {
+        return Err(unknown(&k, fields));
     }
     // the first bad value in declaration order, whatever the query's order
     pairs.sort_by_key(|(k, _)| fields.iter().position(|f| f == k));
