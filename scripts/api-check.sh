@@ -32,24 +32,12 @@ FLOWLEDGER_N8N_KEY=$(openssl rand -hex 32)
 FLOWLEDGER_CALLBACK_KEY=$(openssl rand -hex 32)
 
 # config/example.toml's clients (dev-operator-token), the handler off,
-# secret access and memory on
-sed 's/^enabled = true/enabled = false/' config/example.toml >"$WORK/api.toml"
+# secret access (ops reads secret/data/ops/*) and memory on
+config_with_secrets "$WORK/api.toml" "$BAO_ADDR" ops 'secret/data/ops/*'
+export FLOWLEDGER_HANDLER__ENABLED=false
 # a live job stream ends within a second: api-job-2 waits for an approval
 # that never comes, and schemathesis reads each answer to its end
 export FLOWLEDGER_CONSOLE__STREAM_MAX_SECONDS=1
-cat >>"$WORK/api.toml" <<TOML
-
-[secrets]
-vault_addr = "$BAO_ADDR"
-
-[[secrets.rules]]
-name = "ops-reads-ops"
-clients = ["ops"]
-paths = ["secret/data/ops/*"]
-
-[memory]
-enabled = true
-TOML
 "$FL" init >"$WORK/init.log" 2>&1 || { cat "$WORK/init.log" >&2; exit 1; }
 API="http://127.0.0.1:$(free_port)"
 "$FL" serve --config "$WORK/api.toml" --http "${API#http://}" --checkpoint-every-secs 0 >"$WORK/serve.log" 2>&1 &

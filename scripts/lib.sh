@@ -45,9 +45,11 @@ path "secret/destroy/flowledger/memory-keys/*" { capabilities = ["update"] }
     | python3 -c 'import json,sys; print(json.load(sys.stdin)["auth"]["client_token"])'
 }
 
-# config_with_secrets FILE BAO_ADDR: config/example.toml plus [secrets]
-# (client billing reads secret/data/billing/*) and [memory], in FILE.
+# config_with_secrets FILE BAO_ADDR [CLIENT [PATHS]]: config/example.toml
+# plus [secrets] (CLIENT, default billing, reads PATHS, default
+# secret/data/billing/*) and [memory], in FILE.
 config_with_secrets() {
+  local client=${3:-billing} paths=${4:-secret/data/billing/*}
   cp config/example.toml "$1"
   cat >>"$1" <<TOML
 
@@ -55,9 +57,9 @@ config_with_secrets() {
 vault_addr = "$2"
 
 [[secrets.rules]]
-name = "billing-reads-its-keys"
-clients = ["billing"]
-paths = ["secret/data/billing/*"]
+name = "$client-reads-its-keys"
+clients = ["$client"]
+paths = ["$paths"]
 
 [memory]
 enabled = true

@@ -697,11 +697,7 @@ async fn in_intake(command: &'static str, req: Request, next: Next) -> Response 
     // /v1/jobs/{id}/<verb>, only a well-formed id (the command refuses
     // any other, and the span keeps no junk from a path)
     if let ["v1", "jobs", id, _] = segments.as_slice() {
-        let well_formed = (1..=128).contains(&id.len())
-            && id
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-'));
-        if well_formed {
+        if crate::events::log::valid_aggregate_id(id) {
             span.record("job_id", *id);
         }
     }

@@ -300,57 +300,37 @@ async fn one_job_traced() {
         .find(|s| s.name == "POST /v1/jobs")
         .expect("the request's span");
     assert_eq!(request.parent, CLIENT_SPAN);
-    // the intake in the request, the submission's commit in the intake
-    let intake: Vec<&Span> = named("intake")
-        .into_iter()
-        .filter(|s| {
-            s.attributes
-                .get("command")
-                .is_some_and(|x| x == "job.submit")
-        })
-        .collect();
-    assert_eq!(intake.len(), 1, "{intake:#?}");
-    assert_eq!(intake[0].attributes["door"], "http");
-    assert_eq!(intake[0].parent, request.span_id);
-    assert_eq!(intake[0].attributes["job_id"], "traced-1");
-    let submitted = named("commit")
-        .into_iter()
-        .find(|c| c.parent == intake[0].span_id)
-        .unwrap_or_else(|| panic!("the submission's commit span: {spans:#?}"));
-    assert_eq!(submitted.attributes["aggregate_id"], "traced-1");
-    // the cancel's intake, in its request's span
-    let cancel_request = spans
-        .iter()
-        .find(|s| s.name == "POST /v1/jobs/{id}/cancel")
-        .unwrap_or_else(|| panic!("the cancel's request span: {spans:#?}"));
-    assert_eq!(cancel_request.parent, CLIENT_SPAN);
-    let cancel_intake: Vec<&Span> = named("intake")
-        .into_iter()
-        .filter(|s| {
-            s.attributes
-                .get("command")
-                .is_some_and(|x| x == "job.cancel")
-        })
-        .collect();
-    assert_eq!(cancel_intake.len(), 1, "{spans:#?}");
-    assert_eq!(cancel_intake[0].parent, cancel_request.span_id);
-    assert_eq!(cancel_intake[0].attributes["job_id"], "traced-1");
-    // the secret read's and the memory command's, in their requests' spans
-    for (route, command) in [
-        ("POST /v1/secrets/read", "secret.read"),
-        ("POST /v1/memory/{command}", "memory.writeback"),
-    ] {
+    // each write route's request has one intake span of its command, its
+    // child: (route, command) -> the intake
+    let intake_of = |route: &str, command: &str| -> &Span {
         let request = spans
             .iter()
             .find(|s| s.name == route)
             .unwrap_or_else(|| panic!("the span of {route}: {spans:#?}"));
+        assert_eq!(request.parent, CLIENT_SPAN, "{route}");
         let theirs: Vec<&Span> = named("intake")
             .into_iter()
             .filter(|s| s.attributes.get("command").is_some_and(|c| c == command))
             .collect();
         assert_eq!(theirs.len(), 1, "{command}: {spans:#?}");
         assert_eq!(theirs[0].parent, request.span_id, "{command}");
-    }
+        assert_eq!(theirs[0].attributes["door"], "http", "{command}");
+        theirs[0]
+    };
+    // the submission's intake, its commit in the intake
+    let intake = intake_of("POST /v1/jobs", "job.submit");
+    assert_eq!(intake.attributes["job_id"], "traced-1");
+    let submitted = named("commit")
+        .into_iter()
+        .find(|c| c.parent == intake.span_id)
+        .unwrap_or_else(|| panic!("the submission's commit span: {spans:#?}"));
+    assert_eq!(submitted.attributes["aggregate_id"], "traced-1");
+    // the cancel's, with the job's id from its path
+    let cancel = intake_of("POST /v1/jobs/{id}/cancel", "job.cancel");
+    assert_eq!(cancel.attributes["job_id"], "traced-1");
+    // the secret read's and the memory command's
+    intake_of("POST /v1/secrets/read", "secret.read");
+    intake_of("POST /v1/memory/{command}", "memory.writeback");
     // across JetStream: the handler continues from the commit's header
     let handler = named("handler");
     assert!(!handler.is_empty(), "no handler span in {spans:#?}");
